@@ -1,0 +1,267 @@
+"""The backend shim: the one module that knows which array library anycnn runs on.
+
+Rules (tests check each one):
+
+* ``ANYCNN_BACKEND`` is one of ``auto`` (default), ``numpy``, ``cupy``, ``torch`` or
+  ``array_api_strict``. It is read at first use, never at import.
+* ``auto`` takes CuPy when it imports *and* a CUDA device answers, else NumPy, and records why in
+  :attr:`Backend.reason` (also logged on the ``anycnn`` logger and shown by ``anycnn info``).
+* An explicit name never falls back: if it cannot be used, :class:`~anycnn.errors.BackendError` says
+  which backend, why, and how to fix it. An unknown name lists the valid ones.
+* A backend module is imported only when it is asked for, so NumPy users never import cupy or torch.
+* Everything else in anycnn takes its namespace from its input arrays (:func:`namespace_of`), so
+  operations follow their data; mixing arrays of two backends or devices is a
+  :class:`~anycnn.errors.BackendMismatchError`, never a silent copy.
+* Host copies happen only at the edges, through :func:`to_numpy` and :func:`asarray`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from .errors import BackendError, BackendMismatchError
+
+ENV_VAR = "ANYCNN_BACKEND"
+BACKEND_NAMES = ("numpy", "cupy", "torch", "array_api_strict")
+CHOICES = ("auto", *BACKEND_NAMES)
+
+_INSTALL_HINT = {
+    "numpy": "pip install -r backends/numpy.txt  (or: pip install numpy)",
+    "cupy": "pip install -r backends/cupy.txt  (needs an NVIDIA GPU and CUDA 12 driver)",
+    "torch": "pip install -r backends/torch.txt  (or: pip install 'anycnn[torch]')",
+    "array_api_strict": "pip install -r backends/array_api_strict.txt",
+}
+
+log = logging.getLogger("anycnn")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend.
+
+    Attributes:
+        name: one of :data:`BACKEND_NAMES`.
+        xp: the Array API namespace (``array_api_compat.numpy``, ``array_api_strict``, ...).
+        device: the device new arrays are put on (``xp``'s own device object).
+        reason: why this backend was chosen, in words (for logs and ``anycnn info``).
+    """
+
+    name: str
+    xp: Any
+    device: Any
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, device={self.device!r})"
+
+
+def _cuda_device_count() -> tuple[int, str]:
+    """(number of CUDA devices CuPy sees, reason text); never raises."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return 0, f"cupy is not importable ({type(exc).__name__}: {exc})"
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:
+        return 0, f"cupy imported but no CUDA device answers ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return 0, "cupy imported but reports 0 CUDA devices"
+    return count, f"cupy {cupy.__version__} sees {count} CUDA device(s)"
+
+
+def _make(name: str, reason: str) -> Backend:
+    """Import backend ``name`` and build its :class:`Backend`; raises BackendError if unusable."""
+    hint = _INSTALL_HINT[name]
+    if name == "cupy":
+        count, why = _cuda_device_count()
+        if count == 0:
+            raise BackendError(f"backend 'cupy' cannot be used: {why}. Fix: {hint}")
+        module = "array_api_compat.cupy"
+    elif name == "array_api_strict":
+        module = "array_api_strict"
+    else:
+        module = f"array_api_compat.{name}"
+    try:
+        xp = importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(
+            f"backend {name!r} cannot be used: {exc.name or module} is not installed. Fix: {hint}"
+        ) from exc
+    if name == "torch":
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = array_api_compat.device(xp.empty(0))
+    return Backend(name=name, xp=xp, device=device, reason=reason)
+
+
+def resolve(requested: str) -> Backend:
+    """Turn a backend request (``auto`` or a name) into a usable :class:`Backend`.
+
+    Raises:
+        BackendError: the name is unknown, or the named backend cannot be used here.
+    """
+    name = str(requested).strip().lower().replace("-", "_")
+    if name not in CHOICES:
+        raise BackendError(
+            f"unknown backend {requested!r}; valid names: {', '.join(CHOICES)}"
+        )
+    if name != "auto":
+        return _make(name, f"requested explicitly ({name})")
+    count, why = _cuda_device_count()
+    if count:
+        backend = _make("cupy", f"auto: {why}")
+    else:
+        backend = _make("numpy", f"auto: no usable GPU, using numpy ({why})")
+    log.info("anycnn backend %s (%s)", backend.name, backend.reason)
+    return backend
+
+
+_current: Backend | None = None
+
+
+def get_backend() -> Backend:
+    """The current backend, resolving ``ANYCNN_BACKEND`` on first use."""
+    global _current
+    if _current is None:
+        _current = resolve(os.environ.get(ENV_VAR, "auto") or "auto")
+    return _current
+
+
+class use_backend:  # noqa: N801  (used like a function: ``use_backend("numpy")``)
+    """Switch the current backend now; as a context manager, switch back on exit.
+
+    >>> use_backend("numpy")              # doctest: +SKIP
+    >>> with use_backend("torch") as b:   # doctest: +SKIP
+    ...     ...
+    """
+
+    def __init__(self, name: str) -> None:
+        global _current
+        self._previous = _current
+        self.backend = resolve(name)
+        _current = self.backend
+
+    def __enter__(self) -> Backend:
+        return self.backend
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _current
+        _current = self._previous
+
+
+def probe_all() -> list[dict[str, Any]]:
+    """Availability of every backend, for ``anycnn info``: name, ok, version, device, detail."""
+    rows = []
+    for name in BACKEND_NAMES:
+        try:
+            backend = _make(name, "probe")
+        except BackendError as exc:
+            rows.append({"name": name, "ok": False, "version": None, "device": None,
+                         "detail": str(exc)})
+            continue
+        top = importlib.import_module(name)
+        rows.append({"name": name, "ok": True, "version": getattr(top, "__version__", "?"),
+                     "device": str(backend.device), "detail": "available"})
+    return rows
+
+
+def _backend_label(x: Any) -> str:
+    """Short human name of the library an array belongs to."""
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError:
+        return type(x).__module__.split(".")[0]
+    for name, check in (("numpy", array_api_compat.is_numpy_namespace),
+                        ("cupy", array_api_compat.is_cupy_namespace),
+                        ("torch", array_api_compat.is_torch_namespace),
+                        ("array_api_strict", array_api_compat.is_array_api_strict_namespace)):
+        if check(xp):
+            return name
+    return getattr(xp, "__name__", "unknown")
+
+
+def namespace_of(*arrays: Any) -> Any:
+    """The Array API namespace shared by ``arrays`` (``None`` entries are ignored).
+
+    Raises:
+        BackendMismatchError: the arrays come from two libraries or sit on two devices.
+    """
+    present = [a for a in arrays if a is not None]
+    try:
+        xp = array_api_compat.array_namespace(*present)
+    except TypeError as exc:
+        labels = sorted({_backend_label(a) for a in present})
+        raise BackendMismatchError(
+            f"arrays from different backends mixed in one call: {' and '.join(labels)}; "
+            "move them to one backend first (anycnn.asarray / anycnn.to_numpy)"
+        ) from exc
+    devices = []
+    for a in present:
+        d = array_api_compat.device(a)
+        if all(d != other for other in devices):
+            devices.append(d)
+    if len(devices) > 1:
+        raise BackendMismatchError(
+            f"arrays on different devices mixed in one call: {devices[0]} and {devices[1]}"
+        )
+    return xp
+
+
+def asarray(data: Any, dtype: Any = None, backend: Backend | None = None) -> Any:
+    """Copy host data (a NumPy array, list, scalar) onto ``backend`` (default: current one).
+
+    The dtype is kept unless ``dtype`` is given (a NumPy dtype or the name ``"float32"``, ...).
+    """
+    b = backend or get_backend()
+    host = np.asarray(data)
+    if dtype is not None:
+        host = host.astype(dtype, copy=False)
+    if b.name == "torch":
+        host = np.ascontiguousarray(host)  # torch cannot wrap negative-stride views
+    return b.xp.asarray(host, device=b.device)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy (or view, for NumPy input) of any backend's array."""
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x)
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    xp = array_api_compat.array_namespace(x)
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        import array_api_strict
+
+        return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
+    return np.asarray(x)
+
+
+def dtype_of(name_or_dtype: Any, xp: Any) -> Any:
+    """``xp``'s dtype for a name such as ``"float32"`` (or return a dtype unchanged)."""
+    if isinstance(name_or_dtype, str):
+        return getattr(xp, name_or_dtype)
+    return name_or_dtype
+
+
+_DTYPE_NAMES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
+                "bool")
+
+
+def dtype_name(x: Any) -> str:
+    """The standard name (``"float32"``, ...) of an array's dtype, on any backend."""
+    xp = namespace_of(x)
+    for name in _DTYPE_NAMES:
+        if x.dtype == getattr(xp, name):
+            return name
+    raise TypeError(f"unsupported dtype {x.dtype}")

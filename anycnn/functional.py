@@ -1,0 +1,420 @@
+"""Pure array operations and their backward passes, written once against the Array API.
+
+Every ``*_forward`` returns ``(output, ctx)``; the matching ``*_backward(dy, ctx, ...)`` returns the
+gradients. ``ctx`` holds only what the backward pass needs. The namespace ``xp`` is always taken
+from the input arrays, so each operation runs wherever its data lives.
+
+Layouts: images are NHWC ``(N, H, W, C)``; convolution weights are ``(kh, kw, C_in, C_out)``;
+dense weights are ``(in, out)``. Scalars are Python floats so float32 stays float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_extra as xpx
+from array_api_compat import device
+
+from .backend import namespace_of
+from .geometry import (
+    Pair,
+    adjoint_index,
+    conv_output_size,
+    device_cache,
+    pool_output_size,
+    window_index,
+)
+
+# --------------------------------------------------------------------------------------------
+# Windows: im2col as one gather, col2im as its adjoint gather
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Geometry of sliding windows over one padded NHWC image size.
+
+    ``pads`` is (top, bottom, left, right); ``padded`` is (Hp, Wp); ``out`` is (Ho, Wo).
+    ``kernel_first`` orders the gathered entries (k, p) instead of (p, k).
+    """
+
+    in_hw: Pair
+    kernel: Pair
+    stride: Pair
+    dilation: Pair
+    pads: tuple[int, int, int, int]
+    out: Pair
+    kernel_first: bool
+
+    @property
+    def padded(self) -> Pair:
+        return (self.in_hw[0] + self.pads[0] + self.pads[1],
+                self.in_hw[1] + self.pads[2] + self.pads[3])
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def positions(self) -> int:
+        return self.out[0] * self.out[1]
+
+    def _host_index(self):
+        idx = window_index(*self.padded, self.kernel, self.stride, self.dilation, self.out)
+        return (idx.T if self.kernel_first else idx).reshape(-1)
+
+    def index(self, xp: Any, device: Any) -> Any:
+        """Forward gather index (L,) into the flattened padded image rows, on the device."""
+        return device_cache.get(xp, device, ("win", self), self._host_index)
+
+    def adjoint(self, xp: Any, device: Any) -> Any:
+        """Adjoint gather index (Hp*Wp*K,) into the (L+1) window rows (last = zero), flat."""
+        hp, wp = self.padded
+        return device_cache.get(
+            xp, device, ("adj", self),
+            lambda: adjoint_index(self._host_index(), hp * wp).reshape(-1))
+
+    def fan_in(self, xp: Any, device: Any) -> int:
+        """K: the most windows reading any one input row."""
+        hp, wp = self.padded
+        return self.adjoint(xp, device).shape[0] // (hp * wp)
+
+
+def pad_nhwc(x: Any, pads: tuple[int, int, int, int], value: float = 0.0) -> Any:
+    """Pad the H and W axes of an NHWC array by (top, bottom, left, right) with ``value``."""
+    if not any(pads):
+        return x
+    top, bottom, left, right = pads
+    return xpx.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+
+
+def gather_windows(x: Any, win: Windows, value: float = 0.0) -> Any:
+    """im2col: NHWC ``x`` → ``(N, L, C)`` window entries, L = Ho*Wo*kh*kw (or kh*kw*Ho*Wo)."""
+    xp = namespace_of(x)
+    n, _, _, c = x.shape
+    hp, wp = win.padded
+    rows = xp.reshape(pad_nhwc(x, win.pads, value), (n, hp * wp, c))
+    return xp.take(rows, win.index(xp, device(x)), axis=1)
+
+
+def scatter_windows(d: Any, win: Windows) -> Any:
+    """col2im, the adjoint of :func:`gather_windows`: ``(N, L, C)`` → NHWC input gradient.
+
+    Implemented as a gather through :meth:`Windows.adjoint` and a sum over the K reads of each
+    input row, then the padding is cropped away.
+    """
+    xp = namespace_of(d)
+    n, length, c = d.shape
+    hp, wp = win.padded
+    h, w = win.in_hw
+    top, _, left, _ = win.pads
+    k = win.fan_in(xp, device(d))
+    d_ext = xp.concat([d, xp.zeros((n, 1, c), dtype=d.dtype, device=device(d))], axis=1)
+    gathered = xp.take(d_ext, win.adjoint(xp, device(d)), axis=1)
+    summed = xp.sum(xp.reshape(gathered, (n, hp * wp, k, c)), axis=2) if k > 1 else gathered
+    img = xp.reshape(summed, (n, hp, wp, c))
+    return img[:, top:top + h, left:left + w, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+
+
+@dataclass
+class ConvCtx:
+    cols: Any  # (N*Ho*Wo, kh*kw*C_in)
+    win: Windows
+    batch: int
+
+
+def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
+    """The :class:`Windows` of a convolution (entries ordered position-major)."""
+    out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
+           conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3], dilation[1]))
+    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=False)
+
+
+def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair):
+    """NHWC convolution (cross-correlation, as in PyTorch).
+
+    Args:
+        x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in, C_out)``; bias: ``(C_out,)`` or None.
+        pads: (top, bottom, left, right).
+    Returns:
+        ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
+    """
+    xp = namespace_of(x, weight, bias)
+    kh, kw, cin, cout = weight.shape
+    n, h, w, _ = x.shape
+    win = conv_windows((h, w), (kh, kw), stride, pads, dilation)
+    cols = xp.reshape(gather_windows(x, win), (n * win.positions, kh * kw * cin))
+    y = cols @ xp.reshape(weight, (kh * kw * cin, cout))
+    if bias is not None:
+        y = y + bias
+    return xp.reshape(y, (n, *win.out, cout)), ConvCtx(cols, win, n)
+
+
+def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True):
+    """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias)``."""
+    xp = namespace_of(dy, weight)
+    kh, kw, cin, cout = weight.shape
+    d2 = xp.reshape(dy, (-1, cout))
+    dweight = xp.reshape(xp.matrix_transpose(ctx.cols) @ d2, weight.shape)
+    dbias = xp.sum(d2, axis=0)
+    dx = None
+    if need_input_grad:
+        dcols = d2 @ xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
+        dx = scatter_windows(xp.reshape(dcols, (ctx.batch, -1, cin)), ctx.win)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling
+
+
+def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool) -> Windows:
+    """The :class:`Windows` of a pooling layer (entries ordered kernel-major).
+
+    The bottom/right padding is extended so that ceil-mode windows fit.
+    """
+    out = tuple(pool_output_size(in_hw[i], kernel[i], stride[i], padding[i], ceil_mode)
+                for i in range(2))
+    extra = [max(padding[i], (out[i] - 1) * stride[i] + kernel[i] - in_hw[i] - padding[i])
+             for i in range(2)]
+    pads = (padding[0], extra[0], padding[1], extra[1])
+    return Windows(in_hw, kernel, stride, (1, 1), pads, out, kernel_first=True)
+
+
+@dataclass
+class MaxPoolCtx:
+    mask: Any  # bool (N, K, P, C): the first maximum of each window
+    win: Windows
+
+
+def max_pool2d_forward(x: Any, win: Windows):
+    """Max pooling of NHWC ``x`` over ``win`` (padding is -inf); ``(y, ctx)``.
+
+    Ties go to the first maximum in row-major window order, as in PyTorch.
+    """
+    xp = namespace_of(x)
+    n, _, _, c = x.shape
+    entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
+                         (n, win.taps, win.positions, c))
+    y = xp.max(entries, axis=1)
+    hit = entries == y[:, None, ...]
+    taken = hit[:, 0, ...]
+    firsts = [taken]
+    for k in range(1, win.taps):
+        first = hit[:, k, ...] & ~taken
+        taken = taken | first
+        firsts.append(first)
+    mask = xp.stack(firsts, axis=1)
+    return xp.reshape(y, (n, *win.out, c)), MaxPoolCtx(mask, win)
+
+
+def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
+    """Input gradient of :func:`max_pool2d_forward`."""
+    xp = namespace_of(dy)
+    n, _, _, c = dy.shape
+    d = xp.astype(ctx.mask, dy.dtype) * xp.reshape(dy, (n, 1, ctx.win.positions, c))
+    return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
+
+
+def _window_counts(win: Windows, include_pad: bool):
+    """float64 (P,) number of elements each average-pooling window divides by (PyTorch rule)."""
+    import numpy as np
+
+    counts = []
+    for axis in range(2):
+        size, k, s = win.in_hw[axis], win.kernel[axis], win.stride[axis]
+        pad = win.pads[2 * axis]
+        start = np.arange(win.out[axis]) * s - pad
+        end = np.minimum(start + k, size + pad)
+        if not include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, size)
+        counts.append(end - start)
+    return (counts[0][:, None] * counts[1][None, :]).reshape(-1).astype(np.float64)
+
+
+@dataclass
+class AvgPoolCtx:
+    inv_count: Any  # (1, 1, P, 1) reciprocal window sizes
+    win: Windows
+
+
+def avg_pool2d_forward(x: Any, win: Windows, count_include_pad: bool = True):
+    """Average pooling of NHWC ``x`` over ``win`` (zero padding); ``(y, ctx)``."""
+    xp = namespace_of(x)
+    n, _, _, c = x.shape
+    inv = device_cache.get(xp, device(x), ("avg", win, count_include_pad),
+                           lambda: 1.0 / _window_counts(win, count_include_pad))
+    inv = xp.reshape(xp.astype(inv, x.dtype), (1, 1, win.positions, 1))
+    entries = xp.reshape(gather_windows(x, win), (n, win.taps, win.positions, c))
+    y = xp.sum(entries, axis=1, keepdims=True) * inv
+    return xp.reshape(y, (n, *win.out, c)), AvgPoolCtx(inv, win)
+
+
+def avg_pool2d_backward(dy: Any, ctx: AvgPoolCtx):
+    """Input gradient of :func:`avg_pool2d_forward`."""
+    xp = namespace_of(dy)
+    n, _, _, c = dy.shape
+    share = xp.reshape(dy, (n, 1, ctx.win.positions, c)) * ctx.inv_count
+    d = xp.broadcast_to(share, (n, ctx.win.taps, ctx.win.positions, c))
+    return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
+
+
+def global_avg_pool_forward(x: Any):
+    """Mean over H and W: ``(N, H, W, C)`` → ``(N, C)``."""
+    xp = namespace_of(x)
+    return xp.mean(x, axis=(1, 2)), x.shape
+
+
+def global_avg_pool_backward(dy: Any, in_shape):
+    """Input gradient of :func:`global_avg_pool_forward`."""
+    xp = namespace_of(dy)
+    n, h, w, c = in_shape
+    share = xp.reshape(dy, (n, 1, 1, c)) * (1.0 / (h * w))
+    return share * xp.ones(in_shape, dtype=dy.dtype, device=device(dy))
+
+
+# --------------------------------------------------------------------------------------------
+# Dense
+
+
+def linear_forward(x: Any, weight: Any, bias: Any):
+    """``x @ weight + bias`` with x ``(N, in)``, weight ``(in, out)``; ctx is x."""
+    xp = namespace_of(x, weight, bias)
+    y = x @ weight
+    return (y + bias if bias is not None else y), x
+
+
+def linear_backward(dy: Any, x: Any, weight: Any, need_input_grad: bool = True):
+    """``(dx or None, dweight, dbias)`` of :func:`linear_forward`."""
+    xp = namespace_of(dy, x, weight)
+    dweight = xp.matrix_transpose(x) @ dy
+    dbias = xp.sum(dy, axis=0)
+    dx = dy @ xp.matrix_transpose(weight) if need_input_grad else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Activations (ctx is whatever the derivative needs)
+
+
+def relu_forward(x: Any):
+    xp = namespace_of(x)
+    mask = xp.astype(x > 0, x.dtype)
+    return x * mask, mask
+
+
+def leaky_relu_forward(x: Any, negative_slope: float):
+    xp = namespace_of(x)
+    pos = xp.astype(x > 0, x.dtype)
+    slope = pos + negative_slope * (1.0 - pos)
+    return x * slope, slope
+
+
+def sigmoid_forward(x: Any):
+    xp = namespace_of(x)
+    # stable on both tails: exp of a non-positive number only
+    e = xp.exp(-xp.abs(x))
+    y = xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return y, y * (1.0 - y)
+
+
+def tanh_forward(x: Any):
+    xp = namespace_of(x)
+    y = xp.tanh(x)
+    return y, 1.0 - y * y
+
+
+def elementwise_backward(dy: Any, derivative: Any):
+    """Backward of any elementwise activation whose ctx is its derivative (or mask)."""
+    return dy * derivative
+
+
+# --------------------------------------------------------------------------------------------
+# Batch normalisation over N, H, W of NHWC input (or N of (N, C) input)
+
+
+@dataclass
+class BatchNormCtx:
+    xhat: Any
+    inv_std: Any
+    count: int
+    training: bool
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+    """PyTorch ``batch_norm`` on channels-last input.
+
+    In training, normalises with the batch statistics and returns updated running statistics
+    (``running_var`` uses the unbiased batch variance); in eval, uses the running statistics.
+    Returns ``(y, ctx, new_running_mean, new_running_var)``.
+    """
+    xp = namespace_of(x, gamma, beta, running_mean, running_var)
+    axes = tuple(range(x.ndim - 1))
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    if training:
+        mean = xp.mean(x, axis=axes)
+        centred = x - mean
+        var = xp.mean(centred * centred, axis=axes)
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean = (1.0 - momentum) * running_mean + momentum * mean
+        running_var = (1.0 - momentum) * running_var + momentum * unbiased
+    else:
+        centred = x - running_mean
+        var = running_var
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = centred * inv_std
+    y = xhat * gamma + beta
+    return y, BatchNormCtx(xhat, inv_std, count, training), running_mean, running_var
+
+
+def batch_norm_backward(dy, ctx: BatchNormCtx, gamma):
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`."""
+    xp = namespace_of(dy, gamma)
+    axes = tuple(range(dy.ndim - 1))
+    dbeta = xp.sum(dy, axis=axes)
+    dgamma = xp.sum(dy * ctx.xhat, axis=axes)
+    scale = gamma * ctx.inv_std
+    if not ctx.training:
+        return dy * scale, dgamma, dbeta
+    dx = (scale / ctx.count) * (ctx.count * dy - dbeta - ctx.xhat * dgamma)
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def softmax_cross_entropy_forward(logits: Any, labels: Any, label_smoothing: float = 0.0):
+    """Mean cross-entropy of ``logits`` (N, K) against integer ``labels`` (N,).
+
+    With label smoothing ``e`` the target is ``(1-e)*one_hot + e/K`` (PyTorch's definition).
+    Returns ``(loss, dlogits)``: a 0-d array and the gradient of the mean loss.
+    """
+    xp = namespace_of(logits, labels)
+    n, k = logits.shape
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = xp.sum(exp, axis=1, keepdims=True)
+    log_probs = shifted - xp.log(total)
+    target = xpx.one_hot(labels, k, dtype=logits.dtype, xp=xp)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / k
+    loss = -xp.sum(target * log_probs) / n
+    dlogits = (exp / total - target) * (1.0 / n)
+    return loss, dlogits
+
+
+def mse_forward(pred: Any, target: Any):
+    """Mean squared error and its gradient with respect to ``pred``."""
+    xp = namespace_of(pred, target)
+    diff = pred - target
+    size = 1
+    for s in diff.shape:
+        size *= s
+    return xp.sum(diff * diff) / size, diff * (2.0 / size)

@@ -1,0 +1,381 @@
+"""Layers: parameters plus a one-line call into :mod:`anycnn.functional`.
+
+Activations are NHWC ``(N, H, W, C)``. ``Conv2D.weight`` is ``(kh, kw, in, out)``, ``Dense.weight``
+is ``(in, out)``. Options follow PyTorch (``stride``, ``padding``, ``dilation``, ``ceil_mode``,
+``count_include_pad``, BatchNorm ``momentum``), so results can be compared with it.
+
+Parameters are created on the current backend (:func:`anycnn.get_backend`) in ``dtype``
+(float32 by default) from host draws of :mod:`anycnn.random`, so a seed gives identical weights on
+every backend. Computation follows the dtype of inputs and parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+from array_api_compat import device
+
+from .backend import dtype_name, namespace_of
+from .errors import ConfigError, ShapeError
+from .geometry import as_pair, conv_padding
+from .init import get_initializer
+from .module import Module, Parameter, make_array
+from .random import default_generator
+
+# --------------------------------------------------------------------------------------------
+# Input checks shared by the layers
+
+
+def check_float_input(layer: Module, x: Any, ndim: int, what: str) -> Any:
+    """Check rank and floating dtype of ``x``; return its namespace."""
+    xp = namespace_of(x)
+    name = type(layer).__name__
+    if x.ndim != ndim:
+        raise ShapeError(f"{name} expects a {ndim}-D {what} input, got shape {tuple(x.shape)}")
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise ShapeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+    return xp
+
+
+def check_channels(layer: Module, x: Any, expected: int, what: str = "channels") -> None:
+    if x.shape[-1] != expected:
+        raise ShapeError(
+            f"{type(layer).__name__} expects {expected} {what} on the last axis, "
+            f"got input shape {tuple(x.shape)} (activations are NHWC)")
+
+
+def check_windows(layer: Module, x: Any, win: F.Windows) -> None:
+    if min(win.out) < 1:
+        raise ShapeError(
+            f"{type(layer).__name__}: input of spatial size {tuple(x.shape[1:3])} is too small "
+            f"for kernel {win.kernel} (dilation {win.dilation}, padding {win.pads})")
+
+
+def _require_forward(layer: Module, ctx: Any) -> Any:
+    if ctx is None:
+        raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# Layers with parameters
+
+
+class Conv2D(Module):
+    """2-D convolution over NHWC input.
+
+    Args:
+        in_channels, out_channels: C_in and C_out.
+        kernel_size, stride, dilation: int or (h, w) pair.
+        padding: int, (h, w), ``'valid'`` or ``'same'`` (stride 1; extra bottom/right for even
+            kernels), as in PyTorch.
+        bias: learn a per-output-channel bias.
+        weight_init / bias_init: initializer names or callables (default He-uniform / zeros).
+        dtype: parameter dtype (default float32).
+
+    Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is ``(kh, kw, C_in, C_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, weight_init="he_uniform", bias_init="zeros",
+                 dtype: str = "float32", rng: np.random.Generator | None = None) -> None:
+        self.in_channels = as_pair(in_channels, "in_channels")[0]
+        self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.dilation = as_pair(dilation, "dilation")
+        self.padding = padding
+        self.pads = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        kh, kw = self.kernel_size
+        rng = rng or default_generator()
+        fan_in, fan_out = kh * kw * self.in_channels, kh * kw * self.out_channels
+        shape = (kh, kw, self.in_channels, self.out_channels)
+        self.weight = Parameter(make_array(
+            get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
+        self.bias = Parameter(make_array(
+            get_initializer(bias_init)((self.out_channels,), fan_in, fan_out, rng), dtype)
+        ) if bias else None
+        self._ctx = None
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        check_channels(self, x, self.in_channels)
+        win = F.conv_windows(tuple(x.shape[1:3]), self.kernel_size, self.stride, self.pads,
+                             self.dilation)
+        check_windows(self, x, win)
+        y, self._ctx = F.conv2d_forward(x, self.weight.data,
+                                        self.bias.data if self.bias else None,
+                                        self.stride, self.pads, self.dilation)
+        return y
+
+    def backward(self, dy):
+        ctx = _require_forward(self, self._ctx)
+        dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}")
+
+
+class Dense(Module):
+    """Fully connected layer ``y = x @ weight + bias``; ``weight`` is ``(in, out)``.
+
+    Shapes: ``(N, in_features)`` → ``(N, out_features)``. Defaults: He-uniform weight, zero bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 weight_init="he_uniform", bias_init="zeros", dtype: str = "float32",
+                 rng: np.random.Generator | None = None) -> None:
+        self.in_features = as_pair(in_features, "in_features")[0]
+        self.out_features = as_pair(out_features, "out_features")[0]
+        rng = rng or default_generator()
+        shape = (self.in_features, self.out_features)
+        self.weight = Parameter(make_array(get_initializer(weight_init)(
+            shape, self.in_features, self.out_features, rng), dtype))
+        self.bias = Parameter(make_array(get_initializer(bias_init)(
+            (self.out_features,), self.in_features, self.out_features, rng), dtype)
+        ) if bias else None
+        self._x = None
+
+    def forward(self, x):
+        check_float_input(self, x, 2, "(N, features)")
+        check_channels(self, x, self.in_features, "features")
+        y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
+        return y
+
+    def backward(self, dy):
+        x = _require_forward(self, self._x)
+        dx, dw, db = F.linear_backward(dy, x, self.weight.data)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class BatchNorm2D(Module):
+    """Batch normalisation per channel of NHWC input (PyTorch semantics).
+
+    Training normalises with the batch mean and biased variance and updates
+    ``running_mean``/``running_var`` (unbiased variance) with ``momentum``; eval uses the running
+    statistics. ``weight`` (gamma) starts at 1, ``bias`` (beta) at 0. Also accepts ``(N, C)``.
+    """
+
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dtype: str = "float32") -> None:
+        self.num_features = as_pair(num_features, "num_features")[0]
+        if not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"BatchNorm2D momentum must be in [0, 1], got {momentum}")
+        if not eps > 0:
+            raise ConfigError(f"BatchNorm2D eps must be > 0, got {eps}")
+        self.eps, self.momentum = float(eps), float(momentum)
+        c = self.num_features
+        self.weight = Parameter(make_array(np.ones(c), dtype))
+        self.bias = Parameter(make_array(np.zeros(c), dtype))
+        self.running_mean = make_array(np.zeros(c), dtype)
+        self.running_var = make_array(np.ones(c), dtype)
+        self._ctx = None
+
+    def forward(self, x):
+        if x.ndim not in (2, 4):
+            raise ShapeError(f"BatchNorm2D expects NHWC or (N, C) input, got {tuple(x.shape)}")
+        check_float_input(self, x, x.ndim, "NHWC")
+        check_channels(self, x, self.num_features)
+        if self.training and x.shape[0] * (x.shape[1] * x.shape[2] if x.ndim == 4 else 1) < 2:
+            raise ShapeError("BatchNorm2D needs more than one value per channel in training")
+        y, self._ctx, rm, rv = F.batch_norm_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
+            self.training, self.momentum, self.eps)
+        self.running_mean, self.running_var = rm, rv
+        return y
+
+    def backward(self, dy):
+        ctx = _require_forward(self, self._ctx)
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, ctx, self.weight.data)
+        self.weight.accumulate(dgamma)
+        self.bias.accumulate(dbeta)
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling and reshaping
+
+
+class _Pool2D(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> None:
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride if stride is not None else kernel_size, "stride")
+        self.padding = as_pair(padding, "padding", minimum=0)
+        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
+            raise ConfigError(
+                f"{type(self).__name__} padding {self.padding} must be at most half the kernel "
+                f"size {self.kernel_size}")
+        self.ceil_mode = bool(ceil_mode)
+        self._ctx = None
+
+    def _windows(self, x) -> F.Windows:
+        check_float_input(self, x, 4, "NHWC")
+        win = F.pool_windows(tuple(x.shape[1:3]), self.kernel_size, self.stride, self.padding,
+                             self.ceil_mode)
+        check_windows(self, x, win)
+        return win
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, ceil_mode={self.ceil_mode}")
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling over NHWC input (padding counts as -inf; ties go to the first maximum)."""
+
+    def forward(self, x):
+        y, self._ctx = F.max_pool2d_forward(x, self._windows(x))
+        return y
+
+    def backward(self, dy):
+        return F.max_pool2d_backward(dy, _require_forward(self, self._ctx))
+
+
+class AvgPool2D(_Pool2D):
+    """Average pooling over NHWC input; ``count_include_pad`` as in PyTorch."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def forward(self, x):
+        y, self._ctx = F.avg_pool2d_forward(x, self._windows(x), self.count_include_pad)
+        return y
+
+    def backward(self, dy):
+        return F.avg_pool2d_backward(dy, _require_forward(self, self._ctx))
+
+
+class GlobalAvgPool2D(Module):
+    """Mean over H and W: ``(N, H, W, C)`` → ``(N, C)``."""
+
+    def __init__(self) -> None:
+        self._shape = None
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        y, self._shape = F.global_avg_pool_forward(x)
+        return y
+
+    def backward(self, dy):
+        return F.global_avg_pool_backward(dy, _require_forward(self, self._shape))
+
+
+class Flatten(Module):
+    """``(N, ...)`` → ``(N, prod(...))`` in C order (for NHWC: h, then w, then channel)."""
+
+    def __init__(self) -> None:
+        self._shape = None
+
+    def forward(self, x):
+        xp = namespace_of(x)
+        if x.ndim < 2:
+            raise ShapeError(f"Flatten expects at least 2-D input, got shape {tuple(x.shape)}")
+        self._shape = tuple(x.shape)
+        return xp.reshape(x, (x.shape[0], -1))
+
+    def backward(self, dy):
+        return namespace_of(dy).reshape(dy, _require_forward(self, self._shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and dropout
+
+
+class _Elementwise(Module):
+    """An activation whose forward returns ``(y, derivative)``."""
+
+    def __init__(self) -> None:
+        self._derivative = None
+
+    def _apply(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        xp = namespace_of(x)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise ShapeError(f"{type(self).__name__} expects a floating-point input, "
+                             f"got dtype {x.dtype}")
+        y, self._derivative = self._apply(x)
+        return y
+
+    def backward(self, dy):
+        return F.elementwise_backward(dy, _require_forward(self, self._derivative))
+
+
+class ReLU(_Elementwise):
+    """``max(x, 0)``."""
+
+    def _apply(self, x):
+        return F.relu_forward(x)
+
+
+class LeakyReLU(_Elementwise):
+    """``x`` where positive, else ``negative_slope * x``."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def _apply(self, x):
+        return F.leaky_relu_forward(x, self.negative_slope)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class Sigmoid(_Elementwise):
+    """``1 / (1 + exp(-x))``, computed stably on both tails."""
+
+    def _apply(self, x):
+        return F.sigmoid_forward(x)
+
+
+class Tanh(_Elementwise):
+    """``tanh(x)``."""
+
+    def _apply(self, x):
+        return F.tanh_forward(x)
+
+
+class Dropout(_Elementwise):
+    """Inverted dropout: in training zero each value with probability ``p`` and scale the rest
+    by ``1/(1-p)``; identity in eval. Masks come from the seeded host RNG."""
+
+    def __init__(self, p: float = 0.5, rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        if not (isinstance(p, int | float) and 0.0 <= p < 1.0):
+            raise ConfigError(f"Dropout p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.rng = rng
+
+    def _apply(self, x):
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        rng = self.rng or default_generator()
+        keep = (rng.random(tuple(x.shape)) >= self.p) * (1.0 / (1.0 - self.p))
+        scale = namespace_of(x).asarray(keep.astype(dtype_name(x)), device=device(x))
+        return x * scale, scale
+
+    def extra_repr(self):
+        return f"p={self.p}"

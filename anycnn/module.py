@@ -1,0 +1,208 @@
+"""Parameters, the :class:`Module` base class and :class:`Sequential`.
+
+A module's ``forward(x)`` returns its output and keeps what ``backward`` needs; ``backward(dy)``
+returns the input gradient and *accumulates* parameter gradients into ``Parameter.grad`` (which
+``zero_grad`` resets to ``None``). Parameters and child modules are found from the instance's
+attributes in the order they were assigned, which gives stable dotted names (``"0.weight"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
+from .errors import CheckpointError, ShapeError
+
+
+class Parameter:
+    """A trainable array: ``data`` (assign to replace the value) and ``grad`` (or ``None``)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.grad: Any = None
+
+    def accumulate(self, grad: Any) -> None:
+        """Add ``grad`` to ``self.grad`` (the first gradient is stored as is)."""
+        self.grad = grad if self.grad is None else self.grad + grad
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+def make_array(host: np.ndarray, dtype: str) -> Any:
+    """Cast host values to ``dtype`` on the host, then copy to the current backend."""
+    return asarray(np.asarray(host).astype(dtype), backend=get_backend())
+
+
+class Module:
+    """Base class of layers and containers."""
+
+    training: bool = True
+    #: names of non-trainable state arrays saved in checkpoints (e.g. BatchNorm running stats)
+    buffer_names: tuple[str, ...] = ()
+
+    # -- composition ---------------------------------------------------------------------
+    def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """``(dotted name, Parameter)`` pairs, own parameters first, then children's."""
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name in self.buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def modules(self) -> Iterator[Module]:
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    # -- modes and gradients ------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers by dotted name (backend arrays, not copies)."""
+        state = {name: p.data for name, p in self.named_parameters()}
+        state.update(self.named_buffers())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace parameters and buffers from ``state`` (host or backend arrays).
+
+        Values are copied onto the current backend keeping each target's dtype.
+
+        Raises:
+            CheckpointError: a name is missing or unexpected, or a shape differs (the first
+                mismatching tensor and both shapes are named).
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        extra = [k for k in state if k not in own]
+        if missing or extra:
+            raise CheckpointError(
+                f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, target in own.items():
+            value = to_numpy(state[name])
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(value.shape)} in the state but "
+                    f"{tuple(target.shape)} in the model")
+        params = dict(self.named_parameters())
+        for name, target in own.items():
+            host = to_numpy(state[name]).astype(dtype_name(target))
+            new = asarray(host)
+            if name in params:
+                params[name].data = new
+            else:
+                owner, attr = self._locate(name)
+                setattr(owner, attr, new)
+
+    def _locate(self, dotted: str) -> tuple[Module, str]:
+        *path, attr = dotted.split(".")
+        owner: Module = self
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, attr
+
+    def to(self, dtype: str) -> Module:
+        """Cast every floating parameter and buffer to ``dtype`` (``"float32"``/``"float64"``)."""
+        for m in self.modules():
+            for name, value in vars(m).items():
+                if isinstance(value, Parameter):
+                    value.data = _cast(value.data, dtype)
+                    value.grad = None
+            for name in m.buffer_names:
+                setattr(m, name, _cast(getattr(m, name), dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        children = list(self.named_children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+
+def _cast(array: Any, dtype: str) -> Any:
+    xp = namespace_of(array)
+    if not xp.isdtype(array.dtype, "real floating"):
+        return array
+    return xp.astype(array, getattr(xp, dtype))
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse. Children are named "0", "1", ..."""
+
+    def __init__(self, *layers: Module) -> None:
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise ShapeError(f"Sequential item {i} is {type(layer).__name__}, not a Module")
+            setattr(self, str(i), layer)
+
+    @property
+    def layers(self) -> list[Module]:
+        return [m for _, m in self.named_children()]
+
+    def __getitem__(self, i: int) -> Module:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def forward(self, x: Any) -> Any:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy: Any) -> Any:
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
