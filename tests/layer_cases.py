@@ -1,0 +1,93 @@
+"""Deterministic grids of layer configurations shared by the reference, gradient and torch tests.
+
+Each case is a plain dict of constructor options plus an input shape (NHWC). The grids cover
+stride > 1, every padding form, dilation 2, non-square kernels and inputs, ceil_mode,
+count_include_pad and batch size 1, and are filtered to configurations PyTorch accepts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from anycnn.geometry import conv_output_size, conv_padding, pool_output_size
+
+
+def _conv_ok(case) -> bool:
+    n, h, w, c = case["shape"]
+    try:
+        pads = conv_padding(case["padding"], case["kernel_size"], case["stride"], case["dilation"])
+    except ValueError:
+        return False
+    ho = conv_output_size(h, case["kernel_size"][0], case["stride"][0], pads[0] + pads[1],
+                          case["dilation"][0])
+    wo = conv_output_size(w, case["kernel_size"][1], case["stride"][1], pads[2] + pads[3],
+                          case["dilation"][1])
+    return ho >= 1 and wo >= 1
+
+
+def conv_cases(count: int = 24, seed: int = 7) -> list[dict]:
+    named = [
+        dict(shape=(1, 5, 5, 1), kernel_size=(3, 3), stride=(1, 1), padding=0, dilation=(1, 1),
+             bias=True, out=2),
+        dict(shape=(2, 7, 6, 3), kernel_size=(3, 2), stride=(2, 1), padding=(1, 0),
+             dilation=(1, 1), bias=True, out=4),
+        dict(shape=(2, 8, 9, 2), kernel_size=(3, 3), stride=(1, 1), padding=2, dilation=(2, 2),
+             bias=False, out=3),
+        dict(shape=(1, 6, 7, 2), kernel_size=(4, 2), stride=(1, 1), padding="same",
+             dilation=(1, 2), bias=True, out=3),
+        dict(shape=(3, 6, 6, 2), kernel_size=(2, 2), stride=(3, 2), padding="valid",
+             dilation=(1, 1), bias=True, out=2),
+        dict(shape=(2, 5, 8, 1), kernel_size=(1, 1), stride=(2, 3), padding=(0, 1),
+             dilation=(1, 1), bias=True, out=3),
+    ]
+    rng = np.random.default_rng(seed)
+    cases = list(named)
+    while len(cases) < count:
+        k = tuple(int(v) for v in rng.integers(1, 5, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        d = tuple(int(v) for v in rng.integers(1, 3, 2))
+        kind = rng.integers(0, 4)
+        padding = ["same", "valid", int(rng.integers(0, 3)),
+                   tuple(int(v) for v in rng.integers(0, 3, 2))][kind]
+        if padding == "same":
+            s = (1, 1)
+        case = dict(shape=(int(rng.integers(1, 4)), int(rng.integers(4, 10)),
+                           int(rng.integers(4, 10)), int(rng.integers(1, 4))),
+                    kernel_size=k, stride=s, padding=padding, dilation=d,
+                    bias=bool(rng.integers(0, 2)), out=int(rng.integers(1, 5)))
+        if _conv_ok(case):
+            cases.append(case)
+    return cases
+
+
+def pool_cases(count: int = 24, seed: int = 11) -> list[dict]:
+    named = [
+        dict(shape=(1, 4, 4, 1), kernel_size=(2, 2), stride=None, padding=(0, 0),
+             ceil_mode=False),
+        dict(shape=(2, 5, 7, 3), kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+             ceil_mode=True),
+        dict(shape=(2, 7, 6, 2), kernel_size=(3, 2), stride=(2, 1), padding=(1, 0),
+             ceil_mode=False),
+        dict(shape=(1, 5, 5, 2), kernel_size=(2, 2), stride=(2, 2), padding=(0, 0),
+             ceil_mode=True),
+        dict(shape=(3, 6, 5, 1), kernel_size=(3, 3), stride=(3, 3), padding=(1, 1),
+             ceil_mode=True),
+    ]
+    rng = np.random.default_rng(seed)
+    cases = list(named)
+    while len(cases) < count:
+        k = tuple(int(v) for v in rng.integers(1, 4, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2)) if rng.integers(0, 3) else None
+        p = tuple(int(rng.integers(0, ki // 2 + 1)) for ki in k)
+        case = dict(shape=(int(rng.integers(1, 4)), int(rng.integers(3, 9)),
+                           int(rng.integers(3, 9)), int(rng.integers(1, 4))),
+                    kernel_size=k, stride=s, padding=p, ceil_mode=bool(rng.integers(0, 2)))
+        st = s or k
+        if all(pool_output_size(case["shape"][1 + i], k[i], st[i], p[i], case["ceil_mode"]) >= 1
+               for i in range(2)):
+            cases.append(case)
+    return cases
+
+
+def case_id(case: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items()).replace(" ", "")
