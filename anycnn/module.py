@@ -121,17 +121,18 @@ class Module:
                 mismatching tensor and both shapes are named).
         """
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        extra = [k for k in state if k not in own]
-        if missing or extra:
-            raise CheckpointError(
-                f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for name, target in own.items():
-            value = to_numpy(state[name])
-            if tuple(value.shape) != tuple(target.shape):
+            if name not in state:
+                raise CheckpointError(f"tensor {name!r} (shape {tuple(target.shape)}) is missing "
+                                      "from the state: it was saved from a different model")
+            shape = tuple(state[name].shape)
+            if shape != tuple(target.shape):
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(value.shape)} in the state but "
-                    f"{tuple(target.shape)} in the model")
+                    f"tensor {name!r} has shape {shape} in the state but "
+                    f"{tuple(target.shape)} in the model: it was saved from a different model")
+        extra = [k for k in state if k not in own]
+        if extra:
+            raise CheckpointError(f"the state has tensors the model lacks: {extra[:5]}")
         params = dict(self.named_parameters())
         for name, target in own.items():
             host = to_numpy(state[name]).astype(dtype_name(target))

@@ -1,0 +1,94 @@
+"""Modules and containers: names, modes, gradient accumulation, dropout and batchnorm modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn import layers as L
+from anycnn.errors import CheckpointError
+from anycnn.models import MODELS, build_model
+
+
+def test_sequential_names_are_stable_and_dotted(backend):
+    model = build_model("bn-cnn")
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:3] == ["0.weight", "1.weight", "1.bias"]
+    buffers = [n for n, _ in model.named_buffers()]
+    assert buffers[:2] == ["1.running_mean", "1.running_var"]
+    assert len(model.parameters()) == len(names)
+    assert set(model.state_dict()) == set(names) | set(buffers)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_presets_run_forward_and_backward(backend, rng, name):
+    model = build_model(name)
+    x = anycnn.asarray(rng.random((2, 28, 28, 1), dtype=np.float32))
+    y = model(x)
+    assert tuple(y.shape) == (2, 10)
+    dx = model.backward(anycnn.asarray(np.ones((2, 10), np.float32)))
+    assert tuple(dx.shape) == (2, 28, 28, 1)
+    assert all(p.grad is not None and tuple(p.grad.shape) == p.shape for p in model.parameters())
+
+
+def test_gradients_accumulate_until_zero_grad(backend, rng):
+    layer = L.Dense(4, 3)
+    x = anycnn.asarray(rng.random((2, 4), dtype=np.float32))
+    dy = anycnn.asarray(np.ones((2, 3), np.float32))
+    layer.forward(x)
+    layer.backward(dy)
+    once = anycnn.to_numpy(layer.weight.grad).copy()
+    layer.forward(x)
+    layer.backward(dy)
+    np.testing.assert_allclose(anycnn.to_numpy(layer.weight.grad), 2 * once, rtol=1e-6)
+    layer.zero_grad()
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_dropout_train_and_eval(backend, rng):
+    layer = L.Dropout(0.25)
+    x = anycnn.asarray(np.ones((200, 50), np.float32))
+    y = anycnn.to_numpy(layer(x))
+    kept = y != 0
+    assert 0.70 < kept.mean() < 0.80
+    np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-6)
+    dx = anycnn.to_numpy(layer.backward(anycnn.asarray(np.ones((200, 50), np.float32))))
+    np.testing.assert_array_equal(dx, y)  # gradient uses the same mask and scale
+    layer.eval()
+    np.testing.assert_array_equal(anycnn.to_numpy(layer(x)), anycnn.to_numpy(x))
+
+
+def test_batchnorm_modes_differ_and_eval_uses_running_stats(backend, rng):
+    layer = L.BatchNorm2D(2, momentum=1.0)
+    x = rng.standard_normal((8, 3, 3, 2)).astype(np.float32) * 2 + 5
+    y_train = anycnn.to_numpy(layer(anycnn.asarray(x)))
+    np.testing.assert_allclose(y_train.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    layer.eval()
+    y_eval = anycnn.to_numpy(layer(anycnn.asarray(x)))
+    unbiased = x.var(axis=(0, 1, 2), ddof=1)
+    expected = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(unbiased + 1e-5)
+    np.testing.assert_allclose(y_eval, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(y_eval, y_train)
+
+
+def test_train_eval_propagate_to_children(backend):
+    model = build_model("bn-cnn").eval()
+    assert all(not m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_load_state_dict_rejects_a_different_model(backend):
+    a, b = build_model("lenet5"), build_model("simple-cnn")
+    with pytest.raises(CheckpointError, match=r"0\.weight.*\(3, 3, 1, 32\).*\(5, 5, 1, 6\)"):
+        a.load_state_dict(b.state_dict())
+
+
+def test_load_state_dict_round_trip(backend, rng):
+    a = build_model("lenet5")
+    anycnn.manual_seed(99)
+    b = build_model("lenet5")
+    b.load_state_dict({k: anycnn.to_numpy(v) for k, v in a.state_dict().items()})
+    x = anycnn.asarray(rng.random((2, 28, 28, 1), dtype=np.float32))
+    np.testing.assert_array_equal(anycnn.to_numpy(a(x)), anycnn.to_numpy(b(x)))
