@@ -233,7 +233,7 @@ def asarray(data: Any, dtype: Any = None, backend: Backend | None = None) -> Any
 
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy (or view, for NumPy input) of any backend's array."""
-    if isinstance(x, np.ndarray | np.generic):
+    if isinstance(x, np.ndarray | np.generic | int | float | bool | list | tuple):
         return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
         return x.get()
@@ -262,6 +262,19 @@ def dtype_name(x: Any) -> str:
     """The standard name (``"float32"``, ...) of an array's dtype, on any backend."""
     xp = namespace_of(x)
     for name in _DTYPE_NAMES:
-        if x.dtype == getattr(xp, name):
+        if x.dtype == getattr(xp, name, None):
             return name
     raise TypeError(f"unsupported dtype {x.dtype}")
+
+
+def synchronize(backend: Backend | None = None) -> None:
+    """Wait until queued device work of ``backend`` (default: current) is done (GPU timing)."""
+    b = backend or get_backend()
+    if b.name == "cupy":
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+    elif b.name == "torch" and getattr(b.device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.synchronize()

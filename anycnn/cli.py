@@ -1,0 +1,289 @@
+"""The ``anycnn`` command: ``train``, ``evaluate``, ``info``, ``plot`` and ``bench``.
+
+A user's mistake (bad option, missing file, unusable backend, bad checkpoint) prints one line
+``anycnn: error: ...`` and exits with status 2; an interrupted training run saves a checkpoint,
+prints how to resume and exits with 130 (SIGINT) or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import AnycnnError, ConfigError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line with our prefix."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", help="numpy | cupy | torch | array_api_strict | auto "
+                        "(default: $ANYCNN_BACKEND, else auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .datasets import DATASETS
+    from .models import MODELS
+    from .optim import OPTIMIZERS
+    from .schedules import SCHEDULES
+
+    parser = _Parser(prog="anycnn", description="Train and evaluate CNNs on any array backend.")
+    parser.add_argument("--version", action="version", version=f"anycnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model and write a checkpoint and history")
+    t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}")
+    t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--device-resident", action="store_true",
+                   help="keep the dataset on the device (GPU) and batch there")
+    t.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/inf loss: stop (default) or skip that step")
+    t.add_argument("--out", default=None, help="output folder (default runs/<model>-<dataset>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _backend_option(t)
+
+    e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    e.add_argument("--data-dir")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--batch-size", type=int, default=256)
+    _backend_option(e)
+
+    i = sub.add_parser("info", help="which backend would be used, and why; all backends")
+    _backend_option(i)
+
+    p = sub.add_parser("plot", help="draw loss and accuracy curves from a history.json")
+    p.add_argument("history")
+    p.add_argument("-o", "--output", default="curves.png")
+
+    b = sub.add_parser("bench", help="time training steps against PyTorch")
+    from .bench import add_arguments
+
+    add_arguments(b)
+    _backend_option(b)
+    return parser
+
+
+def _select_backend(name: str | None):
+    from .backend import get_backend, use_backend
+
+    if name:
+        use_backend(name)
+    return get_backend()
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: ask the trainer to stop after the current step. Second: exit now
+    (checkpoints are written atomically, so nothing on disk is corrupted)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            print("\nanycnn: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\nanycnn: {signal.Signals(signum).name} received: stopping after this step "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        self.trainer.request_stop(signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def cmd_train(args) -> int:
+    from . import optim, random
+    from .dataloader import DataLoader
+    from .datasets import load_dataset
+    from .models import build_model, model_spec
+    from .schedules import make_schedule
+    from .train import Trainer
+
+    backend = _select_backend(args.backend)
+    if args.optimizer not in optim.OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
+                          f"{', '.join(optim.OPTIMIZERS)}")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    out = Path(args.out or f"runs/{args.model}-{args.dataset}")
+    ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
+    spec_check = model_spec(args.model)  # validate the name before loading data
+    data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
+    h, w, c = data.image_shape
+    spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
+    _say(args.quiet, f"anycnn {__version__}: backend {backend.name} on {backend.device} "
+         f"({backend.reason}); dataset {data.name} ({len(data.train)} train / "
+         f"{len(data.val)} val, {data.source}); model {args.model}")
+    random.manual_seed(args.seed)
+    model = build_model(spec)
+    if args.dtype != "float32":
+        model.to(args.dtype)
+    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
+    opt_kwargs = {"weight_decay": args.weight_decay}
+    if args.optimizer == "sgd":
+        opt_kwargs["momentum"] = args.momentum
+    optimizer = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **opt_kwargs)
+    from .losses import SoftmaxCrossEntropy
+
+    trainer = Trainer(model, optimizer, SoftmaxCrossEntropy(args.label_smoothing),
+                      schedule=make_schedule(args.schedule, lr, args.epochs), model_spec=spec,
+                      checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
+                      progress=not args.quiet,
+                      config={k: v for k, v in vars(args).items() if k != "func"})
+    if args.resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
+        trainer.resume(ckpt_path)
+        _say(args.quiet, f"resumed from {ckpt_path} at epoch {trainer.epoch + 1}, "
+             f"step {trainer.step}")
+    out.mkdir(parents=True, exist_ok=True)
+    loader_opts = dict(device_resident=args.device_resident, dtype=args.dtype)
+    train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
+                              **loader_opts)
+    val_loader = DataLoader(data.val, 256, **loader_opts)
+    done = len(trainer.history)
+    with _StopOnSignal(trainer) as stopper:
+        while trainer.epoch < args.epochs and not trainer.stopped:
+            trainer.fit(train_loader, val_loader, epochs=trainer.epoch + 1)
+            for rec in trainer.history[done:]:
+                _say(args.quiet, f"epoch {rec['epoch']}/{args.epochs}: train loss "
+                     f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f} | val loss "
+                     f"{rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f} | "
+                     f"{rec['images_per_s']:.0f} img/s, {rec['seconds']:.1f} s")
+                _write_json_atomic(history_path, trainer.history)
+            done = len(trainer.history)
+    if trainer.stopped:
+        trainer.save(ckpt_path)
+        print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
+              f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
+              "plus --resume", file=sys.stderr)
+        return 128 + (stopper.signum or signal.SIGINT)
+    last = trainer.history[-1]
+    print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
+          f"checkpoint {ckpt_path}; history {history_path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_model
+    from .dataloader import DataLoader
+    from .datasets import load_dataset
+    from .train import evaluate
+
+    _select_backend(args.backend)
+    model, state = load_model(args.checkpoint)
+    config = (state.extra or {}).get("config", {})
+    name = args.dataset or config.get("dataset") or "mnist-sample"
+    data = load_dataset(name, data_dir=args.data_dir or config.get("data_dir"))
+    split = getattr(data, args.split)
+    result = evaluate(model, DataLoader(split, args.batch_size))
+    print(f"{name} {args.split}: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
+          f"({result['count']} images)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .backend import ENV_VAR, probe_all, resolve
+
+    requested = args.backend or os.environ.get(ENV_VAR) or "auto"
+    print(f"anycnn {__version__}, Python {sys.version.split()[0]}")
+    try:
+        chosen = resolve(requested)
+        print(f"backend: {chosen.name} on {chosen.device} — {chosen.reason} "
+              f"(requested {requested!r})")
+    except AnycnnError as exc:
+        print(f"backend: unusable — {exc}")
+        chosen = None
+    print("available backends:")
+    for row in probe_all():
+        mark = "yes" if row["ok"] else "no "
+        detail = f"{row['version']} on {row['device']}" if row["ok"] else row["detail"]
+        print(f"  {mark} {row['name']:<17} {detail}")
+    return 0 if chosen is not None else EXIT_USAGE
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_history
+
+    written = plot_history(args.history, args.output)
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    _select_backend(args.backend)
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "plot": cmd_plot,
+            "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except AnycnnError as exc:
+        print(f"anycnn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"anycnn: error: no such file: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:
+        print(f"anycnn: error: permission denied: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("anycnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

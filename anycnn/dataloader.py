@@ -1,0 +1,127 @@
+"""Mini-batches of an :class:`~anycnn.datasets.ArrayDataset` on the current backend.
+
+Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) holding ``images / 255`` in
+``[0, 1]``, ``y`` int64 ``(B,)``, both on :func:`anycnn.backend.get_backend` as it is when iteration
+starts. The scaling is one correctly rounded division, so batches are bit-identical on every backend
+and in both modes:
+
+* default: gather the batch on the host (``np.take``), scale it, copy it to the device;
+* ``device_resident=True``: copy the whole ``uint8`` dataset to the device once (first iteration),
+  then per batch move only the index vector and gather (``xp.take``) and scale on the device.
+
+Shuffling is deterministic per epoch: epoch ``e`` uses the permutation drawn from
+``np.random.default_rng([seed, e])``, so a resumed run sees the same order (call
+:meth:`DataLoader.set_epoch` before iterating; the default is epoch 0).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, asarray, get_backend
+from .datasets import ArrayDataset
+from .errors import ConfigError
+
+_FLOAT_DTYPES = ("float32", "float64")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        bound = "a positive" if minimum == 1 else "a non-negative"
+        raise ConfigError(f"{name} must be {bound} integer, got {value!r}")
+    return int(value)
+
+
+class DataLoader:
+    """Iterate over ``dataset`` in batches of ``batch_size``; ``len(loader)`` is the batch count.
+
+    Args:
+        dataset: the examples (host ``uint8`` NHWC images, ``int64`` labels).
+        batch_size: examples per batch (the last one may be smaller unless ``drop_last``).
+        shuffle: visit the examples in a per-epoch permutation instead of in order.
+        seed: selects the permutations (with the epoch number).
+        drop_last: skip a final batch smaller than ``batch_size``.
+        device_resident: keep the whole dataset on the device and gather batches there.
+        dtype: ``"float32"`` (default) or ``"float64"`` for ``x``.
+
+    Raises:
+        ConfigError: an argument is out of range.
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, device_resident: bool = False,
+                 dtype: str = "float32") -> None:
+        if not isinstance(dataset, ArrayDataset):
+            raise ConfigError(f"dataset must be an ArrayDataset, got {type(dataset).__name__}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {dtype!r}")
+        self.dataset = dataset
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.device_resident = bool(device_resident)
+        self.dtype = dtype
+        self.epoch = 0
+        self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s permutation for the following iterations."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> np.ndarray:
+        """The int64 example indices of the current epoch, in visiting order."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(np.int64)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Any, Any]]:
+        """The current epoch's batches from batch number ``start`` on (to resume mid-epoch);
+        the skipped batches are not built."""
+        start = _check_int("start", start, 0)
+        if start > len(self):
+            raise ConfigError(f"start must be at most {len(self)} (the number of batches), "
+                              f"got {start}")
+        return self._generate(start)
+
+    def _generate(self, start: int) -> Iterator[tuple[Any, Any]]:
+        backend = get_backend()
+        order = self.order()
+        for b in range(start, len(self)):
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.device_resident:
+                yield self._device_batch(backend, index)
+            else:
+                yield self._host_batch(backend, index)
+
+    def _host_batch(self, backend: Backend, index: np.ndarray) -> tuple[Any, Any]:
+        x = np.take(self.dataset.images, index, axis=0).astype(self.dtype) / 255
+        y = np.take(self.dataset.labels, index)
+        return asarray(x, backend=backend), asarray(y, backend=backend)
+
+    def _device_batch(self, backend: Backend, index: np.ndarray) -> tuple[Any, Any]:
+        if self._resident is None or self._resident[0] != backend:
+            self._resident = (backend, asarray(self.dataset.images, backend=backend),
+                              asarray(self.dataset.labels, backend=backend))
+        _, images, labels = self._resident
+        xp = backend.xp
+        index = asarray(index, backend=backend)
+        x = xp.astype(xp.take(images, index, axis=0), getattr(xp, self.dtype)) / 255
+        return x, xp.take(labels, index, axis=0)
+
+    def __repr__(self) -> str:
+        return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
+                f"device_resident={self.device_resident}, dtype={self.dtype!r})")

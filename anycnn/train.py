@@ -1,0 +1,272 @@
+"""Training and evaluation loops: :class:`Trainer`, :func:`evaluate`, :func:`predict`.
+
+One training step is ``zero_grad → forward → loss → backward → optimizer.step``. Metrics are summed
+on the device and read back to the host only every ``sync_every`` steps (1 on CPU backends, where
+it is free; more on a GPU so the device never waits for the host) and at the end of each epoch.
+
+A run can stop cleanly between two steps (:meth:`Trainer.request_stop`, used by the CLI's signal
+handlers), and a checkpoint records the epoch, the step inside it and the partial metrics, so a
+resumed run on NumPy repeats the uninterrupted run's numbers exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .backend import namespace_of, to_numpy
+from .errors import ConfigError, TrainingError
+from .losses import SoftmaxCrossEntropy
+from .module import Module
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``history.json``."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+    images_per_s: float
+
+
+class _Sums:
+    """Loss and correct-prediction sums kept on the device until read."""
+
+    def __init__(self, loss: float = 0.0, correct: float = 0.0, seen: int = 0) -> None:
+        self.loss: Any = loss
+        self.correct: Any = correct
+        self.seen = seen
+
+    def add(self, loss: Any, logits: Any, labels: Any) -> None:
+        xp = namespace_of(logits, labels)
+        n = labels.shape[0]
+        hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, logits.dtype))
+        self.loss = self.loss + loss * n
+        self.correct = self.correct + hits
+        self.seen += n
+
+    def host(self) -> tuple[float, float, int]:
+        """(sum of losses, number correct, number seen) as Python numbers (synchronises)."""
+        return float(to_numpy(self.loss)), float(to_numpy(self.correct)), self.seen
+
+    def means(self) -> tuple[float, float]:
+        loss, correct, seen = self.host()
+        return (loss / seen, correct / seen) if seen else (math.nan, math.nan)
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    # disable=None lets tqdm switch itself off when stderr is not a terminal
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
+                dynamic_ncols=True, disable=None if enabled else True)
+
+
+def evaluate(model: Module, loader, loss_fn=None, progress: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (in eval mode; mode restored)."""
+    loss_fn = loss_fn or SoftmaxCrossEntropy()
+    was_training = model.training
+    model.eval()
+    sums = _Sums()
+    try:
+        with _progress(len(loader), "eval", progress) as bar:
+            for x, y in loader:
+                logits = model.forward(x)
+                sums.add(loss_fn.forward(logits, y), logits, y)
+                bar.update()
+    finally:
+        model.train(was_training)
+    loss, accuracy = sums.means()
+    return {"loss": loss, "accuracy": accuracy, "count": sums.seen}
+
+
+def predict(model: Module, images: Any, batch_size: int = 256) -> np.ndarray:
+    """Logits for a backend array of NHWC ``images``, as a host array ``(N, classes)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [to_numpy(model.forward(images[i:i + batch_size]))
+                for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(outs, axis=0)
+
+
+class Trainer:
+    """Runs epochs of training with validation, schedules, checkpoints and clean stops.
+
+    Args:
+        model, optimizer: what to train.
+        loss_fn: default :class:`~anycnn.losses.SoftmaxCrossEntropy`.
+        schedule: callable ``epoch -> lr`` (see :mod:`anycnn.schedules`), or None.
+        model_spec: stored in checkpoints so :func:`anycnn.checkpoint.load_model` can rebuild.
+        checkpoint_path: where :meth:`fit` saves after every epoch (None: never).
+        on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
+            ``"skip"`` drops that step's update and goes on.
+        sync_every: steps between host reads of the metrics (default 1 on CPU, 20 on GPU).
+        progress: show tqdm bars (they switch off by themselves when not on a terminal).
+        config: extra JSON-able data saved in checkpoints (e.g. the CLI arguments).
+    """
+
+    def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
+                 model_spec: dict | None = None, checkpoint_path: str | Path | None = None,
+                 on_nonfinite: str = "stop", sync_every: int | None = None,
+                 progress: bool = True, config: dict | None = None) -> None:
+        if on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or SoftmaxCrossEntropy()
+        self.schedule = schedule
+        self.model_spec = model_spec
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.on_nonfinite = on_nonfinite
+        self.sync_every = sync_every
+        self.progress = progress
+        self.config = config or {}
+        self.epoch = 0  # index of the epoch in progress (= epochs completed when step == 0)
+        self.step = 0  # batches completed inside that epoch
+        self.history: list[dict] = []
+        self.skipped_steps = 0
+        self.last_checkpoint: Path | None = None
+        self._partial = _Sums()
+        self._stop_reason: str | None = None
+
+    # -- control -------------------------------------------------------------------------
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler)."""
+        self._stop_reason = reason
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the last :meth:`fit` returned early, or None if it ran to the end."""
+        return self._stop_reason
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint of the whole training state (atomic)."""
+        target = Path(path) if path else self.checkpoint_path
+        if target is None:
+            raise ConfigError("no checkpoint path given")
+        loss, correct, seen = self._partial.host()
+        written = ckpt.save_checkpoint(
+            target, self.model, self.optimizer, model_spec=self.model_spec, epoch=self.epoch,
+            step=self.step,
+            extra={"history": self.history, "config": self.config,
+                   "partial": {"loss": loss, "correct": correct, "seen": seen}})
+        self.last_checkpoint = written
+        return written
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimizer, RNG, position and history from a checkpoint."""
+        state = ckpt.load_checkpoint(path)
+        ckpt.restore(state, self.model, self.optimizer)
+        self.epoch, self.step = state.epoch, state.step
+        extra = state.extra or {}
+        self.history = list(extra.get("history", []))
+        partial = extra.get("partial") or {}
+        self._partial = _Sums(partial.get("loss", 0.0), partial.get("correct", 0.0),
+                              int(partial.get("seen", 0)))
+        self.last_checkpoint = Path(path)
+
+    # -- training ------------------------------------------------------------------------
+    def _sync_every(self, x: Any) -> int:
+        if self.sync_every:
+            return self.sync_every
+        return 1 if "cpu" in str(getattr(x, "device", "cpu")).lower() else 20
+
+    def _check_finite(self, loss_value: float, first_step: int, last_step: int) -> bool:
+        """True if finite; otherwise stop (raise) or count a skipped step."""
+        if math.isfinite(loss_value):
+            return True
+        where = (f"epoch {self.epoch + 1}, step {last_step}" if first_step == last_step
+                 else f"epoch {self.epoch + 1}, steps {first_step}-{last_step}")
+        if self.on_nonfinite == "skip" and first_step == last_step:
+            self.skipped_steps += 1
+            return False
+        good = self.last_checkpoint or "none written yet"
+        raise TrainingError(f"loss became {loss_value} at {where}; training stopped. "
+                            f"Last good checkpoint: {good}. Try a smaller learning rate.")
+
+    def train_step(self, x: Any, y: Any, check: bool) -> Any:
+        """One optimisation step; returns the (device) loss and logits."""
+        self.model.zero_grad()
+        logits = self.model.forward(x)
+        loss = self.loss_fn.forward(logits, y)
+        if check and not self._check_finite(float(to_numpy(loss)), self.step + 1, self.step + 1):
+            return None, logits
+        self.model.backward(self.loss_fn.backward())
+        self.optimizer.step()
+        return loss, logits
+
+    def fit(self, train_loader, val_loader=None, epochs: int = 1) -> list[dict]:
+        """Train until ``epochs`` epochs are complete (counting resumed ones).
+
+        Saves a checkpoint after each epoch when ``checkpoint_path`` is set; returns early
+        (with :attr:`stopped` set) when a stop is requested. Returns the history.
+        """
+        self._stop_reason = None
+        self.model.train()
+        while self.epoch < epochs:
+            if self.schedule is not None:
+                self.optimizer.lr = float(self.schedule(self.epoch))
+            train_loader.set_epoch(self.epoch)
+            start = time.perf_counter()
+            sums = self._partial
+            seen_before = sums.seen
+            with _progress(len(train_loader), f"epoch {self.epoch + 1}/{epochs}", self.progress,
+                           initial=self.step) as bar:
+                sync = None
+                last_checked = self.step
+                for x, y in _batches_from(train_loader, self.step):
+                    sync = sync or self._sync_every(x)
+                    check = self.on_nonfinite == "skip" or sync == 1
+                    loss, logits = self.train_step(x, y, check)
+                    self.step += 1
+                    if loss is not None:
+                        sums.add(loss, logits, y)
+                    if self.step % sync == 0 or self.step == len(train_loader):
+                        total, correct, seen = sums.host()
+                        if not check:
+                            self._check_finite(total, last_checked + 1, self.step)
+                        last_checked = self.step
+                        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
+                                        acc=f"{correct / max(seen, 1):.4f}",
+                                        img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}",
+                                        refresh=False)
+                    bar.update()
+                    if self._stop_reason:
+                        return self.history
+            elapsed = time.perf_counter() - start
+            train_loss, train_acc = sums.means()
+            val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
+            self.model.train()
+            record = EpochRecord(
+                epoch=self.epoch + 1, lr=self.optimizer.lr, train_loss=train_loss,
+                train_accuracy=train_acc, val_loss=val and val["loss"],
+                val_accuracy=val and val["accuracy"], seconds=elapsed,
+                images_per_s=(sums.seen - seen_before) / elapsed if elapsed > 0 else math.nan)
+            self.history.append(asdict(record))
+            self.epoch, self.step, self._partial = self.epoch + 1, 0, _Sums()
+            if self.checkpoint_path is not None:
+                self.save()
+        return self.history
+
+
+def _batches_from(loader, start: int):
+    """The loader's batches for the current epoch, skipping the first ``start`` (resume)."""
+    if start == 0:
+        return iter(loader)
+    if hasattr(loader, "iter_from"):
+        return loader.iter_from(start)
+    return islice(iter(loader), start, None)
