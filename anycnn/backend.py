@@ -137,7 +137,7 @@ def get_backend() -> Backend:
     return _current
 
 
-class use_backend:  # noqa: N801  (used like a function: ``use_backend("numpy")``)
+class use_backend:
     """Switch the current backend now; as a context manager, switch back on exit.
 
     >>> use_backend("numpy")              # doctest: +SKIP

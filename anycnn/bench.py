@@ -349,7 +349,7 @@ def format_table(results: dict) -> str:
     if "epoch" in results:
         e = results["epoch"]
         notes.append(f"one epoch ({e['images']} images, batch 64): {e['epoch_s']:.1f} s")
-    return "\n".join(lines + [""] + notes)
+    return "\n".join([*lines, "", *notes])
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def cmd_train(args) -> int:
     ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
     spec_check = model_spec(args.model)  # validate the name before loading data
     data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
-    h, w, c = data.image_shape
+    h, _w, c = data.image_shape
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     _say(args.quiet, f"anycnn {__version__}: backend {backend.name} on {backend.device} "
          f"({backend.reason}); dataset {data.name} ({len(data.train)} train / "

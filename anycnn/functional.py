@@ -104,7 +104,7 @@ def scatter_windows(d: Any, win: Windows) -> Any:
     input row, then the padding is cropped away.
     """
     xp = namespace_of(d)
-    n, length, c = d.shape
+    n, _length, c = d.shape
     hp, wp = win.padded
     h, w = win.in_hw
     top, _, left, _ = win.pads
@@ -172,7 +172,8 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
 # Pooling
 
 
-def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, ceil_mode: bool) -> Windows:
+def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
+                 ceil_mode: bool) -> Windows:
     """The :class:`Windows` of a pooling layer (entries ordered kernel-major).
 
     The bottom/right padding is extended so that ceil-mode windows fit.
@@ -283,7 +284,7 @@ def global_avg_pool_backward(dy: Any, in_shape):
 
 def linear_forward(x: Any, weight: Any, bias: Any):
     """``x @ weight + bias`` with x ``(N, in)``, weight ``(in, out)``; ctx is x."""
-    xp = namespace_of(x, weight, bias)
+    namespace_of(x, weight, bias)
     y = x @ weight
     return (y + bias if bias is not None else y), x
 

@@ -44,7 +44,7 @@ def glorot_normal(shape, fan_in, fan_out, rng):
 
 
 def torch_default(shape, fan_in, fan_out, rng):
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv2d weights and biases."""
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv2d parameters."""
     bound = 1.0 / math.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape)
 

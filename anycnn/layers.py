@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from . import functional as F
 from array_api_compat import device
 
+from . import functional as F
 from .backend import dtype_name, namespace_of
 from .errors import ConfigError, ShapeError
 from .geometry import as_pair, conv_padding

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from array_api_compat import device
 
 from .backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
 from .errors import CheckpointError, ShapeError
@@ -135,8 +136,7 @@ class Module:
             raise CheckpointError(f"the state has tensors the model lacks: {extra[:5]}")
         params = dict(self.named_parameters())
         for name, target in own.items():
-            host = to_numpy(state[name]).astype(dtype_name(target))
-            new = asarray(host)
+            new = _like(target, to_numpy(state[name]))
             if name in params:
                 params[name].data = new
             else:
@@ -153,7 +153,7 @@ class Module:
     def to(self, dtype: str) -> Module:
         """Cast every floating parameter and buffer to ``dtype`` (``"float32"``/``"float64"``)."""
         for m in self.modules():
-            for name, value in vars(m).items():
+            for value in vars(m).values():
                 if isinstance(value, Parameter):
                     value.data = _cast(value.data, dtype)
                     value.grad = None
@@ -170,6 +170,13 @@ class Module:
             return f"{type(self).__name__}({self.extra_repr()})"
         inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
         return f"{type(self).__name__}(\n{inner}\n)"
+
+
+def _like(target: Any, host: np.ndarray) -> Any:
+    """``host`` as an array of ``target``'s backend, device and dtype."""
+    xp = namespace_of(target)
+    host = np.ascontiguousarray(host.astype(dtype_name(target)))
+    return xp.asarray(host, device=device(target))
 
 
 def _cast(array: Any, dtype: str) -> Any:

@@ -12,9 +12,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .backend import asarray, namespace_of, to_numpy
+from .backend import namespace_of, to_numpy
 from .errors import CheckpointError, ConfigError
-from .module import Parameter
+from .module import Parameter, _like
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -65,27 +65,38 @@ class Optimizer:
                 "steps": [s.get("step", 0) for s in self.state], "arrays": arrays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` output (arrays may be host or backend arrays)."""
-        if state.get("type") != type(self).__name__:
-            raise CheckpointError(
-                f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
-        steps = list(state["steps"])
-        if len(steps) != len(self.params):
-            raise CheckpointError(f"optimizer state has {len(steps)} parameters, "
-                                  f"the model has {len(self.params)}")
-        self.lr = float(state["lr"])
-        for k in self.hyper_names:
-            setattr(self, k, state[k])
-        new: list[dict[str, Any]] = [{"step": int(s)} if s else {} for s in steps]
-        for key, value in state["arrays"].items():
-            index, name = key.split(".", 1)
-            p = self.params[int(index)]
-            host = to_numpy(value)
-            if tuple(host.shape) != p.shape:
-                raise CheckpointError(f"optimizer state {key!r} has shape {host.shape}, "
-                                      f"parameter has {p.shape}")
-            xp = namespace_of(p.data)
-            new[int(index)][name] = xp.astype(asarray(host), p.data.dtype)
+        """Restore from :meth:`state_dict` output (arrays may be host or backend arrays).
+
+        Everything is checked before anything changes; a bad state raises CheckpointError and
+        leaves the optimizer as it was. Arrays go to each parameter's backend, device and dtype.
+        """
+        try:
+            if state.get("type") != type(self).__name__:
+                raise CheckpointError(
+                    f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
+            steps = [int(s) for s in state["steps"]]
+            if len(steps) != len(self.params):
+                raise CheckpointError(f"optimizer state has {len(steps)} parameters, "
+                                      f"the model has {len(self.params)}")
+            lr = float(state["lr"])
+            hyper = {k: state[k] for k in self.hyper_names}
+            new: list[dict[str, Any]] = [{"step": s} if s else {} for s in steps]
+            for key, value in state["arrays"].items():
+                index, name = key.split(".", 1)
+                p = self.params[int(index)]
+                host = to_numpy(value)
+                if tuple(host.shape) != p.shape:
+                    raise CheckpointError(f"optimizer state {key!r} has shape {host.shape}, "
+                                          f"parameter has {p.shape}")
+                new[int(index)][name] = _like(p.data, host)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise CheckpointError(f"malformed optimizer state ({type(exc).__name__}: {exc})"
+                                  ) from None
+        self.lr = lr
+        for k, v in hyper.items():
+            setattr(self, k, v)
         self.state = new
 
 

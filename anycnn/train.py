@@ -240,10 +240,10 @@ class Trainer:
                         if not check:
                             self._check_finite(total, last_checked + 1, self.step)
                         last_checked = self.step
+                        rate = (seen - seen_before) / max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
                                         acc=f"{correct / max(seen, 1):.4f}",
-                                        img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}",
-                                        refresh=False)
+                                        img_s=f"{rate:.0f}", refresh=False)
                     bar.update()
                     if self._stop_reason:
                         return self.history

@@ -13,7 +13,7 @@ from anycnn.geometry import conv_output_size, conv_padding, pool_output_size
 
 
 def _conv_ok(case) -> bool:
-    n, h, w, c = case["shape"]
+    _n, h, w, _c = case["shape"]
     try:
         pads = conv_padding(case["padding"], case["kernel_size"], case["stride"], case["dilation"])
     except ValueError:

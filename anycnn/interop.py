@@ -1,0 +1,391 @@
+"""PyTorch interoperability: ``state_dict`` names and layouts, and an equivalent ``nn.Module``.
+
+An anycnn :class:`~anycnn.module.Sequential` names its tensors exactly like the equivalent
+``torch.nn.Sequential`` (``"0.weight"``, ``"3.bias"``, ``"1.running_mean"``), layer for layer:
+
+=================  ==========================================================================
+anycnn             PyTorch
+=================  ==========================================================================
+Conv2D             ``nn.Conv2d``; weight ``(kh, kw, in, out)`` ↔ ``(out, in, kh, kw)``
+Dense              ``nn.Linear``; weight ``(in, out)`` ↔ ``(out, in)``
+BatchNorm2D        ``nn.BatchNorm2d`` (``nn.BatchNorm1d`` on flat features); torch's extra
+                   ``num_batches_tracked`` is exported as 0 and ignored on import
+MaxPool2D          ``nn.MaxPool2d``
+AvgPool2D          ``nn.AvgPool2d``
+GlobalAvgPool2D    ``nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())`` (no tensors, so the
+                   indices stay aligned)
+Flatten            ``nn.Flatten``
+ReLU, LeakyReLU,   the ``nn`` module of the same name
+Sigmoid, Tanh,
+Dropout
+=================  ==========================================================================
+
+**Flatten order.** anycnn activations are NHWC, so ``Flatten`` yields features in ``(h, w, c)``
+order while PyTorch (NCHW) yields ``(c, h, w)``. The rows of the first ``Dense`` after a spatial
+``Flatten`` (and of a ``BatchNorm`` on those flat features) are permuted on export and back on
+import. The permutation needs only the channel count entering ``Flatten``, which is tracked from
+the layers (``Conv2D.out_channels``) or taken from ``input_shape = (H, W, C)``; when
+``input_shape`` is given, every ``Dense`` input size is also checked against it.
+
+Importing this module does not import torch; :func:`torch_module` imports it when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import dtype_name, to_numpy
+from .errors import CheckpointError, ConfigError
+from .geometry import conv_output_size, pool_output_size
+from .layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2D,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
+from .module import Module, Sequential
+
+_ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout)
+
+Convert = Callable[[np.ndarray], np.ndarray]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+@dataclass
+class _Tensor:
+    """How one tensor moves between anycnn and PyTorch."""
+
+    name: str
+    to_torch: Convert
+    from_torch: Convert
+    description: str = ""
+
+
+@dataclass
+class _Layer:
+    """One leaf layer in model order, with what PyTorch needs to mirror it."""
+
+    name: str  # dotted prefix, e.g. "3"
+    layer: Module
+    flat_bn: bool  # a BatchNorm2D applied to (N, features) input
+    tensors: list[_Tensor]
+
+
+@dataclass
+class _Shape:
+    """What is known about the activation between two layers (any field may be unknown)."""
+
+    spatial: bool | None = None  # True: NHWC; False: (N, features); None: unknown
+    h: int | None = None
+    w: int | None = None
+    c: int | None = None  # channels (NHWC); after Flatten: channels entering it; else features
+    flat_hw: int | None = None  # features are (hw, c)-ordered with this many positions
+
+
+def _conv_tensors(prefix: str, layer: Conv2D) -> list[_Tensor]:
+    tensors = [_Tensor(prefix + "weight", lambda a: np.transpose(a, (3, 2, 0, 1)),
+                       lambda a: np.transpose(a, (2, 3, 1, 0)), "(out, in, kh, kw)")]
+    if layer.bias is not None:
+        tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
+    return tensors
+
+
+def _dense_tensors(prefix: str, layer: Dense, hw: int | None, c: int | None) -> list[_Tensor]:
+    if hw and c and hw > 1:
+        out = layer.out_features
+
+        def to_torch(a: np.ndarray) -> np.ndarray:  # rows (hw, c) -> columns (c, hw)
+            return np.transpose(np.reshape(a, (hw, c, -1)), (2, 1, 0)).reshape(out, c * hw)
+
+        def from_torch(a: np.ndarray) -> np.ndarray:
+            return np.transpose(np.reshape(a, (out, c, hw)), (2, 1, 0)).reshape(hw * c, out)
+
+        weight = _Tensor(prefix + "weight", to_torch, from_torch,
+                         f"(out, in) with inputs in (c, h, w) order, c={c}")
+    else:
+        weight = _Tensor(prefix + "weight", np.transpose, np.transpose, "(out, in)")
+    tensors = [weight]
+    if layer.bias is not None:
+        tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
+    return tensors
+
+
+def _bn_tensors(prefix: str, hw: int | None, c: int | None) -> list[_Tensor]:
+    if hw and c and hw > 1:
+        def to_torch(a: np.ndarray) -> np.ndarray:
+            return np.reshape(np.transpose(np.reshape(a, (hw, c))), (-1,))
+
+        def from_torch(a: np.ndarray) -> np.ndarray:
+            return np.reshape(np.transpose(np.reshape(a, (c, hw))), (-1,))
+    else:
+        to_torch = from_torch = _same
+    return [_Tensor(prefix + k, to_torch, from_torch, "(features,)")
+            for k in ("weight", "bias", "running_mean", "running_var")]
+
+
+def _check_features(index: str, layer: Module, expected: int, shape: _Shape) -> None:
+    """Check a flat layer's input size against what the previous layers produce, if known."""
+    have = None
+    if shape.spatial is False and shape.c is not None:
+        if shape.flat_hw is None:
+            have = shape.c
+        elif shape.flat_hw > 0:
+            have = shape.flat_hw * shape.c
+    if have is not None and have != expected:
+        raise ConfigError(
+            f"layer {index} ({type(layer).__name__}) expects {expected} input features but "
+            f"the previous layers (with input_shape) give {have}")
+
+
+def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Shape:
+    """Append the leaf layers of ``module`` to ``plan``; return the shape after it."""
+    if isinstance(module, Sequential):
+        for name, child in module.named_children():
+            shape = _walk(child, shape, f"{prefix}{name}.", plan)
+        return shape
+    index = prefix[:-1] or "<root>"
+    kind = type(module).__name__
+    if shape.spatial is False and isinstance(module, Conv2D | MaxPool2D | AvgPool2D |
+                                             GlobalAvgPool2D):
+        raise ConfigError(f"layer {index} ({kind}) needs NHWC input but follows a flat layer")
+    if isinstance(module, Conv2D):
+        if shape.c is not None and shape.c != module.in_channels:
+            raise ConfigError(f"layer {index} (Conv2D) expects {module.in_channels} channels, "
+                              f"input_shape/previous layers give {shape.c}")
+        h = w = None
+        if shape.h is not None and shape.w is not None:
+            t, b, l, r = module.pads
+            h = conv_output_size(shape.h, module.kernel_size[0], module.stride[0], t + b,
+                                 module.dilation[0])
+            w = conv_output_size(shape.w, module.kernel_size[1], module.stride[1], l + r,
+                                 module.dilation[1])
+        plan.append(_Layer(prefix, module, False, _conv_tensors(prefix, module)))
+        return _Shape(True, h, w, module.out_channels)
+    if isinstance(module, MaxPool2D | AvgPool2D):
+        h = w = None
+        if shape.h is not None and shape.w is not None:
+            h, w = (pool_output_size(size, module.kernel_size[i], module.stride[i],
+                                     module.padding[i], module.ceil_mode)
+                    for i, size in enumerate((shape.h, shape.w)))
+        plan.append(_Layer(prefix, module, False, []))
+        return _Shape(True, h, w, shape.c)
+    if isinstance(module, GlobalAvgPool2D):
+        plan.append(_Layer(prefix, module, False, []))
+        return _Shape(False, 1, 1, shape.c, None)
+    if isinstance(module, Flatten):
+        plan.append(_Layer(prefix, module, False, []))
+        if shape.spatial is False:
+            return shape
+        hw = shape.h * shape.w if shape.h is not None and shape.w is not None else None
+        return _Shape(False, shape.h, shape.w, shape.c, hw if hw is not None else -1)
+    if isinstance(module, Dense):
+        hw = _flat_positions(index, module, module.in_features, shape)
+        _check_features(index, module, module.in_features, shape)
+        plan.append(_Layer(prefix, module, False,
+                           _dense_tensors(prefix, module, hw, shape.c)))
+        return _Shape(False, None, None, module.out_features, None)
+    if isinstance(module, BatchNorm2D):
+        flat = shape.spatial is False
+        if flat:
+            hw = _flat_positions(index, module, module.num_features, shape)
+            _check_features(index, module, module.num_features, shape)
+            tensors = _bn_tensors(prefix, hw, shape.c)
+        else:
+            if shape.c is not None and shape.c != module.num_features:
+                raise ConfigError(f"layer {index} (BatchNorm2D) expects {module.num_features} "
+                                  f"channels, previous layers give {shape.c}")
+            tensors = _bn_tensors(prefix, None, None)
+        plan.append(_Layer(prefix, module, flat, tensors))
+        return shape
+    if isinstance(module, _ELEMENTWISE):
+        plan.append(_Layer(prefix, module, False, []))
+        return shape
+    raise ConfigError(
+        f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.interop; supported: "
+        "Sequential, Conv2D, Dense, BatchNorm2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, "
+        "Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
+
+
+def _flat_positions(index: str, layer: Module, features: int, shape: _Shape) -> int | None:
+    """Spatial positions (h*w) behind flat features in (h, w, c) order, or None if not flat."""
+    if shape.flat_hw is None:
+        return None
+    if shape.c is None:
+        raise ConfigError(
+            f"layer {index} ({type(layer).__name__}) follows a Flatten of an input whose channel "
+            "count is unknown: pass input_shape=(H, W, C)")
+    if features % shape.c:
+        raise ConfigError(
+            f"layer {index} ({type(layer).__name__}) has {features} input features, not a "
+            f"multiple of the {shape.c} channels entering Flatten")
+    return features // shape.c
+
+
+def _plan(model: Module, input_shape: tuple[int, int, int] | None) -> list[_Layer]:
+    if input_shape is None:
+        start = _Shape()
+    else:
+        if len(tuple(input_shape)) != 3:
+            raise ConfigError(f"input_shape must be (H, W, C), got {input_shape!r}")
+        h, w, c = (int(v) for v in input_shape)
+        start = _Shape(True, h, w, c)
+    plan: list[_Layer] = []
+    _walk(model, start, "", plan)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def to_torch_state_dict(model: Module,
+                        input_shape: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+    """The model's tensors as a PyTorch ``state_dict``: torch names and layouts, NumPy arrays.
+
+    Load it with ``torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+
+    Args:
+        model: an anycnn ``Sequential`` of supported layers (see the module docstring).
+        input_shape: ``(H, W, C)`` of one input image; optional for models whose channel count
+            is known from a ``Conv2D`` before ``Flatten``, and used to check ``Dense`` sizes.
+
+    Raises:
+        ConfigError: a layer has no PyTorch equivalent, or ``input_shape`` does not fit.
+    """
+    plan = _plan(model, input_shape)
+    state = model.state_dict()
+    out: dict[str, np.ndarray] = {}
+    for entry in plan:
+        for t in entry.tensors:
+            out[t.name] = np.ascontiguousarray(t.to_torch(to_numpy(state[t.name])))
+        if isinstance(entry.layer, BatchNorm2D):
+            out[entry.name + "num_batches_tracked"] = np.zeros((), dtype=np.int64)
+    return out
+
+
+def from_torch_state_dict(model: Module, state: dict[str, Any],
+                          input_shape: tuple[int, int, int] | None = None) -> None:
+    """Load a PyTorch ``state_dict`` (torch tensors or NumPy arrays) into an anycnn model.
+
+    ``num_batches_tracked`` entries are ignored. Values are copied onto the current backend in
+    the model's dtype.
+
+    Raises:
+        CheckpointError: a tensor is missing or unexpected, or a shape differs (the tensor's
+            name and both shapes, in PyTorch layout, are given). The model is then unchanged.
+        ConfigError: the model has a layer with no PyTorch equivalent.
+    """
+    plan = _plan(model, input_shape)
+    own = model.state_dict()
+    expected: dict[str, _Tensor] = {t.name: t for entry in plan for t in entry.tensors}
+    ignored = {entry.name + "num_batches_tracked" for entry in plan
+               if isinstance(entry.layer, BatchNorm2D)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in ignored]
+    if missing or unexpected:
+        raise CheckpointError(
+            "PyTorch state_dict does not match the model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    converted: dict[str, np.ndarray] = {}
+    for name, t in expected.items():
+        value = to_numpy(state[name])
+        want = tuple(np.shape(t.to_torch(np.empty(tuple(own[name].shape), dtype=np.uint8))))
+        if tuple(value.shape) != want:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(value.shape)} in the PyTorch state_dict but "
+                f"the model needs {want} (PyTorch layout {t.description})")
+        converted[name] = np.ascontiguousarray(t.from_torch(value))
+    model.load_state_dict(converted)
+
+
+def _torch_layer(entry: _Layer, nn: Any) -> Any:
+    layer = entry.layer
+    if isinstance(layer, Conv2D):
+        t, b, l, r = layer.pads
+        if isinstance(layer.padding, str):
+            padding: Any = layer.padding.lower()
+        elif t == b and l == r:
+            padding = (t, l)
+        else:  # pragma: no cover - conv_padding only makes asymmetric pads for 'same'
+            raise ConfigError(f"layer {entry.name[:-1]}: asymmetric padding {layer.pads}")
+        return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                         stride=layer.stride, padding=padding, dilation=layer.dilation,
+                         bias=layer.bias is not None)
+    if isinstance(layer, Dense):
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    if isinstance(layer, BatchNorm2D):
+        cls = nn.BatchNorm1d if entry.flat_bn else nn.BatchNorm2d
+        return cls(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+    if isinstance(layer, MaxPool2D):
+        return nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding,
+                            ceil_mode=layer.ceil_mode)
+    if isinstance(layer, AvgPool2D):
+        return nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding,
+                            ceil_mode=layer.ceil_mode,
+                            count_include_pad=layer.count_include_pad)
+    if isinstance(layer, GlobalAvgPool2D):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if isinstance(layer, Flatten):
+        return nn.Flatten()
+    if isinstance(layer, ReLU):
+        return nn.ReLU()
+    if isinstance(layer, LeakyReLU):
+        return nn.LeakyReLU(layer.negative_slope)
+    if isinstance(layer, Sigmoid):
+        return nn.Sigmoid()
+    if isinstance(layer, Tanh):
+        return nn.Tanh()
+    if isinstance(layer, Dropout):
+        return nn.Dropout(layer.p)
+    raise ConfigError(f"layer {entry.name[:-1]} ({type(layer).__name__}) has no PyTorch "
+                      "equivalent")  # pragma: no cover - _walk rejects these first
+
+
+def _torch_tree(module: Module, plan: dict[str, _Layer], prefix: str, nn: Any) -> Any:
+    if isinstance(module, Sequential):
+        return nn.Sequential(*(_torch_tree(child, plan, f"{prefix}{name}.", nn)
+                               for name, child in module.named_children()))
+    return _torch_layer(plan[prefix], nn)
+
+
+def torch_module(model: Module, input_shape: tuple[int, int, int] | None = None, *,
+                 copy_weights: bool = True) -> Any:
+    """An equivalent ``torch.nn.Sequential`` (NCHW input), on the CPU.
+
+    Args:
+        model: an anycnn ``Sequential`` of supported layers.
+        input_shape: ``(H, W, C)``, as for :func:`to_torch_state_dict`.
+        copy_weights: load the model's weights (else keep PyTorch's own initialisation).
+
+    The module gets the model's floating dtype and its train/eval mode. Its state_dict names are
+    the anycnn names, so :func:`from_torch_state_dict` reads its ``state_dict()`` back.
+    """
+    import torch
+    from torch import nn
+
+    plan = _plan(model, input_shape)
+    module = _torch_tree(model, {entry.name: entry for entry in plan}, "", nn)
+    params = model.parameters()
+    if params:
+        module = module.to(getattr(torch, dtype_name(params[0].data)))
+    if copy_weights:
+        state = to_torch_state_dict(model, input_shape)
+        module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    module.train(model.training)
+    return module
