@@ -17,7 +17,8 @@ from .errors import (
     ShapeError,
     TrainingError,
 )
-from .module import Module, Parameter, Sequential
+from .module import Module, Parameter
+from .sequential import Sequential
 from .random import manual_seed
 
 __version__ = "0.1.0"

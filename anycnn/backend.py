@@ -26,7 +26,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .errors import BackendError, BackendMismatchError
+from .errors import BackendError, BackendMismatchError, ShapeError
 
 ENV_VAR = "ANYCNN_BACKEND"
 BACKEND_NAMES = ("numpy", "cupy", "torch", "array_api_strict")
@@ -77,6 +77,33 @@ def _cuda_device_count() -> tuple[int, str]:
     return count, f"cupy {cupy.__version__} sees {count} CUDA device(s)"
 
 
+_allocator_tuned = False
+
+
+def tune_host_allocator() -> bool:
+    """Keep large freed buffers inside glibc's heap instead of returning them to the OS.
+
+    Training allocates the same large temporaries every step; by default glibc serves each with
+    a fresh ``mmap`` and unmaps it on free, so every step pays page faults again (measured to
+    double step times). Raising the mmap and trim thresholds lets the memory be reused. Only
+    for CPU backends on glibc; ``ANYCNN_TUNE_MALLOC=0`` turns it off. Returns True if applied.
+    """
+    global _allocator_tuned
+    if _allocator_tuned or os.environ.get("ANYCNN_TUNE_MALLOC", "1") == "0":
+        return _allocator_tuned
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        # serve every allocation from the heap (no per-buffer mmap), and keep freed memory
+        ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = bool(ok)
+    return _allocator_tuned
+
+
 def _make(name: str, reason: str) -> Backend:
     """Import backend ``name`` and build its :class:`Backend`; raises BackendError if unusable."""
     hint = _INSTALL_HINT[name]
@@ -101,6 +128,8 @@ def _make(name: str, reason: str) -> Backend:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = array_api_compat.device(xp.empty(0))
+    if name == "numpy":
+        tune_host_allocator()
     return Backend(name=name, xp=xp, device=device, reason=reason)
 
 
@@ -195,11 +224,18 @@ def namespace_of(*arrays: Any) -> Any:
 
     Raises:
         BackendMismatchError: the arrays come from two libraries or sit on two devices.
+        ShapeError: one of them is not an array at all (a list, a string, ...).
     """
     present = [a for a in arrays if a is not None]
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:
+        not_arrays = [a for a in present if not array_api_compat.is_array_api_obj(a)]
+        if not_arrays:  # a list, a scalar, None-like...: say so instead of "mixed backends"
+            raise ShapeError(
+                f"expected an array (numpy, cupy, torch or array_api_strict), got "
+                f"{type(not_arrays[0]).__name__}; convert it first with anycnn.asarray"
+            ) from exc
         labels = sorted({_backend_label(a) for a in present})
         raise BackendMismatchError(
             f"arrays from different backends mixed in one call: {' and '.join(labels)}; "
@@ -207,7 +243,11 @@ def namespace_of(*arrays: Any) -> Any:
         ) from exc
     devices = []
     for a in present:
-        d = array_api_compat.device(a)
+        try:
+            d = array_api_compat.device(a)
+        except AttributeError as exc:  # a Python scalar next to arrays
+            raise ShapeError(f"expected an array, got {type(a).__name__}; convert it first "
+                             "with anycnn.asarray") from exc
         if all(d != other for other in devices):
             devices.append(d)
     if len(devices) > 1:

@@ -100,7 +100,7 @@ def _anycnn_worker(cfg: dict) -> dict:
     def step():
         model.zero_grad()
         loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
 
     def infer():

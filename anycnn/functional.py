@@ -11,9 +11,11 @@ dense weights are ``(in, out)``. Scalars are Python floats so float32 stays floa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import array_api_extra as xpx
+import numpy as np
 from array_api_compat import device
 
 from .backend import namespace_of
@@ -67,17 +69,33 @@ class Windows:
         """Forward gather index (L,) into the flattened padded image rows, on the device."""
         return device_cache.get(xp, device, ("win", self), self._host_index)
 
-    def adjoint(self, xp: Any, device: Any) -> Any:
-        """Adjoint gather index (Hp*Wp*K,) into the (L+1) window rows (last = zero), flat."""
+    def _host_adjoint(self) -> tuple[np.ndarray, int, bool]:
+        """(flat (K*H*W,) read-major index, K, needs_zero_row) for the *interior* rows."""
         hp, wp = self.padded
-        return device_cache.get(
-            xp, device, ("adj", self),
-            lambda: adjoint_index(self._host_index(), hp * wp).reshape(-1))
+        h, w = self.in_hw
+        top, _, left, _ = self.pads
+        full = adjoint_index(self._host_index(), hp * wp)  # (Hp*Wp, K)
+        rows = ((np.arange(h) + top)[:, None] * wp + (np.arange(w) + left)[None, :]).reshape(-1)
+        inner = full[rows]  # (H*W, K)
+        missing = inner == self._host_index().size
+        k = max(int((~missing).sum(axis=1).max(initial=0)), 1)
+        inner = inner[:, :k]
+        return np.ascontiguousarray(inner.T).reshape(-1), k, bool(missing[:, :k].any())
 
-    def fan_in(self, xp: Any, device: Any) -> int:
-        """K: the most windows reading any one input row."""
-        hp, wp = self.padded
-        return self.adjoint(xp, device).shape[0] // (hp * wp)
+    def adjoint(self, xp: Any, device: Any) -> tuple[Any, int, bool]:
+        """Adjoint gather plan on the device: ``(index, K, needs_zero_row)``.
+
+        ``index`` (K*H*W,) lists, read-major, which window entry (row of the ``(N, L, C)``
+        window array, or ``L`` = an appended zero row) is the t-th read of each real input row.
+        """
+        index = device_cache.get(xp, device, ("adj", self), lambda: _adjoint_plan(self)[0])
+        _, k, zero = _adjoint_plan(self)
+        return index, k, zero
+
+
+@lru_cache(maxsize=256)
+def _adjoint_plan(win: Windows) -> tuple[np.ndarray, int, bool]:
+    return win._host_adjoint()
 
 
 def pad_nhwc(x: Any, pads: tuple[int, int, int, int], value: float = 0.0) -> Any:
@@ -100,20 +118,27 @@ def gather_windows(x: Any, win: Windows, value: float = 0.0) -> Any:
 def scatter_windows(d: Any, win: Windows) -> Any:
     """col2im, the adjoint of :func:`gather_windows`: ``(N, L, C)`` → NHWC input gradient.
 
-    Implemented as a gather through :meth:`Windows.adjoint` and a sum over the K reads of each
-    input row, then the padding is cropped away.
+    A gather through :meth:`Windows.adjoint` (only rows inside the image, never the padding)
+    followed by a sum over the K reads of each row; a zero row is appended to ``d`` only when
+    some row is read fewer than K times (strides, dilation, borders of unpadded windows).
     """
     xp = namespace_of(d)
     n, _length, c = d.shape
-    hp, wp = win.padded
     h, w = win.in_hw
-    top, _, left, _ = win.pads
-    k = win.fan_in(xp, device(d))
-    d_ext = xp.concat([d, xp.zeros((n, 1, c), dtype=d.dtype, device=device(d))], axis=1)
-    gathered = xp.take(d_ext, win.adjoint(xp, device(d)), axis=1)
-    summed = xp.sum(xp.reshape(gathered, (n, hp * wp, k, c)), axis=2) if k > 1 else gathered
-    img = xp.reshape(summed, (n, hp, wp, c))
-    return img[:, top:top + h, left:left + w, :]
+    index, k, zero = win.adjoint(xp, device(d))
+    if zero:
+        d = xp.concat([d, xp.zeros((n, 1, c), dtype=d.dtype, device=device(d))], axis=1)
+    gathered = xp.take(d, index, axis=1)
+    if k > 1:  # (N, K, H*W, C): summing over axis 1 adds K contiguous planes
+        gathered = xp.sum(xp.reshape(gathered, (n, k, h * w, c)), axis=1)
+    return xp.reshape(gathered, (n, h, w, c))
+
+
+def column_sums(d: Any) -> Any:
+    """Sum over the rows of a 2-D ``d`` (M, F) → (F,), as a GEMV (faster than ``sum(axis=0)``)."""
+    xp = namespace_of(d)
+    ones = xp.ones((1, d.shape[0]), dtype=d.dtype, device=device(d))
+    return xp.reshape(ones @ d, (d.shape[1],))
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,13 +179,14 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     return xp.reshape(y, (n, *win.out, cout)), ConvCtx(cols, win, n)
 
 
-def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True):
-    """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias)``."""
+def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
+                    bias_grad: bool = True):
+    """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``."""
     xp = namespace_of(dy, weight)
     kh, kw, cin, cout = weight.shape
     d2 = xp.reshape(dy, (-1, cout))
     dweight = xp.reshape(xp.matrix_transpose(ctx.cols) @ d2, weight.shape)
-    dbias = xp.sum(d2, axis=0)
+    dbias = column_sums(d2) if bias_grad else None
     dx = None
     if need_input_grad:
         dcols = d2 @ xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
@@ -293,7 +319,7 @@ def linear_backward(dy: Any, x: Any, weight: Any, need_input_grad: bool = True):
     """``(dx or None, dweight, dbias)`` of :func:`linear_forward`."""
     xp = namespace_of(dy, x, weight)
     dweight = xp.matrix_transpose(x) @ dy
-    dbias = xp.sum(dy, axis=0)
+    dbias = column_sums(dy)
     dx = dy @ xp.matrix_transpose(weight) if need_input_grad else None
     return dx, dweight, dbias
 
@@ -303,9 +329,15 @@ def linear_backward(dy: Any, x: Any, weight: Any, need_input_grad: bool = True):
 
 
 def relu_forward(x: Any):
+    """``max(x, 0)``; ctx is the output (its sign gives the derivative)."""
     xp = namespace_of(x)
-    mask = xp.astype(x > 0, x.dtype)
-    return x * mask, mask
+    y = xp.maximum(x, 0.0)
+    return y, y
+
+
+def relu_backward(dy: Any, y: Any):
+    xp = namespace_of(dy, y)
+    return dy * xp.astype(y > 0, dy.dtype)
 
 
 def leaky_relu_forward(x: Any, negative_slope: float):

@@ -55,7 +55,8 @@ from .layers import (
     Sigmoid,
     Tanh,
 )
-from .module import Module, Sequential
+from .module import Module
+from .sequential import Sequential
 
 _ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout)
 

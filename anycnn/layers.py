@@ -53,6 +53,18 @@ def check_windows(layer: Module, x: Any, win: F.Windows) -> None:
             f"for kernel {win.kernel} (dilation {win.dilation}, padding {win.pads})")
 
 
+def check_param_dtype(layer: Module, x: Any, param: Any) -> None:
+    """Refuse a float input whose dtype differs from the layer's parameters (torch would raise
+    deep inside a matmul, NumPy would silently promote and later retype the weights)."""
+    if type(x) is not type(param):
+        namespace_of(x, param)  # two backends: report that, not their (incomparable) dtypes
+    if x.dtype != param.dtype:
+        namespace_of(x, param)  # two devices is the more basic mistake: report it first
+        raise ShapeError(
+            f"{type(layer).__name__} has {dtype_name(param)} parameters but got a "
+            f"{dtype_name(x)} input; cast the input or the model (model.to({dtype_name(x)!r}))")
+
+
 def _require_forward(layer: Module, ctx: Any) -> Any:
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
@@ -99,20 +111,25 @@ class Conv2D(Module):
         ) if bias else None
         self._ctx = None
 
-    def forward(self, x):
+    def check_input(self, x) -> None:
+        """Raise ShapeError unless ``x`` is float NHWC with ``in_channels`` and big enough."""
         check_float_input(self, x, 4, "NHWC")
         check_channels(self, x, self.in_channels)
+        check_param_dtype(self, x, self.weight.data)
         win = F.conv_windows(tuple(x.shape[1:3]), self.kernel_size, self.stride, self.pads,
                              self.dilation)
         check_windows(self, x, win)
+
+    def forward(self, x):
+        self.check_input(x)
         y, self._ctx = F.conv2d_forward(x, self.weight.data,
                                         self.bias.data if self.bias else None,
                                         self.stride, self.pads, self.dilation)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
-        dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data)
+        dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
@@ -146,12 +163,13 @@ class Dense(Module):
     def forward(self, x):
         check_float_input(self, x, 2, "(N, features)")
         check_channels(self, x, self.in_features, "features")
+        check_param_dtype(self, x, self.weight.data)
         y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         x = _require_forward(self, self._x)
-        dx, dw, db = F.linear_backward(dy, x, self.weight.data)
+        dx, dw, db = F.linear_backward(dy, x, self.weight.data, input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
@@ -191,6 +209,7 @@ class BatchNorm2D(Module):
             raise ShapeError(f"BatchNorm2D expects NHWC or (N, C) input, got {tuple(x.shape)}")
         check_float_input(self, x, x.ndim, "NHWC")
         check_channels(self, x, self.num_features)
+        check_param_dtype(self, x, self.weight.data)
         if self.training and x.shape[0] * (x.shape[1] * x.shape[2] if x.ndim == 4 else 1) < 2:
             raise ShapeError("BatchNorm2D needs more than one value per channel in training")
         y, self._ctx, rm, rv = F.batch_norm_forward(
@@ -199,7 +218,7 @@ class BatchNorm2D(Module):
         self.running_mean, self.running_var = rm, rv
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
         dx, dgamma, dbeta = F.batch_norm_backward(dy, ctx, self.weight.data)
         self.weight.accumulate(dgamma)
@@ -245,7 +264,7 @@ class MaxPool2D(_Pool2D):
         y, self._ctx = F.max_pool2d_forward(x, self._windows(x))
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         return F.max_pool2d_backward(dy, _require_forward(self, self._ctx))
 
 
@@ -261,7 +280,7 @@ class AvgPool2D(_Pool2D):
         y, self._ctx = F.avg_pool2d_forward(x, self._windows(x), self.count_include_pad)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         return F.avg_pool2d_backward(dy, _require_forward(self, self._ctx))
 
 
@@ -276,7 +295,7 @@ class GlobalAvgPool2D(Module):
         y, self._shape = F.global_avg_pool_forward(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         return F.global_avg_pool_backward(dy, _require_forward(self, self._shape))
 
 
@@ -293,7 +312,7 @@ class Flatten(Module):
         self._shape = tuple(x.shape)
         return xp.reshape(x, (x.shape[0], -1))
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         return namespace_of(dy).reshape(dy, _require_forward(self, self._shape))
 
 
@@ -318,7 +337,7 @@ class _Elementwise(Module):
         y, self._derivative = self._apply(x)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         return F.elementwise_backward(dy, _require_forward(self, self._derivative))
 
 
@@ -327,6 +346,9 @@ class ReLU(_Elementwise):
 
     def _apply(self, x):
         return F.relu_forward(x)
+
+    def backward(self, dy, input_grad: bool = True):
+        return F.relu_backward(dy, _require_forward(self, self._derivative))
 
 
 class LeakyReLU(_Elementwise):

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU
-from .module import Sequential
+from .sequential import Sequential
 
 
 def _pooled(size: int, times: int) -> int:

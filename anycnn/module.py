@@ -1,4 +1,4 @@
-"""Parameters, the :class:`Module` base class and :class:`Sequential`.
+"""Parameters and the :class:`Module` base class (containers live in :mod:`anycnn.sequential`).
 
 A module's ``forward(x)`` returns its output and keeps what ``backward`` needs; ``backward(dy)``
 returns the input gradient and *accumulates* parameter gradients into ``Parameter.grad`` (which
@@ -15,7 +15,7 @@ import numpy as np
 from array_api_compat import device
 
 from .backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
-from .errors import CheckpointError, ShapeError
+from .errors import CheckpointError
 
 
 class Parameter:
@@ -59,7 +59,9 @@ class Module:
     def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, dy: Any) -> Any:  # pragma: no cover - abstract
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:  # pragma: no cover
+        """Accumulate parameter gradients; return the input gradient (``None`` is allowed when
+        ``input_grad`` is False: the caller does not need it, so layers may skip computing it)."""
         raise NotImplementedError
 
     def __call__(self, x: Any) -> Any:
@@ -184,33 +186,3 @@ def _cast(array: Any, dtype: str) -> Any:
     if not xp.isdtype(array.dtype, "real floating"):
         return array
     return xp.astype(array, getattr(xp, dtype))
-
-
-class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse. Children are named "0", "1", ..."""
-
-    def __init__(self, *layers: Module) -> None:
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise ShapeError(f"Sequential item {i} is {type(layer).__name__}, not a Module")
-            setattr(self, str(i), layer)
-
-    @property
-    def layers(self) -> list[Module]:
-        return [m for _, m in self.named_children()]
-
-    def __getitem__(self, i: int) -> Module:
-        return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def forward(self, x: Any) -> Any:
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
-
-    def backward(self, dy: Any) -> Any:
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy

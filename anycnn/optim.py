@@ -13,13 +13,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backend import namespace_of, to_numpy
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ShapeError
 from .module import Parameter, _like
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
-    ok = isinstance(value, int | float) and math.isfinite(value) and (
-        value >= 0 if allow_zero else value > 0)
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
@@ -44,8 +44,11 @@ class Optimizer:
 
     def step(self) -> None:
         """Update every parameter that has a gradient."""
-        for p, state in zip(self.params, self.state):
+        for i, (p, state) in enumerate(zip(self.params, self.state)):
             if p.grad is not None:
+                if tuple(p.grad.shape) != tuple(p.data.shape):
+                    raise ShapeError(f"parameter {i} has shape {tuple(p.data.shape)} but its "
+                                     f"gradient has shape {tuple(p.grad.shape)}")
                 state["step"] = state.get("step", 0) + 1
                 p.data = self._update(p.data, p.grad, state)
 
@@ -119,14 +122,19 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, w, g, state):
+        namespace_of(w, g)  # refuse a gradient from another backend or device
         if self.weight_decay:
             g = g + self.weight_decay * w
         if self.momentum:
             buf = state.get("momentum_buffer")
-            buf = g if buf is None else self.momentum * buf + g
-            state["momentum_buffer"] = buf
+            if buf is None:
+                buf = state["momentum_buffer"] = namespace_of(g).asarray(g, copy=True)
+            else:
+                buf *= self.momentum
+                buf += g
             g = g + self.momentum * buf if self.nesterov else buf
-        return w - self.lr * g
+        w -= self.lr * g
+        return w
 
 
 class Adam(Optimizer):
@@ -150,19 +158,24 @@ class Adam(Optimizer):
         xp = namespace_of(w, g)
         if self.weight_decay:
             if self.decoupled:
-                w = w * (1.0 - self.lr * self.weight_decay)
+                w *= 1.0 - self.lr * self.weight_decay
             else:
                 g = g + self.weight_decay * w
         m = state.get("exp_avg")
         v = state.get("exp_avg_sq")
-        m = (1.0 - self.beta1) * g if m is None else self.beta1 * m + (1.0 - self.beta1) * g
-        v = (1.0 - self.beta2) * (g * g) if v is None else (
-            self.beta2 * v + (1.0 - self.beta2) * (g * g))
-        state["exp_avg"], state["exp_avg_sq"] = m, v
+        if m is None:
+            m = state["exp_avg"] = (1.0 - self.beta1) * g
+            v = state["exp_avg_sq"] = (1.0 - self.beta2) * (g * g)
+        else:
+            m *= self.beta1
+            m += (1.0 - self.beta1) * g
+            v *= self.beta2
+            v += (1.0 - self.beta2) * (g * g)
         t = state["step"]
         step_size = self.lr / (1.0 - self.beta1 ** t)
         denom = xp.sqrt(v) * (1.0 / math.sqrt(1.0 - self.beta2 ** t)) + self.eps
-        return w - step_size * (m / denom)
+        w -= step_size * (m / denom)
+        return w
 
 
 class AdamW(Adam):

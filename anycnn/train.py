@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .backend import namespace_of, to_numpy
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .losses import SoftmaxCrossEntropy
 from .module import Module
 
@@ -95,9 +95,10 @@ def predict(model: Module, images: Any, batch_size: int = 256) -> np.ndarray:
     """Logits for a backend array of NHWC ``images``, as a host array ``(N, classes)``."""
     was_training = model.training
     model.eval()
-    try:
-        outs = [to_numpy(model.forward(images[i:i + batch_size]))
-                for i in range(0, images.shape[0], batch_size)]
+    n = images.shape[0]
+    try:  # explicit `...` and stops within bounds: array-api-strict refuses anything else
+        outs = [to_numpy(model.forward(images[i:min(i + batch_size, n), ...]))
+                for i in range(0, n, batch_size)]
     finally:
         model.train(was_training)
     return np.concatenate(outs, axis=0)
@@ -141,10 +142,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._partial = _Sums()
         self._stop_reason: str | None = None
+        self._stop_honoured = False  # fit() has returned because of _stop_reason
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler)."""
+        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler).
+
+        A request made while no step runs (between two :meth:`fit` calls, or during
+        validation) makes the next :meth:`fit` return before it starts another step."""
         self._stop_reason = reason
 
     @property
@@ -168,15 +173,30 @@ class Trainer:
         return written
 
     def resume(self, path: str | Path) -> None:
-        """Restore model, optimizer, RNG, position and history from a checkpoint."""
+        """Restore model, optimizer, RNG, position and history from a checkpoint.
+
+        Raises:
+            CheckpointError: the file is bad, does not fit the model or optimizer, or its
+                training record (history, partial metrics) is malformed.
+        """
         state = ckpt.load_checkpoint(path)
+        extra = state.extra if state.extra is not None else {}
+        history = extra.get("history", []) if isinstance(extra, dict) else None
+        partial = (extra.get("partial") or {}) if isinstance(extra, dict) else None
+        try:
+            if not isinstance(history, list) or not isinstance(partial, dict):
+                raise TypeError("'extra' must hold a 'history' list and a 'partial' object")
+            sums = _Sums(float(partial.get("loss", 0.0)), float(partial.get("correct", 0.0)),
+                         int(partial.get("seen", 0)))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: malformed training record in the checkpoint ({exc})") from exc
+        if state.epoch < 0 or state.step < 0:
+            raise CheckpointError(f"{path}: negative epoch or step in the checkpoint")
         ckpt.restore(state, self.model, self.optimizer)
         self.epoch, self.step = state.epoch, state.step
-        extra = state.extra or {}
-        self.history = list(extra.get("history", []))
-        partial = extra.get("partial") or {}
-        self._partial = _Sums(partial.get("loss", 0.0), partial.get("correct", 0.0),
-                              int(partial.get("seen", 0)))
+        self.history = list(history)
+        self._partial = sums
         self.last_checkpoint = Path(path)
 
     # -- training ------------------------------------------------------------------------
@@ -205,7 +225,7 @@ class Trainer:
         loss = self.loss_fn.forward(logits, y)
         if check and not self._check_finite(float(to_numpy(loss)), self.step + 1, self.step + 1):
             return None, logits
-        self.model.backward(self.loss_fn.backward())
+        self.model.backward(self.loss_fn.backward(), input_grad=False)
         self.optimizer.step()
         return loss, logits
 
@@ -215,9 +235,13 @@ class Trainer:
         Saves a checkpoint after each epoch when ``checkpoint_path`` is set; returns early
         (with :attr:`stopped` set) when a stop is requested. Returns the history.
         """
-        self._stop_reason = None
+        if self._stop_honoured:  # the last fit() returned because of that stop: start afresh
+            self._stop_reason, self._stop_honoured = None, False
         self.model.train()
         while self.epoch < epochs:
+            if self._stop_reason:  # requested between steps (e.g. during validation)
+                self._stop_honoured = True
+                return self.history
             if self.schedule is not None:
                 self.optimizer.lr = float(self.schedule(self.epoch))
             train_loader.set_epoch(self.epoch)
@@ -246,11 +270,19 @@ class Trainer:
                                         img_s=f"{rate:.0f}", refresh=False)
                     bar.update()
                     if self._stop_reason:
+                        self._stop_honoured = True
                         return self.history
             elapsed = time.perf_counter() - start
             train_loss, train_acc = sums.means()
             val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
             self.model.train()
+            if val is not None and not math.isfinite(val["loss"]):
+                # the weights are finite (or the step checks would have fired) but useless:
+                # do not let this epoch's checkpoint replace the last good one
+                raise TrainingError(
+                    f"validation loss became {val['loss']} after epoch {self.epoch + 1} "
+                    f"(step {self.step}); training stopped. Last good checkpoint: "
+                    f"{self.last_checkpoint or 'none written yet'}. Try a smaller learning rate.")
             record = EpochRecord(
                 epoch=self.epoch + 1, lr=self.optimizer.lr, train_loss=train_loss,
                 train_accuracy=train_acc, val_loss=val and val["loss"],

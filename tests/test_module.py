@@ -92,3 +92,31 @@ def test_load_state_dict_round_trip(backend, rng):
     b.load_state_dict({k: anycnn.to_numpy(v) for k, v in a.state_dict().items()})
     x = anycnn.asarray(rng.random((2, 28, 28, 1), dtype=np.float32))
     np.testing.assert_array_equal(anycnn.to_numpy(a(x)), anycnn.to_numpy(b(x)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
+    from anycnn.fusion import ConvReluMaxPool
+
+    anycnn.manual_seed(5)
+    fused = build_model("simple-cnn").to(dtype)
+    anycnn.manual_seed(5)
+    plain = build_model("simple-cnn").to(dtype)
+    plain.fuse = False
+    for a, b in zip(fused.layers, plain.layers):  # non-zero biases exercise the rewrite
+        if isinstance(a, L.Conv2D):
+            a.bias.data = b.bias.data = anycnn.asarray(
+                rng.standard_normal(a.bias.shape) * 0.1, dtype=dtype)
+    x = anycnn.asarray(rng.random((3, 28, 28, 1)).astype(dtype))
+    y_fused, y_plain = fused(x), plain(x)
+    assert sum(isinstance(s, ConvReluMaxPool) for s in fused._plan) == 2
+    assert not any(isinstance(s, ConvReluMaxPool) for s in plain._plan)
+    np.testing.assert_array_equal(anycnn.to_numpy(y_fused), anycnn.to_numpy(y_plain))
+    dy = anycnn.asarray(rng.standard_normal((3, 10)).astype(dtype))
+    dx_fused, dx_plain = fused.backward(dy), plain.backward(dy)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(anycnn.to_numpy(dx_fused), anycnn.to_numpy(dx_plain), atol=tol)
+    for (name, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        np.testing.assert_allclose(anycnn.to_numpy(p.grad), anycnn.to_numpy(q.grad),
+                                   rtol=tol, atol=tol, err_msg=name)
+    assert fused.backward(dy, input_grad=False) is None

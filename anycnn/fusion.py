@@ -1,0 +1,75 @@
+"""Exact rewrites that :class:`~anycnn.sequential.Sequential` applies to runs of layers.
+
+``Conv2D → ReLU → MaxPool2D`` is computed as ``relu(maxpool(conv(x)) + b)`` instead of
+``maxpool(relu(conv(x) + b))``. Adding the per-channel bias and applying ReLU are monotone, so
+they commute with the window maximum, and rounding is monotone too: the forward values are
+identical, the bias add and ReLU touch a tensor ``kh*kw`` times smaller, and the gradients route
+through the same maxima (up to which of two entries that round to the same value is "first").
+The layers keep their parameters; only the execution is fused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import functional as F
+from .backend import namespace_of
+from .layers import Conv2D, MaxPool2D, ReLU
+from .module import Module
+
+
+class ConvReluMaxPool:
+    """Fused execution of a ``Conv2D``, ``ReLU``, ``MaxPool2D`` triple (shapes as the layers)."""
+
+    pattern = (Conv2D, ReLU, MaxPool2D)
+
+    def __init__(self, conv: Conv2D, relu: ReLU, pool: MaxPool2D) -> None:
+        self.conv, self.relu, self.pool = conv, relu, pool
+        self._ctx: tuple | None = None
+
+    def forward(self, x: Any) -> Any:
+        conv = self.conv
+        conv.check_input(x)
+        y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
+                                       conv.dilation)
+        pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
+        if conv.bias is not None:
+            pooled = pooled + conv.bias.data
+        out, _ = F.relu_forward(pooled)
+        self._ctx = (conv_ctx, pool_ctx, out)
+        return out
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        if self._ctx is None:
+            raise RuntimeError("fused Conv2D/ReLU/MaxPool2D backward called before forward")
+        conv_ctx, pool_ctx, out = self._ctx
+        dz = F.relu_backward(dy, out)
+        if self.conv.bias is not None:
+            xp = namespace_of(dz)
+            self.conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
+        dconv = F.max_pool2d_backward(dz, pool_ctx)
+        dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, self.conv.weight.data, input_grad,
+                                      bias_grad=False)
+        self.conv.weight.accumulate(dw)
+        return dx
+
+
+FUSIONS = (ConvReluMaxPool,)
+
+
+def execution_plan(layers: list[Module]) -> list[Any]:
+    """``layers`` with every fusable run replaced by its fused executor."""
+    plan: list[Any] = []
+    i = 0
+    while i < len(layers):
+        for fusion in FUSIONS:
+            run = layers[i:i + len(fusion.pattern)]
+            if len(run) == len(fusion.pattern) and all(
+                    type(layer) is kind for layer, kind in zip(run, fusion.pattern)):
+                plan.append(fusion(*run))
+                i += len(run)
+                break
+        else:
+            plan.append(layers[i])
+            i += 1
+    return plan
