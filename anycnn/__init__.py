@@ -18,8 +18,8 @@ from .errors import (
     TrainingError,
 )
 from .module import Module, Parameter
-from .sequential import Sequential
 from .random import manual_seed
+from .sequential import Sequential
 
 __version__ = "0.1.0"
 
