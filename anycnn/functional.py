@@ -18,6 +18,7 @@ import array_api_extra as xpx
 import numpy as np
 from array_api_compat import device
 
+from . import fastpath
 from .backend import namespace_of
 from .geometry import (
     Pair,
@@ -112,7 +113,7 @@ def gather_windows(x: Any, win: Windows, value: float = 0.0) -> Any:
     n, _, _, c = x.shape
     hp, wp = win.padded
     rows = xp.reshape(pad_nhwc(x, win.pads, value), (n, hp * wp, c))
-    return xp.take(rows, win.index(xp, device(x)), axis=1)
+    return fastpath.take_rows(xp, rows, win.index(xp, device(x)))
 
 
 def scatter_windows(d: Any, win: Windows) -> Any:
@@ -128,9 +129,9 @@ def scatter_windows(d: Any, win: Windows) -> Any:
     index, k, zero = win.adjoint(xp, device(d))
     if zero:
         d = xp.concat([d, xp.zeros((n, 1, c), dtype=d.dtype, device=device(d))], axis=1)
-    gathered = xp.take(d, index, axis=1)
+    gathered = fastpath.take_rows(xp, d, index)
     if k > 1:  # (N, K, H*W, C): summing over axis 1 adds K contiguous planes
-        gathered = xp.sum(xp.reshape(gathered, (n, k, h * w, c)), axis=1)
+        gathered = fastpath.sum_axis1(xp, xp.reshape(gathered, (n, k, h * w, c)))
     return xp.reshape(gathered, (n, h, w, c))
 
 

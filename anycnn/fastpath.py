@@ -1,0 +1,85 @@
+"""Measured native fast paths behind the shim (the array-api-extra way).
+
+Each function here has the same result as its portable Array API expression (given in its
+docstring, and used for every other backend); on NumPy, large calls are split along the batch
+axis over a small thread pool, because NumPy runs ``take`` and reductions on one core while
+releasing the GIL. Tests check each fast path against the portable expression.
+
+``ANYCNN_NUM_THREADS`` sets the pool size (default: the CPUs this process may use); 1 turns the
+fast paths off.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import array_api_compat
+
+#: below this many output elements the portable path is used (thread hand-off costs ~20 us)
+MIN_PARALLEL_SIZE = 1 << 18
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def num_threads() -> int:
+    env = os.environ.get("ANYCNN_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != threads:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="anycnn")
+    return _pool
+
+
+def _shards(n: int, threads: int) -> list[tuple[int, int]]:
+    step = -(-n // threads)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _parallel(xp: Any, out_size: int, batch: int) -> int:
+    """Number of threads to use for a call, or 0 for the portable path."""
+    if batch < 2 or out_size < MIN_PARALLEL_SIZE or not array_api_compat.is_numpy_namespace(xp):
+        return 0
+    threads = min(num_threads(), batch)
+    return threads if threads > 1 else 0
+
+
+def take_rows(xp: Any, x: Any, index: Any) -> Any:
+    """``xp.take(x, index, axis=1)`` for ``x`` of shape (N, R, C) and a 1-D ``index``."""
+    n, _, c = x.shape
+    threads = _parallel(xp, n * index.shape[0] * c, n)
+    if not threads:
+        return xp.take(x, index, axis=1)
+    import numpy as np
+
+    out = np.empty((n, index.shape[0], c), dtype=x.dtype)
+    jobs = [_executor(threads).submit(np.take, x[a:b], index, 1, out[a:b])
+            for a, b in _shards(n, threads)]
+    for job in jobs:
+        job.result()
+    return out
+
+
+def sum_axis1(xp: Any, x: Any) -> Any:
+    """``xp.sum(x, axis=1)`` for ``x`` of shape (N, K, ...)."""
+    n = x.shape[0]
+    threads = _parallel(xp, x.size, n)
+    if not threads:
+        return xp.sum(x, axis=1)
+    import numpy as np
+
+    out = np.empty((n, *x.shape[2:]), dtype=x.dtype)
+    jobs = [_executor(threads).submit(np.sum, x[a:b], 1, None, out[a:b])
+            for a, b in _shards(n, threads)]
+    for job in jobs:
+        job.result()
+    return out

@@ -1,0 +1,52 @@
+"""NumPy fast paths equal their portable Array API expressions, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn import fastpath
+from anycnn.models import build_model
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+
+
+def test_take_rows_and_sum_match_portable_numpy(threads, rng):
+    import array_api_compat.numpy as xp
+
+    x = rng.standard_normal((5, 40, 3)).astype(np.float32)
+    index = rng.integers(0, 40, 77)
+    np.testing.assert_array_equal(fastpath.take_rows(xp, x, index), np.take(x, index, axis=1))
+    g = rng.standard_normal((5, 4, 6, 3)).astype(np.float32)
+    np.testing.assert_array_equal(fastpath.sum_axis1(xp, g), np.sum(g, axis=1))
+
+
+def test_fast_paths_only_engage_for_numpy(threads):
+    import array_api_strict as xp
+
+    assert fastpath._parallel(xp, 1 << 20, 8) == 0
+
+
+def test_training_step_is_identical_with_and_without_threads(rng, monkeypatch):
+    """A whole simple-cnn step on NumPy: threaded fast paths change nothing."""
+    x = rng.random((6, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 6)
+    results = []
+    for threads, minimum in (("1", 1 << 40), ("2", 1)):
+        monkeypatch.setenv("ANYCNN_NUM_THREADS", threads)
+        monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", minimum)
+        with anycnn.use_backend("numpy"):
+            anycnn.manual_seed(0)
+            model = build_model("simple-cnn")
+            loss = anycnn.losses.SoftmaxCrossEntropy()
+            loss.forward(model(anycnn.asarray(x)), anycnn.asarray(y))
+            dx = model.backward(loss.backward())
+            results.append([anycnn.to_numpy(dx)] +
+                           [anycnn.to_numpy(p.grad) for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
