@@ -21,6 +21,11 @@ Guarantees (each one tested):
   with the file (missing, truncated, random bytes, not safetensors, not anycnn, too new).
 * A checkpoint saved on one backend loads on any other: tensors are stored as host arrays and
   copied onto the current backend on :func:`restore`.
+* Metadata is data only: the JSON header is size-limited (:data:`MAX_HEADER_BYTES`) and parsed
+  with ``json``; :func:`load_model` bounds the model spec it builds from (:data:`SPEC_LIMITS`).
+
+Test hook: ``ANYCNN_TEST_SLOW_WRITE=<seconds>`` makes :func:`atomic_write_bytes` sleep after
+writing the temporary file and before fsync/rename, so tests can kill a process mid-save.
 """
 
 from __future__ import annotations
@@ -210,6 +215,22 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+#: Test hook (not for users): seconds to sleep between writing the temporary file and fsyncing /
+#: renaming it, so a test can kill a process in the middle of a save. Unset or empty: no delay.
+SLOW_WRITE_ENV = "ANYCNN_TEST_SLOW_WRITE"
+
+
+def _test_slow_write() -> None:
+    try:
+        delay = float(os.environ.get(SLOW_WRITE_ENV) or 0)
+    except ValueError:
+        return
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
                        what: str = "file") -> pathlib.Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
@@ -232,6 +253,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            _test_slow_write()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as exc:
@@ -306,6 +328,19 @@ def _parse_header(path: pathlib.Path, data: bytes) -> dict[str, Any]:
     return header
 
 
+def _check_length(path: pathlib.Path, header: dict[str, Any], available: int) -> None:
+    """Say "truncated" when the header describes more tensor bytes than the file holds."""
+    try:
+        needed = max((int(v["data_offsets"][1]) for k, v in header.items()
+                      if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return  # malformed entries: safetensors reports them below
+    if needed > available:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its header describes {needed} bytes of tensor "
+            f"data but only {available} follow (an interrupted copy or download?)")
+
+
 def _metadata(path: pathlib.Path, header: dict[str, Any]) -> dict[str, str]:
     raw = header.get("__metadata__")
     if not isinstance(raw, dict) or not all(
@@ -361,6 +396,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = pathlib.Path(path)
     data = _read_bytes(path)
     header = _parse_header(path, data)
+    _check_length(path, header, len(data) - 8 - int.from_bytes(data[:8], "little"))
     meta = _decode(path, _metadata(path, header))
     try:
         from safetensors.numpy import load
@@ -438,27 +474,52 @@ def restore(checkpoint: Checkpoint, model: Any, optimizer: Any = None, *,
     Raises:
         CheckpointError: the tensors do not fit the model (first mismatch named with both
             shapes), the optimizer state is absent or for another optimizer, or the RNG state is
-            invalid. The model is not modified when its tensors do not fit.
+            invalid. Everything is checked before anything changes: on error the model,
+            the optimizer and the RNG are left as they were.
     """
     check_compatible(checkpoint, model)
     if optimizer is not None and checkpoint.optimizer_state is None:
         raise CheckpointError(f"{_describe(checkpoint)} holds no optimizer state; "
                               "pass optimizer=None to restore the weights only")
-    model.load_state_dict(checkpoint.tensors)
-    if optimizer is not None:
+    rng_state = checkpoint.rng_state if restore_rng else None
+    if rng_state is not None:
+        try:  # try it on a scratch generator first
+            np.random.default_rng(0).bit_generator.state = rng_state
+        except (KeyError, ValueError, TypeError, OverflowError, AttributeError) as exc:
+            raise CheckpointError(f"{_describe(checkpoint)}: invalid RNG state ({exc})") from exc
+    if optimizer is not None:  # all-or-nothing itself, so it goes first
         try:
             optimizer.load_state_dict(checkpoint.optimizer_state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{_describe(checkpoint)}: {exc}") from exc
         except AnycnnError:
             raise
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise CheckpointError(
                 f"{_describe(checkpoint)}: invalid optimizer state ({type(exc).__name__}: {exc})"
             ) from exc
-    if restore_rng and checkpoint.rng_state is not None:
-        try:
-            anycnn_random.set_state(checkpoint.rng_state)
-        except (KeyError, ValueError, TypeError, OverflowError) as exc:
-            raise CheckpointError(f"{_describe(checkpoint)}: invalid RNG state ({exc})") from exc
+    model.load_state_dict(checkpoint.tensors)
+    if rng_state is not None:
+        anycnn_random.set_state(rng_state)
+
+
+#: Largest model_spec values :func:`load_model` builds from a file: the spec is untrusted data, and
+#: a forged one must not make the loader allocate gigabytes before the shapes are compared.
+SPEC_LIMITS = {"num_classes": 100_000, "in_channels": 1024, "image_size": 512}
+
+
+def _check_spec(checkpoint: Checkpoint, spec: dict[str, Any]) -> None:
+    where = _describe(checkpoint)
+    if not isinstance(spec.get("name"), str):
+        raise CheckpointError(f"{where}: model_spec has no model name")
+    for key, value in spec.items():
+        if key == "name":
+            continue
+        limit = SPEC_LIMITS.get(key, 100_000)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise CheckpointError(
+                f"{where}: model_spec {key}={value!r} is not an integer in [1, {limit}]; build "
+                "the model yourself and call anycnn.checkpoint.restore(checkpoint, model)")
 
 
 def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[Any, Checkpoint]:
@@ -481,6 +542,7 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[A
         raise CheckpointError(
             f"{_describe(checkpoint)} has no model_spec; build the model yourself and call "
             "anycnn.checkpoint.restore(checkpoint, model)")
+    _check_spec(checkpoint, spec)
     rng_before = anycnn_random.get_state()
     try:
         model = build_model(spec)

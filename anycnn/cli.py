@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="train on the first N training images only (quick runs)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--device-resident", action="store_true",
                    help="keep the dataset on the device (GPU) and batch there")
@@ -154,7 +156,18 @@ def cmd_train(args) -> int:
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
     spec_check = model_spec(args.model)  # validate the name before loading data
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
     data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
+    if args.limit is not None and args.limit < len(data.train):
+        import dataclasses
+
+        import numpy as np
+
+        data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
     h, _w, c = data.image_shape
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     _say(args.quiet, f"anycnn {__version__}: backend {backend.name} on {backend.device} "
@@ -188,7 +201,11 @@ def cmd_train(args) -> int:
                               **loader_opts)
     val_loader = DataLoader(data.val, 256, **loader_opts)
     done = len(trainer.history)
-    with _StopOnSignal(trainer) as stopper:
+    import numpy as np
+
+    # NumPy's overflow warnings would bury the one-line NaN report; the trainer checks the loss
+    with _StopOnSignal(trainer) as stopper, np.errstate(over="ignore", invalid="ignore",
+                                                         divide="ignore"):
         while trainer.epoch < args.epochs and not trainer.stopped:
             trainer.fit(train_loader, val_loader, epochs=trainer.epoch + 1)
             for rec in trainer.history[done:]:
@@ -198,12 +215,16 @@ def cmd_train(args) -> int:
                      f"{rec['images_per_s']:.0f} img/s, {rec['seconds']:.1f} s")
                 _write_json_atomic(history_path, trainer.history)
             done = len(trainer.history)
+        if trainer.stopped:  # saved with the handlers still on: a second signal exits at once
+            trainer.save(ckpt_path)
     if trainer.stopped:
-        trainer.save(ckpt_path)
         print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
               f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
               "plus --resume", file=sys.stderr)
         return 128 + (stopper.signum or signal.SIGINT)
+    if trainer.skipped_steps:
+        print(f"anycnn: warning: {trainer.skipped_steps} step(s) skipped because the loss was "
+              "NaN or infinite (--on-nan skip)", file=sys.stderr)
     last = trainer.history[-1]
     print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
           f"checkpoint {ckpt_path}; history {history_path}")
@@ -218,7 +239,8 @@ def cmd_evaluate(args) -> int:
 
     _select_backend(args.backend)
     model, state = load_model(args.checkpoint)
-    config = (state.extra or {}).get("config", {})
+    config = state.extra.get("config") if isinstance(state.extra, dict) else None
+    config = config if isinstance(config, dict) else {}
     name = args.dataset or config.get("dataset") or "mnist-sample"
     data = load_dataset(name, data_dir=args.data_dir or config.get("data_dir"))
     split = getattr(data, args.split)
@@ -267,18 +289,31 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "plo
             "bench": cmd_bench}
 
 
+def _one_line(text: str) -> str:
+    """An error message on one line (multi-line ones, e.g. lists of folders, are joined)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except AnycnnError as exc:
-        print(f"anycnn: error: {exc}", file=sys.stderr)
+        print(f"anycnn: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as exc:
         print(f"anycnn: error: no such file: {exc.filename}", file=sys.stderr)
         return EXIT_USAGE
     except PermissionError as exc:
         print(f"anycnn: error: permission denied: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # not a directory, disk full, read-only file system, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"anycnn: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("anycnn: interrupted", file=sys.stderr)

@@ -123,6 +123,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped when it starts with ``1f 8b``, raw otherwise).
 
     Returns an array of the file's shape and dtype (uint8 for MNIST), in native byte order.
+    The file is parsed as data only: the header is at most 20 bytes, and the payload is read in
+    chunks, never more than the header claims nor more than the file holds, so a forged header
+    cannot make the reader allocate beyond the file's own content.
 
     Raises:
         DataError: naming the file, when it is missing, is not IDX, its header is malformed, its
@@ -183,11 +186,10 @@ def _parse_idx(stream, path: Path) -> np.ndarray:
     if len(data) < expected:
         raise DataError(f"{path}: truncated: expected {expected} bytes of data for shape {shape}, "
                         f"found {len(data)}")
-    extra = 0
-    while chunk := stream.read(_CHUNK):
-        extra += len(chunk)
+    extra = len(stream.read(_CHUNK))  # one chunk is enough to tell (no gzip-bomb scan)
     if extra:
-        raise DataError(f"{path}: {extra} trailing bytes after the {expected} bytes of data "
+        count = f"at least {extra}" if extra == _CHUNK else str(extra)
+        raise DataError(f"{path}: {count} trailing bytes after the {expected} bytes of data "
                         f"for shape {shape}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)

@@ -3,6 +3,32 @@
 Every error a user can cause derives from :class:`AnycnnError`, so a caller (and the CLI) can tell
 "you asked for something wrong" from a bug. Each also derives from the matching built-in type
 (``ValueError``, ``RuntimeError``, ...), so ordinary ``except ValueError`` code keeps working.
+The CLI prints any of them as one line ``anycnn: error: ...`` and exits with status 2.
+
+What raises which (each case is tested, mostly in ``tests/test_reliability.py``):
+
+================== ===========================================================================
+``ShapeError``     a layer or loss input of the wrong rank, channel count or dtype (integer,
+                   complex or bool where floats are needed; float inputs whose dtype differs
+                   from the layer's parameters), a spatial size too small for the kernel,
+                   something that is not an array at all, labels of the wrong shape, dtype or
+                   range, an empty batch or a batch-size mismatch between inputs and labels,
+                   a gradient whose shape differs from its parameter's
+``BackendMismatchError`` arrays of two backends or two devices in one call (both are named)
+``ConfigError``    invalid hyperparameters (kernel/stride/dilation < 1, negative or too large
+                   padding, dropout ``p`` outside [0, 1), non-positive or non-finite learning
+                   rate, ...), unknown model/dataset/optimizer/schedule names (the valid
+                   ones are listed), invalid command-line options
+``BackendError``   ``ANYCNN_BACKEND`` (or ``--backend``) unknown, not installed or unusable
+``DataError``      dataset files missing, unreadable, truncated, with a wrong magic number or
+                   header, gzip-corrupt, image/label count mismatch; a download that failed or
+                   whose SHA-256 differs from the pinned digest (the file is deleted)
+``CheckpointError`` a checkpoint missing, truncated, not safetensors, not anycnn, from a newer
+                   format version or from another model (first mismatching tensor and both
+                   shapes); a save that cannot be written (path and OS reason) or that would
+                   contain NaN/inf weights
+``TrainingError``  the loss became NaN or infinite (epoch, step and last good checkpoint named)
+================== ===========================================================================
 """
 
 from __future__ import annotations
@@ -21,7 +47,7 @@ class BackendMismatchError(AnycnnError, TypeError):
 
 
 class ShapeError(AnycnnError, ValueError):
-    """An array has the wrong rank, size, channel count or dtype for the operation."""
+    """An input is not an array, or has the wrong rank, size, channel count or dtype."""
 
 
 class ConfigError(AnycnnError, ValueError):

@@ -11,6 +11,7 @@ fast paths off.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -72,7 +73,7 @@ def take_rows(xp: Any, x: Any, index: Any) -> Any:
 def sum_axis1(xp: Any, x: Any) -> Any:
     """``xp.sum(x, axis=1)`` for ``x`` of shape (N, K, ...)."""
     n = x.shape[0]
-    threads = _parallel(xp, x.size, n)
+    threads = _parallel(xp, math.prod(x.shape), n)
     if not threads:
         return xp.sum(x, axis=1)
     import numpy as np

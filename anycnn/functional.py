@@ -215,35 +215,59 @@ def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
 
 @dataclass
 class MaxPoolCtx:
-    mask: Any  # bool (N, K, P, C): the first maximum of each window
+    mask: Any  # bool (N, K, P, C) or a list of K (N, Ho, Wo, C): each window's first maximum
     win: Windows
+
+
+def _first_maxima(taps: list[Any], y: Any) -> list[Any]:
+    """Boolean masks marking, per window, the first tap equal to the maximum ``y``."""
+    taken = taps[0] == y
+    firsts = [taken]
+    for tap in taps[1:]:
+        first = (tap == y) & ~taken
+        taken = taken | first
+        firsts.append(first)
+    return firsts
+
+
+def _tiles(win: Windows) -> bool:
+    """True when windows tile the input exactly (stride = kernel, no padding, sizes divide)."""
+    return (win.stride == win.kernel and not any(win.pads)
+            and all(win.out[i] * win.kernel[i] == win.in_hw[i] for i in range(2)))
 
 
 def max_pool2d_forward(x: Any, win: Windows):
     """Max pooling of NHWC ``x`` over ``win`` (padding is -inf); ``(y, ctx)``.
 
-    Ties go to the first maximum in row-major window order, as in PyTorch.
+    Ties go to the first maximum in row-major window order, as in PyTorch. Windows that tile
+    the input (the common 2x2/stride-2 case) read their taps as strided slices, with no gather.
     """
     xp = namespace_of(x)
     n, _, _, c = x.shape
+    if _tiles(win):
+        kh, kw = win.kernel
+        taps = [x[:, i::kh, j::kw, :] for i in range(kh) for j in range(kw)]
+        y = taps[0]
+        for tap in taps[1:]:
+            y = xp.maximum(y, tap)
+        return y, MaxPoolCtx(_first_maxima(taps, y), win)
     entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
                          (n, win.taps, win.positions, c))
     y = xp.max(entries, axis=1)
-    hit = entries == y[:, None, ...]
-    taken = hit[:, 0, ...]
-    firsts = [taken]
-    for k in range(1, win.taps):
-        first = hit[:, k, ...] & ~taken
-        taken = taken | first
-        firsts.append(first)
-    mask = xp.stack(firsts, axis=1)
+    taps = [entries[:, k, ...] for k in range(win.taps)]
+    mask = xp.stack(_first_maxima(taps, y), axis=1)
     return xp.reshape(y, (n, *win.out, c)), MaxPoolCtx(mask, win)
 
 
 def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
     """Input gradient of :func:`max_pool2d_forward`."""
     xp = namespace_of(dy)
-    n, _, _, c = dy.shape
+    n, ho, wo, c = dy.shape
+    if isinstance(ctx.mask, list):  # tiled windows: interleave the K taps back by stacking
+        kh, kw = ctx.win.kernel
+        parts = [xp.astype(m, dy.dtype) * dy for m in ctx.mask]
+        rows = [xp.stack(parts[i * kw:(i + 1) * kw], axis=3) for i in range(kh)]
+        return xp.reshape(xp.stack(rows, axis=2), (n, ho * kh, wo * kw, c))
     d = xp.astype(ctx.mask, dy.dtype) * xp.reshape(dy, (n, 1, ctx.win.positions, c))
     return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
 

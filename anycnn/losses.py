@@ -3,6 +3,7 @@ gradient with respect to the prediction."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import functional as F
@@ -29,6 +30,9 @@ class SoftmaxCrossEntropy:
             raise ShapeError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
         if not xp.isdtype(logits.dtype, "real floating"):
             raise ShapeError(f"logits must be floating-point, got dtype {logits.dtype}")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ShapeError(f"logits must hold at least one example and one class, got shape "
+                             f"{tuple(logits.shape)} (the mean over an empty batch is undefined)")
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
             raise ShapeError(f"labels must be ({logits.shape[0]},) to match logits "
                              f"{tuple(logits.shape)}, got shape {tuple(labels.shape)}")
@@ -56,10 +60,15 @@ class MSELoss:
         self._grad = None
 
     def forward(self, pred: Any, target: Any) -> Any:
-        namespace_of(pred, target)
+        xp = namespace_of(pred, target)
         if tuple(pred.shape) != tuple(target.shape):
             raise ShapeError(f"MSELoss: prediction shape {tuple(pred.shape)} differs from target "
                              f"shape {tuple(target.shape)}")
+        for what, a in (("prediction", pred), ("target", target)):
+            if not xp.isdtype(a.dtype, "real floating"):
+                raise ShapeError(f"MSELoss: {what} must be floating-point, got dtype {a.dtype}")
+        if math.prod(pred.shape) == 0:
+            raise ShapeError("MSELoss: empty prediction (the mean over no elements is undefined)")
         loss, self._grad = F.mse_forward(pred, target)
         return loss
 

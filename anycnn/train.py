@@ -154,7 +154,7 @@ class Trainer:
 
     @property
     def stopped(self) -> str | None:
-        """Why the last :meth:`fit` returned early, or None if it ran to the end."""
+        """Why the last :meth:`fit` returned early (or why the next one will), else None."""
         return self._stop_reason
 
     # -- checkpoints ---------------------------------------------------------------------
