@@ -1,0 +1,241 @@
+"""The ``anycnn`` command line: train / evaluate / info / plot, in-process through
+``anycnn.cli.main`` and as ``python -m anycnn`` subprocesses; user mistakes give one error line,
+exit status 2 and no traceback.
+
+The runs use the backend under test (``ANYCNN_BACKEND``), lenet5 and ``--limit`` to stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import anycnn
+from anycnn import backend as backend_module
+from anycnn.backend import BACKEND_NAMES, CHOICES
+from anycnn.cli import main
+from anycnn.datasets import DATASETS
+from anycnn.models import MODELS
+from anycnn.optim import OPTIMIZERS
+from anycnn.schedules import SCHEDULES
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--epochs", "1", "--limit", "256", "--batch-size", "64", "--quiet"]
+RECORD_KEYS = {"epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+               "seconds", "images_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in a scratch folder, and put back whichever backend was current (the CLI's
+    ``--backend`` switches it for the rest of the process)."""
+    monkeypatch.chdir(tmp_path)
+    saved = backend_module._current
+    yield
+    backend_module._current = saved
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def python_m_anycnn(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "anycnn", *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the tests that need a checkpoint or a history."""
+    out = tmp_path_factory.mktemp("run") / "lenet5"
+    saved = backend_module._current
+    try:
+        assert main(["train", *QUICK, "--out", str(out)]) == 0
+    finally:
+        backend_module._current = saved
+    return out
+
+
+def assert_usage_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("anycnn: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_writes_checkpoint_history_and_final_line(capsys, tmp_path):
+    code, out, err = cli(capsys, "train", *QUICK, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 1 and RECORD_KEYS <= set(history[0])
+    record = history[0]
+    assert record["epoch"] == 1 and record["images_per_s"] > 0
+    assert 0.0 < record["val_accuracy"] <= 1.0 and record["val_loss"] > 0
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"final validation accuracy 0\.\d{4} \(loss \d+\.\d{4}\); checkpoint "
+                        r".*checkpoint\.safetensors; history .*history\.json", last), last
+    assert f"{record['val_accuracy']:.4f}" in last
+    assert "epoch 1/1" not in out  # --quiet: no per-epoch lines
+
+
+def test_train_prints_epochs_and_resumes(capsys, tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    code, out, err = cli(capsys, "train", "--epochs", "2", "--limit", "256", "--resume",
+                         "--out", run)
+    assert code == 0, err
+    assert "resumed from" in out and "at epoch 2" in out
+    assert "epoch 2/2: train loss" in out
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[0] == json.loads((trained / "history.json").read_text())[0]
+
+
+def test_train_other_options(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *QUICK, "--optimizer", "sgd", "--lr", "0.05",
+                       "--schedule", "step", "--label-smoothing", "0.1", "--model", "lenet5",
+                       "--out", tmp_path / "sgd")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sgd" / "history.json").read_text())[0]["lr"] == 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate, info, plot
+
+
+def test_evaluate_prints_loss_and_accuracy(capsys, trained):
+    code, out, err = cli(capsys, "evaluate", trained / "checkpoint.safetensors")
+    assert code == 0, err
+    match = re.fullmatch(r"mnist-sample test: loss (\d+\.\d{4}) accuracy (0\.\d{4}|1\.0000) "
+                         r"\(2000 images\)", out.strip())
+    assert match, out
+    history = json.loads((trained / "history.json").read_text())
+    assert float(match.group(2)) == pytest.approx(history[-1]["val_accuracy"], abs=1e-4)
+    assert float(match.group(1)) == pytest.approx(history[-1]["val_loss"], abs=1e-3)
+
+
+def test_info_lists_every_backend(capsys):
+    code, out, _ = cli(capsys, "info", "--backend", "numpy")
+    assert code == 0
+    assert "backend: numpy" in out
+    listed = [line.split()[1] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == list(BACKEND_NAMES)
+    assert re.search(r"^  yes numpy ", out, re.MULTILINE)
+
+
+def test_plot_writes_png(capsys, trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, out, err = cli(capsys, "plot", trained / "history.json", "-o", tmp_path / "x.png")
+    assert code == 0, err
+    assert out.strip() == f"wrote {tmp_path / 'x.png'}"
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(capsys, trained, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    code, _, err = cli(capsys, "plot", trained / "history.json", "-o", tmp_path / "x.png")
+    assert_usage_error(code, err, "matplotlib", "pip install")
+    assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# user mistakes: one line, status 2, no traceback
+
+
+def _not_safetensors(tmp_path: Path) -> Path:
+    path = tmp_path / "fake.safetensors"
+    path.write_text(json.dumps({"weights": [1, 2, 3]}) * 20)
+    return path
+
+
+def _tiny_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(b"\x00\x01")
+    return path
+
+
+def _missing(tmp_path: Path) -> Path:
+    return tmp_path / "nowhere" / "checkpoint.safetensors"
+
+
+MISTAKES = {
+    "unknown model": (["train", "--model", "resnet9"], ["'resnet9'", *MODELS]),
+    "unknown dataset": (["train", "--dataset", "cifar"], ["'cifar'", *DATASETS]),
+    "unknown optimizer": (["train", "--optimizer", "rmsprop"], ["'rmsprop'", *OPTIMIZERS]),
+    "unknown backend": (["train", "--backend", "jax"], ["'jax'", *CHOICES]),
+    "unknown schedule": (["train", "--schedule", "linear"], ["'linear'", *SCHEDULES]),
+    "zero epochs": (["train", "--epochs", "0"], ["--epochs", "0"]),
+    "negative lr": (["train", "--lr", "-0.1"], ["--lr", "-0.1"]),
+    "zero limit": (["train", "--limit", "0"], ["--limit"]),
+    "bad dtype": (["train", "--dtype", "int8"], ["--dtype", "int8"]),
+    "missing checkpoint": (["evaluate", _missing], ["not found", "checkpoint.safetensors"]),
+    "not safetensors": (["evaluate", _not_safetensors], ["fake.safetensors", "not"]),
+    "truncated file": (["evaluate", _tiny_file], ["tiny.safetensors"]),
+    "resume without checkpoint": (["train", "--resume", "--quiet", "--out", "empty"],
+                                  ["--resume", "no checkpoint"]),
+    "unknown option": (["train", "--epoch", "3", "--bogus"], ["unrecognized", "--bogus"]),
+    "unknown command": (["fit"], ["invalid choice", "'fit'"]),
+    "no command": ([], ["required"]),
+    "missing history": (["plot", "nothing.json"], ["nothing.json"]),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_user_mistake_is_one_line(capsys, tmp_path, case):
+    argv, fragments = MISTAKES[case]
+    argv = [a(tmp_path) if callable(a) else a for a in argv]
+    code, _, err = cli(capsys, *argv)
+    assert_usage_error(code, err, *fragments)
+
+
+# --------------------------------------------------------------------------------------------
+# python -m anycnn
+
+
+def test_python_m_anycnn_train_and_evaluate(tmp_path):
+    run = python_m_anycnn("train", *QUICK, "--out", "run", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("final validation accuracy")
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    evaluated = python_m_anycnn("evaluate", "run/checkpoint.safetensors", "--split", "train",
+                                cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert re.fullmatch(r"mnist-sample train: loss \S+ accuracy \S+ \(8000 images\)",
+                        evaluated.stdout.strip()), evaluated.stdout
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--model", "resnet9"], "unknown model"),
+    (["evaluate", "missing.safetensors"], "not found"),
+    (["train", "--nope"], "unrecognized arguments: --nope"),
+])
+def test_python_m_anycnn_user_mistake(tmp_path, argv, fragment):
+    proc = python_m_anycnn(*argv, cwd=tmp_path)
+    assert_usage_error(proc.returncode, proc.stderr, fragment)
+    assert "Traceback" not in proc.stdout
+
+
+def test_python_m_anycnn_version_and_help(tmp_path):
+    version = python_m_anycnn("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"anycnn {anycnn.__version__}"
+    helped = python_m_anycnn("train", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "--resume" in helped.stdout and "--limit" in helped.stdout
