@@ -120,14 +120,15 @@ def scatter_windows(d: Any, win: Windows) -> Any:
     """col2im, the adjoint of :func:`gather_windows`: ``(N, L, C)`` → NHWC input gradient.
 
     A gather through :meth:`Windows.adjoint` (only rows inside the image, never the padding)
-    followed by a sum over the K reads of each row; a zero row is appended to ``d`` only when
-    some row is read fewer than K times (strides, dilation, borders of unpadded windows).
+    followed by a sum over the K reads of each row. When some row is read fewer than K times
+    (padding, strides, dilation) the gather needs a zero row at index ``L``: it is appended
+    here unless ``d`` already has more than ``L`` rows (the convolution makes them for free).
     """
     xp = namespace_of(d)
-    n, _length, c = d.shape
+    n, length, c = d.shape
     h, w = win.in_hw
     index, k, zero = win.adjoint(xp, device(d))
-    if zero:
+    if zero and length == win.positions * win.taps:
         d = xp.concat([d, xp.zeros((n, 1, c), dtype=d.dtype, device=device(d))], axis=1)
     gathered = fastpath.take_rows(xp, d, index)
     if k > 1:  # (N, K, H*W, C): summing over axis 1 adds K contiguous planes
@@ -190,6 +191,14 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     dbias = column_sums(d2) if bias_grad else None
     dx = None
     if need_input_grad:
+        if ctx.win.adjoint(xp, device(dy))[2]:
+            # col2im needs a zero row after each image's L window entries: append one zero
+            # output position to dy, whose GEMM row gives kh*kw zero entries (far cheaper than
+            # appending to the kh*kw times larger column gradient)
+            n = ctx.batch
+            d2 = xp.concat([xp.reshape(dy, (n, -1, cout)),
+                            xp.zeros((n, 1, cout), dtype=dy.dtype, device=device(dy))], axis=1)
+            d2 = xp.reshape(d2, (-1, cout))
         dcols = d2 @ xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
         dx = scatter_windows(xp.reshape(dcols, (ctx.batch, -1, cin)), ctx.win)
     return dx, dweight, dbias
@@ -215,7 +224,7 @@ def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
 
 @dataclass
 class MaxPoolCtx:
-    mask: Any  # bool (N, K, P, C) or a list of K (N, Ho, Wo, C): each window's first maximum
+    mask: Any  # bool (N, K, P, C): the first maximum of each window
     win: Windows
 
 
@@ -230,27 +239,15 @@ def _first_maxima(taps: list[Any], y: Any) -> list[Any]:
     return firsts
 
 
-def _tiles(win: Windows) -> bool:
-    """True when windows tile the input exactly (stride = kernel, no padding, sizes divide)."""
-    return (win.stride == win.kernel and not any(win.pads)
-            and all(win.out[i] * win.kernel[i] == win.in_hw[i] for i in range(2)))
-
-
 def max_pool2d_forward(x: Any, win: Windows):
     """Max pooling of NHWC ``x`` over ``win`` (padding is -inf); ``(y, ctx)``.
 
-    Ties go to the first maximum in row-major window order, as in PyTorch. Windows that tile
-    the input (the common 2x2/stride-2 case) read their taps as strided slices, with no gather.
+    Ties go to the first maximum in row-major window order, as in PyTorch. The windows are
+    gathered into K contiguous planes (faster than strided slices, measured), so the maximum
+    and the masks are plane-wise operations.
     """
     xp = namespace_of(x)
     n, _, _, c = x.shape
-    if _tiles(win):
-        kh, kw = win.kernel
-        taps = [x[:, i::kh, j::kw, :] for i in range(kh) for j in range(kw)]
-        y = taps[0]
-        for tap in taps[1:]:
-            y = xp.maximum(y, tap)
-        return y, MaxPoolCtx(_first_maxima(taps, y), win)
     entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
                          (n, win.taps, win.positions, c))
     y = xp.max(entries, axis=1)
@@ -262,12 +259,7 @@ def max_pool2d_forward(x: Any, win: Windows):
 def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
     """Input gradient of :func:`max_pool2d_forward`."""
     xp = namespace_of(dy)
-    n, ho, wo, c = dy.shape
-    if isinstance(ctx.mask, list):  # tiled windows: interleave the K taps back by stacking
-        kh, kw = ctx.win.kernel
-        parts = [xp.astype(m, dy.dtype) * dy for m in ctx.mask]
-        rows = [xp.stack(parts[i * kw:(i + 1) * kw], axis=3) for i in range(kh)]
-        return xp.reshape(xp.stack(rows, axis=2), (n, ho * kh, wo * kw, c))
+    n, _, _, c = dy.shape
     d = xp.astype(ctx.mask, dy.dtype) * xp.reshape(dy, (n, 1, ctx.win.positions, c))
     return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
 
