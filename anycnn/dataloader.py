@@ -99,8 +99,12 @@ class DataLoader:
     def _generate(self, start: int) -> Iterator[tuple[Any, Any]]:
         backend = get_backend()
         order = self.order()
+        if self.device_resident:  # one upload of the epoch's order, then slices on the device
+            order = asarray(order, backend=backend)
+        n = len(self.dataset)
         for b in range(start, len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            stop = min((b + 1) * self.batch_size, n)
+            index = order[b * self.batch_size:stop]
             if self.device_resident:
                 yield self._device_batch(backend, index)
             else:
@@ -117,7 +121,6 @@ class DataLoader:
                               asarray(self.dataset.labels, backend=backend))
         _, images, labels = self._resident
         xp = backend.xp
-        index = asarray(index, backend=backend)
         x = xp.astype(xp.take(images, index, axis=0), getattr(xp, self.dtype)) / 255
         return x, xp.take(labels, index, axis=0)
 

@@ -16,12 +16,15 @@ class SoftmaxCrossEntropy:
 
     ``forward(logits, labels)``: logits ``(N, K)`` float, labels ``(N,)`` integers in ``[0, K)``.
     ``label_smoothing`` ``e`` mixes the one-hot target with the uniform one, as in PyTorch.
+    ``check_labels`` reads the labels' range back to the host on every call; the Trainer turns
+    it off when it does not synchronise every step (GPUs), since datasets check labels on load.
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, check_labels: bool = True) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        self.check_labels = bool(check_labels)
         self._grad = None
 
     def forward(self, logits: Any, labels: Any) -> Any:
@@ -39,7 +42,7 @@ class SoftmaxCrossEntropy:
         if not xp.isdtype(labels.dtype, "integral"):
             raise ShapeError(f"labels must be integers, got dtype {labels.dtype}")
         k = logits.shape[1]
-        if labels.shape[0] and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= k):
+        if self.check_labels and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= k):
             raise ShapeError(f"labels must be in [0, {k}), got values in "
                              f"[{int(xp.min(labels))}, {int(xp.max(labels))}]")
         loss, self._grad = F.softmax_cross_entropy_forward(logits, labels, self.label_smoothing)

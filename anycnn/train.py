@@ -219,7 +219,13 @@ class Trainer:
                             f"Last good checkpoint: {good}. Try a smaller learning rate.")
 
     def train_step(self, x: Any, y: Any, check: bool) -> Any:
-        """One optimisation step; returns the (device) loss and logits."""
+        """One optimisation step; returns the (device) loss and logits.
+
+        With ``check`` False (GPU pace) nothing is read back to the host: the loss's per-step
+        label-range check is off too (datasets check their labels when loaded).
+        """
+        if hasattr(self.loss_fn, "check_labels"):
+            self.loss_fn.check_labels = check
         self.model.zero_grad()
         logits = self.model.forward(x)
         loss = self.loss_fn.forward(logits, y)
