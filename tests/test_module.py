@@ -119,4 +119,7 @@ def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
     for (name, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
         np.testing.assert_allclose(anycnn.to_numpy(p.grad), anycnn.to_numpy(q.grad),
                                    rtol=tol, atol=tol, err_msg=name)
+    fused(x)
     assert fused.backward(dy, input_grad=False) is None
+    with pytest.raises(RuntimeError, match="called twice"):
+        fused.backward(dy)  # backward consumes the forward's columns, as PyTorch's graph
