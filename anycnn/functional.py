@@ -181,6 +181,10 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     return xp.reshape(y, (n, *win.out, cout)), ConvCtx(cols, win, n)
 
 
+#: bytes of column gradient (and its gathered copy) formed at once in convolution backward
+COL2IM_CHUNK_BYTES = 64 << 20
+
+
 def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
                     bias_grad: bool = True):
     """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``.
@@ -198,16 +202,26 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     dbias = column_sums(d2) if bias_grad else None
     dx = None
     if need_input_grad:
+        n = ctx.batch
+        d3 = xp.reshape(dy, (n, -1, cout))
         if ctx.win.adjoint(xp, device(dy))[2]:
             # col2im needs a zero row after each image's L window entries: append one zero
             # output position to dy, whose GEMM row gives kh*kw zero entries (far cheaper than
             # appending to the kh*kw times larger column gradient)
-            n = ctx.batch
-            d2 = xp.concat([xp.reshape(dy, (n, -1, cout)),
-                            xp.zeros((n, 1, cout), dtype=dy.dtype, device=device(dy))], axis=1)
-            d2 = xp.reshape(d2, (-1, cout))
-        dcols = d2 @ xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
-        dx = scatter_windows(xp.reshape(dcols, (ctx.batch, -1, cin)), ctx.win)
+            d3 = xp.concat([d3, xp.zeros((n, 1, cout), dtype=dy.dtype, device=device(dy))],
+                           axis=1)
+        w_t = xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
+        # the column gradient and its gathered copy are kh*kw times the input: form them a
+        # chunk of images at a time so the peak stays near COL2IM_CHUNK_BYTES
+        per_image = d3.shape[1] * kh * kw * cin * 2 * (xp.finfo(dy.dtype).bits // 8)
+        step = max(1, COL2IM_CHUNK_BYTES // max(per_image, 1))
+        parts = []
+        for a in range(0, n, step):
+            chunk = d3[a:min(a + step, n), ...]
+            dcols = xp.reshape(chunk, (-1, cout)) @ w_t
+            parts.append(scatter_windows(xp.reshape(dcols, (chunk.shape[0], -1, cin)),
+                                         ctx.win))
+        dx = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
     return dx, dweight, dbias
 
 

@@ -123,3 +123,17 @@ def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
     assert fused.backward(dy, input_grad=False) is None
     with pytest.raises(RuntimeError, match="called twice"):
         fused.backward(dy)  # backward consumes the forward's columns, as PyTorch's graph
+
+
+def test_chunked_col2im_equals_one_piece(backend, rng, monkeypatch):
+    from anycnn import functional as F
+
+    layer = L.Conv2D(3, 4, 3, stride=(2, 1), padding=1, dtype="float64")
+    x = anycnn.asarray(rng.standard_normal((5, 7, 6, 3)))
+    dy = anycnn.asarray(rng.standard_normal((5, 4, 6, 4)))
+    layer(x)
+    whole = anycnn.to_numpy(layer.backward(dy))
+    monkeypatch.setattr(F, "COL2IM_CHUNK_BYTES", 1)  # one image per chunk
+    layer.zero_grad()
+    layer(x)
+    np.testing.assert_array_equal(anycnn.to_numpy(layer.backward(dy)), whole)
