@@ -182,7 +182,7 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward
-COL2IM_CHUNK_BYTES = 64 << 20
+COL2IM_CHUNK_BYTES = 32 << 20
 
 
 def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
