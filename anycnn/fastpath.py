@@ -54,6 +54,13 @@ def _parallel(xp: Any, out_size: int, batch: int) -> int:
     return threads if threads > 1 else 0
 
 
+def _run_shards(threads: int, n: int, work) -> None:
+    """Run ``work(start, stop)`` over ``threads`` batch shards of ``range(n)`` and wait."""
+    jobs = [_executor(threads).submit(work, a, b) for a, b in _shards(n, threads)]
+    for job in jobs:
+        job.result()
+
+
 def take_rows(xp: Any, x: Any, index: Any) -> Any:
     """``xp.take(x, index, axis=1)`` for ``x`` of shape (N, R, C) and a 1-D ``index``."""
     n, _, c = x.shape
@@ -65,10 +72,7 @@ def take_rows(xp: Any, x: Any, index: Any) -> Any:
     out = np.empty((n, index.shape[0], c), dtype=x.dtype)
     # mode="clip": with mode="raise" (the default) NumPy buffers `out`, 3-4x slower; the
     # indices are built in range by construction
-    jobs = [_executor(threads).submit(np.take, x[a:b], index, 1, out[a:b], "clip")
-            for a, b in _shards(n, threads)]
-    for job in jobs:
-        job.result()
+    _run_shards(threads, n, lambda a, b: np.take(x[a:b], index, 1, out[a:b], "clip"))
     return out
 
 
@@ -81,8 +85,52 @@ def sum_axis1(xp: Any, x: Any) -> Any:
     import numpy as np
 
     out = np.empty((n, *x.shape[2:]), dtype=x.dtype)
-    jobs = [_executor(threads).submit(np.sum, x[a:b], 1, None, out[a:b])
-            for a, b in _shards(n, threads)]
-    for job in jobs:
-        job.result()
+    _run_shards(threads, n, lambda a, b: np.sum(x[a:b], 1, None, out[a:b]))
     return out
+
+
+def masked(xp: Any, mask: Any, x: Any) -> Any:
+    """``xp.astype(mask, x.dtype) * x`` for a boolean ``mask`` broadcastable against ``x``
+    along every axis but the first (both have the batch first)."""
+    shape = tuple(max(a, b) for a, b in zip(mask.shape, x.shape))
+    threads = _parallel(xp, math.prod(shape), shape[0])
+    if not threads:
+        return xp.astype(mask, x.dtype) * x
+    import numpy as np
+
+    out = np.empty(shape, dtype=x.dtype)  # bool * float multiplies without a cast pass
+    _run_shards(threads, shape[0], lambda a, b: np.multiply(mask[a:b], x[a:b], out=out[a:b]))
+    return out
+
+
+def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
+    """Maximum over axis 1 of ``entries`` (N, K, ...) and the boolean mask of the *first* tap
+    reaching it in each window (ties go to the lowest k, as in PyTorch): ``(y, mask)``."""
+    n, k = entries.shape[0], entries.shape[1]
+    threads = _parallel(xp, math.prod(entries.shape), n)
+    if not threads:
+        y = xp.max(entries, axis=1)
+        taken = entries[:, 0, ...] == y
+        firsts = [taken]
+        for j in range(1, k):
+            first = (entries[:, j, ...] == y) & ~taken
+            taken = taken | first
+            firsts.append(first)
+        return y, xp.stack(firsts, axis=1)
+    import numpy as np
+
+    y = np.empty((n, *entries.shape[2:]), dtype=entries.dtype)
+    mask = np.empty(entries.shape, dtype=bool)
+
+    def work(a: int, b: int) -> None:
+        e, top, m = entries[a:b], y[a:b], mask[a:b]
+        np.max(e, axis=1, out=top)
+        np.equal(e[:, 0], top, out=m[:, 0])
+        taken = m[:, 0].copy()
+        for j in range(1, k):
+            np.equal(e[:, j], top, out=m[:, j])
+            m[:, j] &= ~taken
+            taken |= m[:, j]
+
+    _run_shards(threads, n, work)
+    return y, mask

@@ -249,17 +249,6 @@ class MaxPoolCtx:
     win: Windows
 
 
-def _first_maxima(taps: list[Any], y: Any) -> list[Any]:
-    """Boolean masks marking, per window, the first tap equal to the maximum ``y``."""
-    taken = taps[0] == y
-    firsts = [taken]
-    for tap in taps[1:]:
-        first = (tap == y) & ~taken
-        taken = taken | first
-        firsts.append(first)
-    return firsts
-
-
 def max_pool2d_forward(x: Any, win: Windows):
     """Max pooling of NHWC ``x`` over ``win`` (padding is -inf); ``(y, ctx)``.
 
@@ -271,9 +260,7 @@ def max_pool2d_forward(x: Any, win: Windows):
     n, _, _, c = x.shape
     entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
                          (n, win.taps, win.positions, c))
-    y = xp.max(entries, axis=1)
-    taps = [entries[:, k, ...] for k in range(win.taps)]
-    mask = xp.stack(_first_maxima(taps, y), axis=1)
+    y, mask = fastpath.window_max(xp, entries)
     return xp.reshape(y, (n, *win.out, c)), MaxPoolCtx(mask, win)
 
 
@@ -281,7 +268,7 @@ def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
     """Input gradient of :func:`max_pool2d_forward`."""
     xp = namespace_of(dy)
     n, _, _, c = dy.shape
-    d = xp.astype(ctx.mask, dy.dtype) * xp.reshape(dy, (n, 1, ctx.win.positions, c))
+    d = fastpath.masked(xp, ctx.mask, xp.reshape(dy, (n, 1, ctx.win.positions, c)))
     return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
 
 
@@ -375,7 +362,7 @@ def relu_forward(x: Any):
 
 def relu_backward(dy: Any, y: Any):
     xp = namespace_of(dy, y)
-    return dy * xp.astype(y > 0, dy.dtype)
+    return fastpath.masked(xp, y > 0, dy)
 
 
 def leaky_relu_forward(x: Any, negative_slope: float):

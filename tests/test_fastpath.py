@@ -26,6 +26,24 @@ def test_take_rows_and_sum_match_portable_numpy(threads, rng):
     np.testing.assert_array_equal(fastpath.sum_axis1(xp, g), np.sum(g, axis=1))
 
 
+def test_window_max_and_masked_match_portable_with_ties(threads, rng, monkeypatch):
+    import array_api_compat.numpy as xp
+
+    entries = np.round(rng.standard_normal((5, 4, 6, 3))).astype(np.float32)  # many ties
+    fast_y, fast_mask = fastpath.window_max(xp, entries)
+    dy = rng.standard_normal((5, 1, 6, 3)).astype(np.float32)
+    fast_d = fastpath.masked(xp, fast_mask, dy)
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")  # the portable expressions
+    y, mask = fastpath.window_max(xp, entries)
+    np.testing.assert_array_equal(fast_y, y)
+    np.testing.assert_array_equal(fast_mask, mask)
+    assert mask.sum(axis=1).max() == 1  # exactly one first maximum per window
+    np.testing.assert_array_equal(mask.argmax(axis=1), entries.argmax(axis=1))
+    d = fastpath.masked(xp, mask, dy)
+    assert d.dtype == np.float32
+    np.testing.assert_array_equal(fast_d, d)
+
+
 def test_fast_paths_only_engage_for_numpy(threads):
     import array_api_strict as xp
 
