@@ -21,7 +21,7 @@ import array_api_compat
 #: below this many output elements the portable path is used (thread hand-off costs ~20 us)
 MIN_PARALLEL_SIZE = 1 << 18
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (size, pool), made at first use
 
 
 def num_threads() -> int:
@@ -36,9 +36,9 @@ def num_threads() -> int:
 
 def _executor(threads: int) -> ThreadPoolExecutor:
     global _pool
-    if _pool is None or _pool._max_workers != threads:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="anycnn")
-    return _pool
+    if _pool is None or _pool[0] != threads:
+        _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="anycnn"))
+    return _pool[1]
 
 
 def _shards(n: int, threads: int) -> list[tuple[int, int]]:
