@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"anycnn: error: permission denied: {exc.filename}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `anycnn info | head`: the reader left; stop quietly like cat
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # not a directory, disk full, read-only file system, ...
         where = f": {exc.filename}" if exc.filename else ""
         print(f"anycnn: error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -239,3 +239,16 @@ def test_python_m_anycnn_version_and_help(tmp_path):
     assert version.returncode == 0 and version.stdout.strip() == f"anycnn {anycnn.__version__}"
     helped = python_m_anycnn("train", "--help", cwd=tmp_path)
     assert helped.returncode == 0 and "--resume" in helped.stdout and "--limit" in helped.stdout
+
+
+def test_closed_pipe_exits_quietly():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "anycnn", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, like `anycnn info | head -1`
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "error" not in err
