@@ -39,6 +39,10 @@ class Windows:
 
     ``pads`` is (top, bottom, left, right); ``padded`` is (Hp, Wp); ``out`` is (Ho, Wo).
     ``kernel_first`` orders the gathered entries (k, p) instead of (p, k).
+    ``pool_order`` (pool kernel, pool stride), for disjoint pooling windows over the output,
+    keeps only the output positions inside a pooling window and orders them (pool tap, pooled
+    position): a convolution computed in that order hands its output to the max pool as window
+    planes with no gather, and takes the pooled gradient back with no scatter.
     """
 
     in_hw: Pair
@@ -48,6 +52,7 @@ class Windows:
     pads: tuple[int, int, int, int]
     out: Pair
     kernel_first: bool
+    pool_order: tuple[Pair, Pair] | None = None
 
     @property
     def padded(self) -> Pair:
@@ -59,11 +64,23 @@ class Windows:
         return self.kernel[0] * self.kernel[1]
 
     @property
+    def pooled_out(self) -> Pair:
+        """(Hq, Wq): pooled output size under ``pool_order``."""
+        (kh, kw), (sh, sw) = self.pool_order
+        return ((self.out[0] - kh) // sh + 1, (self.out[1] - kw) // sw + 1)
+
+    @property
     def positions(self) -> int:
-        return self.out[0] * self.out[1]
+        if self.pool_order is None:
+            return self.out[0] * self.out[1]
+        (kh, kw), _ = self.pool_order
+        return kh * kw * self.pooled_out[0] * self.pooled_out[1]
 
     def _host_index(self):
         idx = window_index(*self.padded, self.kernel, self.stride, self.dilation, self.out)
+        if self.pool_order is not None:  # rows = output positions in (pool tap, pooled) order
+            pool = window_index(*self.out, *self.pool_order, (1, 1), self.pooled_out)
+            idx = idx[pool.T.reshape(-1)]
         return (idx.T if self.kernel_first else idx).reshape(-1)
 
     def index(self, xp: Any, device: Any) -> Any:
@@ -170,15 +187,22 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     Returns:
         ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
     """
+    kh, kw, _, cout = weight.shape
+    win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
+    y, ctx = conv2d_rows(x, weight, bias, win)
+    return namespace_of(y).reshape(y, (x.shape[0], *win.out, cout)), ctx
+
+
+def conv2d_rows(x: Any, weight: Any, bias: Any, win: Windows):
+    """Convolution output as rows ``(N*P, C_out)``, P = ``win.positions`` in ``win``'s order."""
     xp = namespace_of(x, weight, bias)
     kh, kw, cin, cout = weight.shape
-    n, h, w, _ = x.shape
-    win = conv_windows((h, w), (kh, kw), stride, pads, dilation)
+    n = x.shape[0]
     cols = xp.reshape(gather_windows(x, win), (n * win.positions, kh * kw * cin))
     y = cols @ xp.reshape(weight, (kh * kw * cin, cout))
     if bias is not None:
         y = y + bias
-    return xp.reshape(y, (n, *win.out, cout)), ConvCtx(cols, win, n)
+    return y, ConvCtx(cols, win, n)
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward

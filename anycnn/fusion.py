@@ -5,13 +5,18 @@
 they commute with the window maximum, and rounding is monotone too: the forward values are
 identical, the bias add and ReLU touch a tensor ``kh*kw`` times smaller, and the gradients route
 through the same maxima (up to which of two entries that round to the same value is "first").
-The layers keep their parameters; only the execution is fused.
+The layers keep their parameters; only the execution is fused. When the pooling windows are
+disjoint and unpadded (the usual 2x2, stride 2), the convolution computes only the positions
+inside a window, already ordered as pooling planes, so pooling needs no gather and its gradient
+no scatter.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from . import fastpath
 from . import functional as F
 from .backend import namespace_of
 from .layers import Conv2D, MaxPool2D, ReLU
@@ -27,12 +32,34 @@ class ConvReluMaxPool:
         self.conv, self.relu, self.pool = conv, relu, pool
         self._ctx: tuple | None = None
 
+    def _pool_ordered(self, conv_win: F.Windows) -> F.Windows | None:
+        """The convolution windows in pool-plane order, when the pooling windows are disjoint
+        and unpadded (then the pool needs no gather and its gradient no scatter)."""
+        pool = self.pool
+        if pool.padding != (0, 0) or any(s < k for s, k in zip(pool.stride, pool.kernel_size)):
+            return None
+        pool_win = F.pool_windows(conv_win.out, pool.kernel_size, pool.stride, pool.padding,
+                                  pool.ceil_mode)
+        if any(pool_win.pads) or min(pool_win.out) < 1:
+            return None
+        return replace(conv_win, pool_order=(pool.kernel_size, pool.stride))
+
     def forward(self, x: Any) -> Any:
         conv = self.conv
         conv.check_input(x)
-        y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
-                                       conv.dilation)
-        pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
+        win = self._pool_ordered(F.conv_windows(tuple(x.shape[1:3]), conv.kernel_size,
+                                                conv.stride, conv.pads, conv.dilation))
+        if win is None:
+            y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
+                                           conv.dilation)
+            pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
+        else:
+            xp = namespace_of(x)
+            rows, conv_ctx = F.conv2d_rows(x, conv.weight.data, None, win)
+            taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
+            entries = xp.reshape(rows, (x.shape[0], taps, -1, conv.out_channels))
+            pooled, pool_ctx = fastpath.window_max(xp, entries)  # pool_ctx: the first-max mask
+            pooled = xp.reshape(pooled, (x.shape[0], *win.pooled_out, conv.out_channels))
         if conv.bias is not None:
             pooled = pooled + conv.bias.data
         out, _ = F.relu_forward(pooled)
@@ -47,7 +74,12 @@ class ConvReluMaxPool:
         if self.conv.bias is not None:
             xp = namespace_of(dz)
             self.conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
-        dconv = F.max_pool2d_backward(dz, pool_ctx)
+        if isinstance(pool_ctx, F.MaxPoolCtx):
+            dconv = F.max_pool2d_backward(dz, pool_ctx)
+        else:  # pool-ordered rows: the masked gradient is already the convolution's row order
+            xp = namespace_of(dz)
+            n, c = dz.shape[0], dz.shape[-1]
+            dconv = fastpath.masked(xp, pool_ctx, xp.reshape(dz, (n, 1, -1, c)))
         dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, self.conv.weight.data, input_grad,
                                       bias_grad=False)
         self.conv.weight.accumulate(dw)

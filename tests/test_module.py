@@ -137,3 +137,34 @@ def test_chunked_col2im_equals_one_piece(backend, rng, monkeypatch):
     layer.zero_grad()
     layer(x)
     np.testing.assert_array_equal(anycnn.to_numpy(layer.backward(dy)), whole)
+
+
+@pytest.mark.parametrize("pool, planes", [
+    (dict(kernel_size=2), True),                         # disjoint, odd sizes drop a row/col
+    (dict(kernel_size=(2, 1), stride=(3, 2)), True),     # disjoint with gaps between windows
+    (dict(kernel_size=3, stride=2), False),              # overlapping: the gathered fallback
+    (dict(kernel_size=2, padding=1), False),             # padded: the gathered fallback
+    (dict(kernel_size=2, ceil_mode=True), False),        # partial windows: the fallback
+], ids=["tiles", "gaps", "overlap", "padded", "ceil"])
+def test_fused_block_matches_layers_for_any_pooling(backend, rng, pool, planes):
+    from anycnn.functional import MaxPoolCtx
+    from anycnn.fusion import ConvReluMaxPool
+
+    def make():
+        anycnn.manual_seed(2)
+        return anycnn.Sequential(L.Conv2D(2, 3, 3, padding=1, dtype="float64"), L.ReLU(),
+                                 L.MaxPool2D(**pool), L.Flatten())
+
+    fused, plain = make(), make()
+    plain.fuse = False
+    fused[0].bias.data = plain[0].bias.data = anycnn.asarray(rng.standard_normal(3) * 0.3)
+    x = anycnn.asarray(rng.standard_normal((2, 9, 7, 2)))
+    y = fused(x)
+    assert isinstance(fused._plan[0], ConvReluMaxPool)
+    assert isinstance(fused._plan[0]._ctx[1], MaxPoolCtx) != planes
+    np.testing.assert_array_equal(anycnn.to_numpy(y), anycnn.to_numpy(plain(x)))
+    dy = anycnn.asarray(rng.standard_normal(tuple(y.shape)))
+    np.testing.assert_allclose(anycnn.to_numpy(fused.backward(dy)),
+                               anycnn.to_numpy(plain.backward(dy)), atol=1e-12)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        np.testing.assert_allclose(anycnn.to_numpy(p.grad), anycnn.to_numpy(q.grad), atol=1e-12)
