@@ -1,50 +1,46 @@
 """anycnn: convolutional networks written once against the Python Array API.
 
 The same layers run on NumPy, CuPy, PyTorch tensors and array-api-strict; pick one with the
-``ANYCNN_BACKEND`` environment variable or :func:`use_backend`. Importing anycnn imports no backend
-beyond NumPy and reads no environment variable: the backend is resolved at first use.
+``ANYCNN_BACKEND`` environment variable or :func:`use_backend`. Importing anycnn loads nothing
+and reads no environment variable: names below are imported on first access, and the backend is
+resolved at first use. (This also lets the CLI tune NumPy's BLAS before NumPy loads.)
 """
 
-from . import functional, init, layers, losses, optim
-from .backend import Backend, asarray, get_backend, to_numpy, use_backend
-from .errors import (
-    AnycnnError,
-    BackendError,
-    BackendMismatchError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    ShapeError,
-    TrainingError,
-)
-from .module import Module, Parameter
-from .random import manual_seed
-from .sequential import Sequential
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AnycnnError",
-    "Backend",
-    "BackendError",
-    "BackendMismatchError",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "Module",
-    "Parameter",
-    "Sequential",
-    "ShapeError",
-    "TrainingError",
-    "__version__",
-    "asarray",
-    "functional",
-    "get_backend",
-    "init",
-    "layers",
-    "losses",
-    "manual_seed",
-    "optim",
-    "to_numpy",
-    "use_backend",
-]
+#: public name -> module that defines it
+_EXPORTS = {
+    "Backend": "backend", "asarray": "backend", "get_backend": "backend",
+    "to_numpy": "backend", "use_backend": "backend",
+    "AnycnnError": "errors", "BackendError": "errors", "BackendMismatchError": "errors",
+    "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors",
+    "ShapeError": "errors", "TrainingError": "errors",
+    "Module": "module", "Parameter": "module", "Sequential": "sequential",
+    "manual_seed": "random",
+}
+_SUBMODULES = {"backend", "bench", "checkpoint", "cli", "dataloader", "datasets", "errors",
+               "fastpath", "functional", "fusion", "geometry", "init", "interop", "layers",
+               "losses", "models", "module", "optim", "plot", "random", "schedules",
+               "sequential", "train"}
+
+__all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'anycnn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

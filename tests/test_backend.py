@@ -206,3 +206,28 @@ def test_plain_import_imports_no_backend_library():
     """, ANYCNN_BACKEND="torch")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_import_is_lazy_and_the_cli_tunes_blas_before_numpy_loads():
+    result = run_python("""
+        import os, sys
+        import anycnn
+        assert "numpy" not in sys.modules, "import anycnn loaded numpy"
+        from anycnn import cli
+        cli.tune_blas_threads()
+        print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "4"
+    late = run_python("""
+        import os, numpy, anycnn.cli
+        anycnn.cli.tune_blas_threads()
+        print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+    """)
+    assert late.stdout.strip() == "None"  # too late to matter: left alone
+    mine = run_python("""
+        import os, anycnn.cli
+        anycnn.cli.tune_blas_threads()
+        print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+    """, OPENBLAS_THREAD_TIMEOUT="10")
+    assert mine.stdout.strip() == "10"  # the user's choice wins
