@@ -103,6 +103,39 @@ def masked(xp: Any, mask: Any, x: Any) -> Any:
     return out
 
 
+def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
+    """``xp.maximum(x + bias, 0.0)`` for ``x`` (N, ..., C) and ``bias`` (C,) or None."""
+    threads = _parallel(xp, math.prod(x.shape), x.shape[0])
+    if not threads:
+        return xp.maximum(x if bias is None else x + bias, 0.0)
+    import numpy as np
+
+    out = np.empty(x.shape, dtype=x.dtype)
+
+    def work(a: int, b: int) -> None:
+        if bias is None:
+            np.maximum(x[a:b], 0.0, out=out[a:b])
+        else:
+            np.add(x[a:b], bias, out=out[a:b])
+            np.maximum(out[a:b], 0.0, out=out[a:b])
+
+    _run_shards(threads, x.shape[0], work)
+    return out
+
+
+def relu_grad(xp: Any, y: Any, dy: Any) -> Any:
+    """``xp.astype(y > 0, dy.dtype) * dy``: the gradient through a ReLU whose output is ``y``."""
+    threads = _parallel(xp, math.prod(dy.shape), dy.shape[0])
+    if not threads:
+        return xp.astype(y > 0, dy.dtype) * dy
+    import numpy as np
+
+    out = np.empty(dy.shape, dtype=dy.dtype)
+    _run_shards(threads, dy.shape[0],
+                lambda a, b: np.multiply(np.greater(y[a:b], 0), dy[a:b], out=out[a:b]))
+    return out
+
+
 def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
     """Maximum over axis 1 of ``entries`` (N, K, ...) and the boolean mask of the *first* tap
     reaching it in each window (ties go to the lowest k, as in PyTorch): ``(y, mask)``."""

@@ -60,9 +60,8 @@ class ConvReluMaxPool:
             entries = xp.reshape(rows, (x.shape[0], taps, -1, conv.out_channels))
             pooled, pool_ctx = fastpath.window_max(xp, entries)  # pool_ctx: the first-max mask
             pooled = xp.reshape(pooled, (x.shape[0], *win.pooled_out, conv.out_channels))
-        if conv.bias is not None:
-            pooled = pooled + conv.bias.data
-        out, _ = F.relu_forward(pooled)
+        xp = namespace_of(pooled)
+        out = fastpath.bias_relu(xp, pooled, None if conv.bias is None else conv.bias.data)
         self._ctx = (conv_ctx, pool_ctx, out)
         return out
 

@@ -44,6 +44,22 @@ def test_window_max_and_masked_match_portable_with_ties(threads, rng, monkeypatc
     np.testing.assert_array_equal(fast_d, d)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_relu_and_relu_grad_match_portable(threads, rng, monkeypatch, with_bias):
+    import array_api_compat.numpy as xp
+
+    x = np.round(rng.standard_normal((5, 4, 3)), 1).astype(np.float32)  # exact zeros too
+    bias = rng.standard_normal(3).astype(np.float32) if with_bias else None
+    dy = rng.standard_normal((5, 4, 3)).astype(np.float32)
+    fast = fastpath.bias_relu(xp, x, bias)
+    fast_grad = fastpath.relu_grad(xp, fast, dy)
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")
+    portable = fastpath.bias_relu(xp, x, bias)
+    np.testing.assert_array_equal(fast, portable)
+    np.testing.assert_array_equal(fast_grad, fastpath.relu_grad(xp, portable, dy))
+    assert fast.dtype == fast_grad.dtype == np.float32
+
+
 def test_fast_paths_only_engage_for_numpy(threads):
     import array_api_strict as xp
 
