@@ -92,10 +92,11 @@ class Windows:
         hp, wp = self.padded
         h, w = self.in_hw
         top, _, left, _ = self.pads
-        full = adjoint_index(self._host_index(), hp * wp)  # (Hp*Wp, K)
+        forward = self._host_index()
+        full = adjoint_index(forward, hp * wp)  # (Hp*Wp, K)
         rows = ((np.arange(h) + top)[:, None] * wp + (np.arange(w) + left)[None, :]).reshape(-1)
         inner = full[rows]  # (H*W, K)
-        missing = inner == self._host_index().size
+        missing = inner == forward.size
         k = max(int((~missing).sum(axis=1).max(initial=0)), 1)
         inner = inner[:, :k]
         return np.ascontiguousarray(inner.T).reshape(-1), k, bool(missing[:, :k].any())
