@@ -287,13 +287,6 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def dtype_of(name_or_dtype: Any, xp: Any) -> Any:
-    """``xp``'s dtype for a name such as ``"float32"`` (or return a dtype unchanged)."""
-    if isinstance(name_or_dtype, str):
-        return getattr(xp, name_or_dtype)
-    return name_or_dtype
-
-
 _DTYPE_NAMES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
                 "bool")
 

@@ -127,8 +127,5 @@ class DeviceCache:
             self._arrays[full_key] = arr
         return arr
 
-    def clear(self) -> None:
-        self._arrays.clear()
-
 
 device_cache = DeviceCache()
