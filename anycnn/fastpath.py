@@ -55,8 +55,12 @@ def _parallel(xp: Any, out_size: int, batch: int) -> int:
 
 
 def _run_shards(threads: int, n: int, work) -> None:
-    """Run ``work(start, stop)`` over ``threads`` batch shards of ``range(n)`` and wait."""
-    jobs = [_executor(threads).submit(work, a, b) for a, b in _shards(n, threads)]
+    """Run ``work(start, stop)`` over ``threads`` batch shards of ``range(n)`` and wait.
+
+    The calling thread takes the first shard itself (one hand-off fewer per call)."""
+    (a0, b0), *rest = _shards(n, threads)
+    jobs = [_executor(threads - 1).submit(work, a, b) for a, b in rest]
+    work(a0, b0)
     for job in jobs:
         job.result()
 
