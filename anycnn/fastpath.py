@@ -131,7 +131,7 @@ def relu_grad(xp: Any, y: Any, dy: Any) -> Any:
     """``xp.astype(y > 0, dy.dtype) * dy``: the gradient through a ReLU whose output is ``y``."""
     threads = _parallel(xp, math.prod(dy.shape), dy.shape[0])
     if not threads:
-        return xp.astype(y > 0, dy.dtype) * dy
+        return masked(xp, y > 0, dy)
     import numpy as np
 
     out = np.empty(dy.shape, dtype=dy.dtype)

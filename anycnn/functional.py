@@ -299,8 +299,6 @@ def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
 
 def _window_counts(win: Windows, include_pad: bool):
     """float64 (P,) number of elements each average-pooling window divides by (PyTorch rule)."""
-    import numpy as np
-
     counts = []
     for axis in range(2):
         size, k, s = win.in_hw[axis], win.kernel[axis], win.stride[axis]
