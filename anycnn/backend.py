@@ -17,6 +17,7 @@ Rules (tests check each one):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -219,6 +220,13 @@ def _backend_label(x: Any) -> str:
     return getattr(xp, "__name__", "unknown")
 
 
+@functools.cache
+def _numpy_namespace() -> Any:
+    import array_api_compat.numpy
+
+    return array_api_compat.numpy
+
+
 def namespace_of(*arrays: Any) -> Any:
     """The Array API namespace shared by ``arrays`` (``None`` entries are ignored).
 
@@ -227,6 +235,8 @@ def namespace_of(*arrays: Any) -> Any:
         ShapeError: one of them is not an array at all (a list, a string, ...).
     """
     present = [a for a in arrays if a is not None]
+    if present and all(type(a) is np.ndarray for a in present):
+        return _numpy_namespace()  # the common case, without the generic checks (~10x faster)
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:

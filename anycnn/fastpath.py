@@ -1,27 +1,42 @@
 """Measured native fast paths behind the shim (the array-api-extra way).
 
 Each function here has the same result as its portable Array API expression (given in its
-docstring, and used for every other backend); on NumPy, large calls are split along the batch
-axis over a small thread pool, because NumPy runs ``take`` and reductions on one core while
-releasing the GIL. Tests check each fast path against the portable expression.
+docstring, and used for every other backend). On NumPy:
 
-``ANYCNN_NUM_THREADS`` sets the pool size (default: the CPUs this process may use); 1 turns the
-fast paths off.
+- the elementwise helpers use NumPy kernels written with ``out=`` (no cast passes, no stacks);
+  outside a batch-parallel region, large calls are split along the batch axis over a small
+  thread pool, because NumPy runs ``take`` and reductions on one core while releasing the GIL;
+- :func:`map_batch` runs a whole per-image computation (a convolution block) chunk by chunk,
+  each chunk small enough to stay in the CPU caches, the chunks shared between threads, with the
+  BLAS limited to one thread per caller meanwhile (one core per thread, no oversubscription).
+
+Tests check each fast path against the portable expression.
+
+``ANYCNN_NUM_THREADS`` sets the thread count (default: the CPUs this process may use); 1 runs
+everything on the calling thread. ``ANYCNN_FASTPATH=0`` turns the NumPy fast paths off (every
+backend then runs the portable expressions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import array_api_compat
 
-#: below this many output elements the portable path is used (thread hand-off costs ~20 us)
+#: below this many output elements the unsplit kernel is used (thread hand-off costs ~20 us)
 MIN_PARALLEL_SIZE = 1 << 18
 
+#: working set of one :func:`map_batch` chunk on NumPy (about one core's L2 cache, measured)
+CACHE_CHUNK_BYTES = 8 << 20
+
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (size, pool), made at first use
+_blas: list[Any] = []  # the threadpoolctl controller, made at first use
+_region = threading.local()  # .active: this thread runs a chunk of a batch-parallel region
 
 
 def num_threads() -> int:
@@ -32,6 +47,18 @@ def num_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+#: whether the NumPy kernels are on; None: read ``ANYCNN_FASTPATH`` at first use
+ENABLED: bool | None = None
+
+
+def enabled(xp: Any) -> bool:
+    """True when the NumPy kernels apply to namespace ``xp``."""
+    global ENABLED
+    if ENABLED is None:
+        ENABLED = os.environ.get("ANYCNN_FASTPATH", "1") != "0"
+    return ENABLED and array_api_compat.is_numpy_namespace(xp)
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -47,105 +74,224 @@ def _shards(n: int, threads: int) -> list[tuple[int, int]]:
 
 
 def _parallel(xp: Any, out_size: int, batch: int) -> int:
-    """Number of threads to use for a call, or 0 for the portable path."""
-    if batch < 2 or out_size < MIN_PARALLEL_SIZE or not array_api_compat.is_numpy_namespace(xp):
+    """Number of threads to split a NumPy call over (0: run it unsplit)."""
+    if (batch < 2 or out_size < MIN_PARALLEL_SIZE or getattr(_region, "active", False)
+            or not enabled(xp)):
         return 0
     threads = min(num_threads(), batch)
     return threads if threads > 1 else 0
 
 
-def _run_shards(threads: int, n: int, work) -> None:
-    """Run ``work(start, stop)`` over ``threads`` batch shards of ``range(n)`` and wait.
+def _run_shards(threads: int, n: int, work: Callable[[int, int], Any]) -> list[Any]:
+    """Run ``work(start, stop)`` over ``threads`` batch shards of ``range(n)``; their results.
 
     The calling thread takes the first shard itself (one hand-off fewer per call)."""
     (a0, b0), *rest = _shards(n, threads)
     jobs = [_executor(threads - 1).submit(work, a, b) for a, b in rest]
-    work(a0, b0)
-    for job in jobs:
-        job.result()
+    first = work(a0, b0)
+    return [first] + [job.result() for job in jobs]
+
+
+def _split(xp: Any, out: Any, kernel: Callable[[int, int], None]) -> Any:
+    """Run ``kernel(start, stop)``, which fills ``out[start:stop]``, over batch shards."""
+    n = out.shape[0]
+    threads = _parallel(xp, math.prod(out.shape), n)
+    if threads:
+        _run_shards(threads, n, kernel)
+    else:
+        kernel(0, n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-parallel regions
+
+
+def _one_blas_thread():
+    """Context limiting the BLAS to one thread (no-op without threadpoolctl)."""
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _blas.append(None)
+        else:
+            _blas.append(ThreadpoolController())
+    if _blas[0] is None:  # pragma: no cover
+        return contextlib.nullcontext()
+    return _blas[0].limit(limits=1, user_api="blas")
+
+
+def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tuple],
+              kinds: tuple[str, ...], portable_chunk_bytes: int | None = None) -> tuple:
+    """Run ``fn(start, stop)`` over consecutive image ranges covering ``range(n)``; combine.
+
+    ``fn`` computes images ``start:stop`` and returns a tuple; ``kinds[i]`` says how item ``i``
+    combines over the ranges: ``"cat"`` (batch-first arrays, joined along axis 0) or ``"sum"``
+    (added). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s working set per image.
+
+    NumPy: ranges of about :data:`CACHE_CHUNK_BYTES`, shared out in contiguous blocks to
+    :func:`num_threads` threads that run with a one-thread BLAS; ``"cat"`` items are copied into
+    their output while still in cache. Other namespaces: ranges of ``portable_chunk_bytes``
+    (None: the whole batch in one call), in order. Sums are formed in a fixed order, so results
+    do not depend on thread timing.
+    """
+    if not enabled(xp):
+        chunk = n if portable_chunk_bytes is None else portable_chunk_bytes // max(per_image_bytes, 1)
+        parts = [fn(a, min(a + max(chunk, 1), n)) for a in range(0, n, max(chunk, 1))]
+        return _combine(xp, parts, kinds)
+    import numpy as np
+
+    threads = 1 if getattr(_region, "active", False) else min(num_threads(), n)
+    # cache-sized chunks, but at least one per thread
+    chunk = max(1, min(CACHE_CHUNK_BYTES // max(per_image_bytes, 1), -(-n // threads)))
+    outs: list[Any] = [None] * len(kinds)
+    lock = threading.Lock()
+
+    def work(start: int, stop: int) -> list[Any]:
+        sums: list[Any] = [None] * len(kinds)
+        outer = getattr(_region, "active", False)
+        _region.active = True
+        try:
+            for a in range(start, stop, chunk):
+                b = min(a + chunk, stop)
+                for i, (kind, r) in enumerate(zip(kinds, fn(a, b))):
+                    if r is None:
+                        continue
+                    if kind == "sum":
+                        sums[i] = r if sums[i] is None else sums[i] + r
+                        continue
+                    if outs[i] is None:
+                        with lock:
+                            if outs[i] is None:
+                                outs[i] = np.empty((n, *r.shape[1:]), dtype=r.dtype)
+                    outs[i][a:b] = r
+        finally:
+            _region.active = outer
+        return sums
+
+    if threads > 1:
+        with _one_blas_thread():
+            per_thread = _run_shards(threads, n, work)
+    else:
+        per_thread = [work(0, n)]
+    for i, kind in enumerate(kinds):
+        if kind == "sum":
+            for sums in per_thread:
+                if sums[i] is not None:
+                    outs[i] = sums[i] if outs[i] is None else outs[i] + sums[i]
+    return tuple(outs)
+
+
+def _combine(xp: Any, parts: list[tuple], kinds: tuple[str, ...]) -> tuple:
+    if len(parts) == 1:
+        return tuple(parts[0])
+    combined = []
+    for i, kind in enumerate(kinds):
+        items = [p[i] for p in parts if p[i] is not None]
+        if not items:
+            combined.append(None)
+        elif kind == "sum":
+            total = items[0]
+            for item in items[1:]:
+                total = total + item
+            combined.append(total)
+        else:
+            combined.append(xp.concat(items, axis=0))
+    return tuple(combined)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise and gather kernels
+
+
+def pad_hw(xp: Any, x: Any, pads: tuple[int, int, int, int], value: float) -> Any:
+    """``xpx.pad`` of the H and W axes of NHWC ``x`` by (top, bottom, left, right), with
+    ``value`` (NumPy: only the border is filled, without ``np.pad``'s ~70 us of overhead)."""
+    top, bottom, left, right = pads
+    if not enabled(xp):
+        import array_api_extra as xpx
+
+        return xpx.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+    import numpy as np
+
+    n, h, w, c = x.shape
+    out = np.empty((n, h + top + bottom, w + left + right, c), dtype=x.dtype)
+    out[:, :top] = value
+    out[:, top + h:] = value
+    out[:, top:top + h, :left] = value
+    out[:, top:top + h, left + w:] = value
+    out[:, top:top + h, left:left + w] = x
+    return out
 
 
 def take_rows(xp: Any, x: Any, index: Any) -> Any:
     """``xp.take(x, index, axis=1)`` for ``x`` of shape (N, R, C) and a 1-D ``index``."""
-    n, _, c = x.shape
-    threads = _parallel(xp, n * index.shape[0] * c, n)
-    if not threads:
+    if not enabled(xp):
         return xp.take(x, index, axis=1)
     import numpy as np
 
-    out = np.empty((n, index.shape[0], c), dtype=x.dtype)
+    out = np.empty((x.shape[0], index.shape[0], x.shape[2]), dtype=x.dtype)
     # mode="clip": with mode="raise" (the default) NumPy buffers `out`, 3-4x slower; the
     # indices are built in range by construction
-    _run_shards(threads, n, lambda a, b: np.take(x[a:b], index, 1, out[a:b], "clip"))
-    return out
+    return _split(xp, out, lambda a, b: np.take(x[a:b], index, 1, out[a:b], "clip"))
 
 
 def sum_axis1(xp: Any, x: Any) -> Any:
     """``xp.sum(x, axis=1)`` for ``x`` of shape (N, K, ...)."""
-    n = x.shape[0]
-    threads = _parallel(xp, math.prod(x.shape), n)
-    if not threads:
+    if not enabled(xp):
         return xp.sum(x, axis=1)
     import numpy as np
 
-    out = np.empty((n, *x.shape[2:]), dtype=x.dtype)
-    _run_shards(threads, n, lambda a, b: np.sum(x[a:b], 1, None, out[a:b]))
-    return out
+    out = np.empty((x.shape[0], *x.shape[2:]), dtype=x.dtype)
+    return _split(xp, out, lambda a, b: np.sum(x[a:b], 1, None, out[a:b]))
 
 
 def masked(xp: Any, mask: Any, x: Any) -> Any:
     """``xp.astype(mask, x.dtype) * x`` for a boolean ``mask`` broadcastable against ``x``
     along every axis but the first (both have the batch first)."""
-    shape = tuple(max(a, b) for a, b in zip(mask.shape, x.shape))
-    threads = _parallel(xp, math.prod(shape), shape[0])
-    if not threads:
+    if not enabled(xp):
         return xp.astype(mask, x.dtype) * x
     import numpy as np
 
-    out = np.empty(shape, dtype=x.dtype)  # bool * float multiplies without a cast pass
-    _run_shards(threads, shape[0], lambda a, b: np.multiply(mask[a:b], x[a:b], out=out[a:b]))
-    return out
+    out = np.empty(tuple(max(a, b) for a, b in zip(mask.shape, x.shape)), dtype=x.dtype)
+    # bool * float multiplies without a cast pass
+    return _split(xp, out, lambda a, b: np.multiply(mask[a:b], x[a:b], out=out[a:b]))
 
 
 def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
     """``xp.maximum(x + bias, 0.0)`` for ``x`` (N, ..., C) and ``bias`` (C,) or None."""
-    threads = _parallel(xp, math.prod(x.shape), x.shape[0])
-    if not threads:
+    if not enabled(xp):
         return xp.maximum(x if bias is None else x + bias, 0.0)
     import numpy as np
 
     out = np.empty(x.shape, dtype=x.dtype)
 
-    def work(a: int, b: int) -> None:
+    def kernel(a: int, b: int) -> None:
         if bias is None:
             np.maximum(x[a:b], 0.0, out=out[a:b])
         else:
             np.add(x[a:b], bias, out=out[a:b])
             np.maximum(out[a:b], 0.0, out=out[a:b])
 
-    _run_shards(threads, x.shape[0], work)
-    return out
+    return _split(xp, out, kernel)
 
 
 def relu_grad(xp: Any, y: Any, dy: Any) -> Any:
     """``xp.astype(y > 0, dy.dtype) * dy``: the gradient through a ReLU whose output is ``y``."""
-    threads = _parallel(xp, math.prod(dy.shape), dy.shape[0])
-    if not threads:
-        return masked(xp, y > 0, dy)
+    if not enabled(xp):
+        return xp.astype(y > 0, dy.dtype) * dy
     import numpy as np
 
     out = np.empty(dy.shape, dtype=dy.dtype)
-    _run_shards(threads, dy.shape[0],
-                lambda a, b: np.multiply(np.greater(y[a:b], 0), dy[a:b], out=out[a:b]))
-    return out
+    return _split(xp, out, lambda a, b: np.multiply(np.greater(y[a:b], 0), dy[a:b],
+                                                    out=out[a:b]))
 
 
 def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
     """Maximum over axis 1 of ``entries`` (N, K, ...) and the boolean mask of the *first* tap
     reaching it in each window (ties go to the lowest k, as in PyTorch): ``(y, mask)``."""
     n, k = entries.shape[0], entries.shape[1]
-    threads = _parallel(xp, math.prod(entries.shape), n)
-    if not threads:
+    if not enabled(xp):
         y = xp.max(entries, axis=1)
         taken = entries[:, 0, ...] == y
         firsts = [taken]
@@ -159,15 +305,21 @@ def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
     y = np.empty((n, *entries.shape[2:]), dtype=entries.dtype)
     mask = np.empty(entries.shape, dtype=bool)
 
-    def work(a: int, b: int) -> None:
+    def kernel(a: int, b: int) -> None:
         e, top, m = entries[a:b], y[a:b], mask[a:b]
-        np.max(e, axis=1, out=top)
+        if k == 1:
+            np.copyto(top, e[:, 0])
+        else:  # a chain of pairwise maxima is faster than np.max over axis 1 (measured)
+            np.maximum(e[:, 0], e[:, 1], out=top)
+            for j in range(2, k):
+                np.maximum(top, e[:, j], out=top)
         np.equal(e[:, 0], top, out=m[:, 0])
-        taken = m[:, 0].copy()
+        taken = m[:, 0].copy() if k > 2 else m[:, 0]
         for j in range(1, k):
             np.equal(e[:, j], top, out=m[:, j])
-            m[:, j] &= ~taken
-            taken |= m[:, j]
+            np.greater(m[:, j], taken, out=m[:, j])  # bools: a > b is a & ~b
+            if j < k - 1:
+                np.logical_or(taken, m[:, j], out=taken)
 
-    _run_shards(threads, n, work)
+    _split(xp, mask, kernel)
     return y, mask

@@ -121,8 +121,7 @@ def pad_nhwc(x: Any, pads: tuple[int, int, int, int], value: float = 0.0) -> Any
     """Pad the H and W axes of an NHWC array by (top, bottom, left, right) with ``value``."""
     if not any(pads):
         return x
-    top, bottom, left, right = pads
-    return xpx.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+    return fastpath.pad_hw(namespace_of(x), x, pads, value)
 
 
 def gather_windows(x: Any, win: Windows, value: float = 0.0) -> Any:
@@ -167,9 +166,8 @@ def column_sums(d: Any) -> Any:
 
 @dataclass
 class ConvCtx:
-    cols: Any  # (N*Ho*Wo, kh*kw*C_in)
+    cols: Any  # (N, P, kh*kw*C_in): each output position's window entries
     win: Windows
-    batch: int
 
 
 def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
@@ -190,23 +188,43 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     """
     kh, kw, _, cout = weight.shape
     win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
-    y, ctx = conv2d_rows(x, weight, bias, win)
-    return namespace_of(y).reshape(y, (x.shape[0], *win.out, cout)), ctx
-
-
-def conv2d_rows(x: Any, weight: Any, bias: Any, win: Windows):
-    """Convolution output as rows ``(N*P, C_out)``, P = ``win.positions`` in ``win``'s order."""
     xp = namespace_of(x, weight, bias)
+
+    def chunk(a: int, b: int):
+        y, cols = conv2d_rows(x[a:b, ...], weight, win)
+        return (y if bias is None else y + bias), cols
+
+    y, cols = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk,
+                                 ("cat", "cat"))
+    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(cols, win)
+
+
+def conv_chunk_bytes(win: Windows, weight: Any) -> int:
+    """Working set per image of a convolution's forward or backward (for chunking)."""
     kh, kw, cin, cout = weight.shape
-    n = x.shape[0]
-    cols = xp.reshape(gather_windows(x, win), (n * win.positions, kh * kw * cin))
-    y = cols @ xp.reshape(weight, (kh * kw * cin, cout))
-    if bias is not None:
-        y = y + bias
-    return y, ConvCtx(cols, win, n)
+    return (win.positions + 1) * (2 * kh * kw * cin + cout) * _itemsize(weight)
 
 
-#: bytes of column gradient (and its gathered copy) formed at once in convolution backward
+def _itemsize(a: Any) -> int:
+    return namespace_of(a).finfo(a.dtype).bits // 8
+
+
+def conv2d_rows(x: Any, weight: Any, win: Windows):
+    """Convolution without bias as rows: ``(y (N, P, C_out), cols (N, P, kh*kw*C_in))``.
+
+    P = ``win.positions``, in ``win``'s order; ``cols`` holds each position's window entries.
+    """
+    xp = namespace_of(x, weight)
+    kh, kw, cin, cout = weight.shape
+    n, k = x.shape[0], kh * kw * cin
+    cols = xp.reshape(gather_windows(x, win), (n * win.positions, k))
+    y = cols @ xp.reshape(weight, (k, cout))
+    return (xp.reshape(y, (n, win.positions, cout)),
+            xp.reshape(cols, (n, win.positions, k)))
+
+
+#: bytes of column gradient (and its gathered copy) formed at once in convolution backward on
+#: backends without a cache-sized fast path (it bounds the peak memory)
 COL2IM_CHUNK_BYTES = 32 << 20
 
 
@@ -214,40 +232,45 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
                     bias_grad: bool = True):
     """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``.
 
-    Consumes ``ctx``: the columns are released once the weight gradient is formed, before the
-    column gradient is allocated (as PyTorch frees its graph), which lowers the peak memory.
+    Consumes ``ctx`` (the columns are released). Runs a chunk of images at a time
+    (:func:`conv2d_rows_backward`), so the column gradient, ``kh*kw`` times the input, never
+    exists for the whole batch at once.
     """
     xp = namespace_of(dy, weight)
-    kh, kw, cin, cout = weight.shape
     if ctx.cols is None:
         raise RuntimeError("convolution backward called twice for one forward")
-    d2 = xp.reshape(dy, (-1, cout))
-    dweight = xp.reshape(xp.matrix_transpose(ctx.cols) @ d2, weight.shape)
-    ctx.cols = None
+    cols, ctx.cols = ctx.cols, None
+    n = cols.shape[0]
+    d = xp.reshape(dy, (n, ctx.win.positions, weight.shape[-1]))
+
+    def chunk(a: int, b: int):
+        return conv2d_rows_backward(d[a:b, ...], cols[a:b, ...], weight, ctx.win,
+                                    need_input_grad, bias_grad)
+
+    return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight), chunk,
+                              ("cat", "sum", "sum"),
+                              COL2IM_CHUNK_BYTES if need_input_grad else None)
+
+
+def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,
+                         bias_grad: bool):
+    """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out):
+    ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``."""
+    xp = namespace_of(d, weight)
+    kh, kw, cin, cout = weight.shape
+    n, p, k = cols.shape
+    d2 = xp.reshape(d, (n * p, cout))
+    dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
     dbias = column_sums(d2) if bias_grad else None
-    dx = None
-    if need_input_grad:
-        n = ctx.batch
-        d3 = xp.reshape(dy, (n, -1, cout))
-        if ctx.win.adjoint(xp, device(dy))[2]:
-            # col2im needs a zero row after each image's L window entries: append one zero
-            # output position to dy, whose GEMM row gives kh*kw zero entries (far cheaper than
-            # appending to the kh*kw times larger column gradient)
-            d3 = xp.concat([d3, xp.zeros((n, 1, cout), dtype=dy.dtype, device=device(dy))],
-                           axis=1)
-        w_t = xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
-        # the column gradient and its gathered copy are kh*kw times the input: form them a
-        # chunk of images at a time so the peak stays near COL2IM_CHUNK_BYTES
-        per_image = d3.shape[1] * kh * kw * cin * 2 * (xp.finfo(dy.dtype).bits // 8)
-        step = max(1, COL2IM_CHUNK_BYTES // max(per_image, 1))
-        parts = []
-        for a in range(0, n, step):
-            chunk = d3[a:min(a + step, n), ...]
-            dcols = xp.reshape(chunk, (-1, cout)) @ w_t
-            parts.append(scatter_windows(xp.reshape(dcols, (chunk.shape[0], -1, cin)),
-                                         ctx.win))
-        dx = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-    return dx, dweight, dbias
+    if not need_input_grad:
+        return None, dweight, dbias
+    if win.adjoint(xp, device(d))[2]:
+        # col2im needs a zero row after each image's window entries: append one zero output
+        # position to d, whose GEMM row gives kh*kw zero entries (far cheaper than appending
+        # to the kh*kw times larger column gradient)
+        d = xp.concat([d, xp.zeros((n, 1, cout), dtype=d.dtype, device=device(d))], axis=1)
+    dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(xp.reshape(weight, (k, cout)))
+    return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win), dweight, dbias
 
 
 # --------------------------------------------------------------------------------------------

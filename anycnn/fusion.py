@@ -47,41 +47,69 @@ class ConvReluMaxPool:
     def forward(self, x: Any) -> Any:
         conv = self.conv
         conv.check_input(x)
+        bias = None if conv.bias is None else conv.bias.data
         win = self._pool_ordered(F.conv_windows(tuple(x.shape[1:3]), conv.kernel_size,
                                                 conv.stride, conv.pads, conv.dilation))
         if win is None:
             y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
                                            conv.dilation)
             pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
-        else:
-            xp = namespace_of(x)
-            rows, conv_ctx = F.conv2d_rows(x, conv.weight.data, None, win)
-            taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
-            entries = xp.reshape(rows, (x.shape[0], taps, -1, conv.out_channels))
-            pooled, pool_ctx = fastpath.window_max(xp, entries)  # pool_ctx: the first-max mask
-            pooled = xp.reshape(pooled, (x.shape[0], *win.pooled_out, conv.out_channels))
-        xp = namespace_of(pooled)
-        out = fastpath.bias_relu(xp, pooled, None if conv.bias is None else conv.bias.data)
-        self._ctx = (conv_ctx, pool_ctx, out)
-        return out
+            out = fastpath.bias_relu(namespace_of(pooled), pooled, bias)
+            self._ctx = (conv_ctx, pool_ctx, out)
+            return out
+        xp = namespace_of(x)
+        n, cout = x.shape[0], conv.out_channels
+        taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
+
+        def chunk(a: int, b: int):
+            rows, cols = F.conv2d_rows(x[a:b, ...], conv.weight.data, win)
+            entries = xp.reshape(rows, (b - a, taps, -1, cout))  # pooling planes, no gather
+            pooled, mask = fastpath.window_max(xp, entries)
+            return fastpath.bias_relu(xp, pooled, bias), mask, cols
+
+        out, mask, cols = fastpath.map_batch(
+            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "cat", "cat"))
+        self._ctx = (F.ConvCtx(cols, win), mask, out)
+        return xp.reshape(out, (n, *win.pooled_out, cout))
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         if self._ctx is None:
-            raise RuntimeError("fused Conv2D/ReLU/MaxPool2D backward called before forward")
+            raise RuntimeError("fused Conv2D/ReLU/MaxPool2D backward called before forward, or "
+                               "called twice for one forward")
         conv_ctx, pool_ctx, out = self._ctx
-        dz = F.relu_backward(dy, out)
-        if self.conv.bias is not None:
-            xp = namespace_of(dz)
-            self.conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
+        self._ctx = None
+        conv = self.conv
+        weight = conv.weight.data
         if isinstance(pool_ctx, F.MaxPoolCtx):
+            dz = F.relu_backward(dy, out)
+            if conv.bias is not None:
+                xp = namespace_of(dz)
+                conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
             dconv = F.max_pool2d_backward(dz, pool_ctx)
-        else:  # pool-ordered rows: the masked gradient is already the convolution's row order
-            xp = namespace_of(dz)
-            n, c = dz.shape[0], dz.shape[-1]
-            dconv = fastpath.masked(xp, pool_ctx, xp.reshape(dz, (n, 1, -1, c)))
-        dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, self.conv.weight.data, input_grad,
-                                      bias_grad=False)
-        self.conv.weight.accumulate(dw)
+            dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, weight, input_grad, bias_grad=False)
+            conv.weight.accumulate(dw)
+            return dx
+        # pool-ordered rows: the masked gradient is already the convolution's row order
+        xp = namespace_of(dy, weight)
+        n, cout = out.shape[0], out.shape[-1]
+        dy = xp.reshape(dy, out.shape)
+        cols, win = conv_ctx.cols, conv_ctx.win
+
+        def chunk(a: int, b: int):
+            dz = fastpath.relu_grad(xp, out[a:b, ...], dy[a:b, ...])
+            dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
+            dz = xp.reshape(dz, (b - a, 1, -1, cout))
+            d = xp.reshape(fastpath.masked(xp, pool_ctx[a:b, ...], dz), (b - a, -1, cout))
+            dx, dw, _ = F.conv2d_rows_backward(d, cols[a:b, ...], weight, win, input_grad,
+                                               bias_grad=False)
+            return dx, dw, dbias
+
+        dx, dw, dbias = fastpath.map_batch(
+            xp, n, F.conv_chunk_bytes(win, weight), chunk, ("cat", "sum", "sum"),
+            F.COL2IM_CHUNK_BYTES if input_grad else None)
+        conv.weight.accumulate(dw)
+        if dbias is not None:
+            conv.bias.accumulate(dbias)
         return dx
 
 

@@ -1,7 +1,11 @@
-"""NumPy fast paths equal their portable Array API expressions, bit for bit."""
+"""NumPy fast paths equal their portable Array API expressions; batch regions combine right."""
 
 from __future__ import annotations
 
+import threading
+
+import array_api_compat.numpy as xp
+import array_api_extra as xpx
 import numpy as np
 import pytest
 
@@ -12,75 +16,151 @@ from anycnn.models import build_model
 
 @pytest.fixture
 def threads(monkeypatch):
+    """Two threads, and every call large enough to be split."""
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
     monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
 
 
-def test_take_rows_and_sum_match_portable_numpy(threads, rng):
-    import array_api_compat.numpy as xp
+@pytest.fixture
+def portable(monkeypatch):
+    """A function that runs ``fn()`` with the NumPy fast paths off (the portable code)."""
+    def run(fn):
+        monkeypatch.setattr(fastpath, "ENABLED", False)
+        try:
+            return fn()
+        finally:
+            monkeypatch.setattr(fastpath, "ENABLED", True)
 
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    return run
+
+
+def test_take_rows_sum_and_pad_match_portable(threads, portable, rng):
     x = rng.standard_normal((5, 40, 3)).astype(np.float32)
     index = rng.integers(0, 40, 77)
     np.testing.assert_array_equal(fastpath.take_rows(xp, x, index), np.take(x, index, axis=1))
     g = rng.standard_normal((5, 4, 6, 3)).astype(np.float32)
-    np.testing.assert_array_equal(fastpath.sum_axis1(xp, g), np.sum(g, axis=1))
+    np.testing.assert_array_equal(fastpath.sum_axis1(xp, g), portable(
+        lambda: fastpath.sum_axis1(xp, g)))
+    img = rng.standard_normal((3, 4, 5, 2)).astype(np.float32)
+    for pads, value in (((1, 2, 0, 3), 0.0), ((0, 0, 2, 1), -np.inf), ((2, 2, 2, 2), 0.0)):
+        expected = xpx.pad(img, ((0, 0), pads[:2], pads[2:], (0, 0)), constant_values=value)
+        np.testing.assert_array_equal(fastpath.pad_hw(xp, img, pads, value), expected)
+        np.testing.assert_array_equal(portable(lambda: fastpath.pad_hw(xp, img, pads, value)),
+                                      expected)
 
 
-def test_window_max_and_masked_match_portable_with_ties(threads, rng, monkeypatch):
-    import array_api_compat.numpy as xp
-
-    entries = np.round(rng.standard_normal((5, 4, 6, 3))).astype(np.float32)  # many ties
+@pytest.mark.parametrize("taps", [1, 2, 4, 9])
+def test_window_max_and_masked_match_portable_with_ties(threads, portable, rng, taps):
+    entries = np.round(rng.standard_normal((5, taps, 6, 3))).astype(np.float32)  # many ties
     fast_y, fast_mask = fastpath.window_max(xp, entries)
     dy = rng.standard_normal((5, 1, 6, 3)).astype(np.float32)
     fast_d = fastpath.masked(xp, fast_mask, dy)
-    monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")  # the portable expressions
-    y, mask = fastpath.window_max(xp, entries)
+    y, mask = portable(lambda: fastpath.window_max(xp, entries))
     np.testing.assert_array_equal(fast_y, y)
     np.testing.assert_array_equal(fast_mask, mask)
-    assert mask.sum(axis=1).max() == 1  # exactly one first maximum per window
+    assert (mask.sum(axis=1) == 1).all()  # exactly one first maximum per window
     np.testing.assert_array_equal(mask.argmax(axis=1), entries.argmax(axis=1))
-    d = fastpath.masked(xp, mask, dy)
+    d = portable(lambda: fastpath.masked(xp, mask, dy))
     assert d.dtype == np.float32
     np.testing.assert_array_equal(fast_d, d)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bias_relu_and_relu_grad_match_portable(threads, rng, monkeypatch, with_bias):
-    import array_api_compat.numpy as xp
-
+def test_bias_relu_and_relu_grad_match_portable(threads, portable, rng, with_bias):
     x = np.round(rng.standard_normal((5, 4, 3)), 1).astype(np.float32)  # exact zeros too
     bias = rng.standard_normal(3).astype(np.float32) if with_bias else None
     dy = rng.standard_normal((5, 4, 3)).astype(np.float32)
     fast = fastpath.bias_relu(xp, x, bias)
     fast_grad = fastpath.relu_grad(xp, fast, dy)
-    monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")
-    portable = fastpath.bias_relu(xp, x, bias)
-    np.testing.assert_array_equal(fast, portable)
-    np.testing.assert_array_equal(fast_grad, fastpath.relu_grad(xp, portable, dy))
+    slow = portable(lambda: fastpath.bias_relu(xp, x, bias))
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(fast_grad, portable(lambda: fastpath.relu_grad(xp, slow, dy)))
     assert fast.dtype == fast_grad.dtype == np.float32
 
 
 def test_fast_paths_only_engage_for_numpy(threads):
-    import array_api_strict as xp
+    import array_api_strict
 
-    assert fastpath._parallel(xp, 1 << 20, 8) == 0
+    assert not fastpath.enabled(array_api_strict)
+    assert fastpath._parallel(array_api_strict, 1 << 20, 8) == 0
+    assert fastpath._parallel(xp, 1 << 20, 8) == 2
 
 
-def test_training_step_is_identical_with_and_without_threads(rng, monkeypatch):
-    """A whole simple-cnn step on NumPy: threaded fast paths change nothing."""
+def _ranges_fn(n_feat=3):
+    """fn(a, b) → (batch rows a..b, their sum, None), recording the calling threads."""
+    seen = []
+
+    def fn(a, b):
+        seen.append((a, b, threading.current_thread().name,
+                     fastpath._parallel(xp, 1 << 30, 8)))
+        rows = np.arange(a * n_feat, b * n_feat, dtype=np.float64).reshape(b - a, n_feat)
+        return rows, rows.sum(axis=0), None
+
+    return fn, seen
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_map_batch_concatenates_and_sums_in_threads(threads, monkeypatch, n):
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
+    fn, seen = _ranges_fn()
+    rows, total, nothing = fastpath.map_batch(xp, n, 1, fn, ("cat", "sum", "sum"))
+    expected = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(total, expected.sum(axis=0))
+    assert nothing is None
+    assert sorted((a, b) for a, b, _, _ in seen) == [(i, i + 1) for i in range(n)]
+    assert all(nested == 0 for *_, nested in seen)  # no splitting inside a region
+    if n > 1:
+        assert len({name for _, _, name, _ in seen}) == 2  # both threads took a share
+
+
+def test_map_batch_portable_path_chunks_by_bytes(portable):
+    fn, seen = _ranges_fn()
+    rows, total, _ = portable(lambda: fastpath.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum"),
+                                                         portable_chunk_bytes=32))
+    np.testing.assert_array_equal(rows, np.arange(30.0).reshape(10, 3))
+    np.testing.assert_array_equal(total, np.arange(30.0).reshape(10, 3).sum(axis=0))
+    assert [(a, b) for a, b, *_ in seen] == [(0, 4), (4, 8), (8, 10)]
+    seen.clear()
+    portable(lambda: fastpath.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum")))
+    assert [(a, b) for a, b, *_ in seen] == [(0, 10)]  # no byte limit: one call
+
+
+def test_map_batch_propagates_errors(threads):
+    def fn(a, b):
+        if a > 0:
+            raise ValueError("bad chunk")
+        return (np.zeros((b - a, 1)),)
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        fastpath.map_batch(xp, 8, 1 << 30, fn, ("cat",))
+    assert not getattr(fastpath._region, "active", False)
+
+
+def _simple_cnn_grads(x, y):
+    anycnn.manual_seed(0)
+    model = build_model("simple-cnn")
+    loss = anycnn.losses.SoftmaxCrossEntropy()
+    loss.forward(model(anycnn.asarray(x)), anycnn.asarray(y))
+    dx = model.backward(loss.backward())
+    return [anycnn.to_numpy(dx)] + [anycnn.to_numpy(p.grad) for p in model.parameters()]
+
+
+def test_training_step_fast_paths_match_portable_and_are_deterministic(rng, monkeypatch):
+    """A whole simple-cnn step on NumPy: the fast paths (threads, cache-sized chunks) agree
+    with the portable code to float32 rounding (the weight-gradient sums are split
+    differently), and repeat bit for bit."""
     x = rng.random((6, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 6)
-    results = []
-    for threads, minimum in (("1", 1 << 40), ("2", 1)):
-        monkeypatch.setenv("ANYCNN_NUM_THREADS", threads)
-        monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", minimum)
-        with anycnn.use_backend("numpy"):
-            anycnn.manual_seed(0)
-            model = build_model("simple-cnn")
-            loss = anycnn.losses.SoftmaxCrossEntropy()
-            loss.forward(model(anycnn.asarray(x)), anycnn.asarray(y))
-            dx = model.backward(loss.backward())
-            results.append([anycnn.to_numpy(dx)] +
-                           [anycnn.to_numpy(p.grad) for p in model.parameters()])
-    for a, b in zip(*results):
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
+    with anycnn.use_backend("numpy"):
+        monkeypatch.setattr(fastpath, "ENABLED", True)
+        fast, again = _simple_cnn_grads(x, y), _simple_cnn_grads(x, y)
+        monkeypatch.setattr(fastpath, "ENABLED", False)
+        slow = _simple_cnn_grads(x, y)
+    for a, b, c in zip(fast, again, slow):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * np.abs(c).max())

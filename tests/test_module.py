@@ -125,18 +125,32 @@ def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
         fused.backward(dy)  # backward consumes the forward's columns, as PyTorch's graph
 
 
-def test_chunked_col2im_equals_one_piece(backend, rng, monkeypatch):
+def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
+    """Convolution forward and backward a chunk of images at a time (the portable byte limit,
+    or NumPy's cache-sized chunks) equal the whole batch at once."""
+    from anycnn import fastpath
     from anycnn import functional as F
 
     layer = L.Conv2D(3, 4, 3, stride=(2, 1), padding=1, dtype="float64")
     x = anycnn.asarray(rng.standard_normal((5, 7, 6, 3)))
     dy = anycnn.asarray(rng.standard_normal((5, 4, 6, 4)))
-    layer(x)
-    whole = anycnn.to_numpy(layer.backward(dy))
+
+    def run():
+        layer.zero_grad()
+        y = anycnn.to_numpy(layer(x))
+        dx = anycnn.to_numpy(layer.backward(dy))
+        return y, dx, anycnn.to_numpy(layer.weight.grad), anycnn.to_numpy(layer.bias.grad)
+
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")
+    whole = run()
     monkeypatch.setattr(F, "COL2IM_CHUNK_BYTES", 1)  # one image per chunk
-    layer.zero_grad()
-    layer(x)
-    np.testing.assert_array_equal(anycnn.to_numpy(layer.backward(dy)), whole)
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    chunked = run()
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    for a, b in zip(chunked[2:], whole[2:]):  # sums of per-chunk parts: rounding differs
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("pool, planes", [
