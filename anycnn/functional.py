@@ -164,10 +164,25 @@ def column_sums(d: Any) -> Any:
 # Convolution
 
 
+#: keep each convolution's window entries (im2col columns, kh*kw times the input) for the
+#: backward pass; False gathers them again there from the saved input, chunk by chunk, as
+#: PyTorch saves the input (measured no slower on NumPy, and far less memory)
+KEEP_COLUMNS = False
+
+
 @dataclass
 class ConvCtx:
-    cols: Any  # (N, P, kh*kw*C_in): each output position's window entries
+    x: Any  # (N, H, W, C_in): the input
+    cols: Any  # (N, P, kh*kw*C_in): each output position's window entries, or None
     win: Windows
+
+    def columns(self, a: int, b: int) -> Any:
+        """The window entries ``(b - a, P, kh*kw*C_in)`` of images ``a:b``."""
+        if self.cols is not None:
+            return self.cols[a:b, ...]
+        xp = namespace_of(self.x)
+        return xp.reshape(gather_windows(self.x[a:b, ...], self.win),
+                          (b - a, self.win.positions, -1))
 
 
 def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
@@ -192,11 +207,11 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
 
     def chunk(a: int, b: int):
         y, cols = conv2d_rows(x[a:b, ...], weight, win)
-        return (y if bias is None else y + bias), cols
+        return (y if bias is None else y + bias), (cols if KEEP_COLUMNS else None)
 
     y, cols = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk,
                                  ("cat", "cat"))
-    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(cols, win)
+    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, cols, win)
 
 
 def conv_chunk_bytes(win: Windows, weight: Any) -> int:
@@ -232,24 +247,32 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
                     bias_grad: bool = True):
     """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``.
 
-    Consumes ``ctx`` (the columns are released). Runs a chunk of images at a time
+    Consumes ``ctx`` (what it saved is released). Runs a chunk of images at a time
     (:func:`conv2d_rows_backward`), so the column gradient, ``kh*kw`` times the input, never
     exists for the whole batch at once.
     """
     xp = namespace_of(dy, weight)
-    if ctx.cols is None:
-        raise RuntimeError("convolution backward called twice for one forward")
-    cols, ctx.cols = ctx.cols, None
-    n = cols.shape[0]
+    ctx = consume(ctx)
+    n = ctx.x.shape[0]
     d = xp.reshape(dy, (n, ctx.win.positions, weight.shape[-1]))
 
     def chunk(a: int, b: int):
-        return conv2d_rows_backward(d[a:b, ...], cols[a:b, ...], weight, ctx.win,
+        return conv2d_rows_backward(d[a:b, ...], ctx.columns(a, b), weight, ctx.win,
                                     need_input_grad, bias_grad)
 
     return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight), chunk,
                               ("cat", "sum", "sum"),
                               COL2IM_CHUNK_BYTES if need_input_grad else None)
+
+
+def consume(ctx: ConvCtx) -> ConvCtx:
+    """A copy of ``ctx`` for one backward pass; ``ctx`` itself is emptied (a second backward
+    for the same forward raises, as PyTorch's freed graph)."""
+    if ctx.x is None:
+        raise RuntimeError("convolution backward called twice for one forward")
+    taken = ConvCtx(ctx.x, ctx.cols, ctx.win)
+    ctx.x = ctx.cols = None
+    return taken
 
 
 def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,

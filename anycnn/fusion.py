@@ -65,11 +65,12 @@ class ConvReluMaxPool:
             rows, cols = F.conv2d_rows(x[a:b, ...], conv.weight.data, win)
             entries = xp.reshape(rows, (b - a, taps, -1, cout))  # pooling planes, no gather
             pooled, mask = fastpath.window_max(xp, entries)
-            return fastpath.bias_relu(xp, pooled, bias), mask, cols
+            return (fastpath.bias_relu(xp, pooled, bias), mask,
+                    cols if F.KEEP_COLUMNS else None)
 
         out, mask, cols = fastpath.map_batch(
             xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "cat", "cat"))
-        self._ctx = (F.ConvCtx(cols, win), mask, out)
+        self._ctx = (F.ConvCtx(x, cols, win), mask, out)
         return xp.reshape(out, (n, *win.pooled_out, cout))
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
@@ -93,15 +94,16 @@ class ConvReluMaxPool:
         xp = namespace_of(dy, weight)
         n, cout = out.shape[0], out.shape[-1]
         dy = xp.reshape(dy, out.shape)
-        cols, win = conv_ctx.cols, conv_ctx.win
+        conv_ctx = F.consume(conv_ctx)
+        win = conv_ctx.win
 
         def chunk(a: int, b: int):
             dz = fastpath.relu_grad(xp, out[a:b, ...], dy[a:b, ...])
             dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
             dz = xp.reshape(dz, (b - a, 1, -1, cout))
             d = xp.reshape(fastpath.masked(xp, pool_ctx[a:b, ...], dz), (b - a, -1, cout))
-            dx, dw, _ = F.conv2d_rows_backward(d, cols[a:b, ...], weight, win, input_grad,
-                                               bias_grad=False)
+            dx, dw, _ = F.conv2d_rows_backward(d, conv_ctx.columns(a, b), weight, win,
+                                               input_grad, bias_grad=False)
             return dx, dw, dbias
 
         dx, dw, dbias = fastpath.map_batch(
