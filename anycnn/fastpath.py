@@ -127,77 +127,84 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
 
     ``fn`` computes images ``start:stop`` and returns a tuple; ``kinds[i]`` says how item ``i``
     combines over the ranges: ``"cat"`` (batch-first arrays, joined along axis 0) or ``"sum"``
-    (added). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s working set per image.
+    (added, in range order). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s
+    working set per image.
 
-    NumPy: ranges of about :data:`CACHE_CHUNK_BYTES`, shared out in contiguous blocks to
-    :func:`num_threads` threads that run with a one-thread BLAS; ``"cat"`` items are copied into
-    their output while still in cache. Other namespaces: ranges of ``portable_chunk_bytes``
-    (None: the whole batch in one call), in order. Sums are formed in a fixed order, so results
-    do not depend on thread timing.
+    NumPy: ranges of about :data:`CACHE_CHUNK_BYTES` (at least one per thread), taken in turn
+    by :func:`num_threads` threads (whichever is free takes the next: a late-waking thread
+    leaves no idle one behind) that run with a one-thread BLAS; ``"cat"`` items are copied
+    into their output while still in cache. Other namespaces: ranges of
+    ``portable_chunk_bytes`` (None: the whole batch in one call), in order. Results never
+    depend on which thread ran what.
     """
-    if not enabled(xp):
-        chunk = n if portable_chunk_bytes is None else portable_chunk_bytes // max(per_image_bytes, 1)
-        parts = [fn(a, min(a + max(chunk, 1), n)) for a in range(0, n, max(chunk, 1))]
-        return _combine(xp, parts, kinds)
-    import numpy as np
-
-    threads = 1 if getattr(_region, "active", False) else min(num_threads(), n)
-    # cache-sized chunks, but at least one per thread
-    chunk = max(1, min(CACHE_CHUNK_BYTES // max(per_image_bytes, 1), -(-n // threads)))
+    fast = enabled(xp)
+    threads = 1
+    if fast:
+        if not getattr(_region, "active", False):
+            threads = min(num_threads(), n)
+        size = min(CACHE_CHUNK_BYTES // max(per_image_bytes, 1), -(-n // threads))
+    else:
+        size = n if portable_chunk_bytes is None else portable_chunk_bytes // max(per_image_bytes, 1)
+    size = max(size, 1)
+    ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
+    results: list[Any] = [None] * len(ranges)
     outs: list[Any] = [None] * len(kinds)
+    taken = iter(range(len(ranges)))  # next() on it is atomic under the GIL
+    failed: list[BaseException] = []
     lock = threading.Lock()
 
-    def work(start: int, stop: int) -> list[Any]:
-        sums: list[Any] = [None] * len(kinds)
+    def work() -> None:
         outer = getattr(_region, "active", False)
         _region.active = True
         try:
-            for a in range(start, stop, chunk):
-                b = min(a + chunk, stop)
-                for i, (kind, r) in enumerate(zip(kinds, fn(a, b))):
-                    if r is None:
-                        continue
-                    if kind == "sum":
-                        sums[i] = r if sums[i] is None else sums[i] + r
-                        continue
-                    if outs[i] is None:
-                        with lock:
-                            if outs[i] is None:
-                                outs[i] = np.empty((n, *r.shape[1:]), dtype=r.dtype)
-                    outs[i][a:b] = r
+            for i in taken:
+                if failed:
+                    return
+                a, b = ranges[i]
+                r = list(fn(a, b))
+                if fast:  # copy the "cat" items out now, while they are in cache
+                    for k, kind in enumerate(kinds):
+                        if kind == "cat" and r[k] is not None:
+                            if outs[k] is None:
+                                with lock:
+                                    if outs[k] is None:
+                                        outs[k] = _empty_like_batch(r[k], n)
+                            outs[k][a:b] = r[k]
+                            r[k] = None
+                results[i] = r
+        except BaseException as exc:  # re-raised by the caller, after every thread stopped
+            failed.append(exc)
         finally:
             _region.active = outer
-        return sums
 
     if threads > 1:
         with _one_blas_thread():
-            per_thread = _run_shards(threads, n, work)
+            jobs = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
+            work()
+            for job in jobs:
+                job.result()
     else:
-        per_thread = [work(0, n)]
-    for i, kind in enumerate(kinds):
-        if kind == "sum":
-            for sums in per_thread:
-                if sums[i] is not None:
-                    outs[i] = sums[i] if outs[i] is None else outs[i] + sums[i]
-    return tuple(outs)
-
-
-def _combine(xp: Any, parts: list[tuple], kinds: tuple[str, ...]) -> tuple:
-    if len(parts) == 1:
-        return tuple(parts[0])
-    combined = []
-    for i, kind in enumerate(kinds):
-        items = [p[i] for p in parts if p[i] is not None]
+        work()
+    if failed:
+        raise failed[0]
+    for k, kind in enumerate(kinds):
+        items = [r[k] for r in results if r[k] is not None]
         if not items:
-            combined.append(None)
-        elif kind == "sum":
+            continue
+        if kind == "sum":
             total = items[0]
             for item in items[1:]:
                 total = total + item
-            combined.append(total)
+            outs[k] = total
         else:
-            combined.append(xp.concat(items, axis=0))
-    return tuple(combined)
+            outs[k] = items[0] if len(items) == 1 else xp.concat(items, axis=0)
+    return tuple(outs)
+
+
+def _empty_like_batch(part: Any, n: int) -> Any:
+    import numpy as np
+
+    return np.empty((n, *part.shape[1:]), dtype=part.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +229,30 @@ def pad_hw(xp: Any, x: Any, pads: tuple[int, int, int, int], value: float) -> An
     out[:, top:top + h, left + w:] = value
     out[:, top:top + h, left:left + w] = x
     return out
+
+
+def scale_add(xp: Any, y: Any, a: float, x: Any, b: float) -> Any:
+    """``y *= a; y += b * x`` in place (the ``*=`` skipped when ``a == 1``, ``b * x`` when
+    ``b == 1``); returns ``y``. For optimizer updates of large parameters."""
+    if not enabled(xp):
+        if a != 1.0:
+            y *= a
+        y += x if b == 1.0 else b * x
+        return y
+    import numpy as np
+
+    rows_y = np.reshape(y, (y.shape[0], -1)) if y.ndim else np.reshape(y, (1, 1))
+    rows_x = np.reshape(x, rows_y.shape)
+
+    def kernel(start: int, stop: int) -> None:
+        part = rows_y[start:stop]
+        if a != 1.0:
+            np.multiply(part, a, out=part)
+        np.add(part, rows_x[start:stop] if b == 1.0 else np.multiply(rows_x[start:stop], b),
+               out=part)
+
+    _split(xp, rows_y, kernel)
+    return y
 
 
 def take_rows(xp: Any, x: Any, index: Any) -> Any:

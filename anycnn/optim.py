@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from . import fastpath
 from .backend import namespace_of, to_numpy
 from .errors import CheckpointError, ConfigError, ShapeError
 from .module import Parameter, _like
@@ -130,11 +131,9 @@ class SGD(Optimizer):
             if buf is None:
                 buf = state["momentum_buffer"] = namespace_of(g).asarray(g, copy=True)
             else:
-                buf *= self.momentum
-                buf += g
+                fastpath.scale_add(namespace_of(buf), buf, self.momentum, g, 1.0)
             g = g + self.momentum * buf if self.nesterov else buf
-        w -= self.lr * g
-        return w
+        return fastpath.scale_add(namespace_of(w), w, 1.0, g, -self.lr)
 
 
 class Adam(Optimizer):
