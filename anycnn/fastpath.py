@@ -231,28 +231,19 @@ def pad_hw(xp: Any, x: Any, pads: tuple[int, int, int, int], value: float) -> An
     return out
 
 
-def scale_add(xp: Any, y: Any, a: float, x: Any, b: float) -> Any:
-    """``y *= a; y += b * x`` in place (the ``*=`` skipped when ``a == 1``, ``b * x`` when
-    ``b == 1``); returns ``y``. For optimizer updates of large parameters."""
-    if not enabled(xp):
-        if a != 1.0:
-            y *= a
-        y += x if b == 1.0 else b * x
-        return y
-    import numpy as np
-
-    rows_y = np.reshape(y, (y.shape[0], -1)) if y.ndim else np.reshape(y, (1, 1))
-    rows_x = np.reshape(x, rows_y.shape)
-
-    def kernel(start: int, stop: int) -> None:
-        part = rows_y[start:stop]
-        if a != 1.0:
-            np.multiply(part, a, out=part)
-        np.add(part, rows_x[start:stop] if b == 1.0 else np.multiply(rows_x[start:stop], b),
-               out=part)
-
-    _split(xp, rows_y, kernel)
-    return y
+def update_rows(xp: Any, update: Callable[..., None], *arrays: Any) -> None:
+    """Run ``update(*arrays)``, an in-place update of same-shaped arrays that treats every
+    element alike (an optimizer step), on row shards of them in parallel when they are large
+    (NumPy), else once on the whole arrays."""
+    first = arrays[0]
+    rows = [xp.reshape(a, (a.shape[0], -1)) if a.ndim else xp.reshape(a, (1, 1))
+            for a in arrays]
+    n = rows[0].shape[0]
+    threads = _parallel(xp, math.prod(first.shape), n)
+    if threads:
+        _run_shards(threads, n, lambda a, b: update(*(r[a:b] for r in rows)))
+    else:
+        update(*arrays)
 
 
 def take_rows(xp: Any, x: Any, index: Any) -> Any:

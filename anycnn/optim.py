@@ -123,17 +123,27 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, w, g, state):
-        namespace_of(w, g)  # refuse a gradient from another backend or device
+        xp = namespace_of(w, g)  # refuses a gradient from another backend or device
         if self.weight_decay:
             g = g + self.weight_decay * w
-        if self.momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = namespace_of(g).asarray(g, copy=True)
-            else:
-                fastpath.scale_add(namespace_of(buf), buf, self.momentum, g, 1.0)
-            g = g + self.momentum * buf if self.nesterov else buf
-        return fastpath.scale_add(namespace_of(w), w, 1.0, g, -self.lr)
+        buf = state.get("momentum_buffer")
+        if self.momentum and buf is None:  # PyTorch: the first buffer is the gradient itself
+            buf = state["momentum_buffer"] = xp.asarray(g, copy=True)
+            fastpath.update_rows(xp, self._descend, w,
+                                 g + self.momentum * buf if self.nesterov else g)
+        elif self.momentum:
+            fastpath.update_rows(xp, self._momentum_descend, w, buf, g)
+        else:
+            fastpath.update_rows(xp, self._descend, w, g)
+        return w
+
+    def _descend(self, w, step) -> None:
+        w -= self.lr * step
+
+    def _momentum_descend(self, w, buf, g) -> None:
+        buf *= self.momentum
+        buf += g
+        self._descend(w, g + self.momentum * buf if self.nesterov else buf)
 
 
 class Adam(Optimizer):
