@@ -164,22 +164,18 @@ def column_sums(d: Any) -> Any:
 # Convolution
 
 
-#: keep each convolution's window entries (im2col columns, kh*kw times the input) for the
-#: backward pass; False gathers them again there from the saved input, chunk by chunk, as
-#: PyTorch saves the input (measured no slower on NumPy, and far less memory)
-KEEP_COLUMNS = False
-
-
 @dataclass
 class ConvCtx:
-    x: Any  # (N, H, W, C_in): the input
-    cols: Any  # (N, P, kh*kw*C_in): each output position's window entries, or None
+    """What a convolution's backward pass needs: its input (as PyTorch saves). The window
+    entries (im2col columns, kh*kw times the input) are gathered again there, a chunk at a
+    time: measured on NumPy, as fast as storing them (even for 1-channel inputs), and far
+    less memory."""
+
+    x: Any  # (N, H, W, C_in)
     win: Windows
 
     def columns(self, a: int, b: int) -> Any:
         """The window entries ``(b - a, P, kh*kw*C_in)`` of images ``a:b``."""
-        if self.cols is not None:
-            return self.cols[a:b, ...]
         xp = namespace_of(self.x)
         return xp.reshape(gather_windows(self.x[a:b, ...], self.win),
                           (b - a, self.win.positions, -1))
@@ -206,12 +202,11 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     xp = namespace_of(x, weight, bias)
 
     def chunk(a: int, b: int):
-        y, cols = conv2d_rows(x[a:b, ...], weight, win)
-        return (y if bias is None else y + bias), (cols if KEEP_COLUMNS else None)
+        y = conv2d_rows(x[a:b, ...], weight, win)
+        return (y if bias is None else y + bias),
 
-    y, cols = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk,
-                                 ("cat", "cat"))
-    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, cols, win)
+    y, = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk, ("cat",))
+    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, win)
 
 
 def conv_chunk_bytes(win: Windows, weight: Any) -> int:
@@ -225,17 +220,14 @@ def _itemsize(a: Any) -> int:
 
 
 def conv2d_rows(x: Any, weight: Any, win: Windows):
-    """Convolution without bias as rows: ``(y (N, P, C_out), cols (N, P, kh*kw*C_in))``.
-
-    P = ``win.positions``, in ``win``'s order; ``cols`` holds each position's window entries.
-    """
+    """Convolution without bias as rows ``(N, P, C_out)``, P = ``win.positions`` in ``win``'s
+    order (an im2col gather and one GEMM)."""
     xp = namespace_of(x, weight)
     kh, kw, cin, cout = weight.shape
     n, k = x.shape[0], kh * kw * cin
     cols = xp.reshape(gather_windows(x, win), (n * win.positions, k))
     y = cols @ xp.reshape(weight, (k, cout))
-    return (xp.reshape(y, (n, win.positions, cout)),
-            xp.reshape(cols, (n, win.positions, k)))
+    return xp.reshape(y, (n, win.positions, cout))
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward on
@@ -270,8 +262,8 @@ def consume(ctx: ConvCtx) -> ConvCtx:
     for the same forward raises, as PyTorch's freed graph)."""
     if ctx.x is None:
         raise RuntimeError("convolution backward called twice for one forward")
-    taken = ConvCtx(ctx.x, ctx.cols, ctx.win)
-    ctx.x = ctx.cols = None
+    taken = ConvCtx(ctx.x, ctx.win)
+    ctx.x = None
     return taken
 
 

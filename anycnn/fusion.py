@@ -62,15 +62,14 @@ class ConvReluMaxPool:
         taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
 
         def chunk(a: int, b: int):
-            rows, cols = F.conv2d_rows(x[a:b, ...], conv.weight.data, win)
+            rows = F.conv2d_rows(x[a:b, ...], conv.weight.data, win)
             entries = xp.reshape(rows, (b - a, taps, -1, cout))  # pooling planes, no gather
             pooled, mask = fastpath.window_max(xp, entries)
-            return (fastpath.bias_relu(xp, pooled, bias), mask,
-                    cols if F.KEEP_COLUMNS else None)
+            return fastpath.bias_relu(xp, pooled, bias), mask
 
-        out, mask, cols = fastpath.map_batch(
-            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "cat", "cat"))
-        self._ctx = (F.ConvCtx(x, cols, win), mask, out)
+        out, mask = fastpath.map_batch(
+            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "cat"))
+        self._ctx = (F.ConvCtx(x, win), mask, out)
         return xp.reshape(out, (n, *win.pooled_out, cout))
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
