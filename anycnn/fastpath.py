@@ -23,8 +23,9 @@ import contextlib
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat
 
@@ -144,7 +145,8 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
             threads = min(num_threads(), n)
         size = min(CACHE_CHUNK_BYTES // max(per_image_bytes, 1), -(-n // threads))
     else:
-        size = n if portable_chunk_bytes is None else portable_chunk_bytes // max(per_image_bytes, 1)
+        size = (n if portable_chunk_bytes is None
+                else portable_chunk_bytes // max(per_image_bytes, 1))
     size = max(size, 1)
     ranges = [(a, min(a + size, n)) for a in range(0, n, size)]
     results: list[Any] = [None] * len(ranges)

@@ -272,7 +272,7 @@ def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_inpu
     """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out):
     ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``."""
     xp = namespace_of(d, weight)
-    kh, kw, cin, cout = weight.shape
+    cin, cout = weight.shape[2:]
     n, p, k = cols.shape
     d2 = xp.reshape(d, (n * p, cout))
     dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
