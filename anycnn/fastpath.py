@@ -20,6 +20,7 @@ backend then runs the portable expressions).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -44,6 +45,11 @@ def num_threads() -> int:
     env = os.environ.get("ANYCNN_NUM_THREADS")
     if env:
         return max(1, int(env))
+    return _usable_cpus()
+
+
+@functools.cache
+def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

@@ -54,6 +54,14 @@ class Windows:
     kernel_first: bool
     pool_order: tuple[Pair, Pair] | None = None
 
+    def __hash__(self) -> int:  # hashed on every cache lookup: compute it once
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.in_hw, self.kernel, self.stride, self.dilation, self.pads,
+                           self.out, self.kernel_first, self.pool_order))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def padded(self) -> Pair:
         return (self.in_hw[0] + self.pads[0] + self.pads[1],
