@@ -133,8 +133,9 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
     """Run ``fn(start, stop)`` over consecutive image ranges covering ``range(n)``; combine.
 
     ``fn`` computes images ``start:stop`` and returns a tuple; ``kinds[i]`` says how item ``i``
-    combines over the ranges: ``"cat"`` (batch-first arrays, joined along axis 0) or ``"sum"``
-    (added, in range order). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s
+    combines over the ranges: ``"cat"`` (batch-first arrays, joined along axis 0), ``"sum"``
+    (added, in range order) or ``"keep"`` (left in pieces, see :class:`Pieces`: for a later
+    pass over the same ranges, without a copy). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s
     working set per image.
 
     NumPy: ranges of about :data:`CACHE_CHUNK_BYTES` (at least one per thread), taken in turn
@@ -170,6 +171,9 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
                     return
                 a, b = ranges[i]
                 r = list(fn(a, b))
+                for k, kind in enumerate(kinds):
+                    if kind == "keep" and r[k] is not None:
+                        r[k] = (a, b, r[k])
                 if fast:  # copy the "cat" items out now, while they are in cache
                     for k, kind in enumerate(kinds):
                         if kind == "cat" and r[k] is not None:
@@ -204,9 +208,25 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
             for item in items[1:]:
                 total = total + item
             outs[k] = total
+        elif kind == "keep":
+            outs[k] = Pieces(items)
         else:
             outs[k] = items[0] if len(items) == 1 else xp.concat(items, axis=0)
     return tuple(outs)
+
+
+class Pieces:
+    """Batch-first arrays computed per image range by :func:`map_batch`, kept apart."""
+
+    def __init__(self, parts: list[tuple[int, int, Any]]) -> None:
+        self.parts = parts  # (start, stop, array of images start:stop)
+
+    def part(self, start: int, stop: int) -> Any:
+        """Images ``start:stop``, which must lie within one of the ranges."""
+        for a, b, array in self.parts:
+            if a <= start and stop <= b:
+                return array[start - a:stop - a, ...]
+        raise ValueError(f"images {start}:{stop} span several computed ranges")
 
 
 def _empty_like_batch(part: Any, n: int) -> Any:

@@ -67,8 +67,9 @@ class ConvReluMaxPool:
             pooled, mask = fastpath.window_max(xp, entries)
             return fastpath.bias_relu(xp, pooled, bias), mask
 
+        # the masks stay in per-chunk pieces: backward walks the same chunks (no copy)
         out, mask = fastpath.map_batch(
-            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "cat"))
+            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "keep"))
         self._ctx = (F.ConvCtx(x, win), mask, out)
         return xp.reshape(out, (n, *win.pooled_out, cout))
 
@@ -100,7 +101,7 @@ class ConvReluMaxPool:
             dz = fastpath.relu_grad(xp, out[a:b, ...], dy[a:b, ...])
             dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
             dz = xp.reshape(dz, (b - a, 1, -1, cout))
-            d = xp.reshape(fastpath.masked(xp, pool_ctx[a:b, ...], dz), (b - a, -1, cout))
+            d = xp.reshape(fastpath.masked(xp, pool_ctx.part(a, b), dz), (b - a, -1, cout))
             dx, dw, _ = F.conv2d_rows_backward(d, conv_ctx.columns(a, b), weight, win,
                                                input_grad, bias_grad=False)
             return dx, dw, dbias

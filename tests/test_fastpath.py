@@ -183,3 +183,18 @@ def test_update_rows_splits_in_place_updates(threads, rng, shape):
     fastpath.update_rows(xp, update, y, x)
     np.testing.assert_array_equal(y, expected)
     assert len(calls) == (1 if shape == () else 2)  # one shard per thread
+
+
+def test_map_batch_keeps_pieces_for_a_second_pass(threads, monkeypatch):
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 2)  # two images per chunk
+
+    def fn(a, b):
+        return (np.arange(a, b, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32),)
+
+    kept, = fastpath.map_batch(xp, 7, 1, fn, ("keep",))
+    assert isinstance(kept, fastpath.Pieces)
+    assert sorted((a, b) for a, b, _ in kept.parts) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    np.testing.assert_array_equal(kept.part(2, 4)[:, 0], [2, 3])
+    np.testing.assert_array_equal(kept.part(5, 6)[:, 0], [5])
+    with pytest.raises(ValueError, match="span"):
+        kept.part(1, 3)
