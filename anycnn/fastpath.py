@@ -135,8 +135,8 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
     ``fn`` computes images ``start:stop`` and returns a tuple; ``kinds[i]`` says how item ``i``
     combines over the ranges: ``"cat"`` (batch-first arrays, joined along axis 0), ``"sum"``
     (added, in range order) or ``"keep"`` (left in pieces, see :class:`Pieces`: for a later
-    pass over the same ranges, without a copy). ``None`` items stay ``None``. ``per_image_bytes`` is ``fn``'s
-    working set per image.
+    pass over the same ranges, without a copy). ``None`` items stay ``None``.
+    ``per_image_bytes`` is ``fn``'s working set per image.
 
     NumPy: ranges of about :data:`CACHE_CHUNK_BYTES` (at least one per thread), taken in turn
     by :func:`num_threads` threads (whichever is free takes the next: a late-waking thread
