@@ -222,11 +222,16 @@ class Pieces:
         self.parts = parts  # (start, stop, array of images start:stop)
 
     def part(self, start: int, stop: int) -> Any:
-        """Images ``start:stop``, which must lie within one of the ranges."""
+        """Images ``start:stop``: a view when they lie within one range, else a copy."""
         for a, b, array in self.parts:
             if a <= start and stop <= b:
                 return array[start - a:stop - a, ...]
-        raise ValueError(f"images {start}:{stop} span several computed ranges")
+        pieces = [array[max(start, a) - a:min(stop, b) - a, ...]
+                  for a, b, array in sorted(self.parts, key=lambda part: part[0])
+                  if a < stop and start < b]
+        if sum(p.shape[0] for p in pieces) != stop - start:
+            raise ValueError(f"images {start}:{stop} were not all computed")
+        return array_api_compat.array_namespace(pieces[0]).concat(pieces, axis=0)
 
 
 def _empty_like_batch(part: Any, n: int) -> Any:
