@@ -19,13 +19,14 @@ backend then runs the portable expressions).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import array_api_compat
@@ -36,7 +37,7 @@ MIN_PARALLEL_SIZE = 1 << 18
 #: working set of one :func:`map_batch` chunk on NumPy (about one core's L2 cache, measured)
 CACHE_CHUNK_BYTES = 8 << 20
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (size, pool), made at first use
+_pool: tuple[int, _Workers] | None = None  # (size, workers), made at first use
 _blas: list[Any] = []  # the threadpoolctl controller, made at first use
 _region = threading.local()  # .active: this thread runs a chunk of a batch-parallel region
 
@@ -68,11 +69,52 @@ def enabled(xp: Any) -> bool:
     return ENABLED and array_api_compat.is_numpy_namespace(xp)
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
+class _Workers:
+    """Helper threads taking jobs from one queue. Lighter than ``ThreadPoolExecutor``
+    (measured: ~0.5 ms less per batch-64 training step, which hands work over ~10 times)."""
+
+    def __init__(self, count: int) -> None:
+        self._jobs: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        for i in range(count):
+            threading.Thread(target=self._serve, name=f"anycnn-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        with self._ready:
+            self._jobs.append((future, fn, args))
+            self._ready.notify()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                future, fn, args = self._jobs.popleft()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+
+
+def _executor(threads: int) -> _Workers:
     global _pool
     if _pool is None or _pool[0] != threads:
-        _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="anycnn"))
+        if _pool is None and hasattr(os, "register_at_fork") and not _fork_hook:
+            os.register_at_fork(after_in_child=_forget_workers)
+            _fork_hook.append(True)
+        _pool = (threads, _Workers(threads))
     return _pool[1]
+
+
+_fork_hook: list[bool] = []
+
+
+def _forget_workers() -> None:
+    """After ``fork`` the helper threads do not exist in the child: make new ones there."""
+    global _pool
+    _pool = None
 
 
 def _shards(n: int, threads: int) -> list[tuple[int, int]]:

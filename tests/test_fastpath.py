@@ -211,3 +211,29 @@ def test_map_batch_keeps_pieces_for_a_second_pass(threads, monkeypatch):
     np.testing.assert_array_equal(kept.part(1, 7)[:, 0], [1, 2, 3, 4, 5, 6])  # across ranges
     with pytest.raises(ValueError, match="not all computed"):
         kept.part(5, 9)
+
+
+def test_map_batch_works_in_a_forked_child(threads):
+    """Helper threads do not survive fork(): a child must start its own, not wait forever."""
+    import multiprocessing
+
+    fn, _ = _ranges_fn()
+    fastpath.map_batch(xp, 8, 1 << 30, fn, ("cat", "sum", "sum"))  # the parent's threads exist
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_child_map_batch)
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():  # stuck waiting for a thread that does not exist
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+
+
+def _child_map_batch():
+    import os as _os
+
+    _os.environ["ANYCNN_NUM_THREADS"] = "2"
+    fastpath.MIN_PARALLEL_SIZE = 1
+    fn, _ = _ranges_fn()
+    rows, _, _ = fastpath.map_batch(xp, 8, 1, fn, ("cat", "sum", "sum"))
+    raise SystemExit(0 if rows.shape == (8, 3) else 1)
