@@ -355,25 +355,6 @@ def masked(xp: Any, mask: Any, x: Any) -> Any:
     return _split(xp, out, lambda a, b: np.multiply(mask[a:b], x[a:b], out=out[a:b]))
 
 
-def masked_rows(xp: Any, mask: Any, x: Any, zero_row: bool) -> Any:
-    """:func:`masked` of ``mask`` (N, K, P, C) and ``x`` (N, 1, P, C) as rows (N, K*P, C),
-    followed by one zero row per image when ``zero_row`` (written in place, not appended)."""
-    n, k, p, c = mask.shape
-    if not enabled(xp):
-        rows = xp.reshape(masked(xp, mask, x), (n, k * p, c))
-        if zero_row:
-            zeros = xp.zeros((n, 1, c), dtype=rows.dtype, device=array_api_compat.device(rows))
-            rows = xp.concat([rows, zeros], axis=1)
-        return rows
-    import numpy as np
-
-    rows = np.empty((n, k * p + int(zero_row), c), dtype=x.dtype)
-    rows[:, k * p:] = 0
-    planes = rows[:, :k * p].reshape(mask.shape)  # a view: splits only the row axis
-    _split(xp, planes, lambda a, b: np.multiply(mask[a:b], x[a:b], out=planes[a:b]))
-    return rows
-
-
 def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
     """``xp.maximum(x + bias, 0.0)`` for ``x`` (N, ..., C) and ``bias`` (C,) or None."""
     if not enabled(xp):

@@ -278,31 +278,22 @@ def consume(ctx: ConvCtx) -> ConvCtx:
 def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,
                          bias_grad: bool):
     """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out):
-    ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``.
-
-    ``d`` may carry one more row per image, zero: the one col2im needs when some input row is
-    read fewer than kh*kw times (see :func:`needs_zero_row`); it is appended otherwise.
-    """
+    ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``."""
     xp = namespace_of(d, weight)
     cin, cout = weight.shape[2:]
     n, p, k = cols.shape
-    rows = d if d.shape[1] == p else d[:, :p, ...]
-    d2 = xp.reshape(rows, (n * p, cout))
+    d2 = xp.reshape(d, (n * p, cout))
     dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
     dbias = column_sums(d2) if bias_grad else None
     if not need_input_grad:
         return None, dweight, dbias
-    if d.shape[1] == p and needs_zero_row(win, xp, device(d)):
-        # append one zero output position to d, whose GEMM row gives kh*kw zero entries (far
-        # cheaper than appending to the kh*kw times larger column gradient)
+    if win.adjoint(xp, device(d))[2]:
+        # col2im needs a zero row after each image's window entries: append one zero output
+        # position to d, whose GEMM row gives kh*kw zero entries (far cheaper than appending
+        # to the kh*kw times larger column gradient)
         d = xp.concat([d, xp.zeros((n, 1, cout), dtype=d.dtype, device=device(d))], axis=1)
     dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(xp.reshape(weight, (k, cout)))
     return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win), dweight, dbias
-
-
-def needs_zero_row(win: Windows, xp: Any, dev: Any) -> bool:
-    """Whether col2im over ``win`` reads a zero row after each image's window entries."""
-    return win.adjoint(xp, dev)[2]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from array_api_compat import device
-
 from . import fastpath
 from . import functional as F
 from .backend import namespace_of
@@ -98,13 +96,12 @@ class ConvReluMaxPool:
         dy = xp.reshape(dy, out.shape)
         conv_ctx = F.consume(conv_ctx)
         win = conv_ctx.win
-        zero_row = input_grad and F.needs_zero_row(win, xp, device(dy))
 
         def chunk(a: int, b: int):
             dz = fastpath.relu_grad(xp, out[a:b, ...], dy[a:b, ...])
             dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
             dz = xp.reshape(dz, (b - a, 1, -1, cout))
-            d = fastpath.masked_rows(xp, pool_ctx.part(a, b), dz, zero_row)
+            d = xp.reshape(fastpath.masked(xp, pool_ctx.part(a, b), dz), (b - a, -1, cout))
             dx, dw, _ = F.conv2d_rows_backward(d, conv_ctx.columns(a, b), weight, win,
                                                input_grad, bias_grad=False)
             return dx, dw, dbias

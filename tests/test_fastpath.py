@@ -67,18 +67,6 @@ def test_window_max_and_masked_match_portable_with_ties(threads, portable, rng, 
     np.testing.assert_array_equal(fast_d, d)
 
 
-@pytest.mark.parametrize("zero_row", [True, False])
-def test_masked_rows_match_portable(threads, portable, rng, zero_row):
-    mask = rng.random((5, 4, 6, 3)) > 0.5
-    x = rng.standard_normal((5, 1, 6, 3)).astype(np.float32)
-    fast = fastpath.masked_rows(xp, mask, x, zero_row)
-    slow = portable(lambda: fastpath.masked_rows(xp, mask, x, zero_row))
-    assert fast.shape == slow.shape == (5, 24 + zero_row, 3)
-    np.testing.assert_array_equal(fast, slow)
-    np.testing.assert_array_equal(fast[:, :24], (mask * x).reshape(5, 24, 3))
-    assert not fast[:, 24:].any()
-
-
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_relu_and_relu_grad_match_portable(threads, portable, rng, with_bias):
     x = np.round(rng.standard_normal((5, 4, 3)), 1).astype(np.float32)  # exact zeros too
