@@ -126,12 +126,10 @@ class SGD(Optimizer):
         xp = namespace_of(w, g)  # refuses a gradient from another backend or device
         if self.weight_decay:
             g = g + self.weight_decay * w
-        buf = state.get("momentum_buffer")
-        if self.momentum and buf is None:  # PyTorch: the first buffer is the gradient itself
-            buf = state["momentum_buffer"] = xp.asarray(g, copy=True)
-            fastpath.update_rows(xp, self._descend, w,
-                                 g + self.momentum * buf if self.nesterov else g)
-        elif self.momentum:
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:  # from zeros, the first update makes it the gradient, as PyTorch
+                buf = state["momentum_buffer"] = xp.zeros_like(g)
             fastpath.update_rows(xp, self._momentum_descend, w, buf, g)
         else:
             fastpath.update_rows(xp, self._descend, w, g)
