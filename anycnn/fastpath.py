@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 #: below this many output elements the unsplit kernel is used (thread hand-off costs ~20 us)
 MIN_PARALLEL_SIZE = 1 << 18
@@ -101,14 +102,15 @@ class _Workers:
 def _executor(threads: int) -> _Workers:
     global _pool
     if _pool is None or _pool[0] != threads:
-        if _pool is None and hasattr(os, "register_at_fork") and not _fork_hook:
-            os.register_at_fork(after_in_child=_forget_workers)
-            _fork_hook.append(True)
+        _watch_fork()
         _pool = (threads, _Workers(threads))
     return _pool[1]
 
 
-_fork_hook: list[bool] = []
+@functools.cache
+def _watch_fork() -> None:
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_workers)
 
 
 def _forget_workers() -> None:
@@ -277,8 +279,6 @@ class Pieces:
 
 
 def _empty_like_batch(part: Any, n: int) -> Any:
-    import numpy as np
-
     return np.empty((n, *part.shape[1:]), dtype=part.dtype)
 
 
@@ -294,8 +294,6 @@ def pad_hw(xp: Any, x: Any, pads: tuple[int, int, int, int], value: float) -> An
         import array_api_extra as xpx
 
         return xpx.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
-    import numpy as np
-
     n, h, w, c = x.shape
     out = np.empty((n, h + top + bottom, w + left + right, c), dtype=x.dtype)
     out[:, :top] = value
@@ -310,23 +308,19 @@ def update_rows(xp: Any, update: Callable[..., None], *arrays: Any) -> None:
     """Run ``update(*arrays)``, an in-place update of same-shaped arrays that treats every
     element alike (an optimizer step), on row shards of them in parallel when they are large
     (NumPy), else once on the whole arrays."""
-    first = arrays[0]
-    rows = [xp.reshape(a, (a.shape[0], -1)) if a.ndim else xp.reshape(a, (1, 1))
-            for a in arrays]
-    n = rows[0].shape[0]
-    threads = _parallel(xp, math.prod(first.shape), n)
-    if threads:
-        _run_shards(threads, n, lambda a, b: update(*(r[a:b] for r in rows)))
-    else:
+    shape = arrays[0].shape
+    threads = _parallel(xp, math.prod(shape), shape[0] if shape else 1)
+    if not threads:
         update(*arrays)
+        return
+    rows = [xp.reshape(a, (shape[0], -1)) for a in arrays]
+    _run_shards(threads, shape[0], lambda a, b: update(*(r[a:b] for r in rows)))
 
 
 def take_rows(xp: Any, x: Any, index: Any) -> Any:
     """``xp.take(x, index, axis=1)`` for ``x`` of shape (N, R, C) and a 1-D ``index``."""
     if not enabled(xp):
         return xp.take(x, index, axis=1)
-    import numpy as np
-
     out = np.empty((x.shape[0], index.shape[0], x.shape[2]), dtype=x.dtype)
     # mode="clip": with mode="raise" (the default) NumPy buffers `out`, 3-4x slower; the
     # indices are built in range by construction
@@ -337,8 +331,6 @@ def sum_axis1(xp: Any, x: Any) -> Any:
     """``xp.sum(x, axis=1)`` for ``x`` of shape (N, K, ...)."""
     if not enabled(xp):
         return xp.sum(x, axis=1)
-    import numpy as np
-
     out = np.empty((x.shape[0], *x.shape[2:]), dtype=x.dtype)
     return _split(xp, out, lambda a, b: np.sum(x[a:b], 1, None, out[a:b]))
 
@@ -348,8 +340,6 @@ def masked(xp: Any, mask: Any, x: Any) -> Any:
     along every axis but the first (both have the batch first)."""
     if not enabled(xp):
         return xp.astype(mask, x.dtype) * x
-    import numpy as np
-
     out = np.empty(tuple(max(a, b) for a, b in zip(mask.shape, x.shape)), dtype=x.dtype)
     # bool * float multiplies without a cast pass
     return _split(xp, out, lambda a, b: np.multiply(mask[a:b], x[a:b], out=out[a:b]))
@@ -359,8 +349,6 @@ def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
     """``xp.maximum(x + bias, 0.0)`` for ``x`` (N, ..., C) and ``bias`` (C,) or None."""
     if not enabled(xp):
         return xp.maximum(x if bias is None else x + bias, 0.0)
-    import numpy as np
-
     out = np.empty(x.shape, dtype=x.dtype)
 
     def kernel(a: int, b: int) -> None:
@@ -377,8 +365,6 @@ def relu_grad(xp: Any, y: Any, dy: Any) -> Any:
     """``xp.astype(y > 0, dy.dtype) * dy``: the gradient through a ReLU whose output is ``y``."""
     if not enabled(xp):
         return xp.astype(y > 0, dy.dtype) * dy
-    import numpy as np
-
     out = np.empty(dy.shape, dtype=dy.dtype)
     return _split(xp, out, lambda a, b: np.multiply(np.greater(y[a:b], 0), dy[a:b],
                                                     out=out[a:b]))
@@ -397,8 +383,6 @@ def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
             taken = taken | first
             firsts.append(first)
         return y, xp.stack(firsts, axis=1)
-    import numpy as np
-
     y = np.empty((n, *entries.shape[2:]), dtype=entries.dtype)
     mask = np.empty(entries.shape, dtype=bool)
 
