@@ -9,12 +9,17 @@ The layers keep their parameters; only the execution is fused. When the pooling 
 disjoint and unpadded (the usual 2x2, stride 2), the convolution computes only the positions
 inside a window, already ordered as pooling planes, so pooling needs no gather and its gradient
 no scatter.
+
+Consecutive such blocks form one :class:`ConvPoolRun`, which takes each range of images through
+all of them before the next range (depth first).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from array_api_compat import device
 
 from . import fastpath
 from . import functional as F
@@ -24,7 +29,12 @@ from .module import Module
 
 
 class ConvReluMaxPool:
-    """Fused execution of a ``Conv2D``, ``ReLU``, ``MaxPool2D`` triple (shapes as the layers)."""
+    """One ``Conv2D``, ``ReLU``, ``MaxPool2D`` triple of a fused run (shapes as the layers).
+
+    :meth:`forward_rows` and :meth:`backward_rows` compute a range of images when the pooling
+    windows are disjoint and unpadded (see :meth:`windows`); :meth:`forward` and
+    :meth:`backward` are the general path, layer by layer, for any other pooling.
+    """
 
     pattern = (Conv2D, ReLU, MaxPool2D)
 
@@ -32,11 +42,14 @@ class ConvReluMaxPool:
         self.conv, self.relu, self.pool = conv, relu, pool
         self._ctx: tuple | None = None
 
-    def _pool_ordered(self, conv_win: F.Windows) -> F.Windows | None:
-        """The convolution windows in pool-plane order, when the pooling windows are disjoint
-        and unpadded (then the pool needs no gather and its gradient no scatter)."""
-        pool = self.pool
-        if pool.padding != (0, 0) or any(s < k for s, k in zip(pool.stride, pool.kernel_size)):
+    def windows(self, in_hw: tuple[int, int]) -> F.Windows | None:
+        """The convolution windows over an ``in_hw`` input in pool-plane order, when the pooling
+        windows are disjoint and unpadded (then the pool needs no gather and its gradient no
+        scatter); None otherwise (or when the input is too small: the general path says so)."""
+        conv, pool = self.conv, self.pool
+        conv_win = F.conv_windows(in_hw, conv.kernel_size, conv.stride, conv.pads, conv.dilation)
+        if (min(conv_win.out) < 1 or pool.padding != (0, 0)
+                or any(s < k for s, k in zip(pool.stride, pool.kernel_size))):
             return None
         pool_win = F.pool_windows(conv_win.out, pool.kernel_size, pool.stride, pool.padding,
                                   pool.ceil_mode)
@@ -44,82 +57,195 @@ class ConvReluMaxPool:
             return None
         return replace(conv_win, pool_order=(pool.kernel_size, pool.stride))
 
-    def forward(self, x: Any) -> Any:
-        conv = self.conv
-        conv.check_input(x)
-        bias = None if conv.bias is None else conv.bias.data
-        win = self._pool_ordered(F.conv_windows(tuple(x.shape[1:3]), conv.kernel_size,
-                                                conv.stride, conv.pads, conv.dilation))
-        if win is None:
-            y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
-                                           conv.dilation)
-            pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
-            out = fastpath.bias_relu(namespace_of(pooled), pooled, bias)
-            self._ctx = (conv_ctx, pool_ctx, out)
-            return out
+    def forward_rows(self, x: Any, win: F.Windows) -> tuple[Any, Any]:
+        """Images ``x`` (n, H, W, C_in) through the block over pool-ordered ``win``:
+        ``(out (n, Hq, Wq, C_out), mask (n, taps, Hq*Wq, C_out) bool)``, the mask marking
+        each window's first maximum."""
         xp = namespace_of(x)
+        conv = self.conv
         n, cout = x.shape[0], conv.out_channels
         taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
+        rows = F.conv2d_rows(x, conv.weight.data, win)
+        entries = xp.reshape(rows, (n, taps, -1, cout))  # pooling planes, no gather
+        pooled, mask = fastpath.window_max(xp, entries)
+        out = fastpath.bias_relu(xp, pooled, None if conv.bias is None else conv.bias.data)
+        return xp.reshape(out, (n, *win.pooled_out, cout)), mask
 
-        def chunk(a: int, b: int):
-            rows = F.conv2d_rows(x[a:b, ...], conv.weight.data, win)
-            entries = xp.reshape(rows, (b - a, taps, -1, cout))  # pooling planes, no gather
-            pooled, mask = fastpath.window_max(xp, entries)
-            return fastpath.bias_relu(xp, pooled, bias), mask
+    def backward_rows(self, x: Any, win: F.Windows, out: Any, mask: Any, dy: Any,
+                      input_grad: bool) -> tuple[Any, Any, Any]:
+        """Gradients of :meth:`forward_rows` for images ``x`` given its ``out`` and ``mask``
+        and the output gradient ``dy`` (shaped as ``out``): ``(dx or None, dweight, dbias or
+        None)``. The masked gradient is already in the convolution's (pool-ordered) row order."""
+        xp = namespace_of(dy, x)
+        conv = self.conv
+        n, cout = x.shape[0], conv.out_channels
+        dz = fastpath.relu_grad(xp, out, dy)
+        dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
+        dz = xp.reshape(dz, (n, 1, -1, cout))
+        d = xp.reshape(fastpath.masked(xp, mask, dz), (n, -1, cout))
+        cols = xp.reshape(F.gather_windows(x, win), (n, win.positions, -1))
+        dx, dw, _ = F.conv2d_rows_backward(d, cols, conv.weight.data, win, input_grad,
+                                           bias_grad=False)
+        return dx, dw, dbias
 
-        # the masks stay in per-chunk pieces: backward walks the same chunks (no copy)
-        out, mask = fastpath.map_batch(
-            xp, n, F.conv_chunk_bytes(win, conv.weight.data), chunk, ("cat", "keep"))
-        self._ctx = (F.ConvCtx(x, win), mask, out)
-        return xp.reshape(out, (n, *win.pooled_out, cout))
+    def forward(self, x: Any) -> Any:
+        """The general path (any pooling): convolution, max pool over gathered windows, then
+        bias and ReLU on the pooled map."""
+        conv = self.conv
+        conv.check_input(x)
+        y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
+                                       conv.dilation)
+        pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
+        out = fastpath.bias_relu(namespace_of(pooled), pooled,
+                                 None if conv.bias is None else conv.bias.data)
+        self._ctx = (conv_ctx, pool_ctx, out)
+        return out
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         if self._ctx is None:
-            raise RuntimeError("fused Conv2D/ReLU/MaxPool2D backward called before forward, or "
-                               "called twice for one forward")
+            raise RuntimeError(_TWICE)
         conv_ctx, pool_ctx, out = self._ctx
         self._ctx = None
         conv = self.conv
-        weight = conv.weight.data
-        if isinstance(pool_ctx, F.MaxPoolCtx):
-            dz = F.relu_backward(dy, out)
-            if conv.bias is not None:
-                xp = namespace_of(dz)
-                conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
-            dconv = F.max_pool2d_backward(dz, pool_ctx)
-            dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, weight, input_grad, bias_grad=False)
-            conv.weight.accumulate(dw)
-            return dx
-        # pool-ordered rows: the masked gradient is already the convolution's row order
-        xp = namespace_of(dy, weight)
-        n, cout = out.shape[0], out.shape[-1]
-        dy = xp.reshape(dy, out.shape)
-        conv_ctx = F.consume(conv_ctx)
-        win = conv_ctx.win
+        dz = F.relu_backward(dy, out)
+        if conv.bias is not None:
+            xp = namespace_of(dz)
+            conv.bias.accumulate(F.column_sums(xp.reshape(dz, (-1, dz.shape[-1]))))
+        dconv = F.max_pool2d_backward(dz, pool_ctx)
+        dx, dw, _ = F.conv2d_backward(dconv, conv_ctx, conv.weight.data, input_grad,
+                                      bias_grad=False)
+        conv.weight.accumulate(dw)
+        return dx
+
+
+_TWICE = ("fused Conv2D/ReLU/MaxPool2D backward called before forward, or called twice for one "
+          "forward")
+
+
+@dataclass
+class _Segment:
+    """Consecutive blocks of a run computed together, image range by image range."""
+
+    blocks: list[ConvReluMaxPool]
+    wins: list[F.Windows]
+    x: Any  # the segment's input (N, H, W, C)
+    kept: tuple  # per block: output Pieces (all but the last) and mask Pieces
+    out: Any  # the last block's output (N, Hq, Wq, C_out)
+    chunk_bytes: int
+
+
+class ConvPoolRun:
+    """A run of consecutive ``Conv2D → ReLU → MaxPool2D`` blocks (one or more).
+
+    Blocks whose pooling windows are disjoint and unpadded are computed together, depth
+    first: each range of images goes through all of them before the next range, in one
+    :func:`~anycnn.fastpath.map_batch` region per pass. On NumPy the range's activations are
+    still in cache when the next block reads them, and the threads wait for each other once
+    per pass instead of once per block (measured: 2-5% faster steps for ``simple-cnn``). Other
+    blocks run on their own, layer by layer.
+    """
+
+    def __init__(self, blocks: list[ConvReluMaxPool]) -> None:
+        self.blocks = blocks
+        self._saved: list | None = None
+
+    def forward(self, x: Any) -> Any:
+        self._saved = None
+        saved: list = []
+        i = 0
+        while i < len(self.blocks):
+            segment = self._segment(x, i)
+            if segment is None:  # this block's pooling needs the general path
+                x = self.blocks[i].forward(x)
+                saved.append(self.blocks[i])
+                i += 1
+            else:
+                x = segment.out
+                saved.append(segment)
+                i += len(segment.blocks)
+        self._saved = saved
+        return x
+
+    def _segment(self, x: Any, start: int) -> _Segment | None:
+        """Run the longest pool-ordered segment of blocks from ``start`` on ``x``."""
+        xp = namespace_of(x)
+        blocks, wins = [], []
+        probe = x
+        for block in self.blocks[start:]:
+            block.conv.check_input(probe)
+            win = block.windows(tuple(probe.shape[1:3]))
+            if win is None:
+                break
+            blocks.append(block)
+            wins.append(win)
+            # the next block checks a stand-in of this block's output (a broadcast zero: no
+            # memory), so a mismatch is reported before anything runs, with the real shape
+            probe = xp.broadcast_to(xp.zeros((), dtype=x.dtype, device=device(x)),
+                                    (x.shape[0], *win.pooled_out, block.conv.out_channels))
+        if not blocks:
+            return None
+        last = len(blocks) - 1
 
         def chunk(a: int, b: int):
-            dz = fastpath.relu_grad(xp, out[a:b, ...], dy[a:b, ...])
-            dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
-            dz = xp.reshape(dz, (b - a, 1, -1, cout))
-            d = xp.reshape(fastpath.masked(xp, pool_ctx.part(a, b), dz), (b - a, -1, cout))
-            dx, dw, _ = F.conv2d_rows_backward(d, conv_ctx.columns(a, b), weight, win,
-                                               input_grad, bias_grad=False)
-            return dx, dw, dbias
+            h, kept = x[a:b, ...], []
+            for k, (block, win) in enumerate(zip(blocks, wins)):
+                h, mask = block.forward_rows(h, win)
+                kept += [None if k == last else h, mask]
+            return (h, *kept)
 
-        dx, dw, dbias = fastpath.map_batch(
-            xp, n, F.conv_chunk_bytes(win, weight), chunk, ("cat", "sum", "sum"),
-            F.COL2IM_CHUNK_BYTES if input_grad else None)
-        conv.weight.accumulate(dw)
-        if dbias is not None:
-            conv.bias.accumulate(dbias)
-        return dx
+        chunk_bytes = max(F.conv_chunk_bytes(w, blk.conv.weight.data)
+                          for blk, w in zip(blocks, wins))
+        out, *kept = fastpath.map_batch(xp, x.shape[0], chunk_bytes, chunk,
+                                        ("cat",) + ("keep",) * (2 * len(blocks)))
+        return _Segment(blocks, wins, x, tuple(kept), out, chunk_bytes)
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        if self._saved is None:
+            raise RuntimeError(_TWICE)
+        saved, self._saved = self._saved, None
+        for j in range(len(saved) - 1, -1, -1):
+            need = input_grad or j > 0
+            part = saved[j]
+            if isinstance(part, ConvReluMaxPool):
+                dy = part.backward(dy, need)
+            else:
+                dy = _segment_backward(part, dy, need)
+        return dy
+
+
+def _segment_backward(seg: _Segment, dy: Any, input_grad: bool) -> Any:
+    """Gradients of a segment, depth first over the same image ranges as its forward pass;
+    accumulates the blocks' parameter gradients and returns the input gradient (or None)."""
+    xp = namespace_of(dy, seg.out)
+    blocks, wins, kept = seg.blocks, seg.wins, seg.kept
+    dy = xp.reshape(dy, seg.out.shape)
+
+    def chunk(a: int, b: int):
+        d, grads = dy[a:b, ...], []
+        for k in range(len(blocks) - 1, -1, -1):
+            x = seg.x[a:b, ...] if k == 0 else kept[2 * k - 2].part(a, b)
+            out = seg.out[a:b, ...] if k == len(blocks) - 1 else kept[2 * k].part(a, b)
+            d, dw, dbias = blocks[k].backward_rows(x, wins[k], out, kept[2 * k + 1].part(a, b),
+                                                   d, input_grad or k > 0)
+            grads = [dw, dbias, *grads]
+        return (d, *grads)
+
+    dx, *grads = fastpath.map_batch(
+        xp, seg.out.shape[0], seg.chunk_bytes, chunk, ("cat",) + ("sum",) * (2 * len(blocks)),
+        F.COL2IM_CHUNK_BYTES)
+    for k, block in enumerate(blocks):
+        block.conv.weight.accumulate(grads[2 * k])
+        if grads[2 * k + 1] is not None:
+            block.conv.bias.accumulate(grads[2 * k + 1])
+    return dx
 
 
 FUSIONS = (ConvReluMaxPool,)
 
 
 def execution_plan(layers: list[Module]) -> list[Any]:
-    """``layers`` with every fusable run replaced by its fused executor."""
+    """``layers`` with every fusable sequence replaced by its fused executor, and consecutive
+    convolution blocks grouped into one :class:`ConvPoolRun`."""
     plan: list[Any] = []
     i = 0
     while i < len(layers):
@@ -133,4 +259,17 @@ def execution_plan(layers: list[Module]) -> list[Any]:
         else:
             plan.append(layers[i])
             i += 1
-    return plan
+    return _group_runs(plan)
+
+
+def _group_runs(plan: list[Any]) -> list[Any]:
+    """Consecutive fused convolution blocks become one :class:`ConvPoolRun`."""
+    grouped: list[Any] = []
+    for step in plan:
+        if isinstance(step, ConvReluMaxPool):
+            if grouped and isinstance(grouped[-1], ConvPoolRun):
+                grouped[-1].blocks.append(step)
+                continue
+            step = ConvPoolRun([step])
+        grouped.append(step)
+    return grouped

@@ -7,7 +7,7 @@ import pytest
 
 import anycnn
 from anycnn import layers as L
-from anycnn.errors import CheckpointError
+from anycnn.errors import CheckpointError, ShapeError
 from anycnn.models import MODELS, build_model
 
 
@@ -96,7 +96,7 @@ def test_load_state_dict_round_trip(backend, rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
-    from anycnn.fusion import ConvReluMaxPool
+    from anycnn.fusion import ConvPoolRun
 
     anycnn.manual_seed(5)
     fused = build_model("simple-cnn").to(dtype)
@@ -109,8 +109,8 @@ def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
                 rng.standard_normal(a.bias.shape) * 0.1, dtype=dtype)
     x = anycnn.asarray(rng.random((3, 28, 28, 1)).astype(dtype))
     y_fused, y_plain = fused(x), plain(x)
-    assert sum(isinstance(s, ConvReluMaxPool) for s in fused._plan) == 2
-    assert not any(isinstance(s, ConvReluMaxPool) for s in plain._plan)
+    assert [len(s.blocks) for s in fused._plan if isinstance(s, ConvPoolRun)] == [2]
+    assert not any(isinstance(s, ConvPoolRun) for s in plain._plan)
     np.testing.assert_array_equal(anycnn.to_numpy(y_fused), anycnn.to_numpy(y_plain))
     dy = anycnn.asarray(rng.standard_normal((3, 10)).astype(dtype))
     dx_fused, dx_plain = fused.backward(dy), plain.backward(dy)
@@ -153,6 +153,63 @@ def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("images_per_chunk", [None, 1])
+def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatch,
+                                                        images_per_chunk):
+    """A run of three fused blocks whose middle pooling overlaps: the outer blocks go through
+    the pool-plane path (depth first, also one image per chunk on two threads), the middle one
+    through the general path; values and gradients equal the unfused layers."""
+    from anycnn import fastpath
+    from anycnn import functional as F
+    from anycnn.fusion import ConvPoolRun, ConvReluMaxPool
+
+    def make():
+        anycnn.manual_seed(4)
+        return anycnn.Sequential(
+            L.Conv2D(2, 3, 3, padding=1, dtype="float64"), L.ReLU(), L.MaxPool2D(2),
+            L.Conv2D(3, 4, 3, padding=1, dtype="float64"), L.ReLU(),
+            L.MaxPool2D(3, stride=2),
+            L.Conv2D(4, 5, 3, padding=1, dtype="float64"), L.ReLU(), L.MaxPool2D(2),
+            L.Conv2D(5, 3, 1, dtype="float64"), L.ReLU(), L.MaxPool2D(1), L.Flatten())
+
+    if images_per_chunk:
+        monkeypatch.setattr(F, "COL2IM_CHUNK_BYTES", 1)
+        monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+        monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    fused, plain = make(), make()
+    plain.fuse = False
+    for a, b in zip(fused.layers, plain.layers):
+        if isinstance(a, L.Conv2D):
+            a.bias.data = b.bias.data = anycnn.asarray(rng.standard_normal(a.bias.shape) * 0.3)
+    x = anycnn.asarray(rng.standard_normal((3, 18, 17, 2)))
+    y = fused(x)
+    run, = fused._plan[:-1]
+    assert isinstance(run, ConvPoolRun) and len(run.blocks) == 4
+    # segments: block 0 alone (block 1 overlaps), block 1 (general), blocks 2-3 together
+    assert [getattr(part, "blocks", None) is None for part in run._saved] == [False, True, False]
+    assert isinstance(run._saved[1], ConvReluMaxPool) and len(run._saved[2].blocks) == 2
+    np.testing.assert_array_equal(anycnn.to_numpy(y), anycnn.to_numpy(plain(x)))
+    dy = anycnn.asarray(rng.standard_normal(tuple(y.shape)))
+    np.testing.assert_allclose(anycnn.to_numpy(fused.backward(dy)),
+                               anycnn.to_numpy(plain.backward(dy)), atol=1e-12)
+    for (name, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        np.testing.assert_allclose(anycnn.to_numpy(p.grad), anycnn.to_numpy(q.grad), atol=1e-12,
+                                   err_msg=name)
+    with pytest.raises(RuntimeError, match="called twice"):
+        fused.backward(dy)
+
+
+def test_conv_pool_run_reports_a_bad_block_by_its_layer(backend, rng):
+    """A later block of a depth-first segment checks its input shape before anything runs."""
+    net = anycnn.Sequential(L.Conv2D(1, 3, 3, padding=1), L.ReLU(), L.MaxPool2D(2),
+                            L.Conv2D(4, 2, 3, padding=1), L.ReLU(), L.MaxPool2D(2))
+    x = anycnn.asarray(rng.random((2, 8, 8, 1), dtype=np.float32))
+    with pytest.raises(ShapeError, match="Conv2D expects 4 channels on the last axis, got input "
+                                         r"shape \(2, 4, 4, 3\)"):
+        net(x)
+    assert net._plan[0]._saved is None  # nothing was computed or kept
+
+
 @pytest.mark.parametrize("pool, planes", [
     (dict(kernel_size=2), True),                         # disjoint, odd sizes drop a row/col
     (dict(kernel_size=(2, 1), stride=(3, 2)), True),     # disjoint with gaps between windows
@@ -161,8 +218,7 @@ def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
     (dict(kernel_size=2, ceil_mode=True), False),        # partial windows: the fallback
 ], ids=["tiles", "gaps", "overlap", "padded", "ceil"])
 def test_fused_block_matches_layers_for_any_pooling(backend, rng, pool, planes):
-    from anycnn.functional import MaxPoolCtx
-    from anycnn.fusion import ConvReluMaxPool
+    from anycnn.fusion import ConvPoolRun, ConvReluMaxPool
 
     def make():
         anycnn.manual_seed(2)
@@ -174,8 +230,9 @@ def test_fused_block_matches_layers_for_any_pooling(backend, rng, pool, planes):
     fused[0].bias.data = plain[0].bias.data = anycnn.asarray(rng.standard_normal(3) * 0.3)
     x = anycnn.asarray(rng.standard_normal((2, 9, 7, 2)))
     y = fused(x)
-    assert isinstance(fused._plan[0], ConvReluMaxPool)
-    assert isinstance(fused._plan[0]._ctx[1], MaxPoolCtx) != planes
+    assert isinstance(fused._plan[0], ConvPoolRun)
+    # the general path saves the block itself, the pool-plane path a segment of blocks
+    assert isinstance(fused._plan[0]._saved[0], ConvReluMaxPool) != planes
     np.testing.assert_array_equal(anycnn.to_numpy(y), anycnn.to_numpy(plain(x)))
     dy = anycnn.asarray(rng.standard_normal(tuple(y.shape)))
     np.testing.assert_allclose(anycnn.to_numpy(fused.backward(dy)),
