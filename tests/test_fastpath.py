@@ -193,12 +193,24 @@ def test_map_batch_keeps_pieces_for_a_second_pass(threads, monkeypatch):
 
     kept, = fastpath.map_batch(xp, 7, 1, fn, ("keep",))
     assert isinstance(kept, fastpath.Pieces)
-    assert sorted((a, b) for a, b, _ in kept.parts) == [(0, 2), (2, 4), (4, 6), (6, 7)]
-    np.testing.assert_array_equal(kept.part(2, 4)[:, 0], [2, 3])
+    assert sorted((a, b) for a, b, _ in kept.parts) == [(0, 1), (1, 3), (3, 5), (5, 7)]
+    np.testing.assert_array_equal(kept.part(1, 3)[:, 0], [1, 2])
     np.testing.assert_array_equal(kept.part(5, 6)[:, 0], [5])
     np.testing.assert_array_equal(kept.part(1, 7)[:, 0], [1, 2, 3, 4, 5, 6])  # across ranges
     with pytest.raises(ValueError, match="not all computed"):
         kept.part(5, 9)
+
+
+@pytest.mark.parametrize("n, size, threads, expected", [
+    (64, 16, 1, [(0, 16), (16, 32), (32, 48), (48, 64)]),
+    (64, 16, 2, [(0, 8), (8, 24), (24, 40), (40, 56), (56, 64)]),
+    (10, 4, 3, [(0, 1), (1, 3), (3, 7), (7, 10)]),
+    (3, 4, 2, [(0, 2), (2, 3)]),
+    (1, 1, 2, [(0, 1)]),
+])
+def test_ranges_start_staggered_per_thread(n, size, threads, expected):
+    """With several threads the first ranges are shorter, so the threads run out of step."""
+    assert fastpath._ranges(n, size, threads) == expected
 
 
 def test_map_batch_works_in_a_forked_child(threads):
