@@ -40,7 +40,6 @@ MIN_PARALLEL_SIZE = 1 << 18
 CACHE_CHUNK_BYTES = 8 << 20
 
 _pool: tuple[int, _Workers] | None = None  # (size, workers), made at first use
-_blas: list[Any] = []  # the threadpoolctl controller, made at first use
 _region = threading.local()  # .active: this thread runs a chunk of a batch-parallel region
 
 
@@ -159,18 +158,22 @@ def _split(xp: Any, out: Any, kernel: Callable[[int, int], None]) -> Any:
 # Batch-parallel regions
 
 
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's controller of the loaded BLAS libraries (None without threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return None
+    return ThreadpoolController()
+
+
 def _one_blas_thread():
     """Context limiting the BLAS to one thread (no-op without threadpoolctl)."""
-    if not _blas:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _blas.append(None)
-        else:
-            _blas.append(ThreadpoolController())
-    if _blas[0] is None:  # pragma: no cover
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover
         return contextlib.nullcontext()
-    return _blas[0].limit(limits=1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
 
 
 def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tuple],

@@ -184,9 +184,13 @@ class ConvCtx:
 
     def columns(self, a: int, b: int) -> Any:
         """The window entries ``(b - a, P, kh*kw*C_in)`` of images ``a:b``."""
-        xp = namespace_of(self.x)
-        return xp.reshape(gather_windows(self.x[a:b, ...], self.win),
-                          (b - a, self.win.positions, -1))
+        return window_columns(self.x[a:b, ...], self.win)
+
+
+def window_columns(x: Any, win: Windows) -> Any:
+    """im2col of a convolution: NHWC ``x`` → ``(N, P, kh*kw*C_in)``, one row of window
+    entries per output position (P = ``win.positions``, in ``win``'s order)."""
+    return namespace_of(x).reshape(gather_windows(x, win), (x.shape[0], win.positions, -1))
 
 
 def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
@@ -233,7 +237,7 @@ def conv2d_rows(x: Any, weight: Any, win: Windows):
     xp = namespace_of(x, weight)
     kh, kw, cin, cout = weight.shape
     n, k = x.shape[0], kh * kw * cin
-    cols = xp.reshape(gather_windows(x, win), (n * win.positions, k))
+    cols = xp.reshape(window_columns(x, win), (n * win.positions, k))
     y = cols @ xp.reshape(weight, (k, cout))
     return xp.reshape(y, (n, win.positions, cout))
 

@@ -83,9 +83,8 @@ class ConvReluMaxPool:
         dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
         dz = xp.reshape(dz, (n, 1, -1, cout))
         d = xp.reshape(fastpath.masked(xp, mask, dz), (n, -1, cout))
-        cols = xp.reshape(F.gather_windows(x, win), (n, win.positions, -1))
-        dx, dw, _ = F.conv2d_rows_backward(d, cols, conv.weight.data, win, input_grad,
-                                           bias_grad=False)
+        dx, dw, _ = F.conv2d_rows_backward(d, F.window_columns(x, win), conv.weight.data, win,
+                                           input_grad, bias_grad=False)
         return dx, dw, dbias
 
     def forward(self, x: Any) -> Any:
@@ -129,9 +128,18 @@ class _Segment:
     blocks: list[ConvReluMaxPool]
     wins: list[F.Windows]
     x: Any  # the segment's input (N, H, W, C)
-    kept: tuple  # per block: output Pieces (all but the last) and mask Pieces
+    inner: list  # Pieces: the outputs of all blocks but the last (the next block's input)
+    masks: list  # Pieces: each block's first-maximum mask
     out: Any  # the last block's output (N, Hq, Wq, C_out)
     chunk_bytes: int
+
+    def output_of(self, k: int, a: int, b: int) -> Any:
+        """Block ``k``'s output for images ``a:b``."""
+        return self.out[a:b, ...] if k == len(self.blocks) - 1 else self.inner[k].part(a, b)
+
+    def input_of(self, k: int, a: int, b: int) -> Any:
+        """Block ``k``'s input for images ``a:b``."""
+        return self.x[a:b, ...] if k == 0 else self.inner[k - 1].part(a, b)
 
 
 class ConvPoolRun:
@@ -197,7 +205,7 @@ class ConvPoolRun:
                           for blk, w in zip(blocks, wins))
         out, *kept = fastpath.map_batch(xp, x.shape[0], chunk_bytes, chunk,
                                         ("cat",) + ("keep",) * (2 * len(blocks)))
-        return _Segment(blocks, wins, x, tuple(kept), out, chunk_bytes)
+        return _Segment(blocks, wins, x, kept[0:-2:2], kept[1::2], out, chunk_bytes)
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         if self._saved is None:
@@ -217,16 +225,15 @@ def _segment_backward(seg: _Segment, dy: Any, input_grad: bool) -> Any:
     """Gradients of a segment, depth first over the same image ranges as its forward pass;
     accumulates the blocks' parameter gradients and returns the input gradient (or None)."""
     xp = namespace_of(dy, seg.out)
-    blocks, wins, kept = seg.blocks, seg.wins, seg.kept
+    blocks = seg.blocks
     dy = xp.reshape(dy, seg.out.shape)
 
     def chunk(a: int, b: int):
         d, grads = dy[a:b, ...], []
         for k in range(len(blocks) - 1, -1, -1):
-            x = seg.x[a:b, ...] if k == 0 else kept[2 * k - 2].part(a, b)
-            out = seg.out[a:b, ...] if k == len(blocks) - 1 else kept[2 * k].part(a, b)
-            d, dw, dbias = blocks[k].backward_rows(x, wins[k], out, kept[2 * k + 1].part(a, b),
-                                                   d, input_grad or k > 0)
+            d, dw, dbias = blocks[k].backward_rows(
+                seg.input_of(k, a, b), seg.wins[k], seg.output_of(k, a, b), seg.masks[k].part(a, b),
+                d, input_grad or k > 0)
             grads = [dw, dbias, *grads]
         return (d, *grads)
 
