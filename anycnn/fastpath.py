@@ -159,21 +159,73 @@ def _split(xp: Any, out: Any, kernel: Callable[[int, int], None]) -> Any:
 
 
 @functools.cache
-def _blas_controller() -> Any:
-    """threadpoolctl's controller of the loaded BLAS libraries (None without threadpoolctl)."""
+def _blas_libraries() -> tuple[Any, ...]:
+    """threadpoolctl's controllers of the BLAS libraries loaded (NumPy's; found at first use)."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return None
-    return ThreadpoolController()
+        return ()
+    return tuple(lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas")
 
 
-def _one_blas_thread():
-    """Context limiting the BLAS to one thread (no-op without threadpoolctl)."""
-    controller = _blas_controller()
-    if controller is None:  # pragma: no cover
-        return contextlib.nullcontext()
-    return controller.limit(limits=1, user_api="blas")
+_blas_owner = threading.local()  # .held: this thread has limited the BLAS to one thread
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run the block with the BLAS on one thread: the calling one (nested uses cost nothing).
+
+    The library's own threads supply the parallelism instead, so the BLAS's helper threads are
+    never woken during a step. Woken, they would spin for a while after each call (OpenBLAS:
+    2**28 cycles, about 0.1 s, unless ``OPENBLAS_THREAD_TIMEOUT`` was set before NumPy loaded)
+    on the core that the next convolution chunk needs: measured 1.6x slower simple-cnn steps on
+    2 cores. The thread count is process-wide while the block runs.
+    """
+    if getattr(_blas_owner, "held", False):
+        yield
+        return
+    libs = _blas_libraries()
+    before = [lib.get_num_threads() for lib in libs]
+    _blas_owner.held = True
+    try:
+        for lib, count in zip(libs, before):
+            if count != 1:
+                lib.set_num_threads(1)
+        yield
+    finally:
+        for lib, count in zip(libs, before):
+            if count != 1:
+                lib.set_num_threads(count)
+        _blas_owner.held = False
+
+
+#: a GEMM with fewer multiply-adds than this runs unsplit (waking a sleeping helper thread
+#: costs 20-90 us on the project machine; 2**23 multiply-adds take about 100 us on one core)
+MIN_PARALLEL_MACS = 1 << 23
+
+
+def matmul(xp: Any, a: Any, b: Any) -> Any:
+    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N).
+
+    NumPy: the BLAS runs on one thread per caller; a large product is split into row shards of
+    ``a`` (column shards of ``b`` when N > M) computed on the library's threads. Every output
+    element is one BLAS dot product of length K either way; which kernel the BLAS picks for a
+    shard's shape may change its last bits, so results depend on the thread count (and are
+    repeatable for a given one).
+    """
+    if not enabled(xp):
+        return a @ b
+    m, n = a.shape[0], b.shape[1]
+    threads = 0 if getattr(_region, "active", False) else min(num_threads(), max(m, n))
+    with one_blas_thread():
+        if threads < 2 or m * n * a.shape[1] < MIN_PARALLEL_MACS:
+            return a @ b
+        out = np.empty((m, n), dtype=np.result_type(a.dtype, b.dtype))
+        if m >= n:
+            _run_shards(threads, m, lambda i, j: np.matmul(a[i:j], b, out=out[i:j]))
+        else:
+            _run_shards(threads, n, lambda i, j: np.matmul(a, b[:, i:j], out=out[:, i:j]))
+    return out
 
 
 def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tuple],
@@ -237,11 +289,14 @@ def map_batch(xp: Any, n: int, per_image_bytes: int, fn: Callable[[int, int], tu
             _region.active = outer
 
     if threads > 1:
-        with _one_blas_thread():
+        with one_blas_thread():
             jobs = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
             work()
             for job in jobs:
                 job.result()
+    elif fast:
+        with one_blas_thread():
+            work()
     else:
         work()
     if failed:

@@ -165,7 +165,7 @@ def column_sums(d: Any) -> Any:
     """Sum over the rows of a 2-D ``d`` (M, F) → (F,), as a GEMV (faster than ``sum(axis=0)``)."""
     xp = namespace_of(d)
     ones = xp.ones((1, d.shape[0]), dtype=d.dtype, device=device(d))
-    return xp.reshape(ones @ d, (d.shape[1],))
+    return xp.reshape(fastpath.matmul(xp, ones, d), (d.shape[1],))
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,17 +408,16 @@ def global_avg_pool_backward(dy: Any, in_shape):
 
 def linear_forward(x: Any, weight: Any, bias: Any):
     """``x @ weight + bias`` with x ``(N, in)``, weight ``(in, out)``; ctx is x."""
-    namespace_of(x, weight, bias)
-    y = x @ weight
+    y = fastpath.matmul(namespace_of(x, weight, bias), x, weight)
     return (y + bias if bias is not None else y), x
 
 
 def linear_backward(dy: Any, x: Any, weight: Any, need_input_grad: bool = True):
     """``(dx or None, dweight, dbias)`` of :func:`linear_forward`."""
     xp = namespace_of(dy, x, weight)
-    dweight = xp.matrix_transpose(x) @ dy
+    dweight = fastpath.matmul(xp, xp.matrix_transpose(x), dy)
     dbias = column_sums(dy)
-    dx = dy @ xp.matrix_transpose(weight) if need_input_grad else None
+    dx = fastpath.matmul(xp, dy, xp.matrix_transpose(weight)) if need_input_grad else None
     return dx, dweight, dbias
 
 

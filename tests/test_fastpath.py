@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -237,3 +240,87 @@ def _child_map_batch():
     fn, _ = _ranges_fn()
     rows, _, _ = fastpath.map_batch(xp, 8, 1, fn, ("cat", "sum", "sum"))
     raise SystemExit(0 if rows.shape == (8, 3) else 1)
+
+
+@pytest.mark.parametrize("shape", [(64, 300, 40), (8, 300, 128), (1, 50, 7), (3, 0, 5)])
+def test_matmul_splits_equal_the_plain_product(threads, monkeypatch, rng, shape):
+    """Row or column shards on the library's threads, each a one-thread BLAS call."""
+    monkeypatch.setattr(fastpath, "MIN_PARALLEL_MACS", 1)
+    m, k, n = shape
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    out = fastpath.matmul(xp, a, b)
+    assert out.dtype == np.float32 and out.shape == (m, n)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a @ b).max()))
+    # transposed (strided) operands, as in the Dense weight gradient
+    np.testing.assert_allclose(fastpath.matmul(xp, a.T, a), a.T @ a, rtol=1e-4, atol=1e-3)
+
+
+def test_one_blas_thread_nests_and_restores(rng):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):
+        with fastpath.one_blas_thread():
+            assert blas_threads() == {1}
+            with fastpath.one_blas_thread():
+                assert blas_threads() == {1}
+            assert blas_threads() == {1}  # the inner exit leaves the outer limit alone
+        assert blas_threads() == {2}
+        with pytest.raises(ZeroDivisionError), fastpath.one_blas_thread():
+            1 / 0  # noqa: B018
+        assert blas_threads() == {2}
+
+
+BLAS_THREADS_IDLE = r"""
+import os, sys, threading, time
+import numpy as np  # the script path: NumPy first, no OPENBLAS_THREAD_TIMEOUT
+import anycnn
+from anycnn.models import build_model
+
+def cpu_seconds(tid):
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+model = build_model("simple-cnn")
+rng = np.random.default_rng(0)
+x = anycnn.asarray(rng.random((64, 28, 28, 1), dtype=np.float32))
+y = anycnn.asarray(rng.integers(0, 10, 64))
+loss, opt = anycnn.losses.SoftmaxCrossEntropy(), anycnn.optim.SGD(model.parameters(), lr=0.01)
+def step():
+    model.zero_grad()
+    loss.forward(model(x), y)
+    model.backward(loss.backward(), input_grad=False)
+    opt.step()
+step()
+python_threads = {t.native_id for t in threading.enumerate()}
+others = [int(t) for t in os.listdir("/proc/self/task") if int(t) not in python_threads]
+before = {t: cpu_seconds(t) for t in others}
+mine_before = sum(cpu_seconds(t) for t in python_threads)
+for _ in range(25):
+    step()
+blas = sum(cpu_seconds(t) - before[t] for t in others)
+mine = sum(cpu_seconds(t) for t in python_threads) - mine_before
+print(f"{blas:.3f} {mine:.3f}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_training_steps_never_wake_the_blas_threads(tmp_path):
+    """In a script that imports NumPy first, the BLAS's own threads stay asleep during steps:
+    all parallel work runs on anycnn's threads (an OpenBLAS thread, once woken, spins about
+    0.1 s on the core the next convolution chunk needs)."""
+    script = tmp_path / "steps.py"
+    script.write_text(BLAS_THREADS_IDLE)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_THREAD_TIMEOUT", "ANYCNN_NUM_THREADS", "ANYCNN_FASTPATH")}
+    env.update(OPENBLAS_NUM_THREADS="2", ANYCNN_BACKEND="numpy")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    blas, mine = map(float, out.stdout.split())
+    assert mine > 0.05
+    assert blas <= 0.02 + 0.05 * mine, (blas, mine)
