@@ -9,6 +9,10 @@ Method (the numbers in BENCHMARKS.md come from here):
 * Workers for anycnn and PyTorch (NCHW, and channels_last when asked) run *alternately* for
   ``--rounds`` rounds; each worker reports the median of its timed steps, and the table shows the
   median over rounds and the ratio anycnn / PyTorch (below 1.0 means anycnn is faster).
+* ``--script`` also times the path users' own scripts take: a fresh interpreter that imports
+  NumPy before anycnn, without the ``OPENBLAS_THREAD_TIMEOUT`` that the ``anycnn`` command sets
+  before NumPy loads, as the "script" column next to the command's; the ratio script / command
+  should be 1.0 (anycnn never wakes the BLAS's own threads, so their idle spinning cannot cost).
 * Peak memory is the worker's peak resident set (``VmHWM``); "above base" subtracts the resident
   set measured just before the first step (libraries, model and data loaded).
 """
@@ -26,7 +30,10 @@ from typing import Any
 
 from .errors import ConfigError
 
-FRAMEWORKS = ("anycnn", "torch", "torch-cl")
+FRAMEWORKS = ("anycnn", "anycnn-script", "torch", "torch-cl")
+
+#: how the script path's worker starts: NumPy imported first, then the worker module as __main__
+_SCRIPT_BOOT = "import numpy, runpy; runpy.run_module('anycnn.bench', run_name='__main__')"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="BLAS/torch threads (default: all cores)")
+    p.add_argument("--script", action="store_true",
+                   help="also time the path of a user's script (NumPy imported first, no "
+                   "OPENBLAS_THREAD_TIMEOUT) beside the command's")
     p.add_argument("--compare-torch", action="store_true",
                    help="also time the same model in PyTorch (NCHW and channels_last)")
     p.add_argument("--gemm", action="store_true",
@@ -113,7 +123,8 @@ def _anycnn_worker(cfg: dict) -> dict:
     inference = _time_steps(infer, sync, 1, cfg["steps"])
     return {"train_ms": train, "infer_ms": inference, "base_mib": base,
             "peak_mib": _rss_mib("VmHWM"), "backend": backend.name,
-            "device": str(backend.device)}
+            "device": str(backend.device),
+            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
 
 
 def _torch_worker(cfg: dict, channels_last: bool) -> dict:
@@ -191,7 +202,7 @@ def _epoch_worker(cfg: dict) -> dict:
 
 def worker_main(cfg: dict) -> dict:
     kind = cfg["kind"]
-    if kind == "anycnn":
+    if kind in ("anycnn", "anycnn-script"):
         return _anycnn_worker(cfg)
     if kind in ("torch", "torch-cl"):
         return _torch_worker(cfg, channels_last=kind == "torch-cl")
@@ -246,7 +257,11 @@ def _run_worker(cfg: dict, threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
-    proc = subprocess.run([sys.executable, "-m", "anycnn.bench", json.dumps(cfg)],
+    start = ["-m", "anycnn.bench"]
+    if cfg["kind"] == "anycnn-script":
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+        start = ["-c", _SCRIPT_BOOT]
+    proc = subprocess.run([sys.executable, *start, json.dumps(cfg)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -266,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
     backend = get_backend()
-    frameworks = ["anycnn"]
+    frameworks = ["anycnn", "anycnn-script"] if args.script else ["anycnn"]
     if args.compare_torch:
         try:
             import torch  # noqa: F401
@@ -288,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     for batch in args.batch_sizes:
         per: dict[str, dict[str, list[float]]] = {f: {"train": [], "infer": [], "peak": [],
                                                       "above": []} for f in frameworks}
+        env_seen: dict[str, str | None] = {}
         for _ in range(args.rounds):
             for fw in frameworks:
                 cfg = {"kind": fw, "model": args.model, "batch": batch, "dtype": args.dtype,
@@ -298,17 +314,23 @@ def run(args: argparse.Namespace) -> int:
                 per[fw]["infer"].append(_median(out["infer_ms"]))
                 per[fw]["peak"].append(out["peak_mib"])
                 per[fw]["above"].append(out["peak_mib"] - out["base_mib"])
+                env_seen[fw] = out.get("openblas_thread_timeout")
         row: dict[str, Any] = {"batch": batch}
         for fw in frameworks:
             row[fw] = {k: _median(v) for k, v in per[fw].items()}
             row[fw]["rounds_train_ms"] = per[fw]["train"]
+            row[fw]["openblas_thread_timeout"] = env_seen[fw]
         train_ms = row["anycnn"]["train"]
         row["anycnn"]["images_per_s"] = batch / train_ms * 1e3
         row["anycnn"]["gflops"] = results["flops_per_image"]["train"] * batch / train_ms / 1e6
         if "gemm_gflops" in results:
             row["anycnn"]["fraction_of_gemm_peak"] = row["anycnn"]["gflops"] / results[
                 "gemm_gflops"]
+        if "anycnn-script" in row:
+            row["script_ratio"] = row["anycnn-script"]["train"] / train_ms
         for fw in frameworks[1:]:
+            if fw == "anycnn-script":
+                continue
             row[f"ratio_vs_{fw}"] = train_ms / row[fw]["train"]
             row[f"infer_ratio_vs_{fw}"] = row["anycnn"]["infer"] / row[fw]["infer"]
         results["rows"].append(row)
@@ -326,7 +348,11 @@ def run(args: argparse.Namespace) -> int:
 def format_table(results: dict) -> str:
     """A Markdown table of :func:`run`'s results."""
     fws = [f for f in FRAMEWORKS if results["rows"] and f in results["rows"][0]]
+    script = "anycnn-script" in fws
+    fws = [f for f in fws if f != "anycnn-script"]
     head = ["batch", "anycnn train ms", "img/s"]
+    if script:
+        head += ["script train ms", "script / command"]
     for fw in fws[1:]:
         head += [f"{fw} train ms", f"ratio vs {fw}"]
     head += ["anycnn infer ms"] + [f"{fw} infer ms" for fw in fws[1:]]
@@ -335,6 +361,8 @@ def format_table(results: dict) -> str:
     for row in results["rows"]:
         a = row["anycnn"]
         cells = [str(row["batch"]), f"{a['train']:.2f}", f"{a['images_per_s']:.0f}"]
+        if script:
+            cells += [f"{row['anycnn-script']['train']:.2f}", f"{row['script_ratio']:.2f}x"]
         for fw in fws[1:]:
             cells += [f"{row[fw]['train']:.2f}", f"{row['ratio_vs_' + fw]:.2f}x"]
         cells += [f"{a['infer']:.2f}"] + [f"{row[fw]['infer']:.2f}" for fw in fws[1:]]

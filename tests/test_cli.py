@@ -252,3 +252,20 @@ def test_closed_pipe_exits_quietly():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and "error" not in err
+
+
+def test_bench_times_the_script_path_beside_the_command(tmp_path):
+    """``anycnn bench --script``: a worker that imports NumPy first, without the command's
+    OPENBLAS_THREAD_TIMEOUT, reported beside the command's worker."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = subprocess.run([sys.executable, "-m", "anycnn", "bench", "--backend", "numpy",
+                          "--script", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                          "--batch-sizes", "2", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "script / command" in run.stdout
+    row, = json.loads(out.read_text())["rows"]
+    assert row["anycnn"]["openblas_thread_timeout"] == "4"  # set by the command
+    assert row["anycnn-script"]["openblas_thread_timeout"] is None
+    assert row["script_ratio"] > 0
