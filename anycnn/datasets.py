@@ -9,13 +9,14 @@ Layouts (what every loader returns):
 Data stay on the host here as raw ``uint8``; :class:`anycnn.dataloader.DataLoader` scales batches to
 ``[0, 1]`` floats and moves them to the current backend.
 
-Where :func:`load_dataset` looks for ``mnist`` / ``fashion-mnist`` (first directory holding all four
-files wins; each file may be gzipped, ``NAME.gz``, or not, ``NAME``):
+Where :func:`load_dataset` looks for ``mnist`` / ``fashion-mnist`` (each file may be gzipped,
+``NAME.gz``, or not, ``NAME``): an explicit ``data_dir`` is the only place looked at (it, or its
+``<name>/`` subfolder, must hold all four files; otherwise the error names the missing ones, with no
+fall back and no download). Without one, the first directory holding all four files wins:
 
-1. ``data_dir`` (and ``data_dir/<name>``), when given;
-2. ``$ANYCNN_DATA/<name>/``;
-3. the user cache ``$XDG_CACHE_HOME/anycnn/<name>/`` (default ``~/.cache/anycnn/<name>/``);
-4. ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs Fashion-MNIST there;
+1. ``$ANYCNN_DATA/<name>/``;
+2. the user cache ``$XDG_CACHE_HOME/anycnn/<name>/`` (default ``~/.cache/anycnn/<name>/``);
+3. ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs Fashion-MNIST there;
    Debian has no MNIST package, the same layout is searched for it anyway).
 
 Otherwise, if ``download`` is true, the missing ``.gz`` files are fetched into the user cache and
@@ -296,16 +297,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
       files and no network.
     * ``mnist``, ``fashion-mnist``: 60,000 train images; ``val`` is the official 10,000-image test
       set, and ``test`` is that same set (these datasets publish no separate validation split).
-      Files are looked up as the module docstring says; ``download`` allows fetching missing
-      ones into the user cache (from ``base_url`` or ``$ANYCNN_DATA_URL`` if set, else
-      :data:`MIRRORS`), with a progress bar when ``progress`` is true and stderr is a terminal.
+      Files are looked up as the module docstring says: only in ``data_dir`` when it is given;
+      else ``download`` allows fetching missing ones into the user cache (from ``base_url``
+      or ``$ANYCNN_DATA_URL`` if set, else :data:`MIRRORS`), with a progress bar when
+      ``progress`` is true and stderr is a terminal.
 
     Images are ``uint8`` NHWC ``(N, 28, 28, 1)``, labels ``int64`` ``(N,)``.
 
     Raises:
         ConfigError: unknown name.
-        DataError: files missing (the message lists where to put them), malformed, or a download
-            failed or did not match its pinned SHA-256.
+        DataError: files missing (the message lists where to put them, or which files an
+            explicit ``data_dir`` lacks), malformed, or a download failed or did not match its
+            pinned SHA-256.
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASETS:
@@ -313,11 +316,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     if key == "mnist-sample":
         return _load_sample()
     directory = find_dataset_dir(key, data_dir)
+    if directory is None and data_dir is not None:
+        raise DataError(_missing_in(key, Path(data_dir)))
     if directory is None:
         if not download:
             raise DataError(f"dataset {key!r} not found and download=False. "
-                            f"{_where_to_put(key, data_dir)}")
-        directory = _download_dataset(key, data_dir, progress, base_url)
+                            f"{_where_to_put(key)}")
+        directory = _download_dataset(key, progress, base_url)
     train = _read_pair(directory, "train", key)
     test = _read_pair(directory, "test", key)
     if train.image_shape != test.image_shape:
@@ -380,9 +385,9 @@ def cache_dir(name: str) -> Path:
 
 def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The directories searched for dataset ``name``, in order (see the module docstring)."""
-    dirs = []
     if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / name]
+        return [Path(data_dir), Path(data_dir) / name]
+    dirs = []
     if os.environ.get(DATA_ENV):
         dirs.append(Path(os.environ[DATA_ENV]) / name)
     dirs += [cache_dir(name), SYSTEM_DATA_DIR / name]
@@ -397,11 +402,20 @@ def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Pa
     return None
 
 
-def _where_to_put(name: str, data_dir: str | os.PathLike | None) -> str:
+def _missing_in(name: str, data_dir: Path) -> str:
+    """Why an explicit ``data_dir`` does not hold dataset ``name``: the files it lacks."""
+    if not data_dir.is_dir():
+        return f"data dir {data_dir}: no such directory (it should hold the {name} IDX files)"
+    best = max((data_dir / name, data_dir), key=lambda d: sum(
+        _find_file(d, stem) is not None for stem in FILES.values()))
+    missing = [f"{stem}[.gz]" for stem in FILES.values() if _find_file(best, stem) is None]
+    return (f"data dir {best} lacks {len(missing)} of the 4 {name} files: {', '.join(missing)} "
+            f"(an explicit data dir is the only place looked at)")
+
+
+def _where_to_put(name: str) -> str:
     """Instructions naming the files and the directories searched for them, in order."""
-    lines = []
-    if data_dir is not None:
-        lines += [str(Path(data_dir)), str(Path(data_dir) / name)]
+    lines = ["--data-dir DIR (or DIR/" + name + "), which is then the only place looked at"]
     env = os.environ.get(DATA_ENV)
     lines.append(str(Path(env) / name) if env else f"${DATA_ENV}/{name} (${DATA_ENV} is not set)")
     lines += [str(cache_dir(name)), str(SYSTEM_DATA_DIR / name)]
@@ -416,8 +430,7 @@ def _where_to_put(name: str, data_dir: str | os.PathLike | None) -> str:
 # -------------------------------------------------------------------------------------- download
 
 
-def _download_dataset(name: str, data_dir: str | os.PathLike | None, progress: bool,
-                      base_url: str | None) -> Path:
+def _download_dataset(name: str, progress: bool, base_url: str | None) -> Path:
     """Fetch the missing ``.gz`` files of ``name`` into :func:`cache_dir`; return that dir."""
     base_url = base_url or os.environ.get(URL_ENV)
     bases = [base_url.rstrip("/") + f"/{name}/"] if base_url else list(MIRRORS[name])
@@ -439,7 +452,7 @@ def _download_dataset(name: str, data_dir: str | os.PathLike | None, progress: b
         else:
             tried = "\n".join(f"  {f}" for f in failures)
             raise DataError(f"downloading {name} failed:\n{tried}\n"
-                            f"{_where_to_put(name, data_dir)}")
+                            f"{_where_to_put(name)}")
     return target
 
 

@@ -226,11 +226,26 @@ def test_full_dataset_splits(isolated):
     assert splits.num_classes == 10 and splits.class_names[0] == "T-shirt/top"
 
 
-def test_incomplete_directory_is_skipped(isolated):
+def test_incomplete_directory_is_skipped(isolated, monkeypatch):
     make_fake_dataset(isolated / "system" / "mnist", n_train=4)
-    make_fake_dataset(isolated / "partial", n_train=9)
-    (isolated / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert len(load_dataset("mnist", data_dir=isolated / "partial", download=False).train) == 4
+    make_fake_dataset(isolated / "env" / "mnist", n_train=9)
+    (isolated / "env" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv("ANYCNN_DATA", str(isolated / "env"))
+    assert len(load_dataset("mnist", download=False).train) == 4
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_explicit_data_dir_never_falls_back(isolated, download):
+    """A data dir the user names is the only place looked at: an incomplete one is an error
+    naming the missing files, even when a complete copy sits in the cache."""
+    make_fake_dataset(isolated / "cache" / "anycnn" / "mnist", n_train=4)
+    make_fake_dataset(isolated / "partial" / "mnist", n_train=9)
+    (isolated / "partial" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"partial/mnist lacks 1 of the 4 mnist files: "
+                       r"t10k-labels-idx1-ubyte\[\.gz\]"):
+        load_dataset("mnist", data_dir=isolated / "partial", download=download)
+    with pytest.raises(DataError, match="nowhere: no such directory"):
+        load_dataset("mnist", data_dir=isolated / "nowhere", download=download)
 
 
 def test_count_mismatch_in_files(isolated):
@@ -243,9 +258,10 @@ def test_count_mismatch_in_files(isolated):
 
 def test_not_found_says_where_to_put_files(isolated):
     with pytest.raises(DataError) as info:
-        load_dataset("mnist", data_dir=isolated / "mine", download=False)
+        load_dataset("mnist", download=False)
     message = str(info.value)
-    for where in (isolated / "mine", isolated / "cache" / "anycnn" / "mnist",
+    assert "--data-dir" in message
+    for where in (isolated / "cache" / "anycnn" / "mnist",
                   isolated / "system" / "mnist"):
         assert str(where) in message
     for stem in datasets.FILES.values():

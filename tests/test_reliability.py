@@ -487,10 +487,21 @@ def test_cli_broken_dataset_dir(isolated_env, tiny_data, capsys, kind):
 
 
 def test_cli_missing_dataset_files_says_where_to_put_them(isolated_env, capsys):
+    rc, _, err = run_main(["train", "--dataset", "mnist", "--backend", "numpy", "--quiet"],
+                          capsys)
+    assert_one_line_error(rc, err, "downloading mnist failed", "train-images-idx3-ubyte.gz",
+                          "--data-dir", "searched in this order")
+
+
+def test_cli_explicit_data_dir_without_the_files_names_them(isolated_env, tiny_data, capsys):
+    """No fall back from a data dir the user named (not to the cache, not to a download)."""
     rc, _, err = run_main(["train", "--dataset", "mnist", "--data-dir", isolated_env / "nowhere",
                            "--backend", "numpy", "--quiet"], capsys)
-    assert_one_line_error(rc, err, "downloading mnist failed", "train-images-idx3-ubyte.gz",
-                          str(isolated_env / "nowhere"), "searched in this order")
+    assert_one_line_error(rc, err, str(isolated_env / "nowhere"), "no such directory")
+    partial = broken_copy(tiny_data, isolated_env / "partial", "truncated")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    rc, _, err = run_main(train_argv(partial, isolated_env / "run"), capsys)
+    assert_one_line_error(rc, err, str(partial), "lacks 1 of the 4")
 
 
 def test_cli_subprocess_broken_dataset(tmp_path, tiny_data):
