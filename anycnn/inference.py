@@ -17,7 +17,8 @@ submodule's own mode is restored afterwards.
 
 Wrong inputs raise :class:`~anycnn.errors.ShapeError` naming the shape the model takes, as far as
 it is known: models from :func:`anycnn.models.build_model` or :func:`anycnn.load_model` know
-``(H, W, C)`` (their ``model_spec``); for other models the first ``Conv2D`` gives ``C``.
+``(H, W, C)`` (their ``model_spec``); a ``Sequential`` that starts with a ``Conv2D`` knows ``C``;
+otherwise the model's own error is passed on, prefixed with the shape it was given.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def expected_input(model: Module) -> Shape:
         size, channels = spec.get("image_size"), spec.get("in_channels")
         if isinstance(size, int) and isinstance(channels, int):
             return size, size, channels
-    from .layers import Conv2D, Dense
+    from .layers import Conv2D
+    from .sequential import Sequential
 
-    for m in model.modules():
-        if isinstance(m, Conv2D):
-            return None, None, m.in_channels
-        if isinstance(m, Dense):
-            break
+    first = model
+    while isinstance(first, Sequential) and len(first):
+        first = first[0]
+    if isinstance(first, Conv2D):
+        return None, None, first.in_channels
     return None, None, None
 
 
