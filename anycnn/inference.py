@@ -31,7 +31,7 @@ import array_api_compat
 import numpy as np
 
 from . import functional as F
-from .backend import dtype_name, get_backend, namespace_of, to_numpy
+from .backend import asarray, dtype_name, namespace_of, to_numpy
 from .errors import ConfigError, ShapeError
 from .metrics import check_top_k
 from .module import Module, eval_mode
@@ -112,9 +112,8 @@ def _to_model_input(chunk: Any, model_dtype: str, ref: Any) -> Any:
             chunk = chunk.astype(model_dtype) / 255  # the DataLoader's scaling, bit for bit
         else:
             chunk = chunk.astype(model_dtype, copy=False)
-        if ref is None:
-            return get_backend().xp.asarray(np.ascontiguousarray(chunk),
-                                            device=get_backend().device)
+        if ref is None:  # a model without parameters: the current backend
+            return asarray(chunk)
         xp = namespace_of(ref)
         return xp.asarray(np.ascontiguousarray(chunk), device=array_api_compat.device(ref))
     xp = namespace_of(chunk)
