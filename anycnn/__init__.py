@@ -22,11 +22,13 @@ _EXPORTS = {
     "ShapeError": "errors", "TrainingError": "errors",
     "Module": "module", "Parameter": "module", "Sequential": "sequential",
     "manual_seed": "random",
+    "load_model": "checkpoint", "load_weights": "checkpoint", "save": "checkpoint",
+    "predict": "inference", "predict_proba": "inference", "predict_topk": "inference",
 }
 _SUBMODULES = {"backend", "bench", "checkpoint", "cli", "dataloader", "datasets", "errors",
-               "fastpath", "functional", "fusion", "geometry", "init", "interop", "layers",
-               "losses", "models", "module", "optim", "plot", "random", "schedules",
-               "sequential", "train"}
+               "fastpath", "functional", "fusion", "geometry", "inference", "init", "interop",
+               "layers", "losses", "metrics", "models", "module", "optim", "plot", "random",
+               "schedules", "sequential", "train"}
 
 __all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim"])
 

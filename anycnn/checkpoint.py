@@ -519,7 +519,7 @@ def _check_spec(checkpoint: Checkpoint, spec: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise CheckpointError(
                 f"{where}: model_spec {key}={value!r} is not an integer in [1, {limit}]; build "
-                "the model yourself and call anycnn.checkpoint.restore(checkpoint, model)")
+                f"the model in code and call anycnn.load_weights(model, {str(checkpoint.path)!r})")
 
 
 def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[Any, Checkpoint]:
@@ -540,8 +540,9 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[A
     spec = checkpoint.model_spec
     if spec is None:
         raise CheckpointError(
-            f"{_describe(checkpoint)} has no model_spec; build the model yourself and call "
-            "anycnn.checkpoint.restore(checkpoint, model)")
+            f"{_describe(checkpoint)} has no model_spec, so load_model cannot rebuild the model "
+            "(it was saved from a model built in code); build the same model in code and call "
+            f"anycnn.load_weights(model, {str(checkpoint.path)!r})")
     _check_spec(checkpoint, spec)
     rng_before = anycnn_random.get_state()
     try:
@@ -556,3 +557,47 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[A
         model.to(checkpoint.dtype)
     restore(checkpoint, model, restore_rng=restore_rng)
     return model, checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# Your own models
+
+
+def save(model: Any, path: str | os.PathLike, *, model_spec: dict | None = None,
+         extra: dict | None = None) -> pathlib.Path:
+    """Save the weights (parameters and buffers) of any :class:`~anycnn.module.Module` to one
+    safetensors file, atomically (through :func:`save_checkpoint`, without optimizer state).
+
+    ``model_spec`` defaults to ``model.model_spec`` (set by :func:`anycnn.models.build_model`);
+    with a spec the file reloads with :func:`load_model`, without one (your own ``Sequential``
+    or ``Module`` subclass) with :func:`load_weights` into a model built by the same code. The
+    model's class name is recorded so a mismatch can be named on load.
+
+    Raises:
+        CheckpointError: NaN/inf weights, or the file cannot be written.
+    """
+    spec = model_spec if model_spec is not None else getattr(model, "model_spec", None)
+    record = {"model_class": type(model).__qualname__, **(extra or {})}
+    return save_checkpoint(path, model, model_spec=spec if isinstance(spec, dict) else None,
+                           extra=record)
+
+
+def load_weights(model: Any, path: str | os.PathLike) -> Any:
+    """Load the weights saved by :func:`save` (or any checkpoint) into ``model``, on the model's
+    backend and in its dtype; returns ``model``. The global RNG is left alone.
+
+    Raises:
+        CheckpointError: the file is bad, or its tensors do not fit ``model`` (the first tensor
+            that differs is named with both shapes, and the class the file was saved from).
+            Nothing is changed then.
+    """
+    checkpoint = load_checkpoint(path)
+    try:
+        restore(checkpoint, model, restore_rng=False)
+    except CheckpointError as exc:
+        saved = checkpoint.extra.get("model_class") if isinstance(checkpoint.extra, dict) else None
+        if not isinstance(saved, str) or saved == type(model).__qualname__:
+            raise
+        raise CheckpointError(f"{exc} (the file was saved from a {saved}, this model is a "
+                              f"{type(model).__qualname__})") from exc
+    return model

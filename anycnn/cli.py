@@ -69,19 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _backend_option(t)
 
-    e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint")
+    e = sub.add_parser("evaluate", help="loss, accuracy, top-k and per-class accuracy of a "
+                       "checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("--dataset", default=None, help="default: the one it was trained on")
     e.add_argument("--data-dir")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--top-k", default=None, metavar="K[,K...]",
+                   help="top-k accuracies to report (default: 1,5, or 1 with fewer than 5 "
+                   "classes)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object: loss, accuracy, top-k, per-class accuracy with "
+                   "class names, confusion matrix (rows true class, columns predicted)")
+    e.add_argument("--confusion-plot", default=None, metavar="FILE",
+                   help="also draw the confusion matrix into FILE (.png/.svg/.pdf; needs "
+                   "matplotlib)")
     _backend_option(e)
 
     i = sub.add_parser("info", help="which backend would be used, and why; all backends")
     _backend_option(i)
 
-    p = sub.add_parser("plot", help="draw loss and accuracy curves from a history.json")
-    p.add_argument("history")
+    p = sub.add_parser("plot", help="draw loss and accuracy curves from a history.json, or the "
+                       "confusion matrix from the output of evaluate --json")
+    p.add_argument("history", metavar="FILE",
+                   help="a history.json, or a file holding the output of anycnn evaluate --json")
     p.add_argument("-o", "--output", default="curves.png")
 
     b = sub.add_parser("bench", help="time training steps against PyTorch")
@@ -231,22 +243,67 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
+    from .metrics import check_top_k
+
+    if text is None:
+        return (1, 5) if num_classes >= 5 else (1,)
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--top-k expects positive integers separated by commas, got "
+                          f"{text!r}") from None
+    return check_top_k(values, num_classes)
+
+
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_model
     from .dataloader import DataLoader
     from .datasets import load_dataset
+    from .metrics import to_json, worst_classes
     from .train import evaluate
 
     _select_backend(args.backend)
+    if args.confusion_plot:
+        from .plot import pyplot
+
+        pyplot()  # no matplotlib: say so before the evaluation, not after
     model, state = load_model(args.checkpoint)
     config = state.extra.get("config") if isinstance(state.extra, dict) else None
     config = config if isinstance(config, dict) else {}
     name = args.dataset or config.get("dataset") or "mnist-sample"
-    data = load_dataset(name, data_dir=args.data_dir or config.get("data_dir"))
+    num_classes = model.model_spec["num_classes"]
+    top_k = _top_k_option(args.top_k, num_classes)
+    data = load_dataset(name, data_dir=args.data_dir or config.get("data_dir"),
+                        progress=not args.json)
     split = getattr(data, args.split)
-    result = evaluate(model, DataLoader(split, args.batch_size))
+    names = data.class_names if len(data.class_names) == num_classes else None
+    result = evaluate(model, DataLoader(split, args.batch_size), top_k=top_k, confusion=True,
+                      class_names=names)
+    written = None
+    if args.confusion_plot:
+        from .plot import plot_confusion
+
+        written = plot_confusion(result["confusion_matrix"], result["class_names"],
+                                 args.confusion_plot,
+                                 title=f"confusion matrix — {name} {args.split}")
+    if args.json:
+        report = {"checkpoint": str(args.checkpoint), "dataset": name, "split": args.split,
+                  **to_json(result)}
+        print(json.dumps(report))
+        if written:
+            print(f"wrote {written}", file=sys.stderr)
+        return 0
     print(f"{name} {args.split}: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
           f"({result['count']} images)")
+    beyond_1 = [f"top-{k} accuracy {v:.4f}" for k, v in result["top_k_accuracy"].items() if k != 1]
+    if beyond_1:
+        print(", ".join(beyond_1))
+    worst = worst_classes(result, 3)
+    if worst:
+        print("worst classes: " + ", ".join(f"{n} {a:.4f}" for n, a in worst))
+    if written:
+        print(f"wrote {written}")
     return 0
 
 
@@ -271,9 +328,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_history
+    from .plot import plot_file
 
-    written = plot_history(args.history, args.output)
+    written = plot_file(args.history, args.output)
     print(f"wrote {written}")
     return 0
 

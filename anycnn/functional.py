@@ -538,6 +538,14 @@ def softmax_cross_entropy_forward(logits: Any, labels: Any, label_smoothing: flo
     return loss, dlogits
 
 
+def softmax(x: Any, axis: int = -1) -> Any:
+    """Softmax along ``axis`` (stable: the maximum is subtracted first, so large logits do not
+    overflow); the result sums to 1 along ``axis``."""
+    xp = namespace_of(x)
+    exp = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return exp / xp.sum(exp, axis=axis, keepdims=True)
+
+
 def mse_forward(pred: Any, target: Any):
     """Mean squared error and its gradient with respect to ``pred``."""
     xp = namespace_of(pred, target)

@@ -76,10 +76,16 @@ def model_spec(name: str, num_classes: int = 10, in_channels: int = 1,
 
 
 def build_model(spec: dict[str, Any] | str, **overrides: Any) -> Sequential:
-    """Build a preset on the current backend from a spec dict or a model name."""
+    """Build a preset on the current backend from a spec dict or a model name.
+
+    The model keeps its spec as ``model.model_spec``: :func:`anycnn.save` stores it, so
+    :func:`anycnn.load_model` can rebuild the model, and :func:`anycnn.predict` knows the image
+    shape ``(image_size, image_size, in_channels)`` it takes."""
     if isinstance(spec, str):
         spec = model_spec(spec, **overrides)
     else:
         spec = model_spec(**{**spec, **overrides})
     args = {k: v for k, v in spec.items() if k != "name"}
-    return MODELS[spec["name"]](**args)
+    model = MODELS[spec["name"]](**args)
+    model.model_spec = spec
+    return model

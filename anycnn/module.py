@@ -8,6 +8,7 @@ attributes in the order they were assigned, which gives stable dotted names (``"
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -172,6 +173,19 @@ class Module:
             return f"{type(self).__name__}({self.extra_repr()})"
         inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
         return f"{type(self).__name__}(\n{inner}\n)"
+
+
+@contextlib.contextmanager
+def eval_mode(model: Module) -> Iterator[Module]:
+    """Run the block with every submodule of ``model`` in eval mode, then give each submodule
+    back its own previous mode (also when the block raises)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _like(target: Any, host: np.ndarray) -> Any:

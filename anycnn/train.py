@@ -1,4 +1,5 @@
-"""Training and evaluation loops: :class:`Trainer`, :func:`evaluate`, :func:`predict`.
+"""Training and evaluation loops: :class:`Trainer`, :func:`evaluate` (and :func:`predict`, from
+:mod:`anycnn.inference`).
 
 One training step is ``zero_grad → forward → loss → backward → optimizer.step``. Metrics are summed
 on the device and read back to the host only every ``sync_every`` steps (1 on CPU backends, where
@@ -13,19 +14,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .backend import namespace_of, to_numpy
 from .errors import CheckpointError, ConfigError, TrainingError
+from .inference import predict, predict_proba, predict_topk
 from .losses import SoftmaxCrossEntropy
-from .module import Module
+from .metrics import ClassificationMetrics, check_top_k
+from .module import Module, eval_mode
+
+__all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "predict_topk"]
 
 
 @dataclass
@@ -73,35 +78,61 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
                 dynamic_ncols=True, disable=None if enabled else True)
 
 
-def evaluate(model: Module, loader, loss_fn=None, progress: bool = False) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (in eval mode; mode restored)."""
+def _on_host(x: Any) -> bool:
+    """True when ``x`` lives in host memory (reading it back costs nothing)."""
+    return "cpu" in str(getattr(x, "device", "cpu")).lower()
+
+
+def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
+             top_k: int | Iterable[int] = (), confusion: bool = False,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
+    submodule's mode is restored).
+
+    Args:
+        model: maps each batch's images to logits ``(N, K)``.
+        loader: yields ``(images, labels)`` batches (e.g. a :class:`DataLoader`).
+        loss_fn: default :class:`~anycnn.losses.SoftmaxCrossEntropy` (which then checks label
+            ranges on the host only on CPU backends, so a GPU is not synchronised per batch).
+        progress: show a tqdm bar.
+        top_k: ``k`` values for top-k accuracy, e.g. ``(1, 5)``; ``k`` larger than ``K`` is a
+            :class:`~anycnn.errors.ConfigError`.
+        confusion: also return the confusion matrix and the per-class accuracy.
+        class_names: names of the ``K`` classes (default ``"0"``, ``"1"``, ...), e.g.
+            ``load_dataset(...).class_names``.
+
+    Returns:
+        ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
+        ``"top_k_accuracy"`` (``{k: fraction}``) when ``top_k`` is given, and with
+        ``confusion`` ``"confusion_matrix"`` (``int64 (K, K)``, rows true class, columns
+        predicted), ``"per_class_accuracy"`` (``float64 (K,)``, NaN for a class with no
+        examples), ``"per_class_count"`` (``int64 (K,)``) and ``"class_names"``. Conventions
+        (ties, NaN) are in :mod:`anycnn.metrics`. All sums stay on the device until the end.
+    """
+    own_loss = loss_fn is None
     loss_fn = loss_fn or SoftmaxCrossEntropy()
-    was_training = model.training
-    model.eval()
+    top_k = check_top_k(top_k)
+    metrics = (ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
     sums = _Sums()
-    try:
-        with _progress(len(loader), "eval", progress) as bar:
-            for x, y in loader:
-                logits = model.forward(x)
-                sums.add(loss_fn.forward(logits, y), logits, y)
-                bar.update()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _progress(len(loader), "eval", progress) as bar:
+        for x, y in loader:
+            if own_loss:
+                loss_fn.check_labels = _on_host(x)
+            logits = model.forward(x)
+            sums.add(loss_fn.forward(logits, y), logits, y)
+            if metrics is not None:
+                metrics.update(logits, y)
+            bar.update()
     loss, accuracy = sums.means()
-    return {"loss": loss, "accuracy": accuracy, "count": sums.seen}
-
-
-def predict(model: Module, images: Any, batch_size: int = 256) -> np.ndarray:
-    """Logits for a backend array of NHWC ``images``, as a host array ``(N, classes)``."""
-    was_training = model.training
-    model.eval()
-    n = images.shape[0]
-    try:  # explicit `...` and stops within bounds: array-api-strict refuses anything else
-        outs = [to_numpy(model.forward(images[i:min(i + batch_size, n), ...]))
-                for i in range(0, n, batch_size)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(outs, axis=0)
+    result: dict[str, Any] = {"loss": loss, "accuracy": accuracy, "count": sums.seen}
+    if metrics is not None:
+        extra = metrics.compute()
+        if top_k:
+            result["top_k_accuracy"] = extra["top_k_accuracy"]
+        if confusion:
+            result.update({k: extra[k] for k in ("confusion_matrix", "per_class_accuracy",
+                                                 "per_class_count", "class_names")})
+    return result
 
 
 class Trainer:

@@ -1,7 +1,8 @@
 """Train LeNet-5 on the bundled MNIST sample with the Python API, end to end.
 
 Shows: load_dataset, DataLoader, build_model, Adam with a cosine schedule, Trainer.fit with
-validation, saving and reloading a checkpoint, evaluate, and predict on a few images.
+validation, saving and reloading a checkpoint, evaluate with top-k and per-class accuracy, and
+predict / predict_topk on raw uint8 images.
 
 Run:  python examples/train_mnist.py [--epochs 3] [--limit N] [--out runs/example]
 Backend: $ANYCNN_BACKEND (default auto: CuPy with a GPU, else NumPy).
@@ -18,7 +19,7 @@ from anycnn.dataloader import DataLoader
 from anycnn.datasets import load_dataset
 from anycnn.models import build_model, model_spec
 from anycnn.schedules import make_schedule
-from anycnn.train import Trainer, evaluate, predict
+from anycnn.train import Trainer, evaluate, predict, predict_topk
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=3)
@@ -47,11 +48,13 @@ for record in trainer.fit(train_loader, val_loader, epochs=args.epochs):
 Path(args.out).mkdir(parents=True, exist_ok=True)
 path = trainer.save(Path(args.out) / "checkpoint.safetensors")
 restored, _ = load_model(path)  # rebuilt from the stored model spec, on the current backend
-result = evaluate(restored, val_loader)
-print(f"reloaded {path}: val loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
+result = evaluate(restored, val_loader, top_k=(1, 3), confusion=True, class_names=data.class_names)
+print(f"reloaded {path}: val loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+      f"top-3 {result['top_k_accuracy'][3]:.4f}, per class {result['per_class_accuracy'].round(2)}")
 
-# predict() takes backend arrays of NHWC images in [0, 1] and returns host logits.
-images = anycnn.asarray(data.val.images[:8] / 255, dtype="float32")
-guesses = predict(restored, images).argmax(axis=1)
+# predict() takes uint8 (or [0, 1] float) NHWC images, one (H, W, C) or a batch; host results.
+guesses = predict(restored, data.val.images[:8]).argmax(axis=1)
 print("predicted:", " ".join(map(str, guesses)))
 print("actual:   ", " ".join(map(str, data.val.labels[:8])))
+classes, probs = predict_topk(restored, data.val.images[0], k=3)  # one image: (3,), (3,)
+print("first image, top 3:", ", ".join(f"{c} ({p:.2f})" for c, p in zip(classes, probs)))
