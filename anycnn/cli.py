@@ -20,8 +20,23 @@ from .errors import AnycnnError, ConfigError
 EXIT_USAGE = 2
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, unless it has none or states it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is none for none in (None, False, argparse.SUPPRESS)) or (
+                "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line with our prefix."""
+    """argparse that reports errors as one line with our prefix, and shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
@@ -40,32 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="anycnn", description="Train and evaluate CNNs on any array backend.")
     parser.add_argument("--version", action="version", version=f"anycnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model and write a checkpoint and history")
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}")
     t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
+    t.add_argument("--batch-size", type=int, default=64, help="images per step")
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default 0.9; only for --optimizer sgd)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 (sgd, adam) or "
+                   "decoupled (adamw) weight decay")
     t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="share of each target spread over all classes")
+    t.add_argument("--seed", type=int, default=0,
+                   help="initial weights and the shuffling order")
     t.add_argument("--limit", type=int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
-    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="floating-point precision of weights and activations")
     t.add_argument("--device-resident", action="store_true",
                    help="keep the dataset on the device (GPU) and batch there")
     t.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
-                   help="on a NaN/inf loss: stop (default) or skip that step")
+                   help="on a NaN/inf loss: stop, or skip that step")
     t.add_argument("--out", default=None, help="output folder (default runs/<model>-<dataset>)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.safetensors")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (a file, or a run folder), else from "
+                   "OUT/checkpoint.safetensors; OUT defaults to the checkpoint's folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _backend_option(t)
 
@@ -73,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("--dataset", default=None, help="default: the one it was trained on")
-    e.add_argument("--data-dir")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--data-dir", help="folder holding the dataset's files (default: the one "
+                   "it was trained with)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="which split to evaluate")
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     e.add_argument("--top-k", default=None, metavar="K[,K...]",
                    help="top-k accuracies to report (default: 1,5, or 1 with fewer than 5 "
                    "classes)")
@@ -94,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "confusion matrix from the output of evaluate --json")
     p.add_argument("history", metavar="FILE",
                    help="a history.json, or a file holding the output of anycnn evaluate --json")
-    p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("-o", "--output", default="curves.png",
+                   help="image file to write (.png unless it ends in .svg or .pdf)")
 
     b = sub.add_parser("bench", help="time training steps against PyTorch")
     from .bench import add_arguments
@@ -165,7 +189,10 @@ def cmd_train(args) -> int:
                           f"{', '.join(optim.OPTIMIZERS)}")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-    out = Path(args.out or f"runs/{args.model}-{args.dataset}")
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
+                          "would ignore it")
+    out, resume_from = _output_folder(args)
     ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
     spec_check = model_spec(args.model)  # validate the name before loading data
     if args.limit is not None and args.limit < 1:
@@ -173,6 +200,13 @@ def cmd_train(args) -> int:
     make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
     if args.lr is not None and not 0 < args.lr < float("inf"):
         raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
+    # the values used, as recorded in checkpoints and compared on --resume
+    if args.lr is None:
+        args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
+    if args.momentum is None and args.optimizer == "sgd":
+        args.momentum = 0.9
+    if resume_from is not None:
+        _check_resume(args, resume_from)
     data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
@@ -182,14 +216,14 @@ def cmd_train(args) -> int:
         data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
     h, _w, c = data.image_shape
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
-    _say(args.quiet, f"anycnn {__version__}: backend {backend.name} on {backend.device} "
-         f"({backend.reason}); dataset {data.name} ({len(data.train)} train / "
-         f"{len(data.val)} val, {data.source}); model {args.model}")
+    how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
+    _say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}); "
+         f"{data.name}: {len(data.train)} train / {len(data.val)} val; model {args.model}")
     random.manual_seed(args.seed)
     model = build_model(spec)
     if args.dtype != "float32":
         model.to(args.dtype)
-    lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3)
+    lr = args.lr
     opt_kwargs = {"weight_decay": args.weight_decay}
     if args.optimizer == "sgd":
         opt_kwargs["momentum"] = args.momentum
@@ -201,11 +235,9 @@ def cmd_train(args) -> int:
                       checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                       progress=not args.quiet,
                       config={k: v for k, v in vars(args).items() if k != "func"})
-    if args.resume:
-        if not ckpt_path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        trainer.resume(ckpt_path)
-        _say(args.quiet, f"resumed from {ckpt_path} at epoch {trainer.epoch + 1}, "
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        _say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
              f"step {trainer.step}")
     out.mkdir(parents=True, exist_ok=True)
     loader_opts = dict(device_resident=args.device_resident, dtype=args.dtype)
@@ -241,6 +273,56 @@ def cmd_train(args) -> int:
     print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
           f"checkpoint {ckpt_path}; history {history_path}")
     return 0
+
+
+def _output_folder(args) -> tuple[Path, Path | None]:
+    """(the run's output folder, the checkpoint to resume from or None), checked.
+
+    ``--resume`` alone resumes from ``OUT/checkpoint.safetensors``; ``--resume PATH`` from PATH
+    (a checkpoint file, or a run folder holding one), and OUT then defaults to its folder.
+    """
+    resume = None
+    if args.resume is not None:
+        given = Path(args.resume or args.out or f"runs/{args.model}-{args.dataset}")
+        resume = given / "checkpoint.safetensors" if given.is_dir() else given
+        if not resume.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {resume}")
+    out = Path(args.out) if args.out else (
+        resume.parent if resume is not None else Path(f"runs/{args.model}-{args.dataset}"))
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {out}: {folder} is a file, not a directory")
+    return out, resume
+
+
+#: settings that define the training data: a resumed run must use the same
+_DATA_SETTINGS = ("dataset", "limit")
+
+#: hyperparameters a resumed run may change (the user is warned, old -> new)
+_TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                     "schedule", "label_smoothing", "seed", "dtype", "on_nan")
+
+
+def _check_resume(args, path: Path) -> None:
+    """Refuse to resume ``path`` on other data; warn about changed settings, old -> new."""
+    from .checkpoint import load_checkpoint
+
+    saved = load_checkpoint(path)
+    config = saved.extra.get("config") if isinstance(saved.extra, dict) else None
+    if not isinstance(config, dict):
+        return  # saved from Python: nothing recorded to compare with
+    for key in _DATA_SETTINGS:
+        if key in config and config[key] != getattr(args, key):
+            raise ConfigError(
+                f"--resume: {path} was trained with --{key.replace('_', '-')} {config[key]}, "
+                f"not {getattr(args, key)}; resume with the same data, or start a new run "
+                "with another --out")
+    changed = [f"{key.replace('_', '-')} {config[key]} -> {getattr(args, key)}"
+               for key in _TUNABLE_SETTINGS
+               if key in config and config[key] != getattr(args, key)]
+    if changed:
+        print(f"anycnn: warning: resuming {path} with changed settings: {', '.join(changed)}",
+              file=sys.stderr)
 
 
 def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
@@ -370,7 +452,11 @@ def tune_blas_threads() -> None:
 def main(argv: list[str] | None = None) -> int:
     tune_blas_threads()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # `anycnn` alone: say what it can do
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         return COMMANDS[args.command](args)
     except AnycnnError as exc:
         print(f"anycnn: error: {_one_line(str(exc))}", file=sys.stderr)

@@ -954,6 +954,9 @@ def test_cli_huge_learning_rate_stops_with_one_line(isolated_env, tiny_data, cap
     # resume for a second epoch with an absurd learning rate: the loss becomes NaN
     argv[argv.index("--epochs") + 1] = "2"
     rc, _, err = run_main([*argv, "--resume", "--lr", "1e30"], capsys)
+    warning, err = err.split("\n", 1)
+    assert warning == (f"anycnn: warning: resuming {ckpt_path} with changed settings: "
+                       "epochs 1 -> 2, lr 0.001 -> 1e+30")
     assert_one_line_error(rc, err, "loss became", "at epoch 2, step",
                           f"Last good checkpoint: {ckpt_path}")
     assert ckpt_path.read_bytes() == good
@@ -961,7 +964,7 @@ def test_cli_huge_learning_rate_stops_with_one_line(isolated_env, tiny_data, cap
     assert ckpt.epoch == 1 and all(np.isfinite(t).all() for t in ckpt.tensors.values())
     # with --on-nan skip the diverged epoch is still never checkpointed
     rc, _, err = run_main([*argv, "--resume", "--lr", "1e30", "--on-nan", "skip"], capsys)
-    assert_one_line_error(rc, err, "validation loss became", "after epoch 2")
+    assert_one_line_error(rc, err.split("\n", 1)[1], "validation loss became", "after epoch 2")
     assert ckpt_path.read_bytes() == good
     # resuming with the intended learning rate gives the uninterrupted run, bit for bit
     rc, _, err = run_main([*argv, "--resume"], capsys)
