@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="raise the lr linearly over the first N steps (default: 0)")
+    t.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better --monitor (default: off)")
+    t.add_argument("--monitor", default="val_loss",
+                   help="metric for --early-stop and best.safetensors (default: val_loss; "
+                   "or val_accuracy, train_loss, train_accuracy)")
+    t.add_argument("--min-delta", type=float, default=0.0,
+                   help="smallest change --early-stop counts as better (default: 0)")
+    t.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also print a line every N steps (default: 0, off)")
     _backend_option(t)
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint")
@@ -139,8 +150,41 @@ def _write_json_atomic(path: Path, data) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def _check_train_options(args) -> None:
+    """The options of ``train`` added for callbacks, checked before any data is loaded."""
+    import dataclasses
+    import math
+
+    from .train import EpochRecord
+
+    for option, value in (("--warmup-steps", args.warmup_steps), ("--log-every", args.log_every),
+                          ("--early-stop", args.early_stop)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{option} must be >= 0, got {value}")
+    monitors = [f.name for f in dataclasses.fields(EpochRecord)
+                if "loss" in f.name or "accuracy" in f.name]
+    if args.monitor not in monitors:
+        raise ConfigError(f"--monitor must be one of {', '.join(monitors)}, got {args.monitor!r}")
+    if not (math.isfinite(args.min_delta) and args.min_delta >= 0):
+        raise ConfigError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    if args.min_delta and args.early_stop is None:
+        raise ConfigError("--min-delta only applies to --early-stop: add --early-stop PATIENCE")
+
+
+def _history_file(path: Path):
+    """A callback that rewrites ``history.json`` (atomically) after every epoch."""
+    from .callbacks import Callback
+
+    class HistoryFile(Callback):
+        def on_epoch_end(self, trainer, epoch, record) -> None:
+            _write_json_atomic(path, trainer.history)
+
+    return HistoryFile()
+
+
 def cmd_train(args) -> int:
     from . import optim, random
+    from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
     from .dataloader import DataLoader
     from .datasets import load_dataset
     from .models import build_model, model_spec
@@ -161,6 +205,7 @@ def cmd_train(args) -> int:
     make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
     if args.lr is not None and not 0 < args.lr < float("inf"):
         raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
+    _check_train_options(args)
     data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
@@ -184,10 +229,18 @@ def cmd_train(args) -> int:
     optimizer = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **opt_kwargs)
     from .losses import SoftmaxCrossEntropy
 
+    # after each epoch's checkpoint: best.safetensors, early stopping, the log line, history
+    best = BestCheckpoint(out / "best.safetensors", args.monitor)
+    early = (EarlyStopping(args.monitor, args.early_stop, args.min_delta)
+             if args.early_stop is not None else None)
+    callbacks = [best, *([early] if early else []),
+                 *([] if args.quiet else [ProgressLog(args.log_every)]),
+                 _history_file(history_path)]
     trainer = Trainer(model, optimizer, SoftmaxCrossEntropy(args.label_smoothing),
                       schedule=make_schedule(args.schedule, lr, args.epochs), model_spec=spec,
                       checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
-                      progress=not args.quiet,
+                      progress=not args.quiet, callbacks=callbacks,
+                      warmup_steps=args.warmup_steps,
                       config={k: v for k, v in vars(args).items() if k != "func"})
     if args.resume:
         if not ckpt_path.exists():
@@ -200,31 +253,32 @@ def cmd_train(args) -> int:
     train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
                               **loader_opts)
     val_loader = DataLoader(data.val, 256, **loader_opts)
-    done = len(trainer.history)
+    # a run that early stopping ended stays ended when resumed with the same options
+    ended = early is not None and trainer.step == 0 and bool(trainer.history) and \
+        early.review(trainer.history)
     import numpy as np
 
     # NumPy's overflow warnings would bury the one-line NaN report; the trainer checks the loss
     with _StopOnSignal(trainer) as stopper, np.errstate(over="ignore", invalid="ignore",
                                                          divide="ignore"):
-        while trainer.epoch < args.epochs and not trainer.stopped:
-            trainer.fit(train_loader, val_loader, epochs=trainer.epoch + 1)
-            for rec in trainer.history[done:]:
-                _say(args.quiet, f"epoch {rec['epoch']}/{args.epochs}: train loss "
-                     f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f} | val loss "
-                     f"{rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f} | "
-                     f"{rec['images_per_s']:.0f} img/s, {rec['seconds']:.1f} s")
-                _write_json_atomic(history_path, trainer.history)
-            done = len(trainer.history)
-        if trainer.stopped:  # saved with the handlers still on: a second signal exits at once
-            trainer.save(ckpt_path)
-    if trainer.stopped:
+        if trainer.epoch < args.epochs and not ended:
+            trainer.fit(train_loader, val_loader, epochs=args.epochs)
+        if stopper.signum is not None:  # saved with the handlers still on: a second signal
+            trainer.save(ckpt_path)     # exits at once
+    if stopper.signum is not None:
         print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
               f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
               "plus --resume", file=sys.stderr)
-        return 128 + (stopper.signum or signal.SIGINT)
+        return 128 + stopper.signum
     if trainer.skipped_steps:
         print(f"anycnn: warning: {trainer.skipped_steps} step(s) skipped because the loss was "
               "NaN or infinite (--on-nan skip)", file=sys.stderr)
+    if early is not None and early.stopped_epoch is not None:
+        print(f"early stopping at epoch {early.stopped_epoch} (best epoch {early.best_epoch}, "
+              f"{args.monitor} {early.best:.4f})")
+    if best.review(trainer.history) is not None:
+        _say(args.quiet, f"best {args.monitor} {best.best:.4f} at epoch {best.best_epoch}: "
+             f"{best.path}")
     last = trainer.history[-1]
     print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
           f"checkpoint {ckpt_path}; history {history_path}")
