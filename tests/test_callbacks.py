@@ -221,9 +221,18 @@ def test_early_stopping_stops_after_patience(backend, small, min_delta, stop_epo
 
 def test_early_stopping_with_patience_zero_stops_at_the_first_flat_epoch(backend, small):
     early = EarlyStopping("lr", patience=0, mode="max")
-    trainer = make_trainer(schedule=Schedule([0.01, 0.02, 0.02, 0.03]), callbacks=[early])
-    trainer.fit(train_loader(small), epochs=4)
+    trainer = make_trainer(schedule=Schedule([0.01, 0.02, 0.02, 0.03, 0.03]), callbacks=[early])
+    trainer.fit(train_loader(small), epochs=5)
     assert early.stopped_epoch == 3 and len(trainer.history) == 3
+
+
+def test_a_stop_asked_at_the_last_epoch_does_not_block_the_next_fit(backend, small):
+    early = EarlyStopping("lr", patience=0, mode="max")
+    trainer = make_trainer(schedule=Schedule([0.01, 0.02, 0.02, 0.03]), callbacks=[early])
+    trainer.fit(train_loader(small), epochs=3)
+    assert early.stopped_epoch == 3 and trainer.stopped.startswith("early stopping")
+    trainer.fit(train_loader(small), more_epochs=1)  # epoch 4 improves: no stop
+    assert len(trainer.history) == 4 and trainer.stopped is None
 
 
 def test_early_stopping_on_val_loss_restores_the_best_weights(backend, small, tmp_path):

@@ -118,6 +118,64 @@ def test_train_other_options(capsys, tmp_path):
     assert json.loads((tmp_path / "sgd" / "history.json").read_text())[0]["lr"] == 0.05
 
 
+def test_train_early_stop_prints_one_line_exits_0_and_stays_stopped(capsys, tmp_path):
+    from anycnn.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    argv = ["train", *QUICK, "--epochs", "4", "--early-stop", "1", "--min-delta", "100",
+            "--out", run]  # only epoch 1 counts as better: stops after epoch 2
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    history = json.loads((run / "history.json").read_text())
+    line = (f"early stopping at epoch 2 (best epoch 1, val_loss "
+            f"{history[0]['val_loss']:.4f})")
+    assert line in out.splitlines() and len(history) == 2
+    assert out.strip().splitlines()[-1].startswith("final validation accuracy")
+    assert "interrupted" not in err
+    losses = [r["val_loss"] for r in history]  # best.safetensors ignores --min-delta
+    assert load_checkpoint(run / "best.safetensors").epoch == losses.index(min(losses)) + 1
+    saved = (run / "checkpoint.safetensors").read_bytes()
+    # resuming an early-stopped run trains nothing and says so again
+    code, out, err = cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert line in out.splitlines()
+    assert (run / "checkpoint.safetensors").read_bytes() == saved
+    assert len(json.loads((run / "history.json").read_text())) == 2
+
+
+def test_train_monitor_chooses_what_best_safetensors_keeps(capsys, tmp_path):
+    from anycnn.checkpoint import load_checkpoint
+
+    code, out, err = cli(capsys, "train", "--epochs", "2", "--limit", "256", "--monitor",
+                         "train_loss", "--out", tmp_path / "run")
+    assert code == 0, err
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    losses = [r["train_loss"] for r in history]
+    best = losses.index(min(losses)) + 1
+    assert f"best train_loss {min(losses):.4f} at epoch {best}: " in out
+    assert load_checkpoint(tmp_path / "run" / "best.safetensors").epoch == best
+
+
+def test_train_piped_logs_lines_not_bars_with_warmup(tmp_path):
+    """Not on a terminal: no progress bars, one line per epoch, --log-every step lines."""
+    from anycnn.schedules import Cosine
+
+    run = python_m_anycnn("train", "--epochs", "2", "--limit", "256", "--batch-size", "64",
+                          "--log-every", "2", "--warmup-steps", "8", "--out", "run",
+                          cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "%|" not in run.stderr and "it/s" not in run.stderr
+    lines = run.stdout.splitlines()
+    for e in (1, 2):
+        assert [line[:14] for line in lines if line.startswith(f"epoch {e}/2 step")] == \
+            [f"epoch {e}/2 step 2/4"[:14], f"epoch {e}/2 step 4/4"[:14]]
+        assert sum(line.startswith(f"epoch {e}/2: train loss") for line in lines) == 1
+    assert "epoch" not in run.stderr
+    # 4 steps per epoch: epoch 1 ends at step 4 of the 8-step ramp, epoch 2 at the schedule
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["lr"] for r in history] == [1e-3 * 4 / 8, Cosine(1e-3, 2)(1)]
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate, info, plot
 
@@ -196,6 +254,17 @@ MISTAKES = {
     "unknown command": (["fit"], ["invalid choice", "'fit'"]),
     "no command": ([], ["required"]),
     "missing history": (["plot", "nothing.json"], ["nothing.json"]),
+    "negative patience": (["train", "--early-stop", "-1"], ["--early-stop must be >= 0", "-1"]),
+    "unknown monitor": (["train", "--monitor", "val_acc"],
+                        ["--monitor must be one of", "val_loss", "val_accuracy", "'val_acc'"]),
+    "negative min delta": (["train", "--early-stop", "2", "--min-delta", "-0.1"],
+                           ["--min-delta must be a finite number >= 0"]),
+    "nan min delta": (["train", "--early-stop", "2", "--min-delta", "nan"], ["--min-delta"]),
+    "min delta alone": (["train", "--min-delta", "0.1"], ["--min-delta only applies to",
+                                                          "--early-stop"]),
+    "negative warmup": (["train", "--warmup-steps", "-5"], ["--warmup-steps must be >= 0"]),
+    "negative log every": (["train", "--log-every", "-1"], ["--log-every must be >= 0"]),
+    "patience word": (["train", "--early-stop", "three"], ["invalid int value: 'three'"]),
 }
 
 
