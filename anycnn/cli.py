@@ -68,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoint.safetensors")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.add_argument("--warmup-steps", type=int, default=0, metavar="N",
-                   help="raise the lr linearly over the first N steps (default: 0)")
+                   help="ramp the lr up linearly over the first N steps (default: 0)")
     t.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better --monitor (default: off)")
-    t.add_argument("--monitor", default="val_loss",
+    t.add_argument("--monitor", default="val_loss", metavar="KEY",
                    help="metric for --early-stop and best.safetensors (default: val_loss; "
                    "or val_accuracy, train_loss, train_accuracy)")
-    t.add_argument("--min-delta", type=float, default=0.0,
+    t.add_argument("--min-delta", type=float, default=0.0, metavar="X",
                    help="smallest change --early-stop counts as better (default: 0)")
     t.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also print a line every N steps (default: 0, off)")
@@ -169,6 +169,8 @@ def _check_train_options(args) -> None:
         raise ConfigError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
     if args.min_delta and args.early_stop is None:
         raise ConfigError("--min-delta only applies to --early-stop: add --early-stop PATIENCE")
+    if args.log_every and args.quiet:
+        raise ConfigError("--log-every prints lines that --quiet turns off: drop one of them")
 
 
 def _history_file(path: Path):

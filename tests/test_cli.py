@@ -264,6 +264,7 @@ MISTAKES = {
                                                           "--early-stop"]),
     "negative warmup": (["train", "--warmup-steps", "-5"], ["--warmup-steps must be >= 0"]),
     "negative log every": (["train", "--log-every", "-1"], ["--log-every must be >= 0"]),
+    "log every and quiet": (["train", "--log-every", "5", "--quiet"], ["--log-every", "--quiet"]),
     "patience word": (["train", "--early-stop", "three"], ["invalid int value: 'three'"]),
 }
 
