@@ -378,11 +378,11 @@ class Trainer:
                         self._check_finite(total, last_checked + 1, self.step)
                     last_checked = self.step
                     rate = (seen - seen_before) / max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
-                                    acc=f"{correct / max(seen, 1):.4f}",
-                                    img_s=f"{rate:.0f}", refresh=False)
                     logs.update(synced=True, train_loss=total / max(seen, 1),
                                 train_accuracy=correct / max(seen, 1), images_per_s=rate)
+                    bar.set_postfix(loss=f"{logs['train_loss']:.4f}",
+                                    acc=f"{logs['train_accuracy']:.4f}",
+                                    img_s=f"{rate:.0f}", refresh=False)
                 bar.update()
                 for cb in hooks:
                     cb.on_step_end(self, self.step, logs)
