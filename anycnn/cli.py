@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="anycnn", description="Train and evaluate CNNs on any array backend.")
     parser.add_argument("--version", action="version", version=f"anycnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = sub.choices  # name -> its parser
 
     t = sub.add_parser("train", help="train a model and write a checkpoint and history")
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}")
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from CHECKPOINT (a file, or a run folder), else from "
                    "OUT/checkpoint.safetensors; OUT defaults to the checkpoint's folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="ramp the lr up linearly over the first N steps (default: 0)")
+    t.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better --monitor (default: off)")
+    t.add_argument("--monitor", default="val_loss", metavar="KEY",
+                   help="metric for --early-stop and best.safetensors (default: val_loss; "
+                   "or val_accuracy, train_loss, train_accuracy)")
+    t.add_argument("--min-delta", type=float, default=0.0, metavar="X",
+                   help="smallest change --early-stop counts as better (default: 0)")
+    t.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also print a line every N steps (default: 0, off)")
     _backend_option(t)
 
     e = sub.add_parser("evaluate", help="loss, accuracy, top-k and per-class accuracy of a "
@@ -175,8 +188,43 @@ def _write_json_atomic(path: Path, data) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def _check_train_options(args) -> None:
+    """The options of ``train`` added for callbacks, checked before any data is loaded."""
+    import dataclasses
+    import math
+
+    from .train import EpochRecord
+
+    for option, value in (("--warmup-steps", args.warmup_steps), ("--log-every", args.log_every),
+                          ("--early-stop", args.early_stop)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{option} must be >= 0, got {value}")
+    monitors = [f.name for f in dataclasses.fields(EpochRecord)
+                if "loss" in f.name or "accuracy" in f.name]
+    if args.monitor not in monitors:
+        raise ConfigError(f"--monitor must be one of {', '.join(monitors)}, got {args.monitor!r}")
+    if not (math.isfinite(args.min_delta) and args.min_delta >= 0):
+        raise ConfigError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    if args.min_delta and args.early_stop is None:
+        raise ConfigError("--min-delta only applies to --early-stop: add --early-stop PATIENCE")
+    if args.log_every and args.quiet:
+        raise ConfigError("--log-every prints lines that --quiet turns off: drop one of them")
+
+
+def _history_file(path: Path):
+    """A callback that rewrites ``history.json`` (atomically) after every epoch."""
+    from .callbacks import Callback
+
+    class HistoryFile(Callback):
+        def on_epoch_end(self, trainer, epoch, record) -> None:
+            _write_json_atomic(path, trainer.history)
+
+    return HistoryFile()
+
+
 def cmd_train(args) -> int:
     from . import optim, random
+    from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
     from .dataloader import DataLoader
     from .datasets import load_dataset
     from .models import build_model, model_spec
@@ -184,6 +232,9 @@ def cmd_train(args) -> int:
     from .train import Trainer
 
     backend = _select_backend(args.backend)
+    out, resume_from = _output_folder(args)
+    if resume_from is not None:
+        _settings_from_checkpoint(args, resume_from)
     if args.optimizer not in optim.OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
                           f"{', '.join(optim.OPTIMIZERS)}")
@@ -192,7 +243,6 @@ def cmd_train(args) -> int:
     if args.momentum is not None and args.optimizer != "sgd":
         raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
                           "would ignore it")
-    out, resume_from = _output_folder(args)
     ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
     spec_check = model_spec(args.model)  # validate the name before loading data
     if args.limit is not None and args.limit < 1:
@@ -205,8 +255,7 @@ def cmd_train(args) -> int:
         args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
     if args.momentum is None and args.optimizer == "sgd":
         args.momentum = 0.9
-    if resume_from is not None:
-        _check_resume(args, resume_from)
+    _check_train_options(args)
     data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
@@ -230,11 +279,19 @@ def cmd_train(args) -> int:
     optimizer = optim.OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **opt_kwargs)
     from .losses import SoftmaxCrossEntropy
 
+    # after each epoch's checkpoint: best.safetensors, early stopping, the log line, history
+    best = BestCheckpoint(out / "best.safetensors", args.monitor)
+    early = (EarlyStopping(args.monitor, args.early_stop, args.min_delta)
+             if args.early_stop is not None else None)
+    callbacks = [best, *([early] if early else []),
+                 *([] if args.quiet else [ProgressLog(args.log_every)]),
+                 _history_file(history_path)]
     trainer = Trainer(model, optimizer, SoftmaxCrossEntropy(args.label_smoothing),
                       schedule=make_schedule(args.schedule, lr, args.epochs), model_spec=spec,
                       checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
-                      progress=not args.quiet,
-                      config={k: v for k, v in vars(args).items() if k != "func"})
+                      progress=not args.quiet, callbacks=callbacks,
+                      warmup_steps=args.warmup_steps,
+                      config={k: v for k, v in vars(args).items() if k not in ("func", "given")})
     if resume_from is not None:
         trainer.resume(resume_from)
         _say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
@@ -244,31 +301,36 @@ def cmd_train(args) -> int:
     train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
                               **loader_opts)
     val_loader = DataLoader(data.val, 256, **loader_opts)
-    done = len(trainer.history)
+    # a run that early stopping ended stays ended when resumed with the same options
+    ended = early is not None and trainer.step == 0 and bool(trainer.history) and \
+        early.review(trainer.history)
     import numpy as np
 
     # NumPy's overflow warnings would bury the one-line NaN report; the trainer checks the loss
     with _StopOnSignal(trainer) as stopper, np.errstate(over="ignore", invalid="ignore",
                                                          divide="ignore"):
-        while trainer.epoch < args.epochs and not trainer.stopped:
-            trainer.fit(train_loader, val_loader, epochs=trainer.epoch + 1)
-            for rec in trainer.history[done:]:
-                _say(args.quiet, f"epoch {rec['epoch']}/{args.epochs}: train loss "
-                     f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f} | val loss "
-                     f"{rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f} | "
-                     f"{rec['images_per_s']:.0f} img/s, {rec['seconds']:.1f} s")
-                _write_json_atomic(history_path, trainer.history)
-            done = len(trainer.history)
-        if trainer.stopped:  # saved with the handlers still on: a second signal exits at once
-            trainer.save(ckpt_path)
-    if trainer.stopped:
+        if trainer.epoch < args.epochs and not ended:
+            trainer.fit(train_loader, val_loader, epochs=args.epochs)
+        elif not ended:
+            print(f"anycnn: nothing to train: {resume_from} has completed {trainer.epoch} of "
+                  f"{args.epochs} epochs; pass --epochs N (N > {trainer.epoch}) to train more",
+                  file=sys.stderr)
+        if stopper.signum is not None:  # saved with the handlers still on: a second signal
+            trainer.save(ckpt_path)     # exits at once
+    if stopper.signum is not None:
         print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
               f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
               "plus --resume", file=sys.stderr)
-        return 128 + (stopper.signum or signal.SIGINT)
+        return 128 + stopper.signum
     if trainer.skipped_steps:
         print(f"anycnn: warning: {trainer.skipped_steps} step(s) skipped because the loss was "
               "NaN or infinite (--on-nan skip)", file=sys.stderr)
+    if early is not None and early.stopped_epoch is not None:
+        print(f"early stopping at epoch {early.stopped_epoch} (best epoch {early.best_epoch}, "
+              f"{args.monitor} {early.best:.4f})")
+    if best.review(trainer.history) is not None:
+        _say(args.quiet, f"best {args.monitor} {best.best:.4f} at epoch {best.best_epoch}: "
+             f"{best.path}")
     last = trainer.history[-1]
     print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
           f"checkpoint {ckpt_path}; history {history_path}")
@@ -296,33 +358,56 @@ def _output_folder(args) -> tuple[Path, Path | None]:
 
 
 #: settings that define the training data: a resumed run must use the same
-_DATA_SETTINGS = ("dataset", "limit")
+_DATA_SETTINGS = ("model", "dataset", "data_dir", "limit")
 
 #: hyperparameters a resumed run may change (the user is warned, old -> new)
 _TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                     "schedule", "label_smoothing", "seed", "dtype", "on_nan")
+                     "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
+                     "early_stop", "monitor", "min_delta", "device_resident")
 
 
-def _check_resume(args, path: Path) -> None:
-    """Refuse to resume ``path`` on other data; warn about changed settings, old -> new."""
+def _settings_from_checkpoint(args, path: Path) -> None:
+    """Take the run's settings from the checkpoint to resume, unless given on the command line.
+
+    A given setting that differs is refused when it changes the data or the model
+    (:data:`_DATA_SETTINGS`), and listed old -> new in a warning otherwise. Display options
+    (``--quiet``, ``--log-every``) and ``--backend`` are never taken from the checkpoint.
+    """
     from .checkpoint import load_checkpoint
 
     saved = load_checkpoint(path)
     config = saved.extra.get("config") if isinstance(saved.extra, dict) else None
     if not isinstance(config, dict):
         return  # saved from Python: nothing recorded to compare with
-    for key in _DATA_SETTINGS:
-        if key in config and config[key] != getattr(args, key):
-            raise ConfigError(
-                f"--resume: {path} was trained with --{key.replace('_', '-')} {config[key]}, "
-                f"not {getattr(args, key)}; resume with the same data, or start a new run "
-                "with another --out")
-    changed = [f"{key.replace('_', '-')} {config[key]} -> {getattr(args, key)}"
-               for key in _TUNABLE_SETTINGS
-               if key in config and config[key] != getattr(args, key)]
+    given = getattr(args, "given", None)  # None: every setting counts as given
+    changed = []
+    for key in (*_DATA_SETTINGS, *_TUNABLE_SETTINGS):
+        if key not in config:
+            continue
+        if given is not None and key not in given:
+            setattr(args, key, config[key])
+        elif config[key] != getattr(args, key):
+            option = "--" + key.replace("_", "-")
+            if key in _DATA_SETTINGS:
+                raise ConfigError(
+                    f"--resume: {path} was trained with {option} {config[key]}, not "
+                    f"{getattr(args, key)}; resume with the same data and model, or start a "
+                    "new run with another --out")
+            changed.append(f"{option[2:]} {config[key]} -> {getattr(args, key)}")
     if changed:
         print(f"anycnn: warning: resuming {path} with changed settings: {', '.join(changed)}",
               file=sys.stderr)
+
+
+def _given_options(argv: list[str] | None, args: argparse.Namespace) -> frozenset[str]:
+    """The destinations of the options that ``argv`` sets for ``args.command`` (the others
+    hold their defaults): parsed again with every default replaced by a marker."""
+    unset = object()
+    probe = build_parser()
+    probe.commands[args.command].set_defaults(
+        **{dest: unset for dest in vars(args) if dest != "command"})
+    given = vars(probe.parse_args(argv))
+    return frozenset(k for k, v in given.items() if v is not unset) - {"command"}
 
 
 def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
@@ -457,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:  # `anycnn` alone: say what it can do
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        args.given = _given_options(argv, args)
         return COMMANDS[args.command](args)
     except AnycnnError as exc:
         print(f"anycnn: error: {_one_line(str(exc))}", file=sys.stderr)

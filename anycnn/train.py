@@ -6,16 +6,20 @@ on the device and read back to the host only every ``sync_every`` steps (1 on CP
 it is free; more on a GPU so the device never waits for the host) and at the end of each epoch.
 
 A run can stop cleanly between two steps (:meth:`Trainer.request_stop`, used by the CLI's signal
-handlers), and a checkpoint records the epoch, the step inside it and the partial metrics, so a
-resumed run on NumPy repeats the uninterrupted run's numbers exactly.
+handlers and by callbacks such as :class:`~anycnn.callbacks.EarlyStopping`), and a checkpoint
+records the epoch, the step inside it and the partial metrics, so a resumed run on NumPy repeats
+the uninterrupted run's numbers exactly. Callbacks (:mod:`anycnn.callbacks`) run at fixed points
+of :meth:`Trainer.fit`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .backend import namespace_of, to_numpy
+from .callbacks import Callback, ProgressLog
 from .errors import CheckpointError, ConfigError, TrainingError
 from .inference import predict, predict_proba, predict_topk
 from .losses import SoftmaxCrossEntropy
@@ -35,7 +40,8 @@ __all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "pr
 
 @dataclass
 class EpochRecord:
-    """One line of ``history.json``."""
+    """One line of ``history.json``. ``lr`` is the learning rate of the epoch's last step;
+    ``val_loss``/``val_accuracy`` are None when :meth:`Trainer.fit` had no validation loader."""
 
     epoch: int
     lr: float
@@ -135,6 +141,18 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
     return result
 
 
+def _stderr_is_terminal() -> bool:
+    """What tqdm's ``disable=None`` asks: is the stream the bars would go to a terminal?"""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 class Trainer:
     """Runs epochs of training with validation, schedules, checkpoints and clean stops.
 
@@ -147,14 +165,26 @@ class Trainer:
         on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
             ``"skip"`` drops that step's update and goes on.
         sync_every: steps between host reads of the metrics (default 1 on CPU, 20 on GPU).
-        progress: show tqdm bars (they switch off by themselves when not on a terminal).
+        progress: show tqdm bars. They switch off by themselves when stderr is not a
+            terminal; one log line per epoch then goes to stderr instead (a
+            :class:`~anycnn.callbacks.ProgressLog`, unless ``callbacks`` has one already).
         config: extra JSON-able data saved in checkpoints (e.g. the CLI arguments).
+        callbacks: :class:`~anycnn.callbacks.Callback` objects run by every :meth:`fit`.
+        warmup_steps: ``N`` > 0 ramps the learning rate up over the first ``N`` training
+            steps of the run: step ``s`` (1-based, counted over all epochs; a skipped NaN step
+            counts) uses ``lr * s / N``, where ``lr`` is what the schedule gives for that
+            step's epoch (the optimizer's learning rate when this trainer was made, without a
+            schedule). From step ``N`` on the schedule alone sets it. ``s`` is derived from
+            the epoch, the step and the length of the training loader, so a resumed run
+            warms up exactly as the uninterrupted one.
     """
 
     def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
                  model_spec: dict | None = None, checkpoint_path: str | Path | None = None,
                  on_nonfinite: str = "stop", sync_every: int | None = None,
-                 progress: bool = True, config: dict | None = None) -> None:
+                 progress: bool = True, config: dict | None = None,
+                 callbacks: list[Callback] | tuple[Callback, ...] = (),
+                 warmup_steps: int = 0) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.model, self.optimizer = model, optimizer
@@ -166,27 +196,43 @@ class Trainer:
         self.sync_every = sync_every
         self.progress = progress
         self.config = config or {}
+        self.callbacks: list[Callback] = _check_callbacks(callbacks)
+        self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
+        self._base_lr = getattr(optimizer, "lr", None)  # warmup's target without a schedule
         self.epoch = 0  # index of the epoch in progress (= epochs completed when step == 0)
         self.step = 0  # batches completed inside that epoch
         self.history: list[dict] = []
         self.skipped_steps = 0
         self.last_checkpoint: Path | None = None
+        #: set by :meth:`fit` for its callbacks: the epoch count it trains up to, the
+        #: training loader's length, and whether there is validation
+        self.target_epochs = 0
+        self.steps_per_epoch = 0
+        self._validating = False
         self._partial = _Sums()
         self._stop_reason: str | None = None
         self._stop_honoured = False  # fit() has returned because of _stop_reason
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler).
+        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler
+        and from callbacks; asked at the end of an epoch, after that epoch's checkpoint).
 
-        A request made while no step runs (between two :meth:`fit` calls, or during
-        validation) makes the next :meth:`fit` return before it starts another step."""
+        A request made between two :meth:`fit` calls makes the next one return before its
+        first step; one made during an epoch's validation or end stops the run there."""
         self._stop_reason = reason
 
     @property
     def stopped(self) -> str | None:
         """Why the last :meth:`fit` returned early (or why the next one will), else None."""
         return self._stop_reason
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        """Names of the metrics the epoch records of the current :meth:`fit` hold values for
+        (``val_*`` only with a validation loader); what callbacks may monitor."""
+        return tuple(f.name for f in fields(EpochRecord) if f.name != "epoch"
+                     and (self._validating or not f.name.startswith("val_")))
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
@@ -266,70 +312,155 @@ class Trainer:
         self.optimizer.step()
         return loss, logits
 
-    def fit(self, train_loader, val_loader=None, epochs: int = 1) -> list[dict]:
-        """Train until ``epochs`` epochs are complete (counting resumed ones).
+    def _warm_up(self, s: int) -> None:
+        """Set the learning rate of run step ``s`` (1-based) while it is in the warmup."""
+        n = self.warmup_steps
+        if s > n:
+            return
+        target = float(self.schedule(self.epoch)) if self.schedule is not None else self._base_lr
+        self.optimizer.lr = target if s == n else target * s / n
+
+    def fit(self, train_loader, val_loader=None, epochs: int | None = None, *,
+            more_epochs: int | None = None,
+            callbacks: list[Callback] | tuple[Callback, ...] = ()) -> list[dict]:
+        """Train until ``epochs`` epochs of the run are complete, or ``more_epochs`` more.
+
+        ``epochs`` counts every epoch of the run, resumed ones included (Keras's ``epochs``
+        with ``initial_epoch``, Lightning's ``max_epochs``): after ``fit(epochs=3)``,
+        ``fit(epochs=5)`` trains epochs 4 and 5, and a trainer resumed from a checkpoint of
+        epoch 2 trains epoch 3 only with ``epochs=3``. ``more_epochs=k`` trains ``k`` epochs
+        from where the run is (a run stopped mid-epoch finishes that epoch as the first of
+        them). Neither given: ``epochs=1``. A call with nothing left to do (``epochs`` not
+        above the epochs already done) warns (``UserWarning``) and returns the history at
+        once, running no callback.
 
         Saves a checkpoint after each epoch when ``checkpoint_path`` is set; returns early
-        (with :attr:`stopped` set) when a stop is requested. Returns the history.
+        (with :attr:`stopped` set) when a stop is requested. ``callbacks`` run for this call
+        only, after the trainer's own (hook order in :mod:`anycnn.callbacks`). Returns the
+        history.
         """
+        if epochs is not None and more_epochs is not None:
+            raise ConfigError("fit: pass epochs (the run's total) or more_epochs, not both")
+        if more_epochs is not None:
+            target = self.epoch + _check_count("more_epochs", more_epochs, 1)
+        else:
+            target = _check_count("epochs", 1 if epochs is None else epochs, 1)
+        hooks = [*self.callbacks, *_check_callbacks(callbacks)]
         if self._stop_honoured:  # the last fit() returned because of that stop: start afresh
             self._stop_reason, self._stop_honoured = None, False
+        if self.epoch >= target:
+            warnings.warn(f"fit(epochs={target}) has nothing to do: {self.epoch} epoch(s) of "
+                          "this run are complete already (epochs counts them all, resumed ones "
+                          "included). Pass a larger epochs, or more_epochs=k to train k more.",
+                          stacklevel=2)
+            return self.history
+        if self.progress and not _stderr_is_terminal() and not any(
+                isinstance(c, ProgressLog) for c in hooks):
+            hooks.append(ProgressLog(file=sys.stderr))  # no bars: one line per epoch instead
+        self.target_epochs, self.steps_per_epoch = target, len(train_loader)
+        self._validating = val_loader is not None
         self.model.train()
-        while self.epoch < epochs:
-            if self._stop_reason:  # requested between steps (e.g. during validation)
-                self._stop_honoured = True
-                return self.history
-            if self.schedule is not None:
-                self.optimizer.lr = float(self.schedule(self.epoch))
-            train_loader.set_epoch(self.epoch)
-            start = time.perf_counter()
-            sums = self._partial
-            seen_before = sums.seen
-            with _progress(len(train_loader), f"epoch {self.epoch + 1}/{epochs}", self.progress,
-                           initial=self.step) as bar:
-                sync = None
-                last_checked = self.step
-                for x, y in _batches_from(train_loader, self.step):
-                    sync = sync or self._sync_every(x)
-                    check = self.on_nonfinite == "skip" or sync == 1
-                    loss, logits = self.train_step(x, y, check)
-                    self.step += 1
-                    if loss is not None:
-                        sums.add(loss, logits, y)
-                    if self.step % sync == 0 or self.step == len(train_loader):
-                        total, correct, seen = sums.host()
-                        if not check:
-                            self._check_finite(total, last_checked + 1, self.step)
-                        last_checked = self.step
-                        rate = (seen - seen_before) / max(time.perf_counter() - start, 1e-9)
-                        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
-                                        acc=f"{correct / max(seen, 1):.4f}",
-                                        img_s=f"{rate:.0f}", refresh=False)
-                    bar.update()
-                    if self._stop_reason:
-                        self._stop_honoured = True
-                        return self.history
-            elapsed = time.perf_counter() - start
-            train_loss, train_acc = sums.means()
-            val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
-            self.model.train()
-            if val is not None and not math.isfinite(val["loss"]):
-                # the weights are finite (or the step checks would have fired) but useless:
-                # do not let this epoch's checkpoint replace the last good one
-                raise TrainingError(
-                    f"validation loss became {val['loss']} after epoch {self.epoch + 1} "
-                    f"(step {self.step}); training stopped. Last good checkpoint: "
-                    f"{self.last_checkpoint or 'none written yet'}. Try a smaller learning rate.")
-            record = EpochRecord(
-                epoch=self.epoch + 1, lr=self.optimizer.lr, train_loss=train_loss,
-                train_accuracy=train_acc, val_loss=val and val["loss"],
-                val_accuracy=val and val["accuracy"], seconds=elapsed,
-                images_per_s=(sums.seen - seen_before) / elapsed if elapsed > 0 else math.nan)
-            self.history.append(asdict(record))
-            self.epoch, self.step, self._partial = self.epoch + 1, 0, _Sums()
-            if self.checkpoint_path is not None:
-                self.save()
+        for cb in hooks:
+            cb.on_train_begin(self)
+        while self.epoch < target and not self._honour_stop():
+            done = self._train_epoch(train_loader, hooks)
+            if done is None:  # stopped mid-epoch
+                break
+            self._end_epoch(val_loader, *done, hooks)
+        self._honour_stop()  # asked during the last epoch's end: it is honoured, not pending
+        for cb in hooks:
+            cb.on_train_end(self)
         return self.history
+
+    def _honour_stop(self) -> bool:
+        if self._stop_reason:
+            self._stop_honoured = True
+        return self._stop_honoured
+
+    def _train_epoch(self, train_loader, hooks: list[Callback]) -> tuple[float, int] | None:
+        """The steps of the epoch in progress; (seconds, images) or None if stopped inside."""
+        if self.schedule is not None:
+            self.optimizer.lr = float(self.schedule(self.epoch))
+        train_loader.set_epoch(self.epoch)
+        for cb in hooks:
+            cb.on_epoch_begin(self, self.epoch)
+        start = time.perf_counter()
+        sums = self._partial
+        seen_before = sums.seen
+        with _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.target_epochs}",
+                       self.progress, initial=self.step) as bar:
+            sync = None
+            last_checked = self.step
+            for x, y in _batches_from(train_loader, self.step):
+                sync = sync or self._sync_every(x)
+                check = self.on_nonfinite == "skip" or sync == 1
+                run_step = self.epoch * self.steps_per_epoch + self.step + 1
+                if self.warmup_steps:
+                    self._warm_up(run_step)
+                loss, logits = self.train_step(x, y, check)
+                self.step += 1
+                if loss is not None:
+                    sums.add(loss, logits, y)
+                logs = {"loss": loss, "batch_size": int(y.shape[0]), "lr": self.optimizer.lr,
+                        "global_step": run_step, "synced": False}
+                if self.step % sync == 0 or self.step == self.steps_per_epoch:
+                    total, correct, seen = sums.host()
+                    if not check:
+                        self._check_finite(total, last_checked + 1, self.step)
+                    last_checked = self.step
+                    rate = (seen - seen_before) / max(time.perf_counter() - start, 1e-9)
+                    logs.update(synced=True, train_loss=total / max(seen, 1),
+                                train_accuracy=correct / max(seen, 1), images_per_s=rate)
+                    bar.set_postfix(loss=f"{logs['train_loss']:.4f}",
+                                    acc=f"{logs['train_accuracy']:.4f}",
+                                    img_s=f"{rate:.0f}", refresh=False)
+                bar.update()
+                for cb in hooks:
+                    cb.on_step_end(self, self.step, logs)
+                if self._stop_reason:
+                    self._stop_honoured = True
+                    return None
+        return time.perf_counter() - start, sums.seen - seen_before
+
+    def _end_epoch(self, val_loader, elapsed: float, images: int,
+                   hooks: list[Callback]) -> None:
+        """Validate, record, checkpoint, then run the epoch-end callbacks."""
+        train_loss, train_acc = self._partial.means()
+        val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
+        self.model.train()
+        if val is not None and not math.isfinite(val["loss"]):
+            # the weights are finite (or the step checks would have fired) but useless:
+            # do not let this epoch's checkpoint replace the last good one
+            raise TrainingError(
+                f"validation loss became {val['loss']} after epoch {self.epoch + 1} "
+                f"(step {self.step}); training stopped. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none written yet'}. Try a smaller learning rate.")
+        record = EpochRecord(
+            epoch=self.epoch + 1, lr=self.optimizer.lr, train_loss=train_loss,
+            train_accuracy=train_acc, val_loss=val and val["loss"],
+            val_accuracy=val and val["accuracy"], seconds=elapsed,
+            images_per_s=images / elapsed if elapsed > 0 else math.nan)
+        self.history.append(asdict(record))
+        self.epoch, self.step, self._partial = self.epoch + 1, 0, _Sums()
+        if self.checkpoint_path is not None:
+            self.save()
+        for cb in hooks:
+            cb.on_epoch_end(self, self.epoch - 1, self.history[-1])
+
+
+def _check_callbacks(callbacks) -> list[Callback]:
+    """``callbacks`` as a list, refusing anything that is not a :class:`Callback`."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        raise ConfigError("callbacks must be a list of Callback objects, got one Callback; "
+                          "wrap it in [...]")
+    items = list(callbacks)
+    for c in items:
+        if not isinstance(c, Callback):
+            raise ConfigError("callbacks must be anycnn.callbacks.Callback instances, got "
+                              f"{type(c).__name__}")
+    return items
 
 
 def _batches_from(loader, start: int):

@@ -118,6 +118,64 @@ def test_train_other_options(capsys, tmp_path):
     assert json.loads((tmp_path / "sgd" / "history.json").read_text())[0]["lr"] == 0.05
 
 
+def test_train_early_stop_prints_one_line_exits_0_and_stays_stopped(capsys, tmp_path):
+    from anycnn.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    argv = ["train", *QUICK, "--epochs", "4", "--early-stop", "1", "--min-delta", "100",
+            "--out", run]  # only epoch 1 counts as better: stops after epoch 2
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    history = json.loads((run / "history.json").read_text())
+    line = (f"early stopping at epoch 2 (best epoch 1, val_loss "
+            f"{history[0]['val_loss']:.4f})")
+    assert line in out.splitlines() and len(history) == 2
+    assert out.strip().splitlines()[-1].startswith("final validation accuracy")
+    assert "interrupted" not in err
+    losses = [r["val_loss"] for r in history]  # best.safetensors ignores --min-delta
+    assert load_checkpoint(run / "best.safetensors").epoch == losses.index(min(losses)) + 1
+    saved = (run / "checkpoint.safetensors").read_bytes()
+    # resuming an early-stopped run trains nothing and says so again
+    code, out, err = cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert line in out.splitlines()
+    assert (run / "checkpoint.safetensors").read_bytes() == saved
+    assert len(json.loads((run / "history.json").read_text())) == 2
+
+
+def test_train_monitor_chooses_what_best_safetensors_keeps(capsys, tmp_path):
+    from anycnn.checkpoint import load_checkpoint
+
+    code, out, err = cli(capsys, "train", "--epochs", "2", "--limit", "256", "--monitor",
+                         "train_loss", "--out", tmp_path / "run")
+    assert code == 0, err
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    losses = [r["train_loss"] for r in history]
+    best = losses.index(min(losses)) + 1
+    assert f"best train_loss {min(losses):.4f} at epoch {best}: " in out
+    assert load_checkpoint(tmp_path / "run" / "best.safetensors").epoch == best
+
+
+def test_train_piped_logs_lines_not_bars_with_warmup(tmp_path):
+    """Not on a terminal: no progress bars, one line per epoch, --log-every step lines."""
+    from anycnn.schedules import Cosine
+
+    run = python_m_anycnn("train", "--epochs", "2", "--limit", "256", "--batch-size", "64",
+                          "--log-every", "2", "--warmup-steps", "8", "--out", "run",
+                          cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "%|" not in run.stderr and "it/s" not in run.stderr
+    lines = run.stdout.splitlines()
+    for e in (1, 2):
+        assert [line[:14] for line in lines if line.startswith(f"epoch {e}/2 step")] == \
+            [f"epoch {e}/2 step 2/4"[:14], f"epoch {e}/2 step 4/4"[:14]]
+        assert sum(line.startswith(f"epoch {e}/2: train loss") for line in lines) == 1
+    assert "epoch" not in run.stderr
+    # 4 steps per epoch: epoch 1 ends at step 4 of the 8-step ramp, epoch 2 at the schedule
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["lr"] for r in history] == [1e-3 * 4 / 8, Cosine(1e-3, 2)(1)]
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate, info, plot
 
@@ -194,8 +252,21 @@ MISTAKES = {
                                   ["--resume", "no checkpoint"]),
     "unknown option": (["train", "--epoch", "3", "--bogus"], ["unrecognized", "--bogus"]),
     "unknown command": (["fit"], ["invalid choice", "'fit'"]),
-    "no command": ([], ["required"]),
+    "momentum with adam": (["train", "--momentum", "0.5"],
+                           ["--momentum applies to --optimizer sgd only", "adam"]),
     "missing history": (["plot", "nothing.json"], ["nothing.json"]),
+    "negative patience": (["train", "--early-stop", "-1"], ["--early-stop must be >= 0", "-1"]),
+    "unknown monitor": (["train", "--monitor", "val_acc"],
+                        ["--monitor must be one of", "val_loss", "val_accuracy", "'val_acc'"]),
+    "negative min delta": (["train", "--early-stop", "2", "--min-delta", "-0.1"],
+                           ["--min-delta must be a finite number >= 0"]),
+    "nan min delta": (["train", "--early-stop", "2", "--min-delta", "nan"], ["--min-delta"]),
+    "min delta alone": (["train", "--min-delta", "0.1"], ["--min-delta only applies to",
+                                                          "--early-stop"]),
+    "negative warmup": (["train", "--warmup-steps", "-5"], ["--warmup-steps must be >= 0"]),
+    "negative log every": (["train", "--log-every", "-1"], ["--log-every must be >= 0"]),
+    "log every and quiet": (["train", "--log-every", "5", "--quiet"], ["--log-every", "--quiet"]),
+    "patience word": (["train", "--early-stop", "three"], ["invalid int value: 'three'"]),
 }
 
 
@@ -269,3 +340,99 @@ def test_bench_times_the_script_path_beside_the_command(tmp_path):
     assert row["anycnn"]["openblas_thread_timeout"] == "4"  # set by the command
     assert row["anycnn-script"]["openblas_thread_timeout"] is None
     assert row["script_ratio"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# no silent surprises: the command line says what it does and refuses what it would not do
+
+
+def test_no_command_lists_the_commands(capsys):
+    code, out, err = cli(capsys)
+    assert code == 2 and out == ""
+    for command in ("train", "evaluate", "info", "plot", "bench"):
+        assert re.search(rf"^\s+{command}\s+\S", err, re.M), (command, err)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 8)", "(default: 64)", "(default: adam)", "(default: cosine)",
+                    "(default: 0)", "(default: lenet5)", "(default 0.9; only for --optimizer sgd)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_out_under_a_file_says_it_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        code, _, err = cli(capsys, "train", *QUICK, "--out", out)
+        assert_usage_error(code, err, f"{tmp_path / 'taken'} is a file, not a directory")
+
+
+def test_start_banner_is_one_short_line(capsys):
+    code, out, _ = cli(capsys, "train", "--epochs", "1", "--limit", "64", "--backend", "numpy")
+    assert code == 0
+    banner = out.splitlines()[0]
+    assert banner.startswith("anycnn ") and "numpy on cpu (requested)" in banner
+    assert len(banner) <= 100, banner
+
+
+def test_resume_takes_a_checkpoint_or_a_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *QUICK, "--out", run)[0] == 0
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    os.chdir(other)  # OUT defaults to the checkpoint's folder, not runs/... here
+    code, _, err = cli(capsys, "train", *QUICK, "--epochs", "2", "--resume",
+                       run / "checkpoint.safetensors")
+    assert code == 0, err
+    assert len(json.loads((run / "history.json").read_text())) == 2
+    assert not (other / "runs").exists()
+    code, _, err = cli(capsys, "train", *QUICK, "--epochs", "3", "--resume", run)
+    assert code == 0, err
+    assert len(json.loads((run / "history.json").read_text())) == 3
+    code, _, err = cli(capsys, "train", *QUICK, "--resume", tmp_path / "nothing.safetensors")
+    assert_usage_error(code, err, "--resume: no checkpoint at", "nothing.safetensors")
+
+
+def test_resume_refuses_other_data_and_lists_changed_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *QUICK, "--out", run)[0] == 0
+    before = (run / "checkpoint.safetensors").read_bytes()
+    for change, words in ((["--limit", "128"], "--limit 256, not 128"),
+                          (["--dataset", "fashion-mnist"], "--dataset mnist-sample")):
+        argv = [*QUICK, "--out", run, "--resume", *change]
+        code, _, err = cli(capsys, "train", *argv)
+        assert_usage_error(code, err, words, "resume with the same data")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    code, _, err = cli(capsys, "train", *QUICK, "--out", run, "--resume", "--epochs", "2",
+                       "--lr", "0.01", "--batch-size", "32")
+    assert code == 0
+    warning, = [line for line in err.splitlines() if "warning" in line]
+    assert warning == (f"anycnn: warning: resuming {run / 'checkpoint.safetensors'} with "
+                       "changed settings: epochs 1 -> 2, batch-size 64 -> 32, lr 0.001 -> 0.01")
+
+
+def test_resume_from_a_path_keeps_the_run_settings(tmp_path, capsys):
+    """``--resume PATH`` alone continues the run as it was started (model, data, optimizer,
+    schedule); options given again override, and a finished run says there is nothing to do."""
+    run = tmp_path / "run"
+    argv = ["--model", "simple-cnn", "--optimizer", "sgd", "--lr", "0.02", "--limit", "128",
+            "--batch-size", "32", "--seed", "3", "--quiet"]
+    assert cli(capsys, "train", *argv, "--epochs", "2", "--out", tmp_path / "straight")[0] == 0
+    assert cli(capsys, "train", *argv, "--epochs", "1", "--out", run)[0] == 0
+    code, _, err = cli(capsys, "train", "--resume", run, "--epochs", "2")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "epochs 1 -> 2" in err  # nothing else changed
+    resumed = json.loads((run / "history.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == {
+            k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}
+    code, _, err = cli(capsys, "train", "--resume", run)
+    assert code == 0
+    assert "nothing to train: " in err and "completed 2 of 2 epochs" in err
+    code, _, err = cli(capsys, "train", "--resume", run, "--model", "lenet5")
+    assert_usage_error(code, err, "trained with --model simple-cnn, not lenet5")

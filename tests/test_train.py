@@ -97,8 +97,9 @@ def test_history_records(backend, small):
         assert 0 <= record["train_accuracy"] <= 1 and 0 <= record["val_accuracy"] <= 1
         assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
     assert (trainer.epoch, trainer.step) == (2, 0)
-    # fit counts epochs already done: asking for 2 again does nothing
-    assert trainer.fit(DataLoader(train_set, 64), epochs=2) == history
+    # fit counts epochs already done: asking for 2 again does nothing, and says so
+    with pytest.warns(UserWarning, match=r"fit\(epochs=2\) has nothing to do.*more_epochs"):
+        assert trainer.fit(DataLoader(train_set, 64), epochs=2) == history
     # no validation loader: validation fields are None
     more = trainer.fit(DataLoader(train_set, 64), epochs=3)
     assert more[-1]["val_loss"] is None and more[-1]["val_accuracy"] is None
