@@ -309,22 +309,25 @@ def _read_bytes(path: pathlib.Path) -> bytes:
 
 def _parse_header(path: pathlib.Path, data: bytes) -> dict[str, Any]:
     """Check the safetensors framing and return the decoded JSON header."""
-    not_ours = f"{path} is not an anycnn checkpoint (not a safetensors file"
+    not_ours = f"{path} is not a safetensors checkpoint ("
     if len(data) < 8:
-        raise CheckpointError(f"{not_ours}: only {len(data)} bytes, truncated or empty)")
+        raise CheckpointError(f"{not_ours}only {len(data)} bytes, truncated or empty)")
     size = int.from_bytes(data[:8], "little")
+    head = data[:32]
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):  # a JSON, CSV, ... file
+        raise CheckpointError(f"{not_ours}it is a text file starting {head.decode()!r})")
     if size > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{not_ours}: header length {size} exceeds the 100 MB limit)")
+        raise CheckpointError(f"{not_ours}header length {size} exceeds the 100 MB limit)")
     if size > len(data) - 8:
         raise CheckpointError(
-            f"{not_ours}: header length {size} is larger than the file's {len(data) - 8} "
+            f"{not_ours}header length {size} is larger than the file's {len(data) - 8} "
             "remaining bytes; the file is truncated or corrupt)")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{not_ours}: header is not valid JSON: {exc})") from exc
+        raise CheckpointError(f"{not_ours}header is not valid JSON: {exc})") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{not_ours}: header is not a JSON object)")
+        raise CheckpointError(f"{not_ours}header is not a JSON object)")
     return header
 
 

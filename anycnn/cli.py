@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="loss, accuracy, top-k and per-class accuracy of a "
                        "checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
+                   "checkpoint.safetensors")
     e.add_argument("--dataset", default=None, help="default: the one it was trained on")
     e.add_argument("--data-dir", help="folder holding the dataset's files (default: the one "
                    "it was trained with)")
@@ -337,6 +338,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _checkpoint_of(path: str | Path) -> Path:
+    """``path`` itself, or the ``checkpoint.safetensors`` in it when it is a run folder."""
+    path = Path(path)
+    return path / "checkpoint.safetensors" if path.is_dir() else path
+
+
 def _output_folder(args) -> tuple[Path, Path | None]:
     """(the run's output folder, the checkpoint to resume from or None), checked.
 
@@ -345,8 +352,7 @@ def _output_folder(args) -> tuple[Path, Path | None]:
     """
     resume = None
     if args.resume is not None:
-        given = Path(args.resume or args.out or f"runs/{args.model}-{args.dataset}")
-        resume = given / "checkpoint.safetensors" if given.is_dir() else given
+        resume = _checkpoint_of(args.resume or args.out or f"runs/{args.model}-{args.dataset}")
         if not resume.is_file():
             raise ConfigError(f"--resume: no checkpoint at {resume}")
     out = Path(args.out) if args.out else (
@@ -435,7 +441,7 @@ def cmd_evaluate(args) -> int:
         from .plot import pyplot
 
         pyplot()  # no matplotlib: say so before the evaluation, not after
-    model, state = load_model(args.checkpoint)
+    model, state = load_model(_checkpoint_of(args.checkpoint))
     config = state.extra.get("config") if isinstance(state.extra, dict) else None
     config = config if isinstance(config, dict) else {}
     name = args.dataset or config.get("dataset") or "mnist-sample"

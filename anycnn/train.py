@@ -89,6 +89,29 @@ def _on_host(x: Any) -> bool:
     return "cpu" in str(getattr(x, "device", "cpu")).lower()
 
 
+#: what each method of a loader is needed for, for error messages
+_LOADER_NEEDS = {"__iter__": "iterating over (images, labels) batches",
+                 "__len__": "len(), the number of batches",
+                 "set_epoch": "set_epoch(epoch), the epoch's shuffling order (exact resume)"}
+
+
+def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
+    """Refuse a ``loader`` that lacks what the training loop calls on it, naming the missing
+    methods (e.g. a list of batches, or another framework's loader, given to :meth:`Trainer.fit`).
+
+    Raises:
+        ConfigError: ``loader`` lacks one of ``needs``.
+    """
+    missing = [name for name in needs if not hasattr(loader, name)]
+    if missing:
+        raise ConfigError(
+            f"{role} must be an anycnn.dataloader.DataLoader or have the same interface; a "
+            f"{type(loader).__module__}.{type(loader).__qualname__} lacks "
+            + "; ".join(f"{name} ({_LOADER_NEEDS[name]})" for name in missing)
+            + ". Wrap your arrays: DataLoader(ArrayDataset(images, labels, num_classes), "
+            "batch_size)")
+
+
 def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
              top_k: int | Iterable[int] = (), confusion: bool = False,
              class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -115,6 +138,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
         examples), ``"per_class_count"`` (``int64 (K,)``) and ``"class_names"``. Conventions
         (ties, NaN) are in :mod:`anycnn.metrics`. All sums stay on the device until the end.
     """
+    check_loader(loader, "loader", ("__iter__", "__len__"))
     own_loss = loss_fn is None
     loss_fn = loss_fn or SoftmaxCrossEntropy()
     top_k = check_top_k(top_k)
@@ -346,6 +370,9 @@ class Trainer:
         else:
             target = _check_count("epochs", 1 if epochs is None else epochs, 1)
         hooks = [*self.callbacks, *_check_callbacks(callbacks)]
+        check_loader(train_loader, "train_loader", ("__iter__", "__len__", "set_epoch"))
+        if val_loader is not None:
+            check_loader(val_loader, "val_loader", ("__iter__", "__len__"))
         if self._stop_honoured:  # the last fit() returned because of that stop: start afresh
             self._stop_reason, self._stop_honoured = None, False
         if self.epoch >= target:

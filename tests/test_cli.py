@@ -189,6 +189,10 @@ def test_evaluate_prints_loss_and_accuracy(capsys, trained):
     history = json.loads((trained / "history.json").read_text())
     assert float(match.group(2)) == pytest.approx(history[-1]["val_accuracy"], abs=1e-4)
     assert float(match.group(1)) == pytest.approx(history[-1]["val_loss"], abs=1e-3)
+    assert cli(capsys, "evaluate", trained)[1] == out  # the run folder names its checkpoint
+    code, _, err = cli(capsys, "evaluate", trained / "history.json")
+    assert_usage_error(code, err, "history.json is not a safetensors checkpoint",
+                       "it is a text file starting '[")
 
 
 def test_info_lists_every_backend(capsys):

@@ -300,3 +300,20 @@ def test_checkpoint_from_numpy_loads_on_other_backends(small, tmp_path, target):
         assert_rounding_close(logits, expected)
     else:
         np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_names_what_a_loader_lacks(backend, small):
+    """Another framework's loader, or a plain list of batches, is refused before any step with
+    the missing methods named (not an AttributeError deep inside the loop)."""
+    train_set, _ = small
+    model = tiny_model()
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.1), progress=False)
+    batches = list(DataLoader(train_set, 64))
+    with pytest.raises(ConfigError, match=r"train_loader .* builtins\.list lacks set_epoch"):
+        trainer.fit(batches, epochs=1)
+    with pytest.raises(ConfigError, match=r"val_loader .* lacks __len__.*DataLoader\(ArrayData"):
+        trainer.fit(DataLoader(train_set, 64), iter(batches), epochs=1)
+    with pytest.raises(ConfigError, match=r"^loader .*generator lacks __len__"):
+        evaluate(model, (b for b in batches))
+    assert trainer.epoch == 0 and trainer.history == []
+    assert evaluate(model, batches)["count"] == len(train_set)  # a list has what evaluate needs
