@@ -288,6 +288,13 @@ class Splits:
 # --------------------------------------------------------------------------------------- loading
 
 
+def validation_is_test(name: str) -> bool:
+    """Whether :func:`load_dataset` returns the test split as the validation split of
+    dataset ``name`` (true of every built-in dataset: none of them publishes a separate
+    validation split), so that validation figures are test figures."""
+    return str(name).strip().lower().replace("_", "-") in DATASETS
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True,
                  progress: bool = True, base_url: str | None = None) -> Splits:
     """Load a dataset by name (see :data:`DATASETS`).

@@ -46,8 +46,11 @@ def pyplot() -> Any:
 
 
 def _save(fig: Any, output: str | Path) -> Path:
+    """Write ``fig``; an ``output`` without an extension gets ``.png``."""
     plt = pyplot()
     output = Path(output)
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")
     try:
         fig.savefig(output, dpi=120)
     except OSError as exc:
@@ -58,25 +61,52 @@ def _save(fig: Any, output: str | Path) -> Path:
 
 
 def plot_history(history: str | Path, output: str | Path) -> Path:
-    """Draw train/validation loss and accuracy per epoch into ``output`` (PNG, SVG or PDF)."""
-    return _draw_history(read_history(history), output)
+    """Draw train/validation loss and accuracy per epoch into ``output`` (PNG, SVG or PDF;
+    ``.png`` is added to a name without an extension).
+
+    When the ``checkpoint.safetensors`` written beside the history by ``anycnn train`` is
+    there, the title names its model and dataset, and the validation curve is called "test"
+    if that dataset validates on its test split (see :func:`anycnn.datasets.validation_is_test`).
+    """
+    history = Path(history)
+    return _draw_history(read_history(history), output, *_run_of(history))
 
 
-def _draw_history(records: list[dict], output: str | Path) -> Path:
+def _run_of(history: Path) -> tuple[str | None, str]:
+    """(title, name of the validation curve) from the checkpoint beside ``history``."""
+    from .checkpoint import load_checkpoint
+    from .datasets import validation_is_test
+    from .errors import CheckpointError
+
+    try:
+        extra = load_checkpoint(history.parent / "checkpoint.safetensors").extra
+    except CheckpointError:  # plotting a history alone: no title
+        return None, "validation"
+    config = extra.get("config") if isinstance(extra, dict) else None
+    if not isinstance(config, dict) or not config.get("model") or not config.get("dataset"):
+        return None, "validation"
+    model, dataset = str(config["model"]), str(config["dataset"])
+    return f"{model} on {dataset}", "test" if validation_is_test(dataset) else "validation"
+
+
+def _draw_history(records: list[dict], output: str | Path, title: str | None = None,
+                  val_label: str = "validation") -> Path:
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        if any(r.get(key) is not None for r in records):
-            ax_loss.plot(epochs, [r.get(key) for r in records], marker="o", label=label)
-    for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
-        if any(r.get(key) is not None for r in records):
-            ax_acc.plot(epochs, [r.get(key) for r in records], marker="o", label=label)
-    ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch")
-    for ax in (ax_loss, ax_acc):
+    for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for split, label in (("train", "train"), ("val", val_label)):
+            values = [r.get(f"{split}_{what}") for r in records]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=label)
+        ax.set(title=what, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 1.5
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, output)
 
@@ -140,4 +170,4 @@ def plot_file(path: str | Path, output: str | Path) -> Path:
         where = " ".join(str(data[k]) for k in ("dataset", "split") if data.get(k))
         return plot_confusion(matrix, data.get("class_names"), output,
                               title=f"confusion matrix{' — ' + where if where else ''}")
-    return _draw_history(_check_history(path, data), output)
+    return _draw_history(_check_history(path, data), output, *_run_of(path))

@@ -212,6 +212,35 @@ def test_plot_writes_png(capsys, trained, tmp_path):
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_names_the_run_and_counts_epochs_in_whole_numbers(capsys, trained, tmp_path,
+                                                               monkeypatch):
+    """Title from the checkpoint beside the history (model and dataset), "test" for the
+    validation curve of a dataset that validates on its test split, integer epoch ticks, and
+    ``.png`` added to an output without an extension."""
+    pytest.importorskip("matplotlib")
+    from anycnn import plot
+
+    code, out, err = cli(capsys, "plot", trained / "history.json", "-o", tmp_path / "curves")
+    assert code == 0, err
+    assert (tmp_path / "curves.png").is_file() and out.strip() == f"wrote {tmp_path}/curves.png"
+    drawn = []
+    monkeypatch.setattr(plot, "_save", lambda fig, output: drawn.append(fig) or Path(output))
+    assert cli(capsys, "plot", trained / "history.json")[0] == 0
+    fig, = drawn
+    assert fig._suptitle.get_text() == "lenet5 on mnist-sample"
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "history.json").write_bytes((trained / "history.json").read_bytes())
+    assert cli(capsys, "plot", lone / "history.json")[0] == 0  # no checkpoint: no title
+    assert drawn[1]._suptitle is None
+    assert [t.get_text() for t in drawn[1].axes[0].get_legend().get_texts()] == [
+        "train", "validation"]
+
+
 def test_plot_without_matplotlib(capsys, trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     code, _, err = cli(capsys, "plot", trained / "history.json", "-o", tmp_path / "x.png")
