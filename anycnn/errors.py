@@ -22,7 +22,9 @@ What raises which (each case is tested, mostly in ``tests/test_reliability.py``)
 ``BackendError``   ``ANYCNN_BACKEND`` (or ``--backend``) unknown, not installed or unusable
 ``DataError``      dataset files missing, unreadable, truncated, with a wrong magic number or
                    header, gzip-corrupt, image/label count mismatch; a download that failed or
-                   whose SHA-256 differs from the pinned digest (the file is deleted)
+                   whose SHA-256 differs from the pinned digest (the file is deleted); an
+                   ``ArrayDataset`` of images neither ``uint8`` nor float in [0, 1] (the range
+                   found is named), or that look channels first (the transpose to NHWC is given)
 ``CheckpointError`` a checkpoint missing, truncated, not safetensors, not anycnn, from a newer
                    format version or from another model (first mismatching tensor and both
                    shapes); a save that cannot be written (path and OS reason) or that would

@@ -151,11 +151,13 @@ def test_scaling_and_dtypes(dtype):
 BACKENDS = ["numpy", "array_api_strict", "torch"]
 
 
-def _batches(name: str, device_resident: bool, dtype: str = "float32"):
+def _batches(name: str, device_resident: bool, dtype: str = "float32",
+             dataset: ArrayDataset | None = None):
     if name == "torch":
         pytest.importorskip("torch")
-    loader = DataLoader(make_dataset(23, hw=5, c=3), 4, shuffle=True, seed=11,
-                        device_resident=device_resident, dtype=dtype)
+    dataset = make_dataset(23, hw=5, c=3) if dataset is None else dataset
+    loader = DataLoader(dataset, 4, shuffle=True, seed=11, device_resident=device_resident,
+                        dtype=dtype)
     loader.set_epoch(2)
     with anycnn.use_backend(name) as b:
         out = []
@@ -215,3 +217,39 @@ def test_device_resident_follows_backend_switch():
         x, _ = next(iter(loader))
         assert type(x).__module__ == "torch"
         _assert_identical(first, collect(loader))
+
+
+# ------------------------------------------------------------------------------- float images
+
+
+def unit_float_dataset(image_dtype: str) -> ArrayDataset:
+    """23 images (5x5x3) of random floats in [0, 1], both ends included."""
+    images = np.random.default_rng(3).random((23, 5, 5, 3)).astype(image_dtype)
+    images[0], images[-1] = 1, 0
+    return ArrayDataset(images, np.arange(23) % 10, 10)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("device_resident", [False, True])
+@pytest.mark.parametrize("image_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_float_images_are_used_as_they_are(name, device_resident, image_dtype, dtype):
+    """Float images in [0, 1] are not divided by 255: each batch is exactly the images at the
+    batch's indices, cast to the loader's dtype, as if the user had fed them."""
+    ds = unit_float_dataset(image_dtype)
+    got = _batches(name, device_resident, dtype, ds)
+    order = np.random.default_rng([11, 2]).permutation(len(ds))
+    expected = [(ds.images[order[i:i + 4]].astype(dtype), ds.labels[order[i:i + 4]])
+                for i in range(0, len(ds), 4)]
+    _assert_identical(got, expected)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_uint8_images_and_their_float_copy_give_the_same_batches(name, device_resident):
+    """``images / 255`` in float32, given as a float dataset, batches to the very same bits as
+    the uint8 images (which the loader divides by 255 itself)."""
+    raw = make_dataset(23, hw=5, c=3)
+    scaled = ArrayDataset(raw.images.astype(np.float32) / 255, raw.labels, 10)
+    _assert_identical(_batches(name, device_resident, dataset=raw),
+                      _batches(name, device_resident, dataset=scaled))
