@@ -13,7 +13,9 @@ What raises which (each case is tested, mostly in ``tests/test_reliability.py``)
                    from the layer's parameters), a spatial size too small for the kernel,
                    something that is not an array at all, labels of the wrong shape, dtype or
                    range, an empty batch or a batch-size mismatch between inputs and labels,
-                   a gradient whose shape differs from its parameter's
+                   a gradient whose shape differs from its parameter's; a Dense after a
+                   Flatten that gets the wrong feature count also names the input image size
+                   the model expects
 ``BackendMismatchError`` arrays of two backends or two devices in one call (both are named)
 ``ConfigError``    invalid hyperparameters (kernel/stride/dilation < 1, negative or too large
                    padding, dropout ``p`` outside [0, 1), non-positive or non-finite learning
