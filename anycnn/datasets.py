@@ -269,8 +269,8 @@ class ArrayDataset:
 def _check_images(images: np.ndarray) -> None:
     """Raise DataError unless ``images`` is NHWC ``uint8``, or float32/float64 in ``[0, 1]``."""
     if images.ndim != 4 or images.dtype.name not in IMAGE_DTYPES:
-        raise DataError(f"images must be {', '.join(IMAGE_DTYPES)} of shape (N, H, W, C) or "
-                        f"(N, H, W); got {images.dtype} of shape {images.shape}")
+        raise DataError("images must be uint8 (0-255) or float32/float64 (in [0, 1]) of shape "
+                        f"(N, H, W, C) or (N, H, W); got {images.dtype} of shape {images.shape}")
     _, c, h, w = images.shape
     if c in (1, 3, 4) and min(h, w) > 4:
         raise DataError(f"images of shape {images.shape} look channels first (NCHW, {c} "

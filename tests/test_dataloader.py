@@ -7,10 +7,12 @@ import pytest
 
 import anycnn
 from anycnn import backend as backend_module
+from anycnn import layers as L
 from anycnn.backend import Backend, to_numpy
 from anycnn.dataloader import DataLoader
 from anycnn.datasets import ArrayDataset
 from anycnn.errors import ConfigError
+from anycnn.train import Trainer, evaluate
 
 
 def make_dataset(n: int = 10, hw: int = 3, c: int = 2, seed: int = 0) -> ArrayDataset:
@@ -253,3 +255,20 @@ def test_uint8_images_and_their_float_copy_give_the_same_batches(name, device_re
     scaled = ArrayDataset(raw.images.astype(np.float32) / 255, raw.labels, 10)
     _assert_identical(_batches(name, device_resident, dataset=raw),
                       _batches(name, device_resident, dataset=scaled))
+
+
+def test_float_dataset_trains_and_evaluates_like_its_uint8_original(backend):
+    """Trainer.fit, evaluate and subset take float images too: the same numbers, bit for bit, as
+    the uint8 images they were scaled from."""
+    raw = make_dataset(24, hw=6, c=1)
+    scaled = ArrayDataset(raw.images.astype(np.float32) / 255, raw.labels, 10)
+    results = []
+    for ds in (raw, scaled, scaled.subset(np.arange(24))):
+        anycnn.manual_seed(0)
+        model = anycnn.Sequential(L.Conv2D(1, 2, 3), L.ReLU(), L.Flatten(), L.Dense(32, 10))
+        trainer = Trainer(model, anycnn.optim.SGD(model.parameters(), lr=0.5), progress=False)
+        record, = trainer.fit(DataLoader(ds, 8, shuffle=True), DataLoader(ds, 12), epochs=1)
+        results.append([record[k] for k in ("train_loss", "train_accuracy", "val_loss")]
+                       + list(evaluate(model, DataLoader(ds, 12, device_resident=True)).values()))
+    assert results[0] == results[1] == results[2]
+    assert all(np.isfinite(results[0])) and results[0][0] != results[0][2]

@@ -110,7 +110,8 @@ def test_array_dataset_validates():
         ArrayDataset(images, np.array([0, 10, 1]), 10)
     with pytest.raises(DataError, match=r"labels must lie in \[0, 10\)"):
         ArrayDataset(images, np.array([0, -1, 1]), 10)
-    with pytest.raises(DataError, match=r"uint8, float32, float64 of shape \(N, H, W, C\)"):
+    with pytest.raises(DataError, match=r"uint8 \(0-255\) or float32/float64 \(in \[0, 1\]\) "
+                                        r"of shape \(N, H, W, C\)"):
         ArrayDataset(np.zeros((3, 4), np.uint8), np.zeros(3, np.int64), 10)
     for dtype in ("int16", "float16", "bool"):
         with pytest.raises(DataError, match=f"got {dtype} of shape"):
