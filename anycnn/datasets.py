@@ -271,7 +271,7 @@ def _check_images(images: np.ndarray) -> None:
     if images.ndim != 4 or images.dtype.name not in IMAGE_DTYPES:
         raise DataError("images must be uint8 (0-255) or float32/float64 (in [0, 1]) of shape "
                         f"(N, H, W, C) or (N, H, W); got {images.dtype} of shape {images.shape}")
-    _, c, h, w = images.shape
+    _, c, h, w = images.shape  # read as NCHW: a small "channel" axis second, large last two
     if c in (1, 3, 4) and min(h, w) > 4:
         raise DataError(f"images of shape {images.shape} look channels first (NCHW, {c} "
                         f"channel(s) of {h}x{w}); anycnn wants channels last (NHWC). Fix: "
