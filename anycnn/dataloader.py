@@ -1,13 +1,15 @@
 """Mini-batches of an :class:`~anycnn.datasets.ArrayDataset` on the current backend.
 
-Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) holding ``images / 255`` in
-``[0, 1]``, ``y`` int64 ``(B,)``, both on :func:`anycnn.backend.get_backend` as it is when iteration
-starts. The scaling is one correctly rounded division, so batches are bit-identical on every backend
-and in both modes:
+Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) in ``[0, 1]``, ``y`` int64 ``(B,)``,
+both on :func:`anycnn.backend.get_backend` as it is when iteration starts. ``x`` holds
+``images / 255`` for ``uint8`` images, and float images (already in ``[0, 1]``) as they are, only
+cast to the loader's dtype. The cast and the scaling are each correctly rounded, so batches are
+bit-identical on every backend and in both modes:
 
 * default: gather the batch on the host (``np.take``), scale it, copy it to the device;
-* ``device_resident=True``: copy the whole ``uint8`` dataset to the device once (first iteration),
-  then per batch move only the index vector and gather (``xp.take``) and scale on the device.
+* ``device_resident=True``: copy the whole dataset to the device once (first iteration; in its
+  own dtype, so ``uint8`` images take a quarter of the memory of float32), then per batch move
+  only the index vector and gather (``xp.take``) and scale on the device.
 
 Shuffling is deterministic per epoch: epoch ``e`` uses the permutation drawn from
 ``np.random.default_rng([seed, e])``, so a resumed run sees the same order (call
@@ -20,6 +22,7 @@ import numbers
 from collections.abc import Iterator
 from typing import Any
 
+import array_api_compat.numpy as host_xp
 import numpy as np
 
 from .backend import Backend, asarray, get_backend
@@ -40,7 +43,8 @@ class DataLoader:
     """Iterate over ``dataset`` in batches of ``batch_size``; ``len(loader)`` is the batch count.
 
     Args:
-        dataset: the examples (host ``uint8`` NHWC images, ``int64`` labels).
+        dataset: the examples (host NHWC images, ``uint8`` or floats in ``[0, 1]``; ``int64``
+            labels).
         batch_size: examples per batch (the last one may be smaller unless ``drop_last``).
         shuffle: visit the examples in a per-epoch permutation instead of in order.
         seed: selects the permutations (with the epoch number).
@@ -67,6 +71,7 @@ class DataLoader:
         self.device_resident = bool(device_resident)
         self.dtype = dtype
         self.epoch = 0
+        self._divisor = 255 if dataset.images.dtype == np.uint8 else None  # floats: as they are
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
 
     def set_epoch(self, epoch: int) -> None:
@@ -111,7 +116,7 @@ class DataLoader:
                 yield self._host_batch(backend, index)
 
     def _host_batch(self, backend: Backend, index: np.ndarray) -> tuple[Any, Any]:
-        x = np.take(self.dataset.images, index, axis=0).astype(self.dtype) / 255
+        x = self._scale(host_xp, np.take(self.dataset.images, index, axis=0))
         y = np.take(self.dataset.labels, index)
         return asarray(x, backend=backend), asarray(y, backend=backend)
 
@@ -121,8 +126,13 @@ class DataLoader:
                               asarray(self.dataset.labels, backend=backend))
         _, images, labels = self._resident
         xp = backend.xp
-        x = xp.astype(xp.take(images, index, axis=0), getattr(xp, self.dtype)) / 255
-        return x, xp.take(labels, index, axis=0)
+        return self._scale(xp, xp.take(images, index, axis=0)), xp.take(labels, index, axis=0)
+
+    def _scale(self, xp: Any, raw: Any) -> Any:
+        """Gathered images ``raw`` (B, H, W, C) as ``self.dtype`` in [0, 1]: ``uint8`` divided by
+        255, floats only cast (no copy when already of that dtype)."""
+        x = xp.astype(raw, getattr(xp, self.dtype), copy=False)
+        return x if self._divisor is None else x / self._divisor
 
     def __repr__(self) -> str:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "

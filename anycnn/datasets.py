@@ -7,7 +7,9 @@ Layouts (what every loader returns):
 * labels: ``np.int64``, shape ``(N,)``, each in ``[0, num_classes)``.
 
 Data stay on the host here as raw ``uint8``; :class:`anycnn.dataloader.DataLoader` scales batches to
-``[0, 1]`` floats and moves them to the current backend.
+``[0, 1]`` floats and moves them to the current backend. An :class:`ArrayDataset` built from your
+own arrays may also hold ``float32`` / ``float64`` images already in ``[0, 1]``, which the
+DataLoader uses as they are.
 
 Where :func:`load_dataset` looks for ``mnist`` / ``fashion-mnist`` (each file may be gzipped,
 ``NAME.gz``, or not, ``NAME``): an explicit ``data_dir`` is the only place looked at (it, or its
@@ -199,17 +201,27 @@ def _parse_idx(stream, path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------ value types
 
 
+#: dtypes :class:`ArrayDataset` accepts for images: ``uint8`` (0-255) or floats in ``[0, 1]``.
+IMAGE_DTYPES = ("uint8", "float32", "float64")
+
+
 @dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """Images and labels held in host memory.
 
     Attributes:
-        images: ``np.uint8``, shape ``(N, H, W, C)`` (NHWC).
+        images: shape ``(N, H, W, C)`` (NHWC), either ``np.uint8`` (0-255; the DataLoader divides
+            by 255) or ``np.float32`` / ``np.float64`` with every value in ``[0, 1]`` (the
+            DataLoader uses them as they are, only cast to its dtype). Grayscale images may be
+            given as ``(N, H, W)``: a channel axis is added (a view, ``images[..., None]``).
         labels: ``np.int64``, shape ``(N,)``, values in ``[0, num_classes)``.
         num_classes: number of classes.
 
     Raises:
-        DataError: on construction, if the shapes, dtypes, counts or label values are invalid.
+        DataError: on construction, if the shapes, dtypes, counts, label values or float image
+            values (outside ``[0, 1]``, NaN or infinite) are invalid. Images that look channels
+            first (NCHW: ``(N, C, H, W)`` with ``C`` 1, 3 or 4 and ``H``, ``W`` above 4) are
+            refused with the transpose that makes them NHWC.
     """
 
     images: np.ndarray
@@ -218,9 +230,11 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         images, labels = np.asarray(self.images), np.asarray(self.labels)
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise DataError(f"images must be uint8 of shape (N, H, W, C); got {images.dtype} "
-                            f"of shape {images.shape}")
+        if images.ndim == 3:
+            images = images[..., None]
+        _check_images(images)
+        if not images.dtype.isnative:  # big-endian floats: native order for every backend
+            images = images.astype(images.dtype.newbyteorder("="))
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"labels must be integers of shape (N,); got {labels.dtype} "
                             f"of shape {labels.shape}")
@@ -251,6 +265,31 @@ class ArrayDataset:
         """The examples at ``indices`` (a copy), in that order."""
         return ArrayDataset(np.take(self.images, indices, axis=0),
                             np.take(self.labels, indices), self.num_classes)
+
+
+def _check_images(images: np.ndarray) -> None:
+    """Raise DataError unless ``images`` is NHWC ``uint8``, or float32/float64 in ``[0, 1]``."""
+    if images.ndim != 4 or images.dtype.name not in IMAGE_DTYPES:
+        raise DataError("images must be uint8 (0-255) or float32/float64 (in [0, 1]) of shape "
+                        f"(N, H, W, C) or (N, H, W); got {images.dtype} of shape {images.shape}")
+    _, c, h, w = images.shape  # read as NCHW: a small "channel" axis second, large last two
+    if c in (1, 3, 4) and min(h, w) > 4:
+        raise DataError(f"images of shape {images.shape} look channels first (NCHW, {c} "
+                        f"channel(s) of {h}x{w}); anycnn wants channels last (NHWC). Fix: "
+                        "images = np.transpose(images, (0, 2, 3, 1))")
+    if images.dtype == np.uint8 or images.size == 0:
+        return
+    low, high = images.min(), images.max()
+    if 0 <= low and high <= 1:  # False for NaN too
+        return
+    finite = np.isfinite(images)
+    bad = images.size - np.count_nonzero(finite)
+    found = (f"values from {images[finite].min()} to {images[finite].max()}"
+             if bad < images.size else "no finite values")
+    if bad:
+        found += f" and {bad} NaN/infinite value(s)"
+    raise DataError(f"float images must lie in [0, 1]; found {found}. Scale them first "
+                    "(uint8 images are also accepted and divided by 255 when batched)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,7 +13,9 @@ What raises which (each case is tested, mostly in ``tests/test_reliability.py``)
                    from the layer's parameters), a spatial size too small for the kernel,
                    something that is not an array at all, labels of the wrong shape, dtype or
                    range, an empty batch or a batch-size mismatch between inputs and labels,
-                   a gradient whose shape differs from its parameter's
+                   a gradient whose shape differs from its parameter's; a Dense after a
+                   Flatten that gets the wrong feature count also names the input image size
+                   the model expects
 ``BackendMismatchError`` arrays of two backends or two devices in one call (both are named)
 ``ConfigError``    invalid hyperparameters (kernel/stride/dilation < 1, negative or too large
                    padding, dropout ``p`` outside [0, 1), non-positive or non-finite learning
@@ -22,7 +24,9 @@ What raises which (each case is tested, mostly in ``tests/test_reliability.py``)
 ``BackendError``   ``ANYCNN_BACKEND`` (or ``--backend``) unknown, not installed or unusable
 ``DataError``      dataset files missing, unreadable, truncated, with a wrong magic number or
                    header, gzip-corrupt, image/label count mismatch; a download that failed or
-                   whose SHA-256 differs from the pinned digest (the file is deleted)
+                   whose SHA-256 differs from the pinned digest (the file is deleted); an
+                   ``ArrayDataset`` of images neither ``uint8`` nor float in [0, 1] (the range
+                   found is named), or that look channels first (the transpose to NHWC is given)
 ``CheckpointError`` a checkpoint missing, truncated, not safetensors, not anycnn, from a newer
                    format version or from another model (first mismatching tensor and both
                    shapes); a save that cannot be written (path and OS reason) or that would

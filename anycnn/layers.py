@@ -11,6 +11,7 @@ every backend. Computation follows the dtype of inputs and parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .backend import dtype_name, namespace_of
 from .errors import ConfigError, ShapeError
 from .geometry import as_pair, conv_padding
 from .init import get_initializer
-from .module import Module, Parameter, make_array
+from .module import Module, Parameter, make_array, spatial_size
 from .random import default_generator
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +128,9 @@ class Conv2D(Module):
                                         self.stride, self.pads, self.dilation)
         return y
 
+    def output_hw(self, hw):
+        return F.conv_windows(hw, self.kernel_size, self.stride, self.pads, self.dilation).out
+
     def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
         dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad)
@@ -218,6 +222,9 @@ class BatchNorm2D(Module):
         self.running_mean, self.running_var = rm, rv
         return y
 
+    def output_hw(self, hw):
+        return hw
+
     def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
         dx, dgamma, dbeta = F.batch_norm_backward(dy, ctx, self.weight.data)
@@ -251,6 +258,9 @@ class _Pool2D(Module):
                              self.ceil_mode)
         check_windows(self, x, win)
         return win
+
+    def output_hw(self, hw):
+        return F.pool_windows(hw, self.kernel_size, self.stride, self.padding, self.ceil_mode).out
 
     def extra_repr(self):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -316,6 +326,72 @@ class Flatten(Module):
         return namespace_of(dy).reshape(dy, _require_forward(self, self._shape))
 
 
+_MAX_SIDE = 1 << 14  # largest input side tried when explaining a Flatten → Dense mismatch
+
+
+def explain_flatten_mismatch(layers: list[Module], failed: Module, model_input: Any) -> str:
+    """The input image size a model expects, when ``failed`` (one of ``layers``, run in order on
+    the NHWC ``model_input``) is a Dense that just got the wrong number of features from a
+    Flatten before it (with only elementwise layers between). Returns text to append to the
+    Dense's error, or "" when that is not the case. Only called when the error is raised.
+
+    Example: "; after Flatten that is 8x8x64 = 4096 features from 32x32x1 input images, but
+    this Dense expects 7x7x64 = 3136: the model expects 28x28x1 images (any size from 28x28 to
+    31x31 fits)". The size comes from inverting the layers' :meth:`Module.output_hw` one axis
+    at a time (output sizes never decrease with the input size); when the expected features
+    factor into several grids, a square one is named first.
+    """
+    i = next((k for k, layer in enumerate(layers) if layer is failed), 0)
+    j = i - 1
+    while j >= 0 and isinstance(layers[j], _Elementwise):
+        j -= 1
+    flatten = layers[j] if j >= 0 else None
+    if (not isinstance(failed, Dense) or not isinstance(flatten, Flatten)
+            or flatten._shape is None or len(flatten._shape) != 4 or model_input.ndim != 4):
+        return ""
+    _, h, w, c = flatten._shape
+    _, in_h, in_w, in_c = (int(n) for n in model_input.shape)
+    text = (f"; after Flatten that is {h}x{w}x{c} = {h * w * c} features from "
+            f"{in_h}x{in_w}x{in_c} input images")
+    want, before = failed.in_features, layers[:j]
+    if want % c:
+        return f"{text}, but this Dense expects {want}, not a multiple of {c} channels"
+    if spatial_size(before, (in_h, in_w)) != (h, w):  # a layer whose geometry is unknown
+        return f"{text}, but this Dense expects {want}"
+    positions = want // c
+    divisors = [a for a in range(1, math.isqrt(positions) + 1) if positions % a == 0]
+    pairs = {(a, positions // a) for a in divisors} | {(positions // a, a) for a in divisors}
+    heights = _inverse(lambda n: spatial_size(before, (n, in_w)), 0)
+    widths = _inverse(lambda n: spatial_size(before, (in_h, n)), 1)
+    # Several (rows, columns) may multiply to the positions: try square first (most models
+    # are built for square images), then the closest to the input's aspect ratio.
+    for a, b in sorted(pairs, key=lambda p: (p[0] != p[1], abs(math.log(p[0] * w / (p[1] * h))),
+                                             p)):
+        rows, cols = heights(a), widths(b)
+        if rows and cols:
+            (h0, h1), (w0, w1) = rows, cols
+            fits = f" (any size from {h0}x{w0} to {h1}x{w1} fits)" if (h0, w0) != (h1, w1) else ""
+            return (f"{text}, but this Dense expects {a}x{b}x{c} = {want}: the model expects "
+                    f"{h0}x{w0}x{in_c} images{fits}")
+    return f"{text}, but this Dense expects {want} = {positions} positions x {c} channels"
+
+
+def _inverse(size_after, axis: int):
+    """For one axis: a function from an output side to the smallest and largest input side
+    ``n`` with ``size_after(n)[axis]`` equal to it (or None). Output sides never decrease with
+    ``n``, so the scan stops past the target; its results are kept for the next target."""
+    outs: list[int | None] = []
+
+    def sides_giving(target: int) -> tuple[int, int] | None:
+        while len(outs) < _MAX_SIDE and (not outs or outs[-1] is None or outs[-1] <= target):
+            hw = size_after(len(outs) + 1)
+            outs.append(None if hw is None else hw[axis])
+        sides = [n for n, out in enumerate(outs, 1) if out == target]
+        return (sides[0], sides[-1]) if sides else None
+
+    return sides_giving
+
+
 # --------------------------------------------------------------------------------------------
 # Activations and dropout
 
@@ -328,6 +404,9 @@ class _Elementwise(Module):
 
     def _apply(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def output_hw(self, hw):
+        return hw
 
     def forward(self, x):
         xp = namespace_of(x)

@@ -68,6 +68,12 @@ class Module:
     def __call__(self, x: Any) -> Any:
         return self.forward(x)
 
+    def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
+        """Spatial size ``(H, W)`` of the NHWC output for an NHWC input of spatial size ``hw``;
+        None when unknown or when the output is not NHWC (the default). Integer arithmetic on
+        the host, used only to explain shape errors (see :func:`spatial_size`)."""
+        return None
+
     def named_children(self) -> Iterator[tuple[str, Module]]:
         for name, value in vars(self).items():
             if isinstance(value, Module):
@@ -186,6 +192,17 @@ def eval_mode(model: Module) -> Iterator[Module]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def spatial_size(modules: list[Module], hw: tuple[int, int]) -> tuple[int, int] | None:
+    """Spatial size ``(H, W)`` after ``modules``, applied in order, for an NHWC input of spatial
+    size ``hw`` (from each one's :meth:`Module.output_hw`); None when one of them cannot tell or
+    a size falls below 1."""
+    for module in modules:
+        hw = module.output_hw(hw)
+        if hw is None or min(hw) < 1:
+            return None
+    return hw
 
 
 def _like(target: Any, host: np.ndarray) -> Any:

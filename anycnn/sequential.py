@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .fusion import execution_plan
-from .module import Module
+from .layers import explain_flatten_mismatch
+from .module import Module, spatial_size
 
 
 class Sequential(Module):
@@ -16,6 +17,11 @@ class Sequential(Module):
     sequences (e.g. Conv2D → ReLU → MaxPool2D) as one faster step; results are the same.
     ``backward(dy, input_grad=False)`` skips the first layer's input gradient (training does
     not need it) and then returns ``None``.
+
+    When a Dense after a Flatten gets the wrong number of features (images of another size than
+    the model was built for), its ShapeError also names the NHWC shape Flatten saw, the one the
+    Dense expects, and the input image size that gives it (computed only when raised; the
+    Flatten and the Dense must be in the same Sequential, whose input is taken as the images).
     """
 
     def __init__(self, *layers: Module, fuse: bool = True) -> None:
@@ -39,9 +45,19 @@ class Sequential(Module):
     def forward(self, x: Any) -> Any:
         layers = self.layers
         self._plan = execution_plan(layers) if self.fuse else layers
-        for step in self._plan:
-            x = step.forward(x)
+        images = x
+        try:
+            for step in self._plan:
+                x = step.forward(x)
+        except ShapeError as exc:  # costs nothing until raised
+            note = explain_flatten_mismatch(layers, step, images)
+            if note:
+                exc.args = (f"{exc}{note}",)
+            raise
         return x
+
+    def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
+        return spatial_size(self.layers, hw)
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         if self._plan is None:

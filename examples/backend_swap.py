@@ -1,14 +1,13 @@
 """The same seed on two or three backends gives the same model and the same training run.
 
-Builds LeNet-5 with seed 0 on NumPy and on array-api-strict (and on PyTorch tensors when torch is
-installed), checks that the initial weights are bit-identical, then takes a few Adam steps on the
-same batches and prints the losses side by side (equal up to float32 rounding).
+Builds LeNet-5 with seed 0 on NumPy, array-api-strict and PyTorch tensors, checks that the initial
+weights are bit-identical, then takes a few Adam steps on the same batches and prints the losses
+side by side (equal up to float32 rounding). A backend not installed is skipped with its pip line.
 
 Run:  python examples/backend_swap.py [--steps 5]
 """
 
 import argparse
-import importlib.util
 
 import numpy as np
 
@@ -22,9 +21,15 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=5)
 args = parser.parse_args()
 
-backends = ["numpy", "array_api_strict"]
-if importlib.util.find_spec("torch") is not None:
-    backends.append("torch")
+backends = []
+for name in ["numpy", "array_api_strict", "torch"]:
+    try:
+        anycnn.backend.resolve(name)  # if unusable: BackendError, with the command that fixes it
+        backends.append(name)
+    except anycnn.BackendError as exc:
+        print(f"skipping {name}: {exc}")
+if len(backends) < 2:  # nothing to compare NumPy with
+    raise SystemExit(0)
 data = load_dataset("mnist-sample")
 
 weights, losses = {}, {}

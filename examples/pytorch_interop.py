@@ -24,7 +24,7 @@ from anycnn.train import Trainer, predict
 try:
     import torch
 except ImportError:
-    print("torch is not installed; skipping (pip install -r backends/torch.txt)")
+    print("torch is not installed; skipping. Install it with: pip install -r backends/torch.txt")
     sys.exit(0)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

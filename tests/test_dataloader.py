@@ -7,10 +7,12 @@ import pytest
 
 import anycnn
 from anycnn import backend as backend_module
+from anycnn import layers as L
 from anycnn.backend import Backend, to_numpy
 from anycnn.dataloader import DataLoader
 from anycnn.datasets import ArrayDataset
 from anycnn.errors import ConfigError
+from anycnn.train import Trainer, evaluate
 
 
 def make_dataset(n: int = 10, hw: int = 3, c: int = 2, seed: int = 0) -> ArrayDataset:
@@ -151,11 +153,13 @@ def test_scaling_and_dtypes(dtype):
 BACKENDS = ["numpy", "array_api_strict", "torch"]
 
 
-def _batches(name: str, device_resident: bool, dtype: str = "float32"):
+def _batches(name: str, device_resident: bool, dtype: str = "float32",
+             dataset: ArrayDataset | None = None):
     if name == "torch":
         pytest.importorskip("torch")
-    loader = DataLoader(make_dataset(23, hw=5, c=3), 4, shuffle=True, seed=11,
-                        device_resident=device_resident, dtype=dtype)
+    dataset = make_dataset(23, hw=5, c=3) if dataset is None else dataset
+    loader = DataLoader(dataset, 4, shuffle=True, seed=11, device_resident=device_resident,
+                        dtype=dtype)
     loader.set_epoch(2)
     with anycnn.use_backend(name) as b:
         out = []
@@ -215,3 +219,56 @@ def test_device_resident_follows_backend_switch():
         x, _ = next(iter(loader))
         assert type(x).__module__ == "torch"
         _assert_identical(first, collect(loader))
+
+
+# ------------------------------------------------------------------------------- float images
+
+
+def unit_float_dataset(image_dtype: str) -> ArrayDataset:
+    """23 images (5x5x3) of random floats in [0, 1], both ends included."""
+    images = np.random.default_rng(3).random((23, 5, 5, 3)).astype(image_dtype)
+    images[0], images[-1] = 1, 0
+    return ArrayDataset(images, np.arange(23) % 10, 10)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("device_resident", [False, True])
+@pytest.mark.parametrize("image_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_float_images_are_used_as_they_are(name, device_resident, image_dtype, dtype):
+    """Float images in [0, 1] are not divided by 255: each batch is exactly the images at the
+    batch's indices, cast to the loader's dtype, as if the user had fed them."""
+    ds = unit_float_dataset(image_dtype)
+    got = _batches(name, device_resident, dtype, ds)
+    order = np.random.default_rng([11, 2]).permutation(len(ds))
+    expected = [(ds.images[order[i:i + 4]].astype(dtype), ds.labels[order[i:i + 4]])
+                for i in range(0, len(ds), 4)]
+    _assert_identical(got, expected)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_uint8_images_and_their_float_copy_give_the_same_batches(name, device_resident):
+    """``images / 255`` in float32, given as a float dataset, batches to the very same bits as
+    the uint8 images (which the loader divides by 255 itself)."""
+    raw = make_dataset(23, hw=5, c=3)
+    scaled = ArrayDataset(raw.images.astype(np.float32) / 255, raw.labels, 10)
+    _assert_identical(_batches(name, device_resident, dataset=raw),
+                      _batches(name, device_resident, dataset=scaled))
+
+
+def test_float_dataset_trains_and_evaluates_like_its_uint8_original(backend):
+    """Trainer.fit, evaluate and subset take float images too: the same numbers, bit for bit, as
+    the uint8 images they were scaled from."""
+    raw = make_dataset(24, hw=6, c=1)
+    scaled = ArrayDataset(raw.images.astype(np.float32) / 255, raw.labels, 10)
+    results = []
+    for ds in (raw, scaled, scaled.subset(np.arange(24))):
+        anycnn.manual_seed(0)
+        model = anycnn.Sequential(L.Conv2D(1, 2, 3), L.ReLU(), L.Flatten(), L.Dense(32, 10))
+        trainer = Trainer(model, anycnn.optim.SGD(model.parameters(), lr=0.5), progress=False)
+        record, = trainer.fit(DataLoader(ds, 8, shuffle=True), DataLoader(ds, 12), epochs=1)
+        results.append([record[k] for k in ("train_loss", "train_accuracy", "val_loss")]
+                       + list(evaluate(model, DataLoader(ds, 12, device_resident=True)).values()))
+    assert results[0] == results[1] == results[2]
+    assert all(np.isfinite(results[0])) and results[0][0] != results[0][2]

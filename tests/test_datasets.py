@@ -110,10 +110,70 @@ def test_array_dataset_validates():
         ArrayDataset(images, np.array([0, 10, 1]), 10)
     with pytest.raises(DataError, match=r"labels must lie in \[0, 10\)"):
         ArrayDataset(images, np.array([0, -1, 1]), 10)
-    with pytest.raises(DataError, match="uint8 of shape"):
-        ArrayDataset(np.zeros((3, 2, 2), np.uint8), np.zeros(3, np.int64), 10)
+    with pytest.raises(DataError, match=r"uint8 \(0-255\) or float32/float64 \(in \[0, 1\]\) "
+                                        r"of shape \(N, H, W, C\)"):
+        ArrayDataset(np.zeros((3, 4), np.uint8), np.zeros(3, np.int64), 10)
+    for dtype in ("int16", "float16", "bool"):
+        with pytest.raises(DataError, match=f"got {dtype} of shape"):
+            ArrayDataset(images.astype(dtype), np.zeros(3, np.int64), 10)
     ds = ArrayDataset(images, np.array([0, 9, 1], np.uint8), 10)
     assert ds.labels.dtype == np.int64 and len(ds) == 3 and ds.image_shape == (2, 2, 1)
+
+
+def test_grayscale_images_without_a_channel_axis_get_one():
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    ds = ArrayDataset(images, np.zeros(3, np.int64), 10)
+    assert ds.images.shape == (3, 28, 28, 1) and ds.image_shape == (28, 28, 1)
+    assert np.shares_memory(ds.images, images)  # a view, not a copy
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 28, 28), (2, 3, 32, 32), (2, 4, 16, 24), (2, 1, 5, 5)])
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_channels_first_images_are_refused_with_the_fix(shape, dtype):
+    images = np.zeros(shape, dtype)
+    labels = np.zeros(shape[0], np.int64)
+    c, h, w = shape[1:]
+    fix = r"Fix: images = np\.transpose\(images, \(0, 2, 3, 1\)\)"
+    with pytest.raises(DataError, match=rf"look channels first \(NCHW, {c} channel\(s\) of "
+                                        rf"{h}x{w}\); anycnn wants channels last \(NHWC\)\. {fix}"):
+        ArrayDataset(images, labels, 10)
+    fixed = ArrayDataset(np.transpose(images, (0, 2, 3, 1)), labels, 10)  # the fix works
+    assert fixed.image_shape == (h, w, c)
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3), (2, 3, 3, 2), (2, 1, 4, 8),
+                                   (2, 3, 32, 4), (2, 8, 8, 16)])
+def test_channels_last_images_are_not_mistaken_for_channels_first(shape):
+    ds = ArrayDataset(np.zeros(shape, np.uint8), np.zeros(2, np.int64), 10)
+    assert ds.image_shape == shape[1:]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", ">f8"])
+def test_float_images_in_the_unit_interval_are_kept(dtype):
+    images = np.linspace(0, 1, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3).astype(dtype)
+    ds = ArrayDataset(images, np.array([1, 2]), 10)
+    assert ds.images.dtype == np.dtype(dtype).newbyteorder("=") and ds.images.dtype.isnative
+    np.testing.assert_array_equal(ds.images, images)
+    sub = ds.subset(np.array([1]))
+    assert sub.images.dtype == ds.images.dtype
+    np.testing.assert_array_equal(sub.images, images[1:])
+
+
+@pytest.mark.parametrize(("fill", "specials", "found"), [
+    (0.0, [255.0], "values from 0.0 to 255.0"),
+    (0.5, [-0.5], "values from -0.5 to 0.5"),
+    (0.5, [1.0000001], "values from 0.5 to 1.0000001"),
+    (0.25, [np.nan], "values from 0.25 to 0.25 and 1 NaN/infinite value"),
+    (0.5, [np.inf, -np.inf], "values from 0.5 to 0.5 and 2 NaN/infinite value"),
+    (np.nan, [], "no finite values and 32 NaN/infinite value"),
+], ids=["0-255", "negative", "just-above-1", "nan", "inf", "nothing-finite"])
+def test_float_images_outside_the_unit_interval_are_refused(fill, specials, found):
+    images = np.full((2, 4, 4, 1), fill)
+    images.reshape(-1)[:len(specials)] = specials
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]; found "
+                                        + found.replace(".", r"\.")):
+        ArrayDataset(images, np.array([1, 2]), 10)
 
 
 def test_unknown_dataset_lists_valid_names():

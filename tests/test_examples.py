@@ -23,9 +23,23 @@ QUICK_ARGS = {
 }
 
 
-def run_example(name: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+#: backends an example may need that anycnn does not install (see backends/*.txt)
+OPTIONAL = {"torch": "backends/torch.txt", "array_api_strict": "backends/array_api_strict.txt",
+            "cupy": "backends/cupy.txt"}
+
+
+def run_example(name: str, tmp_path: Path, *args: str,
+                hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``examples/name`` with its quick arguments; the modules in ``hide`` fail to import
+    there, as if they were not installed (shadowed by stubs first on ``PYTHONPATH``)."""
+    stubs = tmp_path / "not-installed"
+    stubs.mkdir(exist_ok=True)
+    for module in hide:
+        message = f"No module named {module!r}"
+        (stubs / f"{module}.py").write_text(
+            f"raise ModuleNotFoundError({message!r}, name={module!r})\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        p for p in (str(stubs) if hide else "", str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, str(EXAMPLES / name), *QUICK_ARGS[name], *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
@@ -71,10 +85,39 @@ def test_pytorch_interop(tmp_path):
 
 
 def test_pytorch_interop_without_torch(tmp_path):
-    """With torch blocked, the example explains itself and exits 0."""
-    (tmp_path / "torch.py").write_text("raise ImportError('torch blocked for this test')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    out = subprocess.run([sys.executable, str(EXAMPLES / "pytorch_interop.py")], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "torch is not installed" in out.stdout
+    """With torch missing, the example says how to install it in one line and exits 0."""
+    out = run_example("pytorch_interop.py", tmp_path, hide=("torch",))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.splitlines() == [
+        "torch is not installed; skipping. Install it with: pip install -r backends/torch.txt"]
+
+
+def test_backend_swap_without_torch_compares_the_others(tmp_path):
+    out = run_example("backend_swap.py", tmp_path, hide=("torch",))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    skipped = [line for line in out.stdout.splitlines() if line.startswith("skipping")]
+    assert len(skipped) == 1 and "skipping torch: " in skipped[0]
+    assert "pip install -r backends/torch.txt" in skipped[0]
+    assert "bit-identical on numpy, array_api_strict\n" in out.stdout
+
+
+def test_backend_swap_with_nothing_to_compare_exits_0(tmp_path):
+    out = run_example("backend_swap.py", tmp_path, hide=("torch", "array_api_strict"))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stdout
+    for line, name in zip(lines, ["array_api_strict", "torch"]):
+        assert line.startswith(f"skipping {name}: ") and f"pip install -r {OPTIONAL[name]}" in line
+
+
+@pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py"])
+def test_other_examples_need_no_optional_backend(name):
+    """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
+    use an optional backend: the others neither import one nor ask for one by name."""
+    tree = ast.parse((EXAMPLES / name).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in (node.names if isinstance(node, ast.Import) else
+                              [ast.alias(node.module or "")])}
+    named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)}
+    assert not (imported | named) & set(OPTIONAL), name

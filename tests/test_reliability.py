@@ -105,6 +105,66 @@ def test_wrong_channel_count(backend, make, shape, message):
         make().forward(to_backend(host(shape)))
 
 
+def _strided_model():
+    return anycnn.Sequential(L.Conv2D(3, 8, 3, stride=2), L.ReLU(), L.Flatten(),
+                             L.Dense(5 * 9 * 8, 10))
+
+
+@pytest.mark.parametrize(("make", "shape", "message"), [
+    (lambda: build_model("simple-cnn"), (2, 32, 32, 1),
+     "Dense expects 3136 features on the last axis, got input shape (2, 4096) (activations are "
+     "NHWC); after Flatten that is 8x8x64 = 4096 features from 32x32x1 input images, but this "
+     "Dense expects 7x7x64 = 3136: the model expects 28x28x1 images (any size from 28x28 "
+     "to 31x31 fits)"),
+    (lambda: build_model("lenet5", image_size=32, in_channels=3), (2, 28, 20, 3),
+     "after Flatten that is 5x3x16 = 240 features from 28x20x3 input images, but this Dense "
+     "expects 6x6x16 = 576: the model expects 32x32x3 images (any size from 32x32 to "
+     "35x35 fits)"),
+    (lambda: anycnn.Sequential(L.Flatten(), L.Dropout(0.5), L.ReLU(), L.Dense(28 * 28, 10)),
+     (2, 32, 32, 1), "after Flatten that is 32x32x1 = 1024 features from 32x32x1 input images, "
+     "but this Dense expects 28x28x1 = 784: the model expects 28x28x1 images"),
+    (_strided_model, (2, 32, 32, 3), "this Dense expects 5x9x8 = 360: the model expects "
+     "11x19x3 images (any size from 11x19 to 12x20 fits)"),
+    (lambda: anycnn.Sequential(anycnn.Sequential(L.Conv2D(1, 4, 3, padding=1), L.MaxPool2D(2)),
+                               L.Flatten(), L.Dense(4 * 14 * 14, 10), fuse=False),
+     (2, 32, 32, 1), "expects 14x14x4 = 784: the model expects 28x28x1 images (any size "
+     "from 28x28 to 29x29 fits)"),
+    (lambda: anycnn.Sequential(L.Conv2D(1, 8, 3), L.Flatten(), L.Dense(3137, 10)),
+     (2, 32, 32, 1), "after Flatten that is 30x30x8 = 7200 features from 32x32x1 input images, "
+     "but this Dense expects 3137, not a multiple of 8 channels"),
+], ids=["simple-cnn", "lenet5-rgb", "dropout-between", "strided-non-square", "nested",
+        "not-a-multiple"])
+def test_dense_after_flatten_names_the_image_size_the_model_expects(backend, make, shape,
+                                                                    message):
+    model = make()
+    with pytest.raises(ShapeError) as info:
+        model(to_backend(host(shape)))
+    assert message in str(info.value)
+    assert str(info.value).count("after Flatten") == 1
+
+
+def test_dense_mismatch_without_flatten_is_not_explained_as_an_image_size(backend):
+    model = anycnn.Sequential(L.Conv2D(1, 8, 3), L.GlobalAvgPool2D(), L.Dense(9, 10))
+    with pytest.raises(ShapeError, match=r"Dense expects 9 features .*\(2, 8\) \(activations "
+                                         r"are NHWC\)$"):
+        model(to_backend(host((2, 12, 12, 1))))
+    with pytest.raises(ShapeError, match=r"Dense expects 9 features .*\(2, 4\) \(activations "
+                                         r"are NHWC\)$"):
+        anycnn.Sequential(L.Flatten(), L.Dense(3, 4), L.Dense(9, 2))(to_backend(host((2, 3))))
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (31, 17), (9, 40)])
+def test_output_hw_matches_the_forward_pass(backend, hw):
+    """The geometry the Flatten → Dense explanation inverts is the one forward computes."""
+    model = anycnn.Sequential(
+        L.Conv2D(1, 2, 3, padding=1), L.BatchNorm2D(2), L.ReLU(), L.MaxPool2D(2),
+        L.Conv2D(2, 2, (3, 2), stride=(2, 1), dilation=(1, 2), padding="valid"), L.Dropout(0.1),
+        L.AvgPool2D(3, stride=2, padding=1, ceil_mode=True), L.Conv2D(2, 2, 2, padding="same"))
+    out = model(to_backend(host((2, *hw, 1))))
+    assert model.output_hw(hw) == tuple(out.shape[1:3])
+    assert L.Flatten().output_hw(hw) is None and L.GlobalAvgPool2D().output_hw(hw) is None
+
+
 @pytest.mark.parametrize(("make", "shape"), [
     (lambda: L.Conv2D(1, 1, 5), (1, 4, 9, 1)),
     (lambda: L.Conv2D(1, 1, 3, dilation=3), (1, 6, 6, 1)),
