@@ -24,13 +24,15 @@ _EXPORTS = {
     "manual_seed": "random",
     "load_model": "checkpoint", "load_weights": "checkpoint", "save": "checkpoint",
     "predict": "inference", "predict_proba": "inference", "predict_topk": "inference",
+    "Summary": "summarize", "summary": "summarize",
 }
 _SUBMODULES = {"backend", "bench", "checkpoint", "cli", "dataloader", "datasets", "errors",
                "fastpath", "functional", "fusion", "geometry", "inference", "init", "interop",
                "layers", "losses", "metrics", "models", "module", "optim", "plot", "random",
-               "schedules", "sequential", "train"}
+               "schedules", "sequential", "summarize", "testing", "train"}
 
-__all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim"])
+__all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
+                  "testing"])
 
 
 def __getattr__(name: str) -> Any:

@@ -226,31 +226,20 @@ def model_input_shape(name: str) -> tuple[int, int, int]:
 
 
 def flops_per_image(name: str) -> dict[str, float]:
-    """Forward and training-step FLOPs per image of a preset (conv and dense GEMMs only).
+    """Forward and training-step FLOPs per image of a preset (conv and dense GEMMs only, as
+    counted by :func:`anycnn.summary`).
 
     Training counts forward + weight gradient + input gradient (none for the first layer).
     """
-    import numpy as np
-
     from .backend import use_backend
-    from .layers import Conv2D, Dense
     from .models import build_model
+    from .summarize import call_flops
 
     with use_backend("numpy"):
-        model = build_model(name)
-        x = np.zeros((1, *model_input_shape(name)), np.float32)
-        forward = 0.0
-        first = None
-        for layer in model.layers:
-            y = layer.forward(x)
-            if isinstance(layer, Conv2D | Dense):
-                k = int(np.prod(layer.weight.shape))
-                positions = int(np.prod(y.shape[1:-1])) if y.ndim == 4 else 1
-                flops = 2.0 * positions * k
-                first = flops if first is None else first
-                forward += flops
-            x = y
-    return {"forward": forward, "train": 3 * forward - (first or 0.0)}
+        flops = call_flops(build_model(name), model_input_shape(name))
+    forward = float(sum(flops))
+    first = next((f for f in flops if f), 0)
+    return {"forward": forward, "train": 3 * forward - first}
 
 
 def _run_worker(cfg: dict, threads: int) -> dict:

@@ -16,6 +16,9 @@ all of them before the next range (depth first).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -250,9 +253,26 @@ def _segment_backward(seg: _Segment, dy: Any, input_grad: bool) -> Any:
 FUSIONS = (ConvReluMaxPool,)
 
 
+_suspended = contextvars.ContextVar("anycnn_fusion_suspended", default=False)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Within the block, :func:`execution_plan` fuses nothing: every layer's own ``forward`` and
+    ``backward`` run (used by :func:`anycnn.summary`, which watches each layer's calls)."""
+    token = _suspended.set(True)
+    try:
+        yield
+    finally:
+        _suspended.reset(token)
+
+
 def execution_plan(layers: list[Module]) -> list[Any]:
     """``layers`` with every fusable sequence replaced by its fused executor, and consecutive
-    convolution blocks grouped into one :class:`ConvPoolRun`."""
+    convolution blocks grouped into one :class:`ConvPoolRun` (``layers`` unchanged inside
+    :func:`suspended`)."""
+    if _suspended.get():
+        return list(layers)
     plan: list[Any] = []
     i = 0
     while i < len(layers):

@@ -66,6 +66,12 @@ def check_param_dtype(layer: Module, x: Any, param: Any) -> None:
             f"{dtype_name(x)} input; cast the input or the model (model.to({dtype_name(x)!r}))")
 
 
+def gemm_flops(weight: Parameter, output_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of a layer whose every output position (all axes but the last) is one
+    matrix-vector product with ``weight``: 2 multiply-add FLOPs per weight element each."""
+    return 2 * math.prod(weight.shape) * math.prod(output_shape[:-1])
+
+
 def _require_forward(layer: Module, ctx: Any) -> Any:
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
@@ -131,6 +137,10 @@ class Conv2D(Module):
     def output_hw(self, hw):
         return F.conv_windows(hw, self.kernel_size, self.stride, self.pads, self.dilation).out
 
+    def flops(self, input_shape, output_shape):
+        """2 x kh*kw*C_in*C_out multiply-adds (the weight's size) per output position."""
+        return gemm_flops(self.weight, output_shape)
+
     def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
         dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad)
@@ -170,6 +180,10 @@ class Dense(Module):
         check_param_dtype(self, x, self.weight.data)
         y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
         return y
+
+    def flops(self, input_shape, output_shape):
+        """2 x in*out multiply-adds per row."""
+        return gemm_flops(self.weight, output_shape)
 
     def backward(self, dy, input_grad: bool = True):
         x = _require_forward(self, self._x)

@@ -173,6 +173,22 @@ class Module:
     def extra_repr(self) -> str:
         return ""
 
+    # -- inspection ----------------------------------------------------------------------
+    def flops(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+        """Forward FLOPs of this module's *own* computation (its children are counted by
+        themselves) for one call on an input of ``input_shape`` giving ``output_shape`` (both
+        with the batch axis; the count is for the whole batch). Counted: 2 per multiply-add of
+        the matrix products (convolutions, dense layers); elementwise work (bias, activations,
+        pooling, normalisation) counts 0. Default 0; :func:`anycnn.summary` sums the tree."""
+        return 0
+
+    def summary(self, input_shape: tuple[int, ...], print_fn: Any = print) -> None:
+        """Print the layer table of :func:`anycnn.summary` for per-image
+        ``input_shape`` (e.g. ``(28, 28, 1)``, no batch axis) with ``print_fn``."""
+        from .summarize import summary
+
+        print_fn(str(summary(self, input_shape)))
+
     def __repr__(self) -> str:
         children = list(self.named_children())
         if not children:
@@ -192,6 +208,29 @@ def eval_mode(model: Module) -> Iterator[Module]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def preserved_state(model: Module) -> Iterator[Module]:
+    """Run the block, then put ``model`` back as it was (also when the block raises): every
+    submodule's attributes (mode, what ``forward`` kept for ``backward``, buffers, attributes
+    set on the instance such as a wrapped ``forward``), every parameter's ``data`` and ``grad``
+    (the same array objects), and anycnn's global random generator. The block must not write
+    into those arrays in place (anycnn's layers never do: they assign new arrays)."""
+    from . import random
+
+    attributes = [(m, dict(vars(m))) for m in {id(m): m for m in model.modules()}.values()]
+    params = {id(p): (p, p.data, p.grad) for p in model.parameters()}.values()
+    rng_state = random.get_state()
+    try:
+        yield model
+    finally:
+        for m, saved in attributes:
+            vars(m).clear()
+            vars(m).update(saved)
+        for p, data, grad in params:
+            p.data, p.grad = data, grad
+        random.set_state(rng_state)
 
 
 def spatial_size(modules: list[Module], hw: tuple[int, int]) -> tuple[int, int] | None:
