@@ -1,4 +1,4 @@
-"""The ``anycnn`` command: ``train``, ``evaluate``, ``info``, ``plot`` and ``bench``.
+"""The ``anycnn`` command: ``train``, ``evaluate``, ``info``, ``plot``, ``bench`` and ``summary``.
 
 A user's mistake (bad option, missing file, unusable backend, bad checkpoint) prints one line
 ``anycnn: error: ...`` and exits with status 2; an interrupted training run saves a checkpoint,
@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a history.json, or a file holding the output of anycnn evaluate --json")
     p.add_argument("-o", "--output", default="curves.png",
                    help="image file to write (.png unless it ends in .svg or .pdf)")
+
+    s = sub.add_parser("summary", help="a model's layers with output shapes, parameter counts "
+                       "and FLOPs")
+    s.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
+    s.add_argument("--dataset", default=None, help="take the image shape and class count from "
+                   f"this dataset (one of {', '.join(DATASETS)}; it is loaded)")
+    s.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    s.add_argument("--input-shape", default=None, metavar="H,W,C",
+                   help="image shape, height and width equal (default: 28,28,1)")
+    s.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="classes (default: the dataset's, else 10)")
+    _backend_option(s)
 
     b = sub.add_parser("bench", help="time training steps against PyTorch")
     from .bench import add_arguments
@@ -515,8 +527,50 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def _image_shape_option(text: str) -> tuple[int, int, int]:
+    """``--input-shape H,W,C`` as three positive integers with H == W (presets are square)."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape expects three positive integers H,W,C such as "
+                          f"28,28,1; got {text!r}")
+    if shape[0] != shape[1]:
+        raise ConfigError(f"--input-shape {text}: the presets take square images (H == W)")
+    return shape
+
+
+def cmd_summary(args) -> int:
+    from .models import build_model, model_spec
+    from .summarize import summary
+
+    _select_backend(args.backend)
+    spec = model_spec(args.model)
+    if args.dataset is not None and args.input_shape is not None:
+        raise ConfigError("--dataset and --input-shape both set the input shape: pass one")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
+    classes = 10
+    if args.input_shape is not None:
+        shape = _image_shape_option(args.input_shape)
+    elif args.dataset is not None:
+        from .datasets import load_dataset
+
+        data = load_dataset(args.dataset, data_dir=args.data_dir, progress=False)
+        shape, classes = data.image_shape, data.num_classes
+    else:
+        shape = (spec["image_size"], spec["image_size"], spec["in_channels"])
+    classes = args.num_classes or classes
+    model = build_model({**spec, "num_classes": classes, "in_channels": shape[2],
+                         "image_size": shape[0]})
+    print(f"model {args.model}, {classes} classes")
+    print(summary(model, shape))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "plot": cmd_plot,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "summary": cmd_summary}
 
 
 def _one_line(text: str) -> str:
