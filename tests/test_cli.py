@@ -195,6 +195,27 @@ def test_evaluate_prints_loss_and_accuracy(capsys, trained):
                        "it is a text file starting '[")
 
 
+def test_summary_prints_the_table(capsys):
+    code, out, err = cli(capsys, "summary", "--model", "simple-cnn")
+    assert code == 0 and err == "", err
+    lines = out.splitlines()
+    assert lines[:2] == ["model simple-cnn, 10 classes", "Sequential on input (None, 28, 28, 1)"]
+    assert lines[5].split() == ["0", "(Conv2D)", "(None,", "28,", "28,", "32)", "320", "451,584"]
+    assert "Total params: 421,642 (1.61 MiB)" in lines
+    assert "Forward FLOPs per image: 8,482,304 (8.48 M)" in lines
+
+
+def test_summary_takes_the_shape_from_the_options_or_the_dataset(capsys):
+    code, out, _ = cli(capsys, "summary", "--input-shape", "32,32,3", "--num-classes", "5")
+    assert code == 0 and out.startswith("model lenet5, 5 classes\n")
+    assert "(None, 32, 32, 3)" in out
+    assert re.search(r"^0 \(Conv2D\) +\(None, 32, 32, 6\) +456 ", out, re.M), out
+    assert re.search(r"^11 \(Dense\) +\(None, 5\) ", out, re.M), out
+    code, out, _ = cli(capsys, "summary", "--dataset", "mnist-sample", "--model", "bn-cnn")
+    assert code == 0 and out.startswith("model bn-cnn, 10 classes\n")
+    assert "Non-trainable params: 384" in out
+
+
 def test_info_lists_every_backend(capsys):
     code, out, _ = cli(capsys, "info", "--backend", "numpy")
     assert code == 0
@@ -300,6 +321,14 @@ MISTAKES = {
     "negative log every": (["train", "--log-every", "-1"], ["--log-every must be >= 0"]),
     "log every and quiet": (["train", "--log-every", "5", "--quiet"], ["--log-every", "--quiet"]),
     "patience word": (["train", "--early-stop", "three"], ["invalid int value: 'three'"]),
+    "summary unknown model": (["summary", "--model", "resnet9"], ["'resnet9'", *MODELS]),
+    "summary bad input shape": (["summary", "--input-shape", "32x32"],
+                                ["--input-shape", "H,W,C", "'32x32'"]),
+    "summary non-square": (["summary", "--input-shape", "32,28,1"], ["square"]),
+    "summary shape twice": (["summary", "--dataset", "mnist-sample", "--input-shape", "28,28,1"],
+                            ["--dataset and --input-shape"]),
+    "summary zero classes": (["summary", "--num-classes", "0"], ["--num-classes must be >= 1"]),
+    "summary unknown dataset": (["summary", "--dataset", "cifar"], ["'cifar'", *DATASETS]),
 }
 
 
@@ -382,7 +411,7 @@ def test_bench_times_the_script_path_beside_the_command(tmp_path):
 def test_no_command_lists_the_commands(capsys):
     code, out, err = cli(capsys)
     assert code == 2 and out == ""
-    for command in ("train", "evaluate", "info", "plot", "bench"):
+    for command in ("train", "evaluate", "info", "plot", "bench", "summary"):
         assert re.search(rf"^\s+{command}\s+\S", err, re.M), (command, err)
 
 
