@@ -19,6 +19,7 @@ QUICK_ARGS = {
     "train_mnist.py": ["--epochs", "1", "--limit", "512"],
     "backend_swap.py": ["--steps", "3"],
     "custom_model.py": ["--epochs", "1", "--limit", "256"],
+    "custom_layer.py": ["--epochs", "1", "--limit", "256"],
     "pytorch_interop.py": ["--limit", "256"],
 }
 
@@ -77,6 +78,18 @@ def test_custom_model(tmp_path):
     assert "eval mode,  two forward passes equal? True" in out.stdout
 
 
+def test_custom_layer(tmp_path):
+    out = run_example("custom_layer.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [["input", "ok"], ["scale", "ok"]]
+    assert lines[2].startswith("caught: gradient of 'input' of Broken differs from finite "
+                               "differences: at index ")
+    assert any(line.split()[:2] == ["1", "(Scale)"] and line.split()[-2:] == ["8", "0"]
+               for line in lines), out.stdout
+    assert lines[-1].startswith("val accuracy ") and "learned scale [" in lines[-1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 def test_pytorch_interop(tmp_path):
     out = run_example("pytorch_interop.py", tmp_path)
@@ -110,7 +123,7 @@ def test_backend_swap_with_nothing_to_compare_exits_0(tmp_path):
         assert line.startswith(f"skipping {name}: ") and f"pip install -r {OPTIONAL[name]}" in line
 
 
-@pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py"])
+@pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""

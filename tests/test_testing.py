@@ -5,6 +5,11 @@ as it found it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -170,3 +175,20 @@ def test_bad_options_and_missing_input_gradient(backend, rng, kwargs):
         check_gradients(Scale(2), x, **kwargs)
     with pytest.raises(ConfigError, match="returned None"):
         check_gradients(_NoInputGrad(2), x)
+
+
+def test_the_readme_example_runs(tmp_path):
+    """The code block of README's "Writing your own layer" (on the backend under test)."""
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("\n## Writing your own layer\n", 1)[1]
+    script = tmp_path / "scale.py"
+    script.write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [["input", "ok"], ["scale", "ok"]]
+    assert "Sequential on input (None, 5, 5, 3)" in lines
+    assert ["1", "(Scale)", "(None,", "3,", "3,", "8)", "8", "0"] in [x.split() for x in lines]
