@@ -6,6 +6,11 @@ model is then put back exactly as it was (:func:`anycnn.module.preserved_state`)
 pass raises. Rows follow :meth:`Module.named_children` depth first, so they work through any
 nesting of containers. FLOPs come from each module's :meth:`Module.flops` (2 per multiply-add
 of convolutions and dense layers; elementwise work counts 0), summed over a container's tree.
+
+Containers that run some of their layers through a fused executor should build it with
+:func:`anycnn.fusion.execution_plan`, which the pass turns off (:func:`anycnn.fusion.suspended`),
+so that each layer's own ``forward`` runs and is seen; a module whose ``forward`` the pass does
+not call gets a row without output shape (``-``) and no FLOPs.
 """
 
 from __future__ import annotations
@@ -154,7 +159,8 @@ def _recording(module: Module, forward: Callable[..., Any],
 
     def wrapper(x: Any, *args: Any, **kwargs: Any) -> Any:
         y = forward(x, *args, **kwargs)
-        trace.append((module, (tuple(x.shape), tuple(y.shape))))
+        if hasattr(x, "shape") and hasattr(y, "shape"):  # else: not an array, not a row
+            trace.append((module, (tuple(x.shape), tuple(y.shape))))
         return y
 
     return wrapper
