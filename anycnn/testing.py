@@ -14,6 +14,9 @@ buffers (BatchNorm running statistics move in training-mode forwards), what ``fo
 ``backward``, and anycnn's global random generator. Float32 differences would be too coarse
 to tell a wrong gradient from rounding.
 
+It also checks that ``backward`` *adds* to ``Parameter.grad`` (a second forward and backward
+doubles it), as gradient accumulation and shared parameters need.
+
 The module is checked in its current mode (BatchNorm in training mode uses batch statistics,
 and that is what its backward must match). The forward must be deterministic: put stochastic
 layers (Dropout) in eval mode, or give them a generator that each forward re-seeds. A forward
@@ -123,6 +126,7 @@ def check_gradients(module: Module, x: Any, *, dy: Any = None, eps: float = 1e-6
     Raises:
         GradientCheckError: (an ``AssertionError``) naming the worst tensor, its element, both
             values and the tolerance; ``.report`` holds the full comparison.
+        AssertionError: backward assigns a parameter's gradient instead of adding to it.
         ConfigError: bad options, a non-deterministic forward, or a backward that returned no
             input gradient.
     """
@@ -135,45 +139,31 @@ def check_gradients(module: Module, x: Any, *, dy: Any = None, eps: float = 1e-6
     with preserved_state(module):
         module.to("float64")
         params = _checked_parameters(module)
-        for _, p in params:
-            p.grad = None
-        x_host = to_numpy(x).astype(np.float64)
         like = params[0][1].data if params else (x if _is_array(x) else None)
         place = (lambda host: _array_like(host, like)) if like is not None else asarray
-        y = to_numpy(module.forward(place(x_host)))
-        again = to_numpy(module.forward(place(x_host)))  # the forward backward will follow
-        if y.shape != again.shape or not np.allclose(y, again, rtol=1e-12, atol=0):
-            raise ConfigError(
-                f"{type(module).__name__}.forward gave two different outputs for the same input: "
-                "finite differences need a deterministic forward; put stochastic layers "
-                "(Dropout) in eval mode (module.eval()) or seed them for each call")
+        x_host = to_numpy(x).astype(np.float64)
+        y = _deterministic_output(module, place(x_host))
         cot = rng.standard_normal(y.shape) if dy is None else to_numpy(dy).astype(np.float64)
         if cot.shape != y.shape:
             raise ConfigError(f"dy has shape {cot.shape} but the output has shape {y.shape}")
-        dx = module.backward(place(cot))
-        if dx is None:
-            raise ConfigError(f"{type(module).__name__}.backward(dy) returned None: it must "
-                              "return the input gradient")
-        analytic = {INPUT: to_numpy(dx)}
-        for name, p in params:
-            analytic[name] = (np.zeros(p.shape) if p.grad is None else to_numpy(p.grad))
+        analytic = _backward(module, params, place(x_host), place(cot))
 
         def objective() -> float:
             return float(np.sum(to_numpy(module.forward(place(x_host))) * cot))
 
         def set_input(host: np.ndarray) -> None:
-            x_host[...] = host
+            x_host[...] = host  # the array objective() reads
 
         tensors = [_compare(INPUT, x_host.copy(), set_input, analytic[INPUT], objective,
                             eps, rtol, atol, rng, max_elements)]
         for name, p in params:
-            base = to_numpy(p.data).astype(np.float64)
 
             def set_param(host: np.ndarray, p: Parameter = p) -> None:
                 p.data = place(host)
 
-            tensors.append(_compare(name, base, set_param, analytic[name], objective,
-                                    eps, rtol, atol, rng, max_elements))
+            tensors.append(_compare(name, to_numpy(p.data).astype(np.float64), set_param,
+                                    analytic[name], objective, eps, rtol, atol, rng,
+                                    max_elements))
     report = GradientReport(tuple(tensors), eps, rtol, atol)
     if not report.ok:
         w = report.worst
@@ -183,6 +173,45 @@ def check_gradients(module: Module, x: Any, *, dy: Any = None, eps: float = 1e-6
             f"differences {w.numeric:.6g} (relative error {_rel(w.analytic, w.numeric):.2e}; "
             f"rtol {rtol:g}, atol {atol:g}); per tensor:\n{report}", report)
     return report
+
+
+def _deterministic_output(module: Module, x: Any) -> np.ndarray:
+    """The output for ``x`` (host copy), from the second of two forward passes (so that the
+    backward pass follows a forward), after checking that both gave the same."""
+    first = to_numpy(module.forward(x))
+    second = to_numpy(module.forward(x))
+    if first.shape != second.shape or not np.allclose(first, second, rtol=1e-12, atol=0):
+        raise ConfigError(
+            f"{type(module).__name__}.forward gave two different outputs for the same input: "
+            "finite differences need a deterministic forward; put stochastic layers "
+            "(Dropout) in eval mode (module.eval()) or seed them for each call")
+    return second
+
+
+def _backward(module: Module, params: list[tuple[str, Parameter]], x: Any, dy: Any
+              ) -> dict[str, np.ndarray]:
+    """Host copies of the input gradient and of each parameter's gradient (zeros where
+    backward left none) from ``backward(dy)`` after the forward pass of ``x``. A second
+    forward and backward must double the parameters' gradients: backward adds to them."""
+    for _, p in params:
+        p.grad = None
+    dx = module.backward(dy)
+    if dx is None:
+        raise ConfigError(f"{type(module).__name__}.backward(dy) returned None: it must "
+                          "return the input gradient")
+    grads = {INPUT: to_numpy(dx)}
+    for name, p in params:
+        grads[name] = np.zeros(p.shape) if p.grad is None else to_numpy(p.grad)
+    module.forward(x)
+    module.backward(dy)
+    for name, p in params:
+        twice = np.zeros(p.shape) if p.grad is None else to_numpy(p.grad)
+        if not np.allclose(twice, 2 * grads[name], rtol=1e-9, atol=1e-12):
+            raise AssertionError(
+                f"{type(module).__name__}.backward does not add to the gradient of {name!r}: "
+                "after two backward passes it is not twice that of one; accumulate it "
+                "(Parameter.accumulate) instead of assigning it")
+    return grads
 
 
 def _compare(name: str, base: np.ndarray, assign, analytic: np.ndarray, objective,

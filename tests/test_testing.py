@@ -162,6 +162,20 @@ def test_a_stochastic_forward_is_refused_with_advice(backend, rng):
     assert anycnn.random.get_state() == state
 
 
+class _Assigns(Scale):
+    """Sets ``scale.grad`` instead of adding to it (right values, wrong accumulation)."""
+
+    def backward(self, dy, input_grad=True):
+        self.scale.grad = None
+        return super().backward(dy, input_grad)
+
+
+def test_backward_must_add_to_the_gradient(backend, rng):
+    x = anycnn.asarray(rng.standard_normal((3, 2)))
+    with pytest.raises(AssertionError, match="does not add to the gradient of 'scale'"):
+        check_gradients(_Assigns(2), x)
+
+
 class _NoInputGrad(Scale):
     def backward(self, dy, input_grad=True):
         super().backward(dy, input_grad)
