@@ -218,7 +218,8 @@ def worker_main(cfg: dict) -> dict:
 
 
 def model_input_shape(name: str) -> tuple[int, int, int]:
-    """(H, W, C) input of a preset (28x28x1 for all current presets)."""
+    """(H, W, C) input of a preset: its default spec's (28x28x1 for the MNIST-sized presets,
+    32x32x3 for ``resnet20``)."""
     from .models import model_spec
 
     spec = model_spec(name)
@@ -226,31 +227,56 @@ def model_input_shape(name: str) -> tuple[int, int, int]:
 
 
 def flops_per_image(name: str) -> dict[str, float]:
-    """Forward and training-step FLOPs per image of a preset (conv and dense GEMMs only).
+    """Forward and training-step FLOPs per image of a preset (conv and dense GEMMs only),
+    counted wherever the layers are nested (Residual bodies and shortcuts, Concat branches).
 
-    Training counts forward + weight gradient + input gradient (none for the first layer).
+    Training counts forward + weight gradient + input gradient (none for the first layer,
+    which gets the images).
     """
     import numpy as np
 
     from .backend import use_backend
     from .layers import Conv2D, Dense
     from .models import build_model
+    from .sequential import Sequential
 
     with use_backend("numpy"):
         model = build_model(name)
-        x = np.zeros((1, *model_input_shape(name)), np.float32)
-        forward = 0.0
-        first = None
-        for layer in model.layers:
-            y = layer.forward(x)
-            if isinstance(layer, Conv2D | Dense):
-                k = int(np.prod(layer.weight.shape))
-                positions = int(np.prod(y.shape[1:-1])) if y.ndim == 4 else 1
-                flops = 2.0 * positions * k
-                first = flops if first is None else first
-                forward += flops
-            x = y
-    return {"forward": forward, "train": 3 * forward - (first or 0.0)}
+        gemms = [m for m in model.modules() if isinstance(m, Conv2D | Dense)]
+        for m in model.modules():
+            if isinstance(m, Sequential):
+                m.fuse = False  # fused blocks skip Conv2D.forward; this copy is thrown away
+        outputs = _record_outputs(gemms, model, np.zeros((1, *model_input_shape(name)),
+                                                         np.float32))
+    counts = [2.0 * int(np.prod(y.shape[1:-1])) * int(np.prod(layer.weight.shape))
+              for layer, y in outputs]
+    forward = sum(counts)
+    return {"forward": forward, "train": 3 * forward - (counts[0] if counts else 0.0)}
+
+
+def _record_outputs(layers: list, model: Any, x: Any) -> list[tuple[Any, Any]]:
+    """``(layer, output)`` for each of ``layers`` in the order one forward pass of ``model``
+    on ``x`` calls them (their ``forward`` is wrapped for the pass, then restored)."""
+    calls: list[tuple[Any, Any]] = []
+
+    def recording(layer: Any) -> Any:
+        forward = layer.forward
+
+        def run(x: Any) -> Any:
+            y = forward(x)
+            calls.append((layer, y))
+            return y
+
+        return run
+
+    for layer in layers:
+        layer.forward = recording(layer)
+    try:
+        model.forward(x)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return calls
 
 
 def _run_worker(cfg: dict, threads: int) -> dict:
