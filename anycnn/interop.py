@@ -426,6 +426,9 @@ def _torch_containers() -> tuple[type, type]:
             for i, branch in enumerate(branches):
                 self.add_module(str(i), branch)
 
+        def __getitem__(self, i: int) -> nn.Module:
+            return list(self.children())[i]
+
         def forward(self, x):
             return torch.cat([branch(x) for branch in self.children()], dim=1)
 
