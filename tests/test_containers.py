@@ -454,6 +454,25 @@ def test_resnet20_structure(backend):
     assert spatial_size(model.layers[:-2], (32, 32)) == (8, 8)  # before pooling
 
 
+def test_bench_counts_flops_through_containers():
+    """``anycnn bench`` sizes: resnet20's multiply-adds, summed by hand per convolution
+    (Ho * Wo * kh * kw * C_in * C_out), include bodies and projection shortcuts."""
+    from anycnn.bench import flops_per_image, model_input_shape
+
+    assert model_input_shape("resnet20") == (32, 32, 3)
+    assert model_input_shape("resnet-mini") == (28, 28, 1)
+    macs = (32 * 32 * 9 * 3 * 16                                    # stem
+            + 6 * 32 * 32 * 9 * 16 * 16                             # stage 1: 3 blocks
+            + 16 * 16 * 9 * 16 * 32 + 5 * 16 * 16 * 9 * 32 * 32    # stage 2
+            + 16 * 16 * 16 * 32                                     # its 1x1 shortcut
+            + 8 * 8 * 9 * 32 * 64 + 5 * 8 * 8 * 9 * 64 * 64         # stage 3
+            + 8 * 8 * 32 * 64                                       # its 1x1 shortcut
+            + 64 * 10)                                              # Dense
+    flops = flops_per_image("resnet20")
+    assert flops["forward"] == 2 * macs
+    assert flops["train"] == 3 * 2 * macs - 2 * 32 * 32 * 9 * 3 * 16  # no stem input gradient
+
+
 def test_resnet20_checkpoint_from_numpy_loads_here(backend, tmp_path):
     x = images((2, 32, 32, 3), seed=1)
     with anycnn.use_backend("numpy"):
