@@ -550,6 +550,17 @@ def test_torch_module_mirrors_the_tree(backend, torch):
     assert "2.1.3.body.1.num_batches_tracked" in module.state_dict()
 
 
+def test_flatten_after_concat_exports_with_the_joined_channel_count(backend, torch):
+    """The Dense after Flatten is reordered for the channels Concat joins (2 + 3)."""
+    from anycnn.interop import torch_module
+
+    model = Sequential(L.Conv2D(1, 2, 3), Concat(Identity(), L.Conv2D(2, 3, 1)), L.Flatten(),
+                       L.Dense(5 * 6 * 6, 2))
+    x = images((2, 8, 8, 1))
+    assert_logits_close(torch_logits(torch, torch_module(model, (8, 8, 1)), x),
+                        host(model(anycnn.asarray(x))))
+
+
 def test_interop_refuses_joined_flat_features(backend):
     from anycnn.interop import to_torch_state_dict
 
