@@ -111,7 +111,8 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) 
 
 def resnet_mini(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> Sequential:
     """ResNet-8 for MNIST-sized images (28x28x1 → 7x7x64 before pooling): 3 stages of one basic
-    block, about 78 k parameters; a few minutes per Fashion-MNIST epoch on 2 CPU cores."""
+    block, about 78 k parameters; about 600 training images/s on 2 CPU cores (NumPy), so under
+    two minutes per Fashion-MNIST epoch."""
     return cifar_resnet(1, num_classes, in_channels)
 
 
