@@ -21,15 +21,16 @@ _EXPORTS = {
     "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors",
     "ShapeError": "errors", "TrainingError": "errors",
     "Module": "module", "Parameter": "module", "Sequential": "sequential",
+    "Concat": "containers", "Identity": "containers", "Residual": "containers",
     "manual_seed": "random",
     "load_model": "checkpoint", "load_weights": "checkpoint", "save": "checkpoint",
     "predict": "inference", "predict_proba": "inference", "predict_topk": "inference",
     "Summary": "summarize", "summary": "summarize",
 }
-_SUBMODULES = {"backend", "bench", "checkpoint", "cli", "dataloader", "datasets", "errors",
-               "fastpath", "functional", "fusion", "geometry", "inference", "init", "interop",
-               "layers", "losses", "metrics", "models", "module", "optim", "plot", "random",
-               "schedules", "sequential", "summarize", "testing", "train"}
+_SUBMODULES = {"backend", "bench", "checkpoint", "cli", "containers", "dataloader", "datasets",
+               "errors", "fastpath", "functional", "fusion", "geometry", "inference", "init",
+               "interop", "layers", "losses", "metrics", "models", "module", "optim", "plot",
+               "random", "schedules", "sequential", "summarize", "testing", "train"}
 
 __all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
                   "testing"])

@@ -218,7 +218,8 @@ def worker_main(cfg: dict) -> dict:
 
 
 def model_input_shape(name: str) -> tuple[int, int, int]:
-    """(H, W, C) input of a preset (28x28x1 for all current presets)."""
+    """(H, W, C) input of a preset: its default spec's (28x28x1 for the MNIST-sized presets,
+    32x32x3 for ``resnet20``)."""
     from .models import model_spec
 
     spec = model_spec(name)
@@ -229,7 +230,8 @@ def flops_per_image(name: str) -> dict[str, float]:
     """Forward and training-step FLOPs per image of a preset (conv and dense GEMMs only, as
     counted by :func:`anycnn.summary`).
 
-    Training counts forward + weight gradient + input gradient (none for the first layer).
+    Training counts forward + weight gradient + input gradient (none for the first layer,
+    which gets the images).
     """
     from .backend import use_backend
     from .models import build_model

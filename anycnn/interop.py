@@ -18,7 +18,18 @@ Flatten            ``nn.Flatten``
 ReLU, LeakyReLU,   the ``nn`` module of the same name
 Sigmoid, Tanh,
 Dropout
+Identity           ``nn.Identity``
+Residual           a small ``nn.Module`` computing ``body(x) + shortcut(x)``, children ``body``
+                   and ``shortcut`` (``nn.Identity`` for the identity shortcut), so tensors are
+                   named ``"3.body.0.weight"``, ``"3.shortcut.1.running_mean"`` on both sides
+Concat             a small ``nn.Module`` running its children ``"0"``, ``"1"``, ... on the same
+                   input and concatenating on dim 1 (NCHW channels): ``"2.1.0.bias"``
 =================  ==========================================================================
+
+The ``Residual`` and ``Concat`` modules are defined when :func:`torch_module` first runs (torch
+has no such modules, and importing anycnn must not import torch); save the torch module's
+``state_dict``, not the module object. Flattened features may go through a ``Residual`` but not
+into a ``Concat`` (their order differs between the frameworks; flatten after the ``Concat``).
 
 **Flatten order.** anycnn activations are NHWC, so ``Flatten`` yields features in ``(h, w, c)``
 order while PyTorch (NCHW) yields ``(c, h, w)``. The rows of the first ``Dense`` after a spatial
@@ -32,6 +43,7 @@ Importing this module does not import torch; :func:`torch_module` imports it whe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from .backend import dtype_name, to_numpy
+from .containers import Concat, Identity, Residual
 from .errors import CheckpointError, ConfigError
 from .geometry import conv_output_size, pool_output_size
 from .layers import (
@@ -153,6 +166,29 @@ def _check_features(index: str, layer: Module, expected: int, shape: _Shape) -> 
             f"the previous layers (with input_shape) give {have}")
 
 
+def _join(index: str, kind: str, shapes: list[_Shape], concat: bool) -> _Shape:
+    """The shape after a container whose paths end in ``shapes``: a ``Residual`` adds them
+    (all fields must agree where known), a ``Concat`` also adds up their channels."""
+    def agreed(field: str) -> Any:
+        known = {getattr(s, field) for s in shapes if getattr(s, field) is not None}
+        if len(known) > 1:
+            raise ConfigError(f"layer {index} ({kind}): its paths give different {field} "
+                              f"{sorted(known)}")
+        return known.pop() if known else None
+
+    flat = {s.flat_hw for s in shapes}
+    if len(flat) > 1 or (concat and flat != {None}):
+        raise ConfigError(
+            f"layer {index} ({kind}) joins flattened features, whose order differs between "
+            f"anycnn (h, w, c) and PyTorch (c, h, w); flatten after the {kind} instead")
+    if concat:
+        widths = [s.c for s in shapes]
+        c = sum(widths) if all(v is not None for v in widths) else None
+    else:
+        c = agreed("c")
+    return _Shape(agreed("spatial"), agreed("h"), agreed("w"), c, flat.pop())
+
+
 def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Shape:
     """Append the leaf layers of ``module`` to ``plan``; return the shape after it."""
     if isinstance(module, Sequential):
@@ -161,6 +197,10 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
         return shape
     index = prefix[:-1] or "<root>"
     kind = type(module).__name__
+    if isinstance(module, Residual | Concat):
+        paths = [_walk(child, shape, f"{prefix}{name}.", plan)
+                 for name, child in module.named_children()]
+        return _join(index, kind, paths, isinstance(module, Concat))
     if shape.spatial is False and isinstance(module, Conv2D | MaxPool2D | AvgPool2D |
                                              GlobalAvgPool2D):
         raise ConfigError(f"layer {index} ({kind}) needs NHWC input but follows a flat layer")
@@ -213,13 +253,13 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
             tensors = _bn_tensors(prefix, None, None)
         plan.append(_Layer(prefix, module, flat, tensors))
         return shape
-    if isinstance(module, _ELEMENTWISE):
+    if isinstance(module, (*_ELEMENTWISE, Identity)):
         plan.append(_Layer(prefix, module, False, []))
         return shape
     raise ConfigError(
         f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.interop; supported: "
-        "Sequential, Conv2D, Dense, BatchNorm2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, "
-        "Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
+        "Sequential, Residual, Concat, Identity, Conv2D, Dense, BatchNorm2D, MaxPool2D, "
+        "AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
 
 
 def _flat_positions(index: str, layer: Module, features: int, shape: _Shape) -> int | None:
@@ -354,14 +394,55 @@ def _torch_layer(entry: _Layer, nn: Any) -> Any:
         return nn.Tanh()
     if isinstance(layer, Dropout):
         return nn.Dropout(layer.p)
+    if isinstance(layer, Identity):
+        return nn.Identity()
     raise ConfigError(f"layer {entry.name[:-1]} ({type(layer).__name__}) has no PyTorch "
                       "equivalent")  # pragma: no cover - _walk rejects these first
 
 
+@functools.cache
+def _torch_containers() -> tuple[type, type]:
+    """``nn.Module`` classes mirroring :class:`Residual` and :class:`Concat` (torch has none),
+    defined on first use so that importing anycnn never imports torch."""
+    import torch
+    from torch import nn
+
+    class Residual(nn.Module):  # shadows anycnn's Residual here: torch prints this name
+        """``body(x) + shortcut(x)``, children named as in anycnn."""
+
+        def __init__(self, body: nn.Module, shortcut: nn.Module) -> None:
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x):
+            return self.body(x) + self.shortcut(x)
+
+    class Concat(nn.Module):  # shadows anycnn's Concat here, likewise
+        """Children ``"0"``, ``"1"``, ... on the same input, concatenated on dim 1 (channels
+        of NCHW, features of (N, F))."""
+
+        def __init__(self, *branches: nn.Module) -> None:
+            super().__init__()
+            for i, branch in enumerate(branches):
+                self.add_module(str(i), branch)
+
+        def __getitem__(self, i: int) -> nn.Module:
+            return list(self.children())[i]
+
+        def forward(self, x):
+            return torch.cat([branch(x) for branch in self.children()], dim=1)
+
+    return Residual, Concat
+
+
 def _torch_tree(module: Module, plan: dict[str, _Layer], prefix: str, nn: Any) -> Any:
+    children = [_torch_tree(child, plan, f"{prefix}{name}.", nn)
+                for name, child in module.named_children()]
     if isinstance(module, Sequential):
-        return nn.Sequential(*(_torch_tree(child, plan, f"{prefix}{name}.", nn)
-                               for name, child in module.named_children()))
+        return nn.Sequential(*children)
+    if isinstance(module, Residual | Concat):
+        residual, concat = _torch_containers()
+        return residual(*children) if isinstance(module, Residual) else concat(*children)
     return _torch_layer(plan[prefix], nn)
 
 
@@ -370,7 +451,7 @@ def torch_module(model: Module, input_shape: tuple[int, int, int] | None = None,
     """An equivalent ``torch.nn.Sequential`` (NCHW input), on the CPU.
 
     Args:
-        model: an anycnn ``Sequential`` of supported layers.
+        model: an anycnn ``Sequential`` of supported layers and containers.
         input_shape: ``(H, W, C)``, as for :func:`to_torch_state_dict`.
         copy_weights: load the model's weights (else keep PyTorch's own initialisation).
 

@@ -7,6 +7,9 @@ is ``(in, out)``. Options follow PyTorch (``stride``, ``padding``, ``dilation``,
 Parameters are created on the current backend (:func:`anycnn.get_backend`) in ``dtype``
 (float32 by default) from host draws of :mod:`anycnn.random`, so a seed gives identical weights on
 every backend. Computation follows the dtype of inputs and parameters.
+
+The branching containers :class:`~anycnn.containers.Residual`, :class:`~anycnn.containers.Concat`
+and :class:`~anycnn.containers.Identity` are importable from here too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from array_api_compat import device
 
 from . import functional as F
 from .backend import dtype_name, namespace_of
+from .containers import Concat, Identity, Residual  # noqa: F401 - re-exported
 from .errors import ConfigError, ShapeError
 from .geometry import as_pair, conv_padding
 from .init import get_initializer

@@ -21,6 +21,7 @@ QUICK_ARGS = {
     "custom_model.py": ["--epochs", "1", "--limit", "256"],
     "custom_layer.py": ["--epochs", "1", "--limit", "256"],
     "pytorch_interop.py": ["--limit", "256"],
+    "resnet.py": ["--epochs", "1", "--limit", "256"],
 }
 
 
@@ -90,6 +91,17 @@ def test_custom_layer(tmp_path):
     assert lines[-1].startswith("val accuracy ") and "learned scale [" in lines[-1]
 
 
+def test_resnet(tmp_path):
+    out = run_example("resnet.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "3 residual blocks, 77754 weights"
+    assert lines[1] == ("shortcut tensors: ['5.shortcut.0.weight', '5.shortcut.1.weight', "
+                        "'5.shortcut.1.bias']")
+    assert lines[2].startswith("epoch 1: train loss ") and "predicted:" in lines[3]
+    assert lines[4].startswith("validation accuracy 0.")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 def test_pytorch_interop(tmp_path):
     out = run_example("pytorch_interop.py", tmp_path)
@@ -123,7 +135,8 @@ def test_backend_swap_with_nothing_to_compare_exits_0(tmp_path):
         assert line.startswith(f"skipping {name}: ") and f"pip install -r {OPTIONAL[name]}" in line
 
 
-@pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py"])
+@pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py",
+                                  "resnet.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""

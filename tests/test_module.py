@@ -8,7 +8,7 @@ import pytest
 import anycnn
 from anycnn import layers as L
 from anycnn.errors import CheckpointError, ShapeError
-from anycnn.models import MODELS, build_model
+from anycnn.models import MODELS, build_model, model_spec
 from tests.rounding import assert_rounding_close
 
 
@@ -24,12 +24,14 @@ def test_sequential_names_are_stable_and_dotted(backend):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_presets_run_forward_and_backward(backend, rng, name):
-    model = build_model(name)
-    x = anycnn.asarray(rng.random((2, 28, 28, 1), dtype=np.float32))
+    spec = model_spec(name)  # the preset's own input shape (32x32x3 for resnet20)
+    shape = (2, spec["image_size"], spec["image_size"], spec["in_channels"])
+    model = build_model(spec)
+    x = anycnn.asarray(rng.random(shape, dtype=np.float32))
     y = model(x)
     assert tuple(y.shape) == (2, 10)
     dx = model.backward(anycnn.asarray(np.ones((2, 10), np.float32)))
-    assert tuple(dx.shape) == (2, 28, 28, 1)
+    assert tuple(dx.shape) == shape
     assert all(p.grad is not None and tuple(p.grad.shape) == p.shape for p in model.parameters())
 
 
