@@ -181,10 +181,11 @@ class ConvCtx:
 
     x: Any  # (N, H, W, C_in)
     win: Windows
+    groups: int = 1
 
     def columns(self, a: int, b: int) -> Any:
-        """The window entries ``(b - a, P, kh*kw*C_in)`` of images ``a:b``."""
-        return window_columns(self.x[a:b, ...], self.win)
+        """The window entries of images ``a:b`` in :func:`conv_columns`'s layout."""
+        return conv_columns(self.x[a:b, ...], self.win, self.groups)
 
 
 def window_columns(x: Any, win: Windows) -> Any:
@@ -193,53 +194,152 @@ def window_columns(x: Any, win: Windows) -> Any:
     return namespace_of(x).reshape(gather_windows(x, win), (x.shape[0], win.positions, -1))
 
 
-def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
-    """The :class:`Windows` of a convolution (entries ordered position-major)."""
+def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair,
+                 depthwise: bool = False) -> Windows:
+    """The :class:`Windows` of a convolution: entries ordered position-major, or kernel-major
+    for a ``depthwise`` one (see :func:`conv_columns`)."""
     out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
            conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3], dilation[1]))
-    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=False)
+    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=depthwise)
 
 
-def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair):
-    """NHWC convolution (cross-correlation, as in PyTorch).
+def is_depthwise(weight: Any, groups: int) -> bool:
+    """True for a convolution with one input channel per group (``groups == C_in``): computed
+    as a multiply-and-sum over the kernel taps instead of GEMMs (see :func:`conv_columns`)."""
+    return groups > 1 and weight.shape[2] == 1
+
+
+def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair,
+                   groups: int = 1):
+    """NHWC convolution (cross-correlation, as in PyTorch), optionally grouped.
 
     Args:
-        x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in, C_out)``; bias: ``(C_out,)`` or None.
-        pads: (top, bottom, left, right).
+        x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in/groups, C_out)``, output channels
+            ``g*C_out/groups ...`` belonging to group ``g`` (PyTorch's rule); bias: ``(C_out,)``
+            or None. pads: (top, bottom, left, right).
     Returns:
         ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
     """
     kh, kw, _, cout = weight.shape
-    win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
+    win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation,
+                       is_depthwise(weight, groups))
     xp = namespace_of(x, weight, bias)
 
     def chunk(a: int, b: int):
-        y = conv2d_rows(x[a:b, ...], weight, win)
+        y = conv2d_rows(x[a:b, ...], weight, win, groups)
         return (y if bias is None else y + bias),
 
-    y, = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk, ("cat",))
-    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, win)
+    y, = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight, groups), chunk,
+                            ("cat",))
+    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, win, groups)
 
 
-def conv_chunk_bytes(win: Windows, weight: Any) -> int:
+def conv_chunk_bytes(win: Windows, weight: Any, groups: int = 1) -> int:
     """Working set per image of a convolution's forward or backward (for chunking)."""
     kh, kw, cin, cout = weight.shape
-    return (win.positions + 1) * (2 * kh * kw * cin + cout) * _itemsize(weight)
+    return (win.positions + 1) * (2 * kh * kw * cin * groups + cout) * _itemsize(weight)
 
 
 def _itemsize(a: Any) -> int:
     return namespace_of(a).finfo(a.dtype).bits // 8
 
 
-def conv2d_rows(x: Any, weight: Any, win: Windows):
+def conv2d_rows(x: Any, weight: Any, win: Windows, groups: int = 1):
     """Convolution without bias as rows ``(N, P, C_out)``, P = ``win.positions`` in ``win``'s
-    order (an im2col gather and one GEMM)."""
+    order (an im2col gather and one GEMM; grouped: one gather and a GEMM per group;
+    depthwise: one gather and a multiply-add per kernel tap)."""
     xp = namespace_of(x, weight)
     kh, kw, cin, cout = weight.shape
     n, k = x.shape[0], kh * kw * cin
+    if groups > 1:
+        cols = conv_columns(x, win, groups)
+        if is_depthwise(weight, groups):
+            return _depthwise_rows(cols, weight)
+        return _channels_last(cols @ _group_weights(weight, groups), n)
     cols = xp.reshape(window_columns(x, win), (n * win.positions, k))
     y = cols @ xp.reshape(weight, (k, cout))
     return xp.reshape(y, (n, win.positions, cout))
+
+
+def conv_columns(x: Any, win: Windows, groups: int = 1) -> Any:
+    """The im2col entries of NHWC ``x`` (one gather) in the layout its convolution uses:
+
+    * ``groups == 1``: ``(N, P, kh*kw*C_in)`` (:func:`window_columns`);
+    * grouped: ``(G, N*P, kh*kw*C_in/G)``, one GEMM operand per group (the input is made
+      group-major first, which moves kh*kw times less data than reordering the columns);
+    * depthwise (``groups == C_in``, ``win`` kernel-major): ``(N, kh*kw, P, C_in)``, one
+      plane per kernel tap.
+    """
+    xp = namespace_of(x)
+    n, h, w, c = x.shape
+    if groups == 1:
+        return window_columns(x, win)
+    if win.kernel_first:
+        return xp.reshape(gather_windows(x, win), (n, win.taps, win.positions, c))
+    cg = c // groups
+    major = xp.permute_dims(xp.reshape(x, (n, h, w, groups, cg)), (3, 0, 1, 2, 4))
+    cols = window_columns(xp.reshape(major, (groups * n, h, w, cg)), win)
+    return xp.reshape(cols, (groups, n * win.positions, win.taps * cg))
+
+
+def _group_weights(weight: Any, groups: int) -> Any:
+    """``(kh, kw, C_in/G, C_out)`` → ``(G, kh*kw*C_in/G, C_out/G)`` (one matrix per group)."""
+    xp = namespace_of(weight)
+    kh, kw, cg, cout = weight.shape
+    return xp.permute_dims(xp.reshape(weight, (kh * kw * cg, groups, cout // groups)), (1, 0, 2))
+
+
+def _ungroup_weights(dweight: Any, shape: tuple[int, ...]) -> Any:
+    """Inverse of :func:`_group_weights`: ``(G, K, C_out/G)`` → ``shape``."""
+    xp = namespace_of(dweight)
+    return xp.reshape(xp.permute_dims(dweight, (1, 0, 2)), shape)
+
+
+def _channels_last(rows: Any, n: int) -> Any:
+    """Per-group rows ``(G, N*P, C_out/G)`` → ``(N, P, C_out)`` (group-major channels)."""
+    xp = namespace_of(rows)
+    g, m, og = rows.shape
+    split = xp.reshape(rows, (g, n, m // n, og))
+    return xp.reshape(xp.permute_dims(split, (1, 2, 0, 3)), (n, m // n, g * og))
+
+
+def _group_rows(d: Any, groups: int) -> Any:
+    """Inverse of :func:`_channels_last`: ``(N, P, C_out)`` → ``(G, N, P, C_out/G)``."""
+    xp = namespace_of(d)
+    n, p, cout = d.shape
+    return xp.permute_dims(xp.reshape(d, (n, p, groups, cout // groups)), (2, 0, 1, 3))
+
+
+def _depthwise_rows(taps: Any, weight: Any) -> Any:
+    """Depthwise convolution of tap planes ``(N, T, P, C)`` with ``weight`` (kh, kw, 1, C*m):
+    ``(N, P, C*m)``, output channel ``c*m + j`` from input channel ``c``."""
+    xp = namespace_of(taps, weight)
+    n, t, p, c = taps.shape
+    w = xp.reshape(weight, (t, c, weight.shape[3] // c))
+    planes = xp.reshape(taps, (n, t, p, c, 1))
+    y = planes[:, 0, ...] * w[0, ...]
+    for i in range(1, t):
+        y = y + planes[:, i, ...] * w[i, ...]
+    return xp.reshape(y, (n, p, weight.shape[3]))
+
+
+def _depthwise_backward(d: Any, taps: Any, weight: Any, need_input_grad: bool):
+    """Gradients of :func:`_depthwise_rows` for ``d`` (N, P, C*m): ``(dtaps (N, T*P, C) or
+    None, dweight)``."""
+    xp = namespace_of(d, taps, weight)
+    n, t, p, c = taps.shape
+    m = weight.shape[3] // c
+    w = xp.reshape(weight, (t, c, m))
+    d4 = xp.reshape(d, (n, p, c, m))
+    planes = xp.reshape(taps, (n, t, p, c, 1))
+    dw = xp.stack([xp.sum(planes[:, i, ...] * d4, axis=(0, 1)) for i in range(t)])
+    if not need_input_grad:
+        return None, xp.reshape(dw, weight.shape)
+    if m == 1:
+        dtaps = [xp.reshape(d4 * w[i, ...], (n, p, c)) for i in range(t)]
+    else:
+        dtaps = [xp.sum(d4 * w[i, ...], axis=3) for i in range(t)]
+    return xp.reshape(xp.stack(dtaps, axis=1), (n, t * p, c)), xp.reshape(dw, weight.shape)
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward on
@@ -262,9 +362,9 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
 
     def chunk(a: int, b: int):
         return conv2d_rows_backward(d[a:b, ...], ctx.columns(a, b), weight, ctx.win,
-                                    need_input_grad, bias_grad)
+                                    need_input_grad, bias_grad, ctx.groups)
 
-    return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight), chunk,
+    return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight, ctx.groups), chunk,
                               ("cat", "sum", "sum"),
                               COL2IM_CHUNK_BYTES if need_input_grad else None)
 
@@ -274,21 +374,25 @@ def consume(ctx: ConvCtx) -> ConvCtx:
     for the same forward raises, as PyTorch's freed graph)."""
     if ctx.x is None:
         raise RuntimeError("convolution backward called twice for one forward")
-    taken = ConvCtx(ctx.x, ctx.win)
+    taken = ConvCtx(ctx.x, ctx.win, ctx.groups)
     ctx.x = None
     return taken
 
 
 def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,
-                         bias_grad: bool):
-    """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out):
-    ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``."""
+                         bias_grad: bool, groups: int = 1):
+    """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out) and the input's
+    :func:`conv_columns` ``cols``: ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or
+    None)``."""
     xp = namespace_of(d, weight)
     cin, cout = weight.shape[2:]
-    n, p, k = cols.shape
+    n, p = d.shape[0], d.shape[1]
     d2 = xp.reshape(d, (n * p, cout))
-    dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
     dbias = column_sums(d2) if bias_grad else None
+    if groups > 1:
+        return (*_grouped_backward(d, cols, weight, win, need_input_grad, groups), dbias)
+    k = cols.shape[2]
+    dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
     if not need_input_grad:
         return None, dweight, dbias
     if win.adjoint(xp, device(d))[2]:
@@ -298,6 +402,31 @@ def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_inpu
         d = xp.concat([d, xp.zeros((n, 1, cout), dtype=d.dtype, device=device(d))], axis=1)
     dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(xp.reshape(weight, (k, cout)))
     return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win), dweight, dbias
+
+
+def _grouped_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,
+                      groups: int):
+    """``(dx or None, dweight)`` of a grouped or depthwise :func:`conv2d_rows`."""
+    xp = namespace_of(d, weight)
+    n, h, w = d.shape[0], *win.in_hw
+    if is_depthwise(weight, groups):
+        dtaps, dweight = _depthwise_backward(d, cols, weight, need_input_grad)
+        return (None if dtaps is None else scatter_windows(dtaps, win)), dweight
+    og = d.shape[2] // groups
+    dg = xp.reshape(_group_rows(d, groups), (groups, -1, og))  # (G, N*P, C_out/G)
+    dweight = _ungroup_weights(xp.matrix_transpose(cols) @ dg, weight.shape)
+    if not need_input_grad:
+        return None, dweight
+    dg = xp.reshape(dg, (groups * n, win.positions, og))
+    if win.adjoint(xp, device(d))[2]:  # a zero position per image: see conv2d_rows_backward
+        dg = xp.concat([dg, xp.zeros((groups * n, 1, og), dtype=d.dtype, device=device(d))],
+                       axis=1)
+    wg = _group_weights(weight, groups)
+    dcols = xp.reshape(dg, (groups, -1, og)) @ xp.matrix_transpose(wg)  # (G, N*P', K)
+    cg = weight.shape[2]
+    dx = scatter_windows(xp.reshape(dcols, (groups * n, -1, cg)), win)  # (G*N, H, W, C/G)
+    dx = xp.permute_dims(xp.reshape(dx, (groups, n, h, w, cg)), (1, 2, 3, 0, 4))
+    return xp.reshape(dx, (n, h, w, groups * cg)), dweight
 
 
 # --------------------------------------------------------------------------------------------

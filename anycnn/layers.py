@@ -66,6 +66,20 @@ def check_param_dtype(layer: Module, x: Any, param: Any) -> None:
             f"{dtype_name(x)} input; cast the input or the model (model.to({dtype_name(x)!r}))")
 
 
+def check_groups(layer: Module, in_channels: int, out_channels: int, groups: Any) -> int:
+    """``groups`` as an int, after checking that it divides both channel counts."""
+    if not isinstance(groups, int | np.integer) or isinstance(groups, bool) or groups < 1:
+        raise ConfigError(f"{type(layer).__name__}: groups must be an int >= 1, got {groups!r}")
+    groups = int(groups)
+    bad = [f"{name} ({count})" for name, count in (("in_channels", in_channels),
+                                                   ("out_channels", out_channels))
+           if count % groups]
+    if bad:
+        raise ConfigError(f"{type(layer).__name__}: {' and '.join(bad)} must be divisible by "
+                          f"groups ({groups})")
+    return groups
+
+
 def _require_forward(layer: Module, ctx: Any) -> Any:
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
@@ -85,17 +99,24 @@ class Conv2D(Module):
         padding: int, (h, w), ``'valid'`` or ``'same'`` (stride 1; extra bottom/right for even
             kernels), as in PyTorch.
         bias: learn a per-output-channel bias.
+        groups: split the channels into this many groups convolved separately, as in PyTorch
+            (both channel counts must be divisible by it; output channels
+            ``g*C_out/groups ... (g+1)*C_out/groups - 1`` see input group ``g``).
+            ``groups == in_channels`` is a depthwise convolution.
         weight_init / bias_init: initializer names or callables (default He-uniform / zeros).
         dtype: parameter dtype (default float32).
 
-    Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is ``(kh, kw, C_in, C_out)``.
+    Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is
+    ``(kh, kw, C_in/groups, C_out)`` (PyTorch's is ``(C_out, C_in/groups, kh, kw)``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, weight_init="he_uniform", bias_init="zeros",
-                 dtype: str = "float32", rng: np.random.Generator | None = None) -> None:
+                 dtype: str = "float32", rng: np.random.Generator | None = None,
+                 groups: int = 1) -> None:
         self.in_channels = as_pair(in_channels, "in_channels")[0]
         self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.groups = check_groups(self, self.in_channels, self.out_channels, groups)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.dilation = as_pair(dilation, "dilation")
@@ -103,8 +124,9 @@ class Conv2D(Module):
         self.pads = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         kh, kw = self.kernel_size
         rng = rng or default_generator()
-        fan_in, fan_out = kh * kw * self.in_channels, kh * kw * self.out_channels
-        shape = (kh, kw, self.in_channels, self.out_channels)
+        cin = self.in_channels // self.groups
+        fan_in, fan_out = kh * kw * cin, kh * kw * self.out_channels
+        shape = (kh, kw, cin, self.out_channels)
         self.weight = Parameter(make_array(
             get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
         self.bias = Parameter(make_array(
@@ -125,7 +147,7 @@ class Conv2D(Module):
         self.check_input(x)
         y, self._ctx = F.conv2d_forward(x, self.weight.data,
                                         self.bias.data if self.bias else None,
-                                        self.stride, self.pads, self.dilation)
+                                        self.stride, self.pads, self.dilation, self.groups)
         return y
 
     def output_hw(self, hw):
@@ -140,8 +162,10 @@ class Conv2D(Module):
         return dx
 
     def extra_repr(self):
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}")
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}"
+                f"{groups}")
 
 
 class Dense(Module):

@@ -1,0 +1,170 @@
+"""Grouped/depthwise and transposed convolutions, upsampling, GroupNorm and LayerNorm.
+
+Against PyTorch autograd in float64 (outputs, input and every parameter gradient within 1e-8;
+skipped without torch), by finite differences (tests/test_gradcheck.py's check), and their
+errors; on the backend under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn import layers as L
+from anycnn.errors import ConfigError
+from anycnn.sequential import Sequential
+from tests.layer_cases import case_id, grouped_conv_cases
+from tests.test_gradcheck import check_layer
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+TOL = dict(rtol=1e-8, atol=1e-8)
+
+
+def _nchw(a):
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
+
+
+def _nhwc(a):
+    return np.transpose(a, (0, 2, 3, 1))
+
+
+def check_vs_torch(layer, x, reference, params, rng):
+    """Run ``layer`` and ``reference(xt, **tensors)`` (torch, NCHW, float64) on ``x`` (NHWC)
+    with the same random output gradient; compare output, input gradient and the gradient of
+    every parameter. ``params`` maps a parameter name to ``(to_torch, from_torch)`` layout
+    functions of host arrays."""
+    import torch
+
+    for p in layer.parameters():  # random values, not the (often constant) initial ones
+        p.data = anycnn.asarray(rng.standard_normal(p.shape))
+    tensors = {name: torch.tensor(np.ascontiguousarray(to_t(anycnn.to_numpy(
+        getattr(layer, name).data))), requires_grad=True) for name, (to_t, _) in params.items()}
+    xt = torch.tensor(_nchw(x), requires_grad=True)
+    yt = reference(xt, **tensors)
+    dy = rng.standard_normal(_nhwc(yt.detach().numpy()).shape)
+    yt.backward(torch.tensor(_nchw(dy)))
+    y = layer.forward(anycnn.asarray(x))
+    dx = layer.backward(anycnn.asarray(dy))
+    np.testing.assert_allclose(anycnn.to_numpy(y), _nhwc(yt.detach().numpy()), **TOL)
+    np.testing.assert_allclose(anycnn.to_numpy(dx), _nhwc(xt.grad.numpy()), **TOL)
+    assert {name for name, _ in layer.named_parameters()} == set(params)
+    for name, (_, from_t) in params.items():
+        np.testing.assert_allclose(anycnn.to_numpy(getattr(layer, name).grad),
+                                   from_t(tensors[name].grad.numpy()), **TOL, err_msg=name)
+
+
+def _same(a):
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped and depthwise Conv2D
+
+
+def _grouped(case, dtype="float64"):
+    c = case["shape"][-1]
+    return L.Conv2D(c, case["out"], case["kernel_size"], case["stride"], case["padding"],
+                    case["dilation"], bias=case["bias"], groups=case["groups"], dtype=dtype)
+
+
+@needs_torch
+@pytest.mark.parametrize("case", grouped_conv_cases(), ids=case_id)
+def test_grouped_conv2d_vs_torch(backend, rng, case):
+    import torch
+
+    layer = _grouped(case)
+    params = {"weight": (lambda a: np.transpose(a, (3, 2, 0, 1)),
+                         lambda a: np.transpose(a, (2, 3, 1, 0)))}
+    if case["bias"]:
+        params["bias"] = (_same, _same)
+
+    def reference(xt, weight, bias=None):
+        return torch.nn.functional.conv2d(xt, weight, bias, case["stride"], case["padding"],
+                                          case["dilation"], case["groups"])
+
+    check_vs_torch(layer, rng.standard_normal(case["shape"]), reference, params, rng)
+
+
+@pytest.mark.parametrize("case", grouped_conv_cases(6), ids=case_id)
+def test_grouped_conv2d_gradcheck(backend, rng, case):
+    check_layer(_grouped(case), rng.standard_normal(case["shape"]), rng)
+
+
+def test_grouped_conv2d_equals_dense_conv_with_block_diagonal_weight(backend, rng):
+    """Without torch: a grouped convolution is the dense one with zeros between the groups."""
+    grouped = L.Conv2D(4, 6, 3, padding=1, groups=2, dtype="float64")
+    dense = L.Conv2D(4, 6, 3, padding=1, dtype="float64")
+    w = anycnn.to_numpy(grouped.weight.data)  # (3, 3, 2, 6)
+    full = np.zeros((3, 3, 4, 6))
+    full[:, :, :2, :3], full[:, :, 2:, 3:] = w[..., :3], w[..., 3:]
+    dense.weight.data = anycnn.asarray(full)
+    x = anycnn.asarray(rng.standard_normal((2, 5, 6, 4)))
+    np.testing.assert_allclose(anycnn.to_numpy(grouped.forward(x)),
+                               anycnn.to_numpy(dense.forward(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(in_channels=6, out_channels=8, groups=4),
+     "Conv2D: in_channels (6) must be divisible by groups (4)"),
+    (dict(in_channels=4, out_channels=6, groups=4),
+     "Conv2D: out_channels (6) must be divisible by groups (4)"),
+    (dict(in_channels=3, out_channels=5, groups=2),
+     "Conv2D: in_channels (3) and out_channels (5) must be divisible by groups (2)"),
+    (dict(in_channels=4, out_channels=4, groups=0),
+     "Conv2D: groups must be an int >= 1, got 0"),
+])
+def test_grouped_conv2d_errors(backend, args, message):
+    with pytest.raises(ConfigError) as err:
+        L.Conv2D(kernel_size=3, **args)
+    assert str(err.value) == message
+
+
+def test_grouped_conv_is_not_fused_and_ungrouped_still_is(backend, rng):
+    """fusion.execution_plan leaves a grouped Conv2D → ReLU → MaxPool2D to the layers (same
+    result as unfused), while a groups=1 block is still fused."""
+    from anycnn.fusion import ConvPoolRun
+
+    def model(groups):
+        anycnn.manual_seed(3)
+        return Sequential(L.Conv2D(4, 4, 3, padding=1, groups=groups, dtype="float64"),
+                          L.ReLU(), L.MaxPool2D(2))
+
+    x = anycnn.asarray(rng.standard_normal((2, 6, 6, 4)))
+    for groups in (2, 4):
+        fused, plain = model(groups), model(groups)
+        plain.fuse = False
+        y = fused.forward(x)
+        assert not any(isinstance(step, ConvPoolRun) for step in fused._plan)
+        np.testing.assert_array_equal(anycnn.to_numpy(y), anycnn.to_numpy(plain.forward(x)))
+    dense = model(1)
+    dense.forward(x)
+    assert isinstance(dense._plan[0], ConvPoolRun)
+
+
+@pytest.mark.parametrize("groups, cout", [(2, 6), (4, 4), (4, 8)], ids=["grouped", "depthwise",
+                                                                       "depthwise_x2"])
+def test_grouped_conv2d_fastpath_matches_portable(monkeypatch, rng, groups, cout):
+    """NumPy: chunked, two-thread fast path equals the portable whole-batch code (float32)."""
+    from anycnn import fastpath
+    from tests.rounding import assert_rounding_close
+
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1 << 14)  # several chunks
+    x = rng.standard_normal((9, 7, 6, 4)).astype(np.float32)
+    dy = rng.standard_normal((9, 4, 3, cout)).astype(np.float32)
+    results = []
+    with anycnn.use_backend("numpy"):
+        for enabled in (True, False):
+            monkeypatch.setattr(fastpath, "ENABLED", enabled)
+            anycnn.manual_seed(5)
+            layer = L.Conv2D(4, cout, 3, stride=2, padding=1, groups=groups)
+            y = layer.forward(anycnn.asarray(x))
+            dx = layer.backward(anycnn.asarray(dy))
+            results.append([anycnn.to_numpy(a) for a in (y, dx, layer.weight.grad,
+                                                         layer.bias.grad)])
+    for fast, portable in zip(*results):
+        assert_rounding_close(fast, portable)
