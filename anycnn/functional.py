@@ -385,8 +385,7 @@ def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_inpu
     :func:`conv_columns` ``cols``: ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or
     None)``."""
     xp = namespace_of(d, weight)
-    cin, cout = weight.shape[2:]
-    n, p = d.shape[0], d.shape[1]
+    n, p, cout = d.shape
     d2 = xp.reshape(d, (n * p, cout))
     dbias = column_sums(d2) if bias_grad else None
     if groups > 1:
@@ -395,13 +394,101 @@ def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_inpu
     dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
     if not need_input_grad:
         return None, dweight, dbias
+    return conv_input_grad(d, weight, win), dweight, dbias
+
+
+def conv_input_grad(d: Any, weight: Any, win: Windows) -> Any:
+    """Input gradient of an ungrouped :func:`conv2d_rows` for row gradients ``d``
+    (N, P, C_out): ``(N, H, W, C_in)`` — one GEMM into the column gradient, then the col2im
+    gather. It is also the forward pass of a transposed convolution."""
+    xp = namespace_of(d, weight)
+    kh, kw, cin, cout = weight.shape
+    n = d.shape[0]
     if win.adjoint(xp, device(d))[2]:
         # col2im needs a zero row after each image's window entries: append one zero output
         # position to d, whose GEMM row gives kh*kw zero entries (far cheaper than appending
         # to the kh*kw times larger column gradient)
         d = xp.concat([d, xp.zeros((n, 1, cout), dtype=d.dtype, device=device(d))], axis=1)
-    dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(xp.reshape(weight, (k, cout)))
-    return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win), dweight, dbias
+    w = xp.matrix_transpose(xp.reshape(weight, (kh * kw * cin, cout)))
+    dcols = xp.reshape(d, (-1, cout)) @ w
+    return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win)
+
+
+# --------------------------------------------------------------------------------------------
+# Transposed convolution: the adjoint of a convolution's input gradient
+
+
+def conv_transpose_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
+                           output_padding: Pair, dilation: Pair) -> Windows:
+    """The :class:`Windows` of the convolution whose input gradient is the transposed one.
+
+    That convolution reads the transposed convolution's *output*, of size
+    ``(in - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1`` per axis
+    (PyTorch's), and has one window per position of its *input* ``in_hw``.
+    """
+    out = tuple((in_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1)
+                + output_padding[i] + 1 for i in range(2))
+    pads = (padding[0], padding[0], padding[1], padding[1])
+    return Windows(out, kernel, stride, dilation, pads, tuple(in_hw), kernel_first=False)
+
+
+def _conv_view(weight: Any) -> Any:
+    """A transposed convolution's ``(kh, kw, C_in, C_out)`` weight as the weight
+    ``(kh, kw, C_out, C_in)`` of the convolution it is the adjoint of."""
+    return namespace_of(weight).permute_dims(weight, (0, 1, 3, 2))
+
+
+def conv_transpose2d_forward(x: Any, weight: Any, bias: Any, win: Windows):
+    """NHWC transposed convolution (PyTorch's ``conv_transpose2d``, groups 1).
+
+    Args:
+        x: ``(N, H, W, C_in)`` with ``(H, W) == win.out``; weight: ``(kh, kw, C_in, C_out)``;
+            bias: ``(C_out,)`` or None; win: :func:`conv_transpose_windows`.
+    Returns:
+        ``(y, ctx)``, ``y`` of shape ``(N, Ho, Wo, C_out)`` with ``(Ho, Wo) == win.in_hw``.
+    """
+    xp = namespace_of(x, weight, bias)
+    conv_weight = _conv_view(weight)
+    n, cin = x.shape[0], x.shape[3]
+    rows = xp.reshape(x, (n, win.positions, cin))
+
+    def chunk(a: int, b: int):
+        y = conv_input_grad(rows[a:b, ...], conv_weight, win)
+        return (y if bias is None else y + bias),
+
+    y, = fastpath.map_batch(xp, n, conv_chunk_bytes(win, conv_weight), chunk, ("cat",),
+                            COL2IM_CHUNK_BYTES)
+    return y, ConvCtx(x, win)
+
+
+def conv_transpose2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
+                              bias_grad: bool = True):
+    """Gradients of :func:`conv_transpose2d_forward`: ``(dx or None, dweight, dbias or None)``.
+
+    The input gradient is the convolution of ``dy`` (an im2col gather and a GEMM); the weight
+    gradient is that convolution's weight gradient with ``x`` as its output gradient.
+    """
+    xp = namespace_of(dy, weight)
+    ctx = consume(ctx)
+    x, win = ctx.x, ctx.win
+    n, cin = x.shape[0], x.shape[3]
+    kh, kw, _, cout = weight.shape
+    conv_weight = _conv_view(weight)
+    matrix = xp.reshape(conv_weight, (kh * kw * cout, cin))
+
+    def chunk(a: int, b: int):
+        cols = window_columns(dy[a:b, ...], win)  # (n, P, kh*kw*C_out)
+        rows = xp.reshape(x[a:b, ...], (b - a, win.positions, cin))
+        _, dconv, _ = conv2d_rows_backward(rows, cols, conv_weight, win, False, False)
+        dx = None
+        if need_input_grad:
+            dx = xp.reshape(xp.reshape(cols, (-1, kh * kw * cout)) @ matrix, rows.shape)
+        dbias = column_sums(xp.reshape(dy[a:b, ...], (-1, cout))) if bias_grad else None
+        return dx, _conv_view(dconv), dbias
+
+    dx, dweight, dbias = fastpath.map_batch(xp, n, conv_chunk_bytes(win, conv_weight), chunk,
+                                            ("cat", "sum", "sum"), COL2IM_CHUNK_BYTES)
+    return (None if dx is None else xp.reshape(dx, x.shape)), dweight, dbias
 
 
 def _grouped_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,

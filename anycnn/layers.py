@@ -168,6 +168,88 @@ class Conv2D(Module):
                 f"{groups}")
 
 
+class ConvTranspose2D(Module):
+    """2-D transposed convolution over NHWC input (PyTorch's ``ConvTranspose2d``, groups 1):
+    the adjoint of a convolution's input gradient, which upsamples by ``stride``.
+
+    Args:
+        in_channels, out_channels: C_in and C_out.
+        kernel_size, stride, dilation: int or (h, w) pair.
+        padding: int or (h, w): ``dilation*(kernel_size-1) - padding`` zeros are added around
+            the (stride-dilated) input, as in PyTorch.
+        output_padding: int or (h, w) extra rows/columns at the bottom/right of the output;
+            each must be smaller than the stride or the dilation of its axis.
+        bias, weight_init, bias_init, dtype: as :class:`Conv2D`.
+
+    Output size per axis: ``(H - 1)*stride - 2*padding + dilation*(kernel_size - 1) +
+    output_padding + 1``. Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is
+    ``(kh, kw, C_in, C_out)``; PyTorch's ``ConvTranspose2d.weight`` is ``(C_in, C_out, kh, kw)``,
+    the same tensor permuted by ``(2, 3, 0, 1)`` (which is its own inverse).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, dilation=1, bias: bool = True, weight_init="he_uniform",
+                 bias_init="zeros", dtype: str = "float32",
+                 rng: np.random.Generator | None = None) -> None:
+        self.in_channels = as_pair(in_channels, "in_channels")[0]
+        self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding", minimum=0)
+        self.output_padding = as_pair(output_padding, "output_padding", minimum=0)
+        self.dilation = as_pair(dilation, "dilation")
+        if any(op >= s and op >= d for op, s, d in zip(self.output_padding, self.stride,
+                                                        self.dilation)):
+            raise ConfigError(
+                f"ConvTranspose2D output_padding {self.output_padding} must be smaller than "
+                f"the stride {self.stride} or the dilation {self.dilation} on each axis")
+        kh, kw = self.kernel_size
+        rng = rng or default_generator()
+        fan_in, fan_out = kh * kw * self.in_channels, kh * kw * self.out_channels
+        shape = (kh, kw, self.in_channels, self.out_channels)
+        self.weight = Parameter(make_array(
+            get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
+        self.bias = Parameter(make_array(
+            get_initializer(bias_init)((self.out_channels,), fan_in, fan_out, rng), dtype)
+        ) if bias else None
+        self._ctx = None
+
+    def _windows(self, hw) -> F.Windows:
+        return F.conv_transpose_windows(tuple(hw), self.kernel_size, self.stride, self.padding,
+                                        self.output_padding, self.dilation)
+
+    def output_hw(self, hw):
+        return self._windows(hw).in_hw
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        check_channels(self, x, self.in_channels)
+        check_param_dtype(self, x, self.weight.data)
+        win = self._windows(x.shape[1:3])
+        if min(win.in_hw) < 1:
+            raise ShapeError(
+                f"ConvTranspose2D: input of spatial size {tuple(x.shape[1:3])} gives an output "
+                f"of size {win.in_hw} (padding {self.padding} too large for kernel "
+                f"{self.kernel_size})")
+        y, self._ctx = F.conv_transpose2d_forward(x, self.weight.data,
+                                                  self.bias.data if self.bias else None, win)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        ctx = _require_forward(self, self._ctx)
+        dx, dw, db = F.conv_transpose2d_backward(dy, ctx, self.weight.data, input_grad,
+                                                 self.bias is not None)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}, dilation={self.dilation}")
+
+
 class Dense(Module):
     """Fully connected layer ``y = x @ weight + bias``; ``weight`` is ``(in, out)``.
 

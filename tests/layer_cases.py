@@ -125,3 +125,34 @@ def grouped_conv_cases(count: int = 16, seed: int = 13) -> list[dict]:
         if _conv_ok(case):
             cases.append(case)
     return cases
+
+
+def conv_transpose_cases(count: int = 16, seed: int = 17) -> list[dict]:
+    """Transposed convolutions over stride, padding, output_padding (< stride or < dilation)
+    and dilation, filtered to a positive output size."""
+    named = [
+        dict(shape=(2, 4, 5, 3), kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+             output_padding=(1, 1), dilation=(1, 1), bias=True, out=2),
+        dict(shape=(1, 3, 4, 2), kernel_size=(2, 3), stride=(3, 1), padding=(0, 1),
+             output_padding=(2, 0), dilation=(1, 2), bias=False, out=3),
+        dict(shape=(2, 3, 3, 1), kernel_size=(3, 2), stride=(1, 1), padding=(0, 0),
+             output_padding=(1, 0), dilation=(2, 1), bias=True, out=2),  # op < dilation only
+        dict(shape=(1, 5, 4, 2), kernel_size=(4, 4), stride=(2, 2), padding=(3, 1),
+             output_padding=(0, 1), dilation=(2, 1), bias=True, out=1),
+    ]
+    rng = np.random.default_rng(seed)
+    cases = list(named)
+    while len(cases) < count:
+        k = tuple(int(v) for v in rng.integers(1, 5, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        d = tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(v) for v in rng.integers(0, 3, 2))
+        op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s, d))
+        case = dict(shape=(int(rng.integers(1, 3)), int(rng.integers(1, 6)),
+                           int(rng.integers(1, 6)), int(rng.integers(1, 4))),
+                    kernel_size=k, stride=s, padding=p, output_padding=op, dilation=d,
+                    bias=bool(rng.integers(0, 2)), out=int(rng.integers(1, 4)))
+        if all((case["shape"][1 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + op[i] + 1 >= 1
+               for i in range(2)):
+            cases.append(case)
+    return cases

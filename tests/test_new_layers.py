@@ -14,9 +14,9 @@ import pytest
 
 import anycnn
 from anycnn import layers as L
-from anycnn.errors import ConfigError
+from anycnn.errors import ConfigError, ShapeError
 from anycnn.sequential import Sequential
-from tests.layer_cases import case_id, grouped_conv_cases
+from tests.layer_cases import case_id, conv_transpose_cases, grouped_conv_cases
 from tests.test_gradcheck import check_layer
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -162,6 +162,102 @@ def test_grouped_conv2d_fastpath_matches_portable(monkeypatch, rng, groups, cout
             monkeypatch.setattr(fastpath, "ENABLED", enabled)
             anycnn.manual_seed(5)
             layer = L.Conv2D(4, cout, 3, stride=2, padding=1, groups=groups)
+            y = layer.forward(anycnn.asarray(x))
+            dx = layer.backward(anycnn.asarray(dy))
+            results.append([anycnn.to_numpy(a) for a in (y, dx, layer.weight.grad,
+                                                         layer.bias.grad)])
+    for fast, portable in zip(*results):
+        assert_rounding_close(fast, portable)
+
+
+# --------------------------------------------------------------------------------------------
+# ConvTranspose2D
+
+
+def _transposed(case, dtype="float64"):
+    opts = {k: case[k] for k in ("kernel_size", "stride", "padding", "output_padding",
+                                 "dilation", "bias")}
+    return L.ConvTranspose2D(case["shape"][-1], case["out"], **opts, dtype=dtype)
+
+
+def _swap_layout(a):
+    """(kh, kw, in, out) <-> torch's (in, out, kh, kw): the same permutation both ways."""
+    return np.transpose(a, (2, 3, 0, 1))
+
+
+@needs_torch
+@pytest.mark.parametrize("case", conv_transpose_cases(), ids=case_id)
+def test_conv_transpose2d_vs_torch(backend, rng, case):
+    import torch
+
+    params = {"weight": (_swap_layout, _swap_layout)}
+    if case["bias"]:
+        params["bias"] = (_same, _same)
+
+    def reference(xt, weight, bias=None):
+        return torch.nn.functional.conv_transpose2d(
+            xt, weight, bias, case["stride"], case["padding"], case["output_padding"], 1,
+            case["dilation"])
+
+    check_vs_torch(_transposed(case), rng.standard_normal(case["shape"]), reference, params,
+                   rng)
+
+
+@pytest.mark.parametrize("case", conv_transpose_cases(8), ids=case_id)
+def test_conv_transpose2d_gradcheck(backend, rng, case):
+    check_layer(_transposed(case), rng.standard_normal(case["shape"]), rng)
+
+
+def test_conv_transpose2d_is_the_adjoint_of_conv2d(backend, rng):
+    """Without torch: <conv(u), v> == <u, convT(v)> for the same weight (no bias)."""
+    conv = L.Conv2D(3, 2, (3, 2), stride=2, padding=1, dilation=(1, 2), bias=False,
+                    dtype="float64")
+    up = L.ConvTranspose2D(2, 3, (3, 2), stride=2, padding=1, output_padding=(0, 1),
+                           dilation=(1, 2), bias=False, dtype="float64")
+    w = rng.standard_normal((3, 2, 3, 2))  # conv (kh, kw, 3, 2) = transposed (kh, kw, 2, 3)^T
+    conv.weight.data = anycnn.asarray(w)
+    up.weight.data = anycnn.asarray(np.ascontiguousarray(np.transpose(w, (0, 1, 3, 2))))
+    u = rng.standard_normal((2, 7, 8, 3))
+    cu = anycnn.to_numpy(conv.forward(anycnn.asarray(u)))
+    v = rng.standard_normal(cu.shape)
+    tv = anycnn.to_numpy(up.forward(anycnn.asarray(v)))
+    assert tv.shape == u.shape
+    assert np.sum(cu * v) == pytest.approx(np.sum(u * tv), rel=1e-12)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (dict(stride=2, output_padding=2), ConfigError,
+     "ConvTranspose2D output_padding (2, 2) must be smaller than the stride (2, 2) or the "
+     "dilation (1, 1) on each axis"),
+    (dict(stride=(1, 3), dilation=(2, 1), output_padding=(1, 3)), ConfigError,
+     "ConvTranspose2D output_padding (1, 3) must be smaller than the stride (1, 3) or the "
+     "dilation (2, 1) on each axis"),
+    (dict(padding=3), ShapeError,
+     "ConvTranspose2D: input of spatial size (2, 2) gives an output of size (-2, -2) "
+     "(padding (3, 3) too large for kernel (3, 3))"),
+])
+def test_conv_transpose2d_errors(backend, args, error, message):
+    with pytest.raises(error) as err:
+        layer = L.ConvTranspose2D(1, 1, 3, **args)
+        layer.forward(anycnn.asarray(np.zeros((1, 2, 2, 1), np.float32)))
+    assert str(err.value) == message
+
+
+def test_conv_transpose2d_fastpath_matches_portable(monkeypatch, rng):
+    """NumPy: chunked, two-thread fast path equals the portable whole-batch code (float32)."""
+    from anycnn import fastpath
+    from tests.rounding import assert_rounding_close
+
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1 << 14)
+    x = rng.standard_normal((9, 4, 5, 3)).astype(np.float32)
+    dy = rng.standard_normal((9, 8, 10, 4)).astype(np.float32)
+    results = []
+    with anycnn.use_backend("numpy"):
+        for enabled in (True, False):
+            monkeypatch.setattr(fastpath, "ENABLED", enabled)
+            anycnn.manual_seed(5)
+            layer = L.ConvTranspose2D(3, 4, 3, stride=2, padding=1, output_padding=1)
             y = layer.forward(anycnn.asarray(x))
             dx = layer.backward(anycnn.asarray(dy))
             results.append([anycnn.to_numpy(a) for a in (y, dx, layer.weight.grad,
