@@ -415,6 +415,54 @@ class GlobalAvgPool2D(Module):
         return F.global_avg_pool_backward(dy, _require_forward(self, self._shape))
 
 
+class Upsample2D(Module):
+    """Upsampling of NHWC input by integer factors (PyTorch's ``nn.Upsample`` with
+    ``scale_factor``; ``"bilinear"`` is ``align_corners=False``, edges clamped). No parameters.
+
+    Args:
+        scale_factor: int or (h, w) pair of ints >= 1 (integral floats such as 2.0 are accepted).
+        mode: ``"nearest"`` (each pixel becomes a block) or ``"bilinear"``.
+
+    Shapes: ``(N, H, W, C)`` → ``(N, H*sh, W*sw, C)``.
+    """
+
+    MODES = ("nearest", "bilinear")
+
+    def __init__(self, scale_factor=2, mode: str = "nearest") -> None:
+        pair = tuple(scale_factor) if isinstance(scale_factor, tuple | list) else (
+            scale_factor, scale_factor)
+        pair = tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in pair)
+        try:
+            self.scale_factor = as_pair(pair, "scale_factor")
+        except ConfigError:
+            raise ConfigError(f"Upsample2D scale_factor must be an integer >= 1 or a pair of "
+                              f"them, got {scale_factor!r}") from None
+        if mode not in self.MODES:
+            raise ConfigError(f"Upsample2D mode must be one of {', '.join(self.MODES)}; "
+                              f"got {mode!r}")
+        self.mode = mode
+        self._ctx = None
+
+    def output_hw(self, hw):
+        return hw[0] * self.scale_factor[0], hw[1] * self.scale_factor[1]
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        self._ctx = True
+        if self.mode == "nearest":
+            return F.upsample_nearest_forward(x, self.scale_factor)
+        return F.upsample_bilinear_forward(x, self.scale_factor)
+
+    def backward(self, dy, input_grad: bool = True):
+        _require_forward(self, self._ctx)
+        if self.mode == "nearest":
+            return F.upsample_nearest_backward(dy, self.scale_factor)
+        return F.upsample_bilinear_backward(dy, self.scale_factor)
+
+    def extra_repr(self):
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
+
+
 class Flatten(Module):
     """``(N, ...)`` → ``(N, prod(...))`` in C order (for NHWC: h, then w, then channel)."""
 

@@ -264,3 +264,57 @@ def test_conv_transpose2d_fastpath_matches_portable(monkeypatch, rng):
                                                          layer.bias.grad)])
     for fast, portable in zip(*results):
         assert_rounding_close(fast, portable)
+
+
+# --------------------------------------------------------------------------------------------
+# Upsample2D
+
+
+UPSAMPLE_CASES = [(mode, scale, shape) for mode in ("nearest", "bilinear")
+                  for scale, shape in ((2, (2, 4, 5, 3)), (3, (1, 3, 2, 2)),
+                                       ((2, 3), (2, 5, 4, 1)), ((3, 1), (1, 1, 6, 2)))]
+
+
+@needs_torch
+@pytest.mark.parametrize("mode, scale, shape", UPSAMPLE_CASES)
+def test_upsample2d_vs_torch(backend, rng, mode, scale, shape):
+    import torch
+
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+
+    def reference(xt):
+        return torch.nn.functional.interpolate(xt, scale_factor=scale, mode=mode, **extra)
+
+    check_vs_torch(L.Upsample2D(scale, mode), rng.standard_normal(shape), reference, {}, rng)
+
+
+@pytest.mark.parametrize("mode, scale, shape", UPSAMPLE_CASES[::2] + UPSAMPLE_CASES[5::2])
+def test_upsample2d_gradcheck(backend, rng, mode, scale, shape):
+    check_layer(L.Upsample2D(scale, mode), rng.standard_normal(shape), rng)
+
+
+def test_upsample2d_values_without_torch(backend):
+    """Nearest repeats blocks; bilinear (align_corners=False) of [0, 1] by 2 along W is
+    [0, 0.25, 0.75, 1] (edges clamped); constant images stay constant."""
+    x = anycnn.asarray(np.array([0.0, 1.0]).reshape(1, 1, 2, 1))
+    near = anycnn.to_numpy(L.Upsample2D((1, 2)).forward(x))
+    np.testing.assert_array_equal(near.reshape(-1), [0, 0, 1, 1])
+    lin = anycnn.to_numpy(L.Upsample2D((1, 2), "bilinear").forward(x))
+    np.testing.assert_allclose(lin.reshape(-1), [0, 0.25, 0.75, 1], rtol=0, atol=1e-15)
+    ones = L.Upsample2D(3, "bilinear").forward(anycnn.asarray(np.ones((2, 3, 4, 2))))
+    np.testing.assert_allclose(anycnn.to_numpy(ones), np.ones((2, 9, 12, 2)), atol=1e-15)
+    assert L.Upsample2D(2.0).scale_factor == (2, 2)
+    assert L.Upsample2D(2).output_hw((3, 5)) == (6, 10)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((1.5,), "Upsample2D scale_factor must be an integer >= 1 or a pair of them, got 1.5"),
+    (((2, 0.5),), "Upsample2D scale_factor must be an integer >= 1 or a pair of them, got "
+                  "(2, 0.5)"),
+    ((0,), "Upsample2D scale_factor must be an integer >= 1 or a pair of them, got 0"),
+    ((2, "bicubic"), "Upsample2D mode must be one of nearest, bilinear; got 'bicubic'"),
+])
+def test_upsample2d_errors(args, message):
+    with pytest.raises(ConfigError) as err:
+        L.Upsample2D(*args)
+    assert str(err.value) == message
