@@ -811,6 +811,65 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma):
 
 
 # --------------------------------------------------------------------------------------------
+# Per-sample normalisation: GroupNorm and LayerNorm over the channels of NHWC input
+
+
+@dataclass
+class NormCtx:
+    xhat: Any  # normalised input, shaped as the input
+    inv_std: Any  # 1/sqrt(var + eps), shaped as the statistics of the view
+    view: tuple[int, ...]  # the shape the statistics are taken in
+    axes: tuple[int, ...]  # ... over these axes of it
+
+
+def group_norm_forward(x: Any, weight: Any, bias: Any, groups: int, eps: float):
+    """PyTorch's ``group_norm`` on channels-last ``x`` (N, ..., C): each sample's channels are
+    split into ``groups`` consecutive groups, each normalised over its channels and all
+    positions; then ``* weight + bias`` per channel (both ``(C,)`` or None). ``(y, ctx)``."""
+    xp = namespace_of(x)
+    c = x.shape[-1]
+    view = (x.shape[0], -1, groups, c // groups)  # (N, positions, G, C/G)
+    return _normalize(xp.reshape(x, view), (1, 3), weight, bias, eps, x.shape)
+
+
+def layer_norm_forward(x: Any, weight: Any, bias: Any, eps: float):
+    """Layer normalisation of each position's C values of channels-last ``x`` (N, ..., C)
+    (ConvNeXt's LayerNorm; torch's ``layer_norm`` over the last axis); ``(y, ctx)``."""
+    return _normalize(x, (x.ndim - 1,), weight, bias, eps, x.shape)
+
+
+def _normalize(view: Any, axes: tuple[int, ...], weight: Any, bias: Any, eps: float, shape):
+    """Normalise ``view`` over ``axes`` (biased variance), reshape to ``shape`` and apply the
+    per-channel affine transform when ``weight`` is given."""
+    xp = namespace_of(view, weight, bias)
+    mean = xp.mean(view, axis=axes, keepdims=True)
+    centred = view - mean
+    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = xp.reshape(centred * inv_std, shape)
+    y = xhat if weight is None else xhat * weight + bias
+    return y, NormCtx(xhat, inv_std, tuple(view.shape), axes)
+
+
+def norm_backward(dy: Any, ctx: NormCtx, weight: Any):
+    """``(dx, dweight or None, dbias or None)`` of :func:`group_norm_forward` or
+    :func:`layer_norm_forward`."""
+    xp = namespace_of(dy, weight)
+    outer = tuple(range(dy.ndim - 1))
+    dweight = dbias = None
+    dxhat = dy
+    if weight is not None:
+        dweight = xp.sum(dy * ctx.xhat, axis=outer)
+        dbias = xp.sum(dy, axis=outer)
+        dxhat = dy * weight
+    g = xp.reshape(dxhat, ctx.view)
+    xhat = xp.reshape(ctx.xhat, ctx.view)
+    dx = ctx.inv_std * (g - xp.mean(g, axis=ctx.axes, keepdims=True)
+                        - xhat * xp.mean(g * xhat, axis=ctx.axes, keepdims=True))
+    return xp.reshape(dx, dy.shape), dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
 # Losses
 
 

@@ -342,6 +342,88 @@ class BatchNorm2D(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
+class _ChannelNorm(Module):
+    """Shared parts of :class:`GroupNorm` and :class:`LayerNorm`: per-sample statistics (the
+    same in training and eval), optional per-channel ``weight`` (ones) and ``bias`` (zeros)."""
+
+    def __init__(self, num_channels: int, eps: float, affine: bool, dtype: str) -> None:
+        self.num_channels = as_pair(num_channels, "num_channels")[0]
+        if not eps > 0:
+            raise ConfigError(f"{type(self).__name__} eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        c = self.num_channels
+        self.weight = Parameter(make_array(np.ones(c), dtype)) if affine else None
+        self.bias = Parameter(make_array(np.zeros(c), dtype)) if affine else None
+        self._ctx = None
+
+    def _check(self, x) -> None:
+        if x.ndim not in (2, 4):
+            raise ShapeError(f"{type(self).__name__} expects NHWC or (N, C) input, got shape "
+                             f"{tuple(x.shape)}")
+        check_float_input(self, x, x.ndim, "NHWC")
+        check_channels(self, x, self.num_channels)
+        if self.weight is not None:
+            check_param_dtype(self, x, self.weight.data)
+
+    def _affine(self):
+        return (None, None) if self.weight is None else (self.weight.data, self.bias.data)
+
+    def output_hw(self, hw):
+        return hw
+
+    def backward(self, dy, input_grad: bool = True):
+        ctx = _require_forward(self, self._ctx)
+        dx, dweight, dbias = F.norm_backward(dy, ctx, self._affine()[0])
+        if self.weight is not None:
+            self.weight.accumulate(dweight)
+            self.bias.accumulate(dbias)
+        return dx
+
+
+class GroupNorm(_ChannelNorm):
+    """Group normalisation of NHWC (or ``(N, C)``) input, as PyTorch's ``nn.GroupNorm``: each
+    sample's C channels form ``num_groups`` consecutive groups, each normalised over its
+    channels and all positions (biased variance, ``eps`` inside the square root), then scaled
+    by ``weight`` and shifted by ``bias`` (both ``(C,)``, when ``affine``)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, dtype: str = "float32") -> None:
+        groups = as_pair(num_groups, "num_groups")[0]
+        if as_pair(num_channels, "num_channels")[0] % groups:
+            raise ConfigError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                              f"num_groups ({groups})")
+        super().__init__(num_channels, eps, affine, dtype)
+        self.num_groups = groups
+
+    def forward(self, x):
+        self._check(x)
+        y, self._ctx = F.group_norm_forward(x, *self._affine(), self.num_groups, self.eps)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.weight is not None}")
+
+
+class LayerNorm(_ChannelNorm):
+    """Layer normalisation over the channel axis of NHWC (or ``(N, C)``) input: each
+    position's C values are normalised on their own (ConvNeXt's LayerNorm; in PyTorch,
+    ``nn.LayerNorm(C)`` applied to channels-last data), then scaled by ``weight`` and shifted
+    by ``bias`` (both ``(C,)``, when ``affine``)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 dtype: str = "float32") -> None:
+        super().__init__(num_channels, eps, affine, dtype)
+
+    def forward(self, x):
+        self._check(x)
+        y, self._ctx = F.layer_norm_forward(x, *self._affine(), self.eps)
+        return y
+
+    def extra_repr(self):
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
 # --------------------------------------------------------------------------------------------
 # Pooling and reshaping
 

@@ -25,11 +25,11 @@ TOL = dict(rtol=1e-8, atol=1e-8)
 
 
 def _nchw(a):
-    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)) if a.ndim == 4 else a)
 
 
 def _nhwc(a):
-    return np.transpose(a, (0, 2, 3, 1))
+    return np.transpose(a, (0, 2, 3, 1)) if a.ndim == 4 else a
 
 
 def check_vs_torch(layer, x, reference, params, rng):
@@ -318,3 +318,93 @@ def test_upsample2d_errors(args, message):
     with pytest.raises(ConfigError) as err:
         L.Upsample2D(*args)
     assert str(err.value) == message
+
+
+# --------------------------------------------------------------------------------------------
+# GroupNorm and LayerNorm
+
+NORM_SHAPES = [(3, 4, 5, 6), (2, 3, 2, 6), (4, 6)]
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_vs_torch(backend, rng, shape, groups, affine):
+    import torch
+
+    layer = L.GroupNorm(groups, 6, eps=1e-3, affine=affine, dtype="float64")
+    params = {"weight": (_same, _same), "bias": (_same, _same)} if affine else {}
+
+    def reference(xt, weight=None, bias=None):
+        return torch.nn.functional.group_norm(xt, groups, weight, bias, 1e-3)
+
+    check_vs_torch(layer, rng.standard_normal(shape) * 3 + 1, reference, params, rng)
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", [*NORM_SHAPES, (2, 3, 3, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_vs_torch(backend, rng, shape, affine):
+    import torch
+
+    c = shape[-1]
+    layer = L.LayerNorm(c, affine=affine, dtype="float64")
+    params = {"weight": (_same, _same), "bias": (_same, _same)} if affine else {}
+
+    def reference(xt, weight=None, bias=None):  # torch normalises the last axis: go NHWC
+        last = xt.permute(0, 2, 3, 1) if xt.ndim == 4 else xt
+        y = torch.nn.functional.layer_norm(last, (c,), weight, bias, 1e-5)
+        return y.permute(0, 3, 1, 2) if xt.ndim == 4 else y
+
+    check_vs_torch(layer, rng.standard_normal(shape) * 3 + 1, reference, params, rng)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: L.GroupNorm(2, 4, dtype="float64"), (2, 3, 2, 4)),
+    (lambda: L.GroupNorm(4, 4, affine=False, dtype="float64"), (2, 3, 3, 4)),
+    (lambda: L.GroupNorm(3, 6, dtype="float64"), (3, 6)),
+    (lambda: L.LayerNorm(5, dtype="float64"), (2, 3, 2, 5)),
+    (lambda: L.LayerNorm(4, eps=1e-2, dtype="float64"), (3, 4)),
+], ids=["gn", "gn_no_affine", "gn_nc", "ln", "ln_nc"])
+def test_norm_gradcheck(backend, rng, make, shape):
+    layer = make()
+    for p in layer.parameters():
+        p.data = anycnn.asarray(rng.standard_normal(p.shape))
+    check_layer(layer, rng.standard_normal(shape), rng)
+
+
+def test_norms_normalise_without_torch(backend, rng):
+    """Each group (GroupNorm) or pixel (LayerNorm) has mean 0 and variance 1 after the layer
+    with its initial weight 1 and bias 0, in training and eval alike."""
+    x = rng.standard_normal((2, 3, 4, 6)) * 5 + 2
+    gn = L.GroupNorm(3, 6, eps=1e-12, dtype="float64")
+    y = anycnn.to_numpy(gn.forward(anycnn.asarray(x))).reshape(2, 12, 3, 2)
+    np.testing.assert_allclose(y.mean(axis=(1, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=(1, 3)), 1, atol=1e-9)
+    ln = L.LayerNorm(6, eps=1e-12, dtype="float64").eval()
+    y = anycnn.to_numpy(ln.forward(anycnn.asarray(x)))
+    np.testing.assert_allclose(y.mean(axis=3), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=3), 1, atol=1e-9)
+    assert [name for name, _ in gn.named_parameters()] == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: L.GroupNorm(4, 6), "GroupNorm: num_channels (6) must be divisible by num_groups (4)"),
+    (lambda: L.GroupNorm(0, 6), "num_groups must be >= 1, got 0"),
+    (lambda: L.LayerNorm(4, eps=0), "LayerNorm eps must be > 0, got 0"),
+])
+def test_norm_config_errors(backend, make, message):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_norm_shape_errors(backend):
+    with pytest.raises(ShapeError) as err:
+        L.LayerNorm(4).forward(anycnn.asarray(np.zeros((2, 3, 4), np.float32)))
+    assert str(err.value) == "LayerNorm expects NHWC or (N, C) input, got shape (2, 3, 4)"
+    with pytest.raises(ShapeError) as err:
+        L.GroupNorm(2, 4).forward(anycnn.asarray(np.zeros((2, 3, 3, 6), np.float32)))
+    assert str(err.value) == ("GroupNorm expects 4 channels on the last axis, got input shape "
+                              "(2, 3, 3, 6) (activations are NHWC)")
