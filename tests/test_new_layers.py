@@ -408,3 +408,59 @@ def test_norm_shape_errors(backend):
         L.GroupNorm(2, 4).forward(anycnn.asarray(np.zeros((2, 3, 3, 6), np.float32)))
     assert str(err.value) == ("GroupNorm expects 4 channels on the last axis, got input shape "
                               "(2, 3, 3, 6) (activations are NHWC)")
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch interop
+
+
+def _new_layers_model():
+    """Every new layer in one NHWC model for (8, 8, 4) images (float64)."""
+    return Sequential(
+        L.Conv2D(4, 8, 3, padding=1, groups=2, dtype="float64"), L.GroupNorm(4, 8,
+                                                                           dtype="float64"),
+        L.Conv2D(8, 8, 3, stride=2, padding=1, groups=8, dtype="float64"),  # depthwise
+        L.LayerNorm(8, dtype="float64"), L.ReLU(),
+        L.ConvTranspose2D(8, 6, 3, stride=2, padding=1, output_padding=1, dtype="float64"),
+        L.Upsample2D((2, 1), "bilinear"), L.Conv2D(6, 3, 1, dtype="float64"),
+        L.Upsample2D(2), L.Flatten(), L.LayerNorm(3 * 32 * 16, dtype="float64"),
+        L.Dense(3 * 32 * 16, 5, dtype="float64"))
+
+
+@needs_torch
+def test_interop_round_trip_with_new_layers(backend, rng):
+    """Export to a torch state_dict and nn.Module (same outputs), import back (same tensors)."""
+    import torch
+
+    from anycnn.interop import from_torch_state_dict, to_torch_state_dict, torch_module
+
+    model = _new_layers_model()
+    for p in model.parameters():
+        p.data = anycnn.asarray(rng.standard_normal(p.shape) * 0.3)
+    x = rng.standard_normal((2, 8, 8, 4))
+    y = anycnn.to_numpy(model.forward(anycnn.asarray(x)))
+    state = to_torch_state_dict(model, (8, 8, 4))
+    assert state["0.weight"].shape == (8, 2, 3, 3) and state["2.weight"].shape == (8, 1, 3, 3)
+    assert state["5.weight"].shape == (8, 6, 3, 3) and state["1.weight"].shape == (8,)
+    module = torch_module(model, (8, 8, 4))
+    assert [type(m).__name__ for m in module][:7] == [
+        "Conv2d", "GroupNorm", "Conv2d", "ChannelLayerNorm", "ReLU", "ConvTranspose2d",
+        "Upsample"]
+    with torch.no_grad():
+        yt = module(torch.tensor(_nchw(x))).numpy()
+    np.testing.assert_allclose(yt, y, rtol=1e-10, atol=1e-10)
+    back = _new_layers_model()
+    from_torch_state_dict(back, module.state_dict(), (8, 8, 4))
+    for (name, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
+        np.testing.assert_array_equal(anycnn.to_numpy(a.data), anycnn.to_numpy(b.data), name)
+
+
+def test_interop_refuses_grouped_norm_of_flattened_images(backend):
+    from anycnn.interop import to_torch_state_dict
+
+    model = Sequential(L.Conv2D(1, 2, 3), L.Flatten(), L.GroupNorm(2, 8))
+    with pytest.raises(ConfigError) as err:
+        to_torch_state_dict(model, (4, 4, 1))
+    assert str(err.value) == ("layer 2 (GroupNorm) normalises flattened NHWC features in "
+                              "groups: PyTorch flattens NCHW, so its groups would hold other "
+                              "features")
