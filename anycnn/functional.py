@@ -194,13 +194,11 @@ def window_columns(x: Any, win: Windows) -> Any:
     return namespace_of(x).reshape(gather_windows(x, win), (x.shape[0], win.positions, -1))
 
 
-def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair,
-                 depthwise: bool = False) -> Windows:
-    """The :class:`Windows` of a convolution: entries ordered position-major, or kernel-major
-    for a ``depthwise`` one (see :func:`conv_columns`)."""
+def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
+    """The :class:`Windows` of a convolution (entries ordered position-major)."""
     out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
            conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3], dilation[1]))
-    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=depthwise)
+    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=False)
 
 
 def is_depthwise(weight: Any, groups: int) -> bool:
@@ -221,8 +219,7 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
         ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
     """
     kh, kw, _, cout = weight.shape
-    win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation,
-                       is_depthwise(weight, groups))
+    win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
     xp = namespace_of(x, weight, bias)
 
     def chunk(a: int, b: int):
@@ -235,8 +232,13 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
 
 
 def conv_chunk_bytes(win: Windows, weight: Any, groups: int = 1) -> int:
-    """Working set per image of a convolution's forward or backward (for chunking)."""
+    """Working set per image of a convolution's forward or backward (for chunking): the
+    columns and their gradient plus the output, or for a depthwise convolution (no columns)
+    the padded input, the output, its gradient and one temporary of its size."""
     kh, kw, cin, cout = weight.shape
+    if is_depthwise(weight, groups):
+        hp, wp = win.padded
+        return (2 * hp * wp * groups + 4 * win.positions * cout) * _itemsize(weight)
     return (win.positions + 1) * (2 * kh * kw * cin * groups + cout) * _itemsize(weight)
 
 
@@ -247,14 +249,14 @@ def _itemsize(a: Any) -> int:
 def conv2d_rows(x: Any, weight: Any, win: Windows, groups: int = 1):
     """Convolution without bias as rows ``(N, P, C_out)``, P = ``win.positions`` in ``win``'s
     order (an im2col gather and one GEMM; grouped: one gather and a GEMM per group;
-    depthwise: one gather and a multiply-add per kernel tap)."""
+    depthwise: a multiply-add per kernel tap, no gather)."""
     xp = namespace_of(x, weight)
     kh, kw, cin, cout = weight.shape
     n, k = x.shape[0], kh * kw * cin
     if groups > 1:
         cols = conv_columns(x, win, groups)
         if is_depthwise(weight, groups):
-            return _depthwise_rows(cols, weight)
+            return _depthwise_rows(cols, weight, win)
         return _channels_last(cols @ _group_weights(weight, groups), n)
     cols = xp.reshape(window_columns(x, win), (n * win.positions, k))
     y = cols @ xp.reshape(weight, (k, cout))
@@ -262,20 +264,20 @@ def conv2d_rows(x: Any, weight: Any, win: Windows, groups: int = 1):
 
 
 def conv_columns(x: Any, win: Windows, groups: int = 1) -> Any:
-    """The im2col entries of NHWC ``x`` (one gather) in the layout its convolution uses:
+    """What a convolution multiplies its weights with, from NHWC ``x``:
 
-    * ``groups == 1``: ``(N, P, kh*kw*C_in)`` (:func:`window_columns`);
-    * grouped: ``(G, N*P, kh*kw*C_in/G)``, one GEMM operand per group (the input is made
-      group-major first, which moves kh*kw times less data than reordering the columns);
-    * depthwise (``groups == C_in``, ``win`` kernel-major): ``(N, kh*kw, P, C_in)``, one
-      plane per kernel tap.
+    * ``groups == 1``: the im2col entries ``(N, P, kh*kw*C_in)`` (:func:`window_columns`);
+    * grouped: ``(G, N*P, kh*kw*C_in/G)``, one GEMM operand per group, from one gather (the
+      input is made group-major first: kh*kw times less data to move than the columns);
+    * depthwise (``groups == C_in``): the padded input ``(N, Hp, Wp, C_in)``, whose strided
+      slices are the kernel taps (:func:`_tap_slices`; no gather).
     """
     xp = namespace_of(x)
     n, h, w, c = x.shape
     if groups == 1:
         return window_columns(x, win)
-    if win.kernel_first:
-        return xp.reshape(gather_windows(x, win), (n, win.taps, win.positions, c))
+    if groups == c:
+        return pad_nhwc(x, win.pads)
     cg = c // groups
     major = xp.permute_dims(xp.reshape(x, (n, h, w, groups, cg)), (3, 0, 1, 2, 4))
     cols = window_columns(xp.reshape(major, (groups * n, h, w, cg)), win)
@@ -310,36 +312,51 @@ def _group_rows(d: Any, groups: int) -> Any:
     return xp.permute_dims(xp.reshape(d, (n, p, groups, cout // groups)), (2, 0, 1, 3))
 
 
-def _depthwise_rows(taps: Any, weight: Any) -> Any:
-    """Depthwise convolution of tap planes ``(N, T, P, C)`` with ``weight`` (kh, kw, 1, C*m):
-    ``(N, P, C*m)``, output channel ``c*m + j`` from input channel ``c``."""
-    xp = namespace_of(taps, weight)
-    n, t, p, c = taps.shape
-    w = xp.reshape(weight, (t, c, weight.shape[3] // c))
-    planes = xp.reshape(taps, (n, t, p, c, 1))
-    y = planes[:, 0, ...] * w[0, ...]
-    for i in range(1, t):
-        y = y + planes[:, i, ...] * w[i, ...]
-    return xp.reshape(y, (n, p, weight.shape[3]))
+def _tap_slices(win: Windows) -> list[tuple[slice, slice]]:
+    """For each kernel tap ``(i, j)`` (row-major), the (rows, columns) slices of the padded
+    input that it reads at every output position (stops inside the array, as strict needs)."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = win.kernel, win.stride, win.dilation, win.out
+    return [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+             slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
 
 
-def _depthwise_backward(d: Any, taps: Any, weight: Any, need_input_grad: bool):
-    """Gradients of :func:`_depthwise_rows` for ``d`` (N, P, C*m): ``(dtaps (N, T*P, C) or
-    None, dweight)``."""
-    xp = namespace_of(d, taps, weight)
-    n, t, p, c = taps.shape
+def _depthwise_rows(padded: Any, weight: Any, win: Windows) -> Any:
+    """Depthwise convolution of the padded input ``(N, Hp, Wp, C)`` with ``weight``
+    ``(kh, kw, 1, C*m)``: ``(N, P, C*m)``, output channel ``c*m + j`` from input channel ``c``;
+    a multiply-add of a strided slice per kernel tap."""
+    xp = namespace_of(padded, weight)
+    n, c = padded.shape[0], padded.shape[3]
+    w = xp.reshape(weight, (win.taps, c, weight.shape[3] // c))
+    y = None
+    for t, (rows, cols) in enumerate(_tap_slices(win)):
+        term = xp.expand_dims(padded[:, rows, cols, :], axis=4) * w[t, ...]
+        y = term if y is None else y + term
+    return xp.reshape(y, (n, win.positions, weight.shape[3]))
+
+
+def _depthwise_backward(d: Any, padded: Any, weight: Any, win: Windows, need_input_grad: bool):
+    """Gradients of :func:`_depthwise_rows` for ``d`` (N, P, C*m): ``(dx (N, H, W, C) or None,
+    dweight)``. The input gradient adds each tap's share into its strided slice of a zero
+    padded image (a slice holds no index twice, so ``xpx.at(...).add`` is exact)."""
+    xp = namespace_of(d, padded, weight)
+    n, hp, wp, c = padded.shape
     m = weight.shape[3] // c
-    w = xp.reshape(weight, (t, c, m))
-    d4 = xp.reshape(d, (n, p, c, m))
-    planes = xp.reshape(taps, (n, t, p, c, 1))
-    dw = xp.stack([xp.sum(planes[:, i, ...] * d4, axis=(0, 1)) for i in range(t)])
+    w = xp.reshape(weight, (win.taps, c, m))
+    d5 = xp.reshape(d, (n, *win.out, c, m))
+    taps = _tap_slices(win)
+    dw = [column_sums(xp.reshape(xp.expand_dims(padded[:, rows, cols, :], axis=4) * d5,
+                                 (-1, c * m))) for rows, cols in taps]  # GEMVs: measured faster
+    dweight = xp.reshape(xp.stack(dw), weight.shape)
     if not need_input_grad:
-        return None, xp.reshape(dw, weight.shape)
-    if m == 1:
-        dtaps = [xp.reshape(d4 * w[i, ...], (n, p, c)) for i in range(t)]
-    else:
-        dtaps = [xp.sum(d4 * w[i, ...], axis=3) for i in range(t)]
-    return xp.reshape(xp.stack(dtaps, axis=1), (n, t * p, c)), xp.reshape(dw, weight.shape)
+        return None, dweight
+    dx = xp.zeros((n, hp, wp, c), dtype=d.dtype, device=device(d))
+    for t, (rows, cols) in enumerate(taps):
+        share = d5 * w[t, ...]
+        share = xp.reshape(share, share.shape[:4]) if m == 1 else xp.sum(share, axis=4)
+        dx = xpx.at(dx, (slice(None), rows, cols, slice(None))).add(share)
+    top, _, left, _ = win.pads
+    h, w_in = win.in_hw
+    return dx[:, top:top + h, left:left + w_in, :], dweight
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward on
@@ -497,8 +514,7 @@ def _grouped_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_g
     xp = namespace_of(d, weight)
     n, h, w = d.shape[0], *win.in_hw
     if is_depthwise(weight, groups):
-        dtaps, dweight = _depthwise_backward(d, cols, weight, need_input_grad)
-        return (None if dtaps is None else scatter_windows(dtaps, win)), dweight
+        return _depthwise_backward(d, cols, weight, win, need_input_grad)
     og = d.shape[2] // groups
     dg = xp.reshape(_group_rows(d, groups), (groups, -1, og))  # (G, N*P, C_out/G)
     dweight = _ungroup_weights(xp.matrix_transpose(cols) @ dg, weight.shape)
