@@ -8,8 +8,8 @@ anycnn             PyTorch
 =================  ==========================================================================
 Conv2D             ``nn.Conv2d`` (also ``groups``); weight ``(kh, kw, in/groups, out)`` ↔
                    ``(out, in/groups, kh, kw)``
-ConvTranspose2D    ``nn.ConvTranspose2d`` (groups 1); weight ``(kh, kw, in, out)`` ↔
-                   ``(in, out, kh, kw)``
+ConvTranspose2D    ``nn.ConvTranspose2d`` (also ``groups``); weight ``(kh, kw, in, out/groups)``
+                   ↔ ``(in, out/groups, kh, kw)``
 Dense              ``nn.Linear``; weight ``(in, out)`` ↔ ``(out, in)``
 BatchNorm2D        ``nn.BatchNorm2d`` (``nn.BatchNorm1d`` on flat features); torch's extra
                    ``num_batches_tracked`` is exported as 0 and ignored on import
@@ -127,7 +127,7 @@ def _swap_kernel_axes(a: np.ndarray) -> np.ndarray:
 
 def _conv_transpose_tensors(prefix: str, layer: ConvTranspose2D) -> list[_Tensor]:
     tensors = [_Tensor(prefix + "weight", _swap_kernel_axes, _swap_kernel_axes,
-                       "(in, out, kh, kw)")]
+                       "(in, out, kh, kw)" if layer.groups == 1 else "(in, out/groups, kh, kw)")]
     if layer.bias is not None:
         tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
     return tensors
@@ -400,7 +400,7 @@ def _torch_layer(entry: _Layer, nn: Any) -> Any:
     if isinstance(layer, ConvTranspose2D):
         return nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                                   stride=layer.stride, padding=layer.padding,
-                                  output_padding=layer.output_padding,
+                                  output_padding=layer.output_padding, groups=layer.groups,
                                   bias=layer.bias is not None, dilation=layer.dilation)
     if isinstance(layer, Upsample2D):
         corners = {"align_corners": False} if layer.mode == "bilinear" else {}

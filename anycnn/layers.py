@@ -171,8 +171,8 @@ class Conv2D(Module):
 
 
 class ConvTranspose2D(Module):
-    """2-D transposed convolution over NHWC input (PyTorch's ``ConvTranspose2d``, groups 1):
-    the adjoint of a convolution's input gradient, which upsamples by ``stride``.
+    """2-D transposed convolution over NHWC input (PyTorch's ``ConvTranspose2d``): the adjoint
+    of a convolution's input gradient, which upsamples by ``stride``.
 
     Args:
         in_channels, out_channels: C_in and C_out.
@@ -182,19 +182,22 @@ class ConvTranspose2D(Module):
         output_padding: int or (h, w) extra rows/columns at the bottom/right of the output;
             each must be smaller than the stride or the dilation of its axis.
         bias, weight_init, bias_init, dtype: as :class:`Conv2D`.
+        groups: as :class:`Conv2D` (input group ``g`` feeds output group ``g``).
 
     Output size per axis: ``(H - 1)*stride - 2*padding + dilation*(kernel_size - 1) +
     output_padding + 1``. Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is
-    ``(kh, kw, C_in, C_out)``; PyTorch's ``ConvTranspose2d.weight`` is ``(C_in, C_out, kh, kw)``,
-    the same tensor permuted by ``(2, 3, 0, 1)`` (which is its own inverse).
+    ``(kh, kw, C_in, C_out/groups)``; PyTorch's ``ConvTranspose2d.weight`` is
+    ``(C_in, C_out/groups, kh, kw)``, the same tensor permuted by ``(2, 3, 0, 1)`` (which is its
+    own inverse).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  output_padding=0, dilation=1, bias: bool = True, weight_init="he_uniform",
                  bias_init="zeros", dtype: str = "float32",
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, groups: int = 1) -> None:
         self.in_channels = as_pair(in_channels, "in_channels")[0]
         self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.groups = check_groups(self, self.in_channels, self.out_channels, groups)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.padding = as_pair(padding, "padding", minimum=0)
@@ -207,8 +210,9 @@ class ConvTranspose2D(Module):
                 f"the stride {self.stride} or the dilation {self.dilation} on each axis")
         kh, kw = self.kernel_size
         rng = rng or default_generator()
-        fan_in, fan_out = kh * kw * self.in_channels, kh * kw * self.out_channels
-        shape = (kh, kw, self.in_channels, self.out_channels)
+        fan_in = kh * kw * self.in_channels // self.groups
+        fan_out = kh * kw * self.out_channels
+        shape = (kh, kw, self.in_channels, self.out_channels // self.groups)
         self.weight = Parameter(make_array(
             get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
         self.bias = Parameter(make_array(
@@ -234,7 +238,8 @@ class ConvTranspose2D(Module):
                 f"of size {win.in_hw} (padding {self.padding} too large for kernel "
                 f"{self.kernel_size})")
         y, self._ctx = F.conv_transpose2d_forward(x, self.weight.data,
-                                                  self.bias.data if self.bias else None, win)
+                                                  self.bias.data if self.bias else None, win,
+                                                  self.groups)
         return y
 
     def backward(self, dy, input_grad: bool = True):
@@ -249,7 +254,8 @@ class ConvTranspose2D(Module):
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
-                f"output_padding={self.output_padding}, dilation={self.dilation}")
+                f"output_padding={self.output_padding}, dilation={self.dilation}"
+                + (f", groups={self.groups}" if self.groups != 1 else ""))
 
 
 class Dense(Module):

@@ -127,9 +127,10 @@ def grouped_conv_cases(count: int = 16, seed: int = 13) -> list[dict]:
     return cases
 
 
-def conv_transpose_cases(count: int = 16, seed: int = 17) -> list[dict]:
-    """Transposed convolutions over stride, padding, output_padding (< stride or < dilation)
-    and dilation, filtered to a positive output size."""
+def conv_transpose_cases(count: int = 18, seed: int = 17) -> list[dict]:
+    """Transposed convolutions over stride, padding, output_padding (< stride or < dilation),
+    dilation and groups (incl. one output channel per group, the depthwise case), filtered to
+    a positive output size."""
     named = [
         dict(shape=(2, 4, 5, 3), kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
              output_padding=(1, 1), dilation=(1, 1), bias=True, out=2),
@@ -139,6 +140,12 @@ def conv_transpose_cases(count: int = 16, seed: int = 17) -> list[dict]:
              output_padding=(1, 0), dilation=(2, 1), bias=True, out=2),  # op < dilation only
         dict(shape=(1, 5, 4, 2), kernel_size=(4, 4), stride=(2, 2), padding=(3, 1),
              output_padding=(0, 1), dilation=(2, 1), bias=True, out=1),
+        dict(shape=(2, 3, 4, 4), kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+             output_padding=(1, 0), dilation=(1, 1), bias=True, out=6, groups=2),
+        dict(shape=(1, 4, 3, 6), kernel_size=(2, 3), stride=(2, 1), padding=(0, 1),
+             output_padding=(1, 0), dilation=(1, 2), bias=False, out=3, groups=3),  # depthwise
+        dict(shape=(2, 3, 3, 2), kernel_size=(3, 2), stride=(3, 2), padding=(1, 0),
+             output_padding=(0, 1), dilation=(2, 1), bias=True, out=2, groups=2),  # depthwise
     ]
     rng = np.random.default_rng(seed)
     cases = list(named)
@@ -151,7 +158,7 @@ def conv_transpose_cases(count: int = 16, seed: int = 17) -> list[dict]:
         case = dict(shape=(int(rng.integers(1, 3)), int(rng.integers(1, 6)),
                            int(rng.integers(1, 6)), int(rng.integers(1, 4))),
                     kernel_size=k, stride=s, padding=p, output_padding=op, dilation=d,
-                    bias=bool(rng.integers(0, 2)), out=int(rng.integers(1, 4)))
+                    bias=bool(rng.integers(0, 2)), out=int(rng.integers(1, 4)), groups=1)
         if all((case["shape"][1 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + op[i] + 1 >= 1
                for i in range(2)):
             cases.append(case)
