@@ -1,10 +1,10 @@
 """Layers: parameters plus a one-line call into :mod:`anycnn.functional`.
 
 Activations are NHWC ``(N, H, W, C)``. ``Conv2D.weight`` is ``(kh, kw, in/groups, out)``,
-``ConvTranspose2D.weight`` is ``(kh, kw, in, out)``, ``Dense.weight`` is ``(in, out)``; norm layers
-have ``(C,)`` weight and bias. Options follow PyTorch (``stride``, ``padding``, ``dilation``,
-``groups``, ``output_padding``, ``ceil_mode``, ``count_include_pad``, BatchNorm ``momentum``), so
-results can be compared with it.
+``ConvTranspose2D.weight`` is ``(kh, kw, in, out/groups)``, ``Dense.weight`` is ``(in, out)``;
+norm layers have ``(C,)`` weight and bias. Options follow PyTorch (``stride``, ``padding``,
+``dilation``, ``groups``, ``output_padding``, ``ceil_mode``, ``count_include_pad``, BatchNorm
+``momentum``), so results can be compared with it.
 
 Parameters are created on the current backend (:func:`anycnn.get_backend`) in ``dtype``
 (float32 by default) from host draws of :mod:`anycnn.random`, so a seed gives identical weights on
