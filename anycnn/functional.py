@@ -181,10 +181,11 @@ class ConvCtx:
 
     x: Any  # (N, H, W, C_in)
     win: Windows
+    groups: int = 1
 
     def columns(self, a: int, b: int) -> Any:
-        """The window entries ``(b - a, P, kh*kw*C_in)`` of images ``a:b``."""
-        return window_columns(self.x[a:b, ...], self.win)
+        """The window entries of images ``a:b`` in :func:`conv_columns`'s layout."""
+        return conv_columns(self.x[a:b, ...], self.win, self.groups)
 
 
 def window_columns(x: Any, win: Windows) -> Any:
@@ -200,12 +201,20 @@ def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) 
     return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=False)
 
 
-def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair):
-    """NHWC convolution (cross-correlation, as in PyTorch).
+def is_depthwise(weight: Any, groups: int) -> bool:
+    """True for a convolution with one input channel per group (``groups == C_in``): computed
+    as a multiply-and-sum over the kernel taps instead of GEMMs (see :func:`conv_columns`)."""
+    return groups > 1 and weight.shape[2] == 1
+
+
+def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair,
+                   groups: int = 1):
+    """NHWC convolution (cross-correlation, as in PyTorch), optionally grouped.
 
     Args:
-        x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in, C_out)``; bias: ``(C_out,)`` or None.
-        pads: (top, bottom, left, right).
+        x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in/groups, C_out)``, output channels
+            ``g*C_out/groups ...`` belonging to group ``g`` (PyTorch's rule); bias: ``(C_out,)``
+            or None. pads: (top, bottom, left, right).
     Returns:
         ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
     """
@@ -214,32 +223,190 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     xp = namespace_of(x, weight, bias)
 
     def chunk(a: int, b: int):
-        y = conv2d_rows(x[a:b, ...], weight, win)
+        y = conv2d_rows(x[a:b, ...], weight, win, groups)
         return (y if bias is None else y + bias),
 
-    y, = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight), chunk, ("cat",))
-    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, win)
+    y, = fastpath.map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight, groups), chunk,
+                            ("cat",))
+    return xp.reshape(y, (x.shape[0], *win.out, cout)), ConvCtx(x, win, groups)
 
 
-def conv_chunk_bytes(win: Windows, weight: Any) -> int:
-    """Working set per image of a convolution's forward or backward (for chunking)."""
+def conv_chunk_bytes(win: Windows, weight: Any, groups: int = 1) -> int:
+    """Working set per image of a convolution's forward or backward (for chunking): the
+    columns and their gradient plus the output, or for a depthwise convolution (no columns)
+    the padded input, the output, its gradient and one temporary of its size."""
     kh, kw, cin, cout = weight.shape
-    return (win.positions + 1) * (2 * kh * kw * cin + cout) * _itemsize(weight)
+    if is_depthwise(weight, groups):
+        hp, wp = win.padded
+        return (2 * hp * wp * groups + 4 * win.positions * cout) * _itemsize(weight)
+    return (win.positions + 1) * (2 * kh * kw * cin * groups + cout) * _itemsize(weight)
 
 
 def _itemsize(a: Any) -> int:
     return namespace_of(a).finfo(a.dtype).bits // 8
 
 
-def conv2d_rows(x: Any, weight: Any, win: Windows):
+def conv2d_rows(x: Any, weight: Any, win: Windows, groups: int = 1):
     """Convolution without bias as rows ``(N, P, C_out)``, P = ``win.positions`` in ``win``'s
-    order (an im2col gather and one GEMM)."""
-    xp = namespace_of(x, weight)
-    kh, kw, cin, cout = weight.shape
-    n, k = x.shape[0], kh * kw * cin
-    cols = xp.reshape(window_columns(x, win), (n * win.positions, k))
-    y = cols @ xp.reshape(weight, (k, cout))
-    return xp.reshape(y, (n, win.positions, cout))
+    order (an im2col gather and one GEMM; grouped: one gather and a GEMM per group;
+    depthwise: a multiply-add per kernel tap, no gather)."""
+    return columns_times_weight(conv_columns(x, win, groups), weight, win, groups)
+
+
+def conv_columns(x: Any, win: Windows, groups: int = 1) -> Any:
+    """What a convolution multiplies its weights with, from NHWC ``x``:
+
+    * ``groups == 1``: the im2col entries ``(N, P, kh*kw*C_in)`` (:func:`window_columns`);
+    * grouped: ``(G, N*P, kh*kw*C_in/G)``, one GEMM operand per group, from one gather (the
+      input is made group-major first: kh*kw times less data to move than the columns);
+    * depthwise (``groups == C_in``): the padded input ``(N, Hp, Wp, C_in)``, whose strided
+      slices are the kernel taps (:func:`_tap_slices`; no gather).
+    """
+    xp = namespace_of(x)
+    n, h, w, c = x.shape
+    if groups == 1:
+        return window_columns(x, win)
+    if groups == c:
+        return pad_nhwc(x, win.pads)
+    cg = c // groups
+    major = xp.permute_dims(xp.reshape(x, (n, h, w, groups, cg)), (3, 0, 1, 2, 4))
+    cols = window_columns(xp.reshape(major, (groups * n, h, w, cg)), win)
+    return xp.reshape(cols, (groups, n * win.positions, win.taps * cg))
+
+
+def columns_times_weight(cols: Any, weight: Any, win: Windows, groups: int = 1) -> Any:
+    """The convolution rows ``(N, P, C_out)`` from :func:`conv_columns` ``cols``."""
+    xp = namespace_of(cols, weight)
+    if groups == 1:
+        n, p, k = cols.shape
+        y = xp.reshape(cols, (n * p, k)) @ xp.reshape(weight, (k, weight.shape[3]))
+        return xp.reshape(y, (n, p, weight.shape[3]))
+    if is_depthwise(weight, groups):
+        return _depthwise_rows(cols, weight, win)
+    return _channels_last(cols @ _group_weights(weight, groups), cols.shape[1] // win.positions)
+
+
+def conv_weight_grad(d: Any, cols: Any, weight: Any, win: Windows, groups: int = 1) -> Any:
+    """Weight gradient of :func:`columns_times_weight` for row gradients ``d`` (N, P, C_out)."""
+    xp = namespace_of(d, cols, weight)
+    n, p, cout = d.shape
+    if groups == 1:
+        k = cols.shape[2]
+        dweight = xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ xp.reshape(d, (n * p, cout))
+        return xp.reshape(dweight, weight.shape)
+    if is_depthwise(weight, groups):
+        return _depthwise_weight_grad(d, cols, weight, win)
+    dg = xp.reshape(_group_rows(d, groups), (groups, n * p, cout // groups))
+    return _ungroup_weights(xp.matrix_transpose(cols) @ dg, weight.shape)
+
+
+def conv_input_grad(d: Any, weight: Any, win: Windows, groups: int = 1) -> Any:
+    """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d_rows` for row gradients ``d``
+    (N, P, C_out): one GEMM (per group) into the column gradient, then the col2im gather;
+    depthwise: slice-adds per kernel tap. It is also a transposed convolution's forward pass."""
+    xp = namespace_of(d, weight)
+    kh, kw, cg, cout = weight.shape
+    n = d.shape[0]
+    if is_depthwise(weight, groups):
+        return _depthwise_input_grad(d, weight, win, groups)
+    og = cout // groups
+    d = xp.reshape(_group_rows(d, groups), (groups * n, win.positions, og)) if groups > 1 else d
+    if win.adjoint(xp, device(d))[2]:
+        # col2im needs a zero row after each image's window entries: append one zero output
+        # position to d, whose GEMM row gives kh*kw zero entries (far cheaper than appending
+        # to the kh*kw times larger column gradient)
+        d = xp.concat([d, xp.zeros((d.shape[0], 1, og), dtype=d.dtype, device=device(d))],
+                      axis=1)
+    if groups == 1:
+        dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(
+            xp.reshape(weight, (kh * kw * cg, cout)))
+        return scatter_windows(xp.reshape(dcols, (n, -1, cg)), win)
+    dcols = xp.reshape(d, (groups, -1, og)) @ xp.matrix_transpose(_group_weights(weight, groups))
+    dx = scatter_windows(xp.reshape(dcols, (groups * n, -1, cg)), win)  # (G*N, H, W, C/G)
+    h, w = win.in_hw
+    dx = xp.permute_dims(xp.reshape(dx, (groups, n, h, w, cg)), (1, 2, 3, 0, 4))
+    return xp.reshape(dx, (n, h, w, groups * cg))
+
+
+def _group_weights(weight: Any, groups: int) -> Any:
+    """``(kh, kw, C_in/G, C_out)`` → ``(G, kh*kw*C_in/G, C_out/G)`` (one matrix per group)."""
+    xp = namespace_of(weight)
+    kh, kw, cg, cout = weight.shape
+    return xp.permute_dims(xp.reshape(weight, (kh * kw * cg, groups, cout // groups)), (1, 0, 2))
+
+
+def _ungroup_weights(dweight: Any, shape: tuple[int, ...]) -> Any:
+    """Inverse of :func:`_group_weights`: ``(G, K, C_out/G)`` → ``shape``."""
+    xp = namespace_of(dweight)
+    return xp.reshape(xp.permute_dims(dweight, (1, 0, 2)), shape)
+
+
+def _channels_last(rows: Any, n: int) -> Any:
+    """Per-group rows ``(G, N*P, C_out/G)`` → ``(N, P, C_out)`` (group-major channels)."""
+    xp = namespace_of(rows)
+    g, m, og = rows.shape
+    split = xp.reshape(rows, (g, n, m // n, og))
+    return xp.reshape(xp.permute_dims(split, (1, 2, 0, 3)), (n, m // n, g * og))
+
+
+def _group_rows(d: Any, groups: int) -> Any:
+    """Inverse of :func:`_channels_last`: ``(N, P, C_out)`` → ``(G, N, P, C_out/G)``."""
+    xp = namespace_of(d)
+    n, p, cout = d.shape
+    return xp.permute_dims(xp.reshape(d, (n, p, groups, cout // groups)), (2, 0, 1, 3))
+
+
+def _tap_slices(win: Windows) -> list[tuple[slice, slice]]:
+    """For each kernel tap ``(i, j)`` (row-major), the (rows, columns) slices of the padded
+    input that it reads at every output position (stops inside the array, as strict needs)."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = win.kernel, win.stride, win.dilation, win.out
+    return [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh),
+             slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
+
+
+def _depthwise_rows(padded: Any, weight: Any, win: Windows) -> Any:
+    """Depthwise convolution of the padded input ``(N, Hp, Wp, C)`` with ``weight``
+    ``(kh, kw, 1, C*m)``: ``(N, P, C*m)``, output channel ``c*m + j`` from input channel ``c``;
+    a multiply-add of a strided slice per kernel tap."""
+    xp = namespace_of(padded, weight)
+    n, c = padded.shape[0], padded.shape[3]
+    w = xp.reshape(weight, (win.taps, c, weight.shape[3] // c))
+    y = None
+    for t, (rows, cols) in enumerate(_tap_slices(win)):
+        term = xp.expand_dims(padded[:, rows, cols, :], axis=4) * w[t, ...]
+        y = term if y is None else y + term
+    return xp.reshape(y, (n, win.positions, weight.shape[3]))
+
+
+def _depthwise_weight_grad(d: Any, padded: Any, weight: Any, win: Windows) -> Any:
+    """Weight gradient of :func:`_depthwise_rows` for ``d`` (N, P, C*m): per tap, a GEMV
+    column sum of slice * d (measured 4x faster than ``xp.sum`` over three axes)."""
+    xp = namespace_of(d, padded, weight)
+    n, c, cout = d.shape[0], padded.shape[3], weight.shape[3]
+    d5 = xp.reshape(d, (n, *win.out, c, cout // c))
+    dw = [column_sums(xp.reshape(xp.expand_dims(padded[:, rows, cols, :], axis=4) * d5,
+                                 (-1, cout))) for rows, cols in _tap_slices(win)]
+    return xp.reshape(xp.stack(dw), weight.shape)
+
+
+def _depthwise_input_grad(d: Any, weight: Any, win: Windows, groups: int) -> Any:
+    """Input gradient ``(N, H, W, C)`` of :func:`_depthwise_rows` for ``d`` (N, P, C*m): each
+    tap's share is added into its strided slice of a zero padded image (a slice holds no index
+    twice, so ``xpx.at(...).add`` is exact), then the padding is cut off."""
+    xp = namespace_of(d, weight)
+    n, cout = d.shape[0], weight.shape[3]
+    hp, wp = win.padded
+    c, m = groups, cout // groups
+    w = xp.reshape(weight, (win.taps, c, m))
+    d5 = xp.reshape(d, (n, *win.out, c, m))
+    dx = xp.zeros((n, hp, wp, c), dtype=d.dtype, device=device(d))
+    for t, (rows, cols) in enumerate(_tap_slices(win)):
+        share = d5 * w[t, ...]
+        share = xp.reshape(share, share.shape[:4]) if m == 1 else xp.sum(share, axis=4)
+        dx = xpx.at(dx, (slice(None), rows, cols, slice(None))).add(share)
+    top, _, left, _ = win.pads
+    h, w_in = win.in_hw
+    return dx[:, top:top + h, left:left + w_in, :]
 
 
 #: bytes of column gradient (and its gathered copy) formed at once in convolution backward on
@@ -262,9 +429,9 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
 
     def chunk(a: int, b: int):
         return conv2d_rows_backward(d[a:b, ...], ctx.columns(a, b), weight, ctx.win,
-                                    need_input_grad, bias_grad)
+                                    need_input_grad, bias_grad, ctx.groups)
 
-    return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight), chunk,
+    return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight, ctx.groups), chunk,
                               ("cat", "sum", "sum"),
                               COL2IM_CHUNK_BYTES if need_input_grad else None)
 
@@ -274,30 +441,98 @@ def consume(ctx: ConvCtx) -> ConvCtx:
     for the same forward raises, as PyTorch's freed graph)."""
     if ctx.x is None:
         raise RuntimeError("convolution backward called twice for one forward")
-    taken = ConvCtx(ctx.x, ctx.win)
+    taken = ConvCtx(ctx.x, ctx.win, ctx.groups)
     ctx.x = None
     return taken
 
 
 def conv2d_rows_backward(d: Any, cols: Any, weight: Any, win: Windows, need_input_grad: bool,
-                         bias_grad: bool):
-    """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out):
-    ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or None)``."""
+                         bias_grad: bool, groups: int = 1):
+    """Gradients of :func:`conv2d_rows` for row gradients ``d`` (N, P, C_out) and the input's
+    :func:`conv_columns` ``cols``: ``(dx (N, H, W, C_in) or None, dweight, dbias (C_out,) or
+    None)``."""
     xp = namespace_of(d, weight)
-    cin, cout = weight.shape[2:]
-    n, p, k = cols.shape
-    d2 = xp.reshape(d, (n * p, cout))
-    dweight = xp.reshape(xp.matrix_transpose(xp.reshape(cols, (n * p, k))) @ d2, weight.shape)
-    dbias = column_sums(d2) if bias_grad else None
-    if not need_input_grad:
-        return None, dweight, dbias
-    if win.adjoint(xp, device(d))[2]:
-        # col2im needs a zero row after each image's window entries: append one zero output
-        # position to d, whose GEMM row gives kh*kw zero entries (far cheaper than appending
-        # to the kh*kw times larger column gradient)
-        d = xp.concat([d, xp.zeros((n, 1, cout), dtype=d.dtype, device=device(d))], axis=1)
-    dcols = xp.reshape(d, (-1, cout)) @ xp.matrix_transpose(xp.reshape(weight, (k, cout)))
-    return scatter_windows(xp.reshape(dcols, (n, -1, cin)), win), dweight, dbias
+    n, p, cout = d.shape
+    dbias = column_sums(xp.reshape(d, (n * p, cout))) if bias_grad else None
+    dweight = conv_weight_grad(d, cols, weight, win, groups)
+    dx = conv_input_grad(d, weight, win, groups) if need_input_grad else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Transposed convolution: the adjoint of a convolution's input gradient
+
+
+def conv_transpose_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
+                           output_padding: Pair, dilation: Pair) -> Windows:
+    """The :class:`Windows` of the convolution whose input gradient is the transposed one.
+
+    That convolution reads the transposed convolution's *output*, of size
+    ``(in - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1`` per axis
+    (PyTorch's), and has one window per position of its *input* ``in_hw``.
+    """
+    out = tuple((in_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1)
+                + output_padding[i] + 1 for i in range(2))
+    pads = (padding[0], padding[0], padding[1], padding[1])
+    return Windows(out, kernel, stride, dilation, pads, tuple(in_hw), kernel_first=False)
+
+
+def _conv_view(weight: Any) -> Any:
+    """A transposed convolution's ``(kh, kw, C_in, C_out/G)`` weight as the weight
+    ``(kh, kw, C_out/G, C_in)`` of the (grouped) convolution it is the adjoint of."""
+    return namespace_of(weight).permute_dims(weight, (0, 1, 3, 2))
+
+
+def conv_transpose2d_forward(x: Any, weight: Any, bias: Any, win: Windows, groups: int = 1):
+    """NHWC transposed convolution (PyTorch's ``conv_transpose2d``), optionally grouped.
+
+    Args:
+        x: ``(N, H, W, C_in)`` with ``(H, W) == win.out``; weight: ``(kh, kw, C_in, C_out/G)``,
+            input channels ``g*C_in/G ...`` feeding output channels ``g*C_out/G ...``;
+            bias: ``(C_out,)`` or None; win: :func:`conv_transpose_windows`.
+    Returns:
+        ``(y, ctx)``, ``y`` of shape ``(N, Ho, Wo, C_out)`` with ``(Ho, Wo) == win.in_hw``.
+    """
+    xp = namespace_of(x, weight, bias)
+    conv_weight = _conv_view(weight)
+    n, cin = x.shape[0], x.shape[3]
+    rows = xp.reshape(x, (n, win.positions, cin))
+
+    def chunk(a: int, b: int):
+        y = conv_input_grad(rows[a:b, ...], conv_weight, win, groups)
+        return (y if bias is None else y + bias),
+
+    y, = fastpath.map_batch(xp, n, conv_chunk_bytes(win, conv_weight, groups), chunk, ("cat",),
+                            COL2IM_CHUNK_BYTES)
+    return y, ConvCtx(x, win, groups)
+
+
+def conv_transpose2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
+                              bias_grad: bool = True):
+    """Gradients of :func:`conv_transpose2d_forward`: ``(dx or None, dweight, dbias or None)``.
+
+    The input gradient is the convolution of ``dy`` (:func:`conv_columns` and
+    :func:`columns_times_weight`); the weight gradient is that convolution's weight gradient
+    with ``x`` as its output gradient, from the same columns.
+    """
+    xp = namespace_of(dy, weight)
+    ctx = consume(ctx)
+    x, win, groups = ctx.x, ctx.win, ctx.groups
+    n, cin, cout = x.shape[0], x.shape[3], dy.shape[3]
+    conv_weight = _conv_view(weight)
+
+    def chunk(a: int, b: int):
+        cols = conv_columns(dy[a:b, ...], win, groups)
+        rows = xp.reshape(x[a:b, ...], (b - a, win.positions, cin))
+        dconv = conv_weight_grad(rows, cols, conv_weight, win, groups)
+        dx = columns_times_weight(cols, conv_weight, win, groups) if need_input_grad else None
+        dbias = column_sums(xp.reshape(dy[a:b, ...], (-1, cout))) if bias_grad else None
+        return dx, _conv_view(dconv), dbias
+
+    dx, dweight, dbias = fastpath.map_batch(
+        xp, n, conv_chunk_bytes(win, conv_weight, groups), chunk, ("cat", "sum", "sum"),
+        COL2IM_CHUNK_BYTES)
+    return (None if dx is None else xp.reshape(dx, x.shape)), dweight, dbias
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +635,86 @@ def global_avg_pool_backward(dy: Any, in_shape):
     n, h, w, c = in_shape
     share = xp.reshape(dy, (n, 1, 1, c)) * (1.0 / (h * w))
     return share * xp.ones(in_shape, dtype=dy.dtype, device=device(dy))
+
+
+# --------------------------------------------------------------------------------------------
+# Upsampling by integer factors
+
+
+def upsample_nearest_forward(x: Any, scale: Pair) -> Any:
+    """Nearest-neighbour upsampling of NHWC ``x`` by integer ``scale`` (sh, sw): each pixel
+    becomes an ``sh x sw`` block (PyTorch's ``mode="nearest"``)."""
+    xp = namespace_of(x)
+    n, h, w, c = x.shape
+    sh, sw = scale
+    blocks = xp.broadcast_to(xp.reshape(x, (n, h, 1, w, 1, c)), (n, h, sh, w, sw, c))
+    return xp.reshape(blocks, (n, h * sh, w * sw, c))
+
+
+def upsample_nearest_backward(dy: Any, scale: Pair) -> Any:
+    """Input gradient of :func:`upsample_nearest_forward`: the sum over each block."""
+    xp = namespace_of(dy)
+    n, ho, wo, c = dy.shape
+    sh, sw = scale
+    return xp.sum(xp.reshape(dy, (n, ho // sh, sh, wo // sw, sw, c)), axis=(2, 4))
+
+
+@lru_cache(maxsize=64)
+def _linear_interpolation(size: int, scale: int) -> np.ndarray:
+    """float64 ``(size*scale, size)``: row ``i`` holds the weights of PyTorch's linear
+    interpolation with ``align_corners=False`` for output ``i``: source coordinate
+    ``(i + 0.5)/scale - 0.5`` clamped to ``[0, size - 1]``, split between its two neighbours."""
+    out = np.arange(size * scale)
+    source = np.maximum((out + 0.5) / scale - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    frac = source - low
+    matrix = np.zeros((size * scale, size))
+    np.add.at(matrix, (out, low), 1.0 - frac)
+    np.add.at(matrix, (out, high), frac)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _interpolation(x: Any, size: int, scale: int, transpose: bool) -> Any:
+    """The :func:`_linear_interpolation` matrix (or its transpose) on ``x``'s device and dtype."""
+    xp = namespace_of(x)
+    host_dtype = np.float64 if xp.finfo(x.dtype).bits == 64 else np.float32
+
+    def build() -> np.ndarray:
+        m = _linear_interpolation(size, scale)
+        return np.ascontiguousarray(m.T if transpose else m, dtype=host_dtype)
+
+    key = ("lerp", size, scale, transpose, np.dtype(host_dtype).name)
+    return device_cache.get(xp, device(x), key, build)
+
+
+def _along_axes(x: Any, scale: Pair, transpose: bool) -> Any:
+    """Apply the interpolation matrix of each spatial axis of NHWC ``x`` (or its transpose,
+    for the backward pass) as a matrix product: first along W, then along H."""
+    xp = namespace_of(x)
+    n, h, w, c = x.shape
+    sh, sw = scale
+    w_in, h_in = (w // sw, h // sh) if transpose else (w, h)
+    mw = _interpolation(x, w_in, sw, transpose)  # (W_out, W_in) or its transpose
+    y = mw @ xp.reshape(x, (n * h, w, c))
+    w2 = y.shape[1]
+    mh = _interpolation(x, h_in, sh, transpose)
+    y = mh @ xp.reshape(y, (n, h, w2 * c))
+    return xp.reshape(y, (n, y.shape[1], w2, c))
+
+
+def upsample_bilinear_forward(x: Any, scale: Pair) -> Any:
+    """Bilinear upsampling of NHWC ``x`` by integer ``scale`` (PyTorch's ``mode="bilinear"``,
+    ``align_corners=False``): one small dense ``(out, in)`` interpolation matrix per axis,
+    applied by matrix products."""
+    return _along_axes(x, scale, transpose=False)
+
+
+def upsample_bilinear_backward(dy: Any, scale: Pair) -> Any:
+    """Input gradient of :func:`upsample_bilinear_forward`: the transposed matrices (no
+    scatter: the sums over the outputs that read an input pixel are in the products)."""
+    return _along_axes(dy, scale, transpose=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,6 +827,65 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma):
         return dy * scale, dgamma, dbeta
     dx = (scale / ctx.count) * (ctx.count * dy - dbeta - ctx.xhat * dgamma)
     return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample normalisation: GroupNorm and LayerNorm over the channels of NHWC input
+
+
+@dataclass
+class NormCtx:
+    xhat: Any  # normalised input, shaped as the input
+    inv_std: Any  # 1/sqrt(var + eps), shaped as the statistics of the view
+    view: tuple[int, ...]  # the shape the statistics are taken in
+    axes: tuple[int, ...]  # ... over these axes of it
+
+
+def group_norm_forward(x: Any, weight: Any, bias: Any, groups: int, eps: float):
+    """PyTorch's ``group_norm`` on channels-last ``x`` (N, ..., C): each sample's channels are
+    split into ``groups`` consecutive groups, each normalised over its channels and all
+    positions; then ``* weight + bias`` per channel (both ``(C,)`` or None). ``(y, ctx)``."""
+    xp = namespace_of(x)
+    c = x.shape[-1]
+    view = (x.shape[0], -1, groups, c // groups)  # (N, positions, G, C/G)
+    return _normalize(xp.reshape(x, view), (1, 3), weight, bias, eps, x.shape)
+
+
+def layer_norm_forward(x: Any, weight: Any, bias: Any, eps: float):
+    """Layer normalisation of each position's C values of channels-last ``x`` (N, ..., C)
+    (ConvNeXt's LayerNorm; torch's ``layer_norm`` over the last axis); ``(y, ctx)``."""
+    return _normalize(x, (x.ndim - 1,), weight, bias, eps, x.shape)
+
+
+def _normalize(view: Any, axes: tuple[int, ...], weight: Any, bias: Any, eps: float, shape):
+    """Normalise ``view`` over ``axes`` (biased variance), reshape to ``shape`` and apply the
+    per-channel affine transform when ``weight`` is given."""
+    xp = namespace_of(view, weight, bias)
+    mean = xp.mean(view, axis=axes, keepdims=True)
+    centred = view - mean
+    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = xp.reshape(centred * inv_std, shape)
+    y = xhat if weight is None else xhat * weight + bias
+    return y, NormCtx(xhat, inv_std, tuple(view.shape), axes)
+
+
+def norm_backward(dy: Any, ctx: NormCtx, weight: Any):
+    """``(dx, dweight or None, dbias or None)`` of :func:`group_norm_forward` or
+    :func:`layer_norm_forward`."""
+    xp = namespace_of(dy, weight)
+    outer = tuple(range(dy.ndim - 1))
+    dweight = dbias = None
+    dxhat = dy
+    if weight is not None:
+        dweight = xp.sum(dy * ctx.xhat, axis=outer)
+        dbias = xp.sum(dy, axis=outer)
+        dxhat = dy * weight
+    g = xp.reshape(dxhat, ctx.view)
+    xhat = xp.reshape(ctx.xhat, ctx.view)
+    dx = ctx.inv_std * (g - xp.mean(g, axis=ctx.axes, keepdims=True)
+                        - xhat * xp.mean(g * xhat, axis=ctx.axes, keepdims=True))
+    return xp.reshape(dx, dy.shape), dweight, dbias
 
 
 # --------------------------------------------------------------------------------------------

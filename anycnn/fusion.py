@@ -41,6 +41,12 @@ class ConvReluMaxPool:
 
     pattern = (Conv2D, ReLU, MaxPool2D)
 
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        """Whether this run of layers matching :attr:`pattern` can be fused: only ungrouped
+        convolutions (grouped and depthwise ones run layer by layer)."""
+        return run[0].groups == 1
+
     def __init__(self, conv: Conv2D, relu: ReLU, pool: MaxPool2D) -> None:
         self.conv, self.relu, self.pool = conv, relu, pool
         self._ctx: tuple | None = None
@@ -279,7 +285,8 @@ def execution_plan(layers: list[Module]) -> list[Any]:
         for fusion in FUSIONS:
             run = layers[i:i + len(fusion.pattern)]
             if len(run) == len(fusion.pattern) and all(
-                    type(layer) is kind for layer, kind in zip(run, fusion.pattern)):
+                    type(layer) is kind for layer, kind in zip(run, fusion.pattern)
+            ) and fusion.accepts(run):
                 plan.append(fusion(*run))
                 i += len(run)
                 break

@@ -6,10 +6,17 @@ An anycnn :class:`~anycnn.module.Sequential` names its tensors exactly like the 
 =================  ==========================================================================
 anycnn             PyTorch
 =================  ==========================================================================
-Conv2D             ``nn.Conv2d``; weight ``(kh, kw, in, out)`` ↔ ``(out, in, kh, kw)``
+Conv2D             ``nn.Conv2d`` (also ``groups``); weight ``(kh, kw, in/groups, out)`` ↔
+                   ``(out, in/groups, kh, kw)``
+ConvTranspose2D    ``nn.ConvTranspose2d`` (also ``groups``); weight ``(kh, kw, in, out/groups)``
+                   ↔ ``(in, out/groups, kh, kw)``
 Dense              ``nn.Linear``; weight ``(in, out)`` ↔ ``(out, in)``
 BatchNorm2D        ``nn.BatchNorm2d`` (``nn.BatchNorm1d`` on flat features); torch's extra
                    ``num_batches_tracked`` is exported as 0 and ignored on import
+GroupNorm          ``nn.GroupNorm``; weight, bias ``(C,)``
+LayerNorm          ``nn.LayerNorm(C)`` applied to the channels: on NCHW input a subclass that
+                   permutes to NHWC and back (its tensors keep the names ``weight``, ``bias``)
+Upsample2D         ``nn.Upsample(scale_factor, mode)`` (``align_corners=False`` for bilinear)
 MaxPool2D          ``nn.MaxPool2d``
 AvgPool2D          ``nn.AvgPool2d``
 GlobalAvgPool2D    ``nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())`` (no tensors, so the
@@ -36,7 +43,9 @@ order while PyTorch (NCHW) yields ``(c, h, w)``. The rows of the first ``Dense``
 ``Flatten`` (and of a ``BatchNorm`` on those flat features) are permuted on export and back on
 import. The permutation needs only the channel count entering ``Flatten``, which is tracked from
 the layers (``Conv2D.out_channels``) or taken from ``input_shape = (H, W, C)``; when
-``input_shape`` is given, every ``Dense`` input size is also checked against it.
+``input_shape`` is given, every ``Dense`` input size is also checked against it. A LayerNorm on
+such features gets the same permutation; a GroupNorm with more than one group has none (its
+groups would hold other features) and is refused.
 
 Importing this module does not import torch; :func:`torch_module` imports it when called.
 """
@@ -58,15 +67,19 @@ from .layers import (
     AvgPool2D,
     BatchNorm2D,
     Conv2D,
+    ConvTranspose2D,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool2D,
+    GroupNorm,
+    LayerNorm,
     LeakyReLU,
     MaxPool2D,
     ReLU,
     Sigmoid,
     Tanh,
+    Upsample2D,
 )
 from .module import Module
 from .sequential import Sequential
@@ -113,7 +126,21 @@ class _Shape:
 
 def _conv_tensors(prefix: str, layer: Conv2D) -> list[_Tensor]:
     tensors = [_Tensor(prefix + "weight", lambda a: np.transpose(a, (3, 2, 0, 1)),
-                       lambda a: np.transpose(a, (2, 3, 1, 0)), "(out, in, kh, kw)")]
+                       lambda a: np.transpose(a, (2, 3, 1, 0)),
+                       "(out, in, kh, kw)" if layer.groups == 1 else "(out, in/groups, kh, kw)")]
+    if layer.bias is not None:
+        tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
+    return tensors
+
+
+def _swap_kernel_axes(a: np.ndarray) -> np.ndarray:
+    """(kh, kw, in, out) <-> (in, out, kh, kw): the permutation is its own inverse."""
+    return np.transpose(a, (2, 3, 0, 1))
+
+
+def _conv_transpose_tensors(prefix: str, layer: ConvTranspose2D) -> list[_Tensor]:
+    tensors = [_Tensor(prefix + "weight", _swap_kernel_axes, _swap_kernel_axes,
+                       "(in, out, kh, kw)" if layer.groups == 1 else "(in, out/groups, kh, kw)")]
     if layer.bias is not None:
         tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
     return tensors
@@ -139,7 +166,11 @@ def _dense_tensors(prefix: str, layer: Dense, hw: int | None, c: int | None) -> 
     return tensors
 
 
-def _bn_tensors(prefix: str, hw: int | None, c: int | None) -> list[_Tensor]:
+def _bn_tensors(prefix: str, hw: int | None, c: int | None,
+                names: tuple[str, ...] = ("weight", "bias", "running_mean", "running_var"),
+                ) -> list[_Tensor]:
+    """Per-feature tensors ``names``, permuted from (h, w, c) to (c, h, w) order when they
+    follow a Flatten of ``hw`` positions of ``c`` channels."""
     if hw and c and hw > 1:
         def to_torch(a: np.ndarray) -> np.ndarray:
             return np.reshape(np.transpose(np.reshape(a, (hw, c))), (-1,))
@@ -148,8 +179,7 @@ def _bn_tensors(prefix: str, hw: int | None, c: int | None) -> list[_Tensor]:
             return np.reshape(np.transpose(np.reshape(a, (c, hw))), (-1,))
     else:
         to_torch = from_torch = _same
-    return [_Tensor(prefix + k, to_torch, from_torch, "(features,)")
-            for k in ("weight", "bias", "running_mean", "running_var")]
+    return [_Tensor(prefix + k, to_torch, from_torch, "(features,)") for k in names]
 
 
 def _check_features(index: str, layer: Module, expected: int, shape: _Shape) -> None:
@@ -201,8 +231,8 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
         paths = [_walk(child, shape, f"{prefix}{name}.", plan)
                  for name, child in module.named_children()]
         return _join(index, kind, paths, isinstance(module, Concat))
-    if shape.spatial is False and isinstance(module, Conv2D | MaxPool2D | AvgPool2D |
-                                             GlobalAvgPool2D):
+    if shape.spatial is False and isinstance(module, Conv2D | ConvTranspose2D | MaxPool2D |
+                                             AvgPool2D | GlobalAvgPool2D | Upsample2D):
         raise ConfigError(f"layer {index} ({kind}) needs NHWC input but follows a flat layer")
     if isinstance(module, Conv2D):
         if shape.c is not None and shape.c != module.in_channels:
@@ -217,6 +247,23 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
                                  module.dilation[1])
         plan.append(_Layer(prefix, module, False, _conv_tensors(prefix, module)))
         return _Shape(True, h, w, module.out_channels)
+    if isinstance(module, ConvTranspose2D):
+        if shape.c is not None and shape.c != module.in_channels:
+            raise ConfigError(f"layer {index} (ConvTranspose2D) expects {module.in_channels} "
+                              f"channels, input_shape/previous layers give {shape.c}")
+        h = w = None
+        if shape.h is not None and shape.w is not None:
+            h, w = module.output_hw((shape.h, shape.w))
+        plan.append(_Layer(prefix, module, False, _conv_transpose_tensors(prefix, module)))
+        return _Shape(True, h, w, module.out_channels)
+    if isinstance(module, Upsample2D):
+        h = w = None
+        if shape.h is not None and shape.w is not None:
+            h, w = module.output_hw((shape.h, shape.w))
+        plan.append(_Layer(prefix, module, False, []))
+        return _Shape(True, h, w, shape.c)
+    if isinstance(module, GroupNorm | LayerNorm):
+        return _channel_norm(index, prefix, module, shape, plan)
     if isinstance(module, MaxPool2D | AvgPool2D):
         h = w = None
         if shape.h is not None and shape.w is not None:
@@ -258,8 +305,29 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
         return shape
     raise ConfigError(
         f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.interop; supported: "
-        "Sequential, Residual, Concat, Identity, Conv2D, Dense, BatchNorm2D, MaxPool2D, "
-        "AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
+        "Sequential, Residual, Concat, Identity, Conv2D, ConvTranspose2D, Dense, BatchNorm2D, "
+        "GroupNorm, LayerNorm, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Upsample2D, Flatten, ReLU, "
+        "LeakyReLU, Sigmoid, Tanh, Dropout")
+
+def _channel_norm(index: str, prefix: str, module: GroupNorm | LayerNorm, shape: _Shape,
+                  plan: list[_Layer]) -> _Shape:
+    """Plan a GroupNorm or LayerNorm (see the module docstring for flat features)."""
+    kind = type(module).__name__
+    names = ("weight", "bias") if module.weight is not None else ()
+    hw = None
+    if shape.spatial is False:
+        hw = _flat_positions(index, module, module.num_channels, shape)
+        _check_features(index, module, module.num_channels, shape)
+        if hw is not None and hw != 1 and isinstance(module, GroupNorm) and module.num_groups > 1:
+            raise ConfigError(
+                f"layer {index} (GroupNorm) normalises flattened NHWC features in groups: "
+                "PyTorch flattens NCHW, so its groups would hold other features")
+    elif shape.c is not None and shape.c != module.num_channels:
+        raise ConfigError(f"layer {index} ({kind}) expects {module.num_channels} channels, "
+                          f"previous layers give {shape.c}")
+    tensors = _bn_tensors(prefix, hw, shape.c if hw else None, names)
+    plan.append(_Layer(prefix, module, shape.spatial is False, tensors))
+    return shape
 
 
 def _flat_positions(index: str, layer: Module, features: int, shape: _Shape) -> int | None:
@@ -367,7 +435,22 @@ def _torch_layer(entry: _Layer, nn: Any) -> Any:
             raise ConfigError(f"layer {entry.name[:-1]}: asymmetric padding {layer.pads}")
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                          stride=layer.stride, padding=padding, dilation=layer.dilation,
-                         bias=layer.bias is not None)
+                         groups=layer.groups, bias=layer.bias is not None)
+    if isinstance(layer, ConvTranspose2D):
+        return nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                  stride=layer.stride, padding=layer.padding,
+                                  output_padding=layer.output_padding, groups=layer.groups,
+                                  bias=layer.bias is not None, dilation=layer.dilation)
+    if isinstance(layer, Upsample2D):
+        corners = {"align_corners": False} if layer.mode == "bilinear" else {}
+        return nn.Upsample(scale_factor=tuple(float(s) for s in layer.scale_factor),
+                           mode=layer.mode, **corners)
+    if isinstance(layer, GroupNorm):
+        return nn.GroupNorm(layer.num_groups, layer.num_channels, eps=layer.eps,
+                            affine=layer.weight is not None)
+    if isinstance(layer, LayerNorm):
+        return _channel_layer_norm(nn)(layer.num_channels, eps=layer.eps,
+                                       elementwise_affine=layer.weight is not None)
     if isinstance(layer, Dense):
         return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     if isinstance(layer, BatchNorm2D):
@@ -433,6 +516,22 @@ def _torch_containers() -> tuple[type, type]:
             return torch.cat([branch(x) for branch in self.children()], dim=1)
 
     return Residual, Concat
+
+
+@functools.cache
+def _channel_layer_norm(nn: Any) -> type:
+    """``nn.LayerNorm`` over the channel axis of NCHW input (permuted to NHWC and back), or
+    over the last axis of 2-D input; made when first needed (torch stays an optional import)."""
+
+    class ChannelLayerNorm(nn.LayerNorm):
+        """LayerNorm of each position's channels (anycnn's LayerNorm on NCHW tensors)."""
+
+        def forward(self, x):
+            if x.ndim != 4:
+                return super().forward(x)
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    return ChannelLayerNorm
 
 
 def _torch_tree(module: Module, plan: dict[str, _Layer], prefix: str, nn: Any) -> Any:

@@ -1,8 +1,10 @@
 """Layers: parameters plus a one-line call into :mod:`anycnn.functional`.
 
-Activations are NHWC ``(N, H, W, C)``. ``Conv2D.weight`` is ``(kh, kw, in, out)``, ``Dense.weight``
-is ``(in, out)``. Options follow PyTorch (``stride``, ``padding``, ``dilation``, ``ceil_mode``,
-``count_include_pad``, BatchNorm ``momentum``), so results can be compared with it.
+Activations are NHWC ``(N, H, W, C)``. ``Conv2D.weight`` is ``(kh, kw, in/groups, out)``,
+``ConvTranspose2D.weight`` is ``(kh, kw, in, out/groups)``, ``Dense.weight`` is ``(in, out)``;
+norm layers have ``(C,)`` weight and bias. Options follow PyTorch (``stride``, ``padding``,
+``dilation``, ``groups``, ``output_padding``, ``ceil_mode``, ``count_include_pad``, BatchNorm
+``momentum``), so results can be compared with it.
 
 Parameters are created on the current backend (:func:`anycnn.get_backend`) in ``dtype``
 (float32 by default) from host draws of :mod:`anycnn.random`, so a seed gives identical weights on
@@ -76,6 +78,20 @@ def gemm_flops(weight: Parameter, output_shape: tuple[int, ...]) -> int:
     return 2 * math.prod(weight.shape) * math.prod(output_shape[:-1])
 
 
+def check_groups(layer: Module, in_channels: int, out_channels: int, groups: Any) -> int:
+    """``groups`` as an int, after checking that it divides both channel counts."""
+    if not isinstance(groups, int | np.integer) or isinstance(groups, bool) or groups < 1:
+        raise ConfigError(f"{type(layer).__name__}: groups must be an int >= 1, got {groups!r}")
+    groups = int(groups)
+    bad = [f"{name} ({count})" for name, count in (("in_channels", in_channels),
+                                                   ("out_channels", out_channels))
+           if count % groups]
+    if bad:
+        raise ConfigError(f"{type(layer).__name__}: {' and '.join(bad)} must be divisible by "
+                          f"groups ({groups})")
+    return groups
+
+
 def _require_forward(layer: Module, ctx: Any) -> Any:
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
@@ -95,17 +111,24 @@ class Conv2D(Module):
         padding: int, (h, w), ``'valid'`` or ``'same'`` (stride 1; extra bottom/right for even
             kernels), as in PyTorch.
         bias: learn a per-output-channel bias.
+        groups: split the channels into this many groups convolved separately, as in PyTorch
+            (both channel counts must be divisible by it; output channels
+            ``g*C_out/groups ... (g+1)*C_out/groups - 1`` see input group ``g``).
+            ``groups == in_channels`` is a depthwise convolution.
         weight_init / bias_init: initializer names or callables (default He-uniform / zeros).
         dtype: parameter dtype (default float32).
 
-    Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is ``(kh, kw, C_in, C_out)``.
+    Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is
+    ``(kh, kw, C_in/groups, C_out)`` (PyTorch's is ``(C_out, C_in/groups, kh, kw)``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, weight_init="he_uniform", bias_init="zeros",
-                 dtype: str = "float32", rng: np.random.Generator | None = None) -> None:
+                 dtype: str = "float32", rng: np.random.Generator | None = None,
+                 groups: int = 1) -> None:
         self.in_channels = as_pair(in_channels, "in_channels")[0]
         self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.groups = check_groups(self, self.in_channels, self.out_channels, groups)
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.dilation = as_pair(dilation, "dilation")
@@ -113,8 +136,9 @@ class Conv2D(Module):
         self.pads = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         kh, kw = self.kernel_size
         rng = rng or default_generator()
-        fan_in, fan_out = kh * kw * self.in_channels, kh * kw * self.out_channels
-        shape = (kh, kw, self.in_channels, self.out_channels)
+        cin = self.in_channels // self.groups
+        fan_in, fan_out = kh * kw * cin, kh * kw * self.out_channels
+        shape = (kh, kw, cin, self.out_channels)
         self.weight = Parameter(make_array(
             get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
         self.bias = Parameter(make_array(
@@ -135,7 +159,7 @@ class Conv2D(Module):
         self.check_input(x)
         y, self._ctx = F.conv2d_forward(x, self.weight.data,
                                         self.bias.data if self.bias else None,
-                                        self.stride, self.pads, self.dilation)
+                                        self.stride, self.pads, self.dilation, self.groups)
         return y
 
     def output_hw(self, hw):
@@ -154,8 +178,103 @@ class Conv2D(Module):
         return dx
 
     def extra_repr(self):
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}")
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}"
+                f"{groups}")
+
+
+class ConvTranspose2D(Module):
+    """2-D transposed convolution over NHWC input (PyTorch's ``ConvTranspose2d``): the adjoint
+    of a convolution's input gradient, which upsamples by ``stride``.
+
+    Args:
+        in_channels, out_channels: C_in and C_out.
+        kernel_size, stride, dilation: int or (h, w) pair.
+        padding: int or (h, w): ``dilation*(kernel_size-1) - padding`` zeros are added around
+            the (stride-dilated) input, as in PyTorch.
+        output_padding: int or (h, w) extra rows/columns at the bottom/right of the output;
+            each must be smaller than the stride or the dilation of its axis.
+        bias, weight_init, bias_init, dtype: as :class:`Conv2D`.
+        groups: as :class:`Conv2D` (input group ``g`` feeds output group ``g``).
+
+    Output size per axis: ``(H - 1)*stride - 2*padding + dilation*(kernel_size - 1) +
+    output_padding + 1``. Shapes: ``(N, H, W, C_in)`` → ``(N, Ho, Wo, C_out)``; ``weight`` is
+    ``(kh, kw, C_in, C_out/groups)``; PyTorch's ``ConvTranspose2d.weight`` is
+    ``(C_in, C_out/groups, kh, kw)``, the same tensor permuted by ``(2, 3, 0, 1)`` (which is its
+    own inverse).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, dilation=1, bias: bool = True, weight_init="he_uniform",
+                 bias_init="zeros", dtype: str = "float32",
+                 rng: np.random.Generator | None = None, groups: int = 1) -> None:
+        self.in_channels = as_pair(in_channels, "in_channels")[0]
+        self.out_channels = as_pair(out_channels, "out_channels")[0]
+        self.groups = check_groups(self, self.in_channels, self.out_channels, groups)
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding", minimum=0)
+        self.output_padding = as_pair(output_padding, "output_padding", minimum=0)
+        self.dilation = as_pair(dilation, "dilation")
+        if any(op >= s and op >= d for op, s, d in zip(self.output_padding, self.stride,
+                                                        self.dilation)):
+            raise ConfigError(
+                f"ConvTranspose2D output_padding {self.output_padding} must be smaller than "
+                f"the stride {self.stride} or the dilation {self.dilation} on each axis")
+        kh, kw = self.kernel_size
+        rng = rng or default_generator()
+        fan_in = kh * kw * self.in_channels // self.groups
+        fan_out = kh * kw * self.out_channels
+        shape = (kh, kw, self.in_channels, self.out_channels // self.groups)
+        self.weight = Parameter(make_array(
+            get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
+        self.bias = Parameter(make_array(
+            get_initializer(bias_init)((self.out_channels,), fan_in, fan_out, rng), dtype)
+        ) if bias else None
+        self._ctx = None
+
+    def _windows(self, hw) -> F.Windows:
+        return F.conv_transpose_windows(tuple(hw), self.kernel_size, self.stride, self.padding,
+                                        self.output_padding, self.dilation)
+
+    def output_hw(self, hw):
+        return self._windows(hw).in_hw
+
+    def flops(self, input_shape, output_shape):
+        """2 x kh*kw*C_in*C_out/groups multiply-adds (the weight's size) per *input* position:
+        each input pixel is spread over a kernel-sized patch of the output."""
+        return gemm_flops(self.weight, input_shape)
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        check_channels(self, x, self.in_channels)
+        check_param_dtype(self, x, self.weight.data)
+        win = self._windows(x.shape[1:3])
+        if min(win.in_hw) < 1:
+            raise ShapeError(
+                f"ConvTranspose2D: input of spatial size {tuple(x.shape[1:3])} gives an output "
+                f"of size {win.in_hw} (padding {self.padding} too large for kernel "
+                f"{self.kernel_size})")
+        y, self._ctx = F.conv_transpose2d_forward(x, self.weight.data,
+                                                  self.bias.data if self.bias else None, win,
+                                                  self.groups)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        ctx = _require_forward(self, self._ctx)
+        dx, dw, db = F.conv_transpose2d_backward(dy, ctx, self.weight.data, input_grad,
+                                                 self.bias is not None)
+        self.weight.accumulate(dw)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}, dilation={self.dilation}"
+                + (f", groups={self.groups}" if self.groups != 1 else ""))
 
 
 class Dense(Module):
@@ -254,6 +373,88 @@ class BatchNorm2D(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
+class _ChannelNorm(Module):
+    """Shared parts of :class:`GroupNorm` and :class:`LayerNorm`: per-sample statistics (the
+    same in training and eval), optional per-channel ``weight`` (ones) and ``bias`` (zeros)."""
+
+    def __init__(self, num_channels: int, eps: float, affine: bool, dtype: str) -> None:
+        self.num_channels = as_pair(num_channels, "num_channels")[0]
+        if not eps > 0:
+            raise ConfigError(f"{type(self).__name__} eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        c = self.num_channels
+        self.weight = Parameter(make_array(np.ones(c), dtype)) if affine else None
+        self.bias = Parameter(make_array(np.zeros(c), dtype)) if affine else None
+        self._ctx = None
+
+    def _check(self, x) -> None:
+        if x.ndim not in (2, 4):
+            raise ShapeError(f"{type(self).__name__} expects NHWC or (N, C) input, got shape "
+                             f"{tuple(x.shape)}")
+        check_float_input(self, x, x.ndim, "NHWC")
+        check_channels(self, x, self.num_channels)
+        if self.weight is not None:
+            check_param_dtype(self, x, self.weight.data)
+
+    def _affine(self):
+        return (None, None) if self.weight is None else (self.weight.data, self.bias.data)
+
+    def output_hw(self, hw):
+        return hw
+
+    def backward(self, dy, input_grad: bool = True):
+        ctx = _require_forward(self, self._ctx)
+        dx, dweight, dbias = F.norm_backward(dy, ctx, self._affine()[0])
+        if self.weight is not None:
+            self.weight.accumulate(dweight)
+            self.bias.accumulate(dbias)
+        return dx
+
+
+class GroupNorm(_ChannelNorm):
+    """Group normalisation of NHWC (or ``(N, C)``) input, as PyTorch's ``nn.GroupNorm``: each
+    sample's C channels form ``num_groups`` consecutive groups, each normalised over its
+    channels and all positions (biased variance, ``eps`` inside the square root), then scaled
+    by ``weight`` and shifted by ``bias`` (both ``(C,)``, when ``affine``)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, dtype: str = "float32") -> None:
+        groups = as_pair(num_groups, "num_groups")[0]
+        if as_pair(num_channels, "num_channels")[0] % groups:
+            raise ConfigError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                              f"num_groups ({groups})")
+        super().__init__(num_channels, eps, affine, dtype)
+        self.num_groups = groups
+
+    def forward(self, x):
+        self._check(x)
+        y, self._ctx = F.group_norm_forward(x, *self._affine(), self.num_groups, self.eps)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.weight is not None}")
+
+
+class LayerNorm(_ChannelNorm):
+    """Layer normalisation over the channel axis of NHWC (or ``(N, C)``) input: each
+    position's C values are normalised on their own (ConvNeXt's LayerNorm; in PyTorch,
+    ``nn.LayerNorm(C)`` applied to channels-last data), then scaled by ``weight`` and shifted
+    by ``bias`` (both ``(C,)``, when ``affine``)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 dtype: str = "float32") -> None:
+        super().__init__(num_channels, eps, affine, dtype)
+
+    def forward(self, x):
+        self._check(x)
+        y, self._ctx = F.layer_norm_forward(x, *self._affine(), self.eps)
+        return y
+
+    def extra_repr(self):
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
 # --------------------------------------------------------------------------------------------
 # Pooling and reshaping
 
@@ -325,6 +526,54 @@ class GlobalAvgPool2D(Module):
 
     def backward(self, dy, input_grad: bool = True):
         return F.global_avg_pool_backward(dy, _require_forward(self, self._shape))
+
+
+class Upsample2D(Module):
+    """Upsampling of NHWC input by integer factors (PyTorch's ``nn.Upsample`` with
+    ``scale_factor``; ``"bilinear"`` is ``align_corners=False``, edges clamped). No parameters.
+
+    Args:
+        scale_factor: int or (h, w) pair of ints >= 1 (integral floats such as 2.0 are accepted).
+        mode: ``"nearest"`` (each pixel becomes a block) or ``"bilinear"``.
+
+    Shapes: ``(N, H, W, C)`` → ``(N, H*sh, W*sw, C)``.
+    """
+
+    MODES = ("nearest", "bilinear")
+
+    def __init__(self, scale_factor=2, mode: str = "nearest") -> None:
+        pair = tuple(scale_factor) if isinstance(scale_factor, tuple | list) else (
+            scale_factor, scale_factor)
+        pair = tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in pair)
+        try:
+            self.scale_factor = as_pair(pair, "scale_factor")
+        except ConfigError:
+            raise ConfigError(f"Upsample2D scale_factor must be an integer >= 1 or a pair of "
+                              f"them, got {scale_factor!r}") from None
+        if mode not in self.MODES:
+            raise ConfigError(f"Upsample2D mode must be one of {', '.join(self.MODES)}; "
+                              f"got {mode!r}")
+        self.mode = mode
+        self._ctx = None
+
+    def output_hw(self, hw):
+        return hw[0] * self.scale_factor[0], hw[1] * self.scale_factor[1]
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        self._ctx = True
+        if self.mode == "nearest":
+            return F.upsample_nearest_forward(x, self.scale_factor)
+        return F.upsample_bilinear_forward(x, self.scale_factor)
+
+    def backward(self, dy, input_grad: bool = True):
+        _require_forward(self, self._ctx)
+        if self.mode == "nearest":
+            return F.upsample_nearest_backward(dy, self.scale_factor)
+        return F.upsample_bilinear_backward(dy, self.scale_factor)
+
+    def extra_repr(self):
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
 
 
 class Flatten(Module):

@@ -22,6 +22,7 @@ QUICK_ARGS = {
     "custom_layer.py": ["--epochs", "1", "--limit", "256"],
     "pytorch_interop.py": ["--limit", "256"],
     "resnet.py": ["--epochs", "1", "--limit", "256"],
+    "depthwise_separable.py": ["--epochs", "1", "--limit", "256"],
 }
 
 
@@ -135,8 +136,15 @@ def test_backend_swap_with_nothing_to_compare_exits_0(tmp_path):
         assert line.startswith(f"skipping {name}: ") and f"pip install -r {OPTIONAL[name]}" in line
 
 
+def test_depthwise_separable(tmp_path):
+    out = run_example("depthwise_separable.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "depthwise weight (3, 3, 1, 32): 288 numbers" in out.stdout
+    assert "epoch 1: train loss" in out.stdout and "val acc" in out.stdout
+
+
 @pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py",
-                                  "resnet.py"])
+                                  "resnet.py", "depthwise_separable.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""

@@ -1,10 +1,10 @@
 """Property tests: layer shape arithmetic agrees with PyTorch's for random configurations.
 
-For random kernel, stride, padding, dilation, ceil_mode and input sizes, Conv2D, MaxPool2D and
-AvgPool2D (on the backend under test) either produce the output shape PyTorch's functional ops
-produce on zeros, or both refuse the configuration; anycnn's refusal is always one of its own
-documented errors. Where the forward pass succeeds, backward returns a gradient of the input's
-shape.
+For random kernel, stride, padding, dilation, ceil_mode, output_padding and input sizes, Conv2D,
+MaxPool2D, AvgPool2D and ConvTranspose2D (on the backend under test) either produce the output
+shape PyTorch's functional ops produce on zeros, or both refuse the configuration; anycnn's
+refusal is always one of its own documented errors. Where the forward pass succeeds, backward
+returns a gradient of the input's shape.
 """
 
 from __future__ import annotations
@@ -112,3 +112,22 @@ def test_the_strategies_reach_both_outcomes(session_backend):
         assert anycnn_shape(lambda: L.Conv2D(1, 1, 4, dilation=3), 1, 5, 5, 1) is None
         assert anycnn_shape(lambda: L.MaxPool2D(3, 2, 1, ceil_mode=True), 1, 6, 6, 1) == (4, 4)
         assert anycnn_shape(lambda: L.AvgPool2D(2, padding=2), 1, 6, 6, 1) is None
+        assert anycnn_shape(lambda: L.ConvTranspose2D(1, 1, 3, 2, 1, 1), 1, 4, 5, 1) == (8, 10)
+        assert anycnn_shape(lambda: L.ConvTranspose2D(1, 1, 3, 2, 3), 1, 2, 2, 1) is None
+
+
+@SETTINGS
+@given(h=sizes, w=sizes, c=st.integers(1, 3), out=st.integers(1, 3), kernel=pairs(small),
+       stride=pairs(small), dilation=pairs(st.integers(1, 3)),
+       padding=pairs(st.integers(0, 3)), output_padding=pairs(st.integers(0, 3)))
+def test_conv_transpose2d_output_shape_matches_torch(session_backend, h, w, c, out, kernel,
+                                                     stride, dilation, padding, output_padding):
+    with anycnn.use_backend(session_backend.name):
+        got = anycnn_shape(lambda: L.ConvTranspose2D(
+            c, out, kernel, stride=stride, padding=padding, output_padding=output_padding,
+            dilation=dilation), 1, h, w, c)
+    kh, kw = pair(kernel)
+    want = torch_shape(lambda: TF.conv_transpose2d(
+        torch.zeros(1, c, h, w), torch.zeros(c, out, kh, kw), stride=stride, padding=padding,
+        output_padding=output_padding, dilation=dilation))
+    assert got == want

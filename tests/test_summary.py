@@ -198,3 +198,14 @@ def test_float64_models_count_8_bytes(backend):
     s = anycnn.summary(model, (28, 28, 1))
     assert s.param_bytes == 8 * s.total_params
     assert s.activation_bytes == 8 * sum(math.prod(r.output_shape[1:]) for r in s.rows)
+
+
+def test_transposed_convolution_flops_count_input_positions(backend):
+    """A ConvTranspose2D spreads each input pixel over a kernel patch: 2 x weight size FLOPs
+    per input position (here 5x6 inputs, weight 3x3x4x2), whatever the stride."""
+    from anycnn import layers as L
+
+    for stride in (1, 2):
+        s = anycnn.summary(anycnn.Sequential(L.ConvTranspose2D(4, 2, 3, stride=stride)),
+                           (5, 6, 4))
+        assert s.rows[-1].flops == 2 * (3 * 3 * 4 * 2) * 5 * 6
