@@ -14,33 +14,12 @@ import anycnn
 from anycnn import backend as backend_module
 from anycnn import layers as L
 from anycnn import losses, optim
-from anycnn.backend import namespace_of
 from anycnn.containers import Concat, Identity, Residual
 from anycnn.errors import ConfigError, ShapeError
 from anycnn.module import spatial_size
 from anycnn.sequential import Sequential
 from tests.rounding import assert_rounding_close
 from tests.test_gradcheck import check_layer
-
-
-class NearestUp2x(anycnn.Module):
-    """Nearest-neighbour 2x upsampling of NHWC input, written here so that a U-Net level can
-    be built in these tests: ``(N, H, W, C)`` → ``(N, 2H, 2W, C)``."""
-
-    def forward(self, x):
-        xp = namespace_of(x)
-        n, h, w, c = x.shape
-        y = xp.broadcast_to(xp.reshape(x, (n, h, 1, w, 1, c)), (n, h, 2, w, 2, c))
-        return xp.reshape(y, (n, 2 * h, 2 * w, c))
-
-    def backward(self, dy, input_grad=True):
-        xp = namespace_of(dy)
-        n, h, w, c = dy.shape
-        return xp.sum(xp.reshape(dy, (n, h // 2, 2, w // 2, 2, c)), axis=(2, 4))
-
-    def output_hw(self, hw):
-        return 2 * hw[0], 2 * hw[1]
-
 
 # --------------------------------------------------------------------------------------------
 # Models under test (float64 unless said otherwise)
@@ -74,19 +53,15 @@ def concat_two(dtype="float64"):
                   L.Identity())
 
 
-def unet_level(dtype="float64", up=True):
-    """A U-Net level with a residual bottleneck, inside a network with a residual head.
-
-    With ``up`` the inner path halves the size (a fused Conv2D → ReLU → MaxPool2D block) and
-    :class:`NearestUp2x` restores it; without it (for the PyTorch export, which has no
-    upsampling layer yet) the pooling keeps the size (3x3, stride 1, padding 1).
-    """
-    pool = L.MaxPool2D(2) if up else L.MaxPool2D(3, stride=1, padding=1)
+def unet_level(dtype="float64"):
+    """A U-Net level with a residual bottleneck, inside a network with a residual head: the
+    inner path halves the size (a fused Conv2D → ReLU → MaxPool2D block) and ``Upsample2D``
+    restores it before ``Concat`` joins it to the skip connection."""
     inner = Sequential(
-        L.Conv2D(4, 4, 3, padding=1, dtype=dtype), L.ReLU(), pool,
+        L.Conv2D(4, 4, 3, padding=1, dtype=dtype), L.ReLU(), L.MaxPool2D(2),
         Residual(Sequential(L.Conv2D(4, 4, 3, padding=1, bias=False, dtype=dtype),
                             L.BatchNorm2D(4, dtype=dtype), L.ReLU())),
-        *([NearestUp2x()] if up else []))
+        L.Upsample2D(2))
     return Sequential(
         L.Conv2D(2, 4, 3, padding=1, dtype=dtype), L.ReLU(),
         Concat(L.Identity(), inner),
@@ -168,8 +143,9 @@ def torch_reference(torch, module, t, params, buffers, prefix=""):
         return t.mean(dim=(2, 3))
     if isinstance(module, L.Dense):
         return F.linear(t, w, b)
-    if isinstance(module, NearestUp2x):
-        return F.interpolate(t, scale_factor=2, mode="nearest")
+    if isinstance(module, L.Upsample2D):
+        return F.interpolate(t, scale_factor=module.scale_factor, mode=module.mode,
+                             **({"align_corners": False} if module.mode == "bilinear" else {}))
     raise AssertionError(f"no reference for {type(module).__name__}")
 
 
@@ -516,7 +492,7 @@ def test_torch_state_dict_round_trip(backend, torch, name):
     if name == "resnet20":
         make, shape, classes = (lambda: build_model("resnet20")), (32, 32, 3), 10
     else:
-        make, shape, classes = (lambda: unet_level("float32", up=False)), (6, 8, 2), 2
+        make, shape, classes = (lambda: unet_level("float32")), (6, 8, 2), 2
     model = make()
     train_step(model, images((4, *shape)), classes)
     model.eval()
@@ -541,7 +517,7 @@ def test_torch_state_dict_round_trip(backend, torch, name):
 def test_torch_module_mirrors_the_tree(backend, torch):
     from anycnn.interop import to_torch_state_dict, torch_module
 
-    model = unet_level("float32", up=False)
+    model = unet_level("float32")
     module = torch_module(model, (6, 8, 2))
     assert type(module[2]).__name__ == "Concat" and type(module[3]).__name__ == "Residual"
     assert isinstance(module[2][0], torch.nn.Identity)
