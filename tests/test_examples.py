@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ QUICK_ARGS = {
     "pytorch_interop.py": ["--limit", "256"],
     "resnet.py": ["--epochs", "1", "--limit", "256"],
     "depthwise_separable.py": ["--epochs", "1", "--limit", "256"],
+    "unet.py": ["--epochs", "1", "--limit", "1024"],
 }
 
 
@@ -136,6 +138,15 @@ def test_backend_swap_with_nothing_to_compare_exits_0(tmp_path):
         assert line.startswith(f"skipping {name}: ") and f"pip install -r {OPTIONAL[name]}" in line
 
 
+def test_unet(tmp_path):
+    out = run_example("unet.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Concat" in out.stdout and "Upsample2D" in out.stdout  # the summary table
+    noisy, denoised = map(float, re.findall(r"noisy input (\S+), denoised (\S+)",
+                                            out.stdout)[0])
+    assert denoised < 0.75 * noisy, out.stdout
+
+
 def test_depthwise_separable(tmp_path):
     out = run_example("depthwise_separable.py", tmp_path)
     assert out.returncode == 0, out.stderr
@@ -144,7 +155,7 @@ def test_depthwise_separable(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py",
-                                  "resnet.py", "depthwise_separable.py"])
+                                  "resnet.py", "depthwise_separable.py", "unet.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""
