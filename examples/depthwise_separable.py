@@ -9,6 +9,7 @@ Run:  python examples/depthwise_separable.py [--epochs 2] [--limit 3000]
 """
 
 import argparse
+import math
 
 import numpy as np
 
@@ -39,9 +40,9 @@ model = anycnn.Sequential(
     *separable(64, 64),             # 7x7
     L.GlobalAvgPool2D(), L.Dense(64, 10))
 depthwise = model[9]  # the second block's depthwise convolution
-print(f"depthwise weight {depthwise.weight.shape}: {depthwise.weight.data.size} numbers "
+print(f"depthwise weight {depthwise.weight.shape}: {math.prod(depthwise.weight.shape)} numbers "
       f"(a dense 3x3 convolution: {3 * 3 * 32 * 32})")
-print("parameters:", sum(p.data.size for p in model.parameters()))
+print("parameters:", sum(math.prod(p.shape) for p in model.parameters()))
 
 data = load_dataset("mnist-sample")
 train_set = data.train.subset(np.arange(min(args.limit, len(data.train))))

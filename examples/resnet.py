@@ -9,6 +9,7 @@ Run:  python examples/resnet.py [--epochs 2] [--limit 4000]
 """
 
 import argparse
+import math
 
 import numpy as np
 
@@ -41,7 +42,8 @@ model = anycnn.Sequential(
     *block(16, 16), *block(16, 32, stride=2), *block(32, 64, stride=2),      # 7x7x64
     L.GlobalAvgPool2D(), L.Dense(64, 10))
 blocks = [m for m in model.modules() if isinstance(m, L.Residual)]
-print(f"{len(blocks)} residual blocks, {sum(p.data.size for p in model.parameters())} weights")
+weights = sum(math.prod(p.shape) for p in model.parameters())
+print(f"{len(blocks)} residual blocks, {weights} weights")
 print("shortcut tensors:", [n for n, _ in model.named_parameters() if ".shortcut." in n][:3])
 
 data = load_dataset("mnist-sample")
