@@ -62,7 +62,7 @@ import numpy as np
 from .backend import dtype_name, to_numpy
 from .containers import Concat, Identity, Residual
 from .errors import CheckpointError, ConfigError
-from .geometry import conv_output_size, pool_output_size
+from .geometry import pool_output_size
 from .layers import (
     AvgPool2D,
     BatchNorm2D,
@@ -234,27 +234,15 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
     if shape.spatial is False and isinstance(module, Conv2D | ConvTranspose2D | MaxPool2D |
                                              AvgPool2D | GlobalAvgPool2D | Upsample2D):
         raise ConfigError(f"layer {index} ({kind}) needs NHWC input but follows a flat layer")
-    if isinstance(module, Conv2D):
+    if isinstance(module, Conv2D | ConvTranspose2D):
         if shape.c is not None and shape.c != module.in_channels:
-            raise ConfigError(f"layer {index} (Conv2D) expects {module.in_channels} channels, "
+            raise ConfigError(f"layer {index} ({kind}) expects {module.in_channels} channels, "
                               f"input_shape/previous layers give {shape.c}")
         h = w = None
         if shape.h is not None and shape.w is not None:
-            t, b, l, r = module.pads
-            h = conv_output_size(shape.h, module.kernel_size[0], module.stride[0], t + b,
-                                 module.dilation[0])
-            w = conv_output_size(shape.w, module.kernel_size[1], module.stride[1], l + r,
-                                 module.dilation[1])
-        plan.append(_Layer(prefix, module, False, _conv_tensors(prefix, module)))
-        return _Shape(True, h, w, module.out_channels)
-    if isinstance(module, ConvTranspose2D):
-        if shape.c is not None and shape.c != module.in_channels:
-            raise ConfigError(f"layer {index} (ConvTranspose2D) expects {module.in_channels} "
-                              f"channels, input_shape/previous layers give {shape.c}")
-        h = w = None
-        if shape.h is not None and shape.w is not None:
             h, w = module.output_hw((shape.h, shape.w))
-        plan.append(_Layer(prefix, module, False, _conv_transpose_tensors(prefix, module)))
+        tensors = (_conv_tensors if isinstance(module, Conv2D) else _conv_transpose_tensors)
+        plan.append(_Layer(prefix, module, False, tensors(prefix, module)))
         return _Shape(True, h, w, module.out_channels)
     if isinstance(module, Upsample2D):
         h = w = None

@@ -92,6 +92,20 @@ def check_groups(layer: Module, in_channels: int, out_channels: int, groups: Any
     return groups
 
 
+def kernel_parameters(shape: tuple[int, ...], out_channels: int, fan_in: int, fan_out: int,
+                      bias: bool, weight_init, bias_init, dtype: str,
+                      rng: np.random.Generator | None) -> tuple[Parameter, Parameter | None]:
+    """A convolution's ``weight`` of ``shape`` and (if ``bias``) its ``(out_channels,)`` bias,
+    drawn in that order from ``rng`` (default: the global generator) by the initializers."""
+    rng = rng or default_generator()
+    weight = Parameter(make_array(get_initializer(weight_init)(shape, fan_in, fan_out, rng),
+                                  dtype))
+    bias_param = Parameter(make_array(
+        get_initializer(bias_init)((out_channels,), fan_in, fan_out, rng), dtype)
+    ) if bias else None
+    return weight, bias_param
+
+
 def _require_forward(layer: Module, ctx: Any) -> Any:
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
@@ -135,15 +149,10 @@ class Conv2D(Module):
         self.padding = padding
         self.pads = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         kh, kw = self.kernel_size
-        rng = rng or default_generator()
-        cin = self.in_channels // self.groups
-        fan_in, fan_out = kh * kw * cin, kh * kw * self.out_channels
-        shape = (kh, kw, cin, self.out_channels)
-        self.weight = Parameter(make_array(
-            get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
-        self.bias = Parameter(make_array(
-            get_initializer(bias_init)((self.out_channels,), fan_in, fan_out, rng), dtype)
-        ) if bias else None
+        self.weight, self.bias = kernel_parameters(
+            (kh, kw, self.in_channels // self.groups, self.out_channels), self.out_channels,
+            kh * kw * self.in_channels // self.groups, kh * kw * self.out_channels, bias,
+            weight_init, bias_init, dtype, rng)
         self._ctx = None
 
     def check_input(self, x) -> None:
@@ -223,15 +232,10 @@ class ConvTranspose2D(Module):
                 f"ConvTranspose2D output_padding {self.output_padding} must be smaller than "
                 f"the stride {self.stride} or the dilation {self.dilation} on each axis")
         kh, kw = self.kernel_size
-        rng = rng or default_generator()
-        fan_in = kh * kw * self.in_channels // self.groups
-        fan_out = kh * kw * self.out_channels
-        shape = (kh, kw, self.in_channels, self.out_channels // self.groups)
-        self.weight = Parameter(make_array(
-            get_initializer(weight_init)(shape, fan_in, fan_out, rng), dtype))
-        self.bias = Parameter(make_array(
-            get_initializer(bias_init)((self.out_channels,), fan_in, fan_out, rng), dtype)
-        ) if bias else None
+        self.weight, self.bias = kernel_parameters(
+            (kh, kw, self.in_channels, self.out_channels // self.groups), self.out_channels,
+            kh * kw * self.in_channels // self.groups, kh * kw * self.out_channels, bias,
+            weight_init, bias_init, dtype, rng)
         self._ctx = None
 
     def _windows(self, hw) -> F.Windows:
