@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and FLOPs")
     s.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     s.add_argument("--dataset", default=None, help="take the image shape and class count from "
-                   f"this dataset (one of {', '.join(DATASETS)}; it is loaded)")
+                   f"this dataset (one of {', '.join(DATASETS)}, or an image folder; it is "
+                   "loaded)")
     s.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     s.add_argument("--input-shape", default=None, metavar="H,W,C",
                    help="image shape, height and width equal (default: 28,28,1)")
@@ -568,9 +569,9 @@ def cmd_summary(args) -> int:
     if args.input_shape is not None:
         shape = _image_shape_option(args.input_shape)
     elif args.dataset is not None:
-        from .datasets import load_dataset
+        from .cli_images import load_data
 
-        data = load_dataset(args.dataset, data_dir=args.data_dir, progress=False)
+        data = load_data(args.dataset, args.data_dir, {}, progress=False)
         shape, classes = data.image_shape, data.num_classes
     else:
         shape = (spec["image_size"], spec["image_size"], spec["in_channels"])

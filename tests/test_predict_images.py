@@ -225,6 +225,10 @@ def test_folder_mistakes_are_one_line(backend, capsys, tmp_path):
             (["--dataset", root, "--image-size", 8, "--data-dir", tmp_path], "--data-dir")):
         code, _, err = cli(capsys, "train", *argv, *QUICK, "--out", tmp_path / "r")
         assert_one_line_error(code, err, fragment)
+    for c in ("a", "b", "c"):
+        save(tmp_path / "square" / c / "0.png", 1, (12, 12), "L")
+    code, text, err = cli(capsys, "summary", "--dataset", tmp_path / "square")
+    assert code == 0 and "3 classes" in text and "(None, 12, 12, 6)" in text, err
 
 
 def test_skipped_images_are_a_warning_line(backend, capsys, photos, tmp_path):
