@@ -22,13 +22,13 @@ the same for all of them).
 **Cache.** The decoded pixels are written once, as ``uint8`` NHWC ``(N, H, W, C)``, to a ``.npy``
 file in ``cache_dir`` (default ``$XDG_CACHE_HOME/anycnn/imagefolder``, i.e.
 ``~/.cache/anycnn/imagefolder``) beside a small JSON record, and read back memory-mapped
-(``np.load(mmap_mode="r")``): the splits are slices of that file, so data larger than RAM
-work and nothing is decoded again in the next epoch or the next run. Each folder and set of
-options (size, channels, filter, split) has its own entry, valid while the fingerprint of the
-file list (relative paths, labels, sizes, modification times) is unchanged; a changed folder is
-decoded again and replaces its entry. Files are written atomically (temporary file + rename;
-the JSON record last), so an interrupted or failed decode leaves no half-written entry and no
-temporary file.
+(``np.lib.format.open_memmap(mode="r")``, what ``np.load(mmap_mode="r")`` does): the splits
+are slices of that file, so data larger than RAM work and nothing is decoded again in the next
+epoch or the next run. Each folder and set of options (size, channels, filter, split) has its
+own entry, valid while the fingerprint of the file list (absolute paths, labels, sizes,
+modification times) is unchanged; a changed folder is decoded again and replaces its entry.
+Files are written atomically (temporary file + rename; the JSON record last), so an
+interrupted or failed decode leaves no half-written entry and no temporary file.
 
 **Bad images.** A file that is not an image, unreadable or truncated is named by path:
 ``bad_images="stop"`` (default) raises a one-line :class:`~anycnn.errors.DataError`;
@@ -312,7 +312,9 @@ def _read_entry(npy: Path, record_path: Path, fingerprint: str):
         record = json.loads(record_path.read_text())
         if record.get("fingerprint") != fingerprint:
             return None
-        images = np.load(npy, mmap_mode="r")
+        # what np.load(npy, mmap_mode="r") does, minus any pickle path: an object dtype is a
+        # ValueError here (the package never calls np.load; tests/test_reliability.py checks)
+        images = np.lib.format.open_memmap(npy, mode="r")
     except (OSError, ValueError, AttributeError):
         return None
     if images.dtype != np.uint8 or list(images.shape) != record.get("shape"):
