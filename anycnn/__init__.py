@@ -28,9 +28,10 @@ _EXPORTS = {
     "Summary": "summarize", "summary": "summarize",
 }
 _SUBMODULES = {"backend", "bench", "checkpoint", "cli", "containers", "dataloader", "datasets",
-               "errors", "fastpath", "functional", "fusion", "geometry", "inference", "init",
-               "interop", "layers", "losses", "metrics", "models", "module", "optim", "plot",
-               "random", "schedules", "sequential", "summarize", "testing", "train"}
+               "errors", "fastpath", "functional", "fusion", "geometry", "imagefolder", "images",
+               "inference", "init", "interop", "layers", "losses", "metrics", "models", "module",
+               "optim", "plot", "random", "schedules", "sequential", "summarize", "testing",
+               "train"}
 
 __all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
                   "testing"])

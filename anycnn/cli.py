@@ -1,4 +1,5 @@
-"""The ``anycnn`` command: ``train``, ``evaluate``, ``info``, ``plot``, ``bench`` and ``summary``.
+"""The ``anycnn`` command: ``train``, ``evaluate``, ``predict``, ``info``, ``plot``, ``bench`` and
+``summary`` (the image-folder options and ``predict`` live in :mod:`anycnn.cli_images`).
 
 A user's mistake (bad option, missing file, unusable backend, bad checkpoint) prints one line
 ``anycnn: error: ...`` and exits with status 2; an interrupted training run saves a checkpoint,
@@ -49,6 +50,7 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_images import add_folder_options, add_predict_arguments
     from .datasets import DATASETS
     from .models import MODELS
     from .optim import OPTIMIZERS
@@ -60,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = sub.choices  # name -> its parser
 
     t = sub.add_parser("train", help="train a model and write a checkpoint and history")
-    t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}")
+    t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}, "
+                   "or the path of an image folder (one subfolder per class)")
     t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    add_folder_options(t)
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
     t.add_argument("--batch-size", type=int, default=64, help="images per step")
@@ -124,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "matplotlib)")
     _backend_option(e)
 
+    r = sub.add_parser("predict", help="the most likely classes of image files, prepared as in "
+                       "training")
+    add_predict_arguments(r)
+    _backend_option(r)
+
     i = sub.add_parser("info", help="which backend would be used, and why; all backends")
     _backend_option(i)
 
@@ -138,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and FLOPs")
     s.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     s.add_argument("--dataset", default=None, help="take the image shape and class count from "
-                   f"this dataset (one of {', '.join(DATASETS)}; it is loaded)")
+                   f"this dataset (one of {', '.join(DATASETS)}, or an image folder; it is "
+                   "loaded)")
     s.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     s.add_argument("--input-shape", default=None, metavar="H,W,C",
                    help="image shape, height and width equal (default: 28,28,1)")
@@ -238,13 +248,14 @@ def _history_file(path: Path):
 def cmd_train(args) -> int:
     from . import optim, random
     from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
+    from .cli_images import load_train_data, normalise_dataset
     from .dataloader import DataLoader
-    from .datasets import load_dataset
     from .models import build_model, model_spec
     from .schedules import make_schedule
     from .train import Trainer
 
     backend = _select_backend(args.backend)
+    args.dataset = normalise_dataset(args.dataset)
     out, resume_from = _output_folder(args)
     if resume_from is not None:
         _settings_from_checkpoint(args, resume_from)
@@ -269,7 +280,7 @@ def cmd_train(args) -> int:
     if args.momentum is None and args.optimizer == "sgd":
         args.momentum = 0.9
     _check_train_options(args)
-    data = load_dataset(args.dataset, data_dir=args.data_dir, progress=not args.quiet)
+    data = load_train_data(args, progress=not args.quiet)
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
 
@@ -362,13 +373,16 @@ def _output_folder(args) -> tuple[Path, Path | None]:
     ``--resume`` alone resumes from ``OUT/checkpoint.safetensors``; ``--resume PATH`` from PATH
     (a checkpoint file, or a run folder holding one), and OUT then defaults to its folder.
     """
+    from .cli_images import run_label
+
+    default = f"runs/{args.model}-{run_label(args.dataset)}"
     resume = None
     if args.resume is not None:
-        resume = _checkpoint_of(args.resume or args.out or f"runs/{args.model}-{args.dataset}")
+        resume = _checkpoint_of(args.resume or args.out or default)
         if not resume.is_file():
             raise ConfigError(f"--resume: no checkpoint at {resume}")
     out = Path(args.out) if args.out else (
-        resume.parent if resume is not None else Path(f"runs/{args.model}-{args.dataset}"))
+        resume.parent if resume is not None else Path(default))
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"--out {out}: {folder} is a file, not a directory")
@@ -376,12 +390,12 @@ def _output_folder(args) -> tuple[Path, Path | None]:
 
 
 #: settings that define the training data: a resumed run must use the same
-_DATA_SETTINGS = ("model", "dataset", "data_dir", "limit")
+_DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split")
 
 #: hyperparameters a resumed run may change (the user is warned, old -> new)
 _TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                      "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
-                     "early_stop", "monitor", "min_delta", "device_resident")
+                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images")
 
 
 def _settings_from_checkpoint(args, path: Path) -> None:
@@ -443,8 +457,8 @@ def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
 
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_model
+    from .cli_images import load_eval_data
     from .dataloader import DataLoader
-    from .datasets import load_dataset
     from .metrics import to_json, worst_classes
     from .train import evaluate
 
@@ -459,8 +473,8 @@ def cmd_evaluate(args) -> int:
     name = args.dataset or config.get("dataset") or "mnist-sample"
     num_classes = model.model_spec["num_classes"]
     top_k = _top_k_option(args.top_k, num_classes)
-    data = load_dataset(name, data_dir=args.data_dir or config.get("data_dir"),
-                        progress=not args.json)
+    data = load_eval_data(name, args.data_dir or config.get("data_dir"), config,
+                          progress=not args.json)
     split = getattr(data, args.split)
     names = data.class_names if len(data.class_names) == num_classes else None
     result = evaluate(model, DataLoader(split, args.batch_size), top_k=top_k, confusion=True,
@@ -555,9 +569,9 @@ def cmd_summary(args) -> int:
     if args.input_shape is not None:
         shape = _image_shape_option(args.input_shape)
     elif args.dataset is not None:
-        from .datasets import load_dataset
+        from .cli_images import load_data
 
-        data = load_dataset(args.dataset, data_dir=args.data_dir, progress=False)
+        data = load_data(args.dataset, args.data_dir, {}, progress=False)
         shape, classes = data.image_shape, data.num_classes
     else:
         shape = (spec["image_size"], spec["image_size"], spec["in_channels"])
@@ -569,8 +583,15 @@ def cmd_summary(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "plot": cmd_plot,
-            "bench": cmd_bench, "summary": cmd_summary}
+def cmd_predict(args) -> int:
+    from .cli_images import cmd_predict as run
+
+    _select_backend(args.backend)
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "info": cmd_info, "plot": cmd_plot, "bench": cmd_bench, "summary": cmd_summary}
 
 
 def _one_line(text: str) -> str:

@@ -532,3 +532,13 @@ def _download_file(url: str, dest: Path, sha256: str, progress: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def __getattr__(name: str):
+    """``ImageFolder`` and ``load_image_folder`` live in :mod:`anycnn.imagefolder` (which imports
+    this module); they are re-exported here lazily, on first access."""
+    if name in ("ImageFolder", "load_image_folder"):
+        from . import imagefolder
+
+        return getattr(imagefolder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
