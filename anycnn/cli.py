@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and write a checkpoint and history")
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}")
-    t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    t.add_argument("--data-dir", help="folder holding the dataset's files "
+                   "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
     t.add_argument("--batch-size", type=int, default=64, help="images per step")
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     s.add_argument("--dataset", default=None, help="take the image shape and class count from "
                    f"this dataset (one of {', '.join(DATASETS)}; it is loaded)")
-    s.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    s.add_argument("--data-dir", help="folder holding the dataset's files "
+                   "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     s.add_argument("--input-shape", default=None, metavar="H,W,C",
                    help="image shape, height and width equal (default: 28,28,1)")
     s.add_argument("--num-classes", type=int, default=None, metavar="K",
