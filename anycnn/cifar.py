@@ -282,9 +282,12 @@ def _missing_in(layout: CifarLayout, data_dir: Path) -> str:
                   for sub in (layout.folder, "")]
     best = max(candidates, key=lambda d: sum((d / f).is_file() for f in layout.required_files))
     missing = [f for f in layout.required_files if not (best / f).is_file()]
+    rule = "(an explicit data dir is the only place looked at)"
+    if len(missing) == len(layout.required_files):
+        return (f"data dir {data_dir} holds neither {layout.archive} nor the {layout.name} "
+                f"files ({', '.join(missing)}), in itself or in {layout.folder}/ {rule}")
     return (f"data dir {best} lacks {len(missing)} of the {len(layout.required_files)} "
-            f"{layout.name} files: {', '.join(missing)}, and holds no {layout.archive} "
-            "(an explicit data dir is the only place looked at)")
+            f"{layout.name} files: {', '.join(missing)}, and holds no {layout.archive} {rule}")
 
 
 # ----------------------------------------------------------------------------------- archives

@@ -301,6 +301,11 @@ def test_explicit_data_dir_never_falls_back(isolated, small, download):
         load_dataset("cifar10", data_dir=isolated / "partial", download=download)
     with pytest.raises(DataError, match="nowhere: no such directory"):
         load_dataset("cifar10", data_dir=isolated / "nowhere", download=download)
+    (isolated / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty holds neither cifar-10-binary\.tar\.gz nor the "
+                       r"cifar10 files \(data_batch_1\.bin, .*batches\.meta\.txt\), in itself "
+                       r"or in cifar-10-batches-bin/ \(an explicit"):
+        load_dataset("cifar10", data_dir=isolated / "empty", download=download)
 
 
 def test_not_found_says_where_to_put_the_files(isolated):
