@@ -553,12 +553,13 @@ def test_download_unreachable_official_location(isolated, monkeypatch):
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_and_evaluate_on_generated_cifar(isolated_env, small, backend, capsys):
+@pytest.mark.parametrize("model", ["resnet-mini", "resnet20"])
+def test_cli_train_and_evaluate_on_generated_cifar(isolated_env, small, backend, capsys, model):
     data = isolated_env / "data"
     make_cifar(data / "cifar-10-batches-bin", "cifar10")
     out = isolated_env / "run"
     rc, stdout, err = run_main(["train", "--dataset", "cifar10", "--data-dir", data, "--model",
-                                "resnet-mini", "--epochs", "1", "--batch-size", "4", "--quiet",
+                                model, "--epochs", "1", "--batch-size", "4", "--quiet",
                                 "--backend", backend.name, "--out", out], capsys)
     assert rc == 0, err
     assert "final validation accuracy" in stdout and (out / "checkpoint.safetensors").is_file()
