@@ -39,6 +39,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -71,6 +72,7 @@ MAX_NAMES_BYTES = 64 << 10
 #: File in an extracted folder holding the SHA-256 of the archive it came from.
 ARCHIVE_TAG = ".archive-sha256"
 _CHUNK = 1 << 20
+_CHUNK_RECORDS = 4096  # records read at a time (12.6 MB)
 
 
 @dataclass(frozen=True)
@@ -168,26 +170,53 @@ def read_cifar_file(path: str | os.PathLike, name: str = "cifar10",
     """
     layout = layout_of(name)
     path = Path(path)
+    count = _record_count(path, layout, records)
+    images, labels = np.empty((count, *IMAGE_SHAPE), np.uint8), np.empty(count, np.int64)
+    _read_into(path, layout, images, labels)
+    return images, labels
+
+
+def _record_count(path: Path, layout: CifarLayout, records: int | None) -> int:
+    """The number of records in ``path``, from its size (see :func:`_check_size`)."""
     try:
-        with open(path, "rb") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            _check_size(path, size, layout, records)
-            data = stream.read(size + 1)  # the size is checked: no unbounded read
+        info = path.stat()
     except OSError as exc:
         raise DataError(f"{path}: cannot open ({exc.strerror or exc})") from exc
-    if len(data) != size:
-        raise DataError(f"{path}: changed while being read ({size} bytes, then {len(data)})")
-    table = np.frombuffer(data, dtype=np.uint8).reshape(-1, layout.record_bytes)
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path}: cannot open (not a regular file)")
+    _check_size(path, info.st_size, layout, records)
+    return info.st_size // layout.record_bytes
+
+
+def _read_into(path: Path, layout: CifarLayout, images: np.ndarray, labels: np.ndarray) -> None:
+    """Fill ``images`` ``(N, 32, 32, 3)`` and ``labels`` ``(N,)`` from the N records of ``path``,
+    a chunk of records at a time (the memory used is the output's, plus one chunk)."""
+    record, heads = layout.record_bytes, len(layout.labels)
+    try:
+        with open(path, "rb") as stream:
+            for start in range(0, len(labels), _CHUNK_RECORDS):
+                n = min(_CHUNK_RECORDS, len(labels) - start)
+                data = stream.read(n * record)
+                if len(data) != n * record:
+                    raise DataError(f"{path}: changed while being read (shorter than its size)")
+                table = np.frombuffer(data, dtype=np.uint8).reshape(n, record)
+                _check_labels(path, layout, table, start)
+                pixels = table[:, heads:].reshape(n, 3, 32, 32)  # planes R, G, B; rows; columns
+                images[start:start + n] = np.transpose(pixels, (0, 2, 3, 1))
+                labels[start:start + n] = table[:, heads - 1]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+
+
+def _check_labels(path: Path, layout: CifarLayout, table: np.ndarray, start: int) -> None:
+    """DataError naming the first record of ``table`` (record ``start`` of the file on) whose
+    label byte is out of range."""
     for column, (kind, count) in enumerate(layout.labels):
         bad = np.flatnonzero(table[:, column] >= count)
         if bad.size:
             first = int(bad[0])
-            raise DataError(f"{path}: record {first}: {kind} {table[first, column]} is out of "
-                            f"range [0, {count}) ({bad.size} bad record(s)); not {layout.name} "
-                            "binary data")
-    pixels = table[:, len(layout.labels):].reshape(-1, 3, 32, 32)
-    images = np.ascontiguousarray(np.transpose(pixels, (0, 2, 3, 1)))
-    return images, table[:, len(layout.labels) - 1].astype(np.int64)
+            raise DataError(f"{path}: record {start + first}: {kind} {table[first, column]} is "
+                            f"out of range [0, {count}); not {layout.name} binary data")
 
 
 def _check_size(path: Path, size: int, layout: CifarLayout, records: int | None) -> None:
@@ -231,9 +260,14 @@ def read_class_names(path: str | os.PathLike, count: int) -> tuple[str, ...]:
 
 def _read_split(folder: Path, files: tuple[str, ...], records: int,
                 layout: CifarLayout) -> ArrayDataset:
-    parts = [read_cifar_file(folder / file, layout.name, records) for file in files]
-    images = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-    labels = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+    """The records of ``files`` (``records`` each), in order, read into one array."""
+    for file in files:  # every size is checked before anything is read
+        _record_count(folder / file, layout, records)
+    total = records * len(files)
+    images, labels = np.empty((total, *IMAGE_SHAPE), np.uint8), np.empty(total, np.int64)
+    for i, file in enumerate(files):
+        part = slice(i * records, (i + 1) * records)
+        _read_into(folder / file, layout, images[part], labels[part])
     return ArrayDataset(images, labels, layout.num_classes)
 
 
