@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write a checkpoint and history")
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}, "
                    "or the path of an image folder (one subfolder per class)")
-    t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    t.add_argument("--data-dir", help="folder holding the dataset's files "
+                   "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     add_folder_options(t)
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=None, help="take the image shape and class count from "
                    f"this dataset (one of {', '.join(DATASETS)}, or an image folder; it is "
                    "loaded)")
-    s.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    s.add_argument("--data-dir", help="folder holding the dataset's files "
+                   "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     s.add_argument("--input-shape", default=None, metavar="H,W,C",
                    help="image shape, height and width equal (default: 28,28,1)")
     s.add_argument("--num-classes", type=int, default=None, metavar="K",

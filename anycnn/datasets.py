@@ -1,5 +1,8 @@
 """Datasets: IDX files on disk, a bundled MNIST sample, and the full MNIST / Fashion-MNIST.
 
+CIFAR-10 / CIFAR-100 are read by :mod:`anycnn.cifar` (same lookup order, same download checks);
+:func:`load_dataset` loads every built-in dataset by name.
+
 Layouts (what every loader returns):
 
 * images: ``np.uint8``, shape ``(N, H, W, C)``, channels last (NHWC); MNIST-style data have
@@ -49,7 +52,9 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError
 
-DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
+#: The CIFAR datasets, read from their official binary version by :mod:`anycnn.cifar`.
+CIFAR_DATASETS = ("cifar10", "cifar100")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist", *CIFAR_DATASETS)
 
 #: The four IDX files of a full dataset, by role.
 FILES = {
@@ -348,7 +353,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
       or ``$ANYCNN_DATA_URL`` if set, else :data:`MIRRORS`), with a progress bar when
       ``progress`` is true and stderr is a terminal.
 
-    Images are ``uint8`` NHWC ``(N, 28, 28, 1)``, labels ``int64`` ``(N,)``.
+    * ``cifar10``, ``cifar100``: 50,000 train images, ``val`` and ``test`` the official
+      10,000-image test set; see :func:`anycnn.cifar.load_cifar`.
+
+    Images are ``uint8`` NHWC ``(N, 28, 28, 1)`` (``(N, 32, 32, 3)`` for CIFAR), labels
+    ``int64`` ``(N,)``.
 
     Raises:
         ConfigError: unknown name.
@@ -361,6 +370,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if key == "mnist-sample":
         return _load_sample()
+    if key in CIFAR_DATASETS:
+        from .cifar import load_cifar
+
+        return load_cifar(key, data_dir, download=download, progress=progress, base_url=base_url)
     directory = find_dataset_dir(key, data_dir)
     if directory is None and data_dir is not None:
         raise DataError(_missing_in(key, Path(data_dir)))
@@ -459,15 +472,21 @@ def _missing_in(name: str, data_dir: Path) -> str:
             f"(an explicit data dir is the only place looked at)")
 
 
-def _where_to_put(name: str) -> str:
-    """Instructions naming the files and the directories searched for them, in order."""
+def search_list(name: str) -> str:
+    """The directories searched for dataset ``name``, one indented line each, in order (for
+    error messages; unlike :func:`search_dirs` it also names an unset ``$ANYCNN_DATA``)."""
     lines = ["--data-dir DIR (or DIR/" + name + "), which is then the only place looked at"]
     env = os.environ.get(DATA_ENV)
     lines.append(str(Path(env) / name) if env else f"${DATA_ENV}/{name} (${DATA_ENV} is not set)")
     lines += [str(cache_dir(name)), str(SYSTEM_DATA_DIR / name)]
+    return "\n".join(f"  {line}" for line in lines)
+
+
+def _where_to_put(name: str) -> str:
+    """Instructions naming the files and the directories searched for them, in order."""
     files = ", ".join(f"{stem}.gz" for stem in FILES.values())
     text = (f"Put the four files {files} (gzipped or not) into one of these directories, "
-            "searched in this order:\n" + "\n".join(f"  {line}" for line in lines))
+            "searched in this order:\n" + search_list(name))
     if name == "fashion-mnist":
         text += "\nOn Debian/Ubuntu: apt install dataset-fashion-mnist"
     return text
@@ -478,28 +497,45 @@ def _where_to_put(name: str) -> str:
 
 def _download_dataset(name: str, progress: bool, base_url: str | None) -> Path:
     """Fetch the missing ``.gz`` files of ``name`` into :func:`cache_dir`; return that dir."""
-    base_url = base_url or os.environ.get(URL_ENV)
-    bases = [base_url.rstrip("/") + f"/{name}/"] if base_url else list(MIRRORS[name])
+    bases = download_bases(name, base_url, MIRRORS[name])
     target = cache_dir(name)
     for stem in FILES.values():
         if _find_file(target, stem):
             continue
         filename = f"{stem}.gz"
-        failures = []
-        for base in bases:
-            url = base + filename
-            try:
-                _download_file(url, target / filename, SHA256[name][filename], progress)
-                break
-            except DataError:
-                raise
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                failures.append(f"{url}: {exc}")
-        else:
-            tried = "\n".join(f"  {f}" for f in failures)
-            raise DataError(f"downloading {name} failed:\n{tried}\n"
-                            f"{_where_to_put(name)}")
+        fetch(name, filename, bases, target / filename, SHA256[name][filename], progress,
+              hint=_where_to_put(name))
     return target
+
+
+def download_bases(name: str, base_url: str | None, mirrors: tuple[str, ...]) -> list[str]:
+    """The base URLs to download dataset ``name``'s files from, in order: ``<base_url>/<name>/``
+    (or ``$ANYCNN_DATA_URL/<name>/``) when one is given, else ``mirrors``."""
+    base_url = base_url or os.environ.get(URL_ENV)
+    return [base_url.rstrip("/") + f"/{name}/"] if base_url else list(mirrors)
+
+
+def fetch(name: str, filename: str, bases: list[str], dest: Path, sha256: str, progress: bool,
+          hint: str) -> Path:
+    """Download ``filename`` from the first of ``bases`` that serves it to ``dest`` (kept only if
+    its SHA-256 is ``sha256``; see :func:`_download_file`) and return ``dest``.
+
+    Raises:
+        DataError: the digest differs, or every base failed: the message lists each URL with its
+            error, then ``hint`` (where to put the files by hand).
+    """
+    failures = []
+    for base in bases:
+        url = base + filename
+        try:
+            _download_file(url, dest, sha256, progress)
+            return dest
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            failures.append(f"{url}: {exc}")
+    tried = "\n".join(f"  {f}" for f in failures)
+    raise DataError(f"downloading {name} failed:\n{tried}\n{hint}")
 
 
 def _download_file(url: str, dest: Path, sha256: str, progress: bool) -> None:

@@ -1,4 +1,5 @@
-"""Fuzzing the two readers of untrusted files: the IDX reader and the checkpoint loader.
+"""Fuzzing the readers of untrusted files: the IDX reader, the CIFAR reader (record files and
+archives) and the checkpoint loader.
 
 Random bytes, mutated valid files (byte flips, truncation, appended junk, gzip or not) and
 structurally edited headers go in; the only exceptions allowed out are anycnn's documented
@@ -8,9 +9,15 @@ structurally edited headers go in; the only exceptions allowed out are anycnn's 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import io
 import json
+import shutil
 import struct
+import tarfile
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +26,7 @@ from hypothesis import strategies as st
 
 import anycnn
 from anycnn import checkpoint as C
-from anycnn import optim
+from anycnn import cifar, optim
 from anycnn import random as R
 from anycnn.datasets import load_dataset, read_idx
 from anycnn.errors import CheckpointError, DataError
@@ -143,6 +150,118 @@ def test_idx_fuzz_reaches_success_and_failure(work):
         assert read_or_data_error(path) is not None
     path.write_bytes(VALID_IDX["images"][:-1])
     assert read_or_data_error(path) is None
+
+
+# ============================================================================================
+# CIFAR binary files and archives
+
+CIFAR_NAMES = ("cifar10", "cifar100")
+#: two valid records of each dataset (labels, then the R, G, B planes)
+VALID_CIFAR = {
+    "cifar10": bytes([3] + [7] * 3072 + [9] + list(range(256)) * 12),
+    "cifar100": bytes([19, 99] + [7] * 3072 + [0, 0] + list(range(256)) * 12),
+}
+#: the official layout with one record per file, as in the archive below
+SMALL_CIFAR10 = dataclasses.replace(cifar.LAYOUTS["cifar10"], train_records=1, test_records=1)
+
+
+def read_cifar_or_data_error(path, name):
+    try:
+        images, labels = cifar.read_cifar_file(path, name)
+    except DataError as exc:
+        assert str(path) in str(exc)
+        return None
+    assert images.shape == (len(labels), 32, 32, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.max() < cifar.LAYOUTS[name].num_classes
+    return labels
+
+
+@FUZZ
+@given(blob=st.binary(max_size=7000), name=st.sampled_from(CIFAR_NAMES))
+def test_cifar_random_bytes(work, blob, name):
+    path = work / "random.bin"
+    path.write_bytes(blob)
+    read_cifar_or_data_error(path, name)
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(CIFAR_NAMES))
+def test_cifar_mutated_files(work, data, name):
+    blob = bytearray(VALID_CIFAR[name])
+    record = cifar.LAYOUTS[name].record_bytes
+    labels = [r * record + k for r in (0, 1) for k in range(record - 3072)]
+    where = st.sampled_from(labels) | st.integers(0, len(blob) - 1)  # label bytes above all
+    for pos, value in data.draw(st.lists(st.tuples(where, st.integers(0, 255)), max_size=3)):
+        blob[pos] = value
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    blob += data.draw(st.binary(max_size=8))
+    path = work / f"mutated-{name}.bin"
+    path.write_bytes(bytes(blob))
+    read_cifar_or_data_error(path, name)
+
+
+@pytest.fixture(scope="module")
+def cifar_tar():
+    """An uncompressed tar laid out like the official CIFAR-10 archive (one record per file), and
+    the offsets of its member headers."""
+    buffer = io.BytesIO()
+    names = {"batches.meta.txt": "\n".join(f"c{i}" for i in range(10)).encode()}
+    names.update({f: VALID_CIFAR["cifar10"][:3073] for f in SMALL_CIFAR10.train_files +
+                  SMALL_CIFAR10.test_files})
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, content in names.items():
+            info = tarfile.TarInfo(f"{SMALL_CIFAR10.folder}/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        headers = [m.offset for m in tar.getmembers()]
+    return Blob(buffer.getvalue()), headers
+
+
+@FUZZ
+@given(data=st.data())
+def test_cifar_mutated_archives(work, cifar_tar, data):
+    """Tar headers (names, types, sizes, checksums) and contents edited, then gzipped: extracting
+    and reading the archive raises DataError or succeeds, and writes only into its folder."""
+    blob, headers = cifar_tar
+    blob = bytearray(blob)
+    for header, pos, value in data.draw(st.lists(st.tuples(
+            st.sampled_from(headers), st.integers(0, 511), st.integers(0, 255)), max_size=4)):
+        blob[header + pos] = value
+        if data.draw(st.booleans()):  # a valid checksum: the edit reaches the header's parser
+            blob[header + 148:header + 156] = b" " * 8
+            blob[header + 148:header + 156] = b"%06o\0 " % sum(blob[header:header + 512])
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    archive = work / "cifar-10-binary.tar.gz"
+    archive.write_bytes(gzip.compress(bytes(blob), mtime=0))
+    outside = sorted(p.name for p in work.iterdir())
+    target = Path(tempfile.mkdtemp(dir=work))
+    try:
+        cifar._extract_members(archive, SMALL_CIFAR10, target)
+        splits = cifar._read_folder(target, SMALL_CIFAR10, "fuzz")
+        assert len(splits.train) == 5 and len(splits.class_names) == 10
+    except DataError as exc:
+        assert str(archive) in str(exc) or str(target) in str(exc)
+    finally:
+        shutil.rmtree(target)
+    assert sorted(p.name for p in work.iterdir()) == outside
+
+
+def test_cifar_fuzz_reaches_success_and_failure(work, cifar_tar):
+    for name in CIFAR_NAMES:
+        path = work / f"valid-{name}.bin"
+        path.write_bytes(VALID_CIFAR[name])
+        expected = [3, 9] if name == "cifar10" else [99, 0]  # CIFAR-100: the fine labels
+        assert read_cifar_or_data_error(path, name).tolist() == expected
+        path.write_bytes(VALID_CIFAR[name][:-1])
+        assert read_cifar_or_data_error(path, name) is None
+    archive = work / "valid.tar.gz"
+    archive.write_bytes(gzip.compress(cifar_tar[0]))
+    target = Path(tempfile.mkdtemp(dir=work))
+    cifar._extract_members(archive, SMALL_CIFAR10, target)
+    assert len(cifar._read_folder(target, SMALL_CIFAR10, "fuzz").train) == 5
+    shutil.rmtree(target)
 
 
 # ============================================================================================
