@@ -30,7 +30,8 @@ _EXPORTS = {
 _SUBMODULES = {"backend", "bench", "checkpoint", "cli", "containers", "dataloader", "datasets",
                "errors", "fastpath", "functional", "fusion", "geometry", "inference", "init",
                "interop", "layers", "losses", "metrics", "models", "module", "optim", "plot",
-               "random", "schedules", "sequential", "summarize", "testing", "train"}
+               "random", "schedules", "sequential", "summarize", "testing", "train",
+               "augment"}
 
 __all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
                   "testing"])
