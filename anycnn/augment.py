@@ -14,9 +14,10 @@ A :class:`~anycnn.dataloader.DataLoader` applies them to each gathered batch, in
 4. **normalise** (``Normalize(mean, std)``): ``(x - mean[c]) / std[c]`` per channel ``c``, in the
    loader's dtype, ``mean``/``std`` in the units of step 3 (``[0, 1]``, like torchvision).
 
-Crop and flip are one gather: the per-image offsets and flips make a flat int64 index (built on
-the device from three ``(B,)`` vectors) into the padded batch, read with one ``xp.take``; no
-Python loop runs over the images. Gathers and the correctly rounded ``-`` and ``/`` give the same
+A crop (with or without flip) is one gather: the per-image offsets and flips make a flat int64
+index (built on the device from three ``(B,)`` vectors) into the padded batch, read with one
+``xp.take``; a flip alone is ``xp.where(mask, xp.flip(x, axis=2), x)``. No Python loop runs over
+the images. Copies and the correctly rounded ``/ 255``, ``- mean`` and ``/ std`` give the same
 bits on every backend.
 
 Randomness is drawn on the host, per batch, from ``np.random.default_rng([seed, epoch, batch,
@@ -203,6 +204,7 @@ class Normalize:
             raise ConfigError(f"Normalize: std must be > 0, got {bad[0]!r} in {std}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        object.__setattr__(self, "_on_device", {})  # (namespace, device, dtype) -> (mean, std)
 
     @property
     def channels(self) -> int:
@@ -259,9 +261,13 @@ class Normalize:
         if x.shape[-1] != self.channels:
             raise ConfigError(f"Normalize has {self.channels} channel(s) but the images have "
                               f"{x.shape[-1]}")
-        host_dtype = np.float32 if x.dtype == xp.float32 else np.float64
-        mean = xp.asarray(np.asarray(self.mean, dtype=host_dtype), device=device(x))
-        std = xp.asarray(np.asarray(self.std, dtype=host_dtype), device=device(x))
+        key = (xp.__name__, str(device(x)), str(x.dtype))
+        if key not in self._on_device:  # copied to each device once, not per batch
+            host_dtype = np.float32 if x.dtype == xp.float32 else np.float64
+            self._on_device[key] = tuple(
+                xp.asarray(np.asarray(v, dtype=host_dtype), device=device(x))
+                for v in (self.mean, self.std))
+        mean, std = self._on_device[key]
         return (x - mean) / std
 
     def to_record(self) -> dict[str, list[float]]:
@@ -310,8 +316,9 @@ def default_augment(image_shape: tuple[int, int, int]) -> Augment | None:
 
 
 def default_normalize(image_shape: tuple[int, int, int]) -> bool:
-    """What ``--normalize default`` picks: statistics of the training split for 32x32 RGB
-    images, none for other shapes (whose earlier results stay as they were)."""
+    """Whether ``anycnn train`` normalises when ``--normalize`` is not given: with the training
+    split's statistics for 32x32 RGB images, not for other shapes (whose earlier results stay
+    as they were)."""
     return tuple(image_shape) == (32, 32, 3)
 
 
