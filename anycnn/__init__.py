@@ -31,7 +31,7 @@ _SUBMODULES = {"backend", "bench", "checkpoint", "cli", "containers", "dataloade
                "errors", "fastpath", "functional", "fusion", "geometry", "imagefolder", "images",
                "inference", "init", "interop", "layers", "losses", "metrics", "models", "module",
                "optim", "plot", "random", "schedules", "sequential", "summarize", "testing",
-               "train"}
+               "train", "augment"}
 
 __all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
                   "testing"])

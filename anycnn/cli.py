@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images only (quick runs)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="floating-point precision of weights and activations")
+    t.add_argument("--augment", default=None, metavar="SPEC",
+                   help="random crop/flip of training batches: none, or items separated by "
+                   "commas: crop (padding 1/8 of the image side), crop=P, flip, pad=zeros|edge "
+                   "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
+    t.add_argument("--normalize", default=None, choices=["auto", "none"],
+                   help="auto: subtract the training split's per-channel mean and divide by its "
+                   "std (recorded in the checkpoint, applied by evaluate); default: auto for "
+                   "32x32 RGB images, none otherwise")
     t.add_argument("--device-resident", action="store_true",
                    help="keep the dataset on the device (GPU) and batch there")
     t.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
@@ -249,6 +257,7 @@ def _history_file(path: Path):
 
 def cmd_train(args) -> int:
     from . import optim, random
+    from .augment import parse_augment, preprocess_record
     from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
     from .cli_images import load_train_data, normalise_dataset
     from .dataloader import DataLoader
@@ -259,8 +268,9 @@ def cmd_train(args) -> int:
     backend = _select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
     out, resume_from = _output_folder(args)
+    saved_config = {}
     if resume_from is not None:
-        _settings_from_checkpoint(args, resume_from)
+        saved_config = _settings_from_checkpoint(args, resume_from)
     if args.optimizer not in optim.OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
                           f"{', '.join(optim.OPTIMIZERS)}")
@@ -282,6 +292,8 @@ def cmd_train(args) -> int:
     if args.momentum is None and args.optimizer == "sgd":
         args.momentum = 0.9
     _check_train_options(args)
+    if args.augment is not None:
+        parse_augment(args.augment)  # the syntax, before loading data
     data = load_train_data(args, progress=not args.quiet)
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
@@ -290,6 +302,8 @@ def cmd_train(args) -> int:
 
         data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
     h, _w, c = data.image_shape
+    augment, normalize = _preprocessing(args, data, saved_config)
+    args.preprocess = {**args.preprocess, **preprocess_record(augment, normalize)}
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
     _say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}); "
@@ -325,8 +339,8 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     loader_opts = dict(device_resident=args.device_resident, dtype=args.dtype)
     train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
-                              **loader_opts)
-    val_loader = DataLoader(data.val, 256, **loader_opts)
+                              augment=augment, normalize=normalize, **loader_opts)
+    val_loader = DataLoader(data.val, 256, normalize=normalize, **loader_opts)
     # a run that early stopping ended stays ended when resumed with the same options
     ended = early is not None and trainer.step == 0 and bool(trainer.history) and \
         early.review(trainer.history)
@@ -363,6 +377,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _preprocessing(args, data, saved_config: dict):
+    """(Augment or None, Normalize or None) of a training run, from ``--augment`` and
+    ``--normalize`` or their defaults for the image shape; ``args`` then hold the resolved
+    choices (what the checkpoint records). A resumed run reuses the recorded statistics."""
+    from .augment import Normalize, default_normalize, parse_augment, read_preprocess
+
+    augment = parse_augment(args.augment or "auto", data.image_shape)
+    args.augment = augment.spec() if augment is not None else "none"
+    if args.normalize is None:
+        args.normalize = "auto" if default_normalize(data.image_shape) else "none"
+    if args.normalize == "none":
+        return augment, None
+    _, recorded = read_preprocess(saved_config.get("preprocess"))
+    return augment, recorded or Normalize.from_images(data.train.images)
+
+
 def _checkpoint_of(path: str | Path) -> Path:
     """``path`` itself, or the ``checkpoint.safetensors`` in it when it is a run folder."""
     path = Path(path)
@@ -392,16 +422,19 @@ def _output_folder(args) -> tuple[Path, Path | None]:
 
 
 #: settings that define the training data: a resumed run must use the same
-_DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split")
+_DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split",
+                  "normalize")
 
 #: hyperparameters a resumed run may change (the user is warned, old -> new)
 _TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                      "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
-                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images")
+                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images",
+                     "augment")
 
 
-def _settings_from_checkpoint(args, path: Path) -> None:
-    """Take the run's settings from the checkpoint to resume, unless given on the command line.
+def _settings_from_checkpoint(args, path: Path) -> dict:
+    """Take the run's settings from the checkpoint to resume, unless given on the command line;
+    returns the checkpoint's recorded config (``{}`` when there is none).
 
     A given setting that differs is refused when it changes the data or the model
     (:data:`_DATA_SETTINGS`), and listed old -> new in a warning otherwise. Display options
@@ -412,7 +445,7 @@ def _settings_from_checkpoint(args, path: Path) -> None:
     saved = load_checkpoint(path)
     config = saved.extra.get("config") if isinstance(saved.extra, dict) else None
     if not isinstance(config, dict):
-        return  # saved from Python: nothing recorded to compare with
+        return {}  # saved from Python: nothing recorded to compare with
     given = getattr(args, "given", None)  # None: every setting counts as given
     changed = []
     for key in (*_DATA_SETTINGS, *_TUNABLE_SETTINGS):
@@ -431,6 +464,7 @@ def _settings_from_checkpoint(args, path: Path) -> None:
     if changed:
         print(f"anycnn: warning: resuming {path} with changed settings: {', '.join(changed)}",
               file=sys.stderr)
+    return config
 
 
 def _given_options(argv: list[str] | None, args: argparse.Namespace) -> frozenset[str]:
@@ -458,6 +492,7 @@ def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
 
 
 def cmd_evaluate(args) -> int:
+    from .augment import read_preprocess
     from .checkpoint import load_model
     from .cli_images import load_eval_data
     from .dataloader import DataLoader
@@ -472,6 +507,7 @@ def cmd_evaluate(args) -> int:
     model, state = load_model(_checkpoint_of(args.checkpoint))
     config = state.extra.get("config") if isinstance(state.extra, dict) else None
     config = config if isinstance(config, dict) else {}
+    _, normalize = read_preprocess(config.get("preprocess"))  # as in training
     name = args.dataset or config.get("dataset") or "mnist-sample"
     num_classes = model.model_spec["num_classes"]
     top_k = _top_k_option(args.top_k, num_classes)
@@ -479,8 +515,8 @@ def cmd_evaluate(args) -> int:
                           progress=not args.json)
     split = getattr(data, args.split)
     names = data.class_names if len(data.class_names) == num_classes else None
-    result = evaluate(model, DataLoader(split, args.batch_size), top_k=top_k, confusion=True,
-                      class_names=names)
+    result = evaluate(model, DataLoader(split, args.batch_size, normalize=normalize),
+                      top_k=top_k, confusion=True, class_names=names)
     written = None
     if args.confusion_plot:
         from .plot import plot_confusion

@@ -14,10 +14,14 @@ Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preproce
 ``channels``    1 (grayscale, Pillow ``convert("L")``) or 3 (RGB, ``convert("RGB")``)
 ``resize``      the Pillow filter images of another size are resized with (``"bilinear"``)
 ``scale``       pixels are divided by this (255) to lie in ``[0, 1]``
-``mean``, ``std`` optional, one value per channel: the ``[0, 1]`` pixels become
-                ``(x - mean) / std``
+``normalize``   ``{"mean": [...], "std": [...]}`` (one value per channel) or null: the
+                ``[0, 1]`` pixels become ``(x - mean) / std`` (:class:`anycnn.augment.Normalize`)
+``augment``     the training augmentation, for the record (never applied at prediction)
 ``class_names`` the display name of each class
 =============== ===============================================================================
+
+``normalize`` and ``augment`` are :func:`anycnn.augment.preprocess_record`'s keys, so
+:func:`anycnn.augment.read_preprocess` reads them from the same record.
 """
 
 from __future__ import annotations
@@ -187,18 +191,19 @@ def _check_record(record: dict[str, Any], path, num_classes: int) -> None:
 
 def prepare(paths: list[str], record: dict[str, Any]):
     """Image files → the model's input as :func:`anycnn.predict` takes it: ``uint8`` NHWC
-    pixels, or float32 ``(x / scale - mean) / std`` when the record has mean and std."""
+    pixels, or, when the record normalises, float32 ``x / 255`` normalised exactly as the
+    :class:`~anycnn.dataloader.DataLoader` does (:meth:`anycnn.augment.Normalize.apply`)."""
     import numpy as np
 
+    from .augment import read_preprocess
     from .images import load_images
 
     pixels = load_images(paths, tuple(record["image_size"]), record["channels"],
                          record.get("resize", "bilinear"))
-    if record.get("mean") is None or record.get("std") is None:
+    _, normalize = read_preprocess(record)
+    if normalize is None:
         return pixels
-    mean = np.asarray(record["mean"], np.float32)
-    std = np.asarray(record["std"], np.float32)
-    return (pixels.astype(np.float32) / np.float32(record.get("scale", 255)) - mean) / std
+    return normalize.apply(pixels.astype(np.float32) / np.float32(255))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -14,6 +14,15 @@ bit-identical on every backend and in both modes:
 Shuffling is deterministic per epoch: epoch ``e`` uses the permutation drawn from
 ``np.random.default_rng([seed, e])``, so a resumed run sees the same order (call
 :meth:`DataLoader.set_epoch` before iterating; the default is epoch 0).
+
+Optional per-batch preprocessing (:mod:`anycnn.augment`): ``augment=Augment(crop, flip)`` and
+``normalize=Normalize(mean, std)`` (or ``"auto"``: statistics of this loader's dataset), applied
+in the order crop -> flip -> scale to ``[0, 1]`` -> normalise, where the batch is gathered (on
+the host by default, on the device with ``device_resident``; with an augmentation the batch's
+``(3, B)`` int64 crop/flip parameters cross the bus too). Crops and flips depend only on (seed,
+epoch, batch number), so they too are the same on every backend, in both modes and after
+:meth:`DataLoader.iter_from`. Validation and test loaders take the *training* loader's
+``normalize`` and no ``augment``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Any
 import array_api_compat.numpy as host_xp
 import numpy as np
 
+from .augment import Augment, Normalize, preprocess_record
 from .backend import Backend, asarray, get_backend
 from .datasets import ArrayDataset
 from .errors import ConfigError
@@ -51,14 +61,20 @@ class DataLoader:
         drop_last: skip a final batch smaller than ``batch_size``.
         device_resident: keep the whole dataset on the device and gather batches there.
         dtype: ``"float32"`` (default) or ``"float64"`` for ``x``.
+        augment: random crop/flip of each training batch (:class:`~anycnn.augment.Augment`),
+            or None.
+        normalize: a :class:`~anycnn.augment.Normalize`, ``"auto"`` (computed once from this
+            loader's images, see :meth:`Normalize.from_images`), or None.
 
     Raises:
-        ConfigError: an argument is out of range.
+        ConfigError: an argument is out of range, the crop is too large for the images, or
+            ``normalize`` has another channel count than the images.
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device_resident: bool = False,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", augment: Augment | None = None,
+                 normalize: Normalize | str | None = None) -> None:
         if not isinstance(dataset, ArrayDataset):
             raise ConfigError(f"dataset must be an ArrayDataset, got {type(dataset).__name__}")
         if dtype not in _FLOAT_DTYPES:
@@ -71,8 +87,16 @@ class DataLoader:
         self.device_resident = bool(device_resident)
         self.dtype = dtype
         self.epoch = 0
+        self.augment = _check_augment(augment, dataset)
+        self.normalize = _check_normalize(normalize, dataset)
         self._divisor = 255 if dataset.images.dtype == np.uint8 else None  # floats: as they are
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """This loader's preprocessing as JSON-able data (what checkpoints record; see
+        :func:`anycnn.augment.preprocess_record`)."""
+        return preprocess_record(self.augment, self.normalize)
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s permutation for the following iterations."""
@@ -111,22 +135,34 @@ class DataLoader:
             stop = min((b + 1) * self.batch_size, n)
             index = order[b * self.batch_size:stop]
             if self.device_resident:
-                yield self._device_batch(backend, index)
+                yield self._device_batch(backend, b, index)
             else:
-                yield self._host_batch(backend, index)
+                yield self._host_batch(backend, b, index)
 
-    def _host_batch(self, backend: Backend, index: np.ndarray) -> tuple[Any, Any]:
-        x = self._scale(host_xp, np.take(self.dataset.images, index, axis=0))
+    def _host_batch(self, backend: Backend, b: int, index: np.ndarray) -> tuple[Any, Any]:
+        x = self._prepare(host_xp, np.take(self.dataset.images, index, axis=0), b, None)
         y = np.take(self.dataset.labels, index)
         return asarray(x, backend=backend), asarray(y, backend=backend)
 
-    def _device_batch(self, backend: Backend, index: np.ndarray) -> tuple[Any, Any]:
+    def _device_batch(self, backend: Backend, b: int, index: Any) -> tuple[Any, Any]:
         if self._resident is None or self._resident[0] != backend:
             self._resident = (backend, asarray(self.dataset.images, backend=backend),
                               asarray(self.dataset.labels, backend=backend))
         _, images, labels = self._resident
         xp = backend.xp
-        return self._scale(xp, xp.take(images, index, axis=0)), xp.take(labels, index, axis=0)
+        x = self._prepare(xp, xp.take(images, index, axis=0), b, backend)
+        return x, xp.take(labels, index, axis=0)
+
+    def _prepare(self, xp: Any, raw: Any, b: int, backend: Backend | None) -> Any:
+        """Batch number ``b``'s gathered images ``raw`` (B, H, W, C), on the host
+        (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised."""
+        if self.augment is not None:
+            params = self.augment.draw(self.seed, self.epoch, b, raw.shape[0])
+            if backend is not None:
+                params = asarray(params, backend=backend)
+            raw = self.augment.apply(raw, params)
+        x = self._scale(xp, raw)
+        return x if self.normalize is None else self.normalize.apply(x)
 
     def _scale(self, xp: Any, raw: Any) -> Any:
         """Gathered images ``raw`` (B, H, W, C) as ``self.dtype`` in [0, 1]: ``uint8`` divided by
@@ -137,4 +173,31 @@ class DataLoader:
     def __repr__(self) -> str:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-                f"device_resident={self.device_resident}, dtype={self.dtype!r})")
+                f"device_resident={self.device_resident}, dtype={self.dtype!r}, "
+                f"augment={self.augment!r}, normalize={self.normalize!r})")
+
+
+def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
+    if augment is None:
+        return None
+    if not isinstance(augment, Augment):
+        raise ConfigError(f"augment must be an anycnn.augment.Augment or None, got "
+                          f"{type(augment).__name__}")
+    h, w, _ = dataset.image_shape
+    augment.check_image_shape(h, w)
+    return augment if augment.active else None
+
+
+def _check_normalize(normalize: Any, dataset: ArrayDataset) -> Normalize | None:
+    if normalize is None:
+        return None
+    if isinstance(normalize, str) and normalize == "auto":
+        return Normalize.from_images(dataset.images)
+    if not isinstance(normalize, Normalize):
+        raise ConfigError(f"normalize must be an anycnn.augment.Normalize, 'auto' or None, got "
+                          f"{normalize!r}")
+    channels = dataset.image_shape[2]
+    if normalize.channels != channels:
+        raise ConfigError(f"normalize has {normalize.channels} mean/std value(s) but the images "
+                          f"have {channels} channel(s)")
+    return normalize

@@ -192,7 +192,10 @@ class Trainer:
         progress: show tqdm bars. They switch off by themselves when stderr is not a
             terminal; one log line per epoch then goes to stderr instead (a
             :class:`~anycnn.callbacks.ProgressLog`, unless ``callbacks`` has one already).
-        config: extra JSON-able data saved in checkpoints (e.g. the CLI arguments).
+        config: extra JSON-able data saved in checkpoints (e.g. the CLI arguments). Unless it
+            has a ``"preprocess"`` key, checkpoints add the training loader's
+            :attr:`~anycnn.dataloader.DataLoader.preprocess` there (normalisation and
+            augmentation; :func:`anycnn.augment.read_preprocess` reads it back).
         callbacks: :class:`~anycnn.callbacks.Callback` objects run by every :meth:`fit`.
         warmup_steps: ``N`` > 0 ramps the learning rate up over the first ``N`` training
             steps of the run: step ``s`` (1-based, counted over all epochs; a skipped NaN step
@@ -236,6 +239,7 @@ class Trainer:
         self._partial = _Sums()
         self._stop_reason: str | None = None
         self._stop_honoured = False  # fit() has returned because of _stop_reason
+        self._preprocess: dict | None = None  # the training loader's, for checkpoints
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -265,10 +269,13 @@ class Trainer:
         if target is None:
             raise ConfigError("no checkpoint path given")
         loss, correct, seen = self._partial.host()
+        config = self.config
+        if self._preprocess is not None and "preprocess" not in config:
+            config = {**config, "preprocess": self._preprocess}
         written = ckpt.save_checkpoint(
             target, self.model, self.optimizer, model_spec=self.model_spec, epoch=self.epoch,
             step=self.step,
-            extra={"history": self.history, "config": self.config,
+            extra={"history": self.history, "config": config,
                    "partial": {"loss": loss, "correct": correct, "seen": seen}})
         self.last_checkpoint = written
         return written
@@ -371,6 +378,7 @@ class Trainer:
             target = _check_count("epochs", 1 if epochs is None else epochs, 1)
         hooks = [*self.callbacks, *_check_callbacks(callbacks)]
         check_loader(train_loader, "train_loader", ("__iter__", "__len__", "set_epoch"))
+        self._preprocess = getattr(train_loader, "preprocess", self._preprocess)
         if val_loader is not None:
             check_loader(val_loader, "val_loader", ("__iter__", "__len__"))
         if self._stop_honoured:  # the last fit() returned because of that stop: start afresh

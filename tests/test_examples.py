@@ -25,6 +25,8 @@ QUICK_ARGS = {
     "resnet.py": ["--epochs", "1", "--limit", "256"],
     "depthwise_separable.py": ["--epochs", "1", "--limit", "256"],
     "unet.py": ["--epochs", "1", "--limit", "1024"],
+    "augment_cost.py": ["--batches", "5", "--steps", "2", "--rounds", "1", "--dataset",
+                        "mnist-sample"],
 }
 
 
@@ -147,6 +149,15 @@ def test_unet(tmp_path):
     assert denoised < 0.75 * noisy, out.stdout
 
 
+def test_augment_cost(tmp_path):
+    out = run_example("augment_cost.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "mnist-sample, batch 64, medians of 1 rounds (ms per batch):"
+    assert [line.split()[0] for line in lines[1:4]] == ["plain", "crop2+flip", "crop2+flip+norm"]
+    assert lines[4].startswith("  simple-cnn training step ")
+
+
 def test_depthwise_separable(tmp_path):
     out = run_example("depthwise_separable.py", tmp_path)
     assert out.returncode == 0, out.stderr
@@ -155,7 +166,8 @@ def test_depthwise_separable(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py",
-                                  "resnet.py", "depthwise_separable.py", "unet.py"])
+                                  "resnet.py", "depthwise_separable.py", "unet.py",
+                                  "augment_cost.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""

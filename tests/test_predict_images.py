@@ -16,7 +16,9 @@ import pytest
 
 import anycnn
 from anycnn import backend as backend_module
+from anycnn.augment import read_preprocess
 from anycnn.cli import main
+from anycnn.cli_images import prepare
 from anycnn.imagefolder import ImageFolder, load_image_folder
 from anycnn.images import load_images
 
@@ -83,14 +85,19 @@ def test_train_on_a_folder_then_predict_gives_the_probabilities_of_predict(
         backend, capsys, photos, tmp_path):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--dataset", photos, "--model", "lenet5",
-                       "--image-size", 16, "--channels", 3, *QUICK, "--out", out)
+                       "--image-size", 16, "--channels", 3, "--augment", "crop,flip",
+                       "--normalize", "auto", *QUICK, "--out", out)
     assert code == 0, err
     model, checkpoint = anycnn.load_model(out / "checkpoint.safetensors")
     config = checkpoint.extra["config"]
     assert config["dataset"] == str(photos.resolve())
-    assert config["preprocess"] == {"version": 1, "image_size": [16, 16], "channels": 3,
-                                    "resize": "bilinear", "scale": 255,
-                                    "class_names": ["ant", "bee", "cow"]}
+    record = dict(config["preprocess"])
+    normalize = record.pop("normalize")
+    assert record == {"version": 1, "image_size": [16, 16], "channels": 3,
+                      "resize": "bilinear", "scale": 255, "class_names": ["ant", "bee", "cow"],
+                      "augment": {"crop": 2, "flip": True, "padding_mode": "zeros"}}
+    assert len(normalize["mean"]) == len(normalize["std"]) == 3
+    _, norm = read_preprocess(config["preprocess"])
 
     files = val_files(photos)
     assert {f.suffix for f in files} == {".png", ".jpg"}
@@ -101,7 +108,8 @@ def test_train_on_a_folder_then_predict_gives_the_probabilities_of_predict(
     assert [p["path"] for p in report["predictions"]] == [str(f) for f in files]
 
     data = load_image_folder(photos, size=16, channels=3)  # the arrays training used (cached)
-    expected = anycnn.predict_proba(model, data.val.images)
+    expected = anycnn.predict_proba(  # normalised as the training DataLoader did
+        model, norm.apply(data.val.images.astype(np.float32) / np.float32(255)))
     assert expected.shape == (len(files), 3)
     for row, prediction in zip(expected, report["predictions"]):
         got = {entry["index"]: entry["probability"] for entry in prediction["top_k"]}
@@ -111,7 +119,8 @@ def test_train_on_a_folder_then_predict_gives_the_probabilities_of_predict(
     # the Python way: the same pixels, so the same probabilities
     pixels = load_images(files, (16, 16), 3)
     np.testing.assert_array_equal(pixels, data.val.images)
-    np.testing.assert_allclose(anycnn.predict_proba(model, pixels), expected, rtol=1e-6)
+    np.testing.assert_array_equal(prepare(files, config["preprocess"]),
+                                  norm.apply(pixels.astype(np.float32) / np.float32(255)))
 
     code, text, err = cli(capsys, "predict", out, files[0], files[-1], "--top-k", 2)
     assert code == 0, err
@@ -196,8 +205,8 @@ def test_a_checkpoint_without_a_record_falls_back_to_the_model_spec(backend, cap
 def test_a_recorded_mean_and_std_are_applied(backend, capsys, tmp_path):
     model = anycnn.models.build_model("lenet5", num_classes=3, in_channels=3, image_size=12)
     record = {"version": 1, "image_size": [12, 12], "channels": 3, "resize": "bilinear",
-              "scale": 255, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-              "class_names": ["x", "y", "z"]}
+              "scale": 255, "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+              "augment": None, "class_names": ["x", "y", "z"]}
     anycnn.save(model, tmp_path / "norm.safetensors", extra={"preprocess": record})
     photo = save(tmp_path / "p.png", 8, (20, 20), "RGB")
     code, text, err = cli(capsys, "predict", tmp_path / "norm.safetensors", photo, "--json")
