@@ -94,6 +94,23 @@ class Checkpoint:
         """Name of the backend the model lived on when it was saved."""
         return self.metadata["backend"]
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The training configuration recorded in ``extra["config"]`` (the ``anycnn train``
+        options, the preprocess record, ...); ``{}`` when the file holds none."""
+        config = self.extra.get("config") if isinstance(self.extra, dict) else None
+        return config if isinstance(config, dict) else {}
+
+
+#: the file name of a run folder's checkpoint (``anycnn train --out FOLDER``)
+RUN_CHECKPOINT = "checkpoint.safetensors"
+
+
+def checkpoint_in(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` itself, or the :data:`RUN_CHECKPOINT` in it when it is a run folder."""
+    path = pathlib.Path(path)
+    return path / RUN_CHECKPOINT if path.is_dir() else path
+
 
 # --------------------------------------------------------------------------------------------
 # Saving

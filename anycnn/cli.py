@@ -259,6 +259,7 @@ def cmd_train(args) -> int:
     from . import optim, random
     from .augment import parse_augment, preprocess_record
     from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
+    from .checkpoint import RUN_CHECKPOINT
     from .cli_images import load_train_data, normalise_dataset
     from .dataloader import DataLoader
     from .models import build_model, model_spec
@@ -279,7 +280,7 @@ def cmd_train(args) -> int:
     if args.momentum is not None and args.optimizer != "sgd":
         raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
                           "would ignore it")
-    ckpt_path, history_path = out / "checkpoint.safetensors", out / "history.json"
+    ckpt_path, history_path = out / RUN_CHECKPOINT, out / "history.json"
     spec_check = model_spec(args.model)  # validate the name before loading data
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
@@ -393,24 +394,19 @@ def _preprocessing(args, data, saved_config: dict):
     return augment, recorded or Normalize.from_images(data.train.images)
 
 
-def _checkpoint_of(path: str | Path) -> Path:
-    """``path`` itself, or the ``checkpoint.safetensors`` in it when it is a run folder."""
-    path = Path(path)
-    return path / "checkpoint.safetensors" if path.is_dir() else path
-
-
 def _output_folder(args) -> tuple[Path, Path | None]:
     """(the run's output folder, the checkpoint to resume from or None), checked.
 
     ``--resume`` alone resumes from ``OUT/checkpoint.safetensors``; ``--resume PATH`` from PATH
     (a checkpoint file, or a run folder holding one), and OUT then defaults to its folder.
     """
+    from .checkpoint import checkpoint_in
     from .cli_images import run_label
 
     default = f"runs/{args.model}-{run_label(args.dataset)}"
     resume = None
     if args.resume is not None:
-        resume = _checkpoint_of(args.resume or args.out or default)
+        resume = checkpoint_in(args.resume or args.out or default)
         if not resume.is_file():
             raise ConfigError(f"--resume: no checkpoint at {resume}")
     out = Path(args.out) if args.out else (
@@ -442,9 +438,8 @@ def _settings_from_checkpoint(args, path: Path) -> dict:
     """
     from .checkpoint import load_checkpoint
 
-    saved = load_checkpoint(path)
-    config = saved.extra.get("config") if isinstance(saved.extra, dict) else None
-    if not isinstance(config, dict):
+    config = load_checkpoint(path).config
+    if not config:
         return {}  # saved from Python: nothing recorded to compare with
     given = getattr(args, "given", None)  # None: every setting counts as given
     changed = []
@@ -493,7 +488,7 @@ def _top_k_option(text: str | None, num_classes: int) -> tuple[int, ...]:
 
 def cmd_evaluate(args) -> int:
     from .augment import read_preprocess
-    from .checkpoint import load_model
+    from .checkpoint import checkpoint_in, load_model
     from .cli_images import load_eval_data
     from .dataloader import DataLoader
     from .metrics import to_json, worst_classes
@@ -504,9 +499,8 @@ def cmd_evaluate(args) -> int:
         from .plot import pyplot
 
         pyplot()  # no matplotlib: say so before the evaluation, not after
-    model, state = load_model(_checkpoint_of(args.checkpoint))
-    config = state.extra.get("config") if isinstance(state.extra, dict) else None
-    config = config if isinstance(config, dict) else {}
+    model, state = load_model(checkpoint_in(args.checkpoint))
+    config = state.config
     _, normalize = read_preprocess(config.get("preprocess"))  # as in training
     name = args.dataset or config.get("dataset") or "mnist-sample"
     num_classes = model.model_spec["num_classes"]

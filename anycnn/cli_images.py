@@ -168,8 +168,7 @@ def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
     from the model spec (``image_size`` square, ``in_channels``; bilinear; no mean/std; classes
     named by their index) and ``recorded`` is false."""
     extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-    config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
-    record = extra.get("preprocess") or config.get("preprocess")
+    record = extra.get("preprocess") or checkpoint.config.get("preprocess")
     num_classes = model.model_spec["num_classes"]
     if isinstance(record, dict):
         _check_record(record, checkpoint.path, num_classes)
@@ -210,12 +209,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``anycnn predict CHECKPOINT IMAGE...``: the top-k classes of each image."""
     import numpy as np
 
-    from .checkpoint import load_model
+    from .checkpoint import checkpoint_in, load_model
     from .images import pillow
     from .inference import predict_topk
 
-    path = Path(args.checkpoint)
-    path = path / "checkpoint.safetensors" if path.is_dir() else path
+    path = checkpoint_in(args.checkpoint)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     pillow()  # no Pillow: say so before loading the model

@@ -74,16 +74,15 @@ def plot_history(history: str | Path, output: str | Path) -> Path:
 
 def _run_of(history: Path) -> tuple[str | None, str]:
     """(title, name of the validation curve) from the checkpoint beside ``history``."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import RUN_CHECKPOINT, load_checkpoint
     from .datasets import validation_is_test
     from .errors import CheckpointError
 
     try:
-        extra = load_checkpoint(history.parent / "checkpoint.safetensors").extra
+        config = load_checkpoint(history.parent / RUN_CHECKPOINT).config
     except CheckpointError:  # plotting a history alone: no title
         return None, "validation"
-    config = extra.get("config") if isinstance(extra, dict) else None
-    if not isinstance(config, dict) or not config.get("model") or not config.get("dataset"):
+    if not config.get("model") or not config.get("dataset"):
         return None, "validation"
     model, dataset = str(config["model"]), str(config["dataset"])
     return f"{model} on {dataset}", "test" if validation_is_test(dataset) else "validation"
