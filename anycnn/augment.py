@@ -179,6 +179,15 @@ def _finite_floats(name: str, values: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
+def to_unit_range(xp: Any, raw: Any, dtype: str) -> Any:
+    """Images ``raw`` (..., C) as ``dtype`` floats in ``[0, 1]``: ``uint8`` pixels divided by
+    255 (one correctly rounded division, so bit-identical on every backend), float images only
+    cast (no copy when already of that dtype). The pixel scaling of the DataLoader, ``predict``
+    and ``anycnn predict``; normalisation (:class:`Normalize`) comes after it."""
+    x = xp.astype(raw, getattr(xp, dtype), copy=False)
+    return x / 255 if raw.dtype == xp.uint8 else x
+
+
 @dataclass(frozen=True)
 class Normalize:
     """Per-channel normalisation ``(x - mean[c]) / std[c]`` of images scaled to ``[0, 1]``.

@@ -192,9 +192,9 @@ def prepare(paths: list[str], record: dict[str, Any]):
     """Image files → the model's input as :func:`anycnn.predict` takes it: ``uint8`` NHWC
     pixels, or, when the record normalises, float32 ``x / 255`` normalised exactly as the
     :class:`~anycnn.dataloader.DataLoader` does (:meth:`anycnn.augment.Normalize.apply`)."""
-    import numpy as np
+    import array_api_compat.numpy as host_xp
 
-    from .augment import read_preprocess
+    from .augment import read_preprocess, to_unit_range
     from .images import load_images
 
     pixels = load_images(paths, tuple(record["image_size"]), record["channels"],
@@ -202,7 +202,7 @@ def prepare(paths: list[str], record: dict[str, Any]):
     _, normalize = read_preprocess(record)
     if normalize is None:
         return pixels
-    return normalize.apply(pixels.astype(np.float32) / np.float32(255))
+    return normalize.apply(to_unit_range(host_xp, pixels, "float32"))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

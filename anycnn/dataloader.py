@@ -34,7 +34,7 @@ from typing import Any
 import array_api_compat.numpy as host_xp
 import numpy as np
 
-from .augment import Augment, Normalize, preprocess_record
+from .augment import Augment, Normalize, preprocess_record, to_unit_range
 from .backend import Backend, asarray, get_backend
 from .datasets import ArrayDataset
 from .errors import ConfigError
@@ -89,7 +89,6 @@ class DataLoader:
         self.epoch = 0
         self.augment = _check_augment(augment, dataset)
         self.normalize = _check_normalize(normalize, dataset)
-        self._divisor = 255 if dataset.images.dtype == np.uint8 else None  # floats: as they are
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
 
     @property
@@ -161,14 +160,8 @@ class DataLoader:
             if backend is not None:
                 params = asarray(params, backend=backend)
             raw = self.augment.apply(raw, params)
-        x = self._scale(xp, raw)
+        x = to_unit_range(xp, raw, self.dtype)
         return x if self.normalize is None else self.normalize.apply(x)
-
-    def _scale(self, xp: Any, raw: Any) -> Any:
-        """Gathered images ``raw`` (B, H, W, C) as ``self.dtype`` in [0, 1]: ``uint8`` divided by
-        255, floats only cast (no copy when already of that dtype)."""
-        x = xp.astype(raw, getattr(xp, self.dtype), copy=False)
-        return x if self._divisor is None else x / self._divisor
 
     def __repr__(self) -> str:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "

@@ -28,9 +28,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy as host_xp
 import numpy as np
 
 from . import functional as F
+from .augment import to_unit_range
 from .backend import asarray, dtype_name, namespace_of, to_numpy
 from .errors import ConfigError, ShapeError
 from .metrics import check_top_k
@@ -108,19 +110,12 @@ def _as_nhwc(images: Any, expected: Shape) -> tuple[Any, bool]:
 def _to_model_input(chunk: Any, model_dtype: str, ref: Any) -> Any:
     """One chunk of raw images → floats in the model's dtype, on the model's backend/device."""
     if _is_host(chunk):
-        if chunk.dtype == np.uint8:
-            chunk = chunk.astype(model_dtype) / 255  # the DataLoader's scaling, bit for bit
-        else:
-            chunk = chunk.astype(model_dtype, copy=False)
+        chunk = to_unit_range(host_xp, np.asarray(chunk), model_dtype)  # as the DataLoader
         if ref is None:  # a model without parameters: the current backend
             return asarray(chunk)
         xp = namespace_of(ref)
         return xp.asarray(np.ascontiguousarray(chunk), device=array_api_compat.device(ref))
-    xp = namespace_of(chunk)
-    dtype = getattr(xp, model_dtype)
-    if chunk.dtype == xp.uint8:
-        return xp.astype(chunk, dtype) / 255
-    return chunk if chunk.dtype == dtype else xp.astype(chunk, dtype)
+    return to_unit_range(namespace_of(chunk), chunk, model_dtype)
 
 
 def _check_dtype(images: Any) -> None:
