@@ -311,7 +311,7 @@ class Trainer:
     def _sync_every(self, x: Any) -> int:
         if self.sync_every:
             return self.sync_every
-        return 1 if "cpu" in str(getattr(x, "device", "cpu")).lower() else 20
+        return 1 if _on_host(x) else 20
 
     def _check_finite(self, loss_value: float, first_step: int, last_step: int) -> bool:
         """True if finite; otherwise stop (raise) or count a skipped step."""
