@@ -259,7 +259,7 @@ def cmd_train(args) -> int:
     from . import optim, random
     from .augment import parse_augment, preprocess_record
     from .callbacks import BestCheckpoint, EarlyStopping, ProgressLog
-    from .checkpoint import RUN_CHECKPOINT
+    from .checkpoint import RUN_CHECKPOINT, load_checkpoint
     from .cli_images import load_train_data, normalise_dataset
     from .dataloader import DataLoader
     from .models import build_model, model_spec
@@ -269,9 +269,10 @@ def cmd_train(args) -> int:
     backend = _select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
     out, resume_from = _output_folder(args)
-    saved_config = {}
-    if resume_from is not None:
-        saved_config = _settings_from_checkpoint(args, resume_from)
+    saved, saved_config = None, {}
+    if resume_from is not None:  # read once: for its settings here, its state below
+        saved = load_checkpoint(resume_from)
+        saved_config = _settings_from_checkpoint(args, saved)
     if args.optimizer not in optim.OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
                           f"{', '.join(optim.OPTIMIZERS)}")
@@ -334,7 +335,7 @@ def cmd_train(args) -> int:
                       warmup_steps=args.warmup_steps,
                       config={k: v for k, v in vars(args).items() if k not in ("func", "given")})
     if resume_from is not None:
-        trainer.resume(resume_from)
+        trainer.resume(saved)
         _say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
              f"step {trainer.step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -428,7 +429,7 @@ _TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "wei
                      "augment")
 
 
-def _settings_from_checkpoint(args, path: Path) -> dict:
+def _settings_from_checkpoint(args, saved) -> dict:
     """Take the run's settings from the checkpoint to resume, unless given on the command line;
     returns the checkpoint's recorded config (``{}`` when there is none).
 
@@ -436,9 +437,8 @@ def _settings_from_checkpoint(args, path: Path) -> dict:
     (:data:`_DATA_SETTINGS`), and listed old -> new in a warning otherwise. Display options
     (``--quiet``, ``--log-every``) and ``--backend`` are never taken from the checkpoint.
     """
-    from .checkpoint import load_checkpoint
-
-    config = load_checkpoint(path).config
+    path = saved.path
+    config = saved.config
     if not config:
         return {}  # saved from Python: nothing recorded to compare with
     given = getattr(args, "given", None)  # None: every setting counts as given

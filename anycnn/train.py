@@ -280,14 +280,16 @@ class Trainer:
         self.last_checkpoint = written
         return written
 
-    def resume(self, path: str | Path) -> None:
-        """Restore model, optimizer, RNG, position and history from a checkpoint.
+    def resume(self, path: str | Path | ckpt.Checkpoint) -> None:
+        """Restore model, optimizer, RNG, position and history from a checkpoint (a file, or
+        one :func:`anycnn.checkpoint.load_checkpoint` has read already).
 
         Raises:
             CheckpointError: the file is bad, does not fit the model or optimizer, or its
                 training record (history, partial metrics) is malformed.
         """
-        state = ckpt.load_checkpoint(path)
+        state = path if isinstance(path, ckpt.Checkpoint) else ckpt.load_checkpoint(path)
+        path = state.path
         extra = state.extra if state.extra is not None else {}
         history = extra.get("history", []) if isinstance(extra, dict) else None
         partial = (extra.get("partial") or {}) if isinstance(extra, dict) else None
@@ -305,7 +307,7 @@ class Trainer:
         self.epoch, self.step = state.epoch, state.step
         self.history = list(history)
         self._partial = sums
-        self.last_checkpoint = Path(path)
+        self.last_checkpoint = Path(path) if path is not None else None
 
     # -- training ------------------------------------------------------------------------
     def _sync_every(self, x: Any) -> int:
