@@ -8,45 +8,35 @@ resolved at first use. (This also lets the CLI tune NumPy's BLAS before NumPy lo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports, names
 
 __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
-    "Backend": "backend", "asarray": "backend", "get_backend": "backend",
-    "to_numpy": "backend", "use_backend": "backend",
-    "AnycnnError": "errors", "BackendError": "errors", "BackendMismatchError": "errors",
-    "CheckpointError": "errors", "ConfigError": "errors", "DataError": "errors",
-    "ShapeError": "errors", "TrainingError": "errors",
-    "Module": "module", "Parameter": "module", "Sequential": "sequential",
-    "Concat": "containers", "Identity": "containers", "Residual": "containers",
-    "manual_seed": "random",
-    "load_model": "checkpoint", "load_weights": "checkpoint", "save": "checkpoint",
-    "predict": "inference", "predict_proba": "inference", "predict_topk": "inference",
-    "Summary": "summarize", "summary": "summarize",
+    **names("backend", "Backend", "asarray", "get_backend", "to_numpy", "use_backend"),
+    **names("errors", "AnycnnError", "BackendError", "BackendMismatchError", "CheckpointError",
+            "ConfigError", "DataError", "ShapeError", "TrainingError"),
+    **names("nn.module", "Module", "Parameter"), **names("nn.sequential", "Sequential"),
+    **names("nn.containers", "Concat", "Identity", "Residual"),
+    **names("random", "manual_seed"),
+    **names("io.checkpoint", "load_model", "load_weights", "save"),
+    **names("train.inference", "predict", "predict_proba", "predict_topk"),
+    **names("nn.summarize", "Summary", "summary"),
 }
-_SUBMODULES = {"backend", "bench", "checkpoint", "cli", "containers", "dataloader", "datasets",
-               "errors", "fastpath", "functional", "fusion", "geometry", "imagefolder", "images",
-               "inference", "init", "interop", "layers", "losses", "metrics", "models", "module",
-               "optim", "plot", "random", "schedules", "sequential", "summarize", "testing",
-               "train", "augment"}
+#: attribute -> the module or package it stands for (``anycnn.layers`` is ``anycnn.nn.layers``)
+_SUBMODULES = {
+    **{p: p for p in ("backend", "cli", "data", "errors", "fastpath", "io", "models", "nn",
+                      "optim", "random", "testing", "train")},
+    **{m: f"nn.{m}" for m in ("containers", "functional", "fusion", "geometry", "init", "layers",
+                              "losses", "module", "sequential", "summarize")},
+    **{m: f"data.{m}" for m in ("augment", "cifar", "dataloader", "datasets", "imagefolder",
+                                "images")},
+    **{m: f"train.{m}" for m in ("callbacks", "inference", "metrics")},
+    "schedules": "optim.schedules", "checkpoint": "io.checkpoint", "interop": "io.interop",
+    "bench": "cli.bench", "plot": "cli.plot",
+}
 
-__all__ = sorted([*_EXPORTS, "__version__", "functional", "init", "layers", "losses", "optim",
-                  "testing"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'anycnn' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+__all__ = sorted([*_EXPORTS, "__version__", "data", "functional", "init", "io", "layers",
+                  "losses", "nn", "optim", "testing", "train"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -1,13 +1,13 @@
 """Named model presets.
 
 A model is described by a small JSON-able *spec* ``{"name", "num_classes", "in_channels",
-"image_size"}``; :func:`build_model` turns a spec into a :class:`~anycnn.module.Sequential`, and
+"image_size"}``; :func:`build_model` turns a spec into a :class:`~anycnn.nn.module.Sequential`, and
 checkpoints store the spec so a model can be rebuilt anywhere. A preset's default input shape is
 its function's defaults (28x28x1 for the MNIST-sized ones, 32x32x3 for ``resnet20``).
 
 The residual presets are the CIFAR ResNets of He et al. (2016, section 4.2): a 3x3 convolution
 with 16 channels, stages of basic blocks (two 3x3 convolutions with BatchNorm around a
-:class:`~anycnn.containers.Residual`, ReLU after the sum) with 16, 32, 64 channels, stride 2 at
+:class:`~anycnn.nn.containers.Residual`, ReLU after the sum) with 16, 32, 64 channels, stride 2 at
 the first block of the later stages, a strided 1x1 convolution + BatchNorm shortcut where a block
 changes shape ("option B"), global average pooling and one Dense layer. They are fully
 convolutional: any image size works (``image_size`` only records the intended one).
@@ -19,11 +19,20 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .containers import Residual
 from .errors import ConfigError
-from .layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU
-from .module import Module
-from .sequential import Sequential
+from .nn.containers import Residual
+from .nn.layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    ReLU,
+)
+from .nn.module import Module
+from .nn.sequential import Sequential
 
 
 def _pooled(size: int, times: int) -> int:

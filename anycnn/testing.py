@@ -9,7 +9,7 @@ samples a subset of each tensor).
 
 The check runs in float64 whatever the module's dtype: a float32 module is cast for the check
 (``module.to("float64")``) and put back afterwards, bit for bit, with everything else it holds
-(see :func:`anycnn.module.preserved_state`): train/eval mode, parameter values and gradients,
+(see :func:`anycnn.nn.module.preserved_state`): train/eval mode, parameter values and gradients,
 buffers (BatchNorm running statistics move in training-mode forwards), what ``forward`` kept for
 ``backward``, and anycnn's global random generator. Float32 differences would be too coarse
 to tell a wrong gradient from rounding.
@@ -33,7 +33,7 @@ from array_api_compat import device
 
 from .backend import asarray, namespace_of, to_numpy
 from .errors import ConfigError
-from .module import Module, Parameter, preserved_state
+from .nn.module import Module, Parameter, preserved_state
 
 INPUT = "input"  #: the name of the input gradient in reports
 

@@ -12,9 +12,7 @@ import statistics
 import time
 
 import anycnn
-from anycnn.augment import Augment
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data import Augment, DataLoader, load_dataset
 from anycnn.models import build_model
 from anycnn.optim import SGD
 from anycnn.train import Trainer

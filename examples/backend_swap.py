@@ -12,10 +12,9 @@ import argparse
 import numpy as np
 
 import anycnn
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
-from anycnn.losses import SoftmaxCrossEntropy
+from anycnn.data import DataLoader, load_dataset
 from anycnn.models import build_model
+from anycnn.nn import SoftmaxCrossEntropy
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=5)

@@ -13,7 +13,7 @@ import numpy as np
 import anycnn
 from anycnn import layers as L
 from anycnn.backend import namespace_of
-from anycnn.dataloader import DataLoader
+from anycnn.data import DataLoader
 from anycnn.testing import check_gradients
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +52,7 @@ except AssertionError as error:
 model = anycnn.Sequential(L.Conv2D(1, 8, 3, padding=1), Scale(8), L.ReLU(), L.MaxPool2D(2),
                           L.Flatten(), L.Dense(14 * 14 * 8, 10))
 model.summary((28, 28, 1))
-data = anycnn.datasets.load_dataset("mnist-sample")
+data = anycnn.data.datasets.load_dataset("mnist-sample")
 trainer = anycnn.train.Trainer(model, anycnn.optim.Adam(model.parameters(), 1e-2), progress=False)
 trainer.fit(DataLoader(data.train.subset(np.arange(args.limit)), 64, shuffle=True),
             DataLoader(data.val, 256), epochs=args.epochs)

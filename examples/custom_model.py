@@ -1,4 +1,4 @@
-"""Build your own network from anycnn.layers, train it, use train() / eval() modes, save it.
+"""Build your own network from anycnn.nn.layers, train it, use train() / eval() modes, save it.
 
 The model uses BatchNorm2D (batch statistics in training, running statistics in eval), Dropout
 (random in training, identity in eval), AvgPool2D and GlobalAvgPool2D. Activations are NHWC and
@@ -13,8 +13,7 @@ import numpy as np
 
 import anycnn
 from anycnn import layers as L
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data import DataLoader, load_dataset
 from anycnn.train import Trainer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,11 +15,10 @@ import sys
 import numpy as np
 
 import anycnn
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
-from anycnn.interop import from_torch_state_dict, to_torch_state_dict, torch_module
+from anycnn.data import DataLoader, load_dataset
+from anycnn.io import from_torch_state_dict, to_torch_state_dict, torch_module
 from anycnn.models import build_model
-from anycnn.train import Trainer, predict
+from anycnn.train.trainer import Trainer, predict
 
 try:
     import torch

@@ -15,8 +15,7 @@ import numpy as np
 
 import anycnn
 from anycnn import layers as L
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data import DataLoader, load_dataset
 from anycnn.train import Trainer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

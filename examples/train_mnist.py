@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 import anycnn
-from anycnn.checkpoint import load_model
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data import DataLoader, load_dataset
+from anycnn.io import load_model
 from anycnn.models import build_model, model_spec
-from anycnn.schedules import make_schedule
-from anycnn.train import Trainer, evaluate, predict, predict_topk
+from anycnn.optim import make_schedule
+from anycnn.train.trainer import Trainer, evaluate, predict, predict_topk
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=3)

@@ -14,9 +14,8 @@ import numpy as np
 
 import anycnn
 from anycnn import layers as L
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
-from anycnn.losses import MSELoss
+from anycnn.data import DataLoader, load_dataset
+from anycnn.nn import MSELoss
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=2)

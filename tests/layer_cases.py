@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from anycnn.geometry import conv_output_size, conv_padding, pool_output_size
+from anycnn.nn.geometry import conv_output_size, conv_padding, pool_output_size
 
 
 def _conv_ok(case) -> bool:

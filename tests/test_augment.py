@@ -1,4 +1,4 @@
-"""anycnn.augment: crops, flips and normalisation against a slow per-image NumPy reference on
+"""anycnn.data.augment: crops, flips and normalisation against a slow per-image NumPy reference on
 every backend, their determinism and resume, auto statistics, the CLI record, and bad values.
 
 Batches are compared bit for bit across backends: crop and flip are gathers (copies of stored
@@ -18,13 +18,13 @@ import anycnn
 from anycnn import augment as A
 from anycnn import checkpoint as C
 from anycnn import optim
-from anycnn.augment import Augment, Normalize, parse_augment, read_preprocess
 from anycnn.backend import Backend, to_numpy
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import ArrayDataset, load_dataset
+from anycnn.data.augment import Augment, Normalize, parse_augment, read_preprocess
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import ArrayDataset, load_dataset
 from anycnn.errors import CheckpointError, ConfigError
-from anycnn.schedules import make_schedule
-from anycnn.train import Trainer, evaluate
+from anycnn.optim.schedules import make_schedule
+from anycnn.train.trainer import Trainer, evaluate
 from tests.test_reliability import isolated_env, make_tiny_dataset, run_main  # noqa: F401
 from tests.test_train import StopAfter, assert_same_run, tiny_model
 
@@ -366,7 +366,7 @@ def test_crop_too_large_for_the_images():
     DataLoader(ds, 4, augment=Augment(crop=2))  # half of 5, rounded down
     with pytest.raises(ConfigError, match=r"crop=3 is too large for 6x5 images.*at most 2"):
         DataLoader(ds, 4, augment=Augment(crop=3))
-    with pytest.raises(ConfigError, match=r"augment must be an anycnn\.augment\.Augment"):
+    with pytest.raises(ConfigError, match=r"augment must be an anycnn\.data\.augment\.Augment"):
         DataLoader(ds, 4, augment="crop")
 
 

@@ -185,7 +185,7 @@ def test_import_reads_nothing_and_numpy_backend_needs_neither_torch_nor_cupy():
         assert backend._current is None, "backend resolved at import"
         from anycnn.models import build_model
         model = build_model("simple-cnn")
-        loss = anycnn.losses.SoftmaxCrossEntropy()
+        loss = anycnn.nn.SoftmaxCrossEntropy()
         x = anycnn.asarray(np.zeros((2, 28, 28, 1), np.float32))
         loss.forward(model(x), anycnn.asarray(np.array([1, 2])))
         model.backward(loss.backward())
@@ -213,21 +213,21 @@ def test_import_is_lazy_and_the_cli_tunes_blas_before_numpy_loads():
         import os, sys
         import anycnn
         assert "numpy" not in sys.modules, "import anycnn loaded numpy"
-        from anycnn import cli
+        from anycnn.cli import commands as cli
         cli.tune_blas_threads()
         print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
     late = run_python("""
-        import os, numpy, anycnn.cli
-        anycnn.cli.tune_blas_threads()
+        import os, numpy, anycnn.cli.commands
+        anycnn.cli.commands.tune_blas_threads()
         print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
     """)
     assert late.stdout.strip() == "None"  # too late to matter: left alone
     mine = run_python("""
-        import os, anycnn.cli
-        anycnn.cli.tune_blas_threads()
+        import os, anycnn.cli.commands
+        anycnn.cli.commands.tune_blas_threads()
         print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
     """, OPENBLAS_THREAD_TIMEOUT="10")
     assert mine.stdout.strip() == "10"  # the user's choice wins

@@ -17,12 +17,12 @@ import pytest
 import anycnn
 from anycnn import checkpoint as C
 from anycnn import optim
-from anycnn.callbacks import BestCheckpoint, Callback, EarlyStopping, Monitor, ProgressLog
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import load_dataset
 from anycnn.errors import ConfigError
-from anycnn.schedules import StepDecay
-from anycnn.train import Trainer, _Sums
+from anycnn.optim.schedules import StepDecay
+from anycnn.train.callbacks import BestCheckpoint, Callback, EarlyStopping, Monitor, ProgressLog
+from anycnn.train.trainer import Trainer, _Sums
 
 from .test_train import REPRODUCIBLE, assert_same, tiny_model, weights
 

@@ -1,4 +1,5 @@
-"""anycnn.cifar: the CIFAR-10/100 binary reader, lookup, archive extraction and verified download.
+"""anycnn.data.cifar: the CIFAR-10/100 binary reader, lookup, archive extraction and verified
+download.
 
 Every file is generated here in the official binary format, with fewer records than the real
 ones: the ``small`` fixture replaces the official per-file record counts (50,000/10,000) by small
@@ -19,8 +20,8 @@ import numpy as np
 import pytest
 
 from anycnn import cifar, datasets
-from anycnn.cifar import read_cifar_file, read_class_names
-from anycnn.datasets import load_dataset, validation_is_test
+from anycnn.data.cifar import read_cifar_file, read_class_names
+from anycnn.data.datasets import load_dataset, validation_is_test
 from anycnn.errors import ConfigError, DataError
 from tests import test_datasets, test_reliability
 

@@ -1,5 +1,5 @@
 """The ``anycnn`` command line: train / evaluate / info / plot, in-process through
-``anycnn.cli.main`` and as ``python -m anycnn`` subprocesses; user mistakes give one error line,
+``anycnn.cli.commands`` and as ``python -m anycnn`` subprocesses; user mistakes give one error line,
 exit status 2 and no traceback.
 
 The runs use the backend under test (``ANYCNN_BACKEND``), lenet5 and ``--limit`` to stay fast.
@@ -20,11 +20,11 @@ import pytest
 import anycnn
 from anycnn import backend as backend_module
 from anycnn.backend import BACKEND_NAMES, CHOICES
-from anycnn.cli import main
-from anycnn.datasets import DATASETS
+from anycnn.cli.commands import main
+from anycnn.data.datasets import DATASETS
 from anycnn.models import MODELS
-from anycnn.optim import OPTIMIZERS
-from anycnn.schedules import SCHEDULES
+from anycnn.optim.optimizers import OPTIMIZERS
+from anycnn.optim.schedules import SCHEDULES
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--epochs", "1", "--limit", "256", "--batch-size", "64", "--quiet"]
@@ -119,7 +119,7 @@ def test_train_other_options(capsys, tmp_path):
 
 
 def test_train_early_stop_prints_one_line_exits_0_and_stays_stopped(capsys, tmp_path):
-    from anycnn.checkpoint import load_checkpoint
+    from anycnn.io.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     argv = ["train", *QUICK, "--epochs", "4", "--early-stop", "1", "--min-delta", "100",
@@ -144,7 +144,7 @@ def test_train_early_stop_prints_one_line_exits_0_and_stays_stopped(capsys, tmp_
 
 
 def test_train_monitor_chooses_what_best_safetensors_keeps(capsys, tmp_path):
-    from anycnn.checkpoint import load_checkpoint
+    from anycnn.io.checkpoint import load_checkpoint
 
     code, out, err = cli(capsys, "train", "--epochs", "2", "--limit", "256", "--monitor",
                          "train_loss", "--out", tmp_path / "run")
@@ -158,7 +158,7 @@ def test_train_monitor_chooses_what_best_safetensors_keeps(capsys, tmp_path):
 
 def test_train_piped_logs_lines_not_bars_with_warmup(tmp_path):
     """Not on a terminal: no progress bars, one line per epoch, --log-every step lines."""
-    from anycnn.schedules import Cosine
+    from anycnn.optim.schedules import Cosine
 
     run = python_m_anycnn("train", "--epochs", "2", "--limit", "256", "--batch-size", "64",
                           "--log-every", "2", "--warmup-steps", "8", "--out", "run",

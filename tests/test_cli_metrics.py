@@ -14,13 +14,13 @@ import pytest
 import anycnn
 from anycnn import backend as backend_module
 from anycnn import optim
-from anycnn.checkpoint import load_model
-from anycnn.cli import main
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import CLASS_NAMES, load_dataset
-from anycnn.metrics import to_json, worst_classes
+from anycnn.cli.commands import main
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import CLASS_NAMES, load_dataset
+from anycnn.io.checkpoint import load_model
 from anycnn.models import build_model
-from anycnn.train import Trainer, evaluate
+from anycnn.train.metrics import to_json, worst_classes
+from anycnn.train.trainer import Trainer, evaluate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,7 @@ def test_bad_top_k_is_one_line(capsys, checkpoint, value, fragments):
 
 
 def test_custom_model_file_says_to_use_load_weights(capsys, tmp_path):
-    model = anycnn.Sequential(anycnn.layers.Flatten(), anycnn.layers.Dense(784, 10))
+    model = anycnn.Sequential(anycnn.nn.Flatten(), anycnn.nn.Dense(784, 10))
     path = anycnn.save(model, tmp_path / "mine.safetensors")
     code, _, err = cli(capsys, "evaluate", path, "--json")
     assert_usage_error(code, err, "no model_spec", "anycnn.load_weights(model, ")
@@ -153,7 +153,7 @@ def test_confusion_plot_from_evaluate_and_from_its_json(capsys, checkpoint, tmp_
 
 def test_confusion_plot_with_long_class_names(tmp_path):
     pytest.importorskip("matplotlib")
-    from anycnn.plot import plot_confusion
+    from anycnn.cli.plot import plot_confusion
 
     matrix = np.arange(100).reshape(10, 10)
     written = plot_confusion(matrix, CLASS_NAMES["fashion-mnist"], tmp_path / "f.svg")
@@ -177,7 +177,7 @@ def test_plot_refuses_malformed_json(capsys, tmp_path, content, fragments):
 def test_confusion_plot_without_matplotlib_fails_before_evaluating(capsys, checkpoint,
                                                                    tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    monkeypatch.setattr("anycnn.train.evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr("anycnn.train.trainer.evaluate", lambda *a, **k: pytest.fail("evaluated"))
     code, _, err = cli(capsys, "evaluate", checkpoint, "--confusion-plot", tmp_path / "cm.png")
     assert_usage_error(code, err, "matplotlib", "pip install")
     assert not (tmp_path / "cm.png").exists()

@@ -14,10 +14,10 @@ import anycnn
 from anycnn import backend as backend_module
 from anycnn import layers as L
 from anycnn import losses, optim
-from anycnn.containers import Concat, Identity, Residual
 from anycnn.errors import ConfigError, ShapeError
-from anycnn.module import spatial_size
-from anycnn.sequential import Sequential
+from anycnn.nn.containers import Concat, Identity, Residual
+from anycnn.nn.module import spatial_size
+from anycnn.nn.sequential import Sequential
 from tests.rounding import assert_rounding_close
 from tests.test_gradcheck import check_layer
 
@@ -355,7 +355,7 @@ def unfused(model):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_block_runs_inside_a_residual_body(backend, rng, dtype):
-    from anycnn.fusion import ConvPoolRun
+    from anycnn.nn.fusion import ConvPoolRun
 
     def make():
         anycnn.manual_seed(6)
@@ -433,7 +433,7 @@ def test_resnet20_structure(backend):
 def test_bench_counts_flops_through_containers():
     """``anycnn bench`` sizes: resnet20's multiply-adds, summed by hand per convolution
     (Ho * Wo * kh * kw * C_in * C_out), include bodies and projection shortcuts."""
-    from anycnn.bench import flops_per_image, model_input_shape
+    from anycnn.cli.bench import flops_per_image, model_input_shape
 
     assert model_input_shape("resnet20") == (32, 32, 3)
     assert model_input_shape("resnet-mini") == (28, 28, 1)
@@ -486,7 +486,7 @@ def torch_logits(torch, module, x):
 
 @pytest.mark.parametrize("name", ["resnet20", "nested"])
 def test_torch_state_dict_round_trip(backend, torch, name):
-    from anycnn.interop import from_torch_state_dict, to_torch_state_dict, torch_module
+    from anycnn.io.interop import from_torch_state_dict, to_torch_state_dict, torch_module
     from anycnn.models import build_model
 
     if name == "resnet20":
@@ -515,7 +515,7 @@ def test_torch_state_dict_round_trip(backend, torch, name):
 
 
 def test_torch_module_mirrors_the_tree(backend, torch):
-    from anycnn.interop import to_torch_state_dict, torch_module
+    from anycnn.io.interop import to_torch_state_dict, torch_module
 
     model = unet_level("float32")
     module = torch_module(model, (6, 8, 2))
@@ -528,7 +528,7 @@ def test_torch_module_mirrors_the_tree(backend, torch):
 
 def test_flatten_after_concat_exports_with_the_joined_channel_count(backend, torch):
     """The Dense after Flatten is reordered for the channels Concat joins (2 + 3)."""
-    from anycnn.interop import torch_module
+    from anycnn.io.interop import torch_module
 
     model = Sequential(L.Conv2D(1, 2, 3), Concat(Identity(), L.Conv2D(2, 3, 1)), L.Flatten(),
                        L.Dense(5 * 6 * 6, 2))
@@ -538,7 +538,7 @@ def test_flatten_after_concat_exports_with_the_joined_channel_count(backend, tor
 
 
 def test_interop_refuses_joined_flat_features(backend):
-    from anycnn.interop import to_torch_state_dict
+    from anycnn.io.interop import to_torch_state_dict
 
     model = Sequential(L.Conv2D(1, 2, 3), Concat(L.Flatten(), L.Flatten()), L.Dense(72, 2))
     with pytest.raises(ConfigError, match=r"layer 1 \(Concat\) joins flattened features"):
@@ -561,7 +561,7 @@ def restore_backend():
 
 @pytest.mark.slow
 def test_train_resnet_mini_and_reload(backend, tmp_path, restore_backend, capsys):
-    from anycnn.cli import main
+    from anycnn.cli.commands import main
 
     out = tmp_path / "run"
     assert main(["train", "--model", "resnet-mini", "--limit", "256", "--epochs", "1",

@@ -1,4 +1,5 @@
-"""anycnn.dataloader: batch counts, per-epoch shuffles, scaling, identical batches everywhere."""
+"""anycnn.data.dataloader: batch counts, per-epoch shuffles, scaling, identical batches
+everywhere."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import anycnn
 from anycnn import backend as backend_module
 from anycnn import layers as L
 from anycnn.backend import Backend, to_numpy
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import ArrayDataset
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import ArrayDataset
 from anycnn.errors import ConfigError
-from anycnn.train import Trainer, evaluate
+from anycnn.train.trainer import Trainer, evaluate
 
 
 def make_dataset(n: int = 10, hw: int = 3, c: int = 2, seed: int = 0) -> ArrayDataset:

@@ -1,4 +1,5 @@
-"""anycnn.datasets: IDX reading, the bundled sample, directory lookup and verified downloads."""
+"""anycnn.data.datasets: IDX reading, the bundled sample, directory lookup and verified
+downloads."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from anycnn import datasets
-from anycnn.datasets import ArrayDataset, load_dataset, read_idx
+from anycnn.data.datasets import ArrayDataset, load_dataset, read_idx
 from anycnn.errors import ConfigError, DataError
 
 _CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}

@@ -146,7 +146,7 @@ def test_map_batch_propagates_errors(threads):
 def _simple_cnn_grads(x, y):
     anycnn.manual_seed(0)
     model = build_model("simple-cnn")
-    loss = anycnn.losses.SoftmaxCrossEntropy()
+    loss = anycnn.nn.SoftmaxCrossEntropy()
     loss.forward(model(anycnn.asarray(x)), anycnn.asarray(y))
     dx = model.backward(loss.backward())
     return [anycnn.to_numpy(dx)] + [anycnn.to_numpy(p.grad) for p in model.parameters()]
@@ -289,7 +289,7 @@ model = build_model("simple-cnn")
 rng = np.random.default_rng(0)
 x = anycnn.asarray(rng.random((64, 28, 28, 1), dtype=np.float32))
 y = anycnn.asarray(rng.integers(0, 10, 64))
-loss, opt = anycnn.losses.SoftmaxCrossEntropy(), anycnn.optim.SGD(model.parameters(), lr=0.01)
+loss, opt = anycnn.nn.SoftmaxCrossEntropy(), anycnn.optim.SGD(model.parameters(), lr=0.01)
 def step():
     model.zero_grad()
     loss.forward(model(x), y)

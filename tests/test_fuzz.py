@@ -4,7 +4,7 @@ archives) and the checkpoint loader.
 Random bytes, mutated valid files (byte flips, truncation, appended junk, gzip or not) and
 structurally edited headers go in; the only exceptions allowed out are anycnn's documented
 :class:`~anycnn.errors.DataError` (datasets) and :class:`~anycnn.errors.CheckpointError`
-(checkpoints), also through :func:`anycnn.checkpoint.load_model` and ``Trainer.resume``.
+(checkpoints), also through :func:`anycnn.io.checkpoint.load_model` and ``Trainer.resume``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import anycnn
 from anycnn import checkpoint as C
 from anycnn import cifar, optim
 from anycnn import random as R
-from anycnn.datasets import load_dataset, read_idx
+from anycnn.data.datasets import load_dataset, read_idx
 from anycnn.errors import CheckpointError, DataError
 from anycnn.models import build_model
-from anycnn.train import Trainer
+from anycnn.train.trainer import Trainer
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,4 +1,5 @@
-"""Image folders (anycnn.imagefolder) and image decoding (anycnn.images), on small PNG/JPEG files
+"""Image folders (anycnn.data.imagefolder) and image decoding (anycnn.data.images), on small
+PNG/JPEG files
 generated with Pillow into tmp_path: classes, conversions, the seeded split, the train/val layout,
 the decode cache (reused, invalidated, written atomically), bad images (skip / stop)."""
 
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 
 from anycnn import images as image_files
+from anycnn.data.imagefolder import ImageFolder, ImageFolderWarning, load_image_folder
 from anycnn.errors import ConfigError, DataError
-from anycnn.imagefolder import ImageFolder, ImageFolderWarning, load_image_folder
 
 Image = pytest.importorskip("PIL.Image")
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def truncated_png(path: Path, seed: int = 7) -> Path:
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """Counts calls of anycnn.images.load_image (one per decoded file)."""
+    """Counts calls of anycnn.data.images.load_image (one per decoded file)."""
     calls = []
     real = image_files.load_image
 
@@ -92,10 +93,10 @@ def test_classes_are_the_sorted_subfolders_and_other_files_are_ignored(tmp_path)
 
 
 def test_reexported_from_datasets():
-    import anycnn.datasets
+    import anycnn.data.datasets
 
-    assert anycnn.datasets.ImageFolder is ImageFolder
-    assert anycnn.datasets.load_image_folder is load_image_folder
+    assert anycnn.data.datasets.ImageFolder is ImageFolder
+    assert anycnn.data.datasets.load_image_folder is load_image_folder
 
 
 def test_pixels_are_converted_and_resized_as_pillow_does(tmp_path):
@@ -353,8 +354,9 @@ def test_missing_pillow_says_how_to_install(tmp_path, monkeypatch):
 def test_importing_anycnn_does_not_import_pillow():
     code = textwrap.dedent("""
         import sys
-        import anycnn, anycnn.cli, anycnn.datasets, anycnn.imagefolder, anycnn.images
-        anycnn.cli.build_parser()
+        import anycnn, anycnn.cli.commands, anycnn.data.datasets, anycnn.data.imagefolder
+        import anycnn.data.images
+        anycnn.cli.commands.build_parser()
         print([m for m in sys.modules if m.split(".")[0] == "PIL"])
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

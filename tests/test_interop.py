@@ -13,7 +13,7 @@ import anycnn
 from anycnn import layers as L
 from anycnn import losses, optim
 from anycnn.errors import CheckpointError, ConfigError
-from anycnn.interop import from_torch_state_dict, to_torch_state_dict, torch_module
+from anycnn.io.interop import from_torch_state_dict, to_torch_state_dict, torch_module
 from anycnn.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +199,7 @@ def test_unsupported_layer(backend):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, anycnn.interop; print('torch' in sys.modules)"
+    code = "import sys, anycnn.io.interop; print('torch' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANYCNN_")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

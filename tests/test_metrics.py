@@ -1,4 +1,4 @@
-"""anycnn.metrics and evaluate(top_k=, confusion=): top-k accuracy, per-class accuracy and the
+"""anycnn.train.metrics and evaluate(top_k=, confusion=): top-k accuracy, per-class accuracy and the
 confusion matrix against plain-Python/NumPy references on random logits full of ties, summed over
 uneven batches on the device, with no host read before the end."""
 
@@ -14,7 +14,8 @@ import pytest
 
 import anycnn
 from anycnn.errors import ConfigError, ShapeError
-from anycnn.metrics import (
+from anycnn.nn.module import Module
+from anycnn.train.metrics import (
     ClassificationMetrics,
     check_top_k,
     confusion_counts,
@@ -23,13 +24,12 @@ from anycnn.metrics import (
     true_class_ranks,
     worst_classes,
 )
-from anycnn.module import Module
-from anycnn.train import evaluate
+from anycnn.train.trainer import evaluate
 
 from .conftest import to_backend
 
 # --------------------------------------------------------------------------------------------
-# references: loops over examples, written from the definitions in anycnn.metrics' docstring
+# references: loops over examples, written from the definitions in anycnn.train.metrics' docstring
 
 
 def ref_ranking(row: np.ndarray) -> list[int]:
@@ -237,15 +237,15 @@ def test_evaluate_reads_the_device_once_at_the_end(monkeypatch, rng, batches):
     """On a non-CPU device (array-api-strict's "device1"), evaluate sums everything there: the
     number of reads does not grow with the number of batches."""
     array_api_strict = pytest.importorskip("array_api_strict")
-    import anycnn.metrics
-    import anycnn.train
+    import anycnn.train.metrics
+    import anycnn.train.trainer
 
     logits, labels = tied_problem(rng, n=16 * batches, c=5, absent=2)
     device = array_api_strict.Device("device1")
     loader = [(array_api_strict.asarray(logits[i:i + 16], device=device),
                array_api_strict.asarray(labels[i:i + 16], device=device))
               for i in range(0, len(labels), 16)]
-    reads = refuse_reads_except_through(monkeypatch, [anycnn.metrics, anycnn.train])
+    reads = refuse_reads_except_through(monkeypatch, [anycnn.train.metrics, anycnn.train.trainer])
     result = evaluate(Identity(), loader, top_k=(1, 2), confusion=True)
     assert len(reads) == 5  # loss and correct sums, the matrix, two top-k counts: once each
     np.testing.assert_array_equal(result["confusion_matrix"], ref_confusion(logits, labels, 5))
@@ -260,7 +260,8 @@ def test_confusion_counts_do_not_drop_repeated_pairs(backend):
 
 
 def test_importing_metrics_inference_and_plot_loads_no_torch_or_matplotlib():
-    code = ("import sys, numpy as np, anycnn, anycnn.metrics, anycnn.inference, anycnn.plot\n"
+    code = ("import sys, numpy as np, anycnn, anycnn.train.metrics, anycnn.train.inference\n"
+            "import anycnn.cli.plot\n"
             "anycnn.use_backend('numpy')\n"
             "from anycnn.models import build_model\n"
             "anycnn.predict(build_model('lenet5'), np.zeros((28, 28), np.uint8))\n"

@@ -99,7 +99,7 @@ def test_load_state_dict_round_trip(backend, rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
-    from anycnn.fusion import ConvPoolRun
+    from anycnn.nn.fusion import ConvPoolRun
 
     anycnn.manual_seed(5)
     fused = build_model("simple-cnn").to(dtype)
@@ -164,7 +164,7 @@ def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatc
     through the general path; values and gradients equal the unfused layers."""
     from anycnn import fastpath
     from anycnn import functional as F
-    from anycnn.fusion import ConvPoolRun, ConvReluMaxPool
+    from anycnn.nn.fusion import ConvPoolRun, ConvReluMaxPool
 
     def make():
         anycnn.manual_seed(4)
@@ -221,7 +221,7 @@ def test_conv_pool_run_reports_a_bad_block_by_its_layer(backend, rng):
     (dict(kernel_size=2, ceil_mode=True), False),        # partial windows: the fallback
 ], ids=["tiles", "gaps", "overlap", "padded", "ceil"])
 def test_fused_block_matches_layers_for_any_pooling(backend, rng, pool, planes):
-    from anycnn.fusion import ConvPoolRun, ConvReluMaxPool
+    from anycnn.nn.fusion import ConvPoolRun, ConvReluMaxPool
 
     def make():
         anycnn.manual_seed(2)

@@ -15,7 +15,7 @@ import pytest
 import anycnn
 from anycnn import layers as L
 from anycnn.errors import ConfigError, ShapeError
-from anycnn.sequential import Sequential
+from anycnn.nn.sequential import Sequential
 from tests.layer_cases import case_id, conv_transpose_cases, grouped_conv_cases
 from tests.test_gradcheck import check_layer
 
@@ -126,7 +126,7 @@ def test_grouped_conv2d_errors(backend, args, message):
 def test_grouped_conv_is_not_fused_and_ungrouped_still_is(backend, rng):
     """fusion.execution_plan leaves a grouped Conv2D → ReLU → MaxPool2D to the layers (same
     result as unfused), while a groups=1 block is still fused."""
-    from anycnn.fusion import ConvPoolRun
+    from anycnn.nn.fusion import ConvPoolRun
 
     def model(groups):
         anycnn.manual_seed(3)
@@ -437,7 +437,7 @@ def test_interop_round_trip_with_new_layers(backend, rng):
     """Export to a torch state_dict and nn.Module (same outputs), import back (same tensors)."""
     import torch
 
-    from anycnn.interop import from_torch_state_dict, to_torch_state_dict, torch_module
+    from anycnn.io.interop import from_torch_state_dict, to_torch_state_dict, torch_module
 
     model = _new_layers_model()
     for p in model.parameters():
@@ -461,7 +461,7 @@ def test_interop_round_trip_with_new_layers(backend, rng):
 
 
 def test_interop_refuses_grouped_norm_of_flattened_images(backend):
-    from anycnn.interop import to_torch_state_dict
+    from anycnn.io.interop import to_torch_state_dict
 
     model = Sequential(L.Conv2D(1, 2, 3), L.Flatten(), L.GroupNorm(2, 8))
     with pytest.raises(ConfigError) as err:

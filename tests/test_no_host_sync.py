@@ -12,10 +12,10 @@ import pytest
 
 import anycnn
 from anycnn import backend as B
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import load_dataset
 from anycnn.models import build_model
-from anycnn.train import Trainer, _Sums
+from anycnn.train.trainer import Trainer, _Sums
 
 
 def test_training_steps_do_not_touch_the_host(monkeypatch):
@@ -39,7 +39,7 @@ def test_training_steps_do_not_touch_the_host(monkeypatch):
                      "__dlpack__"):
             monkeypatch.setattr(array_api_strict._array_object.Array, name, refuse)
         real_asarray = B.asarray
-        monkeypatch.setattr("anycnn.dataloader.asarray",
+        monkeypatch.setattr("anycnn.data.dataloader.asarray",
                             lambda *a, **k: uploads.append(1) or real_asarray(*a, **k))
         monkeypatch.setattr(_Sums, "host", lambda self: (0.0, 0.0, self.seen))
         loader.set_epoch(0)

@@ -10,12 +10,12 @@ import pytest
 import anycnn
 from anycnn import functional as F
 from anycnn import layers as L
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import ArrayDataset, load_dataset
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import ArrayDataset, load_dataset
 from anycnn.errors import ConfigError, ShapeError
-from anycnn.inference import expected_input
 from anycnn.models import build_model
-from anycnn.train import predict, predict_proba, predict_topk
+from anycnn.train.inference import expected_input
+from anycnn.train.trainer import predict, predict_proba, predict_topk
 
 from .conftest import to_backend
 
@@ -39,7 +39,7 @@ def test_uint8_float_single_and_batch_agree(backend, lenet, digits):
     assert batch.dtype == np.float32
     # the DataLoader's own batch through the model: uint8 scaling is bit-identical
     x, _ = next(iter(DataLoader(ArrayDataset(images, labels, 10), 8)))
-    with anycnn.module.eval_mode(lenet):
+    with anycnn.nn.module.eval_mode(lenet):
         np.testing.assert_array_equal(batch, anycnn.to_numpy(lenet.forward(x)))
     same_batch = {
         "float32 host": images.astype(np.float32) / 255,

@@ -16,11 +16,11 @@ import pytest
 
 import anycnn
 from anycnn import backend as backend_module
-from anycnn.augment import read_preprocess
-from anycnn.cli import main
-from anycnn.cli_images import prepare
-from anycnn.imagefolder import ImageFolder, load_image_folder
-from anycnn.images import load_images
+from anycnn.cli.commands import main
+from anycnn.cli.predict import prepare
+from anycnn.data.augment import read_preprocess
+from anycnn.data.imagefolder import ImageFolder, load_image_folder
+from anycnn.data.images import load_images
 
 Image = pytest.importorskip("PIL.Image")
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,7 @@ def test_builtin_datasets_record_their_preprocessing_too(backend, capsys, tmp_pa
     record = checkpoint.extra["config"]["preprocess"]
     assert record["image_size"] == [28, 28] and record["channels"] == 1
     assert record["class_names"] == [str(d) for d in range(10)]
-    digits = anycnn.datasets.load_dataset("mnist-sample").val.images[:3]
+    digits = anycnn.data.datasets.load_dataset("mnist-sample").val.images[:3]
     files = [tmp_path / f"digit{i}.png" for i in range(3)]
     for pixels, path in zip(digits, files):
         Image.fromarray(pixels[..., 0]).save(path)

@@ -7,7 +7,7 @@ import pytest
 
 import anycnn
 from anycnn import layers as L
-from anycnn.geometry import conv_padding, pool_output_size
+from anycnn.nn.geometry import conv_padding, pool_output_size
 from tests.layer_cases import case_id, conv_cases, pool_cases
 
 

@@ -30,9 +30,10 @@ import pytest
 import anycnn
 from anycnn import backend as B
 from anycnn import checkpoint as C
-from anycnn import cli, errors, losses, optim
+from anycnn import errors, losses, optim
 from anycnn import layers as L
-from anycnn.datasets import ArrayDataset, load_dataset
+from anycnn.cli.commands import main
+from anycnn.data.datasets import ArrayDataset, load_dataset
 from anycnn.errors import (
     AnycnnError,
     BackendError,
@@ -44,7 +45,7 @@ from anycnn.errors import (
     TrainingError,
 )
 from anycnn.models import build_model
-from anycnn.schedules import make_schedule
+from anycnn.optim.schedules import make_schedule
 from tests.conftest import to_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,14 +417,14 @@ def isolated_env(tmp_path, monkeypatch):
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("ANYCNN_DATA_URL", "http://127.0.0.1:9/")  # closed port: refused
-    monkeypatch.setattr(B, "_current", B._current)  # cli.main may switch the backend
-    monkeypatch.setattr(anycnn.datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(B, "_current", B._current)  # cli.commands may switch the backend
+    monkeypatch.setattr(anycnn.data.datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
     return tmp_path
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:
     capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
+    rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -649,7 +650,7 @@ def test_cli_evaluate_good_checkpoint_and_subprocess_bad_one(tmp_path, tiny_data
 
 RUNNER = """
 import sys, time
-import anycnn.train as T
+import anycnn.train.trainer as T
 
 _step = T.Trainer.train_step
 
@@ -660,7 +661,7 @@ def slow_step(self, x, y, check):
     return out
 
 T.Trainer.train_step = slow_step
-from anycnn.cli import main
+from anycnn.cli.commands import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -812,7 +813,7 @@ def tiny_splits(seed: int = 0):
 
 
 def make_trainer(**kwargs):
-    from anycnn.train import Trainer
+    from anycnn.train.trainer import Trainer
 
     anycnn.manual_seed(0)
     spec = {"name": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 12}
@@ -822,7 +823,7 @@ def make_trainer(**kwargs):
 
 
 def loaders():
-    from anycnn.dataloader import DataLoader
+    from anycnn.data.dataloader import DataLoader
 
     train, val = tiny_splits()
     return DataLoader(train, 16, shuffle=True, seed=0), DataLoader(val, 16)

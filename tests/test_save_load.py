@@ -10,8 +10,8 @@ import pytest
 import anycnn
 from anycnn import layers as L
 from anycnn import random as anycnn_random
-from anycnn.checkpoint import load_checkpoint
 from anycnn.errors import CheckpointError
+from anycnn.io.checkpoint import load_checkpoint
 from anycnn.models import build_model
 
 
@@ -137,8 +137,8 @@ def test_weights_saved_on_numpy_load_on_the_backend_under_test(backend, tmp_path
 
 
 def test_top_level_names_are_lazy_exports():
-    import anycnn.checkpoint as C
-    import anycnn.inference as I
+    import anycnn.io.checkpoint as C
+    import anycnn.train.inference as I
 
     assert anycnn.save is C.save and anycnn.load_weights is C.load_weights
     assert anycnn.load_model is C.load_model and anycnn.predict is I.predict

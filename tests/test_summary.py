@@ -11,12 +11,12 @@ import pytest
 
 import anycnn
 from anycnn import layers as L
-from anycnn.bench import flops_per_image
+from anycnn.cli.bench import flops_per_image
 from anycnn.errors import ConfigError, ShapeError
-from anycnn.fusion import ConvPoolRun
 from anycnn.models import MODELS, build_model
-from anycnn.module import Module
-from anycnn.summarize import SummaryRow
+from anycnn.nn.fusion import ConvPoolRun
+from anycnn.nn.module import Module
+from anycnn.nn.summarize import SummaryRow
 
 LENET5 = [  # name, type, output shape, params, forward FLOPs per image
     ("0", "Conv2D", (None, 28, 28, 6), 156, 235_200),

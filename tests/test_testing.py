@@ -16,7 +16,7 @@ import pytest
 import anycnn
 from anycnn import layers as L
 from anycnn.errors import ConfigError
-from anycnn.module import Module, Parameter, make_array
+from anycnn.nn.module import Module, Parameter, make_array
 from anycnn.testing import GradientCheckError, check_gradients
 
 

@@ -12,13 +12,13 @@ import pytest
 import anycnn
 from anycnn import layers as L
 from anycnn import optim
-from anycnn.checkpoint import load_model
-from anycnn.dataloader import DataLoader
-from anycnn.datasets import load_dataset
+from anycnn.data.dataloader import DataLoader
+from anycnn.data.datasets import load_dataset
 from anycnn.errors import ConfigError
+from anycnn.io.checkpoint import load_model
 from anycnn.models import build_model, model_spec
-from anycnn.schedules import Constant, Cosine, StepDecay, make_schedule
-from anycnn.train import Trainer, evaluate, predict
+from anycnn.optim.schedules import Constant, Cosine, StepDecay, make_schedule
+from anycnn.train.trainer import Trainer, evaluate, predict
 from tests.rounding import assert_rounding_close
 
 RECORD_KEYS = {"epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",

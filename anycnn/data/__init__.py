@@ -1,0 +1,28 @@
+"""Data: datasets and their readers, the batch loader, and augmentation.
+
+* :mod:`~anycnn.data.datasets` — ``load_dataset`` (MNIST, Fashion-MNIST, CIFAR, image folders,
+  the bundled MNIST sample), ``ArrayDataset``, IDX reading and verified downloads;
+* :mod:`~anycnn.data.cifar`, :mod:`~anycnn.data.imagefolder`, :mod:`~anycnn.data.images` —
+  the CIFAR binary reader, image folders and image decoding (Pillow, imported when used);
+* :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
+* :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device.
+
+This folder also holds the bundled sample (``t10k-*-idx*-ubyte.gz``, the canonical MNIST test
+set) as package data.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports, names
+
+_EXPORTS = {
+    **names("datasets", "ArrayDataset", "Splits", "load_dataset", "read_idx"),
+    **names("dataloader", "DataLoader"),
+    **names("augment", "Augment", "Normalize"),
+    **names("imagefolder", "ImageFolder", "load_image_folder"),
+    **names("cifar", "load_cifar"),
+}
+_SUBMODULES = {m: m for m in ("augment", "cifar", "dataloader", "datasets", "imagefolder",
+                              "images")}
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

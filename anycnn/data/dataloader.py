@@ -1,0 +1,197 @@
+"""Mini-batches of an :class:`~anycnn.data.datasets.ArrayDataset` on the current backend.
+
+Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) in ``[0, 1]``, ``y`` int64 ``(B,)``,
+both on :func:`anycnn.backend.get_backend` as it is when iteration starts. ``x`` holds
+``images / 255`` for ``uint8`` images, and float images (already in ``[0, 1]``) as they are, only
+cast to the loader's dtype. The cast and the scaling are each correctly rounded, so batches are
+bit-identical on every backend and in both modes:
+
+* default: gather the batch on the host (``np.take``), scale it, copy it to the device;
+* ``device_resident=True``: copy the whole dataset to the device once (first iteration; in its
+  own dtype, so ``uint8`` images take a quarter of the memory of float32), then per batch move
+  only the index vector and gather (``xp.take``) and scale on the device.
+
+Shuffling is deterministic per epoch: epoch ``e`` uses the permutation drawn from
+``np.random.default_rng([seed, e])``, so a resumed run sees the same order (call
+:meth:`DataLoader.set_epoch` before iterating; the default is epoch 0).
+
+Optional per-batch preprocessing (:mod:`anycnn.data.augment`): ``augment=Augment(crop, flip)`` and
+``normalize=Normalize(mean, std)`` (or ``"auto"``: statistics of this loader's dataset), applied
+in the order crop -> flip -> scale to ``[0, 1]`` -> normalise, where the batch is gathered (on
+the host by default, on the device with ``device_resident``; with an augmentation the batch's
+``(3, B)`` int64 crop/flip parameters cross the bus too). Crops and flips depend only on (seed,
+epoch, batch number), so they too are the same on every backend, in both modes and after
+:meth:`DataLoader.iter_from`. Validation and test loaders take the *training* loader's
+``normalize`` and no ``augment``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from typing import Any
+
+import array_api_compat.numpy as host_xp
+import numpy as np
+
+from ..backend import Backend, asarray, get_backend
+from ..errors import ConfigError
+from .augment import Augment, Normalize, preprocess_record, to_unit_range
+from .datasets import ArrayDataset
+
+_FLOAT_DTYPES = ("float32", "float64")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        bound = "a positive" if minimum == 1 else "a non-negative"
+        raise ConfigError(f"{name} must be {bound} integer, got {value!r}")
+    return int(value)
+
+
+class DataLoader:
+    """Iterate over ``dataset`` in batches of ``batch_size``; ``len(loader)`` is the batch count.
+
+    Args:
+        dataset: the examples (host NHWC images, ``uint8`` or floats in ``[0, 1]``; ``int64``
+            labels).
+        batch_size: examples per batch (the last one may be smaller unless ``drop_last``).
+        shuffle: visit the examples in a per-epoch permutation instead of in order.
+        seed: selects the permutations (with the epoch number).
+        drop_last: skip a final batch smaller than ``batch_size``.
+        device_resident: keep the whole dataset on the device and gather batches there.
+        dtype: ``"float32"`` (default) or ``"float64"`` for ``x``.
+        augment: random crop/flip of each training batch (:class:`~anycnn.data.augment.Augment`),
+            or None.
+        normalize: a :class:`~anycnn.data.augment.Normalize`, ``"auto"`` (computed once from this
+            loader's images, see :meth:`Normalize.from_images`), or None.
+
+    Raises:
+        ConfigError: an argument is out of range, the crop is too large for the images, or
+            ``normalize`` has another channel count than the images.
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, device_resident: bool = False,
+                 dtype: str = "float32", augment: Augment | None = None,
+                 normalize: Normalize | str | None = None) -> None:
+        if not isinstance(dataset, ArrayDataset):
+            raise ConfigError(f"dataset must be an ArrayDataset, got {type(dataset).__name__}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {dtype!r}")
+        self.dataset = dataset
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.device_resident = bool(device_resident)
+        self.dtype = dtype
+        self.epoch = 0
+        self.augment = _check_augment(augment, dataset)
+        self.normalize = _check_normalize(normalize, dataset)
+        self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """This loader's preprocessing as JSON-able data (what checkpoints record; see
+        :func:`anycnn.data.augment.preprocess_record`)."""
+        return preprocess_record(self.augment, self.normalize)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s permutation for the following iterations."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> np.ndarray:
+        """The int64 example indices of the current epoch, in visiting order."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(np.int64)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[Any, Any]]:
+        """The current epoch's batches from batch number ``start`` on (to resume mid-epoch);
+        the skipped batches are not built."""
+        start = _check_int("start", start, 0)
+        if start > len(self):
+            raise ConfigError(f"start must be at most {len(self)} (the number of batches), "
+                              f"got {start}")
+        return self._generate(start)
+
+    def _generate(self, start: int) -> Iterator[tuple[Any, Any]]:
+        backend = get_backend()
+        order = self.order()
+        if self.device_resident:  # one upload of the epoch's order, then slices on the device
+            order = asarray(order, backend=backend)
+        n = len(self.dataset)
+        for b in range(start, len(self)):
+            stop = min((b + 1) * self.batch_size, n)
+            index = order[b * self.batch_size:stop]
+            if self.device_resident:
+                yield self._device_batch(backend, b, index)
+            else:
+                yield self._host_batch(backend, b, index)
+
+    def _host_batch(self, backend: Backend, b: int, index: np.ndarray) -> tuple[Any, Any]:
+        x = self._prepare(host_xp, np.take(self.dataset.images, index, axis=0), b, None)
+        y = np.take(self.dataset.labels, index)
+        return asarray(x, backend=backend), asarray(y, backend=backend)
+
+    def _device_batch(self, backend: Backend, b: int, index: Any) -> tuple[Any, Any]:
+        if self._resident is None or self._resident[0] != backend:
+            self._resident = (backend, asarray(self.dataset.images, backend=backend),
+                              asarray(self.dataset.labels, backend=backend))
+        _, images, labels = self._resident
+        xp = backend.xp
+        x = self._prepare(xp, xp.take(images, index, axis=0), b, backend)
+        return x, xp.take(labels, index, axis=0)
+
+    def _prepare(self, xp: Any, raw: Any, b: int, backend: Backend | None) -> Any:
+        """Batch number ``b``'s gathered images ``raw`` (B, H, W, C), on the host
+        (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised."""
+        if self.augment is not None:
+            params = self.augment.draw(self.seed, self.epoch, b, raw.shape[0])
+            if backend is not None:
+                params = asarray(params, backend=backend)
+            raw = self.augment.apply(raw, params)
+        x = to_unit_range(xp, raw, self.dtype)
+        return x if self.normalize is None else self.normalize.apply(x)
+
+    def __repr__(self) -> str:
+        return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
+                f"device_resident={self.device_resident}, dtype={self.dtype!r}, "
+                f"augment={self.augment!r}, normalize={self.normalize!r})")
+
+
+def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
+    if augment is None:
+        return None
+    if not isinstance(augment, Augment):
+        raise ConfigError(f"augment must be an anycnn.data.augment.Augment or None, got "
+                          f"{type(augment).__name__}")
+    h, w, _ = dataset.image_shape
+    augment.check_image_shape(h, w)
+    return augment if augment.active else None
+
+
+def _check_normalize(normalize: Any, dataset: ArrayDataset) -> Normalize | None:
+    if normalize is None:
+        return None
+    if isinstance(normalize, str) and normalize == "auto":
+        return Normalize.from_images(dataset.images)
+    if not isinstance(normalize, Normalize):
+        raise ConfigError("normalize must be an anycnn.data.augment.Normalize, 'auto' or None, "
+                          f"got "
+                          f"{normalize!r}")
+    channels = dataset.image_shape[2]
+    if normalize.channels != channels:
+        raise ConfigError(f"normalize has {normalize.channels} mean/std value(s) but the images "
+                          f"have {channels} channel(s)")
+    return normalize

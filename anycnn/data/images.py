@@ -1,0 +1,164 @@
+"""Image files to arrays: decode (Pillow), convert to grayscale or RGB, resize.
+
+One function, :func:`load_image`, turns one file into the pixels a model sees; the image-folder
+dataset (:mod:`anycnn.data.imagefolder`) and ``anycnn predict`` both call it, so training and
+prediction prepare images identically. :func:`load_images` stacks several.
+
+Layout: ``np.uint8`` pixels, channels last: one image is ``(H, W, C)``, a batch ``(N, H, W, C)``,
+``C`` = 1 (grayscale) or 3 (RGB). The steps, in order:
+
+1. decode with Pillow (``Image.open``, fully loaded; any format Pillow reads: PNG, JPEG, BMP,
+   GIF (first frame), WebP, TIFF, ...);
+2. turn it upright by its EXIF orientation tag (``ImageOps.exif_transpose``; photos from phones);
+3. convert the mode: ``channels=1`` is Pillow's ``convert("L")`` (ITU-R 601-2 luma),
+   ``channels=3`` is ``convert("RGB")`` (palette images expanded; an alpha channel is dropped,
+   not composited);
+4. resize to ``size = (H, W)`` when the image differs, with Pillow's resampling filter
+   ``resample`` (default ``"bilinear"``: Pillow's bilinear filter, which widens its support
+   when shrinking, i.e. antialiased); the aspect ratio is not kept (the image is stretched, as
+   Keras's ``image_dataset_from_directory`` does by default).
+
+Pillow is an optional dependency (``pip install 'anycnn[images]'``) imported at first use,
+never when anycnn is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+#: names accepted for ``resample`` → Pillow's ``Image.Resampling`` member
+RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "box", "hamming", "nearest")
+
+#: Pillow modes that hold no colour: the default channel count of such images is 1
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
+
+INSTALL_HINT = "pip install 'anycnn[images]' (or pip install pillow)"
+
+
+def pillow() -> Any:
+    """The ``PIL.Image`` module, or a :class:`~anycnn.errors.ConfigError` saying how to install
+    it."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ConfigError(f"reading image files needs Pillow: {INSTALL_HINT}") from exc
+    return Image
+
+
+def check_options(size: Sequence[int] | int | None, channels: int | None,
+                  resample: str) -> tuple[tuple[int, int] | None, int | None, str]:
+    """``(size as (H, W) or None, channels, resample)``, validated.
+
+    ``size`` may be one integer (square) or ``(H, W)``; ``channels`` 1, 3 or ``None``.
+
+    Raises:
+        ConfigError: a size that is not one or two positive integers, another channel count,
+            an unknown filter (the valid ones are listed).
+    """
+    if size is not None:
+        pair = (size, size) if isinstance(size, int | np.integer) else tuple(size)
+        if len(pair) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
+                                     and v >= 1 for v in pair):
+            raise ConfigError(f"image size must be a positive integer or (H, W), got {size!r}")
+        size = (int(pair[0]), int(pair[1]))
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if resample not in RESAMPLE_FILTERS:
+        raise ConfigError(f"unknown resize filter {resample!r}; valid names: "
+                          f"{', '.join(RESAMPLE_FILTERS)}")
+    return size, channels, resample
+
+
+def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
+    """``((H, W), channels)`` of an image file from its header, without decoding the pixels
+    (``channels`` is 1 for grayscale modes, 3 otherwise; EXIF rotation not applied).
+
+    Raises:
+        DataError: naming the file, when it is missing, unreadable or not an image.
+    """
+    Image = pillow()
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            mode = img.mode
+    except Exception as exc:  # Pillow raises many types for bad files; all mean "not usable"
+        raise DataError(_reason(path, exc)) from exc
+    return (height, width), 1 if mode in GRAY_MODES else 3
+
+
+def load_image(path: str | os.PathLike, size: Sequence[int] | int | None = None,
+               channels: int | None = 3, resample: str = "bilinear") -> np.ndarray:
+    """One image file as ``uint8`` ``(H, W, C)`` pixels (see the module docstring for the steps).
+
+    Args:
+        path: the file.
+        size: ``(H, W)`` or one integer for a square; ``None`` keeps the file's size.
+        channels: 1 (grayscale) or 3 (RGB); ``None`` keeps grayscale images grayscale and makes
+            every other mode RGB.
+        resample: one of :data:`RESAMPLE_FILTERS`.
+
+    Raises:
+        DataError: naming the file, when it is missing, unreadable, truncated or not an image.
+        ConfigError: bad options, or Pillow is not installed.
+    """
+    size, channels, resample = check_options(size, channels, resample)
+    Image = pillow()
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if channels is None:
+                channels = 1 if img.mode in GRAY_MODES else 3
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and (img.height, img.width) != size:
+                filt = getattr(Image.Resampling, resample.upper())
+                img = img.resize((size[1], size[0]), filt)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # truncated data, bad chunks, unsupported codecs, bombs, ...
+        raise DataError(_reason(path, exc)) from exc
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def load_images(paths: Iterable[str | os.PathLike], size: Sequence[int] | int | None = None,
+                channels: int | None = 3, resample: str = "bilinear") -> np.ndarray:
+    """Several image files as one ``uint8`` batch ``(N, H, W, C)``, each through
+    :func:`load_image` with the same options. ``size=None`` works only when every file has the
+    same size; ``channels=None`` only when they agree on grayscale or colour.
+
+    ``anycnn.predict(model, load_images(paths, (H, W), C))`` gives what ``anycnn predict``
+    prints for a model trained on ``(H, W, C)`` images.
+
+    Raises:
+        DataError: a file cannot be read (named), or the images differ in shape.
+    """
+    arrays = [load_image(p, size, channels, resample) for p in paths]
+    if not arrays:
+        raise DataError("no image files given")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(f"the images have different shapes {sorted(shapes)}: give a size "
+                        "(and channels) to convert them to")
+    return np.stack(arrays)
+
+
+def _reason(path: str | os.PathLike, exc: Exception) -> str:
+    """``"<path>: <why>"`` in one line for an image Pillow could not read."""
+    if isinstance(exc, FileNotFoundError):
+        why = "no such file"
+    elif isinstance(exc, IsADirectoryError):
+        why = "is a directory, not an image"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied"
+    elif type(exc).__name__ == "UnidentifiedImageError":
+        why = "not an image file Pillow can read"
+    else:
+        why = f"cannot decode image ({type(exc).__name__}: {exc})"
+    return f"{os.fspath(path)}: {why}"

@@ -1,0 +1,15 @@
+"""Saving and moving models: checkpoints (:mod:`~anycnn.io.checkpoint`, safetensors, atomic) and
+PyTorch interop (:mod:`~anycnn.io.interop`: ``state_dict`` names and layouts)."""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports, names
+
+_EXPORTS = {
+    **names("checkpoint", "Checkpoint", "save_checkpoint", "load_checkpoint", "save",
+            "load_weights", "load_model"),
+    **names("interop", "to_torch_state_dict", "from_torch_state_dict", "torch_module"),
+}
+_SUBMODULES = {m: m for m in ("checkpoint", "interop")}
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -1,0 +1,83 @@
+"""Loss functions: ``forward(prediction, target)`` returns a 0-d mean loss, ``backward()`` the
+gradient with respect to the prediction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..backend import namespace_of
+from ..errors import ConfigError, ShapeError
+from . import functional as F
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by cross-entropy, averaged over the batch (numerically stable).
+
+    ``forward(logits, labels)``: logits ``(N, K)`` float, labels ``(N,)`` integers in ``[0, K)``.
+    ``label_smoothing`` ``e`` mixes the one-hot target with the uniform one, as in PyTorch.
+    ``check_labels`` reads the labels' range back to the host on every call; the Trainer turns
+    it off when it does not synchronise every step (GPUs), since datasets check labels on load.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, check_labels: bool = True) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self.check_labels = bool(check_labels)
+        self._grad = None
+
+    def forward(self, logits: Any, labels: Any) -> Any:
+        xp = namespace_of(logits, labels)
+        if logits.ndim != 2:
+            raise ShapeError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
+        if not xp.isdtype(logits.dtype, "real floating"):
+            raise ShapeError(f"logits must be floating-point, got dtype {logits.dtype}")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ShapeError(f"logits must hold at least one example and one class, got shape "
+                             f"{tuple(logits.shape)} (the mean over an empty batch is undefined)")
+        if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+            raise ShapeError(f"labels must be ({logits.shape[0]},) to match logits "
+                             f"{tuple(logits.shape)}, got shape {tuple(labels.shape)}")
+        if not xp.isdtype(labels.dtype, "integral"):
+            raise ShapeError(f"labels must be integers, got dtype {labels.dtype}")
+        k = logits.shape[1]
+        if self.check_labels and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= k):
+            raise ShapeError(f"labels must be in [0, {k}), got values in "
+                             f"[{int(xp.min(labels))}, {int(xp.max(labels))}]")
+        loss, self._grad = F.softmax_cross_entropy_forward(logits, labels, self.label_smoothing)
+        return loss
+
+    __call__ = forward
+
+    def backward(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
+        return self._grad
+
+
+class MSELoss:
+    """Mean squared error over all elements; prediction and target of the same shape."""
+
+    def __init__(self) -> None:
+        self._grad = None
+
+    def forward(self, pred: Any, target: Any) -> Any:
+        xp = namespace_of(pred, target)
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ShapeError(f"MSELoss: prediction shape {tuple(pred.shape)} differs from target "
+                             f"shape {tuple(target.shape)}")
+        for what, a in (("prediction", pred), ("target", target)):
+            if not xp.isdtype(a.dtype, "real floating"):
+                raise ShapeError(f"MSELoss: {what} must be floating-point, got dtype {a.dtype}")
+        if math.prod(pred.shape) == 0:
+            raise ShapeError("MSELoss: empty prediction (the mean over no elements is undefined)")
+        loss, self._grad = F.mse_forward(pred, target)
+        return loss
+
+    __call__ = forward
+
+    def backward(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError("MSELoss.backward called before forward")
+        return self._grad

@@ -1,0 +1,258 @@
+"""Parameters and the :class:`Module` base class (containers live in :mod:`anycnn.nn.sequential`).
+
+A module's ``forward(x)`` returns its output and keeps what ``backward`` needs; ``backward(dy)``
+returns the input gradient and *accumulates* parameter gradients into ``Parameter.grad`` (which
+``zero_grad`` resets to ``None``). Parameters and child modules are found from the instance's
+attributes in the order they were assigned, which gives stable dotted names (``"0.weight"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from array_api_compat import device
+
+from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
+from ..errors import CheckpointError
+
+
+class Parameter:
+    """A trainable array: ``data`` (assign to replace the value) and ``grad`` (or ``None``)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.grad: Any = None
+
+    def accumulate(self, grad: Any) -> None:
+        """Add ``grad`` to ``self.grad`` (the first gradient is stored as is)."""
+        self.grad = grad if self.grad is None else self.grad + grad
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+
+
+def make_array(host: np.ndarray, dtype: str) -> Any:
+    """Cast host values to ``dtype`` on the host, then copy to the current backend."""
+    return asarray(np.asarray(host).astype(dtype), backend=get_backend())
+
+
+class Module:
+    """Base class of layers and containers."""
+
+    training: bool = True
+    #: names of non-trainable state arrays saved in checkpoints (e.g. BatchNorm running stats)
+    buffer_names: tuple[str, ...] = ()
+
+    # -- composition ---------------------------------------------------------------------
+    def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:  # pragma: no cover
+        """Accumulate parameter gradients; return the input gradient (``None`` is allowed when
+        ``input_grad`` is False: the caller does not need it, so layers may skip computing it)."""
+        raise NotImplementedError
+
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
+        """Spatial size ``(H, W)`` of the NHWC output for an NHWC input of spatial size ``hw``;
+        None when unknown or when the output is not NHWC (the default). Integer arithmetic on
+        the host, used only to explain shape errors (see :func:`spatial_size`)."""
+        return None
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """``(dotted name, Parameter)`` pairs, own parameters first, then children's."""
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name in self.buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def modules(self) -> Iterator[Module]:
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    # -- modes and gradients ------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers by dotted name (backend arrays, not copies)."""
+        state = {name: p.data for name, p in self.named_parameters()}
+        state.update(self.named_buffers())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace parameters and buffers from ``state`` (host or backend arrays).
+
+        Values are copied onto the current backend keeping each target's dtype.
+
+        Raises:
+            CheckpointError: a name is missing or unexpected, or a shape differs (the first
+                mismatching tensor and both shapes are named).
+        """
+        own = self.state_dict()
+        for name, target in own.items():
+            if name not in state:
+                raise CheckpointError(f"tensor {name!r} (shape {tuple(target.shape)}) is missing "
+                                      "from the state: it was saved from a different model")
+            shape = tuple(state[name].shape)
+            if shape != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {shape} in the state but "
+                    f"{tuple(target.shape)} in the model: it was saved from a different model")
+        extra = [k for k in state if k not in own]
+        if extra:
+            raise CheckpointError(f"the state has tensors the model lacks: {extra[:5]}")
+        params = dict(self.named_parameters())
+        for name, target in own.items():
+            new = _like(target, to_numpy(state[name]))
+            if name in params:
+                params[name].data = new
+            else:
+                owner, attr = self._locate(name)
+                setattr(owner, attr, new)
+
+    def _locate(self, dotted: str) -> tuple[Module, str]:
+        *path, attr = dotted.split(".")
+        owner: Module = self
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, attr
+
+    def to(self, dtype: str) -> Module:
+        """Cast every floating parameter and buffer to ``dtype`` (``"float32"``/``"float64"``)."""
+        for m in self.modules():
+            for value in vars(m).values():
+                if isinstance(value, Parameter):
+                    value.data = _cast(value.data, dtype)
+                    value.grad = None
+            for name in m.buffer_names:
+                setattr(m, name, _cast(getattr(m, name), dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        return ""
+
+    # -- inspection ----------------------------------------------------------------------
+    def flops(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+        """Forward FLOPs of this module's *own* computation (its children are counted by
+        themselves) for one call on an input of ``input_shape`` giving ``output_shape`` (both
+        with the batch axis; the count is for the whole batch). Counted: 2 per multiply-add of
+        the matrix products (convolutions, dense layers); elementwise work (bias, activations,
+        pooling, normalisation) counts 0. Default 0; :func:`anycnn.summary` sums the tree."""
+        return 0
+
+    def summary(self, input_shape: tuple[int, ...], print_fn: Any = print) -> None:
+        """Print the layer table of :func:`anycnn.summary` for per-image
+        ``input_shape`` (e.g. ``(28, 28, 1)``, no batch axis) with ``print_fn``."""
+        from .summarize import summary
+
+        print_fn(str(summary(self, input_shape)))
+
+    def __repr__(self) -> str:
+        children = list(self.named_children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+
+@contextlib.contextmanager
+def eval_mode(model: Module) -> Iterator[Module]:
+    """Run the block with every submodule of ``model`` in eval mode, then give each submodule
+    back its own previous mode (also when the block raises)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def preserved_state(model: Module) -> Iterator[Module]:
+    """Run the block, then put ``model`` back as it was (also when the block raises): every
+    submodule's attributes (mode, what ``forward`` kept for ``backward``, buffers, attributes
+    set on the instance such as a wrapped ``forward``), every parameter's ``data`` and ``grad``
+    (the same array objects), and anycnn's global random generator. The block must not write
+    into those arrays in place (anycnn's layers never do: they assign new arrays)."""
+    from .. import random
+
+    attributes = [(m, dict(vars(m))) for m in {id(m): m for m in model.modules()}.values()]
+    params = {id(p): (p, p.data, p.grad) for p in model.parameters()}.values()
+    rng_state = random.get_state()
+    try:
+        yield model
+    finally:
+        for m, saved in attributes:
+            vars(m).clear()
+            vars(m).update(saved)
+        for p, data, grad in params:
+            p.data, p.grad = data, grad
+        random.set_state(rng_state)
+
+
+def spatial_size(modules: list[Module], hw: tuple[int, int]) -> tuple[int, int] | None:
+    """Spatial size ``(H, W)`` after ``modules``, applied in order, for an NHWC input of spatial
+    size ``hw`` (from each one's :meth:`Module.output_hw`); None when one of them cannot tell or
+    a size falls below 1."""
+    for module in modules:
+        hw = module.output_hw(hw)
+        if hw is None or min(hw) < 1:
+            return None
+    return hw
+
+
+def _like(target: Any, host: np.ndarray) -> Any:
+    """``host`` as an array of ``target``'s backend, device and dtype."""
+    xp = namespace_of(target)
+    host = np.ascontiguousarray(host.astype(dtype_name(target)))
+    return xp.asarray(host, device=device(target))
+
+
+def _cast(array: Any, dtype: str) -> Any:
+    xp = namespace_of(array)
+    if not xp.isdtype(array.dtype, "real floating"):
+        return array
+    return xp.astype(array, getattr(xp, dtype))

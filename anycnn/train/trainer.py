@@ -1,0 +1,510 @@
+"""Training and evaluation loops: :class:`Trainer`, :func:`evaluate` (and :func:`predict`, from
+:mod:`anycnn.train.inference`).
+
+One training step is ``zero_grad → forward → loss → backward → optimizer.step``. Metrics are summed
+on the device and read back to the host only every ``sync_every`` steps (1 on CPU backends, where
+it is free; more on a GPU so the device never waits for the host) and at the end of each epoch.
+
+A run can stop cleanly between two steps (:meth:`Trainer.request_stop`, used by the CLI's signal
+handlers and by callbacks such as :class:`~anycnn.train.callbacks.EarlyStopping`), and a checkpoint
+records the epoch, the step inside it and the partial metrics, so a resumed run on NumPy repeats
+the uninterrupted run's numbers exactly. Callbacks
+(:mod:`anycnn.train.callbacks`) run at fixed points
+of :meth:`Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..backend import namespace_of, to_numpy
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..io import checkpoint as ckpt
+from ..nn.losses import SoftmaxCrossEntropy
+from ..nn.module import Module, eval_mode
+from .callbacks import Callback, ProgressLog
+from .inference import predict, predict_proba, predict_topk
+from .metrics import ClassificationMetrics, check_top_k
+
+__all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "predict_topk"]
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``history.json``. ``lr`` is the learning rate of the epoch's last step;
+    ``val_loss``/``val_accuracy`` are None when :meth:`Trainer.fit` had no validation loader."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+    images_per_s: float
+
+
+class _Sums:
+    """Loss and correct-prediction sums kept on the device until read."""
+
+    def __init__(self, loss: float = 0.0, correct: float = 0.0, seen: int = 0) -> None:
+        self.loss: Any = loss
+        self.correct: Any = correct
+        self.seen = seen
+
+    def add(self, loss: Any, logits: Any, labels: Any) -> None:
+        xp = namespace_of(logits, labels)
+        n = labels.shape[0]
+        hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, logits.dtype))
+        self.loss = self.loss + loss * n
+        self.correct = self.correct + hits
+        self.seen += n
+
+    def host(self) -> tuple[float, float, int]:
+        """(sum of losses, number correct, number seen) as Python numbers (synchronises)."""
+        return float(to_numpy(self.loss)), float(to_numpy(self.correct)), self.seen
+
+    def means(self) -> tuple[float, float]:
+        loss, correct, seen = self.host()
+        return (loss / seen, correct / seen) if seen else (math.nan, math.nan)
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    # disable=None lets tqdm switch itself off when stderr is not a terminal
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
+                dynamic_ncols=True, disable=None if enabled else True)
+
+
+def _on_host(x: Any) -> bool:
+    """True when ``x`` lives in host memory (reading it back costs nothing)."""
+    return "cpu" in str(getattr(x, "device", "cpu")).lower()
+
+
+#: what each method of a loader is needed for, for error messages
+_LOADER_NEEDS = {"__iter__": "iterating over (images, labels) batches",
+                 "__len__": "len(), the number of batches",
+                 "set_epoch": "set_epoch(epoch), the epoch's shuffling order (exact resume)"}
+
+
+def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
+    """Refuse a ``loader`` that lacks what the training loop calls on it, naming the missing
+    methods (e.g. a list of batches, or another framework's loader, given to :meth:`Trainer.fit`).
+
+    Raises:
+        ConfigError: ``loader`` lacks one of ``needs``.
+    """
+    missing = [name for name in needs if not hasattr(loader, name)]
+    if missing:
+        raise ConfigError(
+            f"{role} must be an anycnn.data.dataloader.DataLoader or have the same interface; a "
+            f"{type(loader).__module__}.{type(loader).__qualname__} lacks "
+            + "; ".join(f"{name} ({_LOADER_NEEDS[name]})" for name in missing)
+            + ". Wrap your arrays: DataLoader(ArrayDataset(images, labels, num_classes), "
+            "batch_size)")
+
+
+def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
+             top_k: int | Iterable[int] = (), confusion: bool = False,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
+    submodule's mode is restored).
+
+    Args:
+        model: maps each batch's images to logits ``(N, K)``.
+        loader: yields ``(images, labels)`` batches (e.g. a :class:`DataLoader`).
+        loss_fn: default :class:`~anycnn.nn.losses.SoftmaxCrossEntropy` (which then checks label
+            ranges on the host only on CPU backends, so a GPU is not synchronised per batch).
+        progress: show a tqdm bar.
+        top_k: ``k`` values for top-k accuracy, e.g. ``(1, 5)``; ``k`` larger than ``K`` is a
+            :class:`~anycnn.errors.ConfigError`.
+        confusion: also return the confusion matrix and the per-class accuracy.
+        class_names: names of the ``K`` classes (default ``"0"``, ``"1"``, ...), e.g.
+            ``load_dataset(...).class_names``.
+
+    Returns:
+        ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
+        ``"top_k_accuracy"`` (``{k: fraction}``) when ``top_k`` is given, and with
+        ``confusion`` ``"confusion_matrix"`` (``int64 (K, K)``, rows true class, columns
+        predicted), ``"per_class_accuracy"`` (``float64 (K,)``, NaN for a class with no
+        examples), ``"per_class_count"`` (``int64 (K,)``) and ``"class_names"``. Conventions
+        (ties, NaN) are in :mod:`anycnn.train.metrics`. All sums stay on the device until the end.
+    """
+    check_loader(loader, "loader", ("__iter__", "__len__"))
+    own_loss = loss_fn is None
+    loss_fn = loss_fn or SoftmaxCrossEntropy()
+    top_k = check_top_k(top_k)
+    metrics = (ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
+    sums = _Sums()
+    with eval_mode(model), _progress(len(loader), "eval", progress) as bar:
+        for x, y in loader:
+            if own_loss:
+                loss_fn.check_labels = _on_host(x)
+            logits = model.forward(x)
+            sums.add(loss_fn.forward(logits, y), logits, y)
+            if metrics is not None:
+                metrics.update(logits, y)
+            bar.update()
+    loss, accuracy = sums.means()
+    result: dict[str, Any] = {"loss": loss, "accuracy": accuracy, "count": sums.seen}
+    if metrics is not None:
+        extra = metrics.compute()
+        if top_k:
+            result["top_k_accuracy"] = extra["top_k_accuracy"]
+        if confusion:
+            result.update({k: extra[k] for k in ("confusion_matrix", "per_class_accuracy",
+                                                 "per_class_count", "class_names")})
+    return result
+
+
+def _stderr_is_terminal() -> bool:
+    """What tqdm's ``disable=None`` asks: is the stream the bars would go to a terminal?"""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Trainer:
+    """Runs epochs of training with validation, schedules, checkpoints and clean stops.
+
+    Args:
+        model, optimizer: what to train.
+        loss_fn: default :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`.
+        schedule: callable ``epoch -> lr`` (see :mod:`anycnn.optim.schedules`), or None.
+        model_spec: stored in checkpoints so :func:`anycnn.io.checkpoint.load_model` can rebuild.
+        checkpoint_path: where :meth:`fit` saves after every epoch (None: never).
+        on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
+            ``"skip"`` drops that step's update and goes on.
+        sync_every: steps between host reads of the metrics (default 1 on CPU, 20 on GPU).
+        progress: show tqdm bars. They switch off by themselves when stderr is not a
+            terminal; one log line per epoch then goes to stderr instead (a
+            :class:`~anycnn.train.callbacks.ProgressLog`, unless ``callbacks`` has one already).
+        config: extra JSON-able data saved in checkpoints (e.g. the CLI arguments). Unless it
+            has a ``"preprocess"`` key, checkpoints add the training loader's
+            :attr:`~anycnn.data.dataloader.DataLoader.preprocess` there (normalisation and
+            augmentation; :func:`anycnn.data.augment.read_preprocess` reads it back).
+        callbacks: :class:`~anycnn.train.callbacks.Callback` objects run by every :meth:`fit`.
+        warmup_steps: ``N`` > 0 ramps the learning rate up over the first ``N`` training
+            steps of the run: step ``s`` (1-based, counted over all epochs; a skipped NaN step
+            counts) uses ``lr * s / N``, where ``lr`` is what the schedule gives for that
+            step's epoch (the optimizer's learning rate when this trainer was made, without a
+            schedule). From step ``N`` on the schedule alone sets it. ``s`` is derived from
+            the epoch, the step and the length of the training loader, so a resumed run
+            warms up exactly as the uninterrupted one.
+    """
+
+    def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
+                 model_spec: dict | None = None, checkpoint_path: str | Path | None = None,
+                 on_nonfinite: str = "stop", sync_every: int | None = None,
+                 progress: bool = True, config: dict | None = None,
+                 callbacks: list[Callback] | tuple[Callback, ...] = (),
+                 warmup_steps: int = 0) -> None:
+        if on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or SoftmaxCrossEntropy()
+        self.schedule = schedule
+        self.model_spec = model_spec
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.on_nonfinite = on_nonfinite
+        self.sync_every = sync_every
+        self.progress = progress
+        self.config = config or {}
+        self.callbacks: list[Callback] = _check_callbacks(callbacks)
+        self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
+        self._base_lr = getattr(optimizer, "lr", None)  # warmup's target without a schedule
+        self.epoch = 0  # index of the epoch in progress (= epochs completed when step == 0)
+        self.step = 0  # batches completed inside that epoch
+        self.history: list[dict] = []
+        self.skipped_steps = 0
+        self.last_checkpoint: Path | None = None
+        #: set by :meth:`fit` for its callbacks: the epoch count it trains up to, the
+        #: training loader's length, and whether there is validation
+        self.target_epochs = 0
+        self.steps_per_epoch = 0
+        self._validating = False
+        self._partial = _Sums()
+        self._stop_reason: str | None = None
+        self._stop_honoured = False  # fit() has returned because of _stop_reason
+        self._preprocess: dict | None = None  # the training loader's, for checkpoints
+
+    # -- control -------------------------------------------------------------------------
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask :meth:`fit` to return after the step in progress (safe from a signal handler
+        and from callbacks; asked at the end of an epoch, after that epoch's checkpoint).
+
+        A request made between two :meth:`fit` calls makes the next one return before its
+        first step; one made during an epoch's validation or end stops the run there."""
+        self._stop_reason = reason
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the last :meth:`fit` returned early (or why the next one will), else None."""
+        return self._stop_reason
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        """Names of the metrics the epoch records of the current :meth:`fit` hold values for
+        (``val_*`` only with a validation loader); what callbacks may monitor."""
+        return tuple(f.name for f in fields(EpochRecord) if f.name != "epoch"
+                     and (self._validating or not f.name.startswith("val_")))
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint of the whole training state (atomic)."""
+        target = Path(path) if path else self.checkpoint_path
+        if target is None:
+            raise ConfigError("no checkpoint path given")
+        loss, correct, seen = self._partial.host()
+        config = self.config
+        if self._preprocess is not None and "preprocess" not in config:
+            config = {**config, "preprocess": self._preprocess}
+        written = ckpt.save_checkpoint(
+            target, self.model, self.optimizer, model_spec=self.model_spec, epoch=self.epoch,
+            step=self.step,
+            extra={"history": self.history, "config": config,
+                   "partial": {"loss": loss, "correct": correct, "seen": seen}})
+        self.last_checkpoint = written
+        return written
+
+    def resume(self, path: str | Path | ckpt.Checkpoint) -> None:
+        """Restore model, optimizer, RNG, position and history from a checkpoint (a file, or
+        one :func:`anycnn.io.checkpoint.load_checkpoint` has read already).
+
+        Raises:
+            CheckpointError: the file is bad, does not fit the model or optimizer, or its
+                training record (history, partial metrics) is malformed.
+        """
+        state = path if isinstance(path, ckpt.Checkpoint) else ckpt.load_checkpoint(path)
+        path = state.path
+        extra = state.extra if state.extra is not None else {}
+        history = extra.get("history", []) if isinstance(extra, dict) else None
+        partial = (extra.get("partial") or {}) if isinstance(extra, dict) else None
+        try:
+            if not isinstance(history, list) or not isinstance(partial, dict):
+                raise TypeError("'extra' must hold a 'history' list and a 'partial' object")
+            sums = _Sums(float(partial.get("loss", 0.0)), float(partial.get("correct", 0.0)),
+                         int(partial.get("seen", 0)))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: malformed training record in the checkpoint ({exc})") from exc
+        if state.epoch < 0 or state.step < 0:
+            raise CheckpointError(f"{path}: negative epoch or step in the checkpoint")
+        ckpt.restore(state, self.model, self.optimizer)
+        self.epoch, self.step = state.epoch, state.step
+        self.history = list(history)
+        self._partial = sums
+        self.last_checkpoint = Path(path) if path is not None else None
+
+    # -- training ------------------------------------------------------------------------
+    def _sync_every(self, x: Any) -> int:
+        if self.sync_every:
+            return self.sync_every
+        return 1 if _on_host(x) else 20
+
+    def _check_finite(self, loss_value: float, first_step: int, last_step: int) -> bool:
+        """True if finite; otherwise stop (raise) or count a skipped step."""
+        if math.isfinite(loss_value):
+            return True
+        where = (f"epoch {self.epoch + 1}, step {last_step}" if first_step == last_step
+                 else f"epoch {self.epoch + 1}, steps {first_step}-{last_step}")
+        if self.on_nonfinite == "skip" and first_step == last_step:
+            self.skipped_steps += 1
+            return False
+        good = self.last_checkpoint or "none written yet"
+        raise TrainingError(f"loss became {loss_value} at {where}; training stopped. "
+                            f"Last good checkpoint: {good}. Try a smaller learning rate.")
+
+    def train_step(self, x: Any, y: Any, check: bool) -> Any:
+        """One optimisation step; returns the (device) loss and logits.
+
+        With ``check`` False (GPU pace) nothing is read back to the host: the loss's per-step
+        label-range check is off too (datasets check their labels when loaded).
+        """
+        if hasattr(self.loss_fn, "check_labels"):
+            self.loss_fn.check_labels = check
+        self.model.zero_grad()
+        logits = self.model.forward(x)
+        loss = self.loss_fn.forward(logits, y)
+        if check and not self._check_finite(float(to_numpy(loss)), self.step + 1, self.step + 1):
+            return None, logits
+        self.model.backward(self.loss_fn.backward(), input_grad=False)
+        self.optimizer.step()
+        return loss, logits
+
+    def _warm_up(self, s: int) -> None:
+        """Set the learning rate of run step ``s`` (1-based) while it is in the warmup."""
+        n = self.warmup_steps
+        if s > n:
+            return
+        target = float(self.schedule(self.epoch)) if self.schedule is not None else self._base_lr
+        self.optimizer.lr = target if s == n else target * s / n
+
+    def fit(self, train_loader, val_loader=None, epochs: int | None = None, *,
+            more_epochs: int | None = None,
+            callbacks: list[Callback] | tuple[Callback, ...] = ()) -> list[dict]:
+        """Train until ``epochs`` epochs of the run are complete, or ``more_epochs`` more.
+
+        ``epochs`` counts every epoch of the run, resumed ones included (Keras's ``epochs``
+        with ``initial_epoch``, Lightning's ``max_epochs``): after ``fit(epochs=3)``,
+        ``fit(epochs=5)`` trains epochs 4 and 5, and a trainer resumed from a checkpoint of
+        epoch 2 trains epoch 3 only with ``epochs=3``. ``more_epochs=k`` trains ``k`` epochs
+        from where the run is (a run stopped mid-epoch finishes that epoch as the first of
+        them). Neither given: ``epochs=1``. A call with nothing left to do (``epochs`` not
+        above the epochs already done) warns (``UserWarning``) and returns the history at
+        once, running no callback.
+
+        Saves a checkpoint after each epoch when ``checkpoint_path`` is set; returns early
+        (with :attr:`stopped` set) when a stop is requested. ``callbacks`` run for this call
+        only, after the trainer's own (hook order in :mod:`anycnn.train.callbacks`). Returns the
+        history.
+        """
+        if epochs is not None and more_epochs is not None:
+            raise ConfigError("fit: pass epochs (the run's total) or more_epochs, not both")
+        if more_epochs is not None:
+            target = self.epoch + _check_count("more_epochs", more_epochs, 1)
+        else:
+            target = _check_count("epochs", 1 if epochs is None else epochs, 1)
+        hooks = [*self.callbacks, *_check_callbacks(callbacks)]
+        check_loader(train_loader, "train_loader", ("__iter__", "__len__", "set_epoch"))
+        self._preprocess = getattr(train_loader, "preprocess", self._preprocess)
+        if val_loader is not None:
+            check_loader(val_loader, "val_loader", ("__iter__", "__len__"))
+        if self._stop_honoured:  # the last fit() returned because of that stop: start afresh
+            self._stop_reason, self._stop_honoured = None, False
+        if self.epoch >= target:
+            warnings.warn(f"fit(epochs={target}) has nothing to do: {self.epoch} epoch(s) of "
+                          "this run are complete already (epochs counts them all, resumed ones "
+                          "included). Pass a larger epochs, or more_epochs=k to train k more.",
+                          stacklevel=2)
+            return self.history
+        if self.progress and not _stderr_is_terminal() and not any(
+                isinstance(c, ProgressLog) for c in hooks):
+            hooks.append(ProgressLog(file=sys.stderr))  # no bars: one line per epoch instead
+        self.target_epochs, self.steps_per_epoch = target, len(train_loader)
+        self._validating = val_loader is not None
+        self.model.train()
+        for cb in hooks:
+            cb.on_train_begin(self)
+        while self.epoch < target and not self._honour_stop():
+            done = self._train_epoch(train_loader, hooks)
+            if done is None:  # stopped mid-epoch
+                break
+            self._end_epoch(val_loader, *done, hooks)
+        self._honour_stop()  # asked during the last epoch's end: it is honoured, not pending
+        for cb in hooks:
+            cb.on_train_end(self)
+        return self.history
+
+    def _honour_stop(self) -> bool:
+        if self._stop_reason:
+            self._stop_honoured = True
+        return self._stop_honoured
+
+    def _train_epoch(self, train_loader, hooks: list[Callback]) -> tuple[float, int] | None:
+        """The steps of the epoch in progress; (seconds, images) or None if stopped inside."""
+        if self.schedule is not None:
+            self.optimizer.lr = float(self.schedule(self.epoch))
+        train_loader.set_epoch(self.epoch)
+        for cb in hooks:
+            cb.on_epoch_begin(self, self.epoch)
+        start = time.perf_counter()
+        sums = self._partial
+        seen_before = sums.seen
+        with _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.target_epochs}",
+                       self.progress, initial=self.step) as bar:
+            sync = None
+            last_checked = self.step
+            for x, y in _batches_from(train_loader, self.step):
+                sync = sync or self._sync_every(x)
+                check = self.on_nonfinite == "skip" or sync == 1
+                run_step = self.epoch * self.steps_per_epoch + self.step + 1
+                if self.warmup_steps:
+                    self._warm_up(run_step)
+                loss, logits = self.train_step(x, y, check)
+                self.step += 1
+                if loss is not None:
+                    sums.add(loss, logits, y)
+                logs = {"loss": loss, "batch_size": int(y.shape[0]), "lr": self.optimizer.lr,
+                        "global_step": run_step, "synced": False}
+                if self.step % sync == 0 or self.step == self.steps_per_epoch:
+                    total, correct, seen = sums.host()
+                    if not check:
+                        self._check_finite(total, last_checked + 1, self.step)
+                    last_checked = self.step
+                    rate = (seen - seen_before) / max(time.perf_counter() - start, 1e-9)
+                    logs.update(synced=True, train_loss=total / max(seen, 1),
+                                train_accuracy=correct / max(seen, 1), images_per_s=rate)
+                    bar.set_postfix(loss=f"{logs['train_loss']:.4f}",
+                                    acc=f"{logs['train_accuracy']:.4f}",
+                                    img_s=f"{rate:.0f}", refresh=False)
+                bar.update()
+                for cb in hooks:
+                    cb.on_step_end(self, self.step, logs)
+                if self._stop_reason:
+                    self._stop_honoured = True
+                    return None
+        return time.perf_counter() - start, sums.seen - seen_before
+
+    def _end_epoch(self, val_loader, elapsed: float, images: int,
+                   hooks: list[Callback]) -> None:
+        """Validate, record, checkpoint, then run the epoch-end callbacks."""
+        train_loss, train_acc = self._partial.means()
+        val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
+        self.model.train()
+        if val is not None and not math.isfinite(val["loss"]):
+            # the weights are finite (or the step checks would have fired) but useless:
+            # do not let this epoch's checkpoint replace the last good one
+            raise TrainingError(
+                f"validation loss became {val['loss']} after epoch {self.epoch + 1} "
+                f"(step {self.step}); training stopped. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none written yet'}. Try a smaller learning rate.")
+        record = EpochRecord(
+            epoch=self.epoch + 1, lr=self.optimizer.lr, train_loss=train_loss,
+            train_accuracy=train_acc, val_loss=val and val["loss"],
+            val_accuracy=val and val["accuracy"], seconds=elapsed,
+            images_per_s=images / elapsed if elapsed > 0 else math.nan)
+        self.history.append(asdict(record))
+        self.epoch, self.step, self._partial = self.epoch + 1, 0, _Sums()
+        if self.checkpoint_path is not None:
+            self.save()
+        for cb in hooks:
+            cb.on_epoch_end(self, self.epoch - 1, self.history[-1])
+
+
+def _check_callbacks(callbacks) -> list[Callback]:
+    """``callbacks`` as a list, refusing anything that is not a :class:`Callback`."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        raise ConfigError("callbacks must be a list of Callback objects, got one Callback; "
+                          "wrap it in [...]")
+    items = list(callbacks)
+    for c in items:
+        if not isinstance(c, Callback):
+            raise ConfigError("callbacks must be anycnn.train.callbacks.Callback instances, got "
+                              f"{type(c).__name__}")
+    return items
+
+
+def _batches_from(loader, start: int):
+    """The loader's batches for the current epoch, skipping the first ``start`` (resume)."""
+    if start == 0:
+        return iter(loader)
+    if hasattr(loader, "iter_from"):
+        return loader.iter_from(start)
+    return islice(iter(loader), start, None)
