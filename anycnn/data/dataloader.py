@@ -23,6 +23,13 @@ the host by default, on the device with ``device_resident``; with an augmentatio
 epoch, batch number), so they too are the same on every backend, in both modes and after
 :meth:`DataLoader.iter_from`. Validation and test loaders take the *training* loader's
 ``normalize`` and no ``augment``.
+
+Data-parallel training (:mod:`anycnn.dist`): with ``shard=(rank, size)`` ``batch_size`` is the
+*global* batch. Every rank derives the same order and the same batches; rank ``r`` takes the
+contiguous share ``[B*r//size, B*(r+1)//size)`` of each batch of ``B`` examples (shares differ by
+at most one example, and may be empty when ``B < size``), augmented with the parameters drawn for
+the whole batch, so the ``size`` shares of a batch are exactly the single-process batch, cut.
+``len(loader)`` is the number of global batches, the same on every rank.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ class DataLoader:
             or None.
         normalize: a :class:`~anycnn.data.augment.Normalize`, ``"auto"`` (computed once from this
             loader's images, see :meth:`Normalize.from_images`), or None.
+        shard: ``(rank, size)``: yield only rank ``rank``'s share of each batch (see the module
+            docstring); None (default) yields whole batches. :meth:`set_shard` changes it.
 
     Raises:
         ConfigError: an argument is out of range, the crop is too large for the images, or
@@ -74,7 +83,8 @@ class DataLoader:
     def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device_resident: bool = False,
                  dtype: str = "float32", augment: Augment | None = None,
-                 normalize: Normalize | str | None = None) -> None:
+                 normalize: Normalize | str | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         if not isinstance(dataset, ArrayDataset):
             raise ConfigError(f"dataset must be an ArrayDataset, got {type(dataset).__name__}")
         if dtype not in _FLOAT_DTYPES:
@@ -90,6 +100,9 @@ class DataLoader:
         self.augment = _check_augment(augment, dataset)
         self.normalize = _check_normalize(normalize, dataset)
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
+        self.shard: tuple[int, int] | None = None
+        if shard is not None:
+            self.set_shard(*shard)
 
     @property
     def preprocess(self) -> dict[str, Any]:
@@ -100,6 +113,22 @@ class DataLoader:
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s permutation for the following iterations."""
         self.epoch = _check_int("epoch", epoch, 0)
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Yield rank ``rank``'s share of each global batch from now on (``size`` 1: whole
+        batches)."""
+        size = _check_int("shard size", size, 1)
+        rank = _check_int("shard rank", rank, 0)
+        if rank >= size:
+            raise ConfigError(f"shard rank must be below the shard size {size}, got {rank}")
+        self.shard = None if size == 1 else (rank, size)
+
+    def share(self, n: int) -> tuple[int, int]:
+        """``(start, stop)``: this loader's share of a global batch of ``n`` examples."""
+        if self.shard is None:
+            return 0, n
+        rank, size = self.shard
+        return n * rank // size, n * (rank + 1) // size
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -131,32 +160,40 @@ class DataLoader:
             order = asarray(order, backend=backend)
         n = len(self.dataset)
         for b in range(start, len(self)):
-            stop = min((b + 1) * self.batch_size, n)
-            index = order[b * self.batch_size:stop]
+            first = b * self.batch_size
+            whole = min(first + self.batch_size, n) - first
+            lo, hi = self.share(whole)
+            index = order[first + lo:first + hi]
             if self.device_resident:
-                yield self._device_batch(backend, b, index)
+                yield self._device_batch(backend, b, index, (lo, hi, whole))
             else:
-                yield self._host_batch(backend, b, index)
+                yield self._host_batch(backend, b, index, (lo, hi, whole))
 
-    def _host_batch(self, backend: Backend, b: int, index: np.ndarray) -> tuple[Any, Any]:
-        x = self._prepare(host_xp, np.take(self.dataset.images, index, axis=0), b, None)
+    def _host_batch(self, backend: Backend, b: int, index: np.ndarray,
+                    share: tuple[int, int, int]) -> tuple[Any, Any]:
+        x = self._prepare(host_xp, np.take(self.dataset.images, index, axis=0), b, None, share)
         y = np.take(self.dataset.labels, index)
         return asarray(x, backend=backend), asarray(y, backend=backend)
 
-    def _device_batch(self, backend: Backend, b: int, index: Any) -> tuple[Any, Any]:
+    def _device_batch(self, backend: Backend, b: int, index: Any,
+                      share: tuple[int, int, int]) -> tuple[Any, Any]:
         if self._resident is None or self._resident[0] != backend:
             self._resident = (backend, asarray(self.dataset.images, backend=backend),
                               asarray(self.dataset.labels, backend=backend))
         _, images, labels = self._resident
         xp = backend.xp
-        x = self._prepare(xp, xp.take(images, index, axis=0), b, backend)
+        x = self._prepare(xp, xp.take(images, index, axis=0), b, backend, share)
         return x, xp.take(labels, index, axis=0)
 
-    def _prepare(self, xp: Any, raw: Any, b: int, backend: Backend | None) -> Any:
+    def _prepare(self, xp: Any, raw: Any, b: int, backend: Backend | None,
+                 share: tuple[int, int, int]) -> Any:
         """Batch number ``b``'s gathered images ``raw`` (B, H, W, C), on the host
-        (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised."""
+        (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised.
+        ``share`` is ``(start, stop, whole)``: ``raw`` holds examples ``start:stop`` of the
+        ``whole`` examples of the global batch (augmentation is drawn for all of them)."""
         if self.augment is not None:
-            params = self.augment.draw(self.seed, self.epoch, b, raw.shape[0])
+            lo, hi, whole = share
+            params = self.augment.draw(self.seed, self.epoch, b, whole)[:, lo:hi]
             if backend is not None:
                 params = asarray(params, backend=backend)
             raw = self.augment.apply(raw, params)
@@ -167,7 +204,7 @@ class DataLoader:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
                 f"device_resident={self.device_resident}, dtype={self.dtype!r}, "
-                f"augment={self.augment!r}, normalize={self.normalize!r})")
+                f"augment={self.augment!r}, normalize={self.normalize!r}, shard={self.shard})")
 
 
 def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:

@@ -11,6 +11,11 @@ records the epoch, the step inside it and the partial metrics, so a resumed run 
 the uninterrupted run's numbers exactly. Callbacks
 (:mod:`anycnn.train.callbacks`) run at fixed points
 of :meth:`Trainer.fit`.
+
+Started by an MPI launcher (``mpiexec -n N python script.py``), a trainer trains data-parallel
+over its :mod:`communicator <anycnn.dist>` (:mod:`anycnn.train.parallel`): the loaders' batch is
+the global batch, each rank computes its share, and one allreduce per step sums the gradients and
+the metrics; rank 0 alone shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..nn.module import Module, eval_mode
 from .callbacks import Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
 from .metrics import ClassificationMetrics, check_top_k
+from .parallel import DataParallel, StepTotals, fingerprint
 
 __all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "predict_topk"]
 
@@ -61,6 +67,12 @@ class _Sums:
         self.loss: Any = loss
         self.correct: Any = correct
         self.seen = seen
+
+    def add_totals(self, totals: StepTotals) -> None:
+        """Add one data-parallel step's global sums (host numbers)."""
+        self.loss = self.loss + totals.loss_sum
+        self.correct = self.correct + totals.correct
+        self.seen += totals.count
 
     def add(self, loss: Any, logits: Any, labels: Any) -> None:
         xp = namespace_of(logits, labels)
@@ -115,7 +127,7 @@ def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
 
 def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
              top_k: int | Iterable[int] = (), confusion: bool = False,
-             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+             class_names: Sequence[str] | None = None, comm: Any = None) -> dict[str, Any]:
     """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
     submodule's mode is restored).
 
@@ -130,6 +142,10 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
         confusion: also return the confusion matrix and the per-class accuracy.
         class_names: names of the ``K`` classes (default ``"0"``, ``"1"``, ...), e.g.
             ``load_dataset(...).class_names``.
+        comm: a communicator of ``size`` > 1 (:mod:`anycnn.dist`; collective: every rank calls
+            this): the loader is sharded (``set_shard``) so each rank evaluates its share of
+            every batch, and the sums are added over the ranks; every rank gets the result.
+            ``top_k`` and ``confusion`` are not available then.
 
     Returns:
         ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
@@ -140,6 +156,13 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
         (ties, NaN) are in :mod:`anycnn.train.metrics`. All sums stay on the device until the end.
     """
     check_loader(loader, "loader", ("__iter__", "__len__"))
+    parallel = comm is not None and comm.size > 1
+    if parallel:
+        if top_k or confusion:
+            raise ConfigError("evaluate(comm=...) over several ranks computes loss and accuracy "
+                              "only; run top_k/confusion on one process")
+        check_loader(loader, "loader", ("set_shard",))
+        loader.set_shard(comm.rank, comm.size)
     own_loss = loss_fn is None
     loss_fn = loss_fn or SoftmaxCrossEntropy()
     top_k = check_top_k(top_k)
@@ -147,6 +170,9 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
     sums = _Sums()
     with eval_mode(model), _progress(len(loader), "eval", progress) as bar:
         for x, y in loader:
+            if y.shape[0] == 0:  # an empty share of a small batch
+                bar.update()
+                continue
             if own_loss:
                 loss_fn.check_labels = _on_host(x)
             logits = model.forward(x)
@@ -154,6 +180,9 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
             if metrics is not None:
                 metrics.update(logits, y)
             bar.update()
+    if parallel:
+        loss, correct, seen = DataParallel(comm).reduce_sums(list(sums.host()))
+        sums = _Sums(loss, correct, round(seen))
     loss, accuracy = sums.means()
     result: dict[str, Any] = {"loss": loss, "accuracy": accuracy, "count": sums.seen}
     if metrics is not None:
@@ -205,6 +234,12 @@ class Trainer:
             schedule). From step ``N`` on the schedule alone sets it. ``s`` is derived from
             the epoch, the step and the length of the training loader, so a resumed run
             warms up exactly as the uninterrupted one.
+        comm: the communicator to train data-parallel over (:mod:`anycnn.dist`); default
+            :func:`anycnn.dist.get_communicator` (MPI when an MPI launcher started this process,
+            else one process). With ``size`` > 1 :meth:`fit` shards the loaders
+            (``set_shard``; ``batch_size`` is the global batch), only rank 0 shows progress and
+            writes checkpoints, and :meth:`fit`, :meth:`save` and :meth:`resume` are collective
+            (every rank calls them). See :mod:`anycnn.train.parallel`.
     """
 
     def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
@@ -212,7 +247,7 @@ class Trainer:
                  on_nonfinite: str = "stop", sync_every: int | None = None,
                  progress: bool = True, config: dict | None = None,
                  callbacks: list[Callback] | tuple[Callback, ...] = (),
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, comm: Any = None) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.model, self.optimizer = model, optimizer
@@ -222,7 +257,13 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.on_nonfinite = on_nonfinite
         self.sync_every = sync_every
-        self.progress = progress
+        if comm is None:
+            from ..dist import get_communicator
+
+            comm = get_communicator()
+        self.comm = comm
+        self._parallel = DataParallel(comm) if comm.size > 1 else None
+        self.progress = progress and comm.rank == 0
         self.config = config or {}
         self.callbacks: list[Callback] = _check_callbacks(callbacks)
         self.warmup_steps = _check_count("warmup_steps", warmup_steps, 0)
@@ -270,6 +311,12 @@ class Trainer:
         if target is None:
             raise ConfigError("no checkpoint path given")
         loss, correct, seen = self._partial.host()
+        if self._parallel is not None:
+            self._parallel.average_buffers(self.model)
+            if self.comm.rank != 0:  # rank 0 writes; everyone waits for the file
+                self.comm.barrier()
+                self.last_checkpoint = target
+                return target
         config = self.config
         if self._preprocess is not None and "preprocess" not in config:
             config = {**config, "preprocess": self._preprocess}
@@ -278,6 +325,8 @@ class Trainer:
             step=self.step,
             extra={"history": self.history, "config": config,
                    "partial": {"loss": loss, "correct": correct, "seen": seen}})
+        if self._parallel is not None:
+            self.comm.barrier()
         self.last_checkpoint = written
         return written
 
@@ -326,8 +375,10 @@ class Trainer:
             self.skipped_steps += 1
             return False
         good = self.last_checkpoint or "none written yet"
-        raise TrainingError(f"loss became {loss_value} at {where}; training stopped. "
-                            f"Last good checkpoint: {good}. Try a smaller learning rate.")
+        error = TrainingError(f"loss became {loss_value} at {where}; training stopped. "
+                              f"Last good checkpoint: {good}. Try a smaller learning rate.")
+        error.every_rank = self._parallel is not None  # the reduced loss: same on every rank
+        raise error
 
     def train_step(self, x: Any, y: Any, check: bool) -> Any:
         """One optimisation step; returns the (device) loss and logits.
@@ -345,6 +396,18 @@ class Trainer:
         self.model.backward(self.loss_fn.backward(), input_grad=False)
         self.optimizer.step()
         return loss, logits
+
+    def parallel_step(self, x: Any, y: Any) -> StepTotals:
+        """One data-parallel step on this rank's share ``(x, y)`` (collective): forward,
+        backward, the step's allreduce, then the optimizer update unless the global loss is
+        NaN/inf (``on_nonfinite``). Returns the global sums."""
+        if hasattr(self.loss_fn, "check_labels"):
+            self.loss_fn.check_labels = _on_host(x)
+        totals = self._parallel.step(self.model, self.loss_fn, self.optimizer.params, x, y,
+                                     stop=self._stop_reason is not None)
+        if self._check_finite(totals.loss, self.step + 1, self.step + 1):
+            self.optimizer.step()
+        return totals
 
     def _warm_up(self, s: int) -> None:
         """Set the learning rate of run step ``s`` (1-based) while it is in the warmup."""
@@ -395,6 +458,11 @@ class Trainer:
         if self.progress and not _stderr_is_terminal() and not any(
                 isinstance(c, ProgressLog) for c in hooks):
             hooks.append(ProgressLog(file=sys.stderr))  # no bars: one line per epoch instead
+        if self._parallel is not None:
+            check_loader(train_loader, "train_loader", ("set_shard",))
+            train_loader.set_shard(self.comm.rank, self.comm.size)
+            self._parallel.check_same(fingerprint(self, train_loader, target))
+            self._parallel.broadcast_state(self.model, self.optimizer)
         self.target_epochs, self.steps_per_epoch = target, len(train_loader)
         self._validating = val_loader is not None
         self.model.train()
@@ -411,6 +479,9 @@ class Trainer:
         return self.history
 
     def _honour_stop(self) -> bool:
+        if self._parallel is not None and not self._stop_honoured and \
+                self._parallel.agree_stop(self._stop_reason is not None):
+            self._stop_reason = self._stop_reason or "stop requested on another rank"
         if self._stop_reason:
             self._stop_honoured = True
         return self._stop_honoured
@@ -430,15 +501,22 @@ class Trainer:
             sync = None
             last_checked = self.step
             for x, y in _batches_from(train_loader, self.step):
-                sync = sync or self._sync_every(x)
+                sync = sync or (1 if self._parallel else self._sync_every(x))
                 check = self.on_nonfinite == "skip" or sync == 1
                 run_step = self.epoch * self.steps_per_epoch + self.step + 1
                 if self.warmup_steps:
                     self._warm_up(run_step)
-                loss, logits = self.train_step(x, y, check)
-                self.step += 1
-                if loss is not None:
-                    sums.add(loss, logits, y)
+                if self._parallel is None:
+                    loss, logits = self.train_step(x, y, check)
+                    self.step += 1
+                    if loss is not None:
+                        sums.add(loss, logits, y)
+                    stop = self._stop_reason is not None
+                else:  # every rank reads the same sums and flags: all stop at the same step
+                    totals = self.parallel_step(x, y)
+                    self.step += 1
+                    sums.add_totals(totals)
+                    loss, stop = totals.loss, totals.stop
                 logs = {"loss": loss, "batch_size": int(y.shape[0]), "lr": self.optimizer.lr,
                         "global_step": run_step, "synced": False}
                 if self.step % sync == 0 or self.step == self.steps_per_epoch:
@@ -455,7 +533,8 @@ class Trainer:
                 bar.update()
                 for cb in hooks:
                     cb.on_step_end(self, self.step, logs)
-                if self._stop_reason:
+                if stop:
+                    self._stop_reason = self._stop_reason or "stop requested on another rank"
                     self._stop_honoured = True
                     return None
         return time.perf_counter() - start, sums.seen - seen_before
@@ -464,7 +543,10 @@ class Trainer:
                    hooks: list[Callback]) -> None:
         """Validate, record, checkpoint, then run the epoch-end callbacks."""
         train_loss, train_acc = self._partial.means()
-        val = evaluate(self.model, val_loader, self.loss_fn) if val_loader else None
+        if self._parallel is not None:
+            self._parallel.average_buffers(self.model)
+        val = (evaluate(self.model, val_loader, self.loss_fn, comm=self.comm)
+               if val_loader else None)
         self.model.train()
         if val is not None and not math.isfinite(val["loss"]):
             # the weights are finite (or the step checks would have fired) but useless:

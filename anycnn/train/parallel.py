@@ -1,0 +1,223 @@
+"""Data-parallel training: what a :class:`~anycnn.train.Trainer` does differently on ``N`` ranks.
+
+The ranks of a :mod:`communicator <anycnn.dist>` train one model together, ChainerMN/Horovod
+style:
+
+* **Start** (every :meth:`Trainer.fit`): each rank's configuration fingerprint (model shapes and
+  dtypes, optimizer, loss, global batch, seed, dataset length, steps, position, version) is
+  gathered and compared; a difference stops every rank with one :class:`ConfigError` naming the
+  rank and the differing entries. Then rank 0's parameters, buffers and optimizer state are
+  broadcast, so every rank starts from the same weights (also after a resume).
+* **Step**: every rank runs forward and backward on its share of the global batch (see
+  :class:`~anycnn.data.DataLoader`'s ``shard``), then packs into **one flat buffer**, for **one**
+  in-place sum allreduce:
+
+  ========================  =====================================================================
+  ``[0, P)``                every parameter's gradient, flattened in optimizer order, times the
+                            share's size ``n`` (the gradient of the share's *summed* loss)
+  ``P``                     the share's summed loss ``n * mean_loss``
+  ``P + 1``                 the share's correct predictions
+  ``P + 2``                 ``n``
+  ``P + 3``                 1 if this rank was asked to stop (signal, callback), else 0
+  ========================  =====================================================================
+
+  After the sum, the gradients are divided by the global count (so they are the gradient of the
+  global batch's mean loss, whatever the shares' sizes; an empty share adds zeros), and every
+  rank reads the same four totals: the NaN check, the metrics and the stop decision are the same
+  on every rank at the same step, and no rank waits for another that has left the loop.
+* **Epoch end**: BatchNorm running statistics (float buffers) are averaged over the ranks before
+  validation and before a checkpoint is written; the validation set is split across the ranks
+  and its sums reduced (:func:`reduce_sums`); rank 0 alone writes checkpoints, then all wait.
+
+With ``N`` ranks and a model without batch statistics, a step equals a single-process step on
+the whole batch up to float rounding (the order of the sums differs); with 2 ranks it equals,
+bit for bit, one process that sums the two shares' scaled gradients (float addition of two terms
+is commutative, and the allreduce adds exactly those two terms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from array_api_compat import device
+
+from .. import __version__
+from ..backend import dtype_name, namespace_of, to_numpy
+from ..errors import ConfigError
+from ..nn.module import Module
+
+#: entries after the gradients in the step buffer
+TRAILER = ("loss_sum", "correct", "count", "stop")
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """The summed trailer of one step's buffer (the same Python numbers on every rank)."""
+
+    loss_sum: float
+    correct: float
+    count: int
+    stop: bool
+
+    @property
+    def loss(self) -> float:
+        """Mean loss of the global batch (NaN for an empty one)."""
+        return self.loss_sum / self.count if self.count else math.nan
+
+
+def fingerprint_differences(prints: list[dict[str, Any]]) -> list[str]:
+    """One line per rank whose fingerprint differs from rank 0's, naming the entries."""
+    lines = []
+    for rank, theirs in enumerate(prints[1:], start=1):
+        keys = sorted(set(prints[0]) | set(theirs))
+        diff = [f"{k}: {theirs.get(k)!r} on rank {rank}, {prints[0].get(k)!r} on rank 0"
+                for k in keys if theirs.get(k) != prints[0].get(k)]
+        if diff:
+            lines.append("; ".join(diff))
+    return lines
+
+
+class DataParallel:
+    """The collective parts of a data-parallel :class:`~anycnn.train.Trainer` (see the module
+    docstring). Every method is collective: all ranks call it, in the same order.
+
+    Args:
+        comm: the communicator (:func:`anycnn.dist.get_communicator`), ``size`` > 1.
+    """
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    # -- start ---------------------------------------------------------------------------
+    def check_same(self, fingerprint: dict[str, Any]) -> None:
+        """Refuse to start unless every rank has the same ``fingerprint``.
+
+        Raises:
+            ConfigError: on every rank, naming each differing rank and entry.
+        """
+        prints = self.comm.allgather_object(fingerprint)
+        lines = fingerprint_differences(prints)
+        if lines:
+            error = ConfigError("the ranks of this data-parallel run are configured differently "
+                                "(every rank must run the same command on the same data): "
+                                + " | ".join(lines))
+            error.every_rank = True
+            raise error
+
+    def broadcast_state(self, model: Module, optimizer: Any) -> None:
+        """Give every rank rank 0's parameters, buffers and optimizer state (host copies,
+        once per :meth:`Trainer.fit`)."""
+        state = None
+        if self.comm.rank == 0:
+            opt = optimizer.state_dict()
+            state = {"model": {k: to_numpy(v) for k, v in model.state_dict().items()},
+                     "optimizer": {**opt, "arrays": {k: to_numpy(v)
+                                                     for k, v in opt["arrays"].items()}}}
+        state = self.comm.broadcast_object(state, 0)
+        if self.comm.rank != 0:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+
+    # -- steps ---------------------------------------------------------------------------
+    def step(self, model: Module, loss_fn: Any, params: list, x: Any, y: Any,
+             stop: bool) -> StepTotals:
+        """Forward and backward on this rank's share ``(x, y)`` (possibly empty), one allreduce,
+        and each parameter's ``grad`` set to the global batch's mean-loss gradient.
+
+        Returns the summed trailer. The optimizer is not stepped: the caller decides (NaN).
+        """
+        xp = namespace_of(x)
+        dtype = _one_dtype(params)
+        dev = device(params[0].data)
+        n = int(y.shape[0])
+        model.zero_grad()
+        if n:
+            logits = model.forward(x)
+            loss = loss_fn.forward(logits, y)
+            model.backward(loss_fn.backward(), input_grad=False)
+            hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, logits.dtype))
+            flat = xp.concat([_flat_grad(xp, p) for p in params]) * float(n)
+            head = [xp.reshape(xp.astype(loss * float(n), dtype), (1,)),
+                    xp.reshape(xp.astype(hits, dtype), (1,))]
+        else:
+            flat = xp.zeros(sum(math.prod(p.shape) for p in params), dtype=dtype, device=dev)
+            head = [xp.zeros(2, dtype=dtype, device=dev)]
+        tail = xp.asarray(np.asarray([n, 1.0 if stop else 0.0], dtype=dtype_name(flat)),
+                          device=dev)
+        buf = self.comm.allreduce_(xp.concat([flat, *head, tail]))
+        loss_sum, correct, count, flag = (float(v) for v in to_numpy(buf[-len(TRAILER):]))
+        if count:
+            grads = buf[:-len(TRAILER)] / count
+            start = 0
+            for p in params:
+                size = math.prod(p.shape)
+                p.grad = xp.reshape(grads[start:start + size], p.shape)
+                start += size
+        return StepTotals(loss_sum, correct, round(count), flag > 0)
+
+    def agree_stop(self, stop: bool, dtype: str = "float64") -> bool:
+        """True on every rank when any rank asks to stop (between epochs)."""
+        flag = np.asarray([1.0 if stop else 0.0], dtype=dtype)
+        return bool(to_numpy(self.comm.allreduce_(flag))[0] > 0)
+
+    # -- epoch end -----------------------------------------------------------------------
+    def average_buffers(self, model: Module) -> None:
+        """Replace every float buffer (BatchNorm running statistics) by its mean over ranks."""
+        owners = [(m, name) for m in model.modules() for name in m.buffer_names
+                  if dtype_name(getattr(m, name)).startswith("float")]
+        if not owners:
+            return
+        values = [getattr(m, name) for m, name in owners]
+        xp = namespace_of(*values)
+        total = self.comm.allreduce_(xp.concat([xp.reshape(v, (-1,)) for v in values]))
+        start = 0
+        for (m, name), v in zip(owners, values):
+            size = math.prod(v.shape)
+            mean = xp.reshape(total[start:start + size], v.shape) / self.comm.size
+            setattr(m, name, xp.astype(mean, v.dtype))
+            start += size
+
+    def reduce_sums(self, values: list[float]) -> list[float]:
+        """Elementwise sum over ranks of a few host numbers (float64)."""
+        total = self.comm.allreduce_(np.asarray(values, dtype=np.float64))
+        return [float(v) for v in to_numpy(total)]
+
+
+def _one_dtype(params: list) -> Any:
+    dtypes = {dtype_name(p.data) for p in params}
+    if len(dtypes) != 1:
+        raise ConfigError("data-parallel training packs all gradients in one buffer and needs "
+                          f"one parameter dtype; the model has {sorted(dtypes)}")
+    return params[0].data.dtype
+
+
+def _flat_grad(xp: Any, p: Any) -> Any:
+    if p.grad is None:  # a parameter this forward did not use
+        return xp.zeros(math.prod(p.shape), dtype=p.data.dtype, device=device(p.data))
+    return xp.reshape(p.grad, (-1,))
+
+
+def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]:
+    """What must be the same on every rank of one run (JSON-able values)."""
+    dataset = getattr(loader, "dataset", None)
+    opt = trainer.optimizer
+    return {
+        "anycnn": __version__,
+        "parameters": [(name, list(p.shape), dtype_name(p.data))
+                       for name, p in trainer.model.named_parameters()],
+        "optimizer": [type(opt).__name__, opt.lr,
+                      *(getattr(opt, k) for k in getattr(opt, "hyper_names", ()))],
+        "loss": type(trainer.loss_fn).__name__,
+        "batch_size": getattr(loader, "batch_size", None),
+        "seed": getattr(loader, "seed", None),
+        "shuffle": getattr(loader, "shuffle", None),
+        "dataset_length": len(dataset) if dataset is not None else None,
+        "steps_per_epoch": len(loader),
+        "epochs": target_epochs,
+        "position": [trainer.epoch, trainer.step],
+        "warmup_steps": trainer.warmup_steps,
+        "on_nonfinite": trainer.on_nonfinite,
+    }
