@@ -641,6 +641,10 @@ def test_mpi_collectives(n, tmp_path):
         for dtype in ("float32", "float64"):
             assert row[f"numpy_{dtype}_inplace"] and row[f"numpy_{dtype}_close"]
         assert row["small_ints_exact"]
+        assert [m.split(" (")[0].split(";")[0] for m in row["refused"]] == [
+            "buffer must be 1-D", "buffer must be contiguous",
+            "buffer must be float32 or float64, got int64",
+            "buffer is read-only"]
         assert row["torch_type"] == "torch.Tensor" and row["torch_inplace"]
         assert row["torch_values"] == [total] * 5
         assert row["strict_type"] == "array_api_strict" and row["strict_device_same"]

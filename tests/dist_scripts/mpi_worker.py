@@ -24,6 +24,7 @@ import numpy as np
 
 from anycnn import fastpath
 from anycnn.dist import bind_to_cores, get_communicator, install_abort_hook
+from anycnn.errors import ShapeError
 
 
 def emit(comm, **fields):
@@ -50,6 +51,21 @@ def collectives(comm):
         out[f"numpy_{np.dtype(dtype).name}_inplace"] = result is buf
         out[f"numpy_{np.dtype(dtype).name}_close"] = bool(np.allclose(result, expected))
         digests.append(hashlib.sha256(result.tobytes()).hexdigest())  # ...and exactly here
+    big = comm.allreduce_(values(comm.rank, 300_001, np.float32))  # MPI's large-message path
+    digests.append(hashlib.sha256(big.tobytes()).hexdigest())
+    refused = []
+    for bad in (np.zeros((2, 3)), np.zeros(8)[::2], np.zeros(3, dtype=np.int64)):
+        try:
+            comm.allreduce_(bad)
+        except ShapeError as exc:
+            refused.append(str(exc))
+    readonly = np.zeros(3)
+    readonly.flags.writeable = False
+    try:
+        comm.broadcast_(readonly)
+    except ShapeError as exc:
+        refused.append(str(exc))
+    out["refused"] = refused
     exact = comm.allreduce_(np.full(64, comm.rank + 1.0, dtype=np.float32))
     out["small_ints_exact"] = bool(np.all(exact == comm.size * (comm.size + 1) / 2))
 
