@@ -32,6 +32,8 @@ What raises which (each case is tested, mostly in ``tests/test_reliability.py``)
                    shapes); a save that cannot be written (path and OS reason) or that would
                    contain NaN/inf weights
 ``TrainingError``  the loss became NaN or infinite (epoch, step and last good checkpoint named)
+``DistributedError`` ``ANYCNN_DIST`` unknown, mpi4py/mpiexec/cupy NCCL missing, more ranks on a
+                   node than GPUs, a collective's root out of range
 ================== ===========================================================================
 """
 
@@ -68,3 +70,7 @@ class CheckpointError(AnycnnError, ValueError):
 
 class TrainingError(AnycnnError, RuntimeError):
     """Training cannot go on (for example, the loss became NaN or infinite)."""
+
+
+class DistributedError(AnycnnError, RuntimeError):
+    """A multi-process job cannot be set up (launcher, MPI, NCCL or GPU count)."""

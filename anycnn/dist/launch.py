@@ -1,0 +1,285 @@
+"""Starting a data-parallel job: which launcher, which communicator, which CPUs, which command.
+
+* :func:`launcher_env` tells from environment variables whether an MPI launcher started this
+  process. :func:`get_communicator` uses it for ``ANYCNN_DIST=auto`` (the default), so a plain
+  ``python -m anycnn ...`` never imports mpi4py.
+* :func:`install_abort_hook` makes one failing rank end the job. Without it a rank that dies of
+  an exception waits in ``MPI_Finalize`` while the others wait in their next collective: the job
+  hangs (measured with MPICH 5: it never ends). ``Abort`` ends every rank in ~0.5 s.
+* :func:`bind_to_cores` gives each rank of a node its own slice of the CPUs, so anycnn's thread
+  count (which follows the process's CPU affinity) is cores / local ranks.
+* :func:`find_mpiexec` and :func:`workers_command` build the command that runs anycnn on N ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any
+
+from .. import fastpath
+from ..errors import AnycnnError, DistributedError
+from .comm import Communicator, SingleProcess
+
+ENV_VAR = "ANYCNN_DIST"
+CHOICES = ("auto", "single", "mpi", "nccl")
+INSTALL_HINT = "pip install 'anycnn[mpi]'  (or: pip install mpi4py mpich)"
+
+#: Slurm step ids at or above this are not ``srun`` steps (batch script 0xfffffffe, extern
+#: container 0xffffffff, interactive and pending steps just below)
+_SLURM_SPECIAL_STEPS = 0xFFFFFFF0
+
+
+def _int_env(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def launcher_env() -> str | None:
+    """The launcher that started this process, from its environment; None for a plain start.
+
+    ======================== ==================================================================
+    ``"openmpi"``            ``OMPI_COMM_WORLD_SIZE`` (Open MPI's ``mpirun``; checked first
+                             because Open MPI 5 also sets the PMIx variables)
+    ``"mvapich"``            ``MV2_COMM_WORLD_SIZE``
+    ``"pmix"``               ``PMIX_RANK`` (PMIx launchers, ``srun --mpi=pmix``)
+    ``"pmi"``                ``PMI_RANK`` and ``PMI_SIZE`` (MPICH/Intel MPI hydra ``mpiexec``,
+                             ``srun --mpi=pmi2``)
+    ``"slurm"``              an ``srun`` step of more than one task without those variables:
+                             ``SLURM_STEP_ID`` is a real step id and ``SLURM_STEP_NUM_TASKS``
+                             (or, if absent, ``SLURM_NTASKS``) is above 1
+    ======================== ==================================================================
+
+    An ``sbatch`` script itself is not a launch: Slurm sets ``SLURM_PROCID=0`` and
+    ``SLURM_NTASKS`` (the allocation's task count) there too, but the script is one process,
+    and treating it as rank 0 of N would wait forever for N-1 ranks that nobody started. So a
+    bare ``SLURM_PROCID``, and the batch step's own id, do not count; a one-task ``srun`` step
+    is a single process.
+    """
+    env = os.environ
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return "openmpi"
+    if "MV2_COMM_WORLD_SIZE" in env:
+        return "mvapich"
+    if "PMIX_RANK" in env:
+        return "pmix"
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return "pmi"
+    step = _int_env("SLURM_STEP_ID")
+    if step is None:
+        step = _int_env("SLURM_STEPID")
+    if step is not None and 0 <= step < _SLURM_SPECIAL_STEPS:
+        tasks = _int_env("SLURM_STEP_NUM_TASKS")
+        if tasks is None:
+            tasks = _int_env("SLURM_NTASKS")
+        if tasks is not None and tasks > 1:
+            return "slurm"
+    return None
+
+
+_communicator: Communicator | None = None
+
+
+def _resolve_kind(kind: str | None) -> str:
+    requested = kind if kind is not None else (os.environ.get(ENV_VAR) or "auto")
+    name = str(requested).strip().lower()
+    if name not in CHOICES:
+        source = "kind" if kind is not None else ENV_VAR
+        raise DistributedError(
+            f"unknown communicator {requested!r} ({source}); valid names: {', '.join(CHOICES)}")
+    if name == "auto":
+        name = "mpi" if launcher_env() is not None else "single"
+    return name
+
+
+def _make(name: str) -> Communicator:
+    if name == "single":
+        return SingleProcess()
+    from .mpi import MPICommunicator
+
+    mpi = MPICommunicator()
+    if name == "mpi":
+        return mpi
+    from ..backend import get_backend
+
+    backend = get_backend()
+    if backend.name != "cupy":
+        raise DistributedError(
+            f"the nccl communicator needs the cupy backend, but the backend is {backend.name!r}; "
+            "set ANYCNN_BACKEND=cupy, or use ANYCNN_DIST=mpi")
+    from .nccl import NCCLCommunicator
+
+    return NCCLCommunicator(mpi)
+
+
+def get_communicator(kind: str | None = None) -> Communicator:
+    """The process-wide communicator, made at first call and cached.
+
+    Args:
+        kind: ``"auto"``, ``"single"``, ``"mpi"`` or ``"nccl"``; None reads ``ANYCNN_DIST``
+            (default ``auto``: MPI when :func:`launcher_env` finds a launcher, else single).
+            ``nccl`` is MPI for start-up plus NCCL for buffers, and needs the cupy backend.
+
+    Raises:
+        DistributedError: an unknown name (the valid ones are listed), mpi4py missing (with the
+            install hint), cupy/NCCL unusable, or a different kind than the cached one.
+    """
+    global _communicator
+    if _communicator is not None and kind is None:
+        return _communicator
+    name = _resolve_kind(kind)
+    if _communicator is not None:
+        if _communicator.name != name:
+            raise DistributedError(
+                f"the communicator is already {_communicator.name!r}; cannot switch to "
+                f"{name!r} in the same process")
+        return _communicator
+    _communicator = _make(name)
+    return _communicator
+
+
+def reset_communicator() -> None:
+    """Forget the cached communicator (tests)."""
+    global _communicator
+    _communicator = None
+
+
+def install_abort_hook(comm: Communicator) -> bool:
+    """Make an uncaught exception on any rank end the whole job (when ``comm.size > 1``).
+
+    Sets ``sys.excepthook`` and ``threading.excepthook``: the failing rank prints
+    ``anycnn: rank R/N failed: ExcType: message`` (after the traceback, for exceptions that are
+    not anycnn's own documented errors) and calls ``comm.abort(1)``. Returns whether it installed
+    the hooks. ``SystemExit`` is not an exception these hooks see: leave a multi-rank job with
+    ``comm.abort(code)``, not ``sys.exit(code)`` on one rank.
+    """
+    if comm.size <= 1:
+        return False
+    previous_thread_hook = threading.excepthook
+
+    def report_and_abort(exc_type: type[BaseException], exc: BaseException | None,
+                         tb: Any) -> None:
+        try:
+            if not issubclass(exc_type, AnycnnError):
+                traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            text = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
+            print(f"anycnn: rank {comm.rank}/{comm.size} failed: {text}", file=sys.stderr,
+                  flush=True)
+        finally:
+            comm.abort(1)
+
+    def thread_hook(args: Any) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            previous_thread_hook(args)
+            return
+        report_and_abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = report_and_abort
+    threading.excepthook = thread_hook
+    return True
+
+
+def _slice(cpus: list[int], index: int, parts: int) -> list[int]:
+    """Contiguous part ``index`` of ``parts`` of ``cpus`` (at least one CPU each)."""
+    n = len(cpus)
+    start = index * n // parts
+    stop = max(start + 1, (index + 1) * n // parts)
+    return cpus[start:stop]
+
+
+def bind_to_cores(comm: Communicator) -> list[int] | None:
+    """Pin each rank of a node to its own contiguous slice of the node's usable CPUs.
+
+    Collective: every rank must call it (it gathers the ranks' affinities). Binds only when
+    several ranks share a node and all of them may run on the same CPUs (the launcher did not
+    bind them, e.g. hydra's default ``-bind-to none``); local rank ``r`` of ``n`` then gets part
+    ``r`` of ``n`` of the sorted CPU list, so ``fastpath.num_threads()`` becomes cores / ranks.
+    ``ANYCNN_NUM_THREADS``, when set, still decides the thread count. ``ANYCNN_BIND_CORES=0``
+    turns binding off. Returns the CPUs this rank was bound to, or None when it left them alone.
+    """
+    if comm.size <= 1 or not hasattr(os, "sched_setaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    everyone = comm.allgather_object((socket.gethostname(), comm.local_rank, mine))
+    if os.environ.get("ANYCNN_BIND_CORES", "1") == "0":
+        return None
+    host = socket.gethostname()
+    node = [cpus for name, _, cpus in everyone if name == host]
+    if len(node) <= 1 or any(cpus != mine for cpus in node):
+        return None  # alone on this node, or already bound by the launcher
+    chosen = _slice(mine, comm.local_rank, comm.local_size)
+    os.sched_setaffinity(0, chosen)
+    fastpath._usable_cpus.cache_clear()
+    return chosen
+
+
+def find_mpiexec() -> str:
+    """Path of ``mpiexec``: the one next to ``sys.executable`` (a venv's bin) first, then PATH.
+
+    Raises:
+        DistributedError: none found (with the install hint).
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec")
+    if found:
+        return found
+    raise DistributedError(
+        f"no mpiexec found (looked next to {sys.executable} and on PATH). Fix: {INSTALL_HINT}")
+
+
+@functools.cache
+def _mpiexec_flavour(mpiexec: str) -> str:
+    """``"hydra"`` (MPICH, Intel MPI), ``"openmpi"`` or ``"unknown"``, from ``--version``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = out.stdout + out.stderr
+    if "HYDRA" in text or "Intel(R) MPI" in text:
+        return "hydra"
+    if "Open MPI" in text or "OpenRTE" in text:
+        return "openmpi"
+    return "unknown"
+
+
+def _bind_flags(flavour: str, n: int) -> list[str]:
+    """Launcher flags giving each of ``n`` ranks its own contiguous slice of our CPUs.
+
+    Hydra's ``-bind-to core`` would bind every rank to one core (one thread each); an explicit
+    ``-bind-to user:0+1,2+3`` list gives each rank cores / n. Open MPI binds by itself unless
+    told not to; ``--bind-to none`` leaves the split to :func:`bind_to_cores`.
+    """
+    if flavour == "hydra":
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            list(range(os.cpu_count() or 1))
+        parts = ["+".join(str(c) for c in _slice(cpus, r, n)) for r in range(n)]
+        return ["-bind-to", "user:" + ",".join(parts)]
+    if flavour == "openmpi":
+        return ["--bind-to", "none"]
+    return []
+
+
+def workers_command(n: int, argv: list[str]) -> list[str]:
+    """The command that runs ``python -m anycnn <argv>`` on ``n`` ranks of this machine.
+
+    ``[mpiexec, "-n", N, <binding flags>, sys.executable, "-m", "anycnn", *argv]``.
+
+    Raises:
+        DistributedError: ``n`` < 1, or no mpiexec.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DistributedError(f"number of workers must be a positive integer, got {n!r}")
+    mpiexec = find_mpiexec()
+    return [mpiexec, "-n", str(n), *_bind_flags(_mpiexec_flavour(mpiexec), n),
+            sys.executable, "-m", "anycnn", *[str(a) for a in argv]]
