@@ -365,8 +365,8 @@ def test_nccl_refuses_wrong_buffers():
 
     cupy, nccl, _ = _fake_modules(gpus=2)
     comm = NCCLCommunicator(FakeMPIComm(rank=1, size=2), cupy=cupy, nccl=nccl)
-    with pytest.raises(ShapeError, match=r"takes CuPy arrays, got numpy\.ndarray"):
-        comm.allreduce_(np.zeros(3, dtype=np.float32))
+    with pytest.raises(ShapeError, match=r"takes CuPy arrays, got builtins\.list"):
+        comm.allreduce_([0.0, 1.0])
     with pytest.raises(ShapeError, match="on GPU 0, but rank 1 uses GPU 1"):
         comm.allreduce_(FakeArray(3, "float32", device=0))
     with pytest.raises(ShapeError, match="float32 or float64, got int64"):
@@ -687,3 +687,20 @@ def test_workers_command_runs_anycnn_on_two_ranks():
                          check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n").count("anycnn 0.1.0") == 2
+
+
+@pytest.mark.usefixtures("fake_dtype_names")
+def test_nccl_sends_host_buffers_through_mpi():
+    from anycnn.dist.nccl import NCCLCommunicator
+
+    cupy, nccl, _ = _fake_modules(gpus=2)
+    mpi = FakeMPIComm(rank=1, size=2)
+    seen = []
+    mpi.allreduce_ = lambda buf: seen.append(("allreduce", buf)) or buf * 2
+    mpi.broadcast_ = lambda buf, root=0: seen.append(("broadcast", buf)) or buf
+    comm = NCCLCommunicator(mpi, cupy=cupy, nccl=nccl)
+    flags = np.ones(3)
+    np.testing.assert_array_equal(comm.allreduce_(flags), [2.0, 2.0, 2.0])
+    assert comm.broadcast_(flags) is flags
+    assert [kind for kind, _ in seen] == ["allreduce", "broadcast"]
+    assert comm.comm.calls == []  # NCCL itself was not used

@@ -11,7 +11,8 @@ import pytest
 
 import anycnn
 
-PACKAGES = ["anycnn", "anycnn.nn", "anycnn.data", "anycnn.train", "anycnn.optim", "anycnn.io"]
+PACKAGES = ["anycnn", "anycnn.nn", "anycnn.data", "anycnn.train", "anycnn.optim", "anycnn.io",
+            "anycnn.dist"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -6,35 +6,15 @@ NCCL communicator is made. The public names are loaded on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports, names
 
 _EXPORTS = {
-    "Communicator": "comm",
-    "SingleProcess": "comm",
-    "check_buffer": "comm",
-    "MPICommunicator": "mpi",
-    "NCCLCommunicator": "nccl",
-    "launcher_env": "launch",
-    "get_communicator": "launch",
-    "reset_communicator": "launch",
-    "install_abort_hook": "launch",
-    "bind_to_cores": "launch",
-    "find_mpiexec": "launch",
-    "workers_command": "launch",
+    **names("comm", "Communicator", "SingleProcess", "check_buffer"),
+    **names("mpi", "MPICommunicator"),
+    **names("nccl", "NCCLCommunicator"),
+    **names("launch", "launcher_env", "get_communicator", "reset_communicator",
+            "install_abort_hook", "bind_to_cores", "find_mpiexec", "workers_command"),
 }
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'anycnn.dist' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+_SUBMODULES = {m: m for m in ("comm", "launch", "mpi", "nccl")}
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

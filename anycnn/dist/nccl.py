@@ -83,16 +83,28 @@ class NCCLCommunicator(Communicator):
                              f"{self.device_id}")
         return self._dtypes[name]
 
+    @staticmethod
+    def _on_host(buf: Any) -> bool:
+        import numpy as np
+
+        return isinstance(buf, np.ndarray)
+
     def _stream(self) -> int:
         return self.cupy.cuda.get_current_stream().ptr
 
     def allreduce_(self, buf: Any) -> Any:
+        """Sum a CuPy buffer over NCCL in place; a host (NumPy) buffer, such as the trainer's
+        few stop flags and evaluation sums, goes through the MPI communicator."""
+        if self._on_host(buf):
+            return self.mpi.allreduce_(buf)
         dtype = self._check(buf)
         ptr = buf.data.ptr
         self.comm.allReduce(ptr, ptr, buf.size, dtype, self.nccl.NCCL_SUM, self._stream())
         return buf
 
     def broadcast_(self, buf: Any, root: int = 0) -> Any:
+        if self._on_host(buf):
+            return self.mpi.broadcast_(buf, root)
         dtype = self._check(buf)
         root = self._check_root(root)
         self.comm.bcast(buf.data.ptr, buf.size, dtype, root, self._stream())

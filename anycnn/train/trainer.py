@@ -511,7 +511,7 @@ class Trainer:
                     self.step += 1
                     if loss is not None:
                         sums.add(loss, logits, y)
-                    stop = self._stop_reason is not None
+                    stop = False  # read after the callbacks, which may ask
                 else:  # every rank reads the same sums and flags: all stop at the same step
                     totals = self.parallel_step(x, y)
                     self.step += 1
@@ -533,7 +533,7 @@ class Trainer:
                 bar.update()
                 for cb in hooks:
                     cb.on_step_end(self, self.step, logs)
-                if stop:
+                if stop or (self._parallel is None and self._stop_reason is not None):
                     self._stop_reason = self._stop_reason or "stop requested on another rank"
                     self._stop_honoured = True
                     return None

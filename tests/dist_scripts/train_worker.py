@@ -1,0 +1,82 @@
+"""A data-parallel training run for tests/test_dist_train.py, started under ``mpiexec`` (or
+alone, as the single-process reference).
+
+Usage: ``python train_worker.py CONFIG.json`` where the JSON object holds ``out`` (rank 0 writes
+``out`` as ``.npz``: the final parameters and buffers, plus ``history``), and optionally
+``examples``, ``batch``, ``epochs``, ``bn`` (a model with BatchNorm), ``augment``,
+``batch_on_rank`` ({rank: batch}: a misconfigured rank), ``raise_on_rank`` ([rank, step]),
+``nan_on_rank`` ([rank, step]), ``on_nonfinite``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+import anycnn
+from anycnn.data import ArrayDataset, Augment, DataLoader
+from anycnn.dist import get_communicator, install_abort_hook
+from anycnn.nn import (BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
+                       SoftmaxCrossEntropy)
+from anycnn.optim import SGD
+from anycnn.train import Trainer
+
+
+def dataset(n: int, seed: int = 0) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=n).astype(np.int64)
+    return ArrayDataset(images, labels, 4)
+
+
+def model(bn: bool) -> Sequential:
+    anycnn.manual_seed(1)
+    layers = [Conv2D(1, 4, 3, padding=1), *([BatchNorm2D(4)] if bn else []), ReLU(),
+              MaxPool2D(2), Flatten(), Dense(64, 4)]
+    return Sequential(*layers)
+
+
+def main(path: str) -> int:
+    cfg = json.loads(open(path).read())
+    comm = get_communicator()
+    install_abort_hook(comm)
+    batch = int(cfg.get("batch_on_rank", {}).get(str(comm.rank), cfg.get("batch", 12)))
+    net = model(cfg.get("bn", False))
+    loss_fn = SoftmaxCrossEntropy()
+    if "raise_on_rank" in cfg and comm.rank == cfg["raise_on_rank"][0]:
+        forward, calls = loss_fn.forward, [0]
+
+        def failing(logits, y):
+            calls[0] += 1
+            if calls[0] == cfg["raise_on_rank"][1]:
+                raise RuntimeError("injected failure")
+            return forward(logits, y)
+
+        loss_fn.forward = failing
+    if "nan_on_rank" in cfg and comm.rank == cfg["nan_on_rank"][0]:
+        forward, calls = loss_fn.forward, [0]
+
+        def poisoned(logits, y):
+            calls[0] += 1
+            out = forward(logits, y)
+            return out * float("nan") if calls[0] == cfg["nan_on_rank"][1] else out
+
+        loss_fn.forward = poisoned
+    trainer = Trainer(net, SGD(net.parameters(), lr=0.1, momentum=0.9), loss_fn, comm=comm,
+                      progress=False, on_nonfinite=cfg.get("on_nonfinite", "stop"))
+    augment = Augment(crop=1, flip=True) if cfg.get("augment") else None
+    train = DataLoader(dataset(cfg.get("examples", 50)), batch, shuffle=True, seed=3,
+                       augment=augment)
+    val = DataLoader(dataset(21, seed=1), 8)
+    trainer.fit(train, val, epochs=cfg.get("epochs", 2))
+    if comm.rank == 0:
+        state = {k: anycnn.to_numpy(v) for k, v in net.state_dict().items()}
+        np.savez(cfg["out"], history=json.dumps(trainer.history),
+                 skipped=trainer.skipped_steps, **state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
