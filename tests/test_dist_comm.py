@@ -8,7 +8,6 @@ mpiexec.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,12 +25,9 @@ from anycnn.dist import launch
 from anycnn.dist.comm import Communicator, SingleProcess, check_buffer
 from anycnn.errors import AnycnnError, ConfigError, DistributedError, ShapeError
 
-REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "tests" / "dist_scripts" / "mpi_worker.py"
+from .mpi_run import LAUNCHER_PREFIXES, SCRIPTS, child_env, mpiexec_or_skip
 
-#: environment variables a launcher sets; a child must not inherit them from the parent
-_LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "SLURM_", "HYDRA_", "MPI_LOCAL",
-                      "I_MPI_")
+WORKER = SCRIPTS / "mpi_worker.py"
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +41,7 @@ def _fresh_communicator():
 def clean_env(monkeypatch):
     """No launcher variables, no ANYCNN_DIST / thread / binding settings."""
     for name in list(os.environ):
-        if name.startswith(_LAUNCHER_PREFIXES) or name in (
+        if name.startswith(LAUNCHER_PREFIXES) or name in (
                 "ANYCNN_DIST", "ANYCNN_NUM_THREADS", "ANYCNN_BIND_CORES"):
             monkeypatch.delenv(name)
     return monkeypatch
@@ -207,7 +203,7 @@ def test_importing_dist_imports_no_mpi4py(clean_env):
     code = ("import sys, anycnn.dist as d; c = d.get_communicator(); "
             "import anycnn.dist.mpi, anycnn.dist.nccl; "
             "print(c.name, 'mpi4py' in sys.modules, 'cupy' in sys.modules)")
-    env = _child_env()
+    env = child_env()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=60, check=True)
     assert out.stdout.split() == ["single", "False", "False"]
@@ -594,32 +590,15 @@ def test_workers_command_rejects_bad_counts(n):
 # ---------------------------------------------------------------- real MPI (mpiexec children)
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_LAUNCHER_PREFIXES) and k not in ("ANYCNN_DIST",)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["ANYCNN_BACKEND"] = "numpy"
-    return env
-
-
-def _mpiexec_or_skip() -> str:
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed (pip install 'anycnn[mpi]')")
-    try:
-        return launch.find_mpiexec()
-    except DistributedError as exc:
-        pytest.skip(str(exc))
-
-
 def _run(n: int, mode: str, folder: Path, timeout: float = 60
          ) -> tuple[subprocess.CompletedProcess, float, list[dict]]:
     """Run the worker on ``n`` ranks: (process, seconds, the ranks' JSON lines by rank).
 
     The ranks write their lines to files in ``folder``: lines of two ranks printed to the
     shared stdout can interleave."""
-    cmd = [_mpiexec_or_skip(), "-n", str(n), sys.executable, str(WORKER), mode, str(folder)]
+    cmd = [mpiexec_or_skip(), "-n", str(n), sys.executable, str(WORKER), mode, str(folder)]
     start = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(),
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(),
                          timeout=timeout, check=False)
     seconds = time.monotonic() - start
     rows = [json.loads(line) for path in sorted(folder.glob("rank-*.json"))
@@ -681,9 +660,9 @@ def test_mpi_bind_to_cores_splits_the_node(tmp_path):
 
 
 def test_workers_command_runs_anycnn_on_two_ranks():
-    _mpiexec_or_skip()
+    mpiexec_or_skip()
     cmd = launch.workers_command(2, ["--version"])
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=60,
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=60,
                          check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n").count("anycnn 0.1.0") == 2

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_folder_options(t)
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
     t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
-    t.add_argument("--batch-size", type=int, default=64, help="images per step")
+    t.add_argument("--batch-size", type=int, default=64,
+                   help="images per step (the global batch: on N ranks each takes 1/N of it)")
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest change --early-stop counts as better (default: 0)")
     t.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also print a line every N steps (default: 0, off)")
+    t.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (runs the same "
+                   "command under the installed mpiexec; needs pip install 'anycnn[mpi]'; "
+                   "or start it yourself: mpiexec -n N anycnn train ...)")
     _backend_option(t)
 
     e = sub.add_parser("evaluate", help="loss, accuracy, top-k and per-class accuracy of a "
@@ -250,9 +255,69 @@ def _history_file(path: Path):
 
     class HistoryFile(Callback):
         def on_epoch_end(self, trainer, epoch, record) -> None:
-            _write_json_atomic(path, trainer.history)
+            if trainer.comm.rank == 0:
+                _write_json_atomic(path, trainer.history)
 
     return HistoryFile()
+
+
+def _start_workers(args) -> int:
+    """``--workers N``: run this command again on N ranks under ``mpiexec`` (replaces this
+    process, so signals reach mpiexec, which forwards them to every rank)."""
+    from ..dist import launcher_env, workers_command
+
+    if launcher_env() is not None:
+        raise ConfigError("--workers starts mpiexec itself; under mpiexec or srun drop it (the "
+                          "launcher's -n sets the number of processes)")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    argv = _without_option(args.argv, "--workers")
+    command = workers_command(args.workers, argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
+def _join_ranks(args):
+    """The communicator of this process (several ranks under an MPI launcher). On N > 1 ranks:
+    an uncaught error on any rank ends the job, each node's ranks share its cores, and only
+    rank 0 prints (the others keep stderr for their own errors)."""
+    from ..dist import bind_to_cores, get_communicator, install_abort_hook
+
+    comm = get_communicator()
+    if comm.size > 1:
+        install_abort_hook(comm)
+        bind_to_cores(comm)
+        if comm.rank != 0:
+            args.quiet = True
+            sys.stdout = open(os.devnull, "w")
+    return comm
+
+
+def _load_on_node_leader_first(comm, load):
+    """``load()`` on each node's first rank, then on the others (one download per node)."""
+    if comm.size == 1:
+        return load()
+    if comm.local_rank == 0:
+        data = load()
+        comm.barrier()
+        return data
+    comm.barrier()
+    return load()
 
 
 def cmd_train(args) -> int:
@@ -267,6 +332,8 @@ def cmd_train(args) -> int:
     from ..train.trainer import Trainer
     from .predict import load_train_data, normalise_dataset
 
+    if args.workers is not None:
+        return _start_workers(args)
     backend = _select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
     out, resume_from = _output_folder(args)
@@ -297,7 +364,9 @@ def cmd_train(args) -> int:
     _check_train_options(args)
     if args.augment is not None:
         parse_augment(args.augment)  # the syntax, before loading data
-    data = load_train_data(args, progress=not args.quiet)
+    comm = _join_ranks(args)
+    data = _load_on_node_leader_first(comm, lambda: load_train_data(args,
+                                                                    progress=not args.quiet))
     if args.limit is not None and args.limit < len(data.train):
         import dataclasses
 
@@ -309,7 +378,8 @@ def cmd_train(args) -> int:
     args.preprocess = {**args.preprocess, **preprocess_record(augment, normalize)}
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
-    _say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}); "
+    ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
+    _say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}){ranks}; "
          f"{data.name}: {len(data.train)} train / {len(data.val)} val; model {args.model}")
     random.manual_seed(args.seed)
     model = build_model(spec)
@@ -333,13 +403,15 @@ def cmd_train(args) -> int:
                       schedule=make_schedule(args.schedule, lr, args.epochs), model_spec=spec,
                       checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                       progress=not args.quiet, callbacks=callbacks,
-                      warmup_steps=args.warmup_steps,
-                      config={k: v for k, v in vars(args).items() if k not in ("func", "given")})
+                      warmup_steps=args.warmup_steps, comm=comm,
+                      config={k: v for k, v in vars(args).items()
+                              if k not in ("func", "given", "argv", "workers")})
     if resume_from is not None:
         trainer.resume(saved)
         _say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
              f"step {trainer.step}")
-    out.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     loader_opts = dict(device_resident=args.device_resident, dtype=args.dtype)
     train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
                               augment=augment, normalize=normalize, **loader_opts)
@@ -354,17 +426,21 @@ def cmd_train(args) -> int:
                                                          divide="ignore"):
         if trainer.epoch < args.epochs and not ended:
             trainer.fit(train_loader, val_loader, epochs=args.epochs)
-        elif not ended:
+        elif not ended and comm.rank == 0:
             print(f"anycnn: nothing to train: {resume_from} has completed {trainer.epoch} of "
                   f"{args.epochs} epochs; pass --epochs N (N > {trainer.epoch}) to train more",
                   file=sys.stderr)
         if stopper.signum is not None:  # saved with the handlers still on: a second signal
             trainer.save(ckpt_path)     # exits at once
     if stopper.signum is not None:
+        if comm.rank != 0:
+            return 128 + stopper.signum
         print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
               f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
               "plus --resume", file=sys.stderr)
         return 128 + stopper.signum
+    if comm.rank != 0:  # rank 0 reports
+        return 0
     if trainer.skipped_steps:
         print(f"anycnn: warning: {trainer.skipped_steps} step(s) skipped because the loss was "
               "NaN or infinite (--on-nan skip)", file=sys.stderr)
@@ -648,6 +724,27 @@ def tune_blas_threads() -> None:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
+def _fail(message: str, every_rank: bool = False) -> int:
+    """Report a user-facing error in one line and return the exit status.
+
+    Several ranks (``mpiexec``): a mistake every rank makes in the same place (bad options
+    before MPI starts; a configuration mismatch or a NaN loss, which all ranks see) is printed
+    by rank 0 alone and every rank exits; any other error is printed with its rank and ends the
+    whole job (the other ranks may be waiting for this one in a collective).
+    """
+    from ..dist.launch import current_communicator, launcher_rank
+
+    comm = current_communicator()
+    if comm is not None and comm.size > 1 and not every_rank:
+        print(f"anycnn: error on rank {comm.rank}/{comm.size}: {message}", file=sys.stderr,
+              flush=True)
+        comm.abort(EXIT_USAGE)
+    rank = comm.rank if comm is not None else launcher_rank()
+    if not rank:
+        print(f"anycnn: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_blas_threads()
     try:
@@ -657,24 +754,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         args.given = _given_options(argv, args)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command](args)
     except AnycnnError as exc:
-        print(f"anycnn: error: {_one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(_one_line(str(exc)), getattr(exc, "every_rank", False))
     except FileNotFoundError as exc:
-        print(f"anycnn: error: no such file: {exc.filename}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"no such file: {exc.filename}")
     except PermissionError as exc:
-        print(f"anycnn: error: permission denied: {exc.filename}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"permission denied: {exc.filename}")
     except BrokenPipeError:  # `anycnn info | head`: the reader left; stop quietly like cat
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except OSError as exc:  # not a directory, disk full, read-only file system, ...
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"anycnn: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         print("anycnn: interrupted", file=sys.stderr)
         return 130

@@ -12,7 +12,8 @@ _EXPORTS = {
     **names("comm", "Communicator", "SingleProcess", "check_buffer"),
     **names("mpi", "MPICommunicator"),
     **names("nccl", "NCCLCommunicator"),
-    **names("launch", "launcher_env", "get_communicator", "reset_communicator",
+    **names("launch", "launcher_env", "launcher_rank", "get_communicator",
+            "current_communicator", "reset_communicator",
             "install_abort_hook", "bind_to_cores", "find_mpiexec", "workers_command"),
 }
 _SUBMODULES = {m: m for m in ("comm", "launch", "mpi", "nccl")}

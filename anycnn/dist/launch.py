@@ -146,6 +146,25 @@ def get_communicator(kind: str | None = None) -> Communicator:
     return _communicator
 
 
+def current_communicator() -> Communicator | None:
+    """The communicator :func:`get_communicator` has made in this process, or None (makes
+    none: error reporting uses it to learn whether other ranks are waiting)."""
+    return _communicator
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as the launcher's environment gives it (None without a launcher),
+    read before MPI starts: so that only rank 0 reports a mistake every rank makes."""
+    if launcher_env() is None:
+        return None
+    for name in ("OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
+                 "SLURM_PROCID"):
+        rank = _int_env(name)
+        if rank is not None:
+            return rank
+    return None
+
+
 def reset_communicator() -> None:
     """Forget the cached communicator (tests)."""
     global _communicator

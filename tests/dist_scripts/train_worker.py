@@ -18,8 +18,16 @@ import numpy as np
 import anycnn
 from anycnn.data import ArrayDataset, Augment, DataLoader
 from anycnn.dist import get_communicator, install_abort_hook
-from anycnn.nn import (BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential,
-                       SoftmaxCrossEntropy)
+from anycnn.nn import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    Sequential,
+    SoftmaxCrossEntropy,
+)
 from anycnn.optim import SGD
 from anycnn.train import Trainer
 
