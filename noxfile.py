@@ -1,8 +1,10 @@
 """The per-backend test matrix, lint, and benchmarks.
 
 `nox` runs lint and one `tests(backend=NAME)` session per file `backends/NAME.txt`, each in its own
-virtual environment, with `ANYCNN_BACKEND=NAME`. The cupy session skips without an NVIDIA GPU
-unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a failure.
+virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy session installs the `mpi` extra, so the
+data-parallel tests run there on real `mpiexec` jobs (the other sessions skip them). The cupy
+session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a
+failure.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def tests(session: nox.Session, backend: str) -> None:
         if why:
             session.skip(f"{why}; set ANYCNN_REQUIRE_BACKEND=1 to make this a failure")
     session.install("-r", f"backends/{backend}.txt", "-r", "backends/torch.txt")
-    session.install("-e", ".", "--group", "test")
+    # the numpy session also runs the data-parallel tests on real mpiexec jobs (MPICH wheel)
+    session.install("-e", ".[mpi]" if backend == "numpy" else ".", "--group", "test")
     env = {"ANYCNN_BACKEND": backend}
     session.run("python", "-m", "anycnn", "info", env=env)
     session.run("python", "-m", "pytest", *(session.posargs or ["-q"]), env=env)

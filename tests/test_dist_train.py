@@ -135,24 +135,27 @@ def test_batchnorm_statistics_are_averaged_before_sharded_validation(tmp_path):
 
 def test_mismatched_configurations_are_refused(tmp_path):
     out, seconds, _ = run_worker(tmp_path, 2, batch_on_rank={"1": 10})
-    assert out.returncode != 0
-    assert "configured differently" in out.stderr
-    assert "batch_size: 10 on rank 1, 12 on rank 0" in out.stderr
-    assert seconds < 10
+    report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
+    assert out.returncode != 0, report
+    assert "configured differently" in out.stderr, report
+    assert "batch_size: 10 on rank 1, 12 on rank 0" in out.stderr, report
+    assert seconds < 10, report
 
 
 def test_an_exception_on_rank_1_ends_the_job_with_its_rank(tmp_path):
     out, seconds, _ = run_worker(tmp_path, 2, raise_on_rank=[1, 3])
-    assert out.returncode != 0
-    assert "rank 1/2 failed: RuntimeError: injected failure" in out.stderr
-    assert seconds < 10
+    report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
+    assert out.returncode != 0, report
+    assert "rank 1/2 failed: RuntimeError: injected failure" in out.stderr, report
+    assert seconds < 10, report
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     out, seconds, _ = run_worker(tmp_path, 2, nan_on_rank=[1, 2])
-    assert out.returncode != 0
-    assert "loss became nan at epoch 1, step 2" in out.stderr
-    assert seconds < 10
+    report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
+    assert out.returncode != 0, report
+    assert "loss became nan at epoch 1, step 2" in out.stderr, report
+    assert seconds < 10, report
     out, _, got = run_worker(tmp_path, 2, nan_on_rank=[1, 2], on_nonfinite="skip")
     assert out.returncode == 0, out.stderr
     assert int(got["skipped"]) == 1
