@@ -164,16 +164,18 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_a_killed_rank_ends_the_job(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"out": str(tmp_path / "o.npz"), "examples": 2000,
-                               "epochs": 1000}))
+                               "epochs": 1000, "pid_dir": str(tmp_path)}))
     job = subprocess.Popen([mpiexec_or_skip(), "-n", "2", sys.executable, str(WORKER), str(cfg)],
                            env=child_env(ANYCNN_NUM_THREADS="1"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2.0)
-        children = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True)
-        pids = [int(p) for p in children.stdout.split() if int(p) != job.pid]
-        assert len(pids) >= 2, children.stdout
-        os.kill(max(pids), signal.SIGKILL)  # one rank
+        pid_file = tmp_path / "rank-1.pid"
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        assert pid_file.exists(), "rank 1 never trained a step"
+        time.sleep(0.2)  # the file is written in full
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
         start = time.monotonic()
         job.wait(timeout=30)
         assert time.monotonic() - start < 10
@@ -222,6 +224,7 @@ def test_cli_sigterm_then_resume_on_two_ranks_equals_an_uninterrupted_run(tmp_pa
             job.kill()
     assert job.returncode == 128 + signal.SIGTERM, err
     assert err.count("interrupted (SIGTERM)") == 1  # rank 0 reports
+    assert err.count("SIGTERM received") == 1
     _, state = _weights(tmp_path / "cut" / "checkpoint.safetensors")
     assert state.epoch == 0 and 3 <= state.step < 8  # mid-epoch (8 steps of 32)
     ranks = [len((logs / f"rank-{r}.log").read_text().splitlines()) for r in (0, 1)]

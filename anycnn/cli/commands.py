@@ -211,8 +211,9 @@ class _StopOnSignal:
             print("\nanycnn: second signal, exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\nanycnn: {signal.Signals(signum).name} received: stopping after this step "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        if self.trainer.comm.rank == 0:  # mpiexec forwards the signal to every rank
+            print(f"\nanycnn: {signal.Signals(signum).name} received: stopping after this "
+                  "step (send it again to exit at once)", file=sys.stderr, flush=True)
         self.trainer.request_stop(signal.Signals(signum).name)
 
     def __exit__(self, *exc) -> None:

@@ -5,13 +5,16 @@ Usage: ``python train_worker.py CONFIG.json`` where the JSON object holds ``out`
 ``out`` as ``.npz``: the final parameters and buffers, plus ``history``), and optionally
 ``examples``, ``batch``, ``epochs``, ``bn`` (a model with BatchNorm), ``augment``,
 ``batch_on_rank`` ({rank: batch}: a misconfigured rank), ``raise_on_rank`` ([rank, step]),
-``nan_on_rank`` ([rank, step]), ``on_nonfinite``.
+``nan_on_rank`` ([rank, step]), ``on_nonfinite``, ``pid_dir`` (each rank writes its process id
+to ``pid_dir/rank-R.pid`` once it has trained a step).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +77,17 @@ def main(path: str) -> int:
         loss_fn.forward = poisoned
     trainer = Trainer(net, SGD(net.parameters(), lr=0.1, momentum=0.9), loss_fn, comm=comm,
                       progress=False, on_nonfinite=cfg.get("on_nonfinite", "stop"))
+    if "pid_dir" in cfg:
+        step, done = trainer.parallel_step, []
+
+        def announced(x, y):
+            out = step(x, y)
+            if not done:
+                done.append(True)
+                (Path(cfg["pid_dir"]) / f"rank-{comm.rank}.pid").write_text(str(os.getpid()))
+            return out
+
+        trainer.parallel_step = announced
     augment = Augment(crop=1, flip=True) if cfg.get("augment") else None
     train = DataLoader(dataset(cfg.get("examples", 50)), batch, shuffle=True, seed=3,
                        augment=augment)
