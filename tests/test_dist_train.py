@@ -133,6 +133,25 @@ def test_batchnorm_statistics_are_averaged_before_sharded_validation(tmp_path):
     assert last["val_accuracy"] == val["accuracy"]
 
 
+def test_synchronised_batchnorm_trains_as_one_process_on_the_whole_batch(tmp_path):
+    single_out, _, single = run_worker(tmp_path, 0, bn=True, epochs=1)
+    assert single_out.returncode == 0, single_out.stderr
+    out, _, synced = run_worker(tmp_path, 2, bn=True, sync_bn=True, epochs=1)
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "own").mkdir()
+    out, _, own = run_worker(tmp_path / "own", 2, bn=True, epochs=1)
+    assert out.returncode == 0, out.stderr
+    names = [k for k in single if k not in ("history", "skipped")]
+    for name in names:  # running statistics included
+        np.testing.assert_allclose(synced[name], single[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    # per-rank statistics (the default) train a measurably different model
+    assert max(np.abs(own[k] - single[k]).max() for k in names) > 1e-3
+    out, _, _ = run_worker(tmp_path, 3, bn=True, sync_bn=True, epochs=1)  # an empty share
+    assert out.returncode != 0
+    assert "synchronised BatchNorm needs every rank in every step" in out.stderr
+
+
 def test_mismatched_configurations_are_refused(tmp_path):
     out, seconds, _ = run_worker(tmp_path, 2, batch_on_rank={"1": 10})
     report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"

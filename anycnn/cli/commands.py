@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest change --early-stop counts as better (default: 0)")
     t.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also print a line every N steps (default: 0, off)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="on several ranks, BatchNorm statistics of the global batch instead of "
+                   "each rank's share (three small allreduces per layer and step)")
     t.add_argument("--workers", type=int, default=None, metavar="N",
                    help="train data-parallel on N processes of this machine (runs the same "
                    "command under the installed mpiexec; needs pip install 'anycnn[mpi]'; "
@@ -390,6 +393,10 @@ def cmd_train(args) -> int:
     opt_kwargs = {"weight_decay": args.weight_decay}
     if args.optimizer == "sgd":
         opt_kwargs["momentum"] = args.momentum
+    if args.sync_bn:
+        from ..nn.layers import sync_batchnorm
+
+        sync_batchnorm(model, comm)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **opt_kwargs)
     from ..nn.losses import SoftmaxCrossEntropy
 

@@ -18,9 +18,9 @@ from .._lazy import lazy_exports, names
 
 _EXPORTS = {
     **names("module", "Module", "Parameter", "eval_mode"),
-    **names("layers", "Conv2D", "ConvTranspose2D", "Dense", "BatchNorm2D", "GroupNorm",
-            "LayerNorm", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Upsample2D", "Flatten",
-            "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"),
+    **names("layers", "Conv2D", "ConvTranspose2D", "Dense", "BatchNorm2D", "sync_batchnorm",
+            "GroupNorm", "LayerNorm", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Upsample2D",
+            "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"),
     **names("sequential", "Sequential"),
     **names("containers", "Identity", "Residual", "Concat"),
     **names("losses", "SoftmaxCrossEntropy", "MSELoss"),

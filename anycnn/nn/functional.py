@@ -19,7 +19,7 @@ import numpy as np
 from array_api_compat import device
 
 from .. import fastpath
-from ..backend import namespace_of
+from ..backend import namespace_of, to_numpy
 from .geometry import (
     Pair,
     adjoint_index,
@@ -784,26 +784,44 @@ def elementwise_backward(dy: Any, derivative: Any):
 class BatchNormCtx:
     xhat: Any
     inv_std: Any
-    count: int
+    count: int  # values per channel the statistics were taken over (all ranks')
     training: bool
+    share: float = 1.0  # this rank's part of ``count`` (synchronised statistics)
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                       reduce=None):
     """PyTorch ``batch_norm`` on channels-last input.
 
     In training, normalises with the batch statistics and returns updated running statistics
     (``running_var`` uses the unbiased batch variance); in eval, uses the running statistics.
     Returns ``(y, ctx, new_running_mean, new_running_var)``.
+
+    ``reduce`` (training only; data-parallel synchronised statistics): a function that sums a
+    1-D array over every rank (a communicator's ``allreduce_``). The mean and the variance are
+    then those of all ranks' batches together: two calls, ``(C + 1,)`` (sums and count) and
+    ``(C,)`` (squared deviations from the global mean), plus one host read of the count.
     """
     xp = namespace_of(x, gamma, beta, running_mean, running_var)
     axes = tuple(range(x.ndim - 1))
     count = 1
     for a in axes:
         count *= x.shape[a]
-    if training:
+    share = 1.0
+    if training and reduce is not None:
+        local = count
+        total = reduce(xp.concat([xp.sum(x, axis=axes),
+                                  xp.full((1,), float(count), dtype=x.dtype, device=device(x))]))
+        count = round(float(to_numpy(total[-1])))
+        mean = total[:-1] / count
+        centred = x - mean
+        var = reduce(xp.sum(centred * centred, axis=axes)) / count
+        share = local / count
+    elif training:
         mean = xp.mean(x, axis=axes)
         centred = x - mean
         var = xp.mean(centred * centred, axis=axes)
+    if training:
         unbiased = var * (count / max(count - 1, 1))
         running_mean = (1.0 - momentum) * running_mean + momentum * mean
         running_var = (1.0 - momentum) * running_var + momentum * unbiased
@@ -813,11 +831,19 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     inv_std = 1.0 / xp.sqrt(var + eps)
     xhat = centred * inv_std
     y = xhat * gamma + beta
-    return y, BatchNormCtx(xhat, inv_std, count, training), running_mean, running_var
+    return y, BatchNormCtx(xhat, inv_std, count, training, share), running_mean, running_var
 
 
-def batch_norm_backward(dy, ctx: BatchNormCtx, gamma):
-    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`."""
+def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`.
+
+    With ``reduce`` (the forward's; synchronised statistics), ``dy`` is the gradient of this
+    rank's *mean* loss, and the objective is the global batch's mean loss, i.e. each rank's loss
+    weighted by its share ``w`` of the batch (how :mod:`anycnn.train.parallel` combines the
+    ranks' gradients). One call sums ``(2C,)``: ``w * dbeta`` and ``w * dgamma`` of every rank;
+    ``dx`` is the global objective's input gradient divided by ``w`` (the trainer multiplies
+    every rank's parameter gradients by ``w``), ``dgamma``/``dbeta`` are this rank's own.
+    """
     xp = namespace_of(dy, gamma)
     axes = tuple(range(dy.ndim - 1))
     dbeta = xp.sum(dy, axis=axes)
@@ -825,7 +851,13 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma):
     scale = gamma * ctx.inv_std
     if not ctx.training:
         return dy * scale, dgamma, dbeta
-    dx = (scale / ctx.count) * (ctx.count * dy - dbeta - ctx.xhat * dgamma)
+    if reduce is None:
+        dx = (scale / ctx.count) * (ctx.count * dy - dbeta - ctx.xhat * dgamma)
+        return dx, dgamma, dbeta
+    w = ctx.share
+    total = reduce(xp.concat([dbeta * w, dgamma * w]))
+    c = dbeta.shape[0]
+    dx = (scale / ctx.count) * (ctx.count * dy - (total[:c] + ctx.xhat * total[c:]) / w)
     return dx, dgamma, dbeta
 
 

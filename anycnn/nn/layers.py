@@ -331,9 +331,16 @@ class BatchNorm2D(Module):
     Training normalises with the batch mean and biased variance and updates
     ``running_mean``/``running_var`` (unbiased variance) with ``momentum``; eval uses the running
     statistics. ``weight`` (gamma) starts at 1, ``bias`` (beta) at 0. Also accepts ``(N, C)``.
+
+    ``sync``: None (default), or a communicator (:mod:`anycnn.dist`) whose ranks train one model
+    data-parallel: training statistics are then those of the global batch, summed over the
+    ranks (PyTorch's ``SyncBatchNorm``; three small allreduces per layer and step). Set it with
+    :func:`sync_batchnorm`. Evaluation uses the running statistics, which are the same on every
+    rank with ``sync``.
     """
 
     buffer_names = ("running_mean", "running_var")
+    sync: Any = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  dtype: str = "float32") -> None:
@@ -360,7 +367,7 @@ class BatchNorm2D(Module):
             raise ShapeError("BatchNorm2D needs more than one value per channel in training")
         y, self._ctx, rm, rv = F.batch_norm_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps)
+            self.training, self.momentum, self.eps, reduce=self._reduce())
         self.running_mean, self.running_var = rm, rv
         return y
 
@@ -369,13 +376,39 @@ class BatchNorm2D(Module):
 
     def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, ctx, self.weight.data)
+        dx, dgamma, dbeta = F.batch_norm_backward(
+            dy, ctx, self.weight.data, reduce=self._reduce() if ctx.training else None)
         self.weight.accumulate(dgamma)
         self.bias.accumulate(dbeta)
         return dx
 
+    def _reduce(self):
+        """The sum over ranks of synchronised statistics in training, else None."""
+        if self.sync is None or self.sync.size == 1 or not self.training:
+            return None
+        return self.sync.allreduce_
+
     def extra_repr(self):
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        sync = f", sync={self.sync.name} x {self.sync.size}" if self.sync is not None else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{sync}"
+
+
+def sync_batchnorm(model: Module, comm: Any = None) -> int:
+    """Make every :class:`BatchNorm2D` of ``model`` compute its training statistics over all
+    ranks of ``comm`` (default :func:`anycnn.dist.get_communicator`); returns how many.
+
+    Every rank must then hold a non-empty share of every training batch (each layer's sums are
+    collective): :meth:`anycnn.train.Trainer.fit` refuses a batch size or a last batch smaller
+    than the number of ranks.
+    """
+    if comm is None:
+        from ..dist import get_communicator
+
+        comm = get_communicator()
+    layers = [m for m in model.modules() if isinstance(m, BatchNorm2D)]
+    for m in layers:
+        m.sync = comm
+    return len(layers)
 
 
 class _ChannelNorm(Module):

@@ -121,6 +121,27 @@ class DataParallel:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
 
+    def check_shares(self, model: Module, loader: Any) -> None:
+        """Refuse a loader that would leave a rank an empty share when ``model`` has BatchNorm
+        layers with synchronised statistics (their sums are collective: every rank must run
+        its forward and backward at every step).
+
+        Raises:
+            ConfigError: the batch size, or the last batch, is smaller than the rank count.
+        """
+        if not any(getattr(m, "sync", None) is not None for m in model.modules()):
+            return
+        size, batch = self.comm.size, loader.batch_size
+        last = len(loader.dataset) % batch
+        if getattr(loader, "drop_last", False):
+            last = 0
+        if batch < size or 0 < last < size:
+            small = batch if batch < size else last
+            raise ConfigError(f"synchronised BatchNorm needs every rank in every step, but a "
+                              f"batch of {small} leaves some of the {size} ranks nothing: use "
+                              "a batch size and a last batch of at least the number of ranks "
+                              "(e.g. drop_last=True)")
+
     # -- steps ---------------------------------------------------------------------------
     def step(self, model: Module, loss_fn: Any, params: list, x: Any, y: Any,
              stop: bool) -> StepTotals:
@@ -220,4 +241,6 @@ def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]
         "position": [trainer.epoch, trainer.step],
         "warmup_steps": trainer.warmup_steps,
         "on_nonfinite": trainer.on_nonfinite,
+        "synchronised_batchnorm": sum(getattr(m, "sync", None) is not None
+                                      for m in trainer.model.modules()),
     }

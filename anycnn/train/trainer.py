@@ -462,6 +462,7 @@ class Trainer:
             check_loader(train_loader, "train_loader", ("set_shard",))
             train_loader.set_shard(self.comm.rank, self.comm.size)
             self._parallel.check_same(fingerprint(self, train_loader, target))
+            self._parallel.check_shares(self.model, train_loader)
             self._parallel.broadcast_state(self.model, self.optimizer)
         self.target_epochs, self.steps_per_epoch = target, len(train_loader)
         self._validating = val_loader is not None

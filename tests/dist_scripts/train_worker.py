@@ -3,7 +3,8 @@ alone, as the single-process reference).
 
 Usage: ``python train_worker.py CONFIG.json`` where the JSON object holds ``out`` (rank 0 writes
 ``out`` as ``.npz``: the final parameters and buffers, plus ``history``), and optionally
-``examples``, ``batch``, ``epochs``, ``bn`` (a model with BatchNorm), ``augment``,
+``examples``, ``batch``, ``epochs``, ``bn`` (a model with BatchNorm), ``sync_bn`` (its
+statistics synchronised over the ranks), ``augment``,
 ``batch_on_rank`` ({rank: batch}: a misconfigured rank), ``raise_on_rank`` ([rank, step]),
 ``nan_on_rank`` ([rank, step]), ``on_nonfinite``, ``pid_dir`` (each rank writes its process id
 to ``pid_dir/rank-R.pid`` once it has trained a step).
@@ -30,6 +31,7 @@ from anycnn.nn import (
     ReLU,
     Sequential,
     SoftmaxCrossEntropy,
+    sync_batchnorm,
 )
 from anycnn.optim import SGD
 from anycnn.train import Trainer
@@ -55,6 +57,8 @@ def main(path: str) -> int:
     install_abort_hook(comm)
     batch = int(cfg.get("batch_on_rank", {}).get(str(comm.rank), cfg.get("batch", 12)))
     net = model(cfg.get("bn", False))
+    if cfg.get("sync_bn"):
+        sync_batchnorm(net, comm)
     loss_fn = SoftmaxCrossEntropy()
     if "raise_on_rank" in cfg and comm.rank == cfg["raise_on_rank"][0]:
         forward, calls = loss_fn.forward, [0]
