@@ -43,14 +43,14 @@ def numpy_backend(monkeypatch):
         yield
 
 
-def run_worker(tmp_path, ranks: int, timeout: float = 60, **cfg):
+def run_worker(tmp_path, ranks: int, timeout: float = 60, backend: str = "numpy", **cfg):
     """The worker on ``ranks`` ranks (0: one plain process): (process, seconds, results)."""
-    cfg["out"] = str(tmp_path / f"out-{ranks}.npz")
+    cfg["out"] = str(tmp_path / f"out-{ranks}-{backend}.npz")
     path = tmp_path / f"cfg-{ranks}.json"
     path.write_text(json.dumps(cfg))
     if ranks:
         out, seconds = run_ranks(ranks, [str(WORKER), str(path)], timeout=timeout,
-                                 ANYCNN_NUM_THREADS="1")
+                                 ANYCNN_NUM_THREADS="1", ANYCNN_BACKEND=backend)
     else:
         start = time.monotonic()
         out = subprocess.run([sys.executable, str(WORKER), str(path)], capture_output=True,
@@ -100,8 +100,22 @@ def test_two_ranks_equal_one_process_summing_the_two_shares(tmp_path):
     out, _, got = run_worker(tmp_path, 2, augment=True)
     assert out.returncode == 0, out.stderr
     want = shard_sum_reference(2, augment=True)
+    single_out, _, single = run_worker(tmp_path, 0, augment=True)
+    assert single_out.returncode == 0, single_out.stderr
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+        np.testing.assert_allclose(got[name], single[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "array_api_strict"])
+def test_other_backends_train_data_parallel_through_host_buffers(tmp_path, backend):
+    pytest.importorskip(backend)
+    out, _, got = run_worker(tmp_path, 2, backend=backend)
+    assert out.returncode == 0, out.stderr
+    out, _, want = run_worker(tmp_path, 2)
+    assert out.returncode == 0, out.stderr
+    for name in (k for k in want if k not in ("history", "skipped")):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_three_ranks_with_an_empty_share_match_one_process(tmp_path):
