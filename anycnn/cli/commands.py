@@ -297,15 +297,14 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def _join_ranks(args):
-    """The communicator of this process (several ranks under an MPI launcher). On N > 1 ranks:
-    an uncaught error on any rank ends the job, each node's ranks share its cores, and only
-    rank 0 prints (the others keep stderr for their own errors)."""
-    from ..dist import bind_to_cores, get_communicator, install_abort_hook
+    """The communicator of this process (several ranks under an MPI launcher; making it pins
+    each machine's ranks to disjoint cores). On N > 1 ranks: an uncaught error on any rank ends
+    the job, and only rank 0 prints (the others keep stderr for their own errors)."""
+    from ..dist import get_communicator, install_abort_hook
 
     comm = get_communicator()
     if comm.size > 1:
         install_abort_hook(comm)
-        bind_to_cores(comm)
         if comm.rank != 0:
             args.quiet = True
             sys.stdout = open(os.devnull, "w")

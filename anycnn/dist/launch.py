@@ -106,6 +106,7 @@ def _make(name: str) -> Communicator:
     from .mpi import MPICommunicator
 
     mpi = MPICommunicator()
+    bind_to_cores(mpi)  # collective, as the communicator's own start-up
     if name == "mpi":
         return mpi
     from ..backend import get_backend
@@ -127,6 +128,8 @@ def get_communicator(kind: str | None = None) -> Communicator:
         kind: ``"auto"``, ``"single"``, ``"mpi"`` or ``"nccl"``; None reads ``ANYCNN_DIST``
             (default ``auto``: MPI when :func:`launcher_env` finds a launcher, else single).
             ``nccl`` is MPI for start-up plus NCCL for buffers, and needs the cupy backend.
+            Making an MPI (or NCCL) communicator is collective: every rank calls it, and the
+            ranks of each machine are pinned to disjoint cores then (:func:`bind_to_cores`).
 
     Raises:
         DistributedError: an unknown name (the valid ones are listed), mpi4py missing (with the
@@ -175,9 +178,11 @@ def install_abort_hook(comm: Communicator) -> bool:
     """Make an uncaught exception on any rank end the whole job (when ``comm.size > 1``).
 
     Sets ``sys.excepthook`` and ``threading.excepthook``: the failing rank prints
-    ``anycnn: rank R/N failed: ExcType: message`` (after the traceback, for exceptions that are
-    not anycnn's own documented errors) and calls ``comm.abort(1)``. Returns whether it installed
-    the hooks. ``SystemExit`` is not an exception these hooks see: leave a multi-rank job with
+    ``anycnn: rank R/N failed: ExcType: message`` first (then the traceback, for exceptions that
+    are not anycnn's own documented errors) and calls ``comm.abort(1)``. An error that every rank
+    raises at the same point (``every_rank`` set: a configuration mismatch, a NaN loss, both
+    decided from values all ranks share) is printed by rank 0 alone, and every rank exits
+    normally instead. Returns whether it installed the hooks. ``SystemExit`` is not an exception these hooks see: leave a multi-rank job with
     ``comm.abort(code)``, not ``sys.exit(code)`` on one rank.
     """
     if comm.size <= 1:
@@ -186,14 +191,19 @@ def install_abort_hook(comm: Communicator) -> bool:
 
     def report_and_abort(exc_type: type[BaseException], exc: BaseException | None,
                          tb: Any) -> None:
+        every_rank = bool(getattr(exc, "every_rank", False))
         try:
-            if not issubclass(exc_type, AnycnnError):
-                traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            if every_rank and comm.rank != 0:
+                return
             text = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
             print(f"anycnn: rank {comm.rank}/{comm.size} failed: {text}", file=sys.stderr,
                   flush=True)
+            if not issubclass(exc_type, AnycnnError):
+                traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+                sys.stderr.flush()
         finally:
-            comm.abort(1)
+            if not every_rank:
+                comm.abort(1)
 
     def thread_hook(args: Any) -> None:
         if issubclass(args.exc_type, SystemExit):

@@ -10,6 +10,7 @@ input's own backend and device as a new array (PyPI MPI builds are not CUDA-awar
 
 from __future__ import annotations
 
+import time
 from typing import Any, NoReturn
 
 import array_api_compat
@@ -20,6 +21,9 @@ from ..errors import DistributedError, ShapeError
 from .comm import Communicator, check_buffer
 
 INSTALL_HINT = "pip install 'anycnn[mpi]'  (or: pip install mpi4py mpich)"
+#: seconds a rank waits between printing why it aborts and aborting: MPI_Abort tears the job
+#: down at once, and output still on its way through the launcher would be lost
+ABORT_GRACE_S = 0.25
 
 
 def load_mpi() -> Any:
@@ -96,6 +100,7 @@ class MPICommunicator(Communicator):
 
     def abort(self, code: int = 1, message: str | None = None) -> NoReturn:
         self._abort_message(code, message)
+        time.sleep(ABORT_GRACE_S)  # let the launcher forward this rank's last output
         self.MPI.COMM_WORLD.Abort(code)
         raise SystemExit(code)  # pragma: no cover - Abort does not return
 
