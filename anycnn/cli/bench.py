@@ -15,20 +15,30 @@ Method (the numbers in BENCHMARKS.md come from here):
   should be 1.0 (anycnn never wakes the BLAS's own threads, so their idle spinning cannot cost).
 * Peak memory is the worker's peak resident set (``VmHWM``); "above base" subtracts the resident
   set measured just before the first step (libraries, model and data loaded).
+* ``--workers`` times data-parallel training instead (:func:`run_workers`): for each rank count
+  ``k`` one ``mpiexec -n k`` job of the worker (``anycnn.dist.workers_command``'s launcher and
+  binding flags; every rank calls ``bind_to_cores``) trains on a random global batch split into
+  contiguous shares, through ``Trainer.parallel_step``. One rank runs the same data-parallel path
+  (pack, ``allreduce_`` over a one-rank MPI communicator, unpack); its plain ``train_step`` is
+  timed too, as a reference. A step's time is the slowest rank's; the time inside
+  ``comm.allreduce_`` is measured by wrapping it. Rank counts alternate within each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DistributedError
 
 FRAMEWORKS = ("anycnn", "anycnn-script", "torch", "torch-cl")
 
@@ -54,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure the float32 GEMM peak and report the fraction reached")
     p.add_argument("--epoch-dataset", default=None,
                    help="also time one full training epoch on this dataset (e.g. fashion-mnist)")
+    p.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                   help="time data-parallel training over MPI instead: one N means 1..N ranks, "
+                   "several are the rank counts to run (1, the baseline, is always added); "
+                   "needs mpi4py and mpiexec")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
 
 
@@ -200,7 +214,85 @@ def _epoch_worker(cfg: dict) -> dict:
             "train_accuracy": trainer.history[-1]["train_accuracy"]}
 
 
-def worker_main(cfg: dict) -> dict:
+def _dp_worker(cfg: dict) -> dict | None:
+    """One rank of an ``mpiexec -n k`` job: data-parallel steps through ``Trainer.parallel_step``.
+
+    Rank 0 returns the job's numbers (every rank's per-step times), the others None.
+    """
+    import numpy as np
+
+    import anycnn
+    from anycnn import fastpath
+    from anycnn.backend import synchronize
+    from anycnn.dist import bind_to_cores, get_communicator, install_abort_hook
+    from anycnn.models import build_model
+    from anycnn.train.parallel import TRAILER, DataParallel
+    from anycnn.train.trainer import Trainer
+
+    comm = get_communicator("mpi")
+    install_abort_hook(comm)
+    bound = bind_to_cores(comm)
+    backend = anycnn.get_backend()
+    anycnn.manual_seed(0)  # the same weights on every rank
+    model = build_model(cfg["model"])
+    if cfg["dtype"] != "float32":
+        model.to(cfg["dtype"])
+    size = model_input_shape(cfg["model"])
+    rng = np.random.default_rng(0)
+    b = cfg["batch"]
+    images = rng.random((b, *size), dtype=np.float32).astype(cfg["dtype"])
+    labels = rng.integers(0, 10, b)
+    start, stop = b * comm.rank // comm.size, b * (comm.rank + 1) // comm.size  # DataLoader.share
+    x, y = anycnn.asarray(images[start:stop]), anycnn.asarray(labels[start:stop])
+    opt = anycnn.optim.optimizers.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    trainer = Trainer(model, opt, progress=False, comm=comm)
+    path = "parallel_step"
+    if trainer._parallel is None:  # one rank: the Trainer would use train_step; time the DP path
+        trainer._parallel = DataParallel(comm)
+    params = sum(math.prod(p.shape) for p in opt.params)
+    itemsize = np.dtype(cfg["dtype"]).itemsize
+
+    reduce_ms: list[float] = []
+    inner = comm.allreduce_
+
+    def timed_allreduce(buf):
+        t0 = time.perf_counter()
+        out = inner(buf)
+        reduce_ms.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    comm.allreduce_ = timed_allreduce
+    sync = lambda: synchronize(backend)  # noqa: E731
+    for _ in range(cfg["warmup"]):
+        trainer.parallel_step(x, y)
+    sync()
+    comm.barrier()
+    step_ms, step_reduce_ms = [], []
+    for _ in range(cfg["steps"]):
+        reduce_ms.clear()
+        t0 = time.perf_counter()
+        trainer.parallel_step(x, y)
+        sync()
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        step_reduce_ms.append(sum(reduce_ms))
+    comm.allreduce_ = inner
+    plain_ms = None
+    if comm.size == 1:  # reference: the single-process Trainer's own step, same model and batch
+        plain_ms = _time_steps(lambda: trainer.train_step(x, y, check=True), sync, 1,
+                               cfg["steps"])
+    mine = {"rank": comm.rank, "step_ms": step_ms, "allreduce_ms": step_reduce_ms,
+            "share": stop - start, "threads": fastpath.num_threads(),
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "bound_by_anycnn": bound is not None}
+    everyone = comm.allgather_object(mine)
+    if comm.rank != 0:
+        return None
+    return {"ranks": everyone, "path": path, "train_step_ms": plain_ms, "parameters": params,
+            "buffer_bytes": (params + len(TRAILER)) * itemsize, "backend": backend.name,
+            "device": str(backend.device), "communicator": comm.name}
+
+
+def worker_main(cfg: dict) -> dict | None:
     kind = cfg["kind"]
     if kind in ("anycnn", "anycnn-script"):
         return _anycnn_worker(cfg)
@@ -210,6 +302,8 @@ def worker_main(cfg: dict) -> dict:
         return _gemm_worker(cfg)
     if kind == "epoch":
         return _epoch_worker(cfg)
+    if kind == "dp":
+        return _dp_worker(cfg)
     raise ConfigError(f"unknown worker kind {kind!r}")
 
 
@@ -271,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
     model_spec(args.model)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if getattr(args, "workers", None) is not None:
+        return run_workers(args)
     backend = get_backend()
     frameworks = ["anycnn", "anycnn-script"] if args.script else ["anycnn"]
     if args.compare_torch:
@@ -336,6 +432,166 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# Data-parallel driver (--workers)
+
+
+def worker_counts(values: list[int]) -> list[int]:
+    """The rank counts ``--workers`` asks for: ``[N]`` is 1..N, a list is itself plus 1."""
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(f"--workers takes positive rank counts, got {values}")
+    if len(values) == 1:
+        return list(range(1, values[0] + 1))
+    return sorted({1, *values})
+
+
+def _check_mpi() -> str:
+    """mpiexec's path, or one ConfigError line naming the install command."""
+    if importlib.util.find_spec("mpi4py") is None:
+        raise ConfigError("anycnn bench --workers needs mpi4py and mpiexec; mpi4py is not "
+                          "installed. Fix: pip install 'anycnn[mpi]'")
+    from ..dist import find_mpiexec
+
+    try:
+        return find_mpiexec()
+    except DistributedError as exc:
+        raise ConfigError(f"anycnn bench --workers needs mpi4py and mpiexec; {exc}") from None
+
+
+def _dp_command(k: int, cfg: dict) -> list[str]:
+    """``mpiexec -n k <binding flags> python -m anycnn.cli.bench CFG``."""
+    from ..dist import workers_command
+
+    cmd = workers_command(k, [])
+    tail = [sys.executable, "-m", "anycnn"]
+    if cmd[-3:] != tail:  # pragma: no cover - workers_command's documented form
+        raise ConfigError(f"unexpected workers command {cmd}")
+    return [*cmd[:-3], sys.executable, "-m", "anycnn.cli.bench", json.dumps(cfg)]
+
+
+_LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "HYDRA_", "MPIR_", "SLURM_STEP")
+
+
+def _run_dp_worker(cfg: dict, k: int, threads: int) -> dict:
+    env = {key: v for key, v in os.environ.items()
+           if not key.startswith(_LAUNCHER_PREFIXES) and key != "ANYCNN_DIST"}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(max(1, threads // k))
+    proc = subprocess.run(_dp_command(k, cfg), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"benchmark job on {k} ranks failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _dp_summary(out: dict) -> dict[str, Any]:
+    """One job's medians over its timed steps: the step is the slowest rank's."""
+    ranks = out["ranks"]
+    steps = range(len(ranks[0]["step_ms"]))
+    slowest = [max(r["step_ms"][i] for r in ranks) for i in steps]
+    reduce = [[r["allreduce_ms"][i] for r in ranks] for i in steps]
+    return {"step_ms": _median(slowest),
+            "allreduce_ms": _median([statistics.fmean(v) for v in reduce]),
+            "allreduce_ms_min_rank": _median([min(v) for v in reduce]),
+            "allreduce_ms_max_rank": _median([max(v) for v in reduce]),
+            "train_step_ms": _median(out["train_step_ms"]) if out["train_step_ms"] else None}
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    """``anycnn bench --workers``: data-parallel step times on 1..N MPI ranks, side by side."""
+    from ..backend import get_backend
+
+    counts = worker_counts(args.workers)
+    for flag, name in ((args.compare_torch, "--compare-torch"), (args.script, "--script"),
+                       (args.gemm, "--gemm"), (args.epoch_dataset, "--epoch-dataset")):
+        if flag:
+            raise ConfigError(f"--workers times data-parallel training only; drop {name}")
+    small = [b for b in args.batch_sizes if b < max(counts)]
+    if small:
+        raise ConfigError(f"global batch sizes {small} are smaller than {max(counts)} ranks: "
+                          "every rank needs at least one image")
+    mpiexec = _check_mpi()
+    backend = get_backend()
+    os.environ["ANYCNN_BACKEND"] = backend.name
+    results: dict[str, Any] = {
+        "mode": "workers", "model": args.model, "backend": backend.name,
+        "device": str(backend.device), "threads": args.threads, "dtype": args.dtype,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "workers": counts,
+        "mpiexec": mpiexec, "rows": []}
+    print(f"anycnn bench --workers: {args.model}, backend {backend.name} on {backend.device}, "
+          f"{args.dtype}, ranks {counts}, {args.rounds} alternating rounds x {args.steps} steps "
+          f"(+{args.warmup} warmup), global batches {args.batch_sizes}", flush=True)
+    for batch in args.batch_sizes:
+        per: dict[int, list[dict]] = {k: [] for k in counts}
+        last: dict[int, dict] = {}
+        cfg = {"kind": "dp", "model": args.model, "batch": batch, "dtype": args.dtype,
+               "steps": args.steps, "warmup": args.warmup}
+        for _ in range(args.rounds):
+            for k in counts:
+                out = _run_dp_worker(cfg, k, args.threads)
+                per[k].append(_dp_summary(out))
+                last[k] = out
+        base = None
+        for k in counts:
+            rounds = per[k]
+            row: dict[str, Any] = {"batch": batch, "ranks": k}
+            for key in ("step_ms", "allreduce_ms", "allreduce_ms_min_rank",
+                        "allreduce_ms_max_rank"):
+                row[key] = _median([r[key] for r in rounds])
+            row["rounds_step_ms"] = [r["step_ms"] for r in rounds]
+            if k == 1:
+                base = row["step_ms"]
+                row["train_step_ms"] = _median([r["train_step_ms"] for r in rounds])
+            out = last[k]
+            row["images_per_s"] = batch / row["step_ms"] * 1e3
+            row["speedup"] = base / row["step_ms"] if base else None
+            row["efficiency"] = row["speedup"] / k if base else None
+            row["allreduce_share"] = row["allreduce_ms"] / row["step_ms"]
+            row["buffer_mb"] = out["buffer_bytes"] / 1e6
+            row["parameters"] = out["parameters"]
+            row["path"] = out["path"]
+            row["communicator"] = out["communicator"]
+            row["threads_per_rank"] = [r["threads"] for r in out["ranks"]]
+            row["cpus_per_rank"] = [r["cpus"] for r in out["ranks"]]
+            row["share_per_rank"] = [r["share"] for r in out["ranks"]]
+            row["command"] = shlex.join(_dp_command(k, cfg))
+            results["rows"].append(row)
+    print(format_workers_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_workers_table(results: dict) -> str:
+    """A Markdown table of :func:`run_workers`'s results."""
+    head = ["global batch", "ranks", "threads/rank", "step ms", "img/s", "speed-up",
+            "efficiency", "allreduce ms (min-max over ranks)", "allreduce share",
+            "buffer MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results["rows"]:
+        threads = sorted(set(r["threads_per_rank"]))
+        cells = [str(r["batch"]), str(r["ranks"]), "/".join(map(str, threads)),
+                 f"{r['step_ms']:.2f}", f"{r['images_per_s']:.0f}",
+                 f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                 f"{100 * r['efficiency']:.0f}%" if r["efficiency"] else "-",
+                 f"{r['allreduce_ms']:.3f} ({r['allreduce_ms_min_rank']:.3f}-"
+                 f"{r['allreduce_ms_max_rank']:.3f})",
+                 f"{100 * r['allreduce_share']:.1f}%", f"{r['buffer_mb']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["step: median over timed steps of the slowest rank's step, median over rounds; "
+             "1 rank runs Trainer.parallel_step too (pack, allreduce_ over a 1-rank MPI "
+             "communicator, unpack); allreduce: time inside comm.allreduce_ per step, mean "
+             "over ranks (includes waiting for the slowest rank)"]
+    plain = [f"batch {r['batch']}: {r['train_step_ms']:.2f} ms (parallel_step / train_step "
+             f"{r['step_ms'] / r['train_step_ms']:.2f}x)"
+             for r in results["rows"] if r["ranks"] == 1 and r.get("train_step_ms")]
+    if plain:
+        notes.append("1 rank, plain Trainer.train_step: " + "; ".join(plain))
+    return "\n".join([*lines, "", *notes])
+
+
 def format_table(results: dict) -> str:
     """A Markdown table of :func:`run`'s results."""
     fws = [f for f in FRAMEWORKS if results["rows"] and f in results["rows"][0]]
@@ -372,4 +628,6 @@ def format_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker_main(json.loads(sys.argv[1]))))
+    _out = worker_main(json.loads(sys.argv[1]))
+    if _out is not None:  # data-parallel jobs: rank 0 alone reports
+        print(json.dumps(_out), flush=True)
