@@ -306,3 +306,9 @@ def test_cli_errors_are_one_line_on_several_ranks(tmp_path):
     nested, _ = run_ranks(2, _train_args(tmp_path / "x", "--workers", "2"), timeout=60)
     assert nested.returncode == 2
     assert nested.stderr.count("--workers starts mpiexec itself") == 1
+    evaluate_twice, _ = run_ranks(2, ["-m", "anycnn", "evaluate", str(tmp_path / "x")],
+                                  timeout=60)
+    assert evaluate_twice.returncode == 2
+    assert evaluate_twice.stderr.strip() == (
+        "anycnn: error: anycnn evaluate runs on one process, but a launcher started 2; run it "
+        "without mpiexec/srun (only train is data-parallel)")

@@ -731,6 +731,21 @@ def tune_blas_threads() -> None:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
+def _refuse_several_ranks(command: str) -> None:
+    """Only ``train`` runs on several ranks: the other commands, started N times by a
+    launcher, would each do the whole work and print it N times."""
+    if command == "train":
+        return
+    from ..dist.launch import launcher_size
+
+    size = launcher_size()
+    if size is not None and size > 1:
+        error = ConfigError(f"anycnn {command} runs on one process, but a launcher started "
+                            f"{size}; run it without mpiexec/srun (only train is data-parallel)")
+        error.every_rank = True
+        raise error
+
+
 def _fail(message: str, every_rank: bool = False) -> int:
     """Report a user-facing error in one line and return the exit status.
 
@@ -762,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         args.given = _given_options(argv, args)
         args.argv = list(sys.argv[1:] if argv is None else argv)
+        _refuse_several_ranks(args.command)
         return COMMANDS[args.command](args)
     except AnycnnError as exc:
         return _fail(_one_line(str(exc)), getattr(exc, "every_rank", False))

@@ -12,7 +12,7 @@ _EXPORTS = {
     **names("comm", "Communicator", "SingleProcess", "check_buffer"),
     **names("mpi", "MPICommunicator"),
     **names("nccl", "NCCLCommunicator"),
-    **names("launch", "launcher_env", "launcher_rank", "get_communicator",
+    **names("launch", "launcher_env", "launcher_rank", "launcher_size", "get_communicator",
             "current_communicator", "reset_communicator",
             "install_abort_hook", "bind_to_cores", "find_mpiexec", "workers_command"),
 }

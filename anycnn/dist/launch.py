@@ -168,6 +168,19 @@ def launcher_rank() -> int | None:
     return None
 
 
+def launcher_size() -> int | None:
+    """The number of ranks the launcher started (None without a launcher), from its
+    environment, before MPI starts."""
+    if launcher_env() is None:
+        return None
+    for name in ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        size = _int_env(name)
+        if size is not None:
+            return size
+    return None
+
+
 def reset_communicator() -> None:
     """Forget the cached communicator (tests)."""
     global _communicator
