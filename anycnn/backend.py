@@ -258,6 +258,8 @@ def namespace_of(*arrays: Any) -> Any:
         except AttributeError as exc:  # a Python scalar next to arrays
             raise ShapeError(f"expected an array, got {type(a).__name__}; convert it first "
                              "with anycnn.asarray") from exc
+        if d is None:  # a traced array (jax.jit) has no device: it follows the others
+            continue
         if all(d != other for other in devices):
             devices.append(d)
     if len(devices) > 1:
@@ -282,19 +284,79 @@ def asarray(data: Any, dtype: Any = None, backend: Backend | None = None) -> Any
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A host NumPy copy (or view, for NumPy input) of any backend's array."""
+    """A host NumPy copy (or view, for NumPy input) of any backend's array.
+
+    Raises:
+        BackendError: ``x`` is an array this function cannot read back (e.g. a lazy, graph-
+            building namespace's), instead of returning a meaningless object array.
+    """
     if isinstance(x, np.ndarray | np.generic | int | float | bool | list | tuple):
         return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):
         return x.detach().cpu().numpy()
-    xp = array_api_compat.array_namespace(x)
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        raise BackendError(f"cannot copy a {type(x).__module__}.{type(x).__qualname__} to the "
+                           "host: it is not an array of a library array-api-compat knows") from exc
     if array_api_compat.is_array_api_strict_namespace(xp):
         import array_api_strict
 
         return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
-    return np.asarray(x)
+    try:  # JAX and other libraries that implement __array__ or DLPack
+        host = np.asarray(x)
+    except Exception as exc:
+        raise BackendError(f"cannot copy a {type(x).__module__}.{type(x).__qualname__} to the "
+                           f"host: {exc}") from exc
+    if host.dtype == object:
+        raise BackendError(
+            f"cannot copy a {type(x).__module__}.{type(x).__qualname__} to the host: NumPy "
+            "made an object array of it (the library offers neither __array__ nor DLPack "
+            "with data, e.g. a graph-building namespace)")
+    return host
+
+
+#: namespaces whose ``a -= b`` changes ``a`` itself (the others rebind ``a`` to a new array)
+_IN_PLACE = {"numpy": True, "cupy": True, "torch": True, "array_api_strict": True,
+             "jax": False, "dask": False}
+
+
+def writes_in_place(xp: Any) -> bool:
+    """Whether in-place operators (``a -= b``, ``a[i] = v``) change the arrays of namespace
+    ``xp`` (NumPy, CuPy, torch, array-api-strict), or only rebind the name to a new array (JAX,
+    dask: there an in-place update would silently do nothing). Unknown namespaces are probed
+    once: an alias of a zero array is incremented and the original read back."""
+    name = getattr(xp, "__name__", "")
+    for key, value in _IN_PLACE.items():
+        if key in name.split("."):
+            return value
+    return _probe_in_place(xp)
+
+
+@functools.cache
+def _probe_in_place(xp: Any) -> bool:
+    try:
+        a = xp.zeros(1)
+        alias = a
+        alias += 1
+        return bool(float(to_numpy(a)[0]) == 1.0)
+    except Exception:
+        return False
+
+
+def require_in_place(xp: Any, what: str) -> None:
+    """Refuse an in-place update of ``xp``'s arrays when they are immutable (the guard that
+    turns a silent no-op into an error).
+
+    Raises:
+        BackendError: ``xp`` does not write in place.
+    """
+    if not writes_in_place(xp):
+        raise BackendError(f"{what} updates arrays in place, but {getattr(xp, '__name__', xp)} "
+                           "arrays are immutable (a -= b makes a new array): use the "
+                           "functional update path")
 
 
 _DTYPE_NAMES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",

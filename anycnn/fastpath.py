@@ -386,7 +386,14 @@ def pad_hw(xp: Any, x: Any, pads: tuple[int, int, int, int], value: float) -> An
 def update_rows(xp: Any, update: Callable[..., None], *arrays: Any) -> None:
     """Run ``update(*arrays)``, an in-place update of same-shaped arrays that treats every
     element alike (an optimizer step), on row shards of them in parallel when they are large
-    (NumPy), else once on the whole arrays."""
+    (NumPy), else once on the whole arrays.
+
+    Raises:
+        BackendError: ``xp``'s arrays are immutable (JAX, dask): the update would do nothing.
+    """
+    from .backend import require_in_place
+
+    require_in_place(xp, "fastpath.update_rows")
     shape = arrays[0].shape
     threads = _parallel(xp, math.prod(shape), shape[0] if shape else 1)
     if not threads:

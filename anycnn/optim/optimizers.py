@@ -1,9 +1,14 @@
 """Optimizers with PyTorch's update rules, sharing one ``step`` loop.
 
-Each optimizer implements ``_update(param, grad, state)`` for one parameter; :class:`Optimizer`
-runs it over every parameter that has a gradient. ``lr`` is a plain attribute, so schedules just
-assign it. ``state_dict()`` holds hyperparameters plus per-parameter state arrays keyed
-``"<index>.<name>"`` (index in the parameter list), ready for a checkpoint.
+Each optimizer implements ``_update(param, grad, state)`` for one parameter, returning the new
+value; :class:`Optimizer` runs it over every parameter that has a gradient and writes the result
+back (``param.data = ...``). Where arrays are mutable (NumPy, CuPy, torch, array-api-strict) the
+weights and the state are updated in place (row-parallel on NumPy); where they are immutable
+(JAX, dask: ``w -= g`` would only rebind a local name) the same arithmetic builds new arrays,
+stored back in the state dict (:func:`anycnn.backend.writes_in_place` decides). ``lr`` is a
+plain attribute, so schedules just assign it. ``state_dict()`` holds hyperparameters plus
+per-parameter state arrays keyed ``"<index>.<name>"`` (index in the parameter list), ready for a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import fastpath
-from ..backend import namespace_of, to_numpy
+from ..backend import namespace_of, to_numpy, writes_in_place
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..nn.module import Parameter, _like
 
@@ -126,6 +131,14 @@ class SGD(Optimizer):
         xp = namespace_of(w, g)  # refuses a gradient from another backend or device
         if self.weight_decay:
             g = g + self.weight_decay * w
+        if not writes_in_place(xp):  # the same arithmetic, new arrays
+            step = g
+            if self.momentum:
+                buf = state.get("momentum_buffer")
+                buf = g if buf is None else buf * self.momentum + g
+                state["momentum_buffer"] = buf
+                step = g + self.momentum * buf if self.nesterov else buf
+            return w - self.lr * step
         if self.momentum:
             buf = state.get("momentum_buffer")
             if buf is None:  # from zeros, the first update makes it the gradient, as PyTorch
@@ -163,9 +176,13 @@ class Adam(Optimizer):
 
     def _update(self, w, g, state):
         xp = namespace_of(w, g)
+        in_place = writes_in_place(xp)
         if self.weight_decay:
             if self.decoupled:
-                w *= 1.0 - self.lr * self.weight_decay
+                if in_place:
+                    w *= 1.0 - self.lr * self.weight_decay
+                else:
+                    w = w * (1.0 - self.lr * self.weight_decay)
             else:
                 g = g + self.weight_decay * w
         m = state.get("exp_avg")
@@ -173,14 +190,19 @@ class Adam(Optimizer):
         if m is None:
             m = state["exp_avg"] = (1.0 - self.beta1) * g
             v = state["exp_avg_sq"] = (1.0 - self.beta2) * (g * g)
-        else:
+        elif in_place:
             m *= self.beta1
             m += (1.0 - self.beta1) * g
             v *= self.beta2
             v += (1.0 - self.beta2) * (g * g)
+        else:  # the same arithmetic, new arrays
+            m = state["exp_avg"] = m * self.beta1 + (1.0 - self.beta1) * g
+            v = state["exp_avg_sq"] = v * self.beta2 + (1.0 - self.beta2) * (g * g)
         t = state["step"]
         step_size = self.lr / (1.0 - self.beta1 ** t)
         denom = xp.sqrt(v) * (1.0 / math.sqrt(1.0 - self.beta2 ** t)) + self.eps
+        if not in_place:
+            return w - step_size * (m / denom)
         w -= step_size * (m / denom)
         return w
 
