@@ -163,7 +163,7 @@ def run_step(step: Step, out: Path, deadline: float, base_env: dict[str, str]) -
         return Result(step.name, "skipped", 0.0, 0.0, None, step.note, None, None)
     left = deadline - time.monotonic() - RESERVE_S
     timeout = min(step.timeout_s, left)
-    if timeout < MIN_STEP_S:
+    if left < MIN_STEP_S:
         return Result(step.name, "skipped", 0.0, 0.0, None,
                       f"the overall budget is spent ({max(left, 0):.0f} s left)", None, command)
     env = {**base_env, **step.env}
@@ -211,7 +211,7 @@ def run_step(step: Step, out: Path, deadline: float, base_env: dict[str, str]) -
         try:
             key = step.summarize(result)
         except Exception as exc:  # a summary must never break the check
-            key = f"(no summary: {type(exc).__name__}: {exc})"
+            key = f"(no summary: {type(exc).__name__}: {exc})" if status == "passed" else ""
         if key:
             result.note = f"{key}; {result.note}" if result.note else key
     if status == "failed" and not result.note:
@@ -537,7 +537,7 @@ def write_report(out: Path, results: list[Result], meta: dict) -> int:
         lines += ["", "## Environment (env.txt)", "", "```",
                   *env.read_text(errors="replace").splitlines()[:80], "```"]
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    lines += ["", "## Files", "", *(f"- {n}" for n in sorted({*files, REPORT}))]
+    lines += ["", "## Files", "", *(f"- {n}" for n in sorted({*files, REPORT, "gpu-report.json"}))]
     (out / REPORT).write_text("\n".join(lines) + "\n")
     data = {"meta": meta, "key_ratio": ratio, "steps": [asdict(r) for r in results],
             "verdict": verdict}
