@@ -458,7 +458,9 @@ def plan(args: argparse.Namespace, out: Path, tmp: Path) -> list[Step]:
                           note="" if torch_there else "torch is not installed: no comparison"))
 
     timeout = ["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []
-    which = ["tests/test_backend.py"] if dry else []
+    # the dry run: one quick file; on the GPU: the whole suite but the check's own dry run
+    which = (["tests/test_backend.py"] if dry
+             else ["--deselect", "tests/test_gpu_check.py::test_dry_run_end_to_end"])
     steps.append(Step("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                 *timeout, *which], 300, "pytest.log",
                       env={**be, "ANYCNN_REQUIRE_BACKEND": "1"},
