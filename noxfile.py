@@ -5,6 +5,10 @@ virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy session installs the 
 data-parallel tests run there on real `mpiexec` jobs (the other sessions skip them). The cupy
 session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a
 failure.
+
+`nox -s gpu` runs the prepared GPU check (`anycnn/cli/gpu_check.py`) on a machine with an NVIDIA
+GPU and network; on the offline machine lent for GPU checks, run the module directly with that
+machine's python3 instead (BENCHMARKS.md, "GPU check").
 """
 
 from __future__ import annotations
@@ -68,3 +72,22 @@ def bench(session: nox.Session) -> None:
     """The reference benchmark against PyTorch (see BENCHMARKS.md); pass options after --."""
     session.install("-e", ".", "-r", "backends/torch.txt")
     session.run("anycnn", "bench", *(session.posargs or ["--compare-torch"]))
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU check on a GPU machine with network: cupy, CUDA torch, the test group.
+
+    Writes gpu-report.md and its logs to runs/gpu-check (or the folder given after --). Offline
+    (the lent GPU machine has no network), run `python3 -m anycnn.cli.gpu_check --out DIR
+    --wheels .gpu-wheels` with the machine's own python3 instead: see BENCHMARKS.md.
+    """
+    why = _nvidia_gpu()
+    if why:
+        session.error(f"the GPU check needs an NVIDIA GPU: {why}")
+    # torch unpinned: from PyPI on Linux that is the CUDA build (backends/torch.txt pins the CPU
+    # wheel of the project machines); pytest-timeout bounds each test
+    session.install("-r", "backends/cupy.txt", "torch", "pytest-timeout")
+    session.install("-e", ".[mpi,nccl]", "--group", "test")
+    out = session.posargs[0] if session.posargs else "runs/gpu-check"
+    session.run("python", "-m", "anycnn.cli.gpu_check", "--out", out, *session.posargs[1:])

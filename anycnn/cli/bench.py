@@ -178,8 +178,10 @@ def _torch_worker(cfg: dict, channels_last: bool) -> dict:
     train = _time_steps(step, sync, cfg["warmup"], cfg["steps"])
     net.eval()
     inference = _time_steps(infer, sync, 1, cfg["steps"])
+    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     return {"train_ms": train, "infer_ms": inference, "base_mib": base,
-            "peak_mib": _rss_mib("VmHWM"), "backend": "torch", "device": str(device)}
+            "peak_mib": _rss_mib("VmHWM"), "backend": "torch", "device": str(device),
+            "cudnn": cudnn}
 
 
 def _gemm_worker(cfg: dict) -> dict:
@@ -391,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         per: dict[str, dict[str, list[float]]] = {f: {"train": [], "infer": [], "peak": [],
                                                       "above": []} for f in frameworks}
         env_seen: dict[str, str | None] = {}
+        device_seen: dict[str, str | None] = {}
         for _ in range(args.rounds):
             for fw in frameworks:
                 cfg = {"kind": fw, "model": args.model, "batch": batch, "dtype": args.dtype,
@@ -402,11 +405,13 @@ def run(args: argparse.Namespace) -> int:
                 per[fw]["peak"].append(out["peak_mib"])
                 per[fw]["above"].append(out["peak_mib"] - out["base_mib"])
                 env_seen[fw] = out.get("openblas_thread_timeout")
+                device_seen[fw] = out.get("device")
         row: dict[str, Any] = {"batch": batch}
         for fw in frameworks:
             row[fw] = {k: _median(v) for k, v in per[fw].items()}
             row[fw]["rounds_train_ms"] = per[fw]["train"]
             row[fw]["openblas_thread_timeout"] = env_seen[fw]
+            row[fw]["device"] = device_seen[fw]
         train_ms = row["anycnn"]["train"]
         row["anycnn"]["images_per_s"] = batch / train_ms * 1e3
         row["anycnn"]["gflops"] = results["flops_per_image"]["train"] * batch / train_ms / 1e6
