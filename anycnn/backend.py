@@ -30,7 +30,7 @@ import numpy as np
 from .errors import BackendError, BackendMismatchError, ShapeError
 
 ENV_VAR = "ANYCNN_BACKEND"
-BACKEND_NAMES = ("numpy", "cupy", "torch", "array_api_strict")
+BACKEND_NAMES = ("numpy", "cupy", "torch", "array_api_strict", "jax")
 CHOICES = ("auto", *BACKEND_NAMES)
 
 _INSTALL_HINT = {
@@ -38,6 +38,7 @@ _INSTALL_HINT = {
     "cupy": "pip install -r backends/cupy.txt  (needs an NVIDIA GPU and CUDA 12 driver)",
     "torch": "pip install -r backends/torch.txt  (or: pip install 'anycnn[torch]')",
     "array_api_strict": "pip install -r backends/array_api_strict.txt",
+    "jax": "pip install -r backends/jax.txt  (or: pip install 'jax[cpu]')",
 }
 
 log = logging.getLogger("anycnn")
@@ -115,6 +116,8 @@ def _make(name: str, reason: str) -> Backend:
         module = "array_api_compat.cupy"
     elif name == "array_api_strict":
         module = "array_api_strict"
+    elif name == "jax":
+        module = "jax.numpy"  # JAX's own namespace follows the Array API standard
     else:
         module = f"array_api_compat.{name}"
     try:
@@ -123,6 +126,11 @@ def _make(name: str, reason: str) -> Backend:
         raise BackendError(
             f"backend {name!r} cannot be used: {exc.name or module} is not installed. Fix: {hint}"
         ) from exc
+    if name == "jax":
+        import jax
+
+        # anycnn's float64 (gradient checks, dtype="float64" models) must stay float64
+        jax.config.update("jax_enable_x64", True)
     if name == "torch":
         import torch
 
@@ -214,7 +222,8 @@ def _backend_label(x: Any) -> str:
     for name, check in (("numpy", array_api_compat.is_numpy_namespace),
                         ("cupy", array_api_compat.is_cupy_namespace),
                         ("torch", array_api_compat.is_torch_namespace),
-                        ("array_api_strict", array_api_compat.is_array_api_strict_namespace)):
+                        ("array_api_strict", array_api_compat.is_array_api_strict_namespace),
+                        ("jax", array_api_compat.is_jax_namespace)):
         if check(xp):
             return name
     return getattr(xp, "__name__", "unknown")
@@ -318,20 +327,17 @@ def to_numpy(x: Any) -> np.ndarray:
     return host
 
 
-#: namespaces whose ``a -= b`` changes ``a`` itself (the others rebind ``a`` to a new array)
-_IN_PLACE = {"numpy": True, "cupy": True, "torch": True, "array_api_strict": True,
-             "jax": False, "dask": False}
-
-
 def writes_in_place(xp: Any) -> bool:
     """Whether in-place operators (``a -= b``, ``a[i] = v``) change the arrays of namespace
     ``xp`` (NumPy, CuPy, torch, array-api-strict), or only rebind the name to a new array (JAX,
     dask: there an in-place update would silently do nothing). Unknown namespaces are probed
     once: an alias of a zero array is incremented and the original read back."""
-    name = getattr(xp, "__name__", "")
-    for key, value in _IN_PLACE.items():
-        if key in name.split("."):
-            return value
+    c = array_api_compat
+    if c.is_jax_namespace(xp) or c.is_dask_namespace(xp):
+        return False
+    if (c.is_numpy_namespace(xp) or c.is_cupy_namespace(xp) or c.is_torch_namespace(xp)
+            or c.is_array_api_strict_namespace(xp)):
+        return True
     return _probe_in_place(xp)
 
 
