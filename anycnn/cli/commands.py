@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest change --early-stop counts as better (default: 0)")
     t.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="also print a line every N steps (default: 0, off)")
+    t.add_argument("--compile", action="store_true",
+                   help="run each training step as one jax.jit-compiled function (jax backend)")
     t.add_argument("--sync-bn", action="store_true",
                    help="on several ranks, BatchNorm statistics of the global batch instead of "
                    "each rank's share (three small allreduces per layer and step)")
@@ -410,7 +412,7 @@ def cmd_train(args) -> int:
                       schedule=make_schedule(args.schedule, lr, args.epochs), model_spec=spec,
                       checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                       progress=not args.quiet, callbacks=callbacks,
-                      warmup_steps=args.warmup_steps, comm=comm,
+                      warmup_steps=args.warmup_steps, comm=comm, compile=args.compile,
                       config={k: v for k, v in vars(args).items()
                               if k not in ("func", "given", "argv", "workers")})
     if resume_from is not None:

@@ -116,7 +116,12 @@ class DeviceCache:
         self._arrays: dict[tuple, Any] = {}
 
     def get(self, xp: Any, device: Any, key: tuple, build) -> Any:
-        """The device copy of ``build()`` for ``key``; ``build`` runs at most once per device."""
+        """The device copy of ``build()`` for ``key``; ``build`` runs at most once per device.
+
+        ``device`` None (a value traced by ``jax.jit``) is not cached: the copy made inside a
+        trace is part of that trace and must not outlive it."""
+        if device is None:
+            return xp.asarray(build())
         full_key = (key, xp.__name__, str(device))
         arr = self._arrays.get(full_key)
         if arr is None:

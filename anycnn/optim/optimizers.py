@@ -198,9 +198,11 @@ class Adam(Optimizer):
         else:  # the same arithmetic, new arrays
             m = state["exp_avg"] = m * self.beta1 + (1.0 - self.beta1) * g
             v = state["exp_avg_sq"] = v * self.beta2 + (1.0 - self.beta2) * (g * g)
-        t = state["step"]
+        t = state["step"]  # an int, or a traced array under anycnn.train.compiled
         step_size = self.lr / (1.0 - self.beta1 ** t)
-        denom = xp.sqrt(v) * (1.0 / math.sqrt(1.0 - self.beta2 ** t)) + self.eps
+        bias2 = 1.0 - self.beta2 ** t
+        root = math.sqrt(bias2) if isinstance(bias2, float) else xp.sqrt(bias2)
+        denom = xp.sqrt(v) * (1.0 / root) + self.eps
         if not in_place:
             return w - step_size * (m / denom)
         w -= step_size * (m / denom)

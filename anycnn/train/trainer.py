@@ -240,6 +240,10 @@ class Trainer:
             (``set_shard``; ``batch_size`` is the global batch), only rank 0 shows progress and
             writes checkpoints, and :meth:`fit`, :meth:`save` and :meth:`resume` are collective
             (every rank calls them). See :mod:`anycnn.train.parallel`.
+        compile: run each training step (forward, loss, backward, optimizer update) as one
+            ``jax.jit``-compiled function (JAX backend only; one compilation per batch shape;
+            see :mod:`anycnn.train.compiled`). Results equal the eager step's up to float
+            rounding.
     """
 
     def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
@@ -247,7 +251,7 @@ class Trainer:
                  on_nonfinite: str = "stop", sync_every: int | None = None,
                  progress: bool = True, config: dict | None = None,
                  callbacks: list[Callback] | tuple[Callback, ...] = (),
-                 warmup_steps: int = 0, comm: Any = None) -> None:
+                 warmup_steps: int = 0, comm: Any = None, compile: bool = False) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.model, self.optimizer = model, optimizer
@@ -263,6 +267,16 @@ class Trainer:
             comm = get_communicator()
         self.comm = comm
         self._parallel = DataParallel(comm) if comm.size > 1 else None
+        self._compiled = None
+        if compile:
+            if self._parallel is not None:
+                raise ConfigError("compile=True runs on one process; data-parallel training "
+                                  "is eager")
+            from ..backend import _backend_label
+            from .compiled import CompiledStep, check_compilable
+
+            check_compilable(model, optimizer, _backend_label(optimizer.params[0].data))
+            self._compiled = CompiledStep(model, optimizer, self.loss_fn)
         self.progress = progress and comm.rank == 0
         self.config = config or {}
         self.callbacks: list[Callback] = _check_callbacks(callbacks)
@@ -386,6 +400,13 @@ class Trainer:
         With ``check`` False (GPU pace) nothing is read back to the host: the loss's per-step
         label-range check is off too (datasets check their labels when loaded).
         """
+        if self._compiled is not None:
+            accept = None
+            if check:
+                step = self.step + 1
+                accept = lambda loss: self._check_finite(float(to_numpy(loss)), step, step)  # noqa: E731
+            loss, logits, applied = self._compiled(x, y, accept)
+            return (loss if applied else None), logits
         if hasattr(self.loss_fn, "check_labels"):
             self.loss_fn.check_labels = check
         self.model.zero_grad()

@@ -1,0 +1,126 @@
+"""Trainer(compile=True): the JAX training step as one jax.jit function equals the eager step
+(float64), survives a batch-size change, updates BatchNorm buffers, skips NaN steps, resumes from
+checkpoints; other backends and host-random layers are refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn.errors import ConfigError
+from anycnn.models import build_model
+from anycnn.nn import Dense, Dropout, Flatten, Sequential, SoftmaxCrossEntropy
+from anycnn.optim import SGD, Adam
+from anycnn.train import Trainer
+
+
+def test_compile_needs_the_jax_backend():
+    with anycnn.use_backend("numpy"):
+        model = Sequential(Flatten(), Dense(4, 2))
+        with pytest.raises(ConfigError, match="needs the jax backend"):
+            Trainer(model, SGD(model.parameters(), lr=0.1), compile=True)
+
+
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                               reason="jax is not installed (pip install -r backends/jax.txt)")
+
+
+def _run(model_name, compile, opt, sizes, shape, on_nonfinite="stop", poison=None):
+    with anycnn.use_backend("jax"):
+        anycnn.manual_seed(0)
+        model = build_model(model_name)
+        model.to("float64")
+        trainer = Trainer(model, opt(model.parameters()), PoisonedLoss(), compile=compile,
+                          progress=False, on_nonfinite=on_nonfinite)
+        rng = np.random.default_rng(0)
+        losses = []
+        for i, n in enumerate(sizes):
+            x = rng.random((n, *shape))
+            y = rng.integers(0, 10, n)
+            if poison == i:
+                y[0] = -1  # PoisonedLoss: a NaN loss
+            loss, _ = trainer.train_step(anycnn.asarray(x, dtype="float64"), anycnn.asarray(y),
+                                         True)
+            losses.append(None if loss is None else float(anycnn.to_numpy(loss)))
+        state = {k: anycnn.to_numpy(v) for k, v in model.state_dict().items()}
+        return state, losses, trainer
+
+
+class PoisonedLoss(SoftmaxCrossEntropy):
+    """Cross-entropy, NaN when a label is -1 (a traceable way to make one step's loss NaN)."""
+
+    def forward(self, logits, labels):
+        xp = anycnn.backend.namespace_of(logits)
+        bad = labels < 0
+        loss = super().forward(logits, xp.where(bad, 0, labels))
+        return loss + xp.where(xp.any(bad), xp.nan, 0.0)
+
+
+OPTS = {"sgd": lambda p: SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        "adam": lambda p: Adam(p, lr=1e-2, weight_decay=1e-3)}
+
+
+@needs_jax
+@pytest.mark.parametrize("opt", sorted(OPTS))
+def test_compiled_steps_equal_eager_steps(opt):
+    sizes = [8, 8, 5]  # the last batch is smaller: a second compilation
+    want, want_losses, _ = _run("lenet5", False, OPTS[opt], sizes, (28, 28, 1))
+    got, got_losses, trainer = _run("lenet5", True, OPTS[opt], sizes, (28, 28, 1))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
+    assert all(s["step"] == 3 for s in trainer.optimizer.state)
+
+
+@needs_jax
+def test_compiled_batchnorm_buffers_follow_the_eager_ones():
+    want, _, _ = _run("resnet-mini", False, OPTS["sgd"], [6, 6], (28, 28, 1))
+    got, _, _ = _run("resnet-mini", True, OPTS["sgd"], [6, 6], (28, 28, 1))
+    assert any("running_mean" in k for k in got)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+@needs_jax
+def test_a_nan_step_is_skipped_without_writing_back():
+    want, _, _ = _run("lenet5", True, OPTS["adam"], [4, 4], (28, 28, 1))
+    got, losses, trainer = _run("lenet5", True, OPTS["adam"], [4, 4, 4], (28, 28, 1),
+                                on_nonfinite="skip", poison=2)
+    assert losses[2] is None and trainer.skipped_steps == 1
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@needs_jax
+def test_compiled_fit_saves_and_resumes(tmp_path):
+    from anycnn.data import ArrayDataset, DataLoader
+
+    rng = np.random.default_rng(1)
+    data = ArrayDataset(rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+                        rng.integers(0, 10, 40).astype(np.int64), 10)
+    with anycnn.use_backend("jax"):
+        anycnn.manual_seed(0)
+        model = build_model("lenet5")
+        trainer = Trainer(model, Adam(model.parameters(), lr=1e-3), compile=True,
+                          progress=False, checkpoint_path=tmp_path / "c.safetensors")
+        history = trainer.fit(DataLoader(data, 16, shuffle=True), epochs=2)
+        assert len(history) == 2 and math.isfinite(history[-1]["train_loss"])
+        model2 = build_model("lenet5")
+        again = Trainer(model2, Adam(model2.parameters(), lr=1e-3), compile=True,
+                        progress=False)
+        again.resume(tmp_path / "c.safetensors")
+        assert again.epoch == 2 and again.optimizer.state[0]["step"] == 6
+        again.fit(DataLoader(data, 16, shuffle=True), epochs=3)
+        assert len(again.history) == 3
+
+
+@needs_jax
+def test_dropout_is_refused_under_compile():
+    with anycnn.use_backend("jax"):
+        model = Sequential(Flatten(), Dropout(0.5), Dense(4, 2))
+        with pytest.raises(ConfigError, match="cannot compile Dropout"):
+            Trainer(model, SGD(model.parameters(), lr=0.1), compile=True)
