@@ -26,6 +26,7 @@ QUICK_ARGS = {
     "depthwise_separable.py": ["--epochs", "1", "--limit", "256"],
     "unet.py": ["--epochs", "1", "--limit", "1024"],
     "allreduce_cost.py": ["--models", "lenet5", "--calls", "3", "--warmup", "1"],
+    "jax_compile.py": ["--batch", "8", "--steps", "2", "--rounds", "1"],
     "data_parallel.py": ["--epochs", "1", "--limit", "256"],
     "augment_cost.py": ["--batches", "5", "--steps", "2", "--rounds", "1", "--dataset",
                         "mnist-sample"],
