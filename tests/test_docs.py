@@ -80,6 +80,7 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
     if os.environ.get("ANYCNN_BACKEND", "auto") not in ("auto", "numpy"):
         pytest.skip("the documentation's code runs in the numpy session only")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # image folders decode here
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "ANYCNN_NUM_THREADS": os.environ.get("ANYCNN_NUM_THREADS", "1")}
     namespace: dict = {"__name__": "__docs__"}
