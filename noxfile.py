@@ -1,10 +1,11 @@
 """The per-backend test matrix, lint, and benchmarks.
 
-`nox` runs lint, the documentation build (`docs`) and one `tests(backend=NAME)` session per file `backends/NAME.txt`, each in its own
-virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy session installs the `mpi` extra, so the
-data-parallel tests run there on real `mpiexec` jobs (the other sessions skip them). The cupy
-session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a
-failure.
+`nox` runs lint, the documentation build (`docs`) and one `tests(backend=NAME)` session per file
+`backends/NAME.txt`, each in its own virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy
+session installs the `mpi` extra, so the data-parallel tests run there on real `mpiexec` jobs
+(the other sessions skip them); it also runs every code block of the documentation. The cupy
+session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into
+a failure.
 
 `nox -s gpu` runs the prepared GPU check (`anycnn/cli/gpu_check.py`) on a machine with an NVIDIA
 GPU and network; on the offline machine lent for GPU checks, run the module directly with that
