@@ -1,10 +1,11 @@
 """The per-backend test matrix, lint, and benchmarks.
 
-`nox` runs lint and one `tests(backend=NAME)` session per file `backends/NAME.txt`, each in its own
-virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy session installs the `mpi` extra, so the
-data-parallel tests run there on real `mpiexec` jobs (the other sessions skip them). The cupy
-session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a
-failure.
+`nox` runs lint, the documentation build (`docs`) and one `tests(backend=NAME)` session per file
+`backends/NAME.txt`, each in its own virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy
+session installs the `mpi` extra, so the data-parallel tests run there on real `mpiexec` jobs
+(the other sessions skip them); it also runs every code block of the documentation. The cupy
+session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into
+a failure.
 
 `nox -s gpu` runs the prepared GPU check (`anycnn/cli/gpu_check.py`) on a machine with an NVIDIA
 GPU and network; on the offline machine lent for GPU checks, run the module directly with that
@@ -23,7 +24,7 @@ import nox
 ROOT = Path(__file__).parent
 BACKENDS = sorted(p.stem for p in (ROOT / "backends").glob("*.txt"))
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -65,6 +66,14 @@ def lint(session: nox.Session) -> None:
     """ruff over the package, tests, examples and this file."""
     session.install("--group", "lint")
     session.run("ruff", "check", "anycnn", "tests", "examples", "noxfile.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with warnings as errors (broken links, missing
+    references, a public name without a docstring or reference entry: see docs/hooks.py)."""
+    session.install("-e", ".", "--group", "docs")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session
