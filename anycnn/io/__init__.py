@@ -1,6 +1,7 @@
 """Saving and moving models: checkpoints (:mod:`~anycnn.io.checkpoint`, safetensors, atomic) and
 PyTorch interop (:mod:`~anycnn.io.interop`: ``state_dict`` names and layouts), ONNX export
-(:mod:`~anycnn.io.onnx`, needs ``pip install 'anycnn[onnx]'``; onnx is imported only when called)."""
+(:mod:`~anycnn.io.onnx`, needs ``pip install 'anycnn[onnx]'``; onnx is imported only when
+called)."""
 
 from __future__ import annotations
 
