@@ -60,9 +60,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from array_api_compat import device
 
 from ..backend import dtype_name, namespace_of, to_numpy
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..nn.containers import Concat, Identity, Residual
 from ..nn.functional import pool_windows
 from ..nn.layers import (
@@ -171,13 +172,15 @@ def _natural(b: _Builder, v: _Value, scope: str) -> _Value:
     return _Value(x, v.sample, None)
 
 
-def _run(layer: Module, v: _Value, like: Any) -> np.ndarray:
-    """``layer``'s anycnn output for the sample (on the model's backend), as NumPy."""
+def _run(layer: Module, v: _Value, like: Any, scope: str) -> np.ndarray:
+    """``layer``'s anycnn output for the sample (on the model's backend), as NumPy; a layer
+    that refuses its input is named with its position."""
     xp = namespace_of(like)
-    from array_api_compat import device
-
     x = xp.asarray(np.ascontiguousarray(v.sample), device=device(like))
-    return to_numpy(layer.forward(x))
+    try:
+        return to_numpy(layer.forward(x))
+    except ShapeError as exc:
+        raise ShapeError(f"layer {scope}: {exc}") from exc
 
 
 def _pads(t: int, b_: int, l: int, r: int) -> list[int]:
@@ -218,8 +221,8 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     if isinstance(module, ReLU | LeakyReLU | Sigmoid | Tanh):
         op = _ACTIVATIONS[next(t for t in _ACTIVATIONS if isinstance(module, t))]
         attrs = {"alpha": module.negative_slope} if op == "LeakyRelu" else {}
-        return _Value(b.node(op, [v.name], scope, **attrs), _run(module, v, like), v.chw)
-    out = _run(module, v, like)  # also checks that the layer accepts its input
+        return _Value(b.node(op, [v.name], scope, **attrs), _run(module, v, like, scope), v.chw)
+    out = _run(module, v, like, scope)  # also checks that the layer accepts its input
     if isinstance(module, Dense):
         return _dense(b, module, v, out, scope)
     if isinstance(module, Conv2D):
