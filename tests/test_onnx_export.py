@@ -8,6 +8,7 @@ sizes 1, 3 and 64; every built-in layer and container on its own with random par
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -387,3 +388,76 @@ def test_importing_anycnn_does_not_import_onnx():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False False"
+
+
+def test_subclass_with_its_own_forward_is_not_mapped_as_its_base(backend):
+    class DoubledReLU(L.ReLU):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class PlainReLU(L.ReLU):
+        pass
+
+    to_onnx(anycnn.Sequential(PlainReLU()), input_shape=(2, 2, 1))
+    with pytest.raises(ConfigError, match=r"layer 0 \(DoubledReLU\) has no ONNX mapping"):
+        to_onnx(anycnn.Sequential(DoubledReLU()), input_shape=(2, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# anycnn predict MODEL.onnx
+
+
+def photo(path, seed, size=(20, 16)):
+    image = pytest.importorskip("PIL.Image")
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    image.fromarray(pixels, "RGB").save(path)
+    return str(path)
+
+
+def predictions(capsys, model_path, *images):
+    code, out, err = cli(capsys, "predict", model_path, *images, "--json", "--top-k", "3")
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_predict_with_an_onnx_file_matches_the_checkpoint(backend, isolated, capsys):
+    anycnn.manual_seed(4)
+    model = randomize(build_model("lenet5", num_classes=3, in_channels=3, image_size=12))
+    record = {"version": 1, "image_size": [12, 12], "channels": 3, "resize": "bilinear",
+              "scale": 255, "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+              "augment": None, "class_names": ["x", "y", "z"]}
+    anycnn.save(model, "m.safetensors", extra={"preprocess": record})
+    images = [photo(isolated / f"{i}.png", i) for i in range(3)]
+    want, _ = predictions(capsys, "m.safetensors", *images)
+    for layout in ("nhwc", "nchw"):
+        assert cli(capsys, "export", "m.safetensors", f"{layout}.onnx", "--layout", layout)[0] == 0
+        got, err = predictions(capsys, f"{layout}.onnx", *images)
+        assert not err
+        assert got["preprocess"] == record == want["preprocess"]
+        for g, w in zip(got["predictions"], want["predictions"]):
+            assert [e["name"] for e in g["top_k"]] == [e["name"] for e in w["top_k"]]
+            np.testing.assert_allclose([e["probability"] for e in g["top_k"]],
+                                       [e["probability"] for e in w["top_k"]], rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_predict_with_an_onnx_file_without_a_record(backend, isolated, capsys):
+    model = build_model("lenet5", num_classes=4)
+    export_onnx(model, "plain.onnx")
+    got, err = predictions(capsys, "plain.onnx", photo(isolated / "p.jpg", 1))
+    assert "records no preprocessing" in err and "grayscale, resized to 28x28" in err
+    assert "from the model input" in err
+    assert [e["name"] for e in got["predictions"][0]["top_k"]] == [
+        str(e["index"]) for e in got["predictions"][0]["top_k"]]
+
+
+def test_predict_onnx_errors_are_one_line(backend, isolated, capsys, monkeypatch):
+    image = photo(isolated / "p.png", 0)
+    code, _, err = cli(capsys, "predict", "missing.onnx", image)
+    assert code == 2 and err.count("\n") == 1 and "no such file: missing.onnx" in err
+    (isolated / "bad.onnx").write_bytes(b"not an onnx file")
+    code, _, err = cli(capsys, "predict", "bad.onnx", image)
+    assert code == 2 and err.count("\n") == 1 and "onnxruntime cannot load it" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    code, _, err = cli(capsys, "predict", "bad.onnx", image)
+    assert code == 2 and err.count("\n") == 1 and "pip install 'anycnn[onnx]'" in err

@@ -715,11 +715,15 @@ def cmd_summary(args) -> int:
 def cmd_export(args) -> int:
     from ..io.checkpoint import checkpoint_in, load_model
     from ..io.onnx import export_onnx, import_onnx
+    from .predict import preprocess_of
 
     import_onnx()  # no onnx: say so before loading anything
     _select_backend(args.backend)
     model, state = load_model(checkpoint_in(args.checkpoint))
-    written = export_onnx(model, args.output, opset=args.opset, layout=args.layout)
+    record, recorded = preprocess_of(state, model)
+    metadata = {"preprocess": json.dumps(record)} if recorded else None  # for anycnn predict
+    written = export_onnx(model, args.output, opset=args.opset, layout=args.layout,
+                          metadata=metadata)
     spec = model.model_spec
     side, channels = spec["image_size"], spec["in_channels"]
     shape = (f"[batch, {side}, {side}, {channels}]" if args.layout == "nhwc" else

@@ -97,6 +97,10 @@ SUPPORTED = ("Sequential, Residual, Concat, Identity, Conv2D, ConvTranspose2D, D
              "Upsample2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
 
 _ACTIVATIONS = {LeakyReLU: "LeakyRelu", ReLU: "Relu", Sigmoid: "Sigmoid", Tanh: "Tanh"}
+#: the classes with a mapping; a subclass is mapped as its base only if it keeps its forward
+_MAPPED = (Sequential, Residual, Concat, Identity, Dropout, *_ACTIVATIONS, Dense, Conv2D,
+           ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Upsample2D, Flatten,
+           BatchNorm2D, GroupNorm, LayerNorm)
 
 
 def import_onnx() -> Any:
@@ -192,6 +196,9 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     """Append the nodes computing ``module`` on ``v``; return its output."""
     scope = _scope(prefix)
     kind = type(module).__name__
+    base = next((t for t in _MAPPED if isinstance(module, t)), None)
+    if base is None or type(module).forward is not base.forward:
+        raise _unmapped(scope, module)
     if isinstance(module, Sequential):
         for name, child in module.named_children():
             v = _emit(b, child, v, f"{prefix}{name}.", like)
@@ -218,8 +225,8 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     if isinstance(module, needs_spatial) and not v.spatial:
         raise ConfigError(f"layer {scope} ({kind}) needs NHWC input but gets features of "
                           f"shape {v.sample.shape}")
-    if isinstance(module, ReLU | LeakyReLU | Sigmoid | Tanh):
-        op = _ACTIVATIONS[next(t for t in _ACTIVATIONS if isinstance(module, t))]
+    if base in _ACTIVATIONS:
+        op = _ACTIVATIONS[base]
         attrs = {"alpha": module.negative_slope} if op == "LeakyRelu" else {}
         return _Value(b.node(op, [v.name], scope, **attrs), _run(module, v, like, scope), v.chw)
     out = _run(module, v, like, scope)  # also checks that the layer accepts its input
@@ -278,8 +285,8 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
 
 def _unmapped(scope: str, module: Module) -> ConfigError:
     return ConfigError(
-        f"layer {scope} ({type(module).__name__}) has no ONNX mapping in anycnn.io.onnx; "
-        f"supported: {SUPPORTED}")
+        f"layer {scope} ({type(module).__name__}) has no ONNX mapping in anycnn.io.onnx "
+        f"(a layer of your own, or a subclass with its own forward); supported: {SUPPORTED}")
 
 
 def _dense(b: _Builder, module: Dense, v: _Value, out: np.ndarray, scope: str) -> _Value:
@@ -380,7 +387,8 @@ def _reference_array(model: Module) -> Any:
 
 
 def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
-            opset: int = DEFAULT_OPSET, layout: str = "nhwc") -> Any:
+            opset: int = DEFAULT_OPSET, layout: str = "nhwc",
+            metadata: dict[str, str] | None = None) -> Any:
     """The ``onnx.ModelProto`` that :func:`export_onnx` writes (checked)."""
     onnx = import_onnx()
     if layout not in ("nhwc", "nchw"):
@@ -433,6 +441,7 @@ def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
     spec = getattr(model, "model_spec", None)
     if isinstance(spec, dict):
         meta["model_spec"] = json.dumps(spec)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -446,7 +455,7 @@ def _doc(layout: str, dims: list, name: str, shape: list) -> str:
 
 def export_onnx(model: Module, path: str | os.PathLike, *,
                 input_shape: tuple[int, int, int] | None = None, opset: int = DEFAULT_OPSET,
-                layout: str = "nhwc") -> pathlib.Path:
+                layout: str = "nhwc", metadata: dict[str, str] | None = None) -> pathlib.Path:
     """Write ``model`` (eval-mode semantics) as an ONNX file of standard operators.
 
     Args:
@@ -457,6 +466,9 @@ def export_onnx(model: Module, path: str | os.PathLike, *,
         opset: the ONNX opset (17 by default; 17 up to the installed onnx's newest).
         layout: ``"nhwc"`` (default): input ``[batch, H, W, C]``, transposed to NCHW inside the
             graph; ``"nchw"``: input ``[batch, C, H, W]``.
+        metadata: extra string key-values for the file's ``metadata_props`` (beside
+            ``input_layout`` and ``model_spec``; ``anycnn export`` adds ``preprocess``, the
+            checkpoint's preprocess record, which ``anycnn predict MODEL.onnx`` reads).
 
     Returns:
         The path written. The batch dimension is dynamic; the output ``logits`` is
@@ -466,7 +478,8 @@ def export_onnx(model: Module, path: str | os.PathLike, *,
         ConfigError: onnx is not installed (with the install hint), a layer has no ONNX
             mapping (named with its position), or an argument is invalid.
     """
-    proto = to_onnx(model, input_shape=input_shape, opset=opset, layout=layout)
+    proto = to_onnx(model, input_shape=input_shape, opset=opset, layout=layout,
+                    metadata=metadata)
     from .checkpoint import atomic_write_bytes
 
     return pathlib.Path(atomic_write_bytes(path, proto.SerializeToString(), what="ONNX model"))
