@@ -18,6 +18,7 @@ import pytest
 
 import anycnn
 from anycnn import backend as backend_module
+from anycnn.backend import namespace_of
 from anycnn.cli.commands import main
 from anycnn.errors import ConfigError, ShapeError
 from anycnn.io.checkpoint import load_model
@@ -228,13 +229,14 @@ LAYER_CASES = {
 }
 
 
+@pytest.mark.parametrize("opset", [17, 21])
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_layer_matches_onnxruntime(backend, case):
+def test_layer_matches_onnxruntime(backend, case, opset):
     hwc, make = LAYER_CASES[case]
     anycnn.manual_seed(5)
     layer = make()
     model = randomize(layer if isinstance(layer, anycnn.Sequential) else anycnn.Sequential(layer))
-    proto = to_onnx(model, input_shape=hwc)
+    proto = to_onnx(model, input_shape=hwc, opset=opset)
     onnx.checker.check_model(proto, full_check=True)
     sess = session(proto)
     for n in (1, 4):
@@ -331,6 +333,8 @@ class Custom(Module):
 def test_cli_unmappable_layer(backend, isolated, capsys, monkeypatch):
     import anycnn.models as models
 
+    monkeypatch.setitem(sys.modules, "ndonnx", None)  # no tracing fallback
+
     spec = models.model_spec("lenet5")
     anycnn.save(build_model(spec), "m.safetensors", model_spec=spec)
     original = models.MODELS["lenet5"]
@@ -339,6 +343,7 @@ def test_cli_unmappable_layer(backend, isolated, capsys, monkeypatch):
     code, _, err = cli(capsys, "export", "m.safetensors", "m.onnx")
     assert code == 2 and err.count("\n") == 1
     assert "layer 12 (Custom) has no ONNX mapping" in err
+    assert "pip install ndonnx to trace its forward instead" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,13 +352,13 @@ def test_cli_unmappable_layer(backend, isolated, capsys, monkeypatch):
 
 def test_unmappable_layer_is_named(backend):
     with pytest.raises(ConfigError, match=r"layer 1 \(Custom\) has no ONNX mapping.*Conv2D"):
-        to_onnx(anycnn.Sequential(L.ReLU(), Custom()), input_shape=(2, 2, 1))
+        to_onnx(anycnn.Sequential(L.ReLU(), Custom()), input_shape=(2, 2, 1), trace=False)
     nested = anycnn.Sequential(_conv(1, 2, 1), anycnn.nn.Residual(anycnn.Sequential(
         L.ReLU(), Custom())))
     with pytest.raises(ConfigError, match=r"layer 1\.body\.1 \(Custom\)"):
-        to_onnx(nested, input_shape=(2, 2, 1))
+        to_onnx(nested, input_shape=(2, 2, 1), trace=False)
     with pytest.raises(ConfigError, match=r"layer model \(Custom\)"):
-        to_onnx(Custom(), input_shape=(2, 2, 1))
+        to_onnx(Custom(), input_shape=(2, 2, 1), trace=False)
 
 
 def test_argument_errors(backend, tmp_path):
@@ -400,7 +405,58 @@ def test_subclass_with_its_own_forward_is_not_mapped_as_its_base(backend):
 
     to_onnx(anycnn.Sequential(PlainReLU()), input_shape=(2, 2, 1))
     with pytest.raises(ConfigError, match=r"layer 0 \(DoubledReLU\) has no ONNX mapping"):
-        to_onnx(anycnn.Sequential(DoubledReLU()), input_shape=(2, 2, 1))
+        to_onnx(anycnn.Sequential(DoubledReLU()), input_shape=(2, 2, 1), trace=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers with no mapping, traced with ndonnx
+
+
+class ChannelScale(Module):
+    """A user-written layer with a parameter: ``tanh(x * scale) + mean over the last axis``."""
+
+    def __init__(self, channels):
+        self.scale = anycnn.Parameter(anycnn.asarray(np.linspace(0.5, 2.0, channels,
+                                                                 dtype=np.float32)))
+
+    def forward(self, x):
+        xp = namespace_of(x)
+        return xp.tanh(x * self.scale.data) + xp.mean(x, axis=-1, keepdims=True)
+
+
+def test_unmapped_layers_are_traced_with_ndonnx(backend):
+    pytest.importorskip("ndonnx")
+    anycnn.manual_seed(6)
+    model = randomize(anycnn.Sequential(
+        _conv(2, 3, 3, padding=1), ChannelScale(3), L.BatchNorm2D(3),
+        anycnn.nn.Residual(anycnn.Sequential(Custom(), _conv(3, 3, 1))), L.MaxPool2D(2),
+        L.Flatten(), ChannelScale(12), L.Dense(12, 4)))
+    proto = to_onnx(model, input_shape=(4, 4, 2))
+    assert proto.opset_import[0].version >= 17  # ndonnx's own opset when higher
+    ops = [node.op_type for node in proto.graph.node]
+    assert {"Conv", "BatchNormalization", "MaxPool", "Gemm", "Tanh"} <= set(ops)
+    sess = session(proto)
+    for n in (1, 4):
+        x = images(n, 4, 4, 2, seed=n)
+        assert_close(run_onnx(sess, x), anycnn_out(model, x))
+    assert type(model[1].scale.data).__module__.split(".")[0] != "ndonnx"  # put back
+
+
+def test_tracing_errors_name_the_layer(backend):
+    pytest.importorskip("ndonnx")
+    model = anycnn.Sequential(ChannelScale(1))
+    with pytest.raises(ConfigError, match=r"layer 0 \(ChannelScale\).*needs opset 2\d: export "
+                       r"with opset=2\d"):
+        to_onnx(model, input_shape=(2, 2, 1), opset=17)
+    assert to_onnx(model, input_shape=(2, 2, 1), opset=21).opset_import[0].version == 21
+
+    class HostOnly(Module):
+        def forward(self, x):
+            return anycnn.asarray(np.sort(anycnn.to_numpy(x), axis=-1))
+
+    with pytest.raises(ConfigError, match=r"layer 0 \(HostOnly\).*tracing its forward with "
+                       "ndonnx failed"):
+        to_onnx(anycnn.Sequential(HostOnly()), input_shape=(2, 2, 1))
 
 
 # --------------------------------------------------------------------------------------------

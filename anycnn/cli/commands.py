@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
                    "checkpoint.safetensors")
     x.add_argument("output", metavar="MODEL.onnx", help="the ONNX file to write")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset version (17 or newer)")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset version, 17 or newer (default: 17)")
     x.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
                    help="the graph input's layout (nhwc: as anycnn takes images, transposed "
                    "to NCHW inside the graph)")
@@ -717,18 +718,19 @@ def cmd_export(args) -> int:
     from ..io.onnx import export_onnx, import_onnx
     from .predict import preprocess_of
 
-    import_onnx()  # no onnx: say so before loading anything
+    onnx = import_onnx()  # no onnx: say so before loading anything
     _select_backend(args.backend)
     model, state = load_model(checkpoint_in(args.checkpoint))
     record, recorded = preprocess_of(state, model)
     metadata = {"preprocess": json.dumps(record)} if recorded else None  # for anycnn predict
     written = export_onnx(model, args.output, opset=args.opset, layout=args.layout,
                           metadata=metadata)
+    opset = onnx.load(str(written)).opset_import[0].version
     spec = model.model_spec
     side, channels = spec["image_size"], spec["in_channels"]
     shape = (f"[batch, {side}, {side}, {channels}]" if args.layout == "nhwc" else
              f"[batch, {channels}, {side}, {side}]")
-    print(f"wrote {written} ({spec['name']}, opset {args.opset}): input {shape} "
+    print(f"wrote {written} ({spec['name']}, opset {opset}): input {shape} "
           f"{args.layout.upper()} {state.dtype}, output logits [batch, {spec['num_classes']}]")
     return 0
 

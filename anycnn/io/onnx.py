@@ -12,7 +12,7 @@ output ``output`` ``[batch, H', W', C']``, transposed back to NHWC. ``layout="nc
 input ``[batch, C, H, W]`` (and a spatial output NCHW) with no transpose.
 
 =================  ==========================================================================
-anycnn             ONNX (opset 17 by default)
+anycnn             ONNX (opset 17 unless a traced layer needs more)
 =================  ==========================================================================
 Conv2D             ``Conv`` (``group``, ``dilations``, ``strides``, explicit ``pads``, also for
                    ``'same'``); W ``(kh, kw, in/g, out)`` → ``(out, in/g, kh, kw)``
@@ -44,8 +44,16 @@ Sequential         its layers in order (nested containers included)
 
 Flattened features keep NCHW order inside the graph; layers other than Dense, the elementwise
 ones and Dropout/Identity that receive them get them back in anycnn's (h, w, c) order through a
-``Reshape``/``Transpose``/``Reshape``. A layer with no mapping (your own ``Module``) raises a
-:class:`~anycnn.errors.ConfigError` naming it and its position.
+``Reshape``/``Transpose``/``Reshape``.
+
+**Layers with no mapping** (your own ``Module``, or a subclass of a mapped layer that overrides
+``forward``): when ndonnx is installed (``pip install ndonnx``; an Array API namespace that
+records ONNX operators), the layer's own ``forward`` is traced on a symbolic NHWC array with its
+parameters as constants, and the recorded operators are inlined between a ``Transpose`` to NHWC
+and one back (dynamic batch kept). ndonnx records at its own opset (21 for ndonnx 0.23), so an
+unset ``opset`` rises to it and an explicit lower one is refused. A layer that cannot be traced
+(its forward leaves the Array API, e.g. through NumPy), or any unmapped layer without ndonnx or
+with ``trace=False``, raises a :class:`~anycnn.errors.ConfigError` naming it and its position.
 
 The file passes ``onnx.checker.check_model(full_check=True)``. ``onnx`` is an optional
 dependency (``pip install 'anycnn[onnx]'``), imported only when :func:`export_onnx` runs.
@@ -127,8 +135,11 @@ class _Value:
 
 
 class _Builder:
-    def __init__(self, onnx: Any, dtype: np.dtype) -> None:
+    def __init__(self, onnx: Any, dtype: np.dtype, opset: int | None, trace: bool) -> None:
         self.onnx = onnx
+        self.opset_given = opset is not None
+        self.opset = DEFAULT_OPSET if opset is None else opset  # a trace may raise an unset one
+        self.trace = trace
         self.helper = onnx.helper
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
@@ -198,7 +209,7 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     kind = type(module).__name__
     base = next((t for t in _MAPPED if isinstance(module, t)), None)
     if base is None or type(module).forward is not base.forward:
-        raise _unmapped(scope, module)
+        return _traced(b, module, v, scope, like)
     if isinstance(module, Sequential):
         for name, child in module.named_children():
             v = _emit(b, child, v, f"{prefix}{name}.", like)
@@ -283,10 +294,87 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     raise _unmapped(scope, module)
 
 
-def _unmapped(scope: str, module: Module) -> ConfigError:
+def _unmapped(scope: str, module: Module, why: str = "") -> ConfigError:
     return ConfigError(
         f"layer {scope} ({type(module).__name__}) has no ONNX mapping in anycnn.io.onnx "
-        f"(a layer of your own, or a subclass with its own forward); supported: {SUPPORTED}")
+        f"(a layer of your own, or a subclass with its own forward){why}; supported: "
+        f"{SUPPORTED}")
+
+
+def _traced(b: _Builder, module: Module, v: _Value, scope: str, like: Any) -> _Value:
+    """A layer with no mapping, traced: its own ``forward`` runs on an ndonnx array (an Array
+    API namespace that records ONNX operators), with its parameters and buffers as ndonnx
+    constants, and the recorded graph is inlined here (NHWC in, NHWC out, as the layer sees
+    its data). ndonnx records at its own opset (21 for ndonnx 0.23): an unset opset rises to
+    it; a lower one that was asked for is an error."""
+    if not b.trace:
+        raise _unmapped(scope, module)
+    try:
+        import ndonnx as ndx
+    except ImportError:
+        raise _unmapped(scope, module, "; pip install ndonnx to trace its forward instead"
+                        ) from None
+    out = _run(module, v, like, scope)
+    v = _natural(b, v, scope)
+    dtype = ndx.float64 if b.dtype == np.float64 else ndx.float32
+    x = ndx.argument(shape=("batch", *v.sample.shape[1:]), dtype=dtype)
+    arrays = [(p, "data", p.data) for p in module.parameters()]
+    arrays += [(m, k, getattr(m, k)) for m in module.modules() for k in m.buffer_names]
+    try:
+        for owner, key, value in arrays:
+            setattr(owner, key, ndx.asarray(to_numpy(value)))
+        y = module.forward(x)
+        sub = ndx.build({"x": x}, {"y": y})
+    except Exception as exc:  # whatever the layer's forward does with a symbolic array
+        raise _unmapped(scope, module, f"; tracing its forward with ndonnx failed "
+                        f"({type(exc).__name__}: {exc})") from None
+    finally:
+        for owner, key, value in arrays:
+            setattr(owner, key, value)
+    return _Value(_inline(b, sub, v, out, scope, module), out)
+
+
+def _inline(b: _Builder, sub: Any, v: _Value, out: np.ndarray, scope: str,
+            module: Module) -> str:
+    """Append the traced model ``sub`` (input ``x``, output ``y``) to the graph."""
+    onnx = b.onnx
+    opset = next((o.version for o in sub.opset_import if o.domain in ("", "ai.onnx")), b.opset)
+    if any(o.domain not in ("", "ai.onnx") for o in sub.opset_import) or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for n in sub.graph.node for a in n.attribute):
+        raise _unmapped(scope, module, "; its ndonnx trace uses operators of another domain "
+                        "or subgraphs")
+    if opset > b.opset:
+        if b.opset_given:
+            raise _unmapped(scope, module, f"; its ndonnx trace needs opset {opset}: export "
+                            f"with opset={opset}, or leave the opset unset")
+        b.opset = opset
+    x = v.name
+    if v.spatial:
+        x = b.node("Transpose", [x], scope, perm=[0, 2, 3, 1])
+    names = {"x": x, "": ""}
+
+    def rename(name: str) -> str:
+        if name not in names:
+            names[name] = b.fresh(f"{scope}/traced/{name}")
+        return names[name]
+
+    for init in sub.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = rename(init.name)
+        b.initializers.append(copy)
+    for node in sub.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+        copy.name = b.fresh(f"{scope}/traced/{node.op_type}")
+        b.nodes.append(copy)
+    y = rename(sub.graph.output[0].name)
+    if out.ndim == 4:
+        y = b.node("Transpose", [y], scope, perm=[0, 3, 1, 2])
+    return y
 
 
 def _dense(b: _Builder, module: Dense, v: _Value, out: np.ndarray, scope: str) -> _Value:
@@ -387,14 +475,14 @@ def _reference_array(model: Module) -> Any:
 
 
 def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
-            opset: int = DEFAULT_OPSET, layout: str = "nhwc",
-            metadata: dict[str, str] | None = None) -> Any:
+            opset: int | None = None, layout: str = "nhwc",
+            metadata: dict[str, str] | None = None, trace: bool = True) -> Any:
     """The ``onnx.ModelProto`` that :func:`export_onnx` writes (checked)."""
     onnx = import_onnx()
     if layout not in ("nhwc", "nchw"):
         raise ConfigError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
     newest = onnx.defs.onnx_opset_version()
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+    if opset is not None and (not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
         raise ConfigError(f"opset must be an int from {MIN_OPSET} to {newest} (this onnx "
                           f"package's newest), got {opset!r}")
     if not isinstance(model, Module):
@@ -404,7 +492,7 @@ def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
     dtype = np.dtype(dtype_name(like))
     if dtype not in (np.float32, np.float64):
         raise ConfigError(f"export_onnx supports float32 and float64 models, not {dtype}")
-    b = _Builder(onnx, dtype)
+    b = _Builder(onnx, dtype, opset, trace)
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     sample = np.random.default_rng(0).random((1, h, w, c)).astype(dtype)
     with preserved_state(model), eval_mode(model):
@@ -430,7 +518,7 @@ def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
     graph = onnx.helper.make_graph(
         b.nodes, "anycnn", [onnx.helper.make_tensor_value_info("input", elem, dims)],
         [onnx.helper.make_tensor_value_info(name, elem, shape)], b.initializers)
-    opsets = [onnx.helper.make_opsetid("", opset)]
+    opsets = [onnx.helper.make_opsetid("", b.opset)]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, producer_name="anycnn",
                                    ir_version=onnx.helper.find_min_ir_version_for(opsets),
                                    doc_string=_doc(layout, dims, name, shape))
@@ -454,8 +542,9 @@ def _doc(layout: str, dims: list, name: str, shape: list) -> str:
 
 
 def export_onnx(model: Module, path: str | os.PathLike, *,
-                input_shape: tuple[int, int, int] | None = None, opset: int = DEFAULT_OPSET,
-                layout: str = "nhwc", metadata: dict[str, str] | None = None) -> pathlib.Path:
+                input_shape: tuple[int, int, int] | None = None, opset: int | None = None,
+                layout: str = "nhwc", metadata: dict[str, str] | None = None,
+                trace: bool = True) -> pathlib.Path:
     """Write ``model`` (eval-mode semantics) as an ONNX file of standard operators.
 
     Args:
@@ -463,12 +552,15 @@ def export_onnx(model: Module, path: str | os.PathLike, *,
         path: the ``.onnx`` file to write (replaced atomically).
         input_shape: ``(H, W, C)`` of one image; default from ``model.model_spec`` (presets
             and :func:`anycnn.load_model` models have one).
-        opset: the ONNX opset (17 by default; 17 up to the installed onnx's newest).
+        opset: the ONNX opset, 17 up to the installed onnx's newest; unset: 17, or the opset
+            ndonnx records at (21) when a layer is traced.
         layout: ``"nhwc"`` (default): input ``[batch, H, W, C]``, transposed to NCHW inside the
             graph; ``"nchw"``: input ``[batch, C, H, W]``.
         metadata: extra string key-values for the file's ``metadata_props`` (beside
             ``input_layout`` and ``model_spec``; ``anycnn export`` adds ``preprocess``, the
             checkpoint's preprocess record, which ``anycnn predict MODEL.onnx`` reads).
+        trace: a layer with no mapping (your own) is traced with ndonnx when that is
+            installed (its ``forward`` recorded as generic ONNX operators); False refuses it.
 
     Returns:
         The path written. The batch dimension is dynamic; the output ``logits`` is
@@ -476,10 +568,10 @@ def export_onnx(model: Module, path: str | os.PathLike, *,
 
     Raises:
         ConfigError: onnx is not installed (with the install hint), a layer has no ONNX
-            mapping (named with its position), or an argument is invalid.
+            mapping and cannot be traced (named with its position), or an argument is invalid.
     """
     proto = to_onnx(model, input_shape=input_shape, opset=opset, layout=layout,
-                    metadata=metadata)
+                    metadata=metadata, trace=trace)
     from .checkpoint import atomic_write_bytes
 
     return pathlib.Path(atomic_write_bytes(path, proto.SerializeToString(), what="ONNX model"))
