@@ -2,10 +2,10 @@
 
 `nox` runs lint, the documentation build (`docs`) and one `tests(backend=NAME)` session per file
 `backends/NAME.txt`, each in its own virtual environment, with `ANYCNN_BACKEND=NAME`. The numpy
-session installs the `mpi` extra, so the data-parallel tests run there on real `mpiexec` jobs
-(the other sessions skip them); it also runs every code block of the documentation. The cupy
-session skips without an NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into
-a failure.
+session installs the `mpi` extra, so the data-parallel tests run there on real `mpiexec` jobs,
+and the `onnx` extra with ndonnx, so the ONNX export tests run there too (the other sessions skip
+both); it also runs every code block of the documentation. The cupy session skips without an
+NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a failure.
 
 `nox -s gpu` runs the prepared GPU check (`anycnn/cli/gpu_check.py`) on a machine with an NVIDIA
 GPU and network; on the offline machine lent for GPU checks, run the module directly with that
@@ -55,7 +55,10 @@ def tests(session: nox.Session, backend: str) -> None:
             session.skip(f"{why}; set ANYCNN_REQUIRE_BACKEND=1 to make this a failure")
     session.install("-r", f"backends/{backend}.txt", "-r", "backends/torch.txt")
     # the numpy session also runs the data-parallel tests on real mpiexec jobs (MPICH wheel)
-    session.install("-e", ".[mpi]" if backend == "numpy" else ".", "--group", "test")
+    # and the ONNX export tests (onnx, onnxruntime; ndonnx for tracing layers of your own)
+    session.install("-e", ".[mpi,onnx]" if backend == "numpy" else ".", "--group", "test")
+    if backend == "numpy":
+        session.install("ndonnx")
     env = {"ANYCNN_BACKEND": backend}
     session.run("python", "-m", "anycnn", "info", env=env)
     session.run("python", "-m", "pytest", *(session.posargs or ["-q"]), env=env)

@@ -28,6 +28,8 @@ QUICK_ARGS = {
     "allreduce_cost.py": ["--models", "lenet5", "--calls", "3", "--warmup", "1"],
     "jax_compile.py": ["--batch", "8", "--steps", "2", "--rounds", "1"],
     "data_parallel.py": ["--epochs", "1", "--limit", "256"],
+    "onnx_export.py": ["--models", "lenet5", "resnet-mini", "--batch-sizes", "2",
+                       "--repeats", "1"],
     "augment_cost.py": ["--batches", "5", "--steps", "2", "--rounds", "1", "--dataset",
                         "mnist-sample"],
 }
@@ -125,6 +127,25 @@ def test_pytorch_interop_without_torch(tmp_path):
         "torch is not installed; skipping. Install it with: pip install -r backends/torch.txt"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
+                    or importlib.util.find_spec("onnx") is None,
+                    reason="onnx/onnxruntime not installed")
+def test_onnx_export(tmp_path):
+    out = run_example("onnx_export.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["lenet5", "2"], ["resnet-mini", "2"]]
+    assert all(float(row[-1]) < 1e-4 for row in rows)
+
+
+def test_onnx_export_without_onnx(tmp_path):
+    out = run_example("onnx_export.py", tmp_path, hide=("onnx", "onnxruntime"))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.splitlines() == [
+        "onnx or onnxruntime is not installed; skipping. Install them with: "
+        "pip install 'anycnn[onnx]'"]
+
+
 def test_backend_swap_without_torch_compares_the_others(tmp_path):
     out = run_example("backend_swap.py", tmp_path, hide=("torch",))
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -170,7 +191,7 @@ def test_depthwise_separable(tmp_path):
 
 @pytest.mark.parametrize("name", ["train_mnist.py", "custom_model.py", "custom_layer.py",
                                   "resnet.py", "depthwise_separable.py", "unet.py",
-                                  "augment_cost.py"])
+                                  "augment_cost.py", "onnx_export.py"])
 def test_other_examples_need_no_optional_backend(name):
     """Only backend_swap.py and pytorch_interop.py (tested above with the package missing) may
     use an optional backend: the others neither import one nor ask for one by name."""

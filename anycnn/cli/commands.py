@@ -1,5 +1,6 @@
-"""The ``anycnn`` command: ``train``, ``evaluate``, ``predict``, ``info``, ``plot``, ``bench`` and
-``summary`` (the image-folder options and ``predict`` live in :mod:`anycnn.cli.predict`).
+"""The ``anycnn`` command: ``train``, ``evaluate``, ``predict``, ``info``, ``plot``, ``bench``,
+``summary`` and ``export`` (ONNX, :mod:`anycnn.io.onnx`); the image-folder options and
+``predict`` live in :mod:`anycnn.cli.predict`.
 
 A user's mistake (bad option, missing file, unusable backend, bad checkpoint) prints one line
 ``anycnn: error: ...`` and exits with status 2; an interrupted training run saves a checkpoint,
@@ -175,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=None, metavar="K",
                    help="classes (default: the dataset's, else 10)")
     _backend_option(s)
+
+    x = sub.add_parser("export", help="write a checkpoint's model as an ONNX file (standard "
+                       "operators, NHWC input [batch, H, W, C], output logits [batch, K]; "
+                       "needs pip install 'anycnn[onnx]')")
+    x.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
+                   "checkpoint.safetensors")
+    x.add_argument("output", metavar="MODEL.onnx", help="the ONNX file to write")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset version, 17 or newer (default: 17)")
+    x.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
+                   help="the graph input's layout (nhwc: as anycnn takes images, transposed "
+                   "to NCHW inside the graph)")
+    _backend_option(x)
 
     b = sub.add_parser("bench", help="time training steps against PyTorch")
     from .bench import add_arguments
@@ -701,6 +715,28 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..io.checkpoint import checkpoint_in, load_model
+    from ..io.onnx import export_onnx, import_onnx
+    from .predict import preprocess_of
+
+    onnx = import_onnx()  # no onnx: say so before loading anything
+    _select_backend(args.backend)
+    model, state = load_model(checkpoint_in(args.checkpoint))
+    record, recorded = preprocess_of(state, model)
+    metadata = {"preprocess": json.dumps(record)} if recorded else None  # for anycnn predict
+    written = export_onnx(model, args.output, opset=args.opset, layout=args.layout,
+                          metadata=metadata)
+    opset = onnx.load(str(written)).opset_import[0].version
+    spec = model.model_spec
+    side, channels = spec["image_size"], spec["in_channels"]
+    shape = (f"[batch, {side}, {side}, {channels}]" if args.layout == "nhwc" else
+             f"[batch, {channels}, {side}, {side}]")
+    print(f"wrote {written} ({spec['name']}, opset {opset}): input {shape} "
+          f"{args.layout.upper()} {state.dtype}, output logits [batch, {spec['num_classes']}]")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .predict import cmd_predict as run
 
@@ -709,7 +745,8 @@ def cmd_predict(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "info": cmd_info, "plot": cmd_plot, "bench": cmd_bench, "summary": cmd_summary}
+            "info": cmd_info, "plot": cmd_plot, "bench": cmd_bench, "summary": cmd_summary,
+            "export": cmd_export}
 
 
 def _one_line(text: str) -> str:

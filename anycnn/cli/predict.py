@@ -151,8 +151,9 @@ def preprocess_record(data) -> dict[str, Any]:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
-                        "checkpoint.safetensors")
+    parser.add_argument("checkpoint", help="a checkpoint file, a run folder holding "
+                        "checkpoint.safetensors, or an .onnx file from anycnn export (run by "
+                        "onnxruntime)")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files (PNG, JPEG, ...; any size and mode)")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -218,9 +219,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     pillow()  # no Pillow: say so before loading the model
-    model, checkpoint = load_model(path)
-    record, recorded = preprocess_of(checkpoint, model)
-    num_classes = model.model_spec["num_classes"]
+    if path.suffix.lower() == ".onnx":
+        topk, record, recorded, num_classes = onnx_classifier(path)
+    else:
+        model, checkpoint = load_model(path)
+        record, recorded = preprocess_of(checkpoint, model)
+        num_classes = model.model_spec["num_classes"]
+
+        def topk(images, k):
+            return predict_topk(model, images, k=k)
     k = min(5, num_classes) if args.top_k is None else args.top_k
     if not 1 <= k <= num_classes:
         raise ConfigError(f"--top-k must be in [1, {num_classes}] (the model's classes), "
@@ -230,12 +237,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"anycnn: warning: {path} records no preprocessing (trained before anycnn "
               f"recorded it, or saved from Python): images are converted to "
               f"{'grayscale' if record['channels'] == 1 else 'RGB'}, resized to {h}x{w} "
-              "(bilinear) and scaled by 1/255, from the model spec", file=sys.stderr)
+              f"(bilinear) and scaled by 1/255, from the model "
+              f"{'input' if path.suffix.lower() == '.onnx' else 'spec'}", file=sys.stderr)
     names = record["class_names"]
     results = []
     for start in range(0, len(args.images), args.batch_size):
         chunk = args.images[start:start + args.batch_size]
-        indices, probs = predict_topk(model, prepare(chunk, record), k=k)
+        indices, probs = topk(prepare(chunk, record), k)
         for image, idx, prob in zip(chunk, np.atleast_2d(indices), np.atleast_2d(probs)):
             results.append({"path": image, "top_k": [
                 {"index": int(i), "name": str(names[i]), "probability": float(p)}
@@ -251,3 +259,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {entry['probability']:.4f}  {entry['name']:<{width}}  "
                   f"(class {entry['index']})")
     return 0
+
+
+def onnx_classifier(path: Path):
+    """``(topk, record, recorded, num_classes)`` for an ``.onnx`` file run by onnxruntime:
+    ``topk(images, k)`` ranks and scores classes as :func:`anycnn.train.inference.predict_topk`
+    does (images as :func:`prepare` gives them). The preprocess record is the ``preprocess``
+    entry ``anycnn export`` writes in the file's metadata; without one it is made from the
+    input's shape (``recorded`` false)."""
+    import array_api_compat.numpy as host_xp
+    import numpy as np
+
+    from ..data.augment import to_unit_range
+    from ..errors import CheckpointError
+    from ..io.onnx import INSTALL_HINT
+    from ..nn.functional import softmax
+
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file", str(path))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError(f"predicting with an ONNX file needs onnxruntime; {INSTALL_HINT}"
+                          ) from None
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({reason})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    (inp,), outputs = session.get_inputs(), session.get_outputs()
+    nchw = meta.get("input_layout", "NHWC").upper() == "NCHW"
+    dims = list(inp.shape[1:])
+    classes = outputs[0].shape[-1] if len(outputs[0].shape) == 2 else None
+    if len(dims) != 3 or not all(isinstance(d, int) for d in dims) or not isinstance(classes,
+                                                                                     int):
+        raise CheckpointError(f"{path}: not an image classifier anycnn can feed (input "
+                              f"{inp.shape}, output {outputs[0].shape}); expected input "
+                              "[batch, H, W, C] and output [batch, K]")
+    c, h, w = dims if nchw else (dims[2], dims[0], dims[1])
+    recorded = "preprocess" in meta
+    if recorded:
+        try:
+            record = json.loads(meta["preprocess"])
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: malformed preprocess record {meta['preprocess'][:200]}")
+        _check_record(record, path, classes)
+    else:
+        record = {"version": PREPROCESS_VERSION, "image_size": [h, w], "channels": c,
+                  "resize": "bilinear", "scale": 255,
+                  "class_names": [str(i) for i in range(classes)]}
+    dtype = "float64" if inp.type == "tensor(double)" else "float32"
+
+    def topk(images, k):
+        x = np.asarray(to_unit_range(host_xp, images, dtype))
+        if nchw:
+            x = np.transpose(x, (0, 3, 1, 2))
+        logits = session.run(None, {inp.name: np.ascontiguousarray(x)})[0]
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
+        return order, np.take_along_axis(np.asarray(softmax(logits, axis=-1)), order, axis=1)
+
+    return topk, record, recorded, classes
