@@ -293,7 +293,7 @@ MISTAKES = {
     "unknown model": (["train", "--model", "resnet9"], ["'resnet9'", *MODELS]),
     "unknown dataset": (["train", "--dataset", "cifar"], ["'cifar'", *DATASETS]),
     "unknown optimizer": (["train", "--optimizer", "rmsprop"], ["'rmsprop'", *OPTIMIZERS]),
-    "unknown backend": (["train", "--backend", "jax"], ["'jax'", *CHOICES]),
+    "unknown backend": (["train", "--backend", "mxnet"], ["'mxnet'", *CHOICES]),
     "unknown schedule": (["train", "--schedule", "linear"], ["'linear'", *SCHEDULES]),
     "zero epochs": (["train", "--epochs", "0"], ["--epochs", "0"]),
     "negative lr": (["train", "--lr", "-0.1"], ["--lr", "-0.1"]),

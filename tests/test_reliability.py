@@ -452,7 +452,7 @@ def train_argv(data: Path, out: Path, *extra) -> list[str]:
     (["--dataset", "cifar"], ["unknown dataset 'cifar'", "mnist-sample, mnist, fashion-mnist"]),
     (["--optimizer", "lion"], ["unknown optimizer 'lion'", "sgd, adam, adamw"]),
     (["--schedule", "warmup"], ["unknown schedule 'warmup'", "constant, step, cosine"]),
-    (["--backend", "jax"], ["unknown backend 'jax'", "numpy, cupy, torch, array_api_strict"]),
+    (["--backend", "mxnet"], ["unknown backend 'mxnet'", "numpy, cupy, torch, array_api_strict, jax"]),
     (["--lr", "0"], ["lr", "> 0"]),
     (["--lr", "-0.5"], ["lr", "> 0"]),
     (["--epochs", "0"], ["--epochs must be >= 1"]),

@@ -101,23 +101,31 @@ def _time_steps(step, sync, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def _anycnn_worker(cfg: dict) -> dict:
+def _model_and_batch(cfg: dict) -> tuple:
+    """The seeded model of ``cfg`` (in its dtype) and one random host batch: ``(model, images
+    (B, H, W, C) of cfg["dtype"], int64 labels (B,))``, the same in every worker."""
     import numpy as np
 
     import anycnn
-    from anycnn.backend import synchronize
     from anycnn.models import build_model
 
-    backend = anycnn.get_backend()
     anycnn.manual_seed(0)
     model = build_model(cfg["model"])
     if cfg["dtype"] != "float32":
         model.to(cfg["dtype"])
-    size = model_input_shape(cfg["model"])
     rng = np.random.default_rng(0)
-    b = cfg["batch"]
-    x = anycnn.asarray(rng.random((b, *size), dtype=np.float32).astype(cfg["dtype"]))
-    y = anycnn.asarray(rng.integers(0, 10, b))
+    shape = (cfg["batch"], *model_input_shape(cfg["model"]))
+    images = rng.random(shape, dtype=np.float32).astype(cfg["dtype"])
+    return model, images, rng.integers(0, 10, cfg["batch"])
+
+
+def _anycnn_worker(cfg: dict) -> dict:
+    import anycnn
+    from anycnn.backend import synchronize
+
+    backend = anycnn.get_backend()
+    model, images, labels = _model_and_batch(cfg)
+    x, y = anycnn.asarray(images), anycnn.asarray(labels)
     loss_fn = anycnn.nn.losses.SoftmaxCrossEntropy()
     opt = anycnn.optim.optimizers.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -226,24 +234,17 @@ def _dp_worker(cfg: dict) -> dict | None:
     import anycnn
     from anycnn import fastpath
     from anycnn.backend import synchronize
-    from anycnn.dist import bind_to_cores, get_communicator, install_abort_hook
-    from anycnn.models import build_model
+    from anycnn.dist import get_communicator, install_abort_hook
     from anycnn.train.parallel import TRAILER, DataParallel
     from anycnn.train.trainer import Trainer
 
-    comm = get_communicator("mpi")
+    before = os.sched_getaffinity(0)
+    comm = get_communicator("mpi")  # pins this machine's ranks to disjoint cores
     install_abort_hook(comm)
-    bound = bind_to_cores(comm)
+    bound = os.sched_getaffinity(0) != before
     backend = anycnn.get_backend()
-    anycnn.manual_seed(0)  # the same weights on every rank
-    model = build_model(cfg["model"])
-    if cfg["dtype"] != "float32":
-        model.to(cfg["dtype"])
-    size = model_input_shape(cfg["model"])
-    rng = np.random.default_rng(0)
+    model, images, labels = _model_and_batch(cfg)  # the same weights on every rank
     b = cfg["batch"]
-    images = rng.random((b, *size), dtype=np.float32).astype(cfg["dtype"])
-    labels = rng.integers(0, 10, b)
     start, stop = b * comm.rank // comm.size, b * (comm.rank + 1) // comm.size  # DataLoader.share
     x, y = anycnn.asarray(images[start:stop]), anycnn.asarray(labels[start:stop])
     opt = anycnn.optim.optimizers.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -285,7 +286,7 @@ def _dp_worker(cfg: dict) -> dict | None:
     mine = {"rank": comm.rank, "step_ms": step_ms, "allreduce_ms": step_reduce_ms,
             "share": stop - start, "threads": fastpath.num_threads(),
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "bound_by_anycnn": bound is not None}
+            "bound_by_anycnn": bound}
     everyone = comm.allgather_object(mine)
     if comm.rank != 0:
         return None
