@@ -213,8 +213,12 @@ def probe_all() -> list[dict[str, Any]]:
     return rows
 
 
-def _backend_label(x: Any) -> str:
-    """Short human name of the library an array belongs to."""
+def backend_label(x: Any) -> str:
+    """The backend name (``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``,
+    ``"jax"``) of the library an array belongs to; another library's namespace or module name
+    otherwise (for messages and checkpoint metadata)."""
+    if type(x) is np.ndarray:
+        return "numpy"
     try:
         xp = array_api_compat.array_namespace(x)
     except TypeError:
@@ -255,7 +259,7 @@ def namespace_of(*arrays: Any) -> Any:
                 f"expected an array (numpy, cupy, torch or array_api_strict), got "
                 f"{type(not_arrays[0]).__name__}; convert it first with anycnn.asarray"
             ) from exc
-        labels = sorted({_backend_label(a) for a in present})
+        labels = sorted({backend_label(a) for a in present})
         raise BackendMismatchError(
             f"arrays from different backends mixed in one call: {' and '.join(labels)}; "
             "move them to one backend first (anycnn.asarray / anycnn.to_numpy)"

@@ -32,7 +32,7 @@ def test_session_runs_on_the_requested_backend(backend, xp):
     """Each nox session checks anycnn really runs where it asked to."""
     assert backend.name == REQUESTED
     y = L.Dense(3, 2)(anycnn.asarray(np.ones((1, 3), np.float32)))
-    assert B._backend_label(y) == REQUESTED
+    assert B.backend_label(y) == REQUESTED
     assert anycnn.get_backend().name == REQUESTED
 
 

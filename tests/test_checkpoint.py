@@ -98,9 +98,9 @@ def test_round_trip_across_backends(tmp_path, target):
         loaded, ckpt = C.load_model(path)
         assert ckpt.backend == "numpy"
         for _, p in loaded.named_parameters():
-            assert C._backend_name(p.data) == target
+            assert anycnn.backend.backend_label(p.data) == target
         got = logits(loaded, x)
-        assert C._backend_name(loaded(anycnn.asarray(x))) == b.name
+        assert anycnn.backend.backend_label(loaded(anycnn.asarray(x))) == b.name
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import array_api_extra as xpx
 import numpy as np
 from array_api_compat import array_namespace, device
@@ -184,6 +185,13 @@ def to_unit_range(xp: Any, raw: Any, dtype: str) -> Any:
     255 (one correctly rounded division, so bit-identical on every backend), float images only
     cast (no copy when already of that dtype). The pixel scaling of the DataLoader, ``predict``
     and ``anycnn predict``; normalisation (:class:`Normalize`) comes after it."""
+    if raw.dtype == xp.uint8 and array_api_compat.is_jax_namespace(xp):
+        # XLA turns a division by a constant into a multiplication by its reciprocal, which is
+        # not correctly rounded (126 of the 256 values differ): gather the exact quotients
+        exact = np.arange(256, dtype=np.float64).astype(dtype) / np.asarray(255, dtype)
+        table = xp.asarray(exact, device=device(raw))
+        flat = xp.astype(xp.reshape(raw, (-1,)), xp.int32)
+        return xp.reshape(xp.take(table, flat), raw.shape)
     x = xp.astype(raw, getattr(xp, dtype), copy=False)
     return x / 255 if raw.dtype == xp.uint8 else x
 

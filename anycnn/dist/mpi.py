@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import array_api_compat
 import numpy as np
 
-from ..backend import Backend, _backend_label, asarray, namespace_of, to_numpy
+from ..backend import Backend, backend_label, asarray, namespace_of, to_numpy
 from ..errors import DistributedError, ShapeError
 from .comm import Communicator, check_buffer
 
@@ -44,7 +44,7 @@ def load_mpi() -> Any:
 
 def _backend_of(x: Any) -> Backend:
     """The backend (library, namespace, device) an array lives on, to copy results back."""
-    return Backend(name=_backend_label(x), xp=namespace_of(x),
+    return Backend(name=backend_label(x), xp=namespace_of(x),
                    device=array_api_compat.device(x), reason="the input array's own backend")
 
 

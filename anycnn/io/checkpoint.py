@@ -37,11 +37,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from .. import random as anycnn_random
-from ..backend import dtype_name, to_numpy
+from ..backend import backend_label, dtype_name, to_numpy
 from ..errors import AnycnnError, CheckpointError
 
 FORMAT_VERSION = 1
@@ -116,23 +115,6 @@ def checkpoint_in(path: str | os.PathLike) -> pathlib.Path:
 # Saving
 
 
-def _backend_name(x: Any) -> str:
-    """Name of the backend an array belongs to (``"numpy"``, ``"torch"``, ...)."""
-    if array_api_compat.is_numpy_array(x):
-        return "numpy"
-    if array_api_compat.is_cupy_array(x):
-        return "cupy"
-    if array_api_compat.is_torch_array(x):
-        return "torch"
-    try:
-        xp = array_api_compat.array_namespace(x)
-    except TypeError:
-        return type(x).__module__.split(".")[0]
-    if array_api_compat.is_array_api_strict_namespace(xp):
-        return "array_api_strict"
-    return getattr(xp, "__name__", "unknown")
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -194,7 +176,7 @@ def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | N
         "anycnn_version": str(__version__),
         "model_spec": _to_json("model_spec", model_spec),
         "dtype": _model_dtype(model, state),
-        "backend": _backend_name(next(iter(state.values()))),
+        "backend": backend_label(next(iter(state.values()))),
         "epoch": _to_json("epoch", int(epoch)),
         "step": _to_json("step", int(step)),
         "optimizer": _to_json("optimizer", optim_meta),

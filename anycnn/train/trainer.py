@@ -272,10 +272,10 @@ class Trainer:
             if self._parallel is not None:
                 raise ConfigError("compile=True runs on one process; data-parallel training "
                                   "is eager")
-            from ..backend import _backend_label
+            from ..backend import backend_label
             from .compiled import CompiledStep, check_compilable
 
-            check_compilable(model, optimizer, _backend_label(optimizer.params[0].data))
+            check_compilable(model, optimizer, backend_label(optimizer.params[0].data))
             self._compiled = CompiledStep(model, optimizer, self.loss_fn)
         self.progress = progress and comm.rank == 0
         self.config = config or {}
