@@ -554,6 +554,7 @@ def test_download_unreachable_official_location(isolated, monkeypatch):
 # ---------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["resnet-mini", "resnet20"])
 def test_cli_train_and_evaluate_on_generated_cifar(isolated_env, small, backend, capsys, model):
     data = isolated_env / "data"

@@ -156,6 +156,7 @@ def test_train_monitor_chooses_what_best_safetensors_keeps(capsys, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "best.safetensors").epoch == best
 
 
+@pytest.mark.slow
 def test_train_piped_logs_lines_not_bars_with_warmup(tmp_path):
     """Not on a terminal: no progress bars, one line per epoch, --log-every step lines."""
     from anycnn.optim.schedules import Cosine
@@ -344,6 +345,7 @@ def test_user_mistake_is_one_line(capsys, tmp_path, case):
 # python -m anycnn
 
 
+@pytest.mark.slow
 def test_python_m_anycnn_train_and_evaluate(tmp_path):
     run = python_m_anycnn("train", *QUICK, "--out", "run", cwd=tmp_path)
     assert run.returncode == 0, run.stderr

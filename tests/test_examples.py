@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+#: every example is an end-to-end subprocess run: in the numpy session only (noxfile.py)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
