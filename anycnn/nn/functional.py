@@ -782,16 +782,17 @@ def elementwise_backward(dy: Any, derivative: Any):
 
 @dataclass
 class BatchNormCtx:
-    xhat: Any
+    xhat: Any  # normalised input, (M, C) rows of the channels-last input
     inv_std: Any
     count: int  # values per channel the statistics were taken over (all ranks')
     training: bool
     share: float = 1.0  # this rank's part of ``count`` (synchronised statistics)
+    out: Any = None  # the output (M, C) when a ReLU was applied to it (``relu=True``)
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
-                       reduce=None):
-    """PyTorch ``batch_norm`` on channels-last input.
+                       reduce=None, relu=False):
+    """PyTorch ``batch_norm`` on channels-last input, followed by a ReLU when ``relu``.
 
     In training, normalises with the batch statistics and returns updated running statistics
     (``running_var`` uses the unbiased batch variance); in eval, uses the running statistics.
@@ -801,41 +802,44 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     1-D array over every rank (a communicator's ``allreduce_``). The mean and the variance are
     then those of all ranks' batches together: two calls, ``(C + 1,)`` (sums and count) and
     ``(C,)`` (squared deviations from the global mean), plus one host read of the count.
+
+    The per-channel passes are :mod:`anycnn.fastpath` kernels (NumPy: GEMV sums and one
+    cache-sized chunk at a time, the ReLU inside the same pass); the portable expressions
+    are in their docstrings.
     """
     xp = namespace_of(x, gamma, beta, running_mean, running_var)
-    axes = tuple(range(x.ndim - 1))
-    count = 1
-    for a in axes:
-        count *= x.shape[a]
+    c = x.shape[-1]
+    rows = xp.reshape(x, (-1, c))
+    count = rows.shape[0]
     share = 1.0
-    if training and reduce is not None:
-        local = count
-        total = reduce(xp.concat([xp.sum(x, axis=axes),
-                                  xp.full((1,), float(count), dtype=x.dtype, device=device(x))]))
-        count = round(float(to_numpy(total[-1])))
-        mean = total[:-1] / count
-        centred = x - mean
-        var = reduce(xp.sum(centred * centred, axis=axes)) / count
-        share = local / count
-    elif training:
-        mean = xp.mean(x, axis=axes)
-        centred = x - mean
-        var = xp.mean(centred * centred, axis=axes)
     if training:
+        sums = fastpath.channel_sums(xp, rows)
+        if reduce is not None:
+            local = count
+            total = reduce(xp.concat([sums, xp.full((1,), float(count), dtype=x.dtype,
+                                                    device=device(x))]))
+            count = round(float(to_numpy(total[-1])))
+            sums = total[:-1]
+            share = local / count
+        mean = sums / count
+        centred, squares = fastpath.centre_rows(xp, rows, mean)
+        if reduce is not None:
+            squares = reduce(squares)
+        var = squares / count
         unbiased = var * (count / max(count - 1, 1))
         running_mean = (1.0 - momentum) * running_mean + momentum * mean
         running_var = (1.0 - momentum) * running_var + momentum * unbiased
     else:
-        centred = x - running_mean
+        centred = rows - running_mean
         var = running_var
     inv_std = 1.0 / xp.sqrt(var + eps)
-    xhat = centred * inv_std
-    y = xhat * gamma + beta
-    return y, BatchNormCtx(xhat, inv_std, count, training, share), running_mean, running_var
+    xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, relu)
+    ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if relu else None)
+    return xp.reshape(y, x.shape), ctx, running_mean, running_var
 
 
 def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
-    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`.
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward` (through its ReLU, if it had one).
 
     With ``reduce`` (the forward's; synchronised statistics), ``dy`` is the gradient of this
     rank's *mean* loss, and the objective is the global batch's mean loss, i.e. each rank's loss
@@ -845,20 +849,20 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
     every rank's parameter gradients by ``w``), ``dgamma``/``dbeta`` are this rank's own.
     """
     xp = namespace_of(dy, gamma)
-    axes = tuple(range(dy.ndim - 1))
-    dbeta = xp.sum(dy, axis=axes)
-    dgamma = xp.sum(dy * ctx.xhat, axis=axes)
+    c = dy.shape[-1]
+    rows = xp.reshape(dy, (-1, c))
+    g, dbeta, dgamma = fastpath.norm_grad_sums(xp, rows, ctx.xhat, ctx.out)
     scale = gamma * ctx.inv_std
     if not ctx.training:
-        return dy * scale, dgamma, dbeta
-    if reduce is None:
-        dx = (scale / ctx.count) * (ctx.count * dy - dbeta - ctx.xhat * dgamma)
-        return dx, dgamma, dbeta
-    w = ctx.share
-    total = reduce(xp.concat([dbeta * w, dgamma * w]))
-    c = dbeta.shape[0]
-    dx = (scale / ctx.count) * (ctx.count * dy - (total[:c] + ctx.xhat * total[c:]) / w)
-    return dx, dgamma, dbeta
+        return xp.reshape(g * scale, dy.shape), dgamma, dbeta
+    dsum, gsum = dbeta, dgamma
+    if reduce is not None:
+        w = ctx.share
+        total = reduce(xp.concat([dbeta * w, dgamma * w]))
+        dsum, gsum = total[:c] / w, total[c:] / w
+    dx = fastpath.norm_input_grad(xp, g, ctx.xhat, scale, dsum, gsum, ctx.count,
+                                  owned=ctx.out is not None)
+    return xp.reshape(dx, dy.shape), dgamma, dbeta
 
 
 # --------------------------------------------------------------------------------------------
