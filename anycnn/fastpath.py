@@ -440,6 +440,26 @@ def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
     return _split(xp, out, kernel)
 
 
+def add_relu(xp: Any, x: Any, y: Any) -> Any:
+    """``xp.maximum(x + y, 0.0)`` for same-shaped ``x`` and ``y`` (a residual sum and its ReLU;
+    NumPy: one new array, the ReLU applied in place while its rows are in cache)."""
+    if not enabled(xp):
+        return xp.maximum(x + y, 0.0)
+    out = np.empty(x.shape, dtype=np.result_type(x.dtype, y.dtype))
+    rows = out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1, 1)
+    xr, yr = x.reshape(rows.shape), y.reshape(rows.shape)
+    step = max(1, CHANNEL_CHUNK // max(rows.shape[1], 1))
+
+    def kernel(a: int, b: int) -> None:
+        for i in range(a, b, step):
+            o = rows[i:min(i + step, b)]
+            np.add(xr[i:i + o.shape[0]], yr[i:i + o.shape[0]], out=o)
+            np.maximum(o, 0.0, out=o)
+
+    _split(xp, rows, kernel)
+    return out
+
+
 def relu_grad(xp: Any, y: Any, dy: Any) -> Any:
     """``xp.astype(y > 0, dy.dtype) * dy``: the gradient through a ReLU whose output is ``y``."""
     if not enabled(xp):

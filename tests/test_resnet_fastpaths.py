@@ -68,3 +68,96 @@ def test_per_channel_kernels_equal_their_portable_expressions(split, monkeypatch
     centred, squares = fastpath.centre_rows(npx, rows, mean)
     np.testing.assert_array_equal(centred, rows - mean)  # elementwise: exact
     assert_rounding_close(squares, ((rows - mean) ** 2).sum(axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Whole residual models: fused runs against the unfused layers, fast against portable
+
+
+def _resnet(dtype, blocks=1, seed=3):
+    import anycnn
+    from anycnn.models import cifar_resnet
+
+    anycnn.manual_seed(seed)
+    model = cifar_resnet(blocks, num_classes=5, in_channels=2)
+    if dtype != "float32":
+        model.to(dtype)
+    return model
+
+
+def _unfused(model):
+    from anycnn.nn.sequential import Sequential
+
+    for m in model.modules():
+        if isinstance(m, Sequential):
+            m.fuse = False
+    return model
+
+
+def _step(model, x, labels):
+    """Forward and backward of one training step: output, input gradient, parameter
+    gradients, running statistics (host arrays)."""
+    import anycnn
+    from anycnn.nn.losses import SoftmaxCrossEntropy
+
+    model.train()
+    model.zero_grad()
+    loss = SoftmaxCrossEntropy()
+    y = model.forward(anycnn.asarray(x))
+    loss.forward(y, anycnn.asarray(labels))
+    dx = model.backward(loss.backward())
+    out = [y, dx] + [p.grad for p in model.parameters()] + [b for _, b in model.named_buffers()]
+    return [anycnn.to_numpy(a) for a in out]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_resnet_runs_match_unfused_layers(backend, rng, dtype):
+    """Every backend: BatchNorm2D → ReLU (stem and bodies) and Residual → ReLU (each block)
+    run fused, with the values of the layer-by-layer computation."""
+    from anycnn.nn.fusion import BatchNormReLU, ResidualReLU
+
+    x = rng.standard_normal((4, 12, 12, 2)).astype(dtype)
+    labels = rng.integers(0, 5, 4)
+    fused, plain = _resnet(dtype), _unfused(_resnet(dtype))
+    got, want = _step(fused, x, labels), _step(plain, x, labels)
+    kinds = [type(s) for s in fused._plan]
+    assert kinds.count(ResidualReLU) == 3 and BatchNormReLU in kinds
+    assert isinstance(fused[3].body._plan[1], BatchNormReLU)  # inside a residual body
+    for a, b in zip(got, want):
+        assert_rounding_close(a, b)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_resnet_step_fast_path_matches_portable(monkeypatch, rng, threads):
+    """NumPy: a whole fused resnet step with the fast paths (threads, many chunks) against the
+    portable code, and repeatable bit for bit."""
+    import anycnn
+
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", threads)
+    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(fastpath, "CHANNEL_CHUNK", 100)
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    x = rng.standard_normal((5, 16, 16, 2))
+    labels = rng.integers(0, 5, 5)
+    with anycnn.use_backend("numpy"):
+        monkeypatch.setattr(fastpath, "ENABLED", True)
+        fast, again = _step(_resnet("float64", 2), x, labels), _step(_resnet("float64", 2), x,
+                                                                     labels)
+        slow = _portable(monkeypatch, lambda: _step(_resnet("float64", 2), x, labels))
+    for a, b, c in zip(fast, again, slow):
+        np.testing.assert_array_equal(a, b)
+        assert_rounding_close(a, c)
+
+
+def test_fused_resnet_block_passes_finite_differences(backend, rng):
+    import anycnn
+    from anycnn import layers as L
+    from anycnn.models import basic_block
+    from anycnn.nn.sequential import Sequential
+    from tests.test_gradcheck import check_layer
+
+    anycnn.manual_seed(2)
+    block = Sequential(L.Conv2D(2, 3, 3, padding=1, bias=False), L.BatchNorm2D(3), L.ReLU(),
+                       *basic_block(3, 4, stride=2), *basic_block(4, 4))
+    block.to("float64")
+    check_layer(block, rng.standard_normal((3, 6, 6, 2)), rng, directions=2)
