@@ -161,3 +161,31 @@ def test_fused_resnet_block_passes_finite_differences(backend, rng):
                        *basic_block(3, 4, stride=2), *basic_block(4, 4))
     block.to("float64")
     check_layer(block, rng.standard_normal((3, 6, 6, 2)), rng, directions=2)
+
+
+@pytest.mark.parametrize(("kernel", "pads", "dilation", "stride"), [
+    ((3, 3), (1, 1, 1, 1), (1, 1), (1, 1)),
+    ((3, 2), (0, 0, 0, 0), (1, 1), (1, 1)),
+    ((2, 2), (0, 1, 0, 1), (1, 1), (1, 1)),  # 'same' for an even kernel
+    ((3, 3), (2, 2, 1, 0), (2, 1), (1, 1)),
+    ((1, 1), (0, 0, 0, 0), (1, 1), (1, 1)),
+    ((3, 3), (1, 1, 1, 1), (1, 1), (2, 2)),  # strided: the col2im path on both
+])
+def test_conv_input_grad_by_convolution_matches_portable(monkeypatch, rng, kernel, pads,
+                                                         dilation, stride):
+    """Stride-1 convolutions take their input gradient as the convolution of ``dy`` with the
+    flipped kernel on NumPy; the portable path scatters the column gradient (col2im)."""
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    x = rng.standard_normal((3, 7, 6, 4))
+    w = rng.standard_normal((*kernel, 4, 5))
+    win = F.conv_windows((7, 6), kernel, stride, pads, dilation)
+    assert (F._backward_windows(win, w, 1) is not None) == (stride == (1, 1))
+    y, ctx = F.conv2d_forward(x, w, None, stride, pads, dilation)
+    dy = rng.standard_normal(y.shape)
+
+    def grads():
+        return F.conv2d_backward(dy, F.ConvCtx(x, ctx.win), w, True, False)[:2]
+
+    fast, slow = grads(), _portable(monkeypatch, grads)
+    for a, b in zip(fast, slow):
+        assert_rounding_close(a, b)
