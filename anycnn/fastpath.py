@@ -510,7 +510,7 @@ def window_max(xp: Any, entries: Any) -> tuple[Any, Any]:
 
 #: elements of one chunk of a per-channel pass: the chunk and its temporaries stay in the L1/L2
 #: caches, so a pass of several operations reads and writes main memory once
-CHANNEL_CHUNK = 1 << 14
+CHANNEL_CHUNK = 1 << 15
 
 
 def _channel_rows(c: int) -> int:
