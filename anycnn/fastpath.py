@@ -567,6 +567,8 @@ def channel_sums(xp: Any, rows: Any) -> Any:
     dtype = rows.dtype
     ones = _ones_row(_channel_rows(rows.shape[1]), dtype.name)
     total = _over_row_chunks(xp, rows, lambda a, b: ones[:, :b - a] @ rows[a:b])
+    if total is None:  # no rows
+        return np.zeros(rows.shape[1], dtype=dtype)
     return total.reshape(-1).astype(dtype)
 
 
@@ -593,6 +595,8 @@ def centre_rows(xp: Any, rows: Any, mean: Any) -> tuple[Any, Any]:
         return ones[:, :b - a] @ sq.reshape(b - a, c)
 
     total = _over_row_chunks(xp, rows, chunk)
+    if total is None:  # no rows
+        return centred, np.zeros(c, dtype=dtype)
     return centred, total.reshape(-1).astype(dtype)
 
 
@@ -647,7 +651,8 @@ def norm_grad_sums(xp: Any, dy: Any, xhat: Any, out: Any = None) -> tuple[Any, A
         sums[1] = ones[:, :b - a] @ np.multiply(gc, xhat[a:b])
         return sums
 
-    total = _over_row_chunks(xp, dy, chunk).astype(dtype)
+    total = _over_row_chunks(xp, dy, chunk)
+    total = np.zeros((2, c), dtype=dtype) if total is None else total.astype(dtype)
     return g, total[0], total[1]
 
 

@@ -189,3 +189,19 @@ def test_conv_input_grad_by_convolution_matches_portable(monkeypatch, rng, kerne
     fast, slow = grads(), _portable(monkeypatch, grads)
     for a, b in zip(fast, slow):
         assert_rounding_close(a, b)
+
+
+def test_batch_norm_of_an_empty_batch_in_eval(monkeypatch):
+    """Eval mode on zero images: empty outputs and zero parameter gradients on both paths."""
+    x = np.zeros((0, 3, 3, 2), dtype=np.float32)
+    ones, zeros = np.ones(2, np.float32), np.zeros(2, np.float32)
+
+    def run():
+        y, ctx, _, _ = F.batch_norm_forward(x, ones, zeros, zeros, ones, False, 0.1, 1e-5,
+                                            relu=True)
+        return (y, *F.batch_norm_backward(x, ctx, ones))
+
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    for a, b in zip(run(), _portable(monkeypatch, run)):
+        np.testing.assert_array_equal(a, b)
+    assert fastpath.channel_sums(npx, x.reshape(0, 2)).tolist() == [0.0, 0.0]
