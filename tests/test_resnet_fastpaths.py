@@ -205,3 +205,34 @@ def test_batch_norm_of_an_empty_batch_in_eval(monkeypatch):
     for a, b in zip(run(), _portable(monkeypatch, run)):
         np.testing.assert_array_equal(a, b)
     assert fastpath.channel_sums(npx, x.reshape(0, 2)).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "pads"), [
+    (4, 5, (3, 3), (1, 1, 1, 1)),
+    (3, 2, (2, 3), (0, 1, 1, 1)),  # even kernel, 'same' (extra bottom row)
+    (2, 6, (1, 1), (0, 0, 0, 0)),
+    (16, 16, (3, 3), (1, 1, 1, 1)),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_shifted_weight_gradient_matches_portable(monkeypatch, rng, cin, cout, kernel, pads,
+                                                  bias):
+    """Few-channel 'same' stride-1 convolutions: NumPy's weight gradient from shifted GEMMs
+    over the padded grids (no im2col) against the portable im2col path; many chunks."""
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
+    x = rng.standard_normal((5, 6, 7, cin))
+    w = rng.standard_normal((*kernel, cin, cout))
+    win = F.conv_windows((6, 7), kernel, (1, 1), pads, (1, 1))
+    assert F._shifted_weight_grad_applies(win, w, 1)
+    y, ctx = F.conv2d_forward(x, w, None, (1, 1), pads, (1, 1))
+    dy = rng.standard_normal(y.shape)
+
+    def grads():
+        return F.conv2d_backward(dy, F.ConvCtx(x, ctx.win), w, True, bias)
+
+    fast, slow = grads(), _portable(monkeypatch, grads)
+    assert (fast[2] is None) == (not bias)
+    for a, b in zip(fast, slow):
+        if b is not None:
+            assert_rounding_close(a, b)
