@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import fastpath
 from ..backend import namespace_of
 from ..errors import ConfigError, ShapeError
 from .module import Module
@@ -71,11 +72,15 @@ class Residual(Module):
         self.shortcut = Identity() if shortcut is None else _as_module(
             "Residual", "shortcut", shortcut)
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, relu: bool = False) -> Any:
+        """``body(x) + shortcut(x)``; with ``relu``, ``max(., 0)`` of it in the same pass (a
+        fused Residual → ReLU run, :mod:`anycnn.nn.fusion`)."""
         y = self.body.forward(x)
         s = self.shortcut.forward(x)
         if tuple(y.shape) != tuple(s.shape):
             raise ShapeError(self._mismatch(tuple(x.shape), tuple(y.shape), tuple(s.shape)))
+        if relu:
+            return fastpath.add_relu(namespace_of(y, s), y, s)
         return y + s
 
     def _mismatch(self, x_shape: tuple, body: tuple, short: tuple) -> str:

@@ -1,5 +1,9 @@
 """Exact rewrites that :class:`~anycnn.nn.sequential.Sequential` applies to runs of layers.
 
+``BatchNorm2D → ReLU`` and ``Residual → ReLU`` apply the ReLU inside the pass that computes
+their output (and its gradient inside their gradient pass): one pass over the activations
+fewer each way, same values.
+
 ``Conv2D → ReLU → MaxPool2D`` is computed as ``relu(maxpool(conv(x)) + b)`` instead of
 ``maxpool(relu(conv(x) + b))``. Adding the per-channel bias and applying ReLU are monotone, so
 they commute with the window maximum, and rounding is monotone too: the forward values are
@@ -27,7 +31,8 @@ from array_api_compat import device
 from .. import fastpath
 from ..backend import namespace_of
 from . import functional as F
-from .layers import Conv2D, MaxPool2D, ReLU
+from .containers import Residual
+from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 from .module import Module
 
 
@@ -256,7 +261,55 @@ def _segment_backward(seg: _Segment, dy: Any, input_grad: bool) -> Any:
     return dx
 
 
-FUSIONS = (ConvReluMaxPool,)
+class BatchNormReLU:
+    """A ``BatchNorm2D → ReLU`` run: the ReLU is applied inside BatchNorm's normalising pass
+    and its gradient inside BatchNorm's gradient pass (:func:`F.batch_norm_forward` with
+    ``relu=True``). Exact: the same elementwise operations on the same values."""
+
+    pattern = (BatchNorm2D, ReLU)
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        return True
+
+    def __init__(self, bn: BatchNorm2D, relu: ReLU) -> None:
+        self.bn, self.relu = bn, relu
+
+    def forward(self, x: Any) -> Any:
+        return self.bn.forward(x, relu=True)
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        return self.bn.backward(dy, input_grad)
+
+
+class ResidualReLU:
+    """A ``Residual → ReLU`` run (a ResNet block): the sum of the two paths and its ReLU in one
+    pass (:func:`anycnn.fastpath.add_relu`); exact."""
+
+    pattern = (Residual, ReLU)
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        return True
+
+    def __init__(self, residual: Residual, relu: ReLU) -> None:
+        self.residual, self.relu = residual, relu
+        self._out: Any = None
+
+    def forward(self, x: Any) -> Any:
+        self._out = self.residual.forward(x, relu=True)
+        return self._out
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        if self._out is None:
+            raise RuntimeError("fused Residual/ReLU backward called before forward, or called "
+                               "twice for one forward")
+        out, self._out = self._out, None
+        return self.residual.backward(fastpath.relu_grad(namespace_of(dy, out), out, dy),
+                                      input_grad)
+
+
+FUSIONS = (ConvReluMaxPool, BatchNormReLU, ResidualReLU)
 
 
 _suspended = contextvars.ContextVar("anycnn_fusion_suspended", default=False)

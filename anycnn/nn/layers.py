@@ -357,7 +357,9 @@ class BatchNorm2D(Module):
         self.running_var = make_array(np.ones(c), dtype)
         self._ctx = None
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """Normalised ``x``; with ``relu``, ``max(., 0)`` of it in the same pass (a fused
+        BatchNorm2D → ReLU run, :mod:`anycnn.nn.fusion`; backward then goes through both)."""
         if x.ndim not in (2, 4):
             raise ShapeError(f"BatchNorm2D expects NHWC or (N, C) input, got {tuple(x.shape)}")
         check_float_input(self, x, x.ndim, "NHWC")
@@ -367,7 +369,7 @@ class BatchNorm2D(Module):
             raise ShapeError("BatchNorm2D needs more than one value per channel in training")
         y, self._ctx, rm, rv = F.batch_norm_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps, reduce=self._reduce())
+            self.training, self.momentum, self.eps, reduce=self._reduce(), relu=relu)
         self.running_mean, self.running_var = rm, rv
         return y
 
