@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+import anycnn
 from anycnn.errors import ConfigError
 from anycnn.nn import BatchNorm2D, Sequential, sync_batchnorm
 from anycnn.nn import functional as F
@@ -103,8 +104,9 @@ def test_sync_batchnorm_sets_every_layer_and_only_acts_in_training():
     assert bn_a.sync.size == 4 and bn_b.sync.size == 4
     assert "sync=fake x 4" in repr(bn_a)
     model.eval()  # running statistics: no collective
-    x = np.ones((2, 3, 3, 2))
-    np.testing.assert_allclose(model.forward(x), bn_b.forward(bn_a.forward(x)))
+    x = anycnn.asarray(np.ones((2, 3, 3, 2)), dtype="float64")  # on the backend under test
+    np.testing.assert_allclose(anycnn.to_numpy(model.forward(x)),
+                               anycnn.to_numpy(bn_b.forward(bn_a.forward(x))))
     model.train()
     bn_a.sync = FakeComm(1)  # one rank: the plain computation
     bn_a.forward(x)
