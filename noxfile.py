@@ -65,9 +65,9 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, examples and this file."""
+    """ruff over the package, tests, examples, the docs hooks and this file."""
     session.install("--group", "lint")
-    session.run("ruff", "check", "anycnn", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "anycnn", "tests", "examples", "docs", "noxfile.py")
 
 
 @nox.session

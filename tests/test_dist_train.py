@@ -166,29 +166,28 @@ def test_synchronised_batchnorm_trains_as_one_process_on_the_whole_batch(tmp_pat
     assert "synchronised BatchNorm needs every rank in every step" in out.stderr
 
 
-def test_mismatched_configurations_are_refused(tmp_path):
-    out, seconds, _ = run_worker(tmp_path, 2, batch_on_rank={"1": 10})
+def assert_job_failed(tmp_path, *messages: str, **cfg) -> None:
+    """A 2-rank worker run with ``cfg`` ends, within 10 s, non-zero, saying each message."""
+    out, seconds, _ = run_worker(tmp_path, 2, **cfg)
     report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
     assert out.returncode != 0, report
-    assert "configured differently" in out.stderr, report
-    assert "batch_size: 10 on rank 1, 12 on rank 0" in out.stderr, report
+    for message in messages:
+        assert message in out.stderr, report
     assert seconds < 10, report
+
+
+def test_mismatched_configurations_are_refused(tmp_path):
+    assert_job_failed(tmp_path, "configured differently",
+                      "batch_size: 10 on rank 1, 12 on rank 0", batch_on_rank={"1": 10})
 
 
 def test_an_exception_on_rank_1_ends_the_job_with_its_rank(tmp_path):
-    out, seconds, _ = run_worker(tmp_path, 2, raise_on_rank=[1, 3])
-    report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
-    assert out.returncode != 0, report
-    assert "rank 1/2 failed: RuntimeError: injected failure" in out.stderr, report
-    assert seconds < 10, report
+    assert_job_failed(tmp_path, "rank 1/2 failed: RuntimeError: injected failure",
+                      raise_on_rank=[1, 3])
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    out, seconds, _ = run_worker(tmp_path, 2, nan_on_rank=[1, 2])
-    report = f"rc {out.returncode} after {seconds:.1f} s; stderr:\n{out.stderr}"
-    assert out.returncode != 0, report
-    assert "loss became nan at epoch 1, step 2" in out.stderr, report
-    assert seconds < 10, report
+    assert_job_failed(tmp_path, "loss became nan at epoch 1, step 2", nan_on_rank=[1, 2])
     out, _, got = run_worker(tmp_path, 2, nan_on_rank=[1, 2], on_nonfinite="skip")
     assert out.returncode == 0, out.stderr
     assert int(got["skipped"]) == 1

@@ -361,6 +361,16 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+
+def _report(table: str, results: dict, json_path: str | None) -> int:
+    """Print ``table``; write ``results`` to ``json_path`` when given."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {json_path}")
+    return 0
+
 def run(args: argparse.Namespace) -> int:
     from ..backend import get_backend
     from ..models import model_spec
@@ -430,12 +440,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epoch_dataset:
         results["epoch"] = _run_worker({"kind": "epoch", "model": args.model, "batch": 64,
                                         "dataset": args.epoch_dataset}, args.threads)
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_table(results), results, args.json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,12 +567,7 @@ def run_workers(args: argparse.Namespace) -> int:
             row["share_per_rank"] = [r["share"] for r in out["ranks"]]
             row["command"] = shlex.join(_dp_command(k, cfg))
             results["rows"].append(row)
-    print(format_workers_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_workers_table(results), results, args.json)
 
 
 def format_workers_table(results: dict) -> str:
