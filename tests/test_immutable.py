@@ -5,6 +5,8 @@ clear error instead of being read back as object arrays."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,31 @@ def test_a_device_of_none_follows_the_other_arrays(monkeypatch):
     real = array_api_compat.device
     monkeypatch.setattr(array_api_compat, "device", lambda x: None if x is b else real(x))
     assert backend.namespace_of(a, b) is array_api_compat.array_namespace(a)  # b: traced
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                    reason="jax is not installed (pip install -r backends/jax.txt)")
+@pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam", "adamw"])
+def test_optimizers_on_jax_give_numpys_weights(name):
+    from anycnn.models import build_model
+    from anycnn.nn import SoftmaxCrossEntropy
+
+    def train(backend_name):
+        with anycnn.use_backend(backend_name):
+            anycnn.manual_seed(0)
+            model = build_model("lenet5")
+            model.to("float64")
+            opt = OPTIMIZERS[name](model.parameters())
+            loss_fn, rng = SoftmaxCrossEntropy(), np.random.default_rng(0)
+            for _ in range(5):
+                x = anycnn.asarray(rng.random((8, 28, 28, 1)), dtype="float64")
+                y = anycnn.asarray(rng.integers(0, 10, 8))
+                model.zero_grad()
+                loss_fn.forward(model.forward(x), y)
+                model.backward(loss_fn.backward(), input_grad=False)
+                opt.step()
+            return {k: anycnn.to_numpy(v) for k, v in model.state_dict().items()}
+
+    want, got = train("numpy"), train("jax")
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-10, err_msg=key)
