@@ -124,8 +124,20 @@ class _Shape:
     flat_hw: int | None = None  # features are (hw, c)-ordered with this many positions
 
 
+def conv_weight_nchw(a: np.ndarray) -> np.ndarray:
+    """A ``Conv2D`` weight (kh, kw, in/groups, out) in the NCHW frameworks' layout (out,
+    in/groups, kh, kw) (PyTorch, ONNX)."""
+    return np.transpose(a, (3, 2, 0, 1))
+
+
+def flat_rows_nchw(a: np.ndarray, hw: int, c: int) -> np.ndarray:
+    """A ``Dense`` weight (hw*c, out) after a ``Flatten`` of NHWC activations, its rows reordered
+    from (h, w, c) to the (c, h, w) order NCHW frameworks flatten in: (c*hw, out)."""
+    return np.transpose(np.reshape(a, (hw, c, -1)), (1, 0, 2)).reshape(c * hw, -1)
+
+
 def _conv_tensors(prefix: str, layer: Conv2D) -> list[_Tensor]:
-    tensors = [_Tensor(prefix + "weight", lambda a: np.transpose(a, (3, 2, 0, 1)),
+    tensors = [_Tensor(prefix + "weight", conv_weight_nchw,
                        lambda a: np.transpose(a, (2, 3, 1, 0)),
                        "(out, in, kh, kw)" if layer.groups == 1 else "(out, in/groups, kh, kw)")]
     if layer.bias is not None:
@@ -133,13 +145,13 @@ def _conv_tensors(prefix: str, layer: Conv2D) -> list[_Tensor]:
     return tensors
 
 
-def _swap_kernel_axes(a: np.ndarray) -> np.ndarray:
+def swap_kernel_axes(a: np.ndarray) -> np.ndarray:
     """(kh, kw, in, out) <-> (in, out, kh, kw): the permutation is its own inverse."""
     return np.transpose(a, (2, 3, 0, 1))
 
 
 def _conv_transpose_tensors(prefix: str, layer: ConvTranspose2D) -> list[_Tensor]:
-    tensors = [_Tensor(prefix + "weight", _swap_kernel_axes, _swap_kernel_axes,
+    tensors = [_Tensor(prefix + "weight", swap_kernel_axes, swap_kernel_axes,
                        "(in, out, kh, kw)" if layer.groups == 1 else "(in, out/groups, kh, kw)")]
     if layer.bias is not None:
         tensors.append(_Tensor(prefix + "bias", _same, _same, "(out,)"))
@@ -151,7 +163,7 @@ def _dense_tensors(prefix: str, layer: Dense, hw: int | None, c: int | None) -> 
         out = layer.out_features
 
         def to_torch(a: np.ndarray) -> np.ndarray:  # rows (hw, c) -> columns (c, hw)
-            return np.transpose(np.reshape(a, (hw, c, -1)), (2, 1, 0)).reshape(out, c * hw)
+            return np.ascontiguousarray(flat_rows_nchw(a, hw, c).T)
 
         def from_torch(a: np.ndarray) -> np.ndarray:
             return np.transpose(np.reshape(a, (out, c, hw)), (2, 1, 0)).reshape(hw * c, out)

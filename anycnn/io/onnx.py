@@ -94,6 +94,7 @@ from ..nn.layers import (
 )
 from ..nn.module import Module, eval_mode, preserved_state
 from ..nn.sequential import Sequential
+from .interop import conv_weight_nchw, flat_rows_nchw, swap_kernel_axes
 
 #: the opset written by default (LayerNormalization needs 17)
 DEFAULT_OPSET = 17
@@ -244,7 +245,7 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     if isinstance(module, Dense):
         return _dense(b, module, v, out, scope)
     if isinstance(module, Conv2D):
-        w = np.transpose(to_numpy(module.weight.data), (3, 2, 0, 1))
+        w = conv_weight_nchw(to_numpy(module.weight.data))
         inputs = [v.name, b.weight(f"{scope}.weight", w)]
         if module.bias is not None:
             inputs.append(b.weight(f"{scope}.bias", to_numpy(module.bias.data)))
@@ -252,7 +253,7 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
                              strides=list(module.stride), dilations=list(module.dilation),
                              pads=_pads(*module.pads), group=module.groups), out)
     if isinstance(module, ConvTranspose2D):
-        w = np.transpose(to_numpy(module.weight.data), (2, 3, 0, 1))
+        w = swap_kernel_axes(to_numpy(module.weight.data))
         inputs = [v.name, b.weight(f"{scope}.weight", w)]
         if module.bias is not None:
             inputs.append(b.weight(f"{scope}.bias", to_numpy(module.bias.data)))
@@ -381,7 +382,7 @@ def _dense(b: _Builder, module: Dense, v: _Value, out: np.ndarray, scope: str) -
     w = to_numpy(module.weight.data)
     if v.chw is not None:  # rows (h, w, c) -> (c, h, w), as the graph flattened NCHW
         c, hw = v.chw
-        w = np.transpose(np.reshape(w, (hw, c, -1)), (1, 0, 2)).reshape(c * hw, -1)
+        w = flat_rows_nchw(w, hw, c)
     inputs = [v.name, b.weight(f"{scope}.weight", w)]
     if module.bias is not None:
         inputs.append(b.weight(f"{scope}.bias", to_numpy(module.bias.data)))
