@@ -331,11 +331,13 @@ def to_numpy(x: Any) -> np.ndarray:
     return host
 
 
+@functools.cache
 def writes_in_place(xp: Any) -> bool:
     """Whether in-place operators (``a -= b``, ``a[i] = v``) change the arrays of namespace
     ``xp`` (NumPy, CuPy, torch, array-api-strict), or only rebind the name to a new array (JAX,
     dask: there an in-place update would silently do nothing). Unknown namespaces are probed
-    once: an alias of a zero array is incremented and the original read back."""
+    once: an alias of a zero array is incremented and the original read back. Cached per
+    namespace (the optimizers ask once per parameter and step)."""
     c = array_api_compat
     if c.is_jax_namespace(xp) or c.is_dask_namespace(xp):
         return False
@@ -345,7 +347,6 @@ def writes_in_place(xp: Any) -> bool:
     return _probe_in_place(xp)
 
 
-@functools.cache
 def _probe_in_place(xp: Any) -> bool:
     try:
         a = xp.zeros(1)

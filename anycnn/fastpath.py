@@ -33,6 +33,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .backend import require_in_place
+
 #: below this many output elements the unsplit kernel is used (thread hand-off costs ~20 us)
 MIN_PARALLEL_SIZE = 1 << 18
 
@@ -391,8 +393,6 @@ def update_rows(xp: Any, update: Callable[..., None], *arrays: Any) -> None:
     Raises:
         BackendError: ``xp``'s arrays are immutable (JAX, dask): the update would do nothing.
     """
-    from .backend import require_in_place
-
     require_in_place(xp, "fastpath.update_rows")
     shape = arrays[0].shape
     threads = _parallel(xp, math.prod(shape), shape[0] if shape else 1)

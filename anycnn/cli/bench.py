@@ -234,6 +234,7 @@ def _dp_worker(cfg: dict) -> dict | None:
     import anycnn
     from anycnn import fastpath
     from anycnn.backend import synchronize
+    from anycnn.data.dataloader import share_of
     from anycnn.dist import get_communicator, install_abort_hook
     from anycnn.train.parallel import TRAILER, DataParallel
     from anycnn.train.trainer import Trainer
@@ -245,7 +246,7 @@ def _dp_worker(cfg: dict) -> dict | None:
     backend = anycnn.get_backend()
     model, images, labels = _model_and_batch(cfg)  # the same weights on every rank
     b = cfg["batch"]
-    start, stop = b * comm.rank // comm.size, b * (comm.rank + 1) // comm.size  # DataLoader.share
+    start, stop = share_of(b, comm.rank, comm.size)
     x, y = anycnn.asarray(images[start:stop]), anycnn.asarray(labels[start:stop])
     opt = anycnn.optim.optimizers.SGD(model.parameters(), lr=0.01, momentum=0.9)
     trainer = Trainer(model, opt, progress=False, comm=comm)

@@ -49,6 +49,12 @@ from .datasets import ArrayDataset
 _FLOAT_DTYPES = ("float32", "float64")
 
 
+def share_of(n: int, rank: int, size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous share of ``n`` examples split over
+    ``size`` ranks: ``[n*rank//size, n*(rank+1)//size)`` (shares differ by at most one)."""
+    return n * rank // size, n * (rank + 1) // size
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         bound = "a positive" if minimum == 1 else "a non-negative"
@@ -125,10 +131,7 @@ class DataLoader:
 
     def share(self, n: int) -> tuple[int, int]:
         """``(start, stop)``: this loader's share of a global batch of ``n`` examples."""
-        if self.shard is None:
-            return 0, n
-        rank, size = self.shard
-        return n * rank // size, n * (rank + 1) // size
+        return (0, n) if self.shard is None else share_of(n, *self.shard)
 
     def __len__(self) -> int:
         n = len(self.dataset)

@@ -179,10 +179,9 @@ class DataParallel:
                 start += size
         return StepTotals(loss_sum, correct, round(count), flag > 0)
 
-    def agree_stop(self, stop: bool, dtype: str = "float64") -> bool:
+    def agree_stop(self, stop: bool) -> bool:
         """True on every rank when any rank asks to stop (between epochs)."""
-        flag = np.asarray([1.0 if stop else 0.0], dtype=dtype)
-        return bool(to_numpy(self.comm.allreduce_(flag))[0] > 0)
+        return self.reduce_sums([1.0 if stop else 0.0])[0] > 0
 
     # -- epoch end -----------------------------------------------------------------------
     def average_buffers(self, model: Module) -> None:

@@ -324,13 +324,13 @@ class Trainer:
         target = Path(path) if path else self.checkpoint_path
         if target is None:
             raise ConfigError("no checkpoint path given")
-        loss, correct, seen = self._partial.host()
         if self._parallel is not None:
             self._parallel.average_buffers(self.model)
             if self.comm.rank != 0:  # rank 0 writes; everyone waits for the file
                 self.comm.barrier()
                 self.last_checkpoint = target
                 return target
+        loss, correct, seen = self._partial.host()
         config = self.config
         if self._preprocess is not None and "preprocess" not in config:
             config = {**config, "preprocess": self._preprocess}
