@@ -232,6 +232,15 @@ def _weights(path):
     return state.tensors, state
 
 
+def assert_same_weights(run_a, run_b) -> None:
+    """The two run folders' checkpoints hold the same weights, bit for bit."""
+    a, _ = _weights(run_a / "checkpoint.safetensors")
+    b, _ = _weights(run_b / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_cli_sigterm_then_resume_on_two_ranks_equals_an_uninterrupted_run(tmp_path):
     whole, _ = run_ranks(2, _train_args(tmp_path / "whole"), timeout=120, ANYCNN_NUM_THREADS="1")
     assert whole.returncode == 0, whole.stderr
@@ -265,10 +274,7 @@ def test_cli_sigterm_then_resume_on_two_ranks_equals_an_uninterrupted_run(tmp_pa
     resumed, _ = run_ranks(2, _train_args(tmp_path / "cut", "--resume"), timeout=120,
                            ANYCNN_NUM_THREADS="1")
     assert resumed.returncode == 0, resumed.stderr
-    got, _ = _weights(tmp_path / "cut" / "checkpoint.safetensors")
-    want, _ = _weights(tmp_path / "whole" / "checkpoint.safetensors")
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert_same_weights(tmp_path / "cut", tmp_path / "whole")
 
 
 def test_cli_two_rank_checkpoint_resumes_on_one_process(tmp_path):
@@ -292,10 +298,7 @@ def test_cli_workers_option_equals_mpiexec(tmp_path):
                        env=child_env(ANYCNN_NUM_THREADS="1"))
     assert b.returncode == 0, b.stderr
     assert b.stdout.count("final validation accuracy") == 1  # rank 0 alone prints
-    wa, _ = _weights(tmp_path / "a" / "checkpoint.safetensors")
-    wb, _ = _weights(tmp_path / "b" / "checkpoint.safetensors")
-    for name in wa:
-        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
 def test_cli_errors_are_one_line_on_several_ranks(tmp_path):
