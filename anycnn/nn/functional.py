@@ -18,7 +18,7 @@ import array_api_extra as xpx
 import numpy as np
 from array_api_compat import device
 
-from .. import fastpath
+from .. import fastpath, native
 from ..backend import namespace_of, to_numpy
 from .geometry import (
     Pair,
@@ -221,6 +221,9 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     kh, kw, _, cout = weight.shape
     win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
     xp = namespace_of(x, weight, bias)
+    if native.applies(x, weight, stride, win.pads, dilation, groups):
+        y = native.conv2d(native.padded(x, win.pads), weight, bias, stride, win.out)
+        return y, ConvCtx(x, win, groups)
 
     def chunk(a: int, b: int):
         y = conv2d_rows(x[a:b, ...], weight, win, groups)
@@ -459,6 +462,11 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     xp = namespace_of(dy, weight)
     ctx = consume(ctx)
     n = ctx.x.shape[0]
+    win = ctx.win
+    if (win.pool_order is None and not win.kernel_first
+            and native.applies(ctx.x, weight, win.stride, win.pads, win.dilation, ctx.groups)):
+        return _conv_backward_native(xp.reshape(dy, (n, *win.out, weight.shape[-1])), ctx.x,
+                                     weight, win, need_input_grad, bias_grad)
     d = xp.reshape(dy, (n, ctx.win.positions, weight.shape[-1]))
 
     shifted = fastpath.enabled(xp) and _shifted_weight_grad_applies(ctx.win, weight, ctx.groups)
@@ -473,6 +481,18 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     return fastpath.map_batch(xp, n, conv_chunk_bytes(ctx.win, weight, ctx.groups), chunk,
                               ("cat", "sum", "sum"),
                               COL2IM_CHUNK_BYTES if need_input_grad else None)
+
+
+def _conv_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_input_grad: bool,
+                          bias_grad: bool):
+    """:func:`conv2d_backward` by the compiled kernels (:mod:`anycnn.native`) for NHWC ``dy``
+    (N, Ho, Wo, C_out) and the saved input ``x``."""
+    dweight = native.conv2d_weight_grad(native.padded(x, win.pads), dy, win.kernel,
+                                        win.stride)
+    dbias = column_sums(np.reshape(dy, (-1, dy.shape[3]))) if bias_grad else None
+    dx = (native.conv2d_input_grad(dy, weight, win.stride, win.pads, win.in_hw)
+          if need_input_grad else None)
+    return dx, dweight, dbias
 
 
 #: the NumPy weight gradient by shifted GEMMs (no im2col) is used up to this C_in*C_out:
