@@ -12,8 +12,8 @@ by output channels in vector registers, reading the NHWC input and the weights i
 - :func:`conv2d_weight_grad` — ``(kh, kw, C_in, C_out)`` weight gradient, summed over images in
   cache-sized groups on all threads, then over the groups in a fixed order.
 
-They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
-(``pip install 'anycnn[fast]'``), unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or
+They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed (a
+dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on), unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or
 ``ANYCNN_NATIVE=0`` (only these kernels off). Results equal the portable path's up to rounding
 (the sums run in another order); tests compare the two. Each kernel shape is compiled once per
 process (about 0.1-0.8 s) and kept.
@@ -55,6 +55,18 @@ def available(xp: Any, dtype: Any = None) -> bool:
     return dtype is None or np.dtype(dtype) in _LANES
 
 
+def describe() -> str:
+    """One line for ``anycnn info``: whether the compiled kernels are on, and why not."""
+    if os.environ.get("ANYCNN_FASTPATH", "1") == "0":
+        return "off (ANYCNN_FASTPATH=0)"
+    if os.environ.get("ANYCNN_NATIVE", "1") == "0":
+        return "off (ANYCNN_NATIVE=0)"
+    spec = importlib.util.find_spec("halide")
+    if spec is None:
+        return "off (halide is not installed: pip install halide)"
+    return f"on (halide, {fastpath.num_threads()} threads)"
+
+
 def applies(x: Any, weight: Any, stride: tuple[int, int], pads: tuple[int, int, int, int],
             dilation: tuple[int, int], groups: int) -> bool:
     """Whether these kernels compute this convolution, forward and backward: NumPy arrays of
@@ -91,56 +103,79 @@ def _divisor_tile(size: int, most: int) -> int:
     return next(t for t in range(min(most, size), 0, -1) if size % t == 0)
 
 
+def _spread_padded(hl, inp, spread: int, top, left):
+    """The Func of ``inp`` (c, x, y, n) spread out ``spread - 1`` zeros apart in x and y and
+    shifted by (left, top), zero outside: the padded input of a convolution (spread 1) or the
+    output gradient as its input gradient's convolution reads it (spread = stride)."""
+    c, x, y, n = (hl.Var(v) for v in ("c", "x", "y", "n"))
+    xs, ys = x - left, y - top
+    w, h = inp.dim(1).extent(), inp.dim(2).extent()
+    inside = (xs >= 0) & (ys >= 0) & (xs < w * spread) & (ys < h * spread)
+    if spread > 1:
+        inside = inside & (xs % spread == 0) & (ys % spread == 0)
+    value = inp[c, hl.clamp(xs // spread, 0, w - 1), hl.clamp(ys // spread, 0, h - 1), n]
+    grid = hl.Func("grid")
+    grid[c, x, y, n] = hl.select(inside, value, hl.cast(value.type(), 0))
+    return grid, c
+
+
+#: output rows of one image per task of the forward kernel
+ROWS_PER_TASK = 8
+
+
 @functools.cache
 def _forward_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
-                      pixel_tile: int):
-    """out[co, x, y, n] = bias[co] + sum_{ci, i, j} inp[ci, x*s + j, y*s + i, n] * w[co, ci, j, i]
-    (Halide's axes are NumPy's reversed), tiles of ``pixel_tile`` pixels by ``channel_tile``
-    channels accumulated in registers, rows of images shared between the threads."""
+                      pixel_tile: int, spread: int):
+    """out[co, x, y, n] = bias[co] + sum_{ci, i, j} grid[ci, x*s + j, y*s + i, n] * w[co, ci, j, i]
+    (Halide's axes are NumPy's reversed; ``grid`` is :func:`_spread_padded` of the input):
+    tiles of ``pixel_tile`` pixels by ``channel_tile`` channels accumulated in registers; a
+    task is :data:`ROWS_PER_TASK` rows of one image, which pads its own input rows."""
     hl = _halide()
     t = hl.Float(8 * dtype.itemsize)
     inp = hl.ImageParam(t, 4, "inp")
     wt = hl.ImageParam(t, 4, "wt")
     bias = hl.ImageParam(t, 1, "bias")
-    stride = hl.Param(hl.Int(32), "stride")
+    stride, top, left = (hl.Param(hl.Int(32), v) for v in ("stride", "top", "left"))
+    grid, gc = _spread_padded(hl, inp, spread, top, left)
     co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
     r = hl.RDom([hl.Range(0, wt.dim(1).extent()), hl.Range(0, wt.dim(2).extent()),
                  hl.Range(0, wt.dim(3).extent())])
     acc = hl.Func("acc")
     acc[co, x, y, n] = bias[co]
-    acc[co, x, y, n] += inp[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
+    acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
     out = hl.Func("out")
     out[co, x, y, n] = acc[co, x, y, n]
 
-    xo, xi, coo, coi, row, rows = (hl.Var(v) for v in ("xo", "xi", "coo", "coi", "row", "rows"))
-    cu, cv = hl.Var("cu"), hl.Var("cv")
+    xo, xi, yo, yi, coo, coi, task, cu, cv = (
+        hl.Var(v) for v in ("xo", "xi", "yo", "yi", "coo", "coi", "task", "cu", "cv"))
     tail = hl.TailStrategy.GuardWithIf if guard else hl.TailStrategy.Auto
     out.split(co, coo, coi, channel_tile, tail).split(x, xo, xi, pixel_tile)
-    out.reorder(coi, xi, coo, xo, y, n).fuse(y, n, row)
-    out.split(row, rows, row, 4, hl.TailStrategy.GuardWithIf)
-    out.vectorize(coi, lanes).unroll(xi).parallel(rows)
+    out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
+    out.reorder(coi, xi, coo, xo, yi, yo, n).fuse(yo, n, task)
+    out.vectorize(coi, lanes).unroll(xi).parallel(task)
+    grid.compute_at(out, task).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
     acc.compute_at(out, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, x)
     acc.vectorize(cv).unroll(cu).unroll(x)
     acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, x, r.x, r.y, r.z)
     acc.update().vectorize(cv).unroll(cu).unroll(x)
     out.compile_jit(hl.get_host_target())
-    return out, inp, wt, bias, stride
+    return out, inp, wt, bias, stride, top, left
 
 
 @functools.cache
 def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
                           in_tile: int):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter) and
-    output pixels of inp[ci, x*s + j, y*s + i, n] * dy[co, x, y, n]: tiles of ``in_tile`` input
-    channels by ``channel_tile`` output channels accumulated in registers, one group of images
-    per task."""
+    output pixels of inp[ci, x*s + j, y*s + i, n] * dy[co, x, y, n] (``inp`` padded): tiles
+    of ``in_tile`` input channels by ``channel_tile`` output channels accumulated in
+    registers; a task is one group of images. (Padding inside the pipeline, as the forward
+    kernel does, measured 1.6-2.8x slower here.)"""
     hl = _halide()
     t = hl.Float(8 * dtype.itemsize)
     inp = hl.ImageParam(t, 4, "inp")
     dy = hl.ImageParam(t, 4, "dy")
-    stride = hl.Param(hl.Int(32), "stride")
+    stride, images = hl.Param(hl.Int(32), "stride"), hl.Param(hl.Int(32), "images")
     co, ci, j, i, g = (hl.Var(v) for v in ("co", "ci", "j", "i", "g"))
-    images = hl.Param(hl.Int(32), "images")
     r = hl.RDom([hl.Range(0, dy.dim(1).extent()), hl.Range(0, dy.dim(2).extent()),
                  hl.Range(0, images)])
     acc = hl.Func("acc")
@@ -163,88 +198,84 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     return part, inp, dy, stride, images
 
 
-def padded(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
-    """NHWC ``x`` with zeros around H and W by (top, bottom, left, right) (``x`` if none)."""
-    return fastpath.pad_hw(np, x, pads, 0.0) if any(pads) else x
-
-
-def conv2d(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-           stride: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
-    """Convolution of the padded NHWC input ``(N, Hp, Wp, C_in)`` with ``weight``
-    ``(kh, kw, C_in, C_out)`` plus ``bias`` ``(C_out,)`` (None: zero), at ``stride`` (equal in
-    both axes): ``(N, Ho, Wo, C_out)`` for ``out_hw = (Ho, Wo)``."""
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int,
+           pads: tuple[int, int, int, int], out_hw: tuple[int, int],
+           spread: int = 1) -> np.ndarray:
+    """Convolution of NHWC ``x`` ``(N, H, W, C_in)`` with ``weight`` ``(kh, kw, C_in, C_out)``
+    plus ``bias`` ``(C_out,)`` (None: zero) at ``stride``, ``x`` zero-padded by ``pads`` (top,
+    bottom, left, right; the bottom and right ones follow from ``out_hw``) and, for ``spread``
+    above 1, spread out with ``spread - 1`` zeros between its pixels first:
+    ``(N, Ho, Wo, C_out)`` for ``out_hw = (Ho, Wo)``."""
     hl = _halide()
-    n, cout = padded.shape[0], weight.shape[3]
-    if stride[0] != stride[1]:
-        raise ValueError(f"native conv2d needs one stride for both axes, got {stride}")
-    tile, lanes, guard = _tiles(padded.dtype, cout)
-    pixels = min(8 if tile > lanes else 12, out_hw[1])
-    out, inp, wt, b, s = _forward_pipeline(padded.dtype, tile, lanes, guard, pixels)
+    n, cout = x.shape[0], weight.shape[3]
+    tile, lanes, guard = _tiles(x.dtype, cout)
+    pixels = min(8, out_hw[1])  # measured best of 4-14 for 16, 32 and 64 channels
+    out, inp, wt, b, s, top, left = _forward_pipeline(x.dtype, tile, lanes, guard, pixels,
+                                                      spread)
     if bias is None:
-        bias = np.zeros(cout, dtype=padded.dtype)
-    y = np.empty((n, *out_hw, cout), dtype=padded.dtype)
+        bias = np.zeros(cout, dtype=x.dtype)
+    y = np.empty((n, *out_hw, cout), dtype=x.dtype)
     with _lock:
-        inp.set(hl.Buffer(np.ascontiguousarray(padded)))
+        inp.set(hl.Buffer(np.ascontiguousarray(x)))
         wt.set(hl.Buffer(np.ascontiguousarray(weight)))
-        b.set(hl.Buffer(np.ascontiguousarray(bias, dtype=padded.dtype)))
-        s.set(int(stride[0]))
+        b.set(hl.Buffer(np.ascontiguousarray(bias, dtype=x.dtype)))
+        s.set(int(stride))
+        top.set(int(pads[0]))
+        left.set(int(pads[2]))
         out.realize(hl.Buffer(y))
     return y
 
 
-def conv2d_weight_grad(padded: np.ndarray, dy: np.ndarray, kernel: tuple[int, int],
-                       stride: tuple[int, int]) -> np.ndarray:
-    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its padded input
-    ``(N, Hp, Wp, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)``."""
-    hl = _halide()
-    n, cin, cout = padded.shape[0], padded.shape[3], dy.shape[3]
-    tile, lanes, guard = _tiles(padded.dtype, cout)
-    pipeline = _weight_grad_pipeline(padded.dtype, tile, lanes, guard, _divisor_tile(cin, 8))
+def input_grad_applies(weight: np.ndarray) -> bool:
+    """Whether :func:`conv2d_input_grad` suits this weight: its C_in (the gradient's channels)
+    fills whole vectors. With one or three channels (a first layer) most lanes would idle, and
+    the im2col path is far faster (measured 300 ms against 2 for 1 channel)."""
+    return weight.shape[2] % _LANES[weight.dtype] == 0
+
+
+def conv2d_input_grad(dy: np.ndarray, weight: np.ndarray, stride: int,
+                      pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
+    """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d` (``spread`` 1) with ``weight``
+    ``(kh, kw, C_in, C_out)``, ``stride`` and ``pads`` (each below the kernel size), for its
+    output gradient ``dy`` ``(N, Ho, Wo, C_out)``.
+
+    It is :func:`conv2d` at stride 1 of ``dy`` spread out by the stride and padded by
+    ``k - 1 - pad``, with the kernel flipped in space and its channel axes swapped. At stride
+    2, three quarters of the multiply-adds are with zeros; still faster than a column gradient
+    and its scatter, and stride-2 layers are few."""
+    kh, kw = weight.shape[:2]
+    flipped = np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
+    return conv2d(dy, flipped, None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw,
+                  spread=stride)
+
+
+def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: tuple[int, int], stride: int,
+                       pads: tuple[int, int, int, int]) -> np.ndarray:
+    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` (``spread`` 1) for its input
+    ``x`` ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)``: a part per
+    group of :data:`WEIGHT_GRAD_IMAGES` images, summed in order."""
+    n, cin, cout = x.shape[0], x.shape[3], dy.shape[3]
+    tile, lanes, guard = _tiles(x.dtype, cout)
+    pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, _divisor_tile(cin, 8))
     per = WEIGHT_GRAD_IMAGES
     full = n // per * per
-    parts = [_weight_grad_parts(pipeline, padded[:full], dy[:full], kernel, stride, per)
-             if full else None,
-             _weight_grad_parts(pipeline, padded[full:], dy[full:], kernel, stride, n - full)
-             if full < n else None]
-    return np.concatenate([p for p in parts if p is not None]).sum(axis=0)
+    x = fastpath.pad_hw(np, x, pads, 0.0) if any(pads) else x
+    parts = [_weight_grad_parts(pipeline, x[a:b], dy[a:b], kernel, stride, size)
+             for a, b, size in ((0, full, per), (full, n, n - full)) if b > a]
+    return np.concatenate(parts).sum(axis=0)
 
 
 def _weight_grad_parts(pipeline, padded: np.ndarray, dy: np.ndarray, kernel: tuple[int, int],
-                       stride: tuple[int, int], per: int) -> np.ndarray:
+                       stride: int, per: int) -> np.ndarray:
     """The pipeline's parts ``(n/per, kh, kw, C_in, C_out)`` for ``per`` images each."""
     hl = _halide()
     part, inp, d, s, images = pipeline
-    parts = np.empty((padded.shape[0] // per, *kernel, padded.shape[3], dy.shape[3]),
-                     dtype=padded.dtype)
+    x = padded
+    parts = np.empty((x.shape[0] // per, *kernel, x.shape[3], dy.shape[3]), dtype=x.dtype)
     with _lock:
-        inp.set(hl.Buffer(np.ascontiguousarray(padded)))
+        inp.set(hl.Buffer(np.ascontiguousarray(x)))
         d.set(hl.Buffer(np.ascontiguousarray(dy)))
-        s.set(int(stride[0]))
+        s.set(int(stride))
         images.set(per)
         part.realize(hl.Buffer(parts))
     return parts
-
-
-def conv2d_input_grad(dy: np.ndarray, weight: np.ndarray, stride: tuple[int, int],
-                      pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
-    """Input gradient ``(N, H, W, C_in)`` of a convolution with ``weight``
-    ``(kh, kw, C_in, C_out)``, ``stride`` and ``pads`` (top, bottom, left, right; each below the
-    kernel size), for its output gradient ``dy`` ``(N, Ho, Wo, C_out)``.
-
-    ``dy`` spread onto a grid with ``stride - 1`` zeros between its pixels (stride 1: as is),
-    padded by ``k - 1 - pad`` before and by what makes the output ``in_hw`` after, convolved at
-    stride 1 with the kernel flipped in space and its channel axes swapped. At stride 2 three
-    quarters of the multiply-adds are with zeros; still faster than a column gradient and its
-    scatter (measured), and stride-2 layers are few."""
-    n, ho, wo, cout = dy.shape
-    kh, kw, cin, _ = weight.shape
-    s = stride[0]
-    top, left = kh - 1 - pads[0], kw - 1 - pads[2]
-    hg, wg = in_hw[0] + kh - 1, in_hw[1] + kw - 1
-    if s == 1:
-        grid = fastpath.pad_hw(np, dy, (top, hg - top - ho, left, wg - left - wo), 0.0)
-    else:  # the last pixel lands at top + s*(ho - 1) <= H + pad_bottom - 1 < hg: all fit
-        grid = np.zeros((n, hg, wg, cout), dtype=dy.dtype)
-        grid[:, top:top + s * (ho - 1) + 1:s, left:left + s * (wo - 1) + 1:s] = dy
-    flipped = np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
-    return conv2d(grid, flipped, None, (1, 1), in_hw)

@@ -655,6 +655,9 @@ def cmd_info(args) -> int:
         mark = "yes" if row["ok"] else "no "
         detail = f"{row['version']} on {row['device']}" if row["ok"] else row["detail"]
         print(f"  {mark} {row['name']:<17} {detail}")
+    from .. import native
+
+    print(f"compiled NumPy convolution kernels: {native.describe()}")
     return 0 if chosen is not None else EXIT_USAGE
 
 

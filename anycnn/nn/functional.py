@@ -222,7 +222,7 @@ def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation:
     win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
     xp = namespace_of(x, weight, bias)
     if native.applies(x, weight, stride, win.pads, dilation, groups):
-        y = native.conv2d(native.padded(x, win.pads), weight, bias, stride, win.out)
+        y = native.conv2d(x, weight, bias, stride[0], win.pads, win.out)
         return y, ConvCtx(x, win, groups)
 
     def chunk(a: int, b: int):
@@ -487,11 +487,13 @@ def _conv_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_input
                           bias_grad: bool):
     """:func:`conv2d_backward` by the compiled kernels (:mod:`anycnn.native`) for NHWC ``dy``
     (N, Ho, Wo, C_out) and the saved input ``x``."""
-    dweight = native.conv2d_weight_grad(native.padded(x, win.pads), dy, win.kernel,
-                                        win.stride)
+    dweight = native.conv2d_weight_grad(x, dy, win.kernel, win.stride[0], win.pads)
     dbias = column_sums(np.reshape(dy, (-1, dy.shape[3]))) if bias_grad else None
-    dx = (native.conv2d_input_grad(dy, weight, win.stride, win.pads, win.in_hw)
-          if need_input_grad else None)
+    dx = None
+    if need_input_grad and native.input_grad_applies(weight):
+        dx = native.conv2d_input_grad(dy, weight, win.stride[0], win.pads, win.in_hw)
+    elif need_input_grad:
+        dx = conv_input_grad(np.reshape(dy, (dy.shape[0], win.positions, -1)), weight, win)
     return dx, dweight, dbias
 
 

@@ -1,0 +1,130 @@
+"""The compiled convolution kernels (``anycnn.native``) agree with the portable im2col path
+within rounding, forward and backward, over kernel sizes, strides, asymmetric padding, channel
+counts that do and do not fill a vector, both float dtypes and odd batch sizes; and they can be
+turned off (``ANYCNN_NATIVE=0``, ``ANYCNN_FASTPATH=0``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anycnn import fastpath, native
+from anycnn.nn import functional as F
+from tests.rounding import assert_rounding_close
+
+HAVE_HALIDE = importlib.util.find_spec("halide") is not None
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    if not HAVE_HALIDE:
+        pytest.skip("halide is not installed")
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+
+
+def _conv(x, w, b, stride, pads, dy, input_grad=True):
+    y, ctx = F.conv2d_forward(x, w, b, stride, pads, (1, 1))
+    dx, dw, db = F.conv2d_backward(dy, ctx, w, input_grad)
+    return y, dx, dw, db
+
+
+CASES = [
+    # (n, h, w, c_in, c_out, kernel, stride, pads)
+    (3, 9, 9, 16, 16, 3, 1, (1, 1, 1, 1)),        # 'same', one vector of channels
+    (2, 8, 10, 32, 64, 3, 1, (1, 1, 1, 1)),       # two vectors per tile, non-square
+    (5, 11, 11, 16, 32, 3, 2, (1, 1, 1, 1)),      # stride 2 (input gradient from a spread grid)
+    (4, 8, 8, 16, 32, 1, 2, (0, 0, 0, 0)),        # 1x1 stride-2 shortcut
+    (1, 7, 6, 3, 10, 3, 1, (0, 0, 0, 0)),         # guarded channel tile, 'valid', batch 1
+    (2, 6, 9, 8, 24, 2, 1, (0, 1, 1, 0)),         # even kernel, asymmetric 'same' padding
+    (3, 13, 12, 16, 16, 5, 3, (2, 1, 0, 2)),      # kernel 5, stride 3, uneven padding
+    (2, 5, 5, 1, 32, 3, 1, (1, 1, 1, 1)),         # one input channel (first layer)
+]
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[3]}to{c[4]}k{c[5]}s{c[6]}" for c in CASES])
+def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
+    n, h, w, cin, cout, k, s, pads = case
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(k, k, cin, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    assert native.applies(x, wt, (s, s), pads, (1, 1), 1)
+    ho = (h + pads[0] + pads[1] - k) // s + 1
+    wo = (w + pads[2] + pads[3] - k) // s + 1
+    dy = rng.normal(size=(n, ho, wo, cout)).astype(dtype)
+
+    calls = []
+    realize = native.conv2d
+    monkeypatch.setattr(native, "conv2d", lambda *a, **kw: calls.append(1) or realize(*a, **kw))
+    fast = _conv(x, wt, b, (s, s), pads, dy)
+    assert calls, "the native kernel was not used"
+    monkeypatch.setattr(native, "ENABLED", False)
+    slow = _conv(x, wt, b, (s, s), pads, dy)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, slow):
+        assert_rounding_close(a, e, err_msg=name)
+    monkeypatch.setattr(native, "ENABLED", True)
+    for a, e in zip(fast, _conv(x, wt, b, (s, s), pads, dy)):  # repeatable
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.usefixtures("native_on")
+def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
+    """Batches that are, and are not, a multiple of the images per weight-gradient part."""
+    monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)
+    wt = rng.normal(size=(3, 3, 16, 16))
+    for n in (1, 3, 7):
+        x = rng.normal(size=(n, 6, 6, 16))
+        dy = rng.normal(size=(n, 6, 6, 16))
+        expected = np.einsum("nhwc,nhwd->cd",
+                             np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, 1:7, 2:8], dy)
+        got = native.conv2d_weight_grad(x, dy, (3, 3), 1, (1, 1, 1, 1))
+        assert_rounding_close(got[1, 2], expected)
+
+
+@pytest.mark.usefixtures("native_on")
+def test_not_used_where_it_does_not_apply(rng):
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+    assert native.applies(x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert not native.applies(x, w, (1, 1), (1, 1, 1, 1), (2, 2), 1)      # dilation
+    assert not native.applies(x, w[:, :, :2], (1, 1), (1, 1, 1, 1), (1, 1), 2)  # groups
+    assert not native.applies(x, w, (1, 2), (1, 1, 1, 1), (1, 1), 1)      # two strides
+    assert not native.applies(x, w, (1, 1), (3, 3, 3, 3), (1, 1), 1)      # pad >= kernel
+    assert not native.applies(x, w.astype(np.float64), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert not native.applies(x.astype(np.float16), w.astype(np.float16), (1, 1),
+                              (1, 1, 1, 1), (1, 1), 1)
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("env", ["ANYCNN_NATIVE", "ANYCNN_FASTPATH"])
+def test_environment_turns_the_kernels_off(env):
+    code = ("import numpy as np; from anycnn import native; "
+            "print(native.available(np), native.describe())")
+    out = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), env: "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False off"), out
+    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True on"), out
+
+
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("ANYCNN_NATIVE", "ANYCNN_FASTPATH")}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64", "arm64"),
+                    reason="halide is a dependency only where it has wheels")
+def test_installed_where_it_is_a_dependency(monkeypatch):
+    monkeypatch.delenv("ANYCNN_NATIVE", raising=False)
+    monkeypatch.delenv("ANYCNN_FASTPATH", raising=False)
+    monkeypatch.setattr(native, "ENABLED", None)  # read the environment and look again
+    monkeypatch.setattr(fastpath, "ENABLED", None)
+    assert HAVE_HALIDE and native.available(np, np.float32)
