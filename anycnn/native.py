@@ -5,18 +5,20 @@ skinny shapes (16-64 output channels) and the passes between them cost 2-3x what
 convolution costs. These kernels are direct convolutions: each computes a tile of output pixels
 by output channels in vector registers, reading the NHWC input and the weights in place.
 
-- :func:`conv2d` — forward ``(N, Ho, Wo, C_out)`` of a padded NHWC input (any kernel size and
-  stride, no dilation, no groups).
+- :func:`conv2d` — forward ``(N, Ho, Wo, C_out)`` of an NHWC input, padded inside the kernel
+  (any kernel size and stride, no dilation, no groups).
 - :func:`conv2d_input_grad` — the input gradient, as the same kernel over the output gradient
   (spread out by the stride, padded) with the kernel flipped and its channels swapped.
 - :func:`conv2d_weight_grad` — ``(kh, kw, C_in, C_out)`` weight gradient, summed over images in
   cache-sized groups on all threads, then over the groups in a fixed order.
 
-They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed (a
-dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on), unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or
-``ANYCNN_NATIVE=0`` (only these kernels off). Results equal the portable path's up to rounding
-(the sums run in another order); tests compare the two. Each kernel shape is compiled once per
-process (about 0.1-0.8 s) and kept.
+They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
+(a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
+unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or ``ANYCNN_NATIVE=0`` (only these
+kernels off). Results equal the portable path's up to rounding (the sums run in another
+order); ``tests/test_native.py`` compares the two. Each kernel shape is compiled once per
+process (0.1-0.8 s) and kept. The kernels run on Halide's own thread pool, sized to
+``ANYCNN_NUM_THREADS`` (or the usable CPUs) when it starts.
 """
 
 from __future__ import annotations

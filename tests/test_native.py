@@ -79,7 +79,6 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
 def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
     """Batches that are, and are not, a multiple of the images per weight-gradient part."""
     monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)
-    wt = rng.normal(size=(3, 3, 16, 16))
     for n in (1, 3, 7):
         x = rng.normal(size=(n, 6, 6, 16))
         dy = rng.normal(size=(n, 6, 6, 16))
