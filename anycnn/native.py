@@ -86,9 +86,29 @@ def applies(x: Any, weight: Any, stride: tuple[int, int], pads: tuple[int, int, 
 def _halide():
     import halide
 
-    # the thread pool is made at the first parallel run and reads this then
-    os.environ.setdefault("HL_NUM_THREADS", str(fastpath.num_threads()))
     return halide
+
+
+_pool_started = False
+
+
+def _realize(func, buffer) -> None:
+    """``func.realize(buffer)``; the first call sizes Halide's thread pool, which reads
+    ``HL_NUM_THREADS`` when it starts, to :func:`fastpath.num_threads` (unless the user set
+    it), without leaving the variable for child processes to inherit."""
+    global _pool_started
+    if _pool_started:
+        func.realize(buffer)
+        return
+    ours = "HL_NUM_THREADS" not in os.environ
+    if ours:
+        os.environ["HL_NUM_THREADS"] = str(fastpath.num_threads())
+    try:
+        func.realize(buffer)
+    finally:
+        if ours:
+            os.environ.pop("HL_NUM_THREADS", None)
+        _pool_started = True
 
 
 def _tiles(dtype: np.dtype, cout: int) -> tuple[int, int, bool]:
@@ -224,7 +244,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
         s.set(int(stride))
         top.set(int(pads[0]))
         left.set(int(pads[2]))
-        out.realize(hl.Buffer(y))
+        _realize(out, hl.Buffer(y))
     return y
 
 
@@ -279,5 +299,5 @@ def _weight_grad_parts(pipeline, padded: np.ndarray, dy: np.ndarray, kernel: tup
         d.set(hl.Buffer(np.ascontiguousarray(dy)))
         s.set(int(stride))
         images.set(per)
-        part.realize(hl.Buffer(parts))
+        _realize(part, hl.Buffer(parts))
     return parts
