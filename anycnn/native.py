@@ -234,13 +234,16 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
     pixels = min(8, out_hw[1])  # measured best of 4-14 for 16, 32 and 64 channels
     out, inp, wt, b, s, top, left = _forward_pipeline(x.dtype, tile, lanes, guard, pixels,
                                                       spread)
-    if bias is None:
-        bias = np.zeros(cout, dtype=x.dtype)
+    # a Buffer does not keep its array alive: hold the contiguous copies until the run ends
+    x = np.ascontiguousarray(x)
+    weight = np.ascontiguousarray(weight)
+    bias = (np.zeros(cout, dtype=x.dtype) if bias is None
+            else np.ascontiguousarray(bias, dtype=x.dtype))
     y = np.empty((n, *out_hw, cout), dtype=x.dtype)
     with _lock:
-        inp.set(hl.Buffer(np.ascontiguousarray(x)))
-        wt.set(hl.Buffer(np.ascontiguousarray(weight)))
-        b.set(hl.Buffer(np.ascontiguousarray(bias, dtype=x.dtype)))
+        inp.set(hl.Buffer(x))
+        wt.set(hl.Buffer(weight))
+        b.set(hl.Buffer(bias))
         s.set(int(stride))
         top.set(int(pads[0]))
         left.set(int(pads[2]))
@@ -292,11 +295,12 @@ def _weight_grad_parts(pipeline, padded: np.ndarray, dy: np.ndarray, kernel: tup
     """The pipeline's parts ``(n/per, kh, kw, C_in, C_out)`` for ``per`` images each."""
     hl = _halide()
     part, inp, d, s, images = pipeline
-    x = padded
+    # a Buffer does not keep its array alive: hold the contiguous copies until the run ends
+    x, dy = np.ascontiguousarray(padded), np.ascontiguousarray(dy)
     parts = np.empty((x.shape[0] // per, *kernel, x.shape[3], dy.shape[3]), dtype=x.dtype)
     with _lock:
-        inp.set(hl.Buffer(np.ascontiguousarray(x)))
-        d.set(hl.Buffer(np.ascontiguousarray(dy)))
+        inp.set(hl.Buffer(x))
+        d.set(hl.Buffer(dy))
         s.set(int(stride))
         images.set(per)
         _realize(part, hl.Buffer(parts))

@@ -127,3 +127,21 @@ def test_installed_where_it_is_a_dependency(monkeypatch):
     monkeypatch.setattr(native, "ENABLED", None)  # read the environment and look again
     monkeypatch.setattr(fastpath, "ENABLED", None)
     assert HAVE_HALIDE and native.available(np, np.float32)
+
+
+@pytest.mark.usefixtures("native_on")
+def test_strided_views_in_and_out(rng):
+    """Inputs and output gradients that are views (a Concat's channel slices) are read as the
+    values they show: the kernels get contiguous copies that live until they have run."""
+    whole = rng.normal(size=(4, 12, 12, 48)).astype(np.float32)
+    grads = rng.normal(size=(4, 12, 12, 48)).astype(np.float32)
+    x, dy = whole[..., 8:24], grads[..., 16:32]
+    assert not x.flags.c_contiguous and not dy.flags.c_contiguous
+    w = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    b = rng.normal(size=16).astype(np.float32)
+    for _ in range(3):  # freed temporaries get reused by the next allocations
+        fast = _conv(x, w, b, (1, 1), (1, 1, 1, 1), dy)
+        expected = _conv(np.ascontiguousarray(x), w, b, (1, 1), (1, 1, 1, 1),
+                         np.ascontiguousarray(dy))
+        for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, expected):
+            np.testing.assert_array_equal(a, e, err_msg=name)
