@@ -145,3 +145,43 @@ def test_strided_views_in_and_out(rng):
                          np.ascontiguousarray(dy))
         for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, expected):
             np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 9, 7, 16), (2, 5, 5, 32)])
+def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, relu, training,
+                                                      shape):
+    """The compiled BatchNorm passes (``anycnn.native_norm``, blocks of 50 rows: several
+    blocks and a remainder) against the NumPy fast path and the portable expressions."""
+    from anycnn import native_norm
+
+    monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
+    c = shape[-1]
+    x = rng.normal(1.5, 2.0, size=shape).astype(dtype)
+    gamma, beta = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.random(c).astype(dtype) + 0.5
+    dy = rng.normal(size=shape).astype(dtype)
+
+    def run():
+        y, ctx, m, v = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5,
+                                            relu=relu)
+        return (y, m, v, *F.batch_norm_backward(dy, ctx, gamma))
+
+    assert native_norm.applies(x.reshape(-1, c))
+    calls = []
+    sums = native_norm._block_sums
+    monkeypatch.setattr(native_norm, "_block_sums",
+                        lambda *a, **k: calls.append(1) or sums(*a, **k))
+    compiled = run()
+    assert calls, "the compiled BatchNorm passes were not used"
+    monkeypatch.setattr(native, "ENABLED", False)
+    numpy_fast = run()
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    portable = run()
+    for name, a, b, e in zip(("y", "mean", "var", "dx", "dgamma", "dbeta"), compiled,
+                             numpy_fast, portable):
+        assert_rounding_close(a, e, err_msg=name)
+        assert_rounding_close(b, e, err_msg=name)

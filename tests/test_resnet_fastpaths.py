@@ -8,9 +8,19 @@ import array_api_compat.numpy as npx
 import numpy as np
 import pytest
 
-from anycnn import fastpath
+from anycnn import fastpath, native
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """Every test twice: with the compiled kernels (:mod:`anycnn.native`, where halide is
+    installed) and with the NumPy fast paths alone."""
+    if request.param == "compiled" and not native.available(np):
+        pytest.skip("the compiled kernels are off here (anycnn info says why)")
+    monkeypatch.setattr(native, "ENABLED", request.param == "compiled")
+    return request.param
 
 
 @pytest.fixture

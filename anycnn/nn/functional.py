@@ -18,7 +18,7 @@ import array_api_extra as xpx
 import numpy as np
 from array_api_compat import device
 
-from .. import fastpath, native
+from .. import fastpath, native, native_norm
 from ..backend import namespace_of, to_numpy
 from .geometry import (
     Pair,
@@ -928,10 +928,11 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     xp = namespace_of(x, gamma, beta, running_mean, running_var)
     c = x.shape[-1]
     rows = xp.reshape(x, (-1, c))
+    compiled = native_norm.applies(rows)
     count = rows.shape[0]
     share = 1.0
     if training:
-        sums = fastpath.channel_sums(xp, rows)
+        sums = native_norm.sums(rows) if compiled else fastpath.channel_sums(xp, rows)
         if reduce is not None:
             local = count
             total = reduce(xp.concat([sums, xp.full((1,), float(count), dtype=x.dtype,
@@ -940,7 +941,10 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
             sums = total[:-1]
             share = local / count
         mean = sums / count
-        centred, squares = fastpath.centre_rows(xp, rows, mean)
+        if compiled:  # no centred copy: the normalising pass subtracts the mean itself
+            centred, squares = rows, native_norm.squared_deviations(rows, mean)
+        else:
+            centred, squares = fastpath.centre_rows(xp, rows, mean)
         if reduce is not None:
             squares = reduce(squares)
         var = squares / count
@@ -948,10 +952,14 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         running_mean = (1.0 - momentum) * running_mean + momentum * mean
         running_var = (1.0 - momentum) * running_var + momentum * unbiased
     else:
-        centred = rows - running_mean
+        mean = running_mean
+        centred = rows if compiled else rows - running_mean
         var = running_var
     inv_std = 1.0 / xp.sqrt(var + eps)
-    xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, relu)
+    if compiled:
+        xhat, y = native_norm.normalize(rows, mean, inv_std, gamma, beta, relu)
+    else:
+        xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, relu)
     ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if relu else None)
     return xp.reshape(y, x.shape), ctx, running_mean, running_var
 
@@ -969,17 +977,30 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
     xp = namespace_of(dy, gamma)
     c = dy.shape[-1]
     rows = xp.reshape(dy, (-1, c))
-    g, dbeta, dgamma = fastpath.norm_grad_sums(xp, rows, ctx.xhat, ctx.out)
+    compiled = native_norm.applies(rows) and native_norm.applies(ctx.xhat)
+    if compiled:  # the ReLU's gradient is applied inside both passes, never stored
+        g = None
+        dbeta, dgamma = native_norm.grad_sums(rows, ctx.out, ctx.xhat)
+    else:
+        g, dbeta, dgamma = fastpath.norm_grad_sums(xp, rows, ctx.xhat, ctx.out)
     scale = gamma * ctx.inv_std
     if not ctx.training:
+        if compiled:
+            zero = xp.zeros_like(scale)
+            return (xp.reshape(native_norm.input_grad(rows, ctx.out, ctx.xhat, scale, zero, zero),
+                               dy.shape), dgamma, dbeta)
         return xp.reshape(g * scale, dy.shape), dgamma, dbeta
     dsum, gsum = dbeta, dgamma
     if reduce is not None:
         w = ctx.share
         total = reduce(xp.concat([dbeta * w, dgamma * w]))
         dsum, gsum = total[:c] / w, total[c:] / w
-    dx = fastpath.norm_input_grad(xp, g, ctx.xhat, scale, dsum, gsum, ctx.count,
-                                  owned=ctx.out is not None)
+    if compiled:
+        dx = native_norm.input_grad(rows, ctx.out, ctx.xhat, scale, scale * dsum / ctx.count,
+                                    scale * gsum / ctx.count)
+    else:
+        dx = fastpath.norm_input_grad(xp, g, ctx.xhat, scale, dsum, gsum, ctx.count,
+                                      owned=ctx.out is not None)
     return xp.reshape(dx, dy.shape), dgamma, dbeta
 
 

@@ -1,0 +1,194 @@
+"""Compiled BatchNorm passes for NumPy rows ``(M, C)`` (Halide, compiled at first use).
+
+BatchNorm's NumPy fast path (:mod:`anycnn.fastpath`) runs each pass as a few NumPy calls per
+cache-sized chunk; these kernels do each pass in one sweep over the rows, a vector of channels
+at a time, the row blocks shared between the threads:
+
+- :func:`sums` — ``sum(rows, axis=0)``;
+- :func:`squared_deviations` — ``sum((rows - mean)**2, axis=0)`` (no centred copy);
+- :func:`normalize` — ``xhat = (rows - mean) * inv_std`` and ``y = xhat * gamma + beta``
+  (then ``max(y, 0)`` with ``relu``), both written in the same sweep;
+- :func:`grad_sums` — ``sum(g, axis=0)`` and ``sum(g * xhat, axis=0)`` for ``g = dy``, or
+  ``dy`` where the fused ReLU's output ``y`` is positive (``g`` is not stored);
+- :func:`input_grad` — ``g * k1 - (xhat * k3 + k2)``, the input gradient.
+
+Sums are float32 (or float64) within a block of :data:`BLOCK_ROWS` rows and float64 over the
+blocks, added in block order: repeatable, and within rounding of the NumPy path (tests compare
+them). They apply when :func:`applies` (NumPy, a float dtype, C a multiple of the vector
+lanes), under the switches of :mod:`anycnn.native`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from . import native
+
+#: rows per block (one task, one partial sum): 2048 rows of 16 float32 channels are 128 KiB
+BLOCK_ROWS = 2048
+
+
+def applies(rows: Any) -> bool:
+    """Whether these kernels compute BatchNorm's passes over ``rows`` (M, C)."""
+    return (isinstance(rows, np.ndarray) and rows.ndim == 2
+            and native.available(np, rows.dtype)
+            and rows.shape[1] % native._LANES[rows.dtype] == 0 and rows.shape[0] > 0)
+
+
+def _type(hl, dtype: np.dtype):
+    return hl.Float(8 * dtype.itemsize)
+
+
+@functools.cache
+def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int):
+    """part[c, b] = sum over rows r of block b (``block`` rows; rows past M count zero) of
+    ``a[c, r]``, or of
+    ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or a where ``y > 0``
+    (``relu``) (``product``)."""
+    hl = native._halide()
+    t = _type(hl, dtype)
+    lanes = native._LANES[dtype]
+    a = hl.ImageParam(t, 2, "a")
+    h = hl.ImageParam(t, 2, "h")
+    y = hl.ImageParam(t, 2, "y")
+    mean = hl.ImageParam(t, 1, "mean")
+    c, b = hl.Var("c"), hl.Var("b")
+    m = a.dim(1).extent()
+    r = hl.RDom([hl.Range(0, block)])
+    row = b * block + r.x
+    safe = hl.min(row, m - 1)
+    zero = hl.cast(t, 0)
+    value = a[c, safe]
+    if squares:
+        value = (value - mean[c]) * (value - mean[c])
+    if relu:
+        value = hl.select(y[c, safe] > zero, value, zero)
+    value = hl.select(row < m, value, zero)
+    acc = hl.Func("acc")
+    if product:
+        acc[c, b] = hl.Tuple([zero, zero])
+        acc[c, b] = hl.Tuple([acc[c, b][0] + value, acc[c, b][1] + value * h[c, safe]])
+    else:
+        acc[c, b] = zero
+        acc[c, b] = acc[c, b] + value
+    part = hl.Func("part")
+    part[c, b] = acc[c, b]
+    co, ci = hl.Var("co"), hl.Var("ci")
+    part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
+    acc.compute_at(part, co).vectorize(c, lanes)
+    acc.update().reorder(c, r.x).vectorize(c, lanes)
+    part.compile_jit(hl.get_host_target())
+    return part, a, h, y, mean
+
+
+@functools.cache
+def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
+    """``normalize``: out = (xhat, y) of rows a with per-channel p0 = mean, p1 = inv_std,
+    p2 = gamma, p3 = beta. ``input_grad``: out = g * p0 - (h * p2 + p1) with g = a, or a where
+    ``y > 0`` (``relu``), h = xhat."""
+    hl = native._halide()
+    t = _type(hl, dtype)
+    lanes = native._LANES[dtype]
+    a = hl.ImageParam(t, 2, "a")
+    h = hl.ImageParam(t, 2, "h")
+    y = hl.ImageParam(t, 2, "y")
+    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(4)]
+    c, m = hl.Var("c"), hl.Var("m")
+    zero = hl.cast(t, 0)
+    out = hl.Func("out")
+    if kind == "normalize":
+        xhat = (a[c, m] - p[0][c]) * p[1][c]
+        value = xhat * p[2][c] + p[3][c]
+        out[c, m] = hl.Tuple([xhat, hl.max(value, zero) if relu else value])
+    else:
+        g = hl.select(y[c, m] > zero, a[c, m], zero) if relu else a[c, m]
+        out[c, m] = g * p[0][c] - (h[c, m] * p[2][c] + p[1][c])
+    mo, mi, co, ci = hl.Var("mo"), hl.Var("mi"), hl.Var("co"), hl.Var("ci")
+    out.split(m, mo, mi, block, hl.TailStrategy.GuardWithIf)
+    out.split(c, co, ci, lanes).reorder(ci, co, mi, mo).vectorize(ci).parallel(mo)
+    out.compile_jit(hl.get_host_target())
+    return out, a, h, y, p
+
+
+def _buffers(hl, *arrays: np.ndarray) -> list:
+    return [hl.Buffer(x) for x in arrays]
+
+
+def _block_sums(dtype: np.dtype, rows: np.ndarray, squares: bool = False,
+                mean: np.ndarray | None = None, product_with: np.ndarray | None = None,
+                y: np.ndarray | None = None) -> np.ndarray:
+    """float64 sums over the row blocks of the ``_sums_pipeline`` parts: (C,), or (2, C)."""
+    hl = native._halide()
+    product = product_with is not None
+    part, a, h, yp, mp = _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS)
+    m, c = rows.shape
+    blocks = -(-m // BLOCK_ROWS)
+    # a Buffer does not keep its array alive: hold every operand until the run ends
+    rows = np.ascontiguousarray(rows)
+    other = np.ascontiguousarray(product_with) if product else rows
+    mask = np.ascontiguousarray(y) if y is not None else rows
+    centre = (np.ascontiguousarray(mean, dtype=dtype) if mean is not None
+              else np.zeros(c, dtype=dtype))
+    outs = [np.empty((blocks, c), dtype=dtype) for _ in range(2 if product else 1)]
+    with native._lock:
+        a.set(hl.Buffer(rows))
+        h.set(hl.Buffer(other))
+        yp.set(hl.Buffer(mask))
+        mp.set(hl.Buffer(centre))
+        native._realize(part, _buffers(hl, *outs) if product else hl.Buffer(outs[0]))
+    total = [o.astype(np.float64).sum(axis=0) for o in outs]
+    return np.stack(total) if product else total[0]
+
+
+def sums(rows: np.ndarray) -> np.ndarray:
+    """``sum(rows, axis=0)`` (C,) in ``rows``' dtype."""
+    return _block_sums(rows.dtype, rows).astype(rows.dtype)
+
+
+def squared_deviations(rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``sum((rows - mean)**2, axis=0)`` (C,)."""
+    return _block_sums(rows.dtype, rows, squares=True, mean=mean).astype(rows.dtype)
+
+
+def grad_sums(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray) -> tuple[Any, Any]:
+    """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``."""
+    total = _block_sums(dy.dtype, dy, product_with=xhat, y=y).astype(dy.dtype)
+    return total[0], total[1]
+
+
+def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray | None,
+                 params: list[Any], outs: list[np.ndarray], relu: bool) -> None:
+    hl = native._halide()
+    out, ap, hp, yp, pp = _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS)
+    a = np.ascontiguousarray(a)
+    h = np.ascontiguousarray(h) if h is not None else a
+    y = np.ascontiguousarray(y) if y is not None else a
+    params = [np.ascontiguousarray(v, dtype=a.dtype) for v in params]
+    params += [params[0]] * (4 - len(params))
+    with native._lock:
+        ap.set(hl.Buffer(a))
+        hp.set(hl.Buffer(h))
+        yp.set(hl.Buffer(y))
+        for param, value in zip(pp, params):
+            param.set(hl.Buffer(value))
+        native._realize(out, _buffers(hl, *outs) if len(outs) > 1 else hl.Buffer(outs[0]))
+
+
+def normalize(rows: np.ndarray, mean: Any, inv_std: Any, gamma: Any, beta: Any,
+              relu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(xhat, y)`` with ``xhat = (rows - mean) * inv_std``, ``y = xhat * gamma + beta`` (then
+    ``max(y, 0)`` with ``relu``)."""
+    xhat, y = np.empty_like(rows), np.empty_like(rows)
+    _elementwise("normalize", rows, None, None, [mean, inv_std, gamma, beta], [xhat, y], relu)
+    return xhat, y
+
+
+def input_grad(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray, k1: Any, k2: Any,
+               k3: Any) -> np.ndarray:
+    """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``y > 0``."""
+    dx = np.empty_like(dy)
+    _elementwise("input_grad", dy, xhat, y, [k1, k2, k3], [dx], y is not None)
+    return dx
