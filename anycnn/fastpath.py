@@ -447,11 +447,17 @@ def bias_relu(xp: Any, x: Any, bias: Any) -> Any:
     return _split(xp, out, kernel)
 
 
-def add_relu(xp: Any, x: Any, y: Any) -> Any:
+def add(xp: Any, x: Any, y: Any) -> Any:
+    """``x + y`` for same-shaped ``x`` and ``y`` (NumPy: large sums split over the threads)."""
+    return add_relu(xp, x, y, relu=False)
+
+
+def add_relu(xp: Any, x: Any, y: Any, relu: bool = True) -> Any:
     """``xp.maximum(x + y, 0.0)`` for same-shaped ``x`` and ``y`` (a residual sum and its ReLU;
-    NumPy: one new array, the ReLU applied in place while its rows are in cache)."""
-    if not enabled(xp):
-        return xp.maximum(x + y, 0.0)
+    NumPy: one new array, the ReLU applied in place while its rows are in cache; without it
+    when ``relu`` is False)."""
+    if not enabled(xp) or x.shape != y.shape:
+        return xp.maximum(x + y, 0.0) if relu else x + y
     out = np.empty(x.shape, dtype=np.result_type(x.dtype, y.dtype))
     rows = out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1, 1)
     xr, yr = x.reshape(rows.shape), y.reshape(rows.shape)
@@ -461,7 +467,8 @@ def add_relu(xp: Any, x: Any, y: Any) -> Any:
         for i in range(a, b, step):
             o = rows[i:min(i + step, b)]
             np.add(xr[i:i + o.shape[0]], yr[i:i + o.shape[0]], out=o)
-            np.maximum(o, 0.0, out=o)
+            if relu:
+                np.maximum(o, 0.0, out=o)
 
     _split(xp, rows, kernel)
     return out

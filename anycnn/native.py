@@ -179,7 +179,7 @@ def _forward_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: boo
     acc.compute_at(out, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, x)
     acc.vectorize(cv).unroll(cu).unroll(x)
     acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, x, r.x, r.y, r.z)
-    acc.update().vectorize(cv).unroll(cu).unroll(x)
+    acc.update().vectorize(cv).unroll(cu).unroll(x).unroll(r.x, 4)  # 4 input channels
     out.compile_jit(hl.get_host_target())
     return out, inp, wt, bias, stride, top, left
 
@@ -218,7 +218,7 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     acc.compute_at(part, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, ci)
     acc.vectorize(cv).unroll(cu).unroll(ci)
     acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, r.x, r.y, r.z)
-    acc.update().vectorize(cv).unroll(cu).unroll(ci)
+    acc.update().vectorize(cv).unroll(cu).unroll(ci).unroll(r.x, 4)  # 4 pixels a row
     part.compile_jit(hl.get_host_target())
     return part, inp, dy, stride, images, top, left
 

@@ -324,3 +324,17 @@ def test_training_steps_never_wake_the_blas_threads(tmp_path):
     blas, mine = map(float, out.stdout.split())
     assert mine > 0.05
     assert blas <= 0.02 + 0.05 * mine, (blas, mine)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(5, 7, 3, 4), (300, 70, 16)])
+def test_add_and_add_relu_match_the_expressions(threads, monkeypatch, rng, relu, shape):
+    """The residual sums (split over the threads, in chunks of rows) are exact: elementwise."""
+    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(fastpath, "CHANNEL_CHUNK", 64)
+    x = rng.normal(size=shape).astype(np.float32)
+    y = rng.normal(size=shape).astype(np.float32)
+    got = fastpath.add_relu(xp, x, y) if relu else fastpath.add(xp, x, y)
+    np.testing.assert_array_equal(got, np.maximum(x + y, 0.0) if relu else x + y)
+    # a broadcast operand takes the plain expression
+    np.testing.assert_array_equal(fastpath.add(xp, x, y[:1]), x + y[:1])

@@ -98,7 +98,7 @@ class Residual(Module):
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         dx = self.body.backward(dy, input_grad)
         ds = self.shortcut.backward(dy, input_grad)
-        return dx + ds if input_grad else None
+        return fastpath.add(namespace_of(dx, ds), dx, ds) if input_grad else None
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return _agreed_hw([self.body.output_hw(hw), self.shortcut.output_hw(hw)])
