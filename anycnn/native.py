@@ -1,5 +1,8 @@
 """Compiled convolution kernels for NumPy arrays (Halide, compiled at first use), behind the shim.
 
+(BatchNorm's passes are compiled the same way, in :mod:`anycnn.native_norm`, under the same
+switches.)
+
 The portable convolution is an im2col gather and one GEMM. On a CPU the gather, the GEMM's
 skinny shapes (16-64 output channels) and the passes between them cost 2-3x what a direct
 convolution costs. These kernels are direct convolutions: each computes a tile of output pixels

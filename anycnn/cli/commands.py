@@ -657,7 +657,7 @@ def cmd_info(args) -> int:
         print(f"  {mark} {row['name']:<17} {detail}")
     from .. import native
 
-    print(f"compiled NumPy convolution kernels: {native.describe()}")
+    print(f"compiled NumPy kernels (convolution, BatchNorm): {native.describe()}")
     return 0 if chosen is not None else EXIT_USAGE
 
 
