@@ -92,6 +92,14 @@ def _halide():
     return halide
 
 
+def operand(a: Any, dtype: Any = None) -> np.ndarray:
+    """``a`` as a kernel reads it: C-contiguous (and of ``dtype``), and writeable (a Halide
+    ``Buffer`` refuses read-only arrays: those are copied). The caller must hold the result
+    until the kernel has run: a ``Buffer`` does not keep its array alive."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 _pool_started = False
 
 
@@ -240,11 +248,8 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
     pixels = min(8, out_hw[1])  # measured best of 4-14 for 16, 32 and 64 channels
     out, inp, wt, b, s, top, left = _forward_pipeline(x.dtype, tile, lanes, guard, pixels,
                                                       spread)
-    # a Buffer does not keep its array alive: hold the contiguous copies until the run ends
-    x = np.ascontiguousarray(x)
-    weight = np.ascontiguousarray(weight)
-    bias = (np.zeros(cout, dtype=x.dtype) if bias is None
-            else np.ascontiguousarray(bias, dtype=x.dtype))
+    x, weight = operand(x), operand(weight)
+    bias = np.zeros(cout, dtype=x.dtype) if bias is None else operand(bias, x.dtype)
     y = np.empty((n, *out_hw, cout), dtype=x.dtype)
     with _lock:
         inp.set(hl.Buffer(x))
@@ -286,6 +291,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: tuple[int, int], s
     ``x`` ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)``: a part per
     group of :data:`WEIGHT_GRAD_IMAGES` images, summed in order."""
     n, cin, cout = x.shape[0], x.shape[3], dy.shape[3]
+    if n == 0:
+        return np.zeros((*kernel, cin, cout), dtype=x.dtype)
     tile, lanes, guard = _tiles(x.dtype, cout)
     pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, _divisor_tile(cin, 8))
     per = WEIGHT_GRAD_IMAGES
@@ -300,8 +307,7 @@ def _weight_grad_parts(pipeline, x: np.ndarray, dy: np.ndarray, kernel: tuple[in
     """The pipeline's parts ``(n/per, kh, kw, C_in, C_out)`` for ``per`` images each."""
     hl = _halide()
     part, inp, d, s, images, top, left = pipeline
-    # a Buffer does not keep its array alive: hold the contiguous copies until the run ends
-    x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    x, dy = operand(x), operand(dy)
     parts = np.empty((x.shape[0] // per, *kernel, x.shape[3], dy.shape[3]), dtype=x.dtype)
     with _lock:
         inp.set(hl.Buffer(x))

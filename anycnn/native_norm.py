@@ -126,12 +126,11 @@ def _block_sums(dtype: np.dtype, rows: np.ndarray, squares: bool = False,
     part, a, h, yp, mp = _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS)
     m, c = rows.shape
     blocks = -(-m // BLOCK_ROWS)
-    # a Buffer does not keep its array alive: hold every operand until the run ends
-    rows = np.ascontiguousarray(rows)
-    other = np.ascontiguousarray(product_with) if product else rows
-    mask = np.ascontiguousarray(y) if y is not None else rows
-    centre = (np.ascontiguousarray(mean, dtype=dtype) if mean is not None
-              else np.zeros(c, dtype=dtype))
+    # held until the run ends (native.operand)
+    rows = native.operand(rows)
+    other = native.operand(product_with) if product else rows
+    mask = native.operand(y) if y is not None else rows
+    centre = native.operand(mean, dtype) if mean is not None else np.zeros(c, dtype=dtype)
     outs = [np.empty((blocks, c), dtype=dtype) for _ in range(2 if product else 1)]
     with native._lock:
         a.set(hl.Buffer(rows))
@@ -163,10 +162,10 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
                  params: list[Any], outs: list[np.ndarray], relu: bool) -> None:
     hl = native._halide()
     out, ap, hp, yp, pp = _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS)
-    a = np.ascontiguousarray(a)
-    h = np.ascontiguousarray(h) if h is not None else a
-    y = np.ascontiguousarray(y) if y is not None else a
-    params = [np.ascontiguousarray(v, dtype=a.dtype) for v in params]
+    a = native.operand(a)  # each held until the run ends (native.operand)
+    h = native.operand(h) if h is not None else a
+    y = native.operand(y) if y is not None else a
+    params = [native.operand(v, a.dtype) for v in params]
     params += [params[0]] * (4 - len(params))
     with native._lock:
         ap.set(hl.Buffer(a))

@@ -185,3 +185,27 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
                              numpy_fast, portable):
         assert_rounding_close(a, e, err_msg=name)
         assert_rounding_close(b, e, err_msg=name)
+
+
+@pytest.mark.usefixtures("native_on")
+def test_read_only_and_empty_batches(rng):
+    """Read-only arrays (a memory-mapped dataset, a frozen weight) are read, not refused; an
+    empty batch gives empty outputs and zero weight gradients."""
+    from anycnn import native_norm
+
+    x = rng.normal(size=(2, 6, 6, 16)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    dy = rng.normal(size=(2, 6, 6, 16)).astype(np.float32)
+    expected = _conv(x, w, None, (1, 1), (1, 1, 1, 1), dy)
+    for a in (x, w, dy):
+        a.flags.writeable = False
+    for got, e in zip(_conv(x, w, None, (1, 1), (1, 1, 1, 1), dy), expected):
+        if e is not None:
+            np.testing.assert_array_equal(got, e)
+    rows = x.reshape(-1, 16)
+    np.testing.assert_array_equal(native_norm.sums(rows), native_norm.sums(rows.copy()))
+
+    empty = np.zeros((0, 6, 6, 16), np.float32)
+    y, dx, dw, db = _conv(empty, w, None, (1, 1), (1, 1, 1, 1), empty)
+    assert y.shape == dx.shape == (0, 6, 6, 16)
+    assert not dw.any() and dw.shape == w.shape and not db.any()
