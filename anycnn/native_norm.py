@@ -42,18 +42,21 @@ def _type(hl, dtype: np.dtype):
     return hl.Float(8 * dtype.itemsize)
 
 
+def _row_params(hl, t) -> tuple:
+    """The (c, m) row operands every pass may read: ``a`` (the rows), ``h`` (a second array:
+    the normalised input) and ``y`` (the fused ReLU's output, for its mask)."""
+    return hl.ImageParam(t, 2, "a"), hl.ImageParam(t, 2, "h"), hl.ImageParam(t, 2, "y")
+
+
 @functools.cache
 def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int):
     """part[c, b] = sum over rows r of block b (``block`` rows; rows past M count zero) of
-    ``a[c, r]``, or of
-    ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or a where ``y > 0``
-    (``relu``) (``product``)."""
+    ``a[c, r]``, or of ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or
+    a where ``y > 0`` (``relu``) (``product``)."""
     hl = native._halide()
     t = _type(hl, dtype)
     lanes = native._LANES[dtype]
-    a = hl.ImageParam(t, 2, "a")
-    h = hl.ImageParam(t, 2, "h")
-    y = hl.ImageParam(t, 2, "y")
+    a, h, y = _row_params(hl, t)
     mean = hl.ImageParam(t, 1, "mean")
     c, b = hl.Var("c"), hl.Var("b")
     m = a.dim(1).extent()
@@ -92,9 +95,7 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
     hl = native._halide()
     t = _type(hl, dtype)
     lanes = native._LANES[dtype]
-    a = hl.ImageParam(t, 2, "a")
-    h = hl.ImageParam(t, 2, "h")
-    y = hl.ImageParam(t, 2, "y")
+    a, h, y = _row_params(hl, t)
     p = [hl.ImageParam(t, 1, f"p{i}") for i in range(4)]
     c, m = hl.Var("c"), hl.Var("m")
     zero = hl.cast(t, 0)

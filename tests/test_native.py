@@ -17,6 +17,7 @@ import pytest
 from anycnn import fastpath, native
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
+from tests.test_resnet_fastpaths import batch_norm_run
 
 HAVE_HALIDE = importlib.util.find_spec("halide") is not None
 
@@ -159,18 +160,8 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
     from anycnn import native_norm
 
     monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
-    c = shape[-1]
-    x = rng.normal(1.5, 2.0, size=shape).astype(dtype)
-    gamma, beta = rng.normal(size=c).astype(dtype), rng.normal(size=c).astype(dtype)
-    rm, rv = rng.normal(size=c).astype(dtype), rng.random(c).astype(dtype) + 0.5
-    dy = rng.normal(size=shape).astype(dtype)
-
-    def run():
-        y, ctx, m, v = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5,
-                                            relu=relu)
-        return (y, m, v, *F.batch_norm_backward(dy, ctx, gamma))
-
-    assert native_norm.applies(x.reshape(-1, c))
+    run = batch_norm_run(rng, shape, dtype, training, relu)
+    assert native_norm.applies(np.zeros((1, shape[-1]), dtype))
     calls = []
     sums = native_norm._block_sums
     monkeypatch.setattr(native_norm, "_block_sums",

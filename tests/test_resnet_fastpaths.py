@@ -13,6 +13,24 @@ from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
 
 
+def batch_norm_run(rng, shape, dtype, training: bool, relu: bool):
+    """A function computing ``(y, running mean, running var, dx, dgamma, dbeta)`` of one
+    BatchNorm forward and backward on fixed random data (whichever paths are on)."""
+    c = shape[-1]
+    x = rng.normal(1.5, 2.0, size=shape).astype(dtype)
+    gamma = rng.normal(size=c).astype(dtype)
+    beta = rng.normal(size=c).astype(dtype)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.random(c).astype(dtype) + 0.5
+    dy = rng.normal(size=shape).astype(dtype)
+
+    def run():
+        y, ctx, m, v = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5,
+                                            relu=relu)
+        return (y, m, v, *F.batch_norm_backward(dy, ctx, gamma))
+
+    return run
+
+
 @pytest.fixture(autouse=True, params=["compiled", "numpy"])
 def kernels(request, monkeypatch):
     """Every test twice: with the compiled kernels (:mod:`anycnn.native`, where halide is
@@ -46,17 +64,7 @@ def _portable(monkeypatch, fn):
 def test_batch_norm_fast_path_matches_portable(split, monkeypatch, rng, dtype, relu, training,
                                                shape):
     monkeypatch.setattr(fastpath, "ENABLED", True)
-    c = shape[-1]
-    x = rng.normal(1.5, 2.0, size=shape).astype(dtype)
-    gamma = rng.normal(size=c).astype(dtype)
-    beta = rng.normal(size=c).astype(dtype)
-    rm, rv = rng.normal(size=c).astype(dtype), rng.random(c).astype(dtype) + 0.5
-    dy = rng.normal(size=shape).astype(dtype)
-
-    def run():
-        y, ctx, m, v = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5,
-                                            relu=relu)
-        return (y, m, v, *F.batch_norm_backward(dy, ctx, gamma))
+    run = batch_norm_run(rng, shape, dtype, training, relu)
 
     fast = run()
     slow = _portable(monkeypatch, run)
