@@ -131,6 +131,15 @@ def _tiles(dtype: np.dtype, cout: int) -> tuple[int, int, bool]:
     return tile, lanes, cout % tile != 0
 
 
+def _pixel_tile(width: int) -> int:
+    """Output pixels per register tile for output rows of ``width``: 8 (the best of 4-16,
+    measured for 16, 32 and 64 channels), or 7 or 6 where that divides the row and 8 does not
+    (no overlapping last tile: 10-14% faster at widths 14 and 28, measured)."""
+    if width <= 8:
+        return width
+    return next((t for t in (8, 7, 6) if width % t == 0), 8)
+
+
 def _divisor_tile(size: int, most: int) -> int:
     """The largest tile of at most ``most`` that divides ``size`` (no guarded tail)."""
     return next(t for t in range(min(most, size), 0, -1) if size % t == 0)
@@ -245,7 +254,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
     hl = _halide()
     n, cout = x.shape[0], weight.shape[3]
     tile, lanes, guard = _tiles(x.dtype, cout)
-    pixels = min(8, out_hw[1])  # measured best of 4-14 for 16, 32 and 64 channels
+    pixels = _pixel_tile(out_hw[1])
     out, inp, wt, b, s, top, left = _forward_pipeline(x.dtype, tile, lanes, guard, pixels,
                                                       spread)
     x, weight = operand(x), operand(weight)

@@ -46,6 +46,8 @@ CASES = [
     (2, 6, 9, 8, 24, 2, 1, (0, 1, 1, 0)),         # even kernel, asymmetric 'same' padding
     (3, 13, 12, 16, 16, 5, 3, (2, 1, 0, 2)),      # kernel 5, stride 3, uneven padding
     (2, 5, 5, 1, 32, 3, 1, (1, 1, 1, 1)),         # one input channel (first layer)
+    (2, 4, 14, 32, 64, 3, 1, (1, 1, 1, 1)),       # rows of 14: tiles of 7 pixels
+    (1, 3, 12, 16, 16, 3, 1, (1, 1, 1, 1)),       # rows of 12: tiles of 6 pixels
 ]
 
 
