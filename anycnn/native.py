@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import fastpath
+from .nn.geometry import adjoint_kernel
 
 #: vector lanes per dtype (512-bit registers); the kernels are correct on any CPU, this only
 #: shapes their register tiles
@@ -49,12 +50,20 @@ ENABLED: bool | None = None
 _lock = threading.Lock()  # a pipeline's parameters are set, then it runs: one caller at a time
 
 
+def _off_reason() -> str | None:
+    """Why the environment keeps these kernels off (``ANYCNN_NATIVE=0``, no halide), or None."""
+    if os.environ.get("ANYCNN_NATIVE", "1") == "0":
+        return "ANYCNN_NATIVE=0"
+    if importlib.util.find_spec("halide") is None:
+        return "halide is not installed: pip install halide"
+    return None
+
+
 def available(xp: Any, dtype: Any = None) -> bool:
     """True when the compiled kernels apply to namespace ``xp`` (and ``dtype``, if given)."""
     global ENABLED
     if ENABLED is None:
-        ENABLED = (os.environ.get("ANYCNN_NATIVE", "1") != "0"
-                   and importlib.util.find_spec("halide") is not None)
+        ENABLED = _off_reason() is None
     if not (ENABLED and fastpath.enabled(xp)):
         return False
     return dtype is None or np.dtype(dtype) in _LANES
@@ -64,12 +73,8 @@ def describe() -> str:
     """One line for ``anycnn info``: whether the compiled kernels are on, and why not."""
     if os.environ.get("ANYCNN_FASTPATH", "1") == "0":
         return "off (ANYCNN_FASTPATH=0)"
-    if os.environ.get("ANYCNN_NATIVE", "1") == "0":
-        return "off (ANYCNN_NATIVE=0)"
-    spec = importlib.util.find_spec("halide")
-    if spec is None:
-        return "off (halide is not installed: pip install halide)"
-    return f"on (halide, {fastpath.num_threads()} threads)"
+    why = _off_reason()
+    return f"off ({why})" if why else f"on (halide, {fastpath.num_threads()} threads)"
 
 
 def applies(x: Any, weight: Any, stride: tuple[int, int], pads: tuple[int, int, int, int],
@@ -90,6 +95,11 @@ def _halide():
     import halide
 
     return halide
+
+
+def _scalar_type(hl, dtype: np.dtype):
+    """Halide's float type for NumPy ``dtype``."""
+    return hl.Float(8 * dtype.itemsize)
 
 
 def operand(a: Any, dtype: Any = None) -> np.ndarray:
@@ -173,7 +183,7 @@ def _forward_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: boo
     tiles of ``pixel_tile`` pixels by ``channel_tile`` channels accumulated in registers; a
     task is :data:`ROWS_PER_TASK` rows of one image, which pads its own input rows."""
     hl = _halide()
-    t = hl.Float(8 * dtype.itemsize)
+    t = _scalar_type(hl, dtype)
     inp = hl.ImageParam(t, 4, "inp")
     wt = hl.ImageParam(t, 4, "wt")
     bias = hl.ImageParam(t, 1, "bias")
@@ -213,7 +223,7 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     ``channel_tile`` output channels accumulated in registers; a task is one group of images,
     which pads its own input (measured as fast as a padded copy on one thread, and parallel)."""
     hl = _halide()
-    t = hl.Float(8 * dtype.itemsize)
+    t = _scalar_type(hl, dtype)
     inp = hl.ImageParam(t, 4, "inp")
     dy = hl.ImageParam(t, 4, "dy")
     stride, images = hl.Param(hl.Int(32), "stride"), hl.Param(hl.Int(32), "images")
@@ -289,9 +299,8 @@ def conv2d_input_grad(dy: np.ndarray, weight: np.ndarray, stride: int,
     2, three quarters of the multiply-adds are with zeros; still faster than a column gradient
     and its scatter, and stride-2 layers are few."""
     kh, kw = weight.shape[:2]
-    flipped = np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
-    return conv2d(dy, flipped, None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw,
-                  spread=stride)
+    return conv2d(dy, adjoint_kernel(weight), None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0),
+                  in_hw, spread=stride)
 
 
 def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: tuple[int, int], stride: int,

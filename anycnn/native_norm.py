@@ -38,10 +38,6 @@ def applies(rows: Any) -> bool:
             and rows.shape[1] % native._LANES[rows.dtype] == 0 and rows.shape[0] > 0)
 
 
-def _type(hl, dtype: np.dtype):
-    return hl.Float(8 * dtype.itemsize)
-
-
 def _row_params(hl, t) -> tuple:
     """The (c, m) row operands every pass may read: ``a`` (the rows), ``h`` (a second array:
     the normalised input) and ``y`` (the fused ReLU's output, for its mask)."""
@@ -54,7 +50,7 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     ``a[c, r]``, or of ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or
     a where ``y > 0`` (``relu``) (``product``)."""
     hl = native._halide()
-    t = _type(hl, dtype)
+    t = native._scalar_type(hl, dtype)
     lanes = native._LANES[dtype]
     a, h, y = _row_params(hl, t)
     mean = hl.ImageParam(t, 1, "mean")
@@ -93,7 +89,7 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
     p2 = gamma, p3 = beta. ``input_grad``: out = g * p0 - (h * p2 + p1) with g = a, or a where
     ``y > 0`` (``relu``), h = xhat."""
     hl = native._halide()
-    t = _type(hl, dtype)
+    t = native._scalar_type(hl, dtype)
     lanes = native._LANES[dtype]
     a, h, y = _row_params(hl, t)
     p = [hl.ImageParam(t, 1, f"p{i}") for i in range(4)]
@@ -114,15 +110,17 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
     return out, a, h, y, p
 
 
-def _buffers(hl, *arrays: np.ndarray) -> list:
-    return [hl.Buffer(x) for x in arrays]
+def _outputs(hl, arrays: list[np.ndarray]):
+    """What ``realize`` writes into: one Buffer, or a list of them for a Tuple-valued Func."""
+    return hl.Buffer(arrays[0]) if len(arrays) == 1 else [hl.Buffer(a) for a in arrays]
 
 
-def _block_sums(dtype: np.dtype, rows: np.ndarray, squares: bool = False,
+def _block_sums(rows: np.ndarray, squares: bool = False,
                 mean: np.ndarray | None = None, product_with: np.ndarray | None = None,
                 y: np.ndarray | None = None) -> np.ndarray:
     """float64 sums over the row blocks of the ``_sums_pipeline`` parts: (C,), or (2, C)."""
     hl = native._halide()
+    dtype = rows.dtype
     product = product_with is not None
     part, a, h, yp, mp = _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS)
     m, c = rows.shape
@@ -138,24 +136,24 @@ def _block_sums(dtype: np.dtype, rows: np.ndarray, squares: bool = False,
         h.set(hl.Buffer(other))
         yp.set(hl.Buffer(mask))
         mp.set(hl.Buffer(centre))
-        native._realize(part, _buffers(hl, *outs) if product else hl.Buffer(outs[0]))
+        native._realize(part, _outputs(hl, outs))
     total = [o.astype(np.float64).sum(axis=0) for o in outs]
     return np.stack(total) if product else total[0]
 
 
 def sums(rows: np.ndarray) -> np.ndarray:
     """``sum(rows, axis=0)`` (C,) in ``rows``' dtype."""
-    return _block_sums(rows.dtype, rows).astype(rows.dtype)
+    return _block_sums(rows).astype(rows.dtype)
 
 
 def squared_deviations(rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``sum((rows - mean)**2, axis=0)`` (C,)."""
-    return _block_sums(rows.dtype, rows, squares=True, mean=mean).astype(rows.dtype)
+    return _block_sums(rows, squares=True, mean=mean).astype(rows.dtype)
 
 
 def grad_sums(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray) -> tuple[Any, Any]:
     """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``."""
-    total = _block_sums(dy.dtype, dy, product_with=xhat, y=y).astype(dy.dtype)
+    total = _block_sums(dy, product_with=xhat, y=y).astype(dy.dtype)
     return total[0], total[1]
 
 
@@ -174,7 +172,7 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
         yp.set(hl.Buffer(y))
         for param, value in zip(pp, params):
             param.set(hl.Buffer(value))
-        native._realize(out, _buffers(hl, *outs) if len(outs) > 1 else hl.Buffer(outs[0]))
+        native._realize(out, _outputs(hl, outs))
 
 
 def normalize(rows: np.ndarray, mean: Any, inv_std: Any, gamma: Any, beta: Any,

@@ -342,10 +342,14 @@ def flops_per_image(name: str) -> dict[str, float]:
     return {"forward": forward, "train": 3 * forward - first}
 
 
+#: the thread counts a worker process is given (BLAS libraries, anycnn's threads, Halide's pool)
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "ANYCNN_NUM_THREADS", "HL_NUM_THREADS")
+
+
 def _run_worker(cfg: dict, threads: int) -> dict:
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "ANYCNN_NUM_THREADS", "HL_NUM_THREADS"):
+    for var in _THREAD_VARS:
         env[var] = str(threads)
     start = ["-m", "anycnn.cli.bench"]
     if cfg["kind"] == "anycnn-script":
@@ -488,8 +492,7 @@ _LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "HYDRA_", "MPIR_", "SLUR
 def _run_dp_worker(cfg: dict, k: int, threads: int) -> dict:
     env = {key: v for key, v in os.environ.items()
            if not key.startswith(_LAUNCHER_PREFIXES) and key != "ANYCNN_DIST"}
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "ANYCNN_NUM_THREADS", "HL_NUM_THREADS"):
+    for var in _THREAD_VARS:
         env[var] = str(max(1, threads // k))
     proc = subprocess.run(_dp_command(k, cfg), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
