@@ -14,6 +14,12 @@ by output channels in vector registers, reading the NHWC input and the weights i
   (spread out by the stride, padded) with the kernel flipped and its channels swapped.
 - :func:`conv2d_weight_grad` — ``(kh, kw, C_in, C_out)`` weight gradient, summed over images in
   cache-sized groups on all threads, then over the groups in a fixed order.
+- :func:`conv2d_relu_maxpool` — a ``Conv2D → ReLU → MaxPool2D`` block whose pooling windows
+  tile the output, as one kernel: each task computes its rows of the convolution into the
+  cache and writes only the pooled output and a one-byte code per output (which tap was the
+  maximum, or none where the ReLU is off). Both gradient kernels take the pooled gradient and
+  the codes (:class:`Pooled`) and unpool them inside their tasks: the convolution's output and
+  its gradient never reach memory.
 
 They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
 (a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
@@ -30,7 +36,7 @@ import functools
 import importlib.util
 import os
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -155,20 +161,75 @@ def _divisor_tile(size: int, most: int) -> int:
     return next(t for t in range(min(most, size), 0, -1) if size % t == 0)
 
 
-def _spread_padded(hl, inp, spread: int, top, left):
-    """The Func of ``inp`` (c, x, y, n) spread out ``spread - 1`` zeros apart in x and y and
-    shifted by (left, top), zero outside: the padded input of a convolution (spread 1) or the
-    output gradient as its input gradient's convolution reads it (spread = stride)."""
+def _spread_padded(hl, source, extent: tuple, spread: int, top, left):
+    """The Func of ``source`` (c, x, y, n) of ``extent`` (width, height) spread out
+    ``spread - 1`` zeros apart in x and y and shifted by (left, top), zero outside: the padded
+    input of a convolution (spread 1) or the output gradient as its input gradient's convolution
+    reads it (spread = stride)."""
     c, x, y, n = (hl.Var(v) for v in ("c", "x", "y", "n"))
     xs, ys = x - left, y - top
-    w, h = inp.dim(1).extent(), inp.dim(2).extent()
+    w, h = extent
     inside = (xs >= 0) & (ys >= 0) & (xs < w * spread) & (ys < h * spread)
     if spread > 1:
         inside = inside & (xs % spread == 0) & (ys % spread == 0)
-    value = inp[c, hl.clamp(xs // spread, 0, w - 1), hl.clamp(ys // spread, 0, h - 1), n]
+    value = source[c, hl.clamp(xs // spread, 0, w - 1), hl.clamp(ys // spread, 0, h - 1), n]
+    value = value if isinstance(value, hl.Expr) else hl.Expr(value)  # a Func's FuncRef
     grid = hl.Func("grid")
     grid[c, x, y, n] = hl.select(inside, value, hl.cast(value.type(), 0))
     return grid, c
+
+
+def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
+    """The output gradient a backward kernel reads, ``(source, params, (width, height))``:
+    the ImageParam ``dy`` (c, x, y, n), or for a fused ReLU and ``window`` max pool the Func
+    unpooling ``dpool`` (the pooled gradient) by ``code`` (:func:`conv2d_relu_maxpool`): the
+    gradient of the convolution's output, zero past the last whole window."""
+    if window is None:
+        dy = hl.ImageParam(t, 4, "dy")
+        return dy, {"dy": dy}, (dy.dim(1).extent(), dy.dim(2).extent())
+    ph, pw = window
+    grad, code = hl.ImageParam(t, 4, "dpool"), hl.ImageParam(hl.UInt(8), 4, "code")
+    c, x, y, n = (hl.Var(v) for v in ("c", "x", "y", "n"))
+    tap = hl.cast(hl.UInt(8), (y % ph) * pw + x % pw)
+    source = hl.Func("unpooled")
+    source[c, x, y, n] = hl.select(code[c, x // pw, y // ph, n] == tap,
+                                   grad[c, x // pw, y // ph, n], hl.cast(t, 0))
+    return source, {"dpool": grad, "code": code}, (grad.dim(1).extent() * pw,
+                                                   grad.dim(2).extent() * ph)
+
+
+def _convolution(hl, t, grid, bias):
+    """(out, acc, rdom): out[co, x, y, n] = bias[co] (None: 0) + sum over (ci, j, i) of
+    grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
+    reversed), and the ImageParams and Params it reads."""
+    wt = hl.ImageParam(t, 4, "wt")
+    stride = hl.Param(hl.Int(32), "stride")
+    co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
+    r = hl.RDom([hl.Range(0, wt.dim(1).extent()), hl.Range(0, wt.dim(2).extent()),
+                 hl.Range(0, wt.dim(3).extent())])
+    acc = hl.Func("acc")
+    acc[co, x, y, n] = hl.cast(t, 0) if bias is None else bias[co]
+    acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
+    out = hl.Func("conv")
+    out[co, x, y, n] = acc[co, x, y, n]
+    return out, acc, r, (co, x, y, n), {"wt": wt}, {"stride": stride}
+
+
+def _register_tiles(hl, out, acc, r, loop, tiling: tuple) -> tuple:
+    """Schedule ``out`` (and ``acc`` inside it) as register tiles of ``pixel_tile`` pixels by
+    ``channel_tile`` channels, the reduction's input channels unrolled by 4; returns the
+    loops outside the tiles, innermost first: (coo, xo)."""
+    channel_tile, lanes, guard, pixel_tile = tiling
+    co, x = loop[0], loop[1]
+    xo, xi, coo, coi, cu, cv = (hl.Var(v) for v in ("xo", "xi", "coo", "coi", "cu", "cv"))
+    tail = hl.TailStrategy.GuardWithIf if guard else hl.TailStrategy.Auto
+    out.split(co, coo, coi, channel_tile, tail).split(x, xo, xi, pixel_tile)
+    out.vectorize(coi, lanes).unroll(xi)
+    acc.compute_at(out, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, x)
+    acc.vectorize(cv).unroll(cu).unroll(x)
+    acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, x, r.x, r.y, r.z)
+    acc.update().vectorize(cv).unroll(cu).unroll(x).unroll(r.x, 4)  # 4 input channels
+    return coo, coi, xo, xi
 
 
 #: output rows of one image per task of the forward kernel
@@ -176,62 +237,87 @@ ROWS_PER_TASK = 8
 
 
 @functools.cache
-def _forward_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
-                      pixel_tile: int, spread: int):
-    """out[co, x, y, n] = bias[co] + sum_{ci, i, j} grid[ci, x*s + j, y*s + i, n] * w[co, ci, j, i]
-    (Halide's axes are NumPy's reversed; ``grid`` is :func:`_spread_padded` of the input):
-    tiles of ``pixel_tile`` pixels by ``channel_tile`` channels accumulated in registers; a
-    task is :data:`ROWS_PER_TASK` rows of one image, which pads its own input rows."""
+def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
+                      unpool: tuple[int, int] | None, pool: tuple[int, int] | None):
+    """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
+    input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
+    kernel reading a pooled gradient), plus ``bias``; a task is :data:`ROWS_PER_TASK` rows of
+    one image, which pads its own input rows. With ``pool`` (ph, pw), the output is the pair
+    (relu(max over each ph x pw window + bias), code): see :func:`conv2d_relu_maxpool`."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
-    inp = hl.ImageParam(t, 4, "inp")
-    wt = hl.ImageParam(t, 4, "wt")
+    top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
+    if unpool is None:
+        inp = hl.ImageParam(t, 4, "inp")
+        source, images, extent = inp, {"inp": inp}, (inp.dim(1).extent(), inp.dim(2).extent())
+    else:
+        source, images, extent = _gradient_source(hl, t, unpool)
+    grid, gc = _spread_padded(hl, source, extent, spread, top, left)
     bias = hl.ImageParam(t, 1, "bias")
-    stride, top, left = (hl.Param(hl.Int(32), v) for v in ("stride", "top", "left"))
-    grid, gc = _spread_padded(hl, inp, spread, top, left)
-    co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
-    r = hl.RDom([hl.Range(0, wt.dim(1).extent()), hl.Range(0, wt.dim(2).extent()),
-                 hl.Range(0, wt.dim(3).extent())])
-    acc = hl.Func("acc")
-    acc[co, x, y, n] = bias[co]
-    acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
-    out = hl.Func("out")
-    out[co, x, y, n] = acc[co, x, y, n]
-
-    xo, xi, yo, yi, coo, coi, task, cu, cv = (
-        hl.Var(v) for v in ("xo", "xi", "yo", "yi", "coo", "coi", "task", "cu", "cv"))
-    tail = hl.TailStrategy.GuardWithIf if guard else hl.TailStrategy.Auto
-    out.split(co, coo, coi, channel_tile, tail).split(x, xo, xi, pixel_tile)
-    out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
-    out.reorder(coi, xi, coo, xo, yi, yo, n).fuse(yo, n, task)
-    out.vectorize(coi, lanes).unroll(xi).parallel(task)
-    grid.compute_at(out, task).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
-    acc.compute_at(out, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, x)
-    acc.vectorize(cv).unroll(cu).unroll(x)
-    acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, x, r.x, r.y, r.z)
-    acc.update().vectorize(cv).unroll(cu).unroll(x).unroll(r.x, 4)  # 4 input channels
+    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, None if pool else bias)
+    co, x, y, n = loop
+    yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
+    if pool is None:
+        out = conv
+        coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling)
+        out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
+        out.reorder(coi, xi, coo, xo, yi, yo, n)
+    else:
+        out = _pooled(hl, t, conv, bias, pool, loop)
+        out.split(y, yo, yi, max(1, ROWS_PER_TASK // pool[0]), hl.TailStrategy.GuardWithIf)
+        out.reorder(co, x, yi, yo, n).vectorize(co, tiling[1], hl.TailStrategy.GuardWithIf)
+        coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling)
+        conv.reorder(coi, xi, coo, xo, y, n).compute_at(out, task)
+    out.fuse(yo, n, task).parallel(task)
+    grid.compute_at(out, task).vectorize(gc, tiling[1], hl.TailStrategy.GuardWithIf)
     out.compile_jit(hl.get_host_target())
-    return out, inp, wt, bias, stride, top, left
+    return out, {**images, **weights, "bias": bias}, {**scalars, "top": top, "left": left}
+
+
+#: the code of a pooled output whose ReLU is off (no gradient reaches any of its window)
+DEAD = 255
+
+
+def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop):
+    """(relu(max + bias), code) over the ``pool`` (ph, pw) windows of ``conv``: ``code`` is the
+    window's first tap (row-major) holding the maximum, or :data:`DEAD` where the ReLU is off.
+    A NaN in a window is its maximum (the first NaN), as in NumPy."""
+    co, x, y, n = loop
+    ph, pw = pool
+    best = hl.Expr(conv[co, x * pw, y * ph, n])
+    code = hl.cast(hl.UInt(8), 0)
+    for k in range(1, ph * pw):
+        value = hl.Expr(conv[co, x * pw + k % pw, y * ph + k // pw, n])
+        take = (value > best) | (hl.is_nan(value) & ~hl.is_nan(best))
+        best = hl.select(take, value, best)
+        code = hl.select(take, hl.cast(hl.UInt(8), k), code)
+    z = best + bias[co]
+    zero = hl.cast(t, 0)
+    out = hl.Func("pooled")
+    out[co, x, y, n] = hl.Tuple([hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero)),
+                                 hl.select(z > zero, code, hl.cast(hl.UInt(8), DEAD))])
+    return out
 
 
 @functools.cache
 def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
-                          in_tile: int):
+                          in_tile: int, unpool: tuple[int, int] | None):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter) and
     output pixels of grid[ci, x*s + j, y*s + i, n] * dy[co, x, y, n] (``grid``:
-    :func:`_spread_padded` of the input): tiles of ``in_tile`` input channels by
-    ``channel_tile`` output channels accumulated in registers; a task is one group of images,
-    which pads its own input (measured as fast as a padded copy on one thread, and parallel)."""
+    :func:`_spread_padded` of the input; ``dy``: :func:`_gradient_source`, unpooled once per
+    task with ``unpool``): tiles of ``in_tile`` input channels by ``channel_tile`` output
+    channels accumulated in registers; a task is one group of images, which pads its own input
+    (measured as fast as a padded copy on one thread, and parallel)."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     inp = hl.ImageParam(t, 4, "inp")
-    dy = hl.ImageParam(t, 4, "dy")
+    dy, images_in, (width, height) = _gradient_source(hl, t, unpool)
     stride, images = hl.Param(hl.Int(32), "stride"), hl.Param(hl.Int(32), "images")
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
-    grid, gc = _spread_padded(hl, inp, 1, top, left)
+    grid, gc = _spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1, top,
+                              left)
     co, ci, j, i, g = (hl.Var(v) for v in ("co", "ci", "j", "i", "g"))
-    r = hl.RDom([hl.Range(0, dy.dim(1).extent()), hl.Range(0, dy.dim(2).extent()),
-                 hl.Range(0, images)])
+    r = hl.RDom([hl.Range(0, width), hl.Range(0, height), hl.Range(0, images)])
     acc = hl.Func("acc")
     acc[co, ci, j, i, g] = hl.cast(t, 0)
     img = g * images + r.z
@@ -245,40 +331,103 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     part.split(co, coo, coi, channel_tile, tail).split(ci, cio, cii, in_tile)
     part.reorder(coi, cii, coo, cio, j, i, g).vectorize(coi, lanes).unroll(cii).parallel(g)
     grid.compute_at(part, g).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
+    if unpool is not None:
+        dy.compute_at(part, g).vectorize(dy.args()[0], lanes, hl.TailStrategy.GuardWithIf)
     acc.compute_at(part, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, ci)
     acc.vectorize(cv).unroll(cu).unroll(ci)
     acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, r.x, r.y, r.z)
     acc.update().vectorize(cv).unroll(cu).unroll(ci).unroll(r.x, 4)  # 4 pixels a row
     part.compile_jit(hl.get_host_target())
-    return part, inp, dy, stride, images, top, left
+    return part, {"inp": inp, **images_in}, {"stride": stride, "images": images, "top": top,
+                                             "left": left}
+
+
+def _run(pipeline, arrays: dict[str, np.ndarray], scalars: dict[str, int],
+         outputs: list[np.ndarray]) -> None:
+    """Run ``pipeline`` (func, its ImageParams, its Params by name) on ``arrays`` and
+    ``scalars`` (each array as :func:`operand` made it, held by the caller), writing
+    ``outputs`` (a list of more than one for a Tuple-valued func)."""
+    hl = _halide()
+    func, images, params = pipeline
+    with _lock:
+        for name, a in arrays.items():
+            images[name].set(hl.Buffer(a))
+        for name, value in scalars.items():
+            params[name].set(int(value))
+        buffers = [hl.Buffer(o) for o in outputs]
+        _realize(func, buffers[0] if len(buffers) == 1 else buffers)
+
+
+class Pooled(NamedTuple):
+    """The output gradient of a convolution under a fused ReLU and max pool
+    (:func:`conv2d_relu_maxpool`): ``grad`` (N, Hq, Wq, C_out), the gradient of the pooled
+    output, and the forward's ``code`` of the same shape, over ``window`` (ph, pw) pools."""
+
+    grad: np.ndarray
+    code: np.ndarray
+    window: tuple[int, int]
+
+    def arrays(self, a: int = 0, b: int | None = None) -> dict[str, np.ndarray]:
+        """The kernels' operands for images ``a:b``."""
+        return {"dpool": operand(self.grad[a:b]), "code": operand(self.code[a:b])}
+
+    def unpooled(self, out_hw: tuple[int, int]) -> np.ndarray:
+        """The convolution's output gradient (N, Ho, Wo, C_out) as an array (NumPy)."""
+        g, (ph, pw) = self.grad, self.window
+        n, hq, wq, c = g.shape
+        d = np.zeros((n, *out_hw, c), dtype=g.dtype)
+        for k in range(ph * pw):
+            d[:, k // pw:hq * ph:ph, k % pw:wq * pw:pw, :] = np.where(self.code == k, g, 0)
+        return d
+
+
+def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.ndarray]:
+    """The weight gradient kernel's operands of an output gradient, for images ``a:b``."""
+    return dy.arrays(a, b) if isinstance(dy, Pooled) else {"dy": operand(dy[a:b])}
+
+
+def _forward(x: np.ndarray, arrays: dict, weight: np.ndarray, bias: np.ndarray | None,
+             stride: int, pads: tuple, out_hw: tuple[int, int], spread: int,
+             unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
+             outputs: list[np.ndarray]) -> None:
+    """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays``."""
+    cout = weight.shape[3]
+    tile, lanes, guard = _tiles(x.dtype, cout)
+    width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
+    pipeline = _forward_pipeline(x.dtype, (tile, lanes, guard, _pixel_tile(width)), spread,
+                                 unpool, pool)
+    weight = operand(weight)
+    bias = np.zeros(cout, dtype=x.dtype) if bias is None else operand(bias, x.dtype)
+    _run(pipeline, {**arrays, "wt": weight, "bias": bias},
+         {"stride": stride, "top": pads[0], "left": pads[2]}, outputs)
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int,
-           pads: tuple[int, int, int, int], out_hw: tuple[int, int],
-           spread: int = 1) -> np.ndarray:
+           pads: tuple[int, int, int, int], out_hw: tuple[int, int]) -> np.ndarray:
     """Convolution of NHWC ``x`` ``(N, H, W, C_in)`` with ``weight`` ``(kh, kw, C_in, C_out)``
     plus ``bias`` ``(C_out,)`` (None: zero) at ``stride``, ``x`` zero-padded by ``pads`` (top,
-    bottom, left, right; the bottom and right ones follow from ``out_hw``) and, for ``spread``
-    above 1, spread out with ``spread - 1`` zeros between its pixels first:
+    bottom, left, right; the bottom and right ones follow from ``out_hw``):
     ``(N, Ho, Wo, C_out)`` for ``out_hw = (Ho, Wo)``."""
-    hl = _halide()
-    n, cout = x.shape[0], weight.shape[3]
-    tile, lanes, guard = _tiles(x.dtype, cout)
-    pixels = _pixel_tile(out_hw[1])
-    out, inp, wt, b, s, top, left = _forward_pipeline(x.dtype, tile, lanes, guard, pixels,
-                                                      spread)
-    x, weight = operand(x), operand(weight)
-    bias = np.zeros(cout, dtype=x.dtype) if bias is None else operand(bias, x.dtype)
-    y = np.empty((n, *out_hw, cout), dtype=x.dtype)
-    with _lock:
-        inp.set(hl.Buffer(x))
-        wt.set(hl.Buffer(weight))
-        b.set(hl.Buffer(bias))
-        s.set(int(stride))
-        top.set(int(pads[0]))
-        left.set(int(pads[2]))
-        _realize(out, hl.Buffer(y))
+    y = np.empty((x.shape[0], *out_hw, weight.shape[3]), dtype=x.dtype)
+    _forward(x, {"inp": operand(x)}, weight, bias, stride, pads, out_hw, 1, None, None, [y])
     return y
+
+
+def conv2d_relu_maxpool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                        stride: int, pads: tuple[int, int, int, int], out_hw: tuple[int, int],
+                        window: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`conv2d` (output ``out_hw``) → ReLU → max pool over disjoint ``window`` (ph, pw)
+    windows at stride ``window``, in one kernel, computed as ``relu(max(conv) + bias)`` (equal:
+    the bias and the ReLU are monotone). Returns ``(out, code)``, both (N, Ho // ph, Wo // pw,
+    C_out): ``code`` (uint8) is the row-major tap of the window's first maximum, or
+    :data:`DEAD` where the ReLU is off: with :class:`Pooled` it is all the backward kernels
+    need. The convolution's output never exists outside a task's cache."""
+    ph, pw = window
+    shape = (x.shape[0], out_hw[0] // ph, out_hw[1] // pw, weight.shape[3])
+    out, code = np.empty(shape, dtype=x.dtype), np.empty(shape, dtype=np.uint8)
+    _forward(x, {"inp": operand(x)}, weight, bias, stride, pads, out_hw, 1, None,
+             tuple(window), [out, code])
+    return out, code
 
 
 def input_grad_applies(weight: np.ndarray) -> bool:
@@ -288,51 +437,46 @@ def input_grad_applies(weight: np.ndarray) -> bool:
     return weight.shape[2] % _LANES[weight.dtype] == 0
 
 
-def conv2d_input_grad(dy: np.ndarray, weight: np.ndarray, stride: int,
+def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
                       pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
-    """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d` (``spread`` 1) with ``weight``
+    """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d` with ``weight``
     ``(kh, kw, C_in, C_out)``, ``stride`` and ``pads`` (each below the kernel size), for its
-    output gradient ``dy`` ``(N, Ho, Wo, C_out)``.
+    output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or the :class:`Pooled` gradient of
+    :func:`conv2d_relu_maxpool`, unpooled inside the kernel).
 
-    It is :func:`conv2d` at stride 1 of ``dy`` spread out by the stride and padded by
+    It is a stride-1 convolution of ``dy`` spread out by the stride and padded by
     ``k - 1 - pad``, with the kernel flipped in space and its channel axes swapped. At stride
     2, three quarters of the multiply-adds are with zeros; still faster than a column gradient
     and its scatter, and stride-2 layers are few."""
     kh, kw = weight.shape[:2]
-    return conv2d(dy, adjoint_kernel(weight), None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0),
-                  in_hw, spread=stride)
+    pooled = isinstance(dy, Pooled)
+    window, arrays = (dy.window, dy.arrays()) if pooled else (None, {"inp": operand(dy)})
+    lead = dy.grad if pooled else dy
+    dx = np.empty((lead.shape[0], *in_hw, weight.shape[2]), dtype=lead.dtype)
+    _forward(lead, arrays, adjoint_kernel(weight), None, 1,
+             (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw, stride, window, None, [dx])
+    return dx
 
 
-def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: tuple[int, int], stride: int,
-                       pads: tuple[int, int, int, int]) -> np.ndarray:
-    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` (``spread`` 1) for its input
-    ``x`` ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)``: a part per
-    group of :data:`WEIGHT_GRAD_IMAGES` images, summed in order."""
-    n, cin, cout = x.shape[0], x.shape[3], dy.shape[3]
+def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int, int],
+                       stride: int, pads: tuple[int, int, int, int]) -> np.ndarray:
+    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its input ``x``
+    ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or :class:`Pooled`):
+    a part per group of :data:`WEIGHT_GRAD_IMAGES` images, summed in order."""
+    n, cin = x.shape[0], x.shape[3]
+    cout = (dy.grad if isinstance(dy, Pooled) else dy).shape[3]
     if n == 0:
         return np.zeros((*kernel, cin, cout), dtype=x.dtype)
     tile, lanes, guard = _tiles(x.dtype, cout)
-    pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, _divisor_tile(cin, 8))
+    window = dy.window if isinstance(dy, Pooled) else None
+    pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, _divisor_tile(cin, 8), window)
     per = WEIGHT_GRAD_IMAGES
     full = n // per * per
-    parts = [_weight_grad_parts(pipeline, x[a:b], dy[a:b], kernel, stride, size, pads)
-             for a, b, size in ((0, full, per), (full, n, n - full)) if b > a]
+    parts = []
+    for a, b, size in ((0, full, per), (full, n, n - full)):
+        if b > a:
+            out = np.empty(((b - a) // size, *kernel, cin, cout), dtype=x.dtype)
+            _run(pipeline, {"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
+                 {"stride": stride, "images": size, "top": pads[0], "left": pads[2]}, [out])
+            parts.append(out)
     return np.concatenate(parts).sum(axis=0)
-
-
-def _weight_grad_parts(pipeline, x: np.ndarray, dy: np.ndarray, kernel: tuple[int, int],
-                       stride: int, per: int, pads: tuple[int, int, int, int]) -> np.ndarray:
-    """The pipeline's parts ``(n/per, kh, kw, C_in, C_out)`` for ``per`` images each."""
-    hl = _halide()
-    part, inp, d, s, images, top, left = pipeline
-    x, dy = operand(x), operand(dy)
-    parts = np.empty((x.shape[0] // per, *kernel, x.shape[3], dy.shape[3]), dtype=x.dtype)
-    with _lock:
-        inp.set(hl.Buffer(x))
-        d.set(hl.Buffer(dy))
-        s.set(int(stride))
-        images.set(per)
-        top.set(int(pads[0]))
-        left.set(int(pads[2]))
-        _realize(part, hl.Buffer(parts))
-    return parts

@@ -10,7 +10,8 @@ at a time, the row blocks shared between the threads:
   (then ``max(y, 0)`` with ``relu``), both written in the same sweep;
 - :func:`grad_sums` — ``sum(g, axis=0)`` and ``sum(g * xhat, axis=0)`` for ``g = dy``, or
   ``dy`` where the fused ReLU's output ``y`` is positive (``g`` is not stored);
-- :func:`input_grad` — ``g * k1 - (xhat * k3 + k2)``, the input gradient.
+- :func:`input_grad` — ``g * k1 - (xhat * k3 + k2)``, the input gradient;
+- :func:`relu_sums` — ``sum(dy where y > 0, axis=0)`` (a bias gradient under a ReLU).
 
 Sums are float32 (or float64) within a block of :data:`BLOCK_ROWS` rows and float64 over the
 blocks, added in block order: repeatable, and within rounding of the NumPy path (tests compare
@@ -155,6 +156,12 @@ def grad_sums(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray) -> tuple[A
     """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``."""
     total = _block_sums(dy, product_with=xhat, y=y).astype(dy.dtype)
     return total[0], total[1]
+
+
+def relu_sums(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``sum(dy where y > 0, axis=0)`` (C,): the bias gradient under a ReLU whose output is
+    ``y``."""
+    return _block_sums(dy, y=y).astype(dy.dtype)
 
 
 def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray | None,

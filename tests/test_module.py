@@ -156,15 +156,21 @@ def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
         assert_rounding_close(a, b)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("images_per_chunk", [None, 1])
 def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatch,
-                                                        images_per_chunk):
-    """A run of three fused blocks whose middle pooling overlaps: the outer blocks go through
-    the pool-plane path (depth first, also one image per chunk on two threads), the middle one
-    through the general path; values and gradients equal the unfused layers."""
-    from anycnn import fastpath
+                                                        images_per_chunk, compiled):
+    """A run of four fused blocks whose second pooling overlaps: the others go through the
+    pool-plane path (depth first, also one image per chunk on two threads), or each through
+    the compiled kernel where it applies (``compiled``), the second through the general path;
+    values and gradients equal the unfused layers."""
+    from anycnn import fastpath, native
     from anycnn import functional as F
     from anycnn.nn.fusion import ConvPoolRun, ConvReluMaxPool
+
+    if compiled and not (backend.name == "numpy" and native.available(np)):
+        pytest.skip("the compiled kernels apply only to NumPy with halide installed")
+    monkeypatch.setattr(native, "ENABLED", compiled)
 
     def make():
         anycnn.manual_seed(4)
@@ -188,9 +194,13 @@ def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatc
     y = fused(x)
     run, = fused._plan[:-1]
     assert isinstance(run, ConvPoolRun) and len(run.blocks) == 4
-    # segments: block 0 alone (block 1 overlaps), block 1 (general), blocks 2-3 together
-    assert [getattr(part, "blocks", None) is None for part in run._saved] == [False, True, False]
-    assert isinstance(run._saved[1], ConvReluMaxPool) and len(run._saved[2].blocks) == 2
+    if compiled:  # each block in one kernel, but block 1 (general)
+        assert [type(part).__name__ for part in run._saved] == [
+            "_CompiledStep", "ConvReluMaxPool", "_CompiledStep", "_CompiledStep"]
+    else:  # segments: block 0 alone (block 1 overlaps), block 1 (general), blocks 2-3 together
+        assert [getattr(part, "blocks", None) is None for part in run._saved] == [
+            False, True, False]
+        assert isinstance(run._saved[1], ConvReluMaxPool) and len(run._saved[2].blocks) == 2
     assert_rounding_close(anycnn.to_numpy(y), anycnn.to_numpy(plain(x)))
     dy = anycnn.asarray(rng.standard_normal(tuple(y.shape)))
     np.testing.assert_allclose(anycnn.to_numpy(fused.backward(dy)),

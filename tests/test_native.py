@@ -202,3 +202,108 @@ def test_read_only_and_empty_batches(rng):
     y, dx, dw, db = _conv(empty, w, None, (1, 1), (1, 1, 1, 1), empty)
     assert y.shape == dx.shape == (0, 6, 6, 16)
     assert not dw.any() and dw.shape == w.shape and not db.any()
+
+
+BLOCKS = [
+    # (n, h, w, c_in, c_out, kernel, conv stride, padding, pool, bias)
+    (3, 14, 14, 32, 64, 3, 1, 1, 2, True),       # simple-cnn's second block
+    (2, 12, 12, 1, 32, 3, 1, 1, 2, True),        # one input channel: im2col input gradient
+    (2, 7, 9, 16, 16, 3, 1, 1, 2, True),         # odd sizes: the last row and column unpooled
+    (2, 12, 12, 16, 48, 3, 1, 1, 3, False),      # 3x3 windows, no bias
+    (2, 10, 10, 16, 16, 3, 2, 1, (2, 1), True),  # strided convolution, 2x1 windows
+    (1, 8, 8, 16, 10, 3, 1, 1, 2, True),         # guarded channel tile
+]
+
+
+def _block_run(rng, dtype, case, zeros=False):
+    """A function computing ``(y, dx, dweight, dbias)`` of one Conv2D → ReLU → MaxPool2D
+    block, forward and backward, on fixed random data (``zeros``: a zero border, so whole
+    windows tie at exactly zero, as MNIST's background does)."""
+    from anycnn.nn import Conv2D, MaxPool2D, ReLU, Sequential
+
+    n, h, w, cin, cout, k, s, p, pool, bias = case
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    if zeros:
+        x[:, :4] = 0
+    model = Sequential(Conv2D(cin, cout, k, stride=s, padding=p, bias=bias), ReLU(),
+                       MaxPool2D(pool))
+    conv = model.layers[0]
+    conv.weight.data = rng.normal(size=conv.weight.shape).astype(dtype)
+    if bias:
+        conv.bias.data = rng.normal(size=cout).astype(dtype)
+    dy = None
+
+    def run():
+        nonlocal dy
+        conv.weight.grad = None
+        if bias:
+            conv.bias.grad = None
+        y = model(x)
+        if dy is None:
+            dy = np.random.default_rng(1).normal(size=y.shape).astype(dtype)
+        dx = model.backward(dy)
+        return y, dx, conv.weight.grad, conv.bias.grad if bias else np.zeros(1, dtype)
+
+    return run
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", BLOCKS, ids=[f"{c[3]}to{c[4]}s{c[6]}p{c[8]}" for c in BLOCKS])
+def test_compiled_conv_relu_maxpool_matches_portable(monkeypatch, rng, dtype, case, zeros):
+    """The one-kernel Conv-ReLU-MaxPool block (and its backward from the pooled gradient and
+    the window codes) against the fused im2col block and the layer-by-layer portable path."""
+    run = _block_run(rng, dtype, case, zeros)
+    calls = []
+    kernel = native.conv2d_relu_maxpool
+    monkeypatch.setattr(native, "conv2d_relu_maxpool",
+                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    compiled = run()
+    assert calls, "the compiled block was not used"
+    monkeypatch.setattr(native, "ENABLED", False)
+    for path in ("im2col", "portable"):
+        monkeypatch.setattr(fastpath, "ENABLED", path == "im2col")
+        for name, a, e in zip(("y", "dx", "dweight", "dbias"), compiled, run()):
+            assert_rounding_close(a, e, err_msg=f"{name} vs {path}")
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    for a, e in zip(compiled, run()):  # repeatable
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.usefixtures("native_on")
+def test_compiled_block_codes_and_unpooling(rng):
+    """The codes name each window's first maximum (row-major), 255 where the ReLU is off; a
+    NaN is its window's maximum; unpooling puts each gradient at its code's tap."""
+    x = np.zeros((1, 2, 4, 1), np.float32)
+    x[0, :, :, 0] = [[1, 3, 2, 2], [3, 0, 2, -1]]  # windows: tie 3,3 → tap 1; tie 2,2 → tap 0
+    w = np.ones((1, 1, 1, 16), np.float32)
+    b = np.zeros(16, np.float32)
+    b[1] = -5.0  # channel 1: the ReLU is off everywhere
+    out, code = native.conv2d_relu_maxpool(x, w, b, 1, (0, 0, 0, 0), (2, 4), (2, 2))
+    assert out.shape == code.shape == (1, 1, 2, 16) and code.dtype == np.uint8
+    np.testing.assert_array_equal(out[0, 0, :, 0], [3, 2])
+    np.testing.assert_array_equal(code[0, 0, :, 0], [1, 0])
+    assert (code[..., 1] == native.DEAD).all() and (out[..., 1] == 0).all()
+    grad = np.arange(32, dtype=np.float32).reshape(1, 1, 2, 16) + 1
+    d = native.Pooled(grad, code, (2, 2)).unpooled((2, 4))
+    np.testing.assert_array_equal(d[0, :, :, 0], [[0, 1, 17, 0], [0, 0, 0, 0]])
+    assert not d[..., 1].any()
+    x[0, 1, 1, 0] = np.nan
+    out, code = native.conv2d_relu_maxpool(x, w, b, 1, (0, 0, 0, 0), (2, 4), (2, 2))
+    assert np.isnan(out[0, 0, 0, 0]) and out[0, 0, 1, 0] == 2
+
+
+@pytest.mark.usefixtures("native_on")
+def test_compiled_block_not_used_for_overlapping_or_padded_pools(rng):
+    from anycnn.nn import Conv2D, MaxPool2D, ReLU
+    from anycnn.nn.fusion import ConvReluMaxPool
+
+    x = rng.normal(size=(2, 9, 9, 16)).astype(np.float32)
+    conv = Conv2D(16, 16, 3, padding=1)
+    assert ConvReluMaxPool(conv, ReLU(), MaxPool2D(2)).compiled(x) is not None
+    for pool in (MaxPool2D(3, stride=2), MaxPool2D(2, padding=1), MaxPool2D(3, stride=4),
+                 MaxPool2D(2, ceil_mode=True)):
+        assert ConvReluMaxPool(conv, ReLU(), pool).compiled(x) is None, pool
+    assert ConvReluMaxPool(Conv2D(16, 16, 3, dilation=2), ReLU(), MaxPool2D(2)).compiled(x) is None

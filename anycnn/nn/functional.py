@@ -169,6 +169,14 @@ def column_sums(d: Any) -> Any:
     return xp.reshape(fastpath.matmul(xp, ones, d), (d.shape[1],))
 
 
+def relu_column_sums(d: Any, y: Any) -> Any:
+    """Sum over the rows of ``d`` (M, F) where ``y`` (M, F), a ReLU's output, is positive:
+    the bias gradient of a layer whose ReLU output is ``y`` → (F,)."""
+    if native_norm.applies(d) and native_norm.applies(y):
+        return native_norm.relu_sums(d, y)
+    return column_sums(fastpath.relu_grad(namespace_of(d, y), y, d))
+
+
 # --------------------------------------------------------------------------------------------
 # Convolution
 
@@ -465,7 +473,7 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     n = ctx.x.shape[0]
     win = ctx.win
     if native.applies(ctx.x, weight, win.stride, win.pads, win.dilation, ctx.groups):
-        return _conv_backward_native(xp.reshape(dy, (n, *win.out, weight.shape[-1])), ctx.x,
+        return conv2d_backward_native(xp.reshape(dy, (n, *win.out, weight.shape[-1])), ctx.x,
                                      weight, win, need_input_grad, bias_grad)
     d = xp.reshape(dy, (n, ctx.win.positions, weight.shape[-1]))
 
@@ -483,17 +491,22 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
                               COL2IM_CHUNK_BYTES if need_input_grad else None)
 
 
-def _conv_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_input_grad: bool,
+def conv2d_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_input_grad: bool,
                           bias_grad: bool):
     """:func:`conv2d_backward` by the compiled kernels (:mod:`anycnn.native`) for NHWC ``dy``
-    (N, Ho, Wo, C_out) and the saved input ``x``."""
+    (N, Ho, Wo, C_out), or the :class:`~anycnn.native.Pooled` gradient of a fused
+    Conv-ReLU-MaxPool block, and the saved input ``x``."""
+    pooled = isinstance(dy, native.Pooled)
+    if pooled and bias_grad:
+        raise ValueError("a Pooled gradient's bias gradient is relu_column_sums' to compute")
     dweight = native.conv2d_weight_grad(x, dy, win.kernel, win.stride[0], win.pads)
     dbias = column_sums(np.reshape(dy, (-1, dy.shape[3]))) if bias_grad else None
     dx = None
     if need_input_grad and native.input_grad_applies(weight):
         dx = native.conv2d_input_grad(dy, weight, win.stride[0], win.pads, win.in_hw)
     elif need_input_grad:
-        dx = conv_input_grad(np.reshape(dy, (dy.shape[0], win.positions, -1)), weight, win)
+        d = dy.unpooled(win.out) if pooled else dy
+        dx = conv_input_grad(np.reshape(d, (d.shape[0], win.positions, -1)), weight, win)
     return dx, dweight, dbias
 
 
