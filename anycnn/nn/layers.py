@@ -181,7 +181,8 @@ class Conv2D(Module):
 
     def backward(self, dy, input_grad: bool = True):
         ctx = _require_forward(self, self._ctx)
-        dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad)
+        dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad,
+                                       bias_grad=self.bias is not None)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
