@@ -198,9 +198,9 @@ def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
                                                    grad.dim(2).extent() * ph)
 
 
-def _convolution(hl, t, grid, bias):
-    """(out, acc, rdom): out[co, x, y, n] = bias[co] (None: 0) + sum over (ci, j, i) of
-    grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
+def _convolution(hl, t, grid, start):
+    """(out, acc, rdom): out[co, x, y, n] = start(co, x, y, n) (None: 0) + sum over (ci, j, i)
+    of grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
     reversed), and the ImageParams and Params it reads."""
     wt = hl.ImageParam(t, 4, "wt")
     stride = hl.Param(hl.Int(32), "stride")
@@ -208,7 +208,7 @@ def _convolution(hl, t, grid, bias):
     r = hl.RDom([hl.Range(0, wt.dim(1).extent()), hl.Range(0, wt.dim(2).extent()),
                  hl.Range(0, wt.dim(3).extent())])
     acc = hl.Func("acc")
-    acc[co, x, y, n] = hl.cast(t, 0) if bias is None else bias[co]
+    acc[co, x, y, n] = hl.cast(t, 0) if start is None else start(co, x, y, n)
     acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
     out = hl.Func("conv")
     out[co, x, y, n] = acc[co, x, y, n]
@@ -238,11 +238,13 @@ ROWS_PER_TASK = 8
 
 @functools.cache
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
-                      unpool: tuple[int, int] | None, pool: tuple[int, int] | None):
+                      unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
+                      addend: bool):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
-    kernel reading a pooled gradient), plus ``bias``; a task is :data:`ROWS_PER_TASK` rows of
-    one image, which pads its own input rows. With ``pool`` (ph, pw), the output is the pair
+    kernel reading a pooled gradient), plus ``bias`` (or, with ``addend``, plus the array
+    ``addend`` shaped as the output); a task is :data:`ROWS_PER_TASK` rows of one image, which
+    pads its own input rows. With ``pool`` (ph, pw), the output is the pair
     (relu(max over each ph x pw window + bias), code): see :func:`conv2d_relu_maxpool`."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
@@ -253,8 +255,12 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
     else:
         source, images, extent = _gradient_source(hl, t, unpool)
     grid, gc = _spread_padded(hl, source, extent, spread, top, left)
-    bias = hl.ImageParam(t, 1, "bias")
-    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, None if pool else bias)
+    bias, plus = hl.ImageParam(t, 1, "bias"), hl.ImageParam(t, 4, "addend")
+    start = None if pool else lambda co, x, y, n: bias[co]
+    if addend:
+        images["addend"] = plus
+        start = lambda co, x, y, n: plus[co, x, y, n]  # noqa: E731
+    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
     if pool is None:
@@ -386,18 +392,18 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
     return dy.arrays(a, b) if isinstance(dy, Pooled) else {"dy": operand(dy[a:b])}
 
 
-def _forward(x: np.ndarray, arrays: dict, weight: np.ndarray, bias: np.ndarray | None,
-             stride: int, pads: tuple, out_hw: tuple[int, int], spread: int,
-             unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-             outputs: list[np.ndarray]) -> None:
-    """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays``."""
-    cout = weight.shape[3]
-    tile, lanes, guard = _tiles(x.dtype, cout)
+def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: int,
+             pads: tuple, out_hw: tuple[int, int], outputs: list[np.ndarray], spread: int = 1,
+             unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None) -> None:
+    """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
+    ``"addend"``: its sums start from that array instead of the bias) into ``outputs``."""
+    cout, dtype = weight.shape[3], outputs[0].dtype
+    tile, lanes, guard = _tiles(dtype, cout)
     width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
-    pipeline = _forward_pipeline(x.dtype, (tile, lanes, guard, _pixel_tile(width)), spread,
-                                 unpool, pool)
+    pipeline = _forward_pipeline(dtype, (tile, lanes, guard, _pixel_tile(width)), spread,
+                                 unpool, pool, "addend" in arrays)
     weight = operand(weight)
-    bias = np.zeros(cout, dtype=x.dtype) if bias is None else operand(bias, x.dtype)
+    bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
     _run(pipeline, {**arrays, "wt": weight, "bias": bias},
          {"stride": stride, "top": pads[0], "left": pads[2]}, outputs)
 
@@ -409,7 +415,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
     bottom, left, right; the bottom and right ones follow from ``out_hw``):
     ``(N, Ho, Wo, C_out)`` for ``out_hw = (Ho, Wo)``."""
     y = np.empty((x.shape[0], *out_hw, weight.shape[3]), dtype=x.dtype)
-    _forward(x, {"inp": operand(x)}, weight, bias, stride, pads, out_hw, 1, None, None, [y])
+    _forward({"inp": operand(x)}, weight, bias, stride, pads, out_hw, [y])
     return y
 
 
@@ -425,8 +431,8 @@ def conv2d_relu_maxpool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | No
     ph, pw = window
     shape = (x.shape[0], out_hw[0] // ph, out_hw[1] // pw, weight.shape[3])
     out, code = np.empty(shape, dtype=x.dtype), np.empty(shape, dtype=np.uint8)
-    _forward(x, {"inp": operand(x)}, weight, bias, stride, pads, out_hw, 1, None,
-             tuple(window), [out, code])
+    _forward({"inp": operand(x)}, weight, bias, stride, pads, out_hw, [out, code],
+             pool=tuple(window))
     return out, code
 
 
@@ -438,11 +444,13 @@ def input_grad_applies(weight: np.ndarray) -> bool:
 
 
 def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
-                      pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
+                      pads: tuple[int, int, int, int], in_hw: tuple[int, int],
+                      addend: np.ndarray | None = None) -> np.ndarray:
     """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d` with ``weight``
     ``(kh, kw, C_in, C_out)``, ``stride`` and ``pads`` (each below the kernel size), for its
     output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or the :class:`Pooled` gradient of
-    :func:`conv2d_relu_maxpool`, unpooled inside the kernel).
+    :func:`conv2d_relu_maxpool`, unpooled inside the kernel); plus ``addend`` (shaped as the
+    result: a residual sum's other gradient), which the sums start from.
 
     It is a stride-1 convolution of ``dy`` spread out by the stride and padded by
     ``k - 1 - pad``, with the kernel flipped in space and its channel axes swapped. At stride
@@ -453,8 +461,10 @@ def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
     window, arrays = (dy.window, dy.arrays()) if pooled else (None, {"inp": operand(dy)})
     lead = dy.grad if pooled else dy
     dx = np.empty((lead.shape[0], *in_hw, weight.shape[2]), dtype=lead.dtype)
-    _forward(lead, arrays, adjoint_kernel(weight), None, 1,
-             (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw, stride, window, None, [dx])
+    if addend is not None:
+        arrays["addend"] = operand(addend, lead.dtype)
+    _forward(arrays, adjoint_kernel(weight), None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0),
+             in_hw, [dx], spread=stride, unpool=window)
     return dx
 
 

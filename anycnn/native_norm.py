@@ -6,11 +6,15 @@ at a time, the row blocks shared between the threads:
 
 - :func:`sums` — ``sum(rows, axis=0)``;
 - :func:`squared_deviations` — ``sum((rows - mean)**2, axis=0)`` (no centred copy);
-- :func:`normalize` — ``xhat = (rows - mean) * inv_std`` and ``y = xhat * gamma + beta``
-  (then ``max(y, 0)`` with ``relu``), both written in the same sweep;
+- :func:`normalize` — ``y = xhat * gamma + beta`` (then ``max(y, 0)`` with ``relu``) for
+  ``xhat = (rows - mean) * inv_std``;
 - :func:`grad_sums` — ``sum(g, axis=0)`` and ``sum(g * xhat, axis=0)`` for ``g = dy``, or
   ``dy`` where the fused ReLU's output ``y`` is positive (``g`` is not stored);
 - :func:`input_grad` — ``g * k1 - (xhat * k3 + k2)``, the input gradient;
+
+``xhat`` is never stored: the backward passes take the input rows, the mean and ``inv_std``
+and compute it again (the same expression, so the same values), one write of the activations
+fewer each step.
 - :func:`relu_sums` — ``sum(dy where y > 0, axis=0)`` (a bias gradient under a ReLU).
 
 Sums are float32 (or float64) within a block of :data:`BLOCK_ROWS` rows and float64 over the
@@ -41,8 +45,14 @@ def applies(rows: Any) -> bool:
 
 def _row_params(hl, t) -> tuple:
     """The (c, m) row operands every pass may read: ``a`` (the rows), ``h`` (a second array:
-    the normalised input) and ``y`` (the fused ReLU's output, for its mask)."""
+    the input, normalised by :func:`_normalised`) and ``y`` (the fused ReLU's output, for its
+    mask)."""
     return hl.ImageParam(t, 2, "a"), hl.ImageParam(t, 2, "h"), hl.ImageParam(t, 2, "y")
+
+
+def _normalised(value, mean, inv_std, c):
+    """``xhat = (value - mean[c]) * inv_std[c]``: one expression for every pass."""
+    return (value - mean[c]) * inv_std[c]
 
 
 @functools.cache
@@ -54,7 +64,7 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     t = native._scalar_type(hl, dtype)
     lanes = native._LANES[dtype]
     a, h, y = _row_params(hl, t)
-    mean = hl.ImageParam(t, 1, "mean")
+    mean, inv_std = hl.ImageParam(t, 1, "mean"), hl.ImageParam(t, 1, "inv_std")
     c, b = hl.Var("c"), hl.Var("b")
     m = a.dim(1).extent()
     r = hl.RDom([hl.Range(0, block)])
@@ -70,7 +80,8 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     acc = hl.Func("acc")
     if product:
         acc[c, b] = hl.Tuple([zero, zero])
-        acc[c, b] = hl.Tuple([acc[c, b][0] + value, acc[c, b][1] + value * h[c, safe]])
+        xhat = _normalised(h[c, safe], mean, inv_std, c)
+        acc[c, b] = hl.Tuple([acc[c, b][0] + value, acc[c, b][1] + value * xhat])
     else:
         acc[c, b] = zero
         acc[c, b] = acc[c, b] + value
@@ -81,63 +92,51 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     acc.compute_at(part, co).vectorize(c, lanes)
     acc.update().reorder(c, r.x).vectorize(c, lanes)
     part.compile_jit(hl.get_host_target())
-    return part, a, h, y, mean
+    return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std}, {}
 
 
 @functools.cache
 def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
-    """``normalize``: out = (xhat, y) of rows a with per-channel p0 = mean, p1 = inv_std,
-    p2 = gamma, p3 = beta. ``input_grad``: out = g * p0 - (h * p2 + p1) with g = a, or a where
-    ``y > 0`` (``relu``), h = xhat."""
+    """``normalize``: out = xhat * p2 + p3 (then max(., 0) with ``relu``) for xhat of rows a
+    by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``: out = g * p2 - (xhat *
+    p4 + p3) with g = a, or a where ``y > 0`` (``relu``), xhat of rows h by p0 and p1."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     lanes = native._LANES[dtype]
     a, h, y = _row_params(hl, t)
-    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(4)]
+    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(5)]
     c, m = hl.Var("c"), hl.Var("m")
     zero = hl.cast(t, 0)
     out = hl.Func("out")
     if kind == "normalize":
-        xhat = (a[c, m] - p[0][c]) * p[1][c]
-        value = xhat * p[2][c] + p[3][c]
-        out[c, m] = hl.Tuple([xhat, hl.max(value, zero) if relu else value])
+        value = _normalised(a[c, m], p[0], p[1], c) * p[2][c] + p[3][c]
+        out[c, m] = hl.max(value, zero) if relu else value
     else:
         g = hl.select(y[c, m] > zero, a[c, m], zero) if relu else a[c, m]
-        out[c, m] = g * p[0][c] - (h[c, m] * p[2][c] + p[1][c])
+        out[c, m] = g * p[2][c] - (_normalised(h[c, m], p[0], p[1], c) * p[4][c] + p[3][c])
     mo, mi, co, ci = hl.Var("mo"), hl.Var("mi"), hl.Var("co"), hl.Var("ci")
     out.split(m, mo, mi, block, hl.TailStrategy.GuardWithIf)
     out.split(c, co, ci, lanes).reorder(ci, co, mi, mo).vectorize(ci).parallel(mo)
     out.compile_jit(hl.get_host_target())
-    return out, a, h, y, p
+    return out, {"a": a, "h": h, "y": y, **{f"p{i}": v for i, v in enumerate(p)}}, {}
 
 
-def _outputs(hl, arrays: list[np.ndarray]):
-    """What ``realize`` writes into: one Buffer, or a list of them for a Tuple-valued Func."""
-    return hl.Buffer(arrays[0]) if len(arrays) == 1 else [hl.Buffer(a) for a in arrays]
-
-
-def _block_sums(rows: np.ndarray, squares: bool = False,
-                mean: np.ndarray | None = None, product_with: np.ndarray | None = None,
-                y: np.ndarray | None = None) -> np.ndarray:
-    """float64 sums over the row blocks of the ``_sums_pipeline`` parts: (C,), or (2, C)."""
-    hl = native._halide()
+def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: Any = None,
+                inv_std: Any = None, y: np.ndarray | None = None) -> np.ndarray:
+    """float64 sums over the row blocks of the ``_sums_pipeline`` parts: (C,), or (2, C) with
+    the products of ``rows`` and ``xhat`` of ``x`` (by ``mean`` and ``inv_std``)."""
     dtype = rows.dtype
-    product = product_with is not None
-    part, a, h, yp, mp = _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS)
+    product = x is not None
     m, c = rows.shape
-    blocks = -(-m // BLOCK_ROWS)
-    # held until the run ends (native.operand)
     rows = native.operand(rows)
-    other = native.operand(product_with) if product else rows
-    mask = native.operand(y) if y is not None else rows
-    centre = native.operand(mean, dtype) if mean is not None else np.zeros(c, dtype=dtype)
-    outs = [np.empty((blocks, c), dtype=dtype) for _ in range(2 if product else 1)]
-    with native._lock:
-        a.set(hl.Buffer(rows))
-        h.set(hl.Buffer(other))
-        yp.set(hl.Buffer(mask))
-        mp.set(hl.Buffer(centre))
-        native._realize(part, _outputs(hl, outs))
+    zeros = np.zeros(c, dtype=dtype)
+    arrays = {"a": rows, "h": native.operand(x) if product else rows,
+              "y": native.operand(y) if y is not None else rows,
+              "mean": zeros if mean is None else native.operand(mean, dtype),
+              "inv_std": zeros if inv_std is None else native.operand(inv_std, dtype)}
+    outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
+    native._run(_sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS), arrays, {},
+                outs)
     total = [o.astype(np.float64).sum(axis=0) for o in outs]
     return np.stack(total) if product else total[0]
 
@@ -152,9 +151,11 @@ def squared_deviations(rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return _block_sums(rows, squares=True, mean=mean).astype(rows.dtype)
 
 
-def grad_sums(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray) -> tuple[Any, Any]:
-    """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``."""
-    total = _block_sums(dy, product_with=xhat, y=y).astype(dy.dtype)
+def grad_sums(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any,
+              inv_std: Any) -> tuple[Any, Any]:
+    """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``,
+    and ``xhat = (x - mean) * inv_std``."""
+    total = _block_sums(dy, mean=mean, x=x, inv_std=inv_std, y=y).astype(dy.dtype)
     return total[0], total[1]
 
 
@@ -165,35 +166,28 @@ def relu_sums(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray | None,
-                 params: list[Any], outs: list[np.ndarray], relu: bool) -> None:
-    hl = native._halide()
-    out, ap, hp, yp, pp = _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS)
+                 params: list[Any], relu: bool) -> np.ndarray:
+    """The ``_elementwise_pipeline`` of ``kind`` over rows ``a``: a new array shaped as it."""
     a = native.operand(a)  # each held until the run ends (native.operand)
-    h = native.operand(h) if h is not None else a
-    y = native.operand(y) if y is not None else a
     params = [native.operand(v, a.dtype) for v in params]
-    params += [params[0]] * (4 - len(params))
-    with native._lock:
-        ap.set(hl.Buffer(a))
-        hp.set(hl.Buffer(h))
-        yp.set(hl.Buffer(y))
-        for param, value in zip(pp, params):
-            param.set(hl.Buffer(value))
-        native._realize(out, _outputs(hl, outs))
+    params += [params[0]] * (5 - len(params))
+    arrays = {"a": a, "h": native.operand(h) if h is not None else a,
+              "y": native.operand(y) if y is not None else a,
+              **{f"p{i}": v for i, v in enumerate(params)}}
+    out = np.empty_like(a)
+    native._run(_elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS), arrays, {}, [out])
+    return out
 
 
 def normalize(rows: np.ndarray, mean: Any, inv_std: Any, gamma: Any, beta: Any,
-              relu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(xhat, y)`` with ``xhat = (rows - mean) * inv_std``, ``y = xhat * gamma + beta`` (then
-    ``max(y, 0)`` with ``relu``)."""
-    xhat, y = np.empty_like(rows), np.empty_like(rows)
-    _elementwise("normalize", rows, None, None, [mean, inv_std, gamma, beta], [xhat, y], relu)
-    return xhat, y
+              relu: bool) -> np.ndarray:
+    """``y = xhat * gamma + beta`` (then ``max(y, 0)`` with ``relu``) for
+    ``xhat = (rows - mean) * inv_std``."""
+    return _elementwise("normalize", rows, None, None, [mean, inv_std, gamma, beta], relu)
 
 
-def input_grad(dy: np.ndarray, y: np.ndarray | None, xhat: np.ndarray, k1: Any, k2: Any,
-               k3: Any) -> np.ndarray:
-    """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``y > 0``."""
-    dx = np.empty_like(dy)
-    _elementwise("input_grad", dy, xhat, y, [k1, k2, k3], [dx], y is not None)
-    return dx
+def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, inv_std: Any,
+               k1: Any, k2: Any, k3: Any) -> np.ndarray:
+    """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``y > 0``, and
+    ``xhat = (x - mean) * inv_std``."""
+    return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)

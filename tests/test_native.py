@@ -181,6 +181,28 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
 
 
 @pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_backward_after_the_kernels_went_off(monkeypatch, rng, relu):
+    """The compiled forward keeps the input rows, not ``xhat``; a backward without the kernels
+    (turned off in between) normalises them itself."""
+    shape = (3, 5, 4, 16)
+    x = rng.normal(1.0, 2.0, size=shape)
+    gamma, beta, dy = rng.normal(size=16), rng.normal(size=16), rng.normal(size=shape)
+
+    def forward():
+        return F.batch_norm_forward(x, gamma, beta, np.zeros(16), np.ones(16), True, 0.1, 1e-5,
+                                    relu=relu)[:2]
+
+    _, ctx = forward()
+    assert ctx.mean is not None  # the compiled forward ran
+    monkeypatch.setattr(native, "ENABLED", False)
+    got = F.batch_norm_backward(dy, ctx, gamma)
+    want = F.batch_norm_backward(dy, forward()[1], gamma)
+    for a, e in zip(got, want):
+        assert_rounding_close(a, e)
+
+
+@pytest.mark.usefixtures("native_on")
 def test_read_only_and_empty_batches(rng):
     """Read-only arrays (a memory-mapped dataset, a frozen weight) are read, not refused; an
     empty batch gives empty outputs and zero weight gradients."""
@@ -307,3 +329,63 @@ def test_compiled_block_not_used_for_overlapping_or_padded_pools(rng):
                  MaxPool2D(2, ceil_mode=True)):
         assert ConvReluMaxPool(conv, ReLU(), pool).compiled(x) is None, pool
     assert ConvReluMaxPool(Conv2D(16, 16, 3, dilation=2), ReLU(), MaxPool2D(2)).compiled(x) is None
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("projection", [False, True])
+def test_residual_input_gradient_starts_from_the_shortcut_gradient(monkeypatch, rng, dtype,
+                                                                    projection):
+    """A Residual's backward hands the shortcut's gradient to the body's first convolution,
+    whose compiled input gradient starts its sums from it: equal to the portable sum."""
+    from anycnn.nn import BatchNorm2D, Conv2D, ReLU, Residual, Sequential
+
+    def block():
+        # no bias before a BatchNorm: its gradient is zero up to rounding noise
+        body = Sequential(Conv2D(16, 16, 3, stride=2 if projection else 1, padding=1,
+                                 bias=False),
+                          BatchNorm2D(16), ReLU(), Conv2D(16, 16, 3, padding=1))
+        shortcut = (Sequential(Conv2D(16, 16, 1, stride=2, bias=False), BatchNorm2D(16))
+                    if projection else None)
+        model = Residual(body, shortcut)
+        for p in model.parameters():
+            p.data = rng.normal(size=p.shape).astype(dtype)
+        return model
+
+    model = block()
+    x = rng.normal(size=(3, 8, 8, 16)).astype(dtype)
+    dy = rng.normal(size=model(x).shape).astype(dtype)
+
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        y = model(x)
+        return [y, model.backward(dy)] + [p.grad for p in model.parameters()]
+
+    addends = []
+    kernel = native.conv2d_input_grad
+    monkeypatch.setattr(native, "conv2d_input_grad",
+                        lambda *a, **kw: addends.append(a[5] if len(a) > 5 else kw.get("addend"))
+                        or kernel(*a, **kw))
+    compiled = run()
+    assert any(a is not None for a in addends), "no input gradient started from an addend"
+    monkeypatch.setattr(native, "ENABLED", False)
+    for a, e in zip(compiled, run()):
+        assert_rounding_close(a, e)
+    monkeypatch.setattr(native, "ENABLED", True)
+    model(x)
+    assert model.backward(dy, input_grad=False) is None
+
+
+def test_backward_add_defaults_add_after(rng):
+    """Modules without a way to start from the addend add it after; an empty Sequential
+    passes the gradient through plus the addend."""
+    from anycnn.nn import ReLU, Sequential
+
+    x, dy, a = (rng.normal(size=(2, 3, 3, 4)) for _ in range(3))
+    relu = ReLU()
+    relu(x)
+    np.testing.assert_array_equal(relu.backward_add(dy, a), dy * (x > 0) + a)
+    empty = Sequential()
+    empty(x)
+    np.testing.assert_array_equal(empty.backward_add(dy, a), dy + a)

@@ -96,9 +96,13 @@ class Residual(Module):
         return text
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
-        dx = self.body.backward(dy, input_grad)
-        ds = self.shortcut.backward(dy, input_grad)
-        return fastpath.add(namespace_of(dx, ds), dx, ds) if input_grad else None
+        """The shortcut's gradient, then the body's with it added by the body's first layer
+        (a compiled convolution starts its input gradient's sums from it: no pass of its own)."""
+        if not input_grad:
+            self.shortcut.backward(dy, False)
+            self.body.backward(dy, False)
+            return None
+        return self.body.backward_add(dy, self.shortcut.backward(dy, True))
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return _agreed_hw([self.body.output_hw(hw), self.shortcut.output_hw(hw)])

@@ -10,7 +10,7 @@ dense weights are ``(in, out)``. Scalars are Python floats so float32 stays floa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -461,8 +461,9 @@ COL2IM_CHUNK_BYTES = 32 << 20
 
 
 def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = True,
-                    bias_grad: bool = True):
-    """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``.
+                    bias_grad: bool = True, addend: Any = None):
+    """Gradients of :func:`conv2d_forward`: ``(dx or None, dweight, dbias or None)``; ``dx``
+    plus ``addend`` (shaped as ``dx``: a residual sum's other gradient) when one is given.
 
     Consumes ``ctx`` (what it saved is released). Runs a chunk of images at a time
     (:func:`conv2d_rows_backward`), so the column gradient, ``kh*kw`` times the input, never
@@ -474,7 +475,10 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
     win = ctx.win
     if native.applies(ctx.x, weight, win.stride, win.pads, win.dilation, ctx.groups):
         return conv2d_backward_native(xp.reshape(dy, (n, *win.out, weight.shape[-1])), ctx.x,
-                                     weight, win, need_input_grad, bias_grad)
+                                      weight, win, need_input_grad, bias_grad, addend)
+    if addend is not None:
+        dx, dw, db = conv2d_backward(dy, ctx, weight, True, bias_grad)
+        return fastpath.add(xp, dx, addend), dw, db
     d = xp.reshape(dy, (n, ctx.win.positions, weight.shape[-1]))
 
     shifted = fastpath.enabled(xp) and _shifted_weight_grad_applies(ctx.win, weight, ctx.groups)
@@ -492,10 +496,11 @@ def conv2d_backward(dy: Any, ctx: ConvCtx, weight: Any, need_input_grad: bool = 
 
 
 def conv2d_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_input_grad: bool,
-                          bias_grad: bool):
+                           bias_grad: bool, addend: Any = None):
     """:func:`conv2d_backward` by the compiled kernels (:mod:`anycnn.native`) for NHWC ``dy``
     (N, Ho, Wo, C_out), or the :class:`~anycnn.native.Pooled` gradient of a fused
-    Conv-ReLU-MaxPool block, and the saved input ``x``."""
+    Conv-ReLU-MaxPool block, and the saved input ``x``; the input gradient's sums start from
+    ``addend`` when one is given."""
     pooled = isinstance(dy, native.Pooled)
     if pooled and bias_grad:
         raise ValueError("a Pooled gradient's bias gradient is relu_column_sums' to compute")
@@ -503,10 +508,11 @@ def conv2d_backward_native(dy: Any, x: Any, weight: Any, win: Windows, need_inpu
     dbias = column_sums(np.reshape(dy, (-1, dy.shape[3]))) if bias_grad else None
     dx = None
     if need_input_grad and native.input_grad_applies(weight):
-        dx = native.conv2d_input_grad(dy, weight, win.stride[0], win.pads, win.in_hw)
+        dx = native.conv2d_input_grad(dy, weight, win.stride[0], win.pads, win.in_hw, addend)
     elif need_input_grad:
         d = dy.unpooled(win.out) if pooled else dy
         dx = conv_input_grad(np.reshape(d, (d.shape[0], win.positions, -1)), weight, win)
+        dx = dx if addend is None else fastpath.add(np, dx, addend)
     return dx, dweight, dbias
 
 
@@ -913,12 +919,14 @@ def elementwise_backward(dy: Any, derivative: Any):
 
 @dataclass
 class BatchNormCtx:
-    xhat: Any  # normalised input, (M, C) rows of the channels-last input
+    xhat: Any  # normalised input, (M, C) rows of the channels-last input; with ``mean``, the
+    # input rows themselves (the compiled kernels normalise them again as they read them)
     inv_std: Any
     count: int  # values per channel the statistics were taken over (all ranks')
     training: bool
     share: float = 1.0  # this rank's part of ``count`` (synchronised statistics)
     out: Any = None  # the output (M, C) when a ReLU was applied to it (``relu=True``)
+    mean: Any = None  # the mean ``xhat`` holds the input rows around (compiled kernels)
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
@@ -969,11 +977,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         centred = rows if compiled else rows - running_mean
         var = running_var
     inv_std = 1.0 / xp.sqrt(var + eps)
-    if compiled:
-        xhat, y = native_norm.normalize(rows, mean, inv_std, gamma, beta, relu)
+    if compiled:  # xhat is not stored: the backward kernels compute it again from the rows
+        y = native_norm.normalize(rows, mean, inv_std, gamma, beta, relu)
+        ctx = BatchNormCtx(rows, inv_std, count, training, share, y if relu else None, mean)
     else:
         xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, relu)
-    ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if relu else None)
+        ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if relu else None)
     return xp.reshape(y, x.shape), ctx, running_mean, running_var
 
 
@@ -990,18 +999,21 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
     xp = namespace_of(dy, gamma)
     c = dy.shape[-1]
     rows = xp.reshape(dy, (-1, c))
-    compiled = native_norm.applies(rows) and native_norm.applies(ctx.xhat)
+    compiled = ctx.mean is not None and native_norm.applies(rows)
+    if ctx.mean is not None and not compiled:  # the kernels went off since the forward
+        ctx = replace(ctx, xhat=(ctx.xhat - ctx.mean) * ctx.inv_std, mean=None)
     if compiled:  # the ReLU's gradient is applied inside both passes, never stored
         g = None
-        dbeta, dgamma = native_norm.grad_sums(rows, ctx.out, ctx.xhat)
+        dbeta, dgamma = native_norm.grad_sums(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std)
     else:
         g, dbeta, dgamma = fastpath.norm_grad_sums(xp, rows, ctx.xhat, ctx.out)
     scale = gamma * ctx.inv_std
     if not ctx.training:
         if compiled:
             zero = xp.zeros_like(scale)
-            return (xp.reshape(native_norm.input_grad(rows, ctx.out, ctx.xhat, scale, zero, zero),
-                               dy.shape), dgamma, dbeta)
+            dx = native_norm.input_grad(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, scale,
+                                        zero, zero)
+            return xp.reshape(dx, dy.shape), dgamma, dbeta
         return xp.reshape(g * scale, dy.shape), dgamma, dbeta
     dsum, gsum = dbeta, dgamma
     if reduce is not None:
@@ -1009,8 +1021,8 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
         total = reduce(xp.concat([dbeta * w, dgamma * w]))
         dsum, gsum = total[:c] / w, total[c:] / w
     if compiled:
-        dx = native_norm.input_grad(rows, ctx.out, ctx.xhat, scale, scale * dsum / ctx.count,
-                                    scale * gsum / ctx.count)
+        dx = native_norm.input_grad(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, scale,
+                                    scale * dsum / ctx.count, scale * gsum / ctx.count)
     else:
         dx = fastpath.norm_input_grad(xp, g, ctx.xhat, scale, dsum, gsum, ctx.count,
                                       owned=ctx.out is not None)

@@ -180,9 +180,17 @@ class Conv2D(Module):
         return gemm_flops(self.weight, output_shape)
 
     def backward(self, dy, input_grad: bool = True):
+        return self._backward(dy, input_grad, None)
+
+    def backward_add(self, dy, addend):
+        """The input gradient plus ``addend``: the compiled kernels start their sums from it
+        (no separate pass over the activations)."""
+        return self._backward(dy, True, addend)
+
+    def _backward(self, dy, input_grad: bool, addend):
         ctx = _require_forward(self, self._ctx)
         dx, dw, db = F.conv2d_backward(dy, ctx, self.weight.data, input_grad,
-                                       bias_grad=self.bias is not None)
+                                       bias_grad=self.bias is not None, addend=addend)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
+from .. import fastpath
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
 from ..errors import CheckpointError
 
@@ -64,6 +65,12 @@ class Module:
         """Accumulate parameter gradients; return the input gradient (``None`` is allowed when
         ``input_grad`` is False: the caller does not need it, so layers may skip computing it)."""
         raise NotImplementedError
+
+    def backward_add(self, dy: Any, addend: Any) -> Any:
+        """``backward(dy) + addend``, ``addend`` shaped as the input gradient (a residual sum's
+        other gradient). Layers that can start their input gradient from it override this
+        (:class:`~anycnn.nn.layers.Conv2D` with the compiled kernels); this adds after."""
+        return add_gradients(self.backward(dy), addend)
 
     def __call__(self, x: Any) -> Any:
         return self.forward(x)
@@ -231,6 +238,11 @@ def preserved_state(model: Module) -> Iterator[Module]:
         for p, data, grad in params:
             p.data, p.grad = data, grad
         random.set_state(rng_state)
+
+
+def add_gradients(dx: Any, addend: Any) -> Any:
+    """``dx + addend`` (two gradients of one input: a new array)."""
+    return fastpath.add(namespace_of(dx, addend), dx, addend)
 
 
 def spatial_size(modules: list[Module], hw: tuple[int, int]) -> tuple[int, int] | None:

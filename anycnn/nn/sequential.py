@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import ConfigError, ShapeError
 from .fusion import execution_plan
 from .layers import explain_flatten_mismatch
-from .module import Module, spatial_size
+from .module import Module, add_gradients, spatial_size
 
 
 class Sequential(Module):
@@ -66,3 +66,17 @@ class Sequential(Module):
         for i in range(len(plan) - 1, -1, -1):
             dy = plan[i].backward(dy, input_grad=input_grad or i > 0)
         return dy
+
+    def backward_add(self, dy: Any, addend: Any) -> Any:
+        """:meth:`backward` plus ``addend``, added by the first layer
+        (:meth:`Module.backward_add`)."""
+        if self._plan is None:
+            raise RuntimeError("Sequential.backward called before forward")
+        plan = self._plan
+        for i in range(len(plan) - 1, 0, -1):
+            dy = plan[i].backward(dy, input_grad=True)
+        if not plan:
+            return add_gradients(dy, addend)
+        if isinstance(plan[0], Module):
+            return plan[0].backward_add(dy, addend)
+        return add_gradients(plan[0].backward(dy, input_grad=True), addend)
