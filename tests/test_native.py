@@ -48,6 +48,8 @@ CASES = [
     (2, 5, 5, 1, 32, 3, 1, (1, 1, 1, 1)),         # one input channel (first layer)
     (2, 4, 14, 32, 64, 3, 1, (1, 1, 1, 1)),       # rows of 14: tiles of 7 pixels
     (1, 3, 12, 16, 16, 3, 1, (1, 1, 1, 1)),       # rows of 12: tiles of 6 pixels
+    (2, 9, 8, 16, 16, 2, 2, (0, 0, 1, 0)),        # input gradient by phases, one tap each
+    (2, 10, 9, 16, 32, 4, 2, (1, 2, 2, 1)),       # ... two taps each, uneven padding
 ]
 
 
@@ -82,6 +84,12 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
 def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
     """Batches that are, and are not, a multiple of the images per weight-gradient part."""
     monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)
+    monkeypatch.setattr(native, "WEIGHT_GRAD_PIXELS", 1)
+    assert native._images_per_part(7, 36) == 3
+    monkeypatch.setattr(native, "WEIGHT_GRAD_PIXELS", 1024)  # 8x8: 16 images a part
+    assert native._images_per_part(128, 64) == 16 and native._images_per_part(64, 64) == 8
+    assert native._images_per_part(128, 1024) == 3
+    monkeypatch.setattr(native, "WEIGHT_GRAD_PIXELS", 1)
     for n in (1, 3, 7):
         x = rng.normal(size=(n, 6, 6, 16))
         dy = rng.normal(size=(n, 6, 6, 16))
