@@ -6,8 +6,8 @@ at a time, the row blocks shared between the threads:
 
 - :func:`sums` — ``sum(rows, axis=0)``;
 - :func:`squared_deviations` — ``sum((rows - mean)**2, axis=0)`` (no centred copy);
-- :func:`normalize` — ``y = xhat * gamma + beta`` (then ``max(y, 0)`` with ``relu``) for
-  ``xhat = (rows - mean) * inv_std``;
+- :func:`normalize` — ``y = xhat * gamma + beta`` (plus a residual sum's other output; then
+  ``max(y, 0)`` with ``relu``) for ``xhat = (rows - mean) * inv_std``;
 - :func:`grad_sums` — ``sum(g, axis=0)`` and ``sum(g * xhat, axis=0)`` for ``g = dy``, or
   ``dy`` where the fused ReLU's output ``y`` is positive (``g`` is not stored);
 - :func:`input_grad` — ``g * k1 - (xhat * k3 + k2)``, the input gradient;
@@ -96,10 +96,11 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
 
 
 @functools.cache
-def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
-    """``normalize``: out = xhat * p2 + p3 (then max(., 0) with ``relu``) for xhat of rows a
-    by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``: out = g * p2 - (xhat *
-    p4 + p3) with g = a, or a where ``y > 0`` (``relu``), xhat of rows h by p0 and p1."""
+def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, add: bool):
+    """``normalize``: out = xhat * p2 + p3 (plus h with ``add``; then max(., 0) with ``relu``)
+    for xhat of rows a by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``:
+    out = g * p2 - (xhat * p4 + p3) with g = a, or a where ``y > 0`` (``relu``), xhat of rows
+    h by p0 and p1."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     lanes = native._LANES[dtype]
@@ -110,6 +111,7 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int):
     out = hl.Func("out")
     if kind == "normalize":
         value = _normalised(a[c, m], p[0], p[1], c) * p[2][c] + p[3][c]
+        value = value + h[c, m] if add else value
         out[c, m] = hl.max(value, zero) if relu else value
     else:
         g = hl.select(y[c, m] > zero, a[c, m], zero) if relu else a[c, m]
@@ -166,7 +168,7 @@ def relu_sums(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray | None,
-                 params: list[Any], relu: bool) -> np.ndarray:
+                 params: list[Any], relu: bool, add: bool = False) -> np.ndarray:
     """The ``_elementwise_pipeline`` of ``kind`` over rows ``a``: a new array shaped as it."""
     a = native.operand(a)  # each held until the run ends (native.operand)
     params = [native.operand(v, a.dtype) for v in params]
@@ -175,15 +177,16 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
               "y": native.operand(y) if y is not None else a,
               **{f"p{i}": v for i, v in enumerate(params)}}
     out = np.empty_like(a)
-    native._run(_elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS), arrays, {}, [out])
+    native._run(_elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add), arrays, {}, [out])
     return out
 
 
 def normalize(rows: np.ndarray, mean: Any, inv_std: Any, gamma: Any, beta: Any,
-              relu: bool) -> np.ndarray:
-    """``y = xhat * gamma + beta`` (then ``max(y, 0)`` with ``relu``) for
-    ``xhat = (rows - mean) * inv_std``."""
-    return _elementwise("normalize", rows, None, None, [mean, inv_std, gamma, beta], relu)
+              relu: bool, addend: np.ndarray | None = None) -> np.ndarray:
+    """``y = xhat * gamma + beta`` (plus ``addend``, rows shaped as ``rows``; then
+    ``max(y, 0)`` with ``relu``) for ``xhat = (rows - mean) * inv_std``."""
+    return _elementwise("normalize", rows, addend, None, [mean, inv_std, gamma, beta], relu,
+                        addend is not None)
 
 
 def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, inv_std: Any,

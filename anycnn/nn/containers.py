@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import fastpath
 from ..backend import namespace_of
 from ..errors import ConfigError, ShapeError
-from .module import Module
+from .module import AddendShapeError, Module
 
 
 def _as_module(owner: str, what: str, value: Any) -> Module:
@@ -75,13 +74,11 @@ class Residual(Module):
     def forward(self, x: Any, relu: bool = False) -> Any:
         """``body(x) + shortcut(x)``; with ``relu``, ``max(., 0)`` of it in the same pass (a
         fused Residual → ReLU run, :mod:`anycnn.nn.fusion`)."""
-        y = self.body.forward(x)
         s = self.shortcut.forward(x)
-        if tuple(y.shape) != tuple(s.shape):
-            raise ShapeError(self._mismatch(tuple(x.shape), tuple(y.shape), tuple(s.shape)))
-        if relu:
-            return fastpath.add_relu(namespace_of(y, s), y, s)
-        return y + s
+        try:  # the body's last layer may add the shortcut inside its own pass
+            return self.body.forward_add(x, s, relu)
+        except AddendShapeError as exc:
+            raise ShapeError(self._mismatch(tuple(x.shape), exc.shape, tuple(s.shape))) from None
 
     def _mismatch(self, x_shape: tuple, body: tuple, short: tuple) -> str:
         if not isinstance(self.shortcut, Identity):

@@ -930,8 +930,12 @@ class BatchNormCtx:
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
-                       reduce=None, relu=False):
+                       reduce=None, relu=False, addend=None):
     """PyTorch ``batch_norm`` on channels-last input, followed by a ReLU when ``relu``.
+
+    ``addend`` (shaped as ``x``; a residual sum's shortcut output) is added to the normalised
+    values before the ReLU, in the same pass. The ReLU's mask is then not kept: the backward
+    takes the gradient of the sum, already through its ReLU, as a residual block computes it.
 
     In training, normalises with the batch statistics and returns updated running statistics
     (``running_var`` uses the unbiased batch variance); in eval, uses the running statistics.
@@ -977,12 +981,16 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
         centred = rows if compiled else rows - running_mean
         var = running_var
     inv_std = 1.0 / xp.sqrt(var + eps)
+    plus = None if addend is None else xp.reshape(addend, rows.shape)
+    masked = relu and plus is None  # the ReLU's mask belongs to this layer's backward
     if compiled:  # xhat is not stored: the backward kernels compute it again from the rows
-        y = native_norm.normalize(rows, mean, inv_std, gamma, beta, relu)
-        ctx = BatchNormCtx(rows, inv_std, count, training, share, y if relu else None, mean)
+        y = native_norm.normalize(rows, mean, inv_std, gamma, beta, relu, plus)
+        ctx = BatchNormCtx(rows, inv_std, count, training, share, y if masked else None, mean)
     else:
-        xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, relu)
-        ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if relu else None)
+        xhat, y = fastpath.normalize_rows(xp, centred, inv_std, gamma, beta, masked)
+        if plus is not None:
+            y = fastpath.add_relu(xp, y, plus, relu)
+        ctx = BatchNormCtx(xhat, inv_std, count, training, share, y if masked else None)
     return xp.reshape(y, x.shape), ctx, running_mean, running_var
 
 

@@ -30,7 +30,7 @@ from . import functional as F
 from .containers import Concat, Identity, Residual  # noqa: F401 - re-exported
 from .geometry import as_pair, conv_padding
 from .init import get_initializer
-from .module import Module, Parameter, make_array, spatial_size
+from .module import Module, Parameter, check_addend, make_array, spatial_size
 
 # --------------------------------------------------------------------------------------------
 # Input checks shared by the layers
@@ -369,6 +369,15 @@ class BatchNorm2D(Module):
     def forward(self, x, relu: bool = False):
         """Normalised ``x``; with ``relu``, ``max(., 0)`` of it in the same pass (a fused
         BatchNorm2D → ReLU run, :mod:`anycnn.nn.fusion`; backward then goes through both)."""
+        return self._forward(x, relu, None)
+
+    def forward_add(self, x, addend, relu: bool = False):
+        """Normalised ``x`` plus ``addend`` (then ``max(., 0)`` with ``relu``) in one pass: the
+        end of a residual body (:meth:`Module.forward_add`)."""
+        check_addend(x.shape, addend)
+        return self._forward(x, relu, addend)
+
+    def _forward(self, x, relu: bool, addend):
         if x.ndim not in (2, 4):
             raise ShapeError(f"BatchNorm2D expects NHWC or (N, C) input, got {tuple(x.shape)}")
         check_float_input(self, x, x.ndim, "NHWC")
@@ -378,7 +387,8 @@ class BatchNorm2D(Module):
             raise ShapeError("BatchNorm2D needs more than one value per channel in training")
         y, self._ctx, rm, rv = F.batch_norm_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps, reduce=self._reduce(), relu=relu)
+            self.training, self.momentum, self.eps, reduce=self._reduce(), relu=relu,
+            addend=addend)
         self.running_mean, self.running_var = rm, rv
         return y
 

@@ -17,7 +17,7 @@ from array_api_compat import device
 
 from .. import fastpath
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ShapeError
 
 
 class Parameter:
@@ -65,6 +65,14 @@ class Module:
         """Accumulate parameter gradients; return the input gradient (``None`` is allowed when
         ``input_grad`` is False: the caller does not need it, so layers may skip computing it)."""
         raise NotImplementedError
+
+    def forward_add(self, x: Any, addend: Any, relu: bool = False) -> Any:
+        """``forward(x) + addend`` (then ``max(., 0)`` with ``relu``): a residual sum, whose
+        last layer may add the shortcut's output inside its own pass (``BatchNorm2D`` with the
+        compiled kernels); this adds after. Raises :class:`AddendShapeError` when the output
+        and ``addend`` differ in shape. The backward is :meth:`backward` of the sum's (already
+        ReLU-masked) gradient."""
+        return residual_sum(self.forward(x), addend, relu)
 
     def backward_add(self, dy: Any, addend: Any) -> Any:
         """``backward(dy) + addend``, ``addend`` shaped as the input gradient (a residual sum's
@@ -238,6 +246,27 @@ def preserved_state(model: Module) -> Iterator[Module]:
         for p, data, grad in params:
             p.data, p.grad = data, grad
         random.set_state(rng_state)
+
+
+class AddendShapeError(ShapeError):
+    """:meth:`Module.forward_add`'s output and addend differ in shape (``shape``: the
+    output's; the caller, e.g. a ``Residual``, says what that means)."""
+
+    def __init__(self, shape: tuple[int, ...], addend: tuple[int, ...]) -> None:
+        super().__init__(f"output {shape} cannot be added to {addend}")
+        self.shape = shape
+
+
+def check_addend(shape: Any, addend: Any) -> None:
+    """Raise :class:`AddendShapeError` unless ``addend`` has ``shape``."""
+    if tuple(shape) != tuple(addend.shape):
+        raise AddendShapeError(tuple(shape), tuple(addend.shape))
+
+
+def residual_sum(y: Any, addend: Any, relu: bool) -> Any:
+    """``y + addend``, then ``max(., 0)`` with ``relu`` (shapes checked)."""
+    check_addend(y.shape, addend)
+    return fastpath.add_relu(namespace_of(y, addend), y, addend, relu)
 
 
 def add_gradients(dx: Any, addend: Any) -> Any:

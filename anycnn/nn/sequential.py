@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import ConfigError, ShapeError
 from .fusion import execution_plan
 from .layers import explain_flatten_mismatch
-from .module import Module, add_gradients, spatial_size
+from .module import Module, add_gradients, residual_sum, spatial_size
 
 
 class Sequential(Module):
@@ -43,18 +43,31 @@ class Sequential(Module):
         return len(self.layers)
 
     def forward(self, x: Any) -> Any:
+        return self._run(x)
+
+    def forward_add(self, x: Any, addend: Any, relu: bool = False) -> Any:
+        """:meth:`Module.forward_add`, the sum taken by the last layer."""
+        return self._run(x, addend, relu)
+
+    def _run(self, x: Any, addend: Any = None, relu: bool = False) -> Any:
+        """The layers' forward (the last one's ``forward_add`` with an ``addend``)."""
         layers = self.layers
-        self._plan = execution_plan(layers) if self.fuse else layers
+        self._plan = plan = execution_plan(layers) if self.fuse else layers
         images = x
         try:
-            for step in self._plan:
-                x = step.forward(x)
+            for i, step in enumerate(plan):
+                if addend is None or i < len(plan) - 1:
+                    x = step.forward(x)
+                elif isinstance(step, Module):
+                    return step.forward_add(x, addend, relu)
+                else:
+                    x = step.forward(x)
         except ShapeError as exc:  # costs nothing until raised
             note = explain_flatten_mismatch(layers, step, images)
             if note:
                 exc.args = (f"{exc}{note}",)
             raise
-        return x
+        return x if addend is None else residual_sum(x, addend, relu)
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return spatial_size(self.layers, hw)
