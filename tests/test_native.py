@@ -30,6 +30,13 @@ def native_on(monkeypatch):
     monkeypatch.setattr(fastpath, "ENABLED", True)
 
 
+def _watch(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name``: the returned list gets each call's ``(args, kwargs)``."""
+    calls, kernel = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw))
+    return calls
+
+
 def _conv(x, w, b, stride, pads, dy, input_grad=True):
     y, ctx = F.conv2d_forward(x, w, b, stride, pads, (1, 1))
     dx, dw, db = F.conv2d_backward(dy, ctx, w, input_grad)
@@ -66,9 +73,7 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
     wo = (w + pads[2] + pads[3] - k) // s + 1
     dy = rng.normal(size=(n, ho, wo, cout)).astype(dtype)
 
-    calls = []
-    realize = native.conv2d
-    monkeypatch.setattr(native, "conv2d", lambda *a, **kw: calls.append(1) or realize(*a, **kw))
+    calls = _watch(monkeypatch, native, "conv2d")
     fast = _conv(x, wt, b, (s, s), pads, dy)
     assert calls, "the native kernel was not used"
     monkeypatch.setattr(native, "ENABLED", False)
@@ -172,10 +177,7 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
     monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
     run = batch_norm_run(rng, shape, dtype, training, relu)
     assert native_norm.applies(np.zeros((1, shape[-1]), dtype))
-    calls = []
-    sums = native_norm._block_sums
-    monkeypatch.setattr(native_norm, "_block_sums",
-                        lambda *a, **k: calls.append(1) or sums(*a, **k))
+    calls = _watch(monkeypatch, native_norm, "_block_sums")
     compiled = run()
     assert calls, "the compiled BatchNorm passes were not used"
     monkeypatch.setattr(native, "ENABLED", False)
@@ -285,10 +287,7 @@ def test_compiled_conv_relu_maxpool_matches_portable(monkeypatch, rng, dtype, ca
     """The one-kernel Conv-ReLU-MaxPool block (and its backward from the pooled gradient and
     the window codes) against the fused im2col block and the layer-by-layer portable path."""
     run = _block_run(rng, dtype, case, zeros)
-    calls = []
-    kernel = native.conv2d_relu_maxpool
-    monkeypatch.setattr(native, "conv2d_relu_maxpool",
-                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    calls = _watch(monkeypatch, native, "conv2d_relu_maxpool")
     compiled = run()
     assert calls, "the compiled block was not used"
     monkeypatch.setattr(native, "ENABLED", False)
@@ -370,13 +369,10 @@ def test_residual_input_gradient_starts_from_the_shortcut_gradient(monkeypatch, 
         y = model(x)
         return [y, model.backward(dy)] + [p.grad for p in model.parameters()]
 
-    addends = []
-    kernel = native.conv2d_input_grad
-    monkeypatch.setattr(native, "conv2d_input_grad",
-                        lambda *a, **kw: addends.append(a[5] if len(a) > 5 else kw.get("addend"))
-                        or kernel(*a, **kw))
+    calls = _watch(monkeypatch, native, "conv2d_input_grad")
     compiled = run()
-    assert any(a is not None for a in addends), "no input gradient started from an addend"
+    assert any(len(a) > 5 and a[5] is not None for a, _ in calls), (
+        "no input gradient started from an addend")
     monkeypatch.setattr(native, "ENABLED", False)
     for a, e in zip(compiled, run()):
         assert_rounding_close(a, e)
