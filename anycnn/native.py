@@ -11,7 +11,10 @@ by output channels in vector registers, reading the NHWC input and the weights i
 - :func:`conv2d` — forward ``(N, Ho, Wo, C_out)`` of an NHWC input, padded inside the kernel
   (any kernel size and stride, no dilation, no groups).
 - :func:`conv2d_input_grad` — the input gradient, as the same kernel over the output gradient
-  (spread out by the stride, padded) with the kernel flipped and its channels swapped.
+  (padded) with the kernel flipped and its channels swapped; at a stride above 1, one such
+  stride-1 kernel per phase of the input grid (for kernels at least as wide as the stride;
+  else over the gradient spread out by the stride). Its sums can start from an ``addend`` (a
+  residual block's other gradient), so that sum costs no pass of its own.
 - :func:`conv2d_weight_grad` — ``(kh, kw, C_in, C_out)`` weight gradient, summed over images in
   cache-sized groups on all threads, then over the groups in a fixed order.
 - :func:`conv2d_relu_maxpool` — a ``Conv2D → ReLU → MaxPool2D`` block whose pooling windows
@@ -203,16 +206,17 @@ def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
 
 
 def _convolution(hl, t, grid, start):
-    """(out, acc, rdom): out[co, x, y, n] = start(co, x, y, n) (None: 0) + sum over (ci, j, i)
-    of grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
-    reversed), and the ImageParams and Params it reads."""
+    """``(out, acc, rdom, (co, x, y, n), ImageParams, Params)`` of the convolution
+    out[co, x, y, n] = start(co, x, y, n) + sum over (ci, j, i) of
+    grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
+    reversed)."""
     wt = hl.ImageParam(t, 4, "wt")
     stride = hl.Param(hl.Int(32), "stride")
     co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
     r = hl.RDom([hl.Range(0, wt.dim(1).extent()), hl.Range(0, wt.dim(2).extent()),
                  hl.Range(0, wt.dim(3).extent())])
     acc = hl.Func("acc")
-    acc[co, x, y, n] = hl.cast(t, 0) if start is None else start(co, x, y, n)
+    acc[co, x, y, n] = start(co, x, y, n)
     acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
     out = hl.Func("conv")
     out[co, x, y, n] = acc[co, x, y, n]
@@ -260,10 +264,16 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
         source, images, extent = _gradient_source(hl, t, unpool)
     grid, gc = _spread_padded(hl, source, extent, spread, top, left)
     bias, plus = hl.ImageParam(t, 1, "bias"), hl.ImageParam(t, 4, "addend")
-    start = None if pool else lambda co, x, y, n: bias[co]
     if addend:
         images["addend"] = plus
-        start = lambda co, x, y, n: plus[co, x, y, n]  # noqa: E731
+
+    def start(co, x, y, n):
+        """Where each output's sum starts: the addend, or the bias (zero under a pool: the
+        bias is added to the window's maximum)."""
+        if addend:
+            return plus[co, x, y, n]
+        return hl.cast(t, 0) if pool else bias[co]
+
     conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
