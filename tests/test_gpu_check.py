@@ -36,16 +36,22 @@ def _table(report: str) -> dict[str, list[str]]:
     return rows
 
 
+#: the dry run's budget: the real check's default. The dry run takes about 40 s on a quiet
+#: machine and 110 s on a slow shared one (6 bench workers that import torch, the compiles);
+#: budget enforcement itself is tested with a hanging step below, not by timing this run.
+DRY_RUN_BUDGET_S = 420
+
+
 @pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "anycnn.cli.gpu_check", "--dry-run", "--out",
-                           str(out), "--budget-s", "100"], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=150)
+                           str(out), "--budget-s", str(DRY_RUN_BUDGET_S)], capture_output=True,
+                          text=True, env=_env(), cwd=tmp_path, timeout=DRY_RUN_BUDGET_S + 60)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert took < 100
+    assert took < DRY_RUN_BUDGET_S
     report = (out / "gpu-report.md").read_text()
     assert report.startswith("# anycnn GPU check\n")
     assert "- result: **PASS**" in report
