@@ -40,7 +40,7 @@ def applies(rows: Any) -> bool:
     """Whether these kernels compute BatchNorm's passes over ``rows`` (M, C)."""
     return (isinstance(rows, np.ndarray) and rows.ndim == 2
             and native.available(np, rows.dtype)
-            and rows.shape[1] % native._LANES[rows.dtype] == 0 and rows.shape[0] > 0)
+            and rows.shape[1] % native.vector_lanes(rows.dtype) == 0 and rows.shape[0] > 0)
 
 
 def _row_params(hl, t) -> tuple:
@@ -62,7 +62,7 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     a where ``y > 0`` (``relu``) (``product``)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
-    lanes = native._LANES[dtype]
+    lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
     mean, inv_std = hl.ImageParam(t, 1, "mean"), hl.ImageParam(t, 1, "inv_std")
     c, b = hl.Var("c"), hl.Var("b")
@@ -103,7 +103,7 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     h by p0 and p1."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
-    lanes = native._LANES[dtype]
+    lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
     p = [hl.ImageParam(t, 1, f"p{i}") for i in range(5)]
     c, m = hl.Var("c"), hl.Var("m")

@@ -86,6 +86,36 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
 
 
 @pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("regs", [native.Registers(512, 32), native.Registers(256, 16),
+                                  native.Registers(128, 32)], ids=["avx512", "avx2", "neon"])
+def test_register_tiles_follow_the_cpu_and_stay_exact(monkeypatch, rng, regs):
+    """The tiles are sized from the CPU's vector registers (AVX-512's tiles spill on AVX2), and
+    every CPU's tiles compute the same convolutions (Halide compiles each for this host)."""
+    monkeypatch.setattr(native, "registers", lambda: regs)
+    lanes = regs.bits // 32
+    assert native.vector_lanes(np.float32) == lanes
+    assert native.vector_lanes(np.float64) == lanes // 2
+    tile, vector, guard = native._tiles(np.dtype(np.float32), 4 * lanes)
+    assert (tile, vector, guard) == (2 * lanes, lanes, False)
+    for width in (8, 12, 14, 16, 28, 32):  # 2 vectors x pixels: 3/4 of the registers at most
+        assert 2 * native._pixel_tile(width) <= regs.count * 3 // 4
+    for case in (CASES[1], CASES[2], CASES[10]):
+        n, h, w, cin, cout, k, s, pads = case
+        x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+        wt = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+        b = rng.normal(size=cout).astype(np.float32)
+        ho = (h + pads[0] + pads[1] - k) // s + 1
+        dy = rng.normal(size=(n, ho, (w + pads[2] + pads[3] - k) // s + 1, cout))
+        dy = dy.astype(np.float32)
+        fast = _conv(x, wt, b, (s, s), pads, dy)
+        monkeypatch.setattr(native, "ENABLED", False)
+        slow = _conv(x, wt, b, (s, s), pads, dy)
+        for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, slow):
+            assert_rounding_close(a, e, err_msg=f"{case}: {name}")
+        monkeypatch.setattr(native, "ENABLED", True)
+
+
+@pytest.mark.usefixtures("native_on")
 def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
     """Batches that are, and are not, a multiple of the images per weight-gradient part."""
     monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)
