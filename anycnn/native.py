@@ -79,10 +79,11 @@ def vector_lanes(dtype: Any) -> int:
     return registers().bits // (8 * np.dtype(dtype).itemsize)
 
 
-def _most_tile_pixels() -> int:
-    """Pixels a register tile holds at most: 8 rows of 2 vectors of channels (16 accumulators)
-    with 32 registers, 6 (12) with 16, which leaves room for the weights and the broadcast
-    input."""
+def _most_tile_rows() -> int:
+    """Rows a register tile holds at most, each row 2 vectors of output channels: 8 (16
+    accumulators) with 32 registers, 6 (12) with 16, which leaves room for the weights and the
+    broadcast operand. A row is an output pixel in the forward and input-gradient kernels and
+    an input channel in the weight-gradient kernel."""
     return 8 if registers().count >= 32 else 6
 
 #: images summed into one weight-gradient part, at least (their input and gradient stay in the
@@ -193,8 +194,8 @@ def _pixel_tile(width: int) -> int:
     """Output pixels per register tile for output rows of ``width``: with 32 registers 8 (the
     best of 4-16, measured for 16, 32 and 64 channels), or 7 or 6 where that divides the row
     and 8 does not (no overlapping last tile: 10-14% faster at widths 14 and 28, measured);
-    with 16 registers 6 (see :func:`_most_tile_pixels`)."""
-    most = _most_tile_pixels()
+    with 16 registers 6 (see :func:`_most_tile_rows`)."""
+    most = _most_tile_rows()
     if width <= most:
         return width
     return next((t for t in (most, most - 1, most - 2) if width % t == 0), most)
@@ -580,7 +581,7 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
         return np.zeros((*kernel, cin, cout), dtype=x.dtype)
     tile, lanes, guard = _tiles(x.dtype, cout)
     window = dy.window if isinstance(dy, Pooled) else None
-    in_tile = _divisor_tile(cin, _most_tile_pixels())
+    in_tile = _divisor_tile(cin, _most_tile_rows())
     pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window)
     per = _images_per_part(n, grad.shape[1] * grad.shape[2])
     full = n // per * per
