@@ -26,7 +26,7 @@ _EXPORTS = {
 }
 #: attribute -> the module or package it stands for (``anycnn.layers`` is ``anycnn.nn.layers``)
 _SUBMODULES = {
-    **{p: p for p in ("backend", "cli", "data", "dist", "errors", "fastpath", "io", "models", "nn",
+    **{p: p for p in ("backend", "cli", "data", "dist", "errors", "io", "kernels", "models", "nn",
                       "optim", "random", "testing", "train")},
     **{m: f"nn.{m}" for m in ("containers", "functional", "fusion", "geometry", "init", "layers",
                               "losses", "module", "sequential", "summarize")},

@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from anycnn import fastpath
 from anycnn.dist import launch
 from anycnn.dist.comm import Communicator, SingleProcess, check_buffer
 from anycnn.errors import AnycnnError, ConfigError, DistributedError, ShapeError
+from anycnn.kernels import threads as kthreads
 
 from .mpi_run import LAUNCHER_PREFIXES, SCRIPTS, child_env, mpiexec_or_skip
 
@@ -491,17 +491,17 @@ def fake_affinity(clean_env):
         state["cpus"] = set(cpus)
 
     clean_env.setattr(os, "sched_setaffinity", setaffinity)
-    fastpath._usable_cpus.cache_clear()
+    kthreads._usable_cpus.cache_clear()
     yield state
-    fastpath._usable_cpus.cache_clear()
+    kthreads._usable_cpus.cache_clear()
 
 
 @pytest.mark.parametrize("local_rank, expected", [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7])])
 def test_bind_splits_the_cpus_between_local_ranks(fake_affinity, local_rank, expected):
-    assert fastpath.num_threads() == 8
+    assert kthreads.num_threads() == 8
     assert launch.bind_to_cores(NodeComm(local_rank, 2)) == expected
     assert sorted(fake_affinity["cpus"]) == expected
-    assert fastpath.num_threads() == 4
+    assert kthreads.num_threads() == 4
 
 
 def test_bind_more_ranks_than_cpus_gives_one_each(fake_affinity):
@@ -515,7 +515,7 @@ def test_bind_more_ranks_than_cpus_gives_one_each(fake_affinity):
 def test_bind_keeps_anycnn_num_threads(fake_affinity, clean_env):
     clean_env.setenv("ANYCNN_NUM_THREADS", "3")
     assert launch.bind_to_cores(NodeComm(1, 2)) == [4, 5, 6, 7]
-    assert fastpath.num_threads() == 3
+    assert kthreads.num_threads() == 3
 
 
 @pytest.mark.usefixtures("fake_affinity")

@@ -14,58 +14,60 @@ import numpy as np
 import pytest
 
 import anycnn
-from anycnn import fastpath
+from anycnn.kernels import fastpath
+from anycnn.kernels import threads as kthreads
 from anycnn.models import build_model
+from anycnn.nn import functional as F
 
 
 @pytest.fixture
 def threads(monkeypatch):
     """Two threads, and every call large enough to be split."""
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
-    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
 
 
 @pytest.fixture
 def portable(monkeypatch):
     """A function that runs ``fn()`` with the NumPy fast paths off (the portable code)."""
     def run(fn):
-        monkeypatch.setattr(fastpath, "ENABLED", False)
+        monkeypatch.setattr(kthreads, "ENABLED", False)
         try:
             return fn()
         finally:
-            monkeypatch.setattr(fastpath, "ENABLED", True)
+            monkeypatch.setattr(kthreads, "ENABLED", True)
 
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     return run
 
 
 def test_take_rows_sum_and_pad_match_portable(threads, portable, rng):
     x = rng.standard_normal((5, 40, 3)).astype(np.float32)
     index = rng.integers(0, 40, 77)
-    np.testing.assert_array_equal(fastpath.take_rows(xp, x, index), np.take(x, index, axis=1))
+    np.testing.assert_array_equal(F.take_rows(x, index), np.take(x, index, axis=1))
     g = rng.standard_normal((5, 4, 6, 3)).astype(np.float32)
-    np.testing.assert_array_equal(fastpath.sum_axis1(xp, g), portable(
-        lambda: fastpath.sum_axis1(xp, g)))
+    np.testing.assert_array_equal(F.sum_axis1(g), portable(
+        lambda: F.sum_axis1(g)))
     img = rng.standard_normal((3, 4, 5, 2)).astype(np.float32)
     for pads, value in (((1, 2, 0, 3), 0.0), ((0, 0, 2, 1), -np.inf), ((2, 2, 2, 2), 0.0)):
         expected = xpx.pad(img, ((0, 0), pads[:2], pads[2:], (0, 0)), constant_values=value)
-        np.testing.assert_array_equal(fastpath.pad_hw(xp, img, pads, value), expected)
-        slow = portable(lambda p=pads, v=value: fastpath.pad_hw(xp, img, p, v))
+        np.testing.assert_array_equal(F.pad_hw(img, pads, value), expected)
+        slow = portable(lambda p=pads, v=value: F.pad_hw(img, p, v))
         np.testing.assert_array_equal(slow, expected)
 
 
 @pytest.mark.parametrize("taps", [1, 2, 4, 9])
 def test_window_max_and_masked_match_portable_with_ties(threads, portable, rng, taps):
     entries = np.round(rng.standard_normal((5, taps, 6, 3))).astype(np.float32)  # many ties
-    fast_y, fast_mask = fastpath.window_max(xp, entries)
+    fast_y, fast_mask = F.window_max(entries)
     dy = rng.standard_normal((5, 1, 6, 3)).astype(np.float32)
-    fast_d = fastpath.masked(xp, fast_mask, dy)
-    y, mask = portable(lambda: fastpath.window_max(xp, entries))
+    fast_d = F.masked(fast_mask, dy)
+    y, mask = portable(lambda: F.window_max(entries))
     np.testing.assert_array_equal(fast_y, y)
     np.testing.assert_array_equal(fast_mask, mask)
     assert (mask.sum(axis=1) == 1).all()  # exactly one first maximum per window
     np.testing.assert_array_equal(mask.argmax(axis=1), entries.argmax(axis=1))
-    d = portable(lambda: fastpath.masked(xp, mask, dy))
+    d = portable(lambda: F.masked(mask, dy))
     assert d.dtype == np.float32
     np.testing.assert_array_equal(fast_d, d)
 
@@ -75,20 +77,20 @@ def test_bias_relu_and_relu_grad_match_portable(threads, portable, rng, with_bia
     x = np.round(rng.standard_normal((5, 4, 3)), 1).astype(np.float32)  # exact zeros too
     bias = rng.standard_normal(3).astype(np.float32) if with_bias else None
     dy = rng.standard_normal((5, 4, 3)).astype(np.float32)
-    fast = fastpath.bias_relu(xp, x, bias)
-    fast_grad = fastpath.relu_grad(xp, fast, dy)
-    slow = portable(lambda: fastpath.bias_relu(xp, x, bias))
+    fast = F.bias_relu(x, bias)
+    fast_grad = F.relu_grad(fast, dy)
+    slow = portable(lambda: F.bias_relu(x, bias))
     np.testing.assert_array_equal(fast, slow)
-    np.testing.assert_array_equal(fast_grad, portable(lambda: fastpath.relu_grad(xp, slow, dy)))
+    np.testing.assert_array_equal(fast_grad, portable(lambda: F.relu_grad(slow, dy)))
     assert fast.dtype == fast_grad.dtype == np.float32
 
 
 def test_fast_paths_only_engage_for_numpy(threads):
     import array_api_strict
 
-    assert not fastpath.enabled(array_api_strict)
-    assert fastpath._parallel(array_api_strict, 1 << 20, 8) == 0
-    assert fastpath._parallel(xp, 1 << 20, 8) == 2
+    assert not kthreads.enabled(array_api_strict)
+    assert kthreads._parallel(array_api_strict, 1 << 20, 8) == 0
+    assert kthreads._parallel(xp, 1 << 20, 8) == 2
 
 
 def _ranges_fn(n_feat=3):
@@ -98,7 +100,7 @@ def _ranges_fn(n_feat=3):
     def fn(a, b):
         time.sleep(0.002)  # long enough for the other thread to wake and take ranges too
         seen.append((a, b, threading.current_thread().name,
-                     fastpath._parallel(xp, 1 << 30, 8)))
+                     kthreads._parallel(xp, 1 << 30, 8)))
         rows = np.arange(a * n_feat, b * n_feat, dtype=np.float64).reshape(b - a, n_feat)
         return rows, rows.sum(axis=0), None
 
@@ -107,9 +109,9 @@ def _ranges_fn(n_feat=3):
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64])
 def test_map_batch_concatenates_and_sums_in_threads(threads, monkeypatch, n):
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
     fn, seen = _ranges_fn()
-    rows, total, nothing = fastpath.map_batch(xp, n, 1, fn, ("cat", "sum", "sum"))
+    rows, total, nothing = kthreads.map_batch(xp, n, 1, fn, ("cat", "sum", "sum"))
     expected = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_array_equal(total, expected.sum(axis=0))
@@ -122,13 +124,13 @@ def test_map_batch_concatenates_and_sums_in_threads(threads, monkeypatch, n):
 
 def test_map_batch_portable_path_chunks_by_bytes(portable):
     fn, seen = _ranges_fn()
-    rows, total, _ = portable(lambda: fastpath.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum"),
+    rows, total, _ = portable(lambda: kthreads.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum"),
                                                          portable_chunk_bytes=32))
     np.testing.assert_array_equal(rows, np.arange(30.0).reshape(10, 3))
     np.testing.assert_array_equal(total, np.arange(30.0).reshape(10, 3).sum(axis=0))
     assert [(a, b) for a, b, *_ in seen] == [(0, 4), (4, 8), (8, 10)]
     seen.clear()
-    portable(lambda: fastpath.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum")))
+    portable(lambda: kthreads.map_batch(xp, 10, 8, fn, ("cat", "sum", "sum")))
     assert [(a, b) for a, b, *_ in seen] == [(0, 10)]  # no byte limit: one call
 
 
@@ -139,8 +141,8 @@ def test_map_batch_propagates_errors(threads):
         return (np.zeros((b - a, 1)),)
 
     with pytest.raises(ValueError, match="bad chunk"):
-        fastpath.map_batch(xp, 8, 1 << 30, fn, ("cat",))
-    assert not getattr(fastpath._region, "active", False)
+        kthreads.map_batch(xp, 8, 1 << 30, fn, ("cat",))
+    assert not getattr(kthreads._region, "active", False)
 
 
 def _simple_cnn_grads(x, y):
@@ -159,12 +161,12 @@ def test_training_step_fast_paths_match_portable_and_are_deterministic(rng, monk
     x = rng.random((6, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 6)
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
-    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)  # one image per chunk
     with anycnn.use_backend("numpy"):
-        monkeypatch.setattr(fastpath, "ENABLED", True)
+        monkeypatch.setattr(kthreads, "ENABLED", True)
         fast, again = _simple_cnn_grads(x, y), _simple_cnn_grads(x, y)
-        monkeypatch.setattr(fastpath, "ENABLED", False)
+        monkeypatch.setattr(kthreads, "ENABLED", False)
         slow = _simple_cnn_grads(x, y)
     for a, b, c in zip(fast, again, slow):
         np.testing.assert_array_equal(a, b)
@@ -189,13 +191,13 @@ def test_update_rows_splits_in_place_updates(threads, rng, shape):
 
 
 def test_map_batch_keeps_pieces_for_a_second_pass(threads, monkeypatch):
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 2)  # two images per chunk
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 2)  # two images per chunk
 
     def fn(a, b):
         return (np.arange(a, b, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32),)
 
-    kept, = fastpath.map_batch(xp, 7, 1, fn, ("keep",))
-    assert isinstance(kept, fastpath.Pieces)
+    kept, = kthreads.map_batch(xp, 7, 1, fn, ("keep",))
+    assert isinstance(kept, kthreads.Pieces)
     assert sorted((a, b) for a, b, _ in kept.parts) == [(0, 1), (1, 3), (3, 5), (5, 7)]
     np.testing.assert_array_equal(kept.part(1, 3)[:, 0], [1, 2])
     np.testing.assert_array_equal(kept.part(5, 6)[:, 0], [5])
@@ -213,7 +215,7 @@ def test_map_batch_keeps_pieces_for_a_second_pass(threads, monkeypatch):
 ])
 def test_ranges_start_staggered_per_thread(n, size, threads, expected):
     """With several threads the first ranges are shorter, so the threads run out of step."""
-    assert fastpath._ranges(n, size, threads) == expected
+    assert kthreads._ranges(n, size, threads) == expected
 
 
 def test_map_batch_works_in_a_forked_child(threads):
@@ -221,7 +223,7 @@ def test_map_batch_works_in_a_forked_child(threads):
     import multiprocessing
 
     fn, _ = _ranges_fn()
-    fastpath.map_batch(xp, 8, 1 << 30, fn, ("cat", "sum", "sum"))  # the parent's threads exist
+    kthreads.map_batch(xp, 8, 1 << 30, fn, ("cat", "sum", "sum"))  # the parent's threads exist
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=_child_map_batch)
     child.start()
@@ -236,9 +238,9 @@ def _child_map_batch():
     import os as _os
 
     _os.environ["ANYCNN_NUM_THREADS"] = "2"
-    fastpath.MIN_PARALLEL_SIZE = 1
+    kthreads.MIN_PARALLEL_SIZE = 1
     fn, _ = _ranges_fn()
-    rows, _, _ = fastpath.map_batch(xp, 8, 1, fn, ("cat", "sum", "sum"))
+    rows, _, _ = kthreads.map_batch(xp, 8, 1, fn, ("cat", "sum", "sum"))
     raise SystemExit(0 if rows.shape == (8, 3) else 1)
 
 
@@ -249,11 +251,11 @@ def test_matmul_splits_equal_the_plain_product(threads, monkeypatch, rng, shape)
     m, k, n = shape
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
-    out = fastpath.matmul(xp, a, b)
+    out = F.matmul(a, b)
     assert out.dtype == np.float32 and out.shape == (m, n)
     np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a @ b).max()))
     # transposed (strided) operands, as in the Dense weight gradient
-    np.testing.assert_allclose(fastpath.matmul(xp, a.T, a), a.T @ a, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(F.matmul(a.T, a), a.T @ a, rtol=1e-4, atol=1e-3)
 
 
 def test_one_blas_thread_nests_and_restores(rng):
@@ -263,13 +265,13 @@ def test_one_blas_thread_nests_and_restores(rng):
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
     with threadpool_limits(2, user_api="blas"):
-        with fastpath.one_blas_thread():
+        with kthreads.one_blas_thread():
             assert blas_threads() == {1}
-            with fastpath.one_blas_thread():
+            with kthreads.one_blas_thread():
                 assert blas_threads() == {1}
             assert blas_threads() == {1}  # the inner exit leaves the outer limit alone
         assert blas_threads() == {2}
-        with pytest.raises(ZeroDivisionError), fastpath.one_blas_thread():
+        with pytest.raises(ZeroDivisionError), kthreads.one_blas_thread():
             1 / 0  # noqa: B018
         assert blas_threads() == {2}
 
@@ -332,11 +334,11 @@ def test_training_steps_never_wake_the_blas_threads(tmp_path):
 @pytest.mark.parametrize("shape", [(5, 7, 3, 4), (300, 70, 16)])
 def test_add_and_add_relu_match_the_expressions(threads, monkeypatch, rng, relu, shape):
     """The residual sums (split over the threads, in chunks of rows) are exact: elementwise."""
-    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
     monkeypatch.setattr(fastpath, "CHANNEL_CHUNK", 64)
     x = rng.normal(size=shape).astype(np.float32)
     y = rng.normal(size=shape).astype(np.float32)
-    got = fastpath.add_relu(xp, x, y) if relu else fastpath.add(xp, x, y)
+    got = F.add_relu(x, y) if relu else F.add(x, y)
     np.testing.assert_array_equal(got, np.maximum(x + y, 0.0) if relu else x + y)
     # a broadcast operand takes the plain expression
-    np.testing.assert_array_equal(fastpath.add(xp, x, y[:1]), x + y[:1])
+    np.testing.assert_array_equal(F.add(x, y[:1]), x + y[:1])

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import anycnn
-from anycnn import backend, fastpath
+from anycnn import backend
 from anycnn.errors import BackendError
+from anycnn.kernels import fastpath
 from anycnn.nn import Parameter
 from anycnn.optim import SGD, Adam, AdamW
 from anycnn.optim import optimizers as optimizers_module

@@ -132,8 +132,8 @@ def test_fused_conv_relu_pool_matches_unfused(backend, rng, dtype):
 def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
     """Convolution forward and backward a chunk of images at a time (the portable byte limit,
     or NumPy's cache-sized chunks) equal the whole batch at once."""
-    from anycnn import fastpath
     from anycnn import functional as F
+    from anycnn.kernels import threads as kthreads
 
     layer = L.Conv2D(3, 4, 3, stride=(2, 1), padding=1, dtype="float64")
     x = anycnn.asarray(rng.standard_normal((5, 7, 6, 3)))
@@ -148,7 +148,7 @@ def test_chunked_convolution_equals_one_piece(backend, rng, monkeypatch):
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "1")
     whole = run()
     monkeypatch.setattr(F, "COL2IM_CHUNK_BYTES", 1)  # one image per chunk
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
     chunked = run()
     # per-chunk GEMMs against one: the BLAS may order each sum differently per shape
@@ -164,8 +164,9 @@ def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatc
     pool-plane path (depth first, also one image per chunk on two threads), or each through
     the compiled kernel where it applies (``compiled``), the second through the general path;
     values and gradients equal the unfused layers."""
-    from anycnn import fastpath, native
     from anycnn import functional as F
+    from anycnn.kernels import native
+    from anycnn.kernels import threads as kthreads
     from anycnn.nn.fusion import ConvPoolRun, ConvReluMaxPool
 
     if compiled and not (backend.name == "numpy" and native.available(np)):
@@ -183,7 +184,7 @@ def test_conv_pool_run_with_mixed_blocks_matches_layers(backend, rng, monkeypatc
 
     if images_per_chunk:
         monkeypatch.setattr(F, "COL2IM_CHUNK_BYTES", 1)
-        monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+        monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)
         monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
     fused, plain = make(), make()
     plain.fuse = False

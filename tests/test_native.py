@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from anycnn import fastpath, native
+from anycnn.kernels import native
+from anycnn.kernels import threads as kthreads
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
 from tests.test_resnet_fastpaths import batch_norm_run
@@ -27,7 +28,7 @@ def native_on(monkeypatch):
     if not HAVE_HALIDE:
         pytest.skip("halide is not installed")
     monkeypatch.setattr(native, "ENABLED", True)
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
 
 
 def _watch(monkeypatch, module, name: str) -> list:
@@ -151,7 +152,7 @@ def test_not_used_where_it_does_not_apply(rng):
 @pytest.mark.usefixtures("native_on")
 @pytest.mark.parametrize("env", ["ANYCNN_NATIVE", "ANYCNN_FASTPATH"])
 def test_environment_turns_the_kernels_off(env):
-    code = ("import numpy as np; from anycnn import native; "
+    code = ("import numpy as np; from anycnn.kernels import native; "
             "print(native.available(np), native.describe())")
     out = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), env: "0"},
                          capture_output=True, text=True, check=True).stdout
@@ -171,7 +172,7 @@ def test_installed_where_it_is_a_dependency(monkeypatch):
     monkeypatch.delenv("ANYCNN_NATIVE", raising=False)
     monkeypatch.delenv("ANYCNN_FASTPATH", raising=False)
     monkeypatch.setattr(native, "ENABLED", None)  # read the environment and look again
-    monkeypatch.setattr(fastpath, "ENABLED", None)
+    monkeypatch.setattr(kthreads, "ENABLED", None)
     assert HAVE_HALIDE and native.available(np, np.float32)
 
 
@@ -202,7 +203,7 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
                                                       shape):
     """The compiled BatchNorm passes (``anycnn.native_norm``, blocks of 50 rows: several
     blocks and a remainder) against the NumPy fast path and the portable expressions."""
-    from anycnn import native_norm
+    from anycnn.kernels import native_norm
 
     monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
     run = batch_norm_run(rng, shape, dtype, training, relu)
@@ -212,7 +213,7 @@ def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, r
     assert calls, "the compiled BatchNorm passes were not used"
     monkeypatch.setattr(native, "ENABLED", False)
     numpy_fast = run()
-    monkeypatch.setattr(fastpath, "ENABLED", False)
+    monkeypatch.setattr(kthreads, "ENABLED", False)
     portable = run()
     for name, a, b, e in zip(("y", "mean", "var", "dx", "dgamma", "dbeta"), compiled,
                              numpy_fast, portable):
@@ -246,7 +247,7 @@ def test_batch_norm_backward_after_the_kernels_went_off(monkeypatch, rng, relu):
 def test_read_only_and_empty_batches(rng):
     """Read-only arrays (a memory-mapped dataset, a frozen weight) are read, not refused; an
     empty batch gives empty outputs and zero weight gradients."""
-    from anycnn import native_norm
+    from anycnn.kernels import native_norm
 
     x = rng.normal(size=(2, 6, 6, 16)).astype(np.float32)
     w = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
@@ -322,11 +323,11 @@ def test_compiled_conv_relu_maxpool_matches_portable(monkeypatch, rng, dtype, ca
     assert calls, "the compiled block was not used"
     monkeypatch.setattr(native, "ENABLED", False)
     for path in ("im2col", "portable"):
-        monkeypatch.setattr(fastpath, "ENABLED", path == "im2col")
+        monkeypatch.setattr(kthreads, "ENABLED", path == "im2col")
         for name, a, e in zip(("y", "dx", "dweight", "dbias"), compiled, run()):
             assert_rounding_close(a, e, err_msg=f"{name} vs {path}")
     monkeypatch.setattr(native, "ENABLED", True)
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     for a, e in zip(compiled, run()):  # repeatable
         np.testing.assert_array_equal(a, e)
 
@@ -361,11 +362,12 @@ def test_compiled_block_not_used_for_overlapping_or_padded_pools(rng):
 
     x = rng.normal(size=(2, 9, 9, 16)).astype(np.float32)
     conv = Conv2D(16, 16, 3, padding=1)
-    assert ConvReluMaxPool(conv, ReLU(), MaxPool2D(2)).compiled(x) is not None
+    assert ConvReluMaxPool(conv, ReLU(), MaxPool2D(2)).forward_compiled(x) is not None
     for pool in (MaxPool2D(3, stride=2), MaxPool2D(2, padding=1), MaxPool2D(3, stride=4),
                  MaxPool2D(2, ceil_mode=True)):
-        assert ConvReluMaxPool(conv, ReLU(), pool).compiled(x) is None, pool
-    assert ConvReluMaxPool(Conv2D(16, 16, 3, dilation=2), ReLU(), MaxPool2D(2)).compiled(x) is None
+        assert ConvReluMaxPool(conv, ReLU(), pool).forward_compiled(x) is None, pool
+    dilated = ConvReluMaxPool(Conv2D(16, 16, 3, dilation=2), ReLU(), MaxPool2D(2))
+    assert dilated.forward_compiled(x) is None
 
 
 @pytest.mark.usefixtures("native_on")

@@ -149,17 +149,17 @@ def test_grouped_conv_is_not_fused_and_ungrouped_still_is(backend, rng):
                                                                        "depthwise_x2"])
 def test_grouped_conv2d_fastpath_matches_portable(monkeypatch, rng, groups, cout):
     """NumPy: chunked, two-thread fast path equals the portable whole-batch code (float32)."""
-    from anycnn import fastpath
+    from anycnn.kernels import threads as kthreads
     from tests.rounding import assert_rounding_close
 
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1 << 14)  # several chunks
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1 << 14)  # several chunks
     x = rng.standard_normal((9, 7, 6, 4)).astype(np.float32)
     dy = rng.standard_normal((9, 4, 3, cout)).astype(np.float32)
     results = []
     with anycnn.use_backend("numpy"):
         for enabled in (True, False):
-            monkeypatch.setattr(fastpath, "ENABLED", enabled)
+            monkeypatch.setattr(kthreads, "ENABLED", enabled)
             anycnn.manual_seed(5)
             layer = L.Conv2D(4, cout, 3, stride=2, padding=1, groups=groups)
             y = layer.forward(anycnn.asarray(x))
@@ -248,17 +248,17 @@ def test_conv_transpose2d_errors(backend, args, error, message):
                          ids=["dense", "grouped", "depthwise"])
 def test_conv_transpose2d_fastpath_matches_portable(monkeypatch, rng, groups, cout):
     """NumPy: chunked, two-thread fast path equals the portable whole-batch code (float32)."""
-    from anycnn import fastpath
+    from anycnn.kernels import threads as kthreads
     from tests.rounding import assert_rounding_close
 
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1 << 14)
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1 << 14)
     x = rng.standard_normal((9, 4, 5, 3)).astype(np.float32)
     dy = rng.standard_normal((9, 8, 10, cout)).astype(np.float32)
     results = []
     with anycnn.use_backend("numpy"):
         for enabled in (True, False):
-            monkeypatch.setattr(fastpath, "ENABLED", enabled)
+            monkeypatch.setattr(kthreads, "ENABLED", enabled)
             anycnn.manual_seed(5)
             layer = L.ConvTranspose2D(3, cout, 3, stride=2, padding=1, output_padding=1,
                                       groups=groups)

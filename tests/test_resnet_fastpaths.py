@@ -4,11 +4,11 @@ the portable code stays selectable (``fastpath.ENABLED``, ``ANYCNN_FASTPATH=0``)
 
 from __future__ import annotations
 
-import array_api_compat.numpy as npx
 import numpy as np
 import pytest
 
-from anycnn import fastpath, native
+from anycnn.kernels import fastpath, native
+from anycnn.kernels import threads as kthreads
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
 
@@ -45,16 +45,16 @@ def kernels(request, monkeypatch):
 def split(monkeypatch):
     """Two threads, every call split, and chunks of a few rows (many chunks per shard)."""
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
-    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
     monkeypatch.setattr(fastpath, "CHANNEL_CHUNK", 40)
 
 
 def _portable(monkeypatch, fn):
-    monkeypatch.setattr(fastpath, "ENABLED", False)
+    monkeypatch.setattr(kthreads, "ENABLED", False)
     try:
         return fn()
     finally:
-        monkeypatch.setattr(fastpath, "ENABLED", True)
+        monkeypatch.setattr(kthreads, "ENABLED", True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -63,7 +63,7 @@ def _portable(monkeypatch, fn):
 @pytest.mark.parametrize("shape", [(6, 5, 7, 3), (37, 4)])
 def test_batch_norm_fast_path_matches_portable(split, monkeypatch, rng, dtype, relu, training,
                                                shape):
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     run = batch_norm_run(rng, shape, dtype, training, relu)
 
     fast = run()
@@ -79,11 +79,10 @@ def test_batch_norm_fast_path_matches_portable(split, monkeypatch, rng, dtype, r
 def test_per_channel_kernels_equal_their_portable_expressions(split, monkeypatch, rng):
     rows = rng.normal(size=(53, 6)).astype(np.float32)
     mean = rows.mean(axis=0)
-    fast_sums = fastpath.channel_sums(npx, rows)
+    fast_sums = F.channel_sums(rows)
     assert fast_sums.dtype == np.float32
-    assert_rounding_close(fast_sums, _portable(monkeypatch, lambda: fastpath.channel_sums(
-        npx, rows)))
-    centred, squares = fastpath.centre_rows(npx, rows, mean)
+    assert_rounding_close(fast_sums, _portable(monkeypatch, lambda: F.channel_sums(rows)))
+    centred, squares = F.centre_rows(rows, mean)
     np.testing.assert_array_equal(centred, rows - mean)  # elementwise: exact
     assert_rounding_close(squares, ((rows - mean) ** 2).sum(axis=0))
 
@@ -152,13 +151,13 @@ def test_resnet_step_fast_path_matches_portable(monkeypatch, rng, threads):
     import anycnn
 
     monkeypatch.setenv("ANYCNN_NUM_THREADS", threads)
-    monkeypatch.setattr(fastpath, "MIN_PARALLEL_SIZE", 1)
+    monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
     monkeypatch.setattr(fastpath, "CHANNEL_CHUNK", 100)
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)
     x = rng.standard_normal((5, 16, 16, 2))
     labels = rng.integers(0, 5, 5)
     with anycnn.use_backend("numpy"):
-        monkeypatch.setattr(fastpath, "ENABLED", True)
+        monkeypatch.setattr(kthreads, "ENABLED", True)
         fast, again = _step(_resnet("float64", 2), x, labels), _step(_resnet("float64", 2), x,
                                                                      labels)
         slow = _portable(monkeypatch, lambda: _step(_resnet("float64", 2), x, labels))
@@ -193,7 +192,7 @@ def test_conv_input_grad_by_convolution_matches_portable(monkeypatch, rng, kerne
                                                          dilation, stride):
     """Stride-1 convolutions take their input gradient as the convolution of ``dy`` with the
     flipped kernel on NumPy; the portable path scatters the column gradient (col2im)."""
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     x = rng.standard_normal((3, 7, 6, 4))
     w = rng.standard_normal((*kernel, 4, 5))
     win = F.conv_windows((7, 6), kernel, stride, pads, dilation)
@@ -219,10 +218,10 @@ def test_batch_norm_of_an_empty_batch_in_eval(monkeypatch):
                                             relu=True)
         return (y, *F.batch_norm_backward(x, ctx, ones))
 
-    monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     for a, b in zip(run(), _portable(monkeypatch, run)):
         np.testing.assert_array_equal(a, b)
-    assert fastpath.channel_sums(npx, x.reshape(0, 2)).tolist() == [0.0, 0.0]
+    assert F.channel_sums(x.reshape(0, 2)).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(("cin", "cout", "kernel", "pads"), [
@@ -236,8 +235,8 @@ def test_shifted_weight_gradient_matches_portable(monkeypatch, rng, cin, cout, k
                                                   bias):
     """Few-channel 'same' stride-1 convolutions: NumPy's weight gradient from shifted GEMMs
     over the padded grids (no im2col) against the portable im2col path; many chunks."""
-    monkeypatch.setattr(fastpath, "ENABLED", True)
-    monkeypatch.setattr(fastpath, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "CACHE_CHUNK_BYTES", 1)
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
     x = rng.standard_normal((5, 6, 7, cin))
     w = rng.standard_normal((*kernel, cin, cout))

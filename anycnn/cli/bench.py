@@ -232,10 +232,10 @@ def _dp_worker(cfg: dict) -> dict | None:
     import numpy as np
 
     import anycnn
-    from anycnn import fastpath
     from anycnn.backend import synchronize
     from anycnn.data.dataloader import share_of
     from anycnn.dist import get_communicator, install_abort_hook
+    from anycnn.kernels import threads
     from anycnn.train.parallel import TRAILER, DataParallel
     from anycnn.train.trainer import Trainer
 
@@ -285,7 +285,7 @@ def _dp_worker(cfg: dict) -> dict | None:
         plain_ms = _time_steps(lambda: trainer.train_step(x, y, check=True), sync, 1,
                                cfg["steps"])
     mine = {"rank": comm.rank, "step_ms": step_ms, "allreduce_ms": step_reduce_ms,
-            "share": stop - start, "threads": fastpath.num_threads(),
+            "share": stop - start, "threads": threads.num_threads(),
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "bound_by_anycnn": bound}
     everyone = comm.allgather_object(mine)

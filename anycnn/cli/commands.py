@@ -655,7 +655,7 @@ def cmd_info(args) -> int:
         mark = "yes" if row["ok"] else "no "
         detail = f"{row['version']} on {row['device']}" if row["ok"] else row["detail"]
         print(f"  {mark} {row['name']:<17} {detail}")
-    from .. import native
+    from ..kernels import native
 
     print(f"compiled NumPy kernels (convolution, BatchNorm): {native.describe()}")
     return 0 if chosen is not None else EXIT_USAGE

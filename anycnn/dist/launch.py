@@ -23,7 +23,7 @@ import threading
 import traceback
 from typing import Any
 
-from .. import fastpath
+from ..kernels import threads
 from ..errors import AnycnnError, DistributedError
 from .comm import Communicator, SingleProcess
 
@@ -243,7 +243,7 @@ def bind_to_cores(comm: Communicator) -> list[int] | None:
     Collective: every rank must call it (it gathers the ranks' affinities). Binds only when
     several ranks share a node and all of them may run on the same CPUs (the launcher did not
     bind them, e.g. hydra's default ``-bind-to none``); local rank ``r`` of ``n`` then gets part
-    ``r`` of ``n`` of the sorted CPU list, so ``fastpath.num_threads()`` becomes cores / ranks.
+    ``r`` of ``n`` of the sorted CPU list, so ``threads.num_threads()`` becomes cores / ranks.
     ``ANYCNN_NUM_THREADS``, when set, still decides the thread count. ``ANYCNN_BIND_CORES=0``
     turns binding off. Returns the CPUs this rank was bound to, or None when it left them alone.
     """
@@ -259,7 +259,7 @@ def bind_to_cores(comm: Communicator) -> list[int] | None:
         return None  # alone on this node, or already bound by the launcher
     chosen = _slice(mine, comm.local_rank, comm.local_size)
     os.sched_setaffinity(0, chosen)
-    fastpath._usable_cpus.cache_clear()
+    threads._usable_cpus.cache_clear()
     return chosen
 
 

@@ -17,7 +17,7 @@ no scatter.
 Consecutive such blocks form one :class:`ConvPoolRun`, which takes each range of images through
 all of them before the next range (depth first). Where the compiled kernels apply (NumPy with
 halide, windows that tile the convolution's output), a block runs instead as one kernel each way
-(:func:`anycnn.native.conv2d_relu_maxpool`): measured 1.5-1.7x faster ``simple-cnn`` steps.
+(:func:`anycnn.kernels.native.conv2d_relu_maxpool`): measured 1.5-1.7x faster ``simple-cnn`` steps.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 from array_api_compat import device
 
-from .. import fastpath, native
 from ..backend import namespace_of
+from ..kernels.dispatch import DECLINE, attempt
+from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
@@ -74,27 +74,22 @@ class ConvReluMaxPool:
             return None
         return replace(conv_win, pool_order=(pool.kernel_size, pool.stride))
 
-    def compiled(self, x: Any) -> F.Windows | None:
-        """The convolution's windows (in plain order) when the compiled kernel of
-        :func:`anycnn.native.conv2d_relu_maxpool` computes this block on ``x``: the convolution
-        is one :func:`anycnn.native.applies` to, the pooling windows tile the output (kernel
-        equal to stride, unpadded); None otherwise."""
+    def forward_compiled(self, x: Any) -> _CompiledStep | None:
+        """The block on images ``x`` in one compiled kernel (``conv2d_relu_maxpool``, see
+        :mod:`anycnn.kernels.dispatch`), and what its backward needs; None when no kernel
+        computes it: the pooling windows must tile the output (kernel equal to stride,
+        unpadded), and the kernel must take the convolution."""
         conv, pool = self.conv, self.pool
-        if pool.kernel_size != pool.stride or self.windows(tuple(x.shape[1:3])) is None:
+        if conv.groups != 1 or pool.kernel_size != pool.stride or self.windows(
+                tuple(x.shape[1:3])) is None:
             return None
         win = F.conv_windows(tuple(x.shape[1:3]), conv.kernel_size, conv.stride, conv.pads,
                              conv.dilation)
-        if pool.kernel_size[0] * pool.kernel_size[1] >= native.DEAD or not native.applies(
-                x, conv.weight.data, conv.stride, win.pads, conv.dilation, conv.groups):
+        result = attempt("conv2d_relu_maxpool", x, conv.weight.data,
+                         None if conv.bias is None else conv.bias.data, win, pool.kernel_size)
+        if result is DECLINE:
             return None
-        return win
-
-    def forward_compiled(self, x: Any, win: F.Windows) -> _CompiledStep:
-        """The block on images ``x`` in one compiled kernel; what its backward needs."""
-        conv = self.conv
-        out, code = native.conv2d_relu_maxpool(
-            x, conv.weight.data, None if conv.bias is None else conv.bias.data, conv.stride[0],
-            win.pads, win.out, self.pool.kernel_size)
+        out, code = result
         return _CompiledStep(self, x, win, out, code)
 
     def forward_rows(self, x: Any, win: F.Windows) -> tuple[Any, Any]:
@@ -107,8 +102,8 @@ class ConvReluMaxPool:
         taps = self.pool.kernel_size[0] * self.pool.kernel_size[1]
         rows = F.conv2d_rows(x, conv.weight.data, win)
         entries = xp.reshape(rows, (n, taps, -1, cout))  # pooling planes, no gather
-        pooled, mask = fastpath.window_max(xp, entries)
-        out = fastpath.bias_relu(xp, pooled, None if conv.bias is None else conv.bias.data)
+        pooled, mask = F.window_max(entries)
+        out = F.bias_relu(pooled, None if conv.bias is None else conv.bias.data)
         return xp.reshape(out, (n, *win.pooled_out, cout)), mask
 
     def backward_rows(self, x: Any, win: F.Windows, out: Any, mask: Any, dy: Any,
@@ -119,10 +114,10 @@ class ConvReluMaxPool:
         xp = namespace_of(dy, x)
         conv = self.conv
         n, cout = x.shape[0], conv.out_channels
-        dz = fastpath.relu_grad(xp, out, dy)
+        dz = F.relu_grad(out, dy)
         dbias = None if conv.bias is None else F.column_sums(xp.reshape(dz, (-1, cout)))
         dz = xp.reshape(dz, (n, 1, -1, cout))
-        d = xp.reshape(fastpath.masked(xp, mask, dz), (n, -1, cout))
+        d = xp.reshape(F.masked(mask, dz), (n, -1, cout))
         dx, dw, _ = F.conv2d_rows_backward(d, F.window_columns(x, win), conv.weight.data, win,
                                            input_grad, bias_grad=False)
         return dx, dw, dbias
@@ -135,8 +130,7 @@ class ConvReluMaxPool:
         y, conv_ctx = F.conv2d_forward(x, conv.weight.data, None, conv.stride, conv.pads,
                                        conv.dilation)
         pooled, pool_ctx = F.max_pool2d_forward(y, self.pool._windows(y))
-        out = fastpath.bias_relu(namespace_of(pooled), pooled,
-                                 None if conv.bias is None else conv.bias.data)
+        out = F.bias_relu(pooled, None if conv.bias is None else conv.bias.data)
         self._ctx = (conv_ctx, pool_ctx, out)
         return out
 
@@ -174,14 +168,15 @@ class _CompiledStep:
     def backward(self, dy: Any, input_grad: bool) -> Any:
         """Accumulates the block's parameter gradients; returns the input gradient (or None)."""
         conv = self.block.conv
-        dy = np.reshape(dy, self.code.shape)
+        xp = namespace_of(dy)
+        dy = xp.reshape(dy, self.code.shape)
         if conv.bias is not None:
             cout = self.code.shape[-1]
-            conv.bias.accumulate(F.relu_column_sums(np.reshape(dy, (-1, cout)),
-                                                    np.reshape(self.out, (-1, cout))))
-        grad = native.Pooled(dy, self.code, self.block.pool.kernel_size)
-        dx, dw, _ = F.conv2d_backward_native(grad, self.x, conv.weight.data, self.win,
-                                             input_grad, bias_grad=False)
+            conv.bias.accumulate(F.relu_column_sums(xp.reshape(dy, (-1, cout)),
+                                                    xp.reshape(self.out, (-1, cout))))
+        grad = attempt("pooled_gradient", dy, self.code, self.block.pool.kernel_size)
+        dx, dw, _ = F.conv2d_grads(grad, self.x, conv.weight.data, self.win, 1, input_grad,
+                                   bias_grad=False)
         conv.weight.accumulate(dw)
         return dx
 
@@ -212,7 +207,7 @@ class ConvPoolRun:
 
     Blocks whose pooling windows are disjoint and unpadded are computed together, depth
     first: each range of images goes through all of them before the next range, in one
-    :func:`~anycnn.fastpath.map_batch` region per pass. On NumPy the range's activations are
+    :func:`~anycnn.kernels.threads.map_batch` region per pass. On NumPy the range's activations are
     still in cache when the next block reads them, and the threads wait for each other once
     per pass instead of once per block (measured: 2-5% faster steps for ``simple-cnn``). Other
     blocks run on their own, layer by layer.
@@ -228,9 +223,8 @@ class ConvPoolRun:
         i = 0
         while i < len(self.blocks):
             self.blocks[i].conv.check_input(x)
-            win = self.blocks[i].compiled(x)
-            if win is not None:
-                step = self.blocks[i].forward_compiled(x, win)
+            step = self.blocks[i].forward_compiled(x)
+            if step is not None:
                 x = step.out
                 saved.append(step)
                 i += 1
@@ -276,7 +270,7 @@ class ConvPoolRun:
 
         chunk_bytes = max(F.conv_chunk_bytes(w, blk.conv.weight.data)
                           for blk, w in zip(blocks, wins))
-        out, *kept = fastpath.map_batch(xp, x.shape[0], chunk_bytes, chunk,
+        out, *kept = map_batch(xp, x.shape[0], chunk_bytes, chunk,
                                         ("cat",) + ("keep",) * (2 * len(blocks)))
         return _Segment(blocks, wins, x, kept[0:-2:2], kept[1::2], out, chunk_bytes)
 
@@ -310,7 +304,7 @@ def _segment_backward(seg: _Segment, dy: Any, input_grad: bool) -> Any:
             grads = [dw, dbias, *grads]
         return (d, *grads)
 
-    dx, *grads = fastpath.map_batch(
+    dx, *grads = map_batch(
         xp, seg.out.shape[0], seg.chunk_bytes, chunk, ("cat",) + ("sum",) * (2 * len(blocks)),
         F.COL2IM_CHUNK_BYTES)
     for k, block in enumerate(blocks):
@@ -343,7 +337,7 @@ class BatchNormReLU:
 
 class ResidualReLU:
     """A ``Residual → ReLU`` run (a ResNet block): the sum of the two paths and its ReLU in one
-    pass (:func:`anycnn.fastpath.add_relu`); exact."""
+    pass (:func:`anycnn.nn.functional.primitives.add_relu`); exact."""
 
     pattern = (Residual, ReLU)
 
@@ -364,7 +358,7 @@ class ResidualReLU:
             raise RuntimeError("fused Residual/ReLU backward called before forward, or called "
                                "twice for one forward")
         out, self._out = self._out, None
-        return self.residual.backward(fastpath.relu_grad(namespace_of(dy, out), out, dy),
+        return self.residual.backward(F.relu_grad(out, dy),
                                       input_grad)
 
 

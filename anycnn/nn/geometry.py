@@ -91,13 +91,6 @@ def window_index(hp: int, wp: int, kernel: Pair, stride: Pair, dilation: Pair,
     return idx
 
 
-def adjoint_kernel(weight: np.ndarray) -> np.ndarray:
-    """The NumPy weight ``(kh, kw, C_out, C_in)`` of the stride-1 convolution that carries a
-    convolution's output gradient back to its input: ``weight`` ``(kh, kw, C_in, C_out)``
-    flipped in space, its channel axes swapped (C-contiguous)."""
-    return np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
-
-
 def adjoint_index(flat_index: np.ndarray, size: int) -> np.ndarray:
     """int64 ``(size, K)`` gather index that inverts ``flat_index`` (values in ``[0, size)``).
 

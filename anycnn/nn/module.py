@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
-from .. import fastpath
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
 from ..errors import CheckpointError, ShapeError
+from .functional.primitives import add, add_relu
 
 
 class Parameter:
@@ -266,12 +266,14 @@ def check_addend(shape: Any, addend: Any) -> None:
 def residual_sum(y: Any, addend: Any, relu: bool) -> Any:
     """``y + addend``, then ``max(., 0)`` with ``relu`` (shapes checked)."""
     check_addend(y.shape, addend)
-    return fastpath.add_relu(namespace_of(y, addend), y, addend, relu)
+    namespace_of(y, addend)  # one backend, one device
+    return add_relu(y, addend, relu)
 
 
 def add_gradients(dx: Any, addend: Any) -> Any:
     """``dx + addend`` (two gradients of one input: a new array)."""
-    return fastpath.add(namespace_of(dx, addend), dx, addend)
+    namespace_of(dx, addend)  # one backend, one device
+    return add(dx, addend)
 
 
 def spatial_size(modules: list[Module], hw: tuple[int, int]) -> tuple[int, int] | None:

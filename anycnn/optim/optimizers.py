@@ -17,9 +17,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .. import fastpath
 from ..backend import namespace_of, to_numpy, writes_in_place
 from ..errors import CheckpointError, ConfigError, ShapeError
+from ..kernels import fastpath
 from ..nn.module import Parameter, _like
 
 

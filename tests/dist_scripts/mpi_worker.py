@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from anycnn import fastpath
 from anycnn.dist import bind_to_cores, get_communicator, install_abort_hook
 from anycnn.errors import ShapeError
+from anycnn.kernels import threads as kthreads
 
 
 def emit(comm, **fields):
@@ -113,7 +113,7 @@ def fail(comm, how):
 def bind(comm):
     chosen = bind_to_cores(comm)
     emit(comm, local_rank=comm.local_rank, chosen=chosen,
-         affinity=sorted(os.sched_getaffinity(0)), threads=fastpath.num_threads())
+         affinity=sorted(os.sched_getaffinity(0)), threads=kthreads.num_threads())
 
 
 def main():

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import native
+from .dispatch import DECLINE, implements
 
 #: rows per block (one task, one partial sum): 2048 rows of 16 float32 channels are 128 KiB
 BLOCK_ROWS = 2048
@@ -194,3 +195,46 @@ def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, i
     """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``y > 0``, and
     ``xhat = (x - mean) * inv_std``."""
     return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch kernels: BatchNorm's passes of anycnn.nn.functional.norm, computed here or declined
+
+
+@implements("batch_norm_from_rows")
+def _from_rows(rows: Any) -> Any:
+    """BatchNorm over ``rows`` keeps the input rows and the mean, not ``xhat``, when these
+    kernels compute its passes (each normalises again as it reads)."""
+    return applies(rows) or DECLINE
+
+
+@implements("channel_sums")
+def _channel_sums(rows: Any) -> Any:
+    return sums(rows) if applies(rows) else DECLINE
+
+
+@implements("squared_deviations")
+def _squared_deviations(rows: Any, mean: Any) -> Any:
+    return squared_deviations(rows, mean) if applies(rows) else DECLINE
+
+
+@implements("relu_column_sums")
+def _relu_column_sums(d: Any, y: Any) -> Any:
+    return relu_sums(d, y) if applies(d) and applies(y) else DECLINE
+
+
+@implements("normalize_from_rows")
+def _normalize(rows: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any, relu: bool,
+               addend: Any = None) -> Any:
+    return normalize(rows, mean, inv_std, gamma, beta, relu, addend) if applies(rows) else DECLINE
+
+
+@implements("grad_sums_from_rows")
+def _grad_sums(dy: Any, y: Any, x: Any, mean: Any, inv_std: Any) -> Any:
+    return grad_sums(dy, y, x, mean, inv_std) if applies(dy) else DECLINE
+
+
+@implements("input_grad_from_rows")
+def _input_grad(dy: Any, y: Any, x: Any, mean: Any, inv_std: Any, k1: Any, k2: Any,
+                k3: Any) -> Any:
+    return input_grad(dy, y, x, mean, inv_std, k1, k2, k3) if applies(dy) else DECLINE

@@ -1,7 +1,8 @@
 """Compiled convolution kernels for NumPy arrays (Halide, compiled at first use), behind the shim.
 
-(BatchNorm's passes are compiled the same way, in :mod:`anycnn.native_norm`, under the same
-switches.)
+(BatchNorm's passes are compiled the same way, in :mod:`anycnn.kernels.native_norm`, under the
+same switches.) The kernels at the end of this module register with :mod:`anycnn.kernels.dispatch`
+for the portable convolutions of :mod:`anycnn.nn.functional.conv`, which they compute or decline.
 
 The portable convolution is an im2col gather and one GEMM. On a CPU the gather, the GEMM's
 skinny shapes (16-64 output channels) and the passes between them cost 2-3x what a direct
@@ -43,8 +44,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import fastpath
-from .nn.geometry import adjoint_kernel
+from . import fastpath, threads
+from .dispatch import DECLINE, implements
 
 #: the dtypes the kernels compile for
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -113,7 +114,7 @@ def available(xp: Any, dtype: Any = None) -> bool:
     global ENABLED
     if ENABLED is None:
         ENABLED = _off_reason() is None
-    if not (ENABLED and fastpath.enabled(xp)):
+    if not (ENABLED and threads.enabled(xp)):
         return False
     return dtype is None or np.dtype(dtype) in DTYPES
 
@@ -123,7 +124,7 @@ def describe() -> str:
     if os.environ.get("ANYCNN_FASTPATH", "1") == "0":
         return "off (ANYCNN_FASTPATH=0)"
     why = _off_reason()
-    return f"off ({why})" if why else f"on (halide, {fastpath.num_threads()} threads)"
+    return f"off ({why})" if why else f"on (halide, {threads.num_threads()} threads)"
 
 
 def applies(x: Any, weight: Any, stride: tuple[int, int], pads: tuple[int, int, int, int],
@@ -172,7 +173,7 @@ def _realize(func, buffer) -> None:
         return
     ours = "HL_NUM_THREADS" not in os.environ
     if ours:
-        os.environ["HL_NUM_THREADS"] = str(fastpath.num_threads())
+        os.environ["HL_NUM_THREADS"] = str(threads.num_threads())
     try:
         func.realize(buffer)
     finally:
@@ -593,3 +594,71 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
                  {"stride": stride, "images": size, "top": pads[0], "left": pads[2]}, [out])
             parts.append(out)
     return np.concatenate(parts).sum(axis=0)
+
+
+def adjoint_kernel(weight: np.ndarray) -> np.ndarray:
+    """The NumPy weight ``(kh, kw, C_out, C_in)`` of the stride-1 convolution that carries a
+    convolution's output gradient back to its input: ``weight`` ``(kh, kw, C_in, C_out)``
+    flipped in space, its channel axes swapped (C-contiguous)."""
+    return np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
+
+
+def _column_sums(d: np.ndarray) -> np.ndarray:
+    """``sum(d, axis=0)`` of rows ``d`` (M, C) as the GEMV ``ones @ d`` (the bias gradient)."""
+    return np.reshape(fastpath.matmul(np.ones((1, d.shape[0]), dtype=d.dtype), d), (d.shape[1],))
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch kernels: the convolutions of anycnn.nn.functional.conv, computed here or declined
+
+
+@implements("conv2d")
+def conv2d_kernel(x: Any, weight: Any, bias: Any, win: Any, groups: int) -> Any:
+    """The forward of :func:`anycnn.nn.functional.conv.conv2d_forward` over its windows
+    ``win``, when :func:`applies`; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
+    if not applies(x, weight, win.stride, win.pads, win.dilation, groups):
+        return DECLINE
+    return conv2d(x, weight, bias, win.stride[0], win.pads, win.out)
+
+
+@implements("conv2d_backward")
+def conv2d_backward_kernel(dy: Any, x: Any, weight: Any, win: Any, groups: int,
+                           need_input_grad: bool, bias_grad: bool, addend: Any = None) -> Any:
+    """``(dx, dweight, dbias)`` of a convolution for NHWC ``dy`` (N, Ho, Wo, C_out), or the
+    :class:`Pooled` gradient of a fused Conv-ReLU-MaxPool block, and its input ``x``, when
+    :func:`applies` (else :data:`~anycnn.kernels.dispatch.DECLINE`). The input gradient's sums
+    start from ``addend`` when one is given. ``dx`` is ``DECLINE`` when the input gradient
+    kernel does not suit the weight (:func:`input_grad_applies`): the caller computes it."""
+    pooled = isinstance(dy, Pooled)
+    if not pooled and not applies(x, weight, win.stride, win.pads, win.dilation, groups):
+        return DECLINE
+    if pooled and bias_grad:
+        raise ValueError("a Pooled gradient's bias gradient is relu_column_sums' to compute")
+    dweight = conv2d_weight_grad(x, dy, win.kernel, win.stride[0], win.pads)
+    dbias = _column_sums(np.reshape(dy, (-1, dy.shape[3]))) if bias_grad else None
+    dx = None
+    if need_input_grad and input_grad_applies(weight):
+        dx = conv2d_input_grad(dy, weight, win.stride[0], win.pads, win.in_hw, addend)
+    elif need_input_grad:
+        dx = DECLINE
+    return dx, dweight, dbias
+
+
+@implements("conv2d_relu_maxpool")
+def conv2d_relu_maxpool_kernel(x: Any, weight: Any, bias: Any, win: Any,
+                               window: tuple[int, int]) -> Any:
+    """``(out, code)`` of :func:`conv2d_relu_maxpool` for a convolution over ``win`` whose
+    ``window`` pools tile its output, when :func:`applies` and the window has fewer than
+    :data:`DEAD` taps; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
+    if window[0] * window[1] >= DEAD or not applies(x, weight, win.stride, win.pads,
+                                                     win.dilation, 1):
+        return DECLINE
+    return conv2d_relu_maxpool(x, weight, bias, win.stride[0], win.pads, win.out, window)
+
+
+
+@implements("pooled_gradient")
+def pooled_gradient(grad: Any, code: Any, window: tuple[int, int]) -> Pooled:
+    """The :class:`Pooled` gradient of a block computed by :func:`conv2d_relu_maxpool_kernel`
+    (its ``code``), for the pooled output's gradient ``grad``."""
+    return Pooled(grad, code, tuple(window))

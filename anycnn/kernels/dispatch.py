@@ -1,0 +1,127 @@
+"""The one dispatch point between the portable ops (:mod:`anycnn.nn.functional`) and the kernels.
+
+The portable ops are written once against the Array API. Where a kernel may compute an op
+faster on some namespace (the NumPy fast paths of :mod:`~anycnn.kernels.fastpath`, the compiled
+Halide kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`), the op
+asks this module first, by name, with its own arguments:
+
+- :func:`overridable` wraps a portable function: each kernel registered under its name is
+  offered the call in turn and either returns the result or :data:`DECLINE` (the arrays are
+  not its kind, the shape does not suit it, the kernels are switched off); when every kernel
+  declines, the portable body runs. ``op.portable`` is the body alone (tests compare the two).
+- :func:`attempt` asks the kernels of a name whose portable counterpart is a longer piece of
+  code in the caller; the caller runs it when the answer is :data:`DECLINE`.
+- :func:`prefers` asks whether a portable formulation measured faster on the arrays' namespace
+  should be used (for example an input gradient computed as a convolution on NumPy): a
+  registered chooser answers True, or declines.
+
+Kernels register with :func:`implements` in their own modules, which are imported at the first
+dispatch (:data:`KERNEL_MODULES`), never at ``import anycnn``. A kernel must return exactly what
+the portable function returns, up to rounding: ``tests/test_fastpath.py`` and
+``tests/test_native.py`` compare them. ``ANYCNN_FASTPATH=0`` switches every kernel off, so the
+suite then runs the portable code alone on every backend.
+
+This module knows no backend: it holds names and functions only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["DECLINE", "KERNEL_MODULES", "attempt", "implements", "overridable", "prefers"]
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+class _Declined:
+    """The type of :data:`DECLINE`."""
+
+    _instance: _Declined | None = None
+
+    def __new__(cls) -> _Declined:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DECLINE"
+
+    def __bool__(self) -> bool:  # never mistaken for a result in a truth test
+        return False
+
+
+#: what a kernel returns when it does not compute a call (the portable code then does)
+DECLINE = _Declined()
+
+#: the modules whose kernels register themselves, imported at the first dispatch, in order of
+#: preference (the compiled kernels first: a kernel that declines passes the call on)
+KERNEL_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
+                  "anycnn.kernels.fastpath")
+
+_kernels: dict[str, tuple[Callable[..., Any], ...]] = {}
+_loaded = False
+_lock = threading.Lock()
+
+
+def implements(name: str) -> Callable[[Fn], Fn]:
+    """Register the decorated function as a kernel for the portable op (or choice) ``name``.
+
+    The kernel takes the op's arguments and returns its result or :data:`DECLINE`. Kernels of
+    one name are tried in registration order (see :data:`KERNEL_MODULES`).
+    """
+    def register(kernel: Fn) -> Fn:
+        _kernels[name] = (*_kernels.get(name, ()), kernel)
+        return kernel
+
+    return register
+
+
+def _load() -> None:
+    global _loaded
+    with _lock:
+        if not _loaded:
+            for module in KERNEL_MODULES:
+                importlib.import_module(module)
+            _loaded = True
+
+
+def kernels_for(name: str) -> tuple[Callable[..., Any], ...]:
+    """The kernels registered for ``name``, in the order they are tried."""
+    if not _loaded:
+        _load()
+    return _kernels.get(name, ())
+
+
+def attempt(name: str, *args: Any, **kwargs: Any) -> Any:
+    """The first result a kernel for ``name`` gives for these arguments, or :data:`DECLINE`."""
+    for kernel in kernels_for(name):
+        result = kernel(*args, **kwargs)
+        if result is not DECLINE:
+            return result
+    return DECLINE
+
+
+def prefers(choice: str, *arrays: Any) -> bool:
+    """Whether the formulation ``choice`` is the measured faster one for ``arrays``."""
+    return attempt(choice, *arrays) is True
+
+
+def overridable(portable: Fn) -> Fn:
+    """Make ``portable`` (a function written against the Array API) a dispatch point named after
+    it: registered kernels are offered each call first. ``.portable`` is the undecorated body."""
+    name = portable.__name__
+
+    @functools.wraps(portable)
+    def op(*args: Any, **kwargs: Any) -> Any:
+        for kernel in kernels_for(name):
+            result = kernel(*args, **kwargs)
+            if result is not DECLINE:
+                return result
+        return portable(*args, **kwargs)
+
+    op.portable = portable  # type: ignore[attr-defined]
+    return op  # type: ignore[return-value]

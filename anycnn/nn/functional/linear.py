@@ -1,0 +1,29 @@
+"""Dense layers: ``x @ weight + bias`` for ``x`` ``(N, in)`` and ``weight`` ``(in, out)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...backend import namespace_of
+from .primitives import column_sums, matmul
+
+# Dense
+
+
+def linear_forward(x: Any, weight: Any, bias: Any):
+    """``x @ weight + bias`` with x ``(N, in)``, weight ``(in, out)``; ctx is x."""
+    namespace_of(x, weight, bias)  # one backend, one device
+    y = matmul(x, weight)
+    return (y + bias if bias is not None else y), x
+
+
+def linear_backward(dy: Any, x: Any, weight: Any, need_input_grad: bool = True):
+    """``(dx or None, dweight, dbias)`` of :func:`linear_forward`."""
+    xp = namespace_of(dy, x, weight)
+    dweight = matmul(xp.matrix_transpose(x), dy)
+    dbias = column_sums(dy)
+    dx = matmul(dy, xp.matrix_transpose(weight)) if need_input_grad else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------

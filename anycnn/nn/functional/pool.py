@@ -1,0 +1,120 @@
+"""Pooling of NHWC images (max, average, global average), forward and backward.
+
+Max pooling gathers the windows into ``K`` contiguous planes ``(N, K, P, C)`` and reduces over
+them; its backward multiplies the first-maximum masks in and scatters back (col2im as a
+gather). Ties go to the first maximum in row-major window order, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from array_api_compat import device
+
+from ...backend import namespace_of
+from ..geometry import Pair, device_cache, pool_output_size
+from .primitives import masked, window_max
+from .windows import Windows, gather_windows, scatter_windows
+
+
+def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
+                 ceil_mode: bool) -> Windows:
+    """The :class:`Windows` of a pooling layer (entries ordered kernel-major).
+
+    The bottom/right padding is extended so that ceil-mode windows fit.
+    """
+    out = tuple(pool_output_size(in_hw[i], kernel[i], stride[i], padding[i], ceil_mode)
+                for i in range(2))
+    extra = [max(padding[i], (out[i] - 1) * stride[i] + kernel[i] - in_hw[i] - padding[i])
+             for i in range(2)]
+    pads = (padding[0], extra[0], padding[1], extra[1])
+    return Windows(in_hw, kernel, stride, (1, 1), pads, out, kernel_first=True)
+
+
+@dataclass
+class MaxPoolCtx:
+    mask: Any  # bool (N, K, P, C): the first maximum of each window
+    win: Windows
+
+
+def max_pool2d_forward(x: Any, win: Windows):
+    """Max pooling of NHWC ``x`` over ``win`` (padding is -inf); ``(y, ctx)``.
+
+    Ties go to the first maximum in row-major window order, as in PyTorch. The windows are
+    gathered into K contiguous planes (faster than strided slices, measured), so the maximum
+    and the masks are plane-wise operations.
+    """
+    xp = namespace_of(x)
+    n, _, _, c = x.shape
+    entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
+                         (n, win.taps, win.positions, c))
+    y, mask = window_max(entries)
+    return xp.reshape(y, (n, *win.out, c)), MaxPoolCtx(mask, win)
+
+
+def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
+    """Input gradient of :func:`max_pool2d_forward`."""
+    xp = namespace_of(dy)
+    n, _, _, c = dy.shape
+    d = masked(ctx.mask, xp.reshape(dy, (n, 1, ctx.win.positions, c)))
+    return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
+
+
+def _window_counts(win: Windows, include_pad: bool):
+    """float64 (P,) number of elements each average-pooling window divides by (PyTorch rule)."""
+    counts = []
+    for axis in range(2):
+        size, k, s = win.in_hw[axis], win.kernel[axis], win.stride[axis]
+        pad = win.pads[2 * axis]
+        start = np.arange(win.out[axis]) * s - pad
+        end = np.minimum(start + k, size + pad)
+        if not include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, size)
+        counts.append(end - start)
+    return (counts[0][:, None] * counts[1][None, :]).reshape(-1).astype(np.float64)
+
+
+@dataclass
+class AvgPoolCtx:
+    inv_count: Any  # (1, 1, P, 1) reciprocal window sizes
+    win: Windows
+
+
+def avg_pool2d_forward(x: Any, win: Windows, count_include_pad: bool = True):
+    """Average pooling of NHWC ``x`` over ``win`` (zero padding); ``(y, ctx)``."""
+    xp = namespace_of(x)
+    n, _, _, c = x.shape
+    inv = device_cache.get(xp, device(x), ("avg", win, count_include_pad),
+                           lambda: 1.0 / _window_counts(win, count_include_pad))
+    inv = xp.reshape(xp.astype(inv, x.dtype), (1, 1, win.positions, 1))
+    entries = xp.reshape(gather_windows(x, win), (n, win.taps, win.positions, c))
+    y = xp.sum(entries, axis=1, keepdims=True) * inv
+    return xp.reshape(y, (n, *win.out, c)), AvgPoolCtx(inv, win)
+
+
+def avg_pool2d_backward(dy: Any, ctx: AvgPoolCtx):
+    """Input gradient of :func:`avg_pool2d_forward`."""
+    xp = namespace_of(dy)
+    n, _, _, c = dy.shape
+    share = xp.reshape(dy, (n, 1, ctx.win.positions, c)) * ctx.inv_count
+    d = xp.broadcast_to(share, (n, ctx.win.taps, ctx.win.positions, c))
+    return scatter_windows(xp.reshape(d, (n, -1, c)), ctx.win)
+
+
+def global_avg_pool_forward(x: Any):
+    """Mean over H and W: ``(N, H, W, C)`` → ``(N, C)``."""
+    xp = namespace_of(x)
+    return xp.mean(x, axis=(1, 2)), x.shape
+
+
+def global_avg_pool_backward(dy: Any, in_shape):
+    """Input gradient of :func:`global_avg_pool_forward`."""
+    xp = namespace_of(dy)
+    n, h, w, c = in_shape
+    share = xp.reshape(dy, (n, 1, 1, c)) * (1.0 / (h * w))
+    return share * xp.ones(in_shape, dtype=dy.dtype, device=device(dy))
+
+
+# --------------------------------------------------------------------------------------------
