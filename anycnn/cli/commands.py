@@ -409,7 +409,7 @@ def cmd_train(args) -> int:
     if args.optimizer == "sgd":
         opt_kwargs["momentum"] = args.momentum
     if args.sync_bn:
-        from ..nn.layers import sync_batchnorm
+        from ..dist.sync import sync_batchnorm
 
         sync_batchnorm(model, comm)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), lr=lr, **opt_kwargs)

@@ -15,7 +15,8 @@ _EXPORTS = {
     **names("launch", "launcher_env", "launcher_rank", "launcher_size", "get_communicator",
             "current_communicator", "reset_communicator",
             "install_abort_hook", "bind_to_cores", "find_mpiexec", "workers_command"),
+    **names("sync", "sync_batchnorm"),
 }
-_SUBMODULES = {m: m for m in ("comm", "launch", "mpi", "nccl")}
+_SUBMODULES = {m: m for m in ("comm", "launch", "mpi", "nccl", "sync")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

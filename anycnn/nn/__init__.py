@@ -18,13 +18,15 @@ from .._lazy import lazy_exports, names
 
 _EXPORTS = {
     **names("module", "Module", "Parameter", "eval_mode"),
-    **names("layers", "Conv2D", "ConvTranspose2D", "Dense", "BatchNorm2D", "sync_batchnorm",
+    **names("layers", "Conv2D", "ConvTranspose2D", "Dense", "BatchNorm2D",
             "GroupNorm", "LayerNorm", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Upsample2D",
             "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"),
     **names("sequential", "Sequential"),
     **names("containers", "Identity", "Residual", "Concat"),
     **names("losses", "SoftmaxCrossEntropy", "MSELoss"),
     **names("summarize", "Summary", "summary"),
+    # the model-wide switch lives with the communicators (anycnn.dist); kept here by name
+    **names(".dist.sync", "sync_batchnorm"),
 }
 _SUBMODULES = {m: m for m in ("containers", "functional", "fusion", "geometry", "init", "layers",
                               "losses", "module", "sequential", "summarize")}

@@ -22,9 +22,6 @@ halide, windows that tile the convolution's output), a block runs instead as one
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +33,7 @@ from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
+from .modes import fusion_suspended, suspended  # noqa: F401 - re-exported
 from .module import Module
 
 
@@ -365,25 +363,13 @@ class ResidualReLU:
 FUSIONS = (ConvReluMaxPool, BatchNormReLU, ResidualReLU)
 
 
-_suspended = contextvars.ContextVar("anycnn_fusion_suspended", default=False)
-
-
-@contextlib.contextmanager
-def suspended() -> Iterator[None]:
-    """Within the block, :func:`execution_plan` fuses nothing: every layer's own ``forward`` and
-    ``backward`` run (used by :func:`anycnn.summary`, which watches each layer's calls)."""
-    token = _suspended.set(True)
-    try:
-        yield
-    finally:
-        _suspended.reset(token)
 
 
 def execution_plan(layers: list[Module]) -> list[Any]:
     """``layers`` with every fusable sequence replaced by its fused executor, and consecutive
     convolution blocks grouped into one :class:`ConvPoolRun` (``layers`` unchanged inside
     :func:`suspended`)."""
-    if _suspended.get():
+    if fusion_suspended():
         return list(layers)
     plan: list[Any] = []
     i = 0

@@ -344,8 +344,8 @@ class BatchNorm2D(Module):
     ``sync``: None (default), or a communicator (:mod:`anycnn.dist`) whose ranks train one model
     data-parallel: training statistics are then those of the global batch, summed over the
     ranks (PyTorch's ``SyncBatchNorm``; three small allreduces per layer and step). Set it with
-    :func:`sync_batchnorm`. Evaluation uses the running statistics, which are the same on every
-    rank with ``sync``.
+    :func:`anycnn.dist.sync_batchnorm`. Evaluation uses the running statistics, which are the
+    same on every rank with ``sync``.
     """
 
     buffer_names = ("running_mean", "running_var")
@@ -412,24 +412,6 @@ class BatchNorm2D(Module):
     def extra_repr(self):
         sync = f", sync={self.sync.name} x {self.sync.size}" if self.sync is not None else ""
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{sync}"
-
-
-def sync_batchnorm(model: Module, comm: Any = None) -> int:
-    """Make every :class:`BatchNorm2D` of ``model`` compute its training statistics over all
-    ranks of ``comm`` (default :func:`anycnn.dist.get_communicator`); returns how many.
-
-    Every rank must then hold a non-empty share of every training batch (each layer's sums are
-    collective): :meth:`anycnn.train.Trainer.fit` refuses a batch size or a last batch smaller
-    than the number of ranks.
-    """
-    if comm is None:
-        from ..dist import get_communicator
-
-        comm = get_communicator()
-    layers = [m for m in model.modules() if isinstance(m, BatchNorm2D)]
-    for m in layers:
-        m.sync = comm
-    return len(layers)
 
 
 class _ChannelNorm(Module):

@@ -8,7 +8,6 @@ attributes in the order they were assigned, which gives stable dotted names (``"
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from array_api_compat import device
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
 from ..errors import CheckpointError, ShapeError
 from .functional.primitives import add, add_relu
+from .modes import eval_mode, preserved_state  # noqa: F401 - re-exported
 
 
 class Parameter:
@@ -210,42 +210,6 @@ class Module:
             return f"{type(self).__name__}({self.extra_repr()})"
         inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
         return f"{type(self).__name__}(\n{inner}\n)"
-
-
-@contextlib.contextmanager
-def eval_mode(model: Module) -> Iterator[Module]:
-    """Run the block with every submodule of ``model`` in eval mode, then give each submodule
-    back its own previous mode (also when the block raises)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextlib.contextmanager
-def preserved_state(model: Module) -> Iterator[Module]:
-    """Run the block, then put ``model`` back as it was (also when the block raises): every
-    submodule's attributes (mode, what ``forward`` kept for ``backward``, buffers, attributes
-    set on the instance such as a wrapped ``forward``), every parameter's ``data`` and ``grad``
-    (the same array objects), and anycnn's global random generator. The block must not write
-    into those arrays in place (anycnn's layers never do: they assign new arrays)."""
-    from .. import random
-
-    attributes = [(m, dict(vars(m))) for m in {id(m): m for m in model.modules()}.values()]
-    params = {id(p): (p, p.data, p.grad) for p in model.parameters()}.values()
-    rng_state = random.get_state()
-    try:
-        yield model
-    finally:
-        for m, saved in attributes:
-            vars(m).clear()
-            vars(m).update(saved)
-        for p, data, grad in params:
-            p.data, p.grad = data, grad
-        random.set_state(rng_state)
 
 
 class AddendShapeError(ShapeError):

@@ -2,14 +2,14 @@
 
 :func:`summary` runs one forward pass on zeros of batch 1 (in eval mode, unfused) with every
 submodule's ``forward`` temporarily wrapped on the instance to record the shapes it sees; the
-model is then put back exactly as it was (:func:`anycnn.nn.module.preserved_state`), also when the
+model is then put back exactly as it was (:func:`anycnn.nn.modes.preserved_state`), also when the
 pass raises. Rows follow :meth:`Module.named_children` depth first, so they work through any
 nesting of containers. FLOPs come from each module's :meth:`Module.flops` (2 per multiply-add
 of convolutions and dense layers; elementwise work counts 0), summed over a container's tree.
 
 Containers that run some of their layers through a fused executor should build it with
 :func:`anycnn.nn.fusion.execution_plan`,
-which the pass turns off (:func:`anycnn.nn.fusion.suspended`),
+which the pass turns off (:func:`anycnn.nn.modes.suspended`),
 so that each layer's own ``forward`` runs and is seen; a module whose ``forward`` the pass does
 not call gets a row without output shape (``-``) and no FLOPs.
 """
@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from array_api_compat import device
 
 from ..backend import get_backend, namespace_of
 from ..errors import ConfigError
-from .fusion import suspended
-from .module import Module, eval_mode, preserved_state
+from .modes import eval_mode, preserved_state, suspended
+
+if TYPE_CHECKING:
+    from .module import Module
 
 #: one recorded call: (input shape, output shape), both with the batch axis
 Call = tuple[tuple[int, ...], tuple[int, ...]]
