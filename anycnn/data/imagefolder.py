@@ -327,7 +327,7 @@ def _decode_into(npy: Path, record_path: Path, samples: Sequence[tuple[Path, int
     """Decode every sample into a new cache entry (atomically; no temporary file survives)."""
     from tqdm import tqdm
 
-    from ..io.checkpoint import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     bad: list[tuple[int, str]] = []
     size, channels = _resolve_shape(samples, options, bad_images, bad)
