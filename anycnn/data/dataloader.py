@@ -43,8 +43,8 @@ import numpy as np
 
 from ..backend import Backend, asarray, get_backend
 from ..errors import ConfigError
+from .arrays import ArrayDataset
 from .augment import Augment, Normalize, preprocess_record, to_unit_range
-from .datasets import ArrayDataset
 
 _FLOAT_DTYPES = ("float32", "float64")
 

@@ -52,8 +52,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import images as image_files
-from .datasets import ArrayDataset, Splits
-from .datasets import cache_dir as user_cache_dir
+from .arrays import ArrayDataset, Splits
+from .sources import cache_dir as user_cache_dir
 
 #: file name endings taken as images (compared lower-case)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
