@@ -394,7 +394,7 @@ def cmd_train(args) -> int:
         data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
     h, _w, c = data.image_shape
     augment, normalize = _preprocessing(args, data, saved_config)
-    args.preprocess = {**args.preprocess, **preprocess_record(augment, normalize)}
+    args.preprocess = preprocess_record(augment, normalize, data)
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""

@@ -4,7 +4,8 @@
   any value with a ``/``): :func:`anycnn.data.imagefolder.load_image_folder` with ``--image-size``,
   ``--channels``, ``--val-split`` and ``--bad-images``.
 * Every ``anycnn train`` records in its checkpoints how pixels were prepared, the *preprocess
-  record* (:func:`preprocess_record`); ``anycnn predict`` prepares image files the same way.
+  record* (:func:`anycnn.data.augment.preprocess_record`); ``anycnn predict`` prepares image
+  files the same way.
 
 Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preprocess"]``, or in
 ``extra["preprocess"]`` for :func:`anycnn.save` users):
@@ -20,8 +21,9 @@ Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preproce
 ``class_names`` the display name of each class
 =============== ===============================================================================
 
-``normalize`` and ``augment`` are :func:`anycnn.data.augment.preprocess_record`'s keys, so
-:func:`anycnn.data.augment.read_preprocess` reads them from the same record.
+One function builds the whole record, :func:`anycnn.data.augment.preprocess_record` (the image
+keys are :func:`anycnn.data.augment.image_record`'s), and
+:func:`anycnn.data.augment.read_preprocess` reads ``normalize`` and ``augment`` back from it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 
-PREPROCESS_VERSION = 1
 DEFAULT_VAL_SPLIT = 0.1
 DEFAULT_BAD_IMAGES = "stop"
 
@@ -119,7 +120,7 @@ def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress
 
 def load_train_data(args: argparse.Namespace, progress: bool):
     """The training data of ``anycnn train``; fills in the image-folder defaults used (so the
-    checkpoint records them) and sets ``args.preprocess``."""
+    checkpoint records them)."""
     options = {k: getattr(args, k, None) for k in FOLDER_OPTIONS}
     data = load_data(args.dataset, args.data_dir, options, progress)
     if is_image_folder(args.dataset):
@@ -129,7 +130,6 @@ def load_train_data(args: argparse.Namespace, progress: bool):
         if h != w:
             raise ConfigError(f"{args.dataset}: the images are {h}x{w} (H x W), but the models "
                               "take square images: pass --image-size N to resize them")
-    args.preprocess = preprocess_record(data)
     return data
 
 
@@ -138,13 +138,6 @@ def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], prog
     (``config``, the checkpoint's), or a built-in dataset."""
     options = {k: config.get(k) for k in FOLDER_OPTIONS} if is_image_folder(name) else {}
     return load_data(name, data_dir, options, progress)
-
-
-def preprocess_record(data) -> dict[str, Any]:
-    """The preprocess record (module docstring) of a model trained on ``data`` (a ``Splits``)."""
-    h, w, c = data.image_shape
-    return {"version": PREPROCESS_VERSION, "image_size": [int(h), int(w)], "channels": int(c),
-            "resize": "bilinear", "scale": 255, "class_names": list(data.class_names)}
 
 
 # ------------------------------------------------------------------------------------- predict
@@ -174,10 +167,11 @@ def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
     if isinstance(record, dict):
         _check_record(record, checkpoint.path, num_classes)
         return record, True
+    from ..data.augment import image_record
+
     spec = model.model_spec
-    return {"version": PREPROCESS_VERSION, "image_size": [spec["image_size"]] * 2,
-            "channels": spec["in_channels"], "resize": "bilinear", "scale": 255,
-            "class_names": [str(i) for i in range(num_classes)]}, False
+    return image_record([spec["image_size"]] * 2, spec["in_channels"],
+                        [str(i) for i in range(num_classes)]), False
 
 
 def _check_record(record: dict[str, Any], path, num_classes: int) -> None:
@@ -270,7 +264,7 @@ def onnx_classifier(path: Path):
     import array_api_compat.numpy as host_xp
     import numpy as np
 
-    from ..data.augment import to_unit_range
+    from ..data.augment import image_record, to_unit_range
     from ..errors import CheckpointError
     from ..io.onnx import INSTALL_HINT
     from ..nn.functional import softmax
@@ -308,9 +302,7 @@ def onnx_classifier(path: Path):
             raise DataError(f"{path}: malformed preprocess record {meta['preprocess'][:200]}")
         _check_record(record, path, classes)
     else:
-        record = {"version": PREPROCESS_VERSION, "image_size": [h, w], "channels": c,
-                  "resize": "bilinear", "scale": 255,
-                  "class_names": [str(i) for i in range(classes)]}
+        record = image_record([h, w], c, [str(i) for i in range(classes)])
     dtype = "float64" if inp.type == "tensor(double)" else "float32"
 
     def topk(images, k):
