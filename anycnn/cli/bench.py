@@ -39,6 +39,9 @@ import time
 from typing import Any
 
 from ..errors import ConfigError, DistributedError
+from .common import backend_option, select_backend
+
+HELP = "time training steps against PyTorch"
 
 FRAMEWORKS = ("anycnn", "anycnn-script", "torch", "torch-cl")
 
@@ -47,6 +50,7 @@ _SCRIPT_BOOT = "import numpy, runpy; runpy.run_module('anycnn.cli.bench', run_na
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``anycnn bench``."""
     p.add_argument("--model", default="simple-cnn")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--steps", type=int, default=20, help="timed steps per worker")
@@ -69,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "several are the rank counts to run (1, the baseline, is always added); "
                    "needs mpi4py and mpiexec")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
+    backend_option(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +383,12 @@ def _report(table: str, results: dict, json_path: str | None) -> int:
     return 0
 
 def run(args: argparse.Namespace) -> int:
+    """``anycnn bench``: on the backend of ``--backend``, the anycnn worker (and PyTorch's with
+    ``--compare-torch``) for each batch size; ``--workers``: :func:`run_workers`."""
     from ..backend import get_backend
     from ..models import model_spec
 
+    select_backend(args.backend)
     model_spec(args.model)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
