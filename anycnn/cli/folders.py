@@ -63,7 +63,7 @@ def run_label(name: str) -> str:
 
 
 def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress: bool):
-    """The :class:`~anycnn.data.datasets.Splits` of ``--dataset name``: an image folder with
+    """The :class:`~anycnn.data.arrays.Splits` of ``--dataset name``: an image folder with
     ``options`` (keys of :data:`FOLDER_OPTIONS`; ``None`` means the default), or a built-in
     dataset, for which those options must be unset. Warnings about skipped images are printed
     as ``anycnn: warning: ...`` lines."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 from .._lazy import lazy_exports, names
 
 _EXPORTS = {
-    **names("datasets", "ArrayDataset", "Splits", "load_dataset", "read_idx"),
+    **names("arrays", "ArrayDataset", "Splits"),
+    **names("datasets", "load_dataset", "read_idx"),
     **names("dataloader", "DataLoader"),
     **names("augment", "Augment", "Normalize"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),

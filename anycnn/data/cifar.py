@@ -449,7 +449,7 @@ def load_cifar(name: str, data_dir: str | os.PathLike | None = None, download: b
                progress: bool = True, base_url: str | None = None) -> Splits:
     """Load ``cifar10`` or ``cifar100`` (usually through :func:`anycnn.data.datasets.load_dataset`).
 
-    Returns :class:`~anycnn.data.datasets.Splits`: ``train`` the 50,000 training images, ``val`` and
+    Returns :class:`~anycnn.data.arrays.Splits`: ``train`` the 50,000 training images, ``val`` and
     ``test`` both the official 10,000-image test set (no separate validation split is
     published), ``class_names`` from the dataset's names file. Images ``uint8``
     ``(N, 32, 32, 3)``, labels ``int64`` ``(N,)`` (CIFAR-100: the 100 fine labels).

@@ -1,4 +1,4 @@
-"""Mini-batches of an :class:`~anycnn.data.datasets.ArrayDataset` on the current backend.
+"""Mini-batches of an :class:`~anycnn.data.arrays.ArrayDataset` on the current backend.
 
 Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) in ``[0, 1]``, ``y`` int64 ``(B,)``,
 both on :func:`anycnn.backend.get_backend` as it is when iteration starts. ``x`` holds

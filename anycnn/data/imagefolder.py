@@ -130,7 +130,7 @@ class ImageFolder:
 
     def load(self) -> ArrayDataset:
         """Every image of the folder, decoded (or read from the cache) into an
-        :class:`~anycnn.data.datasets.ArrayDataset` of memory-mapped ``uint8`` NHWC images."""
+        :class:`~anycnn.data.arrays.ArrayDataset` of memory-mapped ``uint8`` NHWC images."""
         images, labels, _ = decode_cached(self.samples, self.options, self.bad_images,
                                           self.cache_dir, key=_key(self.root, self.options),
                                           progress=self.progress)
@@ -153,7 +153,7 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
                       val_split: float = 0.1, split_seed: int = SPLIT_SEED,
                       bad_images: str = "stop", cache_dir: str | os.PathLike | None = None,
                       progress: bool = False) -> Splits:
-    """An image folder as train / validation / test :class:`~anycnn.data.datasets.Splits`.
+    """An image folder as train / validation / test :class:`~anycnn.data.arrays.Splits`.
 
     Flat layout: the images are split by ``np.random.default_rng(split_seed).permutation``;
     ``round(val_split * N)`` of them (at least 1) form ``val``. Train/val layout: ``train/`` and
