@@ -31,7 +31,7 @@ nox.options.reuse_existing_virtualenvs = True
 def _nvidia_gpu() -> str | None:
     """Why there is no usable NVIDIA GPU, or None when one answers (the GPU check's own test,
     loaded from its file: it needs nothing but the standard library)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "anycnn/cli/gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools/gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -90,7 +90,7 @@ def gpu(session: nox.Session) -> None:
     """The prepared GPU check on a GPU machine with network: cupy, CUDA torch, the test group.
 
     Writes gpu-report.md and its logs to runs/gpu-check (or the folder given after --). Offline
-    (the lent GPU machine has no network), run `python3 -m anycnn.cli.gpu_check --out DIR
+    (the lent GPU machine has no network), run `python3 tools/gpu_check.py --out DIR
     --wheels .gpu-wheels` with the machine's own python3 instead: see BENCHMARKS.md.
     """
     why = _nvidia_gpu()
@@ -101,4 +101,4 @@ def gpu(session: nox.Session) -> None:
     session.install("-r", "backends/cupy.txt", "torch", "pytest-timeout")
     session.install("-e", ".[mpi,nccl]", "--group", "test")
     out = session.posargs[0] if session.posargs else "runs/gpu-check"
-    session.run("python", "-m", "anycnn.cli.gpu_check", "--out", out, *session.posargs[1:])
+    session.run("python", "tools/gpu_check.py", "--out", out, *session.posargs[1:])

@@ -97,6 +97,15 @@ def test_missing_mpi4py_is_one_line_with_the_install_command(monkeypatch, capsys
     assert "mpi4py is not installed" in err and "pip install 'anycnn[mpi]'" in err
 
 
+def test_compare_torch_outside_a_checkout_is_one_line(monkeypatch, capsys):
+    """PyTorch's worker is tools/bench_torch.py of a checkout: a wheel without it says so."""
+    monkeypatch.setattr(bench, "TORCH_WORKER", ("tools", "no-such-worker.py"))
+    code, out, err = _bench(capsys, "--compare-torch")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "run it from a repository checkout" in err and "tools/no-such-worker.py" in err
+
+
 def test_worker_counts():
     assert bench.worker_counts([3]) == [1, 2, 3]
     assert bench.worker_counts([1]) == [1]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from anycnn import datasets
+from anycnn.data import sources
 from anycnn.data.datasets import ArrayDataset, load_dataset, read_idx
 from anycnn.errors import ConfigError, DataError
 
@@ -256,8 +257,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("ANYCNN_DATA", raising=False)
     monkeypatch.delenv("ANYCNN_DATA_URL", raising=False)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.setattr(datasets, "DOWNLOAD_TIMEOUT", 5.0)
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT", 5.0)
     return tmp_path
 
 

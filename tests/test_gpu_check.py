@@ -1,5 +1,5 @@
-"""The prepared GPU check (``python -m anycnn.cli.gpu_check``), tested without a GPU: the dry run
-on NumPy end to end, the refusal without a GPU, the report, and bounded steps."""
+"""The prepared GPU check (``python tools/gpu_check.py``, a repository script), tested without a
+GPU: the dry run on NumPy end to end, the refusal without a GPU, the report, and bounded steps."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from anycnn.cli import gpu_check
-from anycnn.cli.gpu_check import Result, Step, run_step, write_report
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "gpu_check.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import gpu_check  # noqa: E402  (tools/gpu_check.py: outside the package)
+from gpu_check import Result, Step, run_step, write_report  # noqa: E402
 
 STEP_NAMES = ["wheels", "environment", "train", "train-nccl", "nccl-smoke", "bench-simple-cnn",
               "bench-resnet20", "tests"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -46,7 +48,7 @@ DRY_RUN_BUDGET_S = 420
 def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "anycnn.cli.gpu_check", "--dry-run", "--out",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out",
                            str(out), "--budget-s", str(DRY_RUN_BUDGET_S)], capture_output=True,
                           text=True, env=_env(), cwd=tmp_path, timeout=DRY_RUN_BUDGET_S + 60)
     took = time.monotonic() - t0
@@ -80,7 +82,7 @@ def test_refuses_without_gpu(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "anycnn.cli.gpu_check", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)],
                           capture_output=True, text=True, env=_env(PATH=str(empty)),
                           timeout=60)
     assert proc.returncode == 2

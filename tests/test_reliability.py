@@ -418,7 +418,7 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("ANYCNN_DATA_URL", "http://127.0.0.1:9/")  # closed port: refused
     monkeypatch.setattr(B, "_current", B._current)  # cli.commands may switch the backend
-    monkeypatch.setattr(anycnn.data.datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(anycnn.data.sources, "SYSTEM_DATA_DIR", tmp_path / "system")
     return tmp_path
 
 

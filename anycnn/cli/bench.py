@@ -2,8 +2,10 @@
 
 Method (the numbers in BENCHMARKS.md come from here):
 
-* Every measurement runs in a fresh worker process (``python -m anycnn.cli.bench WORKER-JSON``) with
-  the BLAS/OpenMP thread count fixed, so the two frameworks never share a process or warm caches.
+* Every measurement runs in a fresh worker process (``python -m anycnn.cli.bench WORKER-JSON``;
+  PyTorch's: ``python tools/bench_torch.py WORKER-JSON``, a script of the repository checkout,
+  not of the wheel) with the BLAS/OpenMP thread count fixed, so the two frameworks never share a
+  process or warm caches.
 * One training step = ``zero_grad``, forward, softmax cross-entropy, backward, SGD (momentum 0.9)
   step, on random float32 input of the model's image size; GPU steps end with a device sync.
 * Workers for anycnn and PyTorch (NCHW, and channels_last when asked) run *alternately* for
@@ -36,9 +38,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DistributedError
+from .common import backend_option, select_backend
+
+HELP = "time training steps against PyTorch"
 
 FRAMEWORKS = ("anycnn", "anycnn-script", "torch", "torch-cl")
 
@@ -47,6 +53,7 @@ _SCRIPT_BOOT = "import numpy, runpy; runpy.run_module('anycnn.cli.bench', run_na
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``anycnn bench``."""
     p.add_argument("--model", default="simple-cnn")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--steps", type=int, default=20, help="timed steps per worker")
@@ -69,13 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "several are the rank counts to run (1, the baseline, is always added); "
                    "needs mpi4py and mpiexec")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
+    backend_option(p)
 
 
 # --------------------------------------------------------------------------------------------
 # Worker side (runs in its own process)
 
 
-def _rss_mib(field: str) -> float:
+def rss_mib(field: str) -> float:
+    """This process's ``VmRSS`` / ``VmHWM`` (``field``) in MiB (``ru_maxrss`` without /proc)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -88,7 +97,9 @@ def _rss_mib(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time_steps(step, sync, warmup: int, steps: int) -> list[float]:
+def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` calls of ``step`` (each ended by ``sync``), after
+    ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
     sync()
@@ -139,57 +150,14 @@ def _anycnn_worker(cfg: dict) -> dict:
         model.forward(x)
 
     sync = lambda: synchronize(backend)  # noqa: E731
-    base = _rss_mib("VmRSS")
-    train = _time_steps(step, sync, cfg["warmup"], cfg["steps"])
+    base = rss_mib("VmRSS")
+    train = time_steps(step, sync, cfg["warmup"], cfg["steps"])
     model.eval()
-    inference = _time_steps(infer, sync, 1, cfg["steps"])
+    inference = time_steps(infer, sync, 1, cfg["steps"])
     return {"train_ms": train, "infer_ms": inference, "base_mib": base,
-            "peak_mib": _rss_mib("VmHWM"), "backend": backend.name,
+            "peak_mib": rss_mib("VmHWM"), "backend": backend.name,
             "device": str(backend.device),
             "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
-
-
-def _torch_worker(cfg: dict, channels_last: bool) -> dict:
-    import numpy as np
-    import torch
-
-    from anycnn.io.interop import torch_module
-    from anycnn.models import build_model
-
-    torch.set_num_threads(cfg["threads"])
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.get("gpu") else "cpu")
-    dtype = getattr(torch, cfg["dtype"])
-    size = model_input_shape(cfg["model"])
-    net = torch_module(build_model(cfg["model"]), size).to(device=device, dtype=dtype)
-    rng = np.random.default_rng(0)
-    b = cfg["batch"]
-    x = torch.tensor(rng.random((b, size[2], size[0], size[1]), dtype=np.float32),
-                     dtype=dtype, device=device)
-    y = torch.tensor(rng.integers(0, 10, b), device=device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
-        opt.step()
-
-    def infer():
-        with torch.no_grad():
-            net(x)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    base = _rss_mib("VmRSS")
-    train = _time_steps(step, sync, cfg["warmup"], cfg["steps"])
-    net.eval()
-    inference = _time_steps(infer, sync, 1, cfg["steps"])
-    cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
-    return {"train_ms": train, "infer_ms": inference, "base_mib": base,
-            "peak_mib": _rss_mib("VmHWM"), "backend": "torch", "device": str(device),
-            "cudnn": cudnn}
 
 
 def _gemm_worker(cfg: dict) -> dict:
@@ -201,7 +169,7 @@ def _gemm_worker(cfg: dict) -> dict:
     a = rng.random((n, n), dtype=np.float32)
     b = rng.random((n, n), dtype=np.float32)
     a @ b
-    best = min(_time_steps(lambda: a @ b, lambda: None, 1, 10))
+    best = min(time_steps(lambda: a @ b, lambda: None, 1, 10))
     return {"gflops": 2 * n**3 / (best / 1e3) / 1e9}
 
 
@@ -282,7 +250,7 @@ def _dp_worker(cfg: dict) -> dict | None:
     comm.allreduce_ = inner
     plain_ms = None
     if comm.size == 1:  # reference: the single-process Trainer's own step, same model and batch
-        plain_ms = _time_steps(lambda: trainer.train_step(x, y, check=True), sync, 1,
+        plain_ms = time_steps(lambda: trainer.train_step(x, y, check=True), sync, 1,
                                cfg["steps"])
     mine = {"rank": comm.rank, "step_ms": step_ms, "allreduce_ms": step_reduce_ms,
             "share": stop - start, "threads": threads.num_threads(),
@@ -300,8 +268,6 @@ def worker_main(cfg: dict) -> dict | None:
     kind = cfg["kind"]
     if kind in ("anycnn", "anycnn-script"):
         return _anycnn_worker(cfg)
-    if kind in ("torch", "torch-cl"):
-        return _torch_worker(cfg, channels_last=kind == "torch-cl")
     if kind == "gemm":
         return _gemm_worker(cfg)
     if kind == "epoch":
@@ -355,12 +321,33 @@ def _run_worker(cfg: dict, threads: int) -> dict:
     if cfg["kind"] == "anycnn-script":
         env.pop("OPENBLAS_THREAD_TIMEOUT", None)
         start = ["-c", _SCRIPT_BOOT]
+    elif cfg["kind"] in ("torch", "torch-cl"):
+        start = [str(torch_worker_script())]
     proc = subprocess.run([sys.executable, *start, json.dumps(cfg)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ConfigError(f"benchmark worker {cfg['kind']} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+#: PyTorch's worker: a script of the repository checkout (tools/), not part of the wheel
+TORCH_WORKER = ("tools", "bench_torch.py")
+
+
+def torch_worker_script() -> Path:
+    """The path of PyTorch's bench worker in the repository checkout this anycnn runs from.
+
+    Raises:
+        ConfigError: anycnn runs from an installed wheel, which has no ``tools/`` folder.
+    """
+    script = Path(__file__).resolve().parents[2].joinpath(*TORCH_WORKER)
+    if not script.is_file():
+        raise ConfigError("anycnn bench --compare-torch runs PyTorch's worker "
+                          f"{'/'.join(TORCH_WORKER)} of a repository checkout, which this "
+                          "installed anycnn lacks: run it from a repository checkout (git clone, "
+                          "then pip install -e .)")
+    return script
 
 
 def _median(values: list[float]) -> float:
@@ -378,9 +365,12 @@ def _report(table: str, results: dict, json_path: str | None) -> int:
     return 0
 
 def run(args: argparse.Namespace) -> int:
+    """``anycnn bench``: on the backend of ``--backend``, the anycnn worker (and PyTorch's with
+    ``--compare-torch``) for each batch size; ``--workers``: :func:`run_workers`."""
     from ..backend import get_backend
     from ..models import model_spec
 
+    select_backend(args.backend)
     model_spec(args.model)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
@@ -389,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend()
     frameworks = ["anycnn", "anycnn-script"] if args.script else ["anycnn"]
     if args.compare_torch:
+        torch_worker_script()  # an installed wheel has none: say so before any timing
         try:
             import torch  # noqa: F401
         except ImportError:

@@ -1,10 +1,8 @@
-"""The image parts of the ``anycnn`` command: training on an image folder, and ``anycnn predict``.
+"""``anycnn predict``: the most likely classes of image files, prepared as in training.
 
-* ``anycnn train --dataset PATH`` (any existing folder that is not a built-in dataset name, or
-  any value with a ``/``): :func:`anycnn.data.imagefolder.load_image_folder` with ``--image-size``,
-  ``--channels``, ``--val-split`` and ``--bad-images``.
-* Every ``anycnn train`` records in its checkpoints how pixels were prepared, the *preprocess
-  record* (:func:`preprocess_record`); ``anycnn predict`` prepares image files the same way.
+Every ``anycnn train`` records in its checkpoints how pixels were prepared, the *preprocess
+record* (:func:`anycnn.data.augment.preprocess_record`); ``anycnn predict`` prepares image files
+the same way (image folders in training: :mod:`anycnn.cli.folders`).
 
 Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preprocess"]``, or in
 ``extra["preprocess"]`` for :func:`anycnn.save` users):
@@ -20,137 +18,27 @@ Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preproce
 ``class_names`` the display name of each class
 =============== ===============================================================================
 
-``normalize`` and ``augment`` are :func:`anycnn.data.augment.preprocess_record`'s keys, so
-:func:`anycnn.data.augment.read_preprocess` reads them from the same record.
+One function builds the whole record, :func:`anycnn.data.augment.preprocess_record` (the image
+keys are :func:`anycnn.data.augment.image_record`'s), and
+:func:`anycnn.data.augment.read_preprocess` reads ``normalize`` and ``augment`` back from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .common import backend_option
 
-PREPROCESS_VERSION = 1
-DEFAULT_VAL_SPLIT = 0.1
-DEFAULT_BAD_IMAGES = "stop"
-
-#: ``anycnn train`` options that only apply to image folders
-FOLDER_OPTIONS = ("image_size", "channels", "val_split", "bad_images")
+HELP = "the most likely classes of image files, prepared as in training"
 
 
-# ------------------------------------------------------------------------------- image folders
-
-
-def add_folder_options(parser: argparse.ArgumentParser) -> None:
-    """The image-folder options of ``anycnn train``."""
-    parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="image folders: resize every image to NxN (default: keep the size "
-                        "when all images share one, else required)")
-    parser.add_argument("--channels", type=int, default=None, choices=[1, 3],
-                        help="image folders: 1 grayscale or 3 RGB (default: 1 when every image "
-                        "is grayscale, else 3)")
-    parser.add_argument("--val-split", type=float, default=None, metavar="FRACTION",
-                        help="image folders without a val/ subfolder: share of the images used "
-                        f"for validation, chosen by a fixed seeded permutation (default: "
-                        f"{DEFAULT_VAL_SPLIT})")
-    parser.add_argument("--bad-images", default=None, choices=["stop", "skip"],
-                        help="image folders: on an unreadable image, stop with its path, or "
-                        f"skip it with a warning (default: {DEFAULT_BAD_IMAGES})")
-
-
-def is_image_folder(name: str | None) -> bool:
-    """Whether ``--dataset name`` means an image folder: not a built-in dataset name, and an
-    existing directory or a path (holding a ``/``)."""
-    from ..data.datasets import DATASETS
-
-    if not name:
-        return False
-    text = str(name)
-    if text.strip().lower().replace("_", "-") in DATASETS:
-        return False
-    return os.sep in text or "/" in text or Path(text).is_dir()
-
-
-def normalise_dataset(name: str) -> str:
-    """``name`` as recorded in checkpoints: an image folder's absolute path, else as given."""
-    return str(Path(name).resolve()) if is_image_folder(name) else name
-
-
-def run_label(name: str) -> str:
-    """A short name for the default run folder: an image folder's own name."""
-    return Path(name).name if is_image_folder(name) else name
-
-
-def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress: bool):
-    """The :class:`~anycnn.data.datasets.Splits` of ``--dataset name``: an image folder with
-    ``options`` (keys of :data:`FOLDER_OPTIONS`; ``None`` means the default), or a built-in
-    dataset, for which those options must be unset. Warnings about skipped images are printed
-    as ``anycnn: warning: ...`` lines."""
-    from ..data.datasets import load_dataset
-
-    if not is_image_folder(name):
-        given = [f"--{k.replace('_', '-')}" for k in FOLDER_OPTIONS if options.get(k) is not None]
-        if given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise ConfigError(f"{', '.join(given)} {verb} only to image folders (--dataset PATH), "
-                              f"not to {name}")
-        return load_dataset(name, data_dir=data_dir, progress=progress)
-    if data_dir is not None:
-        raise ConfigError("--data-dir is for the built-in datasets; an image folder is given "
-                          "as --dataset PATH")
-    from ..data.imagefolder import load_image_folder
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = load_image_folder(
-            name, size=options.get("image_size"), channels=options.get("channels"),
-            val_split=options.get("val_split") or DEFAULT_VAL_SPLIT,
-            bad_images=options.get("bad_images") or DEFAULT_BAD_IMAGES, progress=progress)
-    for warning in caught:
-        print(f"anycnn: warning: {warning.message}", file=sys.stderr)
-    return data
-
-
-def load_train_data(args: argparse.Namespace, progress: bool):
-    """The training data of ``anycnn train``; fills in the image-folder defaults used (so the
-    checkpoint records them) and sets ``args.preprocess``."""
-    options = {k: getattr(args, k, None) for k in FOLDER_OPTIONS}
-    data = load_data(args.dataset, args.data_dir, options, progress)
-    if is_image_folder(args.dataset):
-        args.val_split = args.val_split or DEFAULT_VAL_SPLIT
-        args.bad_images = args.bad_images or DEFAULT_BAD_IMAGES
-        h, w, _ = data.image_shape
-        if h != w:
-            raise ConfigError(f"{args.dataset}: the images are {h}x{w} (H x W), but the models "
-                              "take square images: pass --image-size N to resize them")
-    args.preprocess = preprocess_record(data)
-    return data
-
-
-def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], progress: bool):
-    """The data ``anycnn evaluate`` uses: an image folder with the options it was trained with
-    (``config``, the checkpoint's), or a built-in dataset."""
-    options = {k: config.get(k) for k in FOLDER_OPTIONS} if is_image_folder(name) else {}
-    return load_data(name, data_dir, options, progress)
-
-
-def preprocess_record(data) -> dict[str, Any]:
-    """The preprocess record (module docstring) of a model trained on ``data`` (a ``Splits``)."""
-    h, w, c = data.image_shape
-    return {"version": PREPROCESS_VERSION, "image_size": [int(h), int(w)], "channels": int(c),
-            "resize": "bilinear", "scale": 255, "class_names": list(data.class_names)}
-
-
-# ------------------------------------------------------------------------------------- predict
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``anycnn predict``."""
     parser.add_argument("checkpoint", help="a checkpoint file, a run folder holding "
                         "checkpoint.safetensors, or an .onnx file from anycnn export (run by "
                         "onnxruntime)")
@@ -162,6 +50,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object: checkpoint, preprocess and, per image, "
                         "its path and top-k classes with probabilities")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    backend_option(parser)
 
 
 def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
@@ -174,10 +63,11 @@ def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
     if isinstance(record, dict):
         _check_record(record, checkpoint.path, num_classes)
         return record, True
+    from ..data.augment import image_record
+
     spec = model.model_spec
-    return {"version": PREPROCESS_VERSION, "image_size": [spec["image_size"]] * 2,
-            "channels": spec["in_channels"], "resize": "bilinear", "scale": 255,
-            "class_names": [str(i) for i in range(num_classes)]}, False
+    return image_record([spec["image_size"]] * 2, spec["in_channels"],
+                        [str(i) for i in range(num_classes)]), False
 
 
 def _check_record(record: dict[str, Any], path, num_classes: int) -> None:
@@ -207,14 +97,16 @@ def prepare(paths: list[str], record: dict[str, Any]):
     return normalize.apply(to_unit_range(host_xp, pixels, "float32"))
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``anycnn predict CHECKPOINT IMAGE...``: the top-k classes of each image."""
     import numpy as np
 
     from ..data.images import pillow
     from ..io.checkpoint import checkpoint_in, load_model
     from ..train.inference import predict_topk
+    from .common import select_backend
 
+    select_backend(args.backend)
     path = checkpoint_in(args.checkpoint)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -270,7 +162,7 @@ def onnx_classifier(path: Path):
     import array_api_compat.numpy as host_xp
     import numpy as np
 
-    from ..data.augment import to_unit_range
+    from ..data.augment import image_record, to_unit_range
     from ..errors import CheckpointError
     from ..io.onnx import INSTALL_HINT
     from ..nn.functional import softmax
@@ -308,9 +200,7 @@ def onnx_classifier(path: Path):
             raise DataError(f"{path}: malformed preprocess record {meta['preprocess'][:200]}")
         _check_record(record, path, classes)
     else:
-        record = {"version": PREPROCESS_VERSION, "image_size": [h, w], "channels": c,
-                  "resize": "bilinear", "scale": 255,
-                  "class_names": [str(i) for i in range(classes)]}
+        record = image_record([h, w], c, [str(i) for i in range(classes)])
     dtype = "float64" if inp.type == "tensor(double)" else "float32"
 
     def topk(images, k):

@@ -4,6 +4,9 @@
   the bundled MNIST sample), ``ArrayDataset``, IDX reading and verified downloads;
 * :mod:`~anycnn.data.cifar`, :mod:`~anycnn.data.imagefolder`, :mod:`~anycnn.data.images` —
   the CIFAR binary reader, image folders and image decoding (Pillow, imported when used);
+* :mod:`~anycnn.data.arrays` (``ArrayDataset``, ``Splits``) and :mod:`~anycnn.data.sources`
+  (dataset lookup, verified downloads) — the pieces those readers share; ``datasets`` dispatches
+  to ``cifar`` and ``imagefolder`` by name, and neither imports it;
 * :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
 * :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device.
 
@@ -16,13 +19,14 @@ from __future__ import annotations
 from .._lazy import lazy_exports, names
 
 _EXPORTS = {
-    **names("datasets", "ArrayDataset", "Splits", "load_dataset", "read_idx"),
+    **names("arrays", "ArrayDataset", "Splits"),
+    **names("datasets", "load_dataset", "read_idx"),
     **names("dataloader", "DataLoader"),
     **names("augment", "Augment", "Normalize"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
     **names("cifar", "load_cifar"),
 }
-_SUBMODULES = {m: m for m in ("augment", "cifar", "dataloader", "datasets", "imagefolder",
-                              "images")}
+_SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "dataloader", "datasets",
+                              "imagefolder", "images", "sources")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -29,7 +29,8 @@ backend, both loader modes, and a run resumed mid-epoch (:meth:`DataLoader.iter_
 same crops and flips.
 
 Checkpoints written by :class:`~anycnn.train.Trainer` record both under ``config["preprocess"]``
-(:func:`preprocess_record`; read back with :func:`read_preprocess`).
+(:func:`preprocess_record`, which for ``anycnn train`` also holds the image size, channels and
+class names; read back with :func:`read_preprocess`).
 """
 
 from __future__ import annotations
@@ -292,7 +293,23 @@ class Normalize:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
-def preprocess_record(augment: Augment | None, normalize: Normalize | None) -> dict[str, Any]:
+#: version of the preprocess record's image keys (``version`` in :func:`preprocess_record`)
+PREPROCESS_VERSION = 1
+
+
+def image_record(image_size: Sequence[int], channels: int,
+                 class_names: Sequence[Any]) -> dict[str, Any]:
+    """The image keys of a preprocess record (:func:`preprocess_record`): images of another
+    size are resized to ``image_size`` ``[H, W]`` (bilinear), converted to ``channels`` (1
+    grayscale, 3 RGB) and divided by 255 (``scale``); ``class_names`` name the classes."""
+    h, w = image_size
+    return {"version": PREPROCESS_VERSION, "image_size": [int(h), int(w)],
+            "channels": int(channels), "resize": "bilinear", "scale": 255,
+            "class_names": list(class_names)}
+
+
+def preprocess_record(augment: Augment | None, normalize: Normalize | None,
+                      data: Any = None) -> dict[str, Any]:
     """What a checkpoint's ``config["preprocess"]`` holds::
 
         {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"} or null,
@@ -300,9 +317,18 @@ def preprocess_record(augment: Augment | None, normalize: Normalize | None) -> d
 
     ``augment`` is for the record (only training augments); ``normalize`` must be applied to
     every image the model sees, after scaling to ``[0, 1]``.
+
+    With ``data`` (the :class:`~anycnn.data.arrays.Splits` the model is trained on; what
+    ``anycnn train`` records), the record starts with :func:`image_record`'s keys for its image
+    shape and class names, so that ``anycnn predict`` prepares image files the same way.
     """
-    return {"augment": augment.to_record() if augment is not None and augment.active else None,
-            "normalize": normalize.to_record() if normalize is not None else None}
+    record = {}
+    if data is not None:
+        h, w, c = data.image_shape
+        record = image_record((h, w), c, data.class_names)
+    record["augment"] = augment.to_record() if augment is not None and augment.active else None
+    record["normalize"] = normalize.to_record() if normalize is not None else None
+    return record
 
 
 def read_preprocess(record: Any) -> tuple[Augment | None, Normalize | None]:

@@ -17,7 +17,7 @@ bytes in row-major order: the value of channel ``c`` at row ``i``, column ``j`` 
 ``1024 * c + 32 * i + j``. :func:`read_cifar_file` returns them channels last: ``uint8``
 images of shape ``(N, 32, 32, 3)`` and ``int64`` labels of shape ``(N,)``.
 
-Where :func:`load_cifar` looks (the order of :func:`anycnn.data.datasets.search_dirs`: only the
+Where :func:`load_cifar` looks (the order of :func:`anycnn.data.sources.search_dirs`: only the
 explicit ``data_dir`` and its ``<name>/`` subfolder when one is given; else
 ``$ANYCNN_DATA/<name>/``, the user cache ``~/.cache/anycnn/<name>/``, then
 ``/usr/share/datasets/<name>/``), in each directory ``D`` in turn: the extracted folder
@@ -49,15 +49,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .datasets import (
-    ArrayDataset,
-    Splits,
-    cache_dir,
-    download_bases,
-    fetch,
-    search_dirs,
-    search_list,
-)
+from .arrays import ArrayDataset, Splits
+from .sources import cache_dir, download_bases, fetch, search_dirs, search_list
 
 IMAGE_SHAPE = (32, 32, 3)
 PIXEL_BYTES = 32 * 32 * 3
@@ -456,7 +449,7 @@ def load_cifar(name: str, data_dir: str | os.PathLike | None = None, download: b
                progress: bool = True, base_url: str | None = None) -> Splits:
     """Load ``cifar10`` or ``cifar100`` (usually through :func:`anycnn.data.datasets.load_dataset`).
 
-    Returns :class:`~anycnn.data.datasets.Splits`: ``train`` the 50,000 training images, ``val`` and
+    Returns :class:`~anycnn.data.arrays.Splits`: ``train`` the 50,000 training images, ``val`` and
     ``test`` both the official 10,000-image test set (no separate validation split is
     published), ``class_names`` from the dataset's names file. Images ``uint8``
     ``(N, 32, 32, 3)``, labels ``int64`` ``(N,)`` (CIFAR-100: the 100 fine labels).

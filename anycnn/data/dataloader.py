@@ -1,4 +1,4 @@
-"""Mini-batches of an :class:`~anycnn.data.datasets.ArrayDataset` on the current backend.
+"""Mini-batches of an :class:`~anycnn.data.arrays.ArrayDataset` on the current backend.
 
 Each batch is ``(x, y)``: ``x`` float ``(B, H, W, C)`` (NHWC) in ``[0, 1]``, ``y`` int64 ``(B,)``,
 both on :func:`anycnn.backend.get_backend` as it is when iteration starts. ``x`` holds
@@ -43,8 +43,8 @@ import numpy as np
 
 from ..backend import Backend, asarray, get_backend
 from ..errors import ConfigError
+from .arrays import ArrayDataset
 from .augment import Augment, Normalize, preprocess_record, to_unit_range
-from .datasets import ArrayDataset
 
 _FLOAT_DTYPES = ("float32", "float64")
 

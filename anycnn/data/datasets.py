@@ -32,25 +32,29 @@ digests: Debian recompresses its copies, so their bytes differ from the upstream
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
-import http.client
 import importlib.resources
 import math
 import os
 import struct
-import sys
-import tempfile
-import urllib.request
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+from .arrays import IMAGE_DTYPES, ArrayDataset, Splits  # noqa: F401 (also importable from here)
+from .sources import (  # noqa: F401 (also importable from here)
+    DATA_ENV,
+    DOWNLOAD_TIMEOUT,
+    SYSTEM_DATA_DIR,
+    URL_ENV,
+    cache_dir,
+    download_bases,
+    fetch,
+    search_dirs,
+    search_list,
+)
 
 #: The CIFAR datasets, read from their official binary version by :mod:`anycnn.data.cifar`.
 CIFAR_DATASETS = ("cifar10", "cifar100")
@@ -109,11 +113,6 @@ CLASS_NAMES = {
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
 }
-
-DATA_ENV = "ANYCNN_DATA"
-URL_ENV = "ANYCNN_DATA_URL"
-SYSTEM_DATA_DIR = Path("/usr/share/datasets")
-DOWNLOAD_TIMEOUT = 30.0  # seconds without data before a download is abandoned
 
 SAMPLE_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 SAMPLE_SPLIT_SEED = 1998  # fixed: everyone gets the same 8,000 / 2,000 split of the sample
@@ -201,132 +200,6 @@ def _parse_idx(stream, path: Path) -> np.ndarray:
                         f"for shape {shape}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
-
-
-# ------------------------------------------------------------------------------------ value types
-
-
-#: dtypes :class:`ArrayDataset` accepts for images: ``uint8`` (0-255) or floats in ``[0, 1]``.
-IMAGE_DTYPES = ("uint8", "float32", "float64")
-
-
-@dataclass(frozen=True, eq=False)
-class ArrayDataset:
-    """Images and labels held in host memory.
-
-    Attributes:
-        images: shape ``(N, H, W, C)`` (NHWC), either ``np.uint8`` (0-255; the DataLoader divides
-            by 255) or ``np.float32`` / ``np.float64`` with every value in ``[0, 1]`` (the
-            DataLoader uses them as they are, only cast to its dtype). Grayscale images may be
-            given as ``(N, H, W)``: a channel axis is added (a view, ``images[..., None]``).
-        labels: ``np.int64``, shape ``(N,)``, values in ``[0, num_classes)``.
-        num_classes: number of classes.
-
-    Raises:
-        DataError: on construction, if the shapes, dtypes, counts, label values or float image
-            values (outside ``[0, 1]``, NaN or infinite) are invalid. Images that look channels
-            first (NCHW: ``(N, C, H, W)`` with ``C`` 1, 3 or 4 and ``H``, ``W`` above 4) are
-            refused with the transpose that makes them NHWC.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-
-    def __post_init__(self) -> None:
-        images, labels = np.asarray(self.images), np.asarray(self.labels)
-        if images.ndim == 3:
-            images = images[..., None]
-        _check_images(images)
-        if not images.dtype.isnative:  # big-endian floats: native order for every backend
-            images = images.astype(images.dtype.newbyteorder("="))
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"labels must be integers of shape (N,); got {labels.dtype} "
-                            f"of shape {labels.shape}")
-        if len(images) != len(labels):
-            raise DataError(f"{len(images)} images but {len(labels)} labels")
-        if int(self.num_classes) < 1:
-            raise DataError(f"num_classes must be positive, got {self.num_classes}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise DataError(f"labels must lie in [0, {self.num_classes}); found values from "
-                            f"{labels.min()} to {labels.max()}")
-        object.__setattr__(self, "images", images)
-        object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
-        object.__setattr__(self, "num_classes", int(self.num_classes))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __repr__(self) -> str:
-        return (f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, "
-                f"num_classes={self.num_classes})")
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(H, W, C)`` of one image."""
-        return tuple(self.images.shape[1:])
-
-    def subset(self, indices: np.ndarray) -> ArrayDataset:
-        """The examples at ``indices`` (a copy), in that order."""
-        return ArrayDataset(np.take(self.images, indices, axis=0),
-                            np.take(self.labels, indices), self.num_classes)
-
-
-def _check_images(images: np.ndarray) -> None:
-    """Raise DataError unless ``images`` is NHWC ``uint8``, or float32/float64 in ``[0, 1]``."""
-    if images.ndim != 4 or images.dtype.name not in IMAGE_DTYPES:
-        raise DataError("images must be uint8 (0-255) or float32/float64 (in [0, 1]) of shape "
-                        f"(N, H, W, C) or (N, H, W); got {images.dtype} of shape {images.shape}")
-    _, c, h, w = images.shape  # read as NCHW: a small "channel" axis second, large last two
-    if c in (1, 3, 4) and min(h, w) > 4:
-        raise DataError(f"images of shape {images.shape} look channels first (NCHW, {c} "
-                        f"channel(s) of {h}x{w}); anycnn wants channels last (NHWC). Fix: "
-                        "images = np.transpose(images, (0, 2, 3, 1))")
-    if images.dtype == np.uint8 or images.size == 0:
-        return
-    low, high = images.min(), images.max()
-    if 0 <= low and high <= 1:  # False for NaN too
-        return
-    finite = np.isfinite(images)
-    bad = images.size - np.count_nonzero(finite)
-    found = (f"values from {images[finite].min()} to {images[finite].max()}"
-             if bad < images.size else "no finite values")
-    if bad:
-        found += f" and {bad} NaN/infinite value(s)"
-    raise DataError(f"float images must lie in [0, 1]; found {found}. Scale them first "
-                    "(uint8 images are also accepted and divided by 255 when batched)")
-
-
-@dataclass(frozen=True, eq=False)
-class Splits:
-    """A dataset's train / validation / test splits.
-
-    Attributes:
-        name: the dataset name (one of :data:`DATASETS`).
-        train, val, test: :class:`ArrayDataset` each; ``test`` may be the same object as ``val``.
-        source: where the files came from, in words (for logs).
-        class_names: one display name per class.
-    """
-
-    name: str
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
-    source: str
-    class_names: tuple[str, ...] = field(default=())
-
-    @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
-
-    def __repr__(self) -> str:
-        return (f"Splits(name={self.name!r}, train={len(self.train)}, val={len(self.val)}, "
-                f"test={len(self.test)}, image_shape={self.image_shape}, source={self.source!r})")
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(H, W, C)`` of one image."""
-        return self.train.image_shape
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -435,24 +308,6 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def cache_dir(name: str) -> Path:
-    """The user cache for dataset ``name``: ``$XDG_CACHE_HOME/anycnn/<name>`` or
-    ``~/.cache/anycnn/<name>``."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "anycnn" / name
-
-
-def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for dataset ``name``, in order (see the module docstring)."""
-    if data_dir is not None:
-        return [Path(data_dir), Path(data_dir) / name]
-    dirs = []
-    if os.environ.get(DATA_ENV):
-        dirs.append(Path(os.environ[DATA_ENV]) / name)
-    dirs += [cache_dir(name), SYSTEM_DATA_DIR / name]
-    return dirs
-
-
 def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """The first of :func:`search_dirs` that holds all four files of ``name``, or ``None``."""
     for directory in search_dirs(name, data_dir):
@@ -470,16 +325,6 @@ def _missing_in(name: str, data_dir: Path) -> str:
     missing = [f"{stem}[.gz]" for stem in FILES.values() if _find_file(best, stem) is None]
     return (f"data dir {best} lacks {len(missing)} of the 4 {name} files: {', '.join(missing)} "
             f"(an explicit data dir is the only place looked at)")
-
-
-def search_list(name: str) -> str:
-    """The directories searched for dataset ``name``, one indented line each, in order (for
-    error messages; unlike :func:`search_dirs` it also names an unset ``$ANYCNN_DATA``)."""
-    lines = ["--data-dir DIR (or DIR/" + name + "), which is then the only place looked at"]
-    env = os.environ.get(DATA_ENV)
-    lines.append(str(Path(env) / name) if env else f"${DATA_ENV}/{name} (${DATA_ENV} is not set)")
-    lines += [str(cache_dir(name)), str(SYSTEM_DATA_DIR / name)]
-    return "\n".join(f"  {line}" for line in lines)
 
 
 def _where_to_put(name: str) -> str:
@@ -508,72 +353,9 @@ def _download_dataset(name: str, progress: bool, base_url: str | None) -> Path:
     return target
 
 
-def download_bases(name: str, base_url: str | None, mirrors: tuple[str, ...]) -> list[str]:
-    """The base URLs to download dataset ``name``'s files from, in order: ``<base_url>/<name>/``
-    (or ``$ANYCNN_DATA_URL/<name>/``) when one is given, else ``mirrors``."""
-    base_url = base_url or os.environ.get(URL_ENV)
-    return [base_url.rstrip("/") + f"/{name}/"] if base_url else list(mirrors)
-
-
-def fetch(name: str, filename: str, bases: list[str], dest: Path, sha256: str, progress: bool,
-          hint: str) -> Path:
-    """Download ``filename`` from the first of ``bases`` that serves it to ``dest`` (kept only if
-    its SHA-256 is ``sha256``; see :func:`_download_file`) and return ``dest``.
-
-    Raises:
-        DataError: the digest differs, or every base failed: the message lists each URL with its
-            error, then ``hint`` (where to put the files by hand).
-    """
-    failures = []
-    for base in bases:
-        url = base + filename
-        try:
-            _download_file(url, dest, sha256, progress)
-            return dest
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            if isinstance(exc, DataError):
-                raise
-            failures.append(f"{url}: {exc}")
-    tried = "\n".join(f"  {f}" for f in failures)
-    raise DataError(f"downloading {name} failed:\n{tried}\n{hint}")
-
-
-def _download_file(url: str, dest: Path, sha256: str, progress: bool) -> None:
-    """Download ``url`` to ``dest`` through a temporary file; keep it only if its SHA-256 matches.
-
-    Raises:
-        DataError: the digest differs (the partial file is deleted).
-        OSError, http.client.HTTPException, ValueError: the transfer failed.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, \
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            show = progress and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                      disable=not show) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        actual = digest.hexdigest()
-        if actual != sha256:
-            raise DataError(f"{dest.name} from {url}: SHA-256 mismatch: expected {sha256}, "
-                            f"got {actual}; the download was deleted")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def __getattr__(name: str):
-    """``ImageFolder`` and ``load_image_folder`` live in
-    :mod:`anycnn.data.imagefolder` (which imports
-    this module); they are re-exported here lazily, on first access."""
+    """``ImageFolder`` and ``load_image_folder`` live in :mod:`anycnn.data.imagefolder`; they
+    are re-exported here lazily, on first access (this module never imports it at load time)."""
     if name in ("ImageFolder", "load_image_folder"):
         from . import imagefolder
 

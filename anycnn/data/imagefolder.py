@@ -52,8 +52,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import images as image_files
-from .datasets import ArrayDataset, Splits
-from .datasets import cache_dir as user_cache_dir
+from .arrays import ArrayDataset, Splits
+from .sources import cache_dir as user_cache_dir
 
 #: file name endings taken as images (compared lower-case)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -130,7 +130,7 @@ class ImageFolder:
 
     def load(self) -> ArrayDataset:
         """Every image of the folder, decoded (or read from the cache) into an
-        :class:`~anycnn.data.datasets.ArrayDataset` of memory-mapped ``uint8`` NHWC images."""
+        :class:`~anycnn.data.arrays.ArrayDataset` of memory-mapped ``uint8`` NHWC images."""
         images, labels, _ = decode_cached(self.samples, self.options, self.bad_images,
                                           self.cache_dir, key=_key(self.root, self.options),
                                           progress=self.progress)
@@ -153,7 +153,7 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
                       val_split: float = 0.1, split_seed: int = SPLIT_SEED,
                       bad_images: str = "stop", cache_dir: str | os.PathLike | None = None,
                       progress: bool = False) -> Splits:
-    """An image folder as train / validation / test :class:`~anycnn.data.datasets.Splits`.
+    """An image folder as train / validation / test :class:`~anycnn.data.arrays.Splits`.
 
     Flat layout: the images are split by ``np.random.default_rng(split_seed).permutation``;
     ``round(val_split * N)`` of them (at least 1) form ``val``. Train/val layout: ``train/`` and
@@ -327,7 +327,7 @@ def _decode_into(npy: Path, record_path: Path, samples: Sequence[tuple[Path, int
     """Decode every sample into a new cache entry (atomically; no temporary file survives)."""
     from tqdm import tqdm
 
-    from ..io.checkpoint import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     bad: list[tuple[int, str]] = []
     size, channels = _resolve_shape(samples, options, bad_images, bad)

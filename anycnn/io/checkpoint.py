@@ -24,8 +24,8 @@ Guarantees (each one tested):
 * Metadata is data only: the JSON header is size-limited (:data:`MAX_HEADER_BYTES`) and parsed
   with ``json``; :func:`load_model` bounds the model spec it builds from (:data:`SPEC_LIMITS`).
 
-Test hook: ``ANYCNN_TEST_SLOW_WRITE=<seconds>`` makes :func:`atomic_write_bytes` sleep after
-writing the temporary file and before fsync/rename, so tests can kill a process mid-save.
+The atomic write itself is :func:`anycnn.atomic.atomic_write_bytes` (re-exported here), with
+its test hook ``ANYCNN_TEST_SLOW_WRITE``.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .. import random as anycnn_random
+from ..atomic import SLOW_WRITE_ENV, atomic_write_bytes, os_reason  # noqa: F401 (re-export)
 from ..backend import backend_label, dtype_name, to_numpy
 from ..errors import AnycnnError, CheckpointError
 
@@ -189,82 +189,6 @@ def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | N
         raise CheckpointError(f"cannot encode checkpoint {path}: {exc}") from exc
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Make the rename durable (best effort: some platforms cannot open a folder)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-#: Test hook (not for users): seconds to sleep between writing the temporary file and fsyncing /
-#: renaming it, so a test can kill a process in the middle of a save. Unset or empty: no delay.
-SLOW_WRITE_ENV = "ANYCNN_TEST_SLOW_WRITE"
-
-
-def _test_slow_write() -> None:
-    try:
-        delay = float(os.environ.get(SLOW_WRITE_ENV) or 0)
-    except ValueError:
-        return
-    if delay > 0:
-        import time
-
-        time.sleep(delay)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
-                       what: str = "file") -> pathlib.Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    ``what`` names the content in error messages (``"checkpoint"``, ``"history"``, ...).
-
-    Raises:
-        CheckpointError: the file cannot be written (the path and the OS reason are named);
-            the previous content of ``path``, if any, is left untouched.
-    """
-    target = pathlib.Path(path)
-    directory = target.parent
-    tmp = str(directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {what} {target}: {_os_reason(exc)}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            _test_slow_write()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise CheckpointError(f"cannot write {what} {target}: {_os_reason(exc)}") from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_directory(directory)
-    return target
-
-
 def save_checkpoint(path: str | os.PathLike, model: Any, optimizer: Any = None, *,
                     model_spec: dict | None = None, epoch: int = 0, step: int = 0,
                     extra: dict | None = None) -> pathlib.Path:
@@ -303,7 +227,7 @@ def _read_bytes(path: pathlib.Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_os_reason(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {os_reason(exc)}") from exc
 
 
 def _parse_header(path: pathlib.Path, data: bytes) -> dict[str, Any]:

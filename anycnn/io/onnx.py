@@ -573,6 +573,6 @@ def export_onnx(model: Module, path: str | os.PathLike, *,
     """
     proto = to_onnx(model, input_shape=input_shape, opset=opset, layout=layout,
                     metadata=metadata, trace=trace)
-    from .checkpoint import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     return pathlib.Path(atomic_write_bytes(path, proto.SerializeToString(), what="ONNX model"))

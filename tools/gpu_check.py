@@ -2,7 +2,7 @@
 
 Run on a machine with an NVIDIA GPU (no network needed)::
 
-    python -m anycnn.cli.gpu_check --out DIR [--wheels DIR] [--budget-s 420]
+    python tools/gpu_check.py --out DIR [--wheels DIR] [--budget-s 420]
 
 Steps, each in its own process group with its own timeout (a step that runs over is killed and
 reported as ``timeout``; one the remaining budget cannot hold is ``skipped``):
@@ -31,8 +31,9 @@ otherwise, 2 on a usage error or when there is no NVIDIA GPU.
 ``--dry-run`` runs the same plumbing on the NumPy backend with tiny sizes (no GPU needed);
 ``--prepare-wheels DIR`` downloads the wheels for the offline machine (where pip has network).
 
-This module imports only the standard library at load time: it must start before the wheels that
-anycnn needs are installed.
+This script lives in the repository, not in the anycnn wheel (a harness for CI, not library
+code); it runs the repository's own anycnn (through ``PYTHONPATH``). It imports only the standard
+library at load time: it must start before the wheels that anycnn needs are installed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+#: the steps that run a helper of this script import it from here
+TOOLS = Path(__file__).resolve().parent
 
 #: distribution -> import name: the pure-Python runtime needs the GPU machine lacks
 WHEELS = {"array-api-compat": "array_api_compat", "array-api-extra": "array_api_extra",
@@ -266,7 +269,7 @@ def print_environment() -> None:
     except Exception as exc:
         print(f"torch: unusable ({type(exc).__name__}: {exc})")
     sys.stdout.flush()
-    from .commands import main
+    from anycnn.cli.commands import main
 
     print("$ anycnn info", flush=True)
     code = main(["info"])
@@ -395,6 +398,12 @@ def _pytest_note(result: Result, out: Path) -> str:
     return f"about {dots} tests passed before it stopped" if dots else ""
 
 
+def _helper(call: str) -> str:
+    """Python code that imports this script from :data:`TOOLS` and makes ``call`` (one of the
+    helpers above, in a step's own process)."""
+    return f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import gpu_check; gpu_check.{call}"
+
+
 def plan(args: argparse.Namespace, out: Path, tmp: Path) -> list[Step]:
     """The steps, in order. ``--dry-run``: numpy backend, tiny sizes."""
     py = sys.executable
@@ -418,8 +427,7 @@ def plan(args: argparse.Namespace, out: Path, tmp: Path) -> list[Step]:
                                      "--no-compile", "--disable-pip-version-check", "--target",
                                      str(tmp / "site"), *missing], 90, "env.txt",
                           summarize=lambda r: f"installed {', '.join(missing)}"))
-    steps.append(Step("environment", [py, "-c", "from anycnn.cli.gpu_check import "
-                                      "print_environment; print_environment()"],
+    steps.append(Step("environment", [py, "-c", _helper("print_environment()")],
                       60, "env.txt", env=be))
 
     tiny = ["--limit", "256"] if dry else []
@@ -438,7 +446,7 @@ def plan(args: argparse.Namespace, out: Path, tmp: Path) -> list[Step]:
     else:
         steps.append(Step("train-nccl", None, 0, "train.log",
                           note="no mpiexec here: the 1-rank nccl-smoke stands in"))
-    smoke = [py, "-c", f"from anycnn.cli.gpu_check import dist_smoke; dist_smoke({dist!r})"]
+    smoke = [py, "-c", _helper(f"dist_smoke({dist!r})")]
     steps.append(Step("nccl-smoke", [mpiexec, "-n", "1", *smoke] if mpiexec else smoke, 90,
                       "train.log", env=dist_env,
                       summarize=lambda r: _json_line_note(r, out)))
@@ -632,7 +640,7 @@ def prepare_wheels(folder: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m anycnn.cli.gpu_check",
+        prog="python tools/gpu_check.py",
         description="The prepared GPU check: environment, cupy test suite, bench against "
         "PyTorch on the GPU, short training runs (NCCL too); one report.")
     p.add_argument("--out", help="folder for gpu-report.md and the raw logs (<= 8 files)")

@@ -1,0 +1,114 @@
+"""Image folders in the ``anycnn`` command: ``anycnn train --dataset PATH`` (any existing
+folder that is not a built-in dataset name, or any value with a ``/``) loads
+:func:`anycnn.data.imagefolder.load_image_folder` with ``--image-size``, ``--channels``,
+``--val-split`` and ``--bad-images``; ``evaluate`` and ``summary`` load data the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_VAL_SPLIT = 0.1
+DEFAULT_BAD_IMAGES = "stop"
+
+#: ``anycnn train`` options that only apply to image folders
+FOLDER_OPTIONS = ("image_size", "channels", "val_split", "bad_images")
+
+
+def add_folder_options(parser: argparse.ArgumentParser) -> None:
+    """The image-folder options of ``anycnn train``."""
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="image folders: resize every image to NxN (default: keep the size "
+                        "when all images share one, else required)")
+    parser.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                        help="image folders: 1 grayscale or 3 RGB (default: 1 when every image "
+                        "is grayscale, else 3)")
+    parser.add_argument("--val-split", type=float, default=None, metavar="FRACTION",
+                        help="image folders without a val/ subfolder: share of the images used "
+                        f"for validation, chosen by a fixed seeded permutation (default: "
+                        f"{DEFAULT_VAL_SPLIT})")
+    parser.add_argument("--bad-images", default=None, choices=["stop", "skip"],
+                        help="image folders: on an unreadable image, stop with its path, or "
+                        f"skip it with a warning (default: {DEFAULT_BAD_IMAGES})")
+
+
+def is_image_folder(name: str | None) -> bool:
+    """Whether ``--dataset name`` means an image folder: not a built-in dataset name, and an
+    existing directory or a path (holding a ``/``)."""
+    from ..data.datasets import DATASETS
+
+    if not name:
+        return False
+    text = str(name)
+    if text.strip().lower().replace("_", "-") in DATASETS:
+        return False
+    return os.sep in text or "/" in text or Path(text).is_dir()
+
+
+def normalise_dataset(name: str) -> str:
+    """``name`` as recorded in checkpoints: an image folder's absolute path, else as given."""
+    return str(Path(name).resolve()) if is_image_folder(name) else name
+
+
+def run_label(name: str) -> str:
+    """A short name for the default run folder: an image folder's own name."""
+    return Path(name).name if is_image_folder(name) else name
+
+
+def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress: bool):
+    """The :class:`~anycnn.data.arrays.Splits` of ``--dataset name``: an image folder with
+    ``options`` (keys of :data:`FOLDER_OPTIONS`; ``None`` means the default), or a built-in
+    dataset, for which those options must be unset. Warnings about skipped images are printed
+    as ``anycnn: warning: ...`` lines."""
+    from ..data.datasets import load_dataset
+
+    if not is_image_folder(name):
+        given = [f"--{k.replace('_', '-')}" for k in FOLDER_OPTIONS if options.get(k) is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ConfigError(f"{', '.join(given)} {verb} only to image folders (--dataset PATH), "
+                              f"not to {name}")
+        return load_dataset(name, data_dir=data_dir, progress=progress)
+    if data_dir is not None:
+        raise ConfigError("--data-dir is for the built-in datasets; an image folder is given "
+                          "as --dataset PATH")
+    from ..data.imagefolder import load_image_folder
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_image_folder(
+            name, size=options.get("image_size"), channels=options.get("channels"),
+            val_split=options.get("val_split") or DEFAULT_VAL_SPLIT,
+            bad_images=options.get("bad_images") or DEFAULT_BAD_IMAGES, progress=progress)
+    for warning in caught:
+        print(f"anycnn: warning: {warning.message}", file=sys.stderr)
+    return data
+
+
+def load_train_data(args: argparse.Namespace, progress: bool):
+    """The training data of ``anycnn train``; fills in the image-folder defaults used (so the
+    checkpoint records them)."""
+    options = {k: getattr(args, k, None) for k in FOLDER_OPTIONS}
+    data = load_data(args.dataset, args.data_dir, options, progress)
+    if is_image_folder(args.dataset):
+        args.val_split = args.val_split or DEFAULT_VAL_SPLIT
+        args.bad_images = args.bad_images or DEFAULT_BAD_IMAGES
+        h, w, _ = data.image_shape
+        if h != w:
+            raise ConfigError(f"{args.dataset}: the images are {h}x{w} (H x W), but the models "
+                              "take square images: pass --image-size N to resize them")
+    return data
+
+
+def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], progress: bool):
+    """The data ``anycnn evaluate`` uses: an image folder with the options it was trained with
+    (``config``, the checkpoint's), or a built-in dataset."""
+    options = {k: config.get(k) for k in FOLDER_OPTIONS} if is_image_folder(name) else {}
+    return load_data(name, data_dir, options, progress)

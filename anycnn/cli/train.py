@@ -1,0 +1,374 @@
+"""``anycnn train``: train a model and write a checkpoint and history.
+
+Writes ``OUT/checkpoint.safetensors`` after every epoch, ``OUT/best.safetensors`` for the best
+``--monitor`` value and ``OUT/history.json``; an interrupted run saves a checkpoint, prints how
+to resume and exits with 130 (SIGINT) or 143 (SIGTERM). The output folder and ``--resume`` are
+:mod:`anycnn.cli.resume`'s, the processes (``--workers``, ranks, signals)
+:mod:`anycnn.cli.launch`'s, and image folders :mod:`anycnn.cli.folders`'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..errors import ConfigError
+from .common import backend_option, say, select_backend
+
+HELP = "train a model and write a checkpoint and history"
+
+
+def add_arguments(t: argparse.ArgumentParser) -> None:
+    """The arguments of ``anycnn train``."""
+    from ..data.datasets import DATASETS
+    from ..models import MODELS
+    from ..optim.optimizers import OPTIMIZERS
+    from ..optim.schedules import SCHEDULES
+    from .folders import add_folder_options
+
+    t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}, "
+                   "or the path of an image folder (one subfolder per class)")
+    t.add_argument("--data-dir", help="folder holding the dataset's files "
+                   "(IDX; CIFAR: the binary version's folder or .tar.gz)")
+    add_folder_options(t)
+    t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
+    t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
+    t.add_argument("--batch-size", type=int, default=64,
+                   help="images per step (the global batch: on N ranks each takes 1/N of it)")
+    t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
+    t.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default 0.9; only for --optimizer sgd)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 (sgd, adam) or "
+                   "decoupled (adamw) weight decay")
+    t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="share of each target spread over all classes")
+    t.add_argument("--seed", type=int, default=0,
+                   help="initial weights and the shuffling order")
+    t.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="train on the first N training images only (quick runs)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="floating-point precision of weights and activations")
+    t.add_argument("--augment", default=None, metavar="SPEC",
+                   help="random crop/flip of training batches: none, or items separated by "
+                   "commas: crop (padding 1/8 of the image side), crop=P, flip, pad=zeros|edge "
+                   "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
+    t.add_argument("--normalize", default=None, choices=["auto", "none"],
+                   help="auto: subtract the training split's per-channel mean and divide by its "
+                   "std (recorded in the checkpoint, applied by evaluate); default: auto for "
+                   "32x32 RGB images, none otherwise")
+    t.add_argument("--device-resident", action="store_true",
+                   help="keep the dataset on the device (GPU) and batch there")
+    t.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/inf loss: stop, or skip that step")
+    t.add_argument("--out", default=None, help="output folder (default runs/<model>-<dataset>)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (a file, or a run folder), else from "
+                   "OUT/checkpoint.safetensors; OUT defaults to the checkpoint's folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="ramp the lr up linearly over the first N steps (default: 0)")
+    t.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better --monitor (default: off)")
+    t.add_argument("--monitor", default="val_loss", metavar="KEY",
+                   help="metric for --early-stop and best.safetensors (default: val_loss; "
+                   "or val_accuracy, train_loss, train_accuracy)")
+    t.add_argument("--min-delta", type=float, default=0.0, metavar="X",
+                   help="smallest change --early-stop counts as better (default: 0)")
+    t.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="also print a line every N steps (default: 0, off)")
+    t.add_argument("--compile", action="store_true",
+                   help="run each training step as one jax.jit-compiled function (jax backend)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="on several ranks, BatchNorm statistics of the global batch instead of "
+                   "each rank's share (three small allreduces per layer and step)")
+    t.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine (runs the same "
+                   "command under the installed mpiexec; needs pip install 'anycnn[mpi]'; "
+                   "or start it yourself: mpiexec -n N anycnn train ...)")
+    backend_option(t)
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def check_options(args) -> dict:
+    """Check the options that need no data, fill in the defaults of ``--lr`` and
+    ``--momentum`` (the values used, as recorded in checkpoints and compared on ``--resume``),
+    and return the model's spec."""
+    from ..data.augment import parse_augment
+    from ..models import model_spec
+    from ..optim.optimizers import OPTIMIZERS
+    from ..optim.schedules import make_schedule
+
+    if args.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
+                          f"{', '.join(OPTIMIZERS)}")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
+                          "would ignore it")
+    spec = model_spec(args.model)  # validate the name before loading data
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.lr is None:
+        args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
+    if args.momentum is None and args.optimizer == "sgd":
+        args.momentum = 0.9
+    _check_callback_options(args)
+    if args.augment is not None:
+        parse_augment(args.augment)  # the syntax, before loading data
+    return spec
+
+
+def _check_callback_options(args) -> None:
+    """The options of ``train`` added for callbacks, checked before any data is loaded."""
+    import dataclasses
+    import math
+
+    from ..train.trainer import EpochRecord
+
+    for option, value in (("--warmup-steps", args.warmup_steps), ("--log-every", args.log_every),
+                          ("--early-stop", args.early_stop)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{option} must be >= 0, got {value}")
+    monitors = [f.name for f in dataclasses.fields(EpochRecord)
+                if "loss" in f.name or "accuracy" in f.name]
+    if args.monitor not in monitors:
+        raise ConfigError(f"--monitor must be one of {', '.join(monitors)}, got {args.monitor!r}")
+    if not (math.isfinite(args.min_delta) and args.min_delta >= 0):
+        raise ConfigError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
+    if args.min_delta and args.early_stop is None:
+        raise ConfigError("--min-delta only applies to --early-stop: add --early-stop PATIENCE")
+    if args.log_every and args.quiet:
+        raise ConfigError("--log-every prints lines that --quiet turns off: drop one of them")
+
+
+# ----------------------------------------------------------------------------------- the data
+
+
+def load_training_data(args, comm):
+    """The training data (``--limit``: its first N training images), loaded once per node."""
+    from .folders import load_train_data
+    from .launch import load_on_node_leader_first
+
+    data = load_on_node_leader_first(comm, lambda: load_train_data(args,
+                                                                   progress=not args.quiet))
+    if args.limit is not None and args.limit < len(data.train):
+        import dataclasses
+
+        import numpy as np
+
+        data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
+    return data
+
+
+def preprocessing(args, data, saved_config: dict):
+    """(Augment or None, Normalize or None) of a training run, from ``--augment`` and
+    ``--normalize`` or their defaults for the image shape; ``args`` then hold the resolved
+    choices (what the checkpoint records). A resumed run reuses the recorded statistics."""
+    from ..data.augment import Normalize, default_normalize, parse_augment, read_preprocess
+
+    augment = parse_augment(args.augment or "auto", data.image_shape)
+    args.augment = augment.spec() if augment is not None else "none"
+    if args.normalize is None:
+        args.normalize = "auto" if default_normalize(data.image_shape) else "none"
+    if args.normalize == "none":
+        return augment, None
+    _, recorded = read_preprocess(saved_config.get("preprocess"))
+    return augment, recorded or Normalize.from_images(data.train.images)
+
+
+# -------------------------------------------------------------------------------- the trainer
+
+
+def build_model(args, spec: dict, comm):
+    """The seeded model of ``spec`` in ``--dtype`` (BatchNorm synchronised with ``--sync-bn``)."""
+    from .. import random
+    from ..models import build_model as build
+
+    random.manual_seed(args.seed)
+    model = build(spec)
+    if args.dtype != "float32":
+        model.to(args.dtype)
+    if args.sync_bn:
+        from ..dist.sync import sync_batchnorm
+
+        sync_batchnorm(model, comm)
+    return model
+
+
+def make_optimizer(args, model):
+    """``--optimizer`` over the model's parameters, with ``--lr``, ``--weight-decay`` and (SGD)
+    ``--momentum``."""
+    from ..optim.optimizers import OPTIMIZERS
+
+    opt_kwargs = {"weight_decay": args.weight_decay}
+    if args.optimizer == "sgd":
+        opt_kwargs["momentum"] = args.momentum
+    return OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr, **opt_kwargs)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    from ..atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _history_file(path: Path):
+    """A callback that rewrites ``history.json`` (atomically) after every epoch."""
+    from ..train.callbacks import Callback
+
+    class HistoryFile(Callback):
+        def on_epoch_end(self, trainer, epoch, record) -> None:
+            if trainer.comm.rank == 0:
+                _write_json_atomic(path, trainer.history)
+
+    return HistoryFile()
+
+
+def make_callbacks(args, out: Path, history_path: Path):
+    """``(callbacks, best, early)``: after each epoch's checkpoint, ``best.safetensors``, early
+    stopping (``early`` None without ``--early-stop``), the log line, ``history.json``."""
+    from ..train.callbacks import BestCheckpoint, EarlyStopping, ProgressLog
+
+    best = BestCheckpoint(out / "best.safetensors", args.monitor)
+    early = (EarlyStopping(args.monitor, args.early_stop, args.min_delta)
+             if args.early_stop is not None else None)
+    callbacks = [best, *([early] if early else []),
+                 *([] if args.quiet else [ProgressLog(args.log_every)]),
+                 _history_file(history_path)]
+    return callbacks, best, early
+
+
+def make_trainer(args, model, spec: dict, comm, ckpt_path: Path, callbacks: list):
+    """The :class:`~anycnn.train.trainer.Trainer` of the run; its config is the command's
+    options (recorded in every checkpoint)."""
+    from ..nn.losses import SoftmaxCrossEntropy
+    from ..optim.schedules import make_schedule
+    from ..train.trainer import Trainer
+
+    return Trainer(model, make_optimizer(args, model), SoftmaxCrossEntropy(args.label_smoothing),
+                   schedule=make_schedule(args.schedule, args.lr, args.epochs), model_spec=spec,
+                   checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
+                   progress=not args.quiet, callbacks=callbacks,
+                   warmup_steps=args.warmup_steps, comm=comm, compile=args.compile,
+                   config={k: v for k, v in vars(args).items()
+                           if k not in ("func", "given", "argv", "workers")})
+
+
+def make_loaders(args, data, augment, normalize):
+    """``(train loader, validation loader)``: shuffled and augmented, and in order."""
+    from ..data.dataloader import DataLoader
+
+    loader_opts = dict(device_resident=args.device_resident, dtype=args.dtype)
+    train_loader = DataLoader(data.train, args.batch_size, shuffle=True, seed=args.seed,
+                              augment=augment, normalize=normalize, **loader_opts)
+    val_loader = DataLoader(data.val, 256, normalize=normalize, **loader_opts)
+    return train_loader, val_loader
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def fit(args, trainer, loaders, early, resume_from: Path | None, ckpt_path: Path) -> int | None:
+    """Train up to ``--epochs``; the signal that stopped the run (the checkpoint then saved),
+    or None."""
+    import numpy as np
+
+    from .launch import StopOnSignal
+
+    # a run that early stopping ended stays ended when resumed with the same options
+    ended = early is not None and trainer.step == 0 and bool(trainer.history) and \
+        early.review(trainer.history)
+    # NumPy's overflow warnings would bury the one-line NaN report; the trainer checks the loss
+    with StopOnSignal(trainer) as stopper, np.errstate(over="ignore", invalid="ignore",
+                                                        divide="ignore"):
+        if trainer.epoch < args.epochs and not ended:
+            trainer.fit(*loaders, epochs=args.epochs)
+        elif not ended and trainer.comm.rank == 0:
+            print(f"anycnn: nothing to train: {resume_from} has completed {trainer.epoch} of "
+                  f"{args.epochs} epochs; pass --epochs N (N > {trainer.epoch}) to train more",
+                  file=sys.stderr)
+        if stopper.signum is not None:  # saved with the handlers still on: a second signal
+            trainer.save(ckpt_path)     # exits at once
+    return stopper.signum
+
+
+def report(args, trainer, best, early, ckpt_path: Path, history_path: Path) -> int:
+    """Rank 0's closing lines: skipped steps, early stopping, the best epoch, the final
+    validation figures and where the files are."""
+    if trainer.skipped_steps:
+        print(f"anycnn: warning: {trainer.skipped_steps} step(s) skipped because the loss was "
+              "NaN or infinite (--on-nan skip)", file=sys.stderr)
+    if early is not None and early.stopped_epoch is not None:
+        print(f"early stopping at epoch {early.stopped_epoch} (best epoch {early.best_epoch}, "
+              f"{args.monitor} {early.best:.4f})")
+    if best.review(trainer.history) is not None:
+        say(args.quiet, f"best {args.monitor} {best.best:.4f} at epoch {best.best_epoch}: "
+            f"{best.path}")
+    last = trainer.history[-1]
+    print(f"final validation accuracy {last['val_accuracy']:.4f} (loss {last['val_loss']:.4f}); "
+          f"checkpoint {ckpt_path}; history {history_path}")
+    return 0
+
+
+def run(args) -> int:
+    """``anycnn train``."""
+    from ..data.augment import preprocess_record
+    from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
+    from .folders import normalise_dataset
+    from .launch import join_ranks, start_workers
+    from .resume import output_folder, settings_from_checkpoint
+
+    if args.workers is not None:
+        return start_workers(args)
+    backend = select_backend(args.backend)
+    args.dataset = normalise_dataset(args.dataset)
+    out, resume_from = output_folder(args)
+    saved, saved_config = None, {}
+    if resume_from is not None:  # read once: for its settings here, its state below
+        saved = load_checkpoint(resume_from)
+        saved_config = settings_from_checkpoint(args, saved)
+    ckpt_path, history_path = out / RUN_CHECKPOINT, out / "history.json"
+    spec_check = check_options(args)
+    comm = join_ranks(args)
+    data = load_training_data(args, comm)
+    h, _w, c = data.image_shape
+    augment, normalize = preprocessing(args, data, saved_config)
+    args.preprocess = preprocess_record(augment, normalize, data)
+    spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
+    how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
+    ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
+    say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}){ranks}; "
+        f"{data.name}: {len(data.train)} train / {len(data.val)} val; model {args.model}")
+    model = build_model(args, spec, comm)
+    callbacks, best, early = make_callbacks(args, out, history_path)
+    trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks)
+    if resume_from is not None:
+        trainer.resume(saved)
+        say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
+            f"step {trainer.step}")
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    loaders = make_loaders(args, data, augment, normalize)
+    signum = fit(args, trainer, loaders, early, resume_from, ckpt_path)
+    if signum is not None:
+        if comm.rank != 0:
+            return 128 + signum
+        print(f"anycnn: interrupted ({trainer.stopped}) at epoch {trainer.epoch + 1}, step "
+              f"{trainer.step}; checkpoint saved to {ckpt_path}. Resume with the same command "
+              "plus --resume", file=sys.stderr)
+        return 128 + signum
+    if comm.rank != 0:  # rank 0 reports
+        return 0
+    return report(args, trainer, best, early, ckpt_path, history_path)
