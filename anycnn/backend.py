@@ -1,9 +1,14 @@
 """The backend shim: the one module that knows which array library anycnn runs on.
 
+What it knows about each library comes from that library's description, a
+:class:`~anycnn.backends.spec.BackendSpec` in :mod:`anycnn.backends` (one module per backend:
+its namespace module, install hint, host copy, synchronisation, mutability, compile support,
+devices, setup); this module tests no backend name.
+
 Rules (tests check each one):
 
-* ``ANYCNN_BACKEND`` is one of ``auto`` (default), ``numpy``, ``cupy``, ``torch`` or
-  ``array_api_strict``. It is read at first use, never at import.
+* ``ANYCNN_BACKEND`` is ``auto`` (default) or one of :func:`backend_names` (``numpy``, ``cupy``,
+  ``torch``, ``array_api_strict``, ``jax``). It is read at first use, never at import.
 * ``auto`` takes CuPy when it imports *and* a CUDA device answers, else NumPy, and records why in
   :attr:`Backend.reason` (also logged on the ``anycnn`` logger and shown by ``anycnn info``).
 * An explicit name never falls back: if it cannot be used, :class:`~anycnn.errors.BackendError` says
@@ -27,21 +32,52 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import backends as _specs
+from .backends.numpy import tune_host_allocator
+from .backends.spec import BackendSpec
 from .errors import BackendError, BackendMismatchError, ShapeError
 
 ENV_VAR = "ANYCNN_BACKEND"
-BACKEND_NAMES = ("numpy", "cupy", "torch", "array_api_strict", "jax")
-CHOICES = ("auto", *BACKEND_NAMES)
-
-_INSTALL_HINT = {
-    "numpy": "pip install -r backends/numpy.txt  (or: pip install numpy)",
-    "cupy": "pip install -r backends/cupy.txt  (needs an NVIDIA GPU and CUDA 12 driver)",
-    "torch": "pip install -r backends/torch.txt  (or: pip install 'anycnn[torch]')",
-    "array_api_strict": "pip install -r backends/array_api_strict.txt",
-    "jax": "pip install -r backends/jax.txt  (or: pip install 'jax[cpu]')",
-}
 
 log = logging.getLogger("anycnn")
+
+__all__ = ["Backend", "BackendSpec", "asarray", "backend_help", "backend_label", "backend_names",
+           "describe", "dtype_name", "get_backend", "namespace_of", "on_host", "probe_all",
+           "require_in_place", "resolve", "synchronize", "to_numpy", "tune_host_allocator",
+           "use_backend", "uses_gpu", "writes_in_place"]
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names of every described backend (``"numpy"``, ``"cupy"``, ``"torch"``,
+    ``"array_api_strict"``, ``"jax"``), in the order lists show them."""
+    return tuple(s.name for s in _specs.all_specs())
+
+
+def backend_help() -> str:
+    """The help text of a ``--backend`` option, built from :func:`backend_names`."""
+    return f"{' | '.join(backend_names())} | auto (default: ${ENV_VAR}, else auto)"
+
+
+def __getattr__(name: str) -> Any:
+    # BACKEND_NAMES and CHOICES list the package anycnn.backends: done on first use, not import
+    if name == "BACKEND_NAMES":
+        return backend_names()
+    if name == "CHOICES":
+        return ("auto", *backend_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def describe(name: str) -> BackendSpec:
+    """The description of backend ``name`` (one of :func:`backend_names`).
+
+    Raises:
+        BackendError: no backend has that name.
+    """
+    spec = _specs.find(name)
+    if spec is None:
+        raise BackendError(f"unknown backend {name!r}; valid names: "
+                           f"{', '.join(('auto', *backend_names()))}")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -49,7 +85,7 @@ class Backend:
     """A resolved backend.
 
     Attributes:
-        name: one of :data:`BACKEND_NAMES`.
+        name: one of :func:`backend_names`.
         xp: the Array API namespace (``array_api_compat.numpy``, ``array_api_strict``, ...).
         device: the device new arrays are put on (``xp``'s own device object).
         reason: why this backend was chosen, in words (for logs and ``anycnn info``).
@@ -63,82 +99,45 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, device={self.device!r})"
 
+    @property
+    def spec(self) -> BackendSpec:
+        """This backend's description (:mod:`anycnn.backends`)."""
+        return describe(self.name)
+
+
+def _auto_choice(role: str) -> BackendSpec:
+    """The backend with ``auto`` role ``role`` (``"first"`` or ``"fallback"``)."""
+    return next(s for s in _specs.all_specs() if s.auto == role)
+
 
 def _cuda_device_count() -> tuple[int, str]:
-    """(number of CUDA devices CuPy sees, reason text); never raises."""
-    try:
-        import cupy
-    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
-        return 0, f"cupy is not importable ({type(exc).__name__}: {exc})"
-    try:
-        count = int(cupy.cuda.runtime.getDeviceCount())
-    except Exception as exc:
-        return 0, f"cupy imported but no CUDA device answers ({type(exc).__name__}: {exc})"
-    if count == 0:
-        return 0, "cupy imported but reports 0 CUDA devices"
-    return count, f"cupy {cupy.__version__} sees {count} CUDA device(s)"
-
-
-_allocator_tuned = False
-
-
-def tune_host_allocator() -> bool:
-    """Keep large freed buffers inside glibc's heap instead of returning them to the OS.
-
-    Training allocates the same large temporaries every step; by default glibc serves each with
-    a fresh ``mmap`` and unmaps it on free, so every step pays page faults again (measured to
-    double step times). Raising the mmap and trim thresholds lets the memory be reused. Only
-    for CPU backends on glibc; ``ANYCNN_TUNE_MALLOC=0`` turns it off. Returns True if applied.
-    """
-    global _allocator_tuned
-    if _allocator_tuned or os.environ.get("ANYCNN_TUNE_MALLOC", "1") == "0":
-        return _allocator_tuned
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        # serve every allocation from the heap (no per-buffer mmap), and keep freed memory
-        ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        return False
-    _allocator_tuned = bool(ok)
-    return _allocator_tuned
+    """(devices, reason text) from the device probe of ``auto``'s first choice (CuPy: CUDA
+    devices); never raises."""
+    return _auto_choice("first").count_devices()
 
 
 def _make(name: str, reason: str) -> Backend:
     """Import backend ``name`` and build its :class:`Backend`; raises BackendError if unusable."""
-    hint = _INSTALL_HINT[name]
-    if name == "cupy":
-        count, why = _cuda_device_count()
+    spec = describe(name)
+    hint = spec.install_hint
+    if spec.count_devices is not None:
+        # auto's first choice is probed through _cuda_device_count (the one probe tests stub)
+        count, why = (_cuda_device_count() if spec.auto == "first" else spec.count_devices())
         if count == 0:
-            raise BackendError(f"backend 'cupy' cannot be used: {why}. Fix: {hint}")
-        module = "array_api_compat.cupy"
-    elif name == "array_api_strict":
-        module = "array_api_strict"
-    elif name == "jax":
-        module = "jax.numpy"  # JAX's own namespace follows the Array API standard
-    else:
-        module = f"array_api_compat.{name}"
+            raise BackendError(f"backend {name!r} cannot be used: {why}. Fix: {hint}")
+    module = spec.namespace
     try:
         xp = importlib.import_module(module)
     except ImportError as exc:
         raise BackendError(
             f"backend {name!r} cannot be used: {exc.name or module} is not installed. Fix: {hint}"
         ) from exc
-    if name == "jax":
-        import jax
-
-        # anycnn's float64 (gradient checks, dtype="float64" models) must stay float64
-        jax.config.update("jax_enable_x64", True)
-    if name == "torch":
-        import torch
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.setup is not None:
+        spec.setup()
+    if spec.default_device is not None:
+        device = spec.default_device(xp)
     else:
         device = array_api_compat.device(xp.empty(0))
-    if name == "numpy":
-        tune_host_allocator()
     return Backend(name=name, xp=xp, device=device, reason=reason)
 
 
@@ -149,17 +148,19 @@ def resolve(requested: str) -> Backend:
         BackendError: the name is unknown, or the named backend cannot be used here.
     """
     name = str(requested).strip().lower().replace("-", "_")
-    if name not in CHOICES:
+    choices = ("auto", *backend_names())
+    if name not in choices:
         raise BackendError(
-            f"unknown backend {requested!r}; valid names: {', '.join(CHOICES)}"
+            f"unknown backend {requested!r}; valid names: {', '.join(choices)}"
         )
     if name != "auto":
         return _make(name, f"requested explicitly ({name})")
     count, why = _cuda_device_count()
     if count:
-        backend = _make("cupy", f"auto: {why}")
+        backend = _make(_auto_choice("first").name, f"auto: {why}")
     else:
-        backend = _make("numpy", f"auto: no usable GPU, using numpy ({why})")
+        fallback = _auto_choice("fallback").name
+        backend = _make(fallback, f"auto: no usable GPU, using {fallback} ({why})")
     log.info("anycnn backend %s (%s)", backend.name, backend.reason)
     return backend
 
@@ -200,14 +201,14 @@ class use_backend:
 def probe_all() -> list[dict[str, Any]]:
     """Availability of every backend, for ``anycnn info``: name, ok, version, device, detail."""
     rows = []
-    for name in BACKEND_NAMES:
+    for name in backend_names():
         try:
             backend = _make(name, "probe")
         except BackendError as exc:
             rows.append({"name": name, "ok": False, "version": None, "device": None,
                          "detail": str(exc)})
             continue
-        top = importlib.import_module(name)
+        top = importlib.import_module(name)  # the top-level module, for its version
         rows.append({"name": name, "ok": True, "version": getattr(top, "__version__", "?"),
                      "device": str(backend.device), "detail": "available"})
     return rows
@@ -223,13 +224,9 @@ def backend_label(x: Any) -> str:
         xp = array_api_compat.array_namespace(x)
     except TypeError:
         return type(x).__module__.split(".")[0]
-    for name, check in (("numpy", array_api_compat.is_numpy_namespace),
-                        ("cupy", array_api_compat.is_cupy_namespace),
-                        ("torch", array_api_compat.is_torch_namespace),
-                        ("array_api_strict", array_api_compat.is_array_api_strict_namespace),
-                        ("jax", array_api_compat.is_jax_namespace)):
-        if check(xp):
-            return name
+    spec = _specs.for_namespace(xp)
+    if spec is not None:
+        return spec.name
     return getattr(xp, "__name__", "unknown")
 
 
@@ -247,9 +244,16 @@ def namespace_of(*arrays: Any) -> Any:
         BackendMismatchError: the arrays come from two libraries or sit on two devices.
         ShapeError: one of them is not an array at all (a list, a string, ...).
     """
+    numpy_seen = False  # the common case first, without the generic checks (~10x faster)
+    for a in arrays:
+        if type(a) is np.ndarray:
+            numpy_seen = True
+        elif a is not None:
+            break
+    else:
+        if numpy_seen:
+            return _numpy_namespace()
     present = [a for a in arrays if a is not None]
-    if present and all(type(a) is np.ndarray for a in present):
-        return _numpy_namespace()  # the common case, without the generic checks (~10x faster)
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:
@@ -291,8 +295,8 @@ def asarray(data: Any, dtype: Any = None, backend: Backend | None = None) -> Any
     host = np.asarray(data)
     if dtype is not None:
         host = host.astype(dtype, copy=False)
-    if b.name == "torch":
-        host = np.ascontiguousarray(host)  # torch cannot wrap negative-stride views
+    if b.spec.contiguous_host:
+        host = np.ascontiguousarray(host)  # e.g. torch cannot wrap negative-stride views
     return b.xp.asarray(host, device=b.device)
 
 
@@ -305,19 +309,14 @@ def to_numpy(x: Any) -> np.ndarray:
     """
     if isinstance(x, np.ndarray | np.generic | int | float | bool | list | tuple):
         return np.asarray(x)
-    if array_api_compat.is_cupy_array(x):
-        return x.get()
-    if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+    spec = _specs.for_array(x)
+    if spec is not None and spec.host_copy is not None:
+        return spec.host_copy(x)
     try:
-        xp = array_api_compat.array_namespace(x)
+        array_api_compat.array_namespace(x)
     except TypeError as exc:
         raise BackendError(f"cannot copy a {type(x).__module__}.{type(x).__qualname__} to the "
                            "host: it is not an array of a library array-api-compat knows") from exc
-    if array_api_compat.is_array_api_strict_namespace(xp):
-        import array_api_strict
-
-        return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
     try:  # JAX and other libraries that implement __array__ or DLPack
         host = np.asarray(x)
     except Exception as exc:
@@ -337,13 +336,13 @@ def writes_in_place(xp: Any) -> bool:
     ``xp`` (NumPy, CuPy, torch, array-api-strict), or only rebind the name to a new array (JAX,
     dask: there an in-place update would silently do nothing). Unknown namespaces are probed
     once: an alias of a zero array is incremented and the original read back. Cached per
-    namespace (the optimizers ask once per parameter and step)."""
-    c = array_api_compat
-    if c.is_jax_namespace(xp) or c.is_dask_namespace(xp):
+    namespace (the optimizers ask once per parameter and step). A backend's answer is its
+    description's :attr:`~anycnn.backends.spec.BackendSpec.mutable`."""
+    spec = _specs.for_namespace(xp)
+    if spec is not None:
+        return spec.mutable
+    if array_api_compat.is_dask_namespace(xp):  # lazy arrays, no anycnn backend
         return False
-    if (c.is_numpy_namespace(xp) or c.is_cupy_namespace(xp) or c.is_torch_namespace(xp)
-            or c.is_array_api_strict_namespace(xp)):
-        return True
     return _probe_in_place(xp)
 
 
@@ -386,11 +385,22 @@ def dtype_name(x: Any) -> str:
 def synchronize(backend: Backend | None = None) -> None:
     """Wait until queued device work of ``backend`` (default: current) is done (GPU timing)."""
     b = backend or get_backend()
-    if b.name == "cupy":
-        import cupy
+    sync = b.spec.synchronize
+    if sync is not None:
+        sync(b.device)
 
-        cupy.cuda.get_current_stream().synchronize()
-    elif b.name == "torch" and getattr(b.device, "type", "cpu") == "cuda":
-        import torch
 
-        torch.cuda.synchronize()
+def uses_gpu(backend: Backend | None = None) -> bool:
+    """Whether ``backend`` (default: current) puts new arrays outside host memory (a GPU)."""
+    b = backend or get_backend()
+    return not b.spec.on_host(b.device)
+
+
+def on_host(x: Any) -> bool:
+    """True when array ``x`` lives in host memory (reading it back costs nothing); arrays of
+    libraries without a description count as on the host when their device's name says CPU."""
+    device = getattr(x, "device", None)
+    spec = _specs.for_array(x)
+    if spec is not None:
+        return spec.on_host(device)
+    return "cpu" in str(device if device is not None else "cpu").lower()

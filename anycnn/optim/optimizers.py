@@ -2,10 +2,12 @@
 
 Each optimizer implements ``_update(param, grad, state)`` for one parameter, returning the new
 value; :class:`Optimizer` runs it over every parameter that has a gradient and writes the result
-back (``param.data = ...``). Where arrays are mutable (NumPy, CuPy, torch, array-api-strict) the
+back (``param.data = ...``). Each rule is written once, its writes going through
+:mod:`anycnn.optim.writes`: where arrays are mutable (NumPy, CuPy, torch, array-api-strict) the
 weights and the state are updated in place (row-parallel on NumPy); where they are immutable
 (JAX, dask: ``w -= g`` would only rebind a local name) the same arithmetic builds new arrays,
-stored back in the state dict (:func:`anycnn.backend.writes_in_place` decides). ``lr`` is a
+stored back in the state dict (the backend's description decides, through
+:func:`anycnn.backend.writes_in_place`). ``lr`` is a
 plain attribute, so schedules just assign it. ``state_dict()`` holds hyperparameters plus
 per-parameter state arrays keyed ``"<index>.<name>"`` (index in the parameter list), ready for a
 checkpoint.
@@ -21,6 +23,7 @@ from ..backend import namespace_of, to_numpy, writes_in_place
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..kernels import fastpath
 from ..nn.module import Parameter, _like
+from .writes import IN_PLACE, NEW_ARRAYS, apply
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -52,7 +55,7 @@ class Optimizer:
         """Update every parameter that has a gradient."""
         for i, (p, state) in enumerate(zip(self.params, self.state)):
             if p.grad is not None:
-                if tuple(p.grad.shape) != tuple(p.data.shape):
+                if p.grad.shape != p.data.shape:  # tuples (torch.Size is one)
                     raise ShapeError(f"parameter {i} has shape {tuple(p.data.shape)} but its "
                                      f"gradient has shape {tuple(p.grad.shape)}")
                 state["step"] = state.get("step", 0) + 1
@@ -60,6 +63,7 @@ class Optimizer:
 
     def _update(self, w: Any, g: Any, state: dict[str, Any]) -> Any:  # pragma: no cover
         raise NotImplementedError
+
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -129,32 +133,23 @@ class SGD(Optimizer):
 
     def _update(self, w, g, state):
         xp = namespace_of(w, g)  # refuses a gradient from another backend or device
+        ops = IN_PLACE if writes_in_place(xp) else NEW_ARRAYS
         if self.weight_decay:
             g = g + self.weight_decay * w
-        if not writes_in_place(xp):  # the same arithmetic, new arrays
-            step = g
-            if self.momentum:
-                buf = state.get("momentum_buffer")
-                buf = g if buf is None else buf * self.momentum + g
-                state["momentum_buffer"] = buf
-                step = g + self.momentum * buf if self.nesterov else buf
-            return w - self.lr * step
-        if self.momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:  # from zeros, the first update makes it the gradient, as PyTorch
-                buf = state["momentum_buffer"] = xp.zeros_like(g)
-            fastpath.update_rows(xp, self._momentum_descend, w, buf, g)
-        else:
-            fastpath.update_rows(xp, self._descend, w, g)
+        if not self.momentum:
+            return apply(xp, ops, self._descend, (w,), g)[0]
+        buf = state.get("momentum_buffer")
+        if buf is None:  # from zeros, the first update makes it the gradient, as PyTorch
+            buf = xp.zeros_like(g)
+        w, state["momentum_buffer"] = apply(xp, ops, self._momentum_descend, (w, buf), g)
         return w
 
-    def _descend(self, w, step) -> None:
-        w -= self.lr * step
+    def _descend(self, w, step, ops=IN_PLACE):
+        return (ops.sub(w, self.lr * step),)
 
-    def _momentum_descend(self, w, buf, g) -> None:
-        buf *= self.momentum
-        buf += g
-        self._descend(w, g + self.momentum * buf if self.nesterov else buf)
+    def _momentum_descend(self, w, buf, g, ops=IN_PLACE):
+        buf = ops.add(ops.scale(buf, self.momentum), g)
+        return ops.sub(w, self.lr * (g + self.momentum * buf if self.nesterov else buf)), buf
 
 
 class Adam(Optimizer):
@@ -176,37 +171,27 @@ class Adam(Optimizer):
 
     def _update(self, w, g, state):
         xp = namespace_of(w, g)
-        in_place = writes_in_place(xp)
+        ops = IN_PLACE if writes_in_place(xp) else NEW_ARRAYS
         if self.weight_decay:
             if self.decoupled:
-                if in_place:
-                    w *= 1.0 - self.lr * self.weight_decay
-                else:
-                    w = w * (1.0 - self.lr * self.weight_decay)
+                w = ops.scale(w, 1.0 - self.lr * self.weight_decay)
             else:
                 g = g + self.weight_decay * w
         m = state.get("exp_avg")
         v = state.get("exp_avg_sq")
         if m is None:
-            m = state["exp_avg"] = (1.0 - self.beta1) * g
-            v = state["exp_avg_sq"] = (1.0 - self.beta2) * (g * g)
-        elif in_place:
-            m *= self.beta1
-            m += (1.0 - self.beta1) * g
-            v *= self.beta2
-            v += (1.0 - self.beta2) * (g * g)
-        else:  # the same arithmetic, new arrays
-            m = state["exp_avg"] = m * self.beta1 + (1.0 - self.beta1) * g
-            v = state["exp_avg_sq"] = v * self.beta2 + (1.0 - self.beta2) * (g * g)
+            m = (1.0 - self.beta1) * g
+            v = (1.0 - self.beta2) * (g * g)
+        else:
+            m = ops.add(ops.scale(m, self.beta1), (1.0 - self.beta1) * g)
+            v = ops.add(ops.scale(v, self.beta2), (1.0 - self.beta2) * (g * g))
+        state["exp_avg"], state["exp_avg_sq"] = m, v
         t = state["step"]  # an int, or a traced array under anycnn.train.compiled
         step_size = self.lr / (1.0 - self.beta1 ** t)
         bias2 = 1.0 - self.beta2 ** t
         root = math.sqrt(bias2) if isinstance(bias2, float) else xp.sqrt(bias2)
         denom = xp.sqrt(v) * (1.0 / root) + self.eps
-        if not in_place:
-            return w - step_size * (m / denom)
-        w -= step_size * (m / denom)
-        return w
+        return ops.sub(w, step_size * (m / denom))
 
 
 class AdamW(Adam):

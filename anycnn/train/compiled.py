@@ -8,7 +8,8 @@ is a function of its *values*: :class:`CompiledStep` traces
         -> (new parameters, new optimizer state, new buffers, loss, logits)
 
 by installing JAX's tracers in the model and the optimizer, running the ordinary eager code once
-(``zero_grad → forward → loss → backward → optimizer.step``), and reading the results back out.
+(:func:`~anycnn.train.step.training_step`: ``zero_grad → forward → loss → backward →
+optimizer.step``), and reading the results back out.
 XLA then compiles forward, loss, backward and update into one program per input shape (one per
 batch size: the last, smaller batch of an epoch compiles once more). After each call the
 concrete new arrays are written back, so checkpoints, evaluation and eager steps see them.
@@ -24,20 +25,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..backend import namespace_of
+from ..backend import backend_names, describe, namespace_of
 from ..errors import ConfigError
 from ..nn.module import Module
+from .step import training_step
 
 
 def check_compilable(model: Module, optimizer: Any, backend_name: str) -> None:
     """Refuse what :class:`CompiledStep` cannot compile, with the reason.
 
     Raises:
-        ConfigError: the backend is not JAX, or the model has an active ``Dropout``.
+        ConfigError: the backend cannot compile (its description's ``compiles``: JAX), or the
+            model has an active ``Dropout``.
     """
-    if backend_name != "jax":
+    if backend_name not in backend_names() or not describe(backend_name).compiles:
+        able = [n for n in backend_names() if describe(n).compiles]
         raise ConfigError(f"compile=True compiles the training step with jax.jit and needs the "
-                          f"jax backend (ANYCNN_BACKEND=jax), not {backend_name!r}")
+                          f"{' or '.join(able)} backend "
+                          f"({' or '.join(f'ANYCNN_BACKEND={n}' for n in able)}), "
+                          f"not {backend_name!r}")
     from ..nn.layers import Dropout
 
     active = [m for m in model.modules() if isinstance(m, Dropout) and m.p > 0]
@@ -77,13 +83,8 @@ class CompiledStep:
             for (m, name), v in zip(self.buffers, buffers):
                 setattr(m, name, v)
             opt.lr = lr
-            if hasattr(self.loss_fn, "check_labels"):
-                self.loss_fn.check_labels = False
-            model.zero_grad()
-            logits = model.forward(x)
-            loss = self.loss_fn.forward(logits, y)
-            model.backward(self.loss_fn.backward(), input_grad=False)
-            opt.step()
+            loss, logits, _, _ = training_step(model, self.loss_fn, opt, x, y,
+                                               check_labels=False)
             new_states = [{k: v for k, v in s.items() if k != "step"} for s in opt.state]
             return ([p.data for p in params], new_states,
                     [getattr(m, name) for m, name in self.buffers], loss, logits)

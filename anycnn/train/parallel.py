@@ -8,7 +8,8 @@ style:
   gathered and compared; a difference stops every rank with one :class:`ConfigError` naming the
   rank and the differing entries. Then rank 0's parameters, buffers and optimizer state are
   broadcast, so every rank starts from the same weights (also after a resume).
-* **Step**: every rank runs forward and backward on its share of the global batch (see
+* **Step** (:func:`~anycnn.train.step.training_step` with :meth:`DataParallel.exchange` as
+  its hook): every rank runs forward and backward on its share of the global batch (see
   :class:`~anycnn.data.DataLoader`'s ``shard``), then packs into **one flat buffer**, for **one**
   in-place sum allreduce:
 
@@ -143,10 +144,12 @@ class DataParallel:
                               "(e.g. drop_last=True)")
 
     # -- steps ---------------------------------------------------------------------------
-    def step(self, model: Module, loss_fn: Any, params: list, x: Any, y: Any,
-             stop: bool) -> StepTotals:
-        """Forward and backward on this rank's share ``(x, y)`` (possibly empty), one allreduce,
-        and each parameter's ``grad`` set to the global batch's mean-loss gradient.
+    def exchange(self, params: list, x: Any, y: Any, loss: Any, logits: Any,
+                 stop: bool) -> StepTotals:
+        """The step's one allreduce, after forward and backward on this rank's share ``(x, y)``
+        (``loss`` and ``logits`` None for an empty share): each parameter's ``grad`` becomes the
+        global batch's mean-loss gradient. The ``exchange`` hook of
+        :func:`~anycnn.train.step.training_step`.
 
         Returns the summed trailer. The optimizer is not stepped: the caller decides (NaN).
         """
@@ -154,11 +157,7 @@ class DataParallel:
         dtype = _one_dtype(params)
         dev = device(params[0].data)
         n = int(y.shape[0])
-        model.zero_grad()
         if n:
-            logits = model.forward(x)
-            loss = loss_fn.forward(logits, y)
-            model.backward(loss_fn.backward(), input_grad=False)
             hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, logits.dtype))
             flat = xp.concat([_flat_grad(xp, p) for p in params]) * float(n)
             head = [xp.reshape(xp.astype(loss * float(n), dtype), (1,)),

@@ -1,9 +1,11 @@
 """Training and evaluation loops: :class:`Trainer`, :func:`evaluate` (and :func:`predict`, from
 :mod:`anycnn.train.inference`).
 
-One training step is ``zero_grad → forward → loss → backward → optimizer.step``. Metrics are summed
-on the device and read back to the host only every ``sync_every`` steps (1 on CPU backends, where
-it is free; more on a GPU so the device never waits for the host) and at the end of each epoch.
+One training step is ``zero_grad → forward → loss → backward → optimizer.step``
+(:func:`~anycnn.train.step.training_step`, shared with the data-parallel and compiled steps).
+Metrics are summed on the device and read back to the host only every ``sync_every`` steps (1 on
+CPU backends, where it is free; more on a GPU so the device never waits for the host) and at the
+end of each epoch.
 
 A run can stop cleanly between two steps (:meth:`Trainer.request_stop`, used by the CLI's signal
 handlers and by callbacks such as :class:`~anycnn.train.callbacks.EarlyStopping`), and a checkpoint
@@ -32,7 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..backend import namespace_of, to_numpy
+from ..backend import namespace_of, on_host, to_numpy
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import checkpoint as ckpt
 from ..nn.losses import SoftmaxCrossEntropy
@@ -41,6 +43,7 @@ from .callbacks import Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
 from .metrics import ClassificationMetrics, check_top_k
 from .parallel import DataParallel, StepTotals, fingerprint
+from .step import training_step
 
 __all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "predict_topk"]
 
@@ -95,11 +98,6 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     # disable=None lets tqdm switch itself off when stderr is not a terminal
     return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
                 dynamic_ncols=True, disable=None if enabled else True)
-
-
-def _on_host(x: Any) -> bool:
-    """True when ``x`` lives in host memory (reading it back costs nothing)."""
-    return "cpu" in str(getattr(x, "device", "cpu")).lower()
 
 
 #: what each method of a loader is needed for, for error messages
@@ -174,7 +172,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
                 bar.update()
                 continue
             if own_loss:
-                loss_fn.check_labels = _on_host(x)
+                loss_fn.check_labels = on_host(x)
             logits = model.forward(x)
             sums.add(loss_fn.forward(logits, y), logits, y)
             if metrics is not None:
@@ -377,7 +375,7 @@ class Trainer:
     def _sync_every(self, x: Any) -> int:
         if self.sync_every:
             return self.sync_every
-        return 1 if _on_host(x) else 20
+        return 1 if on_host(x) else 20
 
     def _check_finite(self, loss_value: float, first_step: int, last_step: int) -> bool:
         """True if finite; otherwise stop (raise) or count a skipped step."""
@@ -407,27 +405,24 @@ class Trainer:
                 accept = lambda loss: self._check_finite(float(to_numpy(loss)), step, step)  # noqa: E731
             loss, logits, applied = self._compiled(x, y, accept)
             return (loss if applied else None), logits
-        if hasattr(self.loss_fn, "check_labels"):
-            self.loss_fn.check_labels = check
-        self.model.zero_grad()
-        logits = self.model.forward(x)
-        loss = self.loss_fn.forward(logits, y)
-        if check and not self._check_finite(float(to_numpy(loss)), self.step + 1, self.step + 1):
-            return None, logits
-        self.model.backward(self.loss_fn.backward(), input_grad=False)
-        self.optimizer.step()
-        return loss, logits
+        accept = None
+        if check:
+            step = self.step + 1
+            accept = lambda loss: self._check_finite(float(to_numpy(loss)), step, step)  # noqa: E731
+        loss, logits, _, applied = training_step(self.model, self.loss_fn, self.optimizer, x, y,
+                                                 check_labels=check, accept=accept)
+        return (loss if applied else None), logits
 
     def parallel_step(self, x: Any, y: Any) -> StepTotals:
         """One data-parallel step on this rank's share ``(x, y)`` (collective): forward,
         backward, the step's allreduce, then the optimizer update unless the global loss is
         NaN/inf (``on_nonfinite``). Returns the global sums."""
-        if hasattr(self.loss_fn, "check_labels"):
-            self.loss_fn.check_labels = _on_host(x)
-        totals = self._parallel.step(self.model, self.loss_fn, self.optimizer.params, x, y,
-                                     stop=self._stop_reason is not None)
-        if self._check_finite(totals.loss, self.step + 1, self.step + 1):
-            self.optimizer.step()
+        params, stop, step = self.optimizer.params, self._stop_reason is not None, self.step + 1
+        _, _, totals, _ = training_step(
+            self.model, self.loss_fn, self.optimizer, x, y, check_labels=on_host(x),
+            exchange=lambda loss, logits: self._parallel.exchange(params, x, y, loss, logits,
+                                                                  stop),
+            accept=lambda totals: self._check_finite(totals.loss, step, step))
         return totals
 
     def _warm_up(self, s: int) -> None:
