@@ -21,7 +21,6 @@ from typing import Any
 
 from ..backend import namespace_of, to_numpy, writes_in_place
 from ..errors import CheckpointError, ConfigError, ShapeError
-from ..kernels import fastpath
 from ..nn.module import Parameter, _like
 from .writes import IN_PLACE, NEW_ARRAYS, apply
 

@@ -5,7 +5,7 @@ whose writes go through ``ops``: :data:`IN_PLACE` changes the arrays it is given
 (NumPy, CuPy, torch, array-api-strict), :data:`NEW_ARRAYS` leaves them alone and returns new
 ones (JAX: ``a -= b`` would only rebind a name). Both do the same arithmetic, so both give the
 same numbers. :func:`apply` runs a kernel with the right one; in place on NumPy it runs on row
-shards in parallel (:func:`anycnn.fastpath.update_rows`).
+shards in parallel (:func:`anycnn.kernels.fastpath.update_rows`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .. import fastpath
+from ..kernels import fastpath
 
 
 class InPlace:
