@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from array_api_compat import device
 
@@ -27,8 +27,9 @@ from ..backend import get_backend, namespace_of
 from ..errors import ConfigError
 from .modes import eval_mode, preserved_state, suspended
 
-if TYPE_CHECKING:
-    from .module import Module
+#: a :class:`~anycnn.nn.module.Module` (typed loosely: :meth:`Module.summary` imports this
+#: module, never the other way round)
+Module = Any
 
 #: one recorded call: (input shape, output shape), both with the batch axis
 Call = tuple[tuple[int, ...], tuple[int, ...]]

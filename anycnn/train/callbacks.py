@@ -34,15 +34,16 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from ..backend import to_numpy
 from ..errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+#: the :class:`~anycnn.train.trainer.Trainer` running the callbacks (typed loosely: this module
+#: is imported by the trainer, never the other way round)
+Trainer = Any
 
 
 class Callback:
