@@ -18,7 +18,9 @@ PACKAGES = ("anycnn", "anycnn.nn", "anycnn.data", "anycnn.optim", "anycnn.train"
             "anycnn.dist")
 #: module -> public names of modules that have no ``_EXPORTS`` table
 EXTRA = {
-    "anycnn.backend": ("namespace_of",),
+    "anycnn.backend": ("namespace_of", "backend_names"),
+    "anycnn.backends.spec": ("BackendSpec",),
+    "anycnn.train.view": ("TrainerView",),
     "anycnn.models": ("model_spec", "build_model"),
     "anycnn.testing": ("check_gradients", "GradientReport", "GradientCheckError"),
 }

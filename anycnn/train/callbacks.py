@@ -40,27 +40,24 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..errors import ConfigError
-
-#: the :class:`~anycnn.train.trainer.Trainer` running the callbacks (typed loosely: this module
-#: is imported by the trainer, never the other way round)
-Trainer = Any
+from .view import TrainerView  # the trainer as callbacks see it (no import circle)
 
 
 class Callback:
     """Base class: override the hooks you need; each does nothing by default."""
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         """Start of :meth:`~anycnn.train.Trainer.fit`, before the first step. ``trainer.epoch``
         and ``trainer.step`` say where training starts (not 0 after a resume);
         ``trainer.target_epochs`` is the epoch count this call trains up to,
         ``trainer.steps_per_epoch`` the length of the training loader and
         ``trainer.record_keys`` the names the epoch records will hold values for."""
 
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         """Start of epoch ``epoch`` (0-based), after the schedule set its learning rate. A
         resumed epoch starts at step ``trainer.step`` instead of 0."""
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: dict[str, Any]) -> None:
         """After optimizer step ``step`` (1-based, inside the epoch) and its metric update.
 
         ``logs`` holds:
@@ -77,13 +74,13 @@ class Callback:
           floats, free to read.
         """
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, record: dict[str, Any]) -> None:
         """After epoch ``epoch`` (0-based): validation has run, ``record`` (the new last entry
         of ``trainer.history``, keys as in :class:`~anycnn.train.EpochRecord`) is appended and
         the epoch's checkpoint is written. ``trainer.epoch`` is already ``epoch + 1`` and
         ``trainer.step`` 0."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         """End of :meth:`~anycnn.train.trainer.Trainer.fit`: all epochs done, or a stop was honoured
         (``trainer.stopped`` says why). Not called when ``fit`` raises."""
 
@@ -141,7 +138,7 @@ class Monitor:
                               f"{min_delta!r}")
         self.owner, self.key, self.mode, self.min_delta = owner, key, mode, float(min_delta)
 
-    def check_available(self, trainer: Trainer) -> None:
+    def check_available(self, trainer: TrainerView) -> None:
         """Raise ConfigError, before any training, if the records will lack the key."""
         keys = trainer.record_keys
         if self.key in keys:
@@ -183,7 +180,7 @@ class Monitor:
         return state
 
 
-def _host_copy(trainer: Trainer) -> dict[str, np.ndarray]:
+def _host_copy(trainer: TrainerView) -> dict[str, np.ndarray]:
     """Host copies of every parameter and buffer (BatchNorm statistics included)."""
     return {k: np.array(to_numpy(v), copy=True) for k, v in trainer.model.state_dict().items()}
 
@@ -244,17 +241,17 @@ class EarlyStopping(Callback):
         return (f"early stopping: {self.monitor.key} did not improve for {self.wait} epoch(s) "
                 f"(best {self.best:.6g} at epoch {self.best_epoch})")
 
-    def _keep_weights_if_best(self, trainer: Trainer) -> None:
+    def _keep_weights_if_best(self, trainer: TrainerView) -> None:
         if self.restore_best_weights and self.best_epoch == trainer.epoch and trainer.step == 0:
             self._best_weights = (trainer.epoch, _host_copy(trainer))
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         self.monitor.check_available(trainer)
         self._stopped_this_fit = False
         self.review(trainer.history)
         self._keep_weights_if_best(trainer)  # resumed right after the best epoch
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, record: dict[str, Any]) -> None:
         self.monitor.value(record)  # the key must be there
         stop = self.review(trainer.history)
         self._keep_weights_if_best(trainer)
@@ -262,7 +259,7 @@ class EarlyStopping(Callback):
             self._stopped_this_fit = True
             trainer.request_stop(self.reason())
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if not (self._stopped_this_fit and self.restore_best_weights):
             return
         if self._best_weights is None or self._best_weights[0] != self.best_epoch:
@@ -303,21 +300,21 @@ class BestCheckpoint(Callback):
         self.best, self.best_epoch = state.best, state.best_epoch
         return state.best_epoch
 
-    def _model_is_best(self, trainer: Trainer) -> bool:
+    def _model_is_best(self, trainer: TrainerView) -> bool:
         """Does the trainer hold the state right after the best epoch?"""
         return self.review(trainer.history) == trainer.epoch and trainer.step == 0
 
-    def _save(self, trainer: Trainer) -> None:
+    def _save(self, trainer: TrainerView) -> None:
         last = trainer.last_checkpoint
         trainer.save(self.path)
         trainer.last_checkpoint = last
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         self.monitor.check_available(trainer)
         if self._model_is_best(trainer):  # resumed (or called again) right after the best epoch
             self._save(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, record: dict[str, Any]) -> None:
         self.monitor.value(record)
         if self._model_is_best(trainer):
             self._save(trainer)
@@ -364,10 +361,10 @@ class ProgressLog(Callback):
         tqdm.write(line, file=self.file or sys.stdout)  # above any progress bar
         (self.file or sys.stdout).flush()
 
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         self._logged_step = trainer.step
 
-    def on_step_end(self, trainer: Trainer, step: int, logs: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, logs: dict[str, Any]) -> None:
         if not (self.every and logs["synced"]) or step // self.every == \
                 self._logged_step // self.every:
             return
@@ -376,5 +373,5 @@ class ProgressLog(Callback):
                     f"{trainer.steps_per_epoch}: loss {logs['train_loss']:.4f} acc "
                     f"{logs['train_accuracy']:.4f} | {logs['images_per_s']:.0f} img/s")
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, record: dict[str, Any]) -> None:
         self._write(format_epoch(record, trainer.target_epochs))
