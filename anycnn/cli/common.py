@@ -39,8 +39,9 @@ class Parser(argparse.ArgumentParser):
 
 def backend_option(parser: argparse.ArgumentParser) -> None:
     """The ``--backend`` option of the commands that compute."""
-    parser.add_argument("--backend", help="numpy | cupy | torch | array_api_strict | auto "
-                        "(default: $ANYCNN_BACKEND, else auto)")
+    from ..backend import backend_help
+
+    parser.add_argument("--backend", help=backend_help())
 
 
 def select_backend(name: str | None):
