@@ -19,7 +19,7 @@ PACKAGES = ["anycnn", "anycnn.nn", "anycnn.data", "anycnn.train", "anycnn.optim"
 def test_every_export_resolves_to_its_definition(package):
     pkg = importlib.import_module(package)
     for name, module in pkg._EXPORTS.items():
-        defined = getattr(importlib.import_module(f"{package}.{module}"), name)
+        defined = getattr(importlib.import_module(f".{module}", package), name)
         assert getattr(pkg, name) is defined, name
     for name, module in pkg._SUBMODULES.items():
         assert getattr(pkg, name) is importlib.import_module(f"{package}.{module}"), name
