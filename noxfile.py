@@ -7,7 +7,22 @@ and the `onnx` extra with ndonnx, so the ONNX export tests run there too (the ot
 both); it also runs every code block of the documentation. The cupy session skips without an
 NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a failure.
 
-`nox -s gpu` runs the prepared GPU check (`anycnn/cli/gpu_check.py`) on a machine with an NVIDIA
+CI time. The numpy session runs every test. The other backend sessions run `-m "not slow"
+--backend-sample 4` (tests/conftest.py): every test function of the layer, functional,
+container, optimizer, immutable-namespace, backend-shim and gradient-check files, since those are
+what a backend's arrays go through and where a backend breaks (each with its first
+parametrisation and a fixed half of the others: more kernel sizes and paddings run the same
+array operations, and on JAX every new shape is a new compile), and of every other file its
+first test plus a fixed quarter picked by a hash of the test id (CLI, data readers, checkpoints,
+callbacks ... mostly exercise host-side plumbing that numpy already covers in full; the sample
+still imports and runs each file on each backend). The selection is deterministic, and `nox -s
+"tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. torch stays installed in
+every session: test_vs_torch, test_new_layers and test_containers compare each layer computed on
+*the backend under test* with PyTorch autograd, which no other backend's run replaces. Sessions
+are created with uv when it is installed (`.ci/run` installs it; about 30 s against about 2 min
+with pip for a backend's environment here), else with virtualenv.
+
+`nox -s gpu` runs the prepared GPU check (`tools/gpu_check.py`) on a machine with an NVIDIA
 GPU and network; on the offline machine lent for GPU checks, run the module directly with that
 machine's python3 instead (BENCHMARKS.md, "GPU check").
 """
@@ -26,6 +41,10 @@ BACKENDS = sorted(p.stem for p in (ROOT / "backends").glob("*.txt"))
 
 nox.options.sessions = ["lint", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = True
+# uv when it is on PATH (much faster installs), virtualenv otherwise
+nox.options.default_venv_backend = "uv|virtualenv"
+#: non-numpy backend sessions: core files in full, 1 in SAMPLE of the other tests (see above)
+SAMPLE = 4
 
 
 def _nvidia_gpu() -> str | None:
@@ -41,7 +60,7 @@ def _nvidia_gpu() -> str | None:
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Run the suite on one backend (the slow end-to-end tests in the numpy session only)."""
+    """Run the suite on one backend: all of it on numpy; the core files and a sample elsewhere."""
     required = os.environ.get("ANYCNN_REQUIRE_BACKEND") == "1"
     if backend == "cupy":
         why = _nvidia_gpu()
@@ -58,16 +77,20 @@ def tests(session: nox.Session, backend: str) -> None:
     env = {"ANYCNN_BACKEND": backend}
     session.run("python", "-m", "anycnn", "info", env=env)
     # slow end-to-end runs (subprocess trainings, the examples) exercise the same plumbing on
-    # every backend: they run in the numpy session only, which keeps CI short as backends grow
-    default = ["-q"] if backend == "numpy" else ["-q", "-m", "not slow"]
+    # every backend: they run in the numpy session only, which keeps CI short as backends grow;
+    # the other sessions run the core files in full and a fixed sample of the rest (see above)
+    default = (["-q"] if backend == "numpy"
+               else ["-q", "-m", "not slow", "--backend-sample", str(SAMPLE)])
     session.run("python", "-m", "pytest", *(session.posargs or default), env=env)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, examples, the docs hooks and this file."""
-    session.install("--group", "lint")
-    session.run("ruff", "check", "anycnn", "tests", "examples", "docs", "noxfile.py")
+    """ruff over the package, tests, tools, examples, the docs hooks and this file; then the
+    package's layering contract (pyproject's ``[tool.importlinter]``: no upward import)."""
+    session.install("-e", ".", "--group", "lint")
+    session.run("ruff", "check", "anycnn", "tests", "tools", "examples", "docs", "noxfile.py")
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session

@@ -2,11 +2,24 @@
 
 If that backend cannot be used here, every test that needs it is skipped with the reason, unless
 ANYCNN_REQUIRE_BACKEND=1, in which case the whole run fails.
+
+``--backend-sample N`` (what the nox sessions of the backends other than numpy pass) keeps every
+test function of the files in ``CORE_FILES`` (layers, functional ops, containers, optimizers,
+immutable namespaces, the backend shim, gradient checks: the code a backend's arrays go through)
+with its first parametrisation and every other one whose node id hashes to 0 modulo 2 (further
+kernel sizes, strides and paddings run the same array operations again; on JAX each new shape is
+a new compile), and, of the other files, the first test of each file and every test whose node
+id hashes to 0 modulo N. The hash is CRC-32: the same selection on every machine and every run,
+independent of collection order.
+Those tests get the ``backend_core`` and ``backend_sample`` markers, so ``-m`` can pick them too.
+The numpy session passes no option and runs everything.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +28,52 @@ import anycnn
 from anycnn.errors import BackendError
 
 REQUESTED = os.environ.get("ANYCNN_BACKEND", "numpy") or "numpy"
+
+#: Test files run in full under ``--backend-sample``: what each backend's arrays go through.
+CORE_FILES = frozenset({
+    "test_backend.py",        # the backend shim, device rules, cross-backend equality
+    "test_compiled.py",       # Trainer(compile=True) (JAX)
+    "test_containers.py",     # Residual, Concat, Identity
+    "test_gradcheck.py",      # finite differences of every layer and loss
+    "test_immutable.py",      # optimizers on namespaces without in-place updates
+    "test_module.py",         # modules, modes, gradient accumulation
+    "test_new_layers.py",     # grouped/transposed convolutions, upsampling, norms
+    "test_no_host_sync.py",   # no device-to-host reads in the training loop
+    "test_reference.py",      # conv and pooling against direct loops
+    "test_sync_batchnorm.py",  # BatchNorm statistics reduced across ranks
+    "test_testing.py",        # anycnn.testing.check_gradients
+    "test_vs_torch.py",       # every layer, loss and optimizer against PyTorch autograd
+})
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend-sample", type=int, default=0, metavar="N",
+        help="run the CORE_FILES in full and about 1 in N of the other tests (deterministic); "
+             "0 (default) runs everything")
+
+
+def pytest_collection_modifyitems(config, items):
+    n = config.getoption("--backend-sample")
+    if n <= 1:
+        return
+    keep, drop, seen = [], [], set()
+    for item in items:
+        name = Path(str(item.fspath)).name
+        function = (name, getattr(item, "originalname", item.name))
+        hashed = zlib.crc32(item.nodeid.encode())
+        if name in CORE_FILES and (function not in seen or hashed % 2 == 0):
+            item.add_marker(pytest.mark.backend_core)
+            keep.append(item)
+        elif name not in CORE_FILES and (name not in seen or hashed % n == 0):
+            item.add_marker(pytest.mark.backend_sample)
+            keep.append(item)
+        else:
+            drop.append(item)
+        seen.update((name, function))
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
