@@ -398,19 +398,15 @@ class Trainer:
         With ``check`` False (GPU pace) nothing is read back to the host: the loss's per-step
         label-range check is off too (datasets check their labels when loaded).
         """
-        if self._compiled is not None:
-            accept = None
-            if check:
-                step = self.step + 1
-                accept = lambda loss: self._check_finite(float(to_numpy(loss)), step, step)  # noqa: E731
-            loss, logits, applied = self._compiled(x, y, accept)
-            return (loss if applied else None), logits
         accept = None
         if check:
             step = self.step + 1
             accept = lambda loss: self._check_finite(float(to_numpy(loss)), step, step)  # noqa: E731
-        loss, logits, _, applied = training_step(self.model, self.loss_fn, self.optimizer, x, y,
-                                                 check_labels=check, accept=accept)
+        if self._compiled is not None:
+            loss, logits, applied = self._compiled(x, y, accept)
+        else:
+            loss, logits, _, applied = training_step(
+                self.model, self.loss_fn, self.optimizer, x, y, check_labels=check, accept=accept)
         return (loss if applied else None), logits
 
     def parallel_step(self, x: Any, y: Any) -> StepTotals:
