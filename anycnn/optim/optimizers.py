@@ -147,7 +147,7 @@ class SGD(Optimizer):
         return (ops.sub(w, self.lr * step),)
 
     def _momentum_descend(self, w, buf, g, ops=IN_PLACE):
-        buf = ops.add(ops.scale(buf, self.momentum), g)
+        buf = ops.scale_add(buf, self.momentum, g)
         return ops.sub(w, self.lr * (g + self.momentum * buf if self.nesterov else buf)), buf
 
 
@@ -182,8 +182,8 @@ class Adam(Optimizer):
             m = (1.0 - self.beta1) * g
             v = (1.0 - self.beta2) * (g * g)
         else:
-            m = ops.add(ops.scale(m, self.beta1), (1.0 - self.beta1) * g)
-            v = ops.add(ops.scale(v, self.beta2), (1.0 - self.beta2) * (g * g))
+            m = ops.scale_add(m, self.beta1, (1.0 - self.beta1) * g)
+            v = ops.scale_add(v, self.beta2, (1.0 - self.beta2) * (g * g))
         state["exp_avg"], state["exp_avg_sq"] = m, v
         t = state["step"]  # an int, or a traced array under anycnn.train.compiled
         step_size = self.lr / (1.0 - self.beta1 ** t)

@@ -28,8 +28,9 @@ class InPlace:
         return a
 
     @staticmethod
-    def add(a: Any, b: Any) -> Any:
-        """``a + b``, into ``a``."""
+    def scale_add(a: Any, s: float, b: Any) -> Any:
+        """``a * s + b``, into ``a``."""
+        a *= s
         a += b
         return a
 
@@ -51,9 +52,9 @@ class NewArrays:
         return a * s
 
     @staticmethod
-    def add(a: Any, b: Any) -> Any:
-        """``a + b``, a new array."""
-        return a + b
+    def scale_add(a: Any, s: float, b: Any) -> Any:
+        """``a * s + b``, a new array."""
+        return a * s + b
 
     @staticmethod
     def sub(a: Any, b: Any) -> Any:
