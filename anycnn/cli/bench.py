@@ -386,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--compare-torch needs torch: pip install -r backends/torch.txt"
                               ) from None
         frameworks += ["torch", "torch-cl"]
-    gpu = backend.name == "cupy" or (backend.name == "torch" and "cuda" in str(backend.device))
+    from ..backend import uses_gpu
+
+    gpu = uses_gpu(backend)
     results: dict[str, Any] = {"model": args.model, "backend": backend.name,
                                "device": str(backend.device), "threads": args.threads,
                                "dtype": args.dtype, "steps": args.steps, "rounds": args.rounds,
