@@ -16,7 +16,10 @@ array operations, and on JAX every new shape is a new compile), and of every oth
 first test plus a fixed quarter picked by a hash of the test id (CLI, data readers, checkpoints,
 callbacks ... mostly exercise host-side plumbing that numpy already covers in full; the sample
 still imports and runs each file on each backend). The selection is deterministic, and `nox -s
-"tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. torch stays installed in
+"tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run their
+tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
+that time themselves); the numpy session's end-to-end runs (real mpiexec jobs, signals, subprocess
+trainings with time budgets) run one at a time. torch stays installed in
 every session: test_vs_torch, test_new_layers and test_containers compare each layer computed on
 *the backend under test* with PyTorch autograd, which no other backend's run replaces. Sessions
 are created with uv when it is installed (`.ci/run` installs it; about 30 s against about 2 min
@@ -45,6 +48,12 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "uv|virtualenv"
 #: non-numpy backend sessions: core files in full, 1 in SAMPLE of the other tests (see above)
 SAMPLE = 4
+#: the jax session's XLA compiler settings: every eager operation of a new shape is compiled,
+#: and without the fusion emitters, at LLVM optimisation level 0, each compiles faster (the
+#: session: 557 s -> 223 s with pytest-xdist on 2 cores, measured); the same operations and
+#: dtypes, so the same results up to rounding (users' runs keep XLA's defaults)
+JAX_TEST_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
 
 
 def _nvidia_gpu() -> str | None:
@@ -75,12 +84,14 @@ def tests(session: nox.Session, backend: str) -> None:
     if backend == "numpy":
         session.install("ndonnx")
     env = {"ANYCNN_BACKEND": backend}
+    if backend == "jax" and "XLA_FLAGS" not in os.environ:
+        env["XLA_FLAGS"] = JAX_TEST_XLA_FLAGS
     session.run("python", "-m", "anycnn", "info", env=env)
     # slow end-to-end runs (subprocess trainings, the examples) exercise the same plumbing on
     # every backend: they run in the numpy session only, which keeps CI short as backends grow;
     # the other sessions run the core files in full and a fixed sample of the rest (see above)
     default = (["-q"] if backend == "numpy"
-               else ["-q", "-m", "not slow", "--backend-sample", str(SAMPLE)])
+               else ["-q", "-m", "not slow", "--backend-sample", str(SAMPLE), "-n", "auto"])
     session.run("python", "-m", "pytest", *(session.posargs or default), env=env)
 
 

@@ -6,10 +6,10 @@ ANYCNN_REQUIRE_BACKEND=1, in which case the whole run fails.
 ``--backend-sample N`` (what the nox sessions of the backends other than numpy pass) keeps every
 test function of the files in ``CORE_FILES`` (layers, functional ops, containers, optimizers,
 immutable namespaces, the backend shim, gradient checks: the code a backend's arrays go through)
-with its first parametrisation and every other one whose node id hashes to 0 modulo 2 (further
-kernel sizes, strides and paddings run the same array operations again; on JAX each new shape is
-a new compile), and, of the other files, the first test of each file and every test whose node
-id hashes to 0 modulo N. The hash is CRC-32: the same selection on every machine and every run,
+with its first parametrisation and every one whose node id hashes to 0 modulo M
+(``--core-sample M``, default 2: further kernel sizes, strides and paddings run the same array
+operations again; on JAX each new shape is a new compile of every operation), and, of the other
+files, the first test of each file and every test whose node id hashes to 0 modulo N. The hash is CRC-32: the same selection on every machine and every run,
 independent of collection order.
 Those tests get the ``backend_core`` and ``backend_sample`` markers, so ``-m`` can pick them too.
 The numpy session passes no option and runs everything.
@@ -51,10 +51,15 @@ def pytest_addoption(parser):
         "--backend-sample", type=int, default=0, metavar="N",
         help="run the CORE_FILES in full and about 1 in N of the other tests (deterministic); "
              "0 (default) runs everything")
+    parser.addoption(
+        "--core-sample", type=int, default=2, metavar="M",
+        help="with --backend-sample: of each CORE_FILES test function, its first parametrisation "
+             "and about 1 in M of the others")
 
 
 def pytest_collection_modifyitems(config, items):
     n = config.getoption("--backend-sample")
+    m = max(1, config.getoption("--core-sample"))
     if n <= 1:
         return
     keep, drop, seen = [], [], set()
@@ -62,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
         name = Path(str(item.fspath)).name
         function = (name, getattr(item, "originalname", item.name))
         hashed = zlib.crc32(item.nodeid.encode())
-        if name in CORE_FILES and (function not in seen or hashed % 2 == 0):
+        if name in CORE_FILES and (function not in seen or hashed % m == 0):
             item.add_marker(pytest.mark.backend_core)
             keep.append(item)
         elif name not in CORE_FILES and (name not in seen or hashed % n == 0):
