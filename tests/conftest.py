@@ -9,8 +9,8 @@ immutable namespaces, the backend shim, gradient checks: the code a backend's ar
 with its first parametrisation and every one whose node id hashes to 0 modulo M
 (``--core-sample M``, default 2: further kernel sizes, strides and paddings run the same array
 operations again; on JAX each new shape is a new compile of every operation), and, of the other
-files, the first test of each file and every test whose node id hashes to 0 modulo N. The hash is CRC-32: the same selection on every machine and every run,
-independent of collection order.
+files, the first test of each file and every test whose node id hashes to 0 modulo N. The hash
+is CRC-32: the same selection on every machine and every run, independent of collection order.
 Those tests get the ``backend_core`` and ``backend_sample`` markers, so ``-m`` can pick them too.
 The numpy session passes no option and runs everything.
 """

@@ -74,12 +74,12 @@ def test_code_blocks_have_a_known_language(page):
         assert lang in RUN | NOT_CODE, f"{page.name}:{line}: block language {lang!r}"
 
 
-@pytest.mark.slow
 #: shell blocks that already ran to success in this process: the same commands stand on more
 #: than one page (README.md and docs/index.md share their quick start), and run once
 _SHELL_BLOCKS_RUN: set[str] = set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_code_blocks_run(page, tmp_path, monkeypatch):
     if os.environ.get("ANYCNN_BACKEND", "auto") not in ("auto", "numpy"):
