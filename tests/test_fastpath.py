@@ -342,3 +342,17 @@ def test_add_and_add_relu_match_the_expressions(threads, monkeypatch, rng, relu,
     np.testing.assert_array_equal(got, np.maximum(x + y, 0.0) if relu else x + y)
     # a broadcast operand takes the plain expression
     np.testing.assert_array_equal(F.add(x, y[:1]), x + y[:1])
+
+
+def test_compiled_kernels_are_offered_calls_before_the_numpy_ones():
+    """The dispatch order follows dispatch.KERNEL_MODULES, not the order the kernel modules
+    happen to import each other in (native imports fastpath first)."""
+    from anycnn.kernels import dispatch
+
+    order = dispatch.KERNEL_MODULES
+    for name in ("channel_sums", "matmul", "conv2d", "take_rows"):
+        modules = [k.__module__ for k in dispatch.kernels_for(name)]
+        assert modules, name
+        assert modules == sorted(modules, key=order.index), (name, modules)
+    assert [k.__module__ for k in dispatch.kernels_for("channel_sums")] == [
+        "anycnn.kernels.native_norm", "anycnn.kernels.fastpath"]

@@ -71,7 +71,8 @@ def implements(name: str) -> Callable[[Fn], Fn]:
     """Register the decorated function as a kernel for the portable op (or choice) ``name``.
 
     The kernel takes the op's arguments and returns its result or :data:`DECLINE`. Kernels of
-    one name are tried in registration order (see :data:`KERNEL_MODULES`).
+    one name are tried in the order of their modules in :data:`KERNEL_MODULES` (whatever order
+    the modules happened to be imported in).
     """
     def register(kernel: Fn) -> Fn:
         _kernels[name] = (*_kernels.get(name, ()), kernel)
@@ -80,12 +81,19 @@ def implements(name: str) -> Callable[[Fn], Fn]:
     return register
 
 
+def _preference(kernel: Callable[..., Any]) -> int:
+    module = getattr(kernel, "__module__", "")
+    return KERNEL_MODULES.index(module) if module in KERNEL_MODULES else len(KERNEL_MODULES)
+
+
 def _load() -> None:
     global _loaded
     with _lock:
         if not _loaded:
             for module in KERNEL_MODULES:
                 importlib.import_module(module)
+            for name, kernels in _kernels.items():  # a stable sort: registration order within
+                _kernels[name] = tuple(sorted(kernels, key=_preference))
             _loaded = True
 
 
