@@ -22,7 +22,9 @@ from anycnn.nn import functional as F
 
 @pytest.fixture
 def threads(monkeypatch):
-    """Two threads, and every call large enough to be split."""
+    """The NumPy kernels on (these tests are about them, also under ``ANYCNN_FASTPATH=0``), two
+    threads, and every call large enough to be split."""
+    monkeypatch.setattr(kthreads, "ENABLED", True)
     monkeypatch.setenv("ANYCNN_NUM_THREADS", "2")
     monkeypatch.setattr(kthreads, "MIN_PARALLEL_SIZE", 1)
 
