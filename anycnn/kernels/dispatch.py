@@ -38,14 +38,7 @@ Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 
 class _Declined:
-    """The type of :data:`DECLINE`."""
-
-    _instance: _Declined | None = None
-
-    def __new__(cls) -> _Declined:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    """The type of :data:`DECLINE` (one instance, compared with ``is``)."""
 
     def __repr__(self) -> str:
         return "DECLINE"
@@ -125,11 +118,8 @@ def overridable(portable: Fn) -> Fn:
 
     @functools.wraps(portable)
     def op(*args: Any, **kwargs: Any) -> Any:
-        for kernel in kernels_for(name):
-            result = kernel(*args, **kwargs)
-            if result is not DECLINE:
-                return result
-        return portable(*args, **kwargs)
+        result = attempt(name, *args, **kwargs)
+        return portable(*args, **kwargs) if result is DECLINE else result
 
     op.portable = portable  # type: ignore[attr-defined]
     return op  # type: ignore[return-value]

@@ -63,7 +63,6 @@ class Optimizer:
     def _update(self, w: Any, g: Any, state: dict[str, Any]) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
