@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
-    **names("backend", "Backend", "asarray", "get_backend", "to_numpy", "use_backend"),
+    **names("backend", "Backend", "asarray", "get_backend", "namespace_of", "to_numpy",
+            "use_backend"),
+    **names("autograd", "Variable", "enable_grad", "is_grad_enabled", "no_grad"),
     **names("errors", "AnycnnError", "BackendError", "BackendMismatchError", "CheckpointError",
             "ConfigError", "DataError", "ShapeError", "TrainingError"),
     **names("nn.module", "Module", "Parameter"), **names("nn.sequential", "Sequential"),
@@ -26,7 +28,7 @@ _EXPORTS = {
 }
 #: attribute -> the module or package it stands for (``anycnn.layers`` is ``anycnn.nn.layers``)
 _SUBMODULES = {
-    **{p: p for p in ("backend", "cli", "data", "dist", "errors", "io", "kernels", "models", "nn",
+    **{p: p for p in ("autograd", "backend", "cli", "data", "dist", "errors", "io", "kernels", "models", "nn",
                       "optim", "random", "testing", "train")},
     **{m: f"nn.{m}" for m in ("containers", "functional", "fusion", "geometry", "init", "layers",
                               "losses", "module", "sequential", "summarize")},
@@ -37,6 +39,6 @@ _SUBMODULES = {
     "bench": "cli.bench", "plot": "cli.plot",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__", "data", "functional", "init", "io", "layers",
+__all__ = sorted([*_EXPORTS, "__version__", "autograd", "data", "functional", "init", "io", "layers",
                   "losses", "nn", "optim", "testing", "train"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
+from .autograd import no_grad
 from .backend import asarray, namespace_of, to_numpy
 from .errors import ConfigError
 from .nn.module import Module, Parameter, preserved_state
@@ -148,6 +149,7 @@ def check_gradients(module: Module, x: Any, *, dy: Any = None, eps: float = 1e-6
             raise ConfigError(f"dy has shape {cot.shape} but the output has shape {y.shape}")
         analytic = _backward(module, params, place(x_host), place(cot))
 
+        @no_grad()
         def objective() -> float:
             return float(np.sum(to_numpy(module.forward(place(x_host))) * cot))
 
@@ -178,7 +180,8 @@ def check_gradients(module: Module, x: Any, *, dy: Any = None, eps: float = 1e-6
 def _deterministic_output(module: Module, x: Any) -> np.ndarray:
     """The output for ``x`` (host copy), from the second of two forward passes (so that the
     backward pass follows a forward), after checking that both gave the same."""
-    first = to_numpy(module.forward(x))
+    with no_grad():  # nothing to go back through (a forward-only module runs unrecorded)
+        first = to_numpy(module.forward(x))
     second = to_numpy(module.forward(x))
     if first.shape != second.shape or not np.allclose(first, second, rtol=1e-12, atol=0):
         raise ConfigError(
@@ -253,11 +256,12 @@ def _compare(name: str, base: np.ndarray, assign, analytic: np.ndarray, objectiv
 
 
 def _checked_parameters(module: Module) -> list[tuple[str, Parameter]]:
-    """Floating parameters by name, each once (a shared one under its first name)."""
+    """Floating parameters that require gradients by name, each once (a shared one under its
+    first name); frozen ones get no gradient, so there is nothing to check."""
     seen: dict[int, tuple[str, Parameter]] = {}
     for name, p in module.named_parameters():
         xp = namespace_of(p.data)
-        if id(p) not in seen and xp.isdtype(p.data.dtype, "real floating"):
+        if id(p) not in seen and p.requires_grad and xp.isdtype(p.data.dtype, "real floating"):
             seen[id(p)] = (name, p)
     return list(seen.values())
 

@@ -23,7 +23,7 @@ _EXPORTS = {
             "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"),
     **names("sequential", "Sequential"),
     **names("containers", "Identity", "Residual", "Concat"),
-    **names("losses", "SoftmaxCrossEntropy", "MSELoss"),
+    **names("losses", "Loss", "SoftmaxCrossEntropy", "MSELoss"),
     **names("summarize", "Summary", "summary"),
     # the model-wide switch lives with the communicators (anycnn.dist); kept here by name
     **names(".dist.sync", "sync_batchnorm"),

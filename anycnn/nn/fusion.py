@@ -57,6 +57,10 @@ class ConvReluMaxPool:
         self.conv, self.relu, self.pool = conv, relu, pool
         self._ctx: tuple | None = None
 
+    def layers(self) -> list[Module]:
+        """The layers this executor runs."""
+        return [self.conv, self.relu, self.pool]
+
     def windows(self, in_hw: tuple[int, int]) -> F.Windows | None:
         """The convolution windows over an ``in_hw`` input in pool-plane order, when the pooling
         windows are disjoint and unpadded (then the pool needs no gather and its gradient no
@@ -215,6 +219,9 @@ class ConvPoolRun:
         self.blocks = blocks
         self._saved: list | None = None
 
+    def layers(self) -> list[Module]:
+        return [layer for block in self.blocks for layer in block.layers()]
+
     def forward(self, x: Any) -> Any:
         self._saved = None
         saved: list = []
@@ -326,6 +333,9 @@ class BatchNormReLU:
     def __init__(self, bn: BatchNorm2D, relu: ReLU) -> None:
         self.bn, self.relu = bn, relu
 
+    def layers(self) -> list[Module]:
+        return [self.bn, self.relu]
+
     def forward(self, x: Any) -> Any:
         return self.bn.forward(x, relu=True)
 
@@ -346,6 +356,9 @@ class ResidualReLU:
     def __init__(self, residual: Residual, relu: ReLU) -> None:
         self.residual, self.relu = residual, relu
         self._out: Any = None
+
+    def layers(self) -> list[Module]:
+        return [self.residual, self.relu]
 
     def forward(self, x: Any) -> Any:
         self._out = self.residual.forward(x, relu=True)

@@ -6,12 +6,46 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..autograd.variable import Variable, record, unwrap
 from ..backend import namespace_of
 from ..errors import ConfigError, ShapeError
 from . import functional as F
 
 
-class SoftmaxCrossEntropy:
+class Loss:
+    """A loss: ``forward(prediction, target)`` gives the mean loss (0-d), ``backward()`` its
+    gradient with respect to that prediction. Calling it with a
+    :class:`~anycnn.autograd.Variable` prediction (``loss_fn(model(x), y)``) records the loss
+    in the prediction's graph: the result is a Variable, and ``.backward()`` on it (or on a
+    sum of such losses) reaches every parameter."""
+
+    #: d loss / d target as a multiple of d loss / d prediction (MSE: -1); None: no gradient
+    #: for targets (class labels)
+    target_sign: float | None = None
+
+    def forward(self, prediction: Any, target: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, prediction: Any, target: Any) -> Any:
+        if not isinstance(prediction, Variable) and not isinstance(target, Variable):
+            return self.forward(prediction, target)
+        if isinstance(target, Variable) and target.requires_grad and self.target_sign is None:
+            raise TypeError(f"{type(self).__name__} has no gradient for its target; pass "
+                            "target.detach()")
+        value = self.forward(unwrap(prediction), unwrap(target))
+        grad, sign = self.backward(), self.target_sign
+
+        def vjp(g: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
+            return (g * grad if needs[0] else None,
+                    g * (sign * grad) if needs[1] else None)
+
+        return record(value, (prediction, target), vjp, type(self).__name__)
+
+
+class SoftmaxCrossEntropy(Loss):
     """Softmax followed by cross-entropy, averaged over the batch (numerically stable).
 
     ``forward(logits, labels)``: logits ``(N, K)`` float, labels ``(N,)`` integers in ``[0, K)``.
@@ -48,16 +82,16 @@ class SoftmaxCrossEntropy:
         loss, self._grad = F.softmax_cross_entropy_forward(logits, labels, self.label_smoothing)
         return loss
 
-    __call__ = forward
-
     def backward(self) -> Any:
         if self._grad is None:
             raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
         return self._grad
 
 
-class MSELoss:
+class MSELoss(Loss):
     """Mean squared error over all elements; prediction and target of the same shape."""
+
+    target_sign = -1.0
 
     def __init__(self) -> None:
         self._grad = None
@@ -74,8 +108,6 @@ class MSELoss:
             raise ShapeError("MSELoss: empty prediction (the mean over no elements is undefined)")
         loss, self._grad = F.mse_forward(pred, target)
         return loss
-
-    __call__ = forward
 
     def backward(self) -> Any:
         if self._grad is None:

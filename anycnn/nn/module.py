@@ -4,6 +4,12 @@ A module's ``forward(x)`` returns its output and keeps what ``backward`` needs; 
 returns the input gradient and *accumulates* parameter gradients into ``Parameter.grad`` (which
 ``zero_grad`` resets to ``None``). Parameters and child modules are found from the instance's
 attributes in the order they were assigned, which gives stable dotted names (``"0.weight"``).
+
+A subclass that defines ``forward`` and no ``backward`` is a *forward-only* module: its
+forward is recorded as it runs and its backward derived (:mod:`anycnn.nn.calls`,
+:mod:`anycnn.autograd`). Calling any module, ``module(x)``, in training mode (or inside another
+recorded forward) returns a :class:`~anycnn.autograd.Variable` that carries its graph, so
+``loss_fn(model(x), y).backward()`` works; ``module.forward(x)`` always returns plain arrays.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
+from ..autograd.mode import STATE
+from ..autograd.variable import Variable
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
 from ..errors import CheckpointError, ShapeError
 from .functional.primitives import add, add_relu
@@ -21,17 +29,42 @@ from .modes import eval_mode, preserved_state  # noqa: F401 - re-exported
 
 
 class Parameter:
-    """A trainable array: ``data`` (assign to replace the value) and ``grad`` (or ``None``)."""
+    """A trainable array: ``data`` (assign to replace the value), ``grad`` (or ``None``) and
+    ``requires_grad`` (default True; False freezes it: no gradient is kept, optimizers leave
+    it alone, checkpoints still hold it).
 
-    __slots__ = ("data", "grad")
+    While a forward-only module's ``forward`` is recorded, ``data`` of a parameter that
+    requires a gradient is its leaf :class:`~anycnn.autograd.Variable` (one per forward pass),
+    through which its gradient reaches ``grad``; elsewhere it is the backend array.
+    """
 
-    def __init__(self, data: Any) -> None:
-        self.data = data
+    __slots__ = ("_data", "grad", "requires_grad")
+
+    def __init__(self, data: Any, requires_grad: bool = True) -> None:
+        self._data = data
         self.grad: Any = None
+        self.requires_grad = bool(requires_grad)
+
+    @property
+    def data(self) -> Any:
+        rec = STATE.recording
+        if rec is None or not self.requires_grad or not STATE.grad:
+            return self._data
+        leaf = rec.leaves.get(id(self))
+        if leaf is None:
+            leaf = rec.leaves[id(self)] = Variable(self._data, True)
+            leaf.param = self
+        return leaf
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._data = value.data if isinstance(value, Variable) else value
 
     def accumulate(self, grad: Any) -> None:
-        """Add ``grad`` to ``self.grad`` (the first gradient is stored as is)."""
-        self.grad = grad if self.grad is None else self.grad + grad
+        """Add ``grad`` to ``self.grad`` (the first gradient is stored as is); nothing for a
+        frozen parameter (``requires_grad`` False)."""
+        if self.requires_grad:
+            self.grad = grad if self.grad is None else self.grad + grad
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,7 +75,8 @@ class Parameter:
         return self.data.dtype
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, dtype={self.dtype})"
+        frozen = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}{frozen})"
 
 
 def make_array(host: np.ndarray, dtype: str) -> Any:
@@ -56,6 +90,20 @@ class Module:
     training: bool = True
     #: names of non-trainable state arrays saved in checkpoints (e.g. BatchNorm running stats)
     buffer_names: tuple[str, ...] = ()
+    #: True for forward-only subclasses (``forward`` and no ``backward``): derived backward
+    autodiff: bool = False
+    #: kept in eval mode by ``freeze(eval=True)`` whatever ``train()`` says
+    eval_pinned: bool = False
+    #: training-mode forward passes since the last backward (containers and forward-only
+    #: modules refuse a backward that cannot tell which of several it belongs to)
+    _calls: int = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and cls.backward is Module.backward:
+            from .calls import derive_backward
+
+            derive_backward(cls)
 
     # -- composition ---------------------------------------------------------------------
     def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
@@ -80,8 +128,16 @@ class Module:
         (:class:`~anycnn.nn.layers.Conv2D` with the compiled kernels); this adds after."""
         return add_gradients(self.backward(dy), addend)
 
-    def __call__(self, x: Any) -> Any:
-        return self.forward(x)
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        """``forward(*inputs)``; in training mode (or with a Variable input, or inside a
+        recorded forward) the result is a :class:`~anycnn.autograd.Variable` carrying its
+        graph (``.backward()``), unless gradients are off (:func:`anycnn.no_grad`)."""
+        if STATE.grad and (self.training or STATE.recording is not None
+                           or any(isinstance(a, Variable) for a in inputs)):
+            from .calls import recorded_call
+
+            return recorded_call(self, inputs, kwargs)
+        return self.forward(*inputs, **kwargs)
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         """Spatial size ``(H, W)`` of the NHWC output for an NHWC input of spatial size ``hw``;
@@ -118,8 +174,33 @@ class Module:
 
     # -- modes and gradients ------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
+        """Training mode (``mode`` True) or eval mode for this module and its children; parts
+        frozen with ``freeze(eval=True)`` stay in eval mode."""
         for m in self.modules():
-            m.training = mode
+            m.training = mode and not m.eval_pinned
+        return self
+
+    def freeze(self, eval: bool = False) -> Module:  # noqa: A002 - reads as PyTorch's eval()
+        """Stop training this module's parameters (``requires_grad = False``): they get no
+        gradient, optimizers leave them alone, and a frozen first part of a ``Sequential``
+        runs no backward at all. With ``eval=True`` the part also stays in eval mode through
+        ``model.train()`` and ``Trainer.fit``: BatchNorm normalises with its running
+        statistics and leaves them unchanged, Dropout is off. Returns the module."""
+        for p in self.parameters():
+            p.requires_grad = False
+            p.grad = None
+        if eval:
+            for m in self.modules():
+                m.eval_pinned, m.training = True, False
+        return self
+
+    def unfreeze(self) -> Module:
+        """Train this module's parameters again (and release ``freeze(eval=True)``; the next
+        ``train()`` sets the mode). Returns the module."""
+        for p in self.parameters():
+            p.requires_grad = True
+        for m in self.modules():
+            m.eval_pinned = False
         return self
 
     def eval(self) -> Module:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..autograd.mode import STATE
 from ..errors import ConfigError, ShapeError
+from .calls import capture, check_single_call, restore
 from .fusion import execution_plan
 from .layers import explain_flatten_mismatch
 from .module import Module, add_gradients, residual_sum, spatial_size
@@ -16,7 +18,12 @@ class Sequential(Module):
     With ``fuse=True`` (default) exact rewrites from :mod:`anycnn.nn.fusion` run fusable layer
     sequences (e.g. Conv2D → ReLU → MaxPool2D) as one faster step; results are the same.
     ``backward(dy, input_grad=False)`` skips the first layer's input gradient (training does
-    not need it) and then returns ``None``.
+    not need it) and then returns ``None``; the layers before the first one with a trainable
+    parameter (a frozen backbone, see :meth:`Module.freeze`) then run no backward at all.
+
+    One layer instance may appear several times (weight sharing, or one ``ReLU`` reused): its
+    state is then kept per position (no fusion in such a ``Sequential``). A backward after
+    several training-mode forwards raises: it cannot tell which forward ``dy`` belongs to.
 
     When a Dense after a Flatten gets the wrong number of features (images of another size than
     the model was built for), its ShapeError also names the NHWC shape Flatten saw, the one the
@@ -31,6 +38,7 @@ class Sequential(Module):
             setattr(self, str(i), layer)
         self.fuse = fuse
         self._plan: list[Any] | None = None
+        self._states: list[Any] | None = None  # per-position state when a layer repeats
 
     @property
     def layers(self) -> list[Module]:
@@ -52,16 +60,23 @@ class Sequential(Module):
     def _run(self, x: Any, addend: Any = None, relu: bool = False) -> Any:
         """The layers' forward (the last one's ``forward_add`` with an ``addend``)."""
         layers = self.layers
-        self._plan = plan = execution_plan(layers) if self.fuse else layers
+        repeats = len({id(m) for m in layers}) < len(layers)
+        self._plan = plan = execution_plan(layers) if self.fuse and not repeats else layers
+        self._states = states = [] if repeats else None
+        if self.training and STATE.grad:
+            self._calls += 1
         images = x
         try:
             for i, step in enumerate(plan):
                 if addend is None or i < len(plan) - 1:
                     x = step.forward(x)
                 elif isinstance(step, Module):
-                    return step.forward_add(x, addend, relu)
+                    x = step.forward_add(x, addend, relu)
+                    addend = None
                 else:
                     x = step.forward(x)
+                if states is not None:
+                    states.append(capture(step))
         except ShapeError as exc:  # costs nothing until raised
             note = explain_flatten_mismatch(layers, step, images)
             if note:
@@ -72,24 +87,51 @@ class Sequential(Module):
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return spatial_size(self.layers, hw)
 
-    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+    def _begin_backward(self) -> list[Any]:
         if self._plan is None:
             raise RuntimeError("Sequential.backward called before forward")
-        plan = self._plan
-        for i in range(len(plan) - 1, -1, -1):
-            dy = plan[i].backward(dy, input_grad=input_grad or i > 0)
-        return dy
+        check_single_call(self)
+        return self._plan
+
+    def _step_backward(self, i: int, dy: Any, input_grad: bool) -> Any:
+        if self._states is not None:
+            restore(self._states[i])
+        return self._plan[i].backward(dy, input_grad=input_grad)
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        plan = self._begin_backward()
+        first = 0 if input_grad else _first_trainable(plan)
+        for i in range(len(plan) - 1, first - 1, -1):
+            dy = self._step_backward(i, dy, input_grad or i > first)
+        return dy if input_grad else None
 
     def backward_add(self, dy: Any, addend: Any) -> Any:
         """:meth:`backward` plus ``addend``, added by the first layer
         (:meth:`Module.backward_add`)."""
-        if self._plan is None:
-            raise RuntimeError("Sequential.backward called before forward")
-        plan = self._plan
+        plan = self._begin_backward()
         for i in range(len(plan) - 1, 0, -1):
-            dy = plan[i].backward(dy, input_grad=True)
+            dy = self._step_backward(i, dy, True)
         if not plan:
             return add_gradients(dy, addend)
+        if self._states is not None:
+            restore(self._states[0])
         if isinstance(plan[0], Module):
             return plan[0].backward_add(dy, addend)
         return add_gradients(plan[0].backward(dy, input_grad=True), addend)
+
+
+def _first_trainable(plan: list[Any]) -> int:
+    """The position of the first step of ``plan`` with a parameter that requires a gradient
+    (``len(plan)`` when none has): the steps before it need no backward when the input
+    gradient is not wanted."""
+    for i, step in enumerate(plan):
+        if any(p.requires_grad for m in _modules_of(step) for p in m.parameters()):
+            return i
+    return len(plan)
+
+
+def _modules_of(step: Any) -> list[Module]:
+    """The layers a plan step runs (itself, or those of a fused executor)."""
+    if isinstance(step, Module):
+        return [step]
+    return step.layers()

@@ -1,0 +1,329 @@
+"""The :class:`Variable` (an array with its history) and reverse-mode differentiation.
+
+A Variable wraps one backend array (``data``: NumPy, CuPy, torch, JAX or array_api_strict) and,
+when it was computed from Variables that need gradients, the :class:`Node` that computed it.
+Operations on Variables (Python operators, the functions of ``namespace_of(v)``, calls of
+modules) build the graph as they run (define-by-run, as Chainer and PyTorch). Its
+:meth:`Variable.backward` (or :func:`backward`) walks the graph once in reverse topological
+order: each node's vector-Jacobian product gets the gradient of its outputs and gives those of
+its inputs; gradients meeting at one Variable add up. A parameter's leaf adds its gradient to
+``Parameter.grad``; another leaf made with ``requires_grad=True`` keeps it in ``.grad``.
+
+A node frees what it saved once its backward ran: a graph is backpropagated once (a second
+backward through it raises), like PyTorch without ``retain_graph``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..backend import namespace_of
+from .mode import STATE
+
+#: ``vjp(output_grads, needs) -> input grads``: ``output_grads`` is the one output's gradient
+#: (a tuple with None for outputs no gradient reached, for a node of several outputs);
+#: ``needs[i]`` says whether input ``i`` wants its gradient (None may be returned otherwise).
+VJP = Callable[[Any, tuple[bool, ...]], Sequence[Any]]
+
+
+class Node:
+    """One recorded operation: its inputs (``parents``: Variable or None for each argument
+    that is no Variable needing a gradient), its vector-Jacobian product and its number of
+    outputs. ``grads`` collects the outputs' gradients during a backward pass."""
+
+    __slots__ = ("parents", "vjp", "n_out", "grads", "needs", "name")
+
+    def __init__(self, parents: tuple[Variable | None, ...], vjp: VJP, n_out: int,
+                 name: str) -> None:
+        self.parents, self.vjp, self.n_out, self.name = parents, vjp, n_out, name
+        self.grads: list[Any] | None = None
+        self.needs: tuple[bool, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name}>"
+
+
+class Variable:
+    """An array and how it was computed, for gradients.
+
+    Args:
+        data: a backend array (a Variable is unwrapped).
+        requires_grad: keep this leaf's gradient in :attr:`grad` after a backward pass.
+
+    Attributes:
+        data: the array. ``shape``, ``ndim``, ``dtype``, ``device`` and ``size`` are its.
+        grad: a leaf's accumulated gradient (None before any).
+        requires_grad: whether gradients flow to (or through) this Variable.
+
+    Use it as an array: Python operators (``+ - * / ** @``, unary ``-``, comparisons, which
+    give masks without gradients, and indexing with ints, slices, ``None``, ``...`` and
+    boolean masks) and the functions of its namespace (``xp = anycnn.namespace_of(v)``).
+    """
+
+    __slots__ = ("data", "creator", "index", "requires_grad", "grad", "param", "xp",
+                 "__weakref__")
+    __array_ufunc__ = None  # NumPy defers to the reflected operators below (no silent unwrap)
+    __anycnn_variable__ = True  # anycnn.to_numpy and friends unwrap it
+
+    def __init__(self, data: Any, requires_grad: bool = False) -> None:
+        if isinstance(data, Variable):
+            data = data.data
+        self.data = data
+        self.xp = namespace_of(data)
+        self.creator: Node | None = None
+        self.index = 0
+        self.requires_grad = bool(requires_grad)
+        self.grad: Any = None
+        self.param: Any = None  # the Parameter whose leaf this is
+
+    # -- array attributes ----------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self) -> Any:
+        return self.data.dtype
+
+    @property
+    def device(self) -> Any:
+        from array_api_compat import device
+
+        return device(self.data)
+
+    @property
+    def size(self) -> int | None:
+        return self.data.size if not callable(self.data.size) else self.data.numel()
+
+    @property
+    def T(self) -> Variable:  # noqa: N802 - the Array API name
+        if self.ndim != 2:
+            raise ValueError(f".T needs a 2-D array, got shape {tuple(self.shape)}; use .mT")
+        return self.xp_recording.permute_dims(self, (1, 0))
+
+    @property
+    def mT(self) -> Variable:  # noqa: N802 - the Array API name
+        return self.xp_recording.matrix_transpose(self)
+
+    @property
+    def xp_recording(self) -> Any:
+        from .namespace import recording_namespace
+
+        return recording_namespace(self.xp)
+
+    def __array_namespace__(self, api_version: str | None = None) -> Any:
+        return self.xp_recording
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        from ..backend import to_numpy
+
+        host = to_numpy(self.data)
+        return host if dtype is None else host.astype(dtype)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Variable({self.data!r}{grad})"
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+    def __float__(self) -> float:
+        return float(self.data)
+
+    def __int__(self) -> int:
+        return int(self.data)
+
+    def __index__(self) -> int:
+        return int(self.data)
+
+    def item(self) -> float:
+        return float(self.data)
+
+    def detach(self) -> Variable:
+        """The same array with no history (a constant)."""
+        return Variable(self.data)
+
+    # -- differentiation ----------------------------------------------------------------
+    def backward(self, grad: Any = None) -> None:
+        """Backpropagate from this Variable: every parameter it depends on gets its gradient
+        added to ``Parameter.grad``. ``grad`` is the gradient of this Variable (default 1 for
+        a single value, as a loss)."""
+        backward([self], [grad])
+
+    # -- operators (see anycnn.autograd.ops) -------------------------------------------
+    def __add__(self, other): return _ops().add(self, other)  # noqa: E704
+    def __radd__(self, other): return _ops().add(other, self)  # noqa: E704
+    def __sub__(self, other): return _ops().subtract(self, other)  # noqa: E704
+    def __rsub__(self, other): return _ops().subtract(other, self)  # noqa: E704
+    def __mul__(self, other): return _ops().multiply(self, other)  # noqa: E704
+    def __rmul__(self, other): return _ops().multiply(other, self)  # noqa: E704
+    def __truediv__(self, other): return _ops().divide(self, other)  # noqa: E704
+    def __rtruediv__(self, other): return _ops().divide(other, self)  # noqa: E704
+    def __pow__(self, other): return _ops().pow(self, other)  # noqa: E704
+    def __rpow__(self, other): return _ops().pow(other, self)  # noqa: E704
+    def __matmul__(self, other): return _ops().matmul(self, other)  # noqa: E704
+    def __rmatmul__(self, other): return _ops().matmul(other, self)  # noqa: E704
+    def __neg__(self): return _ops().negative(self)  # noqa: E704
+    def __pos__(self): return self  # noqa: E704
+    def __abs__(self): return _ops().abs(self)  # noqa: E704
+    def __getitem__(self, key): return _ops().getitem(self, key)  # noqa: E704
+
+    # masks and integer results: no gradient
+    def __lt__(self, other): return _constant(self, other, "__lt__")  # noqa: E704
+    def __le__(self, other): return _constant(self, other, "__le__")  # noqa: E704
+    def __gt__(self, other): return _constant(self, other, "__gt__")  # noqa: E704
+    def __ge__(self, other): return _constant(self, other, "__ge__")  # noqa: E704
+    def __eq__(self, other): return _constant(self, other, "__eq__")  # noqa: E704
+    def __ne__(self, other): return _constant(self, other, "__ne__")  # noqa: E704
+    def __and__(self, other): return _constant(self, other, "__and__")  # noqa: E704
+    def __or__(self, other): return _constant(self, other, "__or__")  # noqa: E704
+    def __xor__(self, other): return _constant(self, other, "__xor__")  # noqa: E704
+    def __invert__(self): return Variable(~self.data)  # noqa: E704
+    def __floordiv__(self, other): return _constant(self, other, "__floordiv__")  # noqa: E704
+    def __mod__(self, other): return _constant(self, other, "__mod__")  # noqa: E704
+
+    __hash__ = object.__hash__
+
+
+def _ops():
+    from . import ops
+
+    return ops
+
+
+def _constant(a: Variable, other: Any, method: str) -> Variable:
+    return Variable(getattr(a.data, method)(unwrap(other)))
+
+
+def unwrap(value: Any) -> Any:
+    """The array inside a Variable; other values (arrays, scalars, None) as they are."""
+    return value.data if isinstance(value, Variable) else value
+
+
+def unwrap_tree(value: Any) -> Any:
+    """:func:`unwrap` through tuples and lists (a module's several outputs)."""
+    if isinstance(value, tuple | list):
+        return type(value)(unwrap_tree(v) for v in value)
+    return unwrap(value)
+
+
+def needs_grad(value: Any) -> bool:
+    return isinstance(value, Variable) and value.requires_grad
+
+
+def record(value: Any, inputs: Sequence[Any], vjp: VJP, name: str) -> Variable:
+    """The Variable of ``value``, computed from ``inputs`` (Variables or anything else) by an
+    operation whose vector-Jacobian product is ``vjp``; a constant when no input needs a
+    gradient or grad mode is off."""
+    return record_many((value,), inputs, vjp, name)[0]
+
+
+def record_many(values: Sequence[Any], inputs: Sequence[Any], vjp: VJP,
+                name: str) -> tuple[Variable, ...]:
+    """:func:`record` for an operation with several outputs (``vjp`` gets a tuple)."""
+    parents = tuple(a if needs_grad(a) else None for a in inputs)
+    if not STATE.grad or not any(p is not None for p in parents):
+        return tuple(Variable(v) for v in values)
+    node = Node(parents, vjp, len(values), name)
+    outs = []
+    for i, v in enumerate(values):
+        out = Variable(v, True)
+        out.creator, out.index = node, i
+        outs.append(out)
+    return tuple(outs)
+
+
+def backward(outputs: Sequence[Variable], grads: Sequence[Any]) -> None:
+    """Backpropagate ``grads`` (one per output; None is 1 for a single-valued output) through
+    the graph that computed ``outputs``: parameters' leaves add to ``Parameter.grad``, other
+    leaves that require a gradient to their ``.grad``.
+
+    Raises:
+        RuntimeError: no output needs a gradient, a None grad for an output of several values,
+            or the graph was already backpropagated (its saved arrays are freed).
+    """
+    seeds = []
+    for out, g in zip(outputs, grads):
+        if not isinstance(out, Variable) or not out.requires_grad:
+            continue
+        if g is None:
+            if out.size not in (1, None):
+                raise RuntimeError(f"backward() of an output of shape {tuple(out.shape)} needs "
+                                   "its gradient: pass one of the same shape (only a single "
+                                   "value, such as a loss, defaults to 1)")
+            g = out.xp.ones_like(out.data)
+        elif tuple(g.shape) != tuple(out.shape):
+            raise RuntimeError(f"gradient of shape {tuple(g.shape)} given for an output of "
+                               f"shape {tuple(out.shape)}")
+        seeds.append((out, unwrap(g)))
+    if not seeds:
+        raise RuntimeError("backward(): the output does not depend on anything that needs a "
+                           "gradient (every parameter is frozen, or it was computed under "
+                           "no_grad or in eval mode of a plain call)")
+    order = _topological([out.creator for out, _ in seeds if out.creator is not None])
+    for node in order:  # inputs first: which inputs lead to a leaf that wants a gradient
+        node.needs = tuple(p is not None and (p.creator.needs != () and any(p.creator.needs)
+                                              if p.creator is not None else p.requires_grad)
+                           for p in node.parents)
+    for out, g in seeds:
+        _deliver(out, g)
+    for node in reversed(order):
+        gs, node.grads = node.grads, None
+        if gs is None or not any(node.needs):
+            continue
+        if node.vjp is None:
+            raise RuntimeError(f"backward through the graph of {node.name} a second time: a "
+                               "forward pass is backpropagated once (its saved arrays are "
+                               "freed); run the forward pass again")
+        vjp, node.vjp = node.vjp, None
+        input_grads = vjp(gs[0] if node.n_out == 1 else tuple(gs), node.needs)
+        for parent, need, g in zip(node.parents, node.needs, input_grads):
+            if need and g is not None:
+                _deliver(parent, g)
+
+
+def _deliver(v: Variable, g: Any) -> None:
+    """Add gradient ``g`` to what reaches ``v``: its creator's slot, a parameter, or a leaf."""
+    node = v.creator
+    if node is not None:
+        if node.grads is None:
+            node.grads = [None] * node.n_out
+        old = node.grads[v.index]
+        node.grads[v.index] = g if old is None else old + g
+    elif v.param is not None:
+        v.param.accumulate(g)
+    elif v.requires_grad:
+        v.grad = g if v.grad is None else v.grad + g
+
+
+def _topological(roots: list[Node]) -> list[Node]:
+    """The nodes ``roots`` depend on, each after all nodes it depends on."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    for root in roots:
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        stack = [(root, iter(root.parents))]
+        while stack:
+            node, parents = stack[-1]
+            for p in parents:
+                if p is not None and p.creator is not None and id(p.creator) not in seen:
+                    seen.add(id(p.creator))
+                    p.creator.needs = ()
+                    stack.append((p.creator, iter(p.creator.parents)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    for node in order:
+        node.needs = ()
+    return order

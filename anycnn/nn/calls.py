@@ -1,0 +1,194 @@
+"""Module calls that keep their state per call, and the derived backward of forward-only
+modules.
+
+**Per-call state.** A layer keeps what its backward needs on the instance (``_ctx``...), which
+is one forward's worth. Whoever runs one instance more than once before the backward passes
+keeps each call's state with :func:`capture` and puts it back with :func:`restore` before that
+call's backward: a recorded call (:func:`recorded_call`, a node of an autograd graph) always
+does; a :class:`~anycnn.nn.sequential.Sequential` holding one layer twice does per step. The
+state is every instance attribute but parameters, children, buffers (BatchNorm's running
+statistics move on) and the mode, shallow-copied: no array is copied.
+
+**Forward-only modules.** :func:`derive_backward` gives a class that defines ``forward`` and no
+``backward`` a recorded forward and a derived backward. Called through the layer interface
+(``forward(x)`` from a ``Sequential``, the ``Trainer``, ``check_gradients``) its forward wraps
+the inputs as leaf Variables, records its code (:mod:`anycnn.autograd`) and keeps the graph
+for ``backward(dy)``; inside another recorded forward it is simply part of that recording; with
+gradients off (:func:`anycnn.no_grad`) its code runs on the plain arrays and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..autograd.mode import STATE, recording, suspended
+from ..autograd.variable import Variable, backward, record_many, unwrap, unwrap_tree
+from .module import Module, Parameter
+
+_NOT_STATE = frozenset({"training", "eval_pinned"})
+
+State = list[tuple[Module, dict[str, Any]]]
+
+
+def capture(module: Module) -> State:
+    """The per-call state of ``module`` and every module inside it (see the module doc)."""
+    saved = []
+    for m in module.modules():
+        skip = _NOT_STATE.union(m.buffer_names)
+        saved.append((m, {k: v for k, v in vars(m).items()
+                          if k not in skip and not isinstance(v, Parameter | Module)}))
+    return saved
+
+
+def restore(saved: State) -> None:
+    """Put back what :func:`capture` kept."""
+    for m, state in saved:
+        vars(m).update(state)
+
+
+def is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type)
+
+
+def as_variable(value: Any) -> Any:
+    """Arrays as constant Variables (inside a recording); Variables and the rest unchanged."""
+    return Variable(value) if is_array(value) and not isinstance(value, Variable) else value
+
+
+def recorded_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
+    """``module(*inputs)`` as a node of an autograd graph (Variables out).
+
+    A forward-only module's code joins the recording. Any other module runs its own forward on
+    the plain arrays (the recording suspended, so its parameters are plain arrays too); its
+    state is captured, and the node's backward restores it and calls ``module.backward``:
+    built-in layers keep their hand-written (fused, compiled) backward, and one instance may
+    be called any number of times.
+    """
+    if module.autodiff:
+        with recording():
+            return module.forward(*(as_variable(a) for a in inputs), **kwargs)
+    raw = tuple(unwrap(a) for a in inputs)
+    with suspended():
+        out = module.forward(*raw, **kwargs)
+    several = isinstance(out, tuple | list)
+    outs = tuple(out) if several else (out,)
+    trainable = any(p.requires_grad for p in module.parameters())
+    if not trainable and not any(isinstance(a, Variable) and a.requires_grad for a in inputs):
+        results = tuple(Variable(o) for o in outs)
+        return results if several else results[0]
+    state = capture(module)
+    state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
+    inputs_or_params = inputs if not trainable else (*inputs, _TRAINABLE)
+
+    def vjp(gs: Any, needs: tuple[bool, ...]) -> tuple[Any, ...]:
+        restore(state)
+        if several:
+            gs = tuple(g if g is not None else _zeros_like(o) for g, o in zip(gs, outs))
+        wanted = any(needs[:len(inputs)])
+        dx = module.backward(gs, input_grad=wanted) if wanted or trainable else None
+        if len(inputs) == 1:
+            return (dx,)
+        return tuple(dx) if dx is not None else (None,) * len(inputs)
+
+    results = record_many(outs, inputs_or_params, vjp, type(module).__name__)
+    return results if several else results[0]
+
+
+#: stands for "the module's own parameters" among a recorded call's inputs, so the node
+#: records (and runs its backward) when only parameters need gradients
+_TRAINABLE = Variable.__new__(Variable)
+_TRAINABLE.data, _TRAINABLE.creator, _TRAINABLE.index = None, None, 0
+_TRAINABLE.requires_grad, _TRAINABLE.grad, _TRAINABLE.param, _TRAINABLE.xp = (
+    True, None, None, None)
+
+
+def _zeros_like(out: Any) -> Any:
+    from ..backend import namespace_of
+
+    return namespace_of(out).zeros_like(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward-only modules
+
+
+class Graph:
+    """What a forward-only module's recorded forward keeps for its backward: the input leaves
+    and the outputs (one Variable, or a tuple of them)."""
+
+    __slots__ = ("leaves", "outputs")
+
+    def __init__(self, leaves: tuple, outputs: Any) -> None:
+        self.leaves, self.outputs = leaves, outputs
+
+
+def derive_backward(cls: type[Module]) -> None:
+    """Make ``cls`` (which defines ``forward`` and no ``backward``) forward-only: wrap its
+    ``forward`` and give it the derived backward."""
+    user_forward = cls.__dict__["forward"]
+
+    @functools.wraps(user_forward)
+    def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
+        if STATE.recording is not None:  # part of the recording around it
+            return user_forward(self, *(as_variable(a) for a in args), **kwargs)
+        if not STATE.grad:
+            return user_forward(self, *args, **kwargs)
+        leaves = tuple(Variable(a, True) if is_array(a) else a for a in args)
+        with recording():
+            out = user_forward(self, *leaves, **kwargs)
+        self._graph = Graph(leaves, out)
+        if self.training:
+            self._calls += 1
+        return unwrap_tree(out)
+
+    cls.forward = forward
+    cls.backward = derived_backward
+    cls.autodiff = True
+
+
+def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
+    """The backward of a forward-only module's last forward: parameters' gradients added to
+    ``.grad``; returns the input gradient (a tuple for several inputs; None without
+    ``input_grad``).
+
+    Raises:
+        RuntimeError: no forward to go back through (none yet, or its backward already ran),
+            or several training-mode forwards since the last backward.
+    """
+    graph = getattr(self, "_graph", None)
+    name = type(self).__name__
+    if graph is None:
+        raise RuntimeError(f"{name}.backward called before forward, or twice for one forward "
+                           "(each forward pass is backpropagated once)")
+    check_single_call(self)
+    self._graph = None
+    outs = graph.outputs if isinstance(graph.outputs, tuple | list) else (graph.outputs,)
+    dys = tuple(dy) if isinstance(graph.outputs, tuple | list) else (dy,)
+    if len(dys) != len(outs):
+        raise RuntimeError(f"{name}.backward got {len(dys)} gradients for {len(outs)} outputs")
+    leaves = [a for a in graph.leaves if isinstance(a, Variable)]
+    for leaf in leaves:
+        leaf.requires_grad, leaf.grad = input_grad, None
+    live = [(o, d) for o, d in zip(outs, dys)
+            if isinstance(o, Variable) and o.requires_grad and d is not None]
+    if live:
+        backward([o for o, _ in live], [unwrap(d) for _, d in live])
+    if not input_grad:
+        return None
+    grads = tuple(leaf.grad if leaf.grad is not None else leaf.xp.zeros_like(leaf.data)
+                  for leaf in leaves)
+    return grads[0] if len(grads) == 1 else grads
+
+
+def check_single_call(module: Module) -> None:
+    """Refuse a backward after several training-mode forwards of ``module`` (it cannot tell
+    which one ``dy`` belongs to); reset the count."""
+    calls, module._calls = module._calls, 0
+    if calls > 1:
+        raise RuntimeError(
+            f"{type(module).__name__}.backward: the module ran forward {calls} times in "
+            "training mode since its last backward, and backward(dy) cannot tell which one dy "
+            "belongs to. Run backward after each forward, evaluate under anycnn.no_grad() or "
+            "in eval mode, or keep each call's graph: out = model(x) gives a Variable, and "
+            "loss_fn(out, y).backward() goes back through that call")
