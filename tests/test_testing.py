@@ -101,7 +101,8 @@ def test_the_module_is_left_as_it_was(backend, rng):
     model = anycnn.Sequential(L.Conv2D(2, 3, 3), L.BatchNorm2D(3), L.ReLU(), L.Dropout(0.5))
     model[3].eval()
     x = anycnn.asarray(rng.standard_normal((2, 4, 4, 2)), dtype="float32")
-    model.forward(x)
+    with anycnn.no_grad():
+        model.forward(x)
     model.backward(model.forward(x))
     before = {name: (p, p.data, p.grad) for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())

@@ -109,6 +109,24 @@ def _zeros_like(out: Any) -> Any:
     return namespace_of(out).zeros_like(out)
 
 
+def guard_forward(cls: type[Module]) -> None:
+    """Make ``cls.forward`` (a module with its own backward) a recorded call when it meets a
+    Variable or runs inside a recording: ``self.conv.forward(x)`` in a forward-only module
+    then means ``self.conv(x)``. Elsewhere the forward runs as written."""
+    layer_forward = cls.__dict__["forward"]
+
+    @functools.wraps(layer_forward)
+    def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
+        if STATE.recording is not None:
+            return recorded_call(self, args, kwargs)
+        for a in args:
+            if isinstance(a, Variable):
+                return recorded_call(self, args, kwargs)
+        return layer_forward(self, *args, **kwargs)
+
+    cls.forward = forward
+
+
 # --------------------------------------------------------------------------------------------
 # Forward-only modules
 
@@ -165,6 +183,7 @@ def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
     self._graph = None
     outs = graph.outputs if isinstance(graph.outputs, tuple | list) else (graph.outputs,)
     dys = tuple(dy) if isinstance(graph.outputs, tuple | list) else (dy,)
+    dys = tuple(unwrap(d) for d in dys)
     if len(dys) != len(outs):
         raise RuntimeError(f"{name}.backward got {len(dys)} gradients for {len(outs)} outputs")
     leaves = [a for a in graph.leaves if isinstance(a, Variable)]

@@ -62,6 +62,7 @@ class SoftmaxCrossEntropy(Loss):
         self._grad = None
 
     def forward(self, logits: Any, labels: Any) -> Any:
+        logits, labels = unwrap(logits), unwrap(labels)
         xp = namespace_of(logits, labels)
         if logits.ndim != 2:
             raise ShapeError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
@@ -97,6 +98,7 @@ class MSELoss(Loss):
         self._grad = None
 
     def forward(self, pred: Any, target: Any) -> Any:
+        pred, target = unwrap(pred), unwrap(target)
         xp = namespace_of(pred, target)
         if tuple(pred.shape) != tuple(target.shape):
             raise ShapeError(f"MSELoss: prediction shape {tuple(pred.shape)} differs from target "

@@ -94,16 +94,19 @@ class Module:
     autodiff: bool = False
     #: kept in eval mode by ``freeze(eval=True)`` whatever ``train()`` says
     eval_pinned: bool = False
-    #: training-mode forward passes since the last backward (containers and forward-only
-    #: modules refuse a backward that cannot tell which of several it belongs to)
+    #: training-mode forward passes since the last backward or ``train()`` (containers and
+    #: forward-only modules refuse a backward that cannot tell which of several it belongs to)
     _calls: int = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__ and cls.backward is Module.backward:
-            from .calls import derive_backward
+        if "forward" in cls.__dict__:
+            from .calls import derive_backward, guard_forward
 
-            derive_backward(cls)
+            if cls.backward is Module.backward:
+                derive_backward(cls)
+            else:
+                guard_forward(cls)
 
     # -- composition ---------------------------------------------------------------------
     def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
@@ -178,6 +181,7 @@ class Module:
         frozen with ``freeze(eval=True)`` stay in eval mode."""
         for m in self.modules():
             m.training = mode and not m.eval_pinned
+            m._calls = 0  # a new phase: earlier forwards will not be backpropagated
         return self
 
     def freeze(self, eval: bool = False) -> Module:  # noqa: A002 - reads as PyTorch's eval()
@@ -205,6 +209,15 @@ class Module:
 
     def eval(self) -> Module:
         return self.train(False)
+
+    def release(self) -> None:
+        """Forget the training-mode forward passes not yet backpropagated (a skipped step):
+        the next ``backward`` belongs to the next forward. Drops what forward-only modules
+        kept for their backward."""
+        for m in self.modules():
+            m._calls = 0
+            if m.autodiff:
+                m._graph = None
 
     def zero_grad(self) -> None:
         for p in self.parameters():

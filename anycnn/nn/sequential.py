@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..autograd.mode import STATE
+from ..autograd.variable import unwrap
 from ..errors import ConfigError, ShapeError
 from .calls import capture, check_single_call, restore
 from .fusion import execution_plan
@@ -100,6 +101,7 @@ class Sequential(Module):
 
     def backward(self, dy: Any, input_grad: bool = True) -> Any:
         plan = self._begin_backward()
+        dy = unwrap(dy)
         first = 0 if input_grad else _first_trainable(plan)
         for i in range(len(plan) - 1, first - 1, -1):
             dy = self._step_backward(i, dy, input_grad or i > first)

@@ -43,6 +43,7 @@ def training_step(model: Any, loss_fn: Any, optimizer: Any, x: Any, y: Any, *,
         logits = model.forward(x)
         loss = loss_fn.forward(logits, y)
         if exchange is None and accept is not None and not accept(loss):
+            model.release()  # this forward is not backpropagated
             return loss, logits, None, False
         model.backward(loss_fn.backward(), input_grad=False)
     if exchange is not None:
