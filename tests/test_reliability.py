@@ -80,7 +80,8 @@ def test_every_error_class_is_documented():
 
 RANK_CASES = [
     (lambda: L.Conv2D(1, 2, 3), (5, 5, 1), r"Conv2D expects a 4-D NHWC input, got shape \(5, 5"),
-    (lambda: L.Dense(4, 2), (1, 2, 2, 1), r"Dense expects a 2-D"),
+    (lambda: L.Dense(4, 2), (1, 2, 2, 1), r"Dense expects 4 features on the last axis, got "
+     r"input shape \(1, 2, 2, 1\)"),
     (lambda: L.MaxPool2D(2), (4, 4), r"MaxPool2D expects a 4-D"),
     (lambda: L.AvgPool2D(2), (1, 4, 4, 1, 1), r"AvgPool2D expects a 4-D"),
     (lambda: L.GlobalAvgPool2D(), (2, 3), r"GlobalAvgPool2D expects a 4-D"),

@@ -31,6 +31,11 @@ Residual           a small ``nn.Module`` computing ``body(x) + shortcut(x)``, ch
                    named ``"3.body.0.weight"``, ``"3.shortcut.1.running_mean"`` on both sides
 Concat             a small ``nn.Module`` running its children ``"0"``, ``"1"``, ... on the same
                    input and concatenating on dim 1 (NCHW channels): ``"2.1.0.bias"``
+forward-only       (a ``Module`` written as code) its parameters and children by attribute
+                   path (``"block.conv1.weight"``, ``"gamma"``), each layer's tensors as above;
+                   the shapes between its layers are not tracked, so a ``Dense`` after a
+                   spatial flatten inside it keeps anycnn's (h, w, c) row order
+                   (:func:`torch_module` cannot mirror such a model: it has no forward to copy)
 =================  ==========================================================================
 
 The ``Residual`` and ``Concat`` modules are defined when :func:`torch_module` first runs (torch
@@ -81,7 +86,7 @@ from ..nn.layers import (
     Tanh,
     Upsample2D,
 )
-from ..nn.module import Module
+from ..nn.module import Module, Parameter
 from ..nn.sequential import Sequential
 
 _ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout)
@@ -303,11 +308,25 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
     if isinstance(module, (*_ELEMENTWISE, Identity)):
         plan.append(_Layer(prefix, module, False, []))
         return shape
+    if module.autodiff:  # written as code: its children in attribute order, shapes unknown
+        _own_parameters(module, prefix, plan)
+        for name, child in module.named_children():
+            _walk(child, _Shape(), f"{prefix}{name}.", plan)
+        return _Shape()
     raise ConfigError(
         f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.io.interop; supported: "
         "Sequential, Residual, Concat, Identity, Conv2D, ConvTranspose2D, Dense, BatchNorm2D, "
         "GroupNorm, LayerNorm, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Upsample2D, Flatten, ReLU, "
         "LeakyReLU, Sigmoid, Tanh, Dropout")
+
+def _own_parameters(module: Module, prefix: str, plan: list[_Layer]) -> None:
+    """A forward-only module's own parameters (``self.gamma``), in the same layout on both
+    sides (PyTorch's ``nn.Parameter`` attributes of the same names)."""
+    own = [_Tensor(prefix + name, _same, _same, "as in anycnn")
+           for name, value in vars(module).items() if isinstance(value, Parameter)]
+    if own:
+        plan.append(_Layer(prefix, module, False, own))
+
 
 def _channel_norm(index: str, prefix: str, module: GroupNorm | LayerNorm, shape: _Shape,
                   plan: list[_Layer]) -> _Shape:

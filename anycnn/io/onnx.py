@@ -20,7 +20,8 @@ ConvTranspose2D    ``ConvTranspose`` (``pads``, ``output_padding``, ``dilations`
                    W ``(kh, kw, in, out/g)`` → ``(in, out/g, kh, kw)``
 Dense              ``Gemm``; W ``(in, out)`` as is, except the first Dense after a spatial
                    ``Flatten``, whose rows are reordered from NHWC (h, w, c) to NCHW (c, h, w)
-                   flattening
+                   flattening. On NHWC input (a channel MLP): ``Transpose``, ``MatMul``,
+                   ``Add``, ``Transpose`` back
 BatchNorm2D        ``BatchNormalization`` (running statistics; also on flat features)
 GroupNorm          ``Reshape`` (N, G, -1) → ``InstanceNormalization`` → ``Reshape`` → ``Mul``,
                    ``Add`` (per-channel affine)
@@ -380,6 +381,12 @@ def _inline(b: _Builder, sub: Any, v: _Value, out: np.ndarray, scope: str,
 
 def _dense(b: _Builder, module: Dense, v: _Value, out: np.ndarray, scope: str) -> _Value:
     w = to_numpy(module.weight.data)
+    if v.spatial:  # a channel MLP: over the channels of NHWC, MatMul and Add per position
+        y = b.node("Transpose", [v.name], scope, perm=[0, 2, 3, 1])
+        y = b.node("MatMul", [y, b.weight(f"{scope}.weight", w)], scope)
+        if module.bias is not None:
+            y = b.node("Add", [y, b.weight(f"{scope}.bias", to_numpy(module.bias.data))], scope)
+        return _Value(b.node("Transpose", [y], scope, perm=[0, 3, 1, 2]), out)
     if v.chw is not None:  # rows (h, w, c) -> (c, h, w), as the graph flattened NCHW
         c, hw = v.chw
         w = flat_rows_nchw(w, hw, c)

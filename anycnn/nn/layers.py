@@ -294,7 +294,10 @@ class ConvTranspose2D(Module):
 class Dense(Module):
     """Fully connected layer ``y = x @ weight + bias``; ``weight`` is ``(in, out)``.
 
-    Shapes: ``(N, in_features)`` → ``(N, out_features)``. Defaults: He-uniform weight, zero bias.
+    Applies to the last axis of any input (as PyTorch's ``Linear``): ``(..., in_features)`` →
+    ``(..., out_features)``, e.g. ``(N, in)`` → ``(N, out)``, or a channel MLP on NHWC
+    activations ``(N, H, W, in)`` → ``(N, H, W, out)`` with no reshape. Defaults: He-uniform
+    weight, zero bias.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -310,13 +313,21 @@ class Dense(Module):
             (self.out_features,), self.in_features, self.out_features, rng), dtype)
         ) if bias else None
         self._x = None
+        self._lead: tuple[int, ...] = ()
 
     def forward(self, x):
-        check_float_input(self, x, 2, "(N, features)")
+        if x.ndim < 1:
+            raise ShapeError(f"Dense expects an input with a features axis, got shape "
+                             f"{tuple(x.shape)}")
+        check_float_input(self, x, x.ndim, "(..., features)")
         check_channels(self, x, self.in_features, "features")
         check_param_dtype(self, x, self.weight.data)
+        lead = tuple(x.shape[:-1])
+        if len(lead) != 1:  # any rank: rows of features, then the leading axes back
+            x = namespace_of(x).reshape(x, (-1, self.in_features))
         y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
-        return y
+        self._lead = lead
+        return y if len(lead) == 1 else namespace_of(y).reshape(y, (*lead, self.out_features))
 
     def flops(self, input_shape, output_shape):
         """2 x in*out multiply-adds per row."""
@@ -324,10 +335,15 @@ class Dense(Module):
 
     def backward(self, dy, input_grad: bool = True):
         x = _require_forward(self, self._x)
+        lead = self._lead
+        if len(lead) != 1:
+            dy = namespace_of(dy).reshape(dy, (-1, self.out_features))
         dx, dw, db = F.linear_backward(dy, x, self.weight.data, input_grad)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
+        if dx is not None and len(lead) != 1:
+            dx = namespace_of(dx).reshape(dx, (*lead, self.in_features))
         return dx
 
     def extra_repr(self):

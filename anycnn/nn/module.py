@@ -7,9 +7,10 @@ attributes in the order they were assigned, which gives stable dotted names (``"
 
 A subclass that defines ``forward`` and no ``backward`` is a *forward-only* module: its
 forward is recorded as it runs and its backward derived (:mod:`anycnn.nn.calls`,
-:mod:`anycnn.autograd`). Calling any module, ``module(x)``, in training mode (or inside another
-recorded forward) returns a :class:`~anycnn.autograd.Variable` that carries its graph, so
-``loss_fn(model(x), y).backward()`` works; ``module.forward(x)`` always returns plain arrays.
+:mod:`anycnn.autograd`). Calling any module, ``module(x)``, returns a
+:class:`~anycnn.autograd.Variable` that carries its graph (unless gradients are off:
+:func:`anycnn.no_grad`), so ``loss_fn(model(x), y).backward()`` works;
+``module.forward(x)`` returns plain arrays.
 """
 
 from __future__ import annotations
@@ -132,11 +133,11 @@ class Module:
         return add_gradients(self.backward(dy), addend)
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        """``forward(*inputs)``; in training mode (or with a Variable input, or inside a
-        recorded forward) the result is a :class:`~anycnn.autograd.Variable` carrying its
-        graph (``.backward()``), unless gradients are off (:func:`anycnn.no_grad`)."""
-        if STATE.grad and (self.training or STATE.recording is not None
-                           or any(isinstance(a, Variable) for a in inputs)):
+        """``forward(*inputs)`` recorded for gradients: the result is a
+        :class:`~anycnn.autograd.Variable` carrying its graph (``loss.backward()`` reaches
+        every parameter), as in PyTorch. Under :func:`anycnn.no_grad` it is the plain
+        ``forward(*inputs)``: use that for inference."""
+        if STATE.grad:
             from .calls import recorded_call
 
             return recorded_call(self, inputs, kwargs)

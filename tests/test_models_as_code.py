@@ -1,0 +1,283 @@
+"""Models written as code: reuse of one layer instance, per-call state, several losses and
+outputs, freezing, Dense on any rank, and forward-only modules in the Trainer, checkpoints,
+summaries and PyTorch state_dicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn import layers as L
+from anycnn import losses, optim
+from anycnn.autograd import Variable
+from anycnn.nn.module import Module, Parameter
+from anycnn.nn.sequential import Sequential
+from anycnn.testing import check_gradients
+
+
+def host(a):
+    return anycnn.to_numpy(a)
+
+
+class Block(Module):
+    """conv → BN → ReLU → conv → BN, plus the input, ReLU; ``self.relu`` called twice (as
+    torchvision's BasicBlock does)."""
+
+    def __init__(self, c, dtype="float64"):
+        self.conv1 = L.Conv2D(c, c, 3, padding=1, bias=False, dtype=dtype)
+        self.bn1 = L.BatchNorm2D(c, dtype=dtype)
+        self.conv2 = L.Conv2D(c, c, 3, padding=1, bias=False, dtype=dtype)
+        self.bn2 = L.BatchNorm2D(c, dtype=dtype)
+        self.relu = L.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class TinyNet(Module):
+    def __init__(self, dtype="float64"):
+        self.stem = L.Conv2D(1, 4, 3, padding=1, dtype=dtype)
+        self.block = Block(4, dtype)
+        self.pool = L.GlobalAvgPool2D()
+        self.fc1 = L.Dense(4, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc1(self.pool(self.block(self.stem(x))))
+
+
+def test_forward_only_models_pass_check_gradients(backend, rng):
+    x = anycnn.asarray(rng.standard_normal((2, 6, 6, 1)))
+    assert check_gradients(TinyNet(), x).ok
+    assert check_gradients(Block(3), anycnn.asarray(rng.standard_normal((2, 5, 5, 3)))).ok
+
+
+def test_one_relu_twice_in_a_sequential_gives_the_right_input_gradient(backend, rng):
+    relu = L.ReLU()
+    model = Sequential(L.Dense(4, 5, dtype="float64"), relu, L.Dense(5, 5, dtype="float64"),
+                       relu)
+    assert check_gradients(model, anycnn.asarray(rng.standard_normal((3, 4)))).ok
+
+
+def test_one_conv_twice_adds_its_gradients(backend, rng):
+    conv = L.Conv2D(2, 2, 3, padding=1, dtype="float64")
+    model = Sequential(conv, L.Tanh(), conv)
+    x = anycnn.asarray(rng.standard_normal((2, 5, 5, 2)))
+    assert check_gradients(model, x).ok
+
+
+def test_a_then_b_then_backward_of_a(backend, rng):
+    """Each model(x) carries its own graph: A's loss goes back through A's activations."""
+    anycnn.manual_seed(3)
+    model = TinyNet()
+    xa, xb = (anycnn.asarray(rng.standard_normal((2, 6, 6, 1))) for _ in range(2))
+    labels = anycnn.asarray(np.array([0, 2]))
+    loss_fn = losses.SoftmaxCrossEntropy()
+    model.eval()  # BatchNorm with fixed statistics: A's graph must not depend on B's call
+    model.zero_grad()
+    loss_fn(model(Variable(xa)), labels).backward()
+    only_a = [host(p.grad) for p in model.parameters()]
+    model.zero_grad()
+    out_a = model(Variable(xa))
+    model(Variable(xb))  # B in between
+    loss_fn(out_a, labels).backward()
+    for got, want in zip((host(p.grad) for p in model.parameters()), only_a):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_interface_refuses_to_guess_which_forward(backend, rng):
+    model = Sequential(L.Dense(3, 2, dtype="float64"))
+    x = anycnn.asarray(rng.standard_normal((4, 3)))
+    model.forward(x)
+    y = model.forward(x)
+    with pytest.raises(RuntimeError, match=r"ran forward 2 times .* cannot tell"):
+        model.backward(y)
+    y = model.forward(x)
+    model.backward(y)  # one forward, one backward: fine
+    with pytest.raises(RuntimeError, match="before forward, or twice|backward"):
+        TinyNet().backward(y)
+    net = TinyNet()
+    out = net.forward(anycnn.asarray(rng.standard_normal((2, 6, 6, 1))))
+    net.backward(out)
+    with pytest.raises(RuntimeError, match="twice for one forward"):
+        net.backward(out)
+    with anycnn.no_grad():  # evaluation forwards do not count
+        model.forward(x)
+    model.backward(model.forward(x))
+
+
+def test_a_graph_is_backpropagated_once(backend, rng):
+    model = TinyNet()
+    loss = losses.SoftmaxCrossEntropy()(model(anycnn.asarray(rng.standard_normal((2, 6, 6, 1)))),
+                                        anycnn.asarray(np.array([0, 1])))
+    loss.backward()
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+
+
+def test_two_losses_and_two_outputs(backend, rng):
+    class TwoHeads(Module):
+        def __init__(self):
+            self.body = L.Dense(4, 6, dtype="float64")
+            self.cls = L.Dense(6, 3, dtype="float64")
+            self.reg = L.Dense(6, 2, dtype="float64")
+
+        def forward(self, x):
+            xp = anycnn.namespace_of(x)
+            h = xp.tanh(self.body(x))
+            return self.cls(h), self.reg(h)
+
+    anycnn.manual_seed(4)
+    model = TwoHeads()
+    x = anycnn.asarray(rng.standard_normal((5, 4)))
+    labels = anycnn.asarray(np.array([0, 1, 2, 1, 0]))
+    target = anycnn.asarray(rng.standard_normal((5, 2)))
+    ce, mse = losses.SoftmaxCrossEntropy(), losses.MSELoss()
+    logits, box = model(x)
+    total = ce(logits, labels) + 0.5 * mse(box, target)
+    total.backward()
+    summed = {n: host(p.grad) for n, p in model.named_parameters()}
+    # the same through the layer interface, one gradient per output
+    model.zero_grad()
+    logits, box = model.forward(x)
+    ce.forward(logits, labels)
+    mse.forward(box, target)
+    model.backward((ce.backward(), 0.5 * mse.backward()))
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(host(p.grad), summed[n], rtol=1e-12, atol=1e-14)
+    assert check_gradients(_FirstOutput(model), x).ok
+
+
+class _FirstOutput(Module):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def forward(self, x):
+        logits, box = self.inner(x)
+        return logits + box[:, :1]
+
+
+def test_gradient_accumulation_over_micro_batches(backend, rng):
+    anycnn.manual_seed(5)
+    model = TinyNet()
+    x = anycnn.asarray(rng.standard_normal((4, 6, 6, 1)))
+    y = anycnn.asarray(np.array([0, 1, 2, 1]))
+    ce = losses.SoftmaxCrossEntropy()
+    model.eval()  # per-batch BatchNorm statistics would differ between the two splits
+    ce(model(x), y).backward()
+    whole = [host(p.grad) for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):
+        (ce(model(x[part]), y[part]) * 0.5).backward()
+    for p, want in zip(model.parameters(), whole):
+        np.testing.assert_allclose(host(p.grad), want, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing
+
+
+def test_frozen_parameters_get_no_gradient_and_do_not_move(backend, rng):
+    anycnn.manual_seed(6)
+    model = Sequential(L.Conv2D(1, 4, 3, padding=1, dtype="float64"),
+                       L.BatchNorm2D(4, dtype="float64"), L.ReLU(), L.GlobalAvgPool2D(),
+                       L.Dense(4, 3, dtype="float64"))
+    backbone = Sequential(*model.layers[:4])
+    backbone.freeze(eval=True)
+    before = {n: host(v).copy() for n, v in model.state_dict().items()}
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ce = losses.SoftmaxCrossEntropy()
+    x = anycnn.asarray(rng.standard_normal((4, 6, 6, 1)))
+    y = anycnn.asarray(np.array([0, 1, 2, 1]))
+    model.train()
+    assert not model[1].training and model[4].training  # frozen BatchNorm kept in eval
+    for _ in range(3):
+        model.zero_grad()
+        ce(model(x), y).backward()
+        assert all(p.grad is None for p in backbone.parameters())
+        opt.step()
+    after = {n: host(v) for n, v in model.state_dict().items()}
+    for name in before:
+        moved = not np.array_equal(before[name], after[name])
+        assert moved == name.startswith("4."), name  # BatchNorm statistics unchanged too
+    backbone.unfreeze()
+    model.train()
+    assert model[1].training and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_frozen_prefix_runs_no_backward(backend, rng, monkeypatch):
+    model = Sequential(L.Conv2D(1, 4, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(64, 2))
+    model[0].freeze()
+    called = []
+    monkeypatch.setattr(L.Conv2D, "backward", lambda *a, **k: called.append(a))
+    model.forward(anycnn.asarray(rng.standard_normal((2, 4, 4, 1)), dtype="float32"))
+    model.backward(anycnn.asarray(np.ones((2, 2), np.float32)), input_grad=False)
+    assert not called and model[3].weight.grad is not None
+
+
+def test_trainer_keeps_frozen_batchnorm_in_eval(backend, rng):
+    from anycnn.data.dataloader import DataLoader
+    from anycnn.data.datasets import ArrayDataset
+    from anycnn.train.trainer import Trainer
+
+    anycnn.manual_seed(7)
+    model = Sequential(L.Conv2D(1, 4, 3, padding=1), L.BatchNorm2D(4), L.ReLU(),
+                       L.GlobalAvgPool2D(), L.Dense(4, 2))
+    Sequential(*model.layers[:3]).freeze(eval=True)
+    stats = host(model[1].running_mean).copy()
+    data = ArrayDataset(rng.random((16, 5, 5, 1), dtype=np.float32),
+                        rng.integers(0, 2, 16), 2)
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.1),
+                      losses.SoftmaxCrossEntropy(), progress=False)
+    trainer.fit(DataLoader(data, 8), epochs=1)
+    np.testing.assert_array_equal(host(model[1].running_mean), stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense on any rank, and forward-only modules everywhere a model goes
+
+
+def test_dense_applies_to_the_last_axis(backend, rng):
+    layer = L.Dense(3, 5, dtype="float64")
+    x = rng.standard_normal((2, 4, 4, 3))
+    y = host(layer.forward(anycnn.asarray(x)))
+    w, b = host(layer.weight.data), host(layer.bias.data)
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-12)
+    assert check_gradients(layer, anycnn.asarray(x)).ok
+    assert check_gradients(L.Dense(3, 2, dtype="float64"),
+                           anycnn.asarray(rng.standard_normal((3,)))).ok
+
+
+def test_forward_only_model_trains_saves_summarises_and_exports_names(backend, rng, tmp_path):
+    from anycnn.data.dataloader import DataLoader
+    from anycnn.data.datasets import ArrayDataset
+    from anycnn.train.trainer import Trainer
+
+    anycnn.manual_seed(8)
+    model = TinyNet("float32")
+    data = ArrayDataset(rng.random((32, 6, 6, 1), dtype=np.float32), rng.integers(0, 3, 32), 3)
+    trainer = Trainer(model, optim.Adam(model.parameters(), lr=1e-2),
+                      losses.SoftmaxCrossEntropy(), progress=False)
+    history = trainer.fit(DataLoader(data, 8, shuffle=True, seed=0), epochs=3)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:3] == ["stem.weight", "stem.bias", "block.conv1.weight"]
+    path = anycnn.save(model, tmp_path / "tiny.safetensors")
+    fresh = TinyNet("float32")
+    anycnn.load_weights(fresh, path)
+    x = anycnn.asarray(rng.random((2, 6, 6, 1), dtype=np.float32))
+    model.eval()
+    fresh.eval()
+    np.testing.assert_array_equal(host(fresh.forward(x)), host(model.forward(x)))
+    text = str(anycnn.summary(model, (6, 6, 1)))
+    assert "block.conv1" in text and "fc1" in text
+    from anycnn.io.interop import from_torch_state_dict, to_torch_state_dict
+
+    state = to_torch_state_dict(model)
+    assert state["fc1.weight"].shape == (3, 4)  # torch's (out, in)
+    assert state["block.conv1.weight"].shape == (4, 4, 3, 3)  # torch's (out, in, kh, kw)
+    other = TinyNet("float32")
+    from_torch_state_dict(other, state)
+    other.eval()
+    np.testing.assert_array_equal(host(other.forward(x)), host(model.forward(x)))
