@@ -125,12 +125,71 @@ def resnet_mini(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
     return cifar_resnet(1, num_classes, in_channels)
 
 
-MODELS: dict[str, Callable[..., Sequential]] = {
+class BasicBlock(Module):
+    """A ResNet basic block written as code (a forward-only module, torchvision's structure
+    and names: ``conv1``, ``bn1``, ``relu`` called twice, ``conv2``, ``bn2``, ``downsample``):
+    ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. Same computation as
+    :func:`basic_block`; its backward is derived."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        self.conv1 = Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = BatchNorm2D(out_channels)
+        self.relu = ReLU()
+        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm2D(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = Sequential(
+                Conv2D(in_channels, out_channels, 1, stride=stride, bias=False),
+                BatchNorm2D(out_channels))
+
+    def forward(self, x: Any) -> Any:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class CifarResNetCode(Module):
+    """:func:`cifar_resnet` written as code: ``conv1``/``bn1``/``relu``, stages ``layer1`` to
+    ``layer3`` (``Sequential`` of :class:`BasicBlock`), ``avgpool``, ``fc`` (torchvision's
+    names). The models-as-code path, measured against the ``Sequential`` preset."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10,
+                 in_channels: int = 3) -> None:
+        self.conv1 = Conv2D(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = BatchNorm2D(16)
+        self.relu = ReLU()
+        channels = 16
+        for stage, width in enumerate((16, 32, 64), 1):
+            blocks = []
+            for block in range(blocks_per_stage):
+                blocks.append(BasicBlock(channels, width, 2 if stage > 1 and block == 0 else 1))
+                channels = width
+            setattr(self, f"layer{stage}", Sequential(*blocks))
+        self.avgpool = GlobalAvgPool2D()
+        self.fc = Dense(channels, num_classes)
+
+    def forward(self, x: Any) -> Any:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x))
+
+
+def resnet20_code(num_classes: int = 10, in_channels: int = 3,
+                  image_size: int = 32) -> CifarResNetCode:
+    """ResNet-20 written as a forward-only module (:class:`CifarResNetCode`): the same
+    network as ``resnet20`` with torchvision's parameter names; its backward is derived."""
+    return CifarResNetCode(3, num_classes, in_channels)
+
+
+MODELS: dict[str, Callable[..., Module]] = {
     "lenet5": lenet5,
     "simple-cnn": simple_cnn,
     "bn-cnn": bn_cnn,
     "resnet20": resnet20,
     "resnet-mini": resnet_mini,
+    "resnet20-code": resnet20_code,
 }
 
 

@@ -124,3 +124,30 @@ def test_dropout_is_refused_under_compile():
         model = Sequential(Flatten(), Dropout(0.5), Dense(4, 2))
         with pytest.raises(ConfigError, match="cannot compile Dropout"):
             Trainer(model, SGD(model.parameters(), lr=0.1), compile=True)
+
+
+@needs_jax
+def test_a_forward_only_model_compiles_to_the_eager_steps():
+    """A model written as code (derived backward, a BatchNorm and a ReLU called twice)
+    traces into the compiled step and gives the eager losses and weights (float32, as the
+    data loader delivers)."""
+    from anycnn.data.arrays import ArrayDataset
+    from anycnn.data.dataloader import DataLoader
+    from tests.test_models_as_code import TinyNet
+
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.random((24, 6, 6, 1), dtype=np.float32), rng.integers(0, 3, 24), 3)
+    results = []
+    with anycnn.use_backend("jax"):
+        for compile in (False, True):
+            anycnn.manual_seed(1)
+            model = TinyNet("float32")
+            trainer = Trainer(model, SGD(model.parameters(), lr=0.1), SoftmaxCrossEntropy(),
+                              compile=compile, progress=False)
+            history = trainer.fit(DataLoader(data, 8), epochs=2)
+            results.append(([r["train_loss"] for r in history],
+                             [anycnn.to_numpy(p.data) for p in model.parameters()]))
+    (eager_loss, eager_w), (jit_loss, jit_w) = results
+    np.testing.assert_allclose(jit_loss, eager_loss, rtol=1e-5)  # XLA fuses float32 sums
+    for a, b in zip(jit_w, eager_w):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

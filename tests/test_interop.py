@@ -194,8 +194,20 @@ def test_unsupported_layer(backend):
         def forward(self, x):
             return x
 
-    with pytest.raises(ConfigError, match=r"layer 1 \(Custom\)"):
-        to_torch_state_dict(anycnn.Sequential(L.Dense(2, 2), Custom()))
+    class HandWritten(anycnn.Module):  # forward and backward: no PyTorch counterpart
+        def forward(self, x):
+            return x
+
+        def backward(self, dy, input_grad=True):
+            return dy
+
+    with pytest.raises(ConfigError, match=r"layer 1 \(HandWritten\)"):
+        to_torch_state_dict(anycnn.Sequential(L.Dense(2, 2), HandWritten()))
+    # written as code: its tensors export by name, but there is no forward to mirror
+    assert set(to_torch_state_dict(anycnn.Sequential(L.Dense(2, 2), Custom()))) == {
+        "0.weight", "0.bias"}
+    with pytest.raises(ConfigError, match=r"layer 1 \(Custom\) is written as code"):
+        torch_module(anycnn.Sequential(L.Dense(2, 2), Custom()))
 
 
 def test_import_does_not_load_torch():

@@ -554,6 +554,11 @@ def _channel_layer_norm(nn: Any) -> type:
 
 
 def _torch_tree(module: Module, plan: dict[str, _Layer], prefix: str, nn: Any) -> Any:
+    if module.autodiff:
+        raise ConfigError(
+            f"layer {prefix[:-1] or '<root>'} ({type(module).__name__}) is written as code: "
+            "torch_module cannot copy its forward; write the same module in PyTorch and load "
+            "to_torch_state_dict(model) into it (the names are the attribute paths)")
     children = [_torch_tree(child, plan, f"{prefix}{name}.", nn)
                 for name, child in module.named_children()]
     if isinstance(module, Sequential):

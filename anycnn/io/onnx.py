@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
+from ..autograd import no_grad
 from ..backend import dtype_name, namespace_of, to_numpy
 from ..errors import ConfigError, ShapeError
 from ..nn.containers import Concat, Identity, Residual
@@ -503,7 +504,7 @@ def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
     b = _Builder(onnx, dtype, opset, trace)
     elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     sample = np.random.default_rng(0).random((1, h, w, c)).astype(dtype)
-    with preserved_state(model), eval_mode(model):
+    with preserved_state(model), eval_mode(model), no_grad():
         if layout == "nhwc":
             dims = ["batch", h, w, c]
             start = b.node("Transpose", ["input"], "input", perm=[0, 3, 1, 2])

@@ -56,21 +56,22 @@ def as_variable(value: Any) -> Any:
     return Variable(value) if is_array(value) and not isinstance(value, Variable) else value
 
 
-def recorded_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
+def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = None) -> Any:
     """``module(*inputs)`` as a node of an autograd graph (Variables out).
 
     A forward-only module's code joins the recording. Any other module runs its own forward on
     the plain arrays (the recording suspended, so its parameters are plain arrays too); its
     state is captured, and the node's backward restores it and calls ``module.backward``:
     built-in layers keep their hand-written (fused, compiled) backward, and one instance may
-    be called any number of times.
+    be called any number of times. ``forward`` is the function to run (default: the
+    module's ``forward`` attribute).
     """
     if module.autodiff:
         with recording():
             return module.forward(*(as_variable(a) for a in inputs), **kwargs)
     raw = tuple(unwrap(a) for a in inputs)
     with suspended():
-        out = module.forward(*raw, **kwargs)
+        out = (forward or module.forward)(*raw, **kwargs)
     several = isinstance(out, tuple | list)
     outs = tuple(out) if several else (out,)
     trainable = any(p.requires_grad for p in module.parameters())
@@ -117,11 +118,9 @@ def guard_forward(cls: type[Module]) -> None:
 
     @functools.wraps(layer_forward)
     def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
-        if STATE.recording is not None:
-            return recorded_call(self, args, kwargs)
-        for a in args:
-            if isinstance(a, Variable):
-                return recorded_call(self, args, kwargs)
+        if STATE.recording is not None or any(isinstance(a, Variable) for a in args):
+            return recorded_call(self, args, kwargs,
+                                 functools.partial(layer_forward, self))
         return layer_forward(self, *args, **kwargs)
 
     cls.forward = forward

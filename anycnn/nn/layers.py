@@ -316,6 +316,7 @@ class Dense(Module):
         self._lead: tuple[int, ...] = ()
 
     def forward(self, x):
+        namespace_of(x)  # an array, first
         if x.ndim < 1:
             raise ShapeError(f"Dense expects an input with a features axis, got shape "
                              f"{tuple(x.shape)}")

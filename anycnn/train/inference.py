@@ -35,6 +35,7 @@ from ..backend import asarray, dtype_name, namespace_of, to_numpy
 from ..data.augment import to_unit_range
 from ..errors import ConfigError, ShapeError
 from ..nn import functional as F
+from ..autograd import no_grad
 from ..nn.module import Module, eval_mode
 from .metrics import check_top_k
 
@@ -153,7 +154,7 @@ def _logits(model: Module, images: Any, batch_size: int) -> tuple[np.ndarray, bo
     ref = _reference(model)
     model_dtype = dtype_name(ref) if ref is not None else "float32"
     outs = []
-    with eval_mode(model):
+    with eval_mode(model), no_grad():
         for chunk in _chunks(batch, batch_size):
             x = _to_model_input(chunk, model_dtype, ref)
             try:

@@ -38,6 +38,7 @@ from ..backend import namespace_of, on_host, to_numpy
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import checkpoint as ckpt
 from ..nn.losses import SoftmaxCrossEntropy
+from ..autograd import no_grad
 from ..nn.module import Module, eval_mode
 from .callbacks import Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
@@ -166,7 +167,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
     top_k = check_top_k(top_k)
     metrics = (ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
     sums = _Sums()
-    with eval_mode(model), _progress(len(loader), "eval", progress) as bar:
+    with eval_mode(model), no_grad(), _progress(len(loader), "eval", progress) as bar:
         for x, y in loader:
             if y.shape[0] == 0:  # an empty share of a small batch
                 bar.update()
