@@ -28,8 +28,8 @@ _EXPORTS = {
 }
 #: attribute -> the module or package it stands for (``anycnn.layers`` is ``anycnn.nn.layers``)
 _SUBMODULES = {
-    **{p: p for p in ("autograd", "backend", "cli", "data", "dist", "errors", "io", "kernels", "models", "nn",
-                      "optim", "random", "testing", "train")},
+    **{p: p for p in ("autograd", "backend", "cli", "data", "dist", "errors", "io", "kernels",
+                      "models", "nn", "optim", "random", "testing", "train")},
     **{m: f"nn.{m}" for m in ("containers", "functional", "fusion", "geometry", "init", "layers",
                               "losses", "module", "sequential", "summarize")},
     **{m: f"data.{m}" for m in ("augment", "cifar", "dataloader", "datasets", "imagefolder",
@@ -39,6 +39,6 @@ _SUBMODULES = {
     "bench": "cli.bench", "plot": "cli.plot",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__", "autograd", "data", "functional", "init", "io", "layers",
-                  "losses", "nn", "optim", "testing", "train"])
+__all__ = sorted([*_EXPORTS, "__version__", "autograd", "data", "functional", "init", "io",
+                  "layers", "losses", "nn", "optim", "testing", "train"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -44,9 +44,10 @@ for name in backends:
             if step == args.steps:
                 break
             model.zero_grad()
-            losses[name].append(float(anycnn.to_numpy(loss_fn(model(x), y))))
-            model.backward(loss_fn.backward())
+            loss = loss_fn(model(x), y)  # a Variable: the loss and how it was computed
+            loss.backward()              # every parameter's .grad (no input gradient)
             optimizer.step()
+            losses[name].append(float(loss))
 
 reference = backends[0]
 for name in backends[1:]:

@@ -11,7 +11,7 @@ import anycnn
 from anycnn import layers as L
 from anycnn import losses, optim
 from anycnn.autograd import Variable
-from anycnn.nn.module import Module, Parameter
+from anycnn.nn.module import Module
 from anycnn.nn.sequential import Sequential
 from anycnn.testing import check_gradients
 
@@ -95,7 +95,7 @@ def test_layer_interface_refuses_to_guess_which_forward(backend, rng):
         model.backward(y)
     y = model.forward(x)
     model.backward(y)  # one forward, one backward: fine
-    with pytest.raises(RuntimeError, match="before forward, or twice|backward"):
+    with pytest.raises(RuntimeError, match=r"before forward, or twice|backward"):
         TinyNet().backward(y)
     net = TinyNet()
     out = net.forward(anycnn.asarray(rng.standard_normal((2, 6, 6, 1))))
@@ -281,3 +281,55 @@ def test_forward_only_model_trains_saves_summarises_and_exports_names(backend, r
     from_torch_state_dict(other, state)
     other.eval()
     np.testing.assert_array_equal(host(other.forward(x)), host(model.forward(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-written data-parallel loops
+
+
+class _TwoRanks:
+    """A stand-in communicator of two ranks whose other rank holds ``other`` (flat)."""
+
+    size, rank = 2, 0
+
+    def __init__(self, other):
+        self.other = other
+
+    def allreduce_(self, buf):
+        return buf + anycnn.asarray(self.other, dtype=anycnn.backend.dtype_name(buf))
+
+
+def test_average_gradients_and_the_warning_for_a_loop_that_skips_it(backend, rng, monkeypatch):
+    import warnings
+
+    from anycnn.dist import average_gradients
+    from anycnn.optim import averaging
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setattr(averaging, "_warned", False)
+    averaging._ranks.cache_clear()
+    try:
+        model = Sequential(L.Dense(3, 2, dtype="float64"))
+        model[0].freeze()  # frozen parameters are left out
+        model[0].bias.requires_grad = True
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        x = anycnn.asarray(rng.standard_normal((4, 3)))
+        model.zero_grad()
+        anycnn.namespace_of(model(x)).sum(model(x)).backward()
+        with pytest.warns(RuntimeWarning, match="one of 2 ranks.*average_gradients"):
+            opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()  # once per process
+        monkeypatch.setattr(averaging, "_warned", False)
+        model.zero_grad()
+        anycnn.namespace_of(model(x)).sum(model(x)).backward()
+        mine = host(model[0].bias.grad).copy()
+        average_gradients(model, _TwoRanks(np.array([10.0, 20.0])))
+        np.testing.assert_allclose(host(model[0].bias.grad), (mine + np.array([10.0, 20.0])) / 2)
+        assert model[0].weight.grad is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()  # averaged: no warning
+    finally:
+        averaging._ranks.cache_clear()

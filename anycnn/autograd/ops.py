@@ -84,7 +84,7 @@ def divide(a: Any, b: Any) -> Variable:
                                             -g * out / B if n[1] else None), "divide")
 
 
-def pow(a: Any, b: Any) -> Variable:  # noqa: A001 - the Array API name
+def pow(a: Any, b: Any) -> Variable:
     xp = _xp(a, b)
 
     def grads(g, A, B, out, n):
@@ -178,11 +178,11 @@ def negative(a: Variable) -> Variable:
     return unary("negative", a)
 
 
-def abs(a: Variable) -> Variable:  # noqa: A001 - the Array API name
+def abs(a: Variable) -> Variable:
     return unary("abs", a)
 
 
-def clip(a: Variable, min: Any = None, max: Any = None) -> Variable:  # noqa: A002
+def clip(a: Variable, min: Any = None, max: Any = None) -> Variable:
     xp, A = a.xp, a.data
     lo, hi = unwrap(min), unwrap(max)
     out = xp.clip(A, lo, hi)
@@ -250,7 +250,7 @@ def _kept(g: Any, xp: Any, shape: tuple[int, ...], axes: tuple[int, ...],
     return xp.reshape(g, tuple(1 if i in axes else n for i, n in enumerate(shape)))
 
 
-def sum(a: Variable, axis: Any = None, dtype: Any = None,  # noqa: A001
+def sum(a: Variable, axis: Any = None, dtype: Any = None,
         keepdims: bool = False) -> Variable:
     xp, A = a.xp, a.data
     out = xp.sum(A, axis=axis, dtype=dtype, keepdims=keepdims)
@@ -269,11 +269,11 @@ def mean(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
         xp.broadcast_to(_kept(g, xp, shape, axes, keepdims) / count, shape),), "mean")
 
 
-def max(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:  # noqa: A001
+def max(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
     return _reduce_extremum(a, axis, keepdims, True)
 
 
-def min(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:  # noqa: A001
+def min(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
     return _reduce_extremum(a, axis, keepdims, False)
 
 
@@ -355,7 +355,7 @@ def concat(arrays: Any, axis: int | None = 0) -> Variable:
 
     def vjp(g, needs):
         lead = (slice(None),) * ax
-        return tuple(g[lead + (slice(lo, hi),)] if need else None
+        return tuple(g[(*lead, slice(lo, hi))] if need else None
                      for lo, hi, need in zip(bounds, bounds[1:], needs))
 
     return record(out, arrays, vjp, "concat")
@@ -369,7 +369,7 @@ def stack(arrays: Any, axis: int = 0) -> Variable:
 
     def vjp(g, needs):
         lead = (slice(None),) * ax
-        return tuple(g[lead + (i,)] if need else None for i, need in enumerate(needs))
+        return tuple(g[(*lead, i)] if need else None for i, need in enumerate(needs))
 
     return record(out, arrays, vjp, "stack")
 

@@ -32,7 +32,7 @@ class Node:
     that is no Variable needing a gradient), its vector-Jacobian product and its number of
     outputs. ``grads`` collects the outputs' gradients during a backward pass."""
 
-    __slots__ = ("parents", "vjp", "n_out", "grads", "needs", "name")
+    __slots__ = ("grads", "n_out", "name", "needs", "parents", "vjp")
 
     def __init__(self, parents: tuple[Variable | None, ...], vjp: VJP, n_out: int,
                  name: str) -> None:
@@ -61,8 +61,16 @@ class Variable:
     boolean masks) and the functions of its namespace (``xp = anycnn.namespace_of(v)``).
     """
 
-    __slots__ = ("data", "creator", "index", "requires_grad", "grad", "param", "xp",
-                 "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "creator",
+        "data",
+        "grad",
+        "index",
+        "param",
+        "requires_grad",
+        "xp",
+    )
     __array_ufunc__ = None  # NumPy defers to the reflected operators below (no silent unwrap)
     __anycnn_variable__ = True  # anycnn.to_numpy and friends unwrap it
 
@@ -101,13 +109,13 @@ class Variable:
         return self.data.size if not callable(self.data.size) else self.data.numel()
 
     @property
-    def T(self) -> Variable:  # noqa: N802 - the Array API name
+    def T(self) -> Variable:
         if self.ndim != 2:
             raise ValueError(f".T needs a 2-D array, got shape {tuple(self.shape)}; use .mT")
         return self.xp_recording.permute_dims(self, (1, 0))
 
     @property
-    def mT(self) -> Variable:  # noqa: N802 - the Array API name
+    def mT(self) -> Variable:
         return self.xp_recording.matrix_transpose(self)
 
     @property
@@ -159,36 +167,64 @@ class Variable:
         backward([self], [grad])
 
     # -- operators (see anycnn.autograd.ops) -------------------------------------------
-    def __add__(self, other): return _ops().add(self, other)  # noqa: E704
-    def __radd__(self, other): return _ops().add(other, self)  # noqa: E704
-    def __sub__(self, other): return _ops().subtract(self, other)  # noqa: E704
-    def __rsub__(self, other): return _ops().subtract(other, self)  # noqa: E704
-    def __mul__(self, other): return _ops().multiply(self, other)  # noqa: E704
-    def __rmul__(self, other): return _ops().multiply(other, self)  # noqa: E704
-    def __truediv__(self, other): return _ops().divide(self, other)  # noqa: E704
-    def __rtruediv__(self, other): return _ops().divide(other, self)  # noqa: E704
-    def __pow__(self, other): return _ops().pow(self, other)  # noqa: E704
-    def __rpow__(self, other): return _ops().pow(other, self)  # noqa: E704
-    def __matmul__(self, other): return _ops().matmul(self, other)  # noqa: E704
-    def __rmatmul__(self, other): return _ops().matmul(other, self)  # noqa: E704
-    def __neg__(self): return _ops().negative(self)  # noqa: E704
-    def __pos__(self): return self  # noqa: E704
-    def __abs__(self): return _ops().abs(self)  # noqa: E704
-    def __getitem__(self, key): return _ops().getitem(self, key)  # noqa: E704
+    def __add__(self, other):
+        return _ops().add(self, other)
+    def __radd__(self, other):
+        return _ops().add(other, self)
+    def __sub__(self, other):
+        return _ops().subtract(self, other)
+    def __rsub__(self, other):
+        return _ops().subtract(other, self)
+    def __mul__(self, other):
+        return _ops().multiply(self, other)
+    def __rmul__(self, other):
+        return _ops().multiply(other, self)
+    def __truediv__(self, other):
+        return _ops().divide(self, other)
+    def __rtruediv__(self, other):
+        return _ops().divide(other, self)
+    def __pow__(self, other):
+        return _ops().pow(self, other)
+    def __rpow__(self, other):
+        return _ops().pow(other, self)
+    def __matmul__(self, other):
+        return _ops().matmul(self, other)
+    def __rmatmul__(self, other):
+        return _ops().matmul(other, self)
+    def __neg__(self):
+        return _ops().negative(self)
+    def __pos__(self):
+        return self
+    def __abs__(self):
+        return _ops().abs(self)
+    def __getitem__(self, key):
+        return _ops().getitem(self, key)
 
     # masks and integer results: no gradient
-    def __lt__(self, other): return _constant(self, other, "__lt__")  # noqa: E704
-    def __le__(self, other): return _constant(self, other, "__le__")  # noqa: E704
-    def __gt__(self, other): return _constant(self, other, "__gt__")  # noqa: E704
-    def __ge__(self, other): return _constant(self, other, "__ge__")  # noqa: E704
-    def __eq__(self, other): return _constant(self, other, "__eq__")  # noqa: E704
-    def __ne__(self, other): return _constant(self, other, "__ne__")  # noqa: E704
-    def __and__(self, other): return _constant(self, other, "__and__")  # noqa: E704
-    def __or__(self, other): return _constant(self, other, "__or__")  # noqa: E704
-    def __xor__(self, other): return _constant(self, other, "__xor__")  # noqa: E704
-    def __invert__(self): return Variable(~self.data)  # noqa: E704
-    def __floordiv__(self, other): return _constant(self, other, "__floordiv__")  # noqa: E704
-    def __mod__(self, other): return _constant(self, other, "__mod__")  # noqa: E704
+    def __lt__(self, other):
+        return _constant(self, other, "__lt__")
+    def __le__(self, other):
+        return _constant(self, other, "__le__")
+    def __gt__(self, other):
+        return _constant(self, other, "__gt__")
+    def __ge__(self, other):
+        return _constant(self, other, "__ge__")
+    def __eq__(self, other):
+        return _constant(self, other, "__eq__")
+    def __ne__(self, other):
+        return _constant(self, other, "__ne__")
+    def __and__(self, other):
+        return _constant(self, other, "__and__")
+    def __or__(self, other):
+        return _constant(self, other, "__or__")
+    def __xor__(self, other):
+        return _constant(self, other, "__xor__")
+    def __invert__(self):
+        return Variable(~self.data)
+    def __floordiv__(self, other):
+        return _constant(self, other, "__floordiv__")
+    def __mod__(self, other):
+        return _constant(self, other, "__mod__")
 
     __hash__ = object.__hash__
 

@@ -16,7 +16,8 @@ _EXPORTS = {
             "current_communicator", "reset_communicator",
             "install_abort_hook", "bind_to_cores", "find_mpiexec", "workers_command"),
     **names("sync", "sync_batchnorm"),
+    **names("gradients", "average_gradients"),
 }
-_SUBMODULES = {m: m for m in ("comm", "launch", "mpi", "nccl", "sync")}
+_SUBMODULES = {m: m for m in ("comm", "gradients", "launch", "mpi", "nccl", "sync")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

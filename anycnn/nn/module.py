@@ -185,7 +185,7 @@ class Module:
             m._calls = 0  # a new phase: earlier forwards will not be backpropagated
         return self
 
-    def freeze(self, eval: bool = False) -> Module:  # noqa: A002 - reads as PyTorch's eval()
+    def freeze(self, eval: bool = False) -> Module:
         """Stop training this module's parameters (``requires_grad = False``): they get no
         gradient, optimizers leave them alone, and a frozen first part of a ``Sequential``
         runs no backward at all. With ``eval=True`` the part also stays in eval mode through

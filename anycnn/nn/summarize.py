@@ -56,8 +56,9 @@ class SummaryRow:
 class Summary:
     """The result of :func:`summary`; ``str()`` is the table.
 
-    Totals: ``trainable_params`` (parameter elements), ``non_trainable_params`` (buffer
-    elements such as BatchNorm running statistics), ``total_params`` (both), ``param_bytes``
+    Totals: ``trainable_params`` (elements of parameters that require gradients),
+    ``non_trainable_params`` (buffer elements such as BatchNorm running statistics, and frozen
+    parameters), ``total_params`` (both), ``param_bytes``
     (their storage), ``flops`` (forward FLOPs per image) and ``activation_bytes`` (the outputs
     of the layers without children, for one image).
     """
@@ -124,8 +125,9 @@ def summary(model: Module, input_shape: tuple[int, ...]) -> Summary:
     return Summary(
         model_type=type(model).__name__, input_shape=shape,
         output_shape=(None, *tuple(y.shape)[1:]), rows=rows,
-        trainable_params=_count(p.shape for p in _unique_params(model)),
-        non_trainable_params=_count(tuple(b.shape) for b in buffers),
+        trainable_params=_count(p.shape for p in _unique_params(model) if p.requires_grad),
+        non_trainable_params=_count(tuple(b.shape) for b in buffers)
+        + _count(p.shape for p in _unique_params(model) if not p.requires_grad),
         param_bytes=sum(math.prod(a.shape) * _itemsize(a) for a in arrays),
         flops=_tree_flops(model, calls),
         activation_bytes=sum(math.prod(out[1:]) * _itemsize(y) for m, (_, out) in trace

@@ -22,6 +22,7 @@ from typing import Any
 from ..backend import namespace_of, to_numpy, writes_in_place
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..nn.module import Parameter, _like
+from .averaging import check_averaged
 from .writes import IN_PLACE, NEW_ARRAYS, apply
 
 
@@ -51,7 +52,10 @@ class Optimizer:
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
 
     def step(self) -> None:
-        """Update every parameter that has a gradient."""
+        """Update every parameter that has a gradient (frozen ones have none). As one of
+        several ranks of a launch, warns once when the gradients were not averaged over them
+        (:func:`anycnn.dist.average_gradients`)."""
+        check_averaged(self.params)
         for i, (p, state) in enumerate(zip(self.params, self.state)):
             if p.grad is not None:
                 if p.grad.shape != p.data.shape:  # tuples (torch.Size is one)

@@ -31,11 +31,11 @@ import array_api_compat
 import array_api_compat.numpy as host_xp
 import numpy as np
 
+from ..autograd import no_grad
 from ..backend import asarray, dtype_name, namespace_of, to_numpy
 from ..data.augment import to_unit_range
 from ..errors import ConfigError, ShapeError
 from ..nn import functional as F
-from ..autograd import no_grad
 from ..nn.module import Module, eval_mode
 from .metrics import check_top_k
 

@@ -49,6 +49,7 @@ from .. import __version__
 from ..backend import dtype_name, namespace_of, to_numpy
 from ..errors import ConfigError
 from ..nn.module import Module
+from ..optim.averaging import mark_averaged
 
 #: entries after the gradients in the step buffer
 TRAILER = ("loss_sum", "correct", "count", "stop")
@@ -176,6 +177,7 @@ class DataParallel:
                 size = math.prod(p.shape)
                 p.grad = xp.reshape(grads[start:start + size], p.shape)
                 start += size
+            mark_averaged(params)
         return StepTotals(loss_sum, correct, round(count), flag > 0)
 
     def agree_stop(self, stop: bool) -> bool:

@@ -34,11 +34,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..autograd import no_grad
 from ..backend import namespace_of, on_host, to_numpy
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import checkpoint as ckpt
 from ..nn.losses import SoftmaxCrossEntropy
-from ..autograd import no_grad
 from ..nn.module import Module, eval_mode
 from .callbacks import Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
