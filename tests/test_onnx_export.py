@@ -517,3 +517,36 @@ def test_predict_onnx_errors_are_one_line(backend, isolated, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     code, _, err = cli(capsys, "predict", "bad.onnx", image)
     assert code == 2 and err.count("\n") == 1 and "pip install 'anycnn[onnx]'" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Modules written as code: their forward's operations, traced
+
+
+@pytest.mark.parametrize("case", ["squeeze_excite", "channel_shuffle", "split_rms",
+                                  "convnext_block", "every_operation",
+                                  "forward_only_in_residual"])
+def test_modules_written_as_code_match_onnxruntime(backend, case):
+    from tests.test_autograd import CASES
+
+    build, _, shapes = CASES[case]
+    anycnn.manual_seed(8)
+    inner = build(np.random.default_rng(8)).to("float32")
+    hwc = shapes[0][1:]
+    model = anycnn.Sequential(inner)
+    proto = to_onnx(model, input_shape=hwc)
+    onnx.checker.check_model(proto, full_check=True)
+    assert "Conv" in {n.op_type for n in proto.graph.node} or case == "every_operation"
+    sess = session(proto)
+    for n in (1, 3):  # the batch axis stays dynamic
+        x = images(n, *hwc, seed=n) * 2 - 1
+        assert_close(run_onnx(sess, x), anycnn_out(model, x))
+
+
+def test_unsupported_operation_of_code_is_named(backend):
+    class Masked(Module):
+        def forward(self, x):
+            return x[x > 0.5]
+
+    with pytest.raises(ConfigError, match=r"layer 0 \(Masked\): indexing with an array"):
+        to_onnx(anycnn.Sequential(Masked()), input_shape=(2, 2, 1))

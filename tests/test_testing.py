@@ -206,5 +206,7 @@ def test_the_custom_layer_guide_example_runs(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert [line.split()[:2] for line in lines[:2]] == [["input", "ok"], ["scale", "ok"]]
-    assert "Sequential on input (None, 5, 5, 3)" in lines
-    assert ["1", "(Scale)", "(None,", "3,", "3,", "8)", "8", "0"] in [x.split() for x in lines]
+    assert "Sequential on input (None, 5, 5, 8)" in lines
+    rows = [x.split() for x in lines]
+    assert ["2", "(Scale)", "(None,", "5,", "5,", "8)", "8", "0"] in rows
+    assert ["1.fc1", "(Dense)", "(None,", "2)", "18", "32"] in rows  # inside a forward-only module

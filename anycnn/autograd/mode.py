@@ -25,6 +25,7 @@ from typing import Any
 class _State(threading.local):
     grad: bool = True
     recording: Any = None  # the active Recording, or None
+    trace: list | None = None  # operations kept by tracing(), or None
 
 
 STATE = _State()
@@ -99,3 +100,15 @@ def suspended() -> Iterator[None]:
         yield
     finally:
         STATE.recording = outer
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[list]:
+    """Keep every recorded operation of the enclosed forward code, in order, as
+    :class:`~.variable.TraceEntry` items of the yielded list (constants included): what the
+    ONNX export of a module written as code translates."""
+    outer, STATE.trace = STATE.trace, []
+    try:
+        yield STATE.trace
+    finally:
+        STATE.trace = outer

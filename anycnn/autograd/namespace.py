@@ -22,7 +22,8 @@ import functools
 from typing import Any
 
 from . import ops
-from .variable import Variable, needs_grad, unwrap
+from .mode import STATE
+from .variable import TraceEntry, Variable, needs_grad, unwrap
 
 _DIFFERENTIABLE = {
     name: getattr(ops, name) for name in (
@@ -98,8 +99,12 @@ def _constant_function(name: str, target: Any, no_gradient: bool) -> Any:
                 f"xp.{name} has no gradient in anycnn's recorder; write it with the "
                 "differentiable functions (see anycnn.autograd.namespace), detach its input "
                 "(v.detach()) if no gradient should flow, or give the Module a backward")
-        out = target(*_unwrapped(args), **{k: _unwrapped(v) for k, v in kwargs.items()})
-        return _wrapped(out)
+        out = _wrapped(target(*_unwrapped(args),
+                              **{k: _unwrapped(v) for k, v in kwargs.items()}))
+        if STATE.trace is not None:
+            STATE.trace.append(TraceEntry(name, args, out if isinstance(out, tuple) else (out,),
+                                          dict(kwargs)))
+        return out
 
     call.__name__ = name
     return call

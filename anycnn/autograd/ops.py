@@ -17,7 +17,7 @@ import math
 import operator
 from typing import Any
 
-from .variable import Variable, record, unwrap
+from .variable import Variable, add_arrays, record, unwrap
 
 
 def _xp(*args: Any) -> Any:
@@ -64,7 +64,7 @@ def _binary(a: Any, b: Any, fn: Any, grads: Any, name: str) -> Variable:
 
 
 def add(a: Any, b: Any) -> Variable:
-    return _binary(a, b, operator.add, lambda g, A, B, out, n: (g, g), "add")
+    return _binary(a, b, add_arrays, lambda g, A, B, out, n: (g, g), "add")
 
 
 def subtract(a: Any, b: Any) -> Variable:
@@ -195,15 +195,16 @@ def clip(a: Variable, min: Any = None, max: Any = None) -> Variable:
             keep = keep * xp.astype(A <= hi, g.dtype)
         return (g * keep,)
 
-    return record(out, (a,), vjp, "clip")
+    return record(out, (a,), vjp, "clip", {"min": lo, "max": hi})
 
 
 def astype(a: Variable, dtype: Any, copy: bool = True) -> Variable:
     xp, A = a.xp, a.data
     out = xp.astype(A, dtype)
     if not xp.isdtype(out.dtype, "real floating"):
-        return Variable(out)
-    return record(out, (a,), lambda g, needs: (xp.astype(g, A.dtype),), "astype")
+        return record(out, (a,), lambda g, needs: (None,), "astype", {"dtype": dtype})
+    return record(out, (a,), lambda g, needs: (xp.astype(g, A.dtype),), "astype",
+                  {"dtype": dtype})
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def sum(a: Variable, axis: Any = None, dtype: Any = None,
     shape, axes = tuple(A.shape), _axes(axis, A.ndim)
     return record(out, (a,), lambda g, needs: (
         xp.astype(xp.broadcast_to(_kept(g, xp, shape, axes, keepdims), shape), A.dtype),),
-        "sum")
+        "sum", {"axes": axes, "keepdims": keepdims})
 
 
 def mean(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
@@ -266,7 +267,8 @@ def mean(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
     shape, axes = tuple(A.shape), _axes(axis, A.ndim)
     count = math.prod(shape[i] for i in axes)
     return record(out, (a,), lambda g, needs: (
-        xp.broadcast_to(_kept(g, xp, shape, axes, keepdims) / count, shape),), "mean")
+        xp.broadcast_to(_kept(g, xp, shape, axes, keepdims) / count, shape),), "mean",
+        {"axes": axes, "keepdims": keepdims})
 
 
 def max(a: Variable, axis: Any = None, keepdims: bool = False) -> Variable:
@@ -288,7 +290,8 @@ def _reduce_extremum(a: Variable, axis: Any, keepdims: bool, larger: bool) -> Va
         ties = xp.sum(hit, axis=axes, keepdims=True)
         return (_kept(g, xp, shape, axes, keepdims) * hit / ties,)
 
-    return record(out, (a,), vjp, "max" if larger else "min")
+    return record(out, (a,), vjp, "max" if larger else "min",
+                  {"axes": axes, "keepdims": keepdims})
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +301,8 @@ def _reduce_extremum(a: Variable, axis: Any, keepdims: bool, larger: bool) -> Va
 def reshape(a: Variable, shape: Any, copy: Any = None) -> Variable:
     xp, A = a.xp, a.data
     out = xp.reshape(A, tuple(shape))
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "reshape")
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "reshape",
+                  {"shape": tuple(shape)})
 
 
 def permute_dims(a: Variable, axes: Any) -> Variable:
@@ -306,7 +310,8 @@ def permute_dims(a: Variable, axes: Any) -> Variable:
     axes = tuple(int(i) % A.ndim for i in axes)
     inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
     out = xp.permute_dims(A, axes)
-    return record(out, (a,), lambda g, needs: (xp.permute_dims(g, inverse),), "permute_dims")
+    return record(out, (a,), lambda g, needs: (xp.permute_dims(g, inverse),), "permute_dims",
+                  {"axes": axes})
 
 
 def matrix_transpose(a: Variable) -> Variable:
@@ -318,26 +323,29 @@ def matrix_transpose(a: Variable) -> Variable:
 def expand_dims(a: Variable, axis: int = 0) -> Variable:
     xp, A = a.xp, a.data
     out = xp.expand_dims(A, axis=axis)
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "expand_dims")
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "expand_dims",
+                  {"axis": axis % out.ndim})
 
 
 def squeeze(a: Variable, axis: Any) -> Variable:
     xp, A = a.xp, a.data
     out = xp.squeeze(A, axis=axis)
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "squeeze")
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "squeeze",
+                  {"axes": _axes(axis, A.ndim)})
 
 
 def broadcast_to(a: Variable, shape: Any) -> Variable:
     xp, A = a.xp, a.data
     out = xp.broadcast_to(A, tuple(shape))
     return record(out, (a,), lambda g, needs: (unbroadcast(xp, g, tuple(A.shape)),),
-                  "broadcast_to")
+                  "broadcast_to", {"shape": tuple(shape)})
 
 
 def flip(a: Variable, axis: Any = None) -> Variable:
     xp = a.xp
     out = xp.flip(a.data, axis=axis)
-    return record(out, (a,), lambda g, needs: (xp.flip(g, axis=axis),), "flip")
+    return record(out, (a,), lambda g, needs: (xp.flip(g, axis=axis),), "flip",
+                  {"axes": _axes(axis, out.ndim)})
 
 
 def concat(arrays: Any, axis: int | None = 0) -> Variable:
@@ -358,7 +366,7 @@ def concat(arrays: Any, axis: int | None = 0) -> Variable:
         return tuple(g[(*lead, slice(lo, hi))] if need else None
                      for lo, hi, need in zip(bounds, bounds[1:], needs))
 
-    return record(out, arrays, vjp, "concat")
+    return record(out, arrays, vjp, "concat", {"axis": ax})
 
 
 def stack(arrays: Any, axis: int = 0) -> Variable:
@@ -371,7 +379,7 @@ def stack(arrays: Any, axis: int = 0) -> Variable:
         lead = (slice(None),) * ax
         return tuple(g[(*lead, i)] if need else None for i, need in enumerate(needs))
 
-    return record(out, arrays, vjp, "stack")
+    return record(out, arrays, vjp, "stack", {"axis": ax})
 
 
 def getitem(a: Variable, key: Any) -> Variable:
@@ -393,4 +401,4 @@ def getitem(a: Variable, key: Any) -> Variable:
     def vjp(g, needs):
         return (xpx.at(xp.zeros_like(A), plain).set(xp.reshape(g, shape)),)
 
-    return record(out, (a,), vjp, "getitem")
+    return record(out, (a,), vjp, "getitem", {"key": parts})

@@ -32,13 +32,16 @@ class Node:
     that is no Variable needing a gradient), its vector-Jacobian product and its number of
     outputs. ``grads`` collects the outputs' gradients during a backward pass."""
 
-    __slots__ = ("grads", "n_out", "name", "needs", "parents", "vjp")
+    __slots__ = ("grads", "n_out", "name", "needs", "parents", "takes_addend", "vjp")
 
     def __init__(self, parents: tuple[Variable | None, ...], vjp: VJP, n_out: int,
                  name: str) -> None:
         self.parents, self.vjp, self.n_out, self.name = parents, vjp, n_out, name
         self.grads: list[Any] | None = None
         self.needs: tuple[bool, ...] = ()
+        #: the vjp takes ``addend=``: the gradient its first input already has, to add to
+        #: the one it computes inside its own pass (a convolution starts its sums from it)
+        self.takes_addend = False
 
     def __repr__(self) -> str:
         return f"<Node {self.name}>"
@@ -220,7 +223,7 @@ class Variable:
     def __xor__(self, other):
         return _constant(self, other, "__xor__")
     def __invert__(self):
-        return Variable(~self.data)
+        return _constant(self, None, "__invert__")
     def __floordiv__(self, other):
         return _constant(self, other, "__floordiv__")
     def __mod__(self, other):
@@ -236,7 +239,12 @@ def _ops():
 
 
 def _constant(a: Variable, other: Any, method: str) -> Variable:
-    return Variable(getattr(a.data, method)(unwrap(other)))
+    """``a <method> other`` with no gradient (masks, integer results); traced all the same."""
+    value = getattr(a.data, method)() if other is None else getattr(a.data, method)(unwrap(other))
+    out = Variable(value)
+    if STATE.trace is not None:
+        STATE.trace.append(TraceEntry(method, (a, other), (out,), {}))
+    return out
 
 
 def unwrap(value: Any) -> Any:
@@ -255,26 +263,43 @@ def needs_grad(value: Any) -> bool:
     return isinstance(value, Variable) and value.requires_grad
 
 
-def record(value: Any, inputs: Sequence[Any], vjp: VJP, name: str) -> Variable:
+def record(value: Any, inputs: Sequence[Any], vjp: VJP, name: str,
+           attrs: dict[str, Any] | None = None) -> Variable:
     """The Variable of ``value``, computed from ``inputs`` (Variables or anything else) by an
     operation whose vector-Jacobian product is ``vjp``; a constant when no input needs a
-    gradient or grad mode is off."""
-    return record_many((value,), inputs, vjp, name)[0]
+    gradient or grad mode is off. ``attrs`` (the operation's other arguments: ``axis``,
+    ``shape``...) are kept only while a trace is taken (:func:`~.mode.tracing`)."""
+    return record_many((value,), inputs, vjp, name, attrs)[0]
 
 
-def record_many(values: Sequence[Any], inputs: Sequence[Any], vjp: VJP,
-                name: str) -> tuple[Variable, ...]:
+def record_many(values: Sequence[Any], inputs: Sequence[Any], vjp: VJP, name: str,
+                attrs: dict[str, Any] | None = None) -> tuple[Variable, ...]:
     """:func:`record` for an operation with several outputs (``vjp`` gets a tuple)."""
     parents = tuple(a if needs_grad(a) else None for a in inputs)
     if not STATE.grad or not any(p is not None for p in parents):
-        return tuple(Variable(v) for v in values)
-    node = Node(parents, vjp, len(values), name)
-    outs = []
-    for i, v in enumerate(values):
-        out = Variable(v, True)
-        out.creator, out.index = node, i
-        outs.append(out)
-    return tuple(outs)
+        outs = tuple(Variable(v) for v in values)
+    else:
+        node = Node(parents, vjp, len(values), name)
+        outs = []
+        for i, v in enumerate(values):
+            out = Variable(v, True)
+            out.creator, out.index = node, i
+            outs.append(out)
+        outs = tuple(outs)
+    if STATE.trace is not None:
+        STATE.trace.append(TraceEntry(name, tuple(inputs), outs, attrs or {}))
+    return outs
+
+
+class TraceEntry:
+    """One operation of a traced forward pass (:func:`~.mode.tracing`): what an exporter
+    needs to write it elsewhere (ONNX): the operation's name, its inputs (Variables, arrays or
+    scalars), its output Variables and its other arguments."""
+
+    __slots__ = ("attrs", "inputs", "name", "outputs")
+
+    def __init__(self, name: str, inputs: tuple, outputs: tuple, attrs: dict[str, Any]) -> None:
+        self.name, self.inputs, self.outputs, self.attrs = name, inputs, outputs, attrs
 
 
 def backward(outputs: Sequence[Variable], grads: Sequence[Any]) -> None:
@@ -320,10 +345,22 @@ def backward(outputs: Sequence[Variable], grads: Sequence[Any]) -> None:
                                "forward pass is backpropagated once (its saved arrays are "
                                "freed); run the forward pass again")
         vjp, node.vjp = node.vjp, None
-        input_grads = vjp(gs[0] if node.n_out == 1 else tuple(gs), node.needs)
+        g = gs[0] if node.n_out == 1 else tuple(gs)
+        addend = _pending_gradient(node.parents[0]) if node.takes_addend and node.needs[0] else None
+        input_grads = vjp(g, node.needs) if addend is None else vjp(g, node.needs, addend=addend)
         for parent, need, g in zip(node.parents, node.needs, input_grads):
             if need and g is not None:
                 _deliver(parent, g)
+
+
+def _pending_gradient(v: Variable) -> Any:
+    """Take the gradient that has reached ``v`` so far out of its creator's slot (None when
+    none has, or ``v`` is a leaf): the next gradient of ``v`` is computed with it added."""
+    node = v.creator
+    if node is None or node.grads is None:
+        return None
+    g, node.grads[v.index] = node.grads[v.index], None
+    return g
 
 
 def _deliver(v: Variable, g: Any) -> None:
@@ -333,11 +370,23 @@ def _deliver(v: Variable, g: Any) -> None:
         if node.grads is None:
             node.grads = [None] * node.n_out
         old = node.grads[v.index]
-        node.grads[v.index] = g if old is None else old + g
+        node.grads[v.index] = g if old is None else add_arrays(old, g)
     elif v.param is not None:
         v.param.accumulate(g)
     elif v.requires_grad:
-        v.grad = g if v.grad is None else v.grad + g
+        v.grad = g if v.grad is None else add_arrays(v.grad, g)
+
+
+def add_arrays(a: Any, b: Any) -> Any:
+    """``a + b``: a new array, through the kernels' ``add_relu`` where one takes it (NumPy:
+    split over the threads), else the operator."""
+    from ..kernels.dispatch import DECLINE, attempt
+
+    if hasattr(a, "shape") and hasattr(b, "shape") and a.shape == b.shape:
+        out = attempt("add_relu", a, b, relu=False)
+        if out is not DECLINE:
+            return out
+    return a + b
 
 
 def _topological(roots: list[Node]) -> list[Node]:

@@ -211,6 +211,10 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     scope = _scope(prefix)
     kind = type(module).__name__
     base = next((t for t in _MAPPED if isinstance(module, t)), None)
+    if module.autodiff:  # written as code: its forward's operations, traced
+        from .onnx_code import emit_code
+
+        return emit_code(b, module, v, prefix, like)
     if base is None or type(module).forward is not base.forward:
         return _traced(b, module, v, scope, like)
     if isinstance(module, Sequential):

@@ -67,8 +67,9 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
     module's ``forward`` attribute).
     """
     if module.autodiff:
-        with recording():
+        if STATE.recording is not None:  # inside another recorded forward: join it
             return module.forward(*(as_variable(a) for a in inputs), **kwargs)
+        return _outermost_call(module, inputs, kwargs)
     raw = tuple(unwrap(a) for a in inputs)
     with suspended():
         out = (forward or module.forward)(*raw, **kwargs)
@@ -82,8 +83,10 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
     state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
     inputs_or_params = inputs if not trainable else (*inputs, _TRAINABLE)
 
-    def vjp(gs: Any, needs: tuple[bool, ...]) -> tuple[Any, ...]:
+    def vjp(gs: Any, needs: tuple[bool, ...], addend: Any = None) -> tuple[Any, ...]:
         restore(state)
+        if addend is not None:  # the input's gradient so far: added inside the backward pass
+            return (module.backward_add(gs, addend),)
         if several:
             gs = tuple(g if g is not None else _zeros_like(o) for g, o in zip(gs, outs))
         wanted = any(needs[:len(inputs)])
@@ -92,8 +95,28 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
             return (dx,)
         return tuple(dx) if dx is not None else (None,) * len(inputs)
 
-    results = record_many(outs, inputs_or_params, vjp, type(module).__name__)
+    results = record_many(outs, inputs_or_params, vjp, type(module).__name__,
+                          {"module": module})
+    if len(inputs) == 1 and not several and results[0].creator is not None:
+        results[0].creator.takes_addend = True
     return results if several else results[0]
+
+
+def _outermost_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
+    """``model(x)`` of a forward-only model, outside any recording: the graph of its code,
+    with the plain inputs as leaves that want no gradient (``loss.backward()`` computes none
+    for them), kept as well for the layer interface's ``model.backward(dy)`` (which asks)."""
+    leaves = tuple(Variable(a, True) if is_array(a) and not isinstance(a, Variable) else a
+                   for a in inputs)
+    with recording():
+        out = module.forward(*leaves, **kwargs)
+    for leaf, given in zip(leaves, inputs):
+        if leaf is not given:
+            leaf.requires_grad = False  # in the graph, but no gradient unless backward asks
+    module._graph = Graph(leaves, out)
+    if module.training:
+        module._calls += 1
+    return out
 
 
 #: stands for "the module's own parameters" among a recorded call's inputs, so the node
