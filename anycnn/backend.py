@@ -247,7 +247,8 @@ def namespace_of(*arrays: Any) -> Any:
     numpy_seen = False  # the common case first, without the generic checks (~10x faster)
     variables = [a for a in arrays if getattr(type(a), "__anycnn_variable__", False)]
     if variables:  # autograd Variables (maybe with plain arrays): their recording namespace
-        namespace_of(*(getattr(a, "data", a) for a in arrays))
+        namespace_of(*(a.data if getattr(type(a), "__anycnn_variable__", False) else a
+                       for a in arrays))
         return variables[0].__array_namespace__()
     for a in arrays:
         if type(a) is np.ndarray:

@@ -333,3 +333,58 @@ def test_average_gradients_and_the_warning_for_a_loop_that_skips_it(backend, rng
             opt.step()  # averaged: no warning
     finally:
         averaging._ranks.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm's pass takes in the ReLU and the residual sum written after it
+
+
+class _Reuse(Module):
+    """A BatchNorm output read by a fused ReLU and again by another operation; a second
+    BatchNorm whose output nobody reads (its statistics must still move)."""
+
+    def __init__(self):
+        self.bn = L.BatchNorm2D(3, dtype="float64")
+        self.dead = L.BatchNorm2D(3, dtype="float64")
+        self.relu = L.ReLU()
+
+    def forward(self, x):
+        h = self.bn(x)
+        self.dead(x)
+        return self.relu(h + x) + self.relu(h) * 2 + h
+
+
+@pytest.mark.parametrize("make", [lambda: Block(3), _Reuse], ids=["block", "reuse"])
+def test_fused_batchnorm_chains_equal_the_unfused_ones(backend, rng, make):
+    from anycnn.nn.modes import suspended
+
+    x = anycnn.asarray(rng.standard_normal((2, 5, 5, 3)))
+    dy = anycnn.asarray(rng.standard_normal((2, 5, 5, 3)))
+    results = []
+    for fused in (True, False):
+        anycnn.manual_seed(9)
+        model = make()
+        if fused:
+            y = model.forward(x)
+            dx = model.backward(dy)
+        else:
+            with suspended():
+                y = model.forward(x)
+                dx = model.backward(dy)
+        results.append([host(y), host(dx)]
+                       + [None if p.grad is None else host(p.grad) for p in model.parameters()]
+                       + [host(b) for _, b in model.named_buffers()])
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)  # an unused BatchNorm gets no gradient
+        if got is not None:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert check_gradients(make(), x).ok
+
+
+def test_a_fused_batchnorm_moves_its_statistics_once(backend, rng):
+    model = _Reuse()
+    x = anycnn.asarray(rng.standard_normal((2, 5, 5, 3)))
+    model.forward(x)
+    mean = host(x).mean(axis=(0, 1, 2))
+    for bn in (model.bn, model.dead):  # momentum 0.1 from zeros: one update is 0.1 * mean
+        np.testing.assert_allclose(host(bn.running_mean), 0.1 * mean, rtol=1e-12)

@@ -66,10 +66,13 @@ class Recording:
     """One forward pass being recorded: the leaf Variable of each trainable parameter read
     in it (by ``id``; the parameter itself is kept alive by the leaf)."""
 
-    __slots__ = ("leaves",)
+    __slots__ = ("deferred", "leaves")
 
     def __init__(self) -> None:
         self.leaves: dict[int, Any] = {}
+        #: Deferred outputs made in it (:mod:`anycnn.nn.deferred`): the ones nobody read are
+        #: computed when the recording ends, for the side effects of their pass
+        self.deferred: list[Any] = []
 
 
 def recording_active() -> bool:
@@ -88,6 +91,9 @@ def recording() -> Iterator[Recording]:
     STATE.recording = rec = Recording()
     try:
         yield rec
+        for d in rec.deferred:
+            if d.pending and not d.absorbed:
+                d.data  # noqa: B018 - computes it
     finally:
         STATE.recording = None
 

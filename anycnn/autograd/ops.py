@@ -17,7 +17,7 @@ import math
 import operator
 from typing import Any
 
-from .variable import Variable, add_arrays, record, unwrap
+from .variable import Deferred, Variable, add_arrays, record, unwrap
 
 
 def _xp(*args: Any) -> Any:
@@ -64,6 +64,11 @@ def _binary(a: Any, b: Any, fn: Any, grads: Any, name: str) -> Variable:
 
 
 def add(a: Any, b: Any) -> Variable:
+    for d, other in ((a, b), (b, a)):  # a pending output whose pass can add ``other`` itself
+        if isinstance(d, Deferred) and d.pending and d.plan is not None:
+            fused = d.plan.absorb_add(d, other)
+            if fused is not None:
+                return fused
     return _binary(a, b, add_arrays, lambda g, A, B, out, n: (g, g), "add")
 
 

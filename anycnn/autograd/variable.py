@@ -232,6 +232,53 @@ class Variable:
     __hash__ = object.__hash__
 
 
+class Deferred(Variable):
+    """A Variable whose array is computed when first needed: a module call whose last pass may
+    still take in the operation that consumes it (a BatchNorm that adds a residual and applies
+    the block's ReLU inside its normalising pass). ``make()`` computes it on its own (a
+    recorded Variable); a consumer that fuses it calls its own recipe instead and marks it
+    :attr:`absorbed`. Shape, dtype and device are known without computing it.
+    """
+
+    __slots__ = ("_array", "_dtype", "_shape", "absorbed", "make", "plan")
+
+    def __init__(self, make: Callable[[], Variable], like: Any, plan: Any = None) -> None:
+        self._array: Any = None
+        self.make, self.plan, self.absorbed = make, plan, False
+        self._shape, self._dtype = tuple(like.shape), like.dtype
+        self.xp = namespace_of(like)
+        self.creator: Node | None = None
+        self.index = 0
+        self.requires_grad = True
+        self.grad: Any = None
+        self.param: Any = None
+
+    @property
+    def pending(self) -> bool:
+        """Not computed yet."""
+        return self._array is None
+
+    @property
+    def data(self) -> Any:  # type: ignore[override]
+        if self._array is None:
+            made = self.make()
+            self._array, self.creator, self.index = made.data, made.creator, made.index
+            self.requires_grad = made.requires_grad
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self._dtype
+
+
 def _ops():
     from . import ops
 

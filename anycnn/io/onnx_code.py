@@ -56,8 +56,10 @@ def emit_code(b: Any, module: Module, v: Any, prefix: str, like: Any) -> Any:
         leaf = Variable(x, True)
         out = module.forward(leaf)
     if not isinstance(out, Variable):
-        raise ConfigError(f"layer {scope} ({type(module).__name__}): ONNX export needs one "
-                          f"array output, got {type(out).__name__}")
+        raise ConfigError(f"layer {scope} ({type(module).__name__}): its forward returned a "
+                          f"{type(out).__name__} not computed from its input with the Array "
+                          "API (through NumPy, or several outputs), so it cannot be traced "
+                          "for ONNX")
     writer = _Writer(b, module, prefix, like)
     writer.names[id(leaf)] = x_name
     for entry in entries:

@@ -70,18 +70,26 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
         if STATE.recording is not None:  # inside another recorded forward: join it
             return module.forward(*(as_variable(a) for a in inputs), **kwargs)
         return _outermost_call(module, inputs, kwargs)
+    if STATE.recording is not None and len(inputs) == 1 and not kwargs:
+        fuse = _fusion_for(module)
+        fused = fuse(module, inputs[0]) if fuse is not None else None
+        if fused is not None:
+            return fused
     raw = tuple(unwrap(a) for a in inputs)
+    calls = module._calls  # a recorded call keeps its own state: not one backward(dy) needs
     with suspended():
         out = (forward or module.forward)(*raw, **kwargs)
+    module._calls = calls
     several = isinstance(out, tuple | list)
     outs = tuple(out) if several else (out,)
-    trainable = any(p.requires_grad for p in module.parameters())
+    marker = trainable_marker(module)
+    trainable = marker is not None
     if not trainable and not any(isinstance(a, Variable) and a.requires_grad for a in inputs):
         results = tuple(Variable(o) for o in outs)
         return results if several else results[0]
     state = capture(module)
     state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
-    inputs_or_params = inputs if not trainable else (*inputs, _TRAINABLE)
+    inputs_or_params = inputs if not trainable else (*inputs, marker)
 
     def vjp(gs: Any, needs: tuple[bool, ...], addend: Any = None) -> tuple[Any, ...]:
         restore(state)
@@ -114,9 +122,21 @@ def _outermost_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
         if leaf is not given:
             leaf.requires_grad = False  # in the graph, but no gradient unless backward asks
     module._graph = Graph(leaves, out)
-    if module.training:
-        module._calls += 1
     return out
+
+
+def _fusion_for(module: Module) -> Any:
+    """The fused recording of ``module``'s call (:mod:`anycnn.nn.deferred`), or None."""
+    from . import deferred
+
+    return {"BatchNorm2D": deferred.defer_norm, "ReLU": deferred.relu_of_norm}.get(
+        type(module).__name__) if type(module).__module__ == "anycnn.nn.layers" else None
+
+
+def trainable_marker(module: Module) -> Variable | None:
+    """The input that stands for ``module``'s parameters in its recorded call (so the node
+    runs its backward when only they need gradients); None when all are frozen."""
+    return _TRAINABLE if any(p.requires_grad for p in module.parameters()) else None
 
 
 #: stands for "the module's own parameters" among a recorded call's inputs, so the node
@@ -223,8 +243,9 @@ def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
 
 
 def check_single_call(module: Module) -> None:
-    """Refuse a backward after several training-mode forwards of ``module`` (it cannot tell
-    which one ``dy`` belongs to); reset the count."""
+    """Refuse a backward after several training-mode ``forward`` calls of ``module`` (it
+    cannot tell which one ``dy`` belongs to); reset the count. Calls as ``module(x)`` do not
+    count: each keeps its own state in the graph of its output."""
     calls, module._calls = module._calls, 0
     if calls > 1:
         raise RuntimeError(

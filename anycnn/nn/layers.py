@@ -394,7 +394,9 @@ class BatchNorm2D(Module):
         check_addend(x.shape, addend)
         return self._forward(x, relu, addend)
 
-    def _forward(self, x, relu: bool, addend):
+    def check_input(self, x) -> None:
+        """Raise ShapeError unless ``x`` is float NHWC or (N, C) with ``num_features``
+        channels (and more than one value per channel in training)."""
         if x.ndim not in (2, 4):
             raise ShapeError(f"BatchNorm2D expects NHWC or (N, C) input, got {tuple(x.shape)}")
         check_float_input(self, x, x.ndim, "NHWC")
@@ -402,6 +404,9 @@ class BatchNorm2D(Module):
         check_param_dtype(self, x, self.weight.data)
         if self.training and x.shape[0] * (x.shape[1] * x.shape[2] if x.ndim == 4 else 1) < 2:
             raise ShapeError("BatchNorm2D needs more than one value per channel in training")
+
+    def _forward(self, x, relu: bool, addend):
+        self.check_input(x)
         y, self._ctx, rm, rv = F.batch_norm_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
             self.training, self.momentum, self.eps, reduce=self._reduce(), relu=relu,
