@@ -20,7 +20,7 @@ _EXPORTS = {
     **names("errors", "AnycnnError", "BackendError", "BackendMismatchError", "CheckpointError",
             "ConfigError", "DataError", "ShapeError", "TrainingError"),
     **names("nn.module", "Module", "Parameter"), **names("nn.sequential", "Sequential"),
-    **names("nn.containers", "Concat", "Identity", "Residual"),
+    **names("nn.containers", "Concat", "Identity", "ModuleList", "Residual"),
     **names("random", "manual_seed"),
     **names("io.checkpoint", "load_model", "load_weights", "save"),
     **names("train.inference", "predict", "predict_proba", "predict_topk"),

@@ -315,7 +315,7 @@ def to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray | np.generic | int | float | bool | list | tuple):
         return np.asarray(x)
     if getattr(type(x), "__anycnn_variable__", False):  # an autograd Variable: its array
-        return to_numpy(x.data)
+        return x.host()
     spec = _specs.for_array(x)
     if spec is not None and spec.host_copy is not None:
         return spec.host_copy(x)

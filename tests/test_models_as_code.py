@@ -388,3 +388,49 @@ def test_a_fused_batchnorm_moves_its_statistics_once(backend, rng):
     mean = host(x).mean(axis=(0, 1, 2))
     for bn in (model.bn, model.dead):  # momentum 0.1 from zeros: one update is 0.1 * mean
         np.testing.assert_allclose(host(bn.running_mean), 0.1 * mean, rtol=1e-12)
+
+
+def test_a_subclass_of_a_forward_only_model_overrides_forward(backend, rng):
+    class Base(Module):
+        def __init__(self):
+            self.fc = L.Dense(2, 3, dtype="float64")
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class Doubled(Base):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    x = anycnn.asarray(rng.standard_normal((4, 2)))
+    model = Doubled()
+    assert isinstance(model(x), Variable)
+    np.testing.assert_allclose(host(model.forward(x)), 2 * host(Base.forward(model, x)))
+    model.release()
+    assert check_gradients(model, x).ok
+
+
+def test_layers_in_a_plain_list_are_reported_and_module_list_holds_them(backend, rng):
+    class InList(Module):
+        def __init__(self):
+            self.layers = [L.Dense(3, 3, dtype="float64"), L.Dense(3, 2, dtype="float64")]
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class InModuleList(InList):
+        def __init__(self):
+            self.layers = anycnn.nn.ModuleList(
+                [L.Dense(3, 3, dtype="float64")]).append(L.Dense(3, 2, dtype="float64"))
+
+    x = anycnn.asarray(rng.standard_normal((4, 3)))
+    with pytest.warns(UserWarning, match=r"InList.forward uses Dense that InList does not "
+                      "hold as an attribute"):
+        InList().forward(x)
+    model = InModuleList()
+    assert [n for n, _ in model.named_parameters()] == [
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    assert len(model.layers) == 2 and model.layers[1] is list(model.layers)[1]
+    assert check_gradients(model, x).ok

@@ -66,10 +66,12 @@ class Recording:
     """One forward pass being recorded: the leaf Variable of each trainable parameter read
     in it (by ``id``; the parameter itself is kept alive by the leaf)."""
 
-    __slots__ = ("deferred", "leaves")
+    __slots__ = ("called", "deferred", "leaves")
 
     def __init__(self) -> None:
         self.leaves: dict[int, Any] = {}
+        #: the modules called in it (to tell a model about layers it cannot see)
+        self.called: list[Any] = []
         #: Deferred outputs made in it (:mod:`anycnn.nn.deferred`): the ones nobody read are
         #: computed when the recording ends, for the side effects of their pass
         self.deferred: list[Any] = []

@@ -30,7 +30,7 @@ _DIFFERENTIABLE = {
         "add", "subtract", "multiply", "divide", "pow", "maximum", "minimum", "where",
         "negative", "abs", "clip", "astype", "matmul", "sum", "mean", "max", "min", "reshape",
         "permute_dims", "matrix_transpose", "expand_dims", "squeeze", "broadcast_to", "flip",
-        "concat", "stack")
+        "concat", "stack", "take")
 }
 _DIFFERENTIABLE.update({name: functools.partial(ops.unary, name) for name in ops._UNARY})
 

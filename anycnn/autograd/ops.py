@@ -48,8 +48,15 @@ def unbroadcast(xp: Any, g: Any, shape: tuple[int, ...] | None) -> Any:
 # Elementwise arithmetic
 
 
+def parameter_value(a: Any) -> Any:
+    """A :class:`~anycnn.nn.module.Parameter` operand as its value (its recorded leaf inside a
+    forward); anything else as it is."""
+    return a.data if getattr(type(a), "__anycnn_parameter__", False) else a
+
+
 def _binary(a: Any, b: Any, fn: Any, grads: Any, name: str) -> Variable:
     """``fn(A, B)`` with ``grads(g, A, B, out, needs) -> (dA, dB)`` before unbroadcasting."""
+    a, b = parameter_value(a), parameter_value(b)
     xp = _xp(a, b)
     A, B = unwrap(a), unwrap(b)
     out = fn(A, B)
@@ -217,6 +224,7 @@ def astype(a: Variable, dtype: Any, copy: bool = True) -> Variable:
 
 
 def matmul(a: Any, b: Any) -> Variable:
+    a, b = parameter_value(a), parameter_value(b)
     xp = _xp(a, b)
     A, B = unwrap(a), unwrap(b)
     out = xp.matmul(A, B)
@@ -387,18 +395,84 @@ def stack(arrays: Any, axis: int = 0) -> Variable:
     return record(out, arrays, vjp, "stack", {"axis": ax})
 
 
+def take(a: Variable, indices: Any, axis: int | None = None) -> Variable:
+    """``take(a, indices, axis)`` (1-D integer ``indices``; repeats allowed): the gradient of
+    each input row is the sum over the positions that took it, computed as a product with the
+    one-hot matrix of ``indices`` (exact, on every backend, no scatter)."""
+    xp, A = a.xp, a.data
+    idx = unwrap(indices)
+    if axis is None:
+        if A.ndim != 1:
+            raise TypeError("take without axis needs a 1-D array (the Array API's rule)")
+        axis = 0
+    axis %= A.ndim
+    out = xp.take(A, idx, axis=axis)
+    n = int(A.shape[axis])
+
+    def vjp(g, needs):
+        onehot = xp.astype(xp.reshape(idx, (-1, 1)) == xp.arange(n, dtype=idx.dtype,
+                                                                 device=_device(A)), g.dtype)
+        order = (axis, *(i for i in range(g.ndim) if i != axis))
+        moved = xp.permute_dims(g, order)
+        rest = tuple(moved.shape[1:])
+        rows = xp.matmul(xp.matrix_transpose(onehot), xp.reshape(moved, (moved.shape[0], -1)))
+        back = sorted(range(len(order)), key=order.__getitem__)
+        return (xp.permute_dims(xp.reshape(rows, (n, *rest)), tuple(back)),)
+
+    return record(out, (a,), vjp, "take", {"axis": axis, "indices": idx})
+
+
+def _integer_index(xp: Any, k: Any, like: Any) -> Any:
+    """An integer index given as a list, a tuple or an integer array, as a 1-D array of
+    ``like``'s backend; None for anything else (ints, slices, None, masks...)."""
+    if isinstance(k, list | tuple):
+        return xp.asarray(k, dtype=xp.int64, device=_device(like))
+    if hasattr(k, "dtype") and not xp.isdtype(k.dtype, "bool"):
+        return k
+    return None
+
+
+def _gather(a: Variable, arrays: list[Any], rest: int) -> Variable:
+    """``a[i0, i1, ..., :, ...]`` for 1-D integer arrays on the leading axes (NumPy's pointwise
+    advanced indexing, e.g. ``z[xp.arange(n), labels]``), through :func:`take` on the leading
+    axes flattened."""
+    xp, A = a.xp, a.data
+    k = len(arrays)
+    lead = tuple(int(n) for n in A.shape[:k])
+    flat = arrays[-1]
+    stride = 1
+    for i in range(k - 2, -1, -1):
+        stride *= lead[i + 1]
+        flat = flat + arrays[i] * stride
+    shaped = reshape(a, (math.prod(lead), *A.shape[k:])) if k > 1 else a
+    return take(shaped, flat, axis=0)
+
+
 def getitem(a: Variable, key: Any) -> Variable:
-    """``a[key]`` for keys of ints, slices, ``None``, ``...`` and boolean masks; the gradient
-    is scattered back into zeros of ``a``'s shape (``array_api_extra.at``, so JAX too)."""
+    """``a[key]`` for keys of ints, slices, ``None``, ``...`` and boolean masks (the gradient
+    is scattered back into zeros of ``a``'s shape: ``array_api_extra.at``, so JAX too), and of
+    1-D integer arrays or lists on the leading axes, or one such array on any axis with full
+    slices around it (through :func:`take`: repeated indices add up)."""
     import array_api_extra as xpx
 
     xp, A = a.xp, a.data
     parts = key if isinstance(key, tuple) else (key,)
     parts = tuple(unwrap(k) for k in parts)
-    for k in parts:
-        if hasattr(k, "dtype") and not xp.isdtype(k.dtype, "bool"):
-            raise TypeError("indexing a Variable with an integer array has no gradient here; "
-                            "use slices, or a boolean mask")
+    ints = [_integer_index(xp, k, A) for k in parts]
+    if any(i is not None for i in ints):
+        full = [isinstance(k, slice) and k == slice(None) or k is Ellipsis for k in parts]
+        arrays = [i for i in ints if i is not None]
+        if all(i.ndim == 1 for i in arrays):
+            n = len(arrays)
+            if all(i is not None for i in ints[:n]) and all(full[n:]):
+                return _gather(a, arrays, A.ndim - n)
+            if n == 1 and all(f or i is not None for f, i in zip(full, ints)) and not any(
+                    k is Ellipsis for k in parts):
+                return take(a, arrays[0], axis=next(i for i, k in enumerate(ints)
+                                                    if k is not None))
+        raise TypeError("indexing a Variable with integer arrays is differentiable for 1-D "
+                        "arrays on the leading axes (x[rows, cols]) or one array between full "
+                        "slices (x[:, idx]); use xp.take, slices or a boolean mask")
     out = A[parts if isinstance(key, tuple) else parts[0]]
     plain = tuple(k for k in parts if k is not None)  # where the values sit in ``a``
     shape = tuple(A[plain].shape) if len(plain) != len(parts) else tuple(out.shape)

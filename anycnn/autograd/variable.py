@@ -74,7 +74,6 @@ class Variable:
         "requires_grad",
         "xp",
     )
-    __array_ufunc__ = None  # NumPy defers to the reflected operators below (no silent unwrap)
     __anycnn_variable__ = True  # anycnn.to_numpy and friends unwrap it
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -131,10 +130,43 @@ class Variable:
         return self.xp_recording
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        host = self.host()
+        return host if dtype is None else host.astype(dtype)
+
+    def host(self) -> Any:
+        """A NumPy copy of the array (``anycnn.to_numpy`` and ``np.asarray`` call this).
+
+        Raises:
+            TypeError: inside a recorded forward, for a Variable that needs a gradient: the
+                host copy would leave the graph, and the gradient would be cut silently.
+        """
+        if self.requires_grad and STATE.recording is not None:
+            raise TypeError(
+                "a Variable that needs a gradient was copied to NumPy inside a recorded "
+                "forward: the gradient would stop there. Compute with its namespace (xp = "
+                "anycnn.namespace_of(x); xp.mean(x, ...)); use x.detach() where no gradient "
+                "should flow")
         from ..backend import to_numpy
 
-        host = to_numpy(self.data)
-        return host if dtype is None else host.astype(dtype)
+        return to_numpy(self.data)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        """NumPy's ufuncs on Variables: the differentiable ones are recorded (``np.exp(v)``,
+        ``array + v``), comparisons give masks; any other raises instead of leaving the
+        graph."""
+        name = _UFUNCS.get(ufunc.__name__)
+        if method != "__call__" or kwargs or name is None:
+            raise TypeError(f"np.{ufunc.__name__} on a Variable would leave its graph: use its "
+                            f"namespace (xp = anycnn.namespace_of(v)) instead")
+        if name.startswith("__"):
+            first, other = inputs
+            if not isinstance(first, Variable):  # array < v is v > array
+                return _constant(other, first, _SWAPPED.get(name, name))
+            return _constant(first, other, name)
+        ops = _ops()
+        if name in ops._UNARY:
+            return ops.unary(name, *inputs)
+        return getattr(ops, name)(*inputs)
 
     def __repr__(self) -> str:
         grad = ", requires_grad=True" if self.requires_grad else ""
@@ -157,6 +189,27 @@ class Variable:
 
     def item(self) -> float:
         return float(self.data)
+
+    def __format__(self, spec: str) -> str:
+        """A single value formats as a float (``f"{loss:.3f}"``), anything else as text."""
+        if spec and self.size in (1, None) and self.ndim == 0:
+            return format(float(self.data), spec)
+        return format(str(self), spec)
+
+    # a few PyTorch-style methods, each the namespace function of the same name
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Variable:
+        return self.xp_recording.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Variable:
+        return self.xp_recording.mean(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape: Any) -> Variable:
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+        return self.xp_recording.reshape(self, tuple(shape))
+
+    def numpy(self) -> Any:
+        """:meth:`host` (a NumPy copy)."""
+        return self.host()
 
     def detach(self) -> Variable:
         """The same array with no history (a constant)."""
@@ -277,6 +330,17 @@ class Deferred(Variable):
     @property
     def dtype(self) -> Any:
         return self._dtype
+
+
+#: NumPy ufunc name -> the recorder's operation (or comparison method)
+_UFUNCS = {"add": "add", "subtract": "subtract", "multiply": "multiply", "divide": "divide",
+           "true_divide": "divide", "power": "pow", "matmul": "matmul", "negative": "negative",
+           "maximum": "maximum", "minimum": "minimum", "absolute": "abs", "exp": "exp",
+           "log": "log", "sqrt": "sqrt", "tanh": "tanh", "sin": "sin", "cos": "cos",
+           "square": "square", "expm1": "expm1", "log1p": "log1p", "greater": "__gt__",
+           "less": "__lt__", "greater_equal": "__ge__", "less_equal": "__le__",
+           "equal": "__eq__", "not_equal": "__ne__"}
+_SWAPPED = {"__gt__": "__lt__", "__lt__": "__gt__", "__ge__": "__le__", "__le__": "__ge__"}
 
 
 def _ops():

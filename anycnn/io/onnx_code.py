@@ -52,9 +52,13 @@ def emit_code(b: Any, module: Module, v: Any, prefix: str, like: Any) -> Any:
         x_name = b.node("Transpose", [x_name], scope, perm=[0, 2, 3, 1])
     xp = namespace_of(like)
     x = xp.asarray(np.ascontiguousarray(v.sample), device=device(like))
-    with enable_grad(), tracing() as entries, recording():
-        leaf = Variable(x, True)
-        out = module.forward(leaf)
+    try:
+        with enable_grad(), tracing() as entries, recording():
+            leaf = Variable(x, True)
+            out = module.forward(leaf)
+    except (TypeError, ValueError, AttributeError) as exc:  # what its code does with a trace
+        raise ConfigError(f"layer {scope} ({type(module).__name__}): tracing its forward for "
+                          f"ONNX failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(out, Variable):
         raise ConfigError(f"layer {scope} ({type(module).__name__}): its forward returned a "
                           f"{type(out).__name__} not computed from its input with the Array "

@@ -22,7 +22,7 @@ _EXPORTS = {
             "GroupNorm", "LayerNorm", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Upsample2D",
             "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Dropout"),
     **names("sequential", "Sequential"),
-    **names("containers", "Identity", "Residual", "Concat"),
+    **names("containers", "Identity", "Residual", "Concat", "ModuleList"),
     **names("losses", "Loss", "SoftmaxCrossEntropy", "MSELoss"),
     **names("summarize", "Summary", "summary"),
     # the model-wide switch lives with the communicators (anycnn.dist); kept here by name

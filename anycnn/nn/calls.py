@@ -70,6 +70,8 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
         if STATE.recording is not None:  # inside another recorded forward: join it
             return module.forward(*(as_variable(a) for a in inputs), **kwargs)
         return _outermost_call(module, inputs, kwargs)
+    if STATE.recording is not None:
+        STATE.recording.called.append(module)
     if STATE.recording is not None and len(inputs) == 1 and not kwargs:
         fuse = _fusion_for(module)
         fused = fuse(module, inputs[0]) if fuse is not None else None
@@ -116,8 +118,9 @@ def _outermost_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
     for them), kept as well for the layer interface's ``model.backward(dy)`` (which asks)."""
     leaves = tuple(Variable(a, True) if is_array(a) and not isinstance(a, Variable) else a
                    for a in inputs)
-    with recording():
+    with recording() as rec:
         out = module.forward(*leaves, **kwargs)
+    check_reachable(module, rec)
     for leaf, given in zip(leaves, inputs):
         if leaf is not given:
             leaf.requires_grad = False  # in the graph, but no gradient unless backward asks
@@ -195,8 +198,9 @@ def derive_backward(cls: type[Module]) -> None:
         if not STATE.grad:
             return user_forward(self, *args, **kwargs)
         leaves = tuple(Variable(a, True) if is_array(a) else a for a in args)
-        with recording():
+        with recording() as rec:
             out = user_forward(self, *leaves, **kwargs)
+        check_reachable(self, rec)
         self._graph = Graph(leaves, out)
         if self.training:
             self._calls += 1
@@ -240,6 +244,28 @@ def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
     grads = tuple(leaf.grad if leaf.grad is not None else leaf.xp.zeros_like(leaf.data)
                   for leaf in leaves)
     return grads[0] if len(grads) == 1 else grads
+
+
+def check_reachable(model: Module, rec: Any) -> None:
+    """Warn once per model when its recorded forward called modules or read parameters that
+    are not among its attributes (kept in a plain list or dict): their parameters are missing
+    from ``parameters()``, ``state_dict`` and checkpoints, so no optimizer trains them."""
+    if getattr(model, "_reachability_checked", False):
+        return
+    model._reachability_checked = True
+    own = {id(m) for m in model.modules()}
+    params = {id(p) for p in model.parameters()}
+    lost = [type(m).__name__ for m in rec.called if id(m) not in own]
+    lost += ["a Parameter" for leaf in rec.leaves.values() if id(leaf.param) not in params]
+    if lost:
+        import warnings
+
+        warnings.warn(
+            f"{type(model).__name__}.forward uses {', '.join(sorted(set(lost)))} that "
+            f"{type(model).__name__} does not hold as an attribute (a plain list or dict?): "
+            "their parameters are not in parameters() or state_dict, so optimizers and "
+            "checkpoints miss them. Keep layers in attributes or an anycnn.nn.ModuleList",
+            UserWarning, stacklevel=4)
 
 
 def check_single_call(module: Module) -> None:

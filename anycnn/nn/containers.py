@@ -160,3 +160,34 @@ class Concat(Module):
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return _agreed_hw([branch.output_hw(hw) for branch in self.branches])
+
+
+class ModuleList(Module):
+    """A list of modules whose parameters the owner finds (``self.blocks = ModuleList([...])``
+    in a model written as code, as PyTorch's ``nn.ModuleList``): children ``"0"``, ``"1"``,
+    ...; indexing, ``len``, iteration and :meth:`append`. It has no forward of its own: the
+    owner's ``forward`` calls its items."""
+
+    def __init__(self, modules: Any = ()) -> None:
+        for module in modules:
+            self.append(module)
+
+    def append(self, module: Module) -> ModuleList:
+        setattr(self, str(len(self)), _as_module("ModuleList", f"item {len(self)}", module))
+        return self
+
+    def __getitem__(self, i: int) -> Module:
+        return [m for _, m in self.named_children()][i]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.named_children())
+
+    def __iter__(self) -> Any:
+        return (m for _, m in self.named_children())
+
+    def forward(self, x: Any) -> Any:
+        raise TypeError("a ModuleList has no forward: call its items in your forward "
+                        "(for block in self.blocks: x = block(x)), or use a Sequential")
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        raise TypeError("a ModuleList has no backward: it is never called itself")

@@ -27,7 +27,7 @@ from ..backend import dtype_name, namespace_of
 from ..errors import ConfigError, ShapeError
 from ..random import default_generator
 from . import functional as F
-from .containers import Concat, Identity, Residual  # noqa: F401 - re-exported
+from .containers import Concat, Identity, ModuleList, Residual  # noqa: F401 - re-exported
 from .geometry import as_pair, conv_padding
 from .init import get_initializer
 from .module import Module, Parameter, check_addend, make_array, spatial_size

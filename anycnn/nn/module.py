@@ -24,7 +24,7 @@ from array_api_compat import device
 from ..autograd.mode import STATE
 from ..autograd.variable import Variable
 from ..backend import asarray, dtype_name, get_backend, namespace_of, to_numpy
-from ..errors import CheckpointError, ShapeError
+from ..errors import CheckpointError, ConfigError, ShapeError
 from .functional.primitives import add, add_relu
 from .modes import eval_mode, preserved_state  # noqa: F401 - re-exported
 
@@ -40,6 +40,8 @@ class Parameter:
     """
 
     __slots__ = ("_data", "grad", "requires_grad")
+    __anycnn_parameter__ = True  # recorded operations use its value
+    __array_ufunc__ = None  # NumPy arrays defer to the reflected operators below
 
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         self._data = data
@@ -75,6 +77,41 @@ class Parameter:
     def dtype(self) -> Any:
         return self.data.dtype
 
+    # Arithmetic uses the value (a recorded leaf inside a forward), as with PyTorch's
+    # parameters: ``x * self.scale`` is ``x * self.scale.data``.
+    def __add__(self, other: Any) -> Any:
+        return self.data + other
+
+    def __radd__(self, other: Any) -> Any:
+        return other + self.data
+
+    def __sub__(self, other: Any) -> Any:
+        return self.data - other
+
+    def __rsub__(self, other: Any) -> Any:
+        return other - self.data
+
+    def __mul__(self, other: Any) -> Any:
+        return self.data * other
+
+    def __rmul__(self, other: Any) -> Any:
+        return other * self.data
+
+    def __truediv__(self, other: Any) -> Any:
+        return self.data / other
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return other / self.data
+
+    def __matmul__(self, other: Any) -> Any:
+        return self.data @ other
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return other @ self.data
+
+    def __neg__(self) -> Any:
+        return -self.data
+
     def __repr__(self) -> str:
         frozen = "" if self.requires_grad else ", requires_grad=False"
         return f"Parameter(shape={self.shape}, dtype={self.dtype}{frozen})"
@@ -102,10 +139,10 @@ class Module:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "forward" in cls.__dict__:
-            from .calls import derive_backward, guard_forward
+            from .calls import derive_backward, derived_backward, guard_forward
 
-            if cls.backward is Module.backward:
-                derive_backward(cls)
+            if cls.backward is Module.backward or cls.backward is derived_backward:
+                derive_backward(cls)  # forward only (a subclass of one, too)
             else:
                 guard_forward(cls)
 
@@ -270,7 +307,15 @@ class Module:
         return owner, attr
 
     def to(self, dtype: str) -> Module:
-        """Cast every floating parameter and buffer to ``dtype`` (``"float32"``/``"float64"``)."""
+        """Cast every floating parameter and buffer to ``dtype`` (``"float32"``/``"float64"``).
+
+        Raises:
+            ConfigError: anything but a float dtype name (devices follow the backend:
+                ``anycnn.use_backend``)."""
+        if dtype not in ("float32", "float64", "float16"):
+            raise ConfigError(f"Module.to takes a dtype name, 'float32' or 'float64', got "
+                              f"{dtype!r}; the device follows the backend (ANYCNN_BACKEND, "
+                              "anycnn.use_backend)")
         for m in self.modules():
             for value in vars(m).values():
                 if isinstance(value, Parameter):
