@@ -436,7 +436,7 @@ def _gather(a: Variable, arrays: list[Any], rest: int) -> Variable:
     """``a[i0, i1, ..., :, ...]`` for 1-D integer arrays on the leading axes (NumPy's pointwise
     advanced indexing, e.g. ``z[xp.arange(n), labels]``), through :func:`take` on the leading
     axes flattened."""
-    xp, A = a.xp, a.data
+    A = a.data
     k = len(arrays)
     lead = tuple(int(n) for n in A.shape[:k])
     flat = arrays[-1]
@@ -460,7 +460,7 @@ def getitem(a: Variable, key: Any) -> Variable:
     parts = tuple(unwrap(k) for k in parts)
     ints = [_integer_index(xp, k, A) for k in parts]
     if any(i is not None for i in ints):
-        full = [isinstance(k, slice) and k == slice(None) or k is Ellipsis for k in parts]
+        full = [(isinstance(k, slice) and k == slice(None)) or k is Ellipsis for k in parts]
         arrays = [i for i in ints if i is not None]
         if all(i.ndim == 1 for i in arrays):
             n = len(arrays)
