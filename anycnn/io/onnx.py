@@ -47,8 +47,12 @@ Flattened features keep NCHW order inside the graph; layers other than Dense, th
 ones and Dropout/Identity that receive them get them back in anycnn's (h, w, c) order through a
 ``Reshape``/``Transpose``/``Reshape``.
 
-**Layers with no mapping** (your own ``Module``, or a subclass of a mapped layer that overrides
-``forward``): when ndonnx is installed (``pip install ndonnx``; an Array API namespace that
+**Modules written as code** (a ``forward`` and no ``backward``) are exported from a trace of
+one forward pass, operation by operation, with the layers they call mapped as above
+(:mod:`anycnn.io.onnx_code`).
+
+**Layers with no mapping** (your own ``Module`` with a hand-written backward, or a subclass of
+a mapped layer that overrides ``forward``): when ndonnx is installed (``pip install ndonnx``; an Array API namespace that
 records ONNX operators), the layer's own ``forward`` is traced on a symbolic NHWC array with its
 parameters as constants, and the recorded operators are inlined between a ``Transpose`` to NHWC
 and one back (dynamic batch kept). ndonnx records at its own opset (21 for ndonnx 0.23), so an

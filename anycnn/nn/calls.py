@@ -14,7 +14,8 @@ statistics move on) and the mode, shallow-copied: no array is copied.
 (``forward(x)`` from a ``Sequential``, the ``Trainer``, ``check_gradients``) its forward wraps
 the inputs as leaf Variables, records its code (:mod:`anycnn.autograd`) and keeps the graph
 for ``backward(dy)``; inside another recorded forward it is simply part of that recording; with
-gradients off (:func:`anycnn.no_grad`) its code runs on the plain arrays and keeps nothing.
+gradients off (:func:`anycnn.no_grad`) its code still runs on Variables, so that the fusions of
+:mod:`anycnn.nn.deferred` apply, but no graph is built and nothing is kept.
 """
 
 from __future__ import annotations
@@ -195,8 +196,10 @@ def derive_backward(cls: type[Module]) -> None:
     def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
         if STATE.recording is not None:  # part of the recording around it
             return user_forward(self, *(as_variable(a) for a in args), **kwargs)
-        if not STATE.grad:
-            return user_forward(self, *args, **kwargs)
+        if not STATE.grad:  # recorded for the fusions only: no graph, nothing kept
+            with recording():
+                return unwrap_tree(user_forward(self, *(as_variable(a) for a in args),
+                                                **kwargs))
         leaves = tuple(Variable(a, True) if is_array(a) else a for a in args)
         with recording() as rec:
             out = user_forward(self, *leaves, **kwargs)
