@@ -55,8 +55,9 @@ one forward pass, operation by operation, with the layers they call mapped as ab
 a mapped layer that overrides ``forward``): when ndonnx is installed (``pip install ndonnx``;
 an Array API namespace that records ONNX operators), the layer's own ``forward`` is traced
 on a symbolic NHWC array with its parameters as constants, and the recorded operators are
-inlined between a ``Transpose`` to NHWC and one back (dynamic batch kept). ndonnx records at its own opset (21 for ndonnx 0.23), so an
-unset ``opset`` rises to it and an explicit lower one is refused. A layer that cannot be traced
+inlined between a ``Transpose`` to NHWC and one back (dynamic batch kept). ndonnx records at
+its own opset (21 for ndonnx 0.23), so an unset ``opset`` rises to it and an explicit lower
+one is refused. A layer that cannot be traced
 (its forward leaves the Array API, e.g. through NumPy), or any unmapped layer without ndonnx or
 with ``trace=False``, raises a :class:`~anycnn.errors.ConfigError` naming it and its position.
 
