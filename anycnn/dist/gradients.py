@@ -23,7 +23,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from ..backend import namespace_of
+from ..backend import dtype_name, namespace_of
 from ..errors import ConfigError
 from ..nn.module import Module
 from ..optim.averaging import mark_averaged
@@ -44,19 +44,39 @@ def average_gradients(model: Module | list[Any], comm: Any = None) -> None:
     params = [p for p in (model.parameters() if isinstance(model, Module) else model)
               if p.requires_grad]
     if comm.size > 1 and params:
-        dtypes = {str(p.data.dtype) for p in params}
-        if len(dtypes) != 1:
-            raise ConfigError("average_gradients packs all gradients in one buffer and needs "
-                              f"one parameter dtype; got {sorted(dtypes)}")
-        xp = namespace_of(params[0].data)
-        flat = xp.concat([
-            xp.reshape(p.grad, (-1,)) if p.grad is not None else
-            xp.zeros(math.prod(p.shape), dtype=p.data.dtype, device=device(p.data))
-            for p in params])
-        total = comm.allreduce_(flat) / comm.size
-        start = 0
-        for p in params:
-            size = math.prod(p.shape)
-            p.grad = xp.reshape(total[start:start + size], p.shape)
-            start += size
+        assign_gradients(params, comm.allreduce_(flat_gradients(params)) / comm.size)
     mark_averaged(params)
+
+
+def gradient_dtype(params: list[Any]) -> Any:
+    """The one dtype of ``params`` (one flat buffer holds all their gradients).
+
+    Raises:
+        ConfigError: parameters of more than one dtype.
+    """
+    dtypes = {dtype_name(p.data) for p in params}
+    if len(dtypes) != 1:
+        raise ConfigError("data-parallel training packs all gradients in one buffer and needs "
+                          f"one parameter dtype; the model has {sorted(dtypes)}")
+    return params[0].data.dtype
+
+
+def flat_gradients(params: list[Any]) -> Any:
+    """The gradients of ``params`` in order, flattened into one 1-D array (zeros for a
+    parameter without one: a rank whose forward did not use it)."""
+    dtype = gradient_dtype(params)
+    xp = namespace_of(params[0].data)
+    return xp.concat([
+        xp.reshape(p.grad, (-1,)) if p.grad is not None else
+        xp.zeros(math.prod(p.shape), dtype=dtype, device=device(p.data)) for p in params])
+
+
+def assign_gradients(params: list[Any], flat: Any) -> None:
+    """Set each parameter's ``grad`` from its range of ``flat`` (the layout of
+    :func:`flat_gradients`)."""
+    xp = namespace_of(flat)
+    start = 0
+    for p in params:
+        size = math.prod(p.shape)
+        p.grad = xp.reshape(flat[start:start + size], p.shape)
+        start += size

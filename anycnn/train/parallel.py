@@ -47,6 +47,7 @@ from array_api_compat import device
 
 from .. import __version__
 from ..backend import dtype_name, namespace_of, to_numpy
+from ..dist.gradients import assign_gradients, flat_gradients, gradient_dtype
 from ..errors import ConfigError
 from ..nn.module import Module
 from ..optim.averaging import mark_averaged
@@ -155,12 +156,12 @@ class DataParallel:
         Returns the summed trailer. The optimizer is not stepped: the caller decides (NaN).
         """
         xp = namespace_of(x)
-        dtype = _one_dtype(params)
+        dtype = gradient_dtype(params)
         dev = device(params[0].data)
         n = int(y.shape[0])
         if n:
             hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, logits.dtype))
-            flat = xp.concat([_flat_grad(xp, p) for p in params]) * float(n)
+            flat = flat_gradients(params) * float(n)
             head = [xp.reshape(xp.astype(loss * float(n), dtype), (1,)),
                     xp.reshape(xp.astype(hits, dtype), (1,))]
         else:
@@ -171,12 +172,7 @@ class DataParallel:
         buf = self.comm.allreduce_(xp.concat([flat, *head, tail]))
         loss_sum, correct, count, flag = (float(v) for v in to_numpy(buf[-len(TRAILER):]))
         if count:
-            grads = buf[:-len(TRAILER)] / count
-            start = 0
-            for p in params:
-                size = math.prod(p.shape)
-                p.grad = xp.reshape(grads[start:start + size], p.shape)
-                start += size
+            assign_gradients(params, buf[:-len(TRAILER)] / count)
             mark_averaged(params)
         return StepTotals(loss_sum, correct, round(count), flag > 0)
 
@@ -205,20 +201,6 @@ class DataParallel:
         """Elementwise sum over ranks of a few host numbers (float64)."""
         total = self.comm.allreduce_(np.asarray(values, dtype=np.float64))
         return [float(v) for v in to_numpy(total)]
-
-
-def _one_dtype(params: list) -> Any:
-    dtypes = {dtype_name(p.data) for p in params}
-    if len(dtypes) != 1:
-        raise ConfigError("data-parallel training packs all gradients in one buffer and needs "
-                          f"one parameter dtype; the model has {sorted(dtypes)}")
-    return params[0].data.dtype
-
-
-def _flat_grad(xp: Any, p: Any) -> Any:
-    if p.grad is None:  # a parameter this forward did not use
-        return xp.zeros(math.prod(p.shape), dtype=p.data.dtype, device=device(p.data))
-    return xp.reshape(p.grad, (-1,))
 
 
 def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]:
