@@ -74,8 +74,7 @@ def test_a_then_b_then_backward_of_a(backend, rng):
     xa, xb = (anycnn.asarray(rng.standard_normal((2, 6, 6, 1))) for _ in range(2))
     labels = anycnn.asarray(np.array([0, 2]))
     loss_fn = losses.SoftmaxCrossEntropy()
-    model.eval()  # BatchNorm with fixed statistics: A's graph must not depend on B's call
-    model.zero_grad()
+    model.zero_grad()  # training mode: A's BatchNorm batch statistics belong to A's graph
     loss_fn(model(Variable(xa)), labels).backward()
     only_a = [host(p.grad) for p in model.parameters()]
     model.zero_grad()
