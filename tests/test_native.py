@@ -26,10 +26,14 @@ HAVE_HALIDE = importlib.util.find_spec("halide") is not None
 
 @pytest.fixture
 def native_on(monkeypatch):
+    """The compiled kernels on, on the NumPy backend (the only one they take), whichever
+    backend the session tests."""
     if not HAVE_HALIDE:
         pytest.skip("halide is not installed")
     monkeypatch.setattr(native, "ENABLED", True)
     monkeypatch.setattr(kthreads, "ENABLED", True)
+    with anycnn.use_backend("numpy"):
+        yield
 
 
 def _watch(monkeypatch, module, name: str) -> list:
