@@ -314,3 +314,14 @@ def test_cli_errors_are_one_line_on_several_ranks(tmp_path):
     assert evaluate_twice.stderr.strip() == (
         "anycnn: error: anycnn evaluate runs on one process, but a launcher started 2; run it "
         "without mpiexec/srun (only train is data-parallel)")
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_a_hand_written_loop_averages_with_one_call(tmp_path, average):
+    """``anycnn.dist.average_gradients(model)`` keeps the ranks' weights equal; a loop that
+    skips it diverges, and each rank's optimizer warns once."""
+    out, _ = run_ranks(2, [str(SCRIPTS / "hand_loop.py"), "average" if average else "skip"],
+                       timeout=120, ANYCNN_NUM_THREADS="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(f"same weights {average}") == 2, out.stdout
+    assert out.stderr.count("not averaged over them") == (0 if average else 2), out.stderr
