@@ -46,6 +46,11 @@ CORE_FILES = frozenset({
 })
 
 
+#: Test files every backend runs in full even under ``--backend-sample``: the issue's promise
+#: that forward-only models match torch autograd on every backend is checked case by case.
+FULL_FILES = frozenset({"test_autograd.py"})
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--backend-sample", type=int, default=0, metavar="N",
@@ -67,7 +72,8 @@ def pytest_collection_modifyitems(config, items):
         name = Path(str(item.fspath)).name
         function = (name, getattr(item, "originalname", item.name))
         hashed = zlib.crc32(item.nodeid.encode())
-        if name in CORE_FILES and (function not in seen or hashed % m == 0):
+        if name in FULL_FILES or (name in CORE_FILES and (function not in seen
+                                                          or hashed % m == 0)):
             item.add_marker(pytest.mark.backend_core)
             keep.append(item)
         elif name not in CORE_FILES and (name not in seen or hashed % n == 0):
