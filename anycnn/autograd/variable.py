@@ -34,7 +34,7 @@ class Node:
 
     __slots__ = ("grads", "n_out", "name", "needs", "parents", "takes_addend", "vjp")
 
-    def __init__(self, parents: tuple[Variable | None, ...], vjp: VJP, n_out: int,
+    def __init__(self, parents: tuple[Variable | Edge | None, ...], vjp: VJP, n_out: int,
                  name: str) -> None:
         self.parents, self.vjp, self.n_out, self.name = parents, vjp, n_out, name
         self.grads: list[Any] | None = None
@@ -386,7 +386,7 @@ def record(value: Any, inputs: Sequence[Any], vjp: VJP, name: str,
 def record_many(values: Sequence[Any], inputs: Sequence[Any], vjp: VJP, name: str,
                 attrs: dict[str, Any] | None = None) -> tuple[Variable, ...]:
     """:func:`record` for an operation with several outputs (``vjp`` gets a tuple)."""
-    parents = tuple(a if needs_grad(a) else None for a in inputs)
+    parents = tuple(_edge(a) if needs_grad(a) else None for a in inputs)
     if not STATE.grad or not any(p is not None for p in parents):
         outs = tuple(Variable(v) for v in values)
     else:
@@ -400,6 +400,23 @@ def record_many(values: Sequence[Any], inputs: Sequence[Any], vjp: VJP, name: st
     if STATE.trace is not None:
         STATE.trace.append(TraceEntry(name, tuple(inputs), outs, attrs or {}))
     return outs
+
+
+class Edge:
+    """A node's link to an input computed by another node: that node and the output's index,
+    not the Variable itself, so that an intermediate array nobody saved for a backward is
+    freed as soon as the code drops it (leaves are linked as themselves)."""
+
+    __slots__ = ("creator", "index")
+    requires_grad = True
+    param = None
+
+    def __init__(self, creator: Node, index: int) -> None:
+        self.creator, self.index = creator, index
+
+
+def _edge(v: Variable) -> Variable | Edge:
+    return v if v.creator is None else Edge(v.creator, v.index)
 
 
 class TraceEntry:

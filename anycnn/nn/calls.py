@@ -94,12 +94,15 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
     state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
     inputs_or_params = inputs if not trainable else (*inputs, marker)
 
+    fill = outs if several else None  # the closure keeps a single output no longer
+
     def vjp(gs: Any, needs: tuple[bool, ...], addend: Any = None) -> tuple[Any, ...]:
         restore(state)
+        state.clear()  # the instances hold it now, and release it as their backward runs
         if addend is not None:  # the input's gradient so far: added inside the backward pass
             return (module.backward_add(gs, addend),)
-        if several:
-            gs = tuple(g if g is not None else _zeros_like(o) for g, o in zip(gs, outs))
+        if fill is not None:
+            gs = tuple(g if g is not None else _zeros_like(o) for g, o in zip(gs, fill))
         wanted = any(needs[:len(inputs)])
         dx = module.backward(gs, input_grad=wanted) if wanted or trainable else None
         if len(inputs) == 1:
@@ -259,7 +262,8 @@ def check_reachable(model: Module, rec: Any) -> None:
     own = {id(m) for m in model.modules()}
     params = {id(p) for p in model.parameters()}
     lost = [type(m).__name__ for m in rec.called if id(m) not in own]
-    lost += ["a Parameter" for leaf in rec.leaves.values() if id(leaf.param) not in params]
+    lost += ["a Parameter" for leaf in rec.leaves.values()
+             if leaf.param is not None and id(leaf.param) not in params]
     if lost:
         import warnings
 

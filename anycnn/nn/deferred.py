@@ -68,6 +68,7 @@ class _Plan:
 
         def vjp(g: Any, needs: tuple[bool, ...]) -> tuple[Any, ...]:
             restore(state)
+            state.clear()  # BatchNorm holds it now, and releases it in its backward
             if masked_after:
                 g = relu_grad(y, g)
             dx = bn.backward(g, input_grad=needs[0])

@@ -34,9 +34,10 @@ class Parameter:
     ``requires_grad`` (default True; False freezes it: no gradient is kept, optimizers leave
     it alone, checkpoints still hold it).
 
-    While a forward-only module's ``forward`` is recorded, ``data`` of a parameter that
-    requires a gradient is its leaf :class:`~anycnn.autograd.Variable` (one per forward pass),
-    through which its gradient reaches ``grad``; elsewhere it is the backend array.
+    While a forward-only module's ``forward`` is recorded, ``data`` is the parameter's leaf
+    :class:`~anycnn.autograd.Variable` (one per forward pass), through which its gradient
+    reaches ``grad`` (a constant when frozen or under ``no_grad``); elsewhere it is the backend
+    array.
     """
 
     __slots__ = ("_data", "grad", "requires_grad")
@@ -51,12 +52,14 @@ class Parameter:
     @property
     def data(self) -> Any:
         rec = STATE.recording
-        if rec is None or not self.requires_grad or not STATE.grad:
+        if rec is None:
             return self._data
         leaf = rec.leaves.get(id(self))
-        if leaf is None:
-            leaf = rec.leaves[id(self)] = Variable(self._data, True)
-            leaf.param = self
+        if leaf is None:  # a constant when frozen or with gradients off: still a Variable,
+            trainable = self.requires_grad and STATE.grad  # so arithmetic stays recorded
+            leaf = rec.leaves[id(self)] = Variable(self._data, trainable)
+            if trainable:
+                leaf.param = self
         return leaf
 
     @data.setter
