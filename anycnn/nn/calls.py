@@ -120,6 +120,7 @@ def _outermost_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
     """``model(x)`` of a forward-only model, outside any recording: the graph of its code,
     with the plain inputs as leaves that want no gradient (``loss.backward()`` computes none
     for them), kept as well for the layer interface's ``model.backward(dy)`` (which asks)."""
+    module._graph = None  # the last call's graph goes before this one is built
     leaves = tuple(Variable(a, True) if is_array(a) and not isinstance(a, Variable) else a
                    for a in inputs)
     with recording() as rec:
@@ -203,6 +204,7 @@ def derive_backward(cls: type[Module]) -> None:
             with recording():
                 return unwrap_tree(user_forward(self, *(as_variable(a) for a in args),
                                                 **kwargs))
+        self._graph = None  # the last call's graph goes before this one is built
         leaves = tuple(Variable(a, True) if is_array(a) else a for a in args)
         with recording() as rec:
             out = user_forward(self, *leaves, **kwargs)
