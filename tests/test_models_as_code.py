@@ -433,3 +433,47 @@ def test_layers_in_a_plain_list_are_reported_and_module_list_holds_them(backend,
         "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
     assert len(model.layers) == 2 and model.layers[1] is list(model.layers)[1]
     assert check_gradients(model, x).ok
+
+
+# --------------------------------------------------------------------------------------------
+# Re-heading a network (issue 24's first pieces)
+
+
+def test_sequential_slicing_assignment_and_append(backend, rng):
+    model = Sequential(L.Conv2D(1, 4, 3), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(4, 10))
+    backbone = model[:-1]
+    assert isinstance(backbone, Sequential) and len(backbone) == 3
+    assert backbone[0] is model[0]  # the same layers
+    model[-1] = L.Dense(4, 2)
+    x = anycnn.asarray(rng.random((2, 6, 6, 1), dtype=np.float32))
+    assert tuple(model.forward(x).shape) == (2, 2)
+    assert [n for n, _ in model.named_parameters()][-2:] == ["3.weight", "3.bias"]
+    model.append(L.ReLU())
+    assert len(model) == 5 and tuple(model.forward(x).shape) == (2, 2)
+    with pytest.raises(IndexError, match="out of range"):
+        model[7] = L.ReLU()
+    from anycnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a Module"):
+        model[0] = "conv"
+
+
+def test_load_state_dict_strict_false_reports_missing_and_unexpected(backend, rng):
+    from anycnn.errors import CheckpointError
+
+    source = Sequential(L.Conv2D(1, 4, 3), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(4, 10))
+    state = {k: host(v) for k, v in source.state_dict().items()}
+    target = Sequential(L.Conv2D(1, 4, 3), L.ReLU(), L.GlobalAvgPool2D(), L.Dense(4, 10),
+                        L.Dense(10, 2))
+    with pytest.raises(CheckpointError, match=r"'4.weight'.*strict=False"):
+        target.load_state_dict(state)
+    head = host(target[4].weight.data).copy()
+    result = target.load_state_dict({**state, "extra.bias": np.zeros(2)}, strict=False)
+    assert result.missing == ["4.weight", "4.bias"] and result.unexpected == ["extra.bias"]
+    np.testing.assert_array_equal(host(target[0].weight.data), state["0.weight"])
+    np.testing.assert_array_equal(host(target[4].weight.data), head)  # kept
+    bad = {**state, "3.weight": np.zeros((4, 3))}
+    with pytest.raises(CheckpointError, match=r"'3.weight' has shape"):
+        target.load_state_dict(bad, strict=False)  # shapes must still agree
+    assert target.load_state_dict({k: host(v) for k, v in target.state_dict().items()}) == (
+        [], [])

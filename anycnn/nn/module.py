@@ -16,7 +16,7 @@ forward is recorded as it runs and its backward derived (:mod:`anycnn.nn.calls`,
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import device
@@ -271,36 +271,50 @@ class Module:
         state.update(self.named_buffers())
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> LoadResult:
         """Replace parameters and buffers from ``state`` (host or backend arrays).
 
-        Values are copied onto the current backend keeping each target's dtype.
+        Values are copied onto the current backend keeping each target's dtype. With
+        ``strict=False`` (fine-tuning: a new head, a backbone's weights) the names the state
+        lacks keep their values and the names the model lacks are ignored; both are returned.
+        Nothing is written when an error is raised.
+
+        Returns:
+            ``LoadResult(missing, unexpected)``: the model's names absent from ``state``, and
+            the state's names absent from the model (both empty when ``strict``).
 
         Raises:
-            CheckpointError: a name is missing or unexpected, or a shape differs (the first
-                mismatching tensor and both shapes are named).
+            CheckpointError: a shape differs (the first mismatching tensor and both shapes
+                are named); with ``strict``, also a name missing or unexpected.
         """
         own = self.state_dict()
-        for name, target in own.items():
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state if name not in own]
+        for name, target in own.items():  # in order: the first mismatch is named
             if name not in state:
-                raise CheckpointError(f"tensor {name!r} (shape {tuple(target.shape)}) is missing "
-                                      "from the state: it was saved from a different model")
-            shape = tuple(state[name].shape)
-            if shape != tuple(target.shape):
+                if strict:
+                    raise CheckpointError(
+                        f"tensor {name!r} (shape {tuple(target.shape)}) is missing from the "
+                        "state: it was saved from a different model "
+                        "(load_state_dict(..., strict=False) keeps such tensors)")
+            elif tuple(state[name].shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {shape} in the state but "
+                    f"tensor {name!r} has shape {tuple(state[name].shape)} in the state but "
                     f"{tuple(target.shape)} in the model: it was saved from a different model")
-        extra = [k for k in state if k not in own]
-        if extra:
-            raise CheckpointError(f"the state has tensors the model lacks: {extra[:5]}")
+        if strict and unexpected:
+            raise CheckpointError(f"the state has tensors the model lacks: {unexpected[:5]} "
+                                  "(load_state_dict(..., strict=False) ignores them)")
         params = dict(self.named_parameters())
         for name, target in own.items():
+            if name not in state:
+                continue
             new = _like(target, to_numpy(state[name]))
             if name in params:
                 params[name].data = new
             else:
                 owner, attr = self._locate(name)
                 setattr(owner, attr, new)
+        return LoadResult(missing, unexpected)
 
     def _locate(self, dotted: str) -> tuple[Module, str]:
         *path, attr = dotted.split(".")
@@ -353,6 +367,14 @@ class Module:
             return f"{type(self).__name__}({self.extra_repr()})"
         inner = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
         return f"{type(self).__name__}(\n{inner}\n)"
+
+
+class LoadResult(NamedTuple):
+    """What :meth:`Module.load_state_dict` did not match: the model's tensors the state lacks
+    (``missing``) and the state's tensors the model lacks (``unexpected``), by dotted name."""
+
+    missing: list[str]
+    unexpected: list[str]
 
 
 class AddendShapeError(ShapeError):

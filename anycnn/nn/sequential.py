@@ -45,8 +45,30 @@ class Sequential(Module):
     def layers(self) -> list[Module]:
         return [m for _, m in self.named_children()]
 
-    def __getitem__(self, i: int) -> Module:
+    def __getitem__(self, i: int | slice) -> Module:
+        """Layer ``i``; a slice is a ``Sequential`` of those layers (the same instances, so
+        ``model[:-1]`` is the backbone of ``model``)."""
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i], fuse=self.fuse)
         return self.layers[i]
+
+    def __setitem__(self, i: int, layer: Module) -> None:
+        """Replace layer ``i`` (``model[-1] = Dense(84, 2)``: a new head); its name stays."""
+        if not isinstance(layer, Module):
+            raise ConfigError(f"Sequential item is {type(layer).__name__}, not a Module")
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"Sequential index {i} out of range for {n} layers")
+        setattr(self, str(i % n), layer)
+        self._plan = self._states = None
+
+    def append(self, layer: Module) -> Sequential:
+        """Add ``layer`` at the end (named by its position); returns the Sequential."""
+        if not isinstance(layer, Module):
+            raise ConfigError(f"Sequential item is {type(layer).__name__}, not a Module")
+        setattr(self, str(len(self)), layer)
+        self._plan = self._states = None
+        return self
 
     def __len__(self) -> int:
         return len(self.layers)
