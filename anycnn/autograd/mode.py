@@ -10,8 +10,8 @@ forward pass):
 - **the recording**: set while a forward-only module's own ``forward`` code runs. During it,
   ``Parameter.data`` of every trainable parameter is that parameter's leaf
   :class:`~anycnn.autograd.variable.Variable` (one per parameter and recording), so gradients
-  reach ``Parameter.grad``. A built-in layer's forward runs with the recording *suspended*
-  (:func:`suspended`): it sees plain arrays and keeps its hand-written backward.
+  reach ``Parameter.grad``. A built-in layer's forward runs *unrecorded*
+  (:func:`unrecorded`): it sees plain arrays and keeps its hand-written backward.
 """
 
 from __future__ import annotations
@@ -77,11 +77,6 @@ class Recording:
         self.deferred: list[Any] = []
 
 
-def recording_active() -> bool:
-    """Whether a forward-only module's ``forward`` code is being recorded on this thread."""
-    return STATE.recording is not None
-
-
 @contextlib.contextmanager
 def recording() -> Iterator[Recording]:
     """Record the enclosed forward code (re-entrant: a nested forward-only module joins the
@@ -101,7 +96,7 @@ def recording() -> Iterator[Recording]:
 
 
 @contextlib.contextmanager
-def suspended() -> Iterator[None]:
+def unrecorded() -> Iterator[None]:
     """No recording inside (a built-in layer's own forward: plain arrays in and out)."""
     outer, STATE.recording = STATE.recording, None
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import ops
 from .mode import STATE
-from .variable import TraceEntry, Variable, needs_grad, unwrap
+from .variable import TraceEntry, as_variable, needs_grad, unwrap_tree
 
 _DIFFERENTIABLE = {
     name: getattr(ops, name) for name in (
@@ -99,8 +99,8 @@ def _constant_function(name: str, target: Any, no_gradient: bool) -> Any:
                 f"xp.{name} has no gradient in anycnn's recorder; write it with the "
                 "differentiable functions (see anycnn.autograd.namespace), detach its input "
                 "(v.detach()) if no gradient should flow, or give the Module a backward")
-        out = _wrapped(target(*_unwrapped(args),
-                              **{k: _unwrapped(v) for k, v in kwargs.items()}))
+        out = _wrapped(target(*(unwrap_tree(a) for a in args),
+                              **{k: unwrap_tree(v) for k, v in kwargs.items()}))
         if STATE.trace is not None:
             STATE.trace.append(TraceEntry(name, args, out if isinstance(out, tuple) else (out,),
                                           dict(kwargs)))
@@ -117,16 +117,10 @@ def _flat(args: tuple, kwargs: dict) -> list[Any]:
     return flat
 
 
-def _unwrapped(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return type(value)(unwrap(v) for v in value)
-    return unwrap(value)
-
-
 def _wrapped(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_wrapped(v) for v in value)
-    return Variable(value) if hasattr(value, "shape") and hasattr(value, "dtype") else value
+    return as_variable(value)
 
 
 @functools.cache

@@ -4,7 +4,9 @@ Every function takes Variables, backend arrays or Python scalars, computes its v
 backend's own Array API namespace and records a node (:func:`~.variable.record`). Gradients
 of broadcast operands are summed back to the operand's shape (:func:`unbroadcast`). These are
 what :class:`~.variable.Variable`'s operators and the recording namespace
-(:mod:`anycnn.autograd.namespace`) call; ``op(xp, ...)`` takes the backend namespace first.
+(:mod:`anycnn.autograd.namespace`) call. A node's vector-Jacobian product keeps only the
+arrays it reads (an addition keeps none; a reshape keeps shapes, not its input), so arrays
+nobody else holds are freed as the forward goes on.
 
 Conventions at ties, as PyTorch's: ``maximum``/``minimum`` split the gradient equally between
 equal operands, ``max``/``min`` reductions share it among the tied maxima, ``abs`` has gradient
@@ -54,16 +56,19 @@ def parameter_value(a: Any) -> Any:
     return a.data if getattr(type(a), "__anycnn_parameter__", False) else a
 
 
-def _binary(a: Any, b: Any, fn: Any, grads: Any, name: str) -> Variable:
-    """``fn(A, B)`` with ``grads(g, A, B, out, needs) -> (dA, dB)`` before unbroadcasting."""
+def _binary(a: Any, b: Any, fn: Any, grads: Any, name: str,
+            keeps: tuple[str, ...] = ()) -> Variable:
+    """``fn(A, B)`` with ``grads(g, A, B, out, needs) -> (dA, dB)`` before unbroadcasting;
+    ``keeps`` names what ``grads`` reads (``"A"``, ``"B"``, ``"out"``): the rest is None."""
     a, b = parameter_value(a), parameter_value(b)
     xp = _xp(a, b)
     A, B = unwrap(a), unwrap(b)
     out = fn(A, B)
     sa, sb = _shape(A), _shape(B)
+    kept = tuple(v if k in keeps else None for k, v in (("A", A), ("B", B), ("out", out)))
 
     def vjp(g: Any, needs: tuple[bool, ...]) -> tuple[Any, Any]:
-        da, db = grads(g, A, B, out, needs)
+        da, db = grads(g, *kept, needs)
         return (unbroadcast(xp, da, sa) if needs[0] else None,
                 unbroadcast(xp, db, sb) if needs[1] else None)
 
@@ -87,13 +92,14 @@ def subtract(a: Any, b: Any) -> Variable:
 def multiply(a: Any, b: Any) -> Variable:
     return _binary(a, b, operator.mul,
                    lambda g, A, B, out, n: (g * B if n[0] else None, g * A if n[1] else None),
-                   "multiply")
+                   "multiply", ("A", "B"))
 
 
 def divide(a: Any, b: Any) -> Variable:
     return _binary(a, b, operator.truediv,
                    lambda g, A, B, out, n: (g / B if n[0] else None,
-                                            -g * out / B if n[1] else None), "divide")
+                                            -g * out / B if n[1] else None), "divide",
+                   ("B", "out"))
 
 
 def pow(a: Any, b: Any) -> Variable:
@@ -107,7 +113,7 @@ def pow(a: Any, b: Any) -> Variable:
             db = g * out * xp.log(A)
         return da, db
 
-    return _binary(a, b, operator.pow, grads, "pow")
+    return _binary(a, b, operator.pow, grads, "pow", ("A", "B", "out"))
 
 
 def maximum(a: Any, b: Any) -> Variable:
@@ -128,7 +134,7 @@ def _extremum(a: Any, b: Any, larger: bool) -> Variable:
 
     fn = xp.maximum if larger else xp.minimum
     return _binary(a, b, lambda A, B: fn(A, _as_array(xp, B, A)), grads,
-                   "maximum" if larger else "minimum")
+                   "maximum" if larger else "minimum", ("A", "B"))
 
 
 def _as_array(xp: Any, value: Any, like: Any) -> Any:
@@ -163,27 +169,29 @@ def where(condition: Any, a: Any, b: Any) -> Variable:
 # --------------------------------------------------------------------------------------------
 # Unary functions: the derivative from the input ``A`` or the output ``out``
 
-_UNARY = {
-    "negative": (lambda xp, A: -A, lambda xp, g, A, out: -g),
-    "exp": (lambda xp, A: xp.exp(A), lambda xp, g, A, out: g * out),
-    "expm1": (lambda xp, A: xp.expm1(A), lambda xp, g, A, out: g * (out + 1)),
-    "log": (lambda xp, A: xp.log(A), lambda xp, g, A, out: g / A),
-    "log1p": (lambda xp, A: xp.log1p(A), lambda xp, g, A, out: g / (A + 1)),
-    "sqrt": (lambda xp, A: xp.sqrt(A), lambda xp, g, A, out: g / (2 * out)),
-    "square": (lambda xp, A: A * A, lambda xp, g, A, out: g * (2 * A)),
-    "tanh": (lambda xp, A: xp.tanh(A), lambda xp, g, A, out: g * (1 - out * out)),
-    "sin": (lambda xp, A: xp.sin(A), lambda xp, g, A, out: g * xp.cos(A)),
-    "cos": (lambda xp, A: xp.cos(A), lambda xp, g, A, out: -g * xp.sin(A)),
-    "abs": (lambda xp, A: xp.abs(A), lambda xp, g, A, out: g * xp.sign(A)),
+_UNARY = {  # name: (forward, derivative, what the derivative reads)
+    "negative": (lambda xp, A: -A, lambda xp, g, A, out: -g, ()),
+    "exp": (lambda xp, A: xp.exp(A), lambda xp, g, A, out: g * out, ("out",)),
+    "expm1": (lambda xp, A: xp.expm1(A), lambda xp, g, A, out: g * (out + 1), ("out",)),
+    "log": (lambda xp, A: xp.log(A), lambda xp, g, A, out: g / A, ("A",)),
+    "log1p": (lambda xp, A: xp.log1p(A), lambda xp, g, A, out: g / (A + 1), ("A",)),
+    "sqrt": (lambda xp, A: xp.sqrt(A), lambda xp, g, A, out: g / (2 * out), ("out",)),
+    "square": (lambda xp, A: A * A, lambda xp, g, A, out: g * (2 * A), ("A",)),
+    "tanh": (lambda xp, A: xp.tanh(A), lambda xp, g, A, out: g * (1 - out * out), ("out",)),
+    "sin": (lambda xp, A: xp.sin(A), lambda xp, g, A, out: g * xp.cos(A), ("A",)),
+    "cos": (lambda xp, A: xp.cos(A), lambda xp, g, A, out: -g * xp.sin(A), ("A",)),
+    "abs": (lambda xp, A: xp.abs(A), lambda xp, g, A, out: g * xp.sign(A), ("A",)),
 }
 
 
 def unary(name: str, a: Variable) -> Variable:
     """The elementwise function ``name`` of :data:`_UNARY`."""
-    forward, derivative = _UNARY[name]
-    xp, A = a.xp, a.data
-    out = forward(xp, A)
-    return record(out, (a,), lambda g, needs: (derivative(xp, g, A, out),), name)
+    forward, derivative, keeps = _UNARY[name]
+    xp = a.xp
+    out = forward(xp, a.data)
+    A = a.data if "A" in keeps else None
+    kept_out = out if "out" in keeps else None
+    return record(out, (a,), lambda g, needs: (derivative(xp, g, A, kept_out),), name)
 
 
 def negative(a: Variable) -> Variable:
@@ -211,11 +219,11 @@ def clip(a: Variable, min: Any = None, max: Any = None) -> Variable:
 
 
 def astype(a: Variable, dtype: Any, copy: bool = True) -> Variable:
-    xp, A = a.xp, a.data
-    out = xp.astype(A, dtype)
+    xp, was = a.xp, a.dtype
+    out = xp.astype(a.data, dtype)
     if not xp.isdtype(out.dtype, "real floating"):
         return record(out, (a,), lambda g, needs: (None,), "astype", {"dtype": dtype})
-    return record(out, (a,), lambda g, needs: (xp.astype(g, A.dtype),), "astype",
+    return record(out, (a,), lambda g, needs: (xp.astype(g, was),), "astype",
                   {"dtype": dtype})
 
 
@@ -268,9 +276,9 @@ def sum(a: Variable, axis: Any = None, dtype: Any = None,
         keepdims: bool = False) -> Variable:
     xp, A = a.xp, a.data
     out = xp.sum(A, axis=axis, dtype=dtype, keepdims=keepdims)
-    shape, axes = tuple(A.shape), _axes(axis, A.ndim)
+    shape, axes, was = tuple(A.shape), _axes(axis, A.ndim), A.dtype
     return record(out, (a,), lambda g, needs: (
-        xp.astype(xp.broadcast_to(_kept(g, xp, shape, axes, keepdims), shape), A.dtype),),
+        xp.astype(xp.broadcast_to(_kept(g, xp, shape, axes, keepdims), shape), was),),
         "sum", {"axes": axes, "keepdims": keepdims})
 
 
@@ -312,9 +320,9 @@ def _reduce_extremum(a: Variable, axis: Any, keepdims: bool, larger: bool) -> Va
 
 
 def reshape(a: Variable, shape: Any, copy: Any = None) -> Variable:
-    xp, A = a.xp, a.data
-    out = xp.reshape(A, tuple(shape))
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "reshape",
+    xp, was = a.xp, tuple(a.shape)
+    out = xp.reshape(a.data, tuple(shape))
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, was),), "reshape",
                   {"shape": tuple(shape)})
 
 
@@ -334,23 +342,23 @@ def matrix_transpose(a: Variable) -> Variable:
 
 
 def expand_dims(a: Variable, axis: int = 0) -> Variable:
-    xp, A = a.xp, a.data
-    out = xp.expand_dims(A, axis=axis)
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "expand_dims",
+    xp, was = a.xp, tuple(a.shape)
+    out = xp.expand_dims(a.data, axis=axis)
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, was),), "expand_dims",
                   {"axis": axis % out.ndim})
 
 
 def squeeze(a: Variable, axis: Any) -> Variable:
-    xp, A = a.xp, a.data
-    out = xp.squeeze(A, axis=axis)
-    return record(out, (a,), lambda g, needs: (xp.reshape(g, A.shape),), "squeeze",
-                  {"axes": _axes(axis, A.ndim)})
+    xp, was = a.xp, tuple(a.shape)
+    out = xp.squeeze(a.data, axis=axis)
+    return record(out, (a,), lambda g, needs: (xp.reshape(g, was),), "squeeze",
+                  {"axes": _axes(axis, len(was))})
 
 
 def broadcast_to(a: Variable, shape: Any) -> Variable:
-    xp, A = a.xp, a.data
-    out = xp.broadcast_to(A, tuple(shape))
-    return record(out, (a,), lambda g, needs: (unbroadcast(xp, g, tuple(A.shape)),),
+    xp, was = a.xp, tuple(a.shape)
+    out = xp.broadcast_to(a.data, tuple(shape))
+    return record(out, (a,), lambda g, needs: (unbroadcast(xp, g, was),),
                   "broadcast_to", {"shape": tuple(shape)})
 
 
@@ -407,11 +415,11 @@ def take(a: Variable, indices: Any, axis: int | None = None) -> Variable:
         axis = 0
     axis %= A.ndim
     out = xp.take(A, idx, axis=axis)
-    n = int(A.shape[axis])
+    n, dev = int(A.shape[axis]), _device(A)
 
     def vjp(g, needs):
         onehot = xp.astype(xp.reshape(idx, (-1, 1)) == xp.arange(n, dtype=idx.dtype,
-                                                                 device=_device(A)), g.dtype)
+                                                                 device=dev), g.dtype)
         order = (axis, *(i for i in range(g.ndim) if i != axis))
         moved = xp.permute_dims(g, order)
         rest = tuple(moved.shape[1:])
@@ -432,7 +440,7 @@ def _integer_index(xp: Any, k: Any, like: Any) -> Any:
     return None
 
 
-def _gather(a: Variable, arrays: list[Any], rest: int) -> Variable:
+def _gather(a: Variable, arrays: list[Any]) -> Variable:
     """``a[i0, i1, ..., :, ...]`` for 1-D integer arrays on the leading axes (NumPy's pointwise
     advanced indexing, e.g. ``z[xp.arange(n), labels]``), through :func:`take` on the leading
     axes flattened."""
@@ -465,7 +473,7 @@ def getitem(a: Variable, key: Any) -> Variable:
         if all(i.ndim == 1 for i in arrays):
             n = len(arrays)
             if all(i is not None for i in ints[:n]) and all(full[n:]):
-                return _gather(a, arrays, A.ndim - n)
+                return _gather(a, arrays)
             if n == 1 and all(f or i is not None for f, i in zip(full, ints)) and not any(
                     k is Ellipsis for k in parts):
                 return take(a, arrays[0], axis=next(i for i, k in enumerate(ints)
@@ -476,8 +484,10 @@ def getitem(a: Variable, key: Any) -> Variable:
     out = A[parts if isinstance(key, tuple) else parts[0]]
     plain = tuple(k for k in parts if k is not None)  # where the values sit in ``a``
     shape = tuple(A[plain].shape) if len(plain) != len(parts) else tuple(out.shape)
+    whole, dtype, dev = tuple(A.shape), A.dtype, _device(A)
 
     def vjp(g, needs):
-        return (xpx.at(xp.zeros_like(A), plain).set(xp.reshape(g, shape)),)
+        zeros = xp.zeros(whole, dtype=dtype, device=dev)
+        return (xpx.at(zeros, plain).set(xp.reshape(g, shape)),)
 
     return record(out, (a,), vjp, "getitem", {"key": parts})

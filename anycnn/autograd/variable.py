@@ -80,7 +80,11 @@ class Variable:
         if isinstance(data, Variable):
             data = data.data
         self.data = data
-        self.xp = namespace_of(data)
+        self._start(namespace_of(data), requires_grad)
+
+    def _start(self, xp: Any, requires_grad: bool) -> None:
+        """No history yet: a leaf of namespace ``xp``."""
+        self.xp = xp
         self.creator: Node | None = None
         self.index = 0
         self.requires_grad = bool(requires_grad)
@@ -299,12 +303,7 @@ class Deferred(Variable):
         self._array: Any = None
         self.make, self.plan, self.absorbed = make, plan, False
         self._shape, self._dtype = tuple(like.shape), like.dtype
-        self.xp = namespace_of(like)
-        self.creator: Node | None = None
-        self.index = 0
-        self.requires_grad = True
-        self.grad: Any = None
-        self.param: Any = None
+        self._start(namespace_of(like), True)
 
     @property
     def pending(self) -> bool:
@@ -356,6 +355,16 @@ def _constant(a: Variable, other: Any, method: str) -> Variable:
     if STATE.trace is not None:
         STATE.trace.append(TraceEntry(method, (a, other), (out,), {}))
     return out
+
+
+def is_array(value: Any) -> bool:
+    """Whether ``value`` is an array (of any backend, or a Variable), not a scalar or a type."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type)
+
+
+def as_variable(value: Any) -> Any:
+    """An array as a constant Variable; Variables and everything else unchanged."""
+    return Variable(value) if is_array(value) and not isinstance(value, Variable) else value
 
 
 def unwrap(value: Any) -> Any:
@@ -459,8 +468,8 @@ def backward(outputs: Sequence[Variable], grads: Sequence[Any]) -> None:
                            "no_grad or in eval mode of a plain call)")
     order = _topological([out.creator for out, _ in seeds if out.creator is not None])
     for node in order:  # inputs first: which inputs lead to a leaf that wants a gradient
-        node.needs = tuple(p is not None and (p.creator.needs != () and any(p.creator.needs)
-                                              if p.creator is not None else p.requires_grad)
+        node.needs = tuple(p is not None and (any(p.creator.needs) if p.creator is not None
+                                              else p.requires_grad)
                            for p in node.parents)
     for out, g in seeds:
         _deliver(out, g)
@@ -531,7 +540,6 @@ def _topological(roots: list[Node]) -> list[Node]:
             for p in parents:
                 if p is not None and p.creator is not None and id(p.creator) not in seen:
                     seen.add(id(p.creator))
-                    p.creator.needs = ()
                     stack.append((p.creator, iter(p.creator.parents)))
                     break
             else:

@@ -23,8 +23,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..autograd.mode import STATE, recording, suspended
-from ..autograd.variable import Variable, backward, record_many, unwrap, unwrap_tree
+from ..autograd.mode import STATE, recording, unrecorded
+from ..autograd.variable import (
+    Variable,
+    as_variable,
+    backward,
+    is_array,
+    needs_grad,
+    record_many,
+    unwrap,
+    unwrap_tree,
+)
+from ..backend import namespace_of
 from .module import Module, Parameter
 
 _NOT_STATE = frozenset({"training", "eval_pinned"})
@@ -48,24 +58,15 @@ def restore(saved: State) -> None:
         vars(m).update(state)
 
 
-def is_array(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type)
-
-
-def as_variable(value: Any) -> Any:
-    """Arrays as constant Variables (inside a recording); Variables and the rest unchanged."""
-    return Variable(value) if is_array(value) and not isinstance(value, Variable) else value
-
-
 def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = None) -> Any:
     """``module(*inputs)`` as a node of an autograd graph (Variables out).
 
     A forward-only module's code joins the recording. Any other module runs its own forward on
-    the plain arrays (the recording suspended, so its parameters are plain arrays too); its
-    state is captured, and the node's backward restores it and calls ``module.backward``:
-    built-in layers keep their hand-written (fused, compiled) backward, and one instance may
-    be called any number of times. ``forward`` is the function to run (default: the
-    module's ``forward`` attribute).
+    the plain arrays (unrecorded, so its parameters are plain arrays too), and
+    :func:`record_module_call` makes it a node whose backward is ``module.backward``: built-in
+    layers keep their hand-written (fused, compiled) backward, and one instance may be called
+    any number of times. ``forward`` is the function to run (default: the module's
+    ``forward`` attribute).
     """
     if module.autodiff:
         if STATE.recording is not None:  # inside another recorded forward: join it
@@ -73,72 +74,90 @@ def recorded_call(module: Module, inputs: tuple, kwargs: dict, forward: Any = No
         return _outermost_call(module, inputs, kwargs)
     if STATE.recording is not None:
         STATE.recording.called.append(module)
-    if STATE.recording is not None and len(inputs) == 1 and not kwargs:
-        fuse = _fusion_for(module)
+        fuse = _fusions().get(type(module)) if len(inputs) == 1 and not kwargs else None
         fused = fuse(module, inputs[0]) if fuse is not None else None
         if fused is not None:
             return fused
     raw = tuple(unwrap(a) for a in inputs)
     calls = module._calls  # a recorded call keeps its own state: not one backward(dy) needs
-    with suspended():
+    with unrecorded():
         out = (forward or module.forward)(*raw, **kwargs)
     module._calls = calls
     several = isinstance(out, tuple | list)
     outs = tuple(out) if several else (out,)
-    marker = trainable_marker(module)
-    trainable = marker is not None
-    if not trainable and not any(isinstance(a, Variable) and a.requires_grad for a in inputs):
-        results = tuple(Variable(o) for o in outs)
-        return results if several else results[0]
-    state = capture(module)
-    state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
-    inputs_or_params = inputs if not trainable else (*inputs, marker)
-
     fill = outs if several else None  # the closure keeps a single output no longer
 
-    def vjp(gs: Any, needs: tuple[bool, ...], addend: Any = None) -> tuple[Any, ...]:
-        restore(state)
-        state.clear()  # the instances hold it now, and release it as their backward runs
+    def backward_of(gs: Any, needs: tuple[bool, ...], addend: Any) -> tuple[Any, ...]:
         if addend is not None:  # the input's gradient so far: added inside the backward pass
             return (module.backward_add(gs, addend),)
         if fill is not None:
             gs = tuple(g if g is not None else _zeros_like(o) for g, o in zip(gs, fill))
         wanted = any(needs[:len(inputs)])
+        trainable = len(needs) > len(inputs)  # the parameters' marker came last
         dx = module.backward(gs, input_grad=wanted) if wanted or trainable else None
         if len(inputs) == 1:
             return (dx,)
         return tuple(dx) if dx is not None else (None,) * len(inputs)
 
-    results = record_many(outs, inputs_or_params, vjp, type(module).__name__,
-                          {"module": module})
+    results = record_module_call(module, inputs, outs, backward_of)
     if len(inputs) == 1 and not several and results[0].creator is not None:
         results[0].creator.takes_addend = True
     return results if several else results[0]
+
+
+def record_module_call(module: Module, inputs: tuple, outs: tuple, backward_of: Any
+                       ) -> tuple[Variable, ...]:
+    """Record a call of ``module`` that computed ``outs`` from ``inputs``: when something
+    needs a gradient (an input, or one of its parameters, through :func:`trainable_marker`),
+    its per-call state is captured, and the node's vector-Jacobian product restores it,
+    releases the copy and runs ``backward_of(output_grads, needs, addend)``. Constants
+    otherwise."""
+    marker = trainable_marker(module)
+    vjp = None
+    if STATE.grad and (marker is not None or any(needs_grad(a) for a in inputs)):
+        state = capture(module)
+        state[0][1]["_calls"] = 1  # this call, whatever the instance saw since
+
+        def vjp(gs: Any, needs: tuple[bool, ...], addend: Any = None) -> tuple[Any, ...]:
+            restore(state)
+            state.clear()  # the instances hold it now, and release it as their backward runs
+            return backward_of(gs, needs, addend)
+
+    return record_many(outs, inputs if marker is None else (*inputs, marker), vjp,
+                       type(module).__name__, {"module": module})
 
 
 def _outermost_call(module: Module, inputs: tuple, kwargs: dict) -> Any:
     """``model(x)`` of a forward-only model, outside any recording: the graph of its code,
     with the plain inputs as leaves that want no gradient (``loss.backward()`` computes none
     for them), kept as well for the layer interface's ``model.backward(dy)`` (which asks)."""
-    module._graph = None  # the last call's graph goes before this one is built
     leaves = tuple(Variable(a, True) if is_array(a) and not isinstance(a, Variable) else a
                    for a in inputs)
-    with recording() as rec:
-        out = module.forward(*leaves, **kwargs)
-    check_reachable(module, rec)
+    out = _keep_graph(module, module.forward, leaves, kwargs)
     for leaf, given in zip(leaves, inputs):
         if leaf is not given:
             leaf.requires_grad = False  # in the graph, but no gradient unless backward asks
+    return out
+
+
+def _keep_graph(module: Module, run: Any, leaves: tuple, kwargs: dict) -> Any:
+    """``run(*leaves)`` recorded, its graph kept on ``module`` for ``backward(dy)`` (the last
+    call's graph dropped first, so that two are never held at once); returns its output."""
+    module._graph = None
+    with recording() as rec:
+        out = run(*leaves, **kwargs)
+    check_reachable(module, rec)
     module._graph = Graph(leaves, out)
     return out
 
 
-def _fusion_for(module: Module) -> Any:
-    """The fused recording of ``module``'s call (:mod:`anycnn.nn.deferred`), or None."""
+@functools.cache
+def _fusions() -> dict[type, Any]:
+    """Layer type -> its fused recording (:mod:`anycnn.nn.deferred`), which returns None
+    where it does not apply (imported at the first recorded call: it imports the layers)."""
     from . import deferred
 
-    return {"BatchNorm2D": deferred.defer_norm, "ReLU": deferred.relu_of_norm}.get(
-        type(module).__name__) if type(module).__module__ == "anycnn.nn.layers" else None
+    return deferred.FUSIONS
 
 
 def trainable_marker(module: Module) -> Variable | None:
@@ -150,14 +169,11 @@ def trainable_marker(module: Module) -> Variable | None:
 #: stands for "the module's own parameters" among a recorded call's inputs, so the node
 #: records (and runs its backward) when only parameters need gradients
 _TRAINABLE = Variable.__new__(Variable)
-_TRAINABLE.data, _TRAINABLE.creator, _TRAINABLE.index = None, None, 0
-_TRAINABLE.requires_grad, _TRAINABLE.grad, _TRAINABLE.param, _TRAINABLE.xp = (
-    True, None, None, None)
+_TRAINABLE.data = None
+_TRAINABLE._start(None, True)
 
 
 def _zeros_like(out: Any) -> Any:
-    from ..backend import namespace_of
-
     return namespace_of(out).zeros_like(out)
 
 
@@ -204,12 +220,8 @@ def derive_backward(cls: type[Module]) -> None:
             with recording():
                 return unwrap_tree(user_forward(self, *(as_variable(a) for a in args),
                                                 **kwargs))
-        self._graph = None  # the last call's graph goes before this one is built
         leaves = tuple(Variable(a, True) if is_array(a) else a for a in args)
-        with recording() as rec:
-            out = user_forward(self, *leaves, **kwargs)
-        check_reachable(self, rec)
-        self._graph = Graph(leaves, out)
+        out = _keep_graph(self, functools.partial(user_forward, self), leaves, kwargs)
         if self.training:
             self._calls += 1
         return unwrap_tree(out)
@@ -237,7 +249,6 @@ def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
     self._graph = None
     outs = graph.outputs if isinstance(graph.outputs, tuple | list) else (graph.outputs,)
     dys = tuple(dy) if isinstance(graph.outputs, tuple | list) else (dy,)
-    dys = tuple(unwrap(d) for d in dys)
     if len(dys) != len(outs):
         raise RuntimeError(f"{name}.backward got {len(dys)} gradients for {len(outs)} outputs")
     leaves = [a for a in graph.leaves if isinstance(a, Variable)]
@@ -246,7 +257,7 @@ def derived_backward(self: Module, dy: Any, input_grad: bool = True) -> Any:
     live = [(o, d) for o, d in zip(outs, dys)
             if isinstance(o, Variable) and o.requires_grad and d is not None]
     if live:
-        backward([o for o, _ in live], [unwrap(d) for _, d in live])
+        backward([o for o, _ in live], [d for _, d in live])
     if not input_grad:
         return None
     grads = tuple(leaf.grad if leaf.grad is not None else leaf.xp.zeros_like(leaf.data)

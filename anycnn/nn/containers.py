@@ -27,7 +27,8 @@ from ..errors import ConfigError, ShapeError
 from .module import AddendShapeError, Module
 
 
-def _as_module(owner: str, what: str, value: Any) -> Module:
+def as_module(owner: str, what: str, value: Any) -> Module:
+    """``value``, checked to be a Module (``owner``'s ``what``: "Sequential item 2")."""
     if not isinstance(value, Module):
         raise ConfigError(f"{owner} {what} is {type(value).__name__}, not a Module")
     return value
@@ -67,8 +68,8 @@ class Residual(Module):
     """
 
     def __init__(self, body: Module, shortcut: Module | None = None) -> None:
-        self.body = _as_module("Residual", "body", body)
-        self.shortcut = Identity() if shortcut is None else _as_module(
+        self.body = as_module("Residual", "body", body)
+        self.shortcut = Identity() if shortcut is None else as_module(
             "Residual", "shortcut", shortcut)
 
     def forward(self, x: Any, relu: bool = False) -> Any:
@@ -119,7 +120,7 @@ class Concat(Module):
         if not branches:
             raise ConfigError("Concat needs at least one branch")
         for i, branch in enumerate(branches):
-            setattr(self, str(i), _as_module("Concat", f"branch {i}", branch))
+            setattr(self, str(i), as_module("Concat", f"branch {i}", branch))
         self._widths: list[int] | None = None
 
     @property
@@ -173,7 +174,7 @@ class ModuleList(Module):
             self.append(module)
 
     def append(self, module: Module) -> ModuleList:
-        setattr(self, str(len(self)), _as_module("ModuleList", f"item {len(self)}", module))
+        setattr(self, str(len(self)), as_module("ModuleList", f"item {len(self)}", module))
         return self
 
     def __getitem__(self, i: int) -> Module:

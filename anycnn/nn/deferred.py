@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..autograd.mode import STATE, suspended
-from ..autograd.variable import Deferred, Variable, record, unwrap
-from .calls import capture, restore, trainable_marker
+from ..autograd.mode import STATE, unrecorded
+from ..autograd.variable import Deferred, Variable, unwrap
+from .calls import record_module_call
 from .functional.primitives import relu_grad
 from .layers import BatchNorm2D, ReLU
 from .modes import fusion_suspended
@@ -54,7 +54,7 @@ class _Plan:
         bn, x = call.bn, call.x
         saved = (bn.running_mean, bn.running_var) if call.moved else None
         raw_x = unwrap(x)
-        with suspended():
+        with unrecorded():
             if s is None:
                 y = type(bn).forward(bn, raw_x, relu=relu)
             else:
@@ -62,22 +62,15 @@ class _Plan:
         if saved is not None:
             bn.running_mean, bn.running_var = saved
         call.moved = True
-        state = capture(bn)
-        state[0][1]["_calls"] = 1
         masked_after = relu and s is not None  # BatchNorm masks its own ReLU without addend
 
-        def vjp(g: Any, needs: tuple[bool, ...]) -> tuple[Any, ...]:
-            restore(state)
-            state.clear()  # BatchNorm holds it now, and releases it in its backward
+        def backward_of(g: Any, needs: tuple[bool, ...], addend: Any) -> tuple[Any, ...]:
             if masked_after:
                 g = relu_grad(y, g)
             dx = bn.backward(g, input_grad=needs[0])
             return (dx,) if s is None else (dx, g)
 
-        inputs = (x,) if s is None else (x, s)
-        marker = trainable_marker(bn)
-        return record(y, (*inputs, marker) if marker is not None else inputs, vjp,
-                      "BatchNorm2D", {"module": bn})
+        return record_module_call(bn, (x,) if s is None else (x, s), (y,), backward_of)[0]
 
     def absorb_add(self, d: Deferred, other: Any) -> Deferred | None:
         """``d + other`` (``d`` this plan's pending output, without an addend yet, ``other``
@@ -111,7 +104,7 @@ def defer_norm(bn: BatchNorm2D, x: Any) -> Deferred | None:
         if d.pending and not d.absorbed and d.plan.call.bn is bn:
             d.data  # noqa: B018 - computes it
     raw = unwrap(x)
-    with suspended():  # its parameters as plain arrays
+    with unrecorded():  # its parameters as plain arrays
         bn.check_input(raw)  # a wrong input is refused here, not where it is computed
     return _deferred(_Plan(_NormCall(bn, x)), raw)
 
@@ -124,3 +117,7 @@ def relu_of_norm(relu: ReLU, x: Any) -> Variable | None:
         return None
     d.absorbed = True
     return d.plan.run(relu=True)
+
+
+#: layer type -> its fused recording, for :func:`anycnn.nn.calls.recorded_call`
+FUSIONS = {BatchNorm2D: defer_norm, ReLU: relu_of_norm}

@@ -316,7 +316,7 @@ class Dense(Module):
         self._lead: tuple[int, ...] = ()
 
     def forward(self, x):
-        namespace_of(x)  # an array, first
+        xp = namespace_of(x)  # an array, first
         if x.ndim < 1:
             raise ShapeError(f"Dense expects an input with a features axis, got shape "
                              f"{tuple(x.shape)}")
@@ -325,10 +325,10 @@ class Dense(Module):
         check_param_dtype(self, x, self.weight.data)
         lead = tuple(x.shape[:-1])
         if len(lead) != 1:  # any rank: rows of features, then the leading axes back
-            x = namespace_of(x).reshape(x, (-1, self.in_features))
+            x = xp.reshape(x, (-1, self.in_features))
         y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
         self._lead = lead
-        return y if len(lead) == 1 else namespace_of(y).reshape(y, (*lead, self.out_features))
+        return y if len(lead) == 1 else xp.reshape(y, (*lead, self.out_features))
 
     def flops(self, input_shape, output_shape):
         """2 x in*out multiply-adds per row."""

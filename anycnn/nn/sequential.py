@@ -6,8 +6,9 @@ from typing import Any
 
 from ..autograd.mode import STATE
 from ..autograd.variable import unwrap
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
 from .calls import capture, check_single_call, restore
+from .containers import as_module
 from .fusion import execution_plan
 from .layers import explain_flatten_mismatch
 from .module import Module, add_gradients, residual_sum, spatial_size
@@ -34,9 +35,7 @@ class Sequential(Module):
 
     def __init__(self, *layers: Module, fuse: bool = True) -> None:
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise ConfigError(f"Sequential item {i} is {type(layer).__name__}, not a Module")
-            setattr(self, str(i), layer)
+            setattr(self, str(i), as_module("Sequential", f"item {i}", layer))
         self.fuse = fuse
         self._plan: list[Any] | None = None
         self._states: list[Any] | None = None  # per-position state when a layer repeats
@@ -54,19 +53,16 @@ class Sequential(Module):
 
     def __setitem__(self, i: int, layer: Module) -> None:
         """Replace layer ``i`` (``model[-1] = Dense(84, 2)``: a new head); its name stays."""
-        if not isinstance(layer, Module):
-            raise ConfigError(f"Sequential item is {type(layer).__name__}, not a Module")
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"Sequential index {i} out of range for {n} layers")
-        setattr(self, str(i % n), layer)
+        setattr(self, str(i % n), as_module("Sequential", f"item {i % n}", layer))
         self._plan = self._states = None
 
     def append(self, layer: Module) -> Sequential:
         """Add ``layer`` at the end (named by its position); returns the Sequential."""
-        if not isinstance(layer, Module):
-            raise ConfigError(f"Sequential item is {type(layer).__name__}, not a Module")
-        setattr(self, str(len(self)), layer)
+        n = len(self)
+        setattr(self, str(n), as_module("Sequential", f"item {n}", layer))
         self._plan = self._states = None
         return self
 
