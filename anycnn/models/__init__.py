@@ -1,0 +1,75 @@
+"""Named model presets.
+
+A model is described by a small JSON-able *spec* ``{"name", "num_classes", "in_channels",
+"image_size"}``; :func:`build_model` turns a spec into a model, and checkpoints store the spec so
+a model can be rebuilt anywhere. A preset's default input shape is its function's defaults
+(28x28x1 for the MNIST-sized ones, 32x32x3 for ``resnet20``).
+
+The presets live in one module per family: :mod:`anycnn.models.presets` (the small
+from-scratch networks).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError
+from ..nn.module import Module
+from .presets import (
+    BasicBlock,
+    CifarResNetCode,
+    basic_block,
+    bn_cnn,
+    cifar_resnet,
+    lenet5,
+    resnet20,
+    resnet20_code,
+    resnet_mini,
+    simple_cnn,
+)
+
+__all__ = ["MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn", "build_model",
+           "cifar_resnet", "lenet5", "model_spec", "resnet20", "resnet20_code", "resnet_mini",
+           "simple_cnn"]
+
+MODELS: dict[str, Callable[..., Module]] = {
+    "lenet5": lenet5,
+    "simple-cnn": simple_cnn,
+    "bn-cnn": bn_cnn,
+    "resnet20": resnet20,
+    "resnet-mini": resnet_mini,
+    "resnet20-code": resnet20_code,
+}
+
+
+def model_spec(name: str, num_classes: int = 10, in_channels: int | None = None,
+               image_size: int | None = None) -> dict[str, Any]:
+    """A validated spec dict for :func:`build_model`; ``in_channels`` and ``image_size``
+    default to the preset's own input shape (its function's defaults)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    defaults = inspect.signature(MODELS[name]).parameters
+    if in_channels is None:
+        in_channels = defaults["in_channels"].default
+    if image_size is None:
+        image_size = defaults["image_size"].default
+    return {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+            "image_size": int(image_size)}
+
+
+def build_model(spec: dict[str, Any] | str, **overrides: Any) -> Module:
+    """Build a preset on the current backend from a spec dict or a model name.
+
+    The model keeps its spec as ``model.model_spec``: :func:`anycnn.save` stores it, so
+    :func:`anycnn.load_model` can rebuild the model, and :func:`anycnn.predict` knows the image
+    shape ``(image_size, image_size, in_channels)`` it takes."""
+    if isinstance(spec, str):
+        spec = model_spec(spec, **overrides)
+    else:
+        spec = model_spec(**{**spec, **overrides})
+    args = {k: v for k, v in spec.items() if k != "name"}
+    model = MODELS[spec["name"]](**args)
+    model.model_spec = spec
+    return model
