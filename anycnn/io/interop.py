@@ -66,9 +66,11 @@ import numpy as np
 
 from ..backend import dtype_name, to_numpy
 from ..errors import CheckpointError, ConfigError
+from ..nn.activations import GELU, Hardsigmoid, Hardswish, ReLU6, SiLU, Softmax
 from ..nn.containers import Concat, Identity, Residual
 from ..nn.geometry import pool_output_size
 from ..nn.layers import (
+    AdaptiveAvgPool2D,
     AvgPool2D,
     BatchNorm2D,
     Conv2D,
@@ -83,13 +85,15 @@ from ..nn.layers import (
     MaxPool2D,
     ReLU,
     Sigmoid,
+    StochasticDepth,
     Tanh,
     Upsample2D,
 )
 from ..nn.module import Module, Parameter
 from ..nn.sequential import Sequential
 
-_ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout)
+_ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout, ReLU6, Hardsigmoid, Hardswish, SiLU,
+                GELU, Softmax, StochasticDepth)
 
 Convert = Callable[[np.ndarray], np.ndarray]
 
@@ -249,7 +253,8 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
                  for name, child in module.named_children()]
         return _join(index, kind, paths, isinstance(module, Concat))
     if shape.spatial is False and isinstance(module, Conv2D | ConvTranspose2D | MaxPool2D |
-                                             AvgPool2D | GlobalAvgPool2D | Upsample2D):
+                                             AvgPool2D | GlobalAvgPool2D | AdaptiveAvgPool2D |
+                                             Upsample2D):
         raise ConfigError(f"layer {index} ({kind}) needs NHWC input but follows a flat layer")
     if isinstance(module, Conv2D | ConvTranspose2D):
         if shape.c is not None and shape.c != module.in_channels:
@@ -280,6 +285,9 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
     if isinstance(module, GlobalAvgPool2D):
         plan.append(_Layer(prefix, module, False, []))
         return _Shape(False, 1, 1, shape.c, None)
+    if isinstance(module, AdaptiveAvgPool2D):
+        plan.append(_Layer(prefix, module, False, []))
+        return _Shape(True, *module.output_size, shape.c)
     if isinstance(module, Flatten):
         plan.append(_Layer(prefix, module, False, []))
         if shape.spatial is False:
@@ -305,6 +313,9 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
             tensors = _bn_tensors(prefix, None, None)
         plan.append(_Layer(prefix, module, flat, tensors))
         return shape
+    if isinstance(module, Softmax) and shape.spatial is not False:
+        raise ConfigError(f"layer {index} (Softmax) over NHWC maps has no PyTorch equivalent "
+                          "here (its axis would differ on NCHW); apply it to flat features")
     if isinstance(module, (*_ELEMENTWISE, Identity)):
         plan.append(_Layer(prefix, module, False, []))
         return shape
@@ -316,8 +327,9 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
     raise ConfigError(
         f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.io.interop; supported: "
         "Sequential, Residual, Concat, Identity, Conv2D, ConvTranspose2D, Dense, BatchNorm2D, "
-        "GroupNorm, LayerNorm, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Upsample2D, Flatten, ReLU, "
-        "LeakyReLU, Sigmoid, Tanh, Dropout")
+        "GroupNorm, LayerNorm, MaxPool2D, AvgPool2D, GlobalAvgPool2D, AdaptiveAvgPool2D, "
+        "Upsample2D, Flatten, the activations, Dropout, StochasticDepth, and forward-only "
+        "modules built of these")
 
 def _own_parameters(module: Module, prefix: str, plan: list[_Layer]) -> None:
     """A forward-only module's own parameters (``self.gamma``), in the same layout on both
@@ -484,6 +496,8 @@ def _torch_layer(entry: _Layer, nn: Any) -> Any:
                             count_include_pad=layer.count_include_pad)
     if isinstance(layer, GlobalAvgPool2D):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if isinstance(layer, AdaptiveAvgPool2D):
+        return nn.AdaptiveAvgPool2d(layer.output_size)
     if isinstance(layer, Flatten):
         return nn.Flatten()
     if isinstance(layer, ReLU):
@@ -496,10 +510,43 @@ def _torch_layer(entry: _Layer, nn: Any) -> Any:
         return nn.Tanh()
     if isinstance(layer, Dropout):
         return nn.Dropout(layer.p)
+    if isinstance(layer, GELU):
+        return nn.GELU(approximate=layer.approximate)
+    if isinstance(layer, Softmax):
+        return nn.Softmax(dim=layer.axis)
+    for ours, theirs in ((ReLU6, "ReLU6"), (Hardsigmoid, "Hardsigmoid"), (Hardswish, "Hardswish"),
+                         (SiLU, "SiLU")):
+        if isinstance(layer, ours):
+            return getattr(nn, theirs)()
+    if isinstance(layer, StochasticDepth):
+        return _torch_stochastic_depth(nn)(layer.p, layer.mode)
     if isinstance(layer, Identity):
         return nn.Identity()
     raise ConfigError(f"layer {entry.name[:-1]} ({type(layer).__name__}) has no PyTorch "
                       "equivalent")  # pragma: no cover - _walk rejects these first
+
+
+@functools.cache
+def _torch_stochastic_depth(nn: Any) -> type:
+    """A torch module dropping whole rows (or the batch) of a residual branch in training,
+    as :class:`~anycnn.nn.layers.StochasticDepth` (torchvision's ``ops.StochasticDepth``
+    without needing torchvision)."""
+    import torch
+
+    class StochasticDepth(nn.Module):
+        def __init__(self, p: float, mode: str) -> None:
+            super().__init__()
+            self.p, self.mode = p, mode
+
+        def forward(self, x):
+            if not self.training or self.p == 0.0:
+                return x
+            rows = x.shape[0] if self.mode == "row" else 1
+            keep = torch.empty((rows,) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+            keep = keep.bernoulli_(1.0 - self.p)
+            return x * (keep / (1.0 - self.p) if self.p < 1.0 else keep)
+
+    return StochasticDepth
 
 
 @functools.cache

@@ -53,7 +53,7 @@ DECLINE = _Declined()
 #: the modules whose kernels register themselves, imported at the first dispatch, in order of
 #: preference (the compiled kernels first: a kernel that declines passes the call on)
 KERNEL_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
-                  "anycnn.kernels.fastpath")
+                  "anycnn.kernels.fastpath", "anycnn.kernels.special")
 
 _kernels: dict[str, tuple[Callable[..., Any], ...]] = {}
 _loaded = False

@@ -29,10 +29,11 @@ from .presets import (
     resnet_mini,
     simple_cnn,
 )
+from .resnet import resnet18, resnet34, resnet50
 
 __all__ = ["MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn", "build_model",
-           "cifar_resnet", "lenet5", "model_spec", "resnet20", "resnet20_code", "resnet_mini",
-           "simple_cnn"]
+           "cifar_resnet", "lenet5", "model_spec", "resnet18", "resnet20", "resnet20_code",
+           "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
 
 MODELS: dict[str, Callable[..., Module]] = {
     "lenet5": lenet5,
@@ -41,6 +42,9 @@ MODELS: dict[str, Callable[..., Module]] = {
     "resnet20": resnet20,
     "resnet-mini": resnet_mini,
     "resnet20-code": resnet20_code,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
 }
 
 

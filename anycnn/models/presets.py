@@ -26,6 +26,7 @@ from ..nn.layers import (
 )
 from ..nn.module import Module
 from ..nn.sequential import Sequential
+from .resnet import BasicBlock
 
 
 def _pooled(size: int, times: int) -> int:
@@ -118,35 +119,11 @@ def resnet_mini(num_classes: int = 10, in_channels: int = 1, image_size: int = 2
     return cifar_resnet(1, num_classes, in_channels)
 
 
-class BasicBlock(Module):
-    """A ResNet basic block written as code (a forward-only module, torchvision's structure
-    and names: ``conv1``, ``bn1``, ``relu`` called twice, ``conv2``, ``bn2``, ``downsample``):
-    ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. Same computation as
-    :func:`basic_block`; its backward is derived."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        self.conv1 = Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = BatchNorm2D(out_channels)
-        self.relu = ReLU()
-        self.conv2 = Conv2D(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = BatchNorm2D(out_channels)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = Sequential(
-                Conv2D(in_channels, out_channels, 1, stride=stride, bias=False),
-                BatchNorm2D(out_channels))
-
-    def forward(self, x: Any) -> Any:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
-
-
 class CifarResNetCode(Module):
     """:func:`cifar_resnet` written as code: ``conv1``/``bn1``/``relu``, stages ``layer1`` to
-    ``layer3`` (``Sequential`` of :class:`BasicBlock`), ``avgpool``, ``fc`` (torchvision's
-    names). The models-as-code path, measured against the ``Sequential`` preset."""
+    ``layer3`` (``Sequential`` of :class:`~anycnn.models.resnet.BasicBlock`), ``avgpool``,
+    ``fc`` (torchvision's names). The models-as-code path, measured against the
+    ``Sequential`` preset."""
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10,
                  in_channels: int = 3) -> None:
@@ -157,7 +134,8 @@ class CifarResNetCode(Module):
         for stage, width in enumerate((16, 32, 64), 1):
             blocks = []
             for block in range(blocks_per_stage):
-                blocks.append(BasicBlock(channels, width, 2 if stage > 1 and block == 0 else 1))
+                blocks.append(BasicBlock(channels, width, 2 if stage > 1 and block == 0 else 1,
+                                         weight_init="he_uniform"))
                 channels = width
             setattr(self, f"layer{stage}", Sequential(*blocks))
         self.avgpool = GlobalAvgPool2D()

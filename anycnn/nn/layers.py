@@ -591,6 +591,36 @@ class GlobalAvgPool2D(Module):
         return F.global_avg_pool_backward(dy, _require_forward(self, self._shape))
 
 
+class AdaptiveAvgPool2D(Module):
+    """Average pooling to a fixed output size, as PyTorch's ``nn.AdaptiveAvgPool2d``: output
+    cell ``i`` of an axis of input size ``n`` and output size ``m`` averages input rows
+    ``floor(i*n/m)`` to ``ceil((i+1)*n/m) - 1``.
+
+    Args:
+        output_size: int or (h, w) pair (``1``: the global average, keeping the 1x1 axes).
+
+    Shapes: ``(N, H, W, C)`` → ``(N, oh, ow, C)``; any input size works.
+    """
+
+    def __init__(self, output_size=1) -> None:
+        self.output_size = as_pair(output_size, "output_size")
+        self._ctx = None
+
+    def output_hw(self, hw):
+        return self.output_size
+
+    def forward(self, x):
+        check_float_input(self, x, 4, "NHWC")
+        y, self._ctx = F.adaptive_avg_pool_forward(x, self.output_size)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        return F.adaptive_avg_pool_backward(dy, _require_forward(self, self._ctx))
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+
 class Upsample2D(Module):
     """Upsampling of NHWC input by integer factors (PyTorch's ``nn.Upsample`` with
     ``scale_factor``; ``"bilinear"`` is ``align_corners=False``, edges clamped). No parameters.
@@ -809,3 +839,38 @@ class Dropout(_Elementwise):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class StochasticDepth(_Elementwise):
+    """Stochastic depth (Huang et al., 2016) for the residual branch of a block, as torchvision's
+    ``StochasticDepth``: in training, each sample's branch (``mode="row"``) or the whole batch's
+    (``"batch"``) is dropped with probability ``p`` and kept ones are scaled by ``1/(1-p)``;
+    identity in eval. Apply it to the branch before the residual add. Masks come from the
+    seeded host RNG (as :class:`Dropout`'s)."""
+
+    MODES = ("row", "batch")
+
+    def __init__(self, p: float, mode: str = "row",
+                 rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        if not (isinstance(p, int | float) and 0.0 <= p <= 1.0):
+            raise ConfigError(f"StochasticDepth p must be in [0, 1], got {p!r}")
+        if mode not in self.MODES:
+            raise ConfigError(f"StochasticDepth mode must be 'row' or 'batch', got {mode!r}")
+        self.p, self.mode, self.rng = float(p), mode, rng
+
+    def _apply(self, x):
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        rng = self.rng or default_generator()
+        rows = x.shape[0] if self.mode == "row" else 1
+        keep = (rng.random(rows) >= self.p).astype(np.float64)
+        if self.p < 1.0:
+            keep /= 1.0 - self.p
+        shape = (rows,) + (1,) * (x.ndim - 1)
+        scale = namespace_of(x).asarray(keep.reshape(shape).astype(dtype_name(x)),
+                                        device=device(x))
+        return x * scale, scale
+
+    def extra_repr(self):
+        return f"p={self.p}, mode={self.mode!r}"

@@ -18,10 +18,18 @@ from __future__ import annotations
 
 from .activation import (
     elementwise_backward,
+    erf,
+    gelu_forward,
+    hardsigmoid_forward,
+    hardswish_forward,
     leaky_relu_forward,
+    relu6_forward,
     relu_backward,
     relu_forward,
     sigmoid_forward,
+    silu_forward,
+    softmax_backward,
+    softmax_forward,
     tanh_forward,
 )
 from .conv import (
@@ -79,6 +87,8 @@ from .norm import (
 from .pool import (
     AvgPoolCtx,
     MaxPoolCtx,
+    adaptive_avg_pool_backward,
+    adaptive_avg_pool_forward,
     avg_pool2d_backward,
     avg_pool2d_forward,
     global_avg_pool_backward,

@@ -1,4 +1,4 @@
-"""Pooling of NHWC images (max, average, global average), forward and backward.
+"""Pooling of NHWC images (max, average, global and adaptive average), forward and backward.
 
 Max pooling gathers the windows into ``K`` contiguous planes ``(N, K, P, C)`` and reduces over
 them; its backward multiplies the first-maximum masks in and scatters back (col2im as a
@@ -7,6 +7,7 @@ gather). Ties go to the first maximum in row-major window order, as in PyTorch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,4 +118,41 @@ def global_avg_pool_backward(dy: Any, in_shape):
     return share * xp.ones(in_shape, dtype=dy.dtype, device=device(dy))
 
 
-# --------------------------------------------------------------------------------------------
+@functools.cache
+def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
+    """``(out, size)`` float64 averaging weights of adaptive pooling along one axis: row ``i``
+    is ``1/len`` on input rows ``floor(i*size/out)`` to ``ceil((i+1)*size/out) - 1``."""
+    matrix = np.zeros((out, size))
+    for i in range(out):
+        start, stop = (i * size) // out, -((-(i + 1) * size) // out)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
+def adaptive_avg_pool_forward(x: Any, output_size: tuple[int, int]):
+    """Adaptive average pooling of NHWC ``x`` to ``output_size``: ``(N, H, W, C)`` →
+    ``(N, oh, ow, C)``, as two small matrix products (rows, then columns); ctx is the input
+    shape and the two ``(out, in)`` matrices (None for the global average)."""
+    xp = namespace_of(x)
+    n, h, w, c = (int(s) for s in x.shape)
+    oh, ow = output_size
+    if (oh, ow) == (1, 1):
+        return xp.mean(x, axis=(1, 2), keepdims=True), (tuple(x.shape), None, None)
+    rows = xp.asarray(adaptive_pool_matrix(h, oh), dtype=x.dtype, device=device(x))
+    cols = xp.asarray(adaptive_pool_matrix(w, ow), dtype=x.dtype, device=device(x))
+    t = xp.matmul(rows, xp.reshape(x, (n, h, w * c)))
+    y = xp.matmul(cols, xp.reshape(t, (n * oh, w, c)))
+    return xp.reshape(y, (n, oh, ow, c)), (tuple(x.shape), rows, cols)
+
+
+def adaptive_avg_pool_backward(dy: Any, ctx):
+    """Input gradient of :func:`adaptive_avg_pool_forward` (the transposed products)."""
+    shape, rows, cols = ctx
+    xp = namespace_of(dy)
+    n, _, w, c = shape
+    if rows is None:
+        return global_avg_pool_backward(xp.reshape(dy, (n, c)), shape)
+    oh, ow = dy.shape[1], dy.shape[2]
+    t = xp.matmul(xp.matrix_transpose(cols), xp.reshape(dy, (n * oh, ow, c)))
+    dx = xp.matmul(xp.matrix_transpose(rows), xp.reshape(t, (n, oh, w * c)))
+    return xp.reshape(dx, shape)
