@@ -292,6 +292,8 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
         plan.append(_Layer(prefix, module, False, []))
         if shape.spatial is False:
             return shape
+        if shape.spatial is None:  # inside a forward-only module: rows keep anycnn's order
+            return _Shape(False)
         hw = shape.h * shape.w if shape.h is not None and shape.w is not None else None
         return _Shape(False, shape.h, shape.w, shape.c, hw if hw is not None else -1)
     if isinstance(module, Dense):
@@ -333,11 +335,27 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
 
 def _own_parameters(module: Module, prefix: str, plan: list[_Layer]) -> None:
     """A forward-only module's own parameters (``self.gamma``), in the same layout on both
-    sides (PyTorch's ``nn.Parameter`` attributes of the same names)."""
-    own = [_Tensor(prefix + name, _same, _same, "as in anycnn")
-           for name, value in vars(module).items() if isinstance(value, Parameter)]
+    sides (PyTorch's ``nn.Parameter`` attributes of the same names), except where the module
+    names another PyTorch shape (``torch_parameter_shape(name, shape)``: a reshape, such as
+    ConvNeXt's ``(C,)`` layer scale stored as ``(C, 1, 1)``)."""
+    torch_shape = getattr(module, "torch_parameter_shape", None)
+    own = []
+    for name, value in vars(module).items():
+        if not isinstance(value, Parameter):
+            continue
+        shape = tuple(int(n) for n in value.data.shape)
+        theirs = torch_shape(name, shape) if torch_shape is not None else shape
+        if theirs == shape:
+            own.append(_Tensor(prefix + name, _same, _same, "as in anycnn"))
+        else:
+            own.append(_Tensor(prefix + name, functools.partial(_reshaped, shape=theirs),
+                               functools.partial(_reshaped, shape=shape), f"shape {theirs}"))
     if own:
         plan.append(_Layer(prefix, module, False, own))
+
+
+def _reshaped(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.reshape(a, shape)
 
 
 def _channel_norm(index: str, prefix: str, module: GroupNorm | LayerNorm, shape: _Shape,

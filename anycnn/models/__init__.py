@@ -29,10 +29,14 @@ from .presets import (
     resnet_mini,
     simple_cnn,
 )
+from .convnext import convnext_tiny
+from .efficientnet import efficientnet_b0
+from .mobilenet import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from .resnet import resnet18, resnet34, resnet50
 
 __all__ = ["MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn", "build_model",
-           "cifar_resnet", "lenet5", "model_spec", "resnet18", "resnet20", "resnet20_code",
+           "cifar_resnet", "convnext_tiny", "efficientnet_b0", "lenet5", "mobilenet_v2",
+           "mobilenet_v3_large", "mobilenet_v3_small", "model_spec", "resnet18", "resnet20", "resnet20_code",
            "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
 
 MODELS: dict[str, Callable[..., Module]] = {
@@ -45,6 +49,11 @@ MODELS: dict[str, Callable[..., Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "efficientnet_b0": efficientnet_b0,
+    "convnext_tiny": convnext_tiny,
 }
 
 

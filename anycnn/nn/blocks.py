@@ -23,16 +23,18 @@ from .sequential import Sequential
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                   groups: int = 1, activation: Callable[[], Module] | None = ReLU,
                   eps: float = 1e-5, momentum: float = 0.1, dilation: int = 1,
-                  dtype: str = "float32") -> Sequential:
+                  weight_init: Any = "he_uniform", dtype: str = "float32") -> Sequential:
     """``Sequential(Conv2D (no bias, "same"-style padding (k-1)//2 * dilation), BatchNorm2D,
     activation())``; ``activation=None`` leaves the activation out (a linear projection).
-    ``eps`` and ``momentum`` are the BatchNorm's (PyTorch semantics)."""
+    ``eps`` and ``momentum`` are the BatchNorm's (PyTorch semantics), ``weight_init`` the
+    convolution's initializer."""
     if kernel_size % 2 != 1:
         raise ConfigError(f"conv_norm_act needs an odd kernel_size, got {kernel_size}")
     padding = (kernel_size - 1) // 2 * dilation
     layers: list[Module] = [
         Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-               dilation=dilation, groups=groups, bias=False, dtype=dtype),
+               dilation=dilation, groups=groups, bias=False, weight_init=weight_init,
+               dtype=dtype),
         BatchNorm2D(out_channels, eps=eps, momentum=momentum, dtype=dtype)]
     if activation is not None:
         layers.append(activation())
