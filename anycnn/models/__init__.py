@@ -17,6 +17,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..nn.module import Module
+from .convnext import convnext_tiny
+from .efficientnet import efficientnet_b0
+from .mobilenet import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from .presets import (
     BasicBlock,
     CifarResNetCode,
@@ -29,15 +32,12 @@ from .presets import (
     resnet_mini,
     simple_cnn,
 )
-from .convnext import convnext_tiny
-from .efficientnet import efficientnet_b0
-from .mobilenet import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from .resnet import resnet18, resnet34, resnet50
 
 __all__ = ["MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn", "build_model",
            "cifar_resnet", "convnext_tiny", "efficientnet_b0", "lenet5", "mobilenet_v2",
-           "mobilenet_v3_large", "mobilenet_v3_small", "model_spec", "resnet18", "resnet20", "resnet20_code",
-           "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
+           "mobilenet_v3_large", "mobilenet_v3_small", "model_spec", "resnet18", "resnet20",
+           "resnet20_code", "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
 
 MODELS: dict[str, Callable[..., Module]] = {
     "lenet5": lenet5,
