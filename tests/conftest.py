@@ -48,7 +48,7 @@ CORE_FILES = frozenset({
 
 #: Test files every backend runs in full even under ``--backend-sample``: the issue's promise
 #: that forward-only models match torch autograd on every backend is checked case by case.
-FULL_FILES = frozenset({"test_autograd.py"})
+FULL_FILES = frozenset({"test_autograd.py", "test_torchvision_models.py"})
 
 
 def pytest_addoption(parser):

@@ -75,7 +75,7 @@ class Backbone(Module):
     head: str = ""
     stage_paths: tuple[tuple[str, ...], ...] = ()
 
-    def classifier(self) -> Dense:
+    def get_classifier(self) -> Dense:
         """The final Dense layer (the head)."""
         return self.get_submodule(self.head)
 
@@ -86,7 +86,7 @@ class Backbone(Module):
         updated to the new class count."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
-        old = self.classifier()
+        old = self.get_classifier()
         new = Dense(old.in_features, num_classes, weight_init="torch_default",
                     bias_init="torch_default", dtype=dtype_name(old.weight.data), rng=rng)
         parent_path, _, name = self.head.rpartition(".")

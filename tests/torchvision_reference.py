@@ -1,0 +1,34 @@
+"""torchvision as a test reference: its model definitions without its compiled operators.
+
+torchvision's PyPI wheel is built for CUDA torch; beside the CPU build of torch its compiled
+operators do not register, and ``import torchvision`` fails in ``torch.library.register_fake``.
+The model definitions need none of them, so :func:`import_torchvision` stubs that one function
+while the import runs (tests only; anycnn never imports torchvision).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+
+
+@functools.cache
+def _load():
+    import torch
+
+    original = torch.library.register_fake
+    torch.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        import torchvision
+    finally:
+        torch.library.register_fake = original
+    return torchvision
+
+
+def import_torchvision():
+    """The ``torchvision`` module, or a skip when torch or torchvision is not installed."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torch and torchvision are needed for the reference networks")
+    return _load()
