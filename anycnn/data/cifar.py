@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import os
 import shutil
 import stat
@@ -50,7 +49,14 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .arrays import ArrayDataset, Splits
-from .sources import cache_dir, download_bases, fetch, search_dirs, search_list
+from .sources import (
+    cache_dir,
+    download_bases,
+    fetch,
+    search_dirs,
+    search_list,
+    sha256_of,
+)
 
 IMAGE_SHAPE = (32, 32, 3)
 PIXEL_BYTES = 32 * 32 * 3
@@ -320,14 +326,6 @@ def _missing_in(layout: CifarLayout, data_dir: Path) -> str:
 # ----------------------------------------------------------------------------------- archives
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _copy_member(source, target, size: int) -> None:
     """Copy an archive member's ``size`` bytes from ``source`` to ``target`` in chunks."""
     left = size
@@ -393,7 +391,7 @@ def _extract_members(archive: Path, layout: CifarLayout, target: Path) -> None:
 def _load_archive(archive: Path, layout: CifarLayout, digest: str | None = None) -> Splits:
     """Read ``archive`` through its extraction in the user cache (made or replaced here,
     atomically, unless it is tagged with the archive's SHA-256 ``digest``)."""
-    digest = digest or _sha256_of(archive)
+    digest = digest or sha256_of(archive)
     parent = cache_dir(layout.name)
     target = parent / layout.folder
     source = f"{target} (extracted from {archive})"

@@ -6,7 +6,9 @@ Lookup order for dataset ``name`` (:func:`search_dirs`): an explicit ``data_dir`
 ``<name>/`` subfolder) is the only place looked at; otherwise ``$ANYCNN_DATA/<name>/``, the user
 cache ``$XDG_CACHE_HOME/anycnn/<name>/`` (default ``~/.cache/anycnn/<name>/``), then
 ``/usr/share/datasets/<name>/``. Downloads (:func:`fetch`) go through a temporary file and are
-kept only when their SHA-256 matches the pinned digest.
+kept only when their SHA-256 matches the pinned digest (the full 64 hex digits, or a prefix of
+at least 8 where only a prefix is published, as for torchvision's weight files:
+:func:`sha256_matches`). Pretrained weights (:mod:`anycnn.io.pretrained`) use the same helpers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 DATA_ENV = "ANYCNN_DATA"
 URL_ENV = "ANYCNN_DATA_URL"
@@ -58,6 +60,39 @@ def search_list(name: str) -> str:
     return "\n".join(f"  {line}" for line in lines)
 
 
+#: the shortest SHA-256 prefix a pin may be (torchvision's file names carry 8 hex digits)
+MIN_SHA256_PREFIX = 8
+
+
+def check_pin(pinned: str) -> str:
+    """``pinned`` in lower case, checked to be a SHA-256 or a prefix of one: 8 to 64 hex digits.
+
+    Raises:
+        ConfigError: it is not (a mistake in a pinned table or a caller's ``sha256=``).
+    """
+    low = str(pinned).lower()
+    if not MIN_SHA256_PREFIX <= len(low) <= 64 or any(c not in "0123456789abcdef" for c in low):
+        raise ConfigError(f"pinned SHA-256 {pinned!r} is not {MIN_SHA256_PREFIX} to 64 hex "
+                          "digits")
+    return low
+
+
+def sha256_matches(actual: str, pinned: str) -> bool:
+    """Whether the hex digest ``actual`` matches ``pinned``: the full SHA-256 (64 hex digits)
+    or a prefix of it of at least :data:`MIN_SHA256_PREFIX` digits (case-insensitive; the pin
+    is checked by :func:`check_pin`)."""
+    return actual.lower().startswith(check_pin(pinned))
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def download_bases(name: str, base_url: str | None, mirrors: tuple[str, ...]) -> list[str]:
     """The base URLs to download dataset ``name``'s files from, in order: ``<base_url>/<name>/``
     (or ``$ANYCNN_DATA_URL/<name>/``) when one is given, else ``mirrors``."""
@@ -68,12 +103,14 @@ def download_bases(name: str, base_url: str | None, mirrors: tuple[str, ...]) ->
 def fetch(name: str, filename: str, bases: list[str], dest: Path, sha256: str, progress: bool,
           hint: str) -> Path:
     """Download ``filename`` from the first of ``bases`` that serves it to ``dest`` (kept only if
-    its SHA-256 is ``sha256``; see :func:`_download_file`) and return ``dest``.
+    its SHA-256 matches ``sha256``, the full digest or a prefix: :func:`sha256_matches`; see
+    :func:`_download_file`) and return ``dest``.
 
     Raises:
         DataError: the digest differs, or every base failed: the message lists each URL with its
             error, then ``hint`` (where to put the files by hand).
     """
+    check_pin(sha256)  # a bad pin is a ConfigError before any transfer
     failures = []
     for base in bases:
         url = base + filename
@@ -110,8 +147,9 @@ def _download_file(url: str, dest: Path, sha256: str, progress: bool) -> None:
                     digest.update(chunk)
                     bar.update(len(chunk))
         actual = digest.hexdigest()
-        if actual != sha256:
-            raise DataError(f"{dest.name} from {url}: SHA-256 mismatch: expected {sha256}, "
+        if not sha256_matches(actual, sha256):
+            expected = sha256 if len(sha256) == 64 else f"a digest starting {sha256}"
+            raise DataError(f"{dest.name} from {url}: SHA-256 mismatch: expected {expected}, "
                             f"got {actual}; the download was deleted")
         os.replace(tmp, dest)
     except BaseException:

@@ -499,31 +499,124 @@ def save(model: Any, path: str | os.PathLike, *, model_spec: dict | None = None,
     or ``Module`` subclass) with :func:`load_weights` into a model built by the same code. The
     model's class name is recorded so a mismatch can be named on load.
 
+    A model that carries published weights' record (``model.pretrained``, set by
+    ``load_weights(model, "imagenet")``) keeps it in ``extra["pretrained"]``, which
+    :func:`load_weights` puts back; while its classes are still the published ones (as many
+    names as the spec's ``num_classes``), ``extra["preprocess"]`` also gets the record
+    ``anycnn predict`` prepares images by (:func:`pretrained_preprocess`), unless ``extra``
+    has its own.
+
     Raises:
         CheckpointError: NaN/inf weights, or the file cannot be written.
     """
     spec = model_spec if model_spec is not None else getattr(model, "model_spec", None)
-    record = {"model_class": type(model).__qualname__, **(extra or {})}
-    return save_checkpoint(path, model, model_spec=spec if isinstance(spec, dict) else None,
-                           extra=record)
+    spec = spec if isinstance(spec, dict) else None
+    record = {"model_class": type(model).__qualname__}
+    pretrained = getattr(model, "pretrained", None)
+    if isinstance(pretrained, dict):
+        record["pretrained"] = pretrained
+        preprocess = pretrained_preprocess(pretrained, spec)
+        if preprocess is not None:
+            record["preprocess"] = preprocess
+    return save_checkpoint(path, model, model_spec=spec, extra={**record, **(extra or {})})
 
 
-def load_weights(model: Any, path: str | os.PathLike) -> Any:
-    """Load the weights saved by :func:`save` (or any checkpoint) into ``model``, on the model's
-    backend and in its dtype; returns ``model``. The global RNG is left alone.
+def pretrained_preprocess(pretrained: dict[str, Any],
+                          spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The preprocess record of ``anycnn predict`` (:mod:`anycnn.cli.predict`) for a model
+    carrying published weights' record ``pretrained`` (:func:`load_weights`): RGB images
+    resized to ``crop`` x ``crop`` with the weights' interpolation, scaled by 1/255 and
+    normalised with their mean and std, the classes named (torchvision's own eval transform
+    resizes the shorter side to ``resize`` and crops the centre: ``pretrained["preprocess"]``
+    keeps those facts). ``None`` when the record is incomplete or its class names do not match
+    the spec's ``num_classes`` (a replaced head)."""
+    facts, names = pretrained.get("preprocess"), pretrained.get("classes")
+    if not isinstance(facts, dict) or not isinstance(names, list):
+        return None
+    if spec is not None and spec.get("num_classes") != len(names):
+        return None
+    try:
+        crop = int(facts["crop"])
+        normalize = {"mean": [float(v) for v in facts["mean"]],
+                     "std": [float(v) for v in facts["std"]]}
+        filter_name = str(facts.get("interpolation", "bilinear"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    from ..data.augment import image_record
+
+    return {**image_record((crop, crop), 3, names), "resize": filter_name, "augment": None,
+            "normalize": normalize}
+
+
+def load_weights(model: Any, source: str | os.PathLike, strict: bool = True, *,
+                 arch: str | None = None, base_url: str | None = None,
+                 progress: bool = True) -> Any:
+    """Load weights into ``model``, on the model's backend and in its dtype; returns ``model``.
+    The global RNG is left alone.
+
+    ``source`` is one of:
+
+    * a file saved by :func:`save` (or any anycnn checkpoint): anycnn names and layouts;
+    * a weight file in PyTorch's names and layouts (torchvision, timm, ``torch.save`` of a
+      ``state_dict``): ``.safetensors`` (no PyTorch needed) or ``.pth``/``.pt`` (read with
+      ``torch.load(weights_only=True)``; needs PyTorch), the state_dict possibly wrapped as
+      ``{"state_dict": ...}`` or ``{"model": ...}`` (:mod:`anycnn.io.weights`), converted
+      by :func:`anycnn.io.interop.from_torch_state_dict`;
+    * ``"imagenet"`` (or ``"imagenet1k_v1"``, ``"imagenet1k_v2"``): torchvision's published
+      ImageNet weights for the model's architecture (``model.model_spec["name"]``, or
+      ``arch``), downloaded once into the user cache and checked against the pinned hash
+      (:mod:`anycnn.io.pretrained`; ``base_url`` or ``$ANYCNN_WEIGHTS_URL`` names a mirror,
+      ``progress`` shows a progress bar on a terminal). A ``.pth`` file: needs PyTorch. The
+      model then carries ``model.class_names`` (the 1000 ImageNet names) and
+      ``model.pretrained`` (``{"weights", "name", "tag", "url", "sha256", "top1",
+      "preprocess": {"resize", "crop", "mean", "std", "interpolation"}, "classes"}``), which
+      :func:`save` records.
+
+    With ``strict=False`` (a new head, a backbone's weights) the model's tensors the file
+    lacks keep their values and the file's tensors the model lacks are ignored; shapes are
+    still checked. To see which names those were, call
+    ``anycnn.io.from_torch_state_dict(model, anycnn.io.read_state_dict(path), strict=False)``
+    (a PyTorch-format file) or ``model.load_state_dict(load_checkpoint(path).tensors,
+    strict=False)`` (an anycnn file): both return ``LoadResult(missing, unexpected)``.
 
     Raises:
-        CheckpointError: the file is bad, or its tensors do not fit ``model`` (the first tensor
-            that differs is named with both shapes, and the class the file was saved from).
-            Nothing is changed then.
+        CheckpointError: the file is missing, not a weight file (an image, text, ...),
+            corrupt, needs PyTorch which is not installed (one line saying so), or its tensors
+            do not fit ``model`` (the first tensor that differs is named with both shapes, and
+            the class the file was saved from). Nothing is changed then.
+        ConfigError: a weights name for an architecture without published weights.
+        DataError: a download failed or did not match the pinned hash.
     """
+    from . import pretrained, weights
+
+    if pretrained.is_weights_name(source):
+        pretrained.load_pretrained(model, str(source), arch=arch, strict=strict,
+                                   base_url=base_url, progress=progress)
+        return model
+    path = pathlib.Path(source)
+    if not weights.is_anycnn_checkpoint(path):
+        from .interop import from_torch_state_dict
+
+        from_torch_state_dict(model, weights.read_state_dict(path), strict=strict)
+        return model
     checkpoint = load_checkpoint(path)
     try:
-        restore(checkpoint, model, restore_rng=False)
+        if strict:
+            restore(checkpoint, model, restore_rng=False)
+        else:
+            try:
+                model.load_state_dict(checkpoint.tensors, strict=False)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{_describe(checkpoint)}: {exc}") from exc
     except CheckpointError as exc:
         saved = checkpoint.extra.get("model_class") if isinstance(checkpoint.extra, dict) else None
         if not isinstance(saved, str) or saved == type(model).__qualname__:
             raise
         raise CheckpointError(f"{exc} (the file was saved from a {saved}, this model is a "
                               f"{type(model).__qualname__})") from exc
+    record = checkpoint.extra.get("pretrained") if isinstance(checkpoint.extra, dict) else None
+    if isinstance(record, dict):
+        model.pretrained = record
+        if isinstance(record.get("classes"), list):
+            model.class_names = list(record["classes"])
     return model

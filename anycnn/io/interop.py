@@ -89,7 +89,7 @@ from ..nn.layers import (
     Tanh,
     Upsample2D,
 )
-from ..nn.module import Module, Parameter
+from ..nn.module import LoadResult, Module, Parameter
 from ..nn.sequential import Sequential
 
 _ELEMENTWISE = (ReLU, LeakyReLU, Sigmoid, Tanh, Dropout, ReLU6, Hardsigmoid, Hardswish, SiLU,
@@ -436,16 +436,63 @@ def to_torch_state_dict(model: Module,
     return out
 
 
-def from_torch_state_dict(model: Module, state: dict[str, Any],
-                          input_shape: tuple[int, int, int] | None = None) -> None:
-    """Load a PyTorch ``state_dict`` (torch tensors or NumPy arrays) into an anycnn model.
-
-    ``num_batches_tracked`` entries are ignored. Values are copied onto the current backend in
-    the model's dtype.
+def torch_value(name: str, value: Any) -> np.ndarray:
+    """One ``state_dict`` value as a host NumPy array: a NumPy array, a torch tensor (on any
+    device, requiring grad or not; ``bfloat16`` widened to ``float32``, which holds it
+    exactly), a Python number or any array :func:`~anycnn.backend.to_numpy` reads.
 
     Raises:
-        CheckpointError: a tensor is missing or unexpected, or a shape differs (the tensor's
-            name and both shapes, in PyTorch layout, are given). The model is then unchanged.
+        CheckpointError: the value is not a numeric array (the tensor's ``name`` is given).
+    """
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    try:
+        host = to_numpy(value)
+    except Exception as exc:  # BackendError, or whatever an odd object raises
+        raise CheckpointError(f"tensor {name!r} is a {type(value).__name__}, not an array "
+                              f"({exc})") from None
+    if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_):
+        raise CheckpointError(f"tensor {name!r} is a {type(value).__name__} of dtype "
+                              f"{host.dtype}, not a numeric array")
+    return host
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def from_torch_state_dict(model: Module, state: dict[str, Any],
+                          input_shape: tuple[int, int, int] | None = None, *,
+                          strict: bool = True) -> LoadResult:
+    """Load a PyTorch ``state_dict`` into an anycnn model: torch names (torchvision's and timm's
+    for models built with their names), torch layouts, values as torch tensors or NumPy arrays.
+
+    Each tensor is converted to the model's layout (see the module docstring) and copied onto
+    the current backend in the model's own dtype (a ``float64`` or ``bfloat16`` file loads
+    into a ``float32`` model). ``num_batches_tracked`` entries of BatchNorm layers are ignored.
+
+    Args:
+        model: an anycnn model (see the module docstring for the layers it may hold).
+        state: ``{torch name: tensor}``, e.g. ``torch_model.state_dict()`` or
+            :func:`anycnn.io.weights.read_state_dict` of a weight file.
+        input_shape: ``(H, W, C)``, as for :func:`to_torch_state_dict`.
+        strict: as in :meth:`~anycnn.nn.module.Module.load_state_dict`: with ``False`` the
+            model's tensors the state lacks keep their values and the state's tensors the
+            model lacks are ignored (shapes are still checked).
+
+    Returns:
+        ``LoadResult(missing, unexpected)``: the model's torch names absent from ``state`` and
+        the state's names the model lacks (both empty when ``strict``).
+
+    Raises:
+        CheckpointError: with ``strict``, a tensor is missing or unexpected (the first few are
+            named, with the counts); a shape differs (the tensor's name and both shapes, in
+            PyTorch layout, are given); a value is not a numeric array. The model is then
+            unchanged.
         ConfigError: the model has a layer with no PyTorch equivalent.
     """
     plan = _plan(model, input_shape)
@@ -455,21 +502,29 @@ def from_torch_state_dict(model: Module, state: dict[str, Any],
                if isinstance(entry.layer, BatchNorm2D)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected and k not in ignored]
-    if missing or unexpected:
-        raise CheckpointError(
-            "PyTorch state_dict does not match the model: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} of the model's tensors ({_names(missing)})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s) the model lacks "
+                         f"({_names(unexpected)})")
+        raise CheckpointError("the PyTorch state_dict does not match the model: "
+                              + "; ".join(parts) + " (strict=False loads the tensors that "
+                              "match and returns the names of the others)")
     converted: dict[str, np.ndarray] = {}
     for name, t in expected.items():
-        value = to_numpy(state[name])
+        if name not in state:
+            continue
+        value = torch_value(name, state[name])
         want = tuple(np.shape(t.to_torch(np.empty(tuple(own[name].shape), dtype=np.uint8))))
         if tuple(value.shape) != want:
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(value.shape)} in the PyTorch state_dict but "
                 f"the model needs {want} (PyTorch layout {t.description})")
         converted[name] = np.ascontiguousarray(t.from_torch(value))
-    model.load_state_dict(converted)
+    model.load_state_dict(converted, strict=strict)
+    return LoadResult(missing, unexpected)
 
 
 def _torch_layer(entry: _Layer, nn: Any) -> Any:
