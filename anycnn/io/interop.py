@@ -131,6 +131,7 @@ class _Shape:
     w: int | None = None
     c: int | None = None  # channels (NHWC); after Flatten: channels entering it; else features
     flat_hw: int | None = None  # features are (hw, c)-ordered with this many positions
+    in_code: bool = False  # inside a forward-only module: shapes are not tracked there
 
 
 def conv_weight_nchw(a: np.ndarray) -> np.ndarray:
@@ -292,8 +293,8 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
         plan.append(_Layer(prefix, module, False, []))
         if shape.spatial is False:
             return shape
-        if shape.spatial is None:  # inside a forward-only module: rows keep anycnn's order
-            return _Shape(False)
+        if shape.in_code:  # inside a forward-only module: rows keep anycnn's order
+            return _Shape(False, in_code=True)
         hw = shape.h * shape.w if shape.h is not None and shape.w is not None else None
         return _Shape(False, shape.h, shape.w, shape.c, hw if hw is not None else -1)
     if isinstance(module, Dense):
@@ -324,7 +325,7 @@ def _walk(module: Module, shape: _Shape, prefix: str, plan: list[_Layer]) -> _Sh
     if module.autodiff:  # written as code: its children in attribute order, shapes unknown
         _own_parameters(module, prefix, plan)
         for name, child in module.named_children():
-            _walk(child, _Shape(), f"{prefix}{name}.", plan)
+            _walk(child, _Shape(in_code=True), f"{prefix}{name}.", plan)
         return _Shape()
     raise ConfigError(
         f"layer {index} ({kind}) has no PyTorch equivalent in anycnn.io.interop; supported: "
