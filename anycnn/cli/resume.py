@@ -17,7 +17,7 @@ DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channel
 TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                     "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images",
-                    "augment")
+                    "augment", "weights", "freeze", "lr_backbone", "unfreeze_at")
 
 
 def output_folder(args) -> tuple[Path, Path | None]:

@@ -27,6 +27,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     from ..models import MODELS
     from ..optim.optimizers import OPTIMIZERS
     from ..optim.schedules import SCHEDULES
+    from .finetune import add_arguments as add_finetune_options
     from .folders import add_folder_options
 
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}, "
@@ -35,6 +36,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     add_folder_options(t)
     t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
+    add_finetune_options(t)
     t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
     t.add_argument("--batch-size", type=int, default=64,
                    help="images per step (the global batch: on N ranks each takes 1/N of it)")
@@ -105,6 +107,7 @@ def check_options(args) -> dict:
     from ..models import model_spec
     from ..optim.optimizers import OPTIMIZERS
     from ..optim.schedules import make_schedule
+    from .finetune import check as check_finetune
 
     if args.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
@@ -115,6 +118,7 @@ def check_options(args) -> dict:
         raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
                           "would ignore it")
     spec = model_spec(args.model)  # validate the name before loading data
+    check_finetune(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
@@ -191,13 +195,17 @@ def preprocessing(args, data, saved_config: dict):
 # -------------------------------------------------------------------------------- the trainer
 
 
-def build_model(args, spec: dict, comm):
-    """The seeded model of ``spec`` in ``--dtype`` (BatchNorm synchronised with ``--sync-bn``)."""
+def build_model(args, spec: dict, comm, resuming: bool = False):
+    """The seeded model of ``spec`` in ``--dtype`` (BatchNorm synchronised with ``--sync-bn``),
+    started from ``--weights`` unless the run resumes (:mod:`anycnn.cli.finetune`)."""
     from .. import random
     from ..models import build_model as build
+    from .finetune import load_weights
 
     random.manual_seed(args.seed)
     model = build(spec)
+    if args.weights is not None and not resuming:
+        load_weights(args, model, spec["num_classes"])
     if args.dtype != "float32":
         model.to(args.dtype)
     if args.sync_bn:
@@ -209,13 +217,15 @@ def build_model(args, spec: dict, comm):
 
 def make_optimizer(args, model):
     """``--optimizer`` over the model's parameters, with ``--lr``, ``--weight-decay`` and (SGD)
-    ``--momentum``."""
+    ``--momentum``; with ``--lr-backbone``, two parameter groups (:mod:`.finetune`)."""
     from ..optim.optimizers import OPTIMIZERS
+    from .finetune import parameter_groups
 
     opt_kwargs = {"weight_decay": args.weight_decay}
     if args.optimizer == "sgd":
         opt_kwargs["momentum"] = args.momentum
-    return OPTIMIZERS[args.optimizer](model.parameters(), lr=args.lr, **opt_kwargs)
+    params = parameter_groups(args, model) or model.parameters()
+    return OPTIMIZERS[args.optimizer](params, lr=args.lr, **opt_kwargs)
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -240,11 +250,13 @@ def make_callbacks(args, out: Path, history_path: Path):
     """``(callbacks, best, early)``: after each epoch's checkpoint, ``best.safetensors``, early
     stopping (``early`` None without ``--early-stop``), the log line, ``history.json``."""
     from ..train.callbacks import BestCheckpoint, EarlyStopping, ProgressLog
+    from .finetune import unfreeze_callback
 
     best = BestCheckpoint(out / "best.safetensors", args.monitor)
     early = (EarlyStopping(args.monitor, args.early_stop, args.min_delta)
              if args.early_stop is not None else None)
-    callbacks = [best, *([early] if early else []),
+    freeze = [unfreeze_callback(args)] if args.freeze not in ("none", 0) else []
+    callbacks = [*freeze, best, *([early] if early else []),
                  *([] if args.quiet else [ProgressLog(args.log_every)]),
                  _history_file(history_path)]
     return callbacks, best, early
@@ -351,7 +363,7 @@ def run(args) -> int:
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
     say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}){ranks}; "
         f"{data.name}: {len(data.train)} train / {len(data.val)} val; model {args.model}")
-    model = build_model(args, spec, comm)
+    model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks)
     if resume_from is not None:

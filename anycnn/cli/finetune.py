@@ -1,0 +1,255 @@
+"""The fine-tuning options of ``anycnn train``: ``--weights``, ``--freeze``, ``--lr-backbone``
+and ``--unfreeze-at``.
+
+``--weights PATH|imagenet`` starts the model from a weight file (torchvision/timm names: a
+``.safetensors`` or ``.pth`` file; or an anycnn checkpoint) or from torchvision's published
+ImageNet weights. When the file's classifier has another number of classes than the dataset,
+the classifier (the model's *head*: :attr:`~anycnn.models.backbone.Backbone.head`, or the last
+``Dense`` of a ``Sequential``) is replaced by a new one, seeded by ``--seed``, and one line
+says so. ``--freeze backbone`` trains the top-level part holding the head alone (``fc``, or
+the whole ``classifier`` block with its dropout), ``--freeze N`` freezes the first N
+stages (:meth:`~anycnn.models.backbone.Backbone.stages`; for a ``Sequential``, its layers
+with parameters), ``--freeze none`` (the default) trains everything. Frozen parts stay in eval
+mode (BatchNorm keeps the file's statistics), so they compute exactly the pretrained function.
+``--unfreeze-at E`` trains everything from epoch E on (the usual two-phase recipe), and
+``--lr-backbone LR`` gives every parameter outside the head its own learning rate (the
+schedule scales both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .common import say
+
+
+def add_arguments(t: argparse.ArgumentParser) -> None:
+    """The fine-tuning arguments of ``anycnn train``."""
+    t.add_argument("--weights", default=None, metavar="PATH|imagenet",
+                   help="start from these weights: a .safetensors or .pth file in "
+                   "torchvision/timm names, an anycnn checkpoint, or 'imagenet' (torchvision's "
+                   "published weights for --model, downloaded once and checked); a classifier "
+                   "for another number of classes is replaced")
+    t.add_argument("--freeze", default="none", metavar="none|backbone|N",
+                   help="train the head alone (backbone), all but the first N stages (N), or "
+                   "everything (none, the default); frozen parts keep their BatchNorm "
+                   "statistics")
+    t.add_argument("--lr-backbone", type=float, default=None, metavar="LR",
+                   help="learning rate of the parameters outside the head (default: --lr)")
+    t.add_argument("--unfreeze-at", type=int, default=None, metavar="EPOCH",
+                   help="train everything from this epoch on (1-based; with --freeze)")
+
+
+def check(args) -> None:
+    """Check the fine-tuning options before any data is loaded (``--freeze`` becomes
+    ``"none"``, ``"backbone"`` or an int)."""
+    freeze = str(args.freeze).strip().lower()
+    if freeze not in ("none", "backbone"):
+        try:
+            freeze = int(freeze)
+        except ValueError:
+            raise ConfigError(f"--freeze must be none, backbone or a number of stages, got "
+                              f"{args.freeze!r}") from None
+        if freeze < 0:
+            raise ConfigError(f"--freeze must be >= 0 stages, got {freeze}")
+    args.freeze = freeze
+    if args.lr_backbone is not None and not 0 < args.lr_backbone < math.inf:
+        raise ConfigError(f"--lr-backbone must be a finite number > 0, got {args.lr_backbone}")
+    if args.unfreeze_at is not None:
+        if args.unfreeze_at < 1:
+            raise ConfigError(f"--unfreeze-at must be an epoch >= 1, got {args.unfreeze_at}")
+        if freeze in ("none", 0):
+            raise ConfigError("--unfreeze-at ends a --freeze phase: add --freeze backbone "
+                              "(or --freeze N)")
+    if args.weights is not None:
+        from ..io.pretrained import is_weights_name, lookup
+
+        if is_weights_name(args.weights):
+            lookup(args.model, args.weights)  # the architecture has such weights
+        elif not Path(args.weights).is_file():
+            raise ConfigError(f"--weights {args.weights}: no such file")
+
+
+# ---------------------------------------------------------------------------- head and stages
+
+
+def head_path(model: Any) -> str:
+    """The dotted path of ``model``'s classifier: a Backbone's ``head``, or the index of a
+    ``Sequential``'s last ``Dense``."""
+    from ..models.backbone import Backbone
+    from ..nn.layers import Dense
+    from ..nn.sequential import Sequential
+
+    if isinstance(model, Backbone):
+        return model.head
+    if isinstance(model, Sequential):
+        for i in range(len(model) - 1, -1, -1):
+            if isinstance(model[i], Dense):
+                return str(i)
+    raise ConfigError(f"{type(model).__name__} has no classifier head anycnn can find (a "
+                      "Dense at the end of a Sequential, or one of the pretrained "
+                      "architectures)")
+
+
+def _module_at(model: Any, path: str) -> Any:
+    from ..nn.sequential import Sequential
+
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if isinstance(module, Sequential) else getattr(module, part)
+    return module
+
+
+def stages(model: Any) -> list[list[Any]]:
+    """The parts ``--freeze N`` counts: a Backbone's stages, or a ``Sequential``'s layers
+    with parameters before its head."""
+    from ..models.backbone import Backbone
+
+    if isinstance(model, Backbone):
+        return model.stages()
+    head = int(head_path(model))
+    return [[layer] for layer in list(model)[:head] if any(True for _ in layer.parameters())]
+
+
+def head_parameters(model: Any) -> list[Any]:
+    """The parameters ``--freeze backbone`` trains and ``--lr-backbone`` leaves at ``--lr``:
+    those of the model's top-level part holding the head (``fc``; a ``classifier`` block)."""
+    top = head_path(model).split(".")[0]
+    return list(dict(model.named_children())[top].parameters())
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def _replace_head(model: Any, num_classes: int, seed: int) -> None:
+    import numpy as np
+
+    from ..backend import dtype_name
+    from ..models.backbone import Backbone
+    from ..nn.layers import Dense
+
+    rng = np.random.default_rng(seed)
+    if isinstance(model, Backbone):
+        model.reset_classifier(num_classes, rng=rng)
+        return
+    index = int(head_path(model))
+    old = model[index]
+    model[index] = Dense(old.in_features, num_classes, weight_init="torch_default",
+                         bias_init="torch_default", dtype=dtype_name(old.weight.data), rng=rng)
+    spec = getattr(model, "model_spec", None)
+    if isinstance(spec, dict):
+        model.model_spec = {**spec, "num_classes": num_classes}
+
+
+def _file_state(path: Path, model: Any, head: str) -> tuple[dict[str, Any], bool, int]:
+    """``(state, torch_names, classes)``: the file's tensors, whether they are in PyTorch's
+    names and layouts (else anycnn's), and its head's class count."""
+    from ..io.checkpoint import load_checkpoint
+    from ..io.weights import is_anycnn_checkpoint, read_state_dict
+
+    if is_anycnn_checkpoint(path):
+        state = dict(load_checkpoint(path).tensors)
+        weight = state.get(f"{head}.weight")
+        return state, False, None if weight is None else int(weight.shape[-1])
+    state = read_state_dict(path)
+    weight = state.get(f"{head}.weight")
+    return state, True, None if weight is None else int(weight.shape[0])
+
+
+def load_weights(args, model: Any, num_classes: int) -> None:
+    """Load ``--weights`` into ``model`` (built for ``num_classes``), replacing the file's
+    classifier when its class count differs (said in one line)."""
+    from ..io.interop import from_torch_state_dict
+    from ..io.pretrained import is_weights_name, lookup, weight_file
+
+    head = head_path(model)
+    if is_weights_name(args.weights):
+        entry = lookup(args.model, args.weights)
+        path = weight_file(entry, progress=not args.quiet)
+        what = f"{args.model} {entry.tag} weights"
+    else:
+        path, entry, what = Path(args.weights), None, str(args.weights)
+    state, torch_names, classes = _file_state(path, model, head)
+    if classes is None:
+        raise ConfigError(f"--weights {args.weights}: the file has no {head}.weight, the "
+                          f"classifier of {args.model}: is it a {args.model}?")
+    replaced = classes != num_classes
+    if replaced:
+        state = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    if torch_names:
+        result = from_torch_state_dict(model, state, strict=False)
+    else:
+        result = model.load_state_dict(state, strict=False)
+    extra = [k for k in result.missing if not (replaced and k.startswith(f"{head}."))]
+    if extra or result.unexpected:
+        names = ", ".join((extra + list(result.unexpected))[:5])
+        raise ConfigError(f"--weights {args.weights} does not fit {args.model}: "
+                          f"{len(extra)} tensor(s) missing, {len(result.unexpected)} "
+                          f"unexpected ({names}, ...)")
+    if replaced:
+        _replace_head(model, num_classes, args.seed)
+        say(args.quiet, f"loaded {what}; replaced the classifier {head} ({classes} classes) "
+            f"with a new one for the dataset's {num_classes}")
+    else:
+        say(args.quiet, f"loaded {what}")
+    if entry is not None:
+        model.pretrained = entry.record()
+
+
+# --------------------------------------------------------------------------- freezing, groups
+
+
+def apply_freeze(args, model: Any, epoch: int) -> bool:
+    """Freeze what ``--freeze`` names unless ``--unfreeze-at`` has come (``epoch`` 0-based);
+    returns whether anything is frozen."""
+    model.unfreeze()
+    frozen = args.freeze not in ("none", 0) and (
+        args.unfreeze_at is None or epoch + 1 < args.unfreeze_at)
+    if not frozen:
+        return False
+    if args.freeze == "backbone":
+        top = head_path(model).split(".")[0]
+        for name, child in model.named_children():
+            if name != top:
+                child.freeze(eval=True)
+    else:
+        parts = stages(model)
+        if args.freeze > len(parts):
+            raise ConfigError(f"--freeze {args.freeze}: {args.model} has {len(parts)} stages")
+        for stage in parts[:args.freeze]:
+            for module in stage:
+                module.freeze(eval=True)
+    return True
+
+
+def parameter_groups(args, model: Any) -> list[dict] | None:
+    """Two groups (the head at ``--lr``, the rest at ``--lr-backbone``) or None."""
+    if args.lr_backbone is None:
+        return None
+    head = {id(p) for p in head_parameters(model)}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in head], "lr": args.lr_backbone},
+            {"params": [p for p in params if id(p) in head], "lr": args.lr}]
+
+
+def unfreeze_callback(args):
+    """A callback that applies ``--freeze``/``--unfreeze-at`` at the start of every epoch
+    (and so also on a resumed run), saying when everything starts training."""
+    from ..train.callbacks import Callback
+
+    class Unfreeze(Callback):
+        frozen: bool | None = None
+
+        def on_epoch_begin(self, trainer, epoch) -> None:
+            frozen = apply_freeze(args, trainer.model, epoch)
+            if self.frozen and not frozen and trainer.comm.rank == 0:
+                say(args.quiet, f"epoch {epoch + 1}: unfrozen, training every parameter")
+            if not frozen:
+                trainer.model.train()
+            self.frozen = frozen
+
+    return Unfreeze()
