@@ -190,10 +190,10 @@ def load_weights(args, model: Any, num_classes: int) -> None:
         raise ConfigError(f"--weights {args.weights} does not fit {args.model}: "
                           f"{len(extra)} tensor(s) missing, {len(result.unexpected)} "
                           f"unexpected ({names}, ...)")
-    if replaced:
+    if replaced:  # said even with --quiet: the model is no longer the file's
         _replace_head(model, num_classes, args.seed)
-        say(args.quiet, f"loaded {what}; replaced the classifier {head} ({classes} classes) "
-            f"with a new one for the dataset's {num_classes}")
+        print(f"loaded {what}; replaced the classifier {head} ({classes} classes) with a new "
+              f"one for the dataset's {num_classes}")
     else:
         say(args.quiet, f"loaded {what}")
     if entry is not None:

@@ -1,0 +1,148 @@
+"""Fine-tuning from the CLI (issue 24): ``anycnn train --weights FILE --freeze ...`` on a
+generated image folder, starting from a torchvision-format ``.safetensors`` file (written here
+from an anycnn model in PyTorch's names and layouts, so no torch is needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn import backend as backend_module
+from anycnn.cli.commands import main
+from anycnn.io import to_torch_state_dict
+from anycnn.models import build_model
+
+Image = pytest.importorskip("PIL.Image")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+CLASSES = ("cat", "dog", "owl")
+
+
+@pytest.fixture(autouse=True)
+def _keep_backend():
+    saved = backend_module._current
+    yield
+    backend_module._current = saved
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Three classes told apart by their dominant colour, 16 photos each, of assorted sizes."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(16):
+            h, w = rng.integers(36, 60, 2)
+            pixels = rng.normal(60, 30, (h, w, 3))
+            pixels[..., c] += 120
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A resnet18 weight file in torchvision's names and layouts (1000 classes)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"
+    with anycnn.use_backend("numpy"):
+        anycnn.manual_seed(5)
+        model = build_model("resnet18", num_classes=1000)
+    safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in
+                                 to_torch_state_dict(model).items()}, str(path))
+    return path
+
+
+def _torch_names(checkpoint: Path) -> dict[str, np.ndarray]:
+    with anycnn.use_backend("numpy"):
+        model, _ = anycnn.load_model(checkpoint)
+        return to_torch_state_dict(model)
+
+
+def test_freeze_backbone_trains_the_new_head_only(capsys, tmp_path, photos, weights):
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "train", "--model", "resnet18", "--weights", weights,
+                            "--dataset", photos, "--image-size", 32, "--freeze", "backbone",
+                            "--epochs", 3, "--lr", 0.01, "--batch-size", 16, "--out", out,
+                            "--quiet", "--backend", "numpy")
+    assert code == 0, err
+    assert "replaced the classifier fc (1000 classes) with a new one for the dataset's 3" in \
+        stdout
+    trained = _torch_names(out / "checkpoint.safetensors")
+    original = safetensors_numpy.load_file(str(weights))
+    frozen = [k for k in original if not k.startswith("fc.")]
+    assert frozen and all(np.array_equal(trained[k], original[k]) for k in frozen
+                          if not k.endswith("num_batches_tracked"))
+    assert trained["fc.weight"].shape == (3, 512)
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # the head learns
+
+    code, stdout, err = cli(capsys, "evaluate", out / "checkpoint.safetensors", "--backend",
+                            "numpy")
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "predict", out / "checkpoint.safetensors",
+                            photos / "owl" / "0.png", "--backend", "numpy")
+    assert code == 0, err
+    assert any(name in stdout for name in CLASSES)
+
+
+def test_freeze_stages_and_unfreeze_at(capsys, tmp_path, photos, weights):
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "train", "--model", "resnet18", "--weights", weights,
+                            "--dataset", photos, "--image-size", 32, "--freeze", 2,
+                            "--epochs", 1, "--batch-size", 16, "--out", out, "--quiet",
+                            "--backend", "numpy")
+    assert code == 0, err
+    trained = _torch_names(out / "checkpoint.safetensors")
+    original = safetensors_numpy.load_file(str(weights))
+    # stages 1-2 (the stem, layer1) are frozen; layer2 on trained
+    assert np.array_equal(trained["conv1.weight"], original["conv1.weight"])
+    assert np.array_equal(trained["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    assert np.array_equal(trained["layer1.0.bn1.running_mean"],
+                          original["layer1.0.bn1.running_mean"])
+    assert not np.array_equal(trained["layer2.0.conv1.weight"], original["layer2.0.conv1.weight"])
+
+    # --unfreeze-at 2: the resumed run's second epoch trains everything
+    code, stdout, err = cli(capsys, "train", "--model", "resnet18", "--weights", weights,
+                            "--dataset", photos, "--image-size", 32, "--freeze", "backbone",
+                            "--unfreeze-at", 2, "--epochs", 2, "--batch-size", 16,
+                            "--out", tmp_path / "two", "--backend", "numpy")
+    assert code == 0, err
+    assert "epoch 2: unfrozen, training every parameter" in stdout
+    trained = _torch_names(tmp_path / "two" / "checkpoint.safetensors")
+    assert not np.array_equal(trained["conv1.weight"], original["conv1.weight"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--freeze", "most"), "--freeze must be none, backbone or a number of stages"),
+    (("--freeze", "-1"), "--freeze must be >= 0"),
+    (("--unfreeze-at", "2"), "--unfreeze-at ends a --freeze phase"),
+    (("--freeze", "backbone", "--unfreeze-at", "0"), "--unfreeze-at must be an epoch >= 1"),
+    (("--lr-backbone", "0"), "--lr-backbone must be a finite number > 0"),
+    (("--weights", "no/such.safetensors"), "--weights no/such.safetensors: no such file"),
+    (("--freeze", "9"), "--freeze 9: resnet18 has 5 stages"),
+])
+def test_bad_options_are_one_line_errors(capsys, tmp_path, photos, weights, argv, message):
+    if "--weights" not in argv:
+        argv = ("--weights", weights, *argv)
+    code, _, err = cli(capsys, "train", "--model", "resnet18", "--dataset", photos,
+                       "--image-size", 32, "--epochs", 1, "--out", tmp_path / "x",
+                       "--backend", "numpy", *argv)
+    assert code != 0
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_weights_of_another_architecture_are_refused(capsys, tmp_path, photos, weights):
+    code, _, err = cli(capsys, "train", "--model", "resnet34", "--weights", weights,
+                       "--dataset", photos, "--image-size", 32, "--epochs", 1,
+                       "--out", tmp_path / "x", "--backend", "numpy")
+    assert code != 0 and "does not fit resnet34" in err
