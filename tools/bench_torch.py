@@ -4,7 +4,10 @@ driver (:mod:`anycnn.cli.bench`) as ``python tools/bench_torch.py WORKER-JSON``.
 ``WORKER-JSON`` is the driver's worker config (``kind`` ``torch`` or ``torch-cl``, ``model``,
 ``batch``, ``dtype``, ``steps``, ``warmup``, ``threads``, ``gpu``); the last line printed is the
 result as JSON. The model is the anycnn preset converted by
-:func:`anycnn.io.interop.torch_module`, timed with the same loop as anycnn's worker.
+:func:`anycnn.io.interop.torch_module`, or, for the torchvision architectures (``resnet18``,
+``mobilenet_v2``, ...), torchvision's own model (imported with ``torch.library.register_fake``
+stubbed: its compiled operators are not needed and do not load beside a CPU build of torch),
+timed with the same loop as anycnn's worker.
 
 This script is part of the repository, not of the anycnn wheel: it compares with another
 framework, which the library itself never needs. It imports the anycnn of the checkout it lives
@@ -28,12 +31,19 @@ def torch_worker(cfg: dict, channels_last: bool) -> dict:
     from anycnn.cli.bench import model_input_shape, rss_mib, time_steps
     from anycnn.io.interop import torch_module
     from anycnn.models import build_model
+    from anycnn.models.backbone import Backbone
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.get("gpu") else "cpu")
     dtype = getattr(torch, cfg["dtype"])
     size = model_input_shape(cfg["model"])
-    net = torch_module(build_model(cfg["model"]), size).to(device=device, dtype=dtype)
+    model = build_model(cfg["model"])
+    if isinstance(model, Backbone):
+        net = getattr(import_torchvision().models, cfg["model"])(
+            num_classes=model.model_spec["num_classes"])
+    else:
+        net = torch_module(model, size)
+    net = net.to(device=device, dtype=dtype)
     rng = np.random.default_rng(0)
     b = cfg["batch"]
     x = torch.tensor(rng.random((b, size[2], size[0], size[1]), dtype=np.float32),
@@ -63,6 +73,19 @@ def torch_worker(cfg: dict, channels_last: bool) -> dict:
     return {"train_ms": train, "infer_ms": inference, "base_mib": base,
             "peak_mib": rss_mib("VmHWM"), "backend": "torch", "device": str(device),
             "cudnn": cudnn}
+
+
+def import_torchvision():
+    """torchvision, imported with ``torch.library.register_fake`` stubbed for the duration."""
+    import torch
+
+    original = torch.library.register_fake
+    torch.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        import torchvision
+    finally:
+        torch.library.register_fake = original
+    return torchvision
 
 
 def main(argv: list[str] | None = None) -> int:
