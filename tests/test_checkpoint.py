@@ -132,15 +132,19 @@ def test_load_model_leaves_the_global_rng_alone(backend, tmp_path):
 
 
 @pytest.mark.parametrize("make_opt", [
-    lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
-    lambda ps: optim.Adam(ps, lr=1e-2),
-    lambda ps: optim.AdamW(ps, lr=1e-2),
-], ids=["sgd-momentum", "adam", "adamw"])
+    lambda m: optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    lambda m: optim.Adam(m.parameters(), lr=1e-2),
+    lambda m: optim.AdamW(m.parameters(), lr=1e-2),
+    lambda m: optim.SGD(optim.split_groups(m, m[-1], lr_backbone=0.01, no_decay=("bias", "norm")),
+                        lr=0.05, momentum=0.9, weight_decay=1e-3),
+    lambda m: optim.AdamW([{**g, "betas": (0.8, 0.99)} if g["name"] == "no_decay" else g
+                           for g in optim.decay_groups(m, 0.05)], lr=1e-2),
+], ids=["sgd-momentum", "adam", "adamw", "sgd-groups", "adamw-groups"])
 def test_resume_is_exact(backend, tmp_path, make_opt):
     path = tmp_path / "resume.safetensors"
     R.manual_seed(0)
     model = build_model("bn-cnn", **SMALL)
-    opt = make_opt(model.parameters())
+    opt = make_opt(model)
     train(model, opt, 2)
     C.save_checkpoint(path, model, opt, model_spec=model_spec("bn-cnn", **SMALL), step=2)
     train(model, opt, 2, seed=10)  # the uninterrupted run
@@ -148,7 +152,8 @@ def test_resume_is_exact(backend, tmp_path, make_opt):
 
     R.manual_seed(999)  # a new process: other weights, other RNG state
     resumed = build_model("bn-cnn", **SMALL)
-    resumed_opt = make_opt(resumed.parameters())
+    resumed_opt = make_opt(resumed)
+    resumed_opt.lr = 0.5  # restored from the checkpoint, with every group's rate
     ckpt = C.load_checkpoint(path)
     assert ckpt.step == 2
     C.restore(ckpt, resumed, resumed_opt)
@@ -160,7 +165,7 @@ def test_resume_is_exact(backend, tmp_path, make_opt):
     # control: without the RNG state the dropout masks differ, and so do the weights
     R.manual_seed(999)
     other = build_model("bn-cnn", **SMALL)
-    other_opt = make_opt(other.parameters())
+    other_opt = make_opt(other)
     C.restore(ckpt, other, other_opt, restore_rng=False)
     train(other, other_opt, 2, seed=10)
     assert any(not np.array_equal(v, reference[k]) for k, v in weights(other).items())
@@ -261,7 +266,9 @@ def test_metadata(backend, tmp_path):
     assert json.loads(raw["rng_state"]) == rng_at_save
     opt_meta = meta["optimizer"]
     assert opt_meta["type"] == "SGD" and opt_meta["lr"] == 0.1
-    assert opt_meta["momentum"] == 0.9 and opt_meta["weight_decay"] == 5e-4
+    (group,) = opt_meta["param_groups"]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    assert group["params"] == list(range(len(model.parameters())))
     assert opt_meta["steps"] == [1] * len(model.parameters())
     assert "arrays" not in opt_meta
 

@@ -14,7 +14,7 @@ import anycnn
 from anycnn.errors import ConfigError
 from anycnn.models import build_model
 from anycnn.nn import Dense, Dropout, Flatten, Sequential, SoftmaxCrossEntropy
-from anycnn.optim import SGD, Adam
+from anycnn.optim import SGD, Adam, AdamW, decay_groups, split_groups
 from anycnn.train import Trainer
 
 
@@ -34,7 +34,7 @@ def _run(model_name, compile, opt, sizes, shape, on_nonfinite="stop", poison=Non
         anycnn.manual_seed(0)
         model = build_model(model_name)
         model.to("float64")
-        trainer = Trainer(model, opt(model.parameters()), PoisonedLoss(), compile=compile,
+        trainer = Trainer(model, opt(model), PoisonedLoss(), compile=compile,
                           progress=False, on_nonfinite=on_nonfinite)
         rng = np.random.default_rng(0)
         losses = []
@@ -60,8 +60,14 @@ class PoisonedLoss(SoftmaxCrossEntropy):
         return loss + xp.where(xp.any(bad), xp.nan, 0.0)
 
 
-OPTS = {"sgd": lambda p: SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-        "adam": lambda p: Adam(p, lr=1e-2, weight_decay=1e-3)}
+OPTS = {"sgd": lambda m: SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                             weight_decay=1e-3),
+        "adam": lambda m: Adam(m.parameters(), lr=1e-2, weight_decay=1e-3),
+        "sgd-groups": lambda m: SGD(split_groups(m, m[-1], lr_backbone=5e-3, no_decay=("bias",)),
+                                    lr=0.05, momentum=0.9, weight_decay=1e-2),
+        "adamw-groups": lambda m: AdamW(
+            [{**g, "betas": (0.5, 0.9)} if g["name"] == "no_decay" else {**g, "lr": 3e-3}
+             for g in decay_groups(m, 0.1)], lr=1e-2)}
 
 
 @needs_jax
@@ -74,6 +80,39 @@ def test_compiled_steps_equal_eager_steps(opt):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
     assert all(s["step"] == 3 for s in trainer.optimizer.state)
+
+
+@needs_jax
+def test_compiled_groups_follow_lr_changes_and_unfreezing():
+    """Each group's rate is an input (a schedule's change needs no new compile); a change of
+    what is compiled in (a group's weight decay, unfreezing) compiles again, as eager runs."""
+
+    def run(compile):
+        with anycnn.use_backend("jax"):
+            anycnn.manual_seed(0)
+            model = build_model("lenet5")
+            model.to("float64")
+            opt = OPTS["sgd-groups"](model)
+            for p in model[0].parameters():
+                p.requires_grad = False
+            trainer = Trainer(model, opt, compile=compile, progress=False)
+            rng = np.random.default_rng(0)
+            for step in range(5):
+                if step == 2:
+                    opt.lr = 0.02
+                if step == 3:
+                    for p in model[0].parameters():
+                        p.requires_grad = True
+                if step == 4:
+                    opt.param_groups[0]["weight_decay"] = 0.5
+                x = anycnn.asarray(rng.random((4, 28, 28, 1)), dtype="float64")
+                trainer.train_step(x, anycnn.asarray(rng.integers(0, 10, 4)), True)
+            return {k: anycnn.to_numpy(v) for k, v in model.state_dict().items()}, trainer
+
+    want, _ = run(False)
+    got, _ = run(True)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 @needs_jax

@@ -21,7 +21,6 @@ import anycnn
 from anycnn.data import DataLoader
 from anycnn.io.checkpoint import load_checkpoint
 from anycnn.nn import SoftmaxCrossEntropy
-from anycnn.optim import SGD
 from anycnn.train import evaluate
 
 from .mpi_run import SCRIPTS, child_env, mpiexec_or_skip, run_ranks
@@ -60,16 +59,20 @@ def run_worker(tmp_path, ranks: int, timeout: float = 60, backend: str = "numpy"
     return out, seconds, result
 
 
-def shard_sum_reference(size: int, examples=50, batch=12, epochs=2, augment=False):
+def shard_sum_reference(size: int, examples=50, batch=12, epochs=2, augment=False,
+                        groups=False, freeze=False):
     """One process doing what ``size`` ranks do: each share's gradient times its size, summed
-    in rank order, divided by the batch's size, then one SGD step."""
+    in rank order, divided by the batch's size, then one SGD step (of the trainable
+    parameters)."""
     net = worker.model(False)
-    opt = SGD(net.parameters(), lr=0.1, momentum=0.9)
+    if freeze:
+        net[0].weight.requires_grad = False
+    opt = worker.optimizer(net, groups)
     loss_fn = SoftmaxCrossEntropy()
     aug = anycnn.data.Augment(crop=1, flip=True) if augment else None
     loaders = [DataLoader(worker.dataset(examples), batch, shuffle=True, seed=3, augment=aug,
                           shard=(r, size)) for r in range(size)]
-    params = opt.params
+    params = [p for p in opt.params if p.requires_grad]
     for epoch in range(epochs):
         for loader in loaders:
             loader.set_epoch(epoch)
@@ -105,6 +108,17 @@ def test_two_ranks_equal_one_process_summing_the_two_shares(tmp_path):
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
         np.testing.assert_allclose(got[name], single[name], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_two_ranks_with_parameter_groups_and_a_frozen_layer_equal_one_process(tmp_path):
+    out, _, got = run_worker(tmp_path, 2, groups=True, freeze=True)
+    assert out.returncode == 0, out.stderr
+    want = shard_sum_reference(2, groups=True, freeze=True)
+    initial = worker.model(False).state_dict()
+    np.testing.assert_array_equal(got["0.weight"], anycnn.to_numpy(initial["0.weight"]))
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert not np.array_equal(got["0.bias"], anycnn.to_numpy(initial["0.bias"]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "array_api_strict"])

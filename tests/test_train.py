@@ -210,17 +210,24 @@ class StopAfter:
             yield batch
 
 
-def new_run(train_set, seed, path=None):
+def new_run(train_set, seed, path=None, groups=False):
+    """A run of :func:`tiny_model` with Adam and a cosine schedule; with ``groups``, SGD with
+    parameter groups (a slower backbone, no decay on BatchNorm and biases) and a warmup."""
     anycnn.manual_seed(seed)
     model = tiny_model()
-    opt = optim.Adam(model.parameters(), lr=3e-3)
+    if groups:
+        opt = optim.SGD(optim.split_groups(model, model[-1], lr_backbone=3e-4,
+                                           no_decay=("bias", "norm")),
+                        lr=3e-3, momentum=0.9, weight_decay=5e-3)
+    else:
+        opt = optim.Adam(model.parameters(), lr=3e-3)
     trainer = Trainer(model, opt, schedule=make_schedule("cosine", 3e-3, 3),
-                      checkpoint_path=path, progress=False)
+                      checkpoint_path=path, progress=False, warmup_steps=5 if groups else 0)
     return trainer, DataLoader(train_set, 32, shuffle=True, seed=5)
 
 
-def straight_run(small):
-    trainer, loader = new_run(small[0], seed=1)
+def straight_run(small, groups=False):
+    trainer, loader = new_run(small[0], seed=1, groups=groups)
     trainer.fit(loader, DataLoader(small[1], 64), epochs=3)
     return trainer
 
@@ -269,6 +276,26 @@ def test_stop_mid_epoch_and_resume_equals_uninterrupted_run(backend, small, tmp_
     resumed.fit(loader, DataLoader(small[1], 64), epochs=3)
     assert resumed.stopped is None
     assert_same_run(backend, resumed, straight)
+
+
+def test_resume_with_parameter_groups_equals_uninterrupted_run(backend, small, tmp_path):
+    straight = straight_run(small, groups=True)
+
+    first, loader = new_run(small[0], seed=1, groups=True)
+    stopper = StopAfter(loader, 1, 2)
+    stopper.trainer = first
+    first.fit(stopper, DataLoader(small[1], 64), epochs=3)
+    assert (first.epoch, first.step) == (1, 2)
+    path = first.save(tmp_path / "stopped.safetensors")
+
+    resumed, loader = new_run(small[0], seed=42, groups=True)
+    resumed.resume(path)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [
+        g["lr"] for g in first.optimizer.param_groups]
+    resumed.fit(loader, DataLoader(small[1], 64), epochs=3)
+    assert_same_run(backend, resumed, straight)
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [
+        g["lr"] for g in straight.optimizer.param_groups]
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ anycnn's layers keep state on their objects (a forward pass stores what its back
 parameters hold ``data`` and ``grad``). Under :func:`jax.jit` that is fine as long as the step
 is a function of its *values*: :class:`CompiledStep` traces
 
-    (parameters, optimizer state, step counts, buffers, lr, x, y)
+    (parameters, optimizer state, step counts, buffers, group lrs, x, y)
         -> (new parameters, new optimizer state, new buffers, loss, logits)
 
 by installing JAX's tracers in the model and the optimizer, running the ordinary eager code once
@@ -14,11 +14,14 @@ XLA then compiles forward, loss, backward and update into one program per input 
 batch size: the last, smaller batch of an epoch compiles once more). After each call the
 concrete new arrays are written back, so checkpoints, evaluation and eager steps see them.
 
-What stays out of the compiled function: the learning rate is an input (schedules and warmup
-change it without recompiling); the per-parameter step counts are inputs (Adam's bias
-correction) and are counted on the host; the loss's host-side label check is off (datasets
-check labels when loaded). Not supported: ``Dropout`` with ``p > 0`` (its masks come from the
-host RNG, which a trace would freeze into constants) — refused with a :class:`ConfigError`.
+What stays out of the compiled function: each parameter group's learning rate is an input
+(schedules and warmup change them without recompiling); the per-parameter step counts are inputs
+(Adam's bias correction) and are counted on the host; the loss's host-side label check is off
+(datasets check labels when loaded). The groups' other hyperparameters (weight decay, momentum,
+betas, ...) and which parameters are frozen are compiled in as constants: changing one (e.g.
+unfreezing the backbone) compiles the step again. Not supported: ``Dropout`` with ``p > 0`` (its
+masks come from the host RNG, which a trace would freeze into constants) — refused with a
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from ..errors import ConfigError
 from ..nn.module import Module
 from .step import training_step
 
+#: group keys that are not compiled in: the parameters, and the learning rates (inputs)
+_INPUTS = ("params", "lr", "initial_lr")
+
 
 def check_compilable(model: Module, optimizer: Any, backend_name: str) -> None:
     """Refuse what :class:`CompiledStep` cannot compile, with the reason.
 
     Raises:
-        ConfigError: the backend cannot compile (its description's ``compiles``: JAX), or the
-            model has an active ``Dropout``.
+        ConfigError: the backend cannot compile (its description's ``compiles``: JAX), the
+            model has an active ``Dropout``, or the optimizer is not one of anycnn's.
     """
     if backend_name not in backend_names() or not describe(backend_name).compiles:
         able = [n for n in backend_names() if describe(n).compiles]
@@ -50,6 +56,10 @@ def check_compilable(model: Module, optimizer: Any, backend_name: str) -> None:
     if active:
         raise ConfigError("compile=True cannot compile Dropout (its masks come from the host "
                           "random generator, which a trace would freeze); train it eagerly")
+    if not hasattr(optimizer, "param_groups"):
+        raise ConfigError("compile=True compiles the update of an anycnn.optim optimizer "
+                          f"(SGD, Adam, AdamW: it reads their param_groups), not a "
+                          f"{type(optimizer).__name__}")
     if not optimizer.params:
         raise ConfigError("compile=True: the optimizer has no parameters")
 
@@ -69,10 +79,12 @@ class CompiledStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.params = list(optimizer.params)
         self.buffers = [(m, name) for m in model.modules() for name in m.buffer_names]
-        self._jitted = jax.jit(self._traced)
+        self._jitted = jax.jit(self._traced, static_argnums=(7,))
 
     # -- the traced function -------------------------------------------------------------
-    def _traced(self, values, states, steps, buffers, lr, x, y):
+    def _traced(self, values, states, steps, buffers, lrs, x, y, constants):
+        # constants (_constants()) is what the trace reads from Python state: only its key
+        # role matters here (a change compiles again)
         model, opt, params = self.model, self.optimizer, self.params
         saved = self._snapshot()
         try:
@@ -82,7 +94,8 @@ class CompiledStep:
                          for s, t in zip(states, steps)]
             for (m, name), v in zip(self.buffers, buffers):
                 setattr(m, name, v)
-            opt.lr = lr
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
             loss, logits, _, _ = training_step(model, self.loss_fn, opt, x, y,
                                                check_labels=False)
             new_states = [{k: v for k, v in s.items() if k != "step"} for s in opt.state]
@@ -93,16 +106,26 @@ class CompiledStep:
 
     def _snapshot(self):
         return ([p.data for p in self.params], [dict(s) for s in self.optimizer.state],
-                [getattr(m, name) for m, name in self.buffers], self.optimizer.lr)
+                [getattr(m, name) for m, name in self.buffers],
+                [g["lr"] for g in self.optimizer.param_groups])
 
     def _restore(self, saved) -> None:
-        values, states, buffers, lr = saved
+        values, states, buffers, lrs = saved
         for p, v in zip(self.params, values):
             p.data, p.grad = v, None
         self.optimizer.state = states
         for (m, name), v in zip(self.buffers, buffers):
             setattr(m, name, v)
-        self.optimizer.lr = lr
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    def _constants(self) -> tuple:
+        """What the trace compiles in from Python state (hashable): every group's
+        hyperparameters but its learning rate, and which parameters are trainable."""
+        groups = tuple(tuple((k, tuple(v) if isinstance(v, list) else v)
+                             for k, v in g.items() if k not in _INPUTS)
+                       for g in self.optimizer.param_groups)
+        return groups, tuple(p.requires_grad for p in self.params)
 
     # -- calling it ----------------------------------------------------------------------
     def __call__(self, x: Any, y: Any, accept: Any = None) -> tuple[Any, Any, bool]:
@@ -114,7 +137,8 @@ class CompiledStep:
         counts = [xp.asarray(t) for t in steps]  # Optimizer.step adds 1 inside the trace
         values, new_states, buffers, loss, logits = self._jitted(
             [p.data for p in self.params], states, counts,
-            [getattr(m, name) for m, name in self.buffers], float(opt.lr), x, y)
+            [getattr(m, name) for m, name in self.buffers],
+            [float(g["lr"]) for g in opt.param_groups], x, y, self._constants())
         applied = accept is None or bool(accept(loss))
         if applied:
             for p, v in zip(self.params, values):

@@ -4,18 +4,20 @@ The ranks of a :mod:`communicator <anycnn.dist>` train one model together, Chain
 style:
 
 * **Start** (every :meth:`Trainer.fit`): each rank's configuration fingerprint (model shapes and
-  dtypes, optimizer, loss, global batch, seed, dataset length, steps, position, version) is
-  gathered and compared; a difference stops every rank with one :class:`ConfigError` naming the
-  rank and the differing entries. Then rank 0's parameters, buffers and optimizer state are
-  broadcast, so every rank starts from the same weights (also after a resume).
+  dtypes, optimizer and its parameter groups, loss, global batch, seed, dataset length, steps,
+  position, version) is gathered and compared; a difference stops every rank with one
+  :class:`ConfigError` naming the rank and the differing entries. Then rank 0's parameters,
+  buffers and optimizer state are broadcast, so every rank starts from the same weights (also
+  after a resume).
 * **Step** (:func:`~anycnn.train.step.training_step` with :meth:`DataParallel.exchange` as
   its hook): every rank runs forward and backward on its share of the global batch (see
   :class:`~anycnn.data.DataLoader`'s ``shard``), then packs into **one flat buffer**, for **one**
   in-place sum allreduce:
 
   ========================  =====================================================================
-  ``[0, P)``                every parameter's gradient, flattened in optimizer order, times the
-                            share's size ``n`` (the gradient of the share's *summed* loss)
+  ``[0, P)``                every trainable parameter's gradient, flattened in optimizer order
+                            (all groups), times the share's size ``n`` (the gradient of the
+                            share's *summed* loss); frozen parameters are left out
   ``P``                     the share's summed loss ``n * mean_loss``
   ``P + 1``                 the share's correct predictions
   ``P + 2``                 ``n``
@@ -211,8 +213,7 @@ def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]
         "anycnn": __version__,
         "parameters": [(name, list(p.shape), dtype_name(p.data))
                        for name, p in trainer.model.named_parameters()],
-        "optimizer": [type(opt).__name__, opt.lr,
-                      *(getattr(opt, k) for k in getattr(opt, "hyper_names", ()))],
+        "optimizer": [type(opt).__name__, opt.lr, _groups_print(opt)],
         "loss": type(trainer.loss_fn).__name__,
         "batch_size": getattr(loader, "batch_size", None),
         "seed": getattr(loader, "seed", None),
@@ -226,3 +227,9 @@ def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]
         "synchronised_batchnorm": sum(getattr(m, "sync", None) is not None
                                       for m in trainer.model.modules()),
     }
+
+
+def _groups_print(optimizer: Any) -> list[dict[str, Any]]:
+    """Each parameter group's hyperparameters and size (what every rank must share)."""
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": len(g["params"])}
+            for g in getattr(optimizer, "param_groups", ())]

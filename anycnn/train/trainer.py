@@ -51,7 +51,8 @@ __all__ = ["EpochRecord", "Trainer", "evaluate", "predict", "predict_proba", "pr
 
 @dataclass
 class EpochRecord:
-    """One line of ``history.json``. ``lr`` is the learning rate of the epoch's last step;
+    """One line of ``history.json``. ``lr`` is the learning rate of the epoch's last step
+    (``optimizer.lr``: with parameter groups, that of the groups without their own ``lr``);
     ``val_loss``/``val_accuracy`` are None when :meth:`Trainer.fit` had no validation loader."""
 
     epoch: int
@@ -212,7 +213,10 @@ class Trainer:
     Args:
         model, optimizer: what to train.
         loss_fn: default :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`.
-        schedule: callable ``epoch -> lr`` (see :mod:`anycnn.optim.schedules`), or None.
+        schedule: callable ``epoch -> lr`` (see :mod:`anycnn.optim.schedules`), or None. Its
+            value is assigned to ``optimizer.lr`` at the start of every epoch: with parameter
+            groups, every group's learning rate follows at its own ratio to the optimizer's
+            (see :class:`~anycnn.optim.optimizers.Optimizer`).
         model_spec: stored in checkpoints so :func:`anycnn.io.checkpoint.load_model` can rebuild.
         checkpoint_path: where :meth:`fit` saves after every epoch (None: never).
         on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
@@ -414,13 +418,21 @@ class Trainer:
         """One data-parallel step on this rank's share ``(x, y)`` (collective): forward,
         backward, the step's allreduce, then the optimizer update unless the global loss is
         NaN/inf (``on_nonfinite``). Returns the global sums."""
-        params, stop, step = self.optimizer.params, self._stop_reason is not None, self.step + 1
+        params = self._exchanged_params()
+        stop, step = self._stop_reason is not None, self.step + 1
         _, _, totals, _ = training_step(
             self.model, self.loss_fn, self.optimizer, x, y, check_labels=on_host(x),
             exchange=lambda loss, logits: self._parallel.exchange(params, x, y, loss, logits,
                                                                   stop),
             accept=lambda totals: self._check_finite(totals.loss, step, step))
         return totals
+
+    def _exchanged_params(self) -> list:
+        """The parameters whose gradients a data-parallel step sums: the trainable ones (a
+        frozen parameter has no gradient to send), or all of them when every one is frozen
+        (the buffer still carries the step's sums)."""
+        params = self.optimizer.params
+        return [p for p in params if p.requires_grad] or params
 
     def _warm_up(self, s: int) -> None:
         """Set the learning rate of run step ``s`` (1-based) while it is in the warmup."""

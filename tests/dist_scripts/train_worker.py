@@ -7,7 +7,8 @@ Usage: ``python train_worker.py CONFIG.json`` where the JSON object holds ``out`
 statistics synchronised over the ranks), ``augment``,
 ``batch_on_rank`` ({rank: batch}: a misconfigured rank), ``raise_on_rank`` ([rank, step]),
 ``nan_on_rank`` ([rank, step]), ``on_nonfinite``, ``pid_dir`` (each rank writes its process id
-to ``pid_dir/rank-R.pid`` once it has trained a step).
+to ``pid_dir/rank-R.pid`` once it has trained a step), ``groups`` (parameter groups: see
+:func:`optimizer`), ``freeze`` (the first convolution's weight frozen).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from anycnn.nn import (
     SoftmaxCrossEntropy,
     sync_batchnorm,
 )
-from anycnn.optim import SGD
+from anycnn.optim import SGD, split_groups
 from anycnn.train import Trainer
 
 
@@ -51,12 +52,22 @@ def model(bn: bool) -> Sequential:
     return Sequential(*layers)
 
 
+def optimizer(net: Sequential, groups: bool) -> SGD:
+    """SGD with momentum; with ``groups``, a slower backbone, weight decay but not on biases."""
+    if not groups:
+        return SGD(net.parameters(), lr=0.1, momentum=0.9)
+    return SGD(split_groups(net, net[-1], lr_backbone=0.03, no_decay=("bias",)), lr=0.1,
+               momentum=0.9, weight_decay=0.01)
+
+
 def main(path: str) -> int:
     cfg = json.loads(open(path).read())
     comm = get_communicator()
     install_abort_hook(comm)
     batch = int(cfg.get("batch_on_rank", {}).get(str(comm.rank), cfg.get("batch", 12)))
     net = model(cfg.get("bn", False))
+    if cfg.get("freeze"):
+        net[0].weight.requires_grad = False
     if cfg.get("sync_bn"):
         sync_batchnorm(net, comm)
     loss_fn = SoftmaxCrossEntropy()
@@ -79,7 +90,7 @@ def main(path: str) -> int:
             return out * float("nan") if calls[0] == cfg["nan_on_rank"][1] else out
 
         loss_fn.forward = poisoned
-    trainer = Trainer(net, SGD(net.parameters(), lr=0.1, momentum=0.9), loss_fn, comm=comm,
+    trainer = Trainer(net, optimizer(net, cfg.get("groups", False)), loss_fn, comm=comm,
                       progress=False, on_nonfinite=cfg.get("on_nonfinite", "stop"))
     if "pid_dir" in cfg:
         step, done = trainer.parallel_step, []
