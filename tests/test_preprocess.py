@@ -251,6 +251,24 @@ def test_rrc_is_seeded_and_resumes_exactly():
     np.testing.assert_allclose(whole[1], want, rtol=0, atol=2e-5)
 
 
+def test_rrc_on_a_non_default_strict_device(monkeypatch):
+    """The weights are built on the batch's device (no leaks to the default device)."""
+    strict = pytest.importorskip("array_api_strict")
+    device = strict.Device("device1")
+    monkeypatch.setattr(backend_module, "_current", backend_module.Backend(
+        name="array_api_strict", xp=strict, device=device, reason="test"))
+    rng = np.random.default_rng(1)
+    ds = ArrayDataset(rng.integers(0, 256, (9, 11, 13, 3), dtype=np.uint8), np.arange(9) % 3, 3)
+    rrc = RandomResizedCrop(8, flip=True)
+    with strict.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
+        for resident in (False, True):
+            batches = [x for x, _ in DataLoader(ds, 4, augment=rrc, device_resident=resident)]
+            assert all(x.device == device and x.shape[1:] == (8, 8, 3) for x in batches)
+    cpu = strict.Device("CPU_DEVICE")
+    want = reference_rrc(ds.images[:4] / np.float32(255), rrc.draw(0, 0, 0, 4, (11, 13)), 8)
+    np.testing.assert_allclose(np.asarray(batches[0].to_device(cpu)), want, atol=3e-6)
+
+
 def test_parse_augment_rrc():
     rrc = parse_augment("rrc,flip", (256, 256, 3), output_size=224)
     assert rrc == RandomResizedCrop(224, flip=True) and rrc.spec() == "rrc=224,flip"
