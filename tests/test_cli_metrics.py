@@ -36,7 +36,8 @@ def isolated(tmp_path, monkeypatch, backend):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """lenet5 after a few steps on 256 sample images, saved with anycnn.save (NumPy)."""
+    """lenet5 after a few steps on 256 sample images, saved with anycnn.save (NumPy) with the
+    dataset recorded as anycnn train records it (evaluate needs it, or --dataset)."""
     path = tmp_path_factory.mktemp("ckpt") / "lenet5.safetensors"
     with anycnn.use_backend("numpy"):
         anycnn.manual_seed(0)
@@ -44,7 +45,7 @@ def checkpoint(tmp_path_factory):
         train = load_dataset("mnist-sample").train.subset(np.arange(256))
         Trainer(model, optim.Adam(model.parameters(), lr=3e-3), progress=False).fit(
             DataLoader(train, 32, shuffle=True))
-        anycnn.save(model, path)
+        anycnn.save(model, path, extra={"config": {"dataset": "mnist-sample"}})
     return path
 
 

@@ -35,6 +35,7 @@ QUICK_ARGS = {
                        "--repeats", "1"],
     "augment_cost.py": ["--batches", "5", "--steps", "2", "--rounds", "1", "--dataset",
                         "mnist-sample"],
+    "resized_crop_cost.py": ["--batch", "4", "--size", "40", "--crop", "24", "--rounds", "1"],
 }
 
 
@@ -205,3 +206,12 @@ def test_other_examples_need_no_optional_backend(name):
                               [ast.alias(node.module or "")])}
     named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)}
     assert not (imported | named) & set(OPTIONAL), name
+
+
+def test_resized_crop_cost(tmp_path):
+    out = run_example("resized_crop_cost.py", tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["matrices", "gather"]
+    assert "per batch of 4, 40 -> 24" in lines[0]
+    assert lines[2].startswith("largest difference ") and float(lines[2].split()[-1]) < 1e-5

@@ -1,5 +1,13 @@
 """``anycnn evaluate``: loss, accuracy, top-k and per-class accuracy of a checkpoint, prepared
-as in training (the checkpoint's recorded normalisation and image-folder options)."""
+as in training (the checkpoint's recorded normalisation and image-folder options).
+
+The data is the dataset the checkpoint records (``config["dataset"]``: a built-in name or an
+image folder's absolute path) unless ``--dataset`` names another; a checkpoint that records
+none (saved from Python) needs ``--dataset``, and data whose classes are not the model's (their
+number, or their recorded names) are refused, never evaluated silently. Image folders are
+prepared by the recorded evaluation transform (shorter side, centre crop:
+:class:`~anycnn.data.eval_transform.EvalTransform`) when there is one, else as in training.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     """The arguments of ``anycnn evaluate``."""
     e.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
                    "checkpoint.safetensors")
-    e.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    e.add_argument("--dataset", default=None, help="a built-in dataset or an image folder "
+                   "(default: the one the checkpoint records it was trained on)")
     e.add_argument("--data-dir", help="folder holding the dataset's files (default: the one "
                    "it was trained with)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"],
@@ -56,21 +65,20 @@ def run(args) -> int:
     from ..io.checkpoint import checkpoint_in, load_model
     from ..train.metrics import to_json
     from ..train.trainer import evaluate
-    from .folders import load_eval_data
 
     select_backend(args.backend)
     if args.confusion_plot:
         from .plot import pyplot
 
         pyplot()  # no matplotlib: say so before the evaluation, not after
-    model, state = load_model(checkpoint_in(args.checkpoint))
+    path = checkpoint_in(args.checkpoint)
+    model, state = load_model(path)
     config = state.config
-    _, normalize = read_preprocess(config.get("preprocess"))  # as in training
-    name = args.dataset or config.get("dataset") or "mnist-sample"
+    record = recorded_preprocess(state)
+    _, normalize = read_preprocess(record)  # as in training
     num_classes = model.model_spec["num_classes"]
     top_k = top_k_option(args.top_k, num_classes)
-    data = load_eval_data(name, args.data_dir or config.get("data_dir"), config,
-                          progress=not args.json)
+    name, data = eval_data(args, path, config, record, model.model_spec)
     split = getattr(data, args.split)
     names = data.class_names if len(data.class_names) == num_classes else None
     result = evaluate(model, DataLoader(split, args.batch_size, normalize=normalize),
@@ -93,6 +101,54 @@ def run(args) -> int:
     if written:
         print(f"wrote {written}")
     return 0
+
+
+def recorded_preprocess(checkpoint) -> dict | None:
+    """The checkpoint's preprocess record: ``extra["preprocess"]`` (:func:`anycnn.save`
+    users) or ``config["preprocess"]`` (``anycnn train``, :class:`~anycnn.train.Trainer`)."""
+    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
+    record = extra.get("preprocess") or checkpoint.config.get("preprocess")
+    return record if isinstance(record, dict) else None
+
+
+def eval_data(args, path, config: dict, record: dict | None, spec: dict):
+    """``(name, Splits)`` to evaluate on: ``--dataset`` or the recorded dataset, prepared as
+    recorded, with the model's classes (module docstring).
+
+    Raises:
+        ConfigError: no dataset recorded nor given; classes that are not the model's.
+        DataError: the recorded folder is gone (the message says to pass ``--dataset``).
+    """
+    from ..data.augment import read_eval_transform
+    from ..errors import DataError
+    from .folders import load_eval_data
+
+    name = args.dataset or config.get("dataset")
+    if not name:
+        raise ConfigError(f"{path} records no dataset (it was saved from Python, not by anycnn "
+                          "train): pass --dataset NAME or --dataset FOLDER, the data its "
+                          f"{spec['num_classes']} classes come from")
+    try:
+        data = load_eval_data(name, args.data_dir or config.get("data_dir"), config,
+                              progress=not args.json, transform=read_eval_transform(record),
+                              model_spec=spec)
+    except DataError as exc:
+        if args.dataset:
+            raise
+        raise DataError(f"{exc} (the dataset recorded in {path}; pass --dataset to evaluate "
+                        "on another copy)") from exc
+    num_classes = spec["num_classes"]
+    if data.num_classes != num_classes:
+        raise ConfigError(f"{name} has {data.num_classes} classes but the model in {path} has "
+                          f"{num_classes}: pass the --dataset it was trained on")
+    recorded = (record or {}).get("class_names")
+    if isinstance(recorded, list) and data.class_names and \
+            [str(n) for n in recorded] != [str(n) for n in data.class_names]:
+        raise ConfigError(f"the classes of {name} ({', '.join(map(str, data.class_names[:5]))}"
+                          f"{', ...' if len(data.class_names) > 5 else ''}) are not those "
+                          f"{path} was trained on ({', '.join(map(str, recorded[:5]))}"
+                          f"{', ...' if len(recorded) > 5 else ''}); labels would not match")
+    return name, data
 
 
 def print_result(result: dict, name: str, split: str) -> None:

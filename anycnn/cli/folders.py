@@ -1,7 +1,9 @@
 """Image folders in the ``anycnn`` command: ``anycnn train --dataset PATH`` (any existing
 folder that is not a built-in dataset name, or any value with a ``/``) loads
 :func:`anycnn.data.imagefolder.load_image_folder` with ``--image-size``, ``--channels``,
-``--val-split`` and ``--bad-images``; ``evaluate`` and ``summary`` load data the same way.
+``--val-split``, ``--bad-images`` and ``--preprocess`` (:mod:`anycnn.cli.transforms`);
+``evaluate`` and ``summary`` load data the same way (``evaluate`` with the checkpoint's
+options and recorded evaluation transform).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ DEFAULT_VAL_SPLIT = 0.1
 DEFAULT_BAD_IMAGES = "stop"
 
 #: ``anycnn train`` options that only apply to image folders
-FOLDER_OPTIONS = ("image_size", "channels", "val_split", "bad_images")
+FOLDER_OPTIONS = ("image_size", "channels", "val_split", "bad_images", "preprocess_spec")
+
+#: the command-line spelling of a FOLDER_OPTIONS key whose dest differs from it
+_OPTION_NAMES = {"preprocess_spec": "--preprocess"}
 
 
 def add_folder_options(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +42,9 @@ def add_folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bad-images", default=None, choices=["stop", "skip"],
                         help="image folders: on an unreadable image, stop with its path, or "
                         f"skip it with a warning (default: {DEFAULT_BAD_IMAGES})")
+    from .transforms import add_preprocess_option
+
+    add_preprocess_option(parser)
 
 
 def is_image_folder(name: str | None) -> bool:
@@ -64,13 +72,16 @@ def run_label(name: str) -> str:
 
 def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress: bool):
     """The :class:`~anycnn.data.arrays.Splits` of ``--dataset name``: an image folder with
-    ``options`` (keys of :data:`FOLDER_OPTIONS`; ``None`` means the default), or a built-in
-    dataset, for which those options must be unset. Warnings about skipped images are printed
-    as ``anycnn: warning: ...`` lines."""
+    ``options`` (keys of :data:`FOLDER_OPTIONS`; ``None`` means the default; and the geometry
+    keys ``resize_shorter``, ``train_size``, ``resample`` of
+    :func:`~anycnn.data.imagefolder.load_image_folder`), or a built-in dataset, for which
+    those options must be unset. Warnings about skipped images are printed as
+    ``anycnn: warning: ...`` lines."""
     from ..data.datasets import load_dataset
 
     if not is_image_folder(name):
-        given = [f"--{k.replace('_', '-')}" for k in FOLDER_OPTIONS if options.get(k) is not None]
+        given = [_OPTION_NAMES.get(k, f"--{k.replace('_', '-')}") for k in FOLDER_OPTIONS
+                 if options.get(k) is not None]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise ConfigError(f"{', '.join(given)} {verb} only to image folders (--dataset PATH), "
@@ -85,6 +96,8 @@ def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress
         warnings.simplefilter("always")
         data = load_image_folder(
             name, size=options.get("image_size"), channels=options.get("channels"),
+            resample=options.get("resample") or "bilinear",
+            resize_shorter=options.get("resize_shorter"), train_size=options.get("train_size"),
             val_split=options.get("val_split") or DEFAULT_VAL_SPLIT,
             bad_images=options.get("bad_images") or DEFAULT_BAD_IMAGES, progress=progress)
     for warning in caught:
@@ -95,7 +108,11 @@ def load_data(name: str, data_dir: str | None, options: dict[str, Any], progress
 def load_train_data(args: argparse.Namespace, progress: bool):
     """The training data of ``anycnn train``; fills in the image-folder defaults used (so the
     checkpoint records them)."""
+    from .transforms import folder_geometry
+
     options = {k: getattr(args, k, None) for k in FOLDER_OPTIONS}
+    if is_image_folder(args.dataset):  # (a built-in dataset refuses --preprocess below)
+        options.update(folder_geometry(args))
     data = load_data(args.dataset, args.data_dir, options, progress)
     if is_image_folder(args.dataset):
         args.val_split = args.val_split or DEFAULT_VAL_SPLIT
@@ -107,8 +124,20 @@ def load_train_data(args: argparse.Namespace, progress: bool):
     return data
 
 
-def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], progress: bool):
+def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], progress: bool,
+                   transform: Any = None, model_spec: dict[str, Any] | None = None):
     """The data ``anycnn evaluate`` uses: an image folder with the options it was trained with
-    (``config``, the checkpoint's), or a built-in dataset."""
-    options = {k: config.get(k) for k in FOLDER_OPTIONS} if is_image_folder(name) else {}
+    (``config``, the checkpoint's) and every split prepared by ``transform`` (the recorded
+    :class:`~anycnn.data.eval_transform.EvalTransform`: shorter side, centre crop), or a
+    built-in dataset. A folder for a checkpoint that records no image options (saved from
+    Python) is resized to the ``model_spec``'s input instead."""
+    options: dict[str, Any] = {}
+    if is_image_folder(name):
+        options = {k: config.get(k) for k in FOLDER_OPTIONS if k != "preprocess_spec"}
+        if transform is not None:
+            options.update(image_size=transform.crop, resize_shorter=transform.resize,
+                           resample=transform.interpolation)
+        elif "image_size" not in config and model_spec is not None:
+            options.update(image_size=model_spec.get("image_size"),
+                           channels=model_spec.get("in_channels"))
     return load_data(name, data_dir, options, progress)

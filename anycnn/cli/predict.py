@@ -16,7 +16,15 @@ Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preproce
                 ``[0, 1]`` pixels become ``(x - mean) / std`` (:class:`~anycnn.data.Normalize`)
 ``augment``     the training augmentation, for the record (never applied at prediction)
 ``class_names`` the display name of each class
+``eval``        optional (``version`` 2): ``{"resize": R, "crop": S, "mean", "std",
+                "interpolation"}``: images are resized to shorter side ``R`` (aspect kept) and
+                centre-cropped to ``S x S`` = ``image_size`` instead of stretched
+                (:class:`~anycnn.data.eval_transform.EvalTransform`)
 =============== ===============================================================================
+
+A record without the image keys (what :class:`~anycnn.train.Trainer` writes from Python:
+``{"augment": ..., "normalize": ...}``) is completed from the model spec, and its
+normalisation (or ``eval`` transform) is still applied.
 
 One function builds the whole record, :func:`anycnn.data.augment.preprocess_record` (the image
 keys are :func:`anycnn.data.augment.image_record`'s), and
@@ -54,43 +62,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
-    """``(preprocess record, recorded)`` of a loaded checkpoint. Without a record, one is made
-    from the model spec (``image_size`` square, ``in_channels``; bilinear; no mean/std; classes
-    named by their index) and ``recorded`` is false."""
-    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-    record = extra.get("preprocess") or checkpoint.config.get("preprocess")
-    num_classes = model.model_spec["num_classes"]
-    if isinstance(record, dict):
+    """``(preprocess record, recorded)`` of a loaded checkpoint. Without a record, or with one
+    that lacks the image keys (a :class:`~anycnn.train.Trainer` run from Python), the image
+    keys are made from the model spec (``image_size`` square, ``in_channels``; bilinear; classes
+    named by their index), the record's ``augment``/``normalize``/``eval`` kept, and
+    ``recorded`` is false."""
+    from ..data.augment import image_record
+    from .evaluate import recorded_preprocess
+
+    record = recorded_preprocess(checkpoint)
+    spec = model.model_spec
+    num_classes = spec["num_classes"]
+    if record is not None and "image_size" in record:
         _check_record(record, checkpoint.path, num_classes)
         return record, True
-    from ..data.augment import image_record
-
-    spec = model.model_spec
-    return image_record([spec["image_size"]] * 2, spec["in_channels"],
-                        [str(i) for i in range(num_classes)]), False
+    made = image_record([spec["image_size"]] * 2, spec["in_channels"],
+                        [str(i) for i in range(num_classes)])
+    if record is not None:  # normalisation (and maybe an eval transform) without image keys
+        made.update({k: record.get(k) for k in ("augment", "normalize", "eval")
+                     if record.get(k) is not None})
+        _check_record(made, checkpoint.path, num_classes)
+    return made, False
 
 
 def _check_record(record: dict[str, Any], path, num_classes: int) -> None:
+    from ..data.augment import read_eval_transform, read_preprocess
+    from ..errors import CheckpointError
+
     size, channels = record.get("image_size"), record.get("channels")
     names = record.get("class_names")
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 1
                                                               for v in size)
             and channels in (1, 3) and isinstance(names, list) and len(names) == num_classes):
         raise DataError(f"{path}: malformed preprocess record {json.dumps(record)[:200]}")
+    try:
+        read_preprocess(record)
+        transform = read_eval_transform(record)
+    except CheckpointError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if transform is not None and list(transform.image_size) != size:
+        raise DataError(f"{path}: malformed preprocess record: image_size {size} is not the "
+                        f"eval transform's crop {transform.crop}")
 
 
 def prepare(paths: list[str], record: dict[str, Any]):
     """Image files → the model's input as :func:`anycnn.predict` takes it: ``uint8`` NHWC
     pixels, or, when the record normalises, float32 ``x / 255`` normalised exactly as the
     :class:`~anycnn.data.dataloader.DataLoader` does
-    (:meth:`anycnn.data.augment.Normalize.apply`)."""
+    (:meth:`anycnn.data.augment.Normalize.apply`). With an ``eval`` transform the files are
+    resized by their shorter side and centre-cropped
+    (:meth:`anycnn.data.eval_transform.EvalTransform.load`), else stretched to
+    ``image_size``."""
     import array_api_compat.numpy as host_xp
 
-    from ..data.augment import read_preprocess, to_unit_range
+    from ..data.augment import read_eval_transform, read_preprocess, to_unit_range
     from ..data.images import load_images
 
-    pixels = load_images(paths, tuple(record["image_size"]), record["channels"],
-                         record.get("resize", "bilinear"))
+    transform = read_eval_transform(record)
+    if transform is not None:
+        pixels = transform.load(paths, record["channels"])
+    else:
+        pixels = load_images(paths, tuple(record["image_size"]), record["channels"],
+                             record.get("resize", "bilinear"))
     _, normalize = read_preprocess(record)
     if normalize is None:
         return pixels
@@ -126,10 +159,16 @@ def run(args: argparse.Namespace) -> int:
                           f"got {k}")
     if not recorded:
         h, w = record["image_size"]
-        print(f"anycnn: warning: {path} records no preprocessing (trained before anycnn "
+        how = (f"resized to shorter side {record['eval']['resize']} and centre-cropped to "
+               f"{h}x{w}" if record.get("eval") else f"resized to {h}x{w} (bilinear)")
+        norm = (", then normalised with the recorded mean/std" if record.get("normalize")
+                else "")
+        what = ("no image size or channels" if record.get("normalize") or record.get("eval")
+                else "no preprocessing")
+        print(f"anycnn: warning: {path} records {what} (trained before anycnn "
               f"recorded it, or saved from Python): images are converted to "
-              f"{'grayscale' if record['channels'] == 1 else 'RGB'}, resized to {h}x{w} "
-              f"(bilinear) and scaled by 1/255, from the model "
+              f"{'grayscale' if record['channels'] == 1 else 'RGB'}, {how} and scaled by "
+              f"1/255{norm}, from the model "
               f"{'input' if path.suffix.lower() == '.onnx' else 'spec'}", file=sys.stderr)
     names = record["class_names"]
     results = []

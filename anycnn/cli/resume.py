@@ -11,13 +11,17 @@ from ..errors import ConfigError
 
 #: settings that define the training data: a resumed run must use the same
 DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split",
-                 "normalize")
+                 "normalize", "preprocess_spec")
 
 #: hyperparameters a resumed run may change (the user is warned, old -> new)
 TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                     "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images",
                     "augment", "weights", "freeze", "lr_backbone", "unfreeze_at")
+
+
+#: the command-line spelling of a setting whose name differs from its option's
+OPTION_NAMES = {"preprocess_spec": "--preprocess"}
 
 
 def output_folder(args) -> tuple[Path, Path | None]:
@@ -63,7 +67,7 @@ def settings_from_checkpoint(args, saved) -> dict:
         if given is not None and key not in given:
             setattr(args, key, config[key])
         elif config[key] != getattr(args, key):
-            option = "--" + key.replace("_", "-")
+            option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
             if key in DATA_SETTINGS:
                 raise ConfigError(
                     f"--resume: {path} was trained with {option} {config[key]}, not "

@@ -58,12 +58,15 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    help="floating-point precision of weights and activations")
     t.add_argument("--augment", default=None, metavar="SPEC",
                    help="random crop/flip of training batches: none, or items separated by "
-                   "commas: crop (padding 1/8 of the image side), crop=P, flip, pad=zeros|edge "
-                   "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
-    t.add_argument("--normalize", default=None, choices=["auto", "none"],
+                   "commas: crop (padding 1/8 of the image side), crop=P, pad=zeros|edge; or "
+                   "rrc (random-resized crop to the --preprocess crop, else the image size), "
+                   "rrc=S, scale=LO:HI (default 0.08:1), ratio=LO:HI (default 0.75:1.3333); "
+                   "and flip (default: crop=4,flip for 32x32 RGB images, none otherwise)")
+    t.add_argument("--normalize", default=None, choices=["auto", "none", "imagenet"],
                    help="auto: subtract the training split's per-channel mean and divide by its "
-                   "std (recorded in the checkpoint, applied by evaluate); default: auto for "
-                   "32x32 RGB images, none otherwise")
+                   "std; imagenet: ImageNet's mean/std (recorded in the checkpoint, applied by "
+                   "evaluate and predict); default: imagenet with --preprocess imagenet, auto "
+                   "for 32x32 RGB images, none otherwise")
     t.add_argument("--device-resident", action="store_true",
                    help="keep the dataset on the device (GPU) and batch there")
     t.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
@@ -108,6 +111,7 @@ def check_options(args) -> dict:
     from ..optim.optimizers import OPTIMIZERS
     from ..optim.schedules import make_schedule
     from .finetune import check as check_finetune
+    from .transforms import check_preprocess_options
 
     if args.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
@@ -131,6 +135,7 @@ def check_options(args) -> dict:
     _check_callback_options(args)
     if args.augment is not None:
         parse_augment(args.augment)  # the syntax, before loading data
+    check_preprocess_options(args)  # --preprocess (ImageNet-style geometry)
     return spec
 
 
@@ -177,19 +182,20 @@ def load_training_data(args, comm):
 
 
 def preprocessing(args, data, saved_config: dict):
-    """(Augment or None, Normalize or None) of a training run, from ``--augment`` and
+    """(augmentation or None, Normalize or None) of a training run, from ``--augment`` and
     ``--normalize`` or their defaults for the image shape; ``args`` then hold the resolved
     choices (what the checkpoint records). A resumed run reuses the recorded statistics."""
-    from ..data.augment import Normalize, default_normalize, parse_augment, read_preprocess
+    from ..data.augment import default_normalize, parse_augment, read_preprocess
+    from .transforms import check_augment_output, normalization
 
-    augment = parse_augment(args.augment or "auto", data.image_shape)
+    augment = parse_augment(args.augment or "auto", data.image_shape,
+                            output_size=data.val.image_shape[0])
+    check_augment_output(augment, data)
     args.augment = augment.spec() if augment is not None else "none"
     if args.normalize is None:
-        args.normalize = "auto" if default_normalize(data.image_shape) else "none"
-    if args.normalize == "none":
-        return augment, None
+        args.normalize = "auto" if default_normalize(data.val.image_shape) else "none"
     _, recorded = read_preprocess(saved_config.get("preprocess"))
-    return augment, recorded or Normalize.from_images(data.train.images)
+    return augment, normalization(args, data, recorded)
 
 
 # -------------------------------------------------------------------------------- the trainer
@@ -341,6 +347,7 @@ def run(args) -> int:
     from .folders import normalise_dataset
     from .launch import join_ranks, start_workers
     from .resume import output_folder, settings_from_checkpoint
+    from .transforms import eval_transform
 
     if args.workers is not None:
         return start_workers(args)
@@ -355,9 +362,10 @@ def run(args) -> int:
     spec_check = check_options(args)
     comm = join_ranks(args)
     data = load_training_data(args, comm)
-    h, _w, c = data.image_shape
+    h, _w, c = data.val.image_shape  # the model's input (training images may be larger: rrc)
     augment, normalize = preprocessing(args, data, saved_config)
-    args.preprocess = preprocess_record(augment, normalize, data)
+    args.preprocess = preprocess_record(augment, normalize, data,
+                                        eval_transform(args, normalize))
     spec = {**spec_check, "num_classes": data.num_classes, "in_channels": c, "image_size": h}
     how = backend.reason.split(":")[0] if backend.reason.startswith("auto") else "requested"
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""

@@ -8,7 +8,10 @@
   (dataset lookup, verified downloads) — the pieces those readers share; ``datasets`` dispatches
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
 * :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
-* :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device.
+* :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device;
+* :mod:`~anycnn.data.resized_crop` (``RandomResizedCrop``, resampled on the device) and
+  :mod:`~anycnn.data.eval_transform` (``EvalTransform``: shorter side, centre crop, mean/std)
+  — ImageNet-style preprocessing.
 
 This folder also holds the bundled sample (``t10k-*-idx*-ubyte.gz``, the canonical MNIST test
 set) as package data.
@@ -23,10 +26,13 @@ _EXPORTS = {
     **names("datasets", "load_dataset", "read_idx"),
     **names("dataloader", "DataLoader"),
     **names("augment", "Augment", "Normalize"),
+    **names("resized_crop", "RandomResizedCrop"),
+    **names("eval_transform", "EvalTransform"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
     **names("cifar", "load_cifar"),
 }
 _SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "dataloader", "datasets",
-                              "imagefolder", "images", "sources")}
+                              "eval_transform", "imagefolder", "images", "resized_crop",
+                              "sources")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -28,9 +28,15 @@ only with ``flip``). A batch's augmentation therefore depends on (seed, epoch, b
 backend, both loader modes, and a run resumed mid-epoch (:meth:`DataLoader.iter_from`) see the
 same crops and flips.
 
+The ImageNet-style pair lives beside this module: the training augmentation
+:class:`~anycnn.data.resized_crop.RandomResizedCrop` (random-resized crop and flip, resampled on
+the device; a loader applies it after step 3, to ``[0, 1]`` floats) and the evaluation geometry
+:class:`~anycnn.data.eval_transform.EvalTransform` (shorter side, centre crop, mean/std).
+
 Checkpoints written by :class:`~anycnn.train.Trainer` record both under ``config["preprocess"]``
 (:func:`preprocess_record`, which for ``anycnn train`` also holds the image size, channels and
-class names; read back with :func:`read_preprocess`).
+class names, and the evaluation transform; read back with :func:`read_preprocess` and
+:func:`read_eval_transform`).
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ class Augment:
     flip: bool = False
     padding_mode: str = "zeros"
 
+    #: applied to the stored pixels, before the scaling to ``[0, 1]`` (copies of pixels)
+    before_scaling = True
+
     def __post_init__(self) -> None:
         if isinstance(self.crop, bool) or not isinstance(self.crop, numbers.Integral) \
                 or self.crop < 0:
@@ -104,9 +113,15 @@ class Augment:
                               f"images: the padding must be at most {limit} (half the smaller "
                               "side)")
 
-    def draw(self, seed: int, epoch: int, batch: int, size: int) -> np.ndarray:
+    def output_shape(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)``: crops and flips keep the image size."""
+        return height, width
+
+    def draw(self, seed: int, epoch: int, batch: int, size: int,
+             image_size: Sequence[int] | None = None) -> np.ndarray:
         """Host int64 ``(3, size)``: rows ``dy``, ``dx`` (in ``[0, 2 * crop]``) and flip (0/1)
-        of the ``size`` images of that batch, drawn as the module docstring says."""
+        of the ``size`` images of that batch, drawn as the module docstring says
+        (``image_size`` is not needed)."""
         rng = batch_generator(seed, epoch, batch)
         params = np.zeros((3, size), dtype=np.int64)
         if self.crop:
@@ -293,8 +308,11 @@ class Normalize:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
-#: version of the preprocess record's image keys (``version`` in :func:`preprocess_record`)
+#: version of the preprocess record's image keys (``version`` in :func:`preprocess_record`):
+#: 1 stretches images to ``image_size``; 2 (records with an ``eval`` transform) resizes the
+#: shorter side and centre-crops instead
 PREPROCESS_VERSION = 1
+EVAL_PREPROCESS_VERSION = 2
 
 
 def image_record(image_size: Sequence[int], channels: int,
@@ -308,32 +326,54 @@ def image_record(image_size: Sequence[int], channels: int,
             "class_names": list(class_names)}
 
 
-def preprocess_record(augment: Augment | None, normalize: Normalize | None,
-                      data: Any = None) -> dict[str, Any]:
+def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = None,
+                      eval_transform: Any = None) -> dict[str, Any]:
     """What a checkpoint's ``config["preprocess"]`` holds::
 
-        {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"} or null,
+        {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"}
+                    or {"kind": "random_resized_crop", "size": 224, "scale": [0.08, 1.0],
+                        "ratio": [0.75, 1.333...], "flip": true}
+                    or null,
          "normalize": {"mean": [m0, ...], "std": [s0, ...]} or null}
 
-    ``augment`` is for the record (only training augments); ``normalize`` must be applied to
-    every image the model sees, after scaling to ``[0, 1]``.
+    ``augment`` (an :class:`Augment` or a
+    :class:`~anycnn.data.resized_crop.RandomResizedCrop`) is for the record (only training
+    augments); ``normalize`` must be applied to every image the model sees, after scaling to
+    ``[0, 1]``.
 
     With ``data`` (the :class:`~anycnn.data.arrays.Splits` the model is trained on; what
-    ``anycnn train`` records), the record starts with :func:`image_record`'s keys for its image
-    shape and class names, so that ``anycnn predict`` prepares image files the same way.
+    ``anycnn train`` records), the record starts with :func:`image_record`'s keys for the shape
+    of its validation images (the model's input) and its class names, so that ``anycnn
+    predict`` prepares image files the same way. With ``eval_transform`` (an
+    :class:`~anycnn.data.eval_transform.EvalTransform` whose mean/std are ``normalize``'s), it
+    is recorded under ``"eval"`` and ``version`` is 2: images are resized by their shorter side
+    and centre-cropped to ``image_size`` instead of stretched.
+
+    Raises:
+        ConfigError: the eval transform's mean/std are not ``normalize``'s.
     """
     record = {}
     if data is not None:
-        h, w, c = data.image_shape
+        h, w, c = data.val.image_shape
         record = image_record((h, w), c, data.class_names)
     record["augment"] = augment.to_record() if augment is not None and augment.active else None
     record["normalize"] = normalize.to_record() if normalize is not None else None
+    if eval_transform is not None:
+        mine = eval_transform.normalize
+        if (mine.to_record() if mine is not None else None) != record["normalize"]:
+            raise ConfigError("preprocess_record: the eval transform's mean/std differ from "
+                              "normalize; the record would contradict itself")
+        record["eval"] = eval_transform.to_record()
+        if data is not None:
+            record["version"] = EVAL_PREPROCESS_VERSION
+            record["resize"] = eval_transform.interpolation
     return record
 
 
-def read_preprocess(record: Any) -> tuple[Augment | None, Normalize | None]:
+def read_preprocess(record: Any) -> tuple[Any, Normalize | None]:
     """``(augment, normalize)`` from a :func:`preprocess_record` (``None``: neither, as in
-    checkpoints written before preprocessing existed).
+    checkpoints written before preprocessing existed); ``augment`` is an :class:`Augment`, a
+    :class:`~anycnn.data.resized_crop.RandomResizedCrop` or None.
 
     Raises:
         CheckpointError: the record is malformed.
@@ -344,11 +384,49 @@ def read_preprocess(record: Any) -> tuple[Augment | None, Normalize | None]:
         if not isinstance(record, dict):
             raise TypeError(f"expected an object, got {type(record).__name__}")
         aug, norm = record.get("augment"), record.get("normalize")
-        augment = Augment(**aug) if aug is not None else None
+        augment = _read_augment(aug) if aug is not None else None
         normalize = Normalize(norm["mean"], norm["std"]) if norm is not None else None
     except (TypeError, KeyError, ConfigError) as exc:
         raise CheckpointError(f"malformed preprocess record in the checkpoint: {exc}") from exc
     return augment, normalize
+
+
+def _read_augment(record: Any) -> Any:
+    """An augmentation from its ``to_record`` form (raises TypeError/ConfigError when bad)."""
+    if not isinstance(record, dict):
+        raise TypeError(f"augment: expected an object, got {type(record).__name__}")
+    if "kind" not in record:
+        return Augment(**record)
+    from .resized_crop import KIND, RandomResizedCrop
+
+    kind, rest = record["kind"], {k: v for k, v in record.items() if k != "kind"}
+    if kind != KIND:
+        raise ConfigError(f"unknown augmentation kind {kind!r}")
+    return RandomResizedCrop(**rest)
+
+
+def read_eval_transform(record: Any) -> Any:
+    """The :class:`~anycnn.data.eval_transform.EvalTransform` of a :func:`preprocess_record`
+    (its ``"eval"`` entry), or None when it has none (records that stretch images to
+    ``image_size``, and checkpoints written before it existed).
+
+    Raises:
+        CheckpointError: the entry is malformed, or its mean/std contradict ``normalize``.
+    """
+    if not isinstance(record, dict) or record.get("eval") is None:
+        return None
+    from .eval_transform import EvalTransform
+
+    try:
+        transform = EvalTransform.from_record(record["eval"])
+        _, normalize = read_preprocess(record)
+    except ConfigError as exc:
+        raise CheckpointError(f"malformed preprocess record in the checkpoint: {exc}") from exc
+    mine = transform.normalize
+    if (mine.to_record() if mine else None) != (normalize.to_record() if normalize else None):
+        raise CheckpointError("malformed preprocess record in the checkpoint: the eval "
+                              "transform's mean/std differ from its normalize entry")
+    return transform
 
 
 def default_augment(image_shape: tuple[int, int, int]) -> Augment | None:
@@ -365,47 +443,97 @@ def default_normalize(image_shape: tuple[int, int, int]) -> bool:
     return tuple(image_shape) == (32, 32, 3)
 
 
-def parse_augment(spec: str, image_shape: tuple[int, int, int] | None = None) -> Augment | None:
-    """``--augment`` text as an :class:`Augment` (None for ``none``).
+def parse_augment(spec: str, image_shape: tuple[int, int, int] | None = None,
+                  output_size: int | None = None) -> Any:
+    """``--augment`` text as an :class:`Augment`, a
+    :class:`~anycnn.data.resized_crop.RandomResizedCrop`, or None (for ``none``).
 
     ``spec`` is ``none``, ``auto`` (:func:`default_augment`, needs ``image_shape``) or items
-    separated by commas: ``crop`` (padding 1/8 of the image side, at least 1: 4 for 32x32, 3
-    for 28x28; needs ``image_shape``), ``crop=P`` (padding ``P``), ``flip``, ``pad=zeros`` or
-    ``pad=edge``. With ``image_shape`` the crop is checked against it.
+    separated by commas:
+
+    * padded crops: ``crop`` (padding 1/8 of the image side, at least 1: 4 for 32x32, 3 for
+      28x28; needs ``image_shape``), ``crop=P`` (padding ``P``), ``pad=zeros`` or ``pad=edge``;
+    * random-resized crops (ImageNet-style): ``rrc`` (output side ``output_size``, else the
+      image's smaller side), ``rrc=S``, and optionally ``scale=LO:HI`` (area share, default
+      ``0.08:1``) and ``ratio=LO:HI`` (aspect ratio, default ``0.75:1.3333``);
+    * ``flip`` with either.
+
+    With ``image_shape`` a padded crop is checked against it.
 
     Raises:
-        ConfigError: an unknown or repeated item, a bad number.
+        ConfigError: an unknown or repeated item, a bad number, ``crop``/``pad`` together with
+            ``rrc``, ``scale``/``ratio`` without ``rrc``.
     """
     text = spec.strip().lower()
     if text == "none":
         return None
     if text == "auto":
         return default_augment(image_shape) if image_shape is not None else None
-    crop: int | str = 0
-    flip, mode = False, "zeros"
-    seen = set()
+    items: dict[str, str] = {}
     for item in (part.strip() for part in text.split(",")):
-        key, _, value = item.partition("=")
-        if key in seen or key not in ("crop", "flip", "pad") or (key == "flip" and value) or (
-                key == "pad" and not value):
+        key, eq, value = item.partition("=")
+        valued = {"crop": None, "flip": False, "pad": True, "rrc": None, "scale": True,
+                  "ratio": True}  # None: optional value
+        if key in items or key not in valued or (valued[key] is False and eq) or (
+                valued[key] is True and not value):
             raise ConfigError(f"--augment: bad item {item!r} in {spec!r}; expected none, auto, "
-                              "or a comma-separated list of crop, crop=P, flip, pad=zeros|edge")
-        seen.add(key)
-        if key == "flip":
-            flip = True
-        elif key == "pad":
-            mode = value
-        elif value:
-            try:
-                crop = int(value)
-            except ValueError:
-                raise ConfigError(f"--augment: crop=P needs an integer padding, got "
-                                  f"{item!r}") from None
-        else:
-            crop = "auto"
+                              "or a comma-separated list of crop, crop=P, pad=zeros|edge, rrc, "
+                              "rrc=S, scale=LO:HI, ratio=LO:HI, flip")
+        items[key] = value
+    flip = "flip" in items
+    if "rrc" in items:
+        return _parse_rrc(spec, items, flip, image_shape, output_size)
+    for key in ("scale", "ratio"):
+        if key in items:
+            raise ConfigError(f"--augment: {key}= applies to rrc (random-resized crops) only; "
+                              f"got {spec!r}")
+    crop: int | str = 0
+    if "crop" in items:
+        crop = _int_item(spec, "crop", items["crop"]) if items["crop"] else "auto"
     if crop == "auto":
         crop = max(1, min(image_shape[:2]) // 8) if image_shape is not None else 1
-    augment = Augment(crop=crop, flip=flip, padding_mode=mode)
+    augment = Augment(crop=crop, flip=flip, padding_mode=items.get("pad", "zeros"))
     if image_shape is not None:
         augment.check_image_shape(image_shape[0], image_shape[1])
     return augment if augment.active else None
+
+
+def _int_item(spec: str, key: str, value: str) -> int:
+    what = {"crop": "P needs an integer padding", "rrc": "S needs an integer size"}[key]
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--augment: {key}={what}, got {key + '=' + value!r} in "
+                          f"{spec!r}") from None
+
+
+def _range_item(spec: str, key: str, value: str) -> tuple[float, float]:
+    lo, colon, hi = value.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return float(lo), float(hi)
+    except ValueError:
+        raise ConfigError(f"--augment: {key}= needs two numbers LO:HI, got {key}={value!r} "
+                          f"in {spec!r}") from None
+
+
+def _parse_rrc(spec: str, items: dict[str, str], flip: bool,
+               image_shape: tuple[int, int, int] | None, output_size: int | None) -> Any:
+    from .resized_crop import RandomResizedCrop
+
+    for key in ("crop", "pad"):
+        if key in items:
+            raise ConfigError(f"--augment: rrc (random-resized crop) and {key} do not go "
+                              f"together; got {spec!r}")
+    if items["rrc"]:
+        size = _int_item(spec, "rrc", items["rrc"])
+    elif output_size is not None:
+        size = output_size
+    else:
+        size = min(image_shape[:2]) if image_shape is not None else 1
+    options: dict[str, Any] = {"flip": flip}
+    for key in ("scale", "ratio"):
+        if key in items:
+            options[key] = _range_item(spec, key, items[key])
+    return RandomResizedCrop(size, **options)

@@ -24,6 +24,12 @@ epoch, batch number), so they too are the same on every backend, in both modes a
 :meth:`DataLoader.iter_from`. Validation and test loaders take the *training* loader's
 ``normalize`` and no ``augment``.
 
+A random-resized crop (``augment=RandomResizedCrop(size, flip=...)``,
+:mod:`anycnn.data.resized_crop`) resamples instead: scale -> resized crop and flip ->
+normalise, always on the current backend's device (a host-gathered batch is copied there as
+``uint8`` first), and the batches are ``(B, size, size, C)`` whatever the stored image size;
+its boxes too depend only on (seed, epoch, batch number).
+
 Data-parallel training (:mod:`anycnn.dist`): with ``shard=(rank, size)`` ``batch_size`` is the
 *global* batch. Every rank derives the same order and the same batches; rank ``r`` takes the
 contiguous share ``[B*r//size, B*(r+1)//size)`` of each batch of ``B`` examples (shares differ by
@@ -45,6 +51,7 @@ from ..backend import Backend, asarray, get_backend
 from ..errors import ConfigError
 from .arrays import ArrayDataset
 from .augment import Augment, Normalize, preprocess_record, to_unit_range
+from .resized_crop import RandomResizedCrop
 
 _FLOAT_DTYPES = ("float32", "float64")
 
@@ -74,8 +81,8 @@ class DataLoader:
         drop_last: skip a final batch smaller than ``batch_size``.
         device_resident: keep the whole dataset on the device and gather batches there.
         dtype: ``"float32"`` (default) or ``"float64"`` for ``x``.
-        augment: random crop/flip of each training batch (:class:`~anycnn.data.augment.Augment`),
-            or None.
+        augment: random crop/flip of each training batch (:class:`~anycnn.data.augment.Augment`,
+            or :class:`~anycnn.data.resized_crop.RandomResizedCrop`), or None.
         normalize: a :class:`~anycnn.data.augment.Normalize`, ``"auto"`` (computed once from this
             loader's images, see :meth:`Normalize.from_images`), or None.
         shard: ``(rank, size)``: yield only rank ``rank``'s share of each batch (see the module
@@ -174,9 +181,13 @@ class DataLoader:
 
     def _host_batch(self, backend: Backend, b: int, index: np.ndarray,
                     share: tuple[int, int, int]) -> tuple[Any, Any]:
-        x = self._prepare(host_xp, np.take(self.dataset.images, index, axis=0), b, None, share)
-        y = np.take(self.dataset.labels, index)
-        return asarray(x, backend=backend), asarray(y, backend=backend)
+        raw = np.take(self.dataset.images, index, axis=0)
+        y = asarray(np.take(self.dataset.labels, index), backend=backend)
+        if self.augment is not None and not self.augment.before_scaling:  # resample there
+            return self._prepare(backend.xp, asarray(raw, backend=backend), b, backend,
+                                 share), y
+        x = self._prepare(host_xp, raw, b, None, share)
+        return asarray(x, backend=backend), y
 
     def _device_batch(self, backend: Backend, b: int, index: Any,
                       share: tuple[int, int, int]) -> tuple[Any, Any]:
@@ -194,13 +205,18 @@ class DataLoader:
         (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised.
         ``share`` is ``(start, stop, whole)``: ``raw`` holds examples ``start:stop`` of the
         ``whole`` examples of the global batch (augmentation is drawn for all of them)."""
+        params = None
         if self.augment is not None:
             lo, hi, whole = share
-            params = self.augment.draw(self.seed, self.epoch, b, whole)[:, lo:hi]
+            params = self.augment.draw(self.seed, self.epoch, b, whole,
+                                       self.dataset.image_shape[:2])[:, lo:hi]
             if backend is not None:
                 params = asarray(params, backend=backend)
-            raw = self.augment.apply(raw, params)
+            if self.augment.before_scaling:
+                raw = self.augment.apply(raw, params)
         x = to_unit_range(xp, raw, self.dtype)
+        if params is not None and not self.augment.before_scaling:
+            x = self.augment.apply(x, params)
         return x if self.normalize is None else self.normalize.apply(x)
 
     def __repr__(self) -> str:
@@ -213,8 +229,9 @@ class DataLoader:
 def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
     if augment is None:
         return None
-    if not isinstance(augment, Augment):
-        raise ConfigError(f"augment must be an anycnn.data.augment.Augment or None, got "
+    if not isinstance(augment, Augment | RandomResizedCrop):
+        raise ConfigError(f"augment must be an anycnn.data.augment.Augment, an "
+                          f"anycnn.data.resized_crop.RandomResizedCrop or None, got "
                           f"{type(augment).__name__}")
     h, w, _ = dataset.image_shape
     augment.check_image_shape(h, w)

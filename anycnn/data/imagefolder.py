@@ -17,7 +17,12 @@ Image files are found recursively inside each class folder by extension
 :attr:`ImageFolder.ignored`). Each image is decoded by :func:`anycnn.data.images.load_image`:
 converted to grayscale (``channels=1``) or RGB (``channels=3``; default: 1 if every image is
 grayscale, else 3) and resized to ``size`` (default: the images' own size, which must then be
-the same for all of them).
+the same for all of them), or, with ``resize_shorter=R``, resized to shorter side ``R`` keeping
+the aspect ratio and centre-cropped to ``size`` (default ``R x R``): the evaluation geometry of
+ImageNet-style models. ``load_image_folder(..., train_size=T)`` decodes the training split at
+``T`` instead (e.g. ``R``, the larger picture a random-resized-crop augmentation
+(:class:`~anycnn.data.resized_crop.RandomResizedCrop`) samples from) and the other splits at
+``size``; then the training images decide the default channel count.
 
 **Cache.** The decoded pixels are written once, as ``uint8`` NHWC ``(N, H, W, C)``, to a ``.npy``
 file in ``cache_dir`` (default ``$XDG_CACHE_HOME/anycnn/imagefolder``, i.e.
@@ -39,6 +44,7 @@ the first paths, at every load. Either way this happens while decoding, never mi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,6 +86,23 @@ class Options:
     size: tuple[int, int] | None = None
     channels: int | None = None
     resample: str = "bilinear"
+    resize_shorter: int | None = None
+
+    @classmethod
+    def checked(cls, size: Sequence[int] | int | None, channels: int | None, resample: str,
+                resize_shorter: int | None) -> Options:
+        """The options, validated (see :func:`anycnn.data.images.check_options` and
+        :func:`~anycnn.data.images.check_resize_shorter`)."""
+        size, channels, resample = image_files.check_options(size, channels, resample)
+        size = image_files.check_resize_shorter(resize_shorter, size)
+        return cls(size, channels, resample,
+                   None if resize_shorter is None else int(resize_shorter))
+
+    def key(self) -> list:
+        """The options as JSON-able cache-key data (``resize_shorter`` only when set, so the
+        entries of folders decoded before it existed stay valid)."""
+        extra = [] if self.resize_shorter is None else [["resize_shorter", self.resize_shorter]]
+        return [self.size, self.channels, self.resample, *extra]
 
 
 class ImageFolder:
@@ -95,7 +118,7 @@ class ImageFolder:
         root: the folder.
         classes: take these class names (in this order) instead of the subfolders'; a subfolder
             not among them is an error (the ``val/`` of a train/val layout uses ``train/``'s).
-        size, channels, resample: as :func:`anycnn.data.images.load_image`.
+        size, channels, resample, resize_shorter: as :func:`anycnn.data.images.load_image`.
         bad_images: ``"stop"`` or ``"skip"``.
         cache_dir: where decoded arrays are kept (default: the user cache).
         progress: show a progress bar while decoding.
@@ -108,14 +131,14 @@ class ImageFolder:
 
     def __init__(self, root: str | os.PathLike, *, classes: Sequence[str] | None = None,
                  size: Sequence[int] | int | None = None, channels: int | None = None,
-                 resample: str = "bilinear", bad_images: str = "stop",
-                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> None:
-        size, channels, resample = image_files.check_options(size, channels, resample)
+                 resample: str = "bilinear", resize_shorter: int | None = None,
+                 bad_images: str = "stop", cache_dir: str | os.PathLike | None = None,
+                 progress: bool = False) -> None:
+        self.options = Options.checked(size, channels, resample, resize_shorter)
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
                               f"got {bad_images!r}")
         self.root = Path(root)
-        self.options = Options(size, channels, resample)
         self.bad_images = bad_images
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.progress = progress
@@ -150,6 +173,8 @@ def is_train_val_layout(root: str | os.PathLike) -> bool:
 
 def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None = None,
                       channels: int | None = None, *, resample: str = "bilinear",
+                      resize_shorter: int | None = None,
+                      train_size: Sequence[int] | int | None = None,
                       val_split: float = 0.1, split_seed: int = SPLIT_SEED,
                       bad_images: str = "stop", cache_dir: str | os.PathLike | None = None,
                       progress: bool = False) -> Splits:
@@ -163,6 +188,12 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
     Images are ``uint8`` NHWC ``(N, H, W, C)``, slices of one memory-mapped cache file
     (see the module docstring); labels ``int64``; ``class_names`` the sorted subfolder names.
 
+    ``size``, ``channels``, ``resample`` and ``resize_shorter`` are
+    :func:`anycnn.data.images.load_image`'s. ``train_size`` (default ``size``) decodes the
+    training split at another size (with ``resize_shorter``: another centre crop, e.g. ``R x R``
+    for a random-resized-crop augmentation while ``val``/``test`` get the evaluation crop); the
+    two sizes are then two cache files.
+
     Raises:
         DataError: the folder is missing or holds fewer than two classes, a class without
             images, images of different sizes and no ``size``, a bad image (``"stop"``), too few
@@ -172,9 +203,13 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
     root = Path(path)
     if not (isinstance(val_split, int | float) and 0 < val_split < 1):
         raise ConfigError(f"val_split must be a fraction in (0, 1), got {val_split!r}")
-    common = dict(size=size, channels=channels, resample=resample, bad_images=bad_images,
-                  cache_dir=cache_dir, progress=progress)
+    common = dict(size=size, channels=channels, resample=resample,
+                  resize_shorter=resize_shorter, bad_images=bad_images, cache_dir=cache_dir,
+                  progress=progress)
     train = ImageFolder(root / "train" if is_train_val_layout(root) else root, **common)
+    train_options = train.options
+    if train_size is not None:
+        train_options = Options.checked(train_size, channels, resample, resize_shorter)
     if len(train.classes) < 2:
         raise DataError(f"{train.root}: found {len(train.classes)} class folder(s) "
                         f"({', '.join(train.classes)}); a classifier needs at least 2 "
@@ -196,10 +231,31 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
         parts = [(name, [train.samples[i] for i in np.sort(idx)])
                  for name, idx in (("train", order[n_val:]), ("val", order[:n_val]))]
         layout = f"val_split {val_split}, split_seed {split_seed}"
+    if train_options == train.options:  # one cache file for every split
+        groups = [(parts, train.options, layout)]
+    else:  # the training split at its own size; its channels decide the others'
+        groups = [(parts[:1], train_options, f"{layout}; train split"),
+                  (parts[1:], train.options, f"{layout}; other splits")]
+    splits: dict[str, ArrayDataset] = {}
+    for group, options, key in groups:
+        if splits and options.channels is None:
+            options = dataclasses.replace(options,
+                                          channels=splits["train"].image_shape[2])
+        splits.update(_decode_splits(root, group, options, key, len(train.classes),
+                                     bad_images, train.cache_dir, progress))
+    ignored = f"; {len(train.ignored)} non-image file(s) ignored" if train.ignored else ""
+    return Splits(name=root.name or str(root), train=splits["train"], val=splits["val"],
+                  test=splits.get("test", splits["val"]),
+                  source=f"image folder {root} ({layout}{ignored})",
+                  class_names=tuple(train.classes))
+
+
+def _decode_splits(root: Path, parts: list, options: Options, layout: str, num_classes: int,
+                   bad_images: str, cache_dir: Path, progress: bool) -> dict[str, ArrayDataset]:
+    """``{name: ArrayDataset}`` of the ``(name, samples)`` parts, decoded into one cache file."""
     samples = [s for _, part in parts for s in part]
-    key = _key(root, train.options, layout)
-    images, labels, kept = decode_cached(samples, train.options, bad_images, train.cache_dir,
-                                         key=key, progress=progress)
+    images, labels, kept = decode_cached(samples, options, bad_images, cache_dir,
+                                         key=_key(root, options, layout), progress=progress)
     splits, start, offset = {}, 0, 0
     for name, part in parts:
         count = int(np.count_nonzero(kept[offset:offset + len(part)]))
@@ -207,13 +263,9 @@ def load_image_folder(path: str | os.PathLike, size: Sequence[int] | int | None 
         if count == 0:
             raise DataError(f"{root}: the {name} split holds no usable images")
         splits[name] = ArrayDataset(images[start:start + count], labels[start:start + count],
-                                    len(train.classes))
+                                    num_classes)
         start += count
-    ignored = f"; {len(train.ignored)} non-image file(s) ignored" if train.ignored else ""
-    return Splits(name=root.name or str(root), train=splits["train"], val=splits["val"],
-                  test=splits.get("test", splits["val"]),
-                  source=f"image folder {root} ({layout}{ignored})",
-                  class_names=tuple(train.classes))
+    return splits
 
 
 # ------------------------------------------------------------------------------------- scanning
@@ -259,15 +311,13 @@ def _scan(root: Path, classes: Sequence[str] | None
 
 def _key(root: Path, options: Options, layout: str = "folder") -> str:
     """The cache entry's name: the folder's absolute path and the options, hashed."""
-    text = json.dumps([CACHE_VERSION, str(root.resolve()), options.size, options.channels,
-                       options.resample, layout])
+    text = json.dumps([CACHE_VERSION, str(root.resolve()), *options.key(), layout])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _fingerprint(samples: Sequence[tuple[Path, int]], options: Options) -> str:
     """SHA-256 of the file list (paths, labels, sizes, mtimes) in order, and the options."""
-    digest = hashlib.sha256(json.dumps(
-        [CACHE_VERSION, options.size, options.channels, options.resample]).encode())
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, *options.key()]).encode())
     for path, label in samples:
         try:
             st = os.stat(path)
@@ -347,7 +397,8 @@ def _decode_into(npy: Path, record_path: Path, samples: Sequence[tuple[Path, int
             if i in known_bad:
                 continue
             try:
-                out[i] = image_files.load_image(path, size, channels, options.resample)
+                out[i] = image_files.load_image(path, size, channels, options.resample,
+                                                resize_shorter=options.resize_shorter)
             except DataError as exc:
                 _bad(bad, i, str(exc), bad_images)
         bad.sort()

@@ -16,7 +16,14 @@ Layout: ``np.uint8`` pixels, channels last: one image is ``(H, W, C)``, a batch 
 4. resize to ``size = (H, W)`` when the image differs, with Pillow's resampling filter
    ``resample`` (default ``"bilinear"``: Pillow's bilinear filter, which widens its support
    when shrinking, i.e. antialiased); the aspect ratio is not kept (the image is stretched, as
-   Keras's ``image_dataset_from_directory`` does by default).
+   Keras's ``image_dataset_from_directory`` does by default);
+
+   or, with ``resize_shorter=R`` (the ImageNet-style evaluation geometry of torchvision's
+   ``Resize(R)`` then ``CenterCrop(S)``): resize keeping the aspect ratio so that the shorter
+   side is ``R`` (the longer one becomes ``int(R * long / short)``), then keep the centred
+   ``size = (H, W)`` window (default ``(R, R)``; at most ``R`` on each side), whose top-left
+   corner is at ``(round((h' - H) / 2), round((w' - W) / 2))`` of the resized ``h' x w'``
+   image (Python's ``round``, as torchvision's ``center_crop``).
 
 Pillow is an optional dependency (``pip install 'anycnn[images]'``) imported at first use,
 never when anycnn is imported.
@@ -75,6 +82,44 @@ def check_options(size: Sequence[int] | int | None, channels: int | None,
     return size, channels, resample
 
 
+def check_resize_shorter(resize_shorter: int | None, size: tuple[int, int] | None
+                         ) -> tuple[int, int] | None:
+    """The crop size of the ``resize_shorter`` geometry (module docstring, step 4): ``size``
+    (already checked by :func:`check_options`), or ``(R, R)`` when it is ``None``; ``size``
+    unchanged without ``resize_shorter``.
+
+    Raises:
+        ConfigError: ``resize_shorter`` is not a positive integer, or the crop is larger than
+            ``R`` on one side.
+    """
+    if resize_shorter is None:
+        return size
+    if isinstance(resize_shorter, bool) or not isinstance(resize_shorter, int | np.integer) \
+            or resize_shorter < 1:
+        raise ConfigError(f"resize_shorter must be a positive integer, got {resize_shorter!r}")
+    r = int(resize_shorter)
+    if size is None:
+        return r, r
+    if max(size) > r:
+        raise ConfigError(f"the centre crop {size[0]}x{size[1]} is larger than the resized "
+                          f"shorter side {r}: the crop must be at most {r} on each side")
+    return size
+
+
+def shorter_side_size(height: int, width: int, resize_shorter: int) -> tuple[int, int]:
+    """``(h', w')`` of an ``height x width`` image resized so that its shorter side is
+    ``resize_shorter`` (the longer side ``int(resize_shorter * long / short)``)."""
+    if height <= width:
+        return resize_shorter, int(resize_shorter * width / height)
+    return int(resize_shorter * height / width), resize_shorter
+
+
+def centre_offsets(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """``(top, left)`` of the centred ``crop`` ``(H, W)`` window of an ``height x width``
+    image: ``round((height - H) / 2)``, ``round((width - W) / 2)`` (Python's round)."""
+    return round((height - crop[0]) / 2.0), round((width - crop[1]) / 2.0)
+
+
 def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
     """``((H, W), channels)`` of an image file from its header, without decoding the pixels
     (``channels`` is 1 for grayscale modes, 3 otherwise; EXIF rotation not applied).
@@ -93,21 +138,26 @@ def probe_image(path: str | os.PathLike) -> tuple[tuple[int, int], int]:
 
 
 def load_image(path: str | os.PathLike, size: Sequence[int] | int | None = None,
-               channels: int | None = 3, resample: str = "bilinear") -> np.ndarray:
+               channels: int | None = 3, resample: str = "bilinear", *,
+               resize_shorter: int | None = None) -> np.ndarray:
     """One image file as ``uint8`` ``(H, W, C)`` pixels (see the module docstring for the steps).
 
     Args:
         path: the file.
-        size: ``(H, W)`` or one integer for a square; ``None`` keeps the file's size.
+        size: ``(H, W)`` or one integer for a square; ``None`` keeps the file's size. With
+            ``resize_shorter``: the centre crop (default ``(R, R)``).
         channels: 1 (grayscale) or 3 (RGB); ``None`` keeps grayscale images grayscale and makes
             every other mode RGB.
         resample: one of :data:`RESAMPLE_FILTERS`.
+        resize_shorter: ``R``: resize to shorter side ``R`` keeping the aspect ratio, then
+            centre-crop to ``size`` (module docstring, step 4); ``None``: stretch to ``size``.
 
     Raises:
         DataError: naming the file, when it is missing, unreadable, truncated or not an image.
         ConfigError: bad options, or Pillow is not installed.
     """
     size, channels, resample = check_options(size, channels, resample)
+    size = check_resize_shorter(resize_shorter, size)
     Image = pillow()
     from PIL import ImageOps
 
@@ -118,20 +168,27 @@ def load_image(path: str | os.PathLike, size: Sequence[int] | int | None = None,
             if channels is None:
                 channels = 1 if img.mode in GRAY_MODES else 3
             img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and (img.height, img.width) != size:
+            target = size if resize_shorter is None else shorter_side_size(
+                img.height, img.width, int(resize_shorter))
+            if target is not None and (img.height, img.width) != target:
                 filt = getattr(Image.Resampling, resample.upper())
-                img = img.resize((size[1], size[0]), filt)
+                img = img.resize((target[1], target[0]), filt)
             pixels = np.asarray(img, dtype=np.uint8)
     except Exception as exc:  # truncated data, bad chunks, unsupported codecs, bombs, ...
         raise DataError(_reason(path, exc)) from exc
+    if resize_shorter is not None:
+        top, left = centre_offsets(pixels.shape[0], pixels.shape[1], size)
+        pixels = np.ascontiguousarray(pixels[top:top + size[0], left:left + size[1]])
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def load_images(paths: Iterable[str | os.PathLike], size: Sequence[int] | int | None = None,
-                channels: int | None = 3, resample: str = "bilinear") -> np.ndarray:
+                channels: int | None = 3, resample: str = "bilinear", *,
+                resize_shorter: int | None = None) -> np.ndarray:
     """Several image files as one ``uint8`` batch ``(N, H, W, C)``, each through
-    :func:`load_image` with the same options. ``size=None`` works only when every file has the
-    same size; ``channels=None`` only when they agree on grayscale or colour.
+    :func:`load_image` with the same options (``resize_shorter`` too). ``size=None`` works
+    only when every file has the same size; ``channels=None`` only when they agree on
+    grayscale or colour.
 
     ``anycnn.predict(model, load_images(paths, (H, W), C))`` gives what ``anycnn predict``
     prints for a model trained on ``(H, W, C)`` images.
@@ -139,7 +196,8 @@ def load_images(paths: Iterable[str | os.PathLike], size: Sequence[int] | int | 
     Raises:
         DataError: a file cannot be read (named), or the images differ in shape.
     """
-    arrays = [load_image(p, size, channels, resample) for p in paths]
+    arrays = [load_image(p, size, channels, resample, resize_shorter=resize_shorter)
+              for p in paths]
     if not arrays:
         raise DataError("no image files given")
     shapes = {a.shape for a in arrays}
