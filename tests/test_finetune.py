@@ -146,3 +146,27 @@ def test_weights_of_another_architecture_are_refused(capsys, tmp_path, photos, w
                        "--dataset", photos, "--image-size", 32, "--epochs", 1,
                        "--out", tmp_path / "x", "--backend", "numpy")
     assert code != 0 and "does not fit resnet34" in err
+
+
+def test_lr_backbone_makes_two_groups():
+    import argparse
+
+    from anycnn.cli.finetune import head_parameters, parameter_groups
+    from anycnn.cli.train import make_optimizer
+
+    with anycnn.use_backend("numpy"):
+        model = build_model("mobilenet_v3_small", num_classes=3)
+        args = argparse.Namespace(lr_backbone=1e-4, lr=1e-2, weight_decay=0.0,
+                                  optimizer="adam", momentum=None)
+        groups = parameter_groups(args, model)
+        head = {id(p) for p in head_parameters(model)}
+        # the head is the whole classifier block (both Dense layers), at --lr
+        assert head == {id(p) for p in model.classifier.parameters()}
+        assert [g["name"] for g in groups] == ["backbone", "head"]
+        assert {id(p) for p in groups[1]["params"]} == head
+        optimizer = make_optimizer(args, model)
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-2]
+        optimizer.lr = 1e-3  # a schedule scales both
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-3])
+        args.lr_backbone = None
+        assert parameter_groups(args, model) is None

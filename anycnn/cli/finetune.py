@@ -69,9 +69,22 @@ def check(args) -> None:
         from ..io.pretrained import is_weights_name, lookup
 
         if is_weights_name(args.weights):
-            lookup(args.model, args.weights)  # the architecture has such weights
+            _published_preprocessing(args, lookup(args.model, args.weights))
         elif not Path(args.weights).is_file():
             raise ConfigError(f"--weights {args.weights}: no such file")
+
+
+def _published_preprocessing(args, entry: Any) -> None:
+    """With published weights, what they were trained with is the default: ImageNet's mean
+    and std, and on an image folder without ``--image-size`` the weights' resize and crop."""
+    from .folders import is_image_folder
+
+    if args.normalize is None:
+        args.normalize = "imagenet"
+    if (getattr(args, "preprocess_spec", None) is None and args.image_size is None
+            and is_image_folder(args.dataset)):
+        record = entry.preprocess()
+        args.preprocess_spec = f"resize={record['resize']},crop={record['crop']}"
 
 
 # ---------------------------------------------------------------------------- head and stages
@@ -227,13 +240,13 @@ def apply_freeze(args, model: Any, epoch: int) -> bool:
 
 
 def parameter_groups(args, model: Any) -> list[dict] | None:
-    """Two groups (the head at ``--lr``, the rest at ``--lr-backbone``) or None."""
+    """With ``--lr-backbone``: the groups of :func:`~anycnn.optim.groups.split_groups` (the
+    top-level part holding the head at ``--lr``, the rest at ``--lr-backbone``), else None."""
+    from ..optim.groups import split_groups
+
     if args.lr_backbone is None:
         return None
-    head = {id(p) for p in head_parameters(model)}
-    params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) not in head], "lr": args.lr_backbone},
-            {"params": [p for p in params if id(p) in head], "lr": args.lr}]
+    return split_groups(model, head_path(model).split(".")[0], lr_backbone=args.lr_backbone)
 
 
 def unfreeze_callback(args):
