@@ -24,6 +24,7 @@ from anycnn.errors import ConfigError, ShapeError
 from anycnn.io.checkpoint import load_model
 from anycnn.io.onnx import export_onnx, to_onnx
 from anycnn.models import MODELS, build_model
+from anycnn.nn import activations as A
 from anycnn.nn import layers as L
 from anycnn.nn import losses
 from anycnn.nn.module import Module
@@ -33,6 +34,9 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the ImageNet architectures (issue 24): exported at 64x64 in test_onnx_architectures.py
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+                 "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
 
 
 def session(path_or_proto):
@@ -92,7 +96,7 @@ def randomize(model, seed=0):
 # Presets
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [name for name in MODELS if name not in ARCHITECTURES])
 def test_presets_match_onnxruntime(backend, tmp_path, name):
     anycnn.manual_seed(0)
     model = build_model(name)
@@ -192,6 +196,17 @@ LAYER_CASES = {
     "sigmoid": ((3, 4, 2), L.Sigmoid),
     "tanh": ((3, 4, 2), L.Tanh),
     "dropout": ((3, 4, 2), lambda: L.Dropout(0.5)),
+    "stochastic-depth": ((3, 4, 2), lambda: L.StochasticDepth(0.5)),
+    "softmax-flat": ((3, 4, 2), lambda: anycnn.Sequential(L.Flatten(), A.Softmax(),
+                                                          L.Dense(24, 3), A.Softmax(axis=1))),
+    "flat-activations": ((3, 2, 4), lambda: anycnn.Sequential(
+        L.Flatten(), A.Hardswish(), A.GELU(), L.Dense(24, 3))),
+    "adaptive-avgpool-1": ((5, 6, 3), L.AdaptiveAvgPool2D),
+    "adaptive-avgpool-divides": ((6, 8, 3), lambda: L.AdaptiveAvgPool2D((3, 2))),
+    "adaptive-avgpool-uneven": ((7, 5, 3), lambda: L.AdaptiveAvgPool2D((3, 4))),
+    "adaptive-avgpool-larger": ((3, 2, 2), lambda: L.AdaptiveAvgPool2D((4, 5))),
+    "adaptive-avgpool-dense": ((7, 7, 3), lambda: anycnn.Sequential(
+        L.AdaptiveAvgPool2D(2), L.Flatten(), L.Dense(12, 4))),
     "identity": ((3, 4, 2), anycnn.nn.Identity),
     "flatten": ((3, 4, 2), L.Flatten),
     "flatten-dense": ((3, 4, 5), lambda: anycnn.Sequential(L.Flatten(), L.Dense(60, 7))),
@@ -242,6 +257,50 @@ def test_layer_matches_onnxruntime(backend, case, opset):
     for n in (1, 4):
         x = images(n, *hwc, seed=n) * 2 - 1
         assert_close(run_onnx(sess, x), anycnn_out(model, x))
+
+
+ACTIVATION_CASES = {
+    "relu6": A.ReLU6, "hardsigmoid": A.Hardsigmoid, "hardswish": A.Hardswish, "silu": A.SiLU,
+    "gelu": A.GELU, "gelu-tanh": lambda: A.GELU("tanh"), "softmax-channels": A.Softmax,
+    "softmax-height": lambda: A.Softmax(axis=1), "softmax-width": lambda: A.Softmax(axis=-2),
+    "softmax-batch": lambda: A.Softmax(axis=0)}
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("case", list(ACTIVATION_CASES))
+def test_activation_matches_onnxruntime(backend, case, opset):
+    """The activations of anycnn.nn.activations over [-8, 8] (both ends of ReLU6, Hardsigmoid
+    and Hardswish included), at opset 17 and at 20, where GELU is the ``Gelu`` operator."""
+    model = anycnn.Sequential(ACTIVATION_CASES[case]())
+    proto = to_onnx(model, input_shape=(5, 6, 7), opset=opset)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ("Gelu" in ops) == (case.startswith("gelu") and opset >= 20), ops
+    sess = session(proto)
+    for n in (1, 3):
+        x = images(n, 5, 6, 7, seed=n) * 16 - 8
+        x.flat[:4] = [-3.0, 3.0, 0.0, 6.0]  # the kinks
+        assert_close(run_onnx(sess, x), anycnn_out(model, x))
+
+
+@pytest.mark.parametrize("case", ["hardsigmoid", "hardswish", "silu", "relu6", "softmax-width"])
+def test_activation_in_float64(backend, case):
+    """A float64 graph computes Hardsigmoid and Hardswish as anycnn does (Clip, Div), not with
+    the float32 attributes of ``HardSigmoid``."""
+    anycnn.manual_seed(3)  # Dense for the model's dtype (a model without parameters is float32)
+    model = randomize(anycnn.Sequential(L.Dense(7, 7), ACTIVATION_CASES[case]()).to("float64"))
+    proto = to_onnx(model, input_shape=(5, 6, 7))
+    assert not {"HardSigmoid", "HardSwish"} & {node.op_type for node in proto.graph.node}
+    x = images(2, 5, 6, 7, dtype=np.float64) * 32 - 16
+    assert_close(run_onnx(session(proto), x), anycnn_out(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_adaptive_avgpool_uses_pooling_operators(backend):
+    def ops(layer, hwc):
+        return [n.op_type for n in to_onnx(anycnn.Sequential(layer), input_shape=hwc).graph.node]
+
+    assert "GlobalAveragePool" in ops(L.AdaptiveAvgPool2D(1), (5, 7, 2))
+    assert "AveragePool" in ops(L.AdaptiveAvgPool2D((2, 3)), (4, 9, 2))
+    assert ops(L.AdaptiveAvgPool2D((2, 3)), (5, 9, 2)).count("MatMul") == 2  # 5 rows into 2
 
 
 def test_float64_model(backend):

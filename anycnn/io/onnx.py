@@ -32,12 +32,20 @@ AvgPool2D          ``AveragePool``; ``count_include_pad`` and ``ceil_mode`` as P
                    them (with ``ceil_mode``, the zero padding is a ``Pad`` node and the
                    ceil-mode overhang is not counted)
 GlobalAvgPool2D    ``GlobalAveragePool`` → ``Flatten``
+AdaptiveAvgPool2D  ``GlobalAveragePool`` for a 1x1 output (kept 4-D); ``AveragePool`` when the
+                   output size divides the input's; otherwise two ``MatMul`` by constant
+                   averaging weights (exact for any sizes, as anycnn computes it)
 Upsample2D         ``Resize``: nearest (``asymmetric``, ``floor``) or linear (``half_pixel``:
                    PyTorch's ``align_corners=False``)
 Flatten            ``Flatten`` (axis 1)
 ReLU, LeakyReLU,   ``Relu``, ``LeakyRelu`` (``alpha``), ``Sigmoid``, ``Tanh``
 Sigmoid, Tanh
-Dropout, Identity  nothing (eval)
+ReLU6, Hardsig-    ``Clip`` (0, 6), ``HardSigmoid`` (alpha 1/6, beta 0.5), ``HardSwish``,
+moid, Hardswish,   ``x * Sigmoid(x)``, ``Gelu`` from opset 20 (below: ``Erf`` or ``Tanh``
+SiLU, GELU,        formula), ``Softmax`` over the layer's axis moved to NCHW
+Softmax            (:mod:`anycnn.io.onnx_activations`)
+Dropout, Identity, nothing (eval)
+StochasticDepth
 Residual           the two paths, then ``Add``
 Concat             the branches, then ``Concat`` on the channel axis (1 in NCHW)
 Sequential         its layers in order (nested containers included)
@@ -49,7 +57,8 @@ ones and Dropout/Identity that receive them get them back in anycnn's (h, w, c) 
 
 **Modules written as code** (a ``forward`` and no ``backward``) are exported from a trace of
 one forward pass, operation by operation, with the layers they call mapped as above
-(:mod:`anycnn.io.onnx_code`).
+(:mod:`anycnn.io.onnx_code`). A ``Transpose`` that undoes the one before it is not written
+(the tensor before both is used), and nodes the output does not depend on are left out.
 
 **Layers with no mapping** (your own ``Module`` with a hand-written backward, or a subclass of
 a mapped layer that overrides ``forward``): when ndonnx is installed (``pip install ndonnx``;
@@ -81,7 +90,9 @@ from ..backend import dtype_name, namespace_of, to_numpy
 from ..errors import ConfigError, ShapeError
 from ..nn.containers import Concat, Identity, Residual
 from ..nn.functional import pool_windows
+from ..nn.functional.pool import adaptive_pool_matrix
 from ..nn.layers import (
+    AdaptiveAvgPool2D,
     AvgPool2D,
     BatchNorm2D,
     Conv2D,
@@ -96,12 +107,14 @@ from ..nn.layers import (
     MaxPool2D,
     ReLU,
     Sigmoid,
+    StochasticDepth,
     Tanh,
     Upsample2D,
 )
 from ..nn.module import Module, eval_mode, preserved_state
 from ..nn.sequential import Sequential
 from .interop import conv_weight_nchw, flat_rows_nchw, swap_kernel_axes
+from .onnx_activations import ACTIVATIONS, emit_activation
 
 #: the opset written by default (LayerNormalization needs 17)
 DEFAULT_OPSET = 17
@@ -110,13 +123,14 @@ INSTALL_HINT = "pip install 'anycnn[onnx]' (or: pip install onnx onnxruntime)"
 
 SUPPORTED = ("Sequential, Residual, Concat, Identity, Conv2D, ConvTranspose2D, Dense, "
              "BatchNorm2D, GroupNorm, LayerNorm, MaxPool2D, AvgPool2D, GlobalAvgPool2D, "
-             "Upsample2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout")
+             "AdaptiveAvgPool2D, Upsample2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, ReLU6, "
+             "Hardsigmoid, Hardswish, SiLU, GELU, Softmax, Dropout, StochasticDepth")
 
 _ACTIVATIONS = {LeakyReLU: "LeakyRelu", ReLU: "Relu", Sigmoid: "Sigmoid", Tanh: "Tanh"}
 #: the classes with a mapping; a subclass is mapped as its base only if it keeps its forward
-_MAPPED = (Sequential, Residual, Concat, Identity, Dropout, *_ACTIVATIONS, Dense, Conv2D,
-           ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Upsample2D, Flatten,
-           BatchNorm2D, GroupNorm, LayerNorm)
+_MAPPED = (Sequential, Residual, Concat, Identity, Dropout, StochasticDepth, *_ACTIVATIONS,
+           *ACTIVATIONS, Dense, Conv2D, ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D,
+           AdaptiveAvgPool2D, Upsample2D, Flatten, BatchNorm2D, GroupNorm, LayerNorm)
 
 
 def import_onnx() -> Any:
@@ -153,6 +167,8 @@ class _Builder:
         self.initializers: list[Any] = []
         self.dtype = dtype
         self._names: set[str] = set()
+        self._scalars: dict[float, str] = {}
+        self._transposes: dict[str, tuple[str, tuple[int, ...]]] = {}  # output: (input, perm)
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -171,13 +187,35 @@ class _Builder:
     def weight(self, base: str, array: np.ndarray) -> str:
         return self.const(base, np.asarray(array, dtype=self.dtype))
 
+    def scalar(self, base: str, value: float) -> str:
+        """A 0-d constant of the model's dtype, one initializer per value for the graph."""
+        if value not in self._scalars:
+            self._scalars[value] = self.weight(f"const/{base}", np.asarray(value))
+        return self._scalars[value]
+
     def ints(self, base: str, values: list[int]) -> str:
         return self.const(base, np.asarray(values, dtype=np.int64))
 
     def node(self, op: str, inputs: list[str], scope: str, **attrs: Any) -> str:
+        if op == "Transpose":  # undoing the Transpose that made the input: its input instead
+            source, perm = self._transposes.get(inputs[0], (None, ()))
+            if source is not None and [perm[i] for i in attrs["perm"]] == list(range(len(perm))):
+                return source
         out = self.fresh(f"{scope}/{op}" if scope else op)
         self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
+        if op == "Transpose":
+            self._transposes[out] = (inputs[0], tuple(attrs["perm"]))
         return out
+
+    def used(self, output: str) -> tuple[list[Any], list[Any]]:
+        """The nodes and initializers that ``output`` depends on (a Transpose left without
+        readers when the next one undid it is dropped here), in order."""
+        needed, nodes = {output}, []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                nodes.append(node)
+                needed.update(node.input)
+        return nodes[::-1], [t for t in self.initializers if t.name in needed]
 
 
 def _scope(prefix: str) -> str:
@@ -241,10 +279,10 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
         outs = [_natural(b, o, scope) for o in outs]
         return _Value(b.node("Concat", [o.name for o in outs], scope, axis=1),
                       np.concatenate([o.sample for o in outs], axis=-1), None)
-    if isinstance(module, Identity | Dropout):
+    if isinstance(module, Identity | Dropout | StochasticDepth):
         return v
     needs_spatial = (Conv2D, ConvTranspose2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D,
-                     Upsample2D)
+                     AdaptiveAvgPool2D, Upsample2D)
     if isinstance(module, needs_spatial) and not v.spatial:
         raise ConfigError(f"layer {scope} ({kind}) needs NHWC input but gets features of "
                           f"shape {v.sample.shape}")
@@ -252,6 +290,9 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
         op = _ACTIVATIONS[base]
         attrs = {"alpha": module.negative_slope} if op == "LeakyRelu" else {}
         return _Value(b.node(op, [v.name], scope, **attrs), _run(module, v, like, scope), v.chw)
+    if base in ACTIVATIONS:  # elementwise, or Softmax over a whole axis: any row order holds
+        out = _run(module, v, like, scope)
+        return _Value(emit_activation(b, module, v.name, v.sample.ndim, scope), out, v.chw)
     out = _run(module, v, like, scope)  # also checks that the layer accepts its input
     if isinstance(module, Dense):
         return _dense(b, module, v, out, scope)
@@ -278,6 +319,8 @@ def _emit(b: _Builder, module: Module, v: _Value, prefix: str, like: Any) -> _Va
     if isinstance(module, GlobalAvgPool2D):
         x = b.node("GlobalAveragePool", [v.name], scope)
         return _Value(b.node("Flatten", [x], scope, axis=1), out)
+    if isinstance(module, AdaptiveAvgPool2D):
+        return _Value(_adaptive_pool(b, module, v, scope), out)
     if isinstance(module, Upsample2D):
         sh, sw = module.scale_factor
         scales = b.const(f"{scope}/scales", np.asarray([1, 1, sh, sw], dtype=np.float32))
@@ -433,6 +476,24 @@ def _pool(b: _Builder, module: MaxPool2D | AvgPool2D, v: _Value, out: np.ndarray
                          **attrs), out)
 
 
+def _adaptive_pool(b: _Builder, module: AdaptiveAvgPool2D, v: _Value, scope: str) -> str:
+    """``GlobalAveragePool`` for a 1x1 output; ``AveragePool`` when the output size divides
+    the input's (every window the same size); otherwise anycnn's own construction, exact for
+    any sizes: ``MatMul`` by the ``(W, ow)`` column weights, then the ``(oh, H)`` row weights
+    from the left (each output cell the mean of its rows ``floor(i*n/m)`` to
+    ``ceil((i+1)*n/m) - 1``)."""
+    _, h, w, _ = v.sample.shape
+    oh, ow = module.output_size
+    if (oh, ow) == (1, 1):
+        return b.node("GlobalAveragePool", [v.name], scope)
+    if h % oh == 0 and w % ow == 0:
+        kernel = [h // oh, w // ow]
+        return b.node("AveragePool", [v.name], scope, kernel_shape=kernel, strides=kernel)
+    cols = b.weight(f"{scope}/cols", adaptive_pool_matrix(w, ow).T)
+    rows = b.weight(f"{scope}/rows", adaptive_pool_matrix(h, oh))
+    return b.node("MatMul", [rows, b.node("MatMul", [v.name, cols], scope)], scope)
+
+
 def _group_norm(b: _Builder, module: GroupNorm, v: _Value, out: np.ndarray,
                 scope: str) -> _Value:
     g = module.num_groups
@@ -533,9 +594,10 @@ def to_onnx(model: Module, *, input_shape: tuple[int, int, int] | None = None,
         name, shape = "logits", ["batch", *out.sample.shape[1:]]
         b.nodes.append(onnx.helper.make_node("Identity", [out.name], [name],
                                              name="output/Identity"))
+    nodes, initializers = b.used(name)
     graph = onnx.helper.make_graph(
-        b.nodes, "anycnn", [onnx.helper.make_tensor_value_info("input", elem, dims)],
-        [onnx.helper.make_tensor_value_info(name, elem, shape)], b.initializers)
+        nodes, "anycnn", [onnx.helper.make_tensor_value_info("input", elem, dims)],
+        [onnx.helper.make_tensor_value_info(name, elem, shape)], initializers)
     opsets = [onnx.helper.make_opsetid("", b.opset)]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, producer_name="anycnn",
                                    ir_version=onnx.helper.find_min_ir_version_for(opsets),

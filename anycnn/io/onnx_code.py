@@ -66,12 +66,26 @@ def emit_code(b: Any, module: Module, v: Any, prefix: str, like: Any) -> Any:
                           "for ONNX")
     writer = _Writer(b, module, prefix, like)
     writer.names[id(leaf)] = x_name
-    for entry in entries:
+    for entry in _live(entries, out):
         writer.write(entry)
     y = writer.name_of(out)
     if out.ndim == 4:
         y = b.node("Transpose", [y], scope, perm=[0, 3, 1, 2])
     return _Value(y, to_numpy(out.data))
+
+
+def _live(entries: list, out: Variable) -> list:
+    """The entries the output depends on, in order. A trace also holds operations whose
+    results are not used: the inner operations of a forward-only module that a mapped
+    container called from this code runs (that call is one entry of its own, exported as the
+    container), and any dead code of the forward; writing them would add unused nodes and
+    constants of their inputs."""
+    needed, keep = {id(out)}, []
+    for entry in reversed(entries):
+        if any(id(o) in needed for o in entry.outputs):
+            keep.append(entry)
+            needed.update(id(a) for a in entry.inputs if isinstance(a, Variable))
+    return keep[::-1]
 
 
 class _Writer:
