@@ -21,7 +21,8 @@ tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end
 that time themselves); the numpy session's end-to-end runs (real mpiexec jobs, signals, subprocess
 trainings with time budgets) run one at a time. torch stays installed in
 every session: test_vs_torch, test_new_layers and test_containers compare each layer computed on
-*the backend under test* with PyTorch autograd, which no other backend's run replaces. Sessions
+*the backend under test* with PyTorch autograd, which no other backend's run replaces, and
+torchvision's model definitions are the reference for the pretrained architectures. Sessions
 are created with uv when it is installed (`.ci/run` installs it; about 30 s against about 2 min
 with pip for a backend's environment here), else with virtualenv.
 
@@ -46,6 +47,9 @@ nox.options.sessions = ["lint", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 # uv when it is on PATH (much faster installs), virtualenv otherwise
 nox.options.default_venv_backend = "uv|virtualenv"
+#: the reference networks of tests/test_torchvision_models.py (its model code only: the wheel is
+#: built for CUDA torch, and the test imports it with its compiled operators stubbed out)
+TORCHVISION = "torchvision==0.28.0"
 #: non-numpy backend sessions: core files in full, 1 in SAMPLE of the other tests (see above)
 SAMPLE = 4
 #: the jax session's XLA compiler settings: every eager operation of a new shape is compiled,
@@ -77,7 +81,7 @@ def tests(session: nox.Session, backend: str) -> None:
             session.error(f"cupy backend required (ANYCNN_REQUIRE_BACKEND=1) but {why}")
         if why:
             session.skip(f"{why}; set ANYCNN_REQUIRE_BACKEND=1 to make this a failure")
-    session.install("-r", f"backends/{backend}.txt", "-r", "backends/torch.txt")
+    session.install("-r", f"backends/{backend}.txt", "-r", "backends/torch.txt", TORCHVISION)
     # the numpy session also runs the data-parallel tests on real mpiexec jobs (MPICH wheel)
     # and the ONNX export tests (onnx, onnxruntime; ndonnx for tracing layers of your own)
     session.install("-e", ".[mpi,onnx]" if backend == "numpy" else ".", "--group", "test")
