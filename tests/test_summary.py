@@ -50,7 +50,18 @@ BENCH_FLOPS = {"lenet5": (833_040, 2_263_920), "simple-cnn": (8_482_304, 24_995_
                # residual presets: counted through Residual bodies and shortcuts
                "resnet20": (81_626_368, 243_994_368), "resnet-mini": (18_691_840, 55_849_728),
                # the same network written as code: the same count
-               "resnet20-code": (81_626_368, 243_994_368)}
+               "resnet20-code": (81_626_368, 243_994_368),
+               # the torchvision architectures at 224x224x3, 1000 classes: forward / 2 is
+               # torchvision's published multiply-adds (1.81, 3.66, 4.09, 0.30, 0.06, 0.22,
+               # 0.39, 4.46 G)
+               "resnet18": (3_628_146_688, 10_648_412_160),
+               "resnet34": (7_327_522_816, 21_746_540_544),
+               "resnet50": (8_178_368_512, 24_299_077_632),
+               "mobilenet_v2": (601_548_544, 1_782_969_600),
+               "mobilenet_v3_small": (113_020_800, 328_224_384),
+               "mobilenet_v3_large": (433_179_520, 1_288_700_544),
+               "efficientnet_b0": (771_629_504, 2_293_212_480),
+               "convnext_tiny": (8_911_062_528, 26_704_286_208)}
 
 
 def _rows(s):

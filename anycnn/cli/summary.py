@@ -54,7 +54,7 @@ def run(args) -> int:
         raise ConfigError("--dataset and --input-shape both set the input shape: pass one")
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
-    classes = 10
+    classes = spec["num_classes"]
     if args.input_shape is not None:
         shape = image_shape_option(args.input_shape)
     elif args.dataset is not None:

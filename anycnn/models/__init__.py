@@ -57,13 +57,17 @@ MODELS: dict[str, Callable[..., Module]] = {
 }
 
 
-def model_spec(name: str, num_classes: int = 10, in_channels: int | None = None,
+def model_spec(name: str, num_classes: int | None = None, in_channels: int | None = None,
                image_size: int | None = None) -> dict[str, Any]:
-    """A validated spec dict for :func:`build_model`; ``in_channels`` and ``image_size``
-    default to the preset's own input shape (its function's defaults)."""
+    """A validated spec dict for :func:`build_model`; ``num_classes``, ``in_channels`` and
+    ``image_size`` default to the preset's own (its function's defaults: 10 classes for the
+    small presets, ImageNet's 1000 classes and 224x224x3 for the torchvision
+    architectures)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     defaults = inspect.signature(MODELS[name]).parameters
+    if num_classes is None:
+        num_classes = defaults["num_classes"].default
     if in_channels is None:
         in_channels = defaults["in_channels"].default
     if image_size is None:
