@@ -21,7 +21,10 @@ EXTRA = {
     "anycnn.backend": ("namespace_of", "backend_names"),
     "anycnn.backends.spec": ("BackendSpec",),
     "anycnn.train.view": ("TrainerView",),
-    "anycnn.models": ("model_spec", "build_model"),
+    "anycnn.models": ("model_spec", "build_model", "resnet18", "resnet34", "resnet50",
+                      "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                      "efficientnet_b0", "convnext_tiny"),
+    "anycnn.models.backbone": ("Backbone",),
     "anycnn.testing": ("check_gradients", "GradientReport", "GradientCheckError"),
 }
 _ENTRY = re.compile(r"^::: ([\w.]+)\s*$", re.MULTILINE)

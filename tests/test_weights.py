@@ -269,6 +269,26 @@ def test_shape_mismatch_names_the_tensor_and_changes_nothing(backend, reference,
         from_torch_state_dict(model, {**ref.state_dict(), "fc.bias": "zeros"})
 
 
+def test_another_class_count_says_how_to_fine_tune(backend, tmp_path):
+    from anycnn.models import build_model
+
+    file = tmp_path / "mnv3s.safetensors"
+    st.save_file({k: torch.from_numpy(v) for k, v in
+                  to_torch_state_dict(build_model("mobilenet_v3_small", num_classes=1000)).items()},
+                 file)
+    model = build_model("mobilenet_v3_small", num_classes=3)
+    for strict in (True, False):
+        with pytest.raises(CheckpointError, match=r"'classifier\.3\.weight' has shape "
+                           r"\(1000, 1024\).*needs \(3, 1024\).*classifier has 1000 classes: "
+                           r"build the model with num_classes=1000, load the file, then call "
+                           r"model\.reset_classifier\(3\)$"):
+            anycnn.load_weights(model, file, strict=strict)
+    with pytest.raises(CheckpointError) as info:  # not a classifier: no such advice
+        from_torch_state_dict(model, {**read_state_dict(file),
+                                      "classifier.3.weight": np.zeros((3, 8), np.float32)})
+    assert "reset_classifier" not in str(info.value)
+
+
 def bad_files(tmp_path, reference) -> dict[str, tuple[Path, str]]:
     ref, _ = reference
     good_pth, good_st = tmp_path / "good.pth", tmp_path / "good.safetensors"

@@ -206,7 +206,7 @@ def load_weights(args, model: Any, num_classes: int) -> None:
     if replaced:  # said even with --quiet: the model is no longer the file's
         _replace_head(model, num_classes, args.seed)
         print(f"loaded {what}; replaced the classifier {head} ({classes} classes) with a new "
-              f"one for the dataset's {num_classes}")
+              f"one for the dataset's {num_classes} classes")
     else:
         say(args.quiet, f"loaded {what}")
     if entry is not None:

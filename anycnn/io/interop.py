@@ -522,10 +522,23 @@ def from_torch_state_dict(model: Module, state: dict[str, Any],
         if tuple(value.shape) != want:
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(value.shape)} in the PyTorch state_dict but "
-                f"the model needs {want} (PyTorch layout {t.description})")
+                f"the model needs {want} (PyTorch layout {t.description})"
+                + _head_hint(model, name, tuple(value.shape), want))
         converted[name] = np.ascontiguousarray(t.from_torch(value))
     model.load_state_dict(converted, strict=strict)
     return LoadResult(missing, unexpected)
+
+
+def _head_hint(model: Any, name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """For a classifier of another class count (PyTorch layout ``(out, in)``): how to
+    fine-tune from the file instead."""
+    head = getattr(model, "head", None)
+    if not (isinstance(head, str) and head and name == f"{head}.weight" and len(shape) == 2
+            and shape[1:] == want[1:]):
+        return ""
+    return (f"; the file's classifier has {shape[0]} classes: build the model with "
+            f"num_classes={shape[0]}, load the file, then call "
+            f"model.reset_classifier({want[0]})")
 
 
 def _torch_layer(entry: _Layer, nn: Any) -> Any:

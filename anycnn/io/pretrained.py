@@ -255,7 +255,7 @@ def load_pretrained(model: Any, weights: str = "imagenet", *, arch: str | None =
     except CheckpointError as exc:
         spec = getattr(model, "model_spec", None)
         classes = spec.get("num_classes") if isinstance(spec, dict) else None
-        if classes is None or classes == len(imagenet_classes()):
+        if classes is None or classes == len(imagenet_classes()) or "reset_classifier" in str(exc):
             raise
         raise CheckpointError(f"{exc}; ImageNet weights have {len(imagenet_classes())} "
                               f"classes and this model {classes}: build it with "

@@ -3,10 +3,14 @@
 A model is described by a small JSON-able *spec* ``{"name", "num_classes", "in_channels",
 "image_size"}``; :func:`build_model` turns a spec into a model, and checkpoints store the spec so
 a model can be rebuilt anywhere. A preset's default input shape is its function's defaults
-(28x28x1 for the MNIST-sized ones, 32x32x3 for ``resnet20``).
+(28x28x1 for the MNIST-sized ones, 32x32x3 for ``resnet20``, 224x224x3 for torchvision's
+ImageNet networks); ``num_classes`` defaults to 10 (:func:`model_spec`).
 
 The presets live in one module per family: :mod:`anycnn.models.presets` (the small
-from-scratch networks).
+from-scratch networks), and :mod:`~anycnn.models.resnet`, :mod:`~anycnn.models.mobilenet`,
+:mod:`~anycnn.models.efficientnet` and :mod:`~anycnn.models.convnext` (torchvision's
+ImageNet classifiers with its tensor names; their base class is
+:class:`~anycnn.models.backbone.Backbone`).
 """
 
 from __future__ import annotations
