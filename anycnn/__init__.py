@@ -23,6 +23,7 @@ _EXPORTS = {
     **names("nn.containers", "Concat", "Identity", "ModuleList", "Residual"),
     **names("random", "manual_seed"),
     **names("io.checkpoint", "load_model", "load_weights", "save"),
+    **names("io.pretrained", "pretrained"),
     **names("train.inference", "predict", "predict_proba", "predict_topk"),
     **names("nn.summarize", "Summary", "summary"),
 }

@@ -170,3 +170,43 @@ def test_lr_backbone_makes_two_groups():
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-3])
         args.lr_backbone = None
         assert parameter_groups(args, model) is None
+
+
+def test_pretrained_from_a_file_and_reheading_the_pytorch_way(tmp_path, weights):
+    from anycnn.errors import ConfigError
+    from anycnn.nn.layers import Dense
+
+    with anycnn.use_backend("numpy"):
+        model = anycnn.pretrained("resnet18", weights, num_classes=4)
+        assert model.get_classifier().out_features == 4
+        original = safetensors_numpy.load_file(str(weights))
+        ours = to_torch_state_dict(model)
+        assert np.array_equal(ours["layer3.1.conv2.weight"], original["layer3.1.conv2.weight"])
+        # a head replaced by assignment is what the checkpoint records
+        model.fc = Dense(512, 3)
+        anycnn.save(model, tmp_path / "m.safetensors")
+        again, _ = anycnn.load_model(tmp_path / "m.safetensors")
+        assert again.model_spec["num_classes"] == 3
+        seq = build_model("lenet5")
+        seq[-1] = Dense(84, 2)
+        anycnn.save(seq, tmp_path / "s.safetensors")
+        assert anycnn.load_model(tmp_path / "s.safetensors")[0].model_spec["num_classes"] == 2
+        with pytest.raises(ConfigError, match=r"anycnn\.pretrained"):
+            build_model("resnet18", weights="imagenet")
+
+
+def test_weights_file_defaults_to_imagenet_normalisation(capsys, tmp_path, photos, weights):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--model", "resnet18", "--weights", weights,
+                       "--dataset", photos, "--image-size", 32, "--freeze", "backbone",
+                       "--epochs", 1, "--out", out, "--quiet", "--backend", "numpy")
+    assert code == 0, err
+    config = anycnn.io.checkpoint.load_checkpoint(out / "checkpoint.safetensors").config
+    assert config["normalize"] == "imagenet"
+    # a run folder is accepted as --weights too (its checkpoint), and late unfreezing warns
+    code, _, err = cli(capsys, "train", "--model", "resnet18", "--weights", out,
+                       "--dataset", photos, "--image-size", 32, "--freeze", "backbone",
+                       "--unfreeze-at", 3, "--epochs", 1, "--out", tmp_path / "again",
+                       "--quiet", "--backend", "numpy")
+    assert code == 0, err
+    assert "--unfreeze-at 3 is after the last epoch" in err

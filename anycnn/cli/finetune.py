@@ -13,13 +13,16 @@ with parameters), ``--freeze none`` (the default) trains everything. Frozen part
 mode (BatchNorm keeps the file's statistics), so they compute exactly the pretrained function.
 ``--unfreeze-at E`` trains everything from epoch E on (the usual two-phase recipe), and
 ``--lr-backbone LR`` gives every parameter outside the head its own learning rate (the
-schedule scales both).
+schedule scales both). With weights for one of the torchvision architectures (a file or
+``imagenet``), ``--normalize`` defaults to ImageNet's mean and std, which those weights
+expect.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +69,27 @@ def check(args) -> None:
             raise ConfigError("--unfreeze-at ends a --freeze phase: add --freeze backbone "
                               "(or --freeze N)")
     if args.weights is not None:
-        from ..io.pretrained import is_weights_name, lookup
+        from ..io.pretrained import PRETRAINED, is_weights_name, lookup
 
         if is_weights_name(args.weights):
             _published_preprocessing(args, lookup(args.model, args.weights))
-        elif not Path(args.weights).is_file():
-            raise ConfigError(f"--weights {args.weights}: no such file")
+        else:
+            from ..io.checkpoint import checkpoint_in
+
+            path = checkpoint_in(args.weights) if Path(args.weights).is_dir() else \
+                Path(args.weights)
+            if not path.is_file():
+                raise ConfigError(f"--weights {args.weights}: no such file")
+            args.weights = str(path)
+            if args.model in PRETRAINED and args.normalize is None:
+                args.normalize = "imagenet"  # torchvision's and timm's files expect it
+    if args.unfreeze_at is not None and args.unfreeze_at > args.epochs:
+        print(f"anycnn: warning: --unfreeze-at {args.unfreeze_at} is after the last epoch "
+              f"({args.epochs}): this run trains with --freeze {args.freeze} throughout",
+              file=sys.stderr)
+    if args.lr_backbone is not None and freeze == "backbone" and args.unfreeze_at is None:
+        print("anycnn: warning: --lr-backbone has no effect with --freeze backbone and no "
+              "--unfreeze-at (the backbone does not train)", file=sys.stderr)
 
 
 def _published_preprocessing(args, entry: Any) -> None:
@@ -91,21 +109,16 @@ def _published_preprocessing(args, entry: Any) -> None:
 
 
 def head_path(model: Any) -> str:
-    """The dotted path of ``model``'s classifier: a Backbone's ``head``, or the index of a
-    ``Sequential``'s last ``Dense``."""
-    from ..models.backbone import Backbone
-    from ..nn.layers import Dense
-    from ..nn.sequential import Sequential
+    """The dotted path of ``model``'s classifier
+    (:func:`~anycnn.models.backbone.classifier_path`)."""
+    from ..models.backbone import classifier_path
 
-    if isinstance(model, Backbone):
-        return model.head
-    if isinstance(model, Sequential):
-        for i in range(len(model) - 1, -1, -1):
-            if isinstance(model[i], Dense):
-                return str(i)
-    raise ConfigError(f"{type(model).__name__} has no classifier head anycnn can find (a "
-                      "Dense at the end of a Sequential, or one of the pretrained "
-                      "architectures)")
+    path = classifier_path(model)
+    if path is None:
+        raise ConfigError(f"{type(model).__name__} has no classifier head anycnn can find (a "
+                          "Dense at the end of a Sequential, or one of the pretrained "
+                          "architectures)")
+    return path
 
 
 def _module_at(model: Any, path: str) -> Any:
@@ -259,7 +272,7 @@ def unfreeze_callback(args):
 
         def on_epoch_begin(self, trainer, epoch) -> None:
             frozen = apply_freeze(args, trainer.model, epoch)
-            if self.frozen and not frozen and trainer.comm.rank == 0:
+            if self.frozen is not False and not frozen and trainer.comm.rank == 0:
                 say(args.quiet, f"epoch {epoch + 1}: unfrozen, training every parameter")
             if not frozen:
                 trainer.model.train()

@@ -509,7 +509,12 @@ def save(model: Any, path: str | os.PathLike, *, model_spec: dict | None = None,
     Raises:
         CheckpointError: NaN/inf weights, or the file cannot be written.
     """
-    spec = model_spec if model_spec is not None else getattr(model, "model_spec", None)
+    if model_spec is not None:
+        spec = model_spec
+    else:  # a head replaced the PyTorch way still records the right class count
+        from ..models.backbone import current_spec
+
+        spec = current_spec(model)
     spec = spec if isinstance(spec, dict) else None
     record = {"model_class": type(model).__qualname__}
     pretrained = getattr(model, "pretrained", None)

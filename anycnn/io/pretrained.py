@@ -264,3 +264,40 @@ def load_pretrained(model: Any, weights: str = "imagenet", *, arch: str | None =
     model.pretrained = entry.record()
     model.class_names = list(model.pretrained["classes"])
     return result
+
+
+def pretrained(name: str, weights: str | os.PathLike = "imagenet", num_classes: int | None = None,
+               *, base_url: str | None = None, progress: bool = True) -> Any:
+    """Build torchvision architecture ``name`` with trained weights (``anycnn.pretrained``):
+    ``weights="imagenet"`` (torchvision's published file, as :func:`anycnn.load_weights`
+    downloads it) or the path of a weight file in torchvision's names (``.safetensors``,
+    ``.pth``). With ``num_classes`` other than the file's, the classifier is then replaced by
+    a new one (:meth:`~anycnn.models.backbone.Backbone.reset_classifier`), ready for
+    fine-tuning::
+
+        model = anycnn.pretrained("resnet18", "imagenet", num_classes=5)
+
+    Raises:
+        ConfigError: an unknown architecture, or no such published weights.
+        CheckpointError, DataError: as :func:`anycnn.load_weights`.
+    """
+    from ..models import build_model
+    from .checkpoint import load_weights
+    from .interop import from_torch_state_dict
+    from .weights import read_state_dict
+
+    if is_weights_name(weights):
+        model = build_model(name, num_classes=len(imagenet_classes()))
+        load_weights(model, weights, base_url=base_url, progress=progress)
+    else:
+        state = read_state_dict(weights)
+        head = build_model(name).head
+        classes = state.get(f"{head}.weight")
+        if classes is None:
+            raise CheckpointError(f"{weights}: no {head}.weight, the classifier of {name}: "
+                                  f"is it a {name} weight file?")
+        model = build_model(name, num_classes=int(classes.shape[0]))
+        from_torch_state_dict(model, state)
+    if num_classes is not None and num_classes != model.model_spec["num_classes"]:
+        model.reset_classifier(num_classes)
+    return model

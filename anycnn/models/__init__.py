@@ -86,6 +86,10 @@ def build_model(spec: dict[str, Any] | str, **overrides: Any) -> Module:
     The model keeps its spec as ``model.model_spec``: :func:`anycnn.save` stores it, so
     :func:`anycnn.load_model` can rebuild the model, and :func:`anycnn.predict` knows the image
     shape ``(image_size, image_size, in_channels)`` it takes."""
+    if "weights" in overrides:
+        raise ConfigError("build_model makes fresh weights; for trained ones use "
+                          "anycnn.pretrained(name, weights='imagenet', num_classes=K), or "
+                          "anycnn.load_weights(model, 'imagenet' or PATH)")
     if isinstance(spec, str):
         spec = model_spec(spec, **overrides)
     else:

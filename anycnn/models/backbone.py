@@ -113,3 +113,33 @@ class Backbone(Module):
             else:
                 module = getattr(module, part)
         return module
+
+
+def classifier_path(model: Module) -> str | None:
+    """The dotted path of ``model``'s classifier: a :class:`Backbone`'s ``head``, the index
+    of a ``Sequential``'s last ``Dense``, or None (no classifier anycnn can find)."""
+    if isinstance(model, Backbone):
+        return model.head
+    if isinstance(model, Sequential):
+        for i in range(len(model) - 1, -1, -1):
+            if isinstance(model[i], Dense):
+                return str(i)
+    return None
+
+
+def current_spec(model: Module) -> dict[str, Any] | None:
+    """``model.model_spec`` with ``num_classes`` read from its classifier, so that a head
+    replaced the PyTorch way (``model.fc = Dense(512, 3)``, ``model[-1] = Dense(84, 2)``)
+    is what a checkpoint records; None without a spec."""
+    spec = getattr(model, "model_spec", None)
+    if not isinstance(spec, dict):
+        return spec
+    path = classifier_path(model)
+    if path is None:
+        return spec
+    head = model
+    for part in path.split("."):
+        head = head[int(part)] if isinstance(head, Sequential) else getattr(head, part)
+    if isinstance(head, Dense) and head.out_features != spec.get("num_classes"):
+        return {**spec, "num_classes": head.out_features}
+    return spec
