@@ -2,8 +2,9 @@
 ``ReLU6``, ``Hardsigmoid``, ``Hardswish``, ``SiLU``, ``GELU`` and ``Softmax``.
 
 Each is one elementwise function of any-rank input (``Softmax``: over one axis) with PyTorch's
-formula and boundary conventions; the derivative is computed in the forward pass and the
-backward is one product, so a call is one node of a recorded model. ``ReLU``, ``LeakyReLU``,
+formula and boundary conventions and a hand-written backward (the forward keeps its input; the
+derivative is formed by the backward, so inference pays for none of it): a call is one node of
+a recorded model. ``ReLU``, ``LeakyReLU``,
 ``Sigmoid`` and ``Tanh`` live in :mod:`anycnn.nn.layers`.
 """
 
@@ -17,36 +18,59 @@ from .layers import _Elementwise, _require_forward
 from .module import Module
 
 
-class ReLU6(_Elementwise):
+class _Activation(_Elementwise):
+    """An activation whose ``_apply`` returns ``(y, ctx)`` and whose ``_grad(dy, ctx)`` forms
+    the input gradient."""
+
+    def _grad(self, dy, ctx):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy, input_grad: bool = True):
+        return self._grad(dy, _require_forward(self, self._derivative))
+
+
+class ReLU6(_Activation):
     """``min(max(x, 0), 6)`` (MobileNetV2)."""
 
     def _apply(self, x):
         return F.relu6_forward(x)
 
+    def _grad(self, dy, ctx):
+        return F.relu6_backward(dy, ctx)
 
-class Hardsigmoid(_Elementwise):
+
+class Hardsigmoid(_Activation):
     """``relu6(x + 3) / 6``, the piecewise-linear sigmoid of MobileNetV3's
     squeeze-and-excitation."""
 
     def _apply(self, x):
         return F.hardsigmoid_forward(x)
 
+    def _grad(self, dy, ctx):
+        return F.hardsigmoid_backward(dy, ctx)
 
-class Hardswish(_Elementwise):
+
+class Hardswish(_Activation):
     """``x * relu6(x + 3) / 6`` (MobileNetV3)."""
 
     def _apply(self, x):
         return F.hardswish_forward(x)
 
+    def _grad(self, dy, ctx):
+        return F.hardswish_backward(dy, ctx)
 
-class SiLU(_Elementwise):
+
+class SiLU(_Activation):
     """``x * sigmoid(x)``, also called swish (EfficientNet)."""
 
     def _apply(self, x):
         return F.silu_forward(x)
 
+    def _grad(self, dy, ctx):
+        return F.silu_backward(dy, ctx)
 
-class GELU(_Elementwise):
+
+class GELU(_Activation):
     """Gaussian error linear unit ``x * Phi(x)`` (ConvNeXt, transformers).
 
     Args:
@@ -62,6 +86,9 @@ class GELU(_Elementwise):
 
     def _apply(self, x):
         return F.gelu_forward(x, self.approximate)
+
+    def _grad(self, dy, ctx):
+        return F.gelu_backward(dy, ctx, self.approximate)
 
     def extra_repr(self):
         return "" if self.approximate == "none" else f"approximate={self.approximate!r}"

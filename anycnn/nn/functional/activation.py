@@ -1,10 +1,13 @@
 """Elementwise activations and their backward passes (ctx: what the derivative needs), and
 the softmax over the last axis.
 
-Each ``*_forward(x)`` returns ``(y, derivative)``: the derivative ``dy/dx`` as an array of
-``x``'s shape (or a mask), so the backward is one product (:func:`elementwise_backward`). The
-formulas and their boundary conventions are PyTorch's (``torch.nn.functional``), so the layers
-can be compared with it.
+Each ``*_forward(x)`` returns ``(y, ctx)``. For ReLU, leaky ReLU, sigmoid and tanh ctx is the
+derivative ``dy/dx`` (or what gives it at no cost), so the backward is one product
+(:func:`elementwise_backward`); the activations of the mobile and modern networks (ReLU6,
+Hardsigmoid, Hardswish, SiLU, GELU) keep their input (and what the forward computed anyway)
+and form the derivative in their ``*_backward``, so inference pays for none of it. The
+formulas and their boundary conventions are PyTorch's (``torch.nn.functional``), so the
+layers can be compared with it.
 """
 
 from __future__ import annotations
@@ -57,32 +60,49 @@ def tanh_forward(x: Any):
 
 
 def relu6_forward(x: Any):
-    """``min(max(x, 0), 6)``; derivative 1 strictly inside (0, 6)."""
-    xp = namespace_of(x)
-    return xp.clip(x, 0.0, 6.0), xp.astype((x > 0.0) & (x < 6.0), x.dtype)
+    """``min(max(x, 0), 6)``; ctx is the input (the derivative, 1 strictly inside (0, 6), is
+    formed only by a backward pass)."""
+    return namespace_of(x).clip(x, 0.0, 6.0), x
+
+
+def relu6_backward(dy: Any, x: Any):
+    xp = namespace_of(dy, x)
+    return dy * xp.astype((x > 0.0) & (x < 6.0), dy.dtype)
 
 
 def hardsigmoid_forward(x: Any):
-    """``relu6(x + 3) / 6``; derivative 1/6 strictly inside (-3, 3)."""
-    xp = namespace_of(x)
-    inside = xp.astype((x > -3.0) & (x < 3.0), x.dtype)
-    return xp.clip(x + 3.0, 0.0, 6.0) / 6.0, inside / 6.0
+    """``relu6(x + 3) / 6``; ctx is the input (derivative 1/6 strictly inside (-3, 3))."""
+    return namespace_of(x).clip(x + 3.0, 0.0, 6.0) / 6.0, x
+
+
+def hardsigmoid_backward(dy: Any, x: Any):
+    xp = namespace_of(dy, x)
+    return dy * (xp.astype((x > -3.0) & (x < 3.0), dy.dtype) / 6.0)
 
 
 def hardswish_forward(x: Any):
-    """``x * relu6(x + 3) / 6``; derivative 0 up to -3, ``x/3 + 1/2`` strictly between -3 and
-    3, 1 from 3 on (PyTorch's convention at the two ends)."""
-    xp = namespace_of(x)
-    gate = xp.clip(x + 3.0, 0.0, 6.0) / 6.0
-    middle = xp.astype((x > -3.0) & (x < 3.0), x.dtype)
-    above = xp.astype(x >= 3.0, x.dtype)
-    return x * gate, middle * (x / 3.0 + 0.5) + above
+    """``x * relu6(x + 3) / 6``; ctx is the input (derivative 0 up to -3, ``x/3 + 1/2``
+    strictly between -3 and 3, 1 from 3 on: PyTorch's convention at the two ends)."""
+    return x * (namespace_of(x).clip(x + 3.0, 0.0, 6.0) / 6.0), x
+
+
+def hardswish_backward(dy: Any, x: Any):
+    xp = namespace_of(dy, x)
+    middle = xp.astype((x > -3.0) & (x < 3.0), dy.dtype)
+    above = xp.astype(x >= 3.0, dy.dtype)
+    return dy * (middle * (x / 3.0 + 0.5) + above)
 
 
 def silu_forward(x: Any):
-    """``x * sigmoid(x)`` (swish); derivative ``s * (1 + x * (1 - s))``."""
+    """``x * sigmoid(x)`` (swish); ctx is ``(x, sigmoid(x))``."""
     s, _ = sigmoid_forward(x)
-    return x * s, s * (1.0 + x * (1.0 - s))
+    return x * s, (x, s)
+
+
+def silu_backward(dy: Any, ctx):
+    """``dy * s * (1 + x * (1 - s))``."""
+    x, s = ctx
+    return dy * (s * (1.0 + x * (1.0 - s)))
 
 
 #: erf is approximated on [0, ERF_TOP) by one polynomial per interval of ERF_STEP (below);
@@ -140,17 +160,25 @@ _GELU_CUBIC = 0.044715
 
 def gelu_forward(x: Any, approximate: str = "none"):
     """GELU, ``x * Phi(x)``: exact with ``erf`` (``approximate="none"``) or the tanh form
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (``"tanh"``), as PyTorch's."""
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (``"tanh"``), as PyTorch's. ctx is
+    ``(x, Phi(x))`` (exact) or ``(x, tanh(...))`` (tanh form)."""
     xp = namespace_of(x)
     if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-        th = xp.tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
-        y = 0.5 * x * (1.0 + th)
-        return y, 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * d_inner
+        th = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
+        return 0.5 * x * (1.0 + th), (x, th)
     cdf = 0.5 * (1.0 + erf(x * _SQRT_HALF))
-    pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-    return x * cdf, cdf + x * pdf
+    return x * cdf, (x, cdf)
+
+
+def gelu_backward(dy: Any, ctx, approximate: str = "none"):
+    """Input gradient of :func:`gelu_forward`: ``Phi(x) + x * phi(x)`` (exact) or the tanh
+    form's derivative, times ``dy``."""
+    x, t = ctx
+    xp = namespace_of(dy, x)
+    if approximate == "tanh":
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner)
+    return dy * (t + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x * x)))
 
 
 def softmax_forward(x: Any, axis: int = -1):
