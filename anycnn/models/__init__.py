@@ -4,7 +4,8 @@ A model is described by a small JSON-able *spec* ``{"name", "num_classes", "in_c
 "image_size"}``; :func:`build_model` turns a spec into a model, and checkpoints store the spec so
 a model can be rebuilt anywhere. A preset's default input shape is its function's defaults
 (28x28x1 for the MNIST-sized ones, 32x32x3 for ``resnet20``, 224x224x3 for torchvision's
-ImageNet networks); ``num_classes`` defaults to 10 (:func:`model_spec`).
+ImageNet networks); ``num_classes`` defaults to the preset's own too (10, and ImageNet's 1000
+for the torchvision networks: :func:`model_spec`).
 
 The presets live in one module per family: :mod:`anycnn.models.presets` (the small
 from-scratch networks), and :mod:`~anycnn.models.resnet`, :mod:`~anycnn.models.mobilenet`,
