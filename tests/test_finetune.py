@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import anycnn
-from anycnn import backend as backend_module
-from anycnn.cli.commands import main
 from anycnn.io import to_torch_state_dict
 from anycnn.models import build_model
+
+from .cli_run import cli, keep_backend
 
 Image = pytest.importorskip("PIL.Image")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -24,15 +24,8 @@ CLASSES = ("cat", "dog", "owl")
 
 @pytest.fixture(autouse=True)
 def _keep_backend():
-    saved = backend_module._current
-    yield
-    backend_module._current = saved
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    with keep_backend():
+        yield
 
 
 @pytest.fixture(scope="module")

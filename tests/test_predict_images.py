@@ -15,32 +15,16 @@ import numpy as np
 import pytest
 
 import anycnn
-from anycnn import backend as backend_module
-from anycnn.cli.commands import main
 from anycnn.cli.predict import prepare
 from anycnn.data.augment import read_preprocess
 from anycnn.data.imagefolder import ImageFolder, load_image_folder
 from anycnn.data.images import load_images
 
+from .cli_run import cli, isolated  # noqa: F401 - isolated: every test's fixture
+
 Image = pytest.importorskip("PIL.Image")
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--epochs", "1", "--batch-size", "8", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """A scratch folder and image cache; the current backend is put back afterwards."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    saved = backend_module._current
-    yield
-    backend_module._current = saved
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -23,7 +23,6 @@ import pytest
 import anycnn
 from anycnn import backend as backend_module
 from anycnn.backend import to_numpy
-from anycnn.cli.commands import main
 from anycnn.cli.predict import prepare, preprocess_of
 from anycnn.data import DataLoader, EvalTransform, Normalize, RandomResizedCrop
 from anycnn.data.arrays import ArrayDataset
@@ -38,24 +37,10 @@ from anycnn.data.eval_transform import IMAGENET_MEAN, IMAGENET_STD
 from anycnn.data.imagefolder import load_image_folder
 from anycnn.errors import CheckpointError, ConfigError
 
+from .cli_run import cli, isolated  # noqa: F401 - isolated: every test's fixture
+
 Image = pytest.importorskip("PIL.Image")
 BACKENDS = ["numpy", "array_api_strict", "torch"]
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    saved = backend_module._current
-    yield
-    backend_module._current = saved
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -16,15 +16,9 @@ import pytest
 
 @functools.cache
 def _load():
-    import torch
+    from tools.bench_torch import import_torchvision as load  # the one copy of the stub
 
-    original = torch.library.register_fake
-    torch.library.register_fake = lambda *args, **kwargs: (lambda fn: fn)
-    try:
-        import torchvision
-    finally:
-        torch.library.register_fake = original
-    return torchvision
+    return load()
 
 
 def import_torchvision():
