@@ -4,6 +4,7 @@ from an anycnn model in PyTorch's names and layouts, so no torch is needed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def test_freeze_backbone_trains_the_new_head_only(capsys, tmp_path, photos, weig
                             photos / "owl" / "0.png", "--backend", "numpy")
     assert code == 0, err
     assert any(name in stdout for name in CLASSES)
+    if importlib.util.find_spec("onnxruntime") is not None:  # the numpy session has it
+        code, _, err = cli(capsys, "export", out / "checkpoint.safetensors", out / "m.onnx",
+                           "--backend", "numpy")
+        assert code == 0 and (out / "m.onnx").stat().st_size > 40_000_000, err
+        code, onnx_out, err = cli(capsys, "predict", out / "m.onnx", photos / "owl" / "0.png")
+        assert code == 0, err
+        assert onnx_out.split()[:2] == stdout.split()[:2]  # the same top class and probability
 
 
 def test_freeze_stages_and_unfreeze_at(capsys, tmp_path, photos, weights):
