@@ -194,6 +194,9 @@ def test_pretrained_from_a_file_and_reheading_the_pytorch_way(tmp_path, weights)
         assert anycnn.load_model(tmp_path / "s.safetensors")[0].model_spec["num_classes"] == 2
         with pytest.raises(ConfigError, match=r"anycnn\.pretrained"):
             build_model("resnet18", weights="imagenet")
+        # these networks take any image size, whatever size the spec records
+        small = np.zeros((2, 48, 40, 3), np.float32)
+        assert anycnn.predict_proba(again.eval(), small).shape == (2, 3)
 
 
 def test_weights_file_defaults_to_imagenet_normalisation(capsys, tmp_path, photos, weights):

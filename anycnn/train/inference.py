@@ -44,10 +44,14 @@ Shape = tuple[int | None, int | None, int | None]
 
 def expected_input(model: Module) -> Shape:
     """``(H, W, C)`` of the images ``model`` takes, ``None`` where unknown (see module doc)."""
+    from ..models.backbone import Backbone
+
     spec = getattr(model, "model_spec", None)
     if isinstance(spec, dict):
         size, channels = spec.get("image_size"), spec.get("in_channels")
         if isinstance(size, int) and isinstance(channels, int):
+            if isinstance(model, Backbone):  # fully convolutional: any size works
+                return None, None, channels
             return size, size, channels
     from ..nn.layers import Conv2D
     from ..nn.sequential import Sequential
