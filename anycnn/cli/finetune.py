@@ -59,6 +59,8 @@ def check(args) -> None:
                               f"{args.freeze!r}") from None
         if freeze < 0:
             raise ConfigError(f"--freeze must be >= 0 stages, got {freeze}")
+        if freeze > 0:
+            _check_stage_count(args.model, freeze)
     args.freeze = freeze
     if args.lr_backbone is not None and not 0 < args.lr_backbone < math.inf:
         raise ConfigError(f"--lr-backbone must be a finite number > 0, got {args.lr_backbone}")
@@ -106,6 +108,21 @@ def _published_preprocessing(args, entry: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- head and stages
+
+
+def _check_stage_count(name: str, freeze: int) -> None:
+    """Refuse ``--freeze N`` beyond the model's stages before any data is loaded (the model
+    is built once on NumPy to count them, the global generator's state put back)."""
+    from .. import random
+    from ..backend import use_backend
+    from ..models import build_model
+
+    state = random.get_state()
+    with use_backend("numpy"):
+        count = len(stages(build_model(name)))
+    random.set_state(state)  # counting draws no numbers from the run's generator
+    if freeze > count:
+        raise ConfigError(f"--freeze {freeze}: {name} has {count} stages")
 
 
 def head_path(model: Any) -> str:
