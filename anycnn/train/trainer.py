@@ -38,6 +38,7 @@ from ..autograd import no_grad
 from ..backend import namespace_of, on_host, to_numpy
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import checkpoint as ckpt
+from ..models.backbone import current_spec
 from ..nn.losses import SoftmaxCrossEntropy
 from ..nn.module import Module, eval_mode
 from .callbacks import Callback, ProgressLog
@@ -217,7 +218,9 @@ class Trainer:
             value is assigned to ``optimizer.lr`` at the start of every epoch: with parameter
             groups, every group's learning rate follows at its own ratio to the optimizer's
             (see :class:`~anycnn.optim.optimizers.Optimizer`).
-        model_spec: stored in checkpoints so :func:`anycnn.io.checkpoint.load_model` can rebuild.
+        model_spec: stored in checkpoints so :func:`anycnn.io.checkpoint.load_model` can rebuild
+            the model; default: the model's own (``model.model_spec``, set by
+            :func:`anycnn.models.build_model`, with the class count of its current head).
         checkpoint_path: where :meth:`fit` saves after every epoch (None: never).
         on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
             ``"skip"`` drops that step's update and goes on.
@@ -338,7 +341,9 @@ class Trainer:
         if self._preprocess is not None and "preprocess" not in config:
             config = {**config, "preprocess": self._preprocess}
         written = ckpt.save_checkpoint(
-            target, self.model, self.optimizer, model_spec=self.model_spec, epoch=self.epoch,
+            target, self.model, self.optimizer,
+            model_spec=self.model_spec if self.model_spec is not None else current_spec(
+                self.model), epoch=self.epoch,
             step=self.step,
             extra={"history": self.history, "config": config,
                    "partial": {"loss": loss, "correct": correct, "seen": seen}})
