@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,15 @@ def test_sequential_names_are_stable_and_dotted(backend):
     assert set(model.state_dict()) == set(names) | set(buffers)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+#: the ImageNet architectures on JAX: every eager operation of a new shape compiles (about a
+#: minute per MobileNet); tests/test_torchvision_models.py covers them there (-m slow for all)
+_JAX_SLOW = {"resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+             "efficientnet_b0", "convnext_tiny"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow)
+    if n in _JAX_SLOW and os.environ.get("ANYCNN_BACKEND") == "jax" else n for n in MODELS])
 def test_presets_run_forward_and_backward(backend, rng, name):
     spec = model_spec(name)  # the preset's own input shape (32x32x3 for resnet20)
     # the ImageNet architectures take any size from 32x32: 64x64 keeps this quick
