@@ -451,7 +451,9 @@ def _resolve_shape(samples: Sequence[tuple[Path, int]], options: Options, bad_im
         if len(sizes) > 1:
             examples = ", ".join(f"{h}x{w} ({p})" for (h, w), p in list(sizes.items())[:3])
             raise DataError(f"the images have {len(sizes)} different sizes (H x W), e.g. "
-                            f"{examples}: choose one to resize them to (size=, --image-size)")
+                            f"{examples}: choose one to resize them to (size=, --image-size), "
+                            "or resize the shorter side and centre-crop (resize_shorter=, "
+                            "--preprocess resize=R,crop=S)")
         (size,) = sizes
     return size, options.channels or (1 if gray else 3)
 
