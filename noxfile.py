@@ -7,24 +7,25 @@ and the `onnx` extra with ndonnx, so the ONNX export tests run there too (the ot
 both); it also runs every code block of the documentation. The cupy session skips without an
 NVIDIA GPU unless `ANYCNN_REQUIRE_BACKEND=1`, which turns the skip into a failure.
 
-CI time. The numpy session runs every test. The other backend sessions run `-m "not slow"
---backend-sample 4` (tests/conftest.py): every test function of the layer, functional,
-container, optimizer, immutable-namespace, backend-shim and gradient-check files, since those are
-what a backend's arrays go through and where a backend breaks (each with its first
-parametrisation and a fixed half of the others: more kernel sizes and paddings run the same
-array operations, and on JAX every new shape is a new compile), and of every other file its
-first test plus a fixed quarter picked by a hash of the test id (CLI, data readers, checkpoints,
-callbacks ... mostly exercise host-side plumbing that numpy already covers in full; the sample
-still imports and runs each file on each backend). The selection is deterministic, and `nox -s
-"tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run their
-tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
-that time themselves); the numpy session's end-to-end runs (real mpiexec jobs, signals, subprocess
-trainings with time budgets) run one at a time. torch stays installed in
-every session: test_vs_torch, test_new_layers and test_containers compare each layer computed on
-*the backend under test* with PyTorch autograd, which no other backend's run replaces, and
-torchvision's model definitions are the reference for the pretrained architectures. Sessions
-are created with uv when it is installed (`.ci/run` installs it; about 30 s against about 2 min
-with pip for a backend's environment here), else with virtualenv.
+CI time. The numpy session runs every test (the quick ones in parallel, then the slow ones). The
+other backend sessions run `-m "not slow" --backend-sample 4` (tests/conftest.py): every test
+function of the layer, functional, container, optimizer, immutable-namespace, backend-shim and
+gradient-check files, since those are what a backend's arrays go through and where a backend breaks
+(each with its first parametrisation and a fixed half of the others: more kernel sizes and paddings
+run the same array operations, and on JAX every new shape is a new compile), and of every other
+file its first test plus a fixed quarter picked by a hash of the test id (CLI, data readers,
+checkpoints, callbacks ... mostly exercise host-side plumbing that numpy already covers in full;
+the sample still imports and runs each file on each backend). The selection is deterministic, and
+`nox -s "tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run
+their tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
+that time themselves), and so does the numpy session for its tests not marked `slow`; its
+end-to-end runs (`-m slow`: subprocess trainings with time budgets, signals, the documentation's
+code blocks, the examples) run after those, one at a time. torch stays installed in every session:
+test_vs_torch, test_new_layers and test_containers compare each layer computed on *the backend
+under test* with PyTorch autograd, which no other backend's run replaces, and torchvision's model
+definitions are the reference for the pretrained architectures. Sessions are created with uv when
+it is installed (`.ci/run` installs it; about 30 s against about 2 min with pip for a backend's
+environment here), else with virtualenv.
 
 `nox -s gpu` runs the prepared GPU check (`tools/gpu_check.py`) on a machine with an NVIDIA
 GPU and network; on the offline machine lent for GPU checks, run the module directly with that
@@ -94,9 +95,14 @@ def tests(session: nox.Session, backend: str) -> None:
     # slow end-to-end runs (subprocess trainings, the examples) exercise the same plumbing on
     # every backend: they run in the numpy session only, which keeps CI short as backends grow;
     # the other sessions run the core files in full and a fixed sample of the rest (see above)
-    default = (["-q"] if backend == "numpy"
-               else ["-q", "-m", "not slow", "--backend-sample", str(SAMPLE), "-n", "auto"])
-    session.run("python", "-m", "pytest", *(session.posargs or default), env=env)
+    if session.posargs:
+        session.run("python", "-m", "pytest", *session.posargs, env=env)
+    elif backend == "numpy":  # every test: the quick ones in parallel, then the end-to-end runs
+        session.run("python", "-m", "pytest", "-q", "-m", "not slow", "-n", "auto", env=env)
+        session.run("python", "-m", "pytest", "-q", "-m", "slow", env=env)
+    else:
+        session.run("python", "-m", "pytest", "-q", "-m", "not slow", "--backend-sample",
+                    str(SAMPLE), "-n", "auto", env=env)
 
 
 @nox.session
