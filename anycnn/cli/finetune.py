@@ -138,15 +138,6 @@ def head_path(model: Any) -> str:
     return path
 
 
-def _module_at(model: Any, path: str) -> Any:
-    from ..nn.sequential import Sequential
-
-    module = model
-    for part in path.split("."):
-        module = module[int(part)] if isinstance(module, Sequential) else getattr(module, part)
-    return module
-
-
 def stages(model: Any) -> list[list[Any]]:
     """The parts ``--freeze N`` counts: a Backbone's stages, or a ``Sequential``'s layers
     with parameters before its head."""
@@ -171,21 +162,9 @@ def head_parameters(model: Any) -> list[Any]:
 def _replace_head(model: Any, num_classes: int, seed: int) -> None:
     import numpy as np
 
-    from ..backend import dtype_name
-    from ..models.backbone import Backbone
-    from ..nn.layers import Dense
+    from ..models.backbone import reset_classifier
 
-    rng = np.random.default_rng(seed)
-    if isinstance(model, Backbone):
-        model.reset_classifier(num_classes, rng=rng)
-        return
-    index = int(head_path(model))
-    old = model[index]
-    model[index] = Dense(old.in_features, num_classes, weight_init="torch_default",
-                         bias_init="torch_default", dtype=dtype_name(old.weight.data), rng=rng)
-    spec = getattr(model, "model_spec", None)
-    if isinstance(spec, dict):
-        model.model_spec = {**spec, "num_classes": num_classes}
+    reset_classifier(model, num_classes, np.random.default_rng(seed))
 
 
 def _file_state(path: Path, model: Any, head: str) -> tuple[dict[str, Any], bool, int]:

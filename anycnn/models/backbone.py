@@ -81,24 +81,9 @@ class Backbone(Module):
 
     def reset_classifier(self, num_classes: int, rng: np.random.Generator | None = None,
                          ) -> Dense:
-        """Replace the head with a new ``Dense(in_features, num_classes)`` (PyTorch's default
-        initialisation, the old head's dtype) and return it; the model's spec (if any) is
-        updated to the new class count."""
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
-        old = self.get_classifier()
-        new = Dense(old.in_features, num_classes, weight_init="torch_default",
-                    bias_init="torch_default", dtype=dtype_name(old.weight.data), rng=rng)
-        parent_path, _, name = self.head.rpartition(".")
-        parent = self.get_submodule(parent_path) if parent_path else self
-        if isinstance(parent, Sequential) and name.isdigit():
-            parent[int(name)] = new
-        else:
-            setattr(parent, name, new)
-        spec = getattr(self, "model_spec", None)
-        if isinstance(spec, dict):
-            self.model_spec = {**spec, "num_classes": num_classes}
-        return new
+        """Replace the head with a new ``Dense(in_features, num_classes)``
+        (:func:`reset_classifier`) and return it."""
+        return reset_classifier(self, num_classes, rng)
 
     def stages(self) -> list[list[Module]]:
         """The feature extractor's stages in forward order, each a list of modules."""
@@ -106,13 +91,19 @@ class Backbone(Module):
 
     def get_submodule(self, path: str) -> Any:
         """The module at dotted ``path`` (``"layer1.0.conv1"``; indices into ``Sequential``)."""
-        module: Any = self
-        for part in path.split(".") if path else ():
-            if isinstance(module, Sequential) and part.isdigit():
-                module = module[int(part)]
-            else:
-                module = getattr(module, part)
-        return module
+        return submodule(self, path)
+
+
+def submodule(model: Module, path: str) -> Any:
+    """The module at dotted ``path`` below ``model`` (``"layer1.0.conv1"``, ``"classifier.1"``:
+    indices into a ``Sequential``); ``""`` is ``model`` itself."""
+    module: Any = model
+    for part in path.split(".") if path else ():
+        if isinstance(module, Sequential) and part.isdigit():
+            module = module[int(part)]
+        else:
+            module = getattr(module, part)
+    return module
 
 
 def classifier_path(model: Module) -> str | None:
@@ -137,9 +128,34 @@ def current_spec(model: Module) -> dict[str, Any] | None:
     path = classifier_path(model)
     if path is None:
         return spec
-    head = model
-    for part in path.split("."):
-        head = head[int(part)] if isinstance(head, Sequential) else getattr(head, part)
+    head = submodule(model, path)
     if isinstance(head, Dense) and head.out_features != spec.get("num_classes"):
         return {**spec, "num_classes": head.out_features}
     return spec
+
+
+def reset_classifier(model: Module, num_classes: int,
+                     rng: np.random.Generator | None = None) -> Dense:
+    """Replace ``model``'s classifier (:func:`classifier_path`: a Backbone's head, or a
+    ``Sequential``'s last ``Dense``) with a new ``Dense(in_features, num_classes)`` (PyTorch's
+    default initialisation from ``rng``, the old head's dtype) and return it; the model's spec
+    (if any) is updated to the new class count."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+    path = classifier_path(model)
+    if path is None:
+        raise ConfigError(f"{type(model).__name__} has no classifier to replace (a Dense at "
+                          "the end of a Sequential, or one of the pretrained architectures)")
+    old = submodule(model, path)
+    new = Dense(old.in_features, num_classes, weight_init="torch_default",
+                bias_init="torch_default", dtype=dtype_name(old.weight.data), rng=rng)
+    parent_path, _, name = path.rpartition(".")
+    parent = submodule(model, parent_path)
+    if isinstance(parent, Sequential) and name.isdigit():
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+    spec = getattr(model, "model_spec", None)
+    if isinstance(spec, dict):
+        model.model_spec = {**spec, "num_classes": num_classes}
+    return new
