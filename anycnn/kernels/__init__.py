@@ -8,6 +8,7 @@
 - :mod:`~anycnn.kernels.fastpath` — NumPy kernels (``out=`` calls, cache-sized chunks, shards).
 - :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm` — compiled (Halide)
   convolution and BatchNorm kernels for NumPy arrays.
+- :mod:`~anycnn.kernels.special` — the array library's own special functions (``erf``).
 
 This package imports only the backend shim below it, never :mod:`anycnn.nn` above it.
 ``ANYCNN_FASTPATH=0`` switches every kernel off (``ANYCNN_NATIVE=0`` only the compiled ones).
