@@ -167,7 +167,7 @@ def _replace_head(model: Any, num_classes: int, seed: int) -> None:
     reset_classifier(model, num_classes, np.random.default_rng(seed))
 
 
-def _file_state(path: Path, model: Any, head: str) -> tuple[dict[str, Any], bool, int]:
+def _file_state(path: Path, head: str) -> tuple[dict[str, Any], bool, int | None]:
     """``(state, torch_names, classes)``: the file's tensors, whether they are in PyTorch's
     names and layouts (else anycnn's), and its head's class count."""
     from ..io.checkpoint import load_checkpoint
@@ -195,7 +195,7 @@ def load_weights(args, model: Any, num_classes: int) -> None:
         what = f"{args.model} {entry.tag} weights"
     else:
         path, entry, what = Path(args.weights), None, str(args.weights)
-    state, torch_names, classes = _file_state(path, model, head)
+    state, torch_names, classes = _file_state(path, head)
     if classes is None:
         raise ConfigError(f"--weights {args.weights}: the file has no {head}.weight, the "
                           f"classifier of {args.model}: is it a {args.model}?")

@@ -291,12 +291,13 @@ def pretrained(name: str, weights: str | os.PathLike = "imagenet", num_classes: 
         load_weights(model, weights, base_url=base_url, progress=progress)
     else:
         state = read_state_dict(weights)
-        head = build_model(name).head
-        classes = state.get(f"{head}.weight")
-        if classes is None:
-            raise CheckpointError(f"{weights}: no {head}.weight, the classifier of {name}: "
-                                  f"is it a {name} weight file?")
-        model = build_model(name, num_classes=int(classes.shape[0]))
+        model = build_model(name)
+        head = state.get(f"{model.head}.weight")
+        if head is None:
+            raise CheckpointError(f"{weights}: no {model.head}.weight, the classifier of "
+                                  f"{name}: is it a {name} weight file?")
+        if int(head.shape[0]) != model.model_spec["num_classes"]:  # the file's class count
+            model.reset_classifier(int(head.shape[0]))
         from_torch_state_dict(model, state)
     if num_classes is not None and num_classes != model.model_spec["num_classes"]:
         model.reset_classifier(num_classes)
