@@ -292,15 +292,24 @@ def cpu_seconds(tid):
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-model = build_model("simple-cnn")
+name, input_grad = sys.argv[1], sys.argv[2] == "input-grad"
+if name == "zoo":  # every other kind of GEMM: grouped, depthwise, transposed, Dense on rank 4
+    from anycnn import nn
+    model = nn.Sequential(
+        nn.Conv2D(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2D(32, 32, 3, padding=1, groups=4),
+        nn.Conv2D(32, 32, 3, padding=1, groups=32), nn.ConvTranspose2D(32, 16, 2, stride=2),
+        nn.Dense(16, 16), nn.ReLU(), nn.MaxPool2D(4), nn.Flatten(), nn.Dense(1024, 10))
+else:
+    model = build_model(name)
+side, channels = (28, 1) if name == "simple-cnn" else (16, 3)
 rng = np.random.default_rng(0)
-x = anycnn.asarray(rng.random((64, 28, 28, 1), dtype=np.float32))
+x = anycnn.asarray(rng.random((64, side, side, channels), dtype=np.float32))
 y = anycnn.asarray(rng.integers(0, 10, 64))
 loss, opt = anycnn.nn.SoftmaxCrossEntropy(), anycnn.optim.SGD(model.parameters(), lr=0.01)
 def step():
     model.zero_grad()
     loss.forward(model(x), y)
-    model.backward(loss.backward(), input_grad=False)
+    model.backward(loss.backward(), input_grad=input_grad)
     opt.step()
 step()
 assert blas_threads, "NumPy's BLAS started no threads: nothing to watch"
@@ -315,17 +324,21 @@ print(f"{blas:.3f} {mine:.3f}")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
-def test_training_steps_never_wake_the_blas_threads(tmp_path):
+@pytest.mark.parametrize("grad", ["input-grad", "no-input-grad"])
+@pytest.mark.parametrize("model", ["simple-cnn", "resnet20", "zoo"])
+def test_training_steps_never_wake_the_blas_threads(tmp_path, model, grad):
     """In a script that imports NumPy first, the BLAS's own threads stay asleep during steps:
     all parallel work runs on anycnn's threads and the compiled kernels' pool (an OpenBLAS
-    thread, once woken, spins about 0.1 s on the core the next convolution chunk needs)."""
+    thread, once woken, spins about 0.1 s on the core the next convolution chunk needs). Both
+    the Trainer's step (no input gradient) and a hand-written loop's default ``backward(dy)``
+    (the first layer's input gradient too), for a plain and a residual model."""
     script = tmp_path / "steps.py"
     script.write_text(BLAS_THREADS_IDLE)
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENBLAS_THREAD_TIMEOUT", "ANYCNN_NUM_THREADS", "ANYCNN_FASTPATH")}
     env.update(OPENBLAS_NUM_THREADS="2", ANYCNN_BACKEND="numpy")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, str(script), model, grad], capture_output=True,
+                         text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     blas, mine = map(float, out.stdout.split())
     assert mine > 0.05

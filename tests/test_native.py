@@ -74,6 +74,9 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
     x = rng.normal(size=(n, h, w, cin)).astype(dtype)
     wt = rng.normal(size=(k, k, cin, cout)).astype(dtype)
     b = rng.normal(size=cout).astype(dtype)
+    # the kernels are exact for any channel count; which shapes they take is a speed rule
+    # (test_narrow_layers_are_left_to_the_numpy_path)
+    monkeypatch.setattr(native, "channels_fill_vectors", lambda channels, dtype: True)
     assert native.applies(x, wt, (s, s), pads, (1, 1), 1)
     ho = (h + pads[0] + pads[1] - k) // s + 1
     wo = (w + pads[2] + pads[3] - k) // s + 1
@@ -89,6 +92,23 @@ def test_native_convolution_matches_portable(monkeypatch, rng, dtype, case):
     monkeypatch.setattr(native, "ENABLED", True)
     for a, e in zip(fast, _conv(x, wt, b, (s, s), pads, dy)):  # repeatable
         np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_layers_are_left_to_the_numpy_path(rng, dtype):
+    """A convolution whose output channels do not fill whole vector registers (LeNet's 6, a
+    3 -> 10 layer) runs on the NumPy path, forward and backward, where the guarded channel
+    tiles measured slower; one that fills them (16, 32, 64 float32 channels) runs compiled. An
+    input gradient whose C_in does not fill the vectors is left to the portable path, which
+    then computes it a cache-sized chunk at a time on the library's threads."""
+    lanes = native.vector_lanes(dtype)
+    x = rng.normal(size=(2, 8, 8, 1)).astype(dtype)
+    for cout, taken in ((6, False), (lanes + 2, False), (lanes, True), (4 * lanes, True)):
+        wt = rng.normal(size=(3, 3, 1, cout)).astype(dtype)
+        assert native.applies(x, wt, (1, 1), (1, 1, 1, 1), (1, 1), 1) is taken, cout
+    assert not native.input_grad_applies(np.zeros((3, 3, 3, lanes), dtype))
+    assert native.input_grad_applies(np.zeros((3, 3, lanes, lanes), dtype))
 
 
 @pytest.mark.usefixtures("native_on")
@@ -143,7 +163,7 @@ def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
 @pytest.mark.usefixtures("native_on")
 def test_not_used_where_it_does_not_apply(rng):
     x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
-    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 4 * native.vector_lanes(np.float32))).astype(np.float32)
     assert native.applies(x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     assert not native.applies(x, w, (1, 1), (1, 1, 1, 1), (2, 2), 1)      # dilation
     assert not native.applies(x, w[:, :, :2], (1, 1), (1, 1, 1, 1), (1, 1), 2)  # groups
@@ -322,6 +342,7 @@ def _block_run(rng, dtype, case, zeros=False):
 def test_compiled_conv_relu_maxpool_matches_portable(monkeypatch, rng, dtype, case, zeros):
     """The one-kernel Conv-ReLU-MaxPool block (and its backward from the pooled gradient and
     the window codes) against the fused im2col block and the layer-by-layer portable path."""
+    monkeypatch.setattr(native, "channels_fill_vectors", lambda channels, dtype: True)
     run = _block_run(rng, dtype, case, zeros)
     calls = _watch(monkeypatch, native, "conv2d_relu_maxpool")
     compiled = run()

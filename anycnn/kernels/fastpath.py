@@ -396,10 +396,14 @@ def norm_input_grad(g: Any, xhat: Any, scale: Any, dsum: Any, gsum: Any, count: 
 @implements("input_grad_by_convolution")
 def _input_grad_by_convolution(d: Any, weight: Any) -> Any:
     """A stride-1 input gradient as the convolution of the output gradient (one gather of
-    ``dy`` and one GEMM of inner size kh*kw*C_out) instead of the column gradient, its col2im
-    gather and the sum over the taps: fewer passes and a better shaped GEMM on NumPy (measured:
-    resnet20 step ~20% faster)."""
-    return takes(d, weight) or DECLINE
+    ``dy``, kh*kw*C_out entries per input pixel, and one GEMM of inner size kh*kw*C_out)
+    instead of the column gradient (kh*kw*C_in entries per input pixel), its col2im gather and
+    the sum over the taps: fewer passes and a better shaped GEMM on NumPy where C_out <= C_in
+    (measured: resnet20 step ~20% faster). Where C_out > C_in (a first layer, a widening
+    layer) the column gradient is the smaller one: measured at batch 64, 28x28, 3x3, whole
+    batch: 1 -> 32 channels 14.5 ms against 1.8, 3 -> 16 7.3 against 2.5, 16 -> 32 17.7
+    against 10.9; 16 -> 16 7.3 against 9.4, 32 -> 16 8.5 against 33."""
+    return (takes(d, weight) and weight.shape[3] <= weight.shape[2]) or DECLINE
 
 
 @implements("shifted_weight_grad")
