@@ -1,4 +1,4 @@
-"""Compiled convolution kernels for NumPy arrays (Halide, compiled at first use), behind the shim.
+"""Compiled convolution kernels for NumPy arrays (Halide, built once per machine), shim-side.
 
 (BatchNorm's passes are compiled the same way, in :mod:`anycnn.kernels.native_norm`, under the
 same switches.) The kernels at the end of this module register with :mod:`anycnn.kernels.dispatch`
@@ -29,8 +29,9 @@ They are used for float32 and float64 NumPy arrays when the ``halide`` package i
 (a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
 unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or ``ANYCNN_NATIVE=0`` (only these
 kernels off). Results equal the portable path's up to rounding (the sums run in another
-order); ``tests/test_native.py`` compares the two. Each kernel shape is compiled once per
-process (0.1-0.8 s) and kept. The kernels run on Halide's own thread pool, sized to
+order); ``tests/test_native.py`` compares the two. Each pipeline is compiled once per machine
+(0.1-0.8 s) and kept on disk (:mod:`~anycnn.kernels.kernel_cache`; once per process where no C
+compiler links them). The kernels run on Halide's own thread pool, sized to
 ``ANYCNN_NUM_THREADS`` (or the usable CPUs) when it starts.
 """
 
@@ -39,12 +40,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import threading
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import fastpath, threads
+from . import fastpath, kernel_cache, threads
 from .dispatch import DECLINE, implements
 
 #: the dtypes the kernels compile for
@@ -61,16 +61,16 @@ class Registers(NamedTuple):
 
 @functools.cache
 def registers() -> Registers:
-    """The host's :class:`Registers`, from Halide's host target. Tiles sized for AVX-512's 32
+    """The host's :class:`Registers`, from Halide's host target (recorded in the kernel cache:
+    see :func:`~anycnn.kernels.kernel_cache.host_target`). Tiles sized for AVX-512's 32
     registers spill on an AVX2 CPU's 16 (measured on an AMD EPYC without AVX-512: resnet20's
     training step 1.22x PyTorch eager with them)."""
-    hl = _halide()
-    target = hl.get_host_target()
-    if target.has_feature(hl.TargetFeature.AVX512):
+    arch, *features = kernel_cache.host_target().split("-")
+    if "avx512" in features:
         return Registers(512, 32)
-    if target.arch == hl.TargetArch.ARM:
+    if arch == "arm":
         return Registers(128, 32)
-    if target.has_feature(hl.TargetFeature.AVX):
+    if "avx" in features:
         return Registers(256, 16)
     return Registers(128, 16)
 
@@ -97,7 +97,6 @@ WEIGHT_GRAD_PIXELS = 1024
 #: whether the kernels are on; None: read ``ANYCNN_NATIVE`` and look for halide at first use
 ENABLED: bool | None = None
 
-_lock = threading.Lock()  # a pipeline's parameters are set, then it runs: one caller at a time
 
 
 def _off_reason() -> str | None:
@@ -124,7 +123,9 @@ def describe() -> str:
     if os.environ.get("ANYCNN_FASTPATH", "1") == "0":
         return "off (ANYCNN_FASTPATH=0)"
     why = _off_reason()
-    return f"off ({why})" if why else f"on (halide, {threads.num_threads()} threads)"
+    if why:
+        return f"off ({why})"
+    return f"on (halide, {threads.num_threads()} threads; {kernel_cache.describe()})"
 
 
 def applies(x: Any, weight: Any, stride: tuple[int, int], pads: tuple[int, int, int, int],
@@ -169,28 +170,6 @@ def operand(a: Any, dtype: Any = None) -> np.ndarray:
     until the kernel has run: a ``Buffer`` does not keep its array alive."""
     a = np.ascontiguousarray(a, dtype=dtype)
     return a if a.flags.writeable else a.copy()
-
-
-_pool_started = False
-
-
-def _realize(func, buffer) -> None:
-    """``func.realize(buffer)``; the first call sizes Halide's thread pool, which reads
-    ``HL_NUM_THREADS`` when it starts, to :func:`fastpath.num_threads` (unless the user set
-    it), without leaving the variable for child processes to inherit."""
-    global _pool_started
-    if _pool_started:
-        func.realize(buffer)
-        return
-    ours = "HL_NUM_THREADS" not in os.environ
-    if ours:
-        os.environ["HL_NUM_THREADS"] = str(threads.num_threads())
-    try:
-        func.realize(buffer)
-    finally:
-        if ours:
-            os.environ.pop("HL_NUM_THREADS", None)
-        _pool_started = True
 
 
 def _tiles(dtype: np.dtype, cout: int) -> tuple[int, int, bool]:
@@ -294,7 +273,7 @@ def _register_tiles(hl, out, acc, r, loop, tiling: tuple) -> tuple:
 ROWS_PER_TASK = 8
 
 
-@functools.cache
+@kernel_cache.pipeline
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
                       addend: bool):
@@ -340,7 +319,6 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
         conv.reorder(coi, xi, coo, xo, y, n).compute_at(out, task)
     out.fuse(yo, n, task).parallel(task)
     grid.compute_at(out, task).vectorize(gc, tiling[1], hl.TailStrategy.GuardWithIf)
-    out.compile_jit(hl.get_host_target())
     return out, {**images, **weights, "bias": bias}, {**scalars, "top": top, "left": left}
 
 
@@ -369,7 +347,7 @@ def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop):
     return out
 
 
-@functools.cache
+@kernel_cache.pipeline
 def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
                           in_tile: int, unpool: tuple[int, int] | None):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter) and
@@ -407,25 +385,8 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     acc.vectorize(cv).unroll(cu).unroll(ci)
     acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, r.x, r.y, r.z)
     acc.update().vectorize(cv).unroll(cu).unroll(ci).unroll(r.x, 4)  # 4 pixels a row
-    part.compile_jit(hl.get_host_target())
     return part, {"inp": inp, **images_in}, {"stride": stride, "images": images, "top": top,
                                              "left": left}
-
-
-def _run(pipeline, arrays: dict[str, np.ndarray], scalars: dict[str, int],
-         outputs: list[np.ndarray]) -> None:
-    """Run ``pipeline`` (func, its ImageParams, its Params by name) on ``arrays`` and
-    ``scalars`` (each array as :func:`operand` made it, held by the caller), writing
-    ``outputs`` (a list of more than one for a Tuple-valued func)."""
-    hl = _halide()
-    func, images, params = pipeline
-    with _lock:
-        for name, a in arrays.items():
-            images[name].set(hl.Buffer(a))
-        for name, value in scalars.items():
-            params[name].set(int(value))
-        buffers = [hl.Buffer(o) for o in outputs]
-        _realize(func, buffers[0] if len(buffers) == 1 else buffers)
 
 
 class Pooled(NamedTuple):
@@ -468,7 +429,7 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
                                  unpool, pool, "addend" in arrays)
     weight = operand(weight)
     bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
-    _run(pipeline, {**arrays, "wt": weight, "bias": bias},
+    pipeline.run({**arrays, "wt": weight, "bias": bias},
          {"stride": stride, "top": pads[0], "left": pads[2]}, outputs)
 
 
@@ -602,7 +563,7 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
     for a, b, size in ((0, full, per), (full, n, n - full)):
         if b > a:
             out = np.empty(((b - a) // size, *kernel, cin, cout), dtype=x.dtype)
-            _run(pipeline, {"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
+            pipeline.run({"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
                  {"stride": stride, "images": size, "top": pads[0], "left": pads[2]}, [out])
             parts.append(out)
     return np.concatenate(parts).sum(axis=0)

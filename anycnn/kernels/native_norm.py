@@ -25,12 +25,11 @@ lanes), under the switches of :mod:`anycnn.native`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
-from . import native
+from . import kernel_cache, native
 from .dispatch import DECLINE, implements
 
 #: rows per block (one task, one partial sum): 2048 rows of 16 float32 channels are 128 KiB
@@ -56,7 +55,7 @@ def _normalised(value, mean, inv_std, c):
     return (value - mean[c]) * inv_std[c]
 
 
-@functools.cache
+@kernel_cache.pipeline
 def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int):
     """part[c, b] = sum over rows r of block b (``block`` rows; rows past M count zero) of
     ``a[c, r]``, or of ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or
@@ -92,11 +91,10 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
     acc.compute_at(part, co).vectorize(c, lanes)
     acc.update().reorder(c, r.x).vectorize(c, lanes)
-    part.compile_jit(hl.get_host_target())
     return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std}, {}
 
 
-@functools.cache
+@kernel_cache.pipeline
 def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, add: bool):
     """``normalize``: out = xhat * p2 + p3 (plus h with ``add``; then max(., 0) with ``relu``)
     for xhat of rows a by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``:
@@ -120,7 +118,6 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     mo, mi, co, ci = hl.Var("mo"), hl.Var("mi"), hl.Var("co"), hl.Var("ci")
     out.split(m, mo, mi, block, hl.TailStrategy.GuardWithIf)
     out.split(c, co, ci, lanes).reorder(ci, co, mi, mo).vectorize(ci).parallel(mo)
-    out.compile_jit(hl.get_host_target())
     return out, {"a": a, "h": h, "y": y, **{f"p{i}": v for i, v in enumerate(p)}}, {}
 
 
@@ -138,8 +135,7 @@ def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: An
               "mean": zeros if mean is None else native.operand(mean, dtype),
               "inv_std": zeros if inv_std is None else native.operand(inv_std, dtype)}
     outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
-    native._run(_sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS), arrays, {},
-                outs)
+    _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS).run(arrays, {}, outs)
     total = [o.astype(np.float64).sum(axis=0) for o in outs]
     return np.stack(total) if product else total[0]
 
@@ -178,7 +174,7 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
               "y": native.operand(y) if y is not None else a,
               **{f"p{i}": v for i, v in enumerate(params)}}
     out = np.empty_like(a)
-    native._run(_elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add), arrays, {}, [out])
+    _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add).run(arrays, {}, [out])
     return out
 
 

@@ -1,0 +1,425 @@
+"""Compiled Halide pipelines, built once per machine and kept on disk (behind the shim).
+
+The compiled kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`
+are Halide pipelines. Each is described by a *builder*, a function of hashable arguments
+(dtype, tiles, fused options) that returns ``(func, images, params)``: the output Func and its
+ImageParams and Params by name, in the order of the compiled function's arguments.
+:func:`pipeline` turns a builder into a function of the same arguments returning a
+:class:`Pipeline`, which runs on NumPy arrays.
+
+Where a C compiler is found (``$CC``, else ``cc``), a pipeline is compiled ahead of time to an
+object file (without Halide's runtime), linked into a shared library and kept in the cache
+directory, beside one shared library holding Halide's runtime (its thread pool, shared by every
+kernel). A later process loads the library with :mod:`ctypes` and never imports Halide: its
+first step costs about a warm step, and the compiler's memory (100-200 MB) is not paid.
+
+- Directory: ``$ANYCNN_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/anycnn/kernels`` (default
+  ``~/.cache/anycnn/kernels``), then one subdirectory per Halide version and CPU (its model and
+  flags): ``halide-21.0.0-<cpu digest>/``. ``ANYCNN_KERNEL_CACHE=0`` keeps nothing on disk:
+  every process then compiles its kernels in memory (Halide's JIT), as without a C compiler.
+- Entry: ``<builder>-<digest>.so`` and ``.json``. The digest covers the builder's name, its
+  arguments and the source of the kernel modules (a changed schedule is a new entry, never a
+  stale one); the ``.json`` is written last and records the library's SHA-256, checked before
+  the library is loaded: a missing, partial or corrupt entry is compiled again, never loaded.
+- Writes go to temporary files renamed into place: processes compiling the same kernel at once
+  (test workers, ranks of a data-parallel run) each leave a whole entry.
+- ``host.json`` records Halide's host target (its vector features shape the kernels' tiles),
+  so a cached run learns it without Halide.
+
+The pipelines' argument order is fixed by their builders; arrays are passed as
+``halide_buffer_t`` descriptors of the NumPy arrays' memory (Halide's axes are NumPy's
+reversed), scalars as 32-bit ints.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import threads
+
+__all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
+
+#: the modules whose source shapes the compiled code (their digest is part of every key)
+SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
+                  "anycnn.kernels.kernel_cache")
+
+_build_lock = threading.Lock()  # one pipeline compiled at a time
+_jit_lock = threading.Lock()  # an in-memory pipeline's parameters are set, then it runs
+
+
+# --------------------------------------------------------------------------------------------
+# Where the entries live
+
+
+def cache_root() -> Path | None:
+    """The cache directory before the per-version subdirectory, or None when
+    ``ANYCNN_KERNEL_CACHE=0`` keeps nothing on disk."""
+    env = os.environ.get("ANYCNN_KERNEL_CACHE")
+    if env == "0":
+        return None
+    if env:
+        return Path(env)
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "anycnn" / "kernels"
+
+
+@functools.cache
+def _cpu_fingerprint() -> str:
+    """The CPU's model and feature flags (Linux: /proc/cpuinfo; elsewhere what the platform
+    module says): machines that differ here get separate entries."""
+    facts = [platform.machine(), platform.system()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and line not in facts:
+                    facts.append(line.strip())
+    except OSError:
+        facts.append(platform.processor())
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+
+
+def _halide_version() -> str:
+    try:
+        return importlib.metadata.version("halide")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_dir() -> Path | None:
+    """This machine's and Halide version's directory of entries (None: no disk cache)."""
+    root = cache_root()
+    if root is None:
+        return None
+    return root / f"halide-{_halide_version()}-{_cpu_fingerprint()}"
+
+
+@functools.cache
+def _compiler() -> str | None:
+    """The C compiler that links the shared libraries (None: none found, or Windows)."""
+    if sys.platform == "win32":
+        return None
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def ahead_of_time() -> bool:
+    """Whether pipelines are compiled to shared libraries kept on disk (else in memory)."""
+    return cache_dir() is not None and _compiler() is not None
+
+
+def describe() -> str:
+    """Where compiled kernels are kept, for ``anycnn info``."""
+    if cache_dir() is None:
+        return "compiled in each process (ANYCNN_KERNEL_CACHE=0)"
+    if _compiler() is None:
+        return "compiled in each process (no C compiler to link them: set CC)"
+    return f"compiled once, kept in {cache_dir()}"
+
+
+@functools.cache
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"cannot find the source of {name}")
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()
+
+
+def entry_name(builder: str, args: tuple) -> str:
+    """The file stem of the entry of ``builder`` over ``args``."""
+    digest = hashlib.sha256(f"{builder}{args!r}{_source_digest()}".encode()).hexdigest()
+    return f"{builder.rsplit('.', 1)[-1].strip('_')}-{digest[:20]}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The host target and Halide's runtime
+
+
+def _halide():
+    import halide
+
+    return halide
+
+
+@functools.cache
+def host_target() -> str:
+    """Halide's host target string (``x86-64-linux-avx-avx2-avx512...``), from ``host.json``
+    when the cache has it (no Halide import), else from Halide (and then recorded)."""
+    directory = cache_dir()
+    record = directory / "host.json" if directory is not None else None
+    if record is not None:
+        try:
+            return json.loads(record.read_text())["target"]
+        except (OSError, ValueError, KeyError):
+            pass
+    target = str(_halide().get_host_target())
+    if record is not None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(record, json.dumps({"target": target}).encode())
+        except OSError:
+            pass  # a read-only cache: the target is asked of Halide each time
+    return target
+
+
+def _link(objects: list[Path], out: Path) -> None:
+    """Link ``objects`` into the shared library ``out`` (through a temporary file)."""
+    flags = ["-shared"]
+    if sys.platform == "darwin":
+        flags += ["-undefined", "dynamic_lookup"]
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        subprocess.run([_compiler(), *flags, "-o", str(tmp), *map(str, objects)], check=True,
+                       capture_output=True, text=True)
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"linking a compiled kernel failed: {e.stderr.strip()}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_runtime: ctypes.CDLL | None = None
+_errors = threading.local()  # .message: the last error Halide's runtime reported on a thread
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p)
+def _on_error(user_context: Any, message: bytes) -> None:
+    """Halide's error handler (its default prints and aborts the process): keep the message
+    for :meth:`Pipeline.run` to raise."""
+    _errors.message = message.decode(errors="replace").strip()
+
+
+def _load_runtime(directory: Path) -> None:
+    """Load (building it first if needed) the shared Halide runtime, into the global symbol
+    scope the kernels' libraries resolve against, and size its thread pool to
+    :func:`~anycnn.kernels.threads.num_threads` (unless ``HL_NUM_THREADS`` is set)."""
+    global _runtime
+    if _runtime is not None:
+        return
+    path = directory / "runtime.so"
+    record = directory / "runtime.json"
+    try:
+        ok = json.loads(record.read_text())["sha256"] == _sha256(path)
+    except (OSError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        hl = _halide()
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            obj = Path(tmp) / "runtime.o"
+            hl.compile_standalone_runtime(str(obj), hl.Target(host_target()))
+            _link([obj], path)
+        _write_atomic(record, json.dumps({"sha256": _sha256(path)}).encode())
+    _runtime = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    _runtime.halide_set_error_handler(_on_error)
+    if "HL_NUM_THREADS" not in os.environ:
+        _runtime.halide_set_num_threads(ctypes.c_int(threads.num_threads()))
+
+
+# --------------------------------------------------------------------------------------------
+# Buffers
+
+
+class _Dimension(ctypes.Structure):
+    _fields_ = [("min", ctypes.c_int32), ("extent", ctypes.c_int32),
+                ("stride", ctypes.c_int32), ("flags", ctypes.c_uint32)]
+
+
+class _Type(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _Buffer(ctypes.Structure):
+    """Halide's ``halide_buffer_t``."""
+
+    _fields_ = [("device", ctypes.c_uint64), ("device_interface", ctypes.c_void_p),
+                ("host", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("type", _Type),
+                ("dimensions", ctypes.c_int32), ("dim", ctypes.POINTER(_Dimension)),
+                ("padding", ctypes.c_void_p)]
+
+
+_TYPE_CODES = {"i": 0, "u": 1, "f": 2}
+
+
+def _buffer(a: np.ndarray) -> tuple[_Buffer, Any]:
+    """A ``halide_buffer_t`` over ``a``'s memory, axes reversed, and the dimension array it
+    points to (which the caller keeps alive with it)."""
+    nd = a.ndim
+    strides = [s // a.itemsize for s in a.strides]
+    if a.size == 0:  # NumPy gives an empty array zero strides; Halide wants them dense
+        strides = [int(np.prod(a.shape[k + 1:])) for k in range(nd)]
+    dims = (_Dimension * nd)(*(_Dimension(0, a.shape[nd - 1 - i], strides[nd - 1 - i], 0)
+                               for i in range(nd)))
+    kind = _Type(_TYPE_CODES[a.dtype.kind], 8 * a.itemsize, 1)
+    return _Buffer(0, None, a.ctypes.data, 0, kind, nd, dims, None), dims
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines
+
+
+class Pipeline:
+    """A compiled pipeline: :meth:`run` computes its outputs from NumPy arrays and ints."""
+
+    def __init__(self, name: str, images: list[str], params: list[str],
+                 library: ctypes.CDLL | None = None, jit: tuple | None = None) -> None:
+        self.name, self.images, self.params = name, images, params
+        self._function = getattr(library, name) if library is not None else None
+        if self._function is not None:
+            self._function.restype = ctypes.c_int
+        self._jit = jit  # (func, ImageParams, Params) compiled in memory
+
+    def run(self, arrays: dict[str, np.ndarray], scalars: dict[str, int],
+            outputs: list[np.ndarray]) -> None:
+        """Compute ``outputs`` (C-contiguous innermost, of the pipeline's types; several for a
+        Tuple-valued pipeline) from ``arrays`` (each ImageParam by name, as
+        :func:`~anycnn.kernels.native.operand` made it, held by the caller) and ``scalars``."""
+        if self._function is None:
+            self._run_jit(arrays, scalars, outputs)
+            return
+        held = [_buffer(arrays[name]) for name in self.images] + [_buffer(o) for o in outputs]
+        args = [ctypes.byref(b) for b, _ in held[:len(self.images)]]
+        args += [ctypes.c_int32(int(scalars[name])) for name in self.params]
+        args += [ctypes.byref(b) for b, _ in held[len(self.images):]]
+        _errors.message = None
+        code = self._function(*args)
+        if code != 0:
+            raise RuntimeError(f"compiled kernel {self.name} failed: "
+                               f"{_errors.message or f'Halide error {code}'}")
+
+    def _run_jit(self, arrays, scalars, outputs) -> None:
+        hl = _halide()
+        func, images, params = self._jit
+        with _jit_lock:  # the parameters are set, then the pipeline runs: one caller at a time
+            for name, a in arrays.items():
+                images[name].set(hl.Buffer(a))
+            for name, value in scalars.items():
+                params[name].set(int(value))
+            buffers = [hl.Buffer(o) for o in outputs]
+            _realize(func, buffers[0] if len(buffers) == 1 else buffers)
+
+
+_pool_started = False
+
+
+def _realize(func, buffer) -> None:
+    """``func.realize(buffer)`` of an in-memory pipeline; the first call sizes Halide's JIT
+    thread pool, which reads ``HL_NUM_THREADS`` when it starts, to
+    :func:`~anycnn.kernels.threads.num_threads` (unless the user set it), without leaving the
+    variable for child processes to inherit."""
+    global _pool_started
+    if _pool_started:
+        func.realize(buffer)
+        return
+    ours = "HL_NUM_THREADS" not in os.environ
+    if ours:
+        os.environ["HL_NUM_THREADS"] = str(threads.num_threads())
+    try:
+        func.realize(buffer)
+    finally:
+        if ours:
+            os.environ.pop("HL_NUM_THREADS", None)
+        _pool_started = True
+
+
+def _load(directory: Path, stem: str, key: str) -> Pipeline | None:
+    """The entry ``stem`` when it is whole and its record names ``key``, else None."""
+    record, library = directory / f"{stem}.json", directory / f"{stem}.so"
+    try:
+        meta = json.loads(record.read_text())
+        if meta["key"] != key or meta["sha256"] != _sha256(library):
+            return None
+        _load_runtime(directory)
+        return Pipeline(meta["function"], meta["images"], meta["params"],
+                        library=ctypes.CDLL(str(library)))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _compile(directory: Path, stem: str, key: str, built: tuple) -> Pipeline:
+    """Compile ``built`` (a builder's result) ahead of time into the entry ``stem``."""
+    hl = _halide()
+    func, images, params = built
+    function = stem.replace("-", "_")
+    _load_runtime(directory)
+    target = hl.Target(host_target()).with_feature(hl.TargetFeature.NoRuntime)
+    arguments = [*images.values(), *params.values()]
+    library = directory / f"{stem}.so"
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        obj = Path(tmp) / f"{stem}.o"
+        func.compile_to_object(str(obj), arguments, function, target)
+        _link([obj], library)
+    meta = {"key": key, "function": function, "images": list(images),
+            "params": list(params), "sha256": _sha256(library)}
+    _write_atomic(directory / f"{stem}.json", json.dumps(meta, indent=1).encode())
+    return Pipeline(function, list(images), list(params), library=ctypes.CDLL(str(library)))
+
+
+def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
+    name = f"{builder.__module__}.{builder.__qualname__}"
+    directory = cache_dir() if ahead_of_time() else None
+    if directory is None:
+        hl = _halide()
+        func, images, params = builder(*args)
+        func.compile_jit(hl.Target(host_target()))
+        return Pipeline(name, list(images), list(params), jit=(func, images, params))
+    stem = entry_name(name, args)
+    key = f"{name}{args!r}"
+    found = _load(directory, stem, key)
+    if found is not None:
+        return found
+    directory.mkdir(parents=True, exist_ok=True)
+    return _compile(directory, stem, key, builder(*args))
+
+
+def pipeline(builder: Callable[..., tuple]) -> Callable[..., Pipeline]:
+    """Make ``builder`` (hashable arguments → ``(func, images, params)``) a function of the
+    same arguments returning its :class:`Pipeline`: loaded from the cache, or compiled (and
+    kept) at the first call with those arguments in this process, then held in memory."""
+    held: dict[tuple, Pipeline] = {}
+
+    @functools.wraps(builder)
+    def get(*args: Any) -> Pipeline:
+        found = held.get(args)
+        if found is None:
+            with _build_lock:
+                found = held.get(args)
+                if found is None:
+                    found = held[args] = _build(builder, args)
+        return found
+
+    get.cache_clear = held.clear  # type: ignore[attr-defined]
+    return get

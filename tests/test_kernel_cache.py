@@ -1,0 +1,136 @@
+"""The on-disk cache of compiled kernels (``anycnn.kernels.kernel_cache``): a second process
+loads what the first compiled without importing Halide and computes the same bits; a corrupt or
+partial entry is compiled again, never loaded; entries are keyed by the kernel's arguments and
+the kernel modules' source; without a C compiler (or with ``ANYCNN_KERNEL_CACHE=0``) kernels
+are compiled in memory, as before; a Halide error is an exception, not an abort."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anycnn.kernels import kernel_cache
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("halide") is None or
+                                kernel_cache._compiler() is None,
+                                reason="needs halide and a C compiler")
+
+# a residual block of 16 channels: convolutions (forward, both gradients), BatchNorm's passes
+STEP = r"""
+import hashlib, sys
+import numpy as np
+import anycnn
+from anycnn import nn
+
+rng = np.random.default_rng(0)
+body = nn.Sequential(nn.Conv2D(16, 16, 3, padding=1, bias=False), nn.BatchNorm2D(16), nn.ReLU(),
+                     nn.Conv2D(16, 16, 3, padding=1, bias=False), nn.BatchNorm2D(16))
+model = nn.Sequential(nn.Residual(body), nn.ReLU())
+x = rng.standard_normal((4, 8, 8, 16)).astype(np.float32)
+y = model(x)
+dx = model.backward(np.ones_like(y))
+digest = hashlib.sha256()
+for a in (y, dx, *[p.grad for p in model.parameters()]):
+    digest.update(np.ascontiguousarray(a).tobytes())
+print(digest.hexdigest(), "halide" in sys.modules)
+"""
+
+
+def _step(cache, **env) -> tuple[str, bool]:
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("ANYCNN_NATIVE", "ANYCNN_FASTPATH", "ANYCNN_BACKEND")}
+    environ.update({"ANYCNN_KERNEL_CACHE": str(cache), "ANYCNN_BACKEND": "numpy", **env})
+    out = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True,
+                         env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr
+    digest, imported = out.stdout.split()
+    return digest, imported == "True"
+
+
+def _entries(cache) -> list:
+    return sorted(p for p in cache.glob("*/*.so") if p.name != "runtime.so")
+
+
+def test_a_second_process_loads_the_kernels_without_halide(tmp_path):
+    first, compiled = _step(tmp_path)
+    assert compiled and _entries(tmp_path), "the first process compiled and kept its kernels"
+    second, imported = _step(tmp_path)
+    assert not imported, "a process whose kernels are all cached never imports Halide"
+    assert second == first
+    in_memory, _ = _step(tmp_path / "unused", ANYCNN_KERNEL_CACHE="0")
+    assert in_memory == first and not (tmp_path / "unused").exists()
+    assert _step(tmp_path, ANYCNN_NATIVE="0")[0] != first  # the digest sees the kernels' bits
+
+
+def test_a_corrupt_or_partial_entry_is_compiled_again(tmp_path):
+    first, _ = _step(tmp_path)
+    libraries = _entries(tmp_path)
+    libraries[0].write_bytes(b"not a library")                  # corrupt
+    libraries[1].with_suffix(".json").write_text("{\"key\": ")   # a torn record
+    libraries[2].with_suffix(".json").unlink()                   # never finished
+    (libraries[3].parent / "runtime.so").write_bytes(b"\0" * 64)
+    again, recompiled = _step(tmp_path)
+    assert recompiled and again == first
+    for library in libraries[:3]:
+        record = json.loads(library.with_suffix(".json").read_text())
+        assert record["sha256"] == kernel_cache._sha256(library)
+    assert not _step(tmp_path)[1]
+
+
+def test_entries_are_keyed_by_arguments_source_cpu_and_halide(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
+    name = "anycnn.kernels.native._forward_pipeline"
+    a = kernel_cache.entry_name(name, (np.dtype(np.float32), 1))
+    assert a == kernel_cache.entry_name(name, (np.dtype(np.float32), 1))
+    assert a != kernel_cache.entry_name(name, (np.dtype(np.float64), 1))
+    monkeypatch.setattr(kernel_cache, "_source_digest", lambda: "edited")
+    assert a != kernel_cache.entry_name(name, (np.dtype(np.float32), 1))
+    directory = kernel_cache.cache_dir()
+    assert directory.parent == tmp_path
+    assert kernel_cache._halide_version() in directory.name
+    assert kernel_cache._cpu_fingerprint() in directory.name
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", "0")
+    assert kernel_cache.cache_dir() is None and not kernel_cache.ahead_of_time()
+    assert "ANYCNN_KERNEL_CACHE=0" in kernel_cache.describe()
+
+
+def test_without_a_c_compiler_kernels_compile_in_memory(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "_compiler", lambda: None)
+    assert not kernel_cache.ahead_of_time() and "no C compiler" in kernel_cache.describe()
+    scale = kernel_cache.pipeline(_scale_builder)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty_like(x)
+    scale(4).run({"a": x}, {"k": 3}, [out])
+    np.testing.assert_array_equal(out, x * 3)
+    assert not list(tmp_path.glob("*/*.so"))
+
+
+def _scale_builder(width: int):
+    """out[x, y] = a[x, y] * k, vectorised by ``width`` (a tiny pipeline for these tests)."""
+    import halide as hl
+
+    a, k = hl.ImageParam(hl.Float(32), 2, "a"), hl.Param(hl.Int(32), "k")
+    x, y = hl.Var("x"), hl.Var("y")
+    out = hl.Func("out")
+    out[x, y] = a[x, y] * hl.cast(hl.Float(32), k)
+    out.vectorize(x, width, hl.TailStrategy.GuardWithIf)
+    return out, {"a": a}, {"k": k}
+
+
+def test_a_kernel_error_is_an_exception_not_an_abort(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
+    scale = kernel_cache.pipeline(_scale_builder)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty_like(x)
+    scale(4).run({"a": x}, {"k": 2}, [out])
+    np.testing.assert_array_equal(out, x * 2)
+    assert list(tmp_path.glob("*/scale_builder-*.so"))
+    with pytest.raises(RuntimeError, match=r"scale_builder.*failed"):
+        scale(4).run({"a": x[:, :2]}, {"k": 2}, [out])  # the input smaller than the output
