@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--script", action="store_true",
                    help="also time the path of a user's script (NumPy imported first, no "
                    "OPENBLAS_THREAD_TIMEOUT) beside the command's")
+    p.add_argument("--input-grad", action="store_true",
+                   help="also time the step with the first layer's input gradient (the default "
+                   "model.backward(dy) of a hand-written loop; on with --script)")
+    p.add_argument("--first-step", action="store_true",
+                   help="time a new process's first training step instead: with an empty "
+                   "compiled-kernel cache, then with the cache the first process left")
     p.add_argument("--compare-torch", action="store_true",
                    help="also time the same model in PyTorch (NCHW and channels_last)")
     p.add_argument("--gemm", action="store_true",
@@ -130,33 +136,46 @@ def _model_and_batch(cfg: dict) -> tuple:
     return model, images, rng.integers(0, 10, cfg["batch"])
 
 
+class TrainingStep:
+    """The benchmarked training step of ``cfg``'s model on its batch (:func:`_model_and_batch`):
+    ``zero_grad``, forward, softmax cross-entropy, backward, SGD step. ``step(input_grad)``
+    runs one (``input_grad=False`` is the Trainer's backward; True is the default
+    ``model.backward(dy)`` of a hand-written loop); ``sync()`` waits for the device."""
+
+    def __init__(self, cfg: dict) -> None:
+        import anycnn
+
+        self.backend = anycnn.get_backend()
+        self.model, images, labels = _model_and_batch(cfg)
+        self.x, self.y = anycnn.asarray(images), anycnn.asarray(labels)
+        self.loss = anycnn.nn.losses.SoftmaxCrossEntropy()
+        self.opt = anycnn.optim.optimizers.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(self, input_grad: bool = False) -> None:
+        self.model.zero_grad()
+        self.loss.forward(self.model.forward(self.x), self.y)
+        self.model.backward(self.loss.backward(), input_grad=input_grad)
+        self.opt.step()
+
+    def sync(self) -> None:
+        from anycnn.backend import synchronize
+
+        synchronize(self.backend)
+
+
 def _anycnn_worker(cfg: dict) -> dict:
-    import anycnn
-    from anycnn.backend import synchronize
-
-    backend = anycnn.get_backend()
-    model, images, labels = _model_and_batch(cfg)
-    x, y = anycnn.asarray(images), anycnn.asarray(labels)
-    loss_fn = anycnn.nn.losses.SoftmaxCrossEntropy()
-    opt = anycnn.optim.optimizers.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        model.zero_grad()
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), input_grad=False)
-        opt.step()
-
-    def infer():
-        model.forward(x)
-
-    sync = lambda: synchronize(backend)  # noqa: E731
+    bench = TrainingStep(cfg)
     base = rss_mib("VmRSS")
-    train = time_steps(step, sync, cfg["warmup"], cfg["steps"])
-    model.eval()
-    inference = time_steps(infer, sync, 1, cfg["steps"])
-    return {"train_ms": train, "infer_ms": inference, "base_mib": base,
-            "peak_mib": rss_mib("VmHWM"), "backend": backend.name,
-            "device": str(backend.device),
+    train = time_steps(bench.step, bench.sync, cfg["warmup"], cfg["steps"])
+    out = {"train_ms": train}
+    if cfg.get("input_grad"):
+        out["train_input_grad_ms"] = time_steps(lambda: bench.step(True), bench.sync, 1,
+                                                cfg["steps"])
+    bench.model.eval()
+    inference = time_steps(lambda: bench.model.forward(bench.x), bench.sync, 1, cfg["steps"])
+    return {**out, "infer_ms": inference, "base_mib": base,
+            "peak_mib": rss_mib("VmHWM"), "backend": bench.backend.name,
+            "device": str(bench.backend.device),
             "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
 
 
@@ -268,6 +287,10 @@ def worker_main(cfg: dict) -> dict | None:
     kind = cfg["kind"]
     if kind in ("anycnn", "anycnn-script"):
         return _anycnn_worker(cfg)
+    if kind == "first-step":
+        from .bench_first_step import first_step_worker
+
+        return first_step_worker(cfg)
     if kind == "gemm":
         return _gemm_worker(cfg)
     if kind == "epoch":
@@ -313,8 +336,10 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "ANYCNN_NUM_THREADS", "HL_NUM_THREADS")
 
 
-def _run_worker(cfg: dict, threads: int) -> dict:
-    env = dict(os.environ)
+def _run_worker(cfg: dict, threads: int, **env_vars: str) -> dict:
+    """Run the worker of ``cfg["kind"]`` in a new process with ``threads`` BLAS/OpenMP threads
+    (and ``env_vars`` set); its JSON result."""
+    env = {**os.environ, **env_vars}
     for var in _THREAD_VARS:
         env[var] = str(threads)
     start = ["-m", "anycnn.cli.bench"]
@@ -376,7 +401,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if getattr(args, "workers", None) is not None:
         return run_workers(args)
+    if getattr(args, "first_step", False):
+        from .bench_first_step import run_first_step
+
+        return run_first_step(args)
     backend = get_backend()
+    input_grad = args.script or getattr(args, "input_grad", False)
     frameworks = ["anycnn", "anycnn-script"] if args.script else ["anycnn"]
     if args.compare_torch:
         torch_worker_script()  # an installed wheel has none: say so before any timing
@@ -401,16 +431,19 @@ def run(args: argparse.Namespace) -> int:
           f"{args.steps} steps", flush=True)
     for batch in args.batch_sizes:
         per: dict[str, dict[str, list[float]]] = {f: {"train": [], "infer": [], "peak": [],
-                                                      "above": []} for f in frameworks}
+                                                      "above": [], "train_input_grad": []}
+                                                  for f in frameworks}
         env_seen: dict[str, str | None] = {}
         device_seen: dict[str, str | None] = {}
         for _ in range(args.rounds):
             for fw in frameworks:
                 cfg = {"kind": fw, "model": args.model, "batch": batch, "dtype": args.dtype,
                        "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                       "gpu": gpu}
+                       "gpu": gpu, "input_grad": input_grad}
                 out = _run_worker(cfg, args.threads)
                 per[fw]["train"].append(_median(out["train_ms"]))
+                if "train_input_grad_ms" in out:
+                    per[fw]["train_input_grad"].append(_median(out["train_input_grad_ms"]))
                 per[fw]["infer"].append(_median(out["infer_ms"]))
                 per[fw]["peak"].append(out["peak_mib"])
                 per[fw]["above"].append(out["peak_mib"] - out["base_mib"])
@@ -430,6 +463,8 @@ def run(args: argparse.Namespace) -> int:
                 "gemm_gflops"]
         if "anycnn-script" in row:
             row["script_ratio"] = row["anycnn-script"]["train"] / train_ms
+        if input_grad:
+            row["input_grad_ratio"] = row["anycnn"]["train_input_grad"] / train_ms
         for fw in frameworks[1:]:
             if fw == "anycnn-script":
                 continue
@@ -602,9 +637,13 @@ def format_table(results: dict) -> str:
     fws = [f for f in FRAMEWORKS if results["rows"] and f in results["rows"][0]]
     script = "anycnn-script" in fws
     fws = [f for f in fws if f != "anycnn-script"]
+    input_grad = "input_grad_ratio" in results["rows"][0] if results["rows"] else False
     head = ["batch", "anycnn train ms", "img/s"]
+    if input_grad:
+        head += ["with input grad ms", "ratio"]
     if script:
         head += ["script train ms", "script / command"]
+        head += ["script with input grad ms", "script / command"] if input_grad else []
     for fw in fws[1:]:
         head += [f"{fw} train ms", f"ratio vs {fw}"]
     head += ["anycnn infer ms"] + [f"{fw} infer ms" for fw in fws[1:]]
@@ -613,8 +652,14 @@ def format_table(results: dict) -> str:
     for row in results["rows"]:
         a = row["anycnn"]
         cells = [str(row["batch"]), f"{a['train']:.2f}", f"{a['images_per_s']:.0f}"]
+        if input_grad:
+            cells += [f"{a['train_input_grad']:.2f}", f"{row['input_grad_ratio']:.2f}x"]
         if script:
-            cells += [f"{row['anycnn-script']['train']:.2f}", f"{row['script_ratio']:.2f}x"]
+            s = row["anycnn-script"]
+            cells += [f"{s['train']:.2f}", f"{row['script_ratio']:.2f}x"]
+            if input_grad:
+                cells += [f"{s['train_input_grad']:.2f}",
+                          f"{s['train_input_grad'] / a['train_input_grad']:.2f}x"]
         for fw in fws[1:]:
             cells += [f"{row[fw]['train']:.2f}", f"{row['ratio_vs_' + fw]:.2f}x"]
         cells += [f"{a['infer']:.2f}"] + [f"{row[fw]['infer']:.2f}" for fw in fws[1:]]

@@ -96,6 +96,7 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
+@functools.cache
 def _halide_version() -> str:
     try:
         return importlib.metadata.version("halide")

@@ -1,4 +1,4 @@
-"""Compiled convolution kernels for NumPy arrays (Halide, built once per machine), shim-side.
+"""Compiled convolution kernels for NumPy arrays (Halide, built once per machine).
 
 (BatchNorm's passes are compiled the same way, in :mod:`anycnn.kernels.native_norm`, under the
 same switches.) The kernels at the end of this module register with :mod:`anycnn.kernels.dispatch`

@@ -1,0 +1,77 @@
+"""``anycnn bench --first-step``: a new process's first training step, against a warm step.
+
+For each batch size and round, two fresh worker processes train the model for
+``--steps`` steps: the first with an empty compiled-kernel cache (a new machine: every kernel is
+compiled), the second with the cache the first left (every later process). Each reports its
+first step (forward, backward, optimizer step: where kernels are compiled or loaded) and the
+median of its later steps. The table gives the medians over the rounds and the ratio of the
+warm-cache first step to a warm step, which the compiled-kernel cache keeps near 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .bench import TrainingStep, _report, _run_worker, rss_mib, time_steps
+
+
+def first_step_worker(cfg: dict) -> dict:
+    """Worker side: the first step's and the later steps' milliseconds, whether Halide was
+    imported, and the peak resident set (MiB)."""
+    bench = TrainingStep(cfg)
+    start = time.perf_counter()
+    bench.step()
+    bench.sync()
+    first = (time.perf_counter() - start) * 1e3
+    later = time_steps(bench.step, bench.sync, 0, cfg["steps"])
+    return {"first_ms": first, "warm_ms": statistics.median(later),
+            "halide_imported": "halide" in sys.modules, "peak_mib": rss_mib("VmHWM")}
+
+
+def run_first_step(args: argparse.Namespace) -> int:
+    """Driver side of ``--first-step`` (the backend is already selected)."""
+    from ..backend import get_backend
+
+    backend = get_backend()
+    results: dict[str, Any] = {"model": args.model, "backend": backend.name,
+                               "threads": args.threads, "dtype": args.dtype, "rows": []}
+    print(f"anycnn bench --first-step: {args.model}, backend {backend.name}, "
+          f"{args.threads} threads, {args.rounds} rounds", flush=True)
+    for batch in args.batch_sizes:
+        runs: dict[str, list[dict]] = {"cold": [], "warm": []}
+        for _ in range(args.rounds):
+            cfg = {"kind": "first-step", "model": args.model, "batch": batch,
+                   "dtype": args.dtype, "steps": args.steps, "gpu": False}
+            with tempfile.TemporaryDirectory() as cache:
+                for kind in ("cold", "warm"):
+                    runs[kind].append(_run_worker(cfg, args.threads,
+                                                  ANYCNN_KERNEL_CACHE=cache,
+                                                  ANYCNN_BACKEND=backend.name))
+        row = {"batch": batch}
+        for kind, outs in runs.items():
+            row[kind] = {key: statistics.median(o[key] for o in outs)
+                         for key in ("first_ms", "warm_ms", "peak_mib")}
+            row[kind]["halide_imported"] = any(o["halide_imported"] for o in outs)
+        row["warm_first_over_step"] = row["warm"]["first_ms"] / row["warm"]["warm_ms"]
+        results["rows"].append(row)
+    return _report(format_first_step_table(results), results, args.json)
+
+
+def format_first_step_table(results: dict) -> str:
+    """A Markdown table of :func:`run_first_step`'s results."""
+    head = ["batch", "first step, empty cache ms", "first step, cached ms", "warm step ms",
+            "cached first / warm", "peak MiB empty / cached", "Halide imported when cached"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in results["rows"]:
+        cold, warm = row["cold"], row["warm"]
+        lines.append("| " + " | ".join([
+            str(row["batch"]), f"{cold['first_ms']:.0f}", f"{warm['first_ms']:.0f}",
+            f"{warm['warm_ms']:.1f}", f"{row['warm_first_over_step']:.2f}x",
+            f"{cold['peak_mib']:.0f} / {warm['peak_mib']:.0f}",
+            "yes" if warm["halide_imported"] else "no"]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""``anycnn bench --input-grad`` and ``--first-step``: the columns and rows they add (tiny
+sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from anycnn.cli.commands import main
+
+
+def _bench(tmp_path, capsys, *argv: str) -> tuple[str, dict]:
+    out_json = tmp_path / "bench.json"
+    code = main(["bench", "--backend", "numpy", "--model", "lenet5", "--batch-sizes", "4",
+                 "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out_json),
+                 *argv])
+    assert code == 0
+    return capsys.readouterr().out, json.loads(out_json.read_text())
+
+
+def test_input_grad_times_the_default_backward_beside_the_trainers(tmp_path, capsys):
+    out, results = _bench(tmp_path, capsys, "--input-grad")
+    assert "with input grad ms" in out
+    row = results["rows"][0]
+    assert row["anycnn"]["train_input_grad"] > 0
+    assert row["input_grad_ratio"] == row["anycnn"]["train_input_grad"] / row["anycnn"]["train"]
+
+
+def test_first_step_runs_a_cold_and_a_warm_cache_process(tmp_path, capsys):
+    out, results = _bench(tmp_path, capsys, "--first-step")
+    assert "first step, empty cache ms" in out
+    row = results["rows"][0]
+    for kind in ("cold", "warm"):
+        assert row[kind]["first_ms"] > 0 and row[kind]["warm_ms"] > 0
+    assert row["warm_first_over_step"] == row["warm"]["first_ms"] / row["warm"]["warm_ms"]
