@@ -343,8 +343,7 @@ def conv2d_grads(dy: Any, x: Any, weight: Any, win: Windows, groups: int,
     if grads is not DECLINE:
         dx, dweight, dbias = grads
         if dx is DECLINE:  # the kernel left the input gradient to the portable path
-            d = dy.unpooled(win.out) if hasattr(dy, "unpooled") else dy
-            dx = _chunked_input_grad(d, weight, win, groups)
+            dx = _chunked_input_grad(dy, weight, win, groups)
             dx = dx if addend is None else add(dx, addend)
         return dx, dweight, dbias
     if addend is not None:
@@ -368,15 +367,22 @@ def conv2d_grads(dy: Any, x: Any, weight: Any, win: Windows, groups: int,
 
 
 def _chunked_input_grad(dy: Any, weight: Any, win: Windows, groups: int) -> Any:
-    """:func:`conv_input_grad` of the output gradient ``dy`` (N, Ho, Wo, C_out), a chunk of
+    """:func:`conv_input_grad` of the output gradient ``dy`` (N, Ho, Wo, C_out), or of a fused
+    block's pooled gradient (which has ``unpooled``; unpooled a chunk at a time), a chunk of
     images at a time (:func:`~anycnn.kernels.threads.map_batch`: cache-sized chunks on the
     library's threads, each GEMM on a one-thread BLAS): the input gradient a compiled kernel
     left to the portable path (measured for a 3 -> 16 channel first layer at batch 128, 32x32:
     30 ms over the whole batch on the calling thread, against 11)."""
-    xp = namespace_of(dy, weight)
-    d = xp.reshape(dy, (dy.shape[0], win.positions, weight.shape[-1]))
-    dx, = map_batch(xp, d.shape[0], conv_chunk_bytes(win, weight, groups),
-                    lambda a, b: (conv_input_grad(d[a:b, ...], weight, win, groups),), ("cat",),
+    pooled = hasattr(dy, "unpooled")
+    xp = namespace_of(dy.grad if pooled else dy, weight)
+    n = (dy.grad if pooled else dy).shape[0]
+
+    def chunk(a: int, b: int) -> tuple:
+        d = dy.images(a, b).unpooled(win.out) if pooled else dy[a:b, ...]
+        d = xp.reshape(d, (b - a, win.positions, weight.shape[-1]))
+        return conv_input_grad(d, weight, win, groups),
+
+    dx, = map_batch(xp, n, conv_chunk_bytes(win, weight, groups), chunk, ("cat",),
                     COL2IM_CHUNK_BYTES)
     return dx
 
