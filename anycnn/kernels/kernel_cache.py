@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -253,39 +254,42 @@ def _load_runtime(directory: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Buffers
 
-
-class _Dimension(ctypes.Structure):
-    _fields_ = [("min", ctypes.c_int32), ("extent", ctypes.c_int32),
-                ("stride", ctypes.c_int32), ("flags", ctypes.c_uint32)]
-
-
-class _Type(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _Buffer(ctypes.Structure):
-    """Halide's ``halide_buffer_t``."""
-
-    _fields_ = [("device", ctypes.c_uint64), ("device_interface", ctypes.c_void_p),
-                ("host", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("type", _Type),
-                ("dimensions", ctypes.c_int32), ("dim", ctypes.POINTER(_Dimension)),
-                ("padding", ctypes.c_void_p)]
-
-
+#: Halide's ``halide_buffer_t`` (device, device_interface, host, flags, type code, bits,
+#: lanes, dimensions, dim, padding: 56 bytes) and ``halide_dimension_t`` (min, extent,
+#: stride, flags: 16 bytes), packed with :mod:`struct` (10x cheaper than ctypes Structures,
+#: measured: about 1 us a buffer against 11; a training step passes about a thousand)
+_BUFFER = struct.Struct("=QQQQBBHiQQ")
+_DIMENSION = struct.Struct("=iiiI")
 _TYPE_CODES = {"i": 0, "u": 1, "f": 2}
 
 
-def _buffer(a: np.ndarray) -> tuple[_Buffer, Any]:
-    """A ``halide_buffer_t`` over ``a``'s memory, axes reversed, and the dimension array it
-    points to (which the caller keeps alive with it)."""
-    nd = a.ndim
-    strides = [s // a.itemsize for s in a.strides]
-    if a.size == 0:  # NumPy gives an empty array zero strides; Halide wants them dense
-        strides = [int(np.prod(a.shape[k + 1:])) for k in range(nd)]
-    dims = (_Dimension * nd)(*(_Dimension(0, a.shape[nd - 1 - i], strides[nd - 1 - i], 0)
-                               for i in range(nd)))
-    kind = _Type(_TYPE_CODES[a.dtype.kind], 8 * a.itemsize, 1)
-    return _Buffer(0, None, a.ctypes.data, 0, kind, nd, dims, None), dims
+@functools.cache
+def _dimensions(nd: int) -> struct.Struct:
+    """``nd`` packed ``halide_dimension_t``."""
+    return struct.Struct("=" + "iiiI" * nd)
+
+
+def _buffers(arrays: list[np.ndarray]) -> tuple[Any, list[ctypes.c_void_p]]:
+    """``halide_buffer_t`` descriptors of ``arrays``' memory (Halide's axes are NumPy's
+    reversed), in one ctypes block the caller keeps alive while they are used, and their
+    addresses."""
+    dims = sum(a.ndim for a in arrays)
+    block = (ctypes.c_char * (_BUFFER.size * len(arrays) + _DIMENSION.size * dims))()
+    base = ctypes.addressof(block)
+    at = _BUFFER.size * len(arrays)
+    pointers = []
+    for k, a in enumerate(arrays):
+        nd, size = a.ndim, a.itemsize
+        strides = [s // size for s in a.strides]
+        if a.size == 0:  # NumPy gives an empty array zero strides; Halide wants them dense
+            strides = [int(np.prod(a.shape[i + 1:])) for i in range(nd)]
+        _BUFFER.pack_into(block, _BUFFER.size * k, 0, 0, a.ctypes.data, 0,
+                          _TYPE_CODES[a.dtype.kind], 8 * size, 1, nd, base + at, 0)
+        _dimensions(nd).pack_into(block, at, *(v for i in range(nd - 1, -1, -1)
+                                                for v in (0, a.shape[i], strides[i], 0)))
+        at += _DIMENSION.size * nd
+        pointers.append(ctypes.c_void_p(base + _BUFFER.size * k))
+    return block, pointers
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,12 +315,13 @@ class Pipeline:
         if self._function is None:
             self._run_jit(arrays, scalars, outputs)
             return
-        held = [_buffer(arrays[name]) for name in self.images] + [_buffer(o) for o in outputs]
-        args = [ctypes.byref(b) for b, _ in held[:len(self.images)]]
-        args += [ctypes.c_int32(int(scalars[name])) for name in self.params]
-        args += [ctypes.byref(b) for b, _ in held[len(self.images):]]
+        block, pointers = _buffers([arrays[name] for name in self.images] + outputs)
+        images = len(self.images)
         _errors.message = None
-        code = self._function(*args)
+        code = self._function(*pointers[:images],
+                              *(ctypes.c_int32(int(scalars[name])) for name in self.params),
+                              *pointers[images:])
+        del block  # the descriptors were read during the call
         if code != 0:
             raise RuntimeError(f"compiled kernel {self.name} failed: "
                                f"{_errors.message or f'Halide error {code}'}")
