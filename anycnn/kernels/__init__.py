@@ -8,6 +8,8 @@
 - :mod:`~anycnn.kernels.fastpath` — NumPy kernels (``out=`` calls, cache-sized chunks, shards).
 - :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm` — compiled (Halide)
   convolution and BatchNorm kernels for NumPy arrays.
+- :mod:`~anycnn.kernels.torch_ops` — torch's own convolution, pooling and BatchNorm operators
+  for torch tensors (oneDNN on a CPU, cuDNN on CUDA).
 - :mod:`~anycnn.kernels.special` — the array library's own special functions (``erf``).
 
 This package imports only the backend shim below it, never :mod:`anycnn.nn` above it.

@@ -2,7 +2,8 @@
 
 The portable ops are written once against the Array API. Where a kernel may compute an op
 faster on some namespace (the NumPy fast paths of :mod:`~anycnn.kernels.fastpath`, the compiled
-Halide kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`), the op
+Halide kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`, torch's
+own operators in :mod:`~anycnn.kernels.torch_ops`), the op
 asks this module first, by name, with its own arguments:
 
 - :func:`overridable` wraps a portable function: each kernel registered under its name is
@@ -51,9 +52,11 @@ class _Declined:
 DECLINE = _Declined()
 
 #: the modules whose kernels register themselves, imported at the first dispatch, in order of
-#: preference (the compiled kernels first: a kernel that declines passes the call on)
-KERNEL_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
-                  "anycnn.kernels.fastpath", "anycnn.kernels.special")
+#: preference (a kernel that declines passes the call on): torch's own operators first (they
+#: take only torch tensors, and the state their forward kept), then the compiled kernels
+KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
+                  "anycnn.kernels.native_norm", "anycnn.kernels.fastpath",
+                  "anycnn.kernels.special")
 
 _kernels: dict[str, tuple[Callable[..., Any], ...]] = {}
 _loaded = False

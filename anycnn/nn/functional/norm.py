@@ -5,7 +5,9 @@ BatchNorm works on rows ``(M, C)`` of the channels-last input. Its per-channel p
 portable functions below, each a kernel dispatch point (:mod:`anycnn.kernels.dispatch`): on
 NumPy cache-sized chunks of several operations per pass, or compiled kernels that keep the
 input rows and the mean instead of ``xhat`` and normalise again as they read
-(``prefers("batch_norm_from_rows")`` picks that formulation).
+(``prefers("batch_norm_from_rows")`` picks that formulation). Without synchronised statistics
+a whole BatchNorm pass is offered to the kernels first (``batch_norm``, ``batch_norm_backward``:
+an array library's own operator), which keep the input rows and the mean in the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from array_api_compat import device
 
 from ...backend import namespace_of, to_numpy
-from ...kernels.dispatch import overridable, prefers
+from ...kernels.dispatch import DECLINE, attempt, overridable, prefers
 from .primitives import add_relu, relu_grad
 
 # --------------------------------------------------------------------------------------------
@@ -130,10 +132,20 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     ``(C,)`` (squared deviations from the global mean), plus one host read of the count.
 
     The per-channel passes are the dispatch points above (NumPy kernels: GEMV sums and one
-    cache-sized chunk at a time, the ReLU inside the same pass).
+    cache-sized chunk at a time, the ReLU inside the same pass). Without ``reduce``, a kernel
+    (``batch_norm``) is offered the whole call first.
     """
     xp = namespace_of(x, gamma, beta, running_mean, running_var)
     c = x.shape[-1]
+    if reduce is None:
+        got = attempt("batch_norm", x, gamma, beta, running_mean, running_var, training,
+                      momentum, eps, relu, addend)
+        if got is not DECLINE:  # the context keeps the input rows and the mean
+            y, mean, inv_std, running_mean, running_var = got
+            rows = xp.reshape(x, (-1, c))
+            out = xp.reshape(y, (-1, c)) if relu and addend is None else None
+            ctx = BatchNormCtx(rows, inv_std, rows.shape[0], training, 1.0, out, mean)
+            return y, ctx, running_mean, running_var
     rows = xp.reshape(x, (-1, c))
     compiled = prefers("batch_norm_from_rows", rows)
     count = rows.shape[0]
@@ -187,6 +199,11 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
     every rank's parameter gradients by ``w``), ``dgamma``/``dbeta`` are this rank's own.
     """
     xp = namespace_of(dy, gamma)
+    if ctx.mean is not None and reduce is None:
+        got = attempt("batch_norm_backward", dy, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, gamma,
+                      ctx.training)
+        if got is not DECLINE:
+            return got
     c = dy.shape[-1]
     rows = xp.reshape(dy, (-1, c))
     compiled = ctx.mean is not None and prefers("batch_norm_from_rows", rows)

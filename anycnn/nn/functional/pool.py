@@ -3,6 +3,11 @@
 Max pooling gathers the windows into ``K`` contiguous planes ``(N, K, P, C)`` and reduces over
 them; its backward multiplies the first-maximum masks in and scatters back (col2im as a
 gather). Ties go to the first maximum in row-major window order, as in PyTorch.
+
+Max and average pooling are offered to the kernels first (:mod:`anycnn.kernels.dispatch`,
+``max_pool2d`` and ``avg_pool2d``): a kernel that computes the forward returns what its own
+backward (``max_pool2d_backward``, ``avg_pool2d_backward``) needs, kept in the context's
+``saved``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 from array_api_compat import device
 
 from ...backend import namespace_of
+from ...kernels.dispatch import DECLINE, attempt
 from ..geometry import Pair, device_cache, pool_output_size
 from .primitives import masked, window_max
 from .windows import Windows, gather_windows, scatter_windows
@@ -36,8 +42,18 @@ def pool_windows(in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
 
 @dataclass
 class MaxPoolCtx:
-    mask: Any  # bool (N, K, P, C): the first maximum of each window
+    mask: Any  # bool (N, K, P, C): the first maximum of each window (None: see ``saved``)
     win: Windows
+    saved: Any = None  # what the kernel that computed the forward keeps for its backward
+
+
+def _kernel_backward(name: str, dy: Any, saved: Any, win: Windows) -> Any:
+    """The input gradient from the kernel that kept ``saved`` in the forward."""
+    dx = attempt(name, dy, saved, win)
+    if dx is DECLINE:
+        raise RuntimeError(f"no kernel takes the {type(saved).__name__} its forward kept "
+                           f"({name})")
+    return dx
 
 
 def max_pool2d_forward(x: Any, win: Windows):
@@ -45,8 +61,13 @@ def max_pool2d_forward(x: Any, win: Windows):
 
     Ties go to the first maximum in row-major window order, as in PyTorch. The windows are
     gathered into K contiguous planes (faster than strided slices, measured), so the maximum
-    and the masks are plane-wise operations.
+    and the masks are plane-wise operations. A kernel (``max_pool2d``) is offered the call
+    first.
     """
+    got = attempt("max_pool2d", x, win)
+    if got is not DECLINE:
+        y, saved = got
+        return y, MaxPoolCtx(None, win, saved)
     xp = namespace_of(x)
     n, _, _, c = x.shape
     entries = xp.reshape(gather_windows(x, win, value=-float("inf")),
@@ -57,6 +78,8 @@ def max_pool2d_forward(x: Any, win: Windows):
 
 def max_pool2d_backward(dy: Any, ctx: MaxPoolCtx):
     """Input gradient of :func:`max_pool2d_forward`."""
+    if ctx.saved is not None:
+        return _kernel_backward("max_pool2d_backward", dy, ctx.saved, ctx.win)
     xp = namespace_of(dy)
     n, _, _, c = dy.shape
     d = masked(ctx.mask, xp.reshape(dy, (n, 1, ctx.win.positions, c)))
@@ -79,12 +102,18 @@ def _window_counts(win: Windows, include_pad: bool):
 
 @dataclass
 class AvgPoolCtx:
-    inv_count: Any  # (1, 1, P, 1) reciprocal window sizes
+    inv_count: Any  # (1, 1, P, 1) reciprocal window sizes (None: see ``saved``)
     win: Windows
+    saved: Any = None  # what the kernel that computed the forward keeps for its backward
 
 
 def avg_pool2d_forward(x: Any, win: Windows, count_include_pad: bool = True):
-    """Average pooling of NHWC ``x`` over ``win`` (zero padding); ``(y, ctx)``."""
+    """Average pooling of NHWC ``x`` over ``win`` (zero padding); ``(y, ctx)``. A kernel
+    (``avg_pool2d``) is offered the call first."""
+    got = attempt("avg_pool2d", x, win, count_include_pad)
+    if got is not DECLINE:
+        y, saved = got
+        return y, AvgPoolCtx(None, win, saved)
     xp = namespace_of(x)
     n, _, _, c = x.shape
     inv = device_cache.get(xp, device(x), ("avg", win, count_include_pad),
@@ -97,6 +126,8 @@ def avg_pool2d_forward(x: Any, win: Windows, count_include_pad: bool = True):
 
 def avg_pool2d_backward(dy: Any, ctx: AvgPoolCtx):
     """Input gradient of :func:`avg_pool2d_forward`."""
+    if ctx.saved is not None:
+        return _kernel_backward("avg_pool2d_backward", dy, ctx.saved, ctx.win)
     xp = namespace_of(dy)
     n, _, _, c = dy.shape
     share = xp.reshape(dy, (n, 1, ctx.win.positions, c)) * ctx.inv_count
