@@ -134,3 +134,17 @@ def test_a_kernel_error_is_an_exception_not_an_abort(monkeypatch, tmp_path):
     assert list(tmp_path.glob("*/scale_builder-*.so"))
     with pytest.raises(RuntimeError, match=r"scale_builder.*failed"):
         scale(4).run({"a": x[:, :2]}, {"k": 2}, [out])  # the input smaller than the output
+
+
+def test_an_unwritable_cache_compiles_in_memory_with_one_warning(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache's folder should be")
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(blocked))
+    monkeypatch.setattr(kernel_cache, "_not_kept", None)
+    scale = kernel_cache.pipeline(_scale_builder)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty_like(x)
+    with pytest.warns(RuntimeWarning, match="not kept on disk"):
+        scale(4).run({"a": x}, {"k": 5}, [out])
+    np.testing.assert_array_equal(out, x * 5)
+    assert not kernel_cache.ahead_of_time() and "unusable" in kernel_cache.describe()

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,14 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc")
 
 
+#: why this process stopped keeping kernels on disk (the directory could not be written, the
+#: compiler failed), or None
+_not_kept: str | None = None
+
+
 def ahead_of_time() -> bool:
     """Whether pipelines are compiled to shared libraries kept on disk (else in memory)."""
-    return cache_dir() is not None and _compiler() is not None
+    return cache_dir() is not None and _compiler() is not None and _not_kept is None
 
 
 def describe() -> str:
@@ -132,6 +138,8 @@ def describe() -> str:
         return "compiled in each process (ANYCNN_KERNEL_CACHE=0)"
     if _compiler() is None:
         return "compiled in each process (no C compiler to link them: set CC)"
+    if _not_kept is not None:
+        return f"compiled in this process ({_not_kept})"
     return f"compiled once, kept in {cache_dir()}"
 
 
@@ -395,20 +403,30 @@ def _compile(directory: Path, stem: str, key: str, built: tuple) -> Pipeline:
 
 
 def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
+    """The pipeline of ``builder`` over ``args``: loaded from the cache, else compiled into
+    it; compiled in memory where nothing can be kept (and from then on in this process, with
+    one warning, when the cache directory cannot be written or the compiler fails)."""
+    global _not_kept
     name = f"{builder.__module__}.{builder.__qualname__}"
-    directory = cache_dir() if ahead_of_time() else None
-    if directory is None:
-        hl = _halide()
-        func, images, params = builder(*args)
-        func.compile_jit(hl.Target(host_target()))
-        return Pipeline(name, list(images), list(params), jit=(func, images, params))
-    stem = entry_name(name, args)
-    key = f"{name}{args!r}"
-    found = _load(directory, stem, key)
-    if found is not None:
-        return found
-    directory.mkdir(parents=True, exist_ok=True)
-    return _compile(directory, stem, key, builder(*args))
+    if ahead_of_time():
+        directory = cache_dir()
+        stem = entry_name(name, args)
+        key = f"{name}{args!r}"
+        found = _load(directory, stem, key)
+        if found is not None:
+            return found
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return _compile(directory, stem, key, builder(*args))
+        except (OSError, RuntimeError) as exc:
+            _not_kept = f"the kernel cache {directory} is unusable: {exc}"
+            warnings.warn(f"anycnn: compiled kernels are not kept on disk: {_not_kept}; "
+                          "set ANYCNN_KERNEL_CACHE to a writable folder, or to 0",
+                          RuntimeWarning, stacklevel=2)
+    hl = _halide()
+    func, images, params = builder(*args)
+    func.compile_jit(hl.Target(host_target()))
+    return Pipeline(name, list(images), list(params), jit=(func, images, params))
 
 
 def pipeline(builder: Callable[..., tuple]) -> Callable[..., Pipeline]:
