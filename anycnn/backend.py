@@ -265,7 +265,7 @@ def namespace_of(*arrays: Any) -> Any:
         not_arrays = [a for a in present if not array_api_compat.is_array_api_obj(a)]
         if not_arrays:  # a list, a scalar, None-like...: say so instead of "mixed backends"
             raise ShapeError(
-                f"expected an array (numpy, cupy, torch or array_api_strict), got "
+                f"expected an array (numpy, cupy, torch, array_api_strict or jax), got "
                 f"{type(not_arrays[0]).__name__}; convert it first with anycnn.asarray"
             ) from exc
         labels = sorted({backend_label(a) for a in present})

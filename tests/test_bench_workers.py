@@ -123,7 +123,7 @@ def test_worker_counts():
     (["--workers", "2", "--script"], "drop --script"),
     (["--workers", "2", "--gemm"], "drop --gemm"),
     (["--workers", "32"], r"global batch sizes \[16\] are smaller than 32 ranks"),
-    (["--workers", "2", "--steps", "0"], "--steps and --rounds must be >= 1"),
+    (["--workers", "2", "--steps", "0"], "--steps must be >= 1, got 0"),
     (["--workers", "2", "--model", "no-such-model"], "no-such-model"),
 ])
 def test_argument_validation(argv, message, monkeypatch, tmp_path, capsys):

@@ -46,6 +46,7 @@ class Recorder(Callback):
         self.events.append(("train_begin", trainer.epoch, trainer.step))
 
     def on_epoch_begin(self, trainer, epoch):
+        assert epoch == trainer.epoch + 1  # 1-based, as the progress bar prints it
         self.events.append(("epoch_begin", epoch, trainer.step))
 
     def on_step_end(self, trainer, step, logs):
@@ -53,8 +54,9 @@ class Recorder(Callback):
         self.logs.append(dict(logs))
 
     def on_epoch_end(self, trainer, epoch, record):
-        assert record is trainer.history[-1] and record["epoch"] == epoch + 1
-        assert (trainer.epoch, trainer.step) == (epoch + 1, 0)
+        # the epoch is 1-based everywhere users see it: as recorded and printed
+        assert record is trainer.history[-1] and record["epoch"] == epoch
+        assert (trainer.epoch, trainer.step) == (epoch, 0)
         self.events.append(("epoch_end", epoch, trainer.step))
         self.snapshots.append(weights(trainer.model))
 
@@ -118,15 +120,15 @@ def test_hooks_run_in_order_with_their_arguments(backend, small, tmp_path):
         def on_epoch_end(self, trainer, epoch, record):
             order.append(self.name)
             # the epoch's checkpoint is written before the epoch-end callbacks run
-            assert C.load_checkpoint(path).epoch == epoch + 1
+            assert C.load_checkpoint(path).epoch == epoch
 
     trainer = make_trainer(callbacks=[mine, Seen("trainer's")], checkpoint_path=path)
     trainer.fit(train_loader(small), val_loader(small), epochs=2,
                 callbacks=[per_call, Seen("fit's")])
     steps = [("step", e, s) for e in range(2) for s in (1, 2, 3)]
     assert mine.events == [
-        ("train_begin", 0, 0), ("epoch_begin", 0, 0), *steps[:3], ("epoch_end", 0, 0),
-        ("epoch_begin", 1, 0), *steps[3:], ("epoch_end", 1, 0), ("train_end", 2, 0)]
+        ("train_begin", 0, 0), ("epoch_begin", 1, 0), *steps[:3], ("epoch_end", 1, 0),
+        ("epoch_begin", 2, 0), *steps[3:], ("epoch_end", 2, 0), ("train_end", 2, 0)]
     assert per_call.events == mine.events
     assert order == ["trainer's", "fit's"] * 2
 

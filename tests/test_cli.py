@@ -217,6 +217,129 @@ def test_summary_takes_the_shape_from_the_options_or_the_dataset(capsys):
     assert "Non-trainable params: 384" in out
 
 
+def test_summary_of_a_run_folder_or_checkpoint(capsys, trained, tmp_path):
+    code, preset, err = cli(capsys, "summary", "--model", "LeNet5")  # any case
+    assert code == 0, err
+    checkpoint = trained / "checkpoint.safetensors"
+    for given in (trained, checkpoint):
+        code, out, err = cli(capsys, "summary", given)
+        assert code == 0 and err == "", err
+        first, rest = out.split("\n", 1)
+        assert first == f"model lenet5 from {checkpoint}, 10 classes"
+        assert rest == preset.split("\n", 1)[1]  # the checkpoint's model: the preset's table
+    code, out, err = cli(capsys, "summary", trained, "--input-shape", "32,32,1")
+    assert_usage_error(code, err, "the model expects 28x28x1 images")  # lenet5's Dense
+    assert out == ""
+    png = tmp_path / "cat.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    code, _, err = cli(capsys, "summary", png)
+    assert_usage_error(code, err, f"{png} is not a safetensors checkpoint (it looks like a PNG "
+                       "image)")
+
+
+@pytest.mark.parametrize(("head", "what"), [
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff\xe0", "a JPEG image"),
+    (b"PK\x03\x04", "a zip archive (PyTorch's .pth/.pt format"),
+    (b"\x80\x02", "a Python pickle"), (b"\x08\x07\x12\x07pytorch", "an ONNX model"),
+    (b"\x93NUMPY\x01\x00", "a NumPy .npy array file"),
+    (b"\x01\x02\x03\x04\x05\x06\x07\x08\xff\xfe", "its first bytes are not a safetensors "
+                                            "header"),
+])
+def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(capsys, tmp_path, head, what):
+    path = tmp_path / "given.safetensors"
+    path.write_bytes(head + bytes(range(256)) * 4)
+    for command in (["evaluate", path], ["predict", path, path], ["export", path, "m.onnx"],
+                    ["summary", path]):
+        code, _, err = cli(capsys, *command)
+        assert_usage_error(code, err, f"{path} is not a safetensors checkpoint", what)
+        assert "header length" not in err
+
+
+def test_every_backend_is_listed_wherever_backends_are(capsys):
+    """The --backend help of every command, and every table and list of the docs that names
+    the backends (performance guide's environment variables, the index, README, backends
+    guide), hold every backend."""
+    from anycnn.cli.commands import build_parser
+
+    for name, sub in build_parser().commands.items():
+        action = next((a for a in sub._actions if "--backend" in a.option_strings), None)
+        if action is not None:
+            assert all(b in action.help for b in BACKEND_NAMES), (name, action.help)
+    performance = (ROOT / "docs" / "guides" / "performance.md").read_text()
+    row, = [line for line in performance.splitlines() if line.startswith("| `ANYCNN_BACKEND` |")]
+    assert all(f"`{b}`" in row for b in BACKEND_NAMES), row
+    for page in (ROOT / "docs" / "index.md", ROOT / "README.md",
+                 ROOT / "docs" / "guides" / "backends.md"):
+        rows = {line.split("|")[1].strip() for line in page.read_text().splitlines()
+                if line.startswith("| `")}
+        assert {f"`{b}`" for b in BACKEND_NAMES} <= rows, page
+
+
+def test_model_names_in_any_case(capsys, tmp_path):
+    from anycnn.io.pretrained import lookup
+    from anycnn.models import build_model, model_spec
+
+    assert model_spec("LeNet5")["name"] == "lenet5"
+    assert model_spec("Simple_CNN")["name"] == "simple-cnn"
+    assert model_spec(" MobileNet-V3-Small ")["name"] == "mobilenet_v3_small"
+    assert build_model("ResNet-Mini").model_spec["name"] == "resnet-mini"
+    assert lookup("ResNet18").arch == "resnet18"
+    code, _, err = cli(capsys, "train", "--model", "LeNet5", *QUICK, "--limit", "64",
+                       "--out", tmp_path / "run")
+    assert code == 0, err
+    saved = anycnn.io.checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert saved.config["model"] == saved.model_spec["name"] == "lenet5"  # the canonical name
+    code, _, err = cli(capsys, "train", "--model", "LENET5", *QUICK, "--limit", "64",
+                       "--epochs", "2", "--out", tmp_path / "run", "--resume")
+    assert code == 0, err  # the same model: resumes
+
+
+def test_a_limit_above_the_data_is_a_warning(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *QUICK, "--limit", "100000", "--out", tmp_path / "r")
+    assert code == 0, err
+    warning, = [line for line in err.splitlines() if "--limit" in line]
+    assert warning == ("anycnn: warning: --limit 100000 is more than the 8000 training images "
+                       "of mnist-sample: training on all 8000")
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert len(history) == 1
+    code, _, err = cli(capsys, "train", *QUICK, "--limit", "8000", "--out", tmp_path / "s",
+                       "--epochs", "1")
+    assert code == 0 and "warning" not in err, err
+
+
+def test_augmentation_defaults_are_printed(capsys, tmp_path):
+    """32x32 RGB images get crop=4,flip and auto normalisation by default: one line says so
+    (not with --quiet, nor when the options are given)."""
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "rgb" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "rgb" / c / f"{i}.png")
+    base = ["train", "--dataset", tmp_path / "rgb", "--epochs", "1", "--batch-size", "4",
+            "--model", "simple-cnn"]
+    code, out, err = cli(capsys, *base, "--out", tmp_path / "r1")
+    assert code == 0, err
+    line, = [line for line in out.splitlines() if line.startswith("defaults applied")]
+    assert line == ("defaults applied (32x32x3 images): --augment crop=4,flip (random crops "
+                    "and flips of the training images); --normalize auto (the training "
+                    "split's per-channel mean/std). Pass --augment none / --normalize none to "
+                    "turn them off")
+    code, out, err = cli(capsys, *base, "--out", tmp_path / "r2", "--augment", "flip")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("defaults applied")] == [
+        "defaults applied (32x32x3 images): --normalize auto (the training split's "
+        "per-channel mean/std). Pass --augment none / --normalize none to turn them off"]
+    for extra in (["--quiet"], ["--augment", "none", "--normalize", "none"]):
+        code, out, err = cli(capsys, *base, "--out", tmp_path / "r3", *extra)
+        assert code == 0 and "defaults applied" not in out, err
+    code, out, err = cli(capsys, *base, "--out", tmp_path / "r1", "--epochs", "2", "--resume")
+    assert code == 0 and "defaults applied" not in out, err  # recorded: not defaults any more
+
+
 def test_info_lists_every_backend(capsys):
     code, out, _ = cli(capsys, "info", "--backend", "numpy")
     assert code == 0
@@ -236,9 +359,9 @@ def test_plot_writes_png(capsys, trained, tmp_path):
 
 def test_plot_names_the_run_and_counts_epochs_in_whole_numbers(capsys, trained, tmp_path,
                                                                monkeypatch):
-    """Title from the checkpoint beside the history (model and dataset), "test" for the
-    validation curve of a dataset that validates on its test split, integer epoch ticks, and
-    ``.png`` added to an output without an extension."""
+    """Title from the checkpoint beside the history (model and dataset), "validation" for the
+    history's val_* curve (as the history calls it, also where it is the dataset's test
+    split), integer epoch ticks, and ``.png`` added to an output without an extension."""
     pytest.importorskip("matplotlib")
     from anycnn import plot
 
@@ -251,7 +374,7 @@ def test_plot_names_the_run_and_counts_epochs_in_whole_numbers(capsys, trained, 
     fig, = drawn
     assert fig._suptitle.get_text() == "lenet5 on mnist-sample"
     for ax in fig.axes:
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
     lone = tmp_path / "lone"
@@ -321,7 +444,30 @@ MISTAKES = {
     "negative warmup": (["train", "--warmup-steps", "-5"], ["--warmup-steps must be >= 0"]),
     "negative log every": (["train", "--log-every", "-1"], ["--log-every must be >= 0"]),
     "log every and quiet": (["train", "--log-every", "5", "--quiet"], ["--log-every", "--quiet"]),
-    "patience word": (["train", "--early-stop", "three"], ["invalid int value: 'three'"]),
+    "patience word": (["train", "--early-stop", "three"],
+                      ["--early-stop must be an integer >= 0, got 'three'"]),
+    # numeric options are checked while the arguments are parsed, before any data is loaded
+    # (cifar10 is not on this machine: loading it would fail first)
+    "zero batch size": (["train", "--dataset", "cifar10", "--batch-size", "0"],
+                        ["--batch-size must be >= 1, got 0"]),
+    "negative seed": (["train", "--dataset", "cifar10", "--seed", "-1"],
+                      ["--seed must be >= 0, got -1"]),
+    "label smoothing 1": (["train", "--dataset", "cifar10", "--label-smoothing", "1"],
+                          ["--label-smoothing must be a finite number in [0, 1), got 1"]),
+    "nan lr": (["train", "--dataset", "cifar10", "--lr", "nan"],
+               ["--lr must be a finite number > 0, got nan"]),
+    "evaluate zero batch size": (["evaluate", _missing, "--batch-size", "0"],
+                                 ["--batch-size must be >= 1, got 0"]),
+    "summary channels first": (["summary", "--input-shape", "3,32,32"],
+                               ["--input-shape 3,32,32 looks channels first (C,H,W)",
+                                "channels last (H,W,C)", "did you mean 32,32,3?"]),
+    "summary too small": (["summary", "--input-shape", "8,8,1"],
+                          ["lenet5 takes images of at least 12x12", "image_size 8"]),
+    "summary checkpoint and model": (["summary", _missing, "--model", "lenet5"],
+                                     ["--model: a checkpoint's model is summarised as it was"]),
+    "summary missing checkpoint": (["summary", _missing], ["not found",
+                                                            "checkpoint.safetensors"]),
+    "model in another case, unknown": (["train", "--model", "LeNet9"], ["'LeNet9'", *MODELS]),
     "summary unknown model": (["summary", "--model", "resnet9"], ["'resnet9'", *MODELS]),
     "summary bad input shape": (["summary", "--input-shape", "32x32"],
                                 ["--input-shape", "H,W,C", "'32x32'"]),

@@ -127,7 +127,7 @@ def test_freeze_stages_and_unfreeze_at(capsys, tmp_path, photos, weights):
     (("--freeze", "most"), "--freeze must be none, backbone or a number of stages"),
     (("--freeze", "-1"), "--freeze must be >= 0"),
     (("--unfreeze-at", "2"), "--unfreeze-at ends a --freeze phase"),
-    (("--freeze", "backbone", "--unfreeze-at", "0"), "--unfreeze-at must be an epoch >= 1"),
+    (("--freeze", "backbone", "--unfreeze-at", "0"), "--unfreeze-at must be >= 1, got 0"),
     (("--lr-backbone", "0"), "--lr-backbone must be a finite number > 0"),
     (("--weights", "no/such.safetensors"), "--weights no/such.safetensors: no such file"),
     (("--freeze", "9"), "--freeze 9: resnet18 has 5 stages"),

@@ -119,23 +119,30 @@ def test_train_on_a_folder_then_predict_gives_the_probabilities_of_predict(
     assert_one_line_error(code, err, "--image-size 16, not 12")
 
 
-def test_predict_refuses_what_is_not_an_image(backend, capsys, photos, tmp_path):
+def test_a_bad_image_is_one_line_and_the_others_are_predicted(backend, capsys, photos,
+                                                              tmp_path):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--dataset", photos, "--image-size", 12, *QUICK,
                        "--out", out)
     assert code == 0, err
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
-    good = val_files(photos)[0]
-    for argv, fragment in (([good, notes], "notes.txt: not an image file Pillow can read"),
-                           ([tmp_path / "gone.png"], "gone.png: no such file"),
-                           ([tmp_path], "is a directory"),
-                           ([good, "--top-k", 4], "--top-k must be in [1, 3]"),
-                           ([good, "--top-k", 0], "--top-k must be in [1, 3]")):
+    good = val_files(photos)[:2]
+    code, text, err = cli(capsys, "predict", out, good[0], notes, tmp_path / "gone.png",
+                          good[1], "--top-k", 1)
+    assert code == 1, err  # some failed: 1 at the end, after predicting the others
+    assert err.splitlines() == [f"anycnn: error: {notes}: not an image file Pillow can read",
+                                f"anycnn: error: {tmp_path / 'gone.png'}: no such file"]
+    assert text.splitlines()[0::2] == [str(good[0]), str(good[1])]
+    _, alone, _ = cli(capsys, "predict", out, *good, "--top-k", 1)
+    assert text == alone  # the same predictions as without the bad files
+    for argv, fragment in (([good[0], "--top-k", 4], "--top-k must be in [1, 3]"),
+                           ([good[0], "--top-k", 0], "--top-k must be >= 1, got 0"),
+                           ([good[0], "--batch-size", 0], "--batch-size must be >= 1, got 0")):
         code, text, err = cli(capsys, "predict", out, *argv)
-        assert_one_line_error(code, err, fragment)
+        assert_one_line_error(code, err, fragment)  # a mistake in the command: status 2
         assert text == ""
-    code, _, err = cli(capsys, "predict", tmp_path / "nothing.safetensors", good)
+    code, _, err = cli(capsys, "predict", tmp_path / "nothing.safetensors", good[0])
     assert_one_line_error(code, err, "nothing.safetensors")
 
 
@@ -146,9 +153,102 @@ def test_predict_refuses_a_non_image_in_a_real_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ANYCNN_BACKEND": "numpy"}
     result = subprocess.run([sys.executable, "-m", "anycnn", "predict", "m.safetensors", "x.png"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "anycnn: error: x.png: not an image file Pillow can read")
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def named(tmp_path) -> Path:
+    """A model for 12x12 RGB images saved with a preprocess record naming its classes."""
+    anycnn.manual_seed(4)
+    model = anycnn.models.build_model("lenet5", num_classes=3, in_channels=3, image_size=12)
+    record = {"version": 1, "image_size": [12, 12], "channels": 3, "resize": "bilinear",
+              "scale": 255, "normalize": None, "augment": None,
+              "class_names": ["ant", "bee", "cow"]}
+    path = tmp_path / "named.safetensors"
+    anycnn.save(model, path, extra={"preprocess": record})
+    return path
+
+
+def test_predict_takes_folders_sorted_and_not_recursive(backend, capsys, named, tmp_path):
+    folder = tmp_path / "shots"
+    for i, name in enumerate(("b.png", "a.JPG", "c.webp", ".hidden.png", "sub/d.png")):
+        save(folder / name, i, (15, 18), "RGB")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    listed = [folder / "a.JPG", folder / "b.png", folder / "c.webp"]
+    code, text, err = cli(capsys, "predict", named, folder, "--json")
+    assert code == 0, err
+    predictions = json.loads(text)["predictions"]
+    assert [p["path"] for p in predictions] == [str(f) for f in listed]
+    _, given, _ = cli(capsys, "predict", named, *listed, "--json")
+    assert json.loads(given)["predictions"] == predictions  # the folder is its files
+    model, _ = anycnn.load_model(named)
+    expected = anycnn.predict_proba(model, load_images(listed, 12, 3))
+    for row, prediction in zip(expected, predictions):
+        assert prediction["index"] == int(row.argmax())
+        assert prediction["class"] == ("ant", "bee", "cow")[row.argmax()]
+        np.testing.assert_allclose(prediction["probability"], row.max(), rtol=1e-5)
+
+    empty = tmp_path / "classes"
+    for c in ("cat", "dog"):
+        save(empty / c / "0.png", 1, (12, 12), "RGB")
+    code, text, err = cli(capsys, "predict", named, empty, folder / "b.png")
+    assert code == 1 and text.splitlines()[0] == str(folder / "b.png")
+    line, = err.splitlines()
+    assert line.startswith(f"anycnn: error: {empty}: folder holds no image files (.png")
+    assert "its subfolders (cat/, dog/) are not searched" in line
+    code, text, err = cli(capsys, "predict", named, str(empty / "*"))  # an unexpanded glob
+    assert code == 1 and text == "" and "no such file" in err
+
+
+def test_predict_writes_csv_and_json(backend, capsys, named, tmp_path):
+    import csv
+
+    files = [save(tmp_path / f"{i}.png", 20 + i, (12 + i, 14), "RGB") for i in range(5)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    argv = ["predict", named, *files[:2], bad, *files[2:], "--top-k", 2, "--batch-size", 2]
+    code, text, err = cli(capsys, *argv, "--format", "csv")
+    assert code == 1 and err.count("\n") == 1 and "bad.png" in err
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == ["path", "class", "index", "probability", "class_2", "index_2",
+                             "probability_2", "error"]
+    assert [r["path"] for r in rows] == [str(f) for f in [*files[:2], bad, *files[2:]]]
+    assert rows[2] == {"path": str(bad), **{k: "" for k in list(rows[0])[1:-1]},
+                       "error": "not an image file Pillow can read"}
+    code, _, _ = cli(capsys, *argv, "--output", tmp_path / "p.json")
+    assert code == 1
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["predictions"][2] == {"path": str(bad),
+                                        "error": "not an image file Pillow can read"}
+    model, _ = anycnn.load_model(named)
+    expected = anycnn.predict_proba(model, load_images(files, 12, 3))
+    good = [p for p in report["predictions"] if "error" not in p]
+    for row, prediction, line in zip(expected, good, [r for r in rows if not r["error"]]):
+        order = np.argsort(-row, kind="stable")[:2]
+        assert [e["index"] for e in prediction["top_k"]] == list(order)
+        assert prediction["class"] == line["class"] == ("ant", "bee", "cow")[order[0]]
+        assert line["class_2"] == ("ant", "bee", "cow")[order[1]]
+        np.testing.assert_allclose([e["probability"] for e in prediction["top_k"]], row[order],
+                                   rtol=1e-5, atol=1e-7)
+        # the CSV holds the same numbers in full
+        assert float(line["probability"]) == prediction["probability"]
+        assert float(line["probability_2"]) == prediction["top_k"][1]["probability"]
+        assert int(line["index"]) == prediction["index"] == order[0]
+    code, out, _ = cli(capsys, *argv, "-o", tmp_path / "p.csv")
+    assert code == 1 and out.strip() == f"wrote {tmp_path / 'p.csv'}: 5 predictions, 1 bad " \
+        "image(s) or folder(s)"
+    assert (tmp_path / "p.csv").read_text() == text
+    code, out, _ = cli(capsys, *argv, "--json")
+    assert json.loads(out) == report
+    for extra, fragment in ((["-o", tmp_path / "p.txt"], "name a .csv or .json file"),
+                            (["--json", "--format", "csv"], "--json is --format json"),
+                            (["--format", "xml"], "invalid choice: 'xml'")):
+        code, out, err = cli(capsys, *argv, *extra)
+        assert_one_line_error(code, err, fragment)
+        assert out == ""
 
 
 def test_builtin_datasets_record_their_preprocessing_too(backend, capsys, tmp_path):
@@ -214,10 +314,24 @@ def test_folder_mistakes_are_one_line(backend, capsys, tmp_path):
             (["--dataset", tmp_path / "missing"], "no such directory"),
             (["--image-size", 8], "--image-size applies only to image folders"),
             (["--val-split", 0.2, "--channels", 1], "--channels, --val-split apply only"),
-            (["--dataset", root, "--image-size", 8, "--val-split", 1.5], "val_split must be"),
-            (["--dataset", root, "--image-size", 8, "--data-dir", tmp_path], "--data-dir")):
+            (["--dataset", root, "--image-size", 12, "--val-split", 1.5],
+             "--val-split must be a finite number in (0, 1), got 1.5"),
+            (["--dataset", root, "--image-size", 12, "--data-dir", tmp_path], "--data-dir"),
+            # reliability.md: a too-small image is a ShapeError naming the size and minimum
+            (["--dataset", root, "--image-size", 8], "--image-size 8 is too small for lenet5: "
+                                                     "it takes images of at least 12x12"),
+            (["--dataset", root, "--preprocess", "resize=10,crop=10", "--model", "LeNet5"],
+             "--preprocess crop 10 is too small for lenet5"),
+            (["--dataset", root, "--image-size", 2, "--model", "simple-cnn"],
+             "at least 4x4"),
+            (["--dataset", root, "--image-size", 0], "--image-size must be >= 1, got 0")):
         code, _, err = cli(capsys, "train", *argv, *QUICK, "--out", tmp_path / "r")
         assert_one_line_error(code, err, fragment)
+    for c in ("a", "b"):  # images too small for the model, without --image-size
+        save(tmp_path / "tiny" / c / "0.png", 1, (8, 8), "L")
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "tiny", *QUICK)
+    assert_one_line_error(code, err, "lenet5 takes images of at least 12x12, but the images "
+                          "of", "are 8x8; pass --image-size 12 (or more) to resize them")
     for c in ("a", "b", "c"):
         save(tmp_path / "square" / c / "0.png", 1, (12, 12), "L")
     code, text, err = cli(capsys, "summary", "--dataset", tmp_path / "square")
@@ -226,7 +340,7 @@ def test_folder_mistakes_are_one_line(backend, capsys, tmp_path):
 
 def test_skipped_images_are_a_warning_line(backend, capsys, photos, tmp_path):
     (photos / "train" / "ant" / "broken.png").write_bytes(b"garbage")
-    code, _, err = cli(capsys, "train", "--dataset", photos, "--image-size", 8, *QUICK,
+    code, _, err = cli(capsys, "train", "--dataset", photos, "--image-size", 12, *QUICK,
                        "--out", tmp_path / "r")
     assert_one_line_error(code, err, "broken.png", "--bad-images skip")
     code, _, err = cli(capsys, "train", "--dataset", photos, "--image-size", 12, *QUICK,

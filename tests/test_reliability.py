@@ -44,7 +44,7 @@ from anycnn.errors import (
     ShapeError,
     TrainingError,
 )
-from anycnn.models import build_model
+from anycnn.models import MIN_IMAGE_SIZE, MODELS, build_model, model_spec
 from anycnn.optim.schedules import make_schedule
 from tests.conftest import to_backend
 
@@ -177,6 +177,28 @@ def test_output_hw_matches_the_forward_pass(backend, hw):
 def test_spatial_size_too_small_for_the_kernel(backend, make, shape):
     with pytest.raises(ShapeError, match="too small for kernel"):
         make().forward(to_backend(host(shape)))
+
+
+@pytest.mark.parametrize("name", list(MIN_IMAGE_SIZE))
+def test_presets_refuse_images_below_their_minimum(backend, name):
+    """reliability.md: a too-small image size is a ShapeError naming the size and the model's
+    minimum (lenet5 at 8 said "in_features must be >= 1, got 0"); at the minimum the preset
+    builds and runs."""
+    minimum = MIN_IMAGE_SIZE[name]
+    with pytest.raises(ShapeError, match=rf"^{name} takes images of at least {minimum}x{minimum}"
+                       rf"; image_size {minimum - 1} \({minimum - 1}x{minimum - 1}\) is too "
+                       "small$"):
+        build_model(name, image_size=minimum - 1)
+    with pytest.raises(ShapeError, match=f"at least {minimum}x{minimum}"):
+        model_spec(name, image_size=minimum - 1)
+    if name in ("lenet5", "simple-cnn"):  # the preset functions say so themselves too
+        with pytest.raises(ShapeError, match=f"at least {minimum}x{minimum}"):
+            MODELS[name](image_size=minimum - 1)
+    model = build_model(name, image_size=minimum, num_classes=3)
+    c = model.model_spec["in_channels"]
+    with anycnn.nn.module.eval_mode(model):
+        out = model.forward(to_backend(host((1, minimum, minimum, c))))
+    assert tuple(out.shape) == (1, 3)
 
 
 FLOAT_LAYERS = {
@@ -458,12 +480,12 @@ def train_argv(data: Path, out: Path, *extra) -> list[str]:
     (["--lr", "0"], ["lr", "> 0"]),
     (["--lr", "-0.5"], ["lr", "> 0"]),
     (["--epochs", "0"], ["--epochs must be >= 1"]),
-    (["--batch-size", "0"], ["batch_size must be a positive integer"]),
+    (["--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
     (["--optimizer", "sgd", "--momentum", "-1"], ["momentum must be a finite number >= 0"]),
-    (["--weight-decay", "-1"], ["weight_decay must be"]),
-    (["--label-smoothing", "1.5"], ["label_smoothing must be in [0, 1)"]),
+    (["--weight-decay", "-1"], ["--weight-decay must be a finite number >= 0"]),
+    (["--label-smoothing", "1.5"], ["--label-smoothing must be a finite number in [0, 1)"]),
     (["--dtype", "int8"], ["invalid choice: 'int8'"]),
-    (["--epochs", "two"], ["invalid int value: 'two'"]),
+    (["--epochs", "two"], ["--epochs must be an integer >= 1, got 'two'"]),
 ], ids=["model", "dataset", "optimizer", "schedule", "backend", "lr-0", "lr-negative",
         "epochs-0", "batch-size-0", "momentum", "weight-decay", "label-smoothing", "dtype",
         "epochs-word"])

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DistributedError
-from .common import backend_option, select_backend
+from .common import backend_option, count, model_name, positive_int, select_backend
 
 HELP = "time training steps against PyTorch"
 
@@ -54,13 +54,14 @@ _SCRIPT_BOOT = "import numpy, runpy; runpy.run_module('anycnn.cli.bench', run_na
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``anycnn bench``."""
-    p.add_argument("--model", default="simple-cnn")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per worker")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per worker")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework")
+    p.add_argument("--model", default="simple-cnn", type=model_name)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[64, 256])
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per worker")
+    p.add_argument("--warmup", type=count, default=3, help="untimed steps per worker")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="alternating rounds per framework")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                    help="BLAS/torch threads (default: all cores)")
     p.add_argument("--script", action="store_true",
                    help="also time the path of a user's script (NumPy imported first, no "
@@ -397,8 +398,6 @@ def run(args: argparse.Namespace) -> int:
 
     select_backend(args.backend)
     model_spec(args.model)
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        raise ConfigError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if getattr(args, "workers", None) is not None:
         return run_workers(args)
     if getattr(args, "first_step", False):

@@ -7,7 +7,9 @@ A user's mistake prints one line ``anycnn: error: ...`` and exits with :data:`EX
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -34,7 +36,81 @@ class Parser(argparse.ArgumentParser):
         self.commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # "argument --epochs: must be >= 1, got 0" (an option type's message) reads
+        # "--epochs must be >= 1, got 0"; "argument --x: --x ..." names the option once;
+        # any other "argument --x: ..." reads "--x: ..."
+        match = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if match:
+            option, rest = match.groups()
+            message = (rest if rest.startswith(option + " ") or rest.startswith(option + ":")
+                       else f"{option} {rest}" if rest.startswith("must ")
+                       else f"{option}: {rest}")
         raise ConfigError(message)
+
+
+# ------------------------------------------------------------------ option types (argparse)
+# Checked while the arguments are parsed, before any file or dataset is read; a bad value is
+# one line "anycnn: error: --batch-size must be an integer >= 1, got 0".
+
+
+def _number(kind: type, text: str, low: float, low_open: bool = False,
+            high: float | None = None, high_open: bool = True) -> Any:
+    import math
+
+    name = "an integer" if kind is int else "a finite number"
+    bounds = f"{'>' if low_open else '>='} {low:g}" if high is None else (
+        f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {name} {bounds}, got {text!r}") from None
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        high is None or (value < high if high_open else value <= high))
+    if not ok:
+        what = "" if kind is int else f"{name} "
+        raise argparse.ArgumentTypeError(f"must be {what}{bounds}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    return _number(int, text, 1)
+
+
+def count(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    return _number(int, text, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    return _number(float, text, 0, low_open=True)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
+    return _number(float, text, 0)
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1)."""
+    return _number(float, text, 0, high=1)
+
+
+def open_fraction(text: str) -> float:
+    """An argparse ``type``: a number in (0, 1)."""
+    return _number(float, text, 0, low_open=True, high=1)
+
+
+def model_name(text: str) -> str:
+    """An argparse ``type``: a preset's name in any case, ``-`` and ``_`` alike, as the preset
+    spells it (what checkpoints record): ``LeNet5`` -> ``lenet5``."""
+    from ..models import MODELS, canonical_model_name
+
+    try:
+        return canonical_model_name(text, MODELS)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def backend_option(parser: argparse.ArgumentParser) -> None:

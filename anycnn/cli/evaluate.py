@@ -16,7 +16,7 @@ import json
 import sys
 
 from ..errors import ConfigError
-from .common import backend_option, select_backend
+from .common import backend_option, positive_int, select_backend
 
 HELP = "loss, accuracy, top-k and per-class accuracy of a checkpoint"
 
@@ -31,7 +31,7 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
                    "it was trained with)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="which split to evaluate")
-    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     e.add_argument("--top-k", default=None, metavar="K[,K...]",
                    help="top-k accuracies to report (default: 1,5, or 1 with fewer than 5 "
                    "classes)")

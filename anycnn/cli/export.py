@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import backend_option, select_backend
+from .common import backend_option, positive_int, select_backend
 
 HELP = ("write a checkpoint's model as an ONNX file (standard operators, NHWC input [batch, H, "
         "W, C], output logits [batch, K]; needs pip install 'anycnn[onnx]')")
@@ -17,7 +17,7 @@ def add_arguments(x: argparse.ArgumentParser) -> None:
     x.add_argument("checkpoint", help="a checkpoint file, or a run folder holding "
                    "checkpoint.safetensors")
     x.add_argument("output", metavar="MODEL.onnx", help="the ONNX file to write")
-    x.add_argument("--opset", type=int, default=None,
+    x.add_argument("--opset", type=positive_int, default=None,
                    help="ONNX opset version, 17 or newer (default: 17)")
     x.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
                    help="the graph input's layout (nhwc: as anycnn takes images, transposed "

@@ -21,13 +21,12 @@ expect.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .common import say
+from .common import positive_float, positive_int, say
 
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
@@ -41,9 +40,9 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    help="train the head alone (backbone), all but the first N stages (N), or "
                    "everything (none, the default); frozen parts keep their BatchNorm "
                    "statistics")
-    t.add_argument("--lr-backbone", type=float, default=None, metavar="LR",
+    t.add_argument("--lr-backbone", type=positive_float, default=None, metavar="LR",
                    help="learning rate of the parameters outside the head (default: --lr)")
-    t.add_argument("--unfreeze-at", type=int, default=None, metavar="EPOCH",
+    t.add_argument("--unfreeze-at", type=positive_int, default=None, metavar="EPOCH",
                    help="train everything from this epoch on (1-based; with --freeze)")
 
 
@@ -62,14 +61,9 @@ def check(args) -> None:
         if freeze > 0:
             _check_stage_count(args.model, freeze)
     args.freeze = freeze
-    if args.lr_backbone is not None and not 0 < args.lr_backbone < math.inf:
-        raise ConfigError(f"--lr-backbone must be a finite number > 0, got {args.lr_backbone}")
-    if args.unfreeze_at is not None:
-        if args.unfreeze_at < 1:
-            raise ConfigError(f"--unfreeze-at must be an epoch >= 1, got {args.unfreeze_at}")
-        if freeze in ("none", 0):
-            raise ConfigError("--unfreeze-at ends a --freeze phase: add --freeze backbone "
-                              "(or --freeze N)")
+    if args.unfreeze_at is not None and freeze in ("none", 0):
+        raise ConfigError("--unfreeze-at ends a --freeze phase: add --freeze backbone "
+                          "(or --freeze N)")
     if args.weights is not None:
         from ..io.pretrained import PRETRAINED, is_weights_name, lookup
 
@@ -226,11 +220,11 @@ def load_weights(args, model: Any, num_classes: int) -> None:
 
 
 def apply_freeze(args, model: Any, epoch: int) -> bool:
-    """Freeze what ``--freeze`` names unless ``--unfreeze-at`` has come (``epoch`` 0-based);
-    returns whether anything is frozen."""
+    """Freeze what ``--freeze`` names unless ``--unfreeze-at`` has come (``epoch`` 1-based, the
+    epoch about to start); returns whether anything is frozen."""
     model.unfreeze()
     frozen = args.freeze not in ("none", 0) and (
-        args.unfreeze_at is None or epoch + 1 < args.unfreeze_at)
+        args.unfreeze_at is None or epoch < args.unfreeze_at)
     if not frozen:
         return False
     if args.freeze == "backbone":
@@ -269,7 +263,7 @@ def unfreeze_callback(args):
         def on_epoch_begin(self, trainer, epoch) -> None:
             frozen = apply_freeze(args, trainer.model, epoch)
             if self.frozen is not False and not frozen and trainer.comm.rank == 0:
-                say(args.quiet, f"epoch {epoch + 1}: unfrozen, training every parameter")
+                say(args.quiet, f"epoch {epoch}: unfrozen, training every parameter")
             if not frozen:
                 trainer.model.train()
             self.frozen = frozen

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .common import open_fraction, positive_int
 
 DEFAULT_VAL_SPLIT = 0.1
 DEFAULT_BAD_IMAGES = "stop"
@@ -29,13 +30,13 @@ _OPTION_NAMES = {"preprocess_spec": "--preprocess"}
 
 def add_folder_options(parser: argparse.ArgumentParser) -> None:
     """The image-folder options of ``anycnn train``."""
-    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+    parser.add_argument("--image-size", type=positive_int, default=None, metavar="N",
                         help="image folders: resize every image to NxN (default: keep the size "
                         "when all images share one, else required)")
     parser.add_argument("--channels", type=int, default=None, choices=[1, 3],
                         help="image folders: 1 grayscale or 3 RGB (default: 1 when every image "
                         "is grayscale, else 3)")
-    parser.add_argument("--val-split", type=float, default=None, metavar="FRACTION",
+    parser.add_argument("--val-split", type=open_fraction, default=None, metavar="FRACTION",
                         help="image folders without a val/ subfolder: share of the images used "
                         f"for validation, chosen by a fixed seeded permutation (default: "
                         f"{DEFAULT_VAL_SPLIT})")

@@ -62,42 +62,39 @@ def _save(fig: Any, output: str | Path) -> Path:
 
 def plot_history(history: str | Path, output: str | Path) -> Path:
     """Draw train/validation loss and accuracy per epoch into ``output`` (PNG, SVG or PDF;
-    ``.png`` is added to a name without an extension).
+    ``.png`` is added to a name without an extension). The curves are called "train" and
+    "validation", as the history's ``train_*`` and ``val_*`` keys (for the built-in datasets
+    the validation split is their test split: :func:`anycnn.data.datasets.validation_is_test`).
 
     When the ``checkpoint.safetensors`` written beside the history by ``anycnn train`` is
-    there, the title names its model and dataset, and the validation curve is called "test"
-    if that dataset validates on its test split (see
-    :func:`anycnn.data.datasets.validation_is_test`).
+    there, the title names its model and dataset.
     """
     history = Path(history)
-    return _draw_history(read_history(history), output, *_run_of(history))
+    return _draw_history(read_history(history), output, _title_of(history))
 
 
-def _run_of(history: Path) -> tuple[str | None, str]:
-    """(title, name of the validation curve) from the checkpoint beside ``history``."""
-    from ..data.datasets import validation_is_test
+def _title_of(history: Path) -> str | None:
+    """"MODEL on DATASET" from the checkpoint beside ``history``, or None."""
     from ..errors import CheckpointError
     from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
 
     try:
         config = load_checkpoint(history.parent / RUN_CHECKPOINT).config
     except CheckpointError:  # plotting a history alone: no title
-        return None, "validation"
+        return None
     if not config.get("model") or not config.get("dataset"):
-        return None, "validation"
-    model, dataset = str(config["model"]), str(config["dataset"])
-    return f"{model} on {dataset}", "test" if validation_is_test(dataset) else "validation"
+        return None
+    return f"{config['model']} on {config['dataset']}"
 
 
-def _draw_history(records: list[dict], output: str | Path, title: str | None = None,
-                  val_label: str = "validation") -> Path:
+def _draw_history(records: list[dict], output: str | Path, title: str | None = None) -> Path:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        for split, label in (("train", "train"), ("val", val_label)):
+        for split, label in (("train", "train"), ("val", "validation")):
             values = [r.get(f"{split}_{what}") for r in records]
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=label)
@@ -170,4 +167,4 @@ def plot_file(path: str | Path, output: str | Path) -> Path:
         where = " ".join(str(data[k]) for k in ("dataset", "split") if data.get(k))
         return plot_confusion(matrix, data.get("class_names"), output,
                               title=f"confusion matrix{' — ' + where if where else ''}")
-    return _draw_history(_check_history(path, data), output, *_run_of(path))
+    return _draw_history(_check_history(path, data), output, _title_of(path))

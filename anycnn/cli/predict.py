@@ -1,5 +1,13 @@
 """``anycnn predict``: the most likely classes of image files, prepared as in training.
 
+``anycnn predict CHECKPOINT IMAGE|FOLDER... [--top-k K] [--format text|csv|json] [--output
+FILE]``: folders stand for the image files directly inside them
+(:mod:`anycnn.cli.predict_files`); the predictions are printed as text or written as CSV or
+JSON (:mod:`anycnn.cli.predict_report`). An image that cannot be read is reported on its own
+line ``anycnn: error: PATH: why`` on standard error and the others are still predicted; the
+exit status is then 1 (0 when every image was predicted, 2 for a mistake that stops the
+command: a bad checkpoint or option).
+
 Every ``anycnn train`` records in its checkpoints how pixels were prepared, the *preprocess
 record* (:func:`anycnn.data.augment.preprocess_record`); ``anycnn predict`` prepares image files
 the same way (image folders in training: :mod:`anycnn.cli.folders`).
@@ -40,24 +48,35 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .common import backend_option
+from .common import backend_option, positive_int
 
 HELP = "the most likely classes of image files, prepared as in training"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``anycnn predict``."""
+    from .predict_report import FORMATS
+
     parser.add_argument("checkpoint", help="a checkpoint file, a run folder holding "
                         "checkpoint.safetensors, or an .onnx file from anycnn export (run by "
                         "onnxruntime)")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files (PNG, JPEG, ...; any size and mode)")
-    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="image files (PNG, JPEG, ...; any size and mode), or folders: "
+                        "the image files directly inside, sorted by name (subfolders are not "
+                        "searched)")
+    parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
                         help="classes to show per image (default: 5, or all when fewer)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object: checkpoint, preprocess and, per image, "
-                        "its path and top-k classes with probabilities")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="text, csv (one row per image: path, class, index, "
+                        "probability, the other top-k classes, error) or json (one object: "
+                        "checkpoint, preprocess and one prediction per image); default: "
+                        "from --output's extension, else text")
+    parser.add_argument("--output", "-o", default=None, metavar="FILE",
+                        help="write the predictions to FILE (.csv or .json: that format) "
+                        "instead of standard output")
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per forward pass")
     backend_option(parser)
 
 
@@ -112,18 +131,40 @@ def prepare(paths: list[str], record: dict[str, Any]):
     (:meth:`anycnn.data.augment.Normalize.apply`). With an ``eval`` transform the files are
     resized by their shorter side and centre-cropped
     (:meth:`anycnn.data.eval_transform.EvalTransform.load`), else stretched to
-    ``image_size``."""
-    import array_api_compat.numpy as host_xp
+    ``image_size``.
 
-    from ..data.augment import read_eval_transform, read_preprocess, to_unit_range
-    from ..data.images import load_images
+    Raises:
+        DataError: a file cannot be read (the first such file is named).
+    """
+    import numpy as np
+
+    return finish(np.stack([load_pixels(path, record) for path in paths]), record)
+
+
+def load_pixels(path: str, record: dict[str, Any]):
+    """One image file as the ``uint8`` ``(H, W, C)`` pixels of ``record`` (:func:`prepare`'s
+    first step).
+
+    Raises:
+        DataError: naming the file, when it is missing, a folder or not a readable image.
+    """
+    from ..data.augment import read_eval_transform
+    from ..data.images import load_image
 
     transform = read_eval_transform(record)
     if transform is not None:
-        pixels = transform.load(paths, record["channels"])
-    else:
-        pixels = load_images(paths, tuple(record["image_size"]), record["channels"],
-                             record.get("resize", "bilinear"))
+        return transform.load([path], record["channels"])[0]
+    return load_image(path, tuple(record["image_size"]), record["channels"],
+                      record.get("resize", "bilinear"))
+
+
+def finish(pixels, record: dict[str, Any]):
+    """``uint8`` NHWC ``pixels`` of :func:`load_pixels` → the model's input (:func:`prepare`'s
+    second step: scaled and normalised when the record normalises, else as they are)."""
+    import array_api_compat.numpy as host_xp
+
+    from ..data.augment import read_preprocess, to_unit_range
+
     _, normalize = read_preprocess(record)
     if normalize is None:
         return pixels
@@ -131,18 +172,17 @@ def prepare(paths: list[str], record: dict[str, Any]):
 
 
 def run(args: argparse.Namespace) -> int:
-    """``anycnn predict CHECKPOINT IMAGE...``: the top-k classes of each image."""
-    import numpy as np
-
+    """``anycnn predict CHECKPOINT IMAGE...``: the top-k classes of each image, a bad image
+    reported on its own line (exit status 1 at the end) without stopping the others."""
     from ..data.images import pillow
     from ..io.checkpoint import checkpoint_in, load_model
     from ..train.inference import predict_topk
     from .common import select_backend
+    from .predict_report import output_format
 
+    fmt = output_format(args.format, args.json, args.output)
     select_backend(args.backend)
     path = checkpoint_in(args.checkpoint)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     pillow()  # no Pillow: say so before loading the model
     if path.suffix.lower() == ".onnx":
         topk, record, recorded, num_classes = onnx_classifier(path)
@@ -158,38 +198,97 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be in [1, {num_classes}] (the model's classes), "
                           f"got {k}")
     if not recorded:
-        h, w = record["image_size"]
-        how = (f"resized to shorter side {record['eval']['resize']} and centre-cropped to "
-               f"{h}x{w}" if record.get("eval") else f"resized to {h}x{w} (bilinear)")
-        norm = (", then normalised with the recorded mean/std" if record.get("normalize")
-                else "")
-        what = ("no image size or channels" if record.get("normalize") or record.get("eval")
-                else "no preprocessing")
-        print(f"anycnn: warning: {path} records {what} (trained before anycnn "
-              f"recorded it, or saved from Python): images are converted to "
-              f"{'grayscale' if record['channels'] == 1 else 'RGB'}, {how} and scaled by "
-              f"1/255{norm}, from the model "
-              f"{'input' if path.suffix.lower() == '.onnx' else 'spec'}", file=sys.stderr)
+        _warn_unrecorded(path, record)
+    rows, failed = _predict_all(args, record, topk, k, fmt)
+    _write(args, fmt, rows, k, str(path), record)
+    return 1 if failed else 0
+
+
+def _warn_unrecorded(path: Path, record: dict[str, Any]) -> None:
+    """The warning for a checkpoint (or ONNX file) that records no image preparation."""
+    h, w = record["image_size"]
+    how = (f"resized to shorter side {record['eval']['resize']} and centre-cropped to "
+           f"{h}x{w}" if record.get("eval") else f"resized to {h}x{w} (bilinear)")
+    norm = ", then normalised with the recorded mean/std" if record.get("normalize") else ""
+    what = ("no image size or channels" if record.get("normalize") or record.get("eval")
+            else "no preprocessing")
+    print(f"anycnn: warning: {path} records {what} (trained before anycnn "
+          f"recorded it, or saved from Python): images are converted to "
+          f"{'grayscale' if record['channels'] == 1 else 'RGB'}, {how} and scaled by "
+          f"1/255{norm}, from the model "
+          f"{'input' if path.suffix.lower() == '.onnx' else 'spec'}", file=sys.stderr)
+
+
+def _predict_all(args, record: dict[str, Any], topk, k: int, fmt: str):
+    """``(rows in the order given, number of failures)``: the images read and predicted
+    ``--batch-size`` at a time; a bad one is reported on standard error at once. The text
+    format is printed batch by batch (to standard output)."""
+    import numpy as np
+
+    from .predict_files import image_entries
+    from .predict_report import error_row, prediction_row, text_lines
+
     names = record["class_names"]
-    results = []
-    for start in range(0, len(args.images), args.batch_size):
-        chunk = args.images[start:start + args.batch_size]
-        indices, probs = topk(prepare(chunk, record), k)
-        for image, idx, prob in zip(chunk, np.atleast_2d(indices), np.atleast_2d(probs)):
-            results.append({"path": image, "top_k": [
-                {"index": int(i), "name": str(names[i]), "probability": float(p)}
-                for i, p in zip(idx, prob)]})
-    if args.json:
-        print(json.dumps({"checkpoint": str(path), "preprocess": record,
-                          "predictions": results}))
-        return 0
     width = max(len(str(n)) for n in names)
-    for result in results:
-        print(result["path"])
-        for entry in result["top_k"]:
-            print(f"  {entry['probability']:.4f}  {entry['name']:<{width}}  "
-                  f"(class {entry['index']})")
-    return 0
+    stream_text = fmt == "text" and args.output is None
+    rows: list[tuple[int, dict[str, Any]]] = []
+    pending: list[tuple[int, str, Any]] = []
+    failed = 0
+
+    def flush() -> None:
+        if not pending:
+            return
+        indices, probs = topk(finish(np.stack([px for _, _, px in pending]), record), k)
+        for (position, image, _), idx, prob in zip(pending, np.atleast_2d(indices),
+                                                   np.atleast_2d(probs)):
+            row = prediction_row(image, idx, prob, names)
+            rows.append((position, row))
+            if stream_text:
+                print("\n".join(text_lines(row, width)), flush=True)
+        pending.clear()
+
+    for position, entry in enumerate(image_entries(args.images)):
+        error = entry.error
+        if error is None:
+            try:
+                pending.append((position, entry.path, load_pixels(entry.path, record)))
+            except DataError as exc:
+                error = str(exc).removeprefix(f"{entry.path}: ")
+        if error is not None:
+            failed += 1
+            print(f"anycnn: error: {entry.path}: {error}", file=sys.stderr, flush=True)
+            rows.append((position, error_row(entry.path, error)))
+        elif len(pending) == args.batch_size:
+            flush()
+    flush()
+    return [row for _, row in sorted(rows, key=lambda item: item[0])], failed
+
+
+def _write(args, fmt: str, rows: list[dict[str, Any]], k: int, checkpoint: str,
+           record: dict[str, Any]) -> None:
+    """The predictions in ``fmt`` to ``--output`` (written atomically), or to standard
+    output unless they were printed already (text)."""
+    from .predict_report import csv_text, json_text, text_lines
+
+    if fmt == "text" and args.output is None:
+        return  # printed batch by batch
+    if fmt == "csv":
+        text = csv_text(rows, k)
+    elif fmt == "json":
+        text = json_text(rows, checkpoint, record) + "\n"
+    else:
+        width = max(len(str(n)) for n in record["class_names"])
+        text = "".join("\n".join(text_lines(row, width)) + "\n" for row in rows
+                       if "error" not in row)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    from ..atomic import atomic_write_bytes
+
+    atomic_write_bytes(args.output, text.encode())
+    bad = sum("error" in row for row in rows)
+    print(f"wrote {args.output}: {len(rows) - bad} predictions"
+          + (f", {bad} bad image(s) or folder(s)" if bad else ""))
 
 
 def onnx_classifier(path: Path):

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError
-from .common import backend_option, say, select_backend
+from .common import (
+    backend_option,
+    count,
+    fraction,
+    model_name,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    say,
+    select_backend,
+)
 
 HELP = "train a model and write a checkpoint and history"
 
@@ -35,24 +45,25 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--data-dir", help="folder holding the dataset's files "
                    "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     add_folder_options(t)
-    t.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)}")
+    t.add_argument("--model", default="lenet5", type=model_name,
+                   help=f"one of {', '.join(MODELS)} (any case)")
     add_finetune_options(t)
-    t.add_argument("--epochs", type=int, default=8, help="epochs to train in total")
-    t.add_argument("--batch-size", type=int, default=64,
+    t.add_argument("--epochs", type=positive_int, default=8, help="epochs to train in total")
+    t.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per step (the global batch: on N ranks each takes 1/N of it)")
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
-    t.add_argument("--momentum", type=float, default=None,
+    t.add_argument("--momentum", type=non_negative_float, default=None,
                    help="SGD momentum (default 0.9; only for --optimizer sgd)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 (sgd, adam) or "
+    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 (sgd, adam) or "
                    "decoupled (adamw) weight decay")
     t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
-    t.add_argument("--label-smoothing", type=float, default=0.0,
+    t.add_argument("--label-smoothing", type=fraction, default=0.0,
                    help="share of each target spread over all classes")
-    t.add_argument("--seed", type=int, default=0,
+    t.add_argument("--seed", type=count, default=0,
                    help="initial weights and the shuffling order")
-    t.add_argument("--limit", type=int, default=None, metavar="N",
+    t.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="floating-point precision of weights and activations")
@@ -76,23 +87,23 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    help="continue from CHECKPOINT (a file, or a run folder), else from "
                    "OUT/checkpoint.safetensors; OUT defaults to the checkpoint's folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    t.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+    t.add_argument("--warmup-steps", type=count, default=0, metavar="N",
                    help="ramp the lr up linearly over the first N steps (default: 0)")
-    t.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+    t.add_argument("--early-stop", type=count, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better --monitor (default: off)")
     t.add_argument("--monitor", default="val_loss", metavar="KEY",
                    help="metric for --early-stop and best.safetensors (default: val_loss; "
                    "or val_accuracy, train_loss, train_accuracy)")
-    t.add_argument("--min-delta", type=float, default=0.0, metavar="X",
+    t.add_argument("--min-delta", type=non_negative_float, default=0.0, metavar="X",
                    help="smallest change --early-stop counts as better (default: 0)")
-    t.add_argument("--log-every", type=int, default=0, metavar="N",
+    t.add_argument("--log-every", type=count, default=0, metavar="N",
                    help="also print a line every N steps (default: 0, off)")
     t.add_argument("--compile", action="store_true",
                    help="run each training step as one jax.jit-compiled function (jax backend)")
     t.add_argument("--sync-bn", action="store_true",
                    help="on several ranks, BatchNorm statistics of the global batch instead of "
                    "each rank's share (three small allreduces per layer and step)")
-    t.add_argument("--workers", type=int, default=None, metavar="N",
+    t.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="train data-parallel on N processes of this machine (runs the same "
                    "command under the installed mpiexec; needs pip install 'anycnn[mpi]'; "
                    "or start it yourself: mpiexec -n N anycnn train ...)")
@@ -116,18 +127,12 @@ def check_options(args) -> dict:
     if args.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
                           f"{', '.join(OPTIMIZERS)}")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     if args.momentum is not None and args.optimizer != "sgd":
         raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
                           "would ignore it")
     spec = model_spec(args.model)  # validate the name before loading data
     check_finetune(args)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
-    if args.lr is not None and not 0 < args.lr < float("inf"):
-        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.lr is None:
         args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
     if args.momentum is None and args.optimizer == "sgd":
@@ -136,26 +141,53 @@ def check_options(args) -> dict:
     if args.augment is not None:
         parse_augment(args.augment)  # the syntax, before loading data
     check_preprocess_options(args)  # --preprocess (ImageNet-style geometry)
+    _check_image_size_option(args, spec["name"])
     return spec
+
+
+def _check_image_size_option(args, model: str) -> None:
+    """An image folder's ``--image-size`` (or ``--preprocess`` crop) below the model's
+    smallest input, refused before the folder is decoded."""
+    from ..errors import ShapeError
+    from ..models import MIN_IMAGE_SIZE
+    from .folders import is_image_folder
+    from .transforms import parse_preprocess
+
+    minimum = MIN_IMAGE_SIZE.get(model, 1)
+    parsed = parse_preprocess(getattr(args, "preprocess_spec", None))
+    option, size = (("--image-size", args.image_size) if parsed is None else
+                    ("--preprocess crop", parsed[1]))
+    if size is not None and size < minimum and is_image_folder(args.dataset):
+        raise ShapeError(f"{option} {size} is too small for {model}: it takes images of at "
+                         f"least {minimum}x{minimum}")
+
+
+def check_input_size(args, data) -> None:
+    """The loaded images against the model's smallest input (:data:`~anycnn.models.
+    MIN_IMAGE_SIZE`), with how to resize an image folder."""
+    from ..errors import ShapeError
+    from ..models import MIN_IMAGE_SIZE
+    from .folders import is_image_folder
+
+    minimum = MIN_IMAGE_SIZE.get(args.model, 1)
+    h, w, _ = data.val.image_shape
+    if min(h, w) < minimum:
+        hint = (f"; pass --image-size {minimum} (or more) to resize them"
+                if is_image_folder(args.dataset) else "")
+        raise ShapeError(f"{args.model} takes images of at least {minimum}x{minimum}, but the "
+                         f"images of {data.name} are {h}x{w}{hint}")
 
 
 def _check_callback_options(args) -> None:
     """The options of ``train`` added for callbacks, checked before any data is loaded."""
     import dataclasses
-    import math
 
     from ..train.trainer import EpochRecord
 
-    for option, value in (("--warmup-steps", args.warmup_steps), ("--log-every", args.log_every),
-                          ("--early-stop", args.early_stop)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{option} must be >= 0, got {value}")
     monitors = [f.name for f in dataclasses.fields(EpochRecord)
                 if "loss" in f.name or "accuracy" in f.name]
     if args.monitor not in monitors:
         raise ConfigError(f"--monitor must be one of {', '.join(monitors)}, got {args.monitor!r}")
-    if not (math.isfinite(args.min_delta) and args.min_delta >= 0):
-        raise ConfigError(f"--min-delta must be a finite number >= 0, got {args.min_delta}")
     if args.min_delta and args.early_stop is None:
         raise ConfigError("--min-delta only applies to --early-stop: add --early-stop PATIENCE")
     if args.log_every and args.quiet:
@@ -166,7 +198,8 @@ def _check_callback_options(args) -> None:
 
 
 def load_training_data(args, comm):
-    """The training data (``--limit``: its first N training images), loaded once per node."""
+    """The training data (``--limit``: its first N training images; a limit above the
+    training split's size trains on all of it, with a warning), loaded once per node."""
     from .folders import load_train_data
     from .launch import load_on_node_leader_first
 
@@ -178,6 +211,10 @@ def load_training_data(args, comm):
         import numpy as np
 
         data = dataclasses.replace(data, train=data.train.subset(np.arange(args.limit)))
+    elif args.limit is not None and args.limit > len(data.train) and comm.rank == 0:
+        print(f"anycnn: warning: --limit {args.limit} is more than the {len(data.train)} "
+              f"training images of {data.name}: training on all {len(data.train)}",
+              file=sys.stderr)
     return data
 
 
@@ -196,6 +233,25 @@ def preprocessing(args, data, saved_config: dict):
         args.normalize = "auto" if default_normalize(data.val.image_shape) else "none"
     _, recorded = read_preprocess(saved_config.get("preprocess"))
     return augment, normalization(args, data, recorded)
+
+
+def defaults_line(args, defaulted: list[str], data) -> str | None:
+    """The line saying which augmentation and normalisation ``anycnn train`` switched on by
+    default (``defaulted``: the options the user left unset, now resolved in ``args``), or
+    None when the defaults switched nothing on."""
+    on = []
+    if "augment" in defaulted and args.augment != "none":
+        kind = "random-resized crops" if "rrc" in args.augment else "random crops"
+        flips = " and flips" if "flip" in args.augment else ""
+        on.append(f"--augment {args.augment} ({kind}{flips} of the training images)")
+    if "normalize" in defaulted and args.normalize != "none":
+        stats = "the training split's" if args.normalize == "auto" else "ImageNet's"
+        on.append(f"--normalize {args.normalize} ({stats} per-channel mean/std)")
+    if not on:
+        return None
+    h, w, c = data.val.image_shape
+    return (f"defaults applied ({h}x{w}x{c} images): {'; '.join(on)}. Pass --augment none / "
+            "--normalize none to turn them off")
 
 
 # -------------------------------------------------------------------------------- the trainer
@@ -359,9 +415,11 @@ def run(args) -> int:
         saved = load_checkpoint(resume_from)
         saved_config = settings_from_checkpoint(args, saved)
     ckpt_path, history_path = out / RUN_CHECKPOINT, out / "history.json"
+    defaulted = [k for k in ("augment", "normalize") if getattr(args, k) is None]
     spec_check = check_options(args)
     comm = join_ranks(args)
     data = load_training_data(args, comm)
+    check_input_size(args, data)
     h, _w, c = data.val.image_shape  # the model's input (training images may be larger: rrc)
     augment, normalize = preprocessing(args, data, saved_config)
     args.preprocess = preprocess_record(augment, normalize, data,
@@ -371,6 +429,9 @@ def run(args) -> int:
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
     say(args.quiet, f"anycnn {__version__}: {backend.name} on {backend.device} ({how}){ranks}; "
         f"{data.name}: {len(data.train)} train / {len(data.val)} val; model {args.model}")
+    defaults = defaults_line(args, defaulted, data)
+    if defaults:
+        say(args.quiet, defaults)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks)

@@ -42,6 +42,7 @@ from .. import random as anycnn_random
 from ..atomic import SLOW_WRITE_ENV, atomic_write_bytes, os_reason  # noqa: F401 (re-export)
 from ..backend import backend_label, dtype_name, to_numpy
 from ..errors import AnycnnError, CheckpointError
+from .sniff import file_kind
 
 FORMAT_VERSION = 1
 
@@ -239,6 +240,12 @@ def _parse_header(path: pathlib.Path, data: bytes) -> dict[str, Any]:
     head = data[:32]
     if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):  # a JSON, CSV, ... file
         raise CheckpointError(f"{not_ours}it is a text file starting {head.decode()!r})")
+    if len(data) > 8 and data[8:9] != b"{":  # safetensors: the header is a JSON object
+        what = file_kind(data[:64])
+        raise CheckpointError(
+            f"{not_ours}it looks like {what})" if what is not None else
+            f"{not_ours}its first bytes are not a safetensors header; anycnn checkpoints are "
+            "written by anycnn train and anycnn.save)")
     if size > MAX_HEADER_BYTES:
         raise CheckpointError(f"{not_ours}header length {size} exceeds the 100 MB limit)")
     if size > len(data) - 8:

@@ -161,6 +161,12 @@ def lookup(arch: str, weights: str = "imagenet") -> PretrainedWeights:
         ConfigError: no published weights for ``arch`` (those with some are listed), or no
             such version for it (its versions are listed).
     """
+    from ..models import canonical_model_name
+
+    try:  # any case, - and _ alike, as build_model
+        arch = canonical_model_name(arch, PRETRAINED)
+    except ConfigError:
+        pass  # said below
     files = PRETRAINED.get(arch)
     if files is None:
         raise ConfigError(f"no published ImageNet weights for model {arch!r}; models with "

@@ -39,21 +39,13 @@ import numpy as np
 from ..atomic import os_reason
 from ..errors import CheckpointError
 from .interop import torch_value
+from .sniff import file_kind
 
 #: keys that wrap a state_dict in training checkpoints, looked for in this order
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 #: name prefixes removed when every tensor carries them (DataParallel, torch.compile)
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
-#: first bytes of files people give by mistake -> what they are
-_NOT_WEIGHTS = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"BM", "a BMP image"),
-    (b"\x1f\x8b", "a gzip file"),
-    (b"\x08", "an ONNX model or other protobuf"),
-)
 _READS = "anycnn reads .safetensors files, and .pth/.pt files with PyTorch installed"
 
 
@@ -85,9 +77,9 @@ def file_format(path: str | os.PathLike) -> str:
         return "torch"  # torch.save's zip format, or its older pickle format
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"  # 8-byte little-endian header length, then the JSON header
-    for magic, what in _NOT_WEIGHTS:
-        if head.startswith(magic):
-            raise CheckpointError(f"{path} is {what}, not a weight file ({_READS})")
+    what = file_kind(head)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not a weight file ({_READS})")
     if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
         raise CheckpointError(f"{path} is a text file starting {head[:32].decode()!r}, not a "
                               f"weight file ({_READS})")

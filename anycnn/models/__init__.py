@@ -38,11 +38,13 @@ from .presets import (
     simple_cnn,
 )
 from .resnet import resnet18, resnet34, resnet50
+from .sizes import MIN_IMAGE_SIZE, canonical_model_name, check_image_size
 
-__all__ = ["MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn", "build_model",
-           "cifar_resnet", "convnext_tiny", "efficientnet_b0", "lenet5", "mobilenet_v2",
-           "mobilenet_v3_large", "mobilenet_v3_small", "model_spec", "resnet18", "resnet20",
-           "resnet20_code", "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
+__all__ = ["MIN_IMAGE_SIZE", "MODELS", "BasicBlock", "CifarResNetCode", "basic_block", "bn_cnn",
+           "build_model", "canonical_model_name", "check_image_size", "cifar_resnet",
+           "convnext_tiny", "efficientnet_b0", "lenet5", "mobilenet_v2", "mobilenet_v3_large",
+           "mobilenet_v3_small", "model_spec", "resnet18", "resnet20", "resnet20_code",
+           "resnet34", "resnet50", "resnet_mini", "simple_cnn"]
 
 MODELS: dict[str, Callable[..., Module]] = {
     "lenet5": lenet5,
@@ -67,9 +69,16 @@ def model_spec(name: str, num_classes: int | None = None, in_channels: int | Non
     """A validated spec dict for :func:`build_model`; ``num_classes``, ``in_channels`` and
     ``image_size`` default to the preset's own (its function's defaults: 10 classes for the
     small presets, ImageNet's 1000 classes and 224x224x3 for the torchvision
-    architectures)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    architectures).
+
+    ``name`` is matched in any case, with ``-`` and ``_`` alike (``"LeNet5"``,
+    ``"mobilenet-v2"``); the spec holds the preset's own spelling (``"lenet5"``).
+
+    Raises:
+        ConfigError: an unknown name (the valid ones are listed).
+        ShapeError: an ``image_size`` below the preset's minimum (:data:`MIN_IMAGE_SIZE`).
+    """
+    name = canonical_model_name(name, MODELS)
     defaults = inspect.signature(MODELS[name]).parameters
     if num_classes is None:
         num_classes = defaults["num_classes"].default
@@ -77,6 +86,7 @@ def model_spec(name: str, num_classes: int | None = None, in_channels: int | Non
         in_channels = defaults["in_channels"].default
     if image_size is None:
         image_size = defaults["image_size"].default
+    check_image_size(name, int(image_size))
     return {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
             "image_size": int(image_size)}
 

@@ -27,6 +27,7 @@ from ..nn.layers import (
 from ..nn.module import Module
 from ..nn.sequential import Sequential
 from .resnet import BasicBlock
+from .sizes import check_image_size
 
 
 def _pooled(size: int, times: int) -> int:
@@ -37,7 +38,8 @@ def _pooled(size: int, times: int) -> int:
 
 def lenet5(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> Sequential:
     """LeNet-5 with ReLU and max pooling: conv 5x5 (6, pad 2) → pool → conv 5x5 (16) → pool →
-    dense 120 → 84 → classes."""
+    dense 120 → 84 → classes. Takes images of at least 12x12."""
+    check_image_size("lenet5", image_size)
     side = (_pooled(image_size, 1) - 4) // 2
     return Sequential(
         Conv2D(in_channels, 6, 5, padding=2), ReLU(), MaxPool2D(2),
@@ -51,7 +53,9 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) ->
 
 def simple_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> Sequential:
     """The reference workload: conv 3x3 (32, pad 1) → ReLU → pool 2 → conv 3x3 (64, pad 1) →
-    ReLU → pool 2 → flatten → dense 128 → ReLU → dense classes (3136 → 128 at 28x28)."""
+    ReLU → pool 2 → flatten → dense 128 → ReLU → dense classes (3136 → 128 at 28x28). Takes
+    images of at least 4x4."""
+    check_image_size("simple-cnn", image_size)
     side = _pooled(image_size, 2)
     return Sequential(
         Conv2D(in_channels, 32, 3, padding=1), ReLU(), MaxPool2D(2),

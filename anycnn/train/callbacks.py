@@ -12,8 +12,12 @@ or ``fit(..., callbacks=[...])`` (for that call only; they run after the trainer
         on_epoch_end(trainer, epoch, record)
     on_train_end(trainer)
 
-``epoch`` is the 0-based index of the epoch (the ``epoch`` field of its history record is
-``epoch + 1``, as printed); ``step`` counts the batches done in that epoch (1-based). A hook
+``epoch`` is the epoch's number counted from 1, as the progress bar and log lines print it and
+as the ``epoch`` field of its history record holds it (``trainer.epoch``, the count of epochs
+completed, is ``epoch - 1`` during the epoch and ``epoch`` after it); ``step`` counts the
+batches done in that epoch (1-based). Earlier versions passed the hooks the 0-based index
+(``epoch - 1`` now; the signatures are unchanged): a callback written for them that prints
+``epoch + 1`` now prints ``epoch``. A hook
 may call ``trainer.request_stop(reason)``: :meth:`~anycnn.train.trainer.Trainer.fit` then returns
 after the step (or epoch) in progress, with ``trainer.stopped == reason``. A ``fit`` that ends
 with an exception (NaN loss, failed save) skips ``on_train_end``.
@@ -54,8 +58,9 @@ class Callback:
         ``trainer.record_keys`` the names the epoch records will hold values for."""
 
     def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
-        """Start of epoch ``epoch`` (0-based), after the schedule set its learning rate. A
-        resumed epoch starts at step ``trainer.step`` instead of 0."""
+        """Start of epoch ``epoch`` (1-based, as printed; ``trainer.epoch`` is ``epoch - 1``),
+        after the schedule set its learning rate. A resumed epoch starts at step
+        ``trainer.step`` instead of 0."""
 
     def on_step_end(self, trainer: TrainerView, step: int, logs: dict[str, Any]) -> None:
         """After optimizer step ``step`` (1-based, inside the epoch) and its metric update.
@@ -75,10 +80,10 @@ class Callback:
         """
 
     def on_epoch_end(self, trainer: TrainerView, epoch: int, record: dict[str, Any]) -> None:
-        """After epoch ``epoch`` (0-based): validation has run, ``record`` (the new last entry
-        of ``trainer.history``, keys as in :class:`~anycnn.train.EpochRecord`) is appended and
-        the epoch's checkpoint is written. ``trainer.epoch`` is already ``epoch + 1`` and
-        ``trainer.step`` 0."""
+        """After epoch ``epoch`` (1-based, ``record["epoch"]``): validation has run,
+        ``record`` (the new last entry of ``trainer.history``, keys as in
+        :class:`~anycnn.train.EpochRecord`) is appended and the epoch's checkpoint is written.
+        ``trainer.epoch`` is already ``epoch`` (epochs completed) and ``trainer.step`` 0."""
 
     def on_train_end(self, trainer: TrainerView) -> None:
         """End of :meth:`~anycnn.train.trainer.Trainer.fit`: all epochs done, or a stop was honoured

@@ -523,7 +523,7 @@ class Trainer:
             self.optimizer.lr = float(self.schedule(self.epoch))
         train_loader.set_epoch(self.epoch)
         for cb in hooks:
-            cb.on_epoch_begin(self, self.epoch)
+            cb.on_epoch_begin(self, self.epoch + 1)  # 1-based, as printed and recorded
         start = time.perf_counter()
         sums = self._partial
         seen_before = sums.seen
@@ -596,7 +596,7 @@ class Trainer:
         if self.checkpoint_path is not None:
             self.save()
         for cb in hooks:
-            cb.on_epoch_end(self, self.epoch - 1, self.history[-1])
+            cb.on_epoch_end(self, self.epoch, self.history[-1])  # record["epoch"]
 
 
 def _check_callbacks(callbacks) -> list[Callback]:
