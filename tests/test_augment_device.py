@@ -320,6 +320,31 @@ def test_pipeline_batches_are_seeded_resumable_and_keep_the_geometry_stream():
         np.testing.assert_array_equal(a[kept], b[kept])
 
 
+def test_strict_flags_and_non_default_device(monkeypatch):
+    """Every step makes its arrays on the batch's device, with strict's flags on."""
+    strict = pytest.importorskip("array_api_strict")
+    from anycnn import backend as backend_module
+    from anycnn.backend import Backend
+
+    ds = make_dataset(n=12, h=8, w=9)
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    want = run_loader("numpy", DataLoader(ds, 4, shuffle=True, seed=1, normalize=norm,
+                                          augment=parse_augment(SPEC)))
+    device = strict.Device("device1")
+    monkeypatch.setattr(backend_module, "_current",
+                        Backend(name="array_api_strict", xp=strict, device=device, reason="test"))
+    cpu = strict.Device("CPU_DEVICE")
+    with strict.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
+        for resident in (False, True):
+            loader = DataLoader(ds, 4, shuffle=True, seed=1, device_resident=resident,
+                                augment=parse_augment(SPEC), normalize=norm)
+            batches = list(loader)
+            assert all(x.device == device and t.device == device for x, t in batches)
+            for (x, t), (wx, wt) in zip(batches, want):
+                np.testing.assert_allclose(np.asarray(x.to_device(cpu)), wx, atol=2e-5)
+                np.testing.assert_allclose(np.asarray(t.to_device(cpu)), wt, atol=1e-6)
+
+
 def test_mixing_loader_refuses_shards():
     loader = DataLoader(make_dataset(), 4, augment=parse_augment("mixup"))
     with pytest.raises(ConfigError, match="cannot be sharded"):
