@@ -72,7 +72,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    "commas: crop (padding 1/8 of the image side), crop=P, pad=zeros|edge; or "
                    "rrc (random-resized crop to the --preprocess crop, else the image size), "
                    "rrc=S, scale=LO:HI (default 0.08:1), ratio=LO:HI (default 0.75:1.3333); "
-                   "and flip (default: crop=4,flip for 32x32 RGB images, none otherwise)")
+                   "and flip; on the device: rotate=D (degrees), jitter=V (brightness, "
+                   "contrast, saturation) or brightness=V, contrast=V, saturation=V, hue=H, "
+                   "erase=P (random erasing), mixup=A, cutmix=A (soft targets) "
+                   "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
     t.add_argument("--normalize", default=None, choices=["auto", "none", "imagenet"],
                    help="auto: subtract the training split's per-channel mean and divide by its "
                    "std; imagenet: ImageNet's mean/std (recorded in the checkpoint, applied by "
@@ -327,11 +330,15 @@ def make_callbacks(args, out: Path, history_path: Path):
 def make_trainer(args, model, spec: dict, comm, ckpt_path: Path, callbacks: list):
     """The :class:`~anycnn.train.trainer.Trainer` of the run; its config is the command's
     options (recorded in every checkpoint)."""
+    from ..data.augment import mixes
     from ..nn.losses import SoftmaxCrossEntropy
     from ..optim.schedules import make_schedule
     from ..train.trainer import Trainer
 
-    return Trainer(model, make_optimizer(args, model), SoftmaxCrossEntropy(args.label_smoothing),
+    loss_class = SoftmaxCrossEntropy
+    if mixes(args.augment):  # MixUp/CutMix batches carry soft targets
+        from ..data.mixing import MixCrossEntropy as loss_class
+    return Trainer(model, make_optimizer(args, model), loss_class(args.label_smoothing),
                    schedule=make_schedule(args.schedule, args.lr, args.epochs), model_spec=spec,
                    checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                    progress=not args.quiet, callbacks=callbacks,

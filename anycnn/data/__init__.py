@@ -9,6 +9,10 @@
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
 * :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
 * :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device;
+* :mod:`~anycnn.data.pipeline` (``AugmentPipeline``) composing :mod:`~anycnn.data.rotation`
+  (``RandomRotation``), :mod:`~anycnn.data.color` (``ColorJitter``),
+  :mod:`~anycnn.data.erasing` (``RandomErasing``) and :mod:`~anycnn.data.mixing` (``BatchMix``:
+  MixUp/CutMix with soft targets, and ``MixCrossEntropy``) — more augmentation on the device;
 * :mod:`~anycnn.data.resized_crop` (``RandomResizedCrop``, resampled on the device) and
   :mod:`~anycnn.data.eval_transform` (``EvalTransform``: shorter side, centre crop, mean/std)
   — ImageNet-style preprocessing.
@@ -27,12 +31,17 @@ _EXPORTS = {
     **names("dataloader", "DataLoader"),
     **names("augment", "Augment", "Normalize"),
     **names("resized_crop", "RandomResizedCrop"),
+    **names("rotation", "RandomRotation"),
+    **names("color", "ColorJitter"),
+    **names("erasing", "RandomErasing"),
+    **names("mixing", "BatchMix", "MixCrossEntropy"),
+    **names("pipeline", "AugmentPipeline"),
     **names("eval_transform", "EvalTransform"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
     **names("cifar", "load_cifar"),
 }
-_SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "dataloader", "datasets",
-                              "eval_transform", "imagefolder", "images", "resized_crop",
-                              "sources")}
+_SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "color", "dataloader", "datasets",
+                              "erasing", "eval_transform", "imagefolder", "images", "mixing",
+                              "pipeline", "resized_crop", "rotation", "sources")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

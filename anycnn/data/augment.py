@@ -333,6 +333,8 @@ def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = Non
         {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"}
                     or {"kind": "random_resized_crop", "size": 224, "scale": [0.08, 1.0],
                         "ratio": [0.75, 1.333...], "flip": true}
+                    or {"kind": "pipeline", "geometry": one of the two above or null,
+                        "rotate": {...} or null, "jitter": ..., "erase": ..., "mix": ...}
                     or null,
          "normalize": {"mean": [m0, ...], "std": [s0, ...]} or null}
 
@@ -397,9 +399,13 @@ def _read_augment(record: Any) -> Any:
         raise TypeError(f"augment: expected an object, got {type(record).__name__}")
     if "kind" not in record:
         return Augment(**record)
+    from .pipeline import KIND as PIPELINE
+    from .pipeline import AugmentPipeline
     from .resized_crop import KIND, RandomResizedCrop
 
     kind, rest = record["kind"], {k: v for k, v in record.items() if k != "kind"}
+    if kind == PIPELINE:
+        return AugmentPipeline.from_record(rest)
     if kind != KIND:
         raise ConfigError(f"unknown augmentation kind {kind!r}")
     return RandomResizedCrop(**rest)
@@ -456,8 +462,15 @@ def parse_augment(spec: str, image_shape: tuple[int, int, int] | None = None,
     * random-resized crops (ImageNet-style): ``rrc`` (output side ``output_size``, else the
       image's smaller side), ``rrc=S``, and optionally ``scale=LO:HI`` (area share, default
       ``0.08:1``) and ``ratio=LO:HI`` (aspect ratio, default ``0.75:1.3333``);
-    * ``flip`` with either.
+    * ``flip`` with either;
+    * device steps (:mod:`anycnn.data.pipeline`): ``rotate=D`` (random rotation within ``D``
+      degrees), ``jitter=V`` (brightness, contrast and saturation strength ``V``; ``jitter``
+      alone: 0.4) or ``brightness=V``, ``contrast=V``, ``saturation=V``, and ``hue=H``;
+      ``erase=P`` (random erasing with probability ``P``; ``erase`` alone: 0.5);
+      ``mixup=A`` / ``cutmix=A`` (Beta ``alpha``; alone: 0.2 and 1.0).
 
+    With any device step the result is an :class:`~anycnn.data.pipeline.AugmentPipeline`
+    holding the crop (or random-resized crop) as its geometry; without one, the crop itself.
     With ``image_shape`` a padded crop is checked against it.
 
     Raises:
@@ -473,13 +486,20 @@ def parse_augment(spec: str, image_shape: tuple[int, int, int] | None = None,
     for item in (part.strip() for part in text.split(",")):
         key, eq, value = item.partition("=")
         valued = {"crop": None, "flip": False, "pad": True, "rrc": None, "scale": True,
-                  "ratio": True}  # None: optional value
+                  "ratio": True, **DEVICE_ITEMS}  # None: optional value
         if key in items or key not in valued or (valued[key] is False and eq) or (
                 valued[key] is True and not value):
             raise ConfigError(f"--augment: bad item {item!r} in {spec!r}; expected none, auto, "
                               "or a comma-separated list of crop, crop=P, pad=zeros|edge, rrc, "
-                              "rrc=S, scale=LO:HI, ratio=LO:HI, flip")
+                              "rrc=S, scale=LO:HI, ratio=LO:HI, flip, rotate=D, jitter=V, "
+                              "brightness=V, contrast=V, saturation=V, hue=H, erase=P, "
+                              "mixup=A, cutmix=A")
         items[key] = value
+    device_steps = {k: items.pop(k) for k in DEVICE_ITEMS if k in items}
+    if device_steps:
+        geometry = parse_augment(",".join(f"{k}={v}" if v else k for k, v in items.items())
+                                 or "none", image_shape, output_size)
+        return _pipeline(spec, geometry, device_steps)
     flip = "flip" in items
     if "rrc" in items:
         return _parse_rrc(spec, items, flip, image_shape, output_size)
@@ -496,6 +516,61 @@ def parse_augment(spec: str, image_shape: tuple[int, int, int] | None = None,
     if image_shape is not None:
         augment.check_image_shape(image_shape[0], image_shape[1])
     return augment if augment.active else None
+
+
+#: the ``--augment`` items of :mod:`anycnn.data.pipeline` (all take an optional or required
+#: number; None: optional)
+DEVICE_ITEMS = {"rotate": True, "jitter": None, "brightness": True, "contrast": True,
+                "saturation": True, "hue": True, "erase": None, "mixup": None, "cutmix": None}
+
+
+def mixes(spec: str | None) -> bool:
+    """Whether ``--augment`` text names ``mixup`` or ``cutmix`` (batches with soft targets)."""
+    return any(item.strip().partition("=")[0] in ("mixup", "cutmix")
+               for item in (spec or "").lower().split(","))
+
+
+def _float_item(spec: str, key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"--augment: {key}= needs a number, got {key}={value!r} in "
+                          f"{spec!r}")
+    return number
+
+
+def _pipeline(spec: str, geometry: Any, steps: dict[str, str]) -> Any:
+    """The :class:`~anycnn.data.pipeline.AugmentPipeline` of the device items ``steps``."""
+    from .pipeline import AugmentPipeline, BatchMix, ColorJitter, RandomErasing, RandomRotation
+
+    def number(key: str, default: float | None = None) -> float:
+        value = steps.get(key)
+        return _float_item(spec, key, value) if value else default
+
+    if "jitter" in steps and any(k in steps for k in ("brightness", "contrast", "saturation")):
+        raise ConfigError(f"--augment: jitter=V sets brightness, contrast and saturation; give "
+                          f"it or them, not both; got {spec!r}")
+    parts: dict[str, Any] = {}
+    try:
+        if "rotate" in steps:
+            parts["rotate"] = RandomRotation(number("rotate"))
+        colour = {k: number(k) for k in ("brightness", "contrast", "saturation", "hue")
+                  if k in steps}
+        if "jitter" in steps:
+            v = number("jitter", 0.4)
+            colour.update(brightness=v, contrast=v, saturation=v)
+        if colour:
+            parts["jitter"] = ColorJitter(**colour)
+        if "erase" in steps:
+            parts["erase"] = RandomErasing(number("erase", 0.5))
+        if "mixup" in steps or "cutmix" in steps:
+            parts["mix"] = BatchMix(mixup=number("mixup", 0.2) if "mixup" in steps else 0.0,
+                                    cutmix=number("cutmix", 1.0) if "cutmix" in steps else 0.0)
+    except ConfigError as exc:
+        raise ConfigError(f"--augment {spec}: {exc}") from None
+    return AugmentPipeline(geometry, **parts)
 
 
 def _int_item(spec: str, key: str, value: str) -> int:

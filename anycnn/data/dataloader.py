@@ -30,6 +30,13 @@ normalise, always on the current backend's device (a host-gathered batch is copi
 ``uint8`` first), and the batches are ``(B, size, size, C)`` whatever the stored image size;
 its boxes too depend only on (seed, epoch, batch number).
 
+A composed augmentation (``augment=AugmentPipeline(...)``, :mod:`anycnn.data.pipeline`: crop or
+random-resized crop, rotation, colour jitter, erasing, MixUp/CutMix) also runs on the device:
+geometry -> scale -> rotation -> jitter -> normalise -> erasing -> mixing. With mixing, the
+batches are ``(x, soft_targets)``, ``soft_targets`` float ``(B, K)`` in the loader's dtype
+(train with :class:`~anycnn.data.mixing.MixCrossEntropy`); mixing pairs images across the
+whole batch, so it cannot be sharded.
+
 Data-parallel training (:mod:`anycnn.dist`): with ``shard=(rank, size)`` ``batch_size`` is the
 *global* batch. Every rank derives the same order and the same batches; rank ``r`` takes the
 contiguous share ``[B*r//size, B*(r+1)//size)`` of each batch of ``B`` examples (shares differ by
@@ -51,6 +58,7 @@ from ..backend import Backend, asarray, get_backend
 from ..errors import ConfigError
 from .arrays import ArrayDataset
 from .augment import Augment, Normalize, preprocess_record, to_unit_range
+from .pipeline import AugmentPipeline
 from .resized_crop import RandomResizedCrop
 
 _FLOAT_DTYPES = ("float32", "float64")
@@ -82,7 +90,8 @@ class DataLoader:
         device_resident: keep the whole dataset on the device and gather batches there.
         dtype: ``"float32"`` (default) or ``"float64"`` for ``x``.
         augment: random crop/flip of each training batch (:class:`~anycnn.data.augment.Augment`,
-            or :class:`~anycnn.data.resized_crop.RandomResizedCrop`), or None.
+            or :class:`~anycnn.data.resized_crop.RandomResizedCrop`), a composed
+            :class:`~anycnn.data.pipeline.AugmentPipeline`, or None.
         normalize: a :class:`~anycnn.data.augment.Normalize`, ``"auto"`` (computed once from this
             loader's images, see :meth:`Normalize.from_images`), or None.
         shard: ``(rank, size)``: yield only rank ``rank``'s share of each batch (see the module
@@ -95,7 +104,7 @@ class DataLoader:
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device_resident: bool = False,
-                 dtype: str = "float32", augment: Augment | None = None,
+                 dtype: str = "float32", augment: Any = None,
                  normalize: Normalize | str | None = None,
                  shard: tuple[int, int] | None = None) -> None:
         if not isinstance(dataset, ArrayDataset):
@@ -131,6 +140,10 @@ class DataLoader:
         """Yield rank ``rank``'s share of each global batch from now on (``size`` 1: whole
         batches)."""
         size = _check_int("shard size", size, 1)
+        if size > 1 and isinstance(self.augment, AugmentPipeline) and self.augment.mix:
+            raise ConfigError("MixUp/CutMix pair images across the whole batch and cannot be "
+                              "sharded over several ranks; train on one process or drop "
+                              "mixup/cutmix")
         rank = _check_int("shard rank", rank, 0)
         if rank >= size:
             raise ConfigError(f"shard rank must be below the shard size {size}, got {rank}")
@@ -185,7 +198,7 @@ class DataLoader:
         y = asarray(np.take(self.dataset.labels, index), backend=backend)
         if self.augment is not None and not self.augment.before_scaling:  # resample there
             return self._prepare(backend.xp, asarray(raw, backend=backend), b, backend,
-                                 share), y
+                                 share, y)
         x = self._prepare(host_xp, raw, b, None, share)
         return asarray(x, backend=backend), y
 
@@ -196,28 +209,48 @@ class DataLoader:
                               asarray(self.dataset.labels, backend=backend))
         _, images, labels = self._resident
         xp = backend.xp
+        y = xp.take(labels, index, axis=0)
+        if isinstance(self.augment, AugmentPipeline):
+            return self._prepare(xp, xp.take(images, index, axis=0), b, backend, share, y)
         x = self._prepare(xp, xp.take(images, index, axis=0), b, backend, share)
-        return x, xp.take(labels, index, axis=0)
+        return x, y
 
     def _prepare(self, xp: Any, raw: Any, b: int, backend: Backend | None,
-                 share: tuple[int, int, int]) -> Any:
+                 share: tuple[int, int, int], labels: Any = None) -> Any:
         """Batch number ``b``'s gathered images ``raw`` (B, H, W, C), on the host
         (``backend`` None) or on ``backend``'s device: augmented, scaled, normalised.
         ``share`` is ``(start, stop, whole)``: ``raw`` holds examples ``start:stop`` of the
-        ``whole`` examples of the global batch (augmentation is drawn for all of them)."""
+        ``whole`` examples of the global batch (augmentation is drawn for all of them).
+        With ``labels`` (the batch's, on the device) returns ``(x, targets)``."""
+        pipeline = self.augment if isinstance(self.augment, AugmentPipeline) else None
+        geometry = pipeline.geometry if pipeline is not None else self.augment
         params = None
-        if self.augment is not None:
-            lo, hi, whole = share
-            params = self.augment.draw(self.seed, self.epoch, b, whole,
-                                       self.dataset.image_shape[:2])[:, lo:hi]
+        lo, hi, whole = share
+        if geometry is not None:
+            params = geometry.draw(self.seed, self.epoch, b, whole,
+                                   self.dataset.image_shape[:2])[:, lo:hi]
             if backend is not None:
                 params = asarray(params, backend=backend)
-            if self.augment.before_scaling:
-                raw = self.augment.apply(raw, params)
+            if geometry.before_scaling:
+                raw = geometry.apply(raw, params)
         x = to_unit_range(xp, raw, self.dtype)
-        if params is not None and not self.augment.before_scaling:
-            x = self.augment.apply(x, params)
-        return x if self.normalize is None else self.normalize.apply(x)
+        if params is not None and not geometry.before_scaling:
+            x = geometry.apply(x, params)
+        steps = {}
+        if pipeline is not None:
+            steps = pipeline.draw_steps(self.seed, self.epoch, b, whole, x.shape[1:3])
+            for name in ("rotate", "jitter"):
+                if name in steps:
+                    x = getattr(pipeline, name).apply(
+                        x, asarray(steps[name][:, lo:hi], backend=backend))
+        x = x if self.normalize is None else self.normalize.apply(x)
+        if "erase" in steps:
+            x = pipeline.erase.apply(x, asarray(steps["erase"][:, lo:hi], backend=backend))
+        if labels is None:
+            return x
+        if "mix" in steps:
+            return pipeline.mix.apply(x, labels, steps["mix"], self.dataset.num_classes)
+        return x, labels
 
     def __repr__(self) -> str:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
@@ -229,9 +262,10 @@ class DataLoader:
 def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
     if augment is None:
         return None
-    if not isinstance(augment, Augment | RandomResizedCrop):
+    if not isinstance(augment, Augment | RandomResizedCrop | AugmentPipeline):
         raise ConfigError(f"augment must be an anycnn.data.augment.Augment, an "
-                          f"anycnn.data.resized_crop.RandomResizedCrop or None, got "
+                          f"anycnn.data.resized_crop.RandomResizedCrop, an "
+                          f"anycnn.data.pipeline.AugmentPipeline or None, got "
                           f"{type(augment).__name__}")
     h, w, _ = dataset.image_shape
     augment.check_image_shape(h, w)

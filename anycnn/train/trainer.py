@@ -83,6 +83,8 @@ class _Sums:
     def add(self, loss: Any, logits: Any, labels: Any) -> None:
         xp = namespace_of(logits, labels)
         n = labels.shape[0]
+        if labels.ndim == 2:  # soft targets (MixUp/CutMix): the class with the largest share
+            labels = xp.argmax(labels, axis=1)
         hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, logits.dtype))
         self.loss = self.loss + loss * n
         self.correct = self.correct + hits
