@@ -4,6 +4,8 @@
   the bundled MNIST sample), ``ArrayDataset``, IDX reading and verified downloads;
 * :mod:`~anycnn.data.cifar`, :mod:`~anycnn.data.imagefolder`, :mod:`~anycnn.data.images` —
   the CIFAR binary reader, image folders and image decoding (Pillow, imported when used);
+* :mod:`~anycnn.data.multilabel` — ``load_multilabel_folder``: images listed in a labels file
+  (``path,label1;label2``) with ``(N, K)`` multi-label targets;
 * :mod:`~anycnn.data.arrays` (``ArrayDataset``, ``Splits``) and :mod:`~anycnn.data.sources`
   (dataset lookup, verified downloads) — the pieces those readers share; ``datasets`` dispatches
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
@@ -29,10 +31,11 @@ _EXPORTS = {
     **names("resized_crop", "RandomResizedCrop"),
     **names("eval_transform", "EvalTransform"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
+    **names("multilabel", "load_multilabel_folder"),
     **names("cifar", "load_cifar"),
 }
 _SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "dataloader", "datasets",
-                              "eval_transform", "imagefolder", "images", "resized_crop",
-                              "sources")}
+                              "eval_transform", "imagefolder", "images", "multilabel",
+                              "resized_crop", "sources")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -182,7 +182,7 @@ class DataLoader:
     def _host_batch(self, backend: Backend, b: int, index: np.ndarray,
                     share: tuple[int, int, int]) -> tuple[Any, Any]:
         raw = np.take(self.dataset.images, index, axis=0)
-        y = asarray(np.take(self.dataset.labels, index), backend=backend)
+        y = asarray(np.take(self.dataset.labels, index, axis=0), backend=backend)
         if self.augment is not None and not self.augment.before_scaling:  # resample there
             return self._prepare(backend.xp, asarray(raw, backend=backend), b, backend,
                                  share), y
