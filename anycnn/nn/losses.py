@@ -145,13 +145,14 @@ class SoftmaxCrossEntropy(Loss):
             raise ShapeError(f"logits must hold at least one example and one class, got shape "
                              f"{tuple(logits.shape)} (the mean over an empty batch is undefined)")
         k = logits.shape[1]
-        if labels.ndim == 2:
+        floating = xp.isdtype(labels.dtype, "real floating")
+        if labels.ndim == 2 and (floating or tuple(labels.shape) == tuple(logits.shape)):
+            if not floating:
+                raise ShapeError(f"(N, K) targets must be floating-point (one-hot or soft), got "
+                                 f"dtype {labels.dtype}; class ids are (N,) integers")
             if tuple(labels.shape) != tuple(logits.shape):
                 raise ShapeError(f"soft targets must have the logits' shape "
                                  f"{tuple(logits.shape)}, got shape {tuple(labels.shape)}")
-            if not xp.isdtype(labels.dtype, "real floating"):
-                raise ShapeError(f"(N, K) targets must be floating-point (one-hot or soft), got "
-                                 f"dtype {labels.dtype}; class ids are (N,) integers")
         else:
             if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
                 raise ShapeError(f"labels must be ({logits.shape[0]},) class ids or "
@@ -305,3 +306,7 @@ class MSELoss(Loss):
         loss, self._grad = F.mse_forward(pred, target)
         return loss
 
+    def backward(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError("MSELoss.backward called before forward")
+        return self._grad
