@@ -35,6 +35,7 @@ CORE_FILES = frozenset({
     "test_compiled.py",       # Trainer(compile=True) (JAX)
     "test_containers.py",     # Residual, Concat, Identity
     "test_gradcheck.py",      # finite differences of every layer and loss
+    "test_losses.py",         # soft targets, class weights, BCE and focal losses, their metrics
     "test_immutable.py",      # optimizers on namespaces without in-place updates
     "test_module.py",         # modules, modes, gradient accumulation
     "test_new_layers.py",     # grouped/transposed convolutions, upsampling, norms

@@ -19,7 +19,7 @@ from anycnn.data.augment import Augment, Normalize, _read_augment, parse_augment
 from anycnn.data.color import ColorJitter
 from anycnn.data.dataloader import DataLoader
 from anycnn.data.erasing import RandomErasing
-from anycnn.data.mixing import BatchMix, MixCrossEntropy
+from anycnn.data.mixing import BatchMix
 from anycnn.data.pipeline import AugmentPipeline, op_generator
 from anycnn.data.rotation import RandomRotation
 from anycnn.errors import ConfigError, ShapeError
@@ -230,7 +230,7 @@ def test_mix_loss_is_lam_ce_a_plus_one_minus_lam_ce_b(smoothing):
     labels = np.arange(8) % 5
     mix = BatchMix(mixup=0.4).draw(rng, 8, 4, 4)
     _, soft = BatchMix(mixup=0.4).apply(np.zeros((8, 4, 4, 1)), labels, mix, 5)
-    loss = MixCrossEntropy(smoothing)
+    loss = SoftmaxCrossEntropy(smoothing)
     got, grad = float(loss.forward(logits, soft)), loss.backward()
     ce_a, ce_b = SoftmaxCrossEntropy(smoothing), SoftmaxCrossEntropy(smoothing)
     want = mix.lam * float(ce_a.forward(logits, labels)) + (1 - mix.lam) * float(
@@ -362,7 +362,7 @@ def test_trainer_with_mixing_resumes_bit_identically(tmp_path):
     def new_run(seed, path=None):
         anycnn.manual_seed(seed)
         model = tiny_model()
-        trainer = Trainer(model, optim.Adam(model.parameters(), lr=3e-3), MixCrossEntropy(0.1),
+        trainer = Trainer(model, optim.Adam(model.parameters(), lr=3e-3), SoftmaxCrossEntropy(0.1),
                           checkpoint_path=path, progress=False)
         return trainer, DataLoader(train, 32, shuffle=True, seed=5,
                                    augment=parse_augment(spec, train.image_shape))

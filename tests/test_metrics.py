@@ -118,7 +118,8 @@ def test_evaluate_returns_metrics_and_keeps_old_keys(backend, rng):
     full = evaluate(model, loader, top_k=(3, 1), confusion=True, class_names=names)
     assert {k: full[k] for k in plain} == plain
     assert set(full) == {"loss", "accuracy", "count", "top_k_accuracy", "confusion_matrix",
-                         "per_class_accuracy", "per_class_count", "class_names"}
+                         "per_class_accuracy", "per_class_count", "per_class_precision",
+                         "per_class_recall", "per_class_f1", "class_names"}
     assert list(full["top_k_accuracy"]) == [1, 3]
     assert full["top_k_accuracy"][1] == full["accuracy"] == ref_top_k(logits, labels, 1)
     assert full["top_k_accuracy"][3] == ref_top_k(logits, labels, 3)

@@ -114,7 +114,10 @@ def load_train_data(args: argparse.Namespace, progress: bool):
     options = {k: getattr(args, k, None) for k in FOLDER_OPTIONS}
     if is_image_folder(args.dataset):  # (a built-in dataset refuses --preprocess below)
         options.update(folder_geometry(args))
-    data = load_data(args.dataset, args.data_dir, options, progress)
+    if getattr(args, "multi_label", None) is not None:
+        data = _load_multilabel(args, options, progress)
+    else:
+        data = load_data(args.dataset, args.data_dir, options, progress)
     if is_image_folder(args.dataset):
         args.val_split = args.val_split or DEFAULT_VAL_SPLIT
         args.bad_images = args.bad_images or DEFAULT_BAD_IMAGES
@@ -122,6 +125,27 @@ def load_train_data(args: argparse.Namespace, progress: bool):
         if h != w:
             raise ConfigError(f"{args.dataset}: the images are {h}x{w} (H x W), but the models "
                               "take square images: pass --image-size N to resize them")
+    return data
+
+
+def _load_multilabel(args: argparse.Namespace, options: dict[str, Any], progress: bool):
+    """``--multi-label [LABELS_FILE]``: the folder's images and labels from its labels file
+    (:func:`anycnn.data.multilabel.load_multilabel_folder`)."""
+    if not is_image_folder(args.dataset):
+        raise ConfigError(f"--multi-label applies to image folders (--dataset PATH), not to "
+                          f"{args.dataset}")
+    from ..data.multilabel import load_multilabel_folder
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_multilabel_folder(
+            args.dataset, args.multi_label or None, size=options.get("image_size"),
+            channels=options.get("channels"), resample=options.get("resample") or "bilinear",
+            resize_shorter=options.get("resize_shorter"),
+            val_split=options.get("val_split") or DEFAULT_VAL_SPLIT,
+            bad_images=options.get("bad_images") or DEFAULT_BAD_IMAGES, progress=progress)
+    for warning in caught:
+        print(f"anycnn: warning: {warning.message}", file=sys.stderr)
     return data
 
 

@@ -11,13 +11,14 @@ from ..errors import ConfigError
 
 #: settings that define the training data: a resumed run must use the same
 DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split",
-                 "normalize", "preprocess_spec")
+                 "normalize", "preprocess_spec", "multi_label")
 
 #: hyperparameters a resumed run may change (the user is warned, old -> new)
 TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                     "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images",
-                    "augment", "weights", "freeze", "lr_backbone", "unfreeze_at")
+                    "augment", "weights", "freeze", "lr_backbone", "unfreeze_at", "loss",
+                    "class_weights")
 
 
 #: the command-line spelling of a setting whose name differs from its option's

@@ -39,12 +39,14 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     from ..optim.schedules import SCHEDULES
     from .finetune import add_arguments as add_finetune_options
     from .folders import add_folder_options
+    from .losses import add_loss_options
 
     t.add_argument("--dataset", default="mnist-sample", help=f"one of {', '.join(DATASETS)}, "
                    "or the path of an image folder (one subfolder per class)")
     t.add_argument("--data-dir", help="folder holding the dataset's files "
                    "(IDX; CIFAR: the binary version's folder or .tar.gz)")
     add_folder_options(t)
+    add_loss_options(t)
     t.add_argument("--model", default="lenet5", type=model_name,
                    help=f"one of {', '.join(MODELS)} (any case)")
     add_finetune_options(t)
@@ -125,6 +127,7 @@ def check_options(args) -> dict:
     from ..optim.optimizers import OPTIMIZERS
     from ..optim.schedules import make_schedule
     from .finetune import check as check_finetune
+    from .losses import check_loss_options
     from .transforms import check_preprocess_options
 
     if args.optimizer not in OPTIMIZERS:
@@ -145,6 +148,7 @@ def check_options(args) -> dict:
         parse_augment(args.augment)  # the syntax, before loading data
     check_preprocess_options(args)  # --preprocess (ImageNet-style geometry)
     _check_image_size_option(args, spec["name"])
+    check_loss_options(args)  # --loss, --class-weights, --multi-label
     return spec
 
 
@@ -327,18 +331,17 @@ def make_callbacks(args, out: Path, history_path: Path):
     return callbacks, best, early
 
 
-def make_trainer(args, model, spec: dict, comm, ckpt_path: Path, callbacks: list):
+def make_trainer(args, model, spec: dict, comm, ckpt_path: Path, callbacks: list,
+                 loss_fn=None):
     """The :class:`~anycnn.train.trainer.Trainer` of the run; its config is the command's
-    options (recorded in every checkpoint)."""
-    from ..data.augment import mixes
+    options (recorded in every checkpoint). ``loss_fn``: default softmax cross-entropy with
+    ``--label-smoothing`` (:func:`anycnn.cli.losses.make_loss` builds the run's)."""
     from ..nn.losses import SoftmaxCrossEntropy
     from ..optim.schedules import make_schedule
     from ..train.trainer import Trainer
 
-    loss_class = SoftmaxCrossEntropy
-    if mixes(args.augment):  # MixUp/CutMix batches carry soft targets
-        from ..data.mixing import MixCrossEntropy as loss_class
-    return Trainer(model, make_optimizer(args, model), loss_class(args.label_smoothing),
+    loss_fn = loss_fn or SoftmaxCrossEntropy(args.label_smoothing)
+    return Trainer(model, make_optimizer(args, model), loss_fn,
                    schedule=make_schedule(args.schedule, args.lr, args.epochs), model_spec=spec,
                    checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                    progress=not args.quiet, callbacks=callbacks,
@@ -409,6 +412,7 @@ def run(args) -> int:
     from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
     from .folders import normalise_dataset
     from .launch import join_ranks, start_workers
+    from .losses import make_loss
     from .resume import output_folder, settings_from_checkpoint
     from .transforms import eval_transform
 
@@ -441,7 +445,8 @@ def run(args) -> int:
         say(args.quiet, defaults)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
-    trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks)
+    trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks,
+                           loss_fn=make_loss(args, data))
     if resume_from is not None:
         trainer.resume(saved)
         say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "

@@ -4,6 +4,8 @@
   the bundled MNIST sample), ``ArrayDataset``, IDX reading and verified downloads;
 * :mod:`~anycnn.data.cifar`, :mod:`~anycnn.data.imagefolder`, :mod:`~anycnn.data.images` —
   the CIFAR binary reader, image folders and image decoding (Pillow, imported when used);
+* :mod:`~anycnn.data.multilabel` — ``load_multilabel_folder``: images listed in a labels file
+  (``path,label1;label2``) with ``(N, K)`` multi-label targets;
 * :mod:`~anycnn.data.arrays` (``ArrayDataset``, ``Splits``) and :mod:`~anycnn.data.sources`
   (dataset lookup, verified downloads) — the pieces those readers share; ``datasets`` dispatches
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
@@ -12,7 +14,7 @@
 * :mod:`~anycnn.data.pipeline` (``AugmentPipeline``) composing :mod:`~anycnn.data.rotation`
   (``RandomRotation``), :mod:`~anycnn.data.color` (``ColorJitter``),
   :mod:`~anycnn.data.erasing` (``RandomErasing``) and :mod:`~anycnn.data.mixing` (``BatchMix``:
-  MixUp/CutMix with soft targets, and ``MixCrossEntropy``) — more augmentation on the device;
+  MixUp/CutMix with soft targets, for ``SoftmaxCrossEntropy``) — more augmentation on the device;
 * :mod:`~anycnn.data.resized_crop` (``RandomResizedCrop``, resampled on the device) and
   :mod:`~anycnn.data.eval_transform` (``EvalTransform``: shorter side, centre crop, mean/std)
   — ImageNet-style preprocessing.
@@ -34,14 +36,15 @@ _EXPORTS = {
     **names("rotation", "RandomRotation"),
     **names("color", "ColorJitter"),
     **names("erasing", "RandomErasing"),
-    **names("mixing", "BatchMix", "MixCrossEntropy"),
+    **names("mixing", "BatchMix"),
     **names("pipeline", "AugmentPipeline"),
     **names("eval_transform", "EvalTransform"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
+    **names("multilabel", "load_multilabel_folder"),
     **names("cifar", "load_cifar"),
 }
 _SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "color", "dataloader", "datasets",
                               "erasing", "eval_transform", "imagefolder", "images", "mixing",
-                              "pipeline", "resized_crop", "rotation", "sources")}
+                              "multilabel", "pipeline", "resized_crop", "rotation", "sources")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

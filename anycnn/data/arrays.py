@@ -27,8 +27,12 @@ class ArrayDataset:
             by 255) or ``np.float32`` / ``np.float64`` with every value in ``[0, 1]`` (the
             DataLoader uses them as they are, only cast to its dtype). Grayscale images may be
             given as ``(N, H, W)``: a channel axis is added (a view, ``images[..., None]``).
-        labels: ``np.int64``, shape ``(N,)``, values in ``[0, num_classes)``.
-        num_classes: number of classes.
+        labels: ``np.int64``, shape ``(N,)``, values in ``[0, num_classes)`` (class ids); or
+            targets of shape ``(N, num_classes)`` with values in ``[0, 1]`` (stored as
+            ``np.float32``): 0/1 rows for multi-label data (train with
+            :class:`~anycnn.nn.losses.BCEWithLogits`), one-hot or soft rows for
+            :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`.
+        num_classes: number of classes (labels).
 
     Raises:
         DataError: on construction, if the shapes, dtypes, counts, label values or float image
@@ -48,22 +52,31 @@ class ArrayDataset:
         _check_images(images)
         if not images.dtype.isnative:  # big-endian floats: native order for every backend
             images = images.astype(images.dtype.newbyteorder("="))
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"labels must be integers of shape (N,); got {labels.dtype} "
-                            f"of shape {labels.shape}")
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
         if int(self.num_classes) < 1:
             raise DataError(f"num_classes must be positive, got {self.num_classes}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if labels.ndim == 2:
+            labels = _check_targets(labels, int(self.num_classes))
+        elif labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"labels must be integers of shape (N,) or targets of shape (N, "
+                            f"num_classes); got {labels.dtype} of shape {labels.shape}")
+        elif labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise DataError(f"labels must lie in [0, {self.num_classes}); found values from "
                             f"{labels.min()} to {labels.max()}")
+        else:
+            labels = labels.astype(np.int64, copy=False)
         object.__setattr__(self, "images", images)
-        object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
+        object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "num_classes", int(self.num_classes))
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multi_label(self) -> bool:
+        """True when ``labels`` holds ``(N, num_classes)`` targets rather than class ids."""
+        return self.labels.ndim == 2
 
     def __repr__(self) -> str:
         return (f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, "
@@ -77,7 +90,23 @@ class ArrayDataset:
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """The examples at ``indices`` (a copy), in that order."""
         return ArrayDataset(np.take(self.images, indices, axis=0),
-                            np.take(self.labels, indices), self.num_classes)
+                            np.take(self.labels, indices, axis=0), self.num_classes)
+
+
+def _check_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(N, num_classes)`` targets as float32, refusing another width, a non-numeric dtype or
+    values outside ``[0, 1]`` (NaN included)."""
+    if labels.shape[1] != num_classes:
+        raise DataError(f"targets of shape {labels.shape} need one column per class "
+                        f"(num_classes={num_classes})")
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise DataError(f"targets must be numbers in [0, 1], got dtype {labels.dtype}")
+    targets = labels.astype(np.float32, copy=False)
+    if targets.size and not (targets.min() >= 0 and targets.max() <= 1):
+        raise DataError("targets must lie in [0, 1] (multi-label 0/1 or soft); found values "
+                        f"from {np.nanmin(targets)} to {np.nanmax(targets)}"
+                        + (" and NaN" if np.isnan(targets).any() else ""))
+    return targets
 
 
 def _check_images(images: np.ndarray) -> None:

@@ -34,7 +34,7 @@ A composed augmentation (``augment=AugmentPipeline(...)``, :mod:`anycnn.data.pip
 random-resized crop, rotation, colour jitter, erasing, MixUp/CutMix) also runs on the device:
 geometry -> scale -> rotation -> jitter -> normalise -> erasing -> mixing. With mixing, the
 batches are ``(x, soft_targets)``, ``soft_targets`` float ``(B, K)`` in the loader's dtype
-(train with :class:`~anycnn.data.mixing.MixCrossEntropy`); mixing pairs images across the
+(train with :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`, which takes soft targets); mixing pairs images across the
 whole batch, so it cannot be sharded.
 
 Data-parallel training (:mod:`anycnn.dist`): with ``shard=(rank, size)`` ``batch_size`` is the
@@ -195,7 +195,7 @@ class DataLoader:
     def _host_batch(self, backend: Backend, b: int, index: np.ndarray,
                     share: tuple[int, int, int]) -> tuple[Any, Any]:
         raw = np.take(self.dataset.images, index, axis=0)
-        y = asarray(np.take(self.dataset.labels, index), backend=backend)
+        y = asarray(np.take(self.dataset.labels, index, axis=0), backend=backend)
         if self.augment is not None and not self.augment.before_scaling:  # resample there
             return self._prepare(backend.xp, asarray(raw, backend=backend), b, backend,
                                  share, y)

@@ -1,5 +1,4 @@
-"""MixUp and CutMix of training batches with their mixed targets: :class:`BatchMix`, and the
-loss that takes those targets, :class:`MixCrossEntropy`.
+"""MixUp and CutMix of training batches with their mixed targets: :class:`BatchMix`.
 
 A mixed batch pairs image ``i`` with image ``perm[i]`` of the same batch (a random permutation)
 and one ratio ``lam`` for the whole batch:
@@ -21,9 +20,9 @@ this order: (both given) ``integers(0, 2)`` (1 = CutMix), ``beta(alpha, alpha)``
 
 **Loss.** For such targets, cross-entropy ``-sum_k t_k log softmax(z)_k`` equals
 ``lam CE(z, y) + (1 - lam) CE(z, y[perm])`` (the loss of the MixUp paper), since it is linear in
-``t``. :class:`MixCrossEntropy` computes it from the soft targets (and takes integer labels too, for
-validation); the mixing is done on the device by elementwise ops, one ``xp.take`` and (CutMix) one
-``xp.where``.
+``t``. :class:`~anycnn.nn.losses.SoftmaxCrossEntropy` computes it from the soft targets (and
+takes integer labels too, for validation); the mixing is done on the device by elementwise
+ops, one ``xp.take`` and (CutMix) one ``xp.where``.
 """
 
 from __future__ import annotations
@@ -37,10 +36,7 @@ import array_api_extra as xpx
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from ..autograd.variable import unwrap
-from ..backend import namespace_of
-from ..errors import ConfigError, ShapeError
-from ..nn.losses import Loss, SoftmaxCrossEntropy
+from ..errors import ConfigError
 
 
 def _alpha(name: str, value: Any) -> float:
@@ -136,59 +132,3 @@ class BatchMix:
         """The ``--augment`` items ``mixup=A`` and/or ``cutmix=A``."""
         return ",".join(f"{n}={v!r}" for n, v in (("mixup", self.mixup),
                                                   ("cutmix", self.cutmix)) if v)
-
-
-class MixCrossEntropy(Loss):
-    """Softmax cross-entropy that takes soft targets ``(N, K)`` (what a mixing loader yields)
-    as well as integer labels ``(N,)`` (validation batches), averaged over the batch.
-
-    With soft targets ``t`` the loss is ``-mean_i sum_k t_ik log softmax(z_i)_k`` and its
-    gradient ``(softmax(z) - t) / N``; for MixUp/CutMix targets this is ``lam CE(y) + (1 - lam)
-    CE(y[perm])``. ``label_smoothing`` ``e`` replaces ``t`` by ``(1 - e) t + e / K`` (PyTorch's
-    rule). Integer labels go to :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`.
-    """
-
-    def __init__(self, label_smoothing: float = 0.0, check_labels: bool = True) -> None:
-        self._hard = SoftmaxCrossEntropy(label_smoothing, check_labels)
-        self.label_smoothing = self._hard.label_smoothing
-        self._grad = None
-
-    @property
-    def check_labels(self) -> bool:
-        return self._hard.check_labels
-
-    @check_labels.setter
-    def check_labels(self, value: bool) -> None:
-        self._hard.check_labels = bool(value)
-
-    def forward(self, logits: Any, targets: Any) -> Any:
-        logits, targets = unwrap(logits), unwrap(targets)
-        if targets.ndim != 2:
-            self._grad = None
-            return self._hard.forward(logits, targets)
-        xp = namespace_of(logits, targets)
-        if logits.ndim != 2 or tuple(targets.shape) != tuple(logits.shape):
-            raise ShapeError(f"MixCrossEntropy: soft targets {tuple(targets.shape)} must have "
-                             f"the logits' shape (N, classes), got logits "
-                             f"{tuple(logits.shape)}")
-        if not xp.isdtype(targets.dtype, "real floating") or targets.dtype != logits.dtype:
-            raise ShapeError(f"MixCrossEntropy: soft targets must be floats of the logits' "
-                             f"dtype {logits.dtype}, got {targets.dtype}")
-        n, k = logits.shape
-        if n == 0:
-            raise ShapeError("MixCrossEntropy: empty batch (the mean over no examples is "
-                             "undefined)")
-        e = self.label_smoothing
-        if e:
-            targets = targets * (1.0 - e) + e / k
-        shifted = logits - xp.max(logits, axis=1, keepdims=True)
-        exp = xp.exp(shifted)
-        total = xp.sum(exp, axis=1, keepdims=True)
-        loss = -xp.sum(targets * (shifted - xp.log(total))) / n
-        self._grad = (exp / total - targets) * (1.0 / n)
-        return loss
-
-    def backward(self) -> Any:
-        if self._grad is not None:
-            return self._grad
-        return self._hard.backward()

@@ -12,7 +12,7 @@ device, for each batch:
 4. normalisation (the loader's ``normalize``);
 5. ``erase`` (:class:`~anycnn.data.erasing.RandomErasing`);
 6. ``mix`` (:class:`~anycnn.data.mixing.BatchMix`): the batch's labels become soft targets
-   ``(B, K)``; train with :class:`~anycnn.data.mixing.MixCrossEntropy`.
+   ``(B, K)``; train with :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`, which takes soft targets.
 
 **Randomness.** ``geometry`` draws exactly as on its own (from
 :func:`~anycnn.data.augment.batch_generator`), so ``crop=4,flip`` gives the same batches inside

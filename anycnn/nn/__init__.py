@@ -28,7 +28,8 @@ _EXPORTS = {
     **names("blocks", "SqueezeExcitation", "conv_norm_act"),
     **names("sequential", "Sequential"),
     **names("containers", "Identity", "Residual", "Concat", "ModuleList"),
-    **names("losses", "Loss", "SoftmaxCrossEntropy", "MSELoss"),
+    **names("losses", "Loss", "SoftmaxCrossEntropy", "MSELoss", "BCEWithLogits",
+            "SigmoidFocalLoss", "class_weights"),
     **names("summarize", "Summary", "summary"),
     # the model-wide switch lives with the communicators (anycnn.dist); kept here by name
     **names(".dist.sync", "sync_batchnorm"),

@@ -157,6 +157,8 @@ class ClassificationMetrics:
         * ``confusion_matrix``: ``np.int64`` ``(C, C)``, rows true class, columns predicted;
         * ``per_class_accuracy``: ``np.float64`` ``(C,)``, NaN for classes without examples;
         * ``per_class_count``: ``np.int64`` ``(C,)``, examples of each class;
+        * ``per_class_precision``, ``per_class_recall``, ``per_class_f1``: ``np.float64``
+          ``(C,)`` (:func:`precision_recall_f1`; recall equals the per-class accuracy);
         * ``class_names``: ``tuple[str, ...]`` of length ``C``.
 
         Raises:
@@ -169,12 +171,16 @@ class ClassificationMetrics:
             raise ShapeError(f"{self.seen - int(matrix.sum())} of {self.seen} labels are outside "
                              f"[0, {c}): labels must be class indices of the model's {c} classes")
         hits = [int(to_numpy(h)) for h in self._hits] or [0] * len(self.top_k)
+        precision, recall, f1 = precision_recall_f1(matrix)
         return {
             "top_k_accuracy": {k: (h / self.seen if self.seen else math.nan)
                                for k, h in zip(self.top_k, hits)},
             "confusion_matrix": matrix,
             "per_class_accuracy": per_class_accuracy(matrix),
             "per_class_count": matrix.sum(axis=1),
+            "per_class_precision": precision,
+            "per_class_recall": recall,
+            "per_class_f1": f1,
             "class_names": self.class_names or tuple(str(i) for i in range(c)),
         }
 
@@ -188,8 +194,9 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
     """An :func:`anycnn.train.trainer.evaluate` result as plain JSON data.
 
     Arrays become lists, NaN/inf become ``None`` (``null``), top-k keys become strings
-    (``{"1": ..., "5": ...}``), and the per-class values are gathered into ``per_class``: one
-    ``{"index", "name", "accuracy", "count"}`` object per class, in class order.
+    (``{"1": ..., "5": ...}``), and the per-class values (``per_class_<name>`` arrays) are
+    gathered into ``per_class``: one ``{"index", "name", "accuracy", "count", "precision",
+    ...}`` object per class, in class order (a ``multi_label`` result is converted likewise).
     """
     out: dict[str, Any] = {}
     for key, value in result.items():
@@ -199,15 +206,20 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
             out[key] = np.asarray(value).tolist()
         elif key == "class_names":
             out[key] = list(value)
-        elif key not in ("per_class_accuracy", "per_class_count"):
+        elif key == "multi_label":
+            out[key] = to_json(value)
+        elif not key.startswith("per_class_"):
             out[key] = _json_number(value)
-    if "per_class_accuracy" in result:
-        names = result.get("class_names") or [str(i) for i in
-                                              range(len(result["per_class_accuracy"]))]
+    per_class = {key[len("per_class_"):]: value for key, value in result.items()
+                 if key.startswith("per_class_")}
+    if per_class:
+        count = len(next(iter(per_class.values())))
+        names = result.get("class_names") or [str(i) for i in range(count)]
         out["per_class"] = [
-            {"index": i, "name": name, "accuracy": _json_number(float(acc)), "count": int(n)}
-            for i, (name, acc, n) in enumerate(zip(names, result["per_class_accuracy"],
-                                                   result["per_class_count"]))]
+            {"index": i, "name": names[i],
+             **{key: (int(values[i]) if key == "count" else _json_number(float(values[i])))
+                for key, values in per_class.items()}}
+            for i in range(count)]
     return out
 
 
@@ -218,3 +230,116 @@ def worst_classes(result: dict[str, Any], n: int = 3) -> list[tuple[str, float]]
     present = np.flatnonzero(~np.isnan(accuracy))
     order = present[np.argsort(accuracy[present], kind="stable")][:n]
     return [(result["class_names"][i], float(accuracy[i])) for i in order]
+
+
+def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 from a host confusion matrix (rows true, columns
+    predicted): ``precision[c] = matrix[c, c] / matrix[:, c].sum()``, ``recall[c] =
+    matrix[c, c] / matrix[c, :].sum()``, ``f1 = 2 * p * r / (p + r)``. Each ``(C,)``
+    float64. Precision is NaN for a class never predicted, recall for a class without
+    examples; F1 is NaN when either is, and 0 when both are 0."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    true_pos = np.diagonal(matrix)
+    return _prf(true_pos, matrix.sum(axis=0), matrix.sum(axis=1))
+
+
+def _prf(true_pos: np.ndarray, predicted: np.ndarray,
+         actual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, true_pos / np.maximum(predicted, 1), np.nan)
+        recall = np.where(actual > 0, true_pos / np.maximum(actual, 1), np.nan)
+        total = precision + recall
+        f1 = np.where(total > 0, 2 * precision * recall / np.where(total > 0, total, 1),
+                      np.where(np.isnan(total), np.nan, 0.0))
+    return precision, recall, f1
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Average precision of one label: the area under its precision-recall curve as the step
+    sum ``sum_k (R_k - R_{k-1}) * P_k`` over the distinct score thresholds, largest first
+    (equal scores form one threshold; no interpolation, as scikit-learn's
+    ``average_precision_score``). ``scores`` and ``targets`` (0/1) are host ``(N,)``; NaN when
+    there is no positive."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(targets) >= 0.5
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return math.nan
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_group = np.r_[scores[1:] != scores[:-1], True]  # the end of each tied run
+    true_pos = np.cumsum(positive)[last_of_group].astype(np.float64)
+    seen = (np.flatnonzero(last_of_group) + 1).astype(np.float64)
+    recall_step = np.diff(np.r_[0.0, true_pos]) / n_pos
+    return float(np.sum(recall_step * true_pos / seen))
+
+
+class MultiLabelMetrics:
+    """Metrics of multi-label classification (each of ``K`` labels present or not), from the
+    logits of a model trained with :class:`~anycnn.nn.losses.BCEWithLogits` or
+    :class:`~anycnn.nn.losses.SigmoidFocalLoss`.
+
+    Args:
+        class_names: one display name per label, or ``None`` for ``"0"``, ``"1"``, ...
+        threshold: a label is predicted present when ``sigmoid(logit) >= threshold``.
+
+    :meth:`update` takes each batch's logits and 0/1 targets, both ``(N, K)``, on any backend
+    and keeps them on the device; :meth:`compute` reads everything back once (average precision
+    ranks all the scores, so the logits are kept: ``N * K`` numbers).
+    """
+
+    def __init__(self, class_names: Sequence[str] | None = None, threshold: float = 0.5) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
+        self.class_names = None if class_names is None else tuple(str(n) for n in class_names)
+        self.threshold = float(threshold)
+        self._logits: list[Any] = []
+        self._targets: list[Any] = []
+
+    def update(self, logits: Any, targets: Any) -> None:
+        """Add one batch (no host read)."""
+        if logits.ndim != 2 or tuple(targets.shape) != tuple(logits.shape):
+            raise ShapeError(f"expected logits and targets of the same shape (N, labels), got "
+                             f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+        k = len(self.class_names) if self.class_names else (
+            self._logits[0].shape[1] if self._logits else logits.shape[1])
+        if logits.shape[1] != k:
+            raise ShapeError(f"logits have {logits.shape[1]} labels, expected {k}")
+        self._logits.append(logits)
+        self._targets.append(targets)
+
+    def compute(self) -> dict[str, Any]:
+        """The metrics as host values. Returns a dict with:
+
+        * ``per_class_precision``, ``per_class_recall``, ``per_class_f1``, ``per_class_ap``:
+          float64 ``(K,)`` (NaN where undefined: no prediction / no positive of the label);
+        * ``per_class_count``: int64 ``(K,)``, examples with each label;
+        * ``mAP``: the mean of ``per_class_ap`` over the labels with a positive;
+        * ``macro_f1`` (mean of the defined F1s), ``micro_f1`` (from the summed counts),
+          ``subset_accuracy`` (examples with every label right), ``label_accuracy``;
+        * ``class_names``.
+        """
+        if not self._logits:
+            raise ShapeError("MultiLabelMetrics.compute: no batch was added")
+        scores = np.concatenate([to_numpy(a) for a in self._logits]).astype(np.float64)
+        truth = np.concatenate([to_numpy(a) for a in self._targets]) >= 0.5
+        cut = math.log(self.threshold / (1.0 - self.threshold))  # sigmoid(x) >= t <=> x >= cut
+        guess = scores >= cut
+        true_pos = (guess & truth).sum(axis=0).astype(np.float64)
+        precision, recall, f1 = _prf(true_pos, guess.sum(axis=0), truth.sum(axis=0))
+        ap = np.array([average_precision(scores[:, c], truth[:, c])
+                       for c in range(scores.shape[1])])
+        _, _, micro = _prf(true_pos.sum(), guess.sum(), truth.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "per_class_precision": precision, "per_class_recall": recall,
+                "per_class_f1": f1, "per_class_ap": ap,
+                "per_class_count": truth.sum(axis=0).astype(np.int64),
+                "mAP": float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else math.nan,
+                "macro_f1": float(np.nanmean(f1)) if np.any(~np.isnan(f1)) else math.nan,
+                "micro_f1": float(micro),
+                "subset_accuracy": float(np.mean(np.all(guess == truth, axis=1))),
+                "label_accuracy": float(np.mean(guess == truth)),
+                "class_names": self.class_names or tuple(str(i) for i in range(scores.shape[1])),
+            }
+

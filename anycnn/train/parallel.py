@@ -51,6 +51,7 @@ from .. import __version__
 from ..backend import dtype_name, namespace_of, to_numpy
 from ..dist.gradients import assign_gradients, flat_gradients, gradient_dtype
 from ..errors import ConfigError
+from ..nn.losses import batch_hits
 from ..nn.module import Module
 from ..optim.averaging import mark_averaged
 
@@ -149,12 +150,13 @@ class DataParallel:
 
     # -- steps ---------------------------------------------------------------------------
     def exchange(self, params: list, x: Any, y: Any, loss: Any, logits: Any,
-                 stop: bool) -> StepTotals:
+                 stop: bool, loss_fn: Any = None) -> StepTotals:
         """The step's one allreduce, after forward and backward on this rank's share ``(x, y)``
         (``loss`` and ``logits`` None for an empty share): each parameter's ``grad`` becomes the
         global batch's mean-loss gradient. The ``exchange`` hook of
         :func:`~anycnn.train.step.training_step`.
 
+        ``loss_fn`` counts the correct predictions (:func:`~anycnn.nn.losses.batch_hits`).
         Returns the summed trailer. The optimizer is not stepped: the caller decides (NaN).
         """
         xp = namespace_of(x)
@@ -162,7 +164,7 @@ class DataParallel:
         dev = device(params[0].data)
         n = int(y.shape[0])
         if n:
-            hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, logits.dtype))
+            hits = batch_hits(loss_fn, logits, y)
             flat = flat_gradients(params) * float(n)
             head = [xp.reshape(xp.astype(loss * float(n), dtype), (1,)),
                     xp.reshape(xp.astype(hits, dtype), (1,))]

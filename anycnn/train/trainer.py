@@ -35,15 +35,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..autograd import no_grad
-from ..backend import namespace_of, on_host, to_numpy
+from ..backend import on_host, to_numpy
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import checkpoint as ckpt
 from ..models.backbone import current_spec
-from ..nn.losses import SoftmaxCrossEntropy
+from ..nn.losses import SoftmaxCrossEntropy, batch_hits
 from ..nn.module import Module, eval_mode
 from .callbacks import Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
-from .metrics import ClassificationMetrics, check_top_k
+from .metrics import ClassificationMetrics, MultiLabelMetrics, check_top_k
 from .parallel import DataParallel, StepTotals, fingerprint
 from .step import training_step
 
@@ -80,12 +80,9 @@ class _Sums:
         self.correct = self.correct + totals.correct
         self.seen += totals.count
 
-    def add(self, loss: Any, logits: Any, labels: Any) -> None:
-        xp = namespace_of(logits, labels)
+    def add(self, loss: Any, logits: Any, labels: Any, loss_fn: Any = None) -> None:
         n = labels.shape[0]
-        if labels.ndim == 2:  # soft targets (MixUp/CutMix): the class with the largest share
-            labels = xp.argmax(labels, axis=1)
-        hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, logits.dtype))
+        hits = batch_hits(loss_fn, logits, labels)
         self.loss = self.loss + loss * n
         self.correct = self.correct + hits
         self.seen += n
@@ -130,7 +127,8 @@ def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
 
 def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
              top_k: int | Iterable[int] = (), confusion: bool = False,
-             class_names: Sequence[str] | None = None, comm: Any = None) -> dict[str, Any]:
+             class_names: Sequence[str] | None = None, comm: Any = None,
+             multi_label: bool = False) -> dict[str, Any]:
     """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
     submodule's mode is restored).
 
@@ -148,28 +146,39 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
         comm: a communicator of ``size`` > 1 (:mod:`anycnn.dist`; collective: every rank calls
             this): the loader is sharded (``set_shard``) so each rank evaluates its share of
             every batch, and the sums are added over the ranks; every rank gets the result.
-            ``top_k`` and ``confusion`` are not available then.
+            ``top_k``, ``confusion`` and ``multi_label`` are not available then.
+        multi_label: the labels are ``(N, K)`` 0/1 targets (a sigmoid loss such as
+            :class:`~anycnn.nn.losses.BCEWithLogits`): also return ``"multi_label"``, the
+            :class:`~anycnn.train.metrics.MultiLabelMetrics` result (per-class precision,
+            recall, F1 and average precision, mAP). ``top_k``/``confusion`` do not apply.
 
     Returns:
         ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
         ``"top_k_accuracy"`` (``{k: fraction}``) when ``top_k`` is given, and with
         ``confusion`` ``"confusion_matrix"`` (``int64 (K, K)``, rows true class, columns
         predicted), ``"per_class_accuracy"`` (``float64 (K,)``, NaN for a class with no
-        examples), ``"per_class_count"`` (``int64 (K,)``) and ``"class_names"``. Conventions
+        examples), ``"per_class_count"`` (``int64 (K,)``), ``"per_class_precision"``,
+        ``"per_class_recall"``, ``"per_class_f1"`` (``float64 (K,)``) and ``"class_names"``.
+        ``"accuracy"`` is what the loss's ``hits`` counts (the argmax accuracy for softmax
+        losses, the mean label accuracy for sigmoid ones). Conventions
         (ties, NaN) are in :mod:`anycnn.train.metrics`. All sums stay on the device until the end.
     """
     check_loader(loader, "loader", ("__iter__", "__len__"))
     parallel = comm is not None and comm.size > 1
     if parallel:
-        if top_k or confusion:
+        if top_k or confusion or multi_label:
             raise ConfigError("evaluate(comm=...) over several ranks computes loss and accuracy "
-                              "only; run top_k/confusion on one process")
+                              "only; run top_k/confusion/multi_label on one process")
         check_loader(loader, "loader", ("set_shard",))
         loader.set_shard(comm.rank, comm.size)
     own_loss = loss_fn is None
     loss_fn = loss_fn or SoftmaxCrossEntropy()
     top_k = check_top_k(top_k)
-    metrics = (ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
+    if multi_label and (top_k or confusion):
+        raise ConfigError("evaluate: top_k and confusion are single-label metrics; with "
+                          "multi_label=True the per-label metrics come instead")
+    metrics = (MultiLabelMetrics(class_names) if multi_label
+               else ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
     sums = _Sums()
     with eval_mode(model), no_grad(), _progress(len(loader), "eval", progress) as bar:
         for x, y in loader:
@@ -179,7 +188,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
             if own_loss:
                 loss_fn.check_labels = on_host(x)
             logits = model.forward(x)
-            sums.add(loss_fn.forward(logits, y), logits, y)
+            sums.add(loss_fn.forward(logits, y), logits, y, loss_fn)
             if metrics is not None:
                 metrics.update(logits, y)
             bar.update()
@@ -188,13 +197,16 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
         sums = _Sums(loss, correct, round(seen))
     loss, accuracy = sums.means()
     result: dict[str, Any] = {"loss": loss, "accuracy": accuracy, "count": sums.seen}
-    if metrics is not None:
+    if multi_label:
+        result["multi_label"] = metrics.compute()
+    elif metrics is not None:
         extra = metrics.compute()
         if top_k:
             result["top_k_accuracy"] = extra["top_k_accuracy"]
         if confusion:
-            result.update({k: extra[k] for k in ("confusion_matrix", "per_class_accuracy",
-                                                 "per_class_count", "class_names")})
+            result.update({k: extra[k] for k in (
+                "confusion_matrix", "per_class_accuracy", "per_class_count",
+                "per_class_precision", "per_class_recall", "per_class_f1", "class_names")})
     return result
 
 
@@ -430,7 +442,7 @@ class Trainer:
         _, _, totals, _ = training_step(
             self.model, self.loss_fn, self.optimizer, x, y, check_labels=on_host(x),
             exchange=lambda loss, logits: self._parallel.exchange(params, x, y, loss, logits,
-                                                                  stop),
+                                                                  stop, self.loss_fn),
             accept=lambda totals: self._check_finite(totals.loss, step, step))
         return totals
 
@@ -543,7 +555,7 @@ class Trainer:
                     loss, logits = self.train_step(x, y, check)
                     self.step += 1
                     if loss is not None:
-                        sums.add(loss, logits, y)
+                        sums.add(loss, logits, y, self.loss_fn)
                     stop = False  # read after the callbacks, which may ask
                 else:  # every rank reads the same sums and flags: all stop at the same step
                     totals = self.parallel_step(x, y)

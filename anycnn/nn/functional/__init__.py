@@ -67,7 +67,9 @@ from .linear import (
     linear_forward,
 )
 from .loss import (
+    bce_with_logits_forward,
     mse_forward,
+    sigmoid_focal_forward,
     softmax,
     softmax_cross_entropy_forward,
 )
