@@ -34,8 +34,8 @@ A composed augmentation (``augment=AugmentPipeline(...)``, :mod:`anycnn.data.pip
 random-resized crop, rotation, colour jitter, erasing, MixUp/CutMix) also runs on the device:
 geometry -> scale -> rotation -> jitter -> normalise -> erasing -> mixing. With mixing, the
 batches are ``(x, soft_targets)``, ``soft_targets`` float ``(B, K)`` in the loader's dtype
-(train with :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`, which takes soft targets); mixing pairs images across the
-whole batch, so it cannot be sharded.
+(train with :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`, which takes soft targets);
+mixing pairs images across the whole batch, so it cannot be sharded.
 
 Data-parallel training (:mod:`anycnn.dist`): with ``shard=(rank, size)`` ``batch_size`` is the
 *global* batch. Every rank derives the same order and the same batches; rank ``r`` takes the
