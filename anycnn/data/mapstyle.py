@@ -36,6 +36,7 @@ from ..errors import DataError
 #: last word of the per-batch seed of a map-style dataset (ASCII "map"), see the module docstring
 STREAM_TAG = 0x6D6170
 _IMAGE_DTYPES = ("uint8", "float32", "float64")
+_FAST_LABELS = frozenset({int, np.int64, np.int32, np.uint8, np.int16, np.uint16, np.uint32})
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,26 @@ def collate(samples: Sequence[Any], index: Sequence[int],
             ``[0, 1]``, or a label is not an integer; the dataset index is named.
     """
     images, labels = [], np.empty(len(samples), np.int64)
+    shape = dtype = None
+    if expect is not None:
+        shape, dtype = tuple(expect[0]), np.dtype(expect[1])
     for k, (sample, i) in enumerate(zip(samples, index, strict=True)):
+        if shape is not None and type(sample) is tuple and len(sample) == 2:  # the fast path
+            image, label = sample
+            if (type(image) is np.ndarray and image.dtype == dtype
+                    and type(label) in _FAST_LABELS):
+                if image.shape == shape:
+                    images.append(image)
+                    labels[k] = label
+                    continue
+                if shape[2] == 1 and image.shape == shape[:2]:  # grayscale (H, W)
+                    images.append(image.reshape(shape))
+                    labels[k] = label
+                    continue
         image, labels[k] = _check_sample(sample, int(i))
         if expect is None:
             expect = (image.shape, image.dtype.name)
+            shape, dtype = image.shape, image.dtype
         if image.shape != tuple(expect[0]) or image.dtype.name != expect[1]:
             raise DataError(f"dataset[{int(i)}] is a {image.dtype.name} image of shape "
                             f"{image.shape}, but dataset[0] is {expect[1]} of shape "
