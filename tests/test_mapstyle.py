@@ -257,3 +257,12 @@ def test_a_list_of_pairs_and_an_empty_dataset():
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), [0, 1, 0, 1, 0])
     empty = DataLoader([], 2, num_workers=2)
     assert len(empty) == 0 and list(empty) == [] and empty.image_shape is None
+
+
+def test_batches_larger_than_a_pipe_buffer(backend):
+    """Batches of 663 KB (float32 96x96x3) cross the workers' pipes without a stall."""
+    toy = toys.ToyImages(n=15, hw=96, c=3, dtype="float32")
+    with DataLoader(toy, 6, shuffle=True, num_workers=2) as loader:
+        got = collect(loader)
+        assert_same_batches(collect(loader.iter_from(1)), got[1:])
+    assert_same_batches(got, collect(DataLoader(as_arrays(toy), 6, shuffle=True)))
