@@ -14,9 +14,9 @@ class ToyImages:
     loader) to a pixel, so a batch shows which seed it was read under."""
 
     def __init__(self, n: int = 23, hw: int = 5, c: int = 2, dtype: str = "uint8",
-                 noise: bool = False, num_classes: int = 7) -> None:
+                 noise: bool = False, num_classes: int = 7, targets: bool = False) -> None:
         self.n, self.hw, self.c, self.dtype, self.noise = n, hw, c, dtype, noise
-        self.num_classes = num_classes
+        self.num_classes, self.targets = num_classes, targets
 
     def __len__(self) -> int:
         return self.n
@@ -26,7 +26,10 @@ class ToyImages:
         pixels = rng.integers(0, 256, (self.hw, self.hw, self.c), dtype=np.uint8)
         return pixels if self.dtype == "uint8" else (pixels / 255).astype(self.dtype)
 
-    def label(self, i: int) -> int:
+    def label(self, i: int):
+        """A class id, or with ``targets`` a multi-label 0/1 vector (the bits of ``i + 1``)."""
+        if self.targets:
+            return np.array([(i + 1) >> k & 1 for k in range(self.num_classes)], np.float32)
         return (3 * i + 1) % self.num_classes
 
     def __getitem__(self, i: int):
@@ -39,8 +42,9 @@ class ToyImages:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All images ``(n, hw, hw, c)`` and labels ``int64 (n,)``."""
+        labels = [self.label(i) for i in range(self.n)]
         return (np.stack([self.image(i) for i in range(self.n)]),
-                np.array([self.label(i) for i in range(self.n)], np.int64))
+                np.stack(labels) if self.targets else np.array(labels, np.int64))
 
 
 class RaisesOn(ToyImages):

@@ -71,6 +71,23 @@ def test_same_batches_as_the_array_dataset(backend, workers, options):
     assert loader.image_shape == (5, 5, 2)
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+def test_target_vectors_and_mixing(backend, workers):
+    """(K,) target vectors batch as float32 (B, K), as an ArrayDataset's (N, K) labels; MixUp
+    and CutMix mix them (and class ids, given num_classes) the same way."""
+    from anycnn.data import AugmentPipeline, BatchMix
+
+    mix = AugmentPipeline(mix=BatchMix(mixup=0.4, cutmix=1.0))
+    for toy in (toys.ToyImages(n=19, targets=True), toys.ToyImages(n=19)):
+        for augment in (None, mix):
+            want = collect(DataLoader(as_arrays(toy), 4, shuffle=True, augment=augment))
+            got = collect(DataLoader(toy, 4, shuffle=True, augment=augment,
+                                     num_workers=workers))
+            assert_same_batches(got, want)
+            if toy.targets or augment is not None:
+                assert got[0][1].shape == (4, 7) and got[0][1].dtype == np.float32
+
+
 @pytest.mark.parametrize("image_dtype", ["uint8", "float32"])
 def test_pil_and_float_images(backend, image_dtype):
     if image_dtype == "uint8":
@@ -218,7 +235,8 @@ def test_training_stopped_mid_epoch_resumes_like_the_in_memory_run(backend, tmp_
     ("shape", r"dataset\[6\] is a uint8 image of shape \(4, 5, 2\), but dataset\[0\]"),
     ("dtype", r"dataset\[6\]'s image must be .* int16"),
     ("range", r"dataset\[6\] is a float image with values outside \[0, 1\]"),
-    ("label", r"dataset\[6\]'s label must be an integer class id, got float 1.5"),
+    ("label", r"dataset\[6\]'s label must be an integer class id or a vector of targets "
+              r"in \[0, 1\], got float 1.5"),
     ("chw", r"dataset\[6\]'s image of shape \(3, 8, 8\) looks channels first"),
     ("pair", r"dataset\[6\] must be an \(image, label\) pair, got ndarray"),
 ])
@@ -248,6 +266,24 @@ def test_options_refused_for_map_style_datasets():
     with pytest.raises(ConfigError, match=r"cannot be pickled.*num_workers=0"):
         list(DataLoader(toys.Unpicklable(n=8), 4, num_workers=2))
     assert len(list(DataLoader(toys.Unpicklable(n=8), 4))) == 2
+    from anycnn.data import AugmentPipeline, BatchMix
+
+    pairs = [(np.zeros((4, 4), np.uint8), i % 2) for i in range(8)]  # a list: no num_classes
+    with pytest.raises(ConfigError, match="num_classes attribute"):
+        DataLoader(pairs, 4, augment=AugmentPipeline(mix=BatchMix(mixup=0.2)))
+
+
+def test_labels_of_another_kind_are_named():
+    class Mixed(toys.ToyImages):
+        def __getitem__(self, i):
+            image, label = super().__getitem__(i)
+            return image, (np.ones(3) if i == 5 else label)
+
+    with pytest.raises(DataError, match=r"dataset\[5\]'s label is a vector of 3 targets, but "
+                                        r"dataset\[0\]'s is a class id"):
+        list(DataLoader(Mixed(n=8), 4))
+    with pytest.raises(DataError, match=r"dataset\[0\]'s targets must lie in \[0, 1\]"):
+        DataLoader([(np.zeros((4, 4), np.uint8), [0.5, 2.0])], 1)
 
 
 def test_a_list_of_pairs_and_an_empty_dataset():

@@ -147,7 +147,7 @@ class DataLoader:
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self._pool: Any = None  # WorkerPool of a map-style dataset, started when first needed
         self._active: Prefetcher | None = None
-        self._sample: tuple[tuple[int, ...], str] | None = None  # (image shape, dtype)
+        self._sample: tuple[Any, ...] | None = None  # mapstyle.probe: shape, dtype, K
         if self._map_style:
             _check_map_options(self.device_resident, normalize)
             self._sample = probe(dataset, self.seed)
@@ -156,6 +156,10 @@ class DataLoader:
                             None if self._sample is None else tuple(self._sample[0]))
         self.augment = _check_augment(augment, self)
         self.normalize = _check_normalize(normalize, dataset, self.image_shape)
+        if (self._map_style and isinstance(self.augment, AugmentPipeline) and self.augment.mix
+                and not isinstance(getattr(dataset, "num_classes", None), numbers.Integral)):
+            raise ConfigError("MixUp/CutMix need the class count: give the map-style dataset a "
+                              "num_classes attribute (an int)")
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
         self.shard: tuple[int, int] | None = None
         if shard is not None:

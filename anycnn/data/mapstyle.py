@@ -6,8 +6,11 @@ in worker processes, :mod:`anycnn.data.workers`) through the pieces here:
 * :func:`collate` turns the samples of one batch into host arrays ``images (B, H, W, C)`` and
   ``labels int64 (B,)``. An image is a NumPy array ``(H, W, C)`` or ``(H, W)`` (grayscale: a
   channel axis is added), ``uint8`` (0-255) or ``float32``/``float64`` in ``[0, 1]``, or anything
-  ``np.asarray`` turns into one (a PIL image, for instance); a label is an integer class id.
-  Every image of a dataset has the shape and dtype of ``dataset[0]`` (:func:`probe`);
+  ``np.asarray`` turns into one (a PIL image, for instance); a label is an integer class id, or
+  a vector of ``K`` targets in ``[0, 1]`` (multi-label or soft targets, as an
+  :class:`~anycnn.data.arrays.ArrayDataset`'s ``(N, K)`` labels; batched as float32 ``(B, K)``).
+  Every image of a dataset has the shape and dtype of ``dataset[0]``, and every label its kind
+  (:func:`probe`);
 * :func:`seeded` runs one batch's ``__getitem__`` calls with Python's ``random`` and NumPy's
   global ``np.random`` (and torch's, when torch is imported already) seeded from
   ``np.random.SeedSequence([seed, epoch, batch, 0x6D6170])``: the loader's seed, the epoch, the
@@ -109,17 +112,18 @@ def seeded(info: WorkerInfo, restore: bool) -> Iterator[None]:
 
 
 def fetch(dataset: Any, index: Sequence[int], info: WorkerInfo, restore: bool,
-          expect: tuple[tuple[int, ...], str] | None) -> tuple[np.ndarray, np.ndarray]:
+          expect: tuple[tuple[int, ...], str, int | None] | None) -> tuple[np.ndarray, np.ndarray]:
     """``collate([dataset[i] for i in index])`` with the generators seeded for the batch
-    (:func:`seeded`); ``expect`` is ``(image_shape, dtype)`` every image must have."""
+    (:func:`seeded`); ``expect`` is what :func:`probe` returned for ``dataset[0]``."""
     with seeded(info, restore):
         samples = [dataset[int(i)] for i in index]
     return collate(samples, index, expect)
 
 
-def probe(dataset: Any, seed: int) -> tuple[tuple[int, int, int], str] | None:
-    """``((H, W, C), dtype)`` of ``dataset[0]``'s image (checked as :func:`collate` does), or
-    None for an empty dataset. ``dataset[0]`` is read as in batch 0 of epoch 0 of a loader with
+def probe(dataset: Any, seed: int) -> tuple[tuple[int, int, int], str, int | None] | None:
+    """``((H, W, C), dtype, K)`` of ``dataset[0]`` (its image's shape and dtype, its target
+    vector's length or None for a class id; checked as :func:`collate` does), or None for an
+    empty dataset. ``dataset[0]`` is read as in batch 0 of epoch 0 of a loader with
     this ``seed``, in the calling process (:func:`seeded`, the generators restored after).
 
     Raises:
@@ -131,48 +135,61 @@ def probe(dataset: Any, seed: int) -> tuple[tuple[int, int, int], str] | None:
         sample = dataset[0]
     image, label = _check_sample(sample, 0)
     collate([(image, label)], [0])  # the value range of float images
-    return image.shape, image.dtype.name
+    return image.shape, image.dtype.name, _width(label)
 
 
 def collate(samples: Sequence[Any], index: Sequence[int],
-            expect: tuple[tuple[int, ...], str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            expect: tuple[tuple[int, ...], str, int | None] | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Stack ``samples`` (``dataset[i]`` for ``i`` in ``index``) into ``images (B, H, W, C)``
-    and ``labels int64 (B,)``.
+    and ``labels``: int64 ``(B,)`` class ids, or float32 ``(B, K)`` targets.
 
     Raises:
         DataError: a sample is not an ``(image, label)`` pair, an image has another rank, dtype
             or shape than ``expect`` (or than the first sample), a float image leaves
-            ``[0, 1]``, or a label is not an integer; the dataset index is named.
+            ``[0, 1]``, or a label is neither an integer nor a vector of numbers in ``[0, 1]``,
+            or not of the kind (and length) of the first; the dataset index is named.
     """
-    images, labels = [], np.empty(len(samples), np.int64)
+    images, labels = [], []
     shape = dtype = None
     if expect is not None:
         shape, dtype = tuple(expect[0]), np.dtype(expect[1])
-    for k, (sample, i) in enumerate(zip(samples, index, strict=True)):
-        if shape is not None and type(sample) is tuple and len(sample) == 2:  # the fast path
+    for sample, i in zip(samples, index, strict=True):
+        if (shape is not None and expect[2] is None and type(sample) is tuple
+                and len(sample) == 2):  # the fast path: an ndarray and an int
             image, label = sample
             if (type(image) is np.ndarray and image.dtype == dtype
                     and type(label) in _FAST_LABELS):
                 if image.shape == shape:
                     images.append(image)
-                    labels[k] = label
+                    labels.append(label)
                     continue
                 if shape[2] == 1 and image.shape == shape[:2]:  # grayscale (H, W)
                     images.append(image.reshape(shape))
-                    labels[k] = label
+                    labels.append(label)
                     continue
-        image, labels[k] = _check_sample(sample, int(i))
+        image, label = _check_sample(sample, int(i))
         if expect is None:
-            expect = (image.shape, image.dtype.name)
+            expect = (image.shape, image.dtype.name, _width(label))
             shape, dtype = image.shape, image.dtype
+        if _width(label) != expect[2]:
+            raise DataError(f"dataset[{int(i)}]'s label is {_kind(_width(label))}, but "
+                            f"dataset[0]'s is {_kind(expect[2])}: every label of a map-style "
+                            "dataset needs the same kind")
+        labels.append(label)
         if image.shape != tuple(expect[0]) or image.dtype.name != expect[1]:
             raise DataError(f"dataset[{int(i)}] is a {image.dtype.name} image of shape "
                             f"{image.shape}, but dataset[0] is {expect[1]} of shape "
                             f"{tuple(expect[0])}: every image of a map-style dataset needs the "
                             "same shape and dtype (resize or crop them in __getitem__)")
         images.append(image)
+    width = None if expect is None else expect[2]
+    if width is None:
+        labels = np.array(labels, np.int64)
+    else:
+        labels = np.stack(labels) if labels else np.empty((0, width), np.float32)
     if not images:
-        shape, dtype = expect or ((0, 0, 0), "uint8")
+        shape, dtype = ((0, 0, 0), "uint8") if expect is None else expect[:2]
         return np.empty((0, *shape), dtype), labels
     batch = np.stack(images)
     if batch.dtype != np.uint8 and not (0 <= batch.min() and batch.max() <= 1):  # NaN: False
@@ -204,9 +221,31 @@ def _check_sample(sample: Any, i: int) -> tuple[np.ndarray, int]:
                         "np.transpose(image, (1, 2, 0))")
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    return array, _check_label(label, i)
+
+
+def _check_label(label: Any, i: int) -> int | np.ndarray:
+    """``label`` as an int class id or a float32 ``(K,)`` target vector, or a DataError."""
     if isinstance(label, np.ndarray) and label.ndim == 0:
         label = label[()]
-    if isinstance(label, bool | np.bool_) or not isinstance(label, numbers.Integral):
-        raise DataError(f"dataset[{i}]'s label must be an integer class id, got "
-                        f"{type(label).__name__} {label!r}")
-    return array, int(label)
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool | np.bool_):
+        return int(label)
+    if isinstance(label, list | tuple | np.ndarray):
+        targets = np.asarray(label)
+        if (targets.ndim == 1 and targets.size
+                and (np.issubdtype(targets.dtype, np.number) or targets.dtype == np.bool_)):
+            targets = targets.astype(np.float32)
+            if not (targets.min() >= 0 and targets.max() <= 1):  # NaN: False
+                raise DataError(f"dataset[{i}]'s targets must lie in [0, 1] (multi-label 0/1 "
+                                f"or soft targets); got {label!r}")
+            return targets
+    raise DataError(f"dataset[{i}]'s label must be an integer class id or a vector of targets "
+                    f"in [0, 1], got {type(label).__name__} {label!r}")
+
+
+def _width(label: int | np.ndarray) -> int | None:
+    return None if isinstance(label, int) else len(label)
+
+
+def _kind(width: int | None) -> str:
+    return "a class id" if width is None else f"a vector of {width} targets"

@@ -6,7 +6,7 @@ also end with the loader, and with the calling process). Batch ``j`` of an itera
 worker ``j % num_workers``, at most two batches per worker are outstanding, and the results are
 read back in batch order, so the batches and their order never depend on the worker count. A
 batch crosses the pipe pickled: ``images (B, H, W, C)`` as the dataset stores them (e.g.
-``uint8``) and ``labels int64 (B,)``.
+``uint8``) and ``labels`` (int64 ``(B,)`` or float32 ``(B, K)``).
 
 Start method: ``forkserver`` where the platform has it (Linux, macOS), else ``spawn``. Forking the
 training process itself is unsafe: it runs thread pools (anycnn's kernel threads, the BLAS
@@ -75,14 +75,15 @@ class WorkerPool:
     Args:
         dataset: a map-style dataset (pickled once here, unpickled in each worker).
         num_workers: process count, >= 1.
-        expect: ``(image_shape, dtype)`` every image must have (from ``dataset[0]``).
+        expect: ``(image_shape, dtype, label_width)`` every sample must have (from
+            ``dataset[0]``; see :func:`~anycnn.data.mapstyle.probe`).
 
     Raises:
         ConfigError: ``dataset`` cannot be pickled.
     """
 
     def __init__(self, dataset: Any, num_workers: int,
-                 expect: tuple[tuple[int, ...], str] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
         try:
             payload = pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -200,7 +201,7 @@ def _shutdown(workers: list[tuple[Any, Any]]) -> None:
 
 
 def _worker_main(conn: Any, payload: bytes, worker: int, num_workers: int,
-                 expect: tuple[tuple[int, ...], str] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
     """A worker's loop: receive ``(token, batch, epoch, seed, indices)``, send back
     ``("batch", token, images, labels)`` or ``("error", token, traceback text)``; end on EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
