@@ -10,6 +10,9 @@
   (dataset lookup, verified downloads) — the pieces those readers share; ``datasets`` dispatches
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
 * :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
+* :mod:`~anycnn.data.mapstyle` (map-style datasets: ``__getitem__``/``__len__``, collation,
+  per-batch seeding, ``worker_info``), :mod:`~anycnn.data.workers` (the worker processes) and
+  :mod:`~anycnn.data.prefetch` (the thread that prepares batches ahead of the step);
 * :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device;
 * :mod:`~anycnn.data.pipeline` (``AugmentPipeline``) composing :mod:`~anycnn.data.rotation`
   (``RandomRotation``), :mod:`~anycnn.data.color` (``ColorJitter``),
@@ -31,6 +34,7 @@ _EXPORTS = {
     **names("arrays", "ArrayDataset", "Splits"),
     **names("datasets", "load_dataset", "read_idx"),
     **names("dataloader", "DataLoader"),
+    **names("mapstyle", "WorkerInfo", "worker_info"),
     **names("augment", "Augment", "Normalize"),
     **names("resized_crop", "RandomResizedCrop"),
     **names("rotation", "RandomRotation"),
@@ -44,7 +48,8 @@ _EXPORTS = {
     **names("cifar", "load_cifar"),
 }
 _SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "color", "dataloader", "datasets",
-                              "erasing", "eval_transform", "imagefolder", "images", "mixing",
-                              "multilabel", "pipeline", "resized_crop", "rotation", "sources")}
+                              "erasing", "eval_transform", "imagefolder", "images", "mapstyle",
+                              "mixing", "multilabel", "pipeline", "prefetch", "resized_crop",
+                              "rotation", "sources", "workers")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -43,6 +43,17 @@ contiguous share ``[B*r//size, B*(r+1)//size)`` of each batch of ``B`` examples 
 at most one example, and may be empty when ``B < size``), augmented with the parameters drawn for
 the whole batch, so the ``size`` shares of a batch are exactly the single-process batch, cut.
 ``len(loader)`` is the number of global batches, the same on every rank.
+
+Map-style datasets (:mod:`anycnn.data.mapstyle`): any object with ``__len__`` and
+``__getitem__(i) -> (image, label)`` (an HWC image as a NumPy array or a PIL image, an integer
+label) is batched too, in the same order (the permutations above) with the same augmentation and
+scaling, so a batch depends on (seed, epoch, batch number) alone: not on ``num_workers``, and a
+run resumed mid-epoch (:meth:`DataLoader.iter_from`) gets the very batches it would have had.
+With ``num_workers=0`` the samples are read in the calling process, one batch at a time; with
+``num_workers > 0`` worker processes (:mod:`anycnn.data.workers`) read them, and a prefetch
+thread (:mod:`anycnn.data.prefetch`) preprocesses and copies up to two batches to the device
+ahead of the step. An :class:`~anycnn.data.arrays.ArrayDataset` always takes the in-memory path
+described above (no workers, no copies), whatever ``num_workers``.
 """
 
 from __future__ import annotations
@@ -58,7 +69,9 @@ from ..backend import Backend, asarray, get_backend
 from ..errors import ConfigError
 from .arrays import ArrayDataset
 from .augment import Augment, Normalize, preprocess_record, to_unit_range
+from .mapstyle import WorkerInfo, batch_seed, fetch, is_map_style, probe
 from .pipeline import AugmentPipeline
+from .prefetch import Prefetcher
 from .resized_crop import RandomResizedCrop
 
 _FLOAT_DTYPES = ("float32", "float64")
@@ -81,8 +94,9 @@ class DataLoader:
     """Iterate over ``dataset`` in batches of ``batch_size``; ``len(loader)`` is the batch count.
 
     Args:
-        dataset: the examples (host NHWC images, ``uint8`` or floats in ``[0, 1]``; ``int64``
-            labels).
+        dataset: the examples: an :class:`~anycnn.data.arrays.ArrayDataset` (host NHWC images,
+            ``uint8`` or floats in ``[0, 1]``; ``int64`` labels), or a map-style dataset
+            (``__len__`` and ``__getitem__(i) -> (image, label)``, see the module docstring).
         batch_size: examples per batch (the last one may be smaller unless ``drop_last``).
         shuffle: visit the examples in a per-epoch permutation instead of in order.
         seed: selects the permutations (with the epoch number).
@@ -96,19 +110,30 @@ class DataLoader:
             loader's images, see :meth:`Normalize.from_images`), or None.
         shard: ``(rank, size)``: yield only rank ``rank``'s share of each batch (see the module
             docstring); None (default) yields whole batches. :meth:`set_shard` changes it.
+        num_workers: worker processes reading a map-style dataset (0, the default: read in the
+            calling process); the workers start at the first iteration and live until
+            :meth:`close` (or the loader's end). Ignored for an ``ArrayDataset``.
 
     Raises:
-        ConfigError: an argument is out of range, the crop is too large for the images, or
-            ``normalize`` has another channel count than the images.
+        ConfigError: an argument is out of range, the crop is too large for the images,
+            ``normalize`` has another channel count than the images, or a map-style dataset
+            is combined with ``device_resident`` or ``normalize="auto"``.
+        DataError: ``dataset[0]`` of a map-style dataset is not an ``(image, label)`` pair of
+            the accepted kinds.
     """
 
     def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device_resident: bool = False,
                  dtype: str = "float32", augment: Any = None,
                  normalize: Normalize | str | None = None,
-                 shard: tuple[int, int] | None = None) -> None:
-        if not isinstance(dataset, ArrayDataset):
-            raise ConfigError(f"dataset must be an ArrayDataset, got {type(dataset).__name__}")
+                 shard: tuple[int, int] | None = None, num_workers: int = 0) -> None:
+        self._map_style = not isinstance(dataset, ArrayDataset)
+        if self._map_style and (not is_map_style(dataset) or hasattr(dataset, "__array__")
+                                or hasattr(dataset, "__array_namespace__")):
+            raise ConfigError(f"dataset must be an ArrayDataset or a map-style dataset (with "
+                              f"__len__ and __getitem__(i) returning (image, label)), got "
+                              f"{type(dataset).__name__}; wrap arrays as "
+                              "ArrayDataset(images, labels, num_classes)")
         if dtype not in _FLOAT_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {dtype!r}")
         self.dataset = dataset
@@ -119,8 +144,22 @@ class DataLoader:
         self.device_resident = bool(device_resident)
         self.dtype = dtype
         self.epoch = 0
-        self.augment = _check_augment(augment, dataset)
-        self.normalize = _check_normalize(normalize, dataset)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self._pool: Any = None  # WorkerPool of a map-style dataset, started when first needed
+        self._active: Prefetcher | None = None
+        self._sample: tuple[Any, ...] | None = None  # mapstyle.probe: shape, dtype, K
+        if self._map_style:
+            _check_map_options(self.device_resident, normalize)
+            self._sample = probe(dataset, self.seed)
+        #: ``(H, W, C)`` of one image (of ``dataset[0]`` for a map-style dataset; None if empty)
+        self.image_shape = (dataset.image_shape if not self._map_style else
+                            None if self._sample is None else tuple(self._sample[0]))
+        self.augment = _check_augment(augment, self)
+        self.normalize = _check_normalize(normalize, dataset, self.image_shape)
+        if (self._map_style and isinstance(self.augment, AugmentPipeline) and self.augment.mix
+                and not isinstance(getattr(dataset, "num_classes", None), numbers.Integral)):
+            raise ConfigError("MixUp/CutMix need the class count: give the map-style dataset a "
+                              "num_classes attribute (an int)")
         self._resident: tuple[Backend, Any, Any] | None = None  # (backend, images, labels)
         self.shard: tuple[int, int] | None = None
         if shard is not None:
@@ -176,26 +215,85 @@ class DataLoader:
                               f"got {start}")
         return self._generate(start)
 
-    def _generate(self, start: int) -> Iterator[tuple[Any, Any]]:
-        backend = get_backend()
-        order = self.order()
-        if self.device_resident:  # one upload of the epoch's order, then slices on the device
-            order = asarray(order, backend=backend)
+    def _plan(self, order: Any, start: int) -> Iterator[tuple[int, Any, tuple[int, int, int]]]:
+        """``(batch number, example indices, (lo, hi, whole))`` of each batch from ``start``."""
         n = len(self.dataset)
         for b in range(start, len(self)):
             first = b * self.batch_size
             whole = min(first + self.batch_size, n) - first
             lo, hi = self.share(whole)
-            index = order[first + lo:first + hi]
-            if self.device_resident:
-                yield self._device_batch(backend, b, index, (lo, hi, whole))
-            else:
-                yield self._host_batch(backend, b, index, (lo, hi, whole))
+            yield b, order[first + lo:first + hi], (lo, hi, whole)
 
-    def _host_batch(self, backend: Backend, b: int, index: np.ndarray,
+    def _generate(self, start: int) -> Iterator[tuple[Any, Any]]:
+        backend = get_backend()
+        if self._map_style:
+            yield from self._map_batches(backend, start)
+            return
+        order = self.order()
+        if self.device_resident:  # one upload of the epoch's order, then slices on the device
+            order = asarray(order, backend=backend)
+        for b, index, share in self._plan(order, start):
+            if self.device_resident:
+                yield self._device_batch(backend, b, index, share)
+            else:
+                yield self._host_batch(backend, b, index, share)
+
+    def _map_batches(self, backend: Backend, start: int) -> Iterator[tuple[Any, Any]]:
+        """A map-style dataset's batches: read in this process, or by the workers with the
+        prefetch thread preparing and copying them (module docstring)."""
+        self._stop_prefetch()
+        plan, seed, epoch = list(self._plan(self.order(), start)), self.seed, self.epoch
+        if self.num_workers == 0:
+            for b, index, share in plan:
+                info = WorkerInfo(None, 0, batch_seed(seed, epoch, b), epoch, b)
+                raw, labels = fetch(self.dataset, index, info, True, self._sample)
+                yield self._host_batch(backend, b, (raw, labels), share)
+            return
+        if not plan:
+            return
+        if self._pool is None or self._pool.closed:
+            from .workers import WorkerPool
+
+            self._pool = WorkerPool(self.dataset, self.num_workers, self._sample)
+        pool = self._pool
+
+        def produce(stop):
+            results = pool.batches([(b, index) for b, index, _ in plan], seed, epoch, stop)
+            for (b, _, share), batch in zip(plan, results, strict=True):
+                yield self._host_batch(backend, b, batch, share)
+
+        self._active = Prefetcher(produce, depth=2)
+        yield from self._active
+
+    def _stop_prefetch(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def close(self) -> None:
+        """Stop a prefetch in progress and end the worker processes (a later iteration starts
+        new ones). Also called by ``with DataLoader(...) as loader:`` on leaving the block."""
+        self._stop_prefetch()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _host_batch(self, backend: Backend, b: int, index: np.ndarray | tuple[Any, Any],
                     share: tuple[int, int, int]) -> tuple[Any, Any]:
-        raw = np.take(self.dataset.images, index, axis=0)
-        y = asarray(np.take(self.dataset.labels, index, axis=0), backend=backend)
+        """Batch ``b`` gathered on the host at ``index`` (or given as host ``(images,
+        labels)``), prepared, on ``backend``."""
+        if isinstance(index, tuple):
+            raw, labels = index
+        else:
+            raw = np.take(self.dataset.images, index, axis=0)
+            labels = np.take(self.dataset.labels, index, axis=0)
+        y = asarray(labels, backend=backend)
         if self.augment is not None and not self.augment.before_scaling:  # resample there
             return self._prepare(backend.xp, asarray(raw, backend=backend), b, backend,
                                  share, y)
@@ -228,7 +326,7 @@ class DataLoader:
         lo, hi, whole = share
         if geometry is not None:
             params = geometry.draw(self.seed, self.epoch, b, whole,
-                                   self.dataset.image_shape[:2])[:, lo:hi]
+                                   self.image_shape[:2])[:, lo:hi]
             if backend is not None:
                 params = asarray(params, backend=backend)
             if geometry.before_scaling:
@@ -256,10 +354,23 @@ class DataLoader:
         return (f"DataLoader(n={len(self.dataset)}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
                 f"device_resident={self.device_resident}, dtype={self.dtype!r}, "
-                f"augment={self.augment!r}, normalize={self.normalize!r}, shard={self.shard})")
+                f"augment={self.augment!r}, normalize={self.normalize!r}, shard={self.shard}, "
+                f"num_workers={self.num_workers})")
 
 
-def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
+def _check_map_options(device_resident: bool, normalize: Any) -> None:
+    """Refuse the options that need all images in memory with a map-style dataset."""
+    if device_resident:
+        raise ConfigError("device_resident=True copies an ArrayDataset to the device; a "
+                          "map-style dataset is read batch by batch (drop device_resident)")
+    if isinstance(normalize, str) and normalize == "auto":
+        raise ConfigError('normalize="auto" computes statistics over an ArrayDataset\'s images; '
+                          "for a map-style dataset pass Normalize(mean, std) (e.g. "
+                          "Normalize.from_images on a sample of its images)")
+
+
+def _check_augment(augment: Any, dataset: Any) -> Augment | None:
+    """``augment`` checked against ``dataset.image_shape`` (a dataset, or a loader)."""
     if augment is None:
         return None
     if not isinstance(augment, Augment | RandomResizedCrop | AugmentPipeline):
@@ -267,12 +378,14 @@ def _check_augment(augment: Any, dataset: ArrayDataset) -> Augment | None:
                           f"anycnn.data.resized_crop.RandomResizedCrop, an "
                           f"anycnn.data.pipeline.AugmentPipeline or None, got "
                           f"{type(augment).__name__}")
-    h, w, _ = dataset.image_shape
-    augment.check_image_shape(h, w)
+    if dataset.image_shape is not None:  # None: an empty map-style dataset
+        h, w, _ = dataset.image_shape
+        augment.check_image_shape(h, w)
     return augment if augment.active else None
 
 
-def _check_normalize(normalize: Any, dataset: ArrayDataset) -> Normalize | None:
+def _check_normalize(normalize: Any, dataset: Any,
+                     image_shape: tuple[int, ...] | None) -> Normalize | None:
     if normalize is None:
         return None
     if isinstance(normalize, str) and normalize == "auto":
@@ -281,7 +394,9 @@ def _check_normalize(normalize: Any, dataset: ArrayDataset) -> Normalize | None:
         raise ConfigError("normalize must be an anycnn.data.augment.Normalize, 'auto' or None, "
                           f"got "
                           f"{normalize!r}")
-    channels = dataset.image_shape[2]
+    if image_shape is None:
+        return normalize
+    channels = image_shape[2]
     if normalize.channels != channels:
         raise ConfigError(f"normalize has {normalize.channels} mean/std value(s) but the images "
                           f"have {channels} channel(s)")
