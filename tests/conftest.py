@@ -41,6 +41,7 @@ CORE_FILES = frozenset({
     "test_new_layers.py",     # grouped/transposed convolutions, upsampling, norms
     "test_no_host_sync.py",   # no device-to-host reads in the training loop
     "test_param_groups.py",   # optimizer parameter groups against separate optimizers, torch
+    "test_recipes.py",        # RMSprop, OneCycle, plateau, clipping, EMA against torch
     "test_reference.py",      # conv and pooling against direct loops
     "test_sync_batchnorm.py",  # BatchNorm statistics reduced across ranks
     "test_testing.py",        # anycnn.testing.check_gradients

@@ -416,7 +416,7 @@ def _missing(tmp_path: Path) -> Path:
 MISTAKES = {
     "unknown model": (["train", "--model", "resnet9"], ["'resnet9'", *MODELS]),
     "unknown dataset": (["train", "--dataset", "cifar"], ["'cifar'", *DATASETS]),
-    "unknown optimizer": (["train", "--optimizer", "rmsprop"], ["'rmsprop'", *OPTIMIZERS]),
+    "unknown optimizer": (["train", "--optimizer", "adagrad"], ["'adagrad'", *OPTIMIZERS]),
     "unknown backend": (["train", "--backend", "mxnet"], ["'mxnet'", *CHOICES]),
     "unknown schedule": (["train", "--schedule", "linear"], ["'linear'", *SCHEDULES]),
     "zero epochs": (["train", "--epochs", "0"], ["--epochs", "0"]),
@@ -431,8 +431,16 @@ MISTAKES = {
     "unknown option": (["train", "--epoch", "3", "--bogus"], ["unrecognized", "--bogus"]),
     "unknown command": (["fit"], ["invalid choice", "'fit'"]),
     "momentum with adam": (["train", "--momentum", "0.5"],
-                           ["--momentum applies to --optimizer sgd only", "adam"]),
+                           ["--momentum applies to --optimizer sgd and rmsprop only", "adam"]),
     "missing history": (["plot", "nothing.json"], ["nothing.json"]),
+    "ema out of range": (["train", "--ema", "1.5"],
+                         ["--ema must be a finite number in (0, 1)", "1.5"]),
+    "zero clip norm": (["train", "--clip-grad-norm", "0"],
+                       ["--clip-grad-norm must be a finite number > 0"]),
+    "nan clip value": (["train", "--clip-grad-value", "nan"],
+                       ["--clip-grad-value must be a finite number > 0"]),
+    "plateau patience alone": (["train", "--plateau-patience", "4"],
+                               ["--plateau-patience applies to --schedule plateau only"]),
     "negative patience": (["train", "--early-stop", "-1"], ["--early-stop must be >= 0", "-1"]),
     "unknown monitor": (["train", "--monitor", "val_acc"],
                         ["--monitor must be one of", "val_loss", "val_accuracy", "'val_acc'"]),
@@ -569,7 +577,8 @@ def test_help_shows_the_defaults(capsys):
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for default in ("(default: 8)", "(default: 64)", "(default: adam)", "(default: cosine)",
-                    "(default: 0)", "(default: lenet5)", "(default 0.9; only for --optimizer sgd)"):
+                    "(default: 0)", "(default: lenet5)",
+                    "sgd (default 0.9) or rmsprop (default 0)"):
         assert default in text, default
     assert "(default: None)" not in text and "(default: False)" not in text
 

@@ -29,13 +29,13 @@ needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                                reason="jax is not installed (pip install -r backends/jax.txt)")
 
 
-def _run(model_name, compile, opt, sizes, shape, on_nonfinite="stop", poison=None):
+def _run(model_name, compile, opt, sizes, shape, on_nonfinite="stop", poison=None, **options):
     with anycnn.use_backend("jax"):
         anycnn.manual_seed(0)
         model = build_model(model_name)
         model.to("float64")
         trainer = Trainer(model, opt(model), PoisonedLoss(), compile=compile,
-                          progress=False, on_nonfinite=on_nonfinite)
+                          progress=False, on_nonfinite=on_nonfinite, **options)
         rng = np.random.default_rng(0)
         losses = []
         for i, n in enumerate(sizes):
@@ -80,6 +80,27 @@ def test_compiled_steps_equal_eager_steps(opt):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
     assert all(s["step"] == 3 for s in trainer.optimizer.state)
+
+
+@needs_jax
+def test_compiled_steps_clip_and_average_as_eager_steps():
+    """Gradient clipping runs inside the compiled step, the weight average after it; RMSprop
+    compiles too (issue 26)."""
+    from anycnn.optim import RMSprop
+
+    options = dict(clip_grad_norm=0.5, clip_grad_value=0.02, ema=0.9)
+    opt = lambda m: RMSprop(m.parameters(), lr=1e-2, momentum=0.5, centered=True)  # noqa: E731
+    want, want_losses, eager = _run("lenet5", False, opt, [8, 8, 8], (28, 28, 1), **options)
+    got, got_losses, trainer = _run("lenet5", True, opt, [8, 8, 8], (28, 28, 1), **options)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(anycnn.to_numpy(trainer.ema.averages[name]),
+                                   anycnn.to_numpy(eager.ema.averages[name]), rtol=1e-10,
+                                   atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-12)
+    unclipped, _, _ = _run("lenet5", False, opt, [8, 8, 8], (28, 28, 1), ema=0.9)
+    assert any(not np.allclose(unclipped[k], want[k]) for k in want)  # the clipping acted
+    assert trainer.ema.updates == 3
 
 
 @needs_jax

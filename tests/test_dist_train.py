@@ -161,6 +161,33 @@ def test_batchnorm_statistics_are_averaged_before_sharded_validation(tmp_path):
     assert last["val_accuracy"] == val["accuracy"]
 
 
+def test_clipping_and_the_weight_average_train_data_parallel(tmp_path):
+    # issue 26: the global gradient is clipped and every rank averages the same weights
+    out, _, got = run_worker(tmp_path, 2, clip_grad_norm=0.05, ema=0.7)
+    assert out.returncode == 0, out.stderr
+    single_out, _, single = run_worker(tmp_path, 0, clip_grad_norm=0.05, ema=0.7)
+    assert single_out.returncode == 0, single_out.stderr
+    unclipped_out, _, unclipped = run_worker(tmp_path, 0, ema=0.7)
+    assert unclipped_out.returncode == 0, unclipped_out.stderr
+    names = [k for k in got if k.startswith("ema:")]
+    assert len(names) == 4
+    for name in (k for k in got if k not in ("history", "skipped")):
+        np.testing.assert_allclose(got[name], single[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    assert any(not np.allclose(single[k], unclipped[k], rtol=1e-3) for k in names)
+
+
+def test_averaged_batchnorm_statistics_are_averaged_over_ranks_before_validation(tmp_path):
+    out, _, got = run_worker(tmp_path, 2, bn=True, ema=0.7)
+    assert out.returncode == 0, out.stderr
+    net = worker.model(True)
+    net.load_state_dict({k[4:]: v for k, v in got.items() if k.startswith("ema:")})
+    val = evaluate(net, DataLoader(worker.dataset(21, seed=1), 8))
+    last = json.loads(str(got["history"]))[-1]
+    # validation ran on 2 ranks with the averages, their statistics averaged over the ranks
+    assert last["val_loss"] == pytest.approx(val["loss"], rel=1e-5)
+    assert last["val_accuracy"] == val["accuracy"]
+
+
 def test_synchronised_batchnorm_trains_as_one_process_on_the_whole_batch(tmp_path):
     single_out, _, single = run_worker(tmp_path, 0, bn=True, epochs=1)
     assert single_out.returncode == 0, single_out.stderr

@@ -15,7 +15,7 @@ from anycnn import backend
 from anycnn.errors import BackendError
 from anycnn.kernels import fastpath
 from anycnn.nn import Parameter
-from anycnn.optim import SGD, Adam, AdamW
+from anycnn.optim import SGD, Adam, AdamW, RMSprop
 from anycnn.optim import optimizers as optimizers_module
 
 OPTIMIZERS = {
@@ -24,6 +24,8 @@ OPTIMIZERS = {
     "sgd-nesterov": lambda p: SGD(p, lr=0.1, momentum=0.9, nesterov=True),
     "adam": lambda p: Adam(p, lr=1e-2, weight_decay=1e-2),
     "adamw": lambda p: AdamW(p, lr=1e-2),
+    "rmsprop": lambda p: RMSprop(p, lr=1e-2, weight_decay=1e-2),
+    "rmsprop-centered-momentum": lambda p: RMSprop(p, lr=1e-2, momentum=0.9, centered=True),
 }
 
 
@@ -55,6 +57,39 @@ def test_functional_updates_equal_in_place_updates_and_leave_inputs_alone(name, 
         for array, copy in before + state:
             np.testing.assert_array_equal(array, copy)
     assert all(s["step"] == 5 for s in opt.state)
+
+
+def test_ema_functional_updates_equal_in_place_updates_and_leave_inputs_alone(monkeypatch):
+    from anycnn.nn import Dense
+    from anycnn.optim import EMA
+    from anycnn.optim import ema as ema_module
+
+    def run(immutable):
+        rng = np.random.default_rng(0)
+        with anycnn.use_backend("numpy"):
+            anycnn.manual_seed(0)
+            model = Dense(7, 5)
+            model.to("float64")
+            ema = EMA(model, 0.9)
+            seen = []
+            with monkeypatch.context() as m:
+                if immutable:
+                    m.setattr(ema_module, "writes_in_place", lambda xp: False)
+                for _ in range(4):
+                    for p in model.parameters():
+                        p.data = p.data + rng.normal(size=p.shape)
+                    before = [(a, a.copy()) for a in ema.averages.values()]
+                    ema.update()
+                    seen.append(before)
+        return ema.averages, seen
+
+    want, _ = run(False)
+    got, seen = run(True)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    for before in seen[1:]:  # after the first update (a copy): nothing given was written to
+        for array, copy in before:
+            np.testing.assert_array_equal(array, copy)
 
 
 class Frozen:
@@ -121,7 +156,8 @@ def test_a_device_of_none_follows_the_other_arrays(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                     reason="jax is not installed (pip install -r backends/jax.txt)")
-@pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam", "adamw"])
+@pytest.mark.parametrize("name", ["sgd-momentum-wd", "adam", "adamw",
+                                  "rmsprop-centered-momentum"])
 def test_optimizers_on_jax_give_numpys_weights(name):
     from anycnn.models import build_model
     from anycnn.nn import SoftmaxCrossEntropy

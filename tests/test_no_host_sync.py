@@ -17,15 +17,24 @@ from anycnn.data.datasets import load_dataset
 from anycnn.models import build_model
 from anycnn.train.trainer import Trainer, _Sums
 
+RECIPES = {  # issue 26: clipping, the weight average and RMSprop stay on the device too
+    "sgd": (lambda m: anycnn.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), {}),
+    "rmsprop-clip-ema": (lambda m: anycnn.optim.RMSprop(m.parameters(), momentum=0.5,
+                                                         centered=True),
+                         {"clip_grad_norm": 1.0, "clip_grad_value": 0.1, "ema": 0.9}),
+}
 
-def test_training_steps_do_not_touch_the_host(monkeypatch):
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_training_steps_do_not_touch_the_host(monkeypatch, recipe):
     data = load_dataset("mnist-sample")
     train = data.train.subset(list(range(64)))
+    make_optimizer, options = RECIPES[recipe]
     with anycnn.use_backend("array_api_strict"):
         anycnn.manual_seed(0)
         model = build_model("lenet5")
-        trainer = Trainer(model, anycnn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                          progress=False, sync_every=1000)
+        trainer = Trainer(model, make_optimizer(model), progress=False, sync_every=1000,
+                          **options)
         loader = DataLoader(train, 16, shuffle=True, device_resident=True)
         next(iter(loader))  # the one-off upload of the dataset happens before the steps
 

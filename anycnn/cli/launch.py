@@ -1,42 +1,13 @@
 """The processes of ``anycnn train``: ``--workers N`` (this command again under ``mpiexec``),
-joining the ranks, loading data once per node, and stopping cleanly on SIGINT/SIGTERM."""
+joining the ranks and loading data once per node (stopping cleanly on SIGINT/SIGTERM is
+:mod:`anycnn.train.interrupt`'s)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from ..errors import ConfigError
-
-
-class StopOnSignal:
-    """First SIGINT/SIGTERM: ask the trainer to stop after the current step. Second: exit now
-    (checkpoints are written atomically, so nothing on disk is corrupted)."""
-
-    def __init__(self, trainer) -> None:
-        self.trainer = trainer
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            print("\nanycnn: second signal, exiting now", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signum = signum
-        if self.trainer.comm.rank == 0:  # mpiexec forwards the signal to every rank
-            print(f"\nanycnn: {signal.Signals(signum).name} received: stopping after this "
-                  "step (send it again to exit at once)", file=sys.stderr, flush=True)
-        self.trainer.request_stop(signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def start_workers(args) -> int:

@@ -18,7 +18,8 @@ TUNABLE_SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weig
                     "schedule", "warmup_steps", "label_smoothing", "seed", "dtype", "on_nan",
                     "early_stop", "monitor", "min_delta", "device_resident", "bad_images",
                     "augment", "weights", "freeze", "lr_backbone", "unfreeze_at", "loss",
-                    "class_weights")
+                    "class_weights", "plateau_patience", "clip_grad_norm", "clip_grad_value",
+                    "ema")
 
 
 #: the command-line spelling of a setting whose name differs from its option's

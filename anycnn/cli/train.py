@@ -3,8 +3,9 @@
 Writes ``OUT/checkpoint.safetensors`` after every epoch, ``OUT/best.safetensors`` for the best
 ``--monitor`` value and ``OUT/history.json``; an interrupted run saves a checkpoint, prints how
 to resume and exits with 130 (SIGINT) or 143 (SIGTERM). The output folder and ``--resume`` are
-:mod:`anycnn.cli.resume`'s, the processes (``--workers``, ranks, signals)
-:mod:`anycnn.cli.launch`'s, and image folders :mod:`anycnn.cli.folders`'.
+:mod:`anycnn.cli.resume`'s, the processes (``--workers``, ranks) :mod:`anycnn.cli.launch`'s,
+the signal handling :mod:`anycnn.train.interrupt`'s, and image folders
+:mod:`anycnn.cli.folders`'.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .common import (
     fraction,
     model_name,
     non_negative_float,
+    open_fraction,
     positive_float,
     positive_int,
     say,
@@ -55,12 +57,27 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    help="images per step (the global batch: on N ranks each takes 1/N of it)")
     t.add_argument("--optimizer", default="adam", help=f"one of {', '.join(OPTIMIZERS)}")
     t.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate (default 1e-3 for adam/adamw, 0.05 for sgd)")
+                   help="learning rate (default 1e-3 for adam/adamw/rmsprop, 0.05 for sgd; the "
+                   "peak rate with --schedule onecycle)")
     t.add_argument("--momentum", type=non_negative_float, default=None,
-                   help="SGD momentum (default 0.9; only for --optimizer sgd)")
+                   help="momentum of --optimizer sgd (default 0.9) or rmsprop (default 0)")
     t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 (sgd, adam) or "
                    "decoupled (adamw) weight decay")
-    t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)}")
+    t.add_argument("--schedule", default="cosine", help=f"one of {', '.join(SCHEDULES)} "
+                   "(cosine: per epoch; cosine-per-step and onecycle: per step; plateau: "
+                   "divide by 10 when --monitor stops improving)")
+    t.add_argument("--plateau-patience", type=count, default=2, metavar="N",
+                   help="--schedule plateau: epochs without improvement before the lr is "
+                   "divided by 10 (default: 2)")
+    t.add_argument("--clip-grad-norm", type=positive_float, default=None, metavar="MAX",
+                   help="scale the gradients so that their total 2-norm is at most MAX "
+                   "(default: off)")
+    t.add_argument("--clip-grad-value", type=positive_float, default=None, metavar="MAX",
+                   help="clip every gradient element to [-MAX, MAX] (default: off)")
+    t.add_argument("--ema", type=open_fraction, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999), "
+                   "validate and save it beside the weights; evaluate, predict and export then "
+                   "use it (default: off)")
     t.add_argument("--label-smoothing", type=fraction, default=0.0,
                    help="share of each target spread over all classes")
     t.add_argument("--seed", type=count, default=0,
@@ -133,12 +150,15 @@ def check_options(args) -> dict:
     if args.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {args.optimizer!r}; valid names: "
                           f"{', '.join(OPTIMIZERS)}")
-    if args.momentum is not None and args.optimizer != "sgd":
-        raise ConfigError(f"--momentum applies to --optimizer sgd only; {args.optimizer} "
-                          "would ignore it")
+    if args.momentum is not None and args.optimizer not in ("sgd", "rmsprop"):
+        raise ConfigError(f"--momentum applies to --optimizer sgd and rmsprop only; "
+                          f"{args.optimizer} would ignore it")
     spec = model_spec(args.model)  # validate the name before loading data
     check_finetune(args)
-    make_schedule(args.schedule, 1.0, args.epochs)  # validate the name before loading data
+    # validate the name before loading data
+    make_schedule(args.schedule, 1.0, args.epochs, steps_per_epoch=1)
+    if args.plateau_patience != 2 and args.schedule != "plateau":
+        raise ConfigError("--plateau-patience applies to --schedule plateau only")
     if args.lr is None:
         args.lr = 0.05 if args.optimizer == "sgd" else 1e-3
     if args.momentum is None and args.optimizer == "sgd":
@@ -293,6 +313,8 @@ def make_optimizer(args, model):
     opt_kwargs = {"weight_decay": args.weight_decay}
     if args.optimizer == "sgd":
         opt_kwargs["momentum"] = args.momentum
+    elif args.optimizer == "rmsprop" and getattr(args, "momentum", None) is not None:
+        opt_kwargs["momentum"] = args.momentum
     params = parameter_groups(args, model) or model.parameters()
     return OPTIMIZERS[args.optimizer](params, lr=args.lr, **opt_kwargs)
 
@@ -331,21 +353,31 @@ def make_callbacks(args, out: Path, history_path: Path):
     return callbacks, best, early
 
 
+def make_schedule_of(args, steps_per_epoch: int):
+    """``--schedule`` with ``--lr``, ``--epochs``, ``--monitor`` and ``--plateau-patience``
+    (``steps_per_epoch``: the training loader's length, for the per-step schedules)."""
+    from ..optim.schedules import make_schedule
+
+    return make_schedule(args.schedule, args.lr, args.epochs, steps_per_epoch=steps_per_epoch,
+                         monitor=args.monitor, patience=args.plateau_patience)
+
+
 def make_trainer(args, model, spec: dict, comm, ckpt_path: Path, callbacks: list,
-                 loss_fn=None):
+                 steps_per_epoch: int, loss_fn=None):
     """The :class:`~anycnn.train.trainer.Trainer` of the run; its config is the command's
     options (recorded in every checkpoint). ``loss_fn``: default softmax cross-entropy with
     ``--label-smoothing`` (:func:`anycnn.cli.losses.make_loss` builds the run's)."""
     from ..nn.losses import SoftmaxCrossEntropy
-    from ..optim.schedules import make_schedule
     from ..train.trainer import Trainer
 
     loss_fn = loss_fn or SoftmaxCrossEntropy(args.label_smoothing)
     return Trainer(model, make_optimizer(args, model), loss_fn,
-                   schedule=make_schedule(args.schedule, args.lr, args.epochs), model_spec=spec,
+                   schedule=make_schedule_of(args, steps_per_epoch), model_spec=spec,
                    checkpoint_path=ckpt_path, on_nonfinite=args.on_nan,
                    progress=not args.quiet, callbacks=callbacks,
                    warmup_steps=args.warmup_steps, comm=comm, compile=args.compile,
+                   clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value,
+                   ema=args.ema,
                    config={k: v for k, v in vars(args).items()
                            if k not in ("func", "given", "argv", "workers")})
 
@@ -369,7 +401,7 @@ def fit(args, trainer, loaders, early, resume_from: Path | None, ckpt_path: Path
     or None."""
     import numpy as np
 
-    from .launch import StopOnSignal
+    from ..train.interrupt import StopOnSignal
 
     # a run that early stopping ended stays ended when resumed with the same options
     ended = early is not None and trainer.step == 0 and bool(trainer.history) and \
@@ -445,15 +477,17 @@ def run(args) -> int:
         say(args.quiet, defaults)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
-    trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks,
+    loaders = make_loaders(args, data, augment, normalize)
+    trainer = make_trainer(args, model, spec, comm, ckpt_path, callbacks, len(loaders[0]),
                            loss_fn=make_loss(args, data))
     if resume_from is not None:
         trainer.resume(saved)
+        if trainer.ema is not None:  # a changed --ema applies from here on
+            trainer.ema.decay = args.ema
         say(args.quiet, f"resumed from {resume_from} at epoch {trainer.epoch + 1}, "
             f"step {trainer.step}")
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    loaders = make_loaders(args, data, augment, normalize)
     signum = fit(args, trainer, loaders, early, resume_from, ckpt_path)
     if signum is not None:
         if comm.rank != 0:

@@ -6,10 +6,17 @@ File layout (safetensors, no pickle anywhere):
   model's own layout (``Conv2D.weight`` is ``(kh, kw, in, out)``, ``Dense.weight`` ``(in, out)``);
 * tensors ``optim.<index>.<name>``: the optimizer's per-parameter state arrays (momentum buffers,
   Adam moments), keyed as in :meth:`anycnn.optim.optimizers.Optimizer.state_dict`;
+* tensors ``ema.<dotted name>`` (only when training kept a moving average of the weights,
+  :class:`anycnn.optim.ema.EMA`): the averaged parameters and buffers, by the model's names;
 * string metadata, structured values JSON-encoded: ``format_version``, ``anycnn_version``,
   ``model_spec``, ``dtype``, ``backend`` (where the model's arrays lived), ``epoch``, ``step``,
   ``optimizer`` (the optimizer's ``state_dict`` without its arrays), ``rng_state``
-  (:func:`anycnn.random.get_state`) and ``extra`` (history, training config, ...).
+  (:func:`anycnn.random.get_state`) and ``extra`` (history, training config, ...); with
+  averages also ``ema`` (``{"decay", "warmup", "updates"}``).
+
+:func:`load_model` and :func:`load_weights` give a model the averaged weights when the file has
+them (they are what validation measured), the trained ones with ``ema=False``;
+:meth:`anycnn.train.trainer.Trainer.resume` restores both.
 
 Guarantees (each one tested):
 
@@ -51,6 +58,7 @@ MAX_HEADER_BYTES = 100_000_000
 
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
+EMA_PREFIX = "ema."
 
 #: metadata keys every anycnn checkpoint has (all values are strings, most JSON)
 REQUIRED_METADATA = ("format_version", "anycnn_version", "model_spec", "dtype", "backend",
@@ -72,6 +80,8 @@ class Checkpoint:
         rng_state: the global RNG state (:func:`anycnn.random.get_state`), or ``None``.
         extra: caller data saved with the checkpoint (history, config, ...).
         path: the file it was read from.
+        ema_state: the weight averages' ``state_dict`` (:class:`anycnn.optim.ema.EMA`;
+            ``"arrays"`` as NumPy, by the model's tensor names), or ``None``.
     """
 
     tensors: dict[str, np.ndarray]
@@ -83,6 +93,7 @@ class Checkpoint:
     rng_state: dict[str, Any] | None = None
     extra: Any = field(default_factory=dict)
     path: pathlib.Path | None = None
+    ema_state: dict[str, Any] | None = None
 
     @property
     def dtype(self) -> str:
@@ -148,8 +159,17 @@ def _model_dtype(model: Any, state: dict[str, Any]) -> str:
     return "float32"
 
 
+def _finite(path: pathlib.Path, name: str, host: np.ndarray) -> np.ndarray:
+    if np.issubdtype(host.dtype, np.inexact) and not np.isfinite(host).all():
+        bad = int(np.size(host) - np.count_nonzero(np.isfinite(host)))
+        raise CheckpointError(
+            f"refusing to save checkpoint {path}: tensor {name!r} has {bad} non-finite "
+            "(NaN or inf) value(s); training has probably diverged (lower the learning rate)")
+    return host
+
+
 def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | None,
-            epoch: int, step: int, extra: dict | None) -> bytes:
+            epoch: int, step: int, extra: dict | None, ema: Any = None) -> bytes:
     """The checkpoint's bytes (raises CheckpointError for non-finite or unsavable values)."""
     from safetensors.numpy import save
 
@@ -160,13 +180,12 @@ def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | N
         raise CheckpointError(f"refusing to save checkpoint {path}: the model has no parameters")
     tensors: dict[str, np.ndarray] = {}
     for name, value in state.items():
-        host = _host(value)
-        if np.issubdtype(host.dtype, np.inexact) and not np.isfinite(host).all():
-            bad = int(np.size(host) - np.count_nonzero(np.isfinite(host)))
-            raise CheckpointError(
-                f"refusing to save checkpoint {path}: tensor {name!r} has {bad} non-finite "
-                "(NaN or inf) value(s); training has probably diverged (lower the learning rate)")
-        tensors[MODEL_PREFIX + name] = host
+        tensors[MODEL_PREFIX + name] = _finite(path, name, _host(value))
+    ema_meta = None
+    if ema is not None:
+        ema_meta = dict(ema.state_dict())
+        for name, value in ema_meta.pop("arrays").items():
+            tensors[EMA_PREFIX + name] = _finite(path, EMA_PREFIX + name, _host(value))
     optim_meta = None
     if optimizer is not None:
         optim_meta = dict(optimizer.state_dict())
@@ -184,6 +203,8 @@ def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | N
         "rng_state": _to_json("rng_state", anycnn_random.get_state()),
         "extra": _to_json("extra", {} if extra is None else extra),
     }
+    if ema_meta is not None:
+        metadata["ema"] = _to_json("ema", ema_meta)
     try:
         return save(tensors, metadata=metadata)
     except Exception as exc:  # safetensors' own error types vary between versions
@@ -192,7 +213,7 @@ def _encode(model: Any, optimizer: Any, path: pathlib.Path, model_spec: dict | N
 
 def save_checkpoint(path: str | os.PathLike, model: Any, optimizer: Any = None, *,
                     model_spec: dict | None = None, epoch: int = 0, step: int = 0,
-                    extra: dict | None = None) -> pathlib.Path:
+                    extra: dict | None = None, ema: Any = None) -> pathlib.Path:
     """Save ``model`` (and ``optimizer``, RNG state, progress) to one safetensors file.
 
     Args:
@@ -202,6 +223,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, optimizer: Any = None, 
         model_spec: the spec the model was built from (lets :func:`load_model` rebuild it).
         epoch, step: training progress to record.
         extra: JSON-able data to keep with the weights (history, config, ...).
+        ema: an :class:`~anycnn.optim.ema.EMA` whose averages to save beside the weights.
 
     Returns:
         The path written.
@@ -212,7 +234,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, optimizer: Any = None, 
             ``path`` survives any failure.
     """
     target = pathlib.Path(path)
-    data = _encode(model, optimizer, target, model_spec, epoch, step, extra)
+    data = _encode(model, optimizer, target, model_spec, epoch, step, extra, ema)
     return atomic_write_bytes(target, data, what="checkpoint")
 
 
@@ -301,7 +323,10 @@ def _metadata(path: pathlib.Path, header: dict[str, Any]) -> dict[str, str]:
 def _decode(path: pathlib.Path, raw: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = dict(raw)
     meta["format_version"] = int(raw["format_version"])
-    for key in ("model_spec", "epoch", "step", "optimizer", "rng_state", "extra"):
+    for key in ("model_spec", "epoch", "step", "optimizer", "rng_state", "extra", "ema"):
+        if key not in raw:  # "ema": only files with weight averages
+            meta[key] = None
+            continue
         try:
             meta[key] = json.loads(raw[key])
         except (ValueError, RecursionError) as exc:
@@ -310,7 +335,7 @@ def _decode(path: pathlib.Path, raw: dict[str, str]) -> dict[str, Any]:
         if not isinstance(meta[key], int) or isinstance(meta[key], bool):
             raise CheckpointError(f"{path}: metadata {key!r} must be an integer, "
                                   f"got {raw[key]!r}")
-    for key in ("model_spec", "optimizer", "rng_state"):
+    for key in ("model_spec", "optimizer", "rng_state", "ema"):
         if meta[key] is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{path}: metadata {key!r} must be a JSON object or null")
     if meta["dtype"] not in _FLOAT_DTYPES:
@@ -342,11 +367,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     tensors: dict[str, np.ndarray] = {}
     optim_arrays: dict[str, np.ndarray] = {}
+    ema_arrays: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
         if name.startswith(MODEL_PREFIX) and len(name) > len(MODEL_PREFIX):
             tensors[name[len(MODEL_PREFIX):]] = value
         elif name.startswith(OPTIM_PREFIX) and len(name) > len(OPTIM_PREFIX):
             optim_arrays[name[len(OPTIM_PREFIX):]] = value
+        elif name.startswith(EMA_PREFIX) and len(name) > len(EMA_PREFIX):
+            ema_arrays[name[len(EMA_PREFIX):]] = value
         else:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} in checkpoint")
     if not tensors:
@@ -356,9 +384,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         optimizer_state = {**meta["optimizer"], "arrays": optim_arrays}
     elif optim_arrays:
         raise CheckpointError(f"{path}: optimizer tensors present but no optimizer metadata")
+    ema_state = None
+    if meta["ema"] is not None:
+        if ema_arrays.keys() != tensors.keys():
+            raise CheckpointError(f"{path}: the weight averages (ema.*) do not hold the same "
+                                  "tensors as the model")
+        ema_state = {**meta["ema"], "arrays": ema_arrays}
+    elif ema_arrays:
+        raise CheckpointError(f"{path}: weight-average tensors present but no ema metadata")
     return Checkpoint(tensors=tensors, optimizer_state=optimizer_state, metadata=meta,
                       epoch=meta["epoch"], step=meta["step"], model_spec=meta["model_spec"],
-                      rng_state=meta["rng_state"], extra=meta["extra"], path=path)
+                      rng_state=meta["rng_state"], extra=meta["extra"], path=path,
+                      ema_state=ema_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,8 +492,29 @@ def _check_spec(checkpoint: Checkpoint, spec: dict[str, Any]) -> None:
                 f"the model in code and call anycnn.load_weights(model, {str(checkpoint.path)!r})")
 
 
-def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[Any, Checkpoint]:
+def _weights_of(checkpoint: Checkpoint, ema: bool | None) -> Checkpoint:
+    """``checkpoint`` with the averaged weights as its tensors when it has them and ``ema`` is
+    None or True (:class:`anycnn.optim.ema.EMA`); itself otherwise."""
+    if ema is None:
+        ema = checkpoint.ema_state is not None
+    if not ema:
+        return checkpoint
+    if checkpoint.ema_state is None:
+        raise CheckpointError(f"{_describe(checkpoint)} holds no weight averages (EMA); "
+                              "load it with ema=None or ema=False")
+    import dataclasses
+
+    return dataclasses.replace(checkpoint, tensors=dict(checkpoint.ema_state["arrays"]))
+
+
+def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
+               ema: bool | None = None) -> tuple[Any, Checkpoint]:
     """Rebuild the model a checkpoint was saved from, on the current backend, with its weights.
+
+    ``ema`` picks the weights of a checkpoint written with a moving average of the weights
+    (``Trainer(..., ema=...)``): None (default) the averages when the file has them (what
+    validation measured), else the trained weights; True the averages (an error when there are
+    none); False the trained weights.
 
     The model is built from the checkpoint's ``model_spec`` with
     :func:`anycnn.models.build_model`, cast to the saved dtype, and left in training mode (call
@@ -488,7 +546,7 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False) -> tuple[A
         anycnn_random.set_state(rng_before)
     if checkpoint.dtype != "float32":
         model.to(checkpoint.dtype)
-    restore(checkpoint, model, restore_rng=restore_rng)
+    restore(_weights_of(checkpoint, ema), model, restore_rng=restore_rng)
     return model, checkpoint
 
 
@@ -562,13 +620,14 @@ def pretrained_preprocess(pretrained: dict[str, Any],
 
 def load_weights(model: Any, source: str | os.PathLike, strict: bool = True, *,
                  arch: str | None = None, base_url: str | None = None,
-                 progress: bool = True) -> Any:
+                 progress: bool = True, ema: bool | None = None) -> Any:
     """Load weights into ``model``, on the model's backend and in its dtype; returns ``model``.
     The global RNG is left alone.
 
     ``source`` is one of:
 
-    * a file saved by :func:`save` (or any anycnn checkpoint): anycnn names and layouts;
+    * a file saved by :func:`save` (or any anycnn checkpoint): anycnn names and layouts; of a
+      checkpoint with weight averages, the averages (``ema``: as in :func:`load_model`);
     * a weight file in PyTorch's names and layouts (torchvision, timm, ``torch.save`` of a
       ``state_dict``): ``.safetensors`` (no PyTorch needed) or ``.pth``/``.pt`` (read with
       ``torch.load(weights_only=True)``; needs PyTorch), the state_dict possibly wrapped as
@@ -611,7 +670,7 @@ def load_weights(model: Any, source: str | os.PathLike, strict: bool = True, *,
 
         from_torch_state_dict(model, weights.read_state_dict(path), strict=strict)
         return model
-    checkpoint = load_checkpoint(path)
+    checkpoint = _weights_of(load_checkpoint(path), ema)
     try:
         if strict:
             restore(checkpoint, model, restore_rng=False)

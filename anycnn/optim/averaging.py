@@ -45,3 +45,13 @@ def check_averaged(params: list[Any]) -> None:
         "that were not averaged over them: every rank trains its own model. Call "
         "anycnn.dist.average_gradients(model) after backward (the Trainer does it itself)",
         RuntimeWarning, stacklevel=3)
+
+
+def replace_gradient(p: Any, grad: Any) -> None:
+    """Set ``p.grad = grad``, a new array computed from the current one (gradient clipping):
+    it stays marked as averaged when the old one was."""
+    old = p.grad
+    p.grad = grad
+    if old is not None and _averaged.get(id(old)) is old:
+        del _averaged[id(old)]
+        _averaged[id(grad)] = grad

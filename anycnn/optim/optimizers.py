@@ -466,4 +466,71 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+class RMSprop(Optimizer):
+    """RMSprop (Hinton) with PyTorch's update rule and defaults.
+
+    ``g += wd*w``; ``sq = alpha*sq + (1-alpha)*g*g``; ``centered``: also
+    ``ga = ga + (1-alpha)*(g - ga)`` and ``avg = sqrt(sq - ga*ga) + eps``, else
+    ``avg = sqrt(sq) + eps``; with ``momentum``: ``buf = momentum*buf + g/avg`` and
+    ``w -= lr*buf``, else ``w -= lr*g/avg`` (every state starts at zero). ``params`` may be
+    parameter groups (see :class:`Optimizer`) with keys ``lr``, ``alpha``, ``eps``,
+    ``weight_decay``, ``momentum`` and ``centered``.
+
+    Args:
+        lr: learning rate (PyTorch's default 1e-2).
+        alpha: smoothing constant of the squared-gradient average, in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: L2 penalty added to the gradient (>= 0).
+        momentum: momentum of the scaled step (>= 0).
+        centered: divide by an estimate of the gradient's variance instead of its second
+            moment.
+    """
+
+    hyper_names = ("alpha", "eps", "weight_decay", "momentum", "centered")
+
+    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0,
+                 centered: bool = False) -> None:
+        super().__init__(params, lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered)
+
+    def _check_options(self, options):
+        alpha = options["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or \
+                not 0.0 <= alpha < 1.0:
+            raise ConfigError(f"RMSprop alpha must be a number in [0, 1), got {alpha!r}")
+        return {"alpha": float(alpha), "eps": _check_positive("eps", options["eps"]),
+                "weight_decay": _check_positive("weight_decay", options["weight_decay"],
+                                                allow_zero=True),
+                "momentum": _check_positive("momentum", options["momentum"], allow_zero=True),
+                "centered": bool(options["centered"])}
+
+    def _update(self, w, g, state, group):
+        xp = namespace_of(w, g)
+        ops = IN_PLACE if writes_in_place(xp) else NEW_ARRAYS
+        lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        if weight_decay:
+            g = g + weight_decay * w
+        sq = state.get("square_avg")
+        if sq is None:  # every state starts at zero, as PyTorch's
+            sq = xp.zeros_like(w)
+        sq = state["square_avg"] = ops.scale_add(sq, alpha, (1.0 - alpha) * (g * g))
+        if group["centered"]:
+            ga = state.get("grad_avg")
+            if ga is None:
+                ga = xp.zeros_like(w)
+            ga = state["grad_avg"] = ops.sub(ga, (1.0 - alpha) * (ga - g))
+            avg = xp.sqrt(sq - ga * ga) + eps
+        else:
+            avg = xp.sqrt(sq) + eps
+        if not momentum:
+            return ops.sub(w, lr * (g / avg))
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = xp.zeros_like(w)
+        buf = state["momentum_buffer"] = ops.scale_add(buf, momentum, g / avg)
+        return ops.sub(w, lr * buf)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}

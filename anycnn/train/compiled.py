@@ -68,15 +68,17 @@ class CompiledStep:
     """One jitted training step of ``model`` with ``optimizer`` and ``loss_fn`` (see the module
     docstring). Call it with a batch ``(x, y)`` on the JAX backend; it updates the model's
     parameters and buffers and the optimizer's state, and returns ``(loss, logits)``.
+    ``clip`` (optional, ``clip()``) clips the gradients inside the step, before the update.
 
     ``accept`` (optional) sees the step's loss before anything is written back; when it
     returns False (a NaN step to skip) the model and the optimizer keep their values.
     """
 
-    def __init__(self, model: Module, optimizer: Any, loss_fn: Any) -> None:
+    def __init__(self, model: Module, optimizer: Any, loss_fn: Any, clip: Any = None) -> None:
         import jax
 
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.clip = clip  # gradient clipping inside the step (compiled in)
         self.params = list(optimizer.params)
         self.buffers = [(m, name) for m in model.modules() for name in m.buffer_names]
         self._jitted = jax.jit(self._traced, static_argnums=(7,))
@@ -97,7 +99,7 @@ class CompiledStep:
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
             loss, logits, _, _ = training_step(model, self.loss_fn, opt, x, y,
-                                               check_labels=False)
+                                               check_labels=False, clip=self.clip)
             new_states = [{k: v for k, v in s.items() if k != "step"} for s in opt.state]
             return ([p.data for p in params], new_states,
                     [getattr(m, name) for m, name in self.buffers], loss, logits)

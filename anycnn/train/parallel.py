@@ -113,19 +113,21 @@ class DataParallel:
             error.every_rank = True
             raise error
 
-    def broadcast_state(self, model: Module, optimizer: Any) -> None:
-        """Give every rank rank 0's parameters, buffers and optimizer state (host copies,
-        once per :meth:`Trainer.fit`)."""
+    def broadcast_state(self, model: Module, optimizer: Any, ema: Any = None) -> None:
+        """Give every rank rank 0's parameters, buffers, optimizer state and weight averages
+        (``ema``, an :class:`~anycnn.optim.ema.EMA`; host copies, once per
+        :meth:`Trainer.fit`)."""
         state = None
         if self.comm.rank == 0:
-            opt = optimizer.state_dict()
             state = {"model": {k: to_numpy(v) for k, v in model.state_dict().items()},
-                     "optimizer": {**opt, "arrays": {k: to_numpy(v)
-                                                     for k, v in opt["arrays"].items()}}}
+                     "optimizer": _host_state(optimizer.state_dict()),
+                     "ema": _host_state(ema.state_dict()) if ema is not None else None}
         state = self.comm.broadcast_object(state, 0)
         if self.comm.rank != 0:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
 
     def check_shares(self, model: Module, loader: Any) -> None:
         """Refuse a loader that would leave a rank an empty share when ``model`` has BatchNorm
@@ -226,9 +228,17 @@ def fingerprint(trainer: Any, loader: Any, target_epochs: int) -> dict[str, Any]
         "position": [trainer.epoch, trainer.step],
         "warmup_steps": trainer.warmup_steps,
         "on_nonfinite": trainer.on_nonfinite,
+        "clipping": [getattr(trainer, "clip_grad_norm", None),
+                     getattr(trainer, "clip_grad_value", None)],
+        "ema": None if getattr(trainer, "ema", None) is None else trainer.ema.decay,
         "synchronised_batchnorm": sum(getattr(m, "sync", None) is not None
                                       for m in trainer.model.modules()),
     }
+
+
+def _host_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A ``state_dict`` with host copies of its ``"arrays"``."""
+    return {**state, "arrays": {k: to_numpy(v) for k, v in state["arrays"].items()}}
 
 
 def _groups_print(optimizer: Any) -> list[dict[str, Any]]:

@@ -2,10 +2,12 @@
 (:meth:`Trainer.parallel_step`) and compiled (:class:`~anycnn.train.compiled.CompiledStep`,
 which traces it).
 
-    zero_grad → forward → loss → backward (no gradient for the input) → [exchange] → update
+    zero_grad → forward → loss → backward (no gradient for the input) → [exchange] → [clip]
+    → update
 
-with two hooks: ``exchange`` (the data-parallel allreduce, between backward and the update) and
-``accept`` (the NaN/inf check, which can drop the update).
+with three hooks: ``exchange`` (the data-parallel allreduce, between backward and the update),
+``accept`` (the NaN/inf check, which can drop the update) and ``clip`` (gradient clipping, just
+before the update).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 def training_step(model: Any, loss_fn: Any, optimizer: Any, x: Any, y: Any, *,
                   check_labels: bool | None = None,
                   exchange: Callable[[Any, Any], Any] | None = None,
-                  accept: Callable[[Any], bool] | None = None) -> tuple[Any, Any, Any, bool]:
+                  accept: Callable[[Any], bool] | None = None,
+                  clip: Callable[[], Any] | None = None) -> tuple[Any, Any, Any, bool]:
     """One optimisation step of ``model`` on the batch ``(x, y)``.
 
     Args:
@@ -30,6 +33,8 @@ def training_step(model: Any, loss_fn: Any, optimizer: Any, x: Any, y: Any, *,
         accept: ``accept(judged) -> bool``; False drops the update. ``judged`` is what
             ``exchange`` returned when there is one (checked after it), else the step's loss
             (checked before backward, so a dropped step costs no backward pass).
+        clip: ``clip()``, run on an accepted step just before the update (it rewrites the
+            parameters' gradients: :mod:`anycnn.optim.clipping`).
 
     Returns:
         ``(loss, logits, exchanged, applied)``: ``exchanged`` is None without ``exchange``;
@@ -50,5 +55,7 @@ def training_step(model: Any, loss_fn: Any, optimizer: Any, x: Any, y: Any, *,
         exchanged = exchange(loss, logits)
         if accept is not None and not accept(exchanged):
             return loss, logits, exchanged, False
+    if clip is not None:
+        clip()
     optimizer.step()
     return loss, logits, exchanged, True

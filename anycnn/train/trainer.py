@@ -41,8 +41,12 @@ from ..io import checkpoint as ckpt
 from ..models.backbone import current_spec
 from ..nn.losses import SoftmaxCrossEntropy, batch_hits
 from ..nn.module import Module, eval_mode
-from .callbacks import Callback, ProgressLog
+from ..optim.clipping import clip_grad_norm_, clip_grad_value_
+from ..optim.ema import EMA
+from ..optim.schedules import interval_of
+from .callbacks import BestCheckpoint, Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
+from .interrupt import catch_signals, interrupted
 from .metrics import ClassificationMetrics, MultiLabelMetrics, check_top_k
 from .parallel import DataParallel, StepTotals, fingerprint
 from .step import training_step
@@ -229,13 +233,18 @@ class Trainer:
         model, optimizer: what to train.
         loss_fn: default :class:`~anycnn.nn.losses.SoftmaxCrossEntropy`.
         schedule: callable ``epoch -> lr`` (see :mod:`anycnn.optim.schedules`), or None. Its
-            value is assigned to ``optimizer.lr`` at the start of every epoch: with parameter
-            groups, every group's learning rate follows at its own ratio to the optimizer's
-            (see :class:`~anycnn.optim.optimizers.Optimizer`).
+            value is assigned to ``optimizer.lr`` at the start of every epoch; a schedule with
+            ``interval = "step"`` (:class:`~anycnn.optim.schedules.OneCycle`,
+            :class:`~anycnn.optim.schedules.Cosine` with ``total_steps``) is called with the
+            0-based index of the run's step before every step instead, and
+            :class:`~anycnn.optim.schedules.ReduceLROnPlateau` with the epoch and the history.
+            With parameter groups, every group's learning rate follows at its own ratio to the
+            optimizer's (see :class:`~anycnn.optim.optimizers.Optimizer`).
         model_spec: stored in checkpoints so :func:`anycnn.io.checkpoint.load_model` can rebuild
             the model; default: the model's own (``model.model_spec``, set by
             :func:`anycnn.models.build_model`, with the class count of its current head).
-        checkpoint_path: where :meth:`fit` saves after every epoch (None: never).
+        checkpoint_path: where :meth:`fit` saves after every epoch (None: never), and where it
+            saves when SIGINT (Ctrl-C) or SIGTERM stops it (see :meth:`fit`).
         on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
             ``"skip"`` drops that step's update and goes on.
         sync_every: steps between host reads of the metrics (default 1 on CPU, 20 on GPU).
@@ -264,6 +273,15 @@ class Trainer:
             ``jax.jit``-compiled function (JAX backend only; one compilation per batch shape;
             see :mod:`anycnn.train.compiled`). Results equal the eager step's up to float
             rounding.
+        clip_grad_norm: scale the gradients before each update so that their total 2-norm is
+            at most this (:func:`~anycnn.optim.clipping.clip_grad_norm_`); None: off.
+        clip_grad_value: clip every gradient element to ``[-v, v]`` before each update
+            (:func:`~anycnn.optim.clipping.clip_grad_value_`; applied before
+            ``clip_grad_norm`` when both are given); None: off.
+        ema: an :class:`~anycnn.optim.ema.EMA` of ``model`` (or its decay, e.g. ``0.999``):
+            updated after every applied step, used for validation, saved in checkpoints beside
+            the weights (tensors ``ema.<name>``) and restored by :meth:`resume`. The history's
+            ``val_*`` values are then the averaged weights'. None: off.
     """
 
     def __init__(self, model: Module, optimizer, loss_fn=None, *, schedule=None,
@@ -271,12 +289,19 @@ class Trainer:
                  on_nonfinite: str = "stop", sync_every: int | None = None,
                  progress: bool = True, config: dict | None = None,
                  callbacks: list[Callback] | tuple[Callback, ...] = (),
-                 warmup_steps: int = 0, comm: Any = None, compile: bool = False) -> None:
+                 warmup_steps: int = 0, comm: Any = None, compile: bool = False,
+                 clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
+                 ema: EMA | float | None = None) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.model, self.optimizer = model, optimizer
         self.loss_fn = loss_fn or SoftmaxCrossEntropy()
+        if schedule is not None:
+            interval_of(schedule)  # a bad interval, before any training
         self.schedule = schedule
+        self.clip_grad_norm = _check_clip("clip_grad_norm", clip_grad_norm)
+        self.clip_grad_value = _check_clip("clip_grad_value", clip_grad_value)
+        self.ema = _make_ema(ema, model)
         self.model_spec = model_spec
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.on_nonfinite = on_nonfinite
@@ -296,7 +321,8 @@ class Trainer:
             from .compiled import CompiledStep, check_compilable
 
             check_compilable(model, optimizer, backend_label(optimizer.params[0].data))
-            self._compiled = CompiledStep(model, optimizer, self.loss_fn)
+            self._compiled = CompiledStep(model, optimizer, self.loss_fn,
+                                          clip=self._clip_function())
         self.progress = progress and comm.rank == 0
         self.config = config or {}
         self.callbacks: list[Callback] = _check_callbacks(callbacks)
@@ -345,7 +371,7 @@ class Trainer:
         if target is None:
             raise ConfigError("no checkpoint path given")
         if self._parallel is not None:
-            self._parallel.average_buffers(self.model)
+            self._average_buffers()
             if self.comm.rank != 0:  # rank 0 writes; everyone waits for the file
                 self.comm.barrier()
                 self.last_checkpoint = target
@@ -360,7 +386,8 @@ class Trainer:
                 self.model), epoch=self.epoch,
             step=self.step,
             extra={"history": self.history, "config": config,
-                   "partial": {"loss": loss, "correct": correct, "seen": seen}})
+                   "partial": {"loss": loss, "correct": correct, "seen": seen}},
+            ema=self.ema)
         if self._parallel is not None:
             self.comm.barrier()
         self.last_checkpoint = written
@@ -368,7 +395,10 @@ class Trainer:
 
     def resume(self, path: str | Path | ckpt.Checkpoint) -> None:
         """Restore model, optimizer, RNG, position and history from a checkpoint (a file, or
-        one :func:`anycnn.io.checkpoint.load_checkpoint` has read already).
+        one :func:`anycnn.io.checkpoint.load_checkpoint` has read already), and the weight
+        averages when this trainer has an ``ema`` (one saved without them starts the averages
+        again from the restored weights, with a warning; averages saved by a trainer without
+        ``ema`` are ignored, with a warning).
 
         Raises:
             CheckpointError: the file is bad, does not fit the model or optimizer, or its
@@ -389,11 +419,52 @@ class Trainer:
                 f"{path}: malformed training record in the checkpoint ({exc})") from exc
         if state.epoch < 0 or state.step < 0:
             raise CheckpointError(f"{path}: negative epoch or step in the checkpoint")
-        ckpt.restore(state, self.model, self.optimizer)
+        self._restore(state)
         self.epoch, self.step = state.epoch, state.step
         self.history = list(history)
         self._partial = sums
         self.last_checkpoint = Path(path) if path is not None else None
+
+    def _restore(self, state: ckpt.Checkpoint) -> None:
+        """Model, optimizer, RNG and weight averages from ``state``, all or nothing."""
+        has_averages = state.ema_state is not None
+        if self.ema is None:
+            if has_averages:
+                warnings.warn(f"{state.path}: the checkpoint holds weight averages (EMA), but "
+                              "this trainer has no ema; they are not used", stacklevel=3)
+            ckpt.restore(state, self.model, self.optimizer)
+            return
+        before = self.ema.state_dict()
+        if has_averages:
+            try:
+                self.ema.load_state_dict(state.ema_state)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{state.path}: {exc}") from None
+        try:
+            ckpt.restore(state, self.model, self.optimizer)
+        except BaseException:
+            self.ema.load_state_dict(before)
+            raise
+        if not has_averages:
+            warnings.warn(f"{state.path}: the checkpoint holds no weight averages (EMA); they "
+                          "start again from the restored weights", stacklevel=3)
+            self.ema.load_state_dict({**before, "updates": 0,
+                                      "arrays": self.model.state_dict()})
+
+    def _average_buffers(self) -> None:
+        """Data-parallel: the model's float buffers (and the averaged ones) become their mean
+        over the ranks."""
+        self._parallel.average_buffers(self.model)
+        if self.ema is not None:
+            with self.ema.applied():
+                self._parallel.average_buffers(self.model)
+
+    def _validate(self, val_loader) -> dict[str, Any]:
+        """Loss and accuracy over ``val_loader``, with the averaged weights when ``ema``."""
+        if self.ema is None:
+            return evaluate(self.model, val_loader, self.loss_fn, comm=self.comm)
+        with self.ema.applied():
+            return evaluate(self.model, val_loader, self.loss_fn, comm=self.comm)
 
     # -- training ------------------------------------------------------------------------
     def _sync_every(self, x: Any) -> int:
@@ -430,7 +501,10 @@ class Trainer:
             loss, logits, applied = self._compiled(x, y, accept)
         else:
             loss, logits, _, applied = training_step(
-                self.model, self.loss_fn, self.optimizer, x, y, check_labels=check, accept=accept)
+                self.model, self.loss_fn, self.optimizer, x, y, check_labels=check, accept=accept,
+                clip=self._clip_function())
+        if applied and self.ema is not None:
+            self.ema.update()
         return (loss if applied else None), logits
 
     def parallel_step(self, x: Any, y: Any) -> StepTotals:
@@ -439,11 +513,14 @@ class Trainer:
         NaN/inf (``on_nonfinite``). Returns the global sums."""
         params = self._exchanged_params()
         stop, step = self._stop_reason is not None, self.step + 1
-        _, _, totals, _ = training_step(
+        _, _, totals, applied = training_step(
             self.model, self.loss_fn, self.optimizer, x, y, check_labels=on_host(x),
             exchange=lambda loss, logits: self._parallel.exchange(params, x, y, loss, logits,
                                                                   stop, self.loss_fn),
-            accept=lambda totals: self._check_finite(totals.loss, step, step))
+            accept=lambda totals: self._check_finite(totals.loss, step, step),
+            clip=self._clip_function())
+        if applied and self.ema is not None:
+            self.ema.update()
         return totals
 
     def _exchanged_params(self) -> list:
@@ -453,13 +530,57 @@ class Trainer:
         params = self.optimizer.params
         return [p for p in params if p.requires_grad] or params
 
-    def _warm_up(self, s: int) -> None:
-        """Set the learning rate of run step ``s`` (1-based) while it is in the warmup."""
+    def _clip_function(self):
+        """The gradient clipping run before each update (None when off)."""
+        norm, value = self.clip_grad_norm, self.clip_grad_value
+        if norm is None and value is None:
+            return None
+        params = self.optimizer.params
+
+        def clip() -> None:
+            if value is not None:
+                clip_grad_value_(params, value)
+            if norm is not None:
+                clip_grad_norm_(params, norm)
+
+        return clip
+
+    def _scheduled_lr(self, s: int) -> float:
+        """The schedule's learning rate for run step ``s`` (1-based) of the epoch in
+        progress."""
+        schedule = self.schedule
+        if interval_of(schedule) == "step":
+            return float(schedule(s - 1))
+        if getattr(schedule, "reads_history", False):
+            return float(schedule(self.epoch, self.history))
+        return float(schedule(self.epoch))
+
+    def _set_lr(self, s: int) -> None:
+        """Set the learning rate of run step ``s`` (1-based): the per-step schedule's, ramped
+        up while ``s`` is in the warmup."""
         n = self.warmup_steps
+        per_step = self.schedule is not None and interval_of(self.schedule) == "step"
         if s > n:
+            if per_step:
+                self.optimizer.lr = self._scheduled_lr(s)
             return
-        target = float(self.schedule(self.epoch)) if self.schedule is not None else self._base_lr
+        target = self._scheduled_lr(s) if self.schedule is not None else self._base_lr
         self.optimizer.lr = target if s == n else target * s / n
+
+    def _check_schedule(self, target: int) -> None:
+        """Refuse, before training, a schedule that cannot serve this fit: a cycle shorter than
+        the run, or a monitored metric the records will not hold."""
+        schedule = self.schedule
+        check_steps = getattr(schedule, "check_steps", None)
+        if check_steps is not None:
+            check_steps(target * self.steps_per_epoch)
+        monitor = getattr(schedule, "monitor", None)
+        if getattr(schedule, "reads_history", False) and monitor not in self.record_keys:
+            hint = (" (it needs a validation loader: fit(train_loader, val_loader, ...))"
+                    if str(monitor).startswith("val_") else "")
+            raise ConfigError(f"{type(schedule).__name__} monitors {monitor!r}, which the epoch "
+                              f"records will not hold{hint}; available: "
+                              f"{', '.join(self.record_keys)}")
 
     def fit(self, train_loader, val_loader=None, epochs: int | None = None, *,
             more_epochs: int | None = None,
@@ -479,6 +600,18 @@ class Trainer:
         (with :attr:`stopped` set) when a stop is requested. ``callbacks`` run for this call
         only, after the trainer's own (hook order in :mod:`anycnn.train.callbacks`). Returns the
         history.
+
+        **Interrupting loses nothing.** Where nobody else handles SIGINT (Ctrl-C) or SIGTERM
+        (the default handlers, in the main thread), ``fit`` catches them: the step in progress
+        finishes, the callbacks' ``on_train_end`` runs, the run is saved at that step (to
+        ``checkpoint_path``; without one, beside a :class:`~anycnn.train.callbacks.BestCheckpoint`
+        file as ``<name>.interrupted.safetensors``; else nowhere), one line on stderr says where
+        and how to resume (:meth:`resume`, then the same ``fit`` call: the numbers are the
+        uninterrupted run's), and ``fit`` raises ``KeyboardInterrupt`` (SIGINT) or
+        ``SystemExit(143)`` (SIGTERM). The trainer keeps the run: calling ``fit`` again goes
+        on from that step. A second signal interrupts at once (the checkpoint on disk stays
+        whole: writes are atomic). ``anycnn train`` installs its own handlers
+        (:mod:`anycnn.train.interrupt`), which ``fit`` then leaves alone.
         """
         if epochs is not None and more_epochs is not None:
             raise ConfigError("fit: pass epochs (the run's total) or more_epochs, not both")
@@ -502,26 +635,44 @@ class Trainer:
         if self.progress and not _stderr_is_terminal() and not any(
                 isinstance(c, ProgressLog) for c in hooks):
             hooks.append(ProgressLog(file=sys.stderr))  # no bars: one line per epoch instead
+        self.target_epochs, self.steps_per_epoch = target, len(train_loader)
+        self._validating = val_loader is not None
+        if self.schedule is not None:
+            self._check_schedule(target)
         if self._parallel is not None:
             check_loader(train_loader, "train_loader", ("set_shard",))
             train_loader.set_shard(self.comm.rank, self.comm.size)
             self._parallel.check_same(fingerprint(self, train_loader, target))
             self._parallel.check_shares(self.model, train_loader)
-            self._parallel.broadcast_state(self.model, self.optimizer)
-        self.target_epochs, self.steps_per_epoch = target, len(train_loader)
-        self._validating = val_loader is not None
+            self._parallel.broadcast_state(self.model, self.optimizer, self.ema)
         self.model.train()
-        for cb in hooks:
-            cb.on_train_begin(self)
-        while self.epoch < target and not self._honour_stop():
-            done = self._train_epoch(train_loader, hooks)
-            if done is None:  # stopped mid-epoch
-                break
-            self._end_epoch(val_loader, *done, hooks)
-        self._honour_stop()  # asked during the last epoch's end: it is honoured, not pending
-        for cb in hooks:
-            cb.on_train_end(self)
+        with catch_signals(self) as stopper:
+            for cb in hooks:
+                cb.on_train_begin(self)
+            while self.epoch < target and not self._honour_stop():
+                done = self._train_epoch(train_loader, hooks)
+                if done is None:  # stopped mid-epoch
+                    break
+                self._end_epoch(val_loader, *done, hooks)
+            self._honour_stop()  # asked during the last epoch's end: honoured, not pending
+            for cb in hooks:
+                cb.on_train_end(self)
+            signum = stopper.signum  # saved with the handlers on: a second signal interrupts
+            saved = self._save_interrupted(hooks) if signum is not None else None  # at once
+        if signum is not None:
+            raise interrupted(self, signum, saved)
         return self.history
+
+    def _save_interrupted(self, hooks: list[Callback]) -> Path | None:
+        """Save the run stopped by a signal: to ``checkpoint_path``, else beside the first
+        :class:`BestCheckpoint`'s file; None when there is neither."""
+        path = self.checkpoint_path
+        if path is None:
+            best = next((cb for cb in hooks if isinstance(cb, BestCheckpoint)), None)
+            if best is None:
+                return None
+            path = best.path.with_name(f"{best.path.stem}.interrupted{best.path.suffix}")
+        return self.save(path)
 
     def _honour_stop(self) -> bool:
         if self._parallel is not None and not self._stop_honoured and \
@@ -533,8 +684,8 @@ class Trainer:
 
     def _train_epoch(self, train_loader, hooks: list[Callback]) -> tuple[float, int] | None:
         """The steps of the epoch in progress; (seconds, images) or None if stopped inside."""
-        if self.schedule is not None:
-            self.optimizer.lr = float(self.schedule(self.epoch))
+        if self.schedule is not None and interval_of(self.schedule) == "epoch":
+            self.optimizer.lr = self._scheduled_lr(0)
         train_loader.set_epoch(self.epoch)
         for cb in hooks:
             cb.on_epoch_begin(self, self.epoch + 1)  # 1-based, as printed and recorded
@@ -549,8 +700,7 @@ class Trainer:
                 sync = sync or (1 if self._parallel else self._sync_every(x))
                 check = self.on_nonfinite == "skip" or sync == 1
                 run_step = self.epoch * self.steps_per_epoch + self.step + 1
-                if self.warmup_steps:
-                    self._warm_up(run_step)
+                self._set_lr(run_step)
                 if self._parallel is None:
                     loss, logits = self.train_step(x, y, check)
                     self.step += 1
@@ -589,9 +739,8 @@ class Trainer:
         """Validate, record, checkpoint, then run the epoch-end callbacks."""
         train_loss, train_acc = self._partial.means()
         if self._parallel is not None:
-            self._parallel.average_buffers(self.model)
-        val = (evaluate(self.model, val_loader, self.loss_fn, comm=self.comm)
-               if val_loader else None)
+            self._average_buffers()
+        val = self._validate(val_loader) if val_loader else None
         self.model.train()
         if val is not None and not math.isfinite(val["loss"]):
             # the weights are finite (or the step checks would have fired) but useless:
@@ -611,6 +760,31 @@ class Trainer:
             self.save()
         for cb in hooks:
             cb.on_epoch_end(self, self.epoch, self.history[-1])  # record["epoch"]
+
+
+def _check_clip(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number > 0 (or None: off), got {value!r}")
+    return float(value)
+
+
+def _make_ema(ema: Any, model: Module) -> EMA | None:
+    """``ema`` as an :class:`EMA` of ``model`` (a number is its decay), or None."""
+    if ema is None:
+        return None
+    if isinstance(ema, EMA):
+        if ema.model is not model:
+            raise ConfigError("ema must average the trainer's model: EMA(model, decay) with "
+                              "the model given to the Trainer")
+        return ema
+    if isinstance(ema, int | float) and not isinstance(ema, bool):
+        return EMA(model, ema)
+    raise ConfigError(f"ema must be an anycnn.optim.EMA of the model or its decay (a number "
+                      f"in [0, 1)), got {type(ema).__name__}")
 
 
 def _check_callbacks(callbacks) -> list[Callback]:

@@ -8,7 +8,8 @@ statistics synchronised over the ranks), ``augment``,
 ``batch_on_rank`` ({rank: batch}: a misconfigured rank), ``raise_on_rank`` ([rank, step]),
 ``nan_on_rank`` ([rank, step]), ``on_nonfinite``, ``pid_dir`` (each rank writes its process id
 to ``pid_dir/rank-R.pid`` once it has trained a step), ``groups`` (parameter groups: see
-:func:`optimizer`), ``freeze`` (the first convolution's weight frozen).
+:func:`optimizer`), ``freeze`` (the first convolution's weight frozen), ``clip_grad_norm`` and
+``ema`` (the Trainer's options; the averages are written too, keyed ``ema:<name>``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main(path: str) -> int:
 
         loss_fn.forward = poisoned
     trainer = Trainer(net, optimizer(net, cfg.get("groups", False)), loss_fn, comm=comm,
-                      progress=False, on_nonfinite=cfg.get("on_nonfinite", "stop"))
+                      progress=False, on_nonfinite=cfg.get("on_nonfinite", "stop"),
+                      clip_grad_norm=cfg.get("clip_grad_norm"), ema=cfg.get("ema"))
     if "pid_dir" in cfg:
         step, done = trainer.parallel_step, []
 
@@ -110,6 +112,9 @@ def main(path: str) -> int:
     trainer.fit(train, val, epochs=cfg.get("epochs", 2))
     if comm.rank == 0:
         state = {k: anycnn.to_numpy(v) for k, v in net.state_dict().items()}
+        if trainer.ema is not None:
+            state.update({f"ema:{k}": anycnn.to_numpy(v)
+                          for k, v in trainer.ema.averages.items()})
         np.savez(cfg["out"], history=json.dumps(trainer.history),
                  skipped=trainer.skipped_steps, **state)
     return 0
