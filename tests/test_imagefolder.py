@@ -364,3 +364,24 @@ def test_importing_anycnn_does_not_import_pillow():
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_parallel_decoding_gives_the_one_thread_pixels_and_first_bad_file(tmp_path, monkeypatch):
+    """The first pass decodes on several threads: the same pixels and skipped files as one
+    thread, and "stop" names the first bad file in sample order."""
+    make_folder(tmp_path / "f", per_class=12, size=(30, 26))
+    truncated_png(tmp_path / "f" / "cat" / "10.png")  # overwrite two images: bad files
+    truncated_png(tmp_path / "f" / "dog" / "03.png")
+    results = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("ANYCNN_NUM_THREADS", threads)
+        with pytest.warns(ImageFolderWarning, match="skipped 2"):
+            splits = load_image_folder(tmp_path / "f", size=16, bad_images="skip",
+                                       val_split=0.25, cache_dir=tmp_path / f"c{threads}")
+        results[threads] = splits
+        with pytest.raises(DataError, match=r"cat.10\.png"):
+            load_image_folder(tmp_path / "f", size=16, cache_dir=tmp_path / f"s{threads}")
+    for part in ("train", "val"):
+        a, b = getattr(results["1"], part), getattr(results["3"], part)
+        np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+        np.testing.assert_array_equal(np.asarray(a.labels), np.asarray(b.labels))

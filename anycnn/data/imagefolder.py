@@ -33,7 +33,9 @@ epoch or the next run. Each folder and set of options (size, channels, filter, s
 own entry, valid while the fingerprint of the file list (absolute paths, labels, sizes,
 modification times) is unchanged; a changed folder is decoded again and replaces its entry.
 Files are written atomically (temporary file + rename; the JSON record last), so an
-interrupted or failed decode leaves no half-written entry and no temporary file.
+interrupted or failed decode leaves no half-written entry and no temporary file. The first
+pass decodes on one thread per usable CPU (``ANYCNN_NUM_THREADS``): Pillow releases the GIL
+while it decodes and resizes.
 
 **Bad images.** A file that is not an image, unreadable or truncated is named by path:
 ``bad_images="stop"`` (default) raises a one-line :class:`~anycnn.errors.DataError`;
@@ -51,12 +53,14 @@ import os
 import secrets
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..kernels.threads import num_threads
 from . import images as image_files
 from .arrays import ArrayDataset, Splits
 from .sources import cache_dir as user_cache_dir
@@ -391,16 +395,30 @@ def _decode_into(npy: Path, record_path: Path, samples: Sequence[tuple[Path, int
 
     try:
         out = np.lib.format.open_memmap(temp(), mode="w+", dtype=np.uint8, shape=shape)
-        known_bad = {i for i, _ in bad}
-        for i, (path, _) in enumerate(tqdm(samples, desc="decoding images", unit="img",
-                                           disable=not progress, leave=False)):
-            if i in known_bad:
-                continue
+
+        def decode(i: int, rows=out) -> str | None:
+            """Decode sample ``i`` into its row; the reason it is unusable, or None."""
             try:
-                out[i] = image_files.load_image(path, size, channels, options.resample,
-                                                resize_shorter=options.resize_shorter)
+                rows[i] = image_files.load_image(samples[i][0], size, channels,
+                                                 options.resample,
+                                                 resize_shorter=options.resize_shorter)
             except DataError as exc:
-                _bad(bad, i, str(exc), bad_images)
+                return str(exc)
+            return None
+
+        known_bad = {i for i, _ in bad}
+        todo = [i for i in range(len(samples)) if i not in known_bad]
+        # Pillow releases the GIL while it decodes and resizes: one thread per usable CPU,
+        # the results taken in order (so "stop" names the first bad file, as one thread would)
+        pool = ThreadPoolExecutor(max_workers=num_threads())
+        try:
+            reasons = pool.map(decode, todo)
+            for i, reason in zip(todo, tqdm(reasons, total=len(todo), desc="decoding images",
+                                            unit="img", disable=not progress, leave=False)):
+                if reason is not None:
+                    _bad(bad, i, reason, bad_images)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         bad.sort()
         if bad:  # compact: the usable images only, copied in chunks
             keep = np.setdiff1d(np.arange(len(samples)), [i for i, _ in bad])
