@@ -378,3 +378,53 @@ def test_epilogue_kernel_equals_portable(backend, rng):
                                                else 1e-12, atol=1e-4 if dtype == np.float32
                                                else 1e-12)
                     assert np.isnan(got[0, 0, 0]).all()
+
+
+class _ReadTwice(anycnn.nn.Module):
+    """A convolution output that a BatchNorm takes in and something else reads as well."""
+
+    def __init__(self) -> None:
+        self.conv = Conv2D(3, 8, 3, padding=1, dtype="float64")
+        self.bn = BatchNorm2D(8, dtype="float64")
+        self.relu = ReLU()
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.relu(self.bn(h) + h * 2.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20-code", "read-twice"])
+def test_models_as_code_fold_with_gradients_off(backend, kernels, rng, name):
+    """A model written as code folds ``bn(conv(x))`` (its ReLU and residual sum too) under
+    no_grad, as predict and evaluate run it; with gradients on it runs its layers (and its
+    eval-mode gradients are the layers')."""
+    model = build_model(name) if name != "read-twice" else _ReadTwice()
+    model.to("float64")
+    _scramble_norms(model, rng)
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(2, 8, 8, 3)))
+    expected = _reference(model, x)
+    for bn in _norms(model):
+        bn._ctx = None
+    with anycnn.no_grad():
+        _close(model.forward(x), expected)
+    assert all(bn._ctx is None and bn._derived is not None for bn in _norms(model))
+    out = model(x)  # gradients on: recorded, the BatchNorms run
+    _close(out.data, expected)
+    assert all(bn._ctx is not None for bn in _norms(model)
+               if name == "read-twice" or not _in_sequential(model, bn))
+    dy = anycnn.asarray(rng.normal(size=tuple(out.shape)))
+    model.zero_grad()
+    (out * dy).sum().backward()
+    grads = [_host(p.grad) for p in model.parameters()]
+    model.zero_grad()
+    with suspended():
+        (model(x) * dy).sum().backward()
+    for got, want in zip(grads, (_host(p.grad) for p in model.parameters())):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def _in_sequential(model, bn):
+    """Whether ``bn`` is a direct layer of a Sequential in ``model`` (folded there anyway)."""
+    return any(isinstance(m, Sequential) and any(layer is bn for layer in m.layers)
+               for m in model.modules())

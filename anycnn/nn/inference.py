@@ -38,8 +38,9 @@ while a model trains, not even a frozen eval-mode backbone inside it (its backwa
 one more forward). Nothing is folded either inside :func:`~anycnn.nn.modes.suspended`, in a
 ``Sequential(..., fuse=False)`` or one that holds a layer twice, for subclasses of the two
 layers, or where their dtypes or channel counts differ (the layers then report the mismatch as
-usual). Models written as code (a ``forward`` and no ``backward``) are not traced for folding;
-the ``Sequential`` parts they call are folded (a torchvision-style ``downsample``).
+usual). In models written as code (a ``forward`` and no ``backward``) the ``Sequential``
+parts fold as above, and with gradients off (``predict``, ``evaluate``) ``bn(conv(x))``,
+its ReLU and a residual sum fold too (:mod:`anycnn.nn.deferred`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ def leave_tree(token: contextvars.Token) -> None:
     _tree_in_eval.reset(token)
 
 
+def folding_off() -> bool:
+    """Whether the calling context is inside :func:`unfolded`."""
+    return _unfolded.get()
+
+
 class _Fold:
     """A ``BatchNorm2D`` folded into ``conv``: the stand-in ``twin`` and what it was made from
     (``arrays`` by identity, ``versions`` of the parameters, ``settings``)."""
@@ -140,7 +146,7 @@ def _params(conv: Conv2D, bn: BatchNorm2D) -> tuple[Parameter | None, ...]:
     return conv.weight, conv.bias, bn.weight, bn.bias
 
 
-def _foldable(conv: Module, bn: Module) -> bool:
+def foldable(conv: Module, bn: Module) -> bool:
     """Whether ``conv``, ``bn`` (adjacent layers) fold: exactly a Conv2D and a BatchNorm2D,
     both in eval mode, with matching channels and one dtype."""
     if type(conv) is not Conv2D or type(bn) is not BatchNorm2D:
@@ -183,7 +189,7 @@ def inference_layers(layers: list[Module]) -> list[Module]:
     out: list[Module] = []
     i, changed = 0, False
     while i < len(layers):
-        if i + 1 < len(layers) and _foldable(layers[i], layers[i + 1]):
+        if i + 1 < len(layers) and foldable(layers[i], layers[i + 1]):
             out.append(folded(layers[i], layers[i + 1]))
             i, changed = i + 2, True
         else:
