@@ -2,7 +2,8 @@
 driver (:mod:`anycnn.cli.bench`) as ``python tools/bench_torch.py WORKER-JSON``.
 
 ``WORKER-JSON`` is the driver's worker config (``kind`` ``torch`` or ``torch-cl``, ``model``,
-``batch``, ``dtype``, ``steps``, ``warmup``, ``threads``, ``gpu``); the last line printed is the
+``batch``, ``dtype``, ``steps``, ``warmup``, ``threads``, ``gpu``, and ``infer_only`` for
+``anycnn bench --infer``: inference alone, no training steps); the last line printed is the
 result as JSON. The model is the anycnn preset converted by
 :func:`anycnn.io.interop.torch_module`, or, for the torchvision architectures (``resnet18``,
 ``mobilenet_v2``, ...), torchvision's own model (imported with ``torch.library.register_fake``
@@ -66,9 +67,14 @@ def torch_worker(cfg: dict, channels_last: bool) -> dict:
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     base = rss_mib("VmRSS")
-    train = time_steps(step, sync, cfg["warmup"], cfg["steps"])
-    net.eval()
-    inference = time_steps(infer, sync, 1, cfg["steps"])
+    if cfg.get("infer_only"):  # anycnn bench --infer: eval-mode forwards alone
+        train = []
+        net.eval()
+        inference = time_steps(infer, sync, cfg["warmup"], cfg["steps"])
+    else:
+        train = time_steps(step, sync, cfg["warmup"], cfg["steps"])
+        net.eval()
+        inference = time_steps(infer, sync, 1, cfg["steps"])
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     return {"train_ms": train, "infer_ms": inference, "base_mib": base,
             "peak_mib": rss_mib("VmHWM"), "backend": "torch", "device": str(device),

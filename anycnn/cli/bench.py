@@ -17,6 +17,8 @@ Method (the numbers in BENCHMARKS.md come from here):
   should be 1.0 (anycnn never wakes the BLAS's own threads, so their idle spinning cannot cost).
 * Peak memory is the worker's peak resident set (``VmHWM``); "above base" subtracts the resident
   set measured just before the first step (libraries, model and data loaded).
+* ``--infer`` times eval-mode forwards instead, beside onnxruntime on the model exported to
+  ONNX and PyTorch (:mod:`anycnn.cli.bench_infer`).
 * ``--workers`` times data-parallel training instead (:func:`run_workers`): for each rank count
   ``k`` one ``mpiexec -n k`` job of the worker (``anycnn.dist.workers_command``'s launcher and
   binding flags; every rank calls ``bind_to_cores``) trains on a random global batch split into
@@ -44,7 +46,7 @@ from typing import Any
 from ..errors import ConfigError, DistributedError
 from .common import backend_option, count, model_name, positive_int, select_backend
 
-HELP = "time training steps against PyTorch"
+HELP = "time training steps (or, with --infer, inference) against PyTorch and onnxruntime"
 
 FRAMEWORKS = ("anycnn", "anycnn-script", "torch", "torch-cl")
 
@@ -82,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time data-parallel training over MPI instead: one N means 1..N ranks, "
                    "several are the rank counts to run (1, the baseline, is always added); "
                    "needs mpi4py and mpiexec")
+    p.add_argument("--infer", action="store_true",
+                   help="time eval-mode forwards instead, beside onnxruntime (the same model "
+                   "exported to ONNX, the same threads) and PyTorch where they are installed")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     backend_option(p)
 
@@ -286,6 +291,14 @@ def _dp_worker(cfg: dict) -> dict | None:
 
 def worker_main(cfg: dict) -> dict | None:
     kind = cfg["kind"]
+    if kind == "anycnn" and cfg.get("infer_only"):
+        from .bench_infer import anycnn_worker
+
+        return anycnn_worker(cfg)
+    if kind == "onnxruntime":
+        from .bench_infer import onnxruntime_worker
+
+        return onnxruntime_worker(cfg)
     if kind in ("anycnn", "anycnn-script"):
         return _anycnn_worker(cfg)
     if kind == "first-step":
@@ -399,11 +412,17 @@ def run(args: argparse.Namespace) -> int:
     select_backend(args.backend)
     model_spec(args.model)
     if getattr(args, "workers", None) is not None:
+        if getattr(args, "infer", False):
+            raise ConfigError("--workers times data-parallel training; drop --infer")
         return run_workers(args)
     if getattr(args, "first_step", False):
         from .bench_first_step import run_first_step
 
         return run_first_step(args)
+    if getattr(args, "infer", False):
+        from .bench_infer import run_infer
+
+        return run_infer(args)
     backend = get_backend()
     input_grad = args.script or getattr(args, "input_grad", False)
     frameworks = ["anycnn", "anycnn-script"] if args.script else ["anycnn"]

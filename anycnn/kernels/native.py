@@ -24,6 +24,8 @@ by output channels in vector registers, reading the NHWC input and the weights i
   maximum, or none where the ReLU is off). Both gradient kernels take the pooled gradient and
   the codes (:class:`Pooled`) and unpool them inside their tasks: the convolution's output and
   its gradient never reach memory.
+- :func:`conv2d_epilogue` — :func:`conv2d` with a residual ``addend`` its sums start from and
+  a ReLU applied to its tiles (eval mode's fused steps, :mod:`anycnn.nn.inference`).
 
 They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
 (a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
@@ -276,13 +278,15 @@ ROWS_PER_TASK = 8
 @kernel_cache.pipeline
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-                      addend: bool):
+                      addend: bool, relu: bool = False):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
-    kernel reading a pooled gradient), plus ``bias`` (or, with ``addend``, plus the array
-    ``addend`` shaped as the output); a task is :data:`ROWS_PER_TASK` rows of one image, which
-    pads its own input rows. With ``pool`` (ph, pw), the output is the pair
-    (relu(max over each ph x pw window + bias), code): see :func:`conv2d_relu_maxpool`."""
+    kernel reading a pooled gradient), plus ``bias`` (with ``addend``, plus the array
+    ``addend`` shaped as the output and ``bias``); a task is :data:`ROWS_PER_TASK` rows of one
+    image, which pads its own input rows. With ``relu`` (and no ``pool``), ``max(., 0)`` of
+    that in the same tile, a NaN kept (:func:`conv2d_epilogue`). With ``pool`` (ph, pw), the
+    output is the pair (relu(max over each ph x pw window + bias), code): see
+    :func:`conv2d_relu_maxpool`."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
@@ -297,18 +301,19 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
         images["addend"] = plus
 
     def start(co, x, y, n):
-        """Where each output's sum starts: the addend, or the bias (zero under a pool: the
-        bias is added to the window's maximum)."""
+        """Where each output's sum starts: the addend plus the bias (a zero bias for an input
+        gradient's sums), or the bias (zero under a pool: the bias is added to the window's
+        maximum)."""
         if addend:
-            return plus[co, x, y, n]
+            return plus[co, x, y, n] + bias[co]
         return hl.cast(t, 0) if pool else bias[co]
 
     conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
     if pool is None:
-        out = conv
-        coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling)
+        out = _relu(hl, t, conv, loop) if relu else conv
+        coo, coi, xo, xi = _register_tiles(hl, out, acc, r, loop, tiling)
         out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
         out.reorder(coi, xi, coo, xo, yi, yo, n)
     else:
@@ -320,6 +325,17 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, spread: int,
     out.fuse(yo, n, task).parallel(task)
     grid.compute_at(out, task).vectorize(gc, tiling[1], hl.TailStrategy.GuardWithIf)
     return out, {**images, **weights, "bias": bias}, {**scalars, "top": top, "left": left}
+
+
+def _relu(hl, t, conv, loop):
+    """``max(conv, 0)`` as a Func over ``loop`` (a NaN stays NaN, as NumPy's ``maximum``);
+    ``conv`` is inlined into it, so the ReLU is applied to each register tile."""
+    co, x, y, n = loop
+    z = hl.Expr(conv[co, x, y, n])
+    out = hl.Func("relu")
+    out[co, x, y, n] = hl.select(z > hl.cast(t, 0), z, hl.select(hl.is_nan(z), z,
+                                                               hl.cast(t, 0)))
+    return out
 
 
 #: the code of a pooled output whose ReLU is off (no gradient reaches any of its window)
@@ -430,14 +446,16 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
 
 def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: int,
              pads: tuple, out_hw: tuple[int, int], outputs: list[np.ndarray], spread: int = 1,
-             unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None) -> None:
+             unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None,
+             relu: bool = False) -> None:
     """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
-    ``"addend"``: its sums start from that array instead of the bias) into ``outputs``."""
+    ``"addend"``: its sums start from that array plus the bias) into ``outputs``; with
+    ``relu``, the ReLU of the result."""
     cout, dtype = weight.shape[3], outputs[0].dtype
     tile, lanes, guard = _tiles(dtype, cout)
     width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, _pixel_tile(width)), spread,
-                                 unpool, pool, "addend" in arrays)
+                                 unpool, pool, "addend" in arrays, relu)
     weight = operand(weight)
     bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias},
@@ -646,3 +664,34 @@ def pooled_gradient(grad: Any, code: Any, window: tuple[int, int]) -> Pooled:
     """The :class:`Pooled` gradient of a block computed by :func:`conv2d_relu_maxpool_kernel`
     (its ``code``), for the pooled output's gradient ``grad``."""
     return Pooled(grad, code, tuple(window))
+
+
+# --------------------------------------------------------------------------------------------
+# A convolution's epilogue in its kernel (eval mode's fused steps, anycnn.nn.inference)
+
+
+def conv2d_epilogue(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int,
+                    pads: tuple[int, int, int, int], out_hw: tuple[int, int],
+                    addend: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
+    """:func:`conv2d` plus ``addend`` (shaped as the output, e.g. a residual block's shortcut;
+    the sums start from it and the bias), then ``max(., 0)`` with ``relu``: one kernel, no
+    pass over the output of its own."""
+    y = np.empty((x.shape[0], *out_hw, weight.shape[3]), dtype=x.dtype)
+    arrays = {"inp": operand(x)}
+    if addend is not None:
+        arrays["addend"] = operand(addend)
+    _forward(arrays, weight, bias, stride, pads, out_hw, [y], relu=relu)
+    return y
+
+
+@implements("conv2d_epilogue")
+def conv2d_epilogue_kernel(x: Any, weight: Any, bias: Any, win: Any, groups: int, addend: Any,
+                           relu: bool) -> Any:
+    """:func:`anycnn.nn.functional.conv.conv2d_forward` with an ``addend`` or ``relu``, as
+    :func:`conv2d_epilogue`, when :func:`applies` (and the addend is a NumPy array of the
+    input's dtype); else :data:`~anycnn.kernels.dispatch.DECLINE`."""
+    if not applies(x, weight, win.stride, win.pads, win.dilation, groups) or (
+            addend is not None and not (isinstance(addend, np.ndarray)
+                                        and addend.dtype == x.dtype)):
+        return DECLINE
+    return conv2d_epilogue(x, weight, bias, win.stride[0], win.pads, win.out, addend, relu)

@@ -10,8 +10,9 @@ re-exported from the modules that define them (imported on first use):
   :mod:`~anycnn.nn.sequential`, :mod:`~anycnn.nn.containers` (``Residual``, ``Concat``,
   ``Identity``), :mod:`~anycnn.nn.blocks` (squeeze-and-excitation, conv-norm-activation),
   :mod:`~anycnn.nn.losses`, :mod:`~anycnn.nn.init`;
-* :mod:`~anycnn.nn.fusion` (exact fused blocks), :mod:`~anycnn.nn.geometry` (window shapes
-  and index tables), :mod:`~anycnn.nn.summarize` (``summary``).
+* :mod:`~anycnn.nn.fusion` (exact fused blocks), :mod:`~anycnn.nn.inference` (eval mode:
+  BatchNorm folded into convolutions), :mod:`~anycnn.nn.geometry` (window shapes and index
+  tables), :mod:`~anycnn.nn.summarize` (``summary``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _EXPORTS = {
     **names(".dist.sync", "sync_batchnorm"),
 }
 _SUBMODULES = {m: m for m in ("activations", "blocks", "containers", "functional", "fusion",
-                              "geometry", "init", "layers", "losses", "module", "sequential",
-                              "summarize")}
+                              "geometry", "inference", "init", "layers", "losses", "module",
+                              "sequential", "summarize")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

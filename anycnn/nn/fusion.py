@@ -18,6 +18,10 @@ Consecutive such blocks form one :class:`ConvPoolRun`, which takes each range of
 all of them before the next range (depth first). Where the compiled kernels apply (NumPy with
 halide, windows that tile the convolution's output), a block runs instead as one kernel each way
 (:func:`anycnn.kernels.native.conv2d_relu_maxpool`): measured 1.5-1.7x faster ``simple-cnn`` steps.
+
+In eval mode, ``Conv2D → ReLU`` applies the ReLU inside the convolution's pass
+(:class:`~anycnn.nn.inference.ConvReLU`), and :mod:`anycnn.nn.inference` folds each
+``Conv2D → BatchNorm2D`` pair into one convolution before these rewrites are matched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..kernels.dispatch import DECLINE, attempt
 from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
+from .inference import ConvReLU
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 from .modes import fusion_suspended, suspended  # noqa: F401 - re-exported
 from .module import Module
@@ -373,7 +378,9 @@ class ResidualReLU:
                                       input_grad)
 
 
-FUSIONS = (ConvReluMaxPool, BatchNormReLU, ResidualReLU)
+#: tried in order at each position: Conv2D → ReLU → MaxPool2D before an eval-mode Conv2D →
+#: ReLU (:class:`~anycnn.nn.inference.ConvReLU`)
+FUSIONS = (ConvReluMaxPool, ConvReLU, BatchNormReLU, ResidualReLU)
 
 
 

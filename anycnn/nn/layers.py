@@ -165,11 +165,27 @@ class Conv2D(Module):
                              self.dilation)
         check_windows(self, x, win)
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """The convolution of ``x``; with ``relu``, ``max(., 0)`` of it in the same pass (a
+        fused Conv2D → ReLU step of eval mode, :mod:`anycnn.nn.inference`; the backward is
+        then the convolution's of the ReLU's gradient)."""
+        return self._forward(x, None, relu)
+
+    def forward_add(self, x, addend, relu: bool = False):
+        """The convolution of ``x`` plus ``addend`` (then ``max(., 0)`` with ``relu``) in one
+        pass: the end of a residual body (:meth:`Module.forward_add`); the compiled kernels
+        start their sums from ``addend``."""
+        return self._forward(x, addend, relu)
+
+    def _forward(self, x, addend, relu: bool):
         self.check_input(x)
+        if addend is not None:
+            check_addend((x.shape[0], *self.output_hw(tuple(x.shape[1:3])),
+                          self.out_channels), addend)
         y, self._ctx = F.conv2d_forward(x, self.weight.data,
                                         self.bias.data if self.bias else None,
-                                        self.stride, self.pads, self.dilation, self.groups)
+                                        self.stride, self.pads, self.dilation, self.groups,
+                                        addend=addend, relu=relu)
         return y
 
     def output_hw(self, hw):

@@ -40,12 +40,13 @@ class Parameter:
     array.
     """
 
-    __slots__ = ("_data", "grad", "requires_grad")
+    __slots__ = ("_data", "_version", "grad", "requires_grad")
     __anycnn_parameter__ = True  # recorded operations use its value
     __array_ufunc__ = None  # NumPy arrays defer to the reflected operators below
 
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         self._data = data
+        self._version = 0
         self.grad: Any = None
         self.requires_grad = bool(requires_grad)
 
@@ -65,6 +66,17 @@ class Parameter:
     @data.setter
     def data(self, value: Any) -> None:
         self._data = value.data if isinstance(value, Variable) else value
+        self._version += 1
+
+    @property
+    def version(self) -> int:
+        """How many times ``data`` has been assigned. Optimizers assign it at every step, also
+        when they update the array in place, and so do ``load_state_dict`` and ``to``: what
+        eval mode derives from a parameter (BatchNorm folded into a convolution,
+        :mod:`anycnn.nn.inference`) is computed again when its version or its array changes.
+        After writing into the array yourself (``p.data[...] = v``), assign it
+        (``p.data = p.data``) or call ``model.eval()`` again."""
+        return self._version
 
     def accumulate(self, grad: Any) -> None:
         """Add ``grad`` to ``self.grad`` (the first gradient is stored as is); nothing for a
@@ -135,6 +147,10 @@ class Module:
     autodiff: bool = False
     #: kept in eval mode by ``freeze(eval=True)`` whatever ``train()`` says
     eval_pinned: bool = False
+    #: what eval mode derives from this module's parameters and buffers (e.g. a BatchNorm2D
+    #: folded into the Conv2D before it, :mod:`anycnn.nn.inference`); ``train()`` and
+    #: ``eval()`` drop it, so it is computed again at the first forward after either
+    _derived: Any = None
     #: training-mode forward passes since the last backward or ``train()`` (containers and
     #: forward-only modules refuse a backward that cannot tell which of several it belongs to)
     _calls: int = 0
@@ -223,6 +239,8 @@ class Module:
         for m in self.modules():
             m.training = mode and not m.eval_pinned
             m._calls = 0  # a new phase: earlier forwards will not be backpropagated
+            if m._derived is not None:
+                m._derived = None
         return self
 
     def freeze(self, eval: bool = False) -> Module:

@@ -10,6 +10,7 @@ from ..errors import ShapeError
 from .calls import capture, check_single_call, restore
 from .containers import as_module
 from .fusion import execution_plan
+from .inference import enter_tree, inference_layers, leave_tree, tree_in_eval, unfolded
 from .layers import explain_flatten_mismatch
 from .module import Module, add_gradients, residual_sum, spatial_size
 
@@ -18,7 +19,10 @@ class Sequential(Module):
     """Layers applied in order; backward runs them in reverse. Children are named "0", "1", ...
 
     With ``fuse=True`` (default) exact rewrites from :mod:`anycnn.nn.fusion` run fusable layer
-    sequences (e.g. Conv2D → ReLU → MaxPool2D) as one faster step; results are the same.
+    sequences (e.g. Conv2D → ReLU → MaxPool2D) as one faster step; results are the same. In
+    eval mode each Conv2D → BatchNorm2D pair runs as one convolution with the BatchNorm folded
+    in, the ReLU and a residual sum after it in the convolution's pass
+    (:mod:`anycnn.nn.inference`); the layers' parameters are not changed.
     ``backward(dy, input_grad=False)`` skips the first layer's input gradient (training does
     not need it) and then returns ``None``; the layers before the first one with a trainable
     parameter (a frozen backbone, see :meth:`Module.freeze`) then run no backward at all.
@@ -39,6 +43,7 @@ class Sequential(Module):
         self.fuse = fuse
         self._plan: list[Any] | None = None
         self._states: list[Any] | None = None  # per-position state when a layer repeats
+        self._replay: tuple | None = None  # a folded forward's arguments, for its backward
 
     @property
     def layers(self) -> list[Module]:
@@ -78,9 +83,29 @@ class Sequential(Module):
 
     def _run(self, x: Any, addend: Any = None, relu: bool = False) -> Any:
         """The layers' forward (the last one's ``forward_add`` with an ``addend``)."""
+        evaluating = tree_in_eval()
+        if evaluating is not None:  # inside another Sequential's forward: its answer
+            return self._run_steps(x, addend, relu, evaluating)
+        token = enter_tree(self)
+        try:
+            return self._run_steps(x, addend, relu, tree_in_eval())
+        finally:
+            leave_tree(token)
+
+    def _run_steps(self, x: Any, addend: Any, relu: bool, evaluating: bool) -> Any:
+        """:meth:`_run`, BatchNorm folded into the convolutions when ``evaluating`` (the
+        outermost Sequential of this forward and everything in it are in eval mode)."""
         layers = self.layers
         repeats = len({id(m) for m in layers}) < len(layers)
-        self._plan = plan = execution_plan(layers) if self.fuse and not repeats else layers
+        self._replay = None
+        if self.fuse and not repeats:
+            steps = inference_layers(layers) if evaluating else layers
+            if steps is not layers:
+                self._replay = (x, addend, relu)
+            plan = execution_plan(steps)
+        else:
+            plan = layers
+        self._plan = plan
         self._states = states = [] if repeats else None
         if self.training and STATE.grad:
             self._calls += 1
@@ -110,6 +135,10 @@ class Sequential(Module):
         if self._plan is None:
             raise RuntimeError("Sequential.backward called before forward")
         check_single_call(self)
+        if self._replay is not None:  # a folded eval-mode forward: again unfolded, for the
+            x, addend, relu = self._replay  # layers' own backward (anycnn.nn.inference)
+            with unfolded():
+                self._run(x, addend, relu)
         return self._plan
 
     def _step_backward(self, i: int, dy: Any, input_grad: bool) -> Any:

@@ -21,7 +21,7 @@ from ...backend import namespace_of
 from ...kernels.dispatch import DECLINE, attempt, prefers
 from ...kernels.threads import map_batch
 from ..geometry import Pair, conv_output_size
-from .primitives import add, column_sums, pad_hw, take_rows
+from .primitives import add, add_relu, bias_relu, column_sums, pad_hw, take_rows
 from .windows import Windows, gather_windows, pad_nhwc, scatter_windows
 
 
@@ -61,26 +61,40 @@ def is_depthwise(weight: Any, groups: int) -> bool:
 
 
 def conv2d_forward(x: Any, weight: Any, bias: Any, stride: Pair, pads, dilation: Pair,
-                   groups: int = 1):
-    """NHWC convolution (cross-correlation, as in PyTorch), optionally grouped.
+                   groups: int = 1, addend: Any = None, relu: bool = False):
+    """NHWC convolution (cross-correlation, as in PyTorch), optionally grouped, with an
+    optional epilogue: ``relu(conv(x) + bias + addend)``.
 
     Args:
         x: ``(N, H, W, C_in)``; weight: ``(kh, kw, C_in/groups, C_out)``, output channels
             ``g*C_out/groups ...`` belonging to group ``g`` (PyTorch's rule); bias: ``(C_out,)``
             or None. pads: (top, bottom, left, right).
+        addend: None, or an array shaped as the output (a residual sum's other path), added
+            in the same pass (the compiled kernels start their sums from it).
+        relu: apply ``max(., 0)`` to the result in the same pass.
     Returns:
-        ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``.
+        ``(y, ctx)`` with ``y`` of shape ``(N, Ho, Wo, C_out)``. The backward is that of the
+        convolution alone (a ReLU's gradient is the caller's to apply first).
     """
     kh, kw, _, cout = weight.shape
     win = conv_windows(tuple(x.shape[1:3]), (kh, kw), stride, pads, dilation)
-    xp = namespace_of(x, weight, bias)
-    y = attempt("conv2d", x, weight, bias, win, groups)
+    xp = namespace_of(x, weight, bias, addend)
+    epilogue = addend is not None or relu
+    if epilogue:
+        y = attempt("conv2d_epilogue", x, weight, bias, win, groups, addend, relu)
+    else:
+        y = attempt("conv2d", x, weight, bias, win, groups)
     if y is not DECLINE:
         return y, ConvCtx(x, win, groups)
+    plus = None if addend is None else xp.reshape(addend, (x.shape[0], win.positions, cout))
 
     def chunk(a: int, b: int):
         y = conv2d_rows(x[a:b, ...], weight, win, groups)
-        return (y if bias is None else y + bias),
+        if not epilogue:
+            return (y if bias is None else y + bias),
+        if plus is None:
+            return bias_relu(y, bias),
+        return add_relu(y if bias is None else y + bias, plus[a:b, ...], relu),
 
     y, = map_batch(xp, x.shape[0], conv_chunk_bytes(win, weight, groups), chunk,
                             ("cat",))

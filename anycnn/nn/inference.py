@@ -1,0 +1,230 @@
+"""Eval mode's execution: BatchNorm folded into the convolution before it, and the ReLU and the
+residual sum computed in the convolution's own pass.
+
+In eval mode a ``BatchNorm2D`` is a fixed affine map per channel, ``(y - mean) * s + beta``
+with ``s = gamma / sqrt(running_var + eps)``. After a ``Conv2D`` with weight ``w``
+``(kh, kw, C_in/groups, C_out)`` and bias ``b`` (zero when it has none) that is one
+convolution (:func:`fold_batch_norm`)::
+
+    w' = w * s                    (per output channel: the weight's last axis)
+    b' = (b - mean) * s + beta
+
+:func:`inference_layers` puts a stand-in ``Conv2D`` with ``w'`` and ``b'`` in place of every
+eval-mode ``Conv2D → BatchNorm2D`` pair of a ``Sequential``; the fusions of
+:mod:`anycnn.nn.fusion` then treat it as any convolution: ``Conv2D → ReLU`` (:class:`ConvReLU`,
+eval mode) applies the ReLU inside the convolution's pass, a ``Residual`` body that ends in a
+convolution adds the shortcut inside it (:meth:`~anycnn.nn.layers.Conv2D.forward_add`, the
+compiled kernels starting their sums from the shortcut and the bias), and
+``Conv2D → BatchNorm2D → ReLU → MaxPool2D`` runs as one compiled Conv-ReLU-MaxPool kernel. A
+ResNet block is then two kernels and no pass of its own. ``predict``, ``evaluate`` and the
+Trainer's validation run in eval mode, so they use it.
+
+**Freshness.** The folded arrays are computed at the first eval-mode forward and kept on the
+``BatchNorm2D`` (:attr:`Module._derived <anycnn.nn.module.Module>`). Every forward checks that
+they were made from the arrays the layers hold now (the same array objects and the same
+:attr:`Parameter.version <anycnn.nn.module.Parameter.version>`: optimizer steps, also in place,
+``load_state_dict`` and ``to`` change one or the other) and folds again otherwise; ``train()``
+and ``eval()`` drop them. The layers' own parameters and buffers are never changed:
+``state_dict``, checkpoints and training see the model as written.
+
+**Gradients in eval mode** (saliency maps, adversarial inputs): a ``Sequential`` whose forward
+was folded runs that forward again unfolded, from the same input, when its backward is called
+(eval mode is deterministic), then its backward: the gradients of the unfolded layers, at the
+cost of one more forward.
+
+Folding needs the whole model in eval mode: the outermost ``Sequential`` of a forward and
+every module in it (:func:`enter_tree` walks them once per forward). So nothing is folded
+while a model trains, not even a frozen eval-mode backbone inside it (its backward would pay
+one more forward). Nothing is folded either inside :func:`~anycnn.nn.modes.suspended`, in a
+``Sequential(..., fuse=False)`` or one that holds a layer twice, for subclasses of the two
+layers, or where their dtypes or channel counts differ (the layers then report the mismatch as
+usual). In models written as code (a ``forward`` and no ``backward``) the ``Sequential``
+parts fold as above, and with gradients off (``predict``, ``evaluate``) ``bn(conv(x))``,
+its ReLU and a residual sum fold too (:mod:`anycnn.nn.deferred`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from ..backend import namespace_of
+from . import functional as F
+from .layers import BatchNorm2D, Conv2D, ReLU
+from .modes import fusion_suspended
+from .module import Module, Parameter
+
+
+def fold_batch_norm(weight: Any, bias: Any, gamma: Any, beta: Any, mean: Any, var: Any,
+                    eps: float) -> tuple[Any, Any]:
+    """The convolution equal to an eval-mode BatchNorm after a convolution:
+    ``(weight * s, (bias - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``.
+
+    Args:
+        weight: the convolution's ``(..., C_out)`` (output channels on the last axis, as
+            ``Conv2D.weight`` ``(kh, kw, C_in/groups, C_out)``); bias: ``(C_out,)`` or None
+            (zero).
+        gamma, beta, mean, var: the BatchNorm's ``weight``, ``bias``, ``running_mean``,
+            ``running_var``, each ``(C_out,)``; eps: its ``eps``.
+    Returns:
+        ``(weight', bias')`` shaped as ``weight`` and ``(C_out,)``, new arrays in the inputs'
+        namespace and dtype.
+    """
+    xp = namespace_of(weight, bias, gamma, beta, mean, var)
+    scale = gamma / xp.sqrt(var + eps)
+    shift = beta - mean * scale if bias is None else (bias - mean) * scale + beta
+    return weight * scale, shift
+
+
+_unfolded = contextvars.ContextVar("anycnn_unfolded", default=False)
+
+
+@contextlib.contextmanager
+def unfolded() -> Iterator[None]:
+    """Within the block, :func:`inference_layers` folds nothing (a folded ``Sequential``'s
+    forward run again for its backward)."""
+    token = _unfolded.set(True)
+    try:
+        yield
+    finally:
+        _unfolded.reset(token)
+
+
+_tree_in_eval = contextvars.ContextVar("anycnn_tree_in_eval", default=None)
+
+
+def tree_in_eval() -> bool | None:
+    """Whether the outermost ``Sequential`` of the forward running now, and every module in
+    it, is in eval mode (then its ``Sequential`` parts fold); None outside such a forward."""
+    return _tree_in_eval.get()
+
+
+def enter_tree(module: Module) -> contextvars.Token:
+    """Start an outermost forward of ``module``: walk its modules once for
+    :func:`tree_in_eval` (the nested ``Sequential`` calls read the answer). A tree with a
+    module in training mode (a frozen, eval-mode backbone in a model that trains) is not
+    folded: its backward would pay one more forward, and a random layer would draw again."""
+    evaluating = not module.training
+    stack = [module]
+    while evaluating and stack:
+        m = stack.pop()
+        evaluating = not m.training
+        stack += [v for v in vars(m).values() if isinstance(v, Module)]
+    return _tree_in_eval.set(evaluating)
+
+
+def leave_tree(token: contextvars.Token) -> None:
+    """End the forward :func:`enter_tree` started."""
+    _tree_in_eval.reset(token)
+
+
+def folding_off() -> bool:
+    """Whether the calling context is inside :func:`unfolded`."""
+    return _unfolded.get()
+
+
+class _Fold:
+    """A ``BatchNorm2D`` folded into ``conv``: the stand-in ``twin`` and what it was made from
+    (``arrays`` by identity, ``versions`` of the parameters, ``settings``)."""
+
+    __slots__ = ("arrays", "conv", "settings", "twin", "versions")
+
+    def __init__(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple,
+                 twin: Conv2D) -> None:
+        self.conv, self.arrays, self.versions, self.settings = conv, arrays, versions, settings
+        self.twin = twin
+
+    def fresh(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple) -> bool:
+        return (conv is self.conv and versions == self.versions and settings == self.settings
+                and all(a is b for a, b in zip(arrays, self.arrays)))
+
+
+def _params(conv: Conv2D, bn: BatchNorm2D) -> tuple[Parameter | None, ...]:
+    return conv.weight, conv.bias, bn.weight, bn.bias
+
+
+def foldable(conv: Module, bn: Module) -> bool:
+    """Whether ``conv``, ``bn`` (adjacent layers) fold: exactly a Conv2D and a BatchNorm2D,
+    both in eval mode, with matching channels and one dtype."""
+    if type(conv) is not Conv2D or type(bn) is not BatchNorm2D:
+        return False
+    if conv.training or bn.training or bn.num_features != conv.out_channels:
+        return False
+    dtype = conv.weight._data.dtype
+    arrays = (None if conv.bias is None else conv.bias._data, bn.weight._data, bn.bias._data,
+              bn.running_mean, bn.running_var)
+    return all(a is None or a.dtype == dtype for a in arrays)
+
+
+def folded(conv: Conv2D, bn: BatchNorm2D) -> Conv2D:
+    """The stand-in ``Conv2D`` for eval-mode ``conv`` followed by ``bn``: ``conv``'s geometry
+    with the folded weight and bias (frozen parameters of its own), kept on ``bn`` and made
+    again when any array it came from has changed."""
+    params = _params(conv, bn)
+    arrays = (*(None if p is None else p._data for p in params), bn.running_mean,
+              bn.running_var)
+    versions = tuple(None if p is None else p._version for p in params)
+    settings = (bn.eps, conv.stride, conv.pads, conv.dilation, conv.groups)
+    cached = bn._derived
+    if isinstance(cached, _Fold) and cached.fresh(conv, arrays, versions, settings):
+        return cached.twin
+    weight, bias = fold_batch_norm(arrays[0], arrays[1], *arrays[2:], bn.eps)
+    twin = copy.copy(conv)  # shallow: the same geometry, its own parameters and state
+    twin.weight = Parameter(weight, requires_grad=False)
+    twin.bias = Parameter(bias, requires_grad=False)
+    twin.training, twin._ctx, twin._derived = False, None, None
+    bn._derived = _Fold(conv, arrays, versions, settings, twin)
+    return twin
+
+
+def inference_layers(layers: list[Module]) -> list[Module]:
+    """``layers`` with each eval-mode ``Conv2D → BatchNorm2D`` pair replaced by its folded
+    stand-in (:func:`folded`); ``layers`` itself (the same list) when nothing folds, in
+    training mode, inside :func:`unfolded` and inside :func:`~anycnn.nn.modes.suspended`."""
+    if _unfolded.get() or fusion_suspended():
+        return layers
+    out: list[Module] = []
+    i, changed = 0, False
+    while i < len(layers):
+        if i + 1 < len(layers) and foldable(layers[i], layers[i + 1]):
+            out.append(folded(layers[i], layers[i + 1]))
+            i, changed = i + 2, True
+        else:
+            out.append(layers[i])
+            i += 1
+    return out if changed else layers
+
+
+class ConvReLU:
+    """An eval-mode ``Conv2D → ReLU`` run (a folded convolution's usual successor): the ReLU
+    applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``); the backward
+    takes the ReLU's gradient, then the convolution's. Exact."""
+
+    pattern = (Conv2D, ReLU)
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        """Eval mode only (training runs the layers as before)."""
+        return not (run[0].training or run[1].training)
+
+    def __init__(self, conv: Conv2D, relu: ReLU) -> None:
+        self.conv, self.relu = conv, relu
+        self._out: Any = None
+
+    def layers(self) -> list[Module]:
+        """The layers this executor runs."""
+        return [self.conv, self.relu]
+
+    def forward(self, x: Any) -> Any:
+        self._out = self.conv.forward(x, relu=True)
+        return self._out
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        if self._out is None:
+            raise RuntimeError("fused Conv2D/ReLU backward called before forward, or called "
+                               "twice for one forward")
+        out, self._out = self._out, None
+        return self.conv.backward(F.relu_grad(out, dy), input_grad)
