@@ -1128,15 +1128,26 @@ def test_scanner_catches_the_patterns():
     assert len(scan("torch.load(p, weights_only=False)\n", "bad.py")) == 2
 
 
+#: modules allowed to pickle, and why: none reads a pickle from a file
+PICKLE_ALLOWED = {
+    # the DataLoader's worker processes: the user's dataset object and its batches cross the
+    # pipes between the training process and the workers it started (as in PyTorch)
+    "data/workers.py",
+}
+
+
 def test_package_has_no_code_executing_loaders():
     package = Path(anycnn.__file__).parent
     found = []
     for path in sorted(package.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
-        found += scan(text, str(path.relative_to(package)))
+        here = scan(text, str(path.relative_to(package)))
         for needle in ("allow_pickle=True", "pickle.load"):
             if needle in text:
-                found.append(f"{path.name}: contains {needle!r}")
+                here.append(f"{path.name}: contains {needle!r}")
+        if path.relative_to(package).as_posix() in PICKLE_ALLOWED:
+            here = [f for f in here if "pickle" not in f]
+        found += here
     assert found == []
 
 
