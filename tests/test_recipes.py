@@ -55,14 +55,7 @@ def test_rmsprop_follows_torch(backend, rng, name):
     refs = [torch.tensor(host(p), requires_grad=True) for p in ps]
     opt = RMSprop(ps, lr=0.01, **options)
     ref = torch.optim.RMSprop(refs, lr=0.01, **options)
-    for _ in range(6):
-        for p, r in zip(ps, refs):
-            g = rng.standard_normal(p.shape)
-            p.grad, r.grad = anycnn.asarray(g), torch.tensor(g)
-        opt.step()
-        ref.step()
-    for p, r in zip(ps, refs):
-        np.testing.assert_allclose(host(p), r.detach().numpy(), **TOL)
+    _steps_match_torch(torch, opt, ref, ps, refs, rng, 6)
     assert not np.array_equal(host(ps[0]), host(make_params(np.random.default_rng(1234))[0]))
 
 
@@ -74,7 +67,13 @@ def test_rmsprop_groups_follow_torch(backend, rng):
                {"weight_decay": 0.1}]
     opt = RMSprop([{"params": [p], **o} for p, o in zip(ps, options)], lr=0.01)
     ref = torch.optim.RMSprop([{"params": [r], **o} for r, o in zip(refs, options)], lr=0.01)
-    for _ in range(5):
+    _steps_match_torch(torch, opt, ref, ps, refs, rng, 5)
+
+
+def _steps_match_torch(torch, opt, ref, ps, refs, rng, steps: int) -> None:
+    """``steps`` optimizer steps of ``opt`` (anycnn) and ``ref`` (torch) with the same random
+    gradients; the parameters ``ps`` and ``refs`` agree after them."""
+    for _ in range(steps):
         for p, r in zip(ps, refs):
             g = rng.standard_normal(p.shape)
             p.grad, r.grad = anycnn.asarray(g), torch.tensor(g)

@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -260,19 +261,30 @@ def _decode_splits(root: Path, parts: list, options: Options, layout: str, num_c
     samples = [s for _, part in parts for s in part]
     images, labels, kept = decode_cached(samples, options, bad_images, cache_dir,
                                          key=_key(root, options, layout), progress=progress)
-    splits, start, offset = {}, 0, 0
-    for name, part in parts:
-        count = int(np.count_nonzero(kept[offset:offset + len(part)]))
-        offset += len(part)
-        if count == 0:
-            raise DataError(f"{root}: the {name} split holds no usable images")
-        splits[name] = ArrayDataset(images[start:start + count], labels[start:start + count],
-                                    num_classes)
-        start += count
+    splits = split_decoded(root, [(name, len(part)) for name, part in parts], kept, images,
+                           labels, num_classes)
     return splits
 
 
 # ------------------------------------------------------------------------------------- scanning
+
+
+def split_decoded(where: Any, parts: Sequence[tuple[str, int]], kept: np.ndarray,
+                  images: Any, targets: Any, num_classes: int) -> dict[str, ArrayDataset]:
+    """``{name: ArrayDataset}`` of the decoded ``images`` (and their ``targets``) of
+    consecutive ``parts`` ``(name, sample count)``: ``kept`` marks which samples were usable
+    (the unusable ones are not among the rows). A part left empty is a one-line
+    :class:`~anycnn.errors.DataError` naming ``where``."""
+    splits, start, offset = {}, 0, 0
+    for name, size in parts:
+        count = int(np.count_nonzero(kept[offset:offset + size]))
+        offset += size
+        if count == 0:
+            raise DataError(f"{where}: the {name} split holds no usable images")
+        splits[name] = ArrayDataset(images[start:start + count], targets[start:start + count],
+                                    num_classes)
+        start += count
+    return splits
 
 
 def _scan(root: Path, classes: Sequence[str] | None

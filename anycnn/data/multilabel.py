@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .arrays import ArrayDataset, Splits
+from .arrays import Splits
 from .imagefolder import (
     BAD_IMAGE_POLICIES,
     CACHE_VERSION,
@@ -42,6 +42,7 @@ from .imagefolder import (
     Options,
     decode_cached,
     default_cache_dir,
+    split_decoded,
 )
 
 #: the labels file looked for inside the folder when none is given
@@ -156,15 +157,8 @@ def load_multilabel_folder(path: str | os.PathLike, labels_file: str | os.PathLi
         Path(cache_dir) if cache_dir is not None else default_cache_dir(), key=key,
         progress=progress)
     targets = targets_of(rows, classes)[row_of]
-    splits, start, offset = {}, 0, 0
-    for name, idx in parts:
-        count = int(np.count_nonzero(kept[offset:offset + len(idx)]))
-        offset += len(idx)
-        if count == 0:
-            raise DataError(f"{file}: the {name} split holds no usable images")
-        splits[name] = ArrayDataset(images[start:start + count], targets[start:start + count],
-                                    len(classes))
-        start += count
+    splits = split_decoded(file, [(name, len(idx)) for name, idx in parts], kept, images,
+                           targets, len(classes))
     return Splits(name=root.name or str(root), train=splits["train"], val=splits["val"],
                   test=splits["val"], source=f"multi-label image folder {root} (labels {file}, "
                   f"val_split {val_split}, split_seed {split_seed})", class_names=classes)
