@@ -7,6 +7,7 @@ The runs use the backend under test (``ANYCNN_BACKEND``), lenet5 and ``--limit``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -248,8 +249,10 @@ def test_summary_of_a_run_folder_or_checkpoint(capsys, trained, tmp_path):
 def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(capsys, tmp_path, head, what):
     path = tmp_path / "given.safetensors"
     path.write_bytes(head + bytes(range(256)) * 4)
-    for command in (["evaluate", path], ["predict", path, path], ["export", path, "m.onnx"],
-                    ["summary", path]):
+    commands = [["evaluate", path], ["predict", path, path], ["summary", path]]
+    if importlib.util.find_spec("onnx") is not None:  # without it, export says so first
+        commands.append(["export", path, "m.onnx"])
+    for command in commands:
         code, _, err = cli(capsys, *command)
         assert_usage_error(code, err, f"{path} is not a safetensors checkpoint", what)
         assert "header length" not in err
