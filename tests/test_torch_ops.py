@@ -268,3 +268,19 @@ def test_kernel_modules_load_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ANYCNN_BACKEND": "numpy"})
     assert out.returncode == 0, out.stderr
+
+
+def test_a_one_channel_one_pixel_convolution_backward():
+    """torch's fallback convolution for tiny shapes wants a contiguous weight gradient (found by
+    tests/test_properties.py: 2x2 input, 2 channels, one 2x2 output channel)."""
+    torch = pytest.importorskip("torch")
+    from anycnn.kernels import torch_ops
+    from anycnn.nn.functional.conv import conv_windows
+
+    x = torch.rand(1, 2, 2, 2, dtype=torch.float64)
+    w = torch.rand(2, 2, 2, 1, dtype=torch.float64)
+    win = conv_windows((2, 2), (2, 2), (1, 1), (0, 0, 0, 0), (1, 1))
+    dx, dw, db = torch_ops.conv2d_backward(torch.ones(1, 1, 1, 1, dtype=torch.float64), x, w,
+                                           win, 1, True, True)
+    assert torch.allclose(dw, x.permute(1, 2, 3, 0))  # dy = 1: the weight gradient is x
+    assert torch.allclose(dx, w.permute(3, 0, 1, 2)) and float(db[0]) == 1.0

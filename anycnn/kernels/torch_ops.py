@@ -155,8 +155,11 @@ def conv2d_backward(dy: Any, x: Any, weight: Any, win: Any, groups: int, need_in
     padding, explicit = geometry
     need_input_grad = need_input_grad or addend is not None
     cout = weight.shape[3]
+    # a contiguous weight: torch's fallback convolution (small shapes) allocates the weight
+    # gradient like the weight and refuses a strided one ("grad_weight must be contiguous")
     dx, dweight, dbias = _aten().convolution_backward(
-        nchw(dy), _pad(nchw(x), explicit), _torch_weight(weight), [cout] if bias_grad else None,
+        nchw(dy), _pad(nchw(x), explicit), _torch_weight(weight).contiguous(),
+        [cout] if bias_grad else None,
         list(win.stride), padding, list(win.dilation), False, [0, 0], groups,
         [need_input_grad, True, bias_grad])
     if need_input_grad:
