@@ -36,7 +36,7 @@ from ..kernels.dispatch import DECLINE, attempt
 from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
-from .inference import ConvReLU
+from .inference import ConvReLU, ReLUInside
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 from .modes import fusion_suspended, suspended  # noqa: F401 - re-exported
 from .module import Module
@@ -348,7 +348,7 @@ class BatchNormReLU:
         return self.bn.backward(dy, input_grad)
 
 
-class ResidualReLU:
+class ResidualReLU(ReLUInside):
     """A ``Residual → ReLU`` run (a ResNet block): the sum of the two paths and its ReLU in one
     pass (:func:`anycnn.nn.functional.primitives.add_relu`); exact."""
 
@@ -357,25 +357,6 @@ class ResidualReLU:
     @staticmethod
     def accepts(run: list[Module]) -> bool:
         return True
-
-    def __init__(self, residual: Residual, relu: ReLU) -> None:
-        self.residual, self.relu = residual, relu
-        self._out: Any = None
-
-    def layers(self) -> list[Module]:
-        return [self.residual, self.relu]
-
-    def forward(self, x: Any) -> Any:
-        self._out = self.residual.forward(x, relu=True)
-        return self._out
-
-    def backward(self, dy: Any, input_grad: bool = True) -> Any:
-        if self._out is None:
-            raise RuntimeError("fused Residual/ReLU backward called before forward, or called "
-                               "twice for one forward")
-        out, self._out = self._out, None
-        return self.residual.backward(F.relu_grad(out, dy),
-                                      input_grad)
 
 
 #: tried in order at each position: Conv2D → ReLU → MaxPool2D before an eval-mode Conv2D →

@@ -198,10 +198,36 @@ def inference_layers(layers: list[Module]) -> list[Module]:
     return out if changed else layers
 
 
-class ConvReLU:
+class ReLUInside:
+    """A ``layer → ReLU`` run whose layer applies the ReLU inside its own pass
+    (``layer.forward(x, relu=True)``); the backward takes the ReLU's gradient from the kept
+    output, then the layer's. Exact. Subclasses name the layer type (``pattern``)."""
+
+    pattern: tuple = ()
+
+    def __init__(self, layer: Module, relu: ReLU) -> None:
+        self.layer, self.relu = layer, relu
+        self._out: Any = None
+
+    def layers(self) -> list[Module]:
+        """The layers this executor runs."""
+        return [self.layer, self.relu]
+
+    def forward(self, x: Any) -> Any:
+        self._out = self.layer.forward(x, relu=True)
+        return self._out
+
+    def backward(self, dy: Any, input_grad: bool = True) -> Any:
+        if self._out is None:
+            raise RuntimeError(f"fused {type(self.layer).__name__}/ReLU backward called before "
+                               "forward, or called twice for one forward")
+        out, self._out = self._out, None
+        return self.layer.backward(F.relu_grad(out, dy), input_grad)
+
+
+class ConvReLU(ReLUInside):
     """An eval-mode ``Conv2D → ReLU`` run (a folded convolution's usual successor): the ReLU
-    applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``); the backward
-    takes the ReLU's gradient, then the convolution's. Exact."""
+    applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``)."""
 
     pattern = (Conv2D, ReLU)
 
@@ -209,22 +235,3 @@ class ConvReLU:
     def accepts(run: list[Module]) -> bool:
         """Eval mode only (training runs the layers as before)."""
         return not (run[0].training or run[1].training)
-
-    def __init__(self, conv: Conv2D, relu: ReLU) -> None:
-        self.conv, self.relu = conv, relu
-        self._out: Any = None
-
-    def layers(self) -> list[Module]:
-        """The layers this executor runs."""
-        return [self.conv, self.relu]
-
-    def forward(self, x: Any) -> Any:
-        self._out = self.conv.forward(x, relu=True)
-        return self._out
-
-    def backward(self, dy: Any, input_grad: bool = True) -> Any:
-        if self._out is None:
-            raise RuntimeError("fused Conv2D/ReLU backward called before forward, or called "
-                               "twice for one forward")
-        out, self._out = self._out, None
-        return self.conv.backward(F.relu_grad(out, dy), input_grad)
