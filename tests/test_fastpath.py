@@ -263,8 +263,14 @@ def test_matmul_splits_equal_the_plain_product(threads, monkeypatch, rng, shape)
 def test_one_blas_thread_nests_and_restores(rng):
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    # the libraries one_blas_thread controls: those loaded at its first use (NumPy's BLAS); a
+    # BLAS loaded later (torch's, when another test imported torch first) is not the fast path's
+    controlled = {lib.filepath for lib in kthreads._blas_libraries()}
+    assert controlled
+
     def blas_threads():
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+        return {lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas" and lib["filepath"] in controlled}
 
     with threadpool_limits(2, user_api="blas"):
         with kthreads.one_blas_thread():
