@@ -442,7 +442,7 @@ def run(args) -> int:
     """``anycnn train``."""
     from ..data.augment import preprocess_record
     from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
-    from .folders import normalise_dataset
+    from .folders import labels_file_option, normalise_dataset
     from .launch import join_ranks, start_workers
     from .losses import make_loss
     from .resume import output_folder, settings_from_checkpoint
@@ -452,6 +452,7 @@ def run(args) -> int:
         return start_workers(args)
     backend = select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
+    args.multi_label = labels_file_option(args.multi_label)  # recorded for evaluate
     out, resume_from = output_folder(args)
     saved, saved_config = None, {}
     if resume_from is not None:  # read once: for its settings here, its state below

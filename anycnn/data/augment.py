@@ -327,7 +327,8 @@ def image_record(image_size: Sequence[int], channels: int,
 
 
 def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = None,
-                      eval_transform: Any = None) -> dict[str, Any]:
+                      eval_transform: Any = None, multi_label: bool | None = None
+                      ) -> dict[str, Any]:
     """What a checkpoint's ``config["preprocess"]`` holds::
 
         {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"}
@@ -351,6 +352,11 @@ def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = Non
     is recorded under ``"eval"`` and ``version`` is 2: images are resized by their shorter side
     and centre-cropped to ``image_size`` instead of stretched.
 
+    A multi-label model (``multi_label`` true, or by default ``data``'s training split holding
+    ``(N, K)`` targets) adds ``"multi_label": true``: ``anycnn predict`` and ``evaluate`` then
+    report per-label sigmoid probabilities. A record without the key (every single-label
+    record, and those written before it existed) means single-label.
+
     Raises:
         ConfigError: the eval transform's mean/std are not ``normalize``'s.
     """
@@ -360,6 +366,10 @@ def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = Non
         record = image_record((h, w), c, data.class_names)
     record["augment"] = augment.to_record() if augment is not None and augment.active else None
     record["normalize"] = normalize.to_record() if normalize is not None else None
+    if multi_label is None:
+        multi_label = data is not None and bool(getattr(data.train, "multi_label", False))
+    if multi_label:
+        record["multi_label"] = True
     if eval_transform is not None:
         mine = eval_transform.normalize
         if (mine.to_record() if mine is not None else None) != record["normalize"]:

@@ -132,7 +132,7 @@ def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
 def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
              top_k: int | Iterable[int] = (), confusion: bool = False,
              class_names: Sequence[str] | None = None, comm: Any = None,
-             multi_label: bool = False) -> dict[str, Any]:
+             multi_label: bool = False, threshold: float = 0.5) -> dict[str, Any]:
     """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
     submodule's mode is restored).
 
@@ -155,6 +155,8 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
             :class:`~anycnn.nn.losses.BCEWithLogits`): also return ``"multi_label"``, the
             :class:`~anycnn.train.metrics.MultiLabelMetrics` result (per-class precision,
             recall, F1 and average precision, mAP). ``top_k``/``confusion`` do not apply.
+        threshold: with ``multi_label``, a label counts as predicted when its sigmoid
+            probability is at least this (in (0, 1)).
 
     Returns:
         ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
@@ -181,7 +183,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
     if multi_label and (top_k or confusion):
         raise ConfigError("evaluate: top_k and confusion are single-label metrics; with "
                           "multi_label=True the per-label metrics come instead")
-    metrics = (MultiLabelMetrics(class_names) if multi_label
+    metrics = (MultiLabelMetrics(class_names, threshold) if multi_label
                else ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
     sums = _Sums()
     with eval_mode(model), no_grad(), _progress(len(loader), "eval", progress) as bar:
