@@ -11,7 +11,9 @@ prepared by the recorded evaluation transform (shorter side, centre crop:
 A multi-label checkpoint (:attr:`~anycnn.io.checkpoint.Checkpoint.multi_label`: ``anycnn train
 --multi-label``) is evaluated on its multi-label folder, its labels file the recorded one (or
 ``--multi-label LABELS_FILE`` for data given with ``--dataset``), with its sigmoid loss
-(``focal`` when trained with it, else binary cross-entropy) and
+(``focal`` when trained with it, else binary cross-entropy; unweighted, as single-label models'
+cross-entropy is, so a run trained with ``--class-weights`` reports another loss here than in
+training) and
 :class:`~anycnn.train.metrics.MultiLabelMetrics`: label accuracy, mAP, macro/micro F1, subset
 accuracy and per-label AP, F1, precision and recall at ``--threshold`` (0.5).
 """

@@ -32,6 +32,11 @@ from .common import (
 
 HELP = "train a model and write a checkpoint and history"
 
+#: the line ``anycnn train`` prints at the start when ``--augment`` mixes images
+MIXED_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc counts an image right "
+                  "when the top class is the one that kept the larger share of it; val acc is "
+                  "measured on unmixed images")
+
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
     """The arguments of ``anycnn train``."""
@@ -440,7 +445,7 @@ def report(args, trainer, best, early, ckpt_path: Path, history_path: Path) -> i
 
 def run(args) -> int:
     """``anycnn train``."""
-    from ..data.augment import preprocess_record
+    from ..data.augment import mixes, preprocess_record
     from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
     from .folders import labels_file_option, normalise_dataset
     from .launch import join_ranks, start_workers
@@ -476,6 +481,8 @@ def run(args) -> int:
     defaults = defaults_line(args, defaulted, data)
     if defaults:
         say(args.quiet, defaults)
+    if mixes(args.augment):
+        say(args.quiet, MIXED_ACCURACY)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     loaders = make_loaders(args, data, augment, normalize)
