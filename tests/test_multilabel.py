@@ -222,3 +222,22 @@ def test_evaluate_multi_label_refuses_single_label_options(capsys, multilabel_ru
     _, run = multilabel_run
     code, _, err = cli(capsys, "evaluate", run, *argv)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_exported_multi_label_model_predicts_sigmoids_too(capsys, multilabel_run):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pics, run = multilabel_run
+    image = pics / "a" / "0.png"
+    code, _, err = cli(capsys, "export", run, run / "model.onnx")
+    assert code == 0, err
+    reports = []
+    for source in (run, run / "model.onnx"):
+        code, out, err = cli(capsys, "predict", source, image, "--json")
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[1]["preprocess"]["multi_label"] is True  # carried in the file's metadata
+    (ours,), (theirs,) = (r["predictions"] for r in reports)
+    assert theirs["labels"] == ours["labels"]
+    np.testing.assert_allclose([e["probability"] for e in theirs["top_k"]],
+                               [e["probability"] for e in ours["top_k"]], rtol=1e-5)

@@ -96,9 +96,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    "commas: crop (padding 1/8 of the image side), crop=P, pad=zeros|edge; or "
                    "rrc (random-resized crop to the --preprocess crop, else the image size), "
                    "rrc=S, scale=LO:HI (default 0.08:1), ratio=LO:HI (default 0.75:1.3333); "
-                   "and flip; on the device: rotate=D (degrees), jitter=V (brightness, "
-                   "contrast, saturation) or brightness=V, contrast=V, saturation=V, hue=H, "
-                   "erase=P (random erasing), mixup=A, cutmix=A (soft targets) "
+                   "and flip; on the device: rotate=D (degrees, up to 180), jitter=V "
+                   "(brightness, contrast, saturation; V in [0, 1]) or brightness=V, "
+                   "contrast=V, saturation=V, hue=H (H in [0, 0.5]), erase=P (random erasing "
+                   "with probability P), mixup=A, cutmix=A (soft targets) "
                    "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
     t.add_argument("--normalize", default=None, choices=["auto", "none", "imagenet"],
                    help="auto: subtract the training split's per-channel mean and divide by its "
