@@ -79,7 +79,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                      0o666)
     except OSError as exc:
-        raise CheckpointError(f"cannot write {what} {target}: {os_reason(exc)}") from exc
+        missing = (f" (the folder {directory} does not exist: create it first)"
+                   if not directory.exists() else "")
+        raise CheckpointError(f"cannot write {what} {target}: {os_reason(exc)}{missing}"
+                              ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

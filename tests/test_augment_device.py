@@ -416,11 +416,16 @@ def test_parse_spec_and_record_round_trip(spec, expected):
 @pytest.mark.parametrize(("spec", "fragment"), [
     ("rotate", "bad item 'rotate'"),
     ("rotate=x", "rotate= needs a number"),
-    ("rotate=0", "degrees must be a number in (0, 180]"),
+    ("rotate=0", "rotate=0 is out of range: rotate must be in (0, 180]"),
     ("jitter=0.4,contrast=0.2", "give it or them, not both"),
-    ("hue=0.7", "hue must be a number in [0, 0.5]"),
-    ("erase=1.5", "p must be a probability in (0, 1]"),
-    ("mixup=-1", "must be a number >= 0"),
+    ("hue=0.7", "hue=0.7 is out of range: hue must be in [0, 0.5]"),
+    ("erase=1.5", "erase=1.5 is out of range: erase must be in (0, 1]"),
+    ("mixup=-1", "mixup=-1 is out of range: mixup must be >= 0"),
+    # issue 26 (new-user trial): jitter=2 was accepted (factors in [max(0, -1), 3])
+    ("jitter=2", "jitter=2 is out of range: jitter must be in [0, 1] (brightness, contrast and "
+                 "saturation factors lie in [1 - V, 1 + V])"),
+    ("brightness=1.01", "brightness=1.01 is out of range: brightness must be in [0, 1]"),
+    ("saturation=-0.1", "saturation=-0.1 is out of range"),
     ("mixup=nan", "mixup= needs a number"),
     ("crop=9,jitter", "crop=9 is too large"),
     ("rrc,crop,mixup", "rrc (random-resized crop) and crop do not go together"),
@@ -429,6 +434,39 @@ def test_bad_specs(spec, fragment):
     with pytest.raises(ConfigError) as info:
         parse_augment(spec, (12, 12, 3))
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(brightness=2), dict(contrast=1.5),
+                                    dict(saturation=-0.2), dict(hue=0.6)])
+def test_jitter_strengths_out_of_range_are_refused(kwargs):
+    (name, value), = kwargs.items()
+    high = 0.5 if name == "hue" else 1
+    with pytest.raises(ConfigError, match=rf"ColorJitter: {name} must be a number in \[0, "
+                                          rf"{high:g}\], got {value}"):
+        ColorJitter(**kwargs)
+    assert ColorJitter(**{name: high}).draw(np.random.default_rng(0), 1000)[:3].min() >= 0
+
+
+def test_cli_refuses_an_augment_value_out_of_range_in_one_line(isolated_env, tiny_data,  # noqa: F811
+                                                                capsys):
+    rc, _, err = run_main(train_argv(tiny_data, isolated_env / "run", "--augment",
+                                     "crop,jitter=2"), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--augment jitter=2 is out of range: jitter must be in [0, 1]" in err
+    assert not (isolated_env / "run").exists()  # refused before any data or folder
+
+
+@pytest.mark.parametrize("spec", ["crop=2,cutmix=1", "crop=2"])
+def test_cli_says_how_train_accuracy_counts_mixed_images(isolated_env, tiny_data,  # noqa: F811
+                                                         capsys, spec):
+    from anycnn.cli.train import MIXED_ACCURACY
+
+    argv = [a for a in train_argv(tiny_data, isolated_env / "run", "--augment", spec,
+                                  "--limit", "32") if a != "--quiet"]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert (MIXED_ACCURACY in out.splitlines()) == ("cutmix" in spec)
+    assert "larger share" in MIXED_ACCURACY and "unmixed" in MIXED_ACCURACY
 
 
 def test_cli_trains_with_mixing_and_resumes(isolated_env, tiny_data, capsys):  # noqa: F811

@@ -53,3 +53,42 @@ def test_predict_and_export_take_every_checkpoint(way, tmp_path, capsys):
         code, out, err = cli(capsys, "export", path, tmp_path / f"{way}.onnx",
                              "--backend", "numpy")
         assert code == 0 and "wrote" in out, err
+
+
+def _tiny_run(checkpoint_path):
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.random((16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 16),
+                        10)
+    anycnn.manual_seed(0)
+    model = build_model("lenet5")
+    trainer = Trainer(model, Adam(model.parameters()), SoftmaxCrossEntropy(),
+                      checkpoint_path=checkpoint_path, progress=False)
+    return trainer, DataLoader(data, 8, shuffle=True)
+
+
+def test_trainer_creates_the_checkpoint_folder(backend, tmp_path):
+    # issue 26 (new-user trial): a missing folder failed only at the end of the first epoch;
+    # like anycnn train's --out (and Keras' and Lightning's checkpoint callbacks) it is made
+    path = tmp_path / "runs" / "deep" / "model.safetensors"
+    trainer, loader = _tiny_run(path)
+    trainer.fit(loader, epochs=1)
+    assert path.is_file() and anycnn.load_model(path)[1].epoch == 1
+    other = tmp_path / "elsewhere" / "again.safetensors"
+    assert trainer.save(other) == other and other.is_file()
+
+
+def test_an_unusable_checkpoint_folder_fails_before_the_first_step(backend, tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    trainer, loader = _tiny_run(tmp_path / "taken" / "model.safetensors")
+    with pytest.raises(anycnn.errors.CheckpointError,
+                       match=r"cannot create the folder .*taken for the checkpoint"):
+        trainer.fit(loader, epochs=1)
+    assert trainer.step == 0  # refused at the start, not after an epoch of training
+
+
+def test_anycnn_save_into_a_missing_folder_says_so(backend, tmp_path):
+    # anycnn.save is a plain write, as torch.save: the folder must exist, and the error says it
+    with pytest.raises(anycnn.errors.CheckpointError,
+                       match=r"the folder .*nowhere does not exist: create it first"):
+        anycnn.save(build_model("lenet5"), tmp_path / "nowhere" / "model.safetensors")
+    assert not (tmp_path / "nowhere").exists()

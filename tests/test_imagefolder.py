@@ -385,3 +385,23 @@ def test_parallel_decoding_gives_the_one_thread_pixels_and_first_bad_file(tmp_pa
         a, b = getattr(results["1"], part), getattr(results["3"], part)
         np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
         np.testing.assert_array_equal(np.asarray(a.labels), np.asarray(b.labels))
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_decode_bar_shows_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    # issue 26 (new-user trial): "decoding images 0%" appeared in pipes and log files
+    make_folder(tmp_path / "pics")
+    load_image_folder(tmp_path / "pics", cache_dir=tmp_path / "c1", progress=True)
+    assert "decoding images" not in capsys.readouterr().err  # stderr is not a terminal here
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    load_image_folder(tmp_path / "pics", cache_dir=tmp_path / "c2", progress=False)
+    assert "decoding images" not in terminal.getvalue()  # --quiet: never
+    load_image_folder(tmp_path / "pics", cache_dir=tmp_path / "c3", progress=True)
+    assert "decoding images" in terminal.getvalue()  # the bar works where it belongs

@@ -265,3 +265,44 @@ def test_handlers_installed_by_someone_else_are_left_alone(backend, small, defau
     trainer.fit(DataLoader(small[0], 32), epochs=1)  # not stopped: the signal was not ours
     assert caught == [signal.SIGINT] and trainer.stopped is None and trainer.epoch == 1
     assert signal.getsignal(signal.SIGINT) is mine
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_stop_line_starts_a_new_line_only_on_a_terminal(monkeypatch, capsys):
+    # issue 26 (new-user trial): `anycnn train ... 2>&1 | tail` showed a blank line before the
+    # "interrupted ... resume with" line; a terminal needs the newline to leave the bar
+    from anycnn.train.interrupt import StopOnSignal
+
+    class Run:
+        comm = type("Comm", (), {"rank": 0})()
+        stopped = None
+
+        def request_stop(self, reason):
+            self.stopped = reason
+
+    stopper = StopOnSignal(Run(), signals=())
+    stopper._handle(signal.SIGINT, None)
+    err = capsys.readouterr().err
+    assert err == ("anycnn: SIGINT received: stopping after this step (send it again to exit "
+                   "at once)\n")
+    assert stopper.trainer.stopped == "SIGINT"
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    StopOnSignal(Run(), signals=())._handle(signal.SIGTERM, None)
+    assert terminal.text.startswith("\nanycnn: SIGTERM received: stopping after this step")

@@ -163,13 +163,17 @@ def test_close_ends_the_workers(backend):
 
 
 def test_raising_getitem_ends_the_epoch_with_the_worker_traceback(backend):
-    loader = DataLoader(toys.RaisesOn(bad=5, n=16), 4, num_workers=2)  # example 5: batch 1
-    with pytest.raises(DataError, match="worker 1 failed building batch 1 of epoch 0") as info:
+    # example 5: batch index 1 of epoch index 0, counted from 1 as everywhere else
+    loader = DataLoader(toys.RaisesOn(bad=5, n=16), 4, num_workers=2)
+    with pytest.raises(DataError, match="worker 1 failed building batch 2 of epoch 1;") as info:
         list(loader)
     message = str(info.value)
     assert "Traceback" in message and "KeyError: 'toy failure reading example 5'" in message
     assert "mapstyle_data.py" in message
     assert len(collect(loader.iter_from(2))) == 2  # the next iteration starts new workers
+    loader.set_epoch(1)  # the run's second epoch
+    with pytest.raises(DataError, match="building batch 2 of epoch 2;"):
+        list(loader)
     with pytest.raises(KeyError, match="toy failure"):  # in this process: the error itself
         list(DataLoader(toys.RaisesOn(bad=5, n=16), 4))
 
@@ -178,7 +182,7 @@ def test_a_worker_that_exits_ends_the_epoch(backend):
     # example 9: batch 2, worker 0
     loader = DataLoader(toys.ExitsOn(bad=9, n=16), 4, num_workers=2)
     with pytest.raises(DataError, match=r"worker 0 \(pid \d+\) exited with code 3 while "
-                                        r"building batch 2 of epoch 0"):
+                                        r"building batch 3 of epoch 1:"):
         list(loader)
     assert len(collect(loader.iter_from(3))) == 1
 

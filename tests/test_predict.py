@@ -176,3 +176,16 @@ def test_modes_are_restored(backend, digits):
     assert [m.training for m in model.modules()] == before
     with pytest.raises(ConfigError, match="batch_size"):
         predict(model, images, batch_size=0)
+
+
+def test_batch_size_one_makes_each_image_independent_of_the_batch(backend):
+    # issue 26 (new-user trial): the same image's probabilities differed in the last digits
+    # between a batch of one and a folder batch; documented (float rounding of batched
+    # kernels), and batch_size=1 (anycnn predict --batch-size 1) gives the same numbers
+    anycnn.manual_seed(0)
+    model = build_model("simple-cnn")
+    images = np.random.default_rng(3).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
+    alone = np.stack([anycnn.predict_proba(model, images[i]) for i in range(len(images))])
+    np.testing.assert_array_equal(anycnn.predict_proba(model, images, batch_size=1), alone)
+    batched = anycnn.predict_proba(model, images)
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-7)  # rounding only

@@ -778,6 +778,7 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted(tmp_path, tiny_
     name = signal.Signals(sig).name
     assert f"anycnn: {name} received: stopping after this step" in err
     assert f"interrupted ({name}) at epoch 2" in err and "--resume" in err
+    assert "" not in err.splitlines()  # no blank line (stderr is a pipe: no bar to leave)
     ckpt = C.load_checkpoint(out / "checkpoint.safetensors")
     assert ckpt.epoch == 1 and 5 <= ckpt.step < 16  # mid-epoch, after the step in progress
     assert checkpoint_temp_files(out) == []

@@ -7,6 +7,15 @@ none (saved from Python) needs ``--dataset``, and data whose classes are not the
 number, or their recorded names) are refused, never evaluated silently. Image folders are
 prepared by the recorded evaluation transform (shorter side, centre crop:
 :class:`~anycnn.data.eval_transform.EvalTransform`) when there is one, else as in training.
+
+A multi-label checkpoint (:attr:`~anycnn.io.checkpoint.Checkpoint.multi_label`: ``anycnn train
+--multi-label``) is evaluated on its multi-label folder, its labels file the recorded one (or
+``--multi-label LABELS_FILE`` for data given with ``--dataset``), with its sigmoid loss
+(``focal`` when trained with it, else binary cross-entropy; unweighted, as single-label models'
+cross-entropy is, so a run trained with ``--class-weights`` reports another loss here than in
+training) and
+:class:`~anycnn.train.metrics.MultiLabelMetrics`: label accuracy, mAP, macro/micro F1, subset
+accuracy and per-label AP, F1, precision and recall at ``--threshold`` (0.5).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import json
 import sys
 
 from ..errors import ConfigError
-from .common import backend_option, positive_int, select_backend
+from .common import backend_option, open_fraction, positive_int, select_backend
 
 HELP = "loss, accuracy, top-k and per-class accuracy of a checkpoint"
 
@@ -38,6 +47,13 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--json", action="store_true",
                    help="print one JSON object: loss, accuracy, top-k, per-class accuracy with "
                    "class names, confusion matrix (rows true class, columns predicted)")
+    e.add_argument("--multi-label", nargs="?", const="", default=None, metavar="LABELS_FILE",
+                   help="the data is a multi-label image folder with a labels file (default: "
+                   "labels.csv in the folder; a multi-label checkpoint's own data needs no "
+                   "option)")
+    e.add_argument("--threshold", type=open_fraction, default=None, metavar="P",
+                   help="multi-label: a label counts as predicted when its sigmoid probability "
+                   "is >= P (default 0.5)")
     e.add_argument("--confusion-plot", default=None, metavar="FILE",
                    help="also draw the confusion matrix into FILE (.png/.svg/.pdf; needs "
                    "matplotlib)")
@@ -77,6 +93,11 @@ def run(args) -> int:
     record = recorded_preprocess(state)
     _, normalize = read_preprocess(record)  # as in training
     num_classes = model.model_spec["num_classes"]
+    labels_file = multi_label_option(args, path, state)
+    if labels_file is not None:
+        return _run_multi_label(args, path, model, state, labels_file, normalize)
+    if args.threshold is not None:
+        raise ConfigError(f"--threshold applies to multi-label models; {path} is single-label")
     top_k = top_k_option(args.top_k, num_classes)
     name, data = eval_data(args, path, config, record, model.model_spec)
     split = getattr(data, args.split)
@@ -103,17 +124,84 @@ def run(args) -> int:
     return 0
 
 
+def multi_label_option(args, path, checkpoint) -> str | None:
+    """The labels file of a multi-label evaluation (``""``: the folder's ``labels.csv``), or
+    None for a single-label one: ``--multi-label``'s, else for the recorded dataset the
+    recorded one.
+
+    Raises:
+        ConfigError: ``--multi-label`` for a single-label checkpoint, or with options that
+            only single-label models have (``--top-k``, ``--confusion-plot``).
+    """
+    given = getattr(args, "multi_label", None)
+    if given is not None and not checkpoint.multi_label:
+        raise ConfigError(f"--multi-label: {path} holds a single-label model (softmax over its "
+                          "classes); evaluate it on data with one class per image")
+    if not checkpoint.multi_label:
+        return None
+    for option, value in (("--top-k", args.top_k), ("--confusion-plot", args.confusion_plot)):
+        if value is not None:
+            raise ConfigError(f"{option} is for single-label models; {path} is multi-label "
+                              "(its report has per-label AP, F1, precision and recall)")
+    if given is not None:
+        return given
+    recorded = checkpoint.config.get("multi_label")
+    return recorded if isinstance(recorded, str) and not args.dataset else ""
+
+
+def _run_multi_label(args, path, model, state, labels_file: str, normalize) -> int:
+    """``anycnn evaluate`` of a multi-label checkpoint (module docstring)."""
+    from ..data.dataloader import DataLoader
+    from ..nn.losses import BCEWithLogits, SigmoidFocalLoss
+    from ..train.metrics import to_json
+    from ..train.trainer import evaluate
+
+    config, record = state.config, recorded_preprocess(state)
+    name, data = eval_data(args, path, config, record, model.model_spec, labels_file)
+    loss_fn = SigmoidFocalLoss() if config.get("loss") == "focal" else BCEWithLogits()
+    threshold = 0.5 if args.threshold is None else args.threshold
+    result = evaluate(model, DataLoader(getattr(data, args.split), args.batch_size,
+                                        normalize=normalize),
+                      loss_fn, multi_label=True, class_names=data.class_names,
+                      threshold=threshold)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": name,
+                          "split": args.split, "threshold": threshold, **to_json(result)}))
+        return 0
+    print_multi_label(result, name, args.split, threshold)
+    return 0
+
+
+def print_multi_label(result: dict, name: str, split: str, threshold: float) -> None:
+    """The human-readable lines of a multi-label evaluation: loss and label accuracy, the
+    summary metrics, the labels with the lowest average precision."""
+    import numpy as np
+
+    m = result["multi_label"]
+    print(f"{name} {split}: loss {result['loss']:.4f} label accuracy "
+          f"{m['label_accuracy']:.4f} ({result['count']} images, {len(m['class_names'])} "
+          f"labels, threshold {threshold:g})")
+    print(f"mAP {m['mAP']:.4f}, macro F1 {m['macro_f1']:.4f}, micro F1 {m['micro_f1']:.4f}, "
+          f"subset accuracy {m['subset_accuracy']:.4f}")
+    ap = np.asarray(m["per_class_ap"], dtype=np.float64)
+    present = np.flatnonzero(~np.isnan(ap))
+    worst = present[np.argsort(ap[present], kind="stable")][:3]
+    if len(worst):
+        print("lowest AP: " + ", ".join(f"{m['class_names'][i]} {ap[i]:.4f} (F1 "
+                                        f"{m['per_class_f1'][i]:.4f})" for i in worst))
+
+
 def recorded_preprocess(checkpoint) -> dict | None:
     """The checkpoint's preprocess record: ``extra["preprocess"]`` (:func:`anycnn.save`
     users) or ``config["preprocess"]`` (``anycnn train``, :class:`~anycnn.train.Trainer`)."""
-    extra = checkpoint.extra if isinstance(checkpoint.extra, dict) else {}
-    record = extra.get("preprocess") or checkpoint.config.get("preprocess")
-    return record if isinstance(record, dict) else None
+    return checkpoint.preprocess
 
 
-def eval_data(args, path, config: dict, record: dict | None, spec: dict):
+def eval_data(args, path, config: dict, record: dict | None, spec: dict,
+              labels_file: str | None = None):
     """``(name, Splits)`` to evaluate on: ``--dataset`` or the recorded dataset, prepared as
-    recorded, with the model's classes (module docstring).
+    recorded, with the model's classes (module docstring); ``labels_file`` not None: a
+    multi-label folder with that labels file (``""``: its ``labels.csv``).
 
     Raises:
         ConfigError: no dataset recorded nor given; classes that are not the model's.
@@ -131,7 +219,7 @@ def eval_data(args, path, config: dict, record: dict | None, spec: dict):
     try:
         data = load_eval_data(name, args.data_dir or config.get("data_dir"), config,
                               progress=not args.json, transform=read_eval_transform(record),
-                              model_spec=spec)
+                              model_spec=spec, labels_file=labels_file)
     except DataError as exc:
         if args.dataset:
             raise

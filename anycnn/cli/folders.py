@@ -131,15 +131,28 @@ def load_train_data(args: argparse.Namespace, progress: bool):
 def _load_multilabel(args: argparse.Namespace, options: dict[str, Any], progress: bool):
     """``--multi-label [LABELS_FILE]``: the folder's images and labels from its labels file
     (:func:`anycnn.data.multilabel.load_multilabel_folder`)."""
-    if not is_image_folder(args.dataset):
+    return load_multilabel(args.dataset, args.multi_label, options, progress)
+
+
+def labels_file_option(value: str | None) -> str | None:
+    """``--multi-label``'s value as recorded in checkpoints: ``""`` (the folder's
+    ``labels.csv``), a labels file's absolute path, or None (not multi-label)."""
+    return str(Path(value).resolve()) if value else value
+
+
+def load_multilabel(name: str, labels_file: str | None, options: dict[str, Any],
+                    progress: bool):
+    """The multi-label image folder ``name`` with its labels file (``""``/None: the folder's
+    ``labels.csv``) and ``options`` (as :func:`load_data`'s)."""
+    if not is_image_folder(name):
         raise ConfigError(f"--multi-label applies to image folders (--dataset PATH), not to "
-                          f"{args.dataset}")
+                          f"{name}")
     from ..data.multilabel import load_multilabel_folder
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = load_multilabel_folder(
-            args.dataset, args.multi_label or None, size=options.get("image_size"),
+            name, labels_file or None, size=options.get("image_size"),
             channels=options.get("channels"), resample=options.get("resample") or "bilinear",
             resize_shorter=options.get("resize_shorter"),
             val_split=options.get("val_split") or DEFAULT_VAL_SPLIT,
@@ -150,12 +163,15 @@ def _load_multilabel(args: argparse.Namespace, options: dict[str, Any], progress
 
 
 def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], progress: bool,
-                   transform: Any = None, model_spec: dict[str, Any] | None = None):
+                   transform: Any = None, model_spec: dict[str, Any] | None = None,
+                   labels_file: str | None = None):
     """The data ``anycnn evaluate`` uses: an image folder with the options it was trained with
     (``config``, the checkpoint's) and every split prepared by ``transform`` (the recorded
     :class:`~anycnn.data.eval_transform.EvalTransform`: shorter side, centre crop), or a
     built-in dataset. A folder for a checkpoint that records no image options (saved from
-    Python) is resized to the ``model_spec``'s input instead."""
+    Python) is resized to the ``model_spec``'s input instead. ``labels_file`` (not None: a
+    multi-label folder; ``""`` its ``labels.csv``) reads the images and labels from a labels
+    file (:func:`load_multilabel`)."""
     options: dict[str, Any] = {}
     if is_image_folder(name):
         options = {k: config.get(k) for k in FOLDER_OPTIONS if k != "preprocess_spec"}
@@ -165,4 +181,9 @@ def load_eval_data(name: str, data_dir: str | None, config: dict[str, Any], prog
         elif "image_size" not in config and model_spec is not None:
             options.update(image_size=model_spec.get("image_size"),
                            channels=model_spec.get("in_channels"))
+    if labels_file is not None:
+        if data_dir is not None:
+            raise ConfigError("--data-dir is for the built-in datasets; a multi-label image "
+                              "folder is given as --dataset PATH")
+        return load_multilabel(name, labels_file, options, progress)
     return load_data(name, data_dir, options, progress)

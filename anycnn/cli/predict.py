@@ -1,12 +1,16 @@
 """``anycnn predict``: the most likely classes of image files, prepared as in training.
 
-``anycnn predict CHECKPOINT IMAGE|FOLDER... [--top-k K] [--format text|csv|json] [--output
-FILE]``: folders stand for the image files directly inside them
+``anycnn predict CHECKPOINT IMAGE|FOLDER... [--top-k K] [--threshold P] [--format
+text|csv|json] [--output FILE]``: folders stand for the image files directly inside them
 (:mod:`anycnn.cli.predict_files`); the predictions are printed as text or written as CSV or
 JSON (:mod:`anycnn.cli.predict_report`). An image that cannot be read is reported on its own
 line ``anycnn: error: PATH: why`` on standard error and the others are still predicted; the
 exit status is then 1 (0 when every image was predicted, 2 for a mistake that stops the
 command: a bad checkpoint or option).
+
+A multi-label model (the record's ``multi_label``, below) gets each label's sigmoid
+probability (not a softmax: they need not sum to 1) and its *labels*, those with a
+probability ``>= --threshold`` (default 0.5), most likely first.
 
 Every ``anycnn train`` records in its checkpoints how pixels were prepared, the *preprocess
 record* (:func:`anycnn.data.augment.preprocess_record`); ``anycnn predict`` prepares image files
@@ -24,6 +28,10 @@ Preprocess record (a JSON object in the checkpoint's ``extra["config"]["preproce
                 ``[0, 1]`` pixels become ``(x - mean) / std`` (:class:`~anycnn.data.Normalize`)
 ``augment``     the training augmentation, for the record (never applied at prediction)
 ``class_names`` the display name of each class
+``multi_label`` optional: true for a multi-label model (any number of labels per image,
+                trained with a sigmoid loss, e.g. ``anycnn train --multi-label``): each label
+                gets its own sigmoid probability, and those ``>= --threshold`` (0.5) are the
+                image's labels. Absent (or false): single-label, softmax over the classes
 ``eval``        optional (``version`` 2): ``{"resize": R, "crop": S, "mean", "std",
                 "interpolation"}``: images are resized to shorter side ``R`` (aspect kept) and
                 centre-cropped to ``S x S`` = ``image_size`` instead of stretched
@@ -48,7 +56,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .common import backend_option, positive_int
+from .common import backend_option, open_fraction, positive_int
+
+#: the probability at or above which a multi-label model's label is reported present
+DEFAULT_THRESHOLD = 0.5
 
 HELP = "the most likely classes of image files, prepared as in training"
 
@@ -66,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "searched)")
     parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
                         help="classes to show per image (default: 5, or all when fewer)")
+    parser.add_argument("--threshold", type=open_fraction, default=None, metavar="P",
+                        help="multi-label models: an image's labels are those whose sigmoid "
+                        f"probability is >= P (default {DEFAULT_THRESHOLD})")
     parser.add_argument("--format", default=None, choices=FORMATS,
                         help="text, csv (one row per image: path, class, index, "
                         "probability, the other top-k classes, error) or json (one object: "
@@ -92,11 +106,13 @@ def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
     record = recorded_preprocess(checkpoint)
     spec = model.model_spec
     num_classes = spec["num_classes"]
+    multi = {"multi_label": True} if checkpoint.multi_label else {}  # older --multi-label runs
     if record is not None and "image_size" in record:
         _check_record(record, checkpoint.path, num_classes)
-        return record, True
+        return {**record, **multi}, True
     made = image_record([spec["image_size"]] * 2, spec["in_channels"],
                         [str(i) for i in range(num_classes)])
+    made.update(multi)
     if record is not None:  # normalisation (and maybe an eval transform) without image keys
         made.update({k: record.get(k) for k in ("augment", "normalize", "eval")
                      if record.get(k) is not None})
@@ -112,7 +128,8 @@ def _check_record(record: dict[str, Any], path, num_classes: int) -> None:
     names = record.get("class_names")
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 1
                                                               for v in size)
-            and channels in (1, 3) and isinstance(names, list) and len(names) == num_classes):
+            and channels in (1, 3) and isinstance(names, list) and len(names) == num_classes
+            and isinstance(record.get("multi_label", False), bool)):
         raise DataError(f"{path}: malformed preprocess record {json.dumps(record)[:200]}")
     try:
         read_preprocess(record)
@@ -192,15 +209,22 @@ def run(args: argparse.Namespace) -> int:
         num_classes = model.model_spec["num_classes"]
 
         def topk(images, k):
-            return predict_topk(model, images, k=k)
+            return predict_topk(model, images, k=k, multi_label=multi)
+    multi = record.get("multi_label") is True
+    if args.threshold is not None and not multi:
+        raise ConfigError(f"--threshold applies to multi-label models (anycnn train "
+                          f"--multi-label); {path} is single-label: its softmax probabilities "
+                          "sum to 1 and the most likely class is the prediction")
+    threshold = (args.threshold if args.threshold is not None else DEFAULT_THRESHOLD) \
+        if multi else None
     k = min(5, num_classes) if args.top_k is None else args.top_k
     if not 1 <= k <= num_classes:
-        raise ConfigError(f"--top-k must be in [1, {num_classes}] (the model's classes), "
-                          f"got {k}")
+        raise ConfigError(f"--top-k must be in [1, {num_classes}] (the model's "
+                          f"{'labels' if multi else 'classes'}), got {k}")
     if not recorded:
         _warn_unrecorded(path, record)
-    rows, failed = _predict_all(args, record, topk, k, fmt)
-    _write(args, fmt, rows, k, str(path), record)
+    rows, failed = _predict_all(args, record, topk, k, fmt, threshold)
+    _write(args, fmt, rows, k, str(path), record, threshold)
     return 1 if failed else 0
 
 
@@ -219,10 +243,13 @@ def _warn_unrecorded(path: Path, record: dict[str, Any]) -> None:
           f"{'input' if path.suffix.lower() == '.onnx' else 'spec'}", file=sys.stderr)
 
 
-def _predict_all(args, record: dict[str, Any], topk, k: int, fmt: str):
+def _predict_all(args, record: dict[str, Any], topk, k: int, fmt: str,
+                 threshold: float | None = None):
     """``(rows in the order given, number of failures)``: the images read and predicted
     ``--batch-size`` at a time; a bad one is reported on standard error at once. The text
-    format is printed batch by batch (to standard output)."""
+    format is printed batch by batch (to standard output). With ``threshold`` (a multi-label
+    model) every label is scored, for the labels at or above it, and the rows keep the top
+    ``k``."""
     import numpy as np
 
     from .predict_files import image_entries
@@ -238,10 +265,11 @@ def _predict_all(args, record: dict[str, Any], topk, k: int, fmt: str):
     def flush() -> None:
         if not pending:
             return
-        indices, probs = topk(finish(np.stack([px for _, _, px in pending]), record), k)
+        indices, probs = topk(finish(np.stack([px for _, _, px in pending]), record),
+                              k if threshold is None else len(names))
         for (position, image, _), idx, prob in zip(pending, np.atleast_2d(indices),
                                                    np.atleast_2d(probs)):
-            row = prediction_row(image, idx, prob, names)
+            row = prediction_row(image, idx, prob, names, k=k, threshold=threshold)
             rows.append((position, row))
             if stream_text:
                 print("\n".join(text_lines(row, width)), flush=True)
@@ -265,7 +293,7 @@ def _predict_all(args, record: dict[str, Any], topk, k: int, fmt: str):
 
 
 def _write(args, fmt: str, rows: list[dict[str, Any]], k: int, checkpoint: str,
-           record: dict[str, Any]) -> None:
+           record: dict[str, Any], threshold: float | None = None) -> None:
     """The predictions in ``fmt`` to ``--output`` (written atomically), or to standard
     output unless they were printed already (text)."""
     from .predict_report import csv_text, json_text, text_lines
@@ -273,9 +301,9 @@ def _write(args, fmt: str, rows: list[dict[str, Any]], k: int, checkpoint: str,
     if fmt == "text" and args.output is None:
         return  # printed batch by batch
     if fmt == "csv":
-        text = csv_text(rows, k)
+        text = csv_text(rows, k, multi_label=threshold is not None)
     elif fmt == "json":
-        text = json_text(rows, checkpoint, record) + "\n"
+        text = json_text(rows, checkpoint, record, threshold) + "\n"
     else:
         width = max(len(str(n)) for n in record["class_names"])
         text = "".join("\n".join(text_lines(row, width)) + "\n" for row in rows
@@ -294,7 +322,8 @@ def _write(args, fmt: str, rows: list[dict[str, Any]], k: int, checkpoint: str,
 def onnx_classifier(path: Path):
     """``(topk, record, recorded, num_classes)`` for an ``.onnx`` file run by onnxruntime:
     ``topk(images, k)`` ranks and scores classes as :func:`anycnn.train.inference.predict_topk`
-    does (images as :func:`prepare` gives them). The preprocess record is the ``preprocess``
+    does (images as :func:`prepare` gives them; per-label sigmoids when the record is
+    ``multi_label``). The preprocess record is the ``preprocess``
     entry ``anycnn export`` writes in the file's metadata; without one it is made from the
     input's shape (``recorded`` false)."""
     import array_api_compat.numpy as host_xp
@@ -303,7 +332,7 @@ def onnx_classifier(path: Path):
     from ..data.augment import image_record, to_unit_range
     from ..errors import CheckpointError
     from ..io.onnx import INSTALL_HINT
-    from ..nn.functional import softmax
+    from ..train.inference import probabilities
 
     if not path.is_file():
         raise FileNotFoundError(2, "no such file", str(path))
@@ -347,6 +376,7 @@ def onnx_classifier(path: Path):
             x = np.transpose(x, (0, 3, 1, 2))
         logits = session.run(None, {inp.name: np.ascontiguousarray(x)})[0]
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
-        return order, np.take_along_axis(np.asarray(softmax(logits, axis=-1)), order, axis=1)
+        probs = probabilities(logits, record.get("multi_label") is True)
+        return order, np.take_along_axis(probs, order, axis=1)
 
     return topk, record, recorded, classes

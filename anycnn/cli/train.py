@@ -32,6 +32,11 @@ from .common import (
 
 HELP = "train a model and write a checkpoint and history"
 
+#: the line ``anycnn train`` prints at the start when ``--augment`` mixes images
+MIXED_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc counts an image right "
+                  "when the top class is the one that kept the larger share of it; val acc is "
+                  "measured on unmixed images")
+
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
     """The arguments of ``anycnn train``."""
@@ -91,9 +96,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    "commas: crop (padding 1/8 of the image side), crop=P, pad=zeros|edge; or "
                    "rrc (random-resized crop to the --preprocess crop, else the image size), "
                    "rrc=S, scale=LO:HI (default 0.08:1), ratio=LO:HI (default 0.75:1.3333); "
-                   "and flip; on the device: rotate=D (degrees), jitter=V (brightness, "
-                   "contrast, saturation) or brightness=V, contrast=V, saturation=V, hue=H, "
-                   "erase=P (random erasing), mixup=A, cutmix=A (soft targets) "
+                   "and flip; on the device: rotate=D (degrees, up to 180), jitter=V "
+                   "(brightness, contrast, saturation; V in [0, 1]) or brightness=V, "
+                   "contrast=V, saturation=V, hue=H (H in [0, 0.5]), erase=P (random erasing "
+                   "with probability P), mixup=A, cutmix=A (soft targets) "
                    "(default: crop=4,flip for 32x32 RGB images, none otherwise)")
     t.add_argument("--normalize", default=None, choices=["auto", "none", "imagenet"],
                    help="auto: subtract the training split's per-channel mean and divide by its "
@@ -440,9 +446,9 @@ def report(args, trainer, best, early, ckpt_path: Path, history_path: Path) -> i
 
 def run(args) -> int:
     """``anycnn train``."""
-    from ..data.augment import preprocess_record
+    from ..data.augment import mixes, preprocess_record
     from ..io.checkpoint import RUN_CHECKPOINT, load_checkpoint
-    from .folders import normalise_dataset
+    from .folders import labels_file_option, normalise_dataset
     from .launch import join_ranks, start_workers
     from .losses import make_loss
     from .resume import output_folder, settings_from_checkpoint
@@ -452,6 +458,7 @@ def run(args) -> int:
         return start_workers(args)
     backend = select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
+    args.multi_label = labels_file_option(args.multi_label)  # recorded for evaluate
     out, resume_from = output_folder(args)
     saved, saved_config = None, {}
     if resume_from is not None:  # read once: for its settings here, its state below
@@ -475,6 +482,8 @@ def run(args) -> int:
     defaults = defaults_line(args, defaulted, data)
     if defaults:
         say(args.quiet, defaults)
+    if mixes(args.augment):
+        say(args.quiet, MIXED_ACCURACY)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     loaders = make_loaders(args, data, augment, normalize)

@@ -327,7 +327,8 @@ def image_record(image_size: Sequence[int], channels: int,
 
 
 def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = None,
-                      eval_transform: Any = None) -> dict[str, Any]:
+                      eval_transform: Any = None, multi_label: bool | None = None
+                      ) -> dict[str, Any]:
     """What a checkpoint's ``config["preprocess"]`` holds::
 
         {"augment": {"crop": 4, "flip": true, "padding_mode": "zeros"}
@@ -351,6 +352,11 @@ def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = Non
     is recorded under ``"eval"`` and ``version`` is 2: images are resized by their shorter side
     and centre-cropped to ``image_size`` instead of stretched.
 
+    A multi-label model (``multi_label`` true, or by default ``data``'s training split holding
+    ``(N, K)`` targets) adds ``"multi_label": true``: ``anycnn predict`` and ``evaluate`` then
+    report per-label sigmoid probabilities. A record without the key (every single-label
+    record, and those written before it existed) means single-label.
+
     Raises:
         ConfigError: the eval transform's mean/std are not ``normalize``'s.
     """
@@ -360,6 +366,10 @@ def preprocess_record(augment: Any, normalize: Normalize | None, data: Any = Non
         record = image_record((h, w), c, data.class_names)
     record["augment"] = augment.to_record() if augment is not None and augment.active else None
     record["normalize"] = normalize.to_record() if normalize is not None else None
+    if multi_label is None:
+        multi_label = data is not None and bool(getattr(data.train, "multi_label", False))
+    if multi_label:
+        record["multi_label"] = True
     if eval_transform is not None:
         mine = eval_transform.normalize
         if (mine.to_record() if mine is not None else None) != record["normalize"]:
@@ -552,6 +562,9 @@ def _pipeline(spec: str, geometry: Any, steps: dict[str, str]) -> Any:
     if "jitter" in steps and any(k in steps for k in ("brightness", "contrast", "saturation")):
         raise ConfigError(f"--augment: jitter=V sets brightness, contrast and saturation; give "
                           f"it or them, not both; got {spec!r}")
+    for key, value in steps.items():
+        if value:
+            _check_range(spec, key, number(key))
     parts: dict[str, Any] = {}
     try:
         if "rotate" in steps:
@@ -571,6 +584,33 @@ def _pipeline(spec: str, geometry: Any, steps: dict[str, str]) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"--augment {spec}: {exc}") from None
     return AugmentPipeline(geometry, **parts)
+
+
+#: the allowed values of the ``--augment`` numbers: ``(low, high, low_open, why)``
+_ITEM_RANGES = {
+    "rotate": (0.0, 180.0, True, "the largest angle in degrees"),
+    "jitter": (0.0, 1.0, False, "brightness, contrast and saturation factors lie in "
+               "[1 - V, 1 + V]"),
+    "brightness": (0.0, 1.0, False, "factors lie in [1 - V, 1 + V]"),
+    "contrast": (0.0, 1.0, False, "factors lie in [1 - V, 1 + V]"),
+    "saturation": (0.0, 1.0, False, "factors lie in [1 - V, 1 + V]"),
+    "hue": (0.0, 0.5, False, "the largest hue shift in turns"),
+    "erase": (0.0, 1.0, True, "the probability of erasing a box in each image"),
+    "mixup": (0.0, math.inf, False, "the Beta distribution's alpha"),
+    "cutmix": (0.0, math.inf, False, "the Beta distribution's alpha"),
+}
+
+
+def _check_range(spec: str, key: str, value: float) -> None:
+    """``key=value`` of ``--augment`` within :data:`_ITEM_RANGES`; a one-line ConfigError
+    naming the value and the allowed range otherwise."""
+    low, high, low_open, why = _ITEM_RANGES[key]
+    if (value > low if low_open else value >= low) and value <= high:
+        return
+    allowed = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else \
+        f">= {low:g}"
+    raise ConfigError(f"--augment {key}={value:g} is out of range: {key} must be "
+                      f"{'in ' if high < math.inf else ''}{allowed} ({why}); got {spec!r}")
 
 
 def _int_item(spec: str, key: str, value: str) -> int:

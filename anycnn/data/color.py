@@ -10,10 +10,11 @@ factors, applied in this fixed order, each result clipped to ``[0, 1]``:
 4. **hue** ``f_h`` (RGB only): the pixel's hue (HSV, in turns) shifted by ``f_h``, modulo 1.
 
 The grey level is ``0.299 R + 0.587 G + 0.114 B`` (ITU-R 601, as torchvision), the image itself
-when ``C`` is 1 (where saturation and hue change nothing). ``f_b``, ``f_c``, ``f_s`` are uniform in
-``[max(0, 1 - v), 1 + v]`` for the strength ``v`` of each, ``f_h`` uniform in ``[-hue, hue]``;
-a component of strength 0 is skipped and draws nothing. This is torchvision's ``ColorJitter``
-with its order fixed rather than shuffled per call.
+when ``C`` is 1 (where saturation and hue change nothing). ``f_b``, ``f_c``, ``f_s`` are uniform
+in ``[1 - v, 1 + v]`` for the strength ``v`` of each (``0 <= v <= 1``: no factor is negative),
+``f_h`` uniform in ``[-hue, hue]``; a component of strength 0 is skipped and draws nothing.
+This is torchvision's ``ColorJitter`` with its order fixed rather than shuffled per call (and
+strengths kept in ``[0, 1]``, where torchvision clamps ``1 - v`` at 0).
 
 **Factors (host).** Drawn from the batch's jitter stream
 (:func:`anycnn.data.pipeline.op_generator`) in the order brightness, contrast, saturation, hue
@@ -52,8 +53,9 @@ class ColorJitter:
     """Random brightness, contrast, saturation and hue per image (module docstring).
 
     Args:
-        brightness, contrast, saturation: strength ``v`` of each (0: off), ``0 <= v <= 1``
-            would keep factors >= 0; up to 10 is accepted.
+        brightness, contrast, saturation: strength ``v`` of each (0: off), ``0 <= v <= 1``:
+            the factors lie in ``[1 - v, 1 + v]``, never negative (a factor of 0 already
+            makes an image black, flat grey or grayscale).
         hue: the largest hue shift in turns, ``0 <= hue <= 0.5``.
 
     Raises:
@@ -70,7 +72,7 @@ class ColorJitter:
 
     def __post_init__(self) -> None:
         for name in ("brightness", "contrast", "saturation"):
-            object.__setattr__(self, name, _strength(name, getattr(self, name), 10.0))
+            object.__setattr__(self, name, _strength(name, getattr(self, name), 1.0))
         object.__setattr__(self, "hue", _strength("hue", self.hue, 0.5))
         if not (self.brightness or self.contrast or self.saturation or self.hue):
             raise ConfigError("ColorJitter: every strength is 0; give at least one")
@@ -80,7 +82,7 @@ class ColorJitter:
         params = np.array([1.0, 1.0, 1.0, 0.0])[:, None].repeat(count, axis=1)
         for row, v in enumerate((self.brightness, self.contrast, self.saturation)):
             if v:
-                params[row] = rng.uniform(max(0.0, 1 - v), 1 + v, count)
+                params[row] = rng.uniform(1 - v, 1 + v, count)
         if self.hue:
             params[3] = rng.uniform(-self.hue, self.hue, count)
         return params

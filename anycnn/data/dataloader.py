@@ -169,7 +169,8 @@ class DataLoader:
     def preprocess(self) -> dict[str, Any]:
         """This loader's preprocessing as JSON-able data (what checkpoints record; see
         :func:`anycnn.data.augment.preprocess_record`)."""
-        return preprocess_record(self.augment, self.normalize)
+        return preprocess_record(self.augment, self.normalize,
+                                 multi_label=bool(getattr(self.dataset, "multi_label", False)))
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s permutation for the following iterations."""

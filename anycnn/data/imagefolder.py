@@ -425,8 +425,11 @@ def _decode_into(npy: Path, record_path: Path, samples: Sequence[tuple[Path, int
         pool = ThreadPoolExecutor(max_workers=num_threads())
         try:
             reasons = pool.map(decode, todo)
-            for i, reason in zip(todo, tqdm(reasons, total=len(todo), desc="decoding images",
-                                            unit="img", disable=not progress, leave=False)):
+            # disable=None: tqdm switches itself off when stderr is not a terminal (a pipe, a
+            # log file), as the training bars do
+            bar = tqdm(reasons, total=len(todo), desc="decoding images", unit="img",
+                       disable=None if progress else True, leave=False)
+            for i, reason in zip(todo, bar):
                 if reason is not None:
                     _bad(bad, i, reason, bad_images)
         finally:

@@ -164,7 +164,8 @@ class WorkerPool:
             if their_token != token:  # left over from an iteration that was abandoned
                 continue
             if kind == "error":
-                self._fail(f"DataLoader worker {w} failed building batch {b} of epoch {epoch}; "
+                self._fail(f"DataLoader worker {w} failed building batch {b + 1} of epoch "
+                           f"{epoch + 1}; "
                            f"its traceback:\n{body[0]}")
             return body[0], body[1]
 
@@ -179,8 +180,8 @@ class WorkerPool:
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
-        return (f"DataLoader worker {w} (pid {process.pid}) {how} while building batch {b} of "
-                f"epoch {epoch}: the dataset ended the process (os._exit, a crash in native "
+        return (f"DataLoader worker {w} (pid {process.pid}) {how} while building batch {b + 1} "
+                f"of epoch {epoch + 1}: the dataset ended the process (os._exit, a crash in native "
                 "code) or the system did (out of memory?); the epoch cannot go on")
 
     def _fail(self, message: str) -> None:

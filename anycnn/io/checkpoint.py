@@ -112,6 +112,26 @@ class Checkpoint:
         config = self.extra.get("config") if isinstance(self.extra, dict) else None
         return config if isinstance(config, dict) else {}
 
+    @property
+    def preprocess(self) -> dict[str, Any] | None:
+        """The preprocess record (:func:`anycnn.data.augment.preprocess_record`):
+        ``extra["preprocess"]`` (:func:`anycnn.save` users) or ``config["preprocess"]``
+        (``anycnn train``, :class:`~anycnn.train.Trainer`); None when there is none."""
+        extra = self.extra if isinstance(self.extra, dict) else {}
+        record = extra.get("preprocess") or self.config.get("preprocess")
+        return record if isinstance(record, dict) else None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is multi-label (any number of labels per image, sigmoid
+        probabilities): the preprocess record's ``multi_label`` flag; without one, whether
+        ``anycnn train`` ran with ``--multi-label`` (runs from before the flag was recorded);
+        else False (single-label: softmax over the classes)."""
+        record = self.preprocess
+        if record is not None and "multi_label" in record:
+            return record["multi_label"] is True
+        return self.config.get("multi_label") is not None
+
 
 #: the file name of a run folder's checkpoint (``anycnn train --out FOLDER``)
 RUN_CHECKPOINT = "checkpoint.safetensors"

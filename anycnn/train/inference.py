@@ -1,6 +1,14 @@
 """Predictions for images as users hold them: :func:`predict`, :func:`predict_proba`,
 :func:`predict_topk`.
 
+Single-label models (softmax cross-entropy: one class per image) get softmax probabilities,
+each row summing to 1. Multi-label models (trained with a sigmoid loss such as
+:class:`~anycnn.nn.losses.BCEWithLogits`: any number of labels per image) get each label's own
+sigmoid probability with ``multi_label=True``; ``probability >= 0.5`` (or another threshold)
+marks the labels present. :attr:`anycnn.io.checkpoint.Checkpoint.multi_label` says which a
+checkpoint holds: ``model, ckpt = anycnn.load_model(path)``, then
+``anycnn.predict_proba(model, images, multi_label=ckpt.multi_label)``.
+
 Accepted images (channels last, as everywhere in anycnn):
 
 * one image ``(H, W, C)``, or ``(H, W)`` for a one-channel model; or a batch ``(N, H, W, C)``;
@@ -170,15 +178,19 @@ def _logits(model: Module, images: Any, batch_size: int) -> tuple[np.ndarray, bo
 
 
 def predict(model: Module, images: Any, batch_size: int = 256, *,
-            probs: bool = False) -> np.ndarray:
-    """Logits (or, with ``probs=True``, softmax probabilities) for ``images``.
+            probs: bool = False, multi_label: bool = False) -> np.ndarray:
+    """Logits (or, with ``probs=True``, probabilities) for ``images``.
 
     Args:
         model: any :class:`~anycnn.nn.module.Module` mapping NHWC images to ``(N, K)`` logits.
         images: one image or a batch, ``uint8`` or float, host or backend (see module doc).
-        batch_size: images per forward pass (results do not depend on it beyond float
-            rounding).
-        probs: return probabilities (stable softmax; each row sums to 1) instead of logits.
+        batch_size: images per forward pass. An image's results do not depend on it, nor on
+            the other images of its batch, beyond float rounding: the kernels (and BLAS) may
+            sum in another order for another batch shape, so the last digits can differ
+            (``batch_size=1`` gives every image the same numbers whatever else is predicted).
+        probs: return probabilities instead of logits: softmax (stable; each row sums to 1),
+            or with ``multi_label`` each label's sigmoid.
+        multi_label: the model is multi-label (module doc): ``probs`` are per-label sigmoids.
 
     Returns:
         Host ``np.ndarray`` in the model's dtype: ``(N, K)`` for a batch, ``(K,)`` for one image.
@@ -187,18 +199,31 @@ def predict(model: Module, images: Any, batch_size: int = 256, *,
         ShapeError: wrong rank, channel count, size or dtype (the expected shape is named).
     """
     logits, single = _logits(model, images, batch_size)
-    out = np.asarray(F.softmax(logits, axis=-1)) if probs else logits
+    out = probabilities(logits, multi_label) if probs else logits
     return out[0] if single else out
 
 
-def predict_proba(model: Module, images: Any, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities for ``images``: ``predict(model, images, batch_size, probs=True)``."""
-    return predict(model, images, batch_size, probs=True)
+def probabilities(logits: Any, multi_label: bool = False) -> np.ndarray:
+    """Host probabilities of ``(N, K)`` ``logits``: softmax along the last axis (each row sums
+    to 1), or with ``multi_label`` each entry's sigmoid (stable on both tails)."""
+    if multi_label:
+        x = np.asarray(logits)
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    return np.asarray(F.softmax(logits, axis=-1))
 
 
-def predict_topk(model: Module, images: Any, k: int = 5,
-                 batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most likely classes of each image and their probabilities.
+def predict_proba(model: Module, images: Any, batch_size: int = 256, *,
+                  multi_label: bool = False) -> np.ndarray:
+    """Probabilities for ``images``: ``predict(model, images, batch_size, probs=True,
+    multi_label=multi_label)`` (softmax, or per-label sigmoids for a multi-label model)."""
+    return predict(model, images, batch_size, probs=True, multi_label=multi_label)
+
+
+def predict_topk(model: Module, images: Any, k: int = 5, batch_size: int = 256, *,
+                 multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most likely classes (or labels) of each image and their probabilities
+    (softmax; per-label sigmoids with ``multi_label``, as :func:`predict`).
 
     Classes are ranked by logit, largest first; equal logits by class index, lowest first (so
     ``indices[..., 0]`` is ``predict(...).argmax(-1)``, ties included).
@@ -216,5 +241,5 @@ def predict_topk(model: Module, images: Any, k: int = 5,
     logits, single = _logits(model, images, batch_size)
     (k,) = check_top_k(k, logits.shape[1])
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
-    chosen = np.take_along_axis(np.asarray(F.softmax(logits, axis=-1)), order, axis=1)
+    chosen = np.take_along_axis(probabilities(logits, multi_label), order, axis=1)
     return (order[0], chosen[0]) if single else (order, chosen)

@@ -55,7 +55,8 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             if self.second == "exit":
-                print("\nanycnn: second signal, exiting now", file=sys.stderr, flush=True)
+                print(f"{_off_the_bar()}anycnn: second signal, exiting now", file=sys.stderr,
+                      flush=True)
                 os._exit(128 + signum)
             self._restore()  # a third goes to the handlers from before
             if signum == signal.SIGINT:
@@ -64,8 +65,9 @@ class StopOnSignal:
         self.signum = signum
         if self.trainer.comm.rank == 0:  # mpiexec forwards the signal to every rank
             again = "exit" if self.second == "exit" else "interrupt"
-            print(f"\nanycnn: {signal.Signals(signum).name} received: stopping after this "
-                  f"step (send it again to {again} at once)", file=sys.stderr, flush=True)
+            print(f"{_off_the_bar()}anycnn: {signal.Signals(signum).name} received: stopping "
+                  f"after this step (send it again to {again} at once)", file=sys.stderr,
+                  flush=True)
         self.trainer.request_stop(signal.Signals(signum).name)
 
     def _restore(self) -> None:
@@ -75,6 +77,13 @@ class StopOnSignal:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+
+def _off_the_bar() -> str:
+    """``"\\n"`` when stderr is a terminal (the line ends the progress bar and the echoed
+    ``^C``), else ``""``: in a pipe or a log file there is no bar, and no blank line."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return "\n" if isatty and isatty() else ""
 
 
 def _unhandled(sig: int) -> bool:

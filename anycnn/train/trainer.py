@@ -132,7 +132,7 @@ def check_loader(loader: Any, role: str, needs: Sequence[str]) -> None:
 def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
              top_k: int | Iterable[int] = (), confusion: bool = False,
              class_names: Sequence[str] | None = None, comm: Any = None,
-             multi_label: bool = False) -> dict[str, Any]:
+             multi_label: bool = False, threshold: float = 0.5) -> dict[str, Any]:
     """Loss, accuracy and optional metrics of ``model`` over ``loader`` (in eval mode; each
     submodule's mode is restored).
 
@@ -155,6 +155,8 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
             :class:`~anycnn.nn.losses.BCEWithLogits`): also return ``"multi_label"``, the
             :class:`~anycnn.train.metrics.MultiLabelMetrics` result (per-class precision,
             recall, F1 and average precision, mAP). ``top_k``/``confusion`` do not apply.
+        threshold: with ``multi_label``, a label counts as predicted when its sigmoid
+            probability is at least this (in (0, 1)).
 
     Returns:
         ``{"loss", "accuracy", "count"}`` (mean loss, argmax accuracy, number of examples), plus
@@ -181,7 +183,7 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
     if multi_label and (top_k or confusion):
         raise ConfigError("evaluate: top_k and confusion are single-label metrics; with "
                           "multi_label=True the per-label metrics come instead")
-    metrics = (MultiLabelMetrics(class_names) if multi_label
+    metrics = (MultiLabelMetrics(class_names, threshold) if multi_label
                else ClassificationMetrics(top_k, class_names) if top_k or confusion else None)
     sums = _Sums()
     with eval_mode(model), no_grad(), _progress(len(loader), "eval", progress) as bar:
@@ -220,6 +222,23 @@ def _stderr_is_terminal() -> bool:
     return bool(isatty and isatty())
 
 
+def _make_parent(path: str | Path) -> None:
+    """Create the folder of the checkpoint ``path`` (and its parents) when missing.
+
+    Raises:
+        CheckpointError: it cannot be created (e.g. a file stands in the way), naming the
+            folder and the OS's reason.
+    """
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..atomic import os_reason
+
+        raise CheckpointError(f"cannot create the folder {folder} for the checkpoint {path}: "
+                              f"{os_reason(exc)}") from None
+
+
 def _check_count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -244,7 +263,10 @@ class Trainer:
             the model; default: the model's own (``model.model_spec``, set by
             :func:`anycnn.models.build_model`, with the class count of its current head).
         checkpoint_path: where :meth:`fit` saves after every epoch (None: never), and where it
-            saves when SIGINT (Ctrl-C) or SIGTERM stops it (see :meth:`fit`).
+            saves when SIGINT (Ctrl-C) or SIGTERM stops it (see :meth:`fit`). Missing folders
+            are created when :meth:`fit` starts (as ``anycnn train`` creates its ``--out``
+            folder, and Keras' and Lightning's checkpoint callbacks theirs), so a path that
+            cannot be written fails there, not after the first epoch.
         on_nonfinite: ``"stop"`` raises :class:`TrainingError` when the loss is NaN/inf;
             ``"skip"`` drops that step's update and goes on.
         sync_every: steps between host reads of the metrics (default 1 on CPU, 20 on GPU).
@@ -366,10 +388,13 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint of the whole training state (atomic)."""
+        """Write a checkpoint of the whole training state (atomic), creating missing folders
+        (``checkpoint_path``: see the constructor)."""
         target = Path(path) if path else self.checkpoint_path
         if target is None:
             raise ConfigError("no checkpoint path given")
+        if self.comm.rank == 0:
+            _make_parent(target)
         if self._parallel is not None:
             self._average_buffers()
             if self.comm.rank != 0:  # rank 0 writes; everyone waits for the file
@@ -645,6 +670,8 @@ class Trainer:
             self._parallel.check_same(fingerprint(self, train_loader, target))
             self._parallel.check_shares(self.model, train_loader)
             self._parallel.broadcast_state(self.model, self.optimizer, self.ema)
+        if self.checkpoint_path is not None and self.comm.rank == 0:
+            _make_parent(self.checkpoint_path)  # an unwritable place fails now, not in an hour
         self.model.train()
         with catch_signals(self) as stopper:
             for cb in hooks:
