@@ -125,6 +125,21 @@ def test_models_use_it_and_agree_with_the_portable_path(monkeypatch, rng, model,
     assert_rounding_close(grads[0], grads[1])
 
 
+def test_a_transposed_convolution_with_few_outputs(monkeypatch, rng):
+    """A stride-1 transposed convolution's forward is a convolution's input gradient: one
+    with 2 output channels takes the kernel, and equals the portable path."""
+    x = rng.normal(size=(3, 9, 8, 16))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(native, "ENABLED", enabled)
+        calls = _watch(monkeypatch)
+        anycnn.manual_seed(0)
+        layer = anycnn.nn.layers.ConvTranspose2D(16, 2, 3, padding=1, dtype="float64")
+        outs.append(layer.forward(x))
+        assert bool(calls) is enabled
+    assert_rounding_close(outs[0], outs[1])
+
+
 def test_declines_what_it_does_not_take(monkeypatch, rng):
     wt = rng.normal(size=(3, 3, 1, 16)).astype(np.float32)
     dy = np.zeros((1, 8, 8, 16), np.float32)
