@@ -87,11 +87,16 @@ def test_matches_the_portable_input_gradient(rng, dtype, case):
     assert_rounding_close(native_narrow.conv2d_input_grad_kernel(dy, wt, win, 1), expected)
 
 
-@pytest.mark.parametrize("pool", [((2, 2), (2, 2)), ((3, 2), (3, 2)), ((2, 2), (3, 3))],
-                         ids=["tiles", "tiles-3x2", "gaps"])
-def test_pool_ordered_rows_match(rng, pool):
+@pytest.mark.parametrize("pool, h, w", [
+    (((2, 2), (2, 2)), 12, 12),  # the windows tile the output
+    (((3, 2), (3, 2)), 12, 12),
+    (((2, 2), (3, 3)), 13, 12),  # gaps between windows
+    (((2, 1), (3, 2)), 9, 7),    # ... the last stride reaching past the output
+    (((2, 2), (2, 2)), 9, 7),    # a row and a column past the last window
+], ids=["tiles", "tiles-3x2", "gaps", "gaps-past-the-edge", "odd-size"])
+def test_pool_ordered_rows_match(rng, pool, h, w):
     """A fused block's masked gradient on the portable path: rows in pool-plane order."""
-    n, h, w, cin, cout, k = 2, 13, 12, 1, 6, 5
+    n, cin, cout, k = 2, 1, 6, 5
     pads = (2, 2, 2, 2)
     wt = rng.normal(size=(k, k, cin, cout))
     win = replace(C.conv_windows((h, w), (k, k), (1, 1), pads, (1, 1)), pool_order=pool)

@@ -208,10 +208,11 @@ def _dense(d: np.ndarray, win: Any) -> np.ndarray:
     planes = np.reshape(d, (n, ph, pw, hq, wq, c)).transpose(0, 3, 1, 4, 2, 5)
     if (sh, sw) == (ph, pw) and (hq * ph, wq * pw) == tuple(win.out):
         return np.reshape(planes, (n, *win.out, c))  # the windows tile the output
-    dense = np.zeros((n, *win.out, c), dtype=d.dtype)
-    places = dense[:, :hq * sh, :wq * sw].reshape(n, hq, sh, wq, sw, c)
+    (ho, wo), span = win.out, (hq * sh, wq * sw)  # the last stride may reach past the output
+    dense = np.zeros((n, max(ho, span[0]), max(wo, span[1]), c), dtype=d.dtype)
+    places = dense[:, :span[0], :span[1]].reshape(n, hq, sh, wq, sw, c)
     places[:, :, :ph, :, :pw] = planes
-    return dense
+    return dense[:, :ho, :wo]
 
 
 # --------------------------------------------------------------------------------------------
