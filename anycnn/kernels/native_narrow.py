@@ -58,10 +58,12 @@ MAX_INPUT_CHANNELS = 4
 
 
 def _tile(cin: int) -> int:
-    """Pixels per register tile: 2 for one input channel, 4 for more (each pixel holds one
-    accumulator per input channel; measured at 28x28 and 32x32, batch 64, AVX-512: 1 -> 32
-    3x3 0.69 ms against 0.80-0.86 with 4 or 7 pixels; 3 -> 32 1.78 ms against 2.23 with 2)."""
-    return 2 if cin == 1 else 4
+    """Pixels per register tile: 2 for one input channel, else 1 (each pixel holds one
+    accumulator per input channel; the out-of-order core overlaps the pixels' chains of
+    multiply-adds, and wider tiles or two accumulators per pixel were no faster, measured on
+    one thread at batch 64, AVX-512: 1 -> 32 3x3 under a pool 0.54 ms against 0.61-0.85;
+    3 -> 16 3x3 0.75 against 0.97-1.26; 3 -> 32 under a pool 1.53-1.61 either way)."""
+    return 2 if cin == 1 else 1
 
 
 @kernel_cache.pipeline
