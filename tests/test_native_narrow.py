@@ -66,6 +66,9 @@ CASES = [
     (2, 7, 9, 1, 32, 3, (2, 0, 1, 2), (3, 3)),      # pool 3: rows and columns past the last window
     (1, 5, 6, 4, 16, 2, (1, 0, 0, 1), (2, 1)),      # 4 input channels, a 2x1 pool
     (2, 6, 5, 1, 40, 3, (1, 1, 1, 1), None),        # channels neither fill nor tile a vector
+    (2, 14, 14, 6, 16, 5, (0, 0, 0, 0), None),      # lenet5's second layer
+    (2, 9, 10, 12, 16, 3, (1, 1, 1, 1), (2, 2)),    # 12 channels under a pool
+    (1, 7, 7, 15, 6, 3, (1, 2, 0, 1), None),        # the most that never fill a vector
 ]
 
 

@@ -8,6 +8,8 @@ written first) cost up to 10x the layer's forward pass (measured at batch 64 on 
 with AVX-512, 2 threads: 1 -> 32 channels 3x3 under a fused pool 10.3 ms against 1.0; 3 -> 32
 19.2 against 2.7; LeNet's 1 -> 6 5x5 2.6 against 2.6). Vectorising over pixels instead reads
 the NHWC gradient with strided gathers (a prototype was 1.5-5x slower than the NumPy path).
+Other layers with input channels that do not fill the vectors (LeNet's second layer, 6 -> 16)
+gain too: see :data:`MAX_INPUT_CHANNELS`.
 
 This kernel vectorises over the *reduction*. For each input pixel and channel ``ci``,
 
@@ -51,10 +53,14 @@ from .threads import _region
 #: output rows of one image per task
 ROWS_PER_TASK = 8
 
-#: the most input channels this kernel takes (one accumulator per channel and pixel of a tile:
-#: measured faster than the portable path for 1 and 3 channels; wider layers' channels fill
-#: vectors, or are no first layer)
-MAX_INPUT_CHANNELS = 4
+#: the most input channels this kernel takes (one accumulator per channel and pixel of a tile,
+#: the channel loop unrolled); with more, they fill AVX-512's float32 vectors, or the layer is
+#: wide. Measured faster than the portable path at every count tried (one thread, 32 images,
+#: AVX-512; the gradient in pool-plane order, as LeNet's blocks hand it over): 1 -> 6 5x5 at
+#: 28x28 0.39 ms against 2.6; 6 -> 16 5x5 at 14x14 (LeNet's second layer) 0.45 against 0.82;
+#: 6 -> 8 3x3 0.16 against 0.32; 8 -> 16 3x3 at 28x28 0.94 against 7.8; 12 -> 16 3x3 at 14x14
+#: 0.34 against 5.1; 15 -> 32 0.80 against 2.8; 24 -> 32 1.35 against 5.2
+MAX_INPUT_CHANNELS = 16
 
 
 def _tile(cin: int) -> int:
