@@ -55,11 +55,12 @@ ROWS_PER_TASK = 8
 
 #: the most input channels this kernel takes (one accumulator per channel and pixel of a tile,
 #: the channel loop unrolled); with more, they fill AVX-512's float32 vectors, or the layer is
-#: wide. Measured faster than the portable path at every count tried (one thread, 32 images,
-#: AVX-512; the gradient in pool-plane order, as LeNet's blocks hand it over): 1 -> 6 5x5 at
-#: 28x28 0.39 ms against 2.6; 6 -> 16 5x5 at 14x14 (LeNet's second layer) 0.45 against 0.82;
-#: 6 -> 8 3x3 0.16 against 0.32; 8 -> 16 3x3 at 28x28 0.94 against 7.8; 12 -> 16 3x3 at 14x14
-#: 0.34 against 5.1; 15 -> 32 0.80 against 2.8; 24 -> 32 1.35 against 5.2
+#: wide. Measured faster than the portable path at every count tried (one thread, AVX-512):
+#: LeNet's second layer, 6 -> 16 5x5 at 14x14 under a fused pool, 0.73 ms against 2.16 at
+#: batch 64; with 32 images of gradient rows in pool-plane order (LeNet's first block's):
+#: 1 -> 6 5x5 at 28x28 0.39 against 2.6; 6 -> 8 3x3 at 14x14 0.16 against 0.32; 8 -> 16 3x3 at
+#: 28x28 0.94 against 7.8; 12 -> 16 3x3 at 14x14 0.34 against 5.1; 15 -> 32 0.80 against 2.8;
+#: 24 -> 32 1.35 against 5.2
 MAX_INPUT_CHANNELS = 16
 
 
