@@ -55,8 +55,8 @@ DECLINE = _Declined()
 #: preference (a kernel that declines passes the call on): torch's own operators first (they
 #: take only torch tensors, and the state their forward kept), then the compiled kernels
 KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
-                  "anycnn.kernels.native_norm", "anycnn.kernels.fastpath",
-                  "anycnn.kernels.special")
+                  "anycnn.kernels.native_norm", "anycnn.kernels.native_narrow",
+                  "anycnn.kernels.fastpath", "anycnn.kernels.special")
 
 _kernels: dict[str, tuple[Callable[..., Any], ...]] = {}
 _loaded = False

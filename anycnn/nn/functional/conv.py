@@ -18,7 +18,7 @@ import array_api_extra as xpx
 from array_api_compat import device
 
 from ...backend import namespace_of
-from ...kernels.dispatch import DECLINE, attempt, prefers
+from ...kernels.dispatch import DECLINE, attempt, overridable, prefers
 from ...kernels.threads import map_batch
 from ..geometry import Pair, conv_output_size
 from .primitives import add, add_relu, bias_relu, column_sums, pad_hw, take_rows
@@ -170,10 +170,13 @@ def conv_weight_grad(d: Any, cols: Any, weight: Any, win: Windows, groups: int =
     return _ungroup_weights(xp.matrix_transpose(cols) @ dg, weight.shape)
 
 
+@overridable
 def conv_input_grad(d: Any, weight: Any, win: Windows, groups: int = 1) -> Any:
     """Input gradient ``(N, H, W, C_in)`` of :func:`conv2d_rows` for row gradients ``d``
     (N, P, C_out): one GEMM (per group) into the column gradient, then the col2im gather;
-    depthwise: slice-adds per kernel tap. It is also a transposed convolution's forward pass."""
+    depthwise: slice-adds per kernel tap. It is also a transposed convolution's forward pass.
+    A dispatch point (the compiled kernel of :mod:`anycnn.kernels.native_narrow` takes few
+    input channels)."""
     xp = namespace_of(d, weight)
     kh, kw, cg, cout = weight.shape
     n = d.shape[0]
@@ -363,6 +366,10 @@ def conv2d_grads(dy: Any, x: Any, weight: Any, win: Windows, groups: int,
     if addend is not None:
         dx, dw, db = conv2d_grads(dy, x, weight, win, groups, True, bias_grad)
         return add(dx, addend), dw, db
+    if need_input_grad:  # a compiled kernel may take the whole input gradient (few channels)
+        dx = attempt("conv2d_input_grad", dy, weight, win, groups)
+        if dx is not DECLINE:
+            return (dx, *conv2d_grads(dy, x, weight, win, groups, False, bias_grad)[1:])
     xp = namespace_of(dy, weight)
     n = x.shape[0]
     d = xp.reshape(dy, (n, win.positions, weight.shape[-1]))
@@ -386,7 +393,11 @@ def _chunked_input_grad(dy: Any, weight: Any, win: Windows, groups: int) -> Any:
     images at a time (:func:`~anycnn.kernels.threads.map_batch`: cache-sized chunks on the
     library's threads, each GEMM on a one-thread BLAS): the input gradient a compiled kernel
     left to the portable path (measured for a 3 -> 16 channel first layer at batch 128, 32x32:
-    30 ms over the whole batch on the calling thread, against 11)."""
+    30 ms over the whole batch on the calling thread, against 11). A compiled kernel for few
+    input channels is offered the whole batch first (``conv2d_input_grad``)."""
+    dx = attempt("conv2d_input_grad", dy, weight, win, groups)
+    if dx is not DECLINE:
+        return dx
     pooled = hasattr(dy, "unpooled")
     xp = namespace_of(dy.grad if pooled else dy, weight)
     n = (dy.grad if pooled else dy).shape[0]
