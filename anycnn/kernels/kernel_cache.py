@@ -104,10 +104,11 @@ def _halide_version() -> str:
     folder beside the package that imports (one directory listing; ``importlib.metadata``
     searches every ``sys.path`` entry and parses the metadata, which cost 2-6 ms of a cached
     process's first step), else from ``importlib.metadata``; ``"unknown"`` without Halide."""
-    spec = importlib.util.find_spec("halide")
-    if spec is None:
-        return "unknown"
-    for location in spec.submodule_search_locations or ():
+    try:
+        spec = importlib.util.find_spec("halide")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or ()) if spec is not None else ():
         found = _dist_info_versions(Path(location).parent, "halide")
         if len(found) == 1:
             return found[0]
@@ -137,8 +138,9 @@ def cache_dir() -> Path | None:
 
 @functools.lru_cache(maxsize=8)
 def _cache_dir_under(*environment: str | None) -> Path | None:
-    """:func:`cache_dir` for these values of the variables it depends on (asked at every
-    kernel's first use: building the path each time cost about 40 us)."""
+    """:func:`cache_dir`, memoised on the values of the variables it reads (``environment``:
+    the key only). It is asked at every kernel's first use; building the path each time cost
+    about 40 us."""
     root = cache_root()
     if root is None:
         return None
