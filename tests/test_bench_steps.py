@@ -27,8 +27,10 @@ def test_input_grad_times_the_default_backward_beside_the_trainers(tmp_path, cap
 
 def test_first_step_runs_a_cold_and_a_warm_cache_process(tmp_path, capsys):
     out, results = _bench(tmp_path, capsys, "--first-step")
-    assert "first step, empty cache ms" in out
+    assert "first step, empty cache ms" in out and "page faults cached first / warm" in out
     row = results["rows"][0]
     for kind in ("cold", "warm"):
         assert row[kind]["first_ms"] > 0 and row[kind]["warm_ms"] > 0
+        # the first step maps its working memory; later steps reuse what the allocator kept
+        assert row[kind]["first_faults"] > row[kind]["warm_faults"] >= 0
     assert row["warm_first_over_step"] == row["warm"]["first_ms"] / row["warm"]["warm_ms"]

@@ -260,6 +260,22 @@ def test_matmul_splits_equal_the_plain_product(threads, monkeypatch, rng, shape)
     np.testing.assert_allclose(F.matmul(a.T, a), a.T @ a, rtol=1e-4, atol=1e-3)
 
 
+def test_a_small_matmul_leaves_the_blas_threads_alone(monkeypatch, rng):
+    """Below SMALL_GEMM_MACS the product is the BLAS's own (which runs it on the calling
+    thread): the loaded BLAS libraries are not looked up; a larger one limits them first."""
+    def looked_up():
+        raise LookupError("the BLAS libraries were looked up")
+
+    monkeypatch.setattr(kthreads, "_blas_libraries", looked_up)
+    a = rng.standard_normal((32, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 10)).astype(np.float32)
+    assert 32 * 64 * 10 < fastpath.SMALL_GEMM_MACS
+    np.testing.assert_array_equal(F.matmul(a, b), a @ b)
+    big = rng.standard_normal((64, 64 * 16)).astype(np.float32)
+    with pytest.raises(LookupError):
+        F.matmul(big, big.T)
+
+
 def test_one_blas_thread_nests_and_restores(rng):
     from threadpoolctl import threadpool_info, threadpool_limits
 

@@ -148,3 +148,24 @@ def test_an_unwritable_cache_compiles_in_memory_with_one_warning(monkeypatch, tm
         scale(4).run({"a": x}, {"k": 5}, [out])
     np.testing.assert_array_equal(out, x * 5)
     assert not kernel_cache.ahead_of_time() and "unusable" in kernel_cache.describe()
+
+
+def test_the_halide_version_is_read_from_its_dist_info_folder(monkeypatch, tmp_path):
+    """The version comes from the one ``halide-VERSION.dist-info`` folder beside the package
+    (no search of every path entry); importlib.metadata answers where that is ambiguous."""
+    import importlib.metadata
+
+    for name in ("halide-21.0.0.dist-info", "Halide_Extra-3.dist-info", "halide-x.egg-info",
+                 "halide"):
+        (tmp_path / name).mkdir()
+    assert kernel_cache._dist_info_versions(tmp_path, "halide") == ["21.0.0"]
+    assert kernel_cache._dist_info_versions(tmp_path / "missing", "halide") == []
+    installed = importlib.metadata.version("halide")
+    kernel_cache._halide_version.cache_clear()
+    try:
+        assert kernel_cache._halide_version() == installed
+        monkeypatch.setattr(kernel_cache, "_dist_info_versions", lambda folder, name: ["1", "2"])
+        kernel_cache._halide_version.cache_clear()
+        assert kernel_cache._halide_version() == installed
+    finally:
+        kernel_cache._halide_version.cache_clear()

@@ -256,15 +256,25 @@ def test_kernels_decline_what_is_not_theirs(on, rng):
 
 
 def test_kernel_modules_load_without_importing_torch():
-    """Dispatching NumPy calls loads every kernel module, torch's included, without importing
-    torch (only a torch tensor brings torch's operators in)."""
+    """Dispatching NumPy calls loads the kernel modules without importing torch, and without
+    torch's kernels (dispatch.ONLY_FOR); the first dispatch after torch is imported brings them
+    in, first in line; importing them never imports torch."""
     code = ("import sys, numpy as np, anycnn\n"
+            "from anycnn.kernels import dispatch\n"
             "from anycnn.nn import functional as F\n"
             "x = np.ones((1, 4, 4, 2)); w = np.ones((3, 3, 2, 2))\n"
             "F.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1))\n"
             "F.max_pool2d_forward(x, F.pool_windows((4, 4), (2, 2), (2, 2), (0, 0), False))\n"
-            "import anycnn.kernels.torch_ops\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+            "assert 'anycnn.kernels.native' in sys.modules\n"
+            "assert 'anycnn.kernels.torch_ops' not in sys.modules, 'torch kernels imported'\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import torch\n"
+            "xt = torch.ones((1, 4, 4, 2), dtype=torch.float64)\n"
+            "wt = torch.ones((3, 3, 2, 2), dtype=torch.float64)\n"
+            "y = F.conv2d_forward(xt, wt, None, (1, 1), (1, 1, 1, 1), (1, 1))[0]\n"
+            "assert dispatch.kernels_for('conv2d')[0].__module__ == 'anycnn.kernels.torch_ops'\n"
+            "ref = F.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1))[0]\n"
+            "assert np.allclose(y.numpy(), ref)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ANYCNN_BACKEND": "numpy"})
     assert out.returncode == 0, out.stderr

@@ -5,7 +5,10 @@ For each batch size and round, two fresh worker processes train the model for
 compiled), the second with the cache the first left (every later process). Each reports its
 first step (forward, backward, optimizer step: where kernels are compiled or loaded) and the
 median of its later steps. The table gives the medians over the rounds and the ratio of the
-warm-cache first step to a warm step, which the compiled-kernel cache keeps near 1.
+warm-cache first step to a warm step, which the compiled-kernel cache keeps near 1, and the
+minor page faults of the cached process's first step against a warm step's: the first step
+is where the operating system maps (and zeroes) the step's working memory, page by page, for
+the first time; later steps reuse the memory the allocator kept.
 """
 
 from __future__ import annotations
@@ -20,16 +23,33 @@ from typing import Any
 from .bench import TrainingStep, _report, _run_worker, rss_mib, time_steps
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def first_step_worker(cfg: dict) -> dict:
-    """Worker side: the first step's and the later steps' milliseconds, whether Halide was
-    imported, and the peak resident set (MiB)."""
+    """Worker side: the first step's and the later steps' milliseconds and minor page faults
+    (the later steps': medians), whether Halide was imported, and the peak resident set
+    (MiB)."""
     bench = TrainingStep(cfg)
+    faults = minor_faults()
     start = time.perf_counter()
     bench.step()
     bench.sync()
     first = (time.perf_counter() - start) * 1e3
-    later = time_steps(bench.step, bench.sync, 0, cfg["steps"])
+    first_faults = minor_faults() - faults
+    later, later_faults = [], []
+    for _ in range(cfg["steps"]):
+        faults = minor_faults()
+        later += time_steps(bench.step, bench.sync, 0, 1)
+        later_faults.append(minor_faults() - faults)
     return {"first_ms": first, "warm_ms": statistics.median(later),
+            "first_faults": first_faults, "warm_faults": statistics.median(later_faults),
             "halide_imported": "halide" in sys.modules, "peak_mib": rss_mib("VmHWM")}
 
 
@@ -55,7 +75,8 @@ def run_first_step(args: argparse.Namespace) -> int:
         row = {"batch": batch}
         for kind, outs in runs.items():
             row[kind] = {key: statistics.median(o[key] for o in outs)
-                         for key in ("first_ms", "warm_ms", "peak_mib")}
+                         for key in ("first_ms", "warm_ms", "peak_mib", "first_faults",
+                                     "warm_faults")}
             row[kind]["halide_imported"] = any(o["halide_imported"] for o in outs)
         row["warm_first_over_step"] = row["warm"]["first_ms"] / row["warm"]["warm_ms"]
         results["rows"].append(row)
@@ -65,13 +86,15 @@ def run_first_step(args: argparse.Namespace) -> int:
 def format_first_step_table(results: dict) -> str:
     """A Markdown table of :func:`run_first_step`'s results."""
     head = ["batch", "first step, empty cache ms", "first step, cached ms", "warm step ms",
-            "cached first / warm", "peak MiB empty / cached", "Halide imported when cached"]
+            "cached first / warm", "page faults cached first / warm",
+            "peak MiB empty / cached", "Halide imported when cached"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["rows"]:
         cold, warm = row["cold"], row["warm"]
         lines.append("| " + " | ".join([
             str(row["batch"]), f"{cold['first_ms']:.0f}", f"{warm['first_ms']:.0f}",
             f"{warm['warm_ms']:.1f}", f"{row['warm_first_over_step']:.2f}x",
+            f"{warm['first_faults']:.0f} / {warm['warm_faults']:.0f}",
             f"{cold['peak_mib']:.0f} / {warm['peak_mib']:.0f}",
             "yes" if warm["halide_imported"] else "no"]) + " |")
     return "\n".join(lines)

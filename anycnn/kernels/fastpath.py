@@ -38,20 +38,29 @@ from .threads import (
 #: costs 20-90 us on the project machine; 2**23 multiply-adds take about 100 us on one core)
 MIN_PARALLEL_MACS = 1 << 23
 
+#: a GEMM with fewer multiply-adds than this runs as it is, the BLAS's threads left alone: BLAS
+#: libraries compute products this small on the calling thread (OpenBLAS below 2**18), so
+#: limiting them would only cost threadpoolctl's search of the loaded libraries at the first
+#: call (4-5 ms of a new process's first step, measured; resnet20's only GEMM is its Dense)
+SMALL_GEMM_MACS = 1 << 16
+
 
 @implements("matmul")
 def matmul(a: Any, b: Any) -> Any:
     """Kernel of :func:`~anycnn.nn.functional.primitives.matmul` (``a @ b``, 2-D).
 
-    NumPy: the BLAS runs on one thread per caller; a large product is split into row shards of
-    ``a`` (column shards of ``b`` when N > M) computed on the library's threads. Every output
-    element is one BLAS dot product of length K either way; which kernel the BLAS picks for a
-    shard's shape may change its last bits, so results depend on the thread count (and are
-    repeatable for a given one).
+    NumPy: the BLAS runs on one thread per caller (a product under :data:`SMALL_GEMM_MACS`
+    multiply-adds is passed to the BLAS as it is: it runs one that small on the calling thread);
+    a large product is split into row shards of ``a`` (column shards of ``b`` when N > M)
+    computed on the library's threads. Every output element is one BLAS dot product of length
+    K either way; which kernel the BLAS picks for a shard's shape may change its last bits, so
+    results depend on the thread count (and are repeatable for a given one).
     """
     if not takes(a, b):
         return DECLINE
     m, n = a.shape[0], b.shape[1]
+    if m * n * a.shape[1] < SMALL_GEMM_MACS:
+        return a @ b
     threads = 0 if getattr(_region, "active", False) else min(num_threads(), max(m, n))
     with one_blas_thread():
         if threads < 2 or m * n * a.shape[1] < MIN_PARALLEL_MACS:

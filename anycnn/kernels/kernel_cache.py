@@ -100,14 +100,47 @@ def _cpu_fingerprint() -> str:
 
 @functools.cache
 def _halide_version() -> str:
+    """The installed Halide's version: from the name of the one ``halide-VERSION.dist-info``
+    folder beside the package that imports (one directory listing; ``importlib.metadata``
+    searches every ``sys.path`` entry and parses the metadata, which cost 2-6 ms of a cached
+    process's first step), else from ``importlib.metadata``; ``"unknown"`` without Halide."""
+    try:
+        spec = importlib.util.find_spec("halide")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or ()) if spec is not None else ():
+        found = _dist_info_versions(Path(location).parent, "halide")
+        if len(found) == 1:
+            return found[0]
     try:
         return importlib.metadata.version("halide")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
+def _dist_info_versions(folder: Path, name: str) -> list[str]:
+    """The versions named by ``folder``'s ``NAME-VERSION.dist-info`` entries (the wheel
+    standard's spelling; the name compared case-insensitively)."""
+    prefix, suffix = f"{name.lower()}-", ".dist-info"
+    try:
+        with os.scandir(folder) as entries:
+            return [e.name[len(prefix):-len(suffix)] for e in entries
+                    if e.name.lower().startswith(prefix) and e.name.endswith(suffix)]
+    except OSError:
+        return []
+
+
 def cache_dir() -> Path | None:
     """This machine's and Halide version's directory of entries (None: no disk cache)."""
+    return _cache_dir_under(os.environ.get("ANYCNN_KERNEL_CACHE"),
+                            os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir_under(*environment: str | None) -> Path | None:
+    """:func:`cache_dir`, memoised on the values of the variables it reads (``environment``:
+    the key only). It is asked at every kernel's first use; building the path each time cost
+    about 40 us."""
     root = cache_root()
     if root is None:
         return None
@@ -373,7 +406,7 @@ def _load(directory: Path, stem: str, key: str) -> Pipeline | None:
     """The entry ``stem`` when it is whole and its record names ``key``, else None."""
     record, library = directory / f"{stem}.json", directory / f"{stem}.so"
     try:
-        meta = json.loads(record.read_text())
+        meta = json.loads(record.read_bytes())
         if meta["key"] != key or meta["sha256"] != _sha256(library):
             return None
         _load_runtime(directory)
@@ -408,8 +441,8 @@ def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
     one warning, when the cache directory cannot be written or the compiler fails)."""
     global _not_kept
     name = f"{builder.__module__}.{builder.__qualname__}"
-    if ahead_of_time():
-        directory = cache_dir()
+    directory = cache_dir()
+    if directory is not None and ahead_of_time():
         stem = entry_name(name, args)
         key = f"{name}{args!r}"
         found = _load(directory, stem, key)
