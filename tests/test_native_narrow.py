@@ -109,6 +109,32 @@ def test_pool_ordered_rows_match(rng, pool, h, w):
     assert_rounding_close(C.conv_input_grad(d, wt, win), result)  # the dispatch point
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool, h, w, cout", [(((2, 2), (2, 2)), 12, 12, 6),
+                                              (((3, 2), (3, 2)), 12, 10, 3),
+                                              (((2, 2), (2, 2)), 10, 10, 1)])
+def test_pool_ordered_rows_are_copied_dense_exactly(rng, dtype, pool, h, w, cout):
+    """The compiled copy of pool-ordered rows into the NHWC gradient moves every entry to its
+    window's place (compared with NumPy's transposed copy)."""
+    n, (ph, pw) = 3, pool[0]
+    win = replace(C.conv_windows((h, w), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), pool_order=pool)
+    d = rng.normal(size=(n, win.positions, cout)).astype(dtype)
+    hq, wq = win.pooled_out
+    expected = d.reshape(n, ph, pw, hq, wq, cout).transpose(0, 3, 1, 4, 2, 5)
+    result = native_narrow._unpool_order(d, win)
+    assert result is not None and result.dtype == dtype
+    np.testing.assert_array_equal(result, expected.reshape(n, h, w, cout))
+
+
+def test_wide_or_gapped_pool_ordered_rows_stay_with_numpy(rng):
+    win = replace(C.conv_windows((12, 12), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+                  pool_order=((2, 2), (2, 2)))
+    wide = rng.normal(size=(2, win.positions, 16)).astype(np.float32)  # a 64-byte run
+    assert native_narrow._unpool_order(wide, win) is None
+    gaps = replace(win, pool_order=((2, 2), (3, 3)))
+    assert native_narrow._unpool_order(rng.normal(size=(2, gaps.positions, 6)), gaps) is None
+
+
 def test_an_empty_batch(rng):
     wt = rng.normal(size=(3, 3, 1, 6))
     dx = native_narrow.input_grad(np.zeros((0, 5, 5, 6)), wt, (1, 1, 1, 1), (5, 5))
