@@ -110,29 +110,23 @@ def test_pool_ordered_rows_match(rng, pool, h, w):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("pool, h, w, cout", [(((2, 2), (2, 2)), 12, 12, 6),
-                                              (((3, 2), (3, 2)), 12, 10, 3),
-                                              (((2, 2), (2, 2)), 10, 10, 1)])
-def test_pool_ordered_rows_are_copied_dense_exactly(rng, dtype, pool, h, w, cout):
-    """The compiled copy of pool-ordered rows into the NHWC gradient moves every entry to its
-    window's place (compared with NumPy's transposed copy)."""
-    n, (ph, pw) = 3, pool[0]
-    win = replace(C.conv_windows((h, w), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), pool_order=pool)
-    d = rng.normal(size=(n, win.positions, cout)).astype(dtype)
-    hq, wq = win.pooled_out
-    expected = d.reshape(n, ph, pw, hq, wq, cout).transpose(0, 3, 1, 4, 2, 5)
-    result = native_narrow._unpool_order(d, win)
-    assert result is not None and result.dtype == dtype
-    np.testing.assert_array_equal(result, expected.reshape(n, h, w, cout))
-
-
-def test_wide_or_gapped_pool_ordered_rows_stay_with_numpy(rng):
-    win = replace(C.conv_windows((12, 12), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
-                  pool_order=((2, 2), (2, 2)))
-    wide = rng.normal(size=(2, win.positions, 16)).astype(np.float32)  # a 64-byte run
-    assert native_narrow._unpool_order(wide, win) is None
-    gaps = replace(win, pool_order=((2, 2), (3, 3)))
-    assert native_narrow._unpool_order(rng.normal(size=(2, gaps.positions, 6)), gaps) is None
+@pytest.mark.parametrize("cin, cout, k, pads, hw, pool", [
+    (1, 1, 3, (1, 1, 1, 1), (8, 8), (2, 2)),
+    (3, 3, 5, (2, 2, 2, 2), (12, 10), (3, 2)),
+    (2, 5, 3, (0, 0, 0, 0), (9, 11), (1, 3)),
+    (1, 6, 5, (4, 0, 3, 1), (12, 12), (2, 2)),  # uneven padding
+    (6, 16, 5, (0, 0, 0, 0), (14, 14), (2, 2)),  # LeNet's second layer
+], ids=["1-1", "3-3-3x2", "2-5-1x3", "uneven-pads", "lenet-6-16"])
+def test_rows_of_tiling_windows_are_read_in_place(rng, dtype, cin, cout, k, pads, hw, pool):
+    """Pool-ordered rows of windows that tile the output are read by the kernel itself (each
+    task unpools the rows it needs): equal to the portable path within rounding."""
+    win = replace(C.conv_windows(hw, (k, k), (1, 1), pads, (1, 1)), pool_order=(pool, pool))
+    assert native_narrow._tiles(win)
+    wt = rng.normal(size=(k, k, cin, cout)).astype(dtype)
+    d = rng.normal(size=(3, win.positions, cout)).astype(dtype)
+    result = native_narrow.conv_input_grad_kernel(d, wt, win, 1)
+    assert result is not DECLINE and result.dtype == dtype
+    assert_rounding_close(result, C.conv_input_grad.portable(d, wt, win))
 
 
 def test_an_empty_batch(rng):

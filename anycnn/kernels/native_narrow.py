@@ -103,6 +103,18 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
         grid[f, y, n] = hl.select(inside, dy[hl.clamp(fs, 0, width - 1),
                                              hl.clamp(ys, 0, height - 1), n], zero)
         inner = f
+    elif source == "poolorder":  # (pool tap, pooled position) rows of windows tiling the output
+        ph, pw = window
+        rows = hl.ImageParam(t, 5, "rows")  # [c, wq, hq, tap, n]
+        images = {"rows": rows}
+        height = rows.dim(2).extent() * ph
+        grid[f, y, n] = zero
+        rr = hl.RDom([hl.Range(0, cout), hl.Range(0, rows.dim(1).extent() * pw)])
+        ys = hl.clamp(y - top, 0, height - 1)
+        value = rows[rr.x, rr.y / pw, ys / ph, (ys % ph) * pw + rr.y % pw, n]
+        grid[(rr.y + left) * cout + rr.x, y, n] = hl.select(
+            (y - top >= 0) & (y - top < height), value, zero)
+        inner = f
     else:
         unpooled, images, (width, height) = native._gradient_source(hl, t, window)
         xs, ys = x - left, y - top
@@ -137,6 +149,10 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
     if parallel:
         out.parallel(task)
     grid.compute_at(out, task).vectorize(inner, lanes, guard)
+    if source == "poolorder":
+        rxo, rxi = hl.RVar("rxo"), hl.RVar("rxi")
+        grid.update().allow_race_conditions().split(rr.y, rxo, rxi, window[1]).unroll(
+            rxi).vectorize(rr.x)
     acc.compute_at(out, xo).vectorize(lane).unroll(ci).unroll(x)
     acc.update().reorder(lane, ci, x, r.x, r.y).vectorize(lane).unroll(ci).unroll(x)
     acc.update().unroll(r.x)
@@ -176,7 +192,8 @@ def applies(dy: Any, weight: Any, win: Any, groups: int) -> bool:
 
 
 def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
-               pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
+               pads: tuple[int, int, int, int], in_hw: tuple[int, int],
+               pool_order: tuple | None = None, pooled_out: tuple | None = None) -> np.ndarray:
     """Input gradient ``(N, H, W, C_in)``, ``in_hw = (H, W)``, of the stride-1 convolution
     with ``weight`` ``(kh, kw, C_in, C_out)`` and ``pads`` (top, bottom, left, right; top and
     left below the kernel size), for its output gradient ``dy`` ``(N, Ho, Wo, C_out)`` or the
@@ -193,6 +210,10 @@ def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
     scalars = {"top": kh - 1 - pads[0], "left": kw - 1 - pads[2]}
     if pooled:
         source, window, arrays = "pooled", tuple(dy.window), dy.arrays()
+    elif pool_order is not None:
+        source, window = "poolorder", tuple(pool_order[0])
+        (ph, pw), (hq, wq) = window, pooled_out
+        arrays = {"rows": native.operand(np.reshape(dy, (n, ph * pw, hq, wq, cout)))}
     else:
         source, window = "dense", None
         arrays = {"dy": native.operand(np.reshape(dy, (n, dy.shape[1], -1)))}
@@ -201,51 +222,6 @@ def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
     wf = flipped_weight(native.operand(weight), lanes)
     pipeline.run({**arrays, "wf": wf}, scalars, [dx])
     return dx
-
-
-#: pool-ordered rows are made dense by a compiled copy (:func:`_unpool_order`) when one
-#: pixel's channels span fewer bytes than this, else by NumPy (which copies runs of one pixel's
-#: channels, fast enough from a cache line up; a compiled call costs ~10 us more). Measured at
-#: 32 images, one thread: LeNet's 1 -> 6 layer (6 channels, 28x28) 0.03 ms against 0.14;
-#: its 6 -> 16 layer (16 channels, 10x10) 16 us either way
-UNPOOL_MAX_RUN_BYTES = 64
-
-
-@kernel_cache.pipeline
-def _unpool_order_pipeline(dtype: np.dtype, cout: int, pool: tuple[int, int]):
-    """dense[c, x, y, n] = rows[c, x // pw, y // ph, (y % ph)*pw + x % pw, n] (Halide's axes
-    are NumPy's reversed): the row gradient in pool-plane order ``rows`` (N, ph*pw, Hq, Wq,
-    C_out) as the NHWC gradient (N, Hq*ph, Wq*pw, C_out) of pooling windows that tile it.
-    Each pixel's ``C_out`` channels are one vector (a copy NumPy makes in runs of ``C_out``
-    entries, about 7x slower for LeNet's 6 channels)."""
-    hl = native._halide()
-    t = native._scalar_type(hl, dtype)
-    ph, pw = pool
-    rows = hl.ImageParam(t, 5, "rows")
-    c, x, y, n = (hl.Var(v) for v in ("c", "x", "y", "n"))
-    out = hl.Func("dense")
-    out[c, x, y, n] = rows[c, x // pw, y // ph, (y % ph) * pw + x % pw, n]
-    xo, xi, yo, yi = (hl.Var(v) for v in ("xo", "xi", "yo", "yi"))
-    out.bound(c, 0, cout)
-    out.split(x, xo, xi, pw, hl.TailStrategy.RoundUp).split(y, yo, yi, ph,
-                                                             hl.TailStrategy.RoundUp)
-    out.reorder(c, xi, xo, yi, yo, n).vectorize(c).unroll(xi).unroll(yi)
-    return out, {"rows": rows}, {}
-
-
-def _unpool_order(d: np.ndarray, win: Any) -> np.ndarray | None:
-    """:func:`_dense` of pooling windows that tile the output (kernel equal to stride), as one
-    compiled copy; None for other windows."""
-    (ph, pw), (sh, sw) = win.pool_order
-    hq, wq = win.pooled_out
-    n, _, c = d.shape
-    if ((sh, sw) != (ph, pw) or (hq * ph, wq * pw) != tuple(win.out)
-            or c * d.dtype.itemsize >= UNPOOL_MAX_RUN_BYTES or d.size == 0):
-        return None
-    rows = native.operand(np.reshape(d, (n, ph * pw, hq, wq, c)))
-    dense = np.empty((n, hq * ph, wq * pw, c), dtype=d.dtype)
-    _unpool_order_pipeline(np.dtype(d.dtype), c, (ph, pw)).run({"rows": rows}, {}, [dense])
-    return dense
 
 
 def _dense(d: np.ndarray, win: Any) -> np.ndarray:
@@ -257,9 +233,6 @@ def _dense(d: np.ndarray, win: Any) -> np.ndarray:
     n, _, c = d.shape
     if win.pool_order is None:
         return np.reshape(d, (n, *win.out, c))
-    dense = _unpool_order(d, win)
-    if dense is not None:
-        return dense
     (ph, pw), (sh, sw) = win.pool_order
     hq, wq = win.pooled_out
     planes = np.reshape(d, (n, ph, pw, hq, wq, c)).transpose(0, 3, 1, 4, 2, 5)
@@ -294,4 +267,17 @@ def conv_input_grad_kernel(d: Any, weight: Any, win: Any, groups: int = 1) -> An
     when :func:`applies`; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
     if not applies(d, weight, win, groups) or d.ndim != 3:
         return DECLINE
+    if _tiles(win):  # read in place (copied into each task's padded rows)
+        return input_grad(d, weight, win.pads, win.in_hw, win.pool_order, win.pooled_out)
     return input_grad(_dense(d, win), weight, win.pads, win.in_hw)
+
+
+def _tiles(win: Any) -> bool:
+    """Whether ``win`` orders its rows by pooling windows that tile the output (kernel
+    equal to stride, no output position outside a window)."""
+    if win.pool_order is None:
+        return False
+    (ph, pw), (sh, sw) = win.pool_order
+    hq, wq = win.pooled_out
+    return ((sh, sw) == (ph, pw) and (hq * ph, wq * pw) == tuple(win.out)
+            and win.pads[3] < win.kernel[1])
