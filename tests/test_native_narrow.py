@@ -109,6 +109,26 @@ def test_pool_ordered_rows_match(rng, pool, h, w):
     assert_rounding_close(C.conv_input_grad(d, wt, win), result)  # the dispatch point
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cin, cout, k, pads, hw, pool", [
+    (1, 1, 3, (1, 1, 1, 1), (8, 8), (2, 2)),
+    (3, 3, 5, (2, 2, 2, 2), (12, 10), (3, 2)),
+    (2, 5, 3, (0, 0, 0, 0), (9, 11), (1, 3)),
+    (1, 6, 5, (4, 0, 3, 1), (12, 12), (2, 2)),  # uneven padding
+    (6, 16, 5, (0, 0, 0, 0), (14, 14), (2, 2)),  # LeNet's second layer
+], ids=["1-1", "3-3-3x2", "2-5-1x3", "uneven-pads", "lenet-6-16"])
+def test_rows_of_tiling_windows_are_read_in_place(rng, dtype, cin, cout, k, pads, hw, pool):
+    """Pool-ordered rows of windows that tile the output are read by the kernel itself (each
+    task unpools the rows it needs): equal to the portable path within rounding."""
+    win = replace(C.conv_windows(hw, (k, k), (1, 1), pads, (1, 1)), pool_order=(pool, pool))
+    assert native_narrow._tiles(win)
+    wt = rng.normal(size=(k, k, cin, cout)).astype(dtype)
+    d = rng.normal(size=(3, win.positions, cout)).astype(dtype)
+    result = native_narrow.conv_input_grad_kernel(d, wt, win, 1)
+    assert result is not DECLINE and result.dtype == dtype
+    assert_rounding_close(result, C.conv_input_grad.portable(d, wt, win))
+
+
 def test_an_empty_batch(rng):
     wt = rng.normal(size=(3, 3, 1, 6))
     dx = native_narrow.input_grad(np.zeros((0, 5, 5, 6)), wt, (1, 1, 1, 1), (5, 5))

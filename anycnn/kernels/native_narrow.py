@@ -24,9 +24,13 @@ end (``kh*kw*C_out / lanes`` multiply-adds and one horizontal sum per output val
 :data:`ROWS_PER_TASK` rows of one image, which first copies the rows of the gradient it reads,
 padded, into its cache: the dense gradient, or under a fused ``Conv2D → ReLU → MaxPool2D``
 block (:class:`~anycnn.kernels.native.Pooled`) the pooled gradient unpooled by its codes there,
-so the unpooled gradient never reaches memory.
+so the unpooled gradient never reaches memory; a portable fused block's row gradient in
+pool-plane order (pooling windows that tile the output) is put in raster order there too, one
+vector of a pixel's channels at a time (a NumPy copy first, in runs of ``C_out`` entries, cost
+0.22 against 0.18 ms for 32 images of LeNet's first layer, one thread).
 
-- :func:`input_grad` — the kernel, for a dense gradient (N, Ho, Wo, C_out) or a ``Pooled`` one;
+- :func:`input_grad` — the kernel, for a dense gradient (N, Ho, Wo, C_out), a ``Pooled`` one,
+  or rows (N, P, C_out) in the order of pooling windows tiling the output (``pool_order``);
 - :func:`applies` — the layers it takes: NumPy float32/float64, no groups, stride 1, no
   dilation, top and left padding below the kernel size, at most :data:`MAX_INPUT_CHANNELS`
   input channels that do not fill a vector (those that do have
@@ -103,6 +107,18 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
         grid[f, y, n] = hl.select(inside, dy[hl.clamp(fs, 0, width - 1),
                                              hl.clamp(ys, 0, height - 1), n], zero)
         inner = f
+    elif source == "poolorder":  # (pool tap, pooled position) rows of windows tiling the output
+        ph, pw = window
+        rows = hl.ImageParam(t, 5, "rows")  # [c, wq, hq, tap, n]
+        images = {"rows": rows}
+        height = rows.dim(2).extent() * ph
+        grid[f, y, n] = zero
+        rr = hl.RDom([hl.Range(0, cout), hl.Range(0, rows.dim(1).extent() * pw)])
+        ys = hl.clamp(y - top, 0, height - 1)
+        value = rows[rr.x, rr.y / pw, ys / ph, (ys % ph) * pw + rr.y % pw, n]
+        grid[(rr.y + left) * cout + rr.x, y, n] = hl.select(
+            (y - top >= 0) & (y - top < height), value, zero)
+        inner = f
     else:
         unpooled, images, (width, height) = native._gradient_source(hl, t, window)
         xs, ys = x - left, y - top
@@ -137,6 +153,10 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
     if parallel:
         out.parallel(task)
     grid.compute_at(out, task).vectorize(inner, lanes, guard)
+    if source == "poolorder":
+        rxo, rxi = hl.RVar("rxo"), hl.RVar("rxi")
+        grid.update().allow_race_conditions().split(rr.y, rxo, rxi, window[1]).unroll(
+            rxi).vectorize(rr.x)
     acc.compute_at(out, xo).vectorize(lane).unroll(ci).unroll(x)
     acc.update().reorder(lane, ci, x, r.x, r.y).vectorize(lane).unroll(ci).unroll(x)
     acc.update().unroll(r.x)
@@ -176,12 +196,15 @@ def applies(dy: Any, weight: Any, win: Any, groups: int) -> bool:
 
 
 def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
-               pads: tuple[int, int, int, int], in_hw: tuple[int, int]) -> np.ndarray:
+               pads: tuple[int, int, int, int], in_hw: tuple[int, int],
+               pool_order: tuple | None = None, pooled_out: tuple | None = None) -> np.ndarray:
     """Input gradient ``(N, H, W, C_in)``, ``in_hw = (H, W)``, of the stride-1 convolution
     with ``weight`` ``(kh, kw, C_in, C_out)`` and ``pads`` (top, bottom, left, right; top and
     left below the kernel size), for its output gradient ``dy`` ``(N, Ho, Wo, C_out)`` or the
     :class:`~anycnn.kernels.native.Pooled` gradient of a fused block (unpooled inside the
-    kernel, one task's rows at a time)."""
+    kernel, one task's rows at a time), or with ``pool_order`` (``((ph, pw), (ph, pw))``,
+    windows tiling the output) and ``pooled_out`` (Hq, Wq) its rows (N, ph*pw*Hq*Wq, C_out)
+    in (pool tap, pooled position) order, put in raster order inside the kernel."""
     kh, kw, cin, cout = weight.shape
     dtype = np.dtype(weight.dtype)
     lanes = native.vector_lanes(dtype)
@@ -193,6 +216,10 @@ def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
     scalars = {"top": kh - 1 - pads[0], "left": kw - 1 - pads[2]}
     if pooled:
         source, window, arrays = "pooled", tuple(dy.window), dy.arrays()
+    elif pool_order is not None:
+        source, window = "poolorder", tuple(pool_order[0])
+        (ph, pw), (hq, wq) = window, pooled_out
+        arrays = {"rows": native.operand(np.reshape(dy, (n, ph * pw, hq, wq, cout)))}
     else:
         source, window = "dense", None
         arrays = {"dy": native.operand(np.reshape(dy, (n, dy.shape[1], -1)))}
@@ -207,8 +234,10 @@ def _dense(d: np.ndarray, win: Any) -> np.ndarray:
     """The row gradient ``d`` (N, P, C_out) in ``win``'s order as the NHWC output gradient
     (N, Ho, Wo, C_out): a reshape, or under ``win.pool_order`` (disjoint pooling windows, rows
     in (pool tap, pooled position) order) one copy into the windows' places, zero outside any
-    window. (Reading the pool-ordered rows in the kernel instead, with a gather per vector, was
-    slower: 0.50 ms against 0.39 for this copy and the kernel, 32 images, LeNet's 1 -> 6.)"""
+    window. Used for windows with gaps: the kernel reads rows of windows that tile the output
+    in place (``source="poolorder"``; a gather per vector there was slower than this copy, 0.50
+    against 0.39 ms, 32 images, LeNet's 1 -> 6: the rows are scattered a pixel's channels at a
+    time instead)."""
     n, _, c = d.shape
     if win.pool_order is None:
         return np.reshape(d, (n, *win.out, c))
@@ -246,4 +275,17 @@ def conv_input_grad_kernel(d: Any, weight: Any, win: Any, groups: int = 1) -> An
     when :func:`applies`; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
     if not applies(d, weight, win, groups) or d.ndim != 3:
         return DECLINE
+    if _tiles(win):  # read in place (copied into each task's padded rows)
+        return input_grad(d, weight, win.pads, win.in_hw, win.pool_order, win.pooled_out)
     return input_grad(_dense(d, win), weight, win.pads, win.in_hw)
+
+
+def _tiles(win: Any) -> bool:
+    """Whether ``win`` orders its rows by pooling windows that tile the output (kernel
+    equal to stride, no output position outside a window)."""
+    if win.pool_order is None:
+        return False
+    (ph, pw), (sh, sw) = win.pool_order
+    hq, wq = win.pooled_out
+    return ((sh, sw) == (ph, pw) and (hq * ph, wq * pw) == tuple(win.out)
+            and win.pads[3] < win.kernel[1])
