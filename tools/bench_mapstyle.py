@@ -46,6 +46,16 @@ class PNGFiles:
             return pixels.reshape(image.height, image.width, -1), int(self.labels[i])
 
 
+class PNGFilesLoadImage(PNGFiles):
+    """The same files read with ``anycnn.data.images.load_image`` (its quick PNG path: the chunks
+    read in Python, the pixels by Pillow's PNG decoder without ``Image.open``)."""
+
+    def __getitem__(self, i: int):
+        from anycnn.data.images import load_image
+
+        return load_image(self.paths[i], channels=1), int(self.labels[i])
+
+
 class InMemory:
     """The same images as a map-style dataset without decoding (isolates the loader's cost)."""
 
@@ -188,8 +198,11 @@ def main() -> None:
         sources = {
             "in-memory ArrayDataset": DataLoader(ArrayDataset(images, labels, 10), 64,
                                                  shuffle=True),
-            f"PNG files, {args.workers} workers": DataLoader(files, 64, shuffle=True,
-                                                             num_workers=args.workers),
+            f"PNG files (Pillow), {args.workers} workers": DataLoader(
+                files, 64, shuffle=True, num_workers=args.workers),
+            f"PNG files (load_image), {args.workers} workers": DataLoader(
+                PNGFilesLoadImage(files.paths, labels), 64, shuffle=True,
+                num_workers=args.workers),
         }
         if args.control:
             sources[f"arrays, map-style, {args.workers} workers"] = DataLoader(
@@ -202,7 +215,7 @@ def main() -> None:
     for name, (warm, rest, own, workers) in results.items():
         cpu = own + workers
         ratio = statistics.median(r / b for r, b in zip(rest, base, strict=True))
-        print(f"{name:32s}: {statistics.median(rest):6.0f} img/s (median of {len(rest)} epochs: "
+        print(f"{name:40s}: {statistics.median(rest):6.0f} img/s (median of {len(rest)} epochs: "
               f"{', '.join(f'{r:.0f}' for r in rest)}; warm-up epoch {warm:.0f}); median ratio "
               f"to the in-memory epoch run just before it: {ratio:.0%}; CPU per epoch "
               f"{cpu:.2f} s ({own:.2f} s this process, {workers:.2f} s the workers) = "

@@ -8,7 +8,9 @@ Layout: ``np.uint8`` pixels, channels last: one image is ``(H, W, C)``, a batch 
 ``C`` = 1 (grayscale) or 3 (RGB). The steps, in order:
 
 1. decode with Pillow (``Image.open``, fully loaded; any format Pillow reads: PNG, JPEG, BMP,
-   GIF (first frame), WebP, TIFF, ...);
+   GIF (first frame), WebP, TIFF, ...); a plain 8-bit PNG without EXIF data goes through
+   :func:`anycnn.data.png.decode` instead (Pillow's PNG decoder without ``Image.open``'s
+   overhead: the same pixels, in about half the time for a small image);
 2. turn it upright by its EXIF orientation tag (``ImageOps.exif_transpose``; photos from phones);
 3. convert the mode: ``channels=1`` is Pillow's ``convert("L")`` (ITU-R 601-2 luma),
    ``channels=3`` is ``convert("RGB")`` (palette images expanded; an alpha channel is dropped,
@@ -31,6 +33,7 @@ never when anycnn is imported.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from . import png
 
 #: names accepted for ``resample`` → Pillow's ``Image.Resampling`` member
 RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "box", "hamming", "nearest")
@@ -162,18 +166,23 @@ def load_image(path: str | os.PathLike, size: Sequence[int] | int | None = None,
     from PIL import ImageOps
 
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as f:
+            data = f.read()
+        img = png.decode(data)  # a plain PNG (no EXIF to apply), or None: Pillow reads it
+        if img is None:
+            img = Image.open(io.BytesIO(data))
             img.load()
             img = ImageOps.exif_transpose(img)
-            if channels is None:
-                channels = 1 if img.mode in GRAY_MODES else 3
+        if channels is None:
+            channels = 1 if img.mode in GRAY_MODES else 3
+        if img.mode != ("L" if channels == 1 else "RGB"):
             img = img.convert("L" if channels == 1 else "RGB")
-            target = size if resize_shorter is None else shorter_side_size(
-                img.height, img.width, int(resize_shorter))
-            if target is not None and (img.height, img.width) != target:
-                filt = getattr(Image.Resampling, resample.upper())
-                img = img.resize((target[1], target[0]), filt)
-            pixels = np.asarray(img, dtype=np.uint8)
+        target = size if resize_shorter is None else shorter_side_size(
+            img.height, img.width, int(resize_shorter))
+        if target is not None and (img.height, img.width) != target:
+            filt = getattr(Image.Resampling, resample.upper())
+            img = img.resize((target[1], target[0]), filt)
+        pixels = np.asarray(img, dtype=np.uint8)
     except Exception as exc:  # truncated data, bad chunks, unsupported codecs, bombs, ...
         raise DataError(_reason(path, exc)) from exc
     if resize_shorter is not None:
