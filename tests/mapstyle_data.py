@@ -126,3 +126,11 @@ class BadAt(ToyImages):
         if self.how == "chw":
             return np.zeros((3, 8, 8), np.uint8), label
         return image  # "pair": not an (image, label) pair
+
+
+class NiceImages(ToyImages):
+    """The label is the reading process's nice value (``os.nice(0)``)."""
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        return image, os.nice(0)

@@ -4,6 +4,7 @@ seeding, worker errors and deaths ending the epoch (never a hang), input validat
 
 from __future__ import annotations
 
+import os
 import signal
 
 import numpy as np
@@ -306,3 +307,21 @@ def test_batches_larger_than_a_pipe_buffer(backend):
         got = collect(loader)
         assert_same_batches(collect(loader.iter_from(1)), got[1:])
     assert_same_batches(got, collect(DataLoader(as_arrays(toy), 6, shuffle=True)))
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no os.nice on this platform")
+def test_workers_run_at_the_nice_value_asked_for():
+    """worker_nice is added to the workers' nice value (default 5); the calling process's is
+    untouched; values outside 0..19 are refused."""
+    own = os.nice(0)
+    toy = toys.NiceImages(n=8, num_classes=40)
+    for nice, want in ((None, own + 5), (0, own), (3, own + 3)):
+        options = {} if nice is None else {"worker_nice": nice}
+        with DataLoader(toy, 4, num_workers=2, **options) as loader:
+            labels = np.concatenate([y for _, y in collect(loader)])
+        np.testing.assert_array_equal(labels, np.full(8, min(want, 19)))
+    assert os.nice(0) == own
+    assert np.all(np.concatenate([y for _, y in collect(DataLoader(toy, 4))]) == own)
+    for bad in (-1, 20, 2.5, True):
+        with pytest.raises(ConfigError, match="worker_nice"):
+            DataLoader(toy, 4, num_workers=2, worker_nice=bad)

@@ -7,6 +7,7 @@ Pillow, with the same pixels or the same failure as before."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -114,13 +115,13 @@ def test_files_left_to_pillow(tmp_path):
     Image.fromarray(pixels("L", (8, 9), 9)).save(base)
     parts = chunks(base.read_bytes())
     text = [(b"tEXt", b"Raw profile type exif\0\nexif\n0\n")]
-    (tmp_path / "rx.png").write_bytes(assemble(parts[:1] + text + parts[1:]))
+    (tmp_path / "rx.png").write_bytes(assemble([*parts[:1], *text, *parts[1:]]))
     cases["raw exif text"] = tmp_path / "rx.png"
     kind, body = parts[0]
     interlaced = body[:12] + b"\x01"
-    (tmp_path / "i.png").write_bytes(assemble([(kind, interlaced)] + parts[1:]))
+    (tmp_path / "i.png").write_bytes(assemble([(kind, interlaced), *parts[1:]]))
     cases["interlaced header"] = tmp_path / "i.png"
-    (tmp_path / "u.png").write_bytes(assemble(parts[:1] + [(b"abCD", b"x")] + parts[1:]))
+    (tmp_path / "u.png").write_bytes(assemble([*parts[:1], (b"abCD", b"x"), *parts[1:]]))
     cases["unknown ancillary chunk"] = tmp_path / "u.png"
     Image.fromarray(pixels("RGB", (8, 9), 10)).save(tmp_path / "j.jpg")
     cases["jpeg"] = tmp_path / "j.jpg"
@@ -148,7 +149,7 @@ def test_broken_files_fail_as_pillow_does(tmp_path):
         try:
             want = pillow_reference(path)
         except Exception:
-            with pytest.raises(DataError, match=str(path)):
+            with pytest.raises(DataError, match=re.escape(str(path))):
                 load_image(path)
         else:
             assert np.array_equal(load_image(path), want), name
@@ -160,7 +161,7 @@ def test_too_many_pixels_is_left_to_pillows_check(tmp_path, monkeypatch):
     assert png.decode(path.read_bytes()) is not None
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 > 2 x 100: Pillow refuses
     assert png.decode(path.read_bytes()) is None
-    with pytest.raises(DataError, match="big.png"):
+    with pytest.raises(DataError, match=r"big\.png"):
         load_image(path)
 
 

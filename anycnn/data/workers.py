@@ -28,6 +28,7 @@ next iteration starts a new one.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -77,13 +78,16 @@ class WorkerPool:
         num_workers: process count, >= 1.
         expect: ``(image_shape, dtype, label_width)`` every sample must have (from
             ``dataset[0]``; see :func:`~anycnn.data.mapstyle.probe`).
+        nice: added to each worker's nice value at its start (``os.nice``; 0 or a platform
+            without it: unchanged). See the module docstring.
 
     Raises:
         ConfigError: ``dataset`` cannot be pickled.
     """
 
     def __init__(self, dataset: Any, num_workers: int,
-                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None,
+                 nice: int = 0) -> None:
         try:
             payload = pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -101,7 +105,8 @@ class WorkerPool:
         for w in range(num_workers):
             parent, child = ctx.Pipe(duplex=True)
             process = ctx.Process(target=_worker_main, name=f"anycnn-data-worker-{w}",
-                                  args=(child, payload, w, num_workers, expect), daemon=True)
+                                  args=(child, payload, w, num_workers, expect, nice),
+                                  daemon=True)
             process.start()
             child.close()
             self._workers.append((process, parent))
@@ -202,10 +207,12 @@ def _shutdown(workers: list[tuple[Any, Any]]) -> None:
 
 
 def _worker_main(conn: Any, payload: bytes, worker: int, num_workers: int,
-                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None, nice: int) -> None:
     """A worker's loop: receive ``(token, batch, epoch, seed, indices)``, send back
     ``("batch", token, images, labels)`` or ``("error", token, traceback text)``; end on EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)  # raising the nice value needs no privilege
     dataset, failure = None, None
     try:
         dataset = pickle.loads(payload)
