@@ -18,6 +18,17 @@ picklable and its class importable: define it in a module or in a script behind
 ``if __name__ == "__main__":``, not interactively. Workers ignore SIGINT: Ctrl-C is the calling
 process's to handle, and the workers end when it closes their pipes.
 
+Priority: each worker adds ``nice`` (the loader's ``worker_nice``, 5 by default) to its nice
+value when it starts (``os.nice``; no privilege is needed to lower one's own priority, and a
+platform without ``os.nice`` keeps it). On a machine whose cores the training step keeps busy,
+a worker decoding at the step's priority takes its time slices from the step's threads, and a
+parallel region waits for its slowest thread; a little lower, the step's threads win a contended
+core, and the workers decode in the gaps (the step's serial parts, the waits between kernels).
+Only a little: at nice 5 a worker still gets about a third of a busy core's share, so it keeps
+up when other programs load the machine, where a much lower priority (nice 19, or Linux's
+``SCHED_IDLE``) starved the workers and the step then waited for its batches (measured with
+``tools/bench_mapstyle.py``).
+
 Errors end the iteration, never hang it: an exception in a worker (in ``__getitem__`` or while
 unpickling the dataset) comes back as a :class:`~anycnn.errors.DataError` holding the worker's
 traceback; a worker that exits (``os._exit``, a crash, the out-of-memory killer) is seen through
