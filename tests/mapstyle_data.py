@@ -4,6 +4,7 @@ processes can import them (the dataset is pickled by reference to its class)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -134,3 +135,14 @@ class NiceImages(ToyImages):
     def __getitem__(self, i: int):
         image, _ = super().__getitem__(i)
         return image, os.nice(0)
+
+
+class SliceImages(ToyImages):
+    """The label is the reading thread's time slice in microseconds (Linux ``/proc`` ``se.slice``,
+    kernel 6.12 or later)."""
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            line = next(line for line in f if line.startswith("se.slice"))
+        return image, int(line.split(":")[1]) // 1000

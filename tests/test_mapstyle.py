@@ -5,7 +5,9 @@ seeding, worker errors and deaths ending the epoch (never a hang), input validat
 from __future__ import annotations
 
 import os
+import platform
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import anycnn
 import tests.mapstyle_data as toys
 from anycnn import layers as L
 from anycnn.backend import to_numpy
-from anycnn.data import ArrayDataset, Augment, DataLoader, Normalize
+from anycnn.data import ArrayDataset, Augment, DataLoader, Normalize, priority
 from anycnn.errors import ConfigError, DataError
 from anycnn.train.callbacks import Callback
 from anycnn.train.trainer import Trainer
@@ -325,3 +327,28 @@ def test_workers_run_at_the_nice_value_asked_for():
     for bad in (-1, 20, 2.5, True):
         with pytest.raises(ConfigError, match="worker_nice"):
             DataLoader(toy, 4, num_workers=2, worker_nice=bad)
+
+
+def _slice_us() -> int | None:
+    """This thread's time slice in microseconds, or None where /proc does not show it."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            return next(int(line.split(":")[1]) // 1000 for line in f
+                        if line.startswith("se.slice"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+@pytest.mark.skipif(_slice_us() is None
+                    or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
+                    reason="needs Linux 6.12+ showing se.slice in /proc, on x86-64 or arm64")
+def test_workers_ask_for_short_time_slices():
+    """With worker_nice > 0 the workers run in 0.1 ms slices (anycnn.data.priority); with 0
+    their slice is the calling process's default; the caller's is never changed."""
+    own = _slice_us()
+    toy = toys.SliceImages(n=4, num_classes=10 ** 6)
+    for nice, want in ((5, priority.SLICE_NS // 1000), (0, own)):
+        with DataLoader(toy, 2, num_workers=2, worker_nice=nice) as loader:
+            labels = np.concatenate([y for _, y in collect(loader)])
+        np.testing.assert_array_equal(labels, np.full(4, want))
+    assert _slice_us() == own

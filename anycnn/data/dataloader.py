@@ -116,10 +116,10 @@ class DataLoader:
             calling process); the workers start at the first iteration and live until
             :meth:`close` (or the loader's end). Ignored for an ``ArrayDataset``.
         worker_nice: added to the workers' nice value (``os.nice``, where the platform has
-            it; ignored elsewhere), 0 to 19: the default 5 lowers their priority a little, so
-            the training step's threads win a contended core while a worker that falls behind
-            still gets its share (module docstring of :mod:`anycnn.data.workers`); 0 keeps the
-            calling process's priority.
+            it), 0 to 19; above 0 the workers also ask Linux for 0.1 ms time slices
+            (:mod:`anycnn.data.priority`). The default 5 lowers their priority a little, so
+            the training step's threads win a contended core at once while a worker that
+            falls behind still gets its share; 0 schedules the workers as the calling process.
 
     Raises:
         ConfigError: an argument is out of range, the crop is too large for the images,

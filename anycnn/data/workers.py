@@ -18,16 +18,15 @@ picklable and its class importable: define it in a module or in a script behind
 ``if __name__ == "__main__":``, not interactively. Workers ignore SIGINT: Ctrl-C is the calling
 process's to handle, and the workers end when it closes their pipes.
 
-Priority: each worker adds ``nice`` (the loader's ``worker_nice``, 5 by default) to its nice
-value when it starts (``os.nice``; no privilege is needed to lower one's own priority, and a
-platform without ``os.nice`` keeps it). On a machine whose cores the training step keeps busy,
-a worker decoding at the step's priority takes its time slices from the step's threads, and a
-parallel region waits for its slowest thread; a little lower, the step's threads win a contended
-core, and the workers decode in the gaps (the step's serial parts, the waits between kernels).
-Only a little: at nice 5 a worker still gets about a third of a busy core's share, so it keeps
-up when other programs load the machine, where a much lower priority (nice 19, or Linux's
-``SCHED_IDLE``) starved the workers and the step then waited for its batches (measured with
-``tools/bench_mapstyle.py``).
+Priority (:mod:`anycnn.data.priority`): each worker adds ``nice`` (the loader's ``worker_nice``,
+5 by default) to its nice value when it starts, and on Linux asks for 0.1 ms time slices. On a
+machine whose cores the training step keeps busy, a worker decoding at the step's priority takes
+its time slices from the step's threads, and a parallel region waits for its slowest thread; a
+little lower and in short slices, the step's threads win a contended core within 0.1 ms, and the
+workers decode in the gaps. Only a little lower: at nice 5 a worker still gets about a third of
+a busy core's share, so it keeps up when other programs load the machine, where nice 19 or
+Linux's ``SCHED_IDLE`` starved the workers and the step then waited for its batches (measured
+with ``tools/bench_mapstyle.py``).
 
 Errors end the iteration, never hang it: an exception in a worker (in ``__getitem__`` or while
 unpickling the dataset) comes back as a :class:`~anycnn.errors.DataError` holding the worker's
@@ -39,7 +38,6 @@ next iteration starts a new one.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
 import signal
 import threading
@@ -52,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from . import priority
 from .mapstyle import WorkerInfo, batch_seed, fetch
 
 _POLL_S = 0.1  # how often a wait for a batch looks at the stop flag
@@ -89,8 +88,8 @@ class WorkerPool:
         num_workers: process count, >= 1.
         expect: ``(image_shape, dtype, label_width)`` every sample must have (from
             ``dataset[0]``; see :func:`~anycnn.data.mapstyle.probe`).
-        nice: added to each worker's nice value at its start (``os.nice``; 0 or a platform
-            without it: unchanged). See the module docstring.
+        nice: each worker's :func:`~anycnn.data.priority.lower` at its start (0: scheduled as
+            this process). See the module docstring.
 
     Raises:
         ConfigError: ``dataset`` cannot be pickled.
@@ -222,8 +221,7 @@ def _worker_main(conn: Any, payload: bytes, worker: int, num_workers: int,
     """A worker's loop: receive ``(token, batch, epoch, seed, indices)``, send back
     ``("batch", token, images, labels)`` or ``("error", token, traceback text)``; end on EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice and hasattr(os, "nice"):
-        os.nice(nice)  # raising the nice value needs no privilege
+    priority.lower(nice)
     dataset, failure = None, None
     try:
         dataset = pickle.loads(payload)
