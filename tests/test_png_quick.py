@@ -171,3 +171,18 @@ def test_quick_path_reads_from_bytes_only():
     image = png.decode(buffer.getvalue())
     assert image is not None and image.mode == "RGBA"
     assert np.array_equal(np.asarray(image), pixels("RGBA", (5, 6), 13))
+
+
+def test_files_larger_than_one_read_and_unreadable_paths(tmp_path):
+    """A PNG of several MB (more than one read of 1 MB) loads whole; a directory and a missing
+    file are named in a DataError."""
+    path = tmp_path / "big.png"
+    rng = np.random.default_rng(14)
+    Image.fromarray(rng.integers(0, 256, (1200, 1100, 3), dtype=np.uint8)).save(
+        path, compress_level=0)
+    assert path.stat().st_size > 3 << 20
+    assert np.array_equal(load_image(path), pillow_reference(path))
+    with pytest.raises(DataError, match="is a directory"):
+        load_image(tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        load_image(tmp_path / "missing.png")
