@@ -339,9 +339,18 @@ def _slice_us() -> int | None:
         return None
 
 
-@pytest.mark.skipif(_slice_us() is None
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+@pytest.mark.skipif(_slice_us() is None or not _kernel_at_least(6, 12)
                     or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
-                    reason="needs Linux 6.12+ showing se.slice in /proc, on x86-64 or arm64")
+                    reason="needs Linux 6.12+ (custom slices) showing se.slice in /proc, on "
+                           "x86-64 or arm64")
 def test_workers_ask_for_short_time_slices():
     """With worker_nice > 0 the workers run in 0.1 ms slices (anycnn.data.priority); with 0
     their slice is the calling process's default; the caller's is never changed."""
