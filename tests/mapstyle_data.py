@@ -146,3 +146,17 @@ class SliceImages(ToyImages):
         with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
             line = next(line for line in f if line.startswith("se.slice"))
         return image, int(line.split(":")[1]) // 1000
+
+
+class BatchedImages(ToyImages):
+    """The same samples through ``__getitems__``; ``calls`` records each call's index count
+    (in the process that makes it)."""
+
+    def __init__(self, short: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.short, self.calls = short, []
+
+    def __getitems__(self, indices: list[int]):
+        self.calls.append(len(indices))
+        samples = [self[i] for i in indices]
+        return samples[:-1] if self.short else samples

@@ -361,3 +361,21 @@ def test_workers_ask_for_short_time_slices():
             labels = np.concatenate([y for _, y in collect(loader)])
         np.testing.assert_array_equal(labels, np.full(4, want))
     assert _slice_us() == own
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_getitems_reads_a_batch_in_one_call(backend, workers):
+    """A dataset with __getitems__ gets each batch's indices in one call and gives the very
+    batches (per-batch seeding included) of the same dataset read item by item; a wrong count
+    is named."""
+    options = {"shuffle": True, "seed": 3, "num_workers": workers}
+    batched = toys.BatchedImages(n=21, noise=True)
+    want = collect(DataLoader(toys.ToyImages(n=21, noise=True), 4, **options))
+    with DataLoader(batched, 4, **options) as loader:
+        assert_same_batches(collect(loader), want)
+        assert_same_batches(collect(loader.iter_from(3)), want[3:])
+    if workers == 0:
+        assert batched.calls == [4, 4, 4, 4, 4, 1, 4, 4, 1]  # the epoch, then iter_from(3)
+    with pytest.raises(DataError, match=r"__getitems__ of 4 indices must return a list of as "
+                                        r"many \(image, label\) pairs, got a list of 3"):
+        list(DataLoader(toys.BatchedImages(short=True, n=8), 4, num_workers=workers))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from anycnn.data import png
-from anycnn.data.images import GRAY_MODES, load_image
+from anycnn.data.images import GRAY_MODES, load_image, load_images
 from anycnn.errors import DataError
 
 Image = pytest.importorskip("PIL.Image")
@@ -186,3 +186,58 @@ def test_files_larger_than_one_read_and_unreadable_paths(tmp_path):
         load_image(tmp_path)
     with pytest.raises(DataError, match="no such file"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_decode_many_gives_each_files_pixels(tmp_path, mode):
+    """Files decoded together equal each decoded alone (the zero rows between images keep
+    'up'-based row filters from reading the previous image), and load_images equals
+    load_image file by file for every channel choice, together or not."""
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(pixels(mode, (13, 11), 20 + i)).save(path, optimize=i % 2 == 0)
+        paths.append(path)
+    together = png.decode_many([p.read_bytes() for p in paths])
+    assert together is not None and together.shape == (7, 13, 11, len(mode))
+    for got, path in zip(together, paths):
+        with Image.open(path) as alone:
+            assert got.tobytes() == alone.tobytes()
+    for channels in (None, 1, 3):
+        for size in (None, (13, 11), (6, 5)):
+            want = np.stack([load_image(p, size, channels) for p in paths])
+            got = load_images(paths, size, channels)
+            assert got.dtype == np.uint8 and got.flags.writeable
+            np.testing.assert_array_equal(got, want, strict=True)
+
+
+def test_decode_many_declines_mixed_or_broken_batches(tmp_path):
+    def save(name, mode, shape, seed, fmt=None):
+        path = tmp_path / name
+        Image.fromarray(pixels(mode, shape, seed)).save(path, fmt)
+        return path
+
+    a, b = save("a.png", "L", (9, 8), 1), save("b.png", "L", (9, 8), 2)
+    other_size, other_mode = save("c.png", "L", (8, 9), 3), save("d.png", "RGB", (9, 8), 4)
+    jpeg = save("e.jpg", "L", (9, 8), 5)
+    assert png.decode_many([a.read_bytes(), b.read_bytes()]) is not None
+    assert png.decode_many([]) is None
+    for odd in (other_size, other_mode, jpeg):
+        assert png.decode_many([a.read_bytes(), odd.read_bytes()]) is None, odd.name
+        paths = [a, odd, b]
+        try:
+            want = np.stack([load_image(p, channels=1) for p in paths])
+        except Exception:
+            with pytest.raises(DataError, match="different shapes"):
+                load_images(paths, channels=1)
+        else:
+            np.testing.assert_array_equal(load_images(paths, channels=1), want)
+    data = bytearray(b.read_bytes())
+    data[-20] ^= 0xFF  # inside the image data: a bad CRC
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(bytes(data))
+    assert png.decode_many([a.read_bytes(), bytes(data)]) is None
+    with pytest.raises(DataError, match=re.escape(str(broken))):
+        load_images([a, broken], channels=1)
+    with pytest.raises(DataError, match="no such file"):
+        load_images([a, tmp_path / "missing.png"], channels=1)

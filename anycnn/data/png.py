@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +40,73 @@ _TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
 def decode(data: bytes) -> Any | None:
     """The loaded Pillow image of PNG file contents ``data`` (mode ``L``, ``LA``, ``RGB`` or
     ``RGBA``), or None when the file is not one this quick path takes (module docstring)."""
+    parsed = _parse(data)
+    if parsed is None:
+        return None
+    (width, height, mode), image_data = parsed
+    from PIL import Image
+
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return None  # Pillow's own check warns or refuses
+    try:
+        return Image.frombytes(mode, (width, height), image_data, "zip", mode)
+    except (ValueError, OSError):  # truncated or corrupt image data
+        return None
+
+
+def decode_many(datas: Sequence[bytes]) -> np.ndarray | None:
+    """The pixels ``uint8 (N, H, W, C)`` of several PNG files' contents of one size and mode
+    (``C`` = 1, 2, 3, 4 for ``L``, ``LA``, ``RGB``, ``RGBA``), or None when one of them is not a
+    file :func:`decode` takes, or they differ in size or mode.
+
+    Each file's image data is inflated (``zlib``), the filtered rows of all of them are joined,
+    each image after one all-zero row (filter type 0) so that its first row sees zeros above it
+    as in its own file, and Pillow's PNG decoder un-filters the lot as one tall image from a
+    stored (uncompressed) zlib stream: one call into Pillow for the batch instead of one per
+    file, the same pixels as :func:`decode` (the zero rows are dropped) in about half the time
+    for 28x28 images.
+    """
+    if not datas:
+        return None
+    first = None
+    rows = []
+    for data in datas:
+        parsed = _parse(data)
+        if parsed is None:
+            return None
+        header, image_data = parsed
+        if first is None:
+            first = header
+            width, height, mode = header
+            row = width * len(mode) + 1
+            zero = bytes(row)
+        elif header != first:
+            return None
+        try:
+            raw = zlib.decompress(image_data)
+        except zlib.error:
+            return None
+        if len(raw) != height * row:
+            return None  # truncated or padded: decode() and Pillow say what is wrong
+        rows.append(zero)
+        rows.append(raw)
+    from PIL import Image
+
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return None
+    count = len(datas)
+    try:
+        tall = Image.frombytes(mode, (width, count * (height + 1)),
+                               zlib.compress(b"".join(rows), 0), "zip", mode)
+    except (ValueError, OSError):  # a filter type out of range
+        return None
+    pixels = np.frombuffer(tall.tobytes(), np.uint8)
+    return pixels.reshape(count, height + 1, width, len(mode))[:, 1:]
+
+
+def _parse(data: bytes) -> tuple[tuple[int, int, str], bytes] | None:
+    """``((width, height, mode), joined IDAT data)`` of a PNG file :func:`decode` takes, or
+    None (module docstring)."""
     if not data.startswith(SIGNATURE):
         return None
     header = None
@@ -74,11 +144,4 @@ def decode(data: bytes) -> Any | None:
     mode = _MODES.get((depth, colour))
     if mode is None or compression or filtering or interlace or not width or not height:
         return None
-    from PIL import Image
-
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        return None  # Pillow's own check warns or refuses
-    try:
-        return Image.frombytes(mode, (width, height), b"".join(parts), "zip", mode)
-    except (ValueError, OSError):  # truncated or corrupt image data
-        return None
+    return (width, height, mode), b"".join(parts)
