@@ -379,3 +379,32 @@ def test_getitems_reads_a_batch_in_one_call(backend, workers):
     with pytest.raises(DataError, match=r"__getitems__ of 4 indices must return a list of as "
                                         r"many \(image, label\) pairs, got a list of 3"):
         list(DataLoader(toys.BatchedImages(short=True, n=8), 4, num_workers=workers))
+
+
+def test_next_epoch_started_early_gives_the_same_batches(backend):
+    """Once an epoch's batches are all asked for, the workers start the next epoch's first
+    batches; the next iteration takes them only when it is exactly that epoch from batch 0,
+    and every iteration gives the batches a fresh loader gives."""
+    toy = toys.ToyImages(n=36, noise=True)  # 9 batches of 4: 4 are started early
+
+    def fresh(epoch, start=0):
+        loader = DataLoader(toy, 4, shuffle=True, seed=2)
+        loader.set_epoch(epoch)
+        return collect(loader.iter_from(start))
+
+    with DataLoader(toy, 4, shuffle=True, seed=2, num_workers=2) as loader:
+        assert_same_batches(collect(loader), fresh(0))
+        pool = loader._pool
+        started = pool._next[0]
+        assert [b for b, _ in pool._next[3]] == [0, 1, 2, 3]
+        loader.set_epoch(1)
+        batches = loader.iter_from(0)
+        first = collect([next(batches)])
+        assert pool._token == started  # taken: no new request for epoch 1's first batches
+        assert_same_batches(first + collect(batches), fresh(1))
+        loader.set_epoch(2)
+        assert_same_batches(collect(loader.iter_from(3)), fresh(2, 3))  # not taken: resumed
+        loader.set_epoch(7)
+        assert_same_batches(collect(loader), fresh(7))  # not taken: another epoch
+        loader.set_epoch(8)
+        assert_same_batches(collect(loader), fresh(8))  # taken again

@@ -211,10 +211,13 @@ class DataLoader:
 
     def order(self) -> np.ndarray:
         """The int64 example indices of the current epoch, in visiting order."""
+        return self._order_of(self.epoch)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self.iter_from(0)
@@ -271,8 +274,11 @@ class DataLoader:
                                     self.worker_nice)
         pool = self._pool
 
+        following = [(b, index) for b, index, _ in self._plan(self._order_of(epoch + 1), 0)]
+
         def produce(stop):
-            results = pool.batches([(b, index) for b, index, _ in plan], seed, epoch, stop)
+            results = pool.batches([(b, index) for b, index, _ in plan], seed, epoch, stop,
+                                   then=(following, seed, epoch + 1))
             for (b, _, share), batch in zip(plan, results, strict=True):
                 yield self._host_batch(backend, b, batch, share)
 
