@@ -4,6 +4,7 @@ processes can import them (the dataset is pickled by reference to its class)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -126,3 +127,36 @@ class BadAt(ToyImages):
         if self.how == "chw":
             return np.zeros((3, 8, 8), np.uint8), label
         return image  # "pair": not an (image, label) pair
+
+
+class NiceImages(ToyImages):
+    """The label is the reading process's nice value (``os.nice(0)``)."""
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        return image, os.nice(0)
+
+
+class SliceImages(ToyImages):
+    """The label is the reading thread's time slice in microseconds (Linux ``/proc`` ``se.slice``,
+    kernel 6.12 or later)."""
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            line = next(line for line in f if line.startswith("se.slice"))
+        return image, int(line.split(":")[1]) // 1000
+
+
+class BatchedImages(ToyImages):
+    """The same samples through ``__getitems__``; ``calls`` records each call's index count
+    (in the process that makes it)."""
+
+    def __init__(self, short: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.short, self.calls = short, []
+
+    def __getitems__(self, indices: list[int]):
+        self.calls.append(len(indices))
+        samples = [self[i] for i in indices]
+        return samples[:-1] if self.short else samples

@@ -4,7 +4,10 @@ seeding, worker errors and deaths ending the epoch (never a hang), input validat
 
 from __future__ import annotations
 
+import os
+import platform
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import anycnn
 import tests.mapstyle_data as toys
 from anycnn import layers as L
 from anycnn.backend import to_numpy
-from anycnn.data import ArrayDataset, Augment, DataLoader, Normalize
+from anycnn.data import ArrayDataset, Augment, DataLoader, Normalize, priority
 from anycnn.errors import ConfigError, DataError
 from anycnn.train.callbacks import Callback
 from anycnn.train.trainer import Trainer
@@ -306,3 +309,102 @@ def test_batches_larger_than_a_pipe_buffer(backend):
         got = collect(loader)
         assert_same_batches(collect(loader.iter_from(1)), got[1:])
     assert_same_batches(got, collect(DataLoader(as_arrays(toy), 6, shuffle=True)))
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no os.nice on this platform")
+def test_workers_run_at_the_nice_value_asked_for():
+    """worker_nice is added to the workers' nice value (default 5); the calling process's is
+    untouched; values outside 0..19 are refused."""
+    own = os.nice(0)
+    toy = toys.NiceImages(n=8, num_classes=40)
+    for nice, want in ((None, own + 5), (0, own), (3, own + 3)):
+        options = {} if nice is None else {"worker_nice": nice}
+        with DataLoader(toy, 4, num_workers=2, **options) as loader:
+            labels = np.concatenate([y for _, y in collect(loader)])
+        np.testing.assert_array_equal(labels, np.full(8, min(want, 19)))
+    assert os.nice(0) == own
+    assert np.all(np.concatenate([y for _, y in collect(DataLoader(toy, 4))]) == own)
+    for bad in (-1, 20, 2.5, True):
+        with pytest.raises(ConfigError, match="worker_nice"):
+            DataLoader(toy, 4, num_workers=2, worker_nice=bad)
+
+
+def _slice_us() -> int | None:
+    """This thread's time slice in microseconds, or None where /proc does not show it."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            return next(int(line.split(":")[1]) // 1000 for line in f
+                        if line.startswith("se.slice"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+@pytest.mark.skipif(_slice_us() is None or not _kernel_at_least(6, 12)
+                    or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
+                    reason="needs Linux 6.12+ (custom slices) showing se.slice in /proc, on "
+                           "x86-64 or arm64")
+def test_workers_ask_for_short_time_slices():
+    """With worker_nice > 0 the workers run in 0.1 ms slices (anycnn.data.priority); with 0
+    their slice is the calling process's default; the caller's is never changed."""
+    own = _slice_us()
+    toy = toys.SliceImages(n=4, num_classes=10 ** 6)
+    for nice, want in ((5, priority.SLICE_NS // 1000), (0, own)):
+        with DataLoader(toy, 2, num_workers=2, worker_nice=nice) as loader:
+            labels = np.concatenate([y for _, y in collect(loader)])
+        np.testing.assert_array_equal(labels, np.full(4, want))
+    assert _slice_us() == own
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_getitems_reads_a_batch_in_one_call(backend, workers):
+    """A dataset with __getitems__ gets each batch's indices in one call and gives the very
+    batches (per-batch seeding included) of the same dataset read item by item; a wrong count
+    is named."""
+    options = {"shuffle": True, "seed": 3, "num_workers": workers}
+    batched = toys.BatchedImages(n=21, noise=True)
+    want = collect(DataLoader(toys.ToyImages(n=21, noise=True), 4, **options))
+    with DataLoader(batched, 4, **options) as loader:
+        assert_same_batches(collect(loader), want)
+        assert_same_batches(collect(loader.iter_from(3)), want[3:])
+    if workers == 0:
+        assert batched.calls == [4, 4, 4, 4, 4, 1, 4, 4, 1]  # the epoch, then iter_from(3)
+    with pytest.raises(DataError, match=r"__getitems__ of 4 indices must return a list of as "
+                                        r"many \(image, label\) pairs, got a list of 3"):
+        list(DataLoader(toys.BatchedImages(short=True, n=8), 4, num_workers=workers))
+
+
+def test_next_epoch_started_early_gives_the_same_batches(backend):
+    """Once an epoch's batches are all asked for, the workers start the next epoch's first
+    batches; the next iteration takes them only when it is exactly that epoch from batch 0,
+    and every iteration gives the batches a fresh loader gives."""
+    toy = toys.ToyImages(n=36, noise=True)  # 9 batches of 4: 4 are started early
+
+    def fresh(epoch, start=0):
+        loader = DataLoader(toy, 4, shuffle=True, seed=2)
+        loader.set_epoch(epoch)
+        return collect(loader.iter_from(start))
+
+    with DataLoader(toy, 4, shuffle=True, seed=2, num_workers=2) as loader:
+        assert_same_batches(collect(loader), fresh(0))
+        pool = loader._pool
+        started = pool._next[0]
+        assert [b for b, _ in pool._next[3]] == [0, 1, 2, 3]
+        loader.set_epoch(1)
+        batches = loader.iter_from(0)
+        first = collect([next(batches)])
+        assert pool._token == started  # taken: no new request for epoch 1's first batches
+        assert_same_batches(first + collect(batches), fresh(1))
+        loader.set_epoch(2)
+        assert_same_batches(collect(loader.iter_from(3)), fresh(2, 3))  # not taken: resumed
+        loader.set_epoch(7)
+        assert_same_batches(collect(loader), fresh(7))  # not taken: another epoch
+        loader.set_epoch(8)
+        assert_same_batches(collect(loader), fresh(8))  # taken again

@@ -3,23 +3,29 @@ images as an in-memory ArrayDataset (issue 26: the target is >= 90% of the in-me
 
 Writes N 28x28 grayscale PNGs (the first N images of the bundled MNIST sample) into a temporary
 folder, then trains ``simple-cnn`` (SGD, batch 64, NumPy backend) for a few short epochs on each
-source, alternating them so both see the same machine load. The first epoch of each source is a
-warm-up (kernel compilation, worker start) and is reported apart; the rate is the median of the
-other epochs (``Trainer`` history's ``images_per_s``), and the median ratio of each epoch's rate
-to the in-memory epoch run just before it. The CPU seconds per epoch (this process's threads
-and the workers') are printed too: on a busy machine they say more than the rates, since the
-ratio of in-memory to worker CPU is the speed ratio once every core is taken. Also times the
-two ways of sending a batch from a worker to the training process (pickled over a pipe, or
-through shared memory) for 64 x 28x28x1 ``uint8`` and ``float32`` batches.
+source, alternating them so all see the same machine load. The files are read each epoch by a
+map-style dataset in three ways: with Pillow (``Image.open``, then the pixels' bytes), and with
+``anycnn.data.images.load_image`` (whose quick PNG path hands the image data to Pillow's PNG
+decoder without ``Image.open``), and a batch at a time through ``__getitems__`` with
+``anycnn.data.images.load_images`` (the batch's PNGs un-filtered by Pillow in one call); each
+with the loaders' default ``worker_nice``, or with each value given to ``--worker-nice``. The
+first epoch of each source is a warm-up (kernel compilation, worker start) and is reported
+apart; the rate is the median of the other epochs (``Trainer`` history's ``images_per_s``), and
+the median ratio of each epoch's rate to the in-memory epoch run just before it. The CPU seconds
+per epoch (this process's threads and the workers') are printed too: on a busy machine they say
+more than the rates, since the ratio of in-memory to worker CPU is the speed ratio once every
+core is taken. Also times the two ways of sending a batch from a worker to the training process
+(pickled over a pipe, or through shared memory) for 64 x 28x28x1 ``uint8`` and ``float32``
+batches.
 
     PYTHONPATH=. python3 tools/bench_mapstyle.py [--images 2000] [--epochs 4] [--workers 2]
+        [--worker-nice 0 5] [--no-transport] [--control]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -27,6 +33,8 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
+
+from anycnn.data.dataloader import WORKER_NICE
 
 
 class PNGFiles:
@@ -44,6 +52,27 @@ class PNGFiles:
         with Image.open(self.paths[i]) as image:  # tobytes: cheaper than np.asarray(image)
             pixels = np.frombuffer(image.tobytes(), np.uint8)
             return pixels.reshape(image.height, image.width, -1), int(self.labels[i])
+
+
+class PNGFilesLoadImage(PNGFiles):
+    """The same files read with ``anycnn.data.images.load_image`` (its quick PNG path: the chunks
+    read in Python, the pixels by Pillow's PNG decoder without ``Image.open``)."""
+
+    def __getitem__(self, i: int):
+        from anycnn.data.images import load_image
+
+        return load_image(self.paths[i], channels=1), int(self.labels[i])
+
+
+class PNGFilesBatched(PNGFilesLoadImage):
+    """The same files, a batch at a time: ``__getitems__`` reads the batch's files with
+    ``anycnn.data.images.load_images`` (plain PNGs of one size decoded together)."""
+
+    def __getitems__(self, indices: list[int]):
+        from anycnn.data.images import load_images
+
+        images = load_images([self.paths[i] for i in indices], channels=1)
+        return [(image, int(self.labels[i])) for image, i in zip(images, indices, strict=True)]
 
 
 class InMemory:
@@ -96,16 +125,16 @@ def train_rates(sources: dict, epochs: int) -> dict:
 
 
 def _workers_cpu(loader) -> float:
-    """CPU seconds the loader's worker processes have used (Linux /proc; 0 elsewhere)."""
+    """CPU seconds the loader's worker processes have used (Linux ``/proc/PID/schedstat``,
+    nanoseconds; 0 elsewhere)."""
     pool = getattr(loader, "_pool", None)
     total = 0.0
     for process, _ in getattr(pool, "_workers", []):
         try:
-            with open(f"/proc/{process.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            with open(f"/proc/{process.pid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -162,6 +191,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--worker-nice", type=int, nargs="+", default=[WORKER_NICE],
+                        help="the loaders' worker_nice; several values: one loader each")
     parser.add_argument("--no-transport", action="store_true")
     parser.add_argument("--control", action="store_true",
                         help="also train from the arrays as a map-style dataset with workers")
@@ -185,12 +216,15 @@ def main() -> None:
         decoded = np.stack([files[i][0] for i in range(len(files))])
         print(f"decoding them all in this process: {time.perf_counter() - t0:.2f} s")
         assert np.array_equal(decoded.reshape(images.shape), images)
-        sources = {
-            "in-memory ArrayDataset": DataLoader(ArrayDataset(images, labels, 10), 64,
-                                                 shuffle=True),
-            f"PNG files, {args.workers} workers": DataLoader(files, 64, shuffle=True,
-                                                             num_workers=args.workers),
-        }
+        sources = {"in-memory ArrayDataset": DataLoader(ArrayDataset(images, labels, 10), 64,
+                                                        shuffle=True)}
+        readers = {"Pillow": files, "load_image": PNGFilesLoadImage(files.paths, labels),
+                   "load_images batch": PNGFilesBatched(files.paths, labels)}
+        for reader, dataset in readers.items():
+            for nice in args.worker_nice:
+                sources[f"PNG files ({reader}), {args.workers} workers, nice {nice}"] = \
+                    DataLoader(dataset, 64, shuffle=True, num_workers=args.workers,
+                               worker_nice=nice)
         if args.control:
             sources[f"arrays, map-style, {args.workers} workers"] = DataLoader(
                 InMemory(images, labels), 64, shuffle=True, num_workers=args.workers)
@@ -202,7 +236,7 @@ def main() -> None:
     for name, (warm, rest, own, workers) in results.items():
         cpu = own + workers
         ratio = statistics.median(r / b for r, b in zip(rest, base, strict=True))
-        print(f"{name:32s}: {statistics.median(rest):6.0f} img/s (median of {len(rest)} epochs: "
+        print(f"{name:52s}: {statistics.median(rest):6.0f} img/s (median of {len(rest)} epochs: "
               f"{', '.join(f'{r:.0f}' for r in rest)}; warm-up epoch {warm:.0f}); median ratio "
               f"to the in-memory epoch run just before it: {ratio:.0%}; CPU per epoch "
               f"{cpu:.2f} s ({own:.2f} s this process, {workers:.2f} s the workers) = "

@@ -3,7 +3,8 @@
 * :mod:`~anycnn.data.datasets` — ``load_dataset`` (MNIST, Fashion-MNIST, CIFAR, image folders,
   the bundled MNIST sample), ``ArrayDataset``, IDX reading and verified downloads;
 * :mod:`~anycnn.data.cifar`, :mod:`~anycnn.data.imagefolder`, :mod:`~anycnn.data.images` —
-  the CIFAR binary reader, image folders and image decoding (Pillow, imported when used);
+  the CIFAR binary reader, image folders and image decoding (Pillow, imported when used;
+  :mod:`~anycnn.data.png`: the quick path for plain PNG files);
 * :mod:`~anycnn.data.multilabel` — ``load_multilabel_folder``: images listed in a labels file
   (``path,label1;label2``) with ``(N, K)`` multi-label targets;
 * :mod:`~anycnn.data.arrays` (``ArrayDataset``, ``Splits``) and :mod:`~anycnn.data.sources`
@@ -11,7 +12,8 @@
   to ``cifar`` and ``imagefolder`` by name, and neither imports it;
 * :mod:`~anycnn.data.dataloader` — ``DataLoader``, batches on the current backend;
 * :mod:`~anycnn.data.mapstyle` (map-style datasets: ``__getitem__``/``__len__``, collation,
-  per-batch seeding, ``worker_info``), :mod:`~anycnn.data.workers` (the worker processes) and
+  per-batch seeding, ``worker_info``), :mod:`~anycnn.data.workers` (the worker processes, and
+  :mod:`~anycnn.data.priority`: how they ask to be scheduled) and
   :mod:`~anycnn.data.prefetch` (the thread that prepares batches ahead of the step);
 * :mod:`~anycnn.data.augment` — ``Augment`` (crop, flip) and ``Normalize`` on the device;
 * :mod:`~anycnn.data.pipeline` (``AugmentPipeline``) composing :mod:`~anycnn.data.rotation`
@@ -49,7 +51,8 @@ _EXPORTS = {
 }
 _SUBMODULES = {m: m for m in ("arrays", "augment", "cifar", "color", "dataloader", "datasets",
                               "erasing", "eval_transform", "imagefolder", "images", "mapstyle",
-                              "mixing", "multilabel", "pipeline", "prefetch", "resized_crop",
+                              "mixing", "multilabel", "pipeline", "png", "prefetch", "priority",
+                              "resized_crop",
                               "rotation", "sources", "workers")}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES, globals())

@@ -75,6 +75,8 @@ from .prefetch import Prefetcher
 from .resized_crop import RandomResizedCrop
 
 _FLOAT_DTYPES = ("float32", "float64")
+#: default ``worker_nice``: the workers' priority a little below the training process's
+WORKER_NICE = 5
 
 
 def share_of(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -113,6 +115,11 @@ class DataLoader:
         num_workers: worker processes reading a map-style dataset (0, the default: read in the
             calling process); the workers start at the first iteration and live until
             :meth:`close` (or the loader's end). Ignored for an ``ArrayDataset``.
+        worker_nice: added to the workers' nice value (``os.nice``, where the platform has
+            it), 0 to 19; above 0 the workers also ask Linux for 0.1 ms time slices
+            (:mod:`anycnn.data.priority`). The default 5 lowers their priority a little, so
+            the training step's threads win a contended core at once while a worker that
+            falls behind still gets its share; 0 schedules the workers as the calling process.
 
     Raises:
         ConfigError: an argument is out of range, the crop is too large for the images,
@@ -126,7 +133,8 @@ class DataLoader:
                  seed: int = 0, drop_last: bool = False, device_resident: bool = False,
                  dtype: str = "float32", augment: Any = None,
                  normalize: Normalize | str | None = None,
-                 shard: tuple[int, int] | None = None, num_workers: int = 0) -> None:
+                 shard: tuple[int, int] | None = None, num_workers: int = 0,
+                 worker_nice: int = WORKER_NICE) -> None:
         self._map_style = not isinstance(dataset, ArrayDataset)
         if self._map_style and (not is_map_style(dataset) or hasattr(dataset, "__array__")
                                 or hasattr(dataset, "__array_namespace__")):
@@ -145,6 +153,10 @@ class DataLoader:
         self.dtype = dtype
         self.epoch = 0
         self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.worker_nice = _check_int("worker_nice", worker_nice, 0)
+        if self.worker_nice > 19:
+            raise ConfigError(f"worker_nice must be at most 19 (the lowest priority), got "
+                              f"{worker_nice!r}")
         self._pool: Any = None  # WorkerPool of a map-style dataset, started when first needed
         self._active: Prefetcher | None = None
         self._sample: tuple[Any, ...] | None = None  # mapstyle.probe: shape, dtype, K
@@ -199,10 +211,13 @@ class DataLoader:
 
     def order(self) -> np.ndarray:
         """The int64 example indices of the current epoch, in visiting order."""
+        return self._order_of(self.epoch)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
         n = len(self.dataset)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self.iter_from(0)
@@ -255,11 +270,15 @@ class DataLoader:
         if self._pool is None or self._pool.closed:
             from .workers import WorkerPool
 
-            self._pool = WorkerPool(self.dataset, self.num_workers, self._sample)
+            self._pool = WorkerPool(self.dataset, self.num_workers, self._sample,
+                                    self.worker_nice)
         pool = self._pool
 
+        following = [(b, index) for b, index, _ in self._plan(self._order_of(epoch + 1), 0)]
+
         def produce(stop):
-            results = pool.batches([(b, index) for b, index, _ in plan], seed, epoch, stop)
+            results = pool.batches([(b, index) for b, index, _ in plan], seed, epoch, stop,
+                                   then=(following, seed, epoch + 1))
             for (b, _, share), batch in zip(plan, results, strict=True):
                 yield self._host_batch(backend, b, batch, share)
 
@@ -356,7 +375,7 @@ class DataLoader:
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
                 f"device_resident={self.device_resident}, dtype={self.dtype!r}, "
                 f"augment={self.augment!r}, normalize={self.normalize!r}, shard={self.shard}, "
-                f"num_workers={self.num_workers})")
+                f"num_workers={self.num_workers}, worker_nice={self.worker_nice})")
 
 
 def _check_map_options(device_resident: bool, normalize: Any) -> None:

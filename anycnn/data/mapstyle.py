@@ -11,6 +11,10 @@ in worker processes, :mod:`anycnn.data.workers`) through the pieces here:
   :class:`~anycnn.data.arrays.ArrayDataset`'s ``(N, K)`` labels; batched as float32 ``(B, K)``).
   Every image of a dataset has the shape and dtype of ``dataset[0]``, and every label its kind
   (:func:`probe`);
+* :func:`fetch` reads one batch: ``dataset[i]`` for each index, or one
+  ``dataset.__getitems__(indices)`` call where the dataset's class defines it (PyTorch's
+  loader calls it too), returning the list of pairs; a dataset reading image files can then
+  decode the batch together (:func:`anycnn.data.images.load_images`);
 * :func:`seeded` runs one batch's ``__getitem__`` calls with Python's ``random`` and NumPy's
   global ``np.random`` (and torch's, when torch is imported already) seeded from
   ``np.random.SeedSequence([seed, epoch, batch, 0x6D6170])``: the loader's seed, the epoch, the
@@ -114,10 +118,31 @@ def seeded(info: WorkerInfo, restore: bool) -> Iterator[None]:
 def fetch(dataset: Any, index: Sequence[int], info: WorkerInfo, restore: bool,
           expect: tuple[tuple[int, ...], str, int | None] | None) -> tuple[np.ndarray, np.ndarray]:
     """``collate([dataset[i] for i in index])`` with the generators seeded for the batch
-    (:func:`seeded`); ``expect`` is what :func:`probe` returned for ``dataset[0]``."""
+    (:func:`seeded`); ``expect`` is what :func:`probe` returned for ``dataset[0]``. A dataset
+    whose class defines ``__getitems__(indices)`` (as PyTorch's loader also calls it) gets the
+    batch's indices in one call and returns the list of their ``(image, label)`` pairs.
+
+    Raises:
+        DataError: ``__getitems__`` returned something else than one pair per index (and
+            :func:`collate`'s errors).
+    """
+    getitems = getattr(type(dataset), "__getitems__", None)
     with seeded(info, restore):
-        samples = [dataset[int(i)] for i in index]
+        if getitems is None:
+            samples = [dataset[int(i)] for i in index]
+        else:  # the whole batch at once (e.g. decoded together)
+            samples = getitems(dataset, [int(i) for i in index])
+            if not isinstance(samples, Sequence) or len(samples) != len(index):
+                raise DataError(f"{type(dataset).__name__}.__getitems__ of {len(index)} indices "
+                                f"must return a list of as many (image, label) pairs, got "
+                                f"{_describe(samples)}")
     return collate(samples, index, expect)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Sequence):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def probe(dataset: Any, seed: int) -> tuple[tuple[int, int, int], str, int | None] | None:

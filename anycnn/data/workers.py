@@ -18,6 +18,23 @@ picklable and its class importable: define it in a module or in a script behind
 ``if __name__ == "__main__":``, not interactively. Workers ignore SIGINT: Ctrl-C is the calling
 process's to handle, and the workers end when it closes their pipes.
 
+The next epoch starts early: once every batch of an iteration has been asked for, the loader
+passes the next epoch's first batches (the same seed, the epoch number plus one, from batch 0),
+and the workers build them while the step finishes this epoch. The next iteration takes them
+only when its first tasks are exactly those (same batch numbers and example indices, seed and
+epoch): a resumed run (``iter_from``), a changed shard or ``set_epoch`` to another epoch
+leaves them unread, as batches of an abandoned iteration are.
+
+Priority (:mod:`anycnn.data.priority`): each worker adds ``nice`` (the loader's ``worker_nice``,
+5 by default) to its nice value when it starts, and on Linux asks for 0.1 ms time slices. On a
+machine whose cores the training step keeps busy, a worker decoding at the step's priority takes
+its time slices from the step's threads, and a parallel region waits for its slowest thread; a
+little lower and in short slices, the step's threads win a contended core within 0.1 ms, and the
+workers decode in the gaps. Only a little lower: at nice 5 a worker still gets about a third of
+a busy core's share, so it keeps up when other programs load the machine, where nice 19 or
+Linux's ``SCHED_IDLE`` starved the workers and the step then waited for its batches (measured
+with ``tools/bench_mapstyle.py``).
+
 Errors end the iteration, never hang it: an exception in a worker (in ``__getitem__`` or while
 unpickling the dataset) comes back as a :class:`~anycnn.errors.DataError` holding the worker's
 traceback; a worker that exits (``os._exit``, a crash, the out-of-memory killer) is seen through
@@ -40,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from . import priority
 from .mapstyle import WorkerInfo, batch_seed, fetch
 
 _POLL_S = 0.1  # how often a wait for a batch looks at the stop flag
@@ -77,13 +95,16 @@ class WorkerPool:
         num_workers: process count, >= 1.
         expect: ``(image_shape, dtype, label_width)`` every sample must have (from
             ``dataset[0]``; see :func:`~anycnn.data.mapstyle.probe`).
+        nice: each worker's :func:`~anycnn.data.priority.lower` at its start (0: scheduled as
+            this process). See the module docstring.
 
     Raises:
         ConfigError: ``dataset`` cannot be pickled.
     """
 
     def __init__(self, dataset: Any, num_workers: int,
-                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None,
+                 nice: int = 0) -> None:
         try:
             payload = pickle.dumps(dataset, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -96,12 +117,14 @@ class WorkerPool:
         self.num_workers = num_workers
         self._workers: list[tuple[Any, Any]] = []
         self._token = 0
+        self._next: tuple[int, int, int, list[tuple[int, np.ndarray]]] | None = None
         self.closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         for w in range(num_workers):
             parent, child = ctx.Pipe(duplex=True)
             process = ctx.Process(target=_worker_main, name=f"anycnn-data-worker-{w}",
-                                  args=(child, payload, w, num_workers, expect), daemon=True)
+                                  args=(child, payload, w, num_workers, expect, nice),
+                                  daemon=True)
             process.start()
             child.close()
             self._workers.append((process, parent))
@@ -112,8 +135,15 @@ class WorkerPool:
         self._finalizer()
 
     def batches(self, tasks: Sequence[tuple[int, np.ndarray]], seed: int, epoch: int,
-                stop: threading.Event) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                stop: threading.Event,
+                then: tuple[Sequence[tuple[int, np.ndarray]], int, int] | None = None,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(images, labels)`` of each task ``(batch number, example indices)``, in order.
+
+        ``then``: ``(tasks, seed, epoch)`` of the iteration expected next (the next epoch's).
+        Once every task here is sent, its first ``2 * num_workers`` tasks are sent too, and
+        the next call whose first tasks, seed and epoch are exactly those takes their results
+        instead of asking again; any other call leaves them unread (module docstring).
 
         Raises:
             DataError: a worker raised or died (the pool is closed then).
@@ -121,18 +151,45 @@ class WorkerPool:
         """
         if self.closed:
             raise RuntimeError("this WorkerPool is closed")
-        self._token += 1
-        token, k, sent = self._token, self.num_workers, 0
+        k = self.num_workers
         ahead = min(2 * k, len(tasks))
-        for sent in range(ahead):
-            self._send(sent, token, tasks[sent], seed, epoch)
+        token, sent = self._adopt(tasks, seed, epoch)
+        for j in range(sent, ahead):
+            self._send(j, token, tasks[j], seed, epoch)
         sent = ahead
         for j, (b, _) in enumerate(tasks):
+            if sent == len(tasks) and then is not None:  # every task sent: start the next
+                self._start_next(*then)
+                then = None
             result = self._receive(j % k, token, b, epoch, stop)
             if sent < len(tasks):
                 self._send(sent, token, tasks[sent], seed, epoch)
                 sent += 1
             yield result
+
+    def _start_next(self, tasks: Sequence[tuple[int, np.ndarray]], seed: int,
+                    epoch: int) -> None:
+        """Send the first ``2 * num_workers`` of ``tasks`` under a token of their own."""
+        self._token += 1
+        first = [(b, np.asarray(index, np.int64)) for b, index in
+                 tasks[:2 * self.num_workers]]
+        for j, task in enumerate(first):
+            self._send(j, self._token, task, seed, epoch)
+        self._next = (self._token, seed, epoch, first)
+
+    def _adopt(self, tasks: Sequence[tuple[int, np.ndarray]], seed: int,
+               epoch: int) -> tuple[int, int]:
+        """``(token, tasks already sent)``: those :meth:`_start_next` sent when they are this
+        iteration's first tasks, else a new token and 0."""
+        started, self._next = self._next, None
+        if started is not None:
+            token, their_seed, their_epoch, first = started
+            if (their_seed == seed and their_epoch == epoch and len(first) <= len(tasks)
+                    and all(b == c and np.array_equal(index, np.asarray(other))
+                            for (b, index), (c, other) in zip(first, tasks, strict=False))):
+                return token, len(first)
+        self._token += 1
+        return self._token, 0
 
     def _send(self, j: int, token: int, task: tuple[int, np.ndarray], seed: int,
               epoch: int) -> None:
@@ -202,10 +259,11 @@ def _shutdown(workers: list[tuple[Any, Any]]) -> None:
 
 
 def _worker_main(conn: Any, payload: bytes, worker: int, num_workers: int,
-                 expect: tuple[tuple[int, ...], str, int | None] | None) -> None:
+                 expect: tuple[tuple[int, ...], str, int | None] | None, nice: int) -> None:
     """A worker's loop: receive ``(token, batch, epoch, seed, indices)``, send back
     ``("batch", token, images, labels)`` or ``("error", token, traceback text)``; end on EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    priority.lower(nice)
     dataset, failure = None, None
     try:
         dataset = pickle.loads(payload)
