@@ -46,6 +46,7 @@ from anycnn.errors import (
 )
 from anycnn.models import MIN_IMAGE_SIZE, MODELS, build_model, model_spec
 from anycnn.optim.schedules import make_schedule
+from anycnn.train.callbacks import Callback
 from tests.conftest import to_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -854,15 +855,26 @@ def loaders():
     return DataLoader(train, 16, shuffle=True, seed=0), DataLoader(val, 16)
 
 
+class FolderBecomesAFile(Callback):
+    """Once training has started (fit has made the checkpoint's folder), replace that folder
+    with a regular file: the epoch's save then fails as on a lost or read-only disk."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_begin(self, trainer):
+        self.folder.rmdir()
+        self.folder.write_text("not a folder")
+
+
 def test_failed_save_keeps_the_training_state_for_a_retry(backend, tmp_path):
-    blocker = tmp_path / "a-regular-file"
-    blocker.write_text("not a folder")
-    bad = blocker / "checkpoint.safetensors"
+    folder = tmp_path / "run"
+    bad = folder / "checkpoint.safetensors"
     trainer = make_trainer(checkpoint_path=bad)
     train, val = loaders()
     with pytest.raises(CheckpointError) as info:
-        trainer.fit(train, val, epochs=2)
-    assert str(bad) in str(info.value) and "cannot write checkpoint" in str(info.value)
+        trainer.fit(train, val, epochs=2, callbacks=[FolderBecomesAFile(folder)])
+    assert str(bad) in str(info.value) and str(folder) in str(info.value)
     # the epoch that finished is kept in memory: save it elsewhere and carry on from there
     assert (trainer.epoch, trainer.step, len(trainer.history)) == (1, 0, 1)
     assert trainer.last_checkpoint is None
