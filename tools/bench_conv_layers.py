@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 #: (name, C_in, C_out, H=W of the input, kernel, stride) of resnet20's convolutions
 LAYERS = [
@@ -75,12 +76,12 @@ def _worker_anycnn(batch: int, reps: int) -> dict:
         if not native.applies(x, w, (s, s), pads, (1, 1), 1):
             continue
         result[(layer[0], "fwd")] = _median_ms(
-            lambda: native.conv2d(x, w, None, s, pads, (out, out)), reps)
+            partial(native.conv2d, x, w, None, s, pads, (out, out)), reps)
         if native.input_grad_applies(w):
             result[(layer[0], "dx")] = _median_ms(
-                lambda: native.conv2d_input_grad(dy, w, s, pads, (size, size)), reps)
+                partial(native.conv2d_input_grad, dy, w, s, pads, (size, size)), reps)
         result[(layer[0], "dw")] = _median_ms(
-            lambda: native.conv2d_weight_grad(x, dy, (k, k), s, pads), reps)
+            partial(native.conv2d_weight_grad, x, dy, (k, k), s, pads), reps)
     return result
 
 
@@ -98,12 +99,11 @@ def _worker_torch(batch: int, reps: int, threads: int) -> dict:
             w = torch.randn(cout, cin, k, k, generator=g).to(memory_format=cl)
             dy = torch.randn(batch, cout, out, out, generator=g).to(memory_format=cl)
             result[(layer[0], "fwd")] = _median_ms(
-                lambda: torch.nn.functional.conv2d(x, w, None, s, pad), reps)
+                partial(torch.nn.functional.conv2d, x, w, None, s, pad), reps)
             for name, mask in (("dx", [True, False, False]), ("dw", [False, True, False])):
                 result[(layer[0], name)] = _median_ms(
-                    lambda mask=mask: torch.ops.aten.convolution_backward(
-                        dy, x, w, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1, mask),
-                    reps)
+                    partial(torch.ops.aten.convolution_backward, dy, x, w, None, [s, s],
+                            [pad, pad], [1, 1], False, [0, 0], 1, mask), reps)
     return result
 
 
@@ -131,12 +131,12 @@ def _worker_ort(batch: int, reps: int, threads: int) -> dict:
         session = ort.InferenceSession(model.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         x = rng.standard_normal((batch, cin, size, size), dtype=np.float32)
-        result[(layer[0], "fwd")] = _median_ms(lambda: session.run(None, {"x": x}), reps)
+        result[(layer[0], "fwd")] = _median_ms(partial(session.run, None, {"x": x}), reps)
     return result
 
 
 def _flops(layer, direction, batch) -> float:
-    cin, cout, size, k, s, pad, out = _shapes(layer, batch)
+    cin, cout, _, k, _, _, out = _shapes(layer, batch)
     return 2.0 * batch * out * out * cin * cout * k * k
 
 
