@@ -34,7 +34,9 @@ LAYERS = [
     ("16-32s2 1x1", 16, 32, 32, 1, 2),
     ("32-64s2 1x1", 32, 64, 16, 1, 2),
 ]
-DIRECTIONS = ("fwd", "dx", "dw")
+#: simple-cnn's convolutions (each under a fused ReLU and 2x2 max pool: "pool" times that kernel)
+SIMPLE_CNN = [("1-32", 1, 32, 28, 3, 1), ("32-64", 32, 64, 14, 3, 1)]
+DIRECTIONS = ("fwd", "pool", "dx", "dw")
 
 
 #: how one process sums up its repetitions: "median", or "min" (on a machine shared with
@@ -77,6 +79,10 @@ def _worker_anycnn(batch: int, reps: int) -> dict:
             continue
         result[(layer[0], "fwd")] = _median_ms(
             partial(native.conv2d, x, w, None, s, pads, (out, out)), reps)
+        if out % 2 == 0:
+            result[(layer[0], "pool")] = _median_ms(
+                partial(native.conv2d_relu_maxpool, x, w, None, s, pads, (out, out), (2, 2)),
+                reps)
         if native.input_grad_applies(w):
             result[(layer[0], "dx")] = _median_ms(
                 partial(native.conv2d_input_grad, dy, w, s, pads, (size, size)), reps)
@@ -147,12 +153,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=int(os.environ.get("ANYCNN_NUM_THREADS", 2)))
     p.add_argument("--anycnn", nargs="*", default=[], metavar="NAME=PATH")
+    p.add_argument("--layers", choices=("resnet20", "simple-cnn"), default="resnet20")
     p.add_argument("--torch", action="store_true")
     p.add_argument("--ort", action="store_true")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="each process's figure: the median or the best of its repetitions")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.layers == "simple-cnn":
+        LAYERS[:] = SIMPLE_CNN
     if a.worker:
         kind = a.worker
         res = (_worker_anycnn(a.batch, a.reps) if kind == "anycnn" else
@@ -169,7 +178,8 @@ def main() -> None:
                        OMP_NUM_THREADS=str(a.threads))
             if path:
                 env["PYTHONPATH"] = path
-            out = subprocess.run([sys.executable, __file__, "--worker", kind, "--batch",
+            out = subprocess.run([sys.executable, __file__, "--worker", kind, "--layers",
+                                  a.layers, "--batch",
                                   str(a.batch), "--reps", str(a.reps), "--threads",
                                   str(a.threads)], env=env, check=True, capture_output=True,
                                  text=True).stdout
