@@ -388,18 +388,20 @@ def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop):
 @kernel_cache.pipeline
 def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
                           in_tile: int, unpool: tuple[int, int] | None,
-                          geometry: tuple[int, int, int]):
+                          geometry: tuple[int, int, int, int, int], tap_axes: int = 0):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter) and
     output pixels of grid[ci, x*s + j, y*s + i, n] * dy[co, x, y, n] (``grid``:
     :func:`_spread_padded` of the input; ``dy``: :func:`_gradient_source`, unpooled once per
     task with ``unpool``): tiles of ``in_tile`` input channels by ``channel_tile`` output
-    channels accumulated in registers; a task is one group of images, which pads its own input
-    (measured as fast as a padded copy on one thread, and parallel)."""
+    channels accumulated in registers (and, for ``tap_axes`` 1 or 2, by a row of the kernel's
+    taps or all of them, each a row of the tile too, where the input channels are few); a task
+    is one group of images, which pads its own input (measured as fast as a padded copy on one
+    thread, and parallel). ``geometry`` (C_in, C_out, kh, kw, stride) is known when it compiles."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     inp = hl.ImageParam(t, 4, "inp")
     dy, images_in, (width, height) = _gradient_source(hl, t, unpool)
-    cin, cout, stride = geometry
+    cin, cout, kh, kw, stride = geometry
     images = hl.Param(hl.Int(32), "images")
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
     grid, gc = _spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1, top,
@@ -415,19 +417,29 @@ def _weight_grad_pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard:
     part[co, ci, j, i, g] = acc[co, ci, j, i, g]
     part.output_buffer().dim(0).set_bounds(0, cout)  # constant offsets in the tiles
     part.output_buffer().dim(1).set_bounds(0, cin).set_stride(cout)
+    part.output_buffer().dim(2).set_bounds(0, kw).set_stride(cout * cin)
+    part.output_buffer().dim(3).set_bounds(0, kh).set_stride(cout * cin * kw)
     inp.dim(0).set_bounds(0, cin)
 
     coo, coi, cio, cii, cu, cv = (hl.Var(v) for v in ("coo", "coi", "cio", "cii", "cu", "cv"))
     tail = hl.TailStrategy.GuardWithIf if guard else hl.TailStrategy.Auto
     part.split(co, coo, coi, channel_tile, tail).split(ci, cio, cii, in_tile)
-    part.reorder(coi, cii, coo, cio, j, i, g).vectorize(coi, lanes).unroll(cii).parallel(g)
+    taps = [j, i][:tap_axes]  # the taps in a tile
+    outer = [j, i][tap_axes:]
+    part.reorder(coi, cii, *taps, coo, cio, *outer, g).vectorize(coi, lanes).unroll(cii)
+    part.parallel(g)
+    for v in taps:
+        part.unroll(v)
     grid.compute_at(part, g).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
     if unpool is not None:
         dy.compute_at(part, g).vectorize(dy.args()[0], lanes, hl.TailStrategy.GuardWithIf)
-    acc.compute_at(part, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, ci)
+    acc.compute_at(part, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, *taps)
     acc.vectorize(cv).unroll(cu).unroll(ci)
-    acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, r.x, r.y, r.z)
+    acc.update().split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, *taps, r.x, r.y, r.z)
     acc.update().vectorize(cv).unroll(cu).unroll(ci).unroll(r.x, 4)  # 4 pixels a row
+    for v in taps:
+        acc.unroll(v)
+        acc.update().unroll(v)
     return part, {"inp": inp, **images_in}, {"images": images, "top": top,
                                              "left": left}
 
@@ -597,6 +609,19 @@ def _input_grad_phases(dy: np.ndarray, weight: np.ndarray, stride: int,
     return dx
 
 
+def _tap_axes(in_tile: int, cin: int, kernel: tuple[int, int], vectors: int) -> int:
+    """How many of the kernel's axes a weight-gradient register tile of ``in_tile`` input
+    channels (of ``cin``) by ``vectors`` vectors of output channels also spans: 2 (all kh * kw
+    taps), 1 (a row of kw taps) or 0, the most that fit 24 accumulators where the input
+    channels are few (3 -> 16 channels: 3 accumulators would wait on their sums), with 32
+    registers; else 0."""
+    if in_tile < cin or registers().count < 32:
+        return 0
+    kh, kw = kernel
+    room = 24 // (in_tile * vectors)
+    return 2 if kh * kw <= room else 1 if kw <= room else 0
+
+
 def _images_per_part(n: int, pixels: int) -> int:
     """Images per weight-gradient part for ``n`` images of ``pixels`` output pixels each."""
     enough = -(-WEIGHT_GRAD_PIXELS // max(pixels, 1))
@@ -619,7 +644,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
         rows *= 2  # one vector of channels: 16 accumulators (16 -> 16 channels 20% faster)
     in_tile = _divisor_tile(cin, rows)
     pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
-                                     (cin, cout, stride))
+                                     (cin, cout, *kernel, stride),
+                                     _tap_axes(in_tile, cin, kernel, tile // lanes))
     per = _images_per_part(n, grad.shape[1] * grad.shape[2])
     full = n // per * per
     parts = []
