@@ -123,3 +123,21 @@ def rng():
 def to_backend(array, dtype=None):
     """Host array → current backend (test helper)."""
     return anycnn.asarray(np.asarray(array), dtype=dtype)
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """The compiled kernels (:mod:`anycnn.kernels.native` and its siblings) on, on the NumPy
+    backend (the only one they take), whichever backend the session tests; skipped without
+    halide."""
+    import importlib.util
+
+    if importlib.util.find_spec("halide") is None:
+        pytest.skip("halide is not installed")
+    from anycnn.kernels import native
+    from anycnn.kernels import threads as kthreads
+
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setattr(kthreads, "ENABLED", True)
+    with anycnn.use_backend("numpy"):
+        yield

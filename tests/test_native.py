@@ -24,18 +24,6 @@ from tests.test_resnet_fastpaths import batch_norm_run
 HAVE_HALIDE = importlib.util.find_spec("halide") is not None
 
 
-@pytest.fixture
-def native_on(monkeypatch):
-    """The compiled kernels on, on the NumPy backend (the only one they take), whichever
-    backend the session tests."""
-    if not HAVE_HALIDE:
-        pytest.skip("halide is not installed")
-    monkeypatch.setattr(native, "ENABLED", True)
-    monkeypatch.setattr(kthreads, "ENABLED", True)
-    with anycnn.use_backend("numpy"):
-        yield
-
-
 def _watch(monkeypatch, module, name: str) -> list:
     """Wrap ``module.name``: the returned list gets each call's ``(args, kwargs)``."""
     calls, kernel = [], getattr(module, name)

@@ -18,22 +18,8 @@ from anycnn.kernels.dispatch import DECLINE
 from anycnn.models import build_model
 from anycnn.nn.functional import conv as C
 from tests.rounding import assert_rounding_close
-from tests.test_native import HAVE_HALIDE
 
 pytestmark = pytest.mark.usefixtures("native_on")
-
-
-@pytest.fixture
-def native_on(monkeypatch):
-    """The compiled kernels on, on the NumPy backend."""
-    if not HAVE_HALIDE:
-        pytest.skip("halide is not installed")
-    from anycnn.kernels import threads as kthreads
-
-    monkeypatch.setattr(native, "ENABLED", True)
-    monkeypatch.setattr(kthreads, "ENABLED", True)
-    with anycnn.use_backend("numpy"):
-        yield
 
 
 def _watch(monkeypatch) -> list:
