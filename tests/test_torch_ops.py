@@ -1,8 +1,10 @@
 """torch's own operators (``anycnn.kernels.torch_ops``) agree with the portable path in float64:
 convolutions (strides, symmetric and asymmetric padding, dilation, groups, depthwise) forward
-and backward, the fused Conv2D → ReLU → MaxPool2D block, max and average pooling (padding, ceil
-mode, ties), BatchNorm in training and eval (fused ReLU, residual addend), a Trainer step; and
-they decline what is not theirs (other arrays, mixed dtypes, ``ANYCNN_FASTPATH=0``)."""
+and backward, with a ReLU and a residual addend (eval mode's folded and fused convolutions,
+which must take torch's operator), the fused Conv2D → ReLU → MaxPool2D block, max and average
+pooling (padding, ceil mode, ties), BatchNorm in training and eval (fused ReLU, residual
+addend), a Trainer step; and they decline what is not theirs (other arrays, mixed dtypes,
+``ANYCNN_FASTPATH=0``)."""
 
 from __future__ import annotations
 
