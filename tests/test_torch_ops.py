@@ -1,8 +1,10 @@
 """torch's own operators (``anycnn.kernels.torch_ops``) agree with the portable path in float64:
 convolutions (strides, symmetric and asymmetric padding, dilation, groups, depthwise) forward
-and backward, the fused Conv2D → ReLU → MaxPool2D block, max and average pooling (padding, ceil
-mode, ties), BatchNorm in training and eval (fused ReLU, residual addend), a Trainer step; and
-they decline what is not theirs (other arrays, mixed dtypes, ``ANYCNN_FASTPATH=0``)."""
+and backward, with a ReLU and a residual addend (eval mode's folded and fused convolutions,
+which must take torch's operator), the fused Conv2D → ReLU → MaxPool2D block, max and average
+pooling (padding, ceil mode, ties), BatchNorm in training and eval (fused ReLU, residual
+addend), a Trainer step; and they decline what is not theirs (other arrays, mixed dtypes,
+``ANYCNN_FASTPATH=0``)."""
 
 from __future__ import annotations
 
@@ -99,6 +101,83 @@ def test_convolution_matches_the_portable_path(on, rng, case, bias):
     addend = t(rng.standard_normal(x.shape))
     close(_conv_run(x, w, b, case, dy, addend=addend),
           on(lambda: _conv_run(x, w, b, case, dy, addend=addend)))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_convolution_epilogue_matches_the_portable_path(on, rng, case):
+    """A convolution with a ReLU and/or a residual addend (eval mode's fused and folded
+    convolutions) computed by torch's operator equals the portable epilogue in float64; a
+    negative bias puts outputs on both sides of the ReLU's zero."""
+    n, h, w_, cin, cout, kernel, stride, pads, dilation, groups = case
+    x = t(rng.standard_normal((n, h, w_, cin)))
+    w = t(rng.standard_normal((*kernel, cin // groups, cout)))
+    win = F.conv_windows((h, w_), kernel, stride, pads, dilation)
+    addend = t(rng.standard_normal((n, *win.out, cout)))
+    for b in (t(rng.standard_normal(cout) - 0.5), None):
+        for plus, relu in ((None, True), (addend, False), (addend, True)):
+            assert torch_ops.conv2d_epilogue(x, w, b, win, groups, plus,
+                                             relu) is not dispatch.DECLINE
+
+            def run(b=b, plus=plus, relu=relu):
+                return F.conv2d_forward(x, w, b, stride, pads, dilation, groups, addend=plus,
+                                        relu=relu)[0]
+
+            got = run()
+            assert got.is_contiguous()  # NHWC-contiguous
+            if relu:
+                assert float(got.min()) == 0.0 and float(got.max()) > 0.0
+            close((got,), (on(run),))
+    # what is not its kind: NumPy arrays, an addend of another dtype or shape
+    assert torch_ops.conv2d_epilogue(x.numpy(), w.numpy(), None, win, groups, None,
+                                     True) is dispatch.DECLINE
+    assert torch_ops.conv2d_epilogue(x, w, None, win, groups, addend.float(),
+                                     True) is dispatch.DECLINE
+    assert torch_ops.conv2d_epilogue(x, w, None, win, groups, addend[:, :1],
+                                     True) is dispatch.DECLINE
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet-mini", "bn-cnn", "resnet20-code"])
+def test_eval_forward_takes_torchs_convolution(on, rng, monkeypatch, name):
+    """Eval mode's forward (folded BatchNorms, ConvReLU, residual sums inside the last
+    convolution, Conv-ReLU-MaxPool blocks, the models-as-code fold under no_grad) runs every
+    (folded) convolution through torch's operator, never the portable im2col path, and
+    equals the unfused, unfolded layer-by-layer forward in float64."""
+    from anycnn.models import build_model, model_spec
+    from anycnn.nn.functional import conv as conv_ops
+    from anycnn.nn.layers import BatchNorm2D
+    from anycnn.nn.modes import suspended
+
+    anycnn.manual_seed(0)
+    model = build_model(name)
+    model.to("float64")
+    g = np.random.default_rng(3)
+    for bn in (m for m in model.modules() if type(m) is BatchNorm2D):  # not the identity
+        c = bn.num_features
+        bn.weight.data, bn.bias.data = t(g.normal(1.0, 0.5, c)), t(g.normal(0.0, 0.5, c))
+        bn.running_mean, bn.running_var = t(g.normal(0.0, 0.5, c)), t(g.random(c) + 0.5)
+    model.eval()
+    spec = model_spec(name)
+    side = 16 if spec["image_size"] == 32 else spec["image_size"]  # resnet20: smaller
+    x = t(rng.standard_normal((2, side, side, spec["in_channels"])))
+    with suspended():  # layer by layer: nothing fused, nothing folded
+        want = model.forward(x)
+
+    calls = []
+    nchw_conv = torch_ops._conv_nchw
+    monkeypatch.setattr(torch_ops, "_conv_nchw",
+                        lambda *a: calls.append(a[1]) or nchw_conv(*a))
+
+    def portable(*a, **k):
+        raise AssertionError("a convolution took the portable im2col path")
+
+    monkeypatch.setattr(conv_ops, "conv2d_rows", portable)
+    with anycnn.no_grad():
+        got = model.forward(x)
+    convs = [m for m in model.modules() if type(m) is Conv2D]
+    assert len(calls) == len(convs)
+    folded = sum(1 for w in calls if not any(w is c.weight.data for c in convs))
+    assert folded == len(calls)  # every convolution here is followed by a BatchNorm
+    close((got,), (want,))
 
 
 def _block(x, pool, with_bias, seed=0):

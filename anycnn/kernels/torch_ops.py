@@ -10,6 +10,9 @@ each backward kernel computes its gradients from what its forward kept):
 - ``conv2d`` / ``conv2d_backward``: ``aten.convolution`` / ``aten.convolution_backward``, any
   stride, dilation and groups (depthwise included); asymmetric padding is applied explicitly
   (``constant_pad_nd``) and the input gradient cropped back.
+- ``conv2d_epilogue``: a convolution with a ReLU and/or a residual addend (eval mode's
+  ``ConvReLU``, folded BatchNorms, ``Conv2D.forward_add``) as ``aten.convolution`` and the
+  sum and ReLU in place on its output.
 - ``conv2d_relu_maxpool`` / ``pooled_gradient``: a fused ``Conv2D → ReLU → MaxPool2D`` block
   (:mod:`anycnn.nn.fusion`) as the convolution, ``aten.max_pool2d_with_indices`` and the bias
   and ReLU on the pooled map; its gradient through ``aten.threshold_backward`` and
@@ -140,6 +143,25 @@ def conv2d(x: Any, weight: Any, bias: Any, win: Any, groups: int) -> Any:
     if geometry is None or not _conv_applies(x, weight, bias, groups):
         return DECLINE
     return nhwc(_conv_nchw(x, weight, bias, win, groups, geometry))
+
+
+@implements("conv2d_epilogue")
+def conv2d_epilogue(x: Any, weight: Any, bias: Any, win: Any, groups: int, addend: Any,
+                    relu: bool) -> Any:
+    """Kernel of :func:`anycnn.nn.functional.conv.conv2d_forward` with an epilogue (eval
+    mode's fused ``ConvReLU`` and a residual body's last convolution, folded or not):
+    ``relu(conv(x) + bias + addend)`` ``(N, Ho, Wo, C_out)``, the ReLU only with ``relu`` and
+    ``addend`` (NHWC, the output's shape) optional; the convolution's new output takes the sum
+    and the ReLU in place."""
+    geometry = _conv_geometry(win)
+    if geometry is None or not _conv_applies(x, weight, bias, groups, addend):
+        return DECLINE
+    y = _conv_nchw(x, weight, bias, win, groups, geometry)
+    if addend is not None:
+        if tuple(addend.shape) != (y.shape[0], y.shape[2], y.shape[3], y.shape[1]):
+            return DECLINE
+        y = y.add_(nchw(addend))
+    return nhwc(y.relu_() if relu else y)
 
 
 @implements("conv2d_backward")
