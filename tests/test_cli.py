@@ -658,3 +658,16 @@ def test_resume_from_a_path_keeps_the_run_settings(tmp_path, capsys):
     assert "nothing to train: " in err and "completed 2 of 2 epochs" in err
     code, _, err = cli(capsys, "train", "--resume", run, "--model", "lenet5")
     assert_usage_error(code, err, "trained with --model simple-cnn, not lenet5")
+
+
+def test_evaluate_uses_the_loss_the_run_trained_with(capsys, tmp_path):
+    """``--class-weights auto --label-smoothing 0.1``: evaluate's loss on the validation split
+    is training's validation loss (not the plain cross-entropy's)."""
+    out = tmp_path / "weighted"
+    code, _, err = cli(capsys, "train", *QUICK, "--class-weights", "auto",
+                       "--label-smoothing", "0.1", "--out", out)
+    assert code == 0, err
+    val_loss = json.loads((out / "history.json").read_text())[-1]["val_loss"]
+    code, printed, err = cli(capsys, "evaluate", out, "--split", "val", "--json")
+    assert code == 0, err
+    assert json.loads(printed)["loss"] == pytest.approx(val_loss, rel=1e-4)

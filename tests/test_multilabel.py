@@ -80,6 +80,18 @@ def test_train_multilabel_from_the_command_line(capsys, tmp_path):
     assert code == 0, err
 
 
+def test_evaluate_uses_the_pos_weight_the_run_trained_with(capsys, tmp_path):
+    make_multilabel_folder(tmp_path / "pics")
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "pics", "--multi-label",
+                       "--class-weights", "4,0.25,3", "--val-split", "0.5", "--model",
+                       "simple-cnn", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert code == 0, err
+    val_loss = json.loads((tmp_path / "run" / "history.json").read_text())[-1]["val_loss"]
+    code, out, err = cli(capsys, "evaluate", tmp_path / "run", "--split", "val", "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(val_loss, rel=1e-4)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--multi-label", "--loss", "ce"], "--loss ce takes one class"),
     (["--loss", "bce"], "add --multi-label"),

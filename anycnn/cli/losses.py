@@ -106,3 +106,18 @@ def make_loss(args: argparse.Namespace, data: Any):
     if args.loss == "bce":
         return BCEWithLogits(pos_weight=weights)
     return SoftmaxCrossEntropy(args.label_smoothing, weight=weights)
+
+
+def loss_from_config(config: dict, data: Any, multi_label: bool):
+    """The loss a run trained with, from its checkpoint's recorded ``config`` (``loss``,
+    ``class_weights``, ``label_smoothing``; :func:`make_loss` builds it), so ``anycnn
+    evaluate`` reports the loss training's validation did; ``data``: the evaluated
+    :class:`~anycnn.data.arrays.Splits` (its number of classes; ``class_weights`` still
+    ``"auto"``, which ``anycnn train`` does not record, is resolved on its training split)."""
+    loss = config.get("loss")
+    if loss not in LOSSES or (loss == "ce") == multi_label:
+        loss = "bce" if multi_label else "ce"
+    smoothing = config.get("label_smoothing") if loss == "ce" else 0.0
+    args = argparse.Namespace(loss=loss, class_weights=config.get("class_weights"),
+                              label_smoothing=float(smoothing or 0.0))
+    return make_loss(args, data)
