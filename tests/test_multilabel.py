@@ -253,3 +253,21 @@ def test_an_exported_multi_label_model_predicts_sigmoids_too(capsys, multilabel_
     assert theirs["labels"] == ours["labels"]
     np.testing.assert_allclose([e["probability"] for e in theirs["top_k"]],
                                [e["probability"] for e in ours["top_k"]], rtol=1e-5)
+
+
+def test_auto_pos_weight_warns_about_a_label_without_positives(capsys):
+    from argparse import Namespace
+
+    from anycnn.cli.losses import make_loss
+
+    targets = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 1], [0, 0, 0]], np.float32)
+    data = Namespace(train=Namespace(labels=targets), num_classes=3, class_names=NAMES,
+                     name="scenes")
+    args = Namespace(loss="bce", class_weights="auto", label_smoothing=0.0)
+    make_loss(args, data)
+    assert args.class_weights == [1.0, 1.0, 1.0]  # sea: no positive, falls back to 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no positive of sea " in err[0] and "pos_weight 1" in err[0], err
+    targets[0, 1] = 1
+    make_loss(Namespace(loss="bce", class_weights="auto", label_smoothing=0.0), data)
+    assert capsys.readouterr().err == ""

@@ -104,7 +104,8 @@ def run(args) -> int:
     split = getattr(data, args.split)
     names = data.class_names if len(data.class_names) == num_classes else None
     result = evaluate(model, DataLoader(split, args.batch_size, normalize=normalize),
-                      loss_from_config(config, data, multi_label=False), top_k=top_k, confusion=True, class_names=names)
+                      loss_from_config(config, data, multi_label=False), top_k=top_k,
+                      confusion=True, class_names=names)
     written = None
     if args.confusion_plot:
         from .plot import plot_confusion
