@@ -671,3 +671,23 @@ def test_evaluate_uses_the_loss_the_run_trained_with(capsys, tmp_path):
     code, printed, err = cli(capsys, "evaluate", out, "--split", "val", "--json")
     assert code == 0, err
     assert json.loads(printed)["loss"] == pytest.approx(val_loss, rel=1e-4)
+
+
+def test_resume_with_the_same_augment_is_not_a_change(tmp_path, capsys):
+    """``--augment crop,flip`` is recorded as ``crop=3,flip`` (28x28 images): given again on
+    resume it is the same setting, not a change; another one is listed."""
+    from anycnn.cli.resume import same_augment
+
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *QUICK, "--augment", "crop,flip", "--out", run)[0] == 0
+    code, _, err = cli(capsys, "train", *QUICK, "--epochs", "2", "--augment", "crop,flip",
+                       "--out", run, "--resume")
+    assert code == 0, err
+    warning, = [line for line in err.splitlines() if "warning" in line]
+    assert warning.endswith("changed settings: epochs 1 -> 2"), warning
+    config = {"preprocess": {"image_size": [32, 32], "channels": 3}}
+    assert same_augment("rrc=32,flip,jitter=0.4,mixup=0.2", "rrc,flip,jitter=0.4,mixup=0.2",
+                        config)
+    assert same_augment("crop=4,flip", "crop,flip", config)
+    assert not same_augment("crop=4,flip", "crop", config)
+    assert not same_augment("crop=4,flip", "crop=x", config)  # reported by the run itself
