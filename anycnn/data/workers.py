@@ -40,8 +40,8 @@ unpickling the dataset) comes back as a :class:`~anycnn.errors.DataError` holdin
 traceback; a worker that exits (``os._exit``, a crash, the out-of-memory killer) is seen through
 its process sentinel and reported with its exit code (exit code 1 before the worker's first
 message adds a hint: a script starting workers must keep its training under ``if __name__ ==
-"__main__":``, or each worker, importing the script, fails while starting). Either way the pool is shut down and the
-next iteration starts a new one.
+"__main__":``, or each worker, importing the script, fails while starting). Either way the
+pool is shut down and the next iteration starts a new one.
 """
 
 from __future__ import annotations
