@@ -271,3 +271,18 @@ def test_auto_pos_weight_warns_about_a_label_without_positives(capsys):
     targets[0, 1] = 1
     make_loss(Namespace(loss="bce", class_weights="auto", label_smoothing=0.0), data)
     assert capsys.readouterr().err == ""
+
+
+def test_a_relative_labels_file_is_found_in_the_dataset_folder(capsys, tmp_path):
+    """``--multi-label tags.csv``: not in the current folder but in the dataset's, so that one
+    (recorded as its absolute path); a path found nowhere is the loader's clear error."""
+    make_multilabel_folder(tmp_path / "pics")
+    (tmp_path / "pics" / "labels.csv").rename(tmp_path / "pics" / "tags.csv")
+    argv = ["train", "--dataset", tmp_path / "pics", "--model", "simple-cnn", "--epochs", "1",
+            "--quiet", "--out", tmp_path / "run"]
+    code, _, err = cli(capsys, *argv, "--multi-label", "tags.csv")
+    assert code == 0, err
+    config = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").config
+    assert config["multi_label"] == str((tmp_path / "pics" / "tags.csv").resolve())
+    code, _, err = cli(capsys, *argv, "--multi-label", "other.csv")
+    assert code != 0 and "other.csv" in err and "Traceback" not in err, err

@@ -146,7 +146,9 @@ def multi_label_option(args, path, checkpoint) -> str | None:
             raise ConfigError(f"{option} is for single-label models; {path} is multi-label "
                               "(its report has per-label AP, F1, precision and recall)")
     if given is not None:
-        return given
+        from .folders import labels_file_option
+
+        return labels_file_option(given, args.dataset or checkpoint.config.get("dataset"))
     recorded = checkpoint.config.get("multi_label")
     return recorded if isinstance(recorded, str) and not args.dataset else ""
 

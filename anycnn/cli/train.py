@@ -458,7 +458,7 @@ def run(args) -> int:
         return start_workers(args)
     backend = select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
-    args.multi_label = labels_file_option(args.multi_label)  # recorded for evaluate
+    args.multi_label = labels_file_option(args.multi_label, args.dataset)  # for evaluate
     out, resume_from = output_folder(args)
     saved, saved_config = None, {}
     if resume_from is not None:  # read once: for its settings here, its state below
