@@ -53,6 +53,8 @@ def test_labels_file_and_targets(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("a.png\n", "2 columns"),
+    ("filename,sand,sea,sky\na.png,1,0,1\n", "4 column.*one-hot.*separated by ';'.*path,labels"),
+    ('a.png,"sea,sky"\n', "line 1: the labels 'sea,sky' hold a comma; labels are separated by ';'"),
     ("missing.png,sky\n", "not found"),
     ("a.png,sky\na.png,sea\n", "listed twice"),
     ("path,labels\n", "lists no image"),
