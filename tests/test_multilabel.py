@@ -288,3 +288,16 @@ def test_a_relative_labels_file_is_found_in_the_dataset_folder(capsys, tmp_path)
     assert config["multi_label"] == str((tmp_path / "pics" / "tags.csv").resolve())
     code, _, err = cli(capsys, *argv, "--multi-label", "other.csv")
     assert code != 0 and "other.csv" in err and "Traceback" not in err, err
+
+
+def test_mixing_note_speaks_of_label_accuracy(capsys, tmp_path):
+    from anycnn.cli.train import MIXED_ACCURACY, MIXED_LABEL_ACCURACY
+
+    make_multilabel_folder(tmp_path / "pics")
+    code, out, err = cli(capsys, "train", "--dataset", tmp_path / "pics", "--multi-label",
+                         "--augment", "mixup", "--model", "simple-cnn", "--epochs", "1",
+                         "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert MIXED_LABEL_ACCURACY in lines and MIXED_ACCURACY not in lines
+    assert "top class" not in out and "label accuracy" in MIXED_LABEL_ACCURACY

@@ -36,6 +36,10 @@ HELP = "train a model and write a checkpoint and history"
 MIXED_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc counts an image right "
                   "when the top class is the one that kept the larger share of it; val acc is "
                   "measured on unmixed images")
+#: the same under ``--multi-label`` (accuracy is label accuracy there)
+MIXED_LABEL_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc is the label "
+                        "accuracy against the mixed targets (a label counts as present when its "
+                        "mixed target is >= 0.5); val acc is measured on unmixed images")
 
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
@@ -483,7 +487,7 @@ def run(args) -> int:
     if defaults:
         say(args.quiet, defaults)
     if mixes(args.augment):
-        say(args.quiet, MIXED_ACCURACY)
+        say(args.quiet, MIXED_LABEL_ACCURACY if args.multi_label is not None else MIXED_ACCURACY)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     loaders = make_loaders(args, data, augment, normalize)
