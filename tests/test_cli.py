@@ -335,7 +335,7 @@ def test_augmentation_defaults_are_printed(capsys, tmp_path):
     assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith("defaults applied")] == [
         "defaults applied (32x32x3 images): --normalize auto (the training split's "
-        "per-channel mean/std). Pass --augment none / --normalize none to turn them off"]
+        "per-channel mean/std). Pass --normalize none to turn it off"]  # only what defaulted
     for extra in (["--quiet"], ["--augment", "none", "--normalize", "none"]):
         code, out, err = cli(capsys, *base, "--out", tmp_path / "r3", *extra)
         assert code == 0 and "defaults applied" not in out, err

@@ -276,19 +276,21 @@ def defaults_line(args, defaulted: list[str], data) -> str | None:
     """The line saying which augmentation and normalisation ``anycnn train`` switched on by
     default (``defaulted``: the options the user left unset, now resolved in ``args``), or
     None when the defaults switched nothing on."""
-    on = []
+    on, off = [], []
     if "augment" in defaulted and args.augment != "none":
         kind = "random-resized crops" if "rrc" in args.augment else "random crops"
         flips = " and flips" if "flip" in args.augment else ""
         on.append(f"--augment {args.augment} ({kind}{flips} of the training images)")
+        off.append("--augment none")
     if "normalize" in defaulted and args.normalize != "none":
         stats = "the training split's" if args.normalize == "auto" else "ImageNet's"
         on.append(f"--normalize {args.normalize} ({stats} per-channel mean/std)")
+        off.append("--normalize none")
     if not on:
         return None
     h, w, c = data.val.image_shape
-    return (f"defaults applied ({h}x{w}x{c} images): {'; '.join(on)}. Pass --augment none / "
-            "--normalize none to turn them off")
+    return (f"defaults applied ({h}x{w}x{c} images): {'; '.join(on)}. Pass {' / '.join(off)} "
+            f"to turn {'them' if len(on) > 1 else 'it'} off")
 
 
 # -------------------------------------------------------------------------------- the trainer
