@@ -102,6 +102,6 @@ def test_load_model_takes_a_run_folder(backend, tmp_path, capsys):
     model, checkpoint = anycnn.load_model(path.parent)
     assert checkpoint.path == path and model.model_spec == anycnn.load_model(path)[0].model_spec
     (tmp_path / "empty").mkdir()
-    with pytest.raises(anycnn.errors.CheckpointError, match="empty is a folder without "
-                       "checkpoint.safetensors"):
+    with pytest.raises(anycnn.errors.CheckpointError, match=r"empty is a folder without "
+                       r"checkpoint\.safetensors"):
         anycnn.load_model(tmp_path / "empty")
