@@ -545,7 +545,9 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
 
     The model is built from the checkpoint's ``model_spec`` with
     :func:`anycnn.models.build_model`, cast to the saved dtype, and left in training mode (call
-    ``model.eval()`` for inference). Building draws initial weights from the global RNG; its
+    ``model.eval()`` for inference) and marked ``model.multi_label`` as the checkpoint's
+    :attr:`Checkpoint.multi_label`, which :func:`anycnn.predict_proba` and the other predict
+    functions follow when not told. Building draws initial weights from the global RNG; its
     state is put back afterwards, so loading has no effect on it unless ``restore_rng``.
 
     Returns:
@@ -574,6 +576,7 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
     if checkpoint.dtype != "float32":
         model.to(checkpoint.dtype)
     restore(_weights_of(checkpoint, ema), model, restore_rng=restore_rng)
+    model.multi_label = checkpoint.multi_label  # predict/predict_proba/predict_topk read it
     return model, checkpoint
 
 
