@@ -201,7 +201,12 @@ def test_python_prediction_of_a_multi_label_model(backend, multilabel_run):
     index, p = anycnn.predict_topk(model, x, k=2, multi_label=True)
     np.testing.assert_array_equal(index, np.argsort(-logits, axis=1, kind="stable")[:, :2])
     np.testing.assert_allclose(p, np.take_along_axis(probs, index, axis=1))
-    np.testing.assert_allclose(anycnn.predict_proba(model, x).sum(axis=1), 1.0, rtol=1e-6)
+    # load_model marked the model: without multi_label, sigmoids too; False: a softmax
+    assert model.multi_label is True
+    np.testing.assert_array_equal(anycnn.predict_proba(model, x), probs)
+    np.testing.assert_array_equal(anycnn.predict_topk(model, x, k=2)[1], p)
+    np.testing.assert_allclose(anycnn.predict_proba(model, x, multi_label=False).sum(axis=1),
+                               1.0, rtol=1e-6)
 
 
 def test_evaluate_a_multi_label_run(capsys, multilabel_run):
@@ -302,25 +307,3 @@ def test_mixing_note_speaks_of_label_accuracy(capsys, tmp_path):
     assert MIXED_LABEL_ACCURACY in lines and MIXED_ACCURACY not in lines
     assert "top class" not in out and "label accuracy" in MIXED_LABEL_ACCURACY
 
-
-def test_a_loaded_multilabel_model_predicts_sigmoids_by_default(capsys, tmp_path):
-    """``load_model`` marks the model multi-label, so ``predict_proba`` / ``predict_topk``
-    without ``multi_label`` give per-label sigmoids, not a softmax."""
-    import anycnn
-
-    make_multilabel_folder(tmp_path / "pics")
-    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "pics", "--multi-label",
-                       "--model", "simple-cnn", "--epochs", "1", "--quiet", "--out",
-                       tmp_path / "run")
-    assert code == 0, err
-    model, ckpt = anycnn.load_model(tmp_path / "run" / "checkpoint.safetensors")
-    assert ckpt.multi_label and model.multi_label is True
-    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
-    logits = anycnn.predict(model, images)
-    default = anycnn.predict_proba(model, images)
-    np.testing.assert_allclose(default, 1 / (1 + np.exp(-logits)), rtol=1e-5)
-    np.testing.assert_array_equal(default, anycnn.predict_proba(model, images, multi_label=True))
-    softmax = anycnn.predict_proba(model, images, multi_label=False)
-    np.testing.assert_allclose(softmax.sum(axis=1), 1, rtol=1e-5)
-    _, top = anycnn.predict_topk(model, images, k=2)
-    np.testing.assert_allclose(top, np.sort(default, axis=1)[:, ::-1][:, :2], rtol=1e-6)
