@@ -476,7 +476,8 @@ def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not found") as info:
         C.load_checkpoint(tmp_path / "nope.safetensors")
     assert str(tmp_path / "nope.safetensors") in str(info.value)
-    with pytest.raises(CheckpointError, match="directory"):
+    # a folder is a run folder: its checkpoint.safetensors, named when missing
+    with pytest.raises(CheckpointError, match=r"is a folder without checkpoint\.safetensors"):
         C.load_checkpoint(tmp_path)
 
 

@@ -81,7 +81,8 @@ def test_an_unusable_checkpoint_folder_fails_before_the_first_step(backend, tmp_
     (tmp_path / "taken").write_text("a file where the folder should be")
     trainer, loader = _tiny_run(tmp_path / "taken" / "model.safetensors")
     with pytest.raises(anycnn.errors.CheckpointError,
-                       match=r"cannot create the folder .*taken for the checkpoint"):
+                       match=r"cannot create the folder .*taken for the checkpoint .*: "
+                             r".*taken is a file, not a folder$"):
         trainer.fit(loader, epochs=1)
     assert trainer.step == 0  # refused at the start, not after an epoch of training
 
@@ -92,3 +93,15 @@ def test_anycnn_save_into_a_missing_folder_says_so(backend, tmp_path):
                        match=r"the folder .*nowhere does not exist: create it first"):
         anycnn.save(build_model("lenet5"), tmp_path / "nowhere" / "model.safetensors")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_load_model_takes_a_run_folder(backend, tmp_path, capsys):
+    """``anycnn.load_model("runs/x")`` reads the folder's checkpoint.safetensors, as the
+    command line does; a folder without one is named in the error."""
+    path, _ = _written("cli", tmp_path, capsys)
+    model, checkpoint = anycnn.load_model(path.parent)
+    assert checkpoint.path == path and model.model_spec == anycnn.load_model(path)[0].model_spec
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(anycnn.errors.CheckpointError, match=r"empty is a folder without "
+                       r"checkpoint\.safetensors"):
+        anycnn.load_model(tmp_path / "empty")

@@ -335,7 +335,7 @@ def test_augmentation_defaults_are_printed(capsys, tmp_path):
     assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith("defaults applied")] == [
         "defaults applied (32x32x3 images): --normalize auto (the training split's "
-        "per-channel mean/std). Pass --augment none / --normalize none to turn them off"]
+        "per-channel mean/std). Pass --normalize none to turn it off"]  # only what defaulted
     for extra in (["--quiet"], ["--augment", "none", "--normalize", "none"]):
         code, out, err = cli(capsys, *base, "--out", tmp_path / "r3", *extra)
         assert code == 0 and "defaults applied" not in out, err
@@ -658,3 +658,36 @@ def test_resume_from_a_path_keeps_the_run_settings(tmp_path, capsys):
     assert "nothing to train: " in err and "completed 2 of 2 epochs" in err
     code, _, err = cli(capsys, "train", "--resume", run, "--model", "lenet5")
     assert_usage_error(code, err, "trained with --model simple-cnn, not lenet5")
+
+
+def test_evaluate_uses_the_loss_the_run_trained_with(capsys, tmp_path):
+    """``--class-weights auto --label-smoothing 0.1``: evaluate's loss on the validation split
+    is training's validation loss (not the plain cross-entropy's)."""
+    out = tmp_path / "weighted"
+    code, _, err = cli(capsys, "train", *QUICK, "--class-weights", "auto",
+                       "--label-smoothing", "0.1", "--out", out)
+    assert code == 0, err
+    val_loss = json.loads((out / "history.json").read_text())[-1]["val_loss"]
+    code, printed, err = cli(capsys, "evaluate", out, "--split", "val", "--json")
+    assert code == 0, err
+    assert json.loads(printed)["loss"] == pytest.approx(val_loss, rel=1e-4)
+
+
+def test_resume_with_the_same_augment_is_not_a_change(tmp_path, capsys):
+    """``--augment crop,flip`` is recorded as ``crop=3,flip`` (28x28 images): given again on
+    resume it is the same setting, not a change; another one is listed."""
+    from anycnn.cli.resume import same_augment
+
+    run = tmp_path / "run"
+    assert cli(capsys, "train", *QUICK, "--augment", "crop,flip", "--out", run)[0] == 0
+    code, _, err = cli(capsys, "train", *QUICK, "--epochs", "2", "--augment", "crop,flip",
+                       "--out", run, "--resume")
+    assert code == 0, err
+    warning, = [line for line in err.splitlines() if "warning" in line]
+    assert warning.endswith("changed settings: epochs 1 -> 2"), warning
+    config = {"preprocess": {"image_size": [32, 32], "channels": 3}}
+    assert same_augment("rrc=32,flip,jitter=0.4,mixup=0.2", "rrc,flip,jitter=0.4,mixup=0.2",
+                        config)
+    assert same_augment("crop=4,flip", "crop,flip", config)
+    assert not same_augment("crop=4,flip", "crop", config)
+    assert not same_augment("crop=4,flip", "crop=x", config)  # reported by the run itself

@@ -396,3 +396,20 @@ def test_trainer_on_soft_targets_and_weights(backend, rng):
     result = evaluate(model, DataLoader(ArrayDataset(images, ids, 3), 8, dtype="float64"),
                       confusion=True)
     assert {"precision", "recall", "f1"} <= set(to_json(result)["per_class"][0])
+
+
+def test_multilabel_f1_is_0_for_a_label_never_predicted(backend):
+    """F1 = 2TP / (2TP + FP + FN), as scikit-learn's f1_score: 0 (not NaN) for a label with
+    positives that is never predicted, or predicted but absent; NaN only with neither."""
+    logits = np.array([[5.0, -5, 5, -5], [5, -5, -5, -5], [-5, -5, -5, -5]])
+    truth = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.float32)
+    m = MultiLabelMetrics(class_names=["a", "b", "c", "d"])
+    m.update(anycnn.asarray(logits), anycnn.asarray(truth))
+    got = m.compute()
+    np.testing.assert_array_equal(got["per_class_f1"], [1.0, 0.0, 0.0, np.nan])
+    assert np.isnan(got["per_class_precision"][1])  # never predicted: precision undefined
+    assert got["macro_f1"] == pytest.approx(1 / 3)  # d (no positive, no prediction) left out
+    assert got["micro_f1"] == pytest.approx(2 * 2 / (3 + 4))
+    only_missed = MultiLabelMetrics()
+    only_missed.update(anycnn.asarray(logits[:, 1:2]), anycnn.asarray(truth[:, 1:2]))
+    assert only_missed.compute()["micro_f1"] == 0.0  # not NaN

@@ -408,3 +408,32 @@ def test_next_epoch_started_early_gives_the_same_batches(backend):
         assert_same_batches(collect(loader), fresh(7))  # not taken: another epoch
         loader.set_epoch(8)
         assert_same_batches(collect(loader), fresh(8))  # taken again
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path):
+    """Workers import the main script: without ``if __name__ == "__main__":`` each fails while
+    starting (multiprocessing's bootstrapping RuntimeError) and exits with code 1; the error
+    names the guard."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from anycnn.data import DataLoader\n\n"
+        "class Toy:\n"
+        "    def __len__(self):\n"
+        "        return 8\n\n"
+        "    def __getitem__(self, i):\n"
+        "        return np.zeros((4, 4, 3), np.uint8), i % 2\n\n"
+        "for images, labels in DataLoader(Toy(), 4, num_workers=1):\n"
+        "    pass\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "exited with code 1" in last and 'if __name__ == "__main__":' in last, done.stderr

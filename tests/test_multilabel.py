@@ -53,6 +53,8 @@ def test_labels_file_and_targets(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("a.png\n", "2 columns"),
+    ("filename,sand,sea,sky\na.png,1,0,1\n", "4 column.*one-hot.*separated by ';'.*path,labels"),
+    ('a.png,"sea,sky"\n', "line 1: the labels 'sea,sky' hold a comma; labels are separated by ';'"),
     ("missing.png,sky\n", "not found"),
     ("a.png,sky\na.png,sea\n", "listed twice"),
     ("path,labels\n", "lists no image"),
@@ -78,6 +80,18 @@ def test_train_multilabel_from_the_command_line(capsys, tmp_path):
                        "--loss", "focal", "--model", "simple-cnn", "--epochs", "1", "--quiet",
                        "--out", tmp_path / "focal")
     assert code == 0, err
+
+
+def test_evaluate_uses_the_pos_weight_the_run_trained_with(capsys, tmp_path):
+    make_multilabel_folder(tmp_path / "pics")
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "pics", "--multi-label",
+                       "--class-weights", "4,0.25,3", "--val-split", "0.5", "--model",
+                       "simple-cnn", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert code == 0, err
+    val_loss = json.loads((tmp_path / "run" / "history.json").read_text())[-1]["val_loss"]
+    code, out, err = cli(capsys, "evaluate", tmp_path / "run", "--split", "val", "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(val_loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -187,7 +201,12 @@ def test_python_prediction_of_a_multi_label_model(backend, multilabel_run):
     index, p = anycnn.predict_topk(model, x, k=2, multi_label=True)
     np.testing.assert_array_equal(index, np.argsort(-logits, axis=1, kind="stable")[:, :2])
     np.testing.assert_allclose(p, np.take_along_axis(probs, index, axis=1))
-    np.testing.assert_allclose(anycnn.predict_proba(model, x).sum(axis=1), 1.0, rtol=1e-6)
+    # load_model marked the model: without multi_label, sigmoids too; False: a softmax
+    assert model.multi_label is True
+    np.testing.assert_array_equal(anycnn.predict_proba(model, x), probs)
+    np.testing.assert_array_equal(anycnn.predict_topk(model, x, k=2)[1], p)
+    np.testing.assert_allclose(anycnn.predict_proba(model, x, multi_label=False).sum(axis=1),
+                               1.0, rtol=1e-6)
 
 
 def test_evaluate_a_multi_label_run(capsys, multilabel_run):
@@ -241,3 +260,50 @@ def test_an_exported_multi_label_model_predicts_sigmoids_too(capsys, multilabel_
     assert theirs["labels"] == ours["labels"]
     np.testing.assert_allclose([e["probability"] for e in theirs["top_k"]],
                                [e["probability"] for e in ours["top_k"]], rtol=1e-5)
+
+
+def test_auto_pos_weight_warns_about_a_label_without_positives(capsys):
+    from argparse import Namespace
+
+    from anycnn.cli.losses import make_loss
+
+    targets = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 1], [0, 0, 0]], np.float32)
+    data = Namespace(train=Namespace(labels=targets), num_classes=3, class_names=NAMES,
+                     name="scenes")
+    args = Namespace(loss="bce", class_weights="auto", label_smoothing=0.0)
+    make_loss(args, data)
+    assert args.class_weights == [1.0, 1.0, 1.0]  # sea: no positive, falls back to 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no positive of sea " in err[0] and "pos_weight 1" in err[0], err
+    targets[0, 1] = 1
+    make_loss(Namespace(loss="bce", class_weights="auto", label_smoothing=0.0), data)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_relative_labels_file_is_found_in_the_dataset_folder(capsys, tmp_path):
+    """``--multi-label tags.csv``: not in the current folder but in the dataset's, so that one
+    (recorded as its absolute path); a path found nowhere is the loader's clear error."""
+    make_multilabel_folder(tmp_path / "pics")
+    (tmp_path / "pics" / "labels.csv").rename(tmp_path / "pics" / "tags.csv")
+    argv = ["train", "--dataset", tmp_path / "pics", "--model", "simple-cnn", "--epochs", "1",
+            "--quiet", "--out", tmp_path / "run"]
+    code, _, err = cli(capsys, *argv, "--multi-label", "tags.csv")
+    assert code == 0, err
+    config = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").config
+    assert config["multi_label"] == str((tmp_path / "pics" / "tags.csv").resolve())
+    code, _, err = cli(capsys, *argv, "--multi-label", "other.csv")
+    assert code != 0 and "other.csv" in err and "Traceback" not in err, err
+
+
+def test_mixing_note_speaks_of_label_accuracy(capsys, tmp_path):
+    from anycnn.cli.train import MIXED_ACCURACY, MIXED_LABEL_ACCURACY
+
+    make_multilabel_folder(tmp_path / "pics")
+    code, out, err = cli(capsys, "train", "--dataset", tmp_path / "pics", "--multi-label",
+                         "--augment", "mixup", "--model", "simple-cnn", "--epochs", "1",
+                         "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert MIXED_LABEL_ACCURACY in lines and MIXED_ACCURACY not in lines
+    assert "top class" not in out and "label accuracy" in MIXED_LABEL_ACCURACY
+

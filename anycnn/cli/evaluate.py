@@ -7,13 +7,13 @@ none (saved from Python) needs ``--dataset``, and data whose classes are not the
 number, or their recorded names) are refused, never evaluated silently. Image folders are
 prepared by the recorded evaluation transform (shorter side, centre crop:
 :class:`~anycnn.data.eval_transform.EvalTransform`) when there is one, else as in training.
+The loss is the one the run trained with (its recorded ``--loss``, ``--class-weights`` and
+``--label-smoothing``: :func:`~anycnn.cli.losses.loss_from_config`), so it matches training's
+validation loss on the same split.
 
 A multi-label checkpoint (:attr:`~anycnn.io.checkpoint.Checkpoint.multi_label`: ``anycnn train
 --multi-label``) is evaluated on its multi-label folder, its labels file the recorded one (or
-``--multi-label LABELS_FILE`` for data given with ``--dataset``), with its sigmoid loss
-(``focal`` when trained with it, else binary cross-entropy; unweighted, as single-label models'
-cross-entropy is, so a run trained with ``--class-weights`` reports another loss here than in
-training) and
+``--multi-label LABELS_FILE`` for data given with ``--dataset``), and
 :class:`~anycnn.train.metrics.MultiLabelMetrics`: label accuracy, mAP, macro/micro F1, subset
 accuracy and per-label AP, F1, precision and recall at ``--threshold`` (0.5).
 """
@@ -81,6 +81,7 @@ def run(args) -> int:
     from ..io.checkpoint import checkpoint_in, load_model
     from ..train.metrics import to_json
     from ..train.trainer import evaluate
+    from .losses import loss_from_config
 
     select_backend(args.backend)
     if args.confusion_plot:
@@ -103,7 +104,8 @@ def run(args) -> int:
     split = getattr(data, args.split)
     names = data.class_names if len(data.class_names) == num_classes else None
     result = evaluate(model, DataLoader(split, args.batch_size, normalize=normalize),
-                      top_k=top_k, confusion=True, class_names=names)
+                      loss_from_config(config, data, multi_label=False), top_k=top_k,
+                      confusion=True, class_names=names)
     written = None
     if args.confusion_plot:
         from .plot import plot_confusion
@@ -144,7 +146,9 @@ def multi_label_option(args, path, checkpoint) -> str | None:
             raise ConfigError(f"{option} is for single-label models; {path} is multi-label "
                               "(its report has per-label AP, F1, precision and recall)")
     if given is not None:
-        return given
+        from .folders import labels_file_option
+
+        return labels_file_option(given, args.dataset or checkpoint.config.get("dataset"))
     recorded = checkpoint.config.get("multi_label")
     return recorded if isinstance(recorded, str) and not args.dataset else ""
 
@@ -152,13 +156,13 @@ def multi_label_option(args, path, checkpoint) -> str | None:
 def _run_multi_label(args, path, model, state, labels_file: str, normalize) -> int:
     """``anycnn evaluate`` of a multi-label checkpoint (module docstring)."""
     from ..data.dataloader import DataLoader
-    from ..nn.losses import BCEWithLogits, SigmoidFocalLoss
     from ..train.metrics import to_json
     from ..train.trainer import evaluate
+    from .losses import loss_from_config
 
     config, record = state.config, recorded_preprocess(state)
     name, data = eval_data(args, path, config, record, model.model_spec, labels_file)
-    loss_fn = SigmoidFocalLoss() if config.get("loss") == "focal" else BCEWithLogits()
+    loss_fn = loss_from_config(config, data, multi_label=True)
     threshold = 0.5 if args.threshold is None else args.threshold
     result = evaluate(model, DataLoader(getattr(data, args.split), args.batch_size,
                                         normalize=normalize),

@@ -134,10 +134,19 @@ def _load_multilabel(args: argparse.Namespace, options: dict[str, Any], progress
     return load_multilabel(args.dataset, args.multi_label, options, progress)
 
 
-def labels_file_option(value: str | None) -> str | None:
+def labels_file_option(value: str | None, dataset: str | None = None) -> str | None:
     """``--multi-label``'s value as recorded in checkpoints: ``""`` (the folder's
-    ``labels.csv``), a labels file's absolute path, or None (not multi-label)."""
-    return str(Path(value).resolve()) if value else value
+    ``labels.csv``), a labels file's absolute path, or None (not multi-label). A relative
+    path missing from the current folder but present in the ``dataset`` folder is that one
+    (``--multi-label tags.csv`` for ``--dataset photos/`` reads ``photos/tags.csv``); else
+    the path as given, which the loader reports when missing."""
+    if not value:
+        return value
+    path = Path(value)
+    inside = Path(dataset) / path if dataset else None
+    if not path.is_absolute() and not path.exists() and inside is not None and inside.is_file():
+        path = inside
+    return str(path.resolve())
 
 
 def load_multilabel(name: str, labels_file: str | None, options: dict[str, Any],

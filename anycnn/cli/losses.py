@@ -8,7 +8,8 @@
 * ``--class-weights auto|w1,w2,...``: with ``ce``, PyTorch's ``weight=`` (``auto``: the
   balanced weights ``N / (K * count_c)`` of the training split,
   :func:`~anycnn.nn.losses.class_weights`); with ``bce``, the ``pos_weight`` of each label
-  (``auto``: ``negatives / positives`` of the training split). The weights used are recorded
+  (``auto``: ``negatives / positives`` of the training split, and 1 for a label with no
+  positive there, with a one-line warning naming it). The weights used are recorded
   in the checkpoint (``class_weights`` becomes the list of numbers).
 * ``--multi-label [LABELS_FILE]``: the image folder's images and labels come from a labels file
   (default ``labels.csv`` in the folder; format in :mod:`anycnn.data.multilabel`).
@@ -93,6 +94,7 @@ def make_loss(args: argparse.Namespace, data: Any):
             positives = labels.sum(axis=0)
             weights = np.where(positives > 0, (len(labels) - positives)
                                / np.maximum(positives, 1), 1.0).tolist()
+            _warn_no_positives(positives, data.class_names)
         else:
             weights = class_weights(labels, k).tolist()
     if weights is not None:
@@ -106,3 +108,32 @@ def make_loss(args: argparse.Namespace, data: Any):
     if args.loss == "bce":
         return BCEWithLogits(pos_weight=weights)
     return SoftmaxCrossEntropy(args.label_smoothing, weight=weights)
+
+
+def loss_from_config(config: dict, data: Any, multi_label: bool):
+    """The loss a run trained with, from its checkpoint's recorded ``config`` (``loss``,
+    ``class_weights``, ``label_smoothing``; :func:`make_loss` builds it), so ``anycnn
+    evaluate`` reports the loss training's validation did; ``data``: the evaluated
+    :class:`~anycnn.data.arrays.Splits` (its number of classes; ``class_weights`` still
+    ``"auto"``, which ``anycnn train`` does not record, is resolved on its training split)."""
+    loss = config.get("loss")
+    if loss not in LOSSES or (loss == "ce") == multi_label:
+        loss = "bce" if multi_label else "ce"
+    smoothing = config.get("label_smoothing") if loss == "ce" else 0.0
+    args = argparse.Namespace(loss=loss, class_weights=config.get("class_weights"),
+                              label_smoothing=float(smoothing or 0.0))
+    return make_loss(args, data)
+
+
+def _warn_no_positives(positives, class_names) -> None:
+    """``--class-weights auto`` with ``bce``: say which labels have no positive in the
+    training split (their ``pos_weight`` falls back to 1)."""
+    import sys
+
+    names = list(class_names or ())
+    missing = [str(names[i]) if i < len(names) else str(i)
+               for i, p in enumerate(positives) if p <= 0]
+    if missing:
+        print(f"anycnn: warning: --class-weights auto: no positive of {', '.join(missing)} in "
+              "the training split; pos_weight 1 for "
+              f"{'it' if len(missing) == 1 else 'them'}", file=sys.stderr)

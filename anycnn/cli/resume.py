@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import AnycnnError, ConfigError
 
 #: settings that define the training data: a resumed run must use the same
 DATA_SETTINGS = ("model", "dataset", "data_dir", "limit", "image_size", "channels", "val_split",
@@ -68,7 +68,8 @@ def settings_from_checkpoint(args, saved) -> dict:
             continue
         if given is not None and key not in given:
             setattr(args, key, config[key])
-        elif config[key] != getattr(args, key):
+        elif config[key] != getattr(args, key) and not (
+                key == "augment" and same_augment(config[key], args.augment, config)):
             option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
             if key in DATA_SETTINGS:
                 raise ConfigError(
@@ -80,3 +81,27 @@ def settings_from_checkpoint(args, saved) -> dict:
         print(f"anycnn: warning: resuming {path} with changed settings: {', '.join(changed)}",
               file=sys.stderr)
     return config
+
+
+def same_augment(recorded: str, given: str | None, config: dict) -> bool:
+    """Whether ``--augment`` text ``given`` means the recorded (normalised) ``recorded``
+    spec: both parsed for the recorded image size (``rrc`` is ``rrc=32`` on 32x32 images,
+    ``crop`` is ``crop=4``), so a resumed run given the same augmentation is not warned."""
+    from ..data.augment import parse_augment
+
+    if given is None or recorded is None:
+        return given == recorded
+    size = (config.get("preprocess") or {}).get("image_size")
+    channels = (config.get("preprocess") or {}).get("channels", 3)
+    if not (isinstance(size, list) and len(size) == 2):
+        return False
+    shape = (int(size[0]), int(size[1]), int(channels))
+
+    def spec(text: str) -> str:
+        augment = parse_augment(text, shape, output_size=shape[0])
+        return augment.spec() if augment is not None else "none"
+
+    try:
+        return spec(given) == spec(recorded)
+    except AnycnnError:
+        return False  # a bad --augment is reported when the run parses it

@@ -36,6 +36,10 @@ HELP = "train a model and write a checkpoint and history"
 MIXED_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc counts an image right "
                   "when the top class is the one that kept the larger share of it; val acc is "
                   "measured on unmixed images")
+#: the same under ``--multi-label`` (accuracy is label accuracy there)
+MIXED_LABEL_ACCURACY = ("note: --augment mixes images (mixup/cutmix): train acc is the label "
+                        "accuracy against the mixed targets (a label counts as present when its "
+                        "mixed target is >= 0.5); val acc is measured on unmixed images")
 
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
@@ -272,19 +276,21 @@ def defaults_line(args, defaulted: list[str], data) -> str | None:
     """The line saying which augmentation and normalisation ``anycnn train`` switched on by
     default (``defaulted``: the options the user left unset, now resolved in ``args``), or
     None when the defaults switched nothing on."""
-    on = []
+    on, off = [], []
     if "augment" in defaulted and args.augment != "none":
         kind = "random-resized crops" if "rrc" in args.augment else "random crops"
         flips = " and flips" if "flip" in args.augment else ""
         on.append(f"--augment {args.augment} ({kind}{flips} of the training images)")
+        off.append("--augment none")
     if "normalize" in defaulted and args.normalize != "none":
         stats = "the training split's" if args.normalize == "auto" else "ImageNet's"
         on.append(f"--normalize {args.normalize} ({stats} per-channel mean/std)")
+        off.append("--normalize none")
     if not on:
         return None
     h, w, c = data.val.image_shape
-    return (f"defaults applied ({h}x{w}x{c} images): {'; '.join(on)}. Pass --augment none / "
-            "--normalize none to turn them off")
+    return (f"defaults applied ({h}x{w}x{c} images): {'; '.join(on)}. Pass {' / '.join(off)} "
+            f"to turn {'them' if len(on) > 1 else 'it'} off")
 
 
 # -------------------------------------------------------------------------------- the trainer
@@ -458,7 +464,7 @@ def run(args) -> int:
         return start_workers(args)
     backend = select_backend(args.backend)
     args.dataset = normalise_dataset(args.dataset)
-    args.multi_label = labels_file_option(args.multi_label)  # recorded for evaluate
+    args.multi_label = labels_file_option(args.multi_label, args.dataset)  # for evaluate
     out, resume_from = output_folder(args)
     saved, saved_config = None, {}
     if resume_from is not None:  # read once: for its settings here, its state below
@@ -483,7 +489,7 @@ def run(args) -> int:
     if defaults:
         say(args.quiet, defaults)
     if mixes(args.augment):
-        say(args.quiet, MIXED_ACCURACY)
+        say(args.quiet, MIXED_LABEL_ACCURACY if args.multi_label is not None else MIXED_ACCURACY)
     model = build_model(args, spec, comm, resuming=resume_from is not None)
     callbacks, best, early = make_callbacks(args, out, history_path)
     loaders = make_loaders(args, data, augment, normalize)

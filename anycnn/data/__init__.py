@@ -46,6 +46,7 @@ _EXPORTS = {
     **names("pipeline", "AugmentPipeline"),
     **names("eval_transform", "EvalTransform"),
     **names("imagefolder", "ImageFolder", "load_image_folder"),
+    **names("images", "load_image", "load_images"),
     **names("multilabel", "load_multilabel_folder"),
     **names("cifar", "load_cifar"),
 }

@@ -9,7 +9,8 @@
 
 * one row per image: its path **relative to the labels file's folder**, a comma, then its
   label names separated by ``;`` (an empty second column: an image with no label; spaces
-  around names are dropped). Quote a path that holds a comma (``"a,b.png",sky``).
+  around names are dropped). Quote a path that holds a comma (``"a,b.png",sky``); a label
+  name cannot hold one (a quoted ``"sea,sky"`` cell is an error, not one label).
 * a first row ``path,labels`` is a header and skipped; blank rows and rows starting with ``#``
   are ignored.
 * the label names, sorted, are the classes (``class_names``); the targets are ``(N, K)``
@@ -73,8 +74,15 @@ def read_labels_file(path: str | os.PathLike) -> tuple[list[tuple[Path, tuple[st
             if line == 1 and [c.strip().lower() for c in cells] == ["path", "labels"]:
                 continue
             if len(cells) != 2:
+                hint = ("; a column per label (one-hot) is not read: give each image's label "
+                        "names in one column separated by ';', under a header 'path,labels'"
+                        if len(cells) > 2 else "")
                 raise DataError(f"{path}, line {line}: expected 'image path,label1;label2' (2 "
-                                f"columns), got {len(cells)} column(s)")
+                                f"columns), got {len(cells)} column(s){hint}")
+            if "," in cells[1]:
+                raise DataError(f"{path}, line {line}: the labels {cells[1]!r} hold a comma; "
+                                "labels are separated by ';' (e.g. sea;sky), and a label "
+                                "name cannot hold a comma")
             image = (path.parent / cells[0].strip()).resolve()
             if image in seen:
                 raise DataError(f"{path}, line {line}: {cells[0].strip()} is listed twice "

@@ -38,8 +38,10 @@ with ``tools/bench_mapstyle.py``).
 Errors end the iteration, never hang it: an exception in a worker (in ``__getitem__`` or while
 unpickling the dataset) comes back as a :class:`~anycnn.errors.DataError` holding the worker's
 traceback; a worker that exits (``os._exit``, a crash, the out-of-memory killer) is seen through
-its process sentinel and reported with its exit code. Either way the pool is shut down and the
-next iteration starts a new one.
+its process sentinel and reported with its exit code (exit code 1 before the worker's first
+message adds a hint: a script starting workers must keep its training under ``if __name__ ==
+"__main__":``, or each worker, importing the script, fails while starting). Either way the
+pool is shut down and the next iteration starts a new one.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class WorkerPool:
         ctx = _context()
         self.num_workers = num_workers
         self._workers: list[tuple[Any, Any]] = []
+        self._heard: set[int] = set()  # workers that sent a message (so started properly)
         self._token = 0
         self._next: tuple[int, int, int, list[tuple[int, np.ndarray]]] | None = None
         self.closed = False
@@ -217,6 +220,7 @@ class WorkerPool:
                     message = None
             if message is None:
                 self._fail(self._death(w, b, epoch))
+            self._heard.add(w)
             kind, their_token, *body = message
             if their_token != token:  # left over from an iteration that was abandoned
                 continue
@@ -237,9 +241,16 @@ class WorkerPool:
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
-        return (f"DataLoader worker {w} (pid {process.pid}) {how} while building batch {b + 1} "
-                f"of epoch {epoch + 1}: the dataset ended the process (os._exit, a crash in native "
-                "code) or the system did (out of memory?); the epoch cannot go on")
+        message = (f"DataLoader worker {w} (pid {process.pid}) {how} while building batch "
+                   f"{b + 1} of epoch {epoch + 1}: the dataset ended the process (os._exit, a "
+                   "crash in native code) or the system did (out of memory?); the epoch cannot "
+                   "go on")
+        if code == 1 and w not in self._heard:
+            message += ("; a worker that exits with code 1 before its first batch usually "
+                        "failed while starting: a script whose DataLoader has num_workers > 0 "
+                        "must keep its training under if __name__ == \"__main__\": (each "
+                        "worker imports the script; see the worker's traceback above)")
+        return message
 
     def _fail(self, message: str) -> None:
         self.close()

@@ -365,13 +365,19 @@ def _decode(path: pathlib.Path, raw: dict[str, str]) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (no pickle; safe on untrusted files).
+    ``path`` is a checkpoint file or a run folder (``anycnn train --out``), which means its
+    :data:`RUN_CHECKPOINT` (:func:`checkpoint_in`, as the command line reads it).
 
     Raises:
         CheckpointError: the file is missing, unreadable, truncated, not safetensors, not an
             anycnn checkpoint, or written by a newer anycnn (the message says which version).
             No other exception escapes for a bad file.
     """
-    path = pathlib.Path(path)
+    given = pathlib.Path(path)
+    path = checkpoint_in(given)
+    if path != given and not path.exists():
+        raise CheckpointError(f"{given} is a folder without {RUN_CHECKPOINT}: pass a checkpoint "
+                              "file, or a run folder (anycnn train --out) holding one")
     data = _read_bytes(path)
     header = _parse_header(path, data)
     _check_length(path, header, len(data) - 8 - int.from_bytes(data[:8], "little"))
@@ -530,6 +536,7 @@ def _weights_of(checkpoint: Checkpoint, ema: bool | None) -> Checkpoint:
 def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
                ema: bool | None = None) -> tuple[Any, Checkpoint]:
     """Rebuild the model a checkpoint was saved from, on the current backend, with its weights.
+    ``path``: a checkpoint file, or a run folder holding ``checkpoint.safetensors``.
 
     ``ema`` picks the weights of a checkpoint written with a moving average of the weights
     (``Trainer(..., ema=...)``): None (default) the averages when the file has them (what
@@ -538,7 +545,9 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
 
     The model is built from the checkpoint's ``model_spec`` with
     :func:`anycnn.models.build_model`, cast to the saved dtype, and left in training mode (call
-    ``model.eval()`` for inference). Building draws initial weights from the global RNG; its
+    ``model.eval()`` for inference) and marked ``model.multi_label`` as the checkpoint's
+    :attr:`Checkpoint.multi_label`, which :func:`anycnn.predict_proba` and the other predict
+    functions follow when not told. Building draws initial weights from the global RNG; its
     state is put back afterwards, so loading has no effect on it unless ``restore_rng``.
 
     Returns:
@@ -567,6 +576,7 @@ def load_model(path: str | os.PathLike, *, restore_rng: bool = False,
     if checkpoint.dtype != "float32":
         model.to(checkpoint.dtype)
     restore(_weights_of(checkpoint, ema), model, restore_rng=restore_rng)
+    model.multi_label = checkpoint.multi_label  # predict/predict_proba/predict_topk read it
     return model, checkpoint
 
 

@@ -6,8 +6,11 @@ each row summing to 1. Multi-label models (trained with a sigmoid loss such as
 :class:`~anycnn.nn.losses.BCEWithLogits`: any number of labels per image) get each label's own
 sigmoid probability with ``multi_label=True``; ``probability >= 0.5`` (or another threshold)
 marks the labels present. :attr:`anycnn.io.checkpoint.Checkpoint.multi_label` says which a
-checkpoint holds: ``model, ckpt = anycnn.load_model(path)``, then
-``anycnn.predict_proba(model, images, multi_label=ckpt.multi_label)``.
+checkpoint holds, and :func:`anycnn.load_model` marks the model it returns with it (its
+``multi_label`` attribute): ``multi_label=None``, the default here, means "as the model is
+marked" (False for a model without the mark, e.g. one built in code), so
+``anycnn.predict_proba(anycnn.load_model(path)[0], images)`` gives a multi-label checkpoint's
+sigmoids; pass ``multi_label=True``/``False`` to say it yourself.
 
 Accepted images (channels last, as everywhere in anycnn):
 
@@ -178,7 +181,7 @@ def _logits(model: Module, images: Any, batch_size: int) -> tuple[np.ndarray, bo
 
 
 def predict(model: Module, images: Any, batch_size: int = 256, *,
-            probs: bool = False, multi_label: bool = False) -> np.ndarray:
+            probs: bool = False, multi_label: bool | None = None) -> np.ndarray:
     """Logits (or, with ``probs=True``, probabilities) for ``images``.
 
     Args:
@@ -190,7 +193,8 @@ def predict(model: Module, images: Any, batch_size: int = 256, *,
             (``batch_size=1`` gives every image the same numbers whatever else is predicted).
         probs: return probabilities instead of logits: softmax (stable; each row sums to 1),
             or with ``multi_label`` each label's sigmoid.
-        multi_label: the model is multi-label (module doc): ``probs`` are per-label sigmoids.
+        multi_label: the model is multi-label (module doc): ``probs`` are per-label sigmoids;
+            None: the model's ``multi_label`` mark (:func:`anycnn.load_model` sets it).
 
     Returns:
         Host ``np.ndarray`` in the model's dtype: ``(N, K)`` for a batch, ``(K,)`` for one image.
@@ -199,7 +203,7 @@ def predict(model: Module, images: Any, batch_size: int = 256, *,
         ShapeError: wrong rank, channel count, size or dtype (the expected shape is named).
     """
     logits, single = _logits(model, images, batch_size)
-    out = probabilities(logits, multi_label) if probs else logits
+    out = probabilities(logits, is_multi_label(model, multi_label)) if probs else logits
     return out[0] if single else out
 
 
@@ -213,15 +217,23 @@ def probabilities(logits: Any, multi_label: bool = False) -> np.ndarray:
     return np.asarray(F.softmax(logits, axis=-1))
 
 
+def is_multi_label(model: Any, multi_label: bool | None) -> bool:
+    """``multi_label`` as given, or for None the model's ``multi_label`` mark (set by
+    :func:`anycnn.load_model` from the checkpoint; False when absent)."""
+    if multi_label is None:
+        return getattr(model, "multi_label", False) is True
+    return bool(multi_label)
+
+
 def predict_proba(model: Module, images: Any, batch_size: int = 256, *,
-                  multi_label: bool = False) -> np.ndarray:
+                  multi_label: bool | None = None) -> np.ndarray:
     """Probabilities for ``images``: ``predict(model, images, batch_size, probs=True,
     multi_label=multi_label)`` (softmax, or per-label sigmoids for a multi-label model)."""
     return predict(model, images, batch_size, probs=True, multi_label=multi_label)
 
 
 def predict_topk(model: Module, images: Any, k: int = 5, batch_size: int = 256, *,
-                 multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 multi_label: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most likely classes (or labels) of each image and their probabilities
     (softmax; per-label sigmoids with ``multi_label``, as :func:`predict`).
 
@@ -241,5 +253,6 @@ def predict_topk(model: Module, images: Any, k: int = 5, batch_size: int = 256, 
     logits, single = _logits(model, images, batch_size)
     (k,) = check_top_k(k, logits.shape[1])
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int64)
-    chosen = np.take_along_axis(probabilities(logits, multi_label), order, axis=1)
+    chosen = np.take_along_axis(probabilities(logits, is_multi_label(model, multi_label)), order,
+                                axis=1)
     return (order[0], chosen[0]) if single else (order, chosen)

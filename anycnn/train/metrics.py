@@ -237,7 +237,9 @@ def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     predicted): ``precision[c] = matrix[c, c] / matrix[:, c].sum()``, ``recall[c] =
     matrix[c, c] / matrix[c, :].sum()``, ``f1 = 2 * p * r / (p + r)``. Each ``(C,)``
     float64. Precision is NaN for a class never predicted, recall for a class without
-    examples; F1 is NaN when either is, and 0 when both are 0."""
+    examples; F1 is ``2 TP / (2 TP + FP + FN)`` (the same where both are defined): 0 for a class
+    with examples that is never predicted, or predicted but absent (as scikit-learn's
+    ``f1_score``), NaN only for a class neither present nor predicted."""
     matrix = np.asarray(matrix, dtype=np.float64)
     true_pos = np.diagonal(matrix)
     return _prf(true_pos, matrix.sum(axis=0), matrix.sum(axis=1))
@@ -248,9 +250,10 @@ def _prf(true_pos: np.ndarray, predicted: np.ndarray,
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(predicted > 0, true_pos / np.maximum(predicted, 1), np.nan)
         recall = np.where(actual > 0, true_pos / np.maximum(actual, 1), np.nan)
-        total = precision + recall
-        f1 = np.where(total > 0, 2 * precision * recall / np.where(total > 0, total, 1),
-                      np.where(np.isnan(total), np.nan, 0.0))
+        # F1 = 2TP / (2TP + FP + FN) = 2TP / (predicted + actual): 0 for a class with
+        # positives never predicted (as scikit-learn), NaN only with neither
+        total = np.asarray(predicted + actual, dtype=np.float64)
+        f1 = np.where(total > 0, 2 * true_pos / np.maximum(total, 1), np.nan)
     return precision, recall, f1
 
 
@@ -312,10 +315,14 @@ class MultiLabelMetrics:
         """The metrics as host values. Returns a dict with:
 
         * ``per_class_precision``, ``per_class_recall``, ``per_class_f1``, ``per_class_ap``:
-          float64 ``(K,)`` (NaN where undefined: no prediction / no positive of the label);
+          float64 ``(K,)`` (NaN where undefined: precision for a label never predicted, recall
+          and AP for a label with no positive; F1 is ``2 TP / (2 TP + FP + FN)``, 0 for a label
+          with positives never predicted, NaN only for a label with neither positives nor
+          predictions);
         * ``per_class_count``: int64 ``(K,)``, examples with each label;
         * ``mAP``: the mean of ``per_class_ap`` over the labels with a positive;
-        * ``macro_f1`` (mean of the defined F1s), ``micro_f1`` (from the summed counts),
+        * ``macro_f1`` (mean of the defined F1s: labels with neither positives nor predictions
+          are left out), ``micro_f1`` (from the summed counts),
           ``subset_accuracy`` (examples with every label right), ``label_accuracy``;
         * ``class_names``.
         """

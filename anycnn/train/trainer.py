@@ -235,8 +235,12 @@ def _make_parent(path: str | Path) -> None:
     except OSError as exc:
         from ..atomic import os_reason
 
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
+                        None)
+        reason = (f"{blocking} is a file, not a folder" if blocking is not None
+                  else os_reason(exc))
         raise CheckpointError(f"cannot create the folder {folder} for the checkpoint {path}: "
-                              f"{os_reason(exc)}") from None
+                              f"{reason}") from None
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
