@@ -20,6 +20,7 @@ from anycnn import losses, optim
 from anycnn import random as R
 from anycnn.errors import CheckpointError
 from anycnn.models import build_model, model_spec
+from tests.rounding import assert_rounding_close
 
 SMALL = {"image_size": 8}  # bn-cnn at 8x8: BatchNorm, Dropout (uses the RNG), global pooling
 
@@ -101,7 +102,8 @@ def test_round_trip_across_backends(tmp_path, target):
             assert anycnn.backend.backend_label(p.data) == target
         got = logits(loaded, x)
         assert anycnn.backend.backend_label(loaded(anycnn.asarray(x))) == b.name
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # another backend sums in another order (NumPy's compiled kernels, torch's oneDNN)
+    assert_rounding_close(got, expected)
 
 
 def test_round_trip_float64(backend, tmp_path):
