@@ -91,7 +91,7 @@ def run(args) -> int:
     path = checkpoint_in(args.checkpoint)
     model, state = load_model(path)
     config = state.config
-    record = recorded_preprocess(state)
+    record = state.preprocess
     _, normalize = read_preprocess(record)  # as in training
     num_classes = model.model_spec["num_classes"]
     labels_file = multi_label_option(args, path, state)
@@ -160,7 +160,7 @@ def _run_multi_label(args, path, model, state, labels_file: str, normalize) -> i
     from ..train.trainer import evaluate
     from .losses import loss_from_config
 
-    config, record = state.config, recorded_preprocess(state)
+    config, record = state.config, state.preprocess
     name, data = eval_data(args, path, config, record, model.model_spec, labels_file)
     loss_fn = loss_from_config(config, data, multi_label=True)
     threshold = 0.5 if args.threshold is None else args.threshold
@@ -193,12 +193,6 @@ def print_multi_label(result: dict, name: str, split: str, threshold: float) -> 
     if len(worst):
         print("lowest AP: " + ", ".join(f"{m['class_names'][i]} {ap[i]:.4f} (F1 "
                                         f"{m['per_class_f1'][i]:.4f})" for i in worst))
-
-
-def recorded_preprocess(checkpoint) -> dict | None:
-    """The checkpoint's preprocess record: ``extra["preprocess"]`` (:func:`anycnn.save`
-    users) or ``config["preprocess"]`` (``anycnn train``, :class:`~anycnn.train.Trainer`)."""
-    return checkpoint.preprocess
 
 
 def eval_data(args, path, config: dict, record: dict | None, spec: dict,

@@ -115,7 +115,7 @@ def load_train_data(args: argparse.Namespace, progress: bool):
     if is_image_folder(args.dataset):  # (a built-in dataset refuses --preprocess below)
         options.update(folder_geometry(args))
     if getattr(args, "multi_label", None) is not None:
-        data = _load_multilabel(args, options, progress)
+        data = load_multilabel(args.dataset, args.multi_label, options, progress)
     else:
         data = load_data(args.dataset, args.data_dir, options, progress)
     if is_image_folder(args.dataset):
@@ -126,12 +126,6 @@ def load_train_data(args: argparse.Namespace, progress: bool):
             raise ConfigError(f"{args.dataset}: the images are {h}x{w} (H x W), but the models "
                               "take square images: pass --image-size N to resize them")
     return data
-
-
-def _load_multilabel(args: argparse.Namespace, options: dict[str, Any], progress: bool):
-    """``--multi-label [LABELS_FILE]``: the folder's images and labels from its labels file
-    (:func:`anycnn.data.multilabel.load_multilabel_folder`)."""
-    return load_multilabel(args.dataset, args.multi_label, options, progress)
 
 
 def labels_file_option(value: str | None, dataset: str | None = None) -> str | None:
@@ -151,8 +145,9 @@ def labels_file_option(value: str | None, dataset: str | None = None) -> str | N
 
 def load_multilabel(name: str, labels_file: str | None, options: dict[str, Any],
                     progress: bool):
-    """The multi-label image folder ``name`` with its labels file (``""``/None: the folder's
-    ``labels.csv``) and ``options`` (as :func:`load_data`'s)."""
+    """``--multi-label [LABELS_FILE]``: the multi-label image folder ``name`` with its labels
+    file (``""``/None: the folder's ``labels.csv``) and ``options`` (as :func:`load_data`'s;
+    :func:`anycnn.data.multilabel.load_multilabel_folder`)."""
     if not is_image_folder(name):
         raise ConfigError(f"--multi-label applies to image folders (--dataset PATH), not to "
                           f"{name}")

@@ -101,9 +101,8 @@ def preprocess_of(checkpoint, model) -> tuple[dict[str, Any], bool]:
     named by their index), the record's ``augment``/``normalize``/``eval`` kept, and
     ``recorded`` is false."""
     from ..data.augment import image_record
-    from .evaluate import recorded_preprocess
 
-    record = recorded_preprocess(checkpoint)
+    record = checkpoint.preprocess
     spec = model.model_spec
     num_classes = spec["num_classes"]
     multi = {"multi_label": True} if checkpoint.multi_label else {}  # older --multi-label runs
