@@ -79,11 +79,17 @@ class StopOnSignal:
         self._restore()
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (what tqdm's ``disable=None`` asks of the stream the
+    progress bars go to)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def _off_the_bar() -> str:
     """``"\\n"`` when stderr is a terminal (the line ends the progress bar and the echoed
     ``^C``), else ``""``: in a pipe or a log file there is no bar, and no blank line."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    return "\n" if isatty and isatty() else ""
+    return "\n" if stderr_is_terminal() else ""
 
 
 def _unhandled(sig: int) -> bool:

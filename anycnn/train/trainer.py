@@ -46,7 +46,7 @@ from ..optim.ema import EMA
 from ..optim.schedules import interval_of
 from .callbacks import BestCheckpoint, Callback, ProgressLog
 from .inference import predict, predict_proba, predict_topk
-from .interrupt import catch_signals, interrupted
+from .interrupt import catch_signals, interrupted, stderr_is_terminal
 from .metrics import ClassificationMetrics, MultiLabelMetrics, check_top_k
 from .parallel import DataParallel, StepTotals, fingerprint
 from .step import training_step
@@ -214,12 +214,6 @@ def evaluate(model: Module, loader, loss_fn=None, progress: bool = False, *,
                 "confusion_matrix", "per_class_accuracy", "per_class_count",
                 "per_class_precision", "per_class_recall", "per_class_f1", "class_names")})
     return result
-
-
-def _stderr_is_terminal() -> bool:
-    """What tqdm's ``disable=None`` asks: is the stream the bars would go to a terminal?"""
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty and isatty())
 
 
 def _make_parent(path: str | Path) -> None:
@@ -661,7 +655,7 @@ class Trainer:
                           "included). Pass a larger epochs, or more_epochs=k to train k more.",
                           stacklevel=2)
             return self.history
-        if self.progress and not _stderr_is_terminal() and not any(
+        if self.progress and not stderr_is_terminal() and not any(
                 isinstance(c, ProgressLog) for c in hooks):
             hooks.append(ProgressLog(file=sys.stderr))  # no bars: one line per epoch instead
         self.target_epochs, self.steps_per_epoch = target, len(train_loader)
