@@ -6,6 +6,8 @@ at a time, the row blocks shared between the threads:
 
 - :func:`sums` — ``sum(rows, axis=0)``;
 - :func:`squared_deviations` — ``sum((rows - mean)**2, axis=0)`` (no centred copy);
+- :func:`moments` — both, in one sweep: each block's sum and its squared deviations from its
+  own mean (the block is read again from the cache), merged over the blocks in float64;
 - :func:`normalize` — ``y = xhat * gamma + beta`` (plus a residual sum's other output; then
   ``max(y, 0)`` with ``relu``) for ``xhat = (rows - mean) * inv_std``;
 - :func:`grad_sums` — ``sum(g, axis=0)`` and ``sum(g * xhat, axis=0)`` for ``g = dy``, or
@@ -55,6 +57,58 @@ def _normalised(value, mean, inv_std, c):
     return (value - mean[c]) * inv_std[c]
 
 
+#: rows per block of :func:`moments`, whose second read of the block then comes from the L1
+#: cache (512 rows of 16 float32 channels are 32 KiB)
+MOMENT_ROWS = 512
+
+#: independent partial sums per vector of channels in a block's reduction (rows k, k + K, ...
+#: go to partial k): one chain of dependent adds ran at a quarter of the memory's speed
+CHAINS = 4
+
+
+def _block_reduction(hl, t, block: int, m, value, width: int = 1):
+    """``f[c, b]``: the sum over the rows ``row`` of block ``b`` (``block`` rows; those at or
+    past ``m`` count zero) of ``value(c, row, b)`` (an Expr, or a list of ``width`` Exprs for
+    a Tuple), kept as :data:`CHAINS` partial sums (interleaved rows) added at the end;
+    schedule it with :func:`_schedule_reduction`. Returns ``(f, partials)``."""
+    c, k, b = hl.Var("c"), hl.Var("k"), hl.Var("b")
+    rr = hl.RDom([hl.Range(0, -(-block // CHAINS))], "rr")
+    local = rr.x * CHAINS + k
+    row = b * block + local
+    zero = hl.cast(t, 0)
+    terms = value(c, hl.min(row, m - 1), b)
+    terms = terms if isinstance(terms, list) else [terms]
+    inside = (local < block) & (row < m)
+    terms = [hl.select(inside, v, zero) for v in terms]
+    partial = hl.Func("partial")
+    if width == 1:
+        partial[c, k, b] = zero
+        partial[c, k, b] = partial[c, k, b] + terms[0]
+    else:
+        partial[c, k, b] = hl.Tuple([zero] * width)
+        partial[c, k, b] = hl.Tuple([partial[c, k, b][i] + terms[i] for i in range(width)])
+    rk = hl.RDom([hl.Range(0, CHAINS)], "rk")
+    f = hl.Func("reduced")
+    if width == 1:
+        f[c, b] = zero
+        f[c, b] = f[c, b] + partial[c, rk.x, b]
+    else:
+        f[c, b] = hl.Tuple([zero] * width)
+        f[c, b] = hl.Tuple([f[c, b][i] + partial[c, rk.x, b][i] for i in range(width)])
+    return f, (partial, rr, rk)
+
+
+def _schedule_reduction(f, partials, part, co, lanes: int) -> None:
+    """Compute ``f`` (:func:`_block_reduction`) per vector of channels ``co`` of ``part``, its
+    partial sums in registers, their rows in order."""
+    partial, rr, rk = partials
+    c, k = partial.args()[0], partial.args()[1]
+    partial.compute_at(part, co).vectorize(c, lanes).unroll(k)
+    partial.update().reorder(c, k, rr.x).vectorize(c, lanes).unroll(k)
+    f.compute_at(part, co).vectorize(f.args()[0], lanes)
+    f.update().reorder(f.args()[0], rk.x).vectorize(f.args()[0], lanes).unroll(rk.x)
+
+
 @kernel_cache.pipeline
 def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int):
     """part[c, b] = sum over rows r of block b (``block`` rows; rows past M count zero) of
@@ -65,33 +119,57 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
     mean, inv_std = hl.ImageParam(t, 1, "mean"), hl.ImageParam(t, 1, "inv_std")
-    c, b = hl.Var("c"), hl.Var("b")
-    m = a.dim(1).extent()
-    r = hl.RDom([hl.Range(0, block)])
-    row = b * block + r.x
-    safe = hl.min(row, m - 1)
     zero = hl.cast(t, 0)
-    value = a[c, safe]
-    if squares:
-        value = (value - mean[c]) * (value - mean[c])
-    if relu:
-        value = hl.select(y[c, safe] > zero, value, zero)
-    value = hl.select(row < m, value, zero)
-    acc = hl.Func("acc")
-    if product:
-        acc[c, b] = hl.Tuple([zero, zero])
-        xhat = _normalised(h[c, safe], mean, inv_std, c)
-        acc[c, b] = hl.Tuple([acc[c, b][0] + value, acc[c, b][1] + value * xhat])
-    else:
-        acc[c, b] = zero
-        acc[c, b] = acc[c, b] + value
+
+    def value(c, row, b):
+        v = a[c, row]
+        if squares:
+            v = (v - mean[c]) * (v - mean[c])
+        if relu:
+            v = hl.select(y[c, row] > zero, v, zero)
+        if product:
+            return [v, v * _normalised(h[c, row], mean, inv_std, c)]
+        return v
+
+    acc, partials = _block_reduction(hl, t, block, a.dim(1).extent(), value,
+                                     2 if product else 1)
+    c, b = hl.Var("c"), hl.Var("b")
     part = hl.Func("part")
     part[c, b] = acc[c, b]
     co, ci = hl.Var("co"), hl.Var("ci")
     part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
-    acc.compute_at(part, co).vectorize(c, lanes)
-    acc.update().reorder(c, r.x).vectorize(c, lanes)
+    _schedule_reduction(acc, partials, part, co, lanes)
     return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std}, {}
+
+
+@kernel_cache.pipeline
+def _moments_pipeline(dtype: np.dtype, block: int):
+    """(sum, squared deviations, centre)[c, b] of row block b (``block`` rows; those past M are
+    left out): ``s = sum(a)``, ``centre = s / n_b`` over its ``n_b`` rows and
+    ``q = sum((a - centre)**2)``, the block read a second time while it is in the cache."""
+    hl = native._halide()
+    t = native._scalar_type(hl, dtype)
+    lanes = native.vector_lanes(dtype)
+    a = hl.ImageParam(t, 2, "a")
+    m = a.dim(1).extent()
+    total, total_partials = _block_reduction(hl, t, block, m, lambda c, row, b: a[c, row])
+    c, b = hl.Var("c"), hl.Var("b")
+    centre = hl.Func("centre")
+    centre[c, b] = total[c, b] / hl.cast(t, hl.min(m - b * block, block))
+
+    def deviation(c, row, b):
+        d = a[c, row] - centre[c, b]
+        return d * d
+
+    squares, square_partials = _block_reduction(hl, t, block, m, deviation)
+    part = hl.Func("part")
+    part[c, b] = hl.Tuple([total[c, b], squares[c, b], centre[c, b]])
+    co, ci = hl.Var("co"), hl.Var("ci")
+    part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
+    _schedule_reduction(total, total_partials, part, co, lanes)
+    centre.compute_at(part, co).vectorize(c, lanes)
+    _schedule_reduction(squares, square_partials, part, co, lanes)
+    return part, {"a": a}, {}
 
 
 @kernel_cache.pipeline
@@ -99,7 +177,9 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     """``normalize``: out = xhat * p2 + p3 (plus h with ``add``; then max(., 0) with ``relu``)
     for xhat of rows a by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``:
     out = g * p2 - (xhat * p4 + p3) with g = a, or a where ``y > 0`` (``relu``), xhat of rows
-    h by p0 and p1."""
+    h by p0 and p1. ``relu_grad``: out = a where y > 0, else a * p0 with p0 = 0 (a ReLU's
+    gradient as the portable product ``(y > 0) * a`` gives it: an infinite or NaN ``a`` where
+    ``y <= 0`` gives NaN; a zero the compiler cannot see, or it would fold the product)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     lanes = native.vector_lanes(dtype)
@@ -108,7 +188,9 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     c, m = hl.Var("c"), hl.Var("m")
     zero = hl.cast(t, 0)
     out = hl.Func("out")
-    if kind == "normalize":
+    if kind == "relu_grad":
+        out[c, m] = hl.select(y[c, m] > zero, a[c, m], a[c, m] * p[0][c])
+    elif kind == "normalize":
         value = _normalised(a[c, m], p[0], p[1], c) * p[2][c] + p[3][c]
         value = value + h[c, m] if add else value
         out[c, m] = hl.max(value, zero) if relu else value
@@ -148,6 +230,27 @@ def sums(rows: np.ndarray) -> np.ndarray:
 def squared_deviations(rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``sum((rows - mean)**2, axis=0)`` (C,)."""
     return _block_sums(rows, squares=True, mean=mean).astype(rows.dtype)
+
+
+def moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum(rows, axis=0), sum((rows - mean)**2, axis=0))`` (each (C,), ``rows``' dtype) for
+    ``mean = sum / M``, in one sweep over ``rows`` (M, C): per block of :data:`MOMENT_ROWS`
+    rows its sum ``s_b`` and its squared deviations ``q_b`` from its own centre ``c_b``
+    (float32 within the block, as :func:`sums`), then in float64 (Chan et al.'s pairwise
+    merge) ``sum_b q_b + 2 (c_b - mean) (s_b - n_b c_b) + n_b (c_b - mean)**2`` — exact
+    for any centre; the block's own mean keeps each term small."""
+    m, c = rows.shape
+    dtype = rows.dtype
+    a = native.operand(rows)
+    blocks = -(-m // MOMENT_ROWS)
+    outs = [np.empty((blocks, c), dtype=dtype) for _ in range(3)]
+    _moments_pipeline(dtype, MOMENT_ROWS).run({"a": a}, {}, outs)
+    s, q, centre = (o.astype(np.float64) for o in outs)
+    n = np.minimum(m - MOMENT_ROWS * np.arange(blocks), MOMENT_ROWS).astype(np.float64)[:, None]
+    total = s.sum(axis=0)
+    shift = centre - total / m
+    squares = (q + shift * (2.0 * (s - n * centre) + n * shift)).sum(axis=0)
+    return total.astype(dtype), squares.astype(dtype)
 
 
 def grad_sums(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any,
@@ -193,6 +296,11 @@ def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, i
     return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)
 
 
+def relu_grad(y: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """``(y > 0) * dy`` for rows ``y`` and ``dy`` (M, C) of one dtype: a new array (M, C)."""
+    return _elementwise("relu_grad", dy, None, y, [np.zeros(dy.shape[1], dy.dtype)], False)
+
+
 # --------------------------------------------------------------------------------------------
 # Dispatch kernels: BatchNorm's passes of anycnn.nn.functional.norm, computed here or declined
 
@@ -212,6 +320,24 @@ def _channel_sums(rows: Any) -> Any:
 @implements("squared_deviations")
 def _squared_deviations(rows: Any, mean: Any) -> Any:
     return squared_deviations(rows, mean) if applies(rows) else DECLINE
+
+
+@implements("channel_moments")
+def _channel_moments(rows: Any) -> Any:
+    return moments(rows) if applies(rows) else DECLINE
+
+
+@implements("relu_grad")
+def _relu_grad(y: Any, dy: Any) -> Any:
+    """The gradient through a ReLU whose output is ``y`` (any shape whose last axis
+    :func:`applies`), in one compiled pass: ``dy`` shaped."""
+    if not (isinstance(y, np.ndarray) and isinstance(dy, np.ndarray) and y.ndim >= 2
+            and y.shape == dy.shape and y.dtype == dy.dtype):
+        return DECLINE
+    rows = dy.reshape(-1, dy.shape[-1])
+    if not applies(rows):
+        return DECLINE
+    return relu_grad(y.reshape(rows.shape), rows).reshape(dy.shape)
 
 
 @implements("relu_column_sums")

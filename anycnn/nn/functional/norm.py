@@ -46,6 +46,15 @@ def squared_deviations(rows: Any, mean: Any) -> Any:
 
 
 @overridable
+def channel_moments(rows: Any) -> tuple[Any, Any]:
+    """``(sums, squares)``: ``sum(rows, axis=0)`` and ``sum((rows - mean)**2, axis=0)`` for
+    ``mean = sums / M``, each (C,), for ``rows`` (M, C) (a kernel may take both in one
+    sweep)."""
+    sums = channel_sums(rows)
+    return sums, squared_deviations(rows, sums / rows.shape[0])
+
+
+@overridable
 def normalize_rows(centred: Any, inv_std: Any, gamma: Any, beta: Any,
                    relu: bool) -> tuple[Any, Any]:
     """``(xhat, y)``: ``xhat = centred * inv_std``, ``y = xhat * gamma + beta``, then
@@ -150,7 +159,10 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     compiled = prefers("batch_norm_from_rows", rows)
     count = rows.shape[0]
     share = 1.0
-    if training:
+    if training and compiled and reduce is None:  # both statistics in one sweep
+        sums, squares = channel_moments(rows)
+        mean, centred = sums / count, rows
+    elif training:
         sums = channel_sums(rows)
         if reduce is not None:
             local = count
@@ -166,6 +178,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
             centred, squares = centre_rows(rows, mean)
         if reduce is not None:
             squares = reduce(squares)
+    if training:
         var = squares / count
         unbiased = var * (count / max(count - 1, 1))
         running_mean = (1.0 - momentum) * running_mean + momentum * mean
