@@ -112,3 +112,78 @@ def test_relu_grad_kernel_declines_what_it_does_not_take(rng):
     assert native_norm._relu_grad(z, z.astype(np.float64)) is native_norm.DECLINE
     assert native_norm._relu_grad(z, z[:2]) is native_norm.DECLINE
     assert native_norm._relu_grad(z.tolist(), z) is native_norm.DECLINE
+
+
+def _relu_batch_norm_rows(rng, m, c, dtype):
+    """BatchNorm → ReLU rows: ``(x, mean, inv_std, gamma, beta, y, dy)`` with ``y`` the
+    compiled forward's output; channel 0's rows all sit at the mean with ``beta = 0`` (an
+    output of exactly zero: the ReLU is off there), channel 1 has a negative gamma."""
+    from anycnn.kernels import native_norm
+
+    x = rng.normal(0.5, 2.0, size=(m, c)).astype(dtype)
+    mean = x.mean(axis=0).astype(dtype)
+    x[:, 0] = mean[0]
+    inv_std = (1.0 / x.std(axis=0).clip(0.5)).astype(dtype)
+    gamma = rng.normal(size=c).astype(dtype)
+    beta = (0.1 * rng.normal(size=c)).astype(dtype)
+    gamma[1], beta[0] = -abs(gamma[1]), 0.0
+    y = native_norm.normalize(x, mean, inv_std, gamma, beta, True)
+    dy = rng.normal(size=(m, c)).astype(dtype)
+    return x, mean, inv_std, gamma, beta, y, dy
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, c", [(4100, 32), (77, 16)])
+def test_relu_mask_taken_again_from_the_input_matches_the_output(monkeypatch, rng, dtype, m,
+                                                                 c):
+    """BatchNorm's backward passes that take the ReLU's mask again from the input rows
+    (``affine``, ``y`` not read) give what reading the forward's output gives, in blocks of
+    50 rows; a mask recomputed differently (even one element off in 4100 rows) would move
+    the sums by far more than rounding. Without a mask the results differ (the test sees the
+    mask)."""
+    monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
+    x, mean, inv_std, gamma, beta, y, dy = _relu_batch_norm_rows(rng, m, c, dtype)
+    assert not y[:, 0].any()
+    k = [rng.normal(size=c).astype(dtype) for _ in range(3)]
+    pairs = [(native_norm.grad_sums(dy, y, x, mean, inv_std),
+              native_norm.grad_sums(dy, None, x, mean, inv_std, (gamma, beta)),
+              native_norm.grad_sums(dy, None, x, mean, inv_std)),
+             (native_norm.input_grad(dy, y, x, mean, inv_std, *k),
+              native_norm.input_grad(dy, None, x, mean, inv_std, *k, (gamma, beta)),
+              native_norm.input_grad(dy, None, x, mean, inv_std, *k))]
+    for read, again, unmasked in pairs:
+        for a, b, u in zip(read, again, unmasked):
+            assert_rounding_close(b, a)
+            assert not np.allclose(u, a)
+    np.testing.assert_array_equal(pairs[1][1][:, 0], -k[1][0])  # g = 0 where y == 0
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_relu_backward_takes_the_mask_from_the_input(monkeypatch, rng, training):
+    """A compiled BatchNorm → ReLU backward passes the forward's (gamma, beta) to both
+    passes (the mask from the input rows), copies taken at the forward: a beta changed in
+    place between forward and backward does not move the mask."""
+    seen = []
+    for name in ("grad_sums", "input_grad"):
+        kernel = getattr(native_norm, name)
+        monkeypatch.setattr(native_norm, name, lambda *a, _k=kernel, _n=name: seen.append(
+            (_n, a[-1])) or _k(*a))
+    shape = (3, 9, 7, 16)
+    x = rng.normal(1.5, 2.0, size=shape).astype(np.float32)
+    gamma, beta = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+    y, ctx, _, _ = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5, relu=True)
+    want = F.batch_norm_backward(dy, ctx, gamma)
+    saved = gamma.copy()
+    beta += 5.0  # in place, after the forward: the mask is the forward's
+    got = F.batch_norm_backward(dy, ctx, gamma)
+    names = [n for n, _ in seen]
+    assert names == ["grad_sums", "input_grad"] * 2
+    for _, affine in seen:
+        assert isinstance(affine, tuple)
+        np.testing.assert_array_equal(affine[0], saved)
+    for a, e in zip(got, want):
+        np.testing.assert_array_equal(a, e)

@@ -57,6 +57,13 @@ def _normalised(value, mean, inv_std, c):
     return (value - mean[c]) * inv_std[c]
 
 
+def _affine(hl, value, mean, inv_std, gamma, beta, c):
+    """``xhat * gamma[c] + beta[c]``, BatchNorm's output before its ReLU, in strict IEEE
+    arithmetic (no fused multiply-add, no reordering): the normalising pass and the backward
+    passes that take the ReLU's mask again from the input (``remask``) get the same bits."""
+    return hl.strict_float(_normalised(value, mean, inv_std, c) * gamma[c] + beta[c])
+
+
 #: rows per block of :func:`moments`, whose second read of the block then comes from the L1
 #: cache (512 rows of 16 float32 channels are 32 KiB)
 MOMENT_ROWS = 512
@@ -110,22 +117,28 @@ def _schedule_reduction(f, partials, part, co, lanes: int) -> None:
 
 
 @kernel_cache.pipeline
-def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int):
+def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, block: int,
+                  remask: bool = False):
     """part[c, b] = sum over rows r of block b (``block`` rows; rows past M count zero) of
     ``a[c, r]``, or of ``(a - mean)**2`` (``squares``), or the pair (g, g * h) with g = a, or
-    a where ``y > 0`` (``relu``) (``product``)."""
+    a where ``y > 0`` (``relu``) (``product``); with ``remask``, a where BatchNorm's output
+    before its ReLU, :func:`_affine` of ``h`` by ``gamma`` and ``beta``, is positive (``y``
+    is not read)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
     mean, inv_std = hl.ImageParam(t, 1, "mean"), hl.ImageParam(t, 1, "inv_std")
+    gamma, beta = hl.ImageParam(t, 1, "gamma"), hl.ImageParam(t, 1, "beta")
     zero = hl.cast(t, 0)
 
     def value(c, row, b):
         v = a[c, row]
         if squares:
             v = (v - mean[c]) * (v - mean[c])
-        if relu:
+        if remask:
+            v = hl.select(_affine(hl, h[c, row], mean, inv_std, gamma, beta, c) > zero, v, zero)
+        elif relu:
             v = hl.select(y[c, row] > zero, v, zero)
         if product:
             return [v, v * _normalised(h[c, row], mean, inv_std, c)]
@@ -139,7 +152,8 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     co, ci = hl.Var("co"), hl.Var("ci")
     part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
     _schedule_reduction(acc, partials, part, co, lanes)
-    return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std}, {}
+    return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std, "gamma": gamma,
+                  "beta": beta}, {}
 
 
 @kernel_cache.pipeline
@@ -172,8 +186,13 @@ def _moments_pipeline(dtype: np.dtype, block: int):
     return part, {"a": a}, {}
 
 
+#: per-channel parameters of :func:`_elementwise_pipeline` (p0 ... p6)
+PARAMS = 7
+
+
 @kernel_cache.pipeline
-def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, add: bool):
+def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, add: bool,
+                          remask: bool = False):
     """``normalize``: out = xhat * p2 + p3 (plus h with ``add``; then max(., 0) with ``relu``)
     for xhat of rows a by p0 = mean, p1 = inv_std (:func:`_normalised`). ``input_grad``:
     out = g * p2 - (xhat * p4 + p3) with g = a, or a where ``y > 0`` (``relu``), xhat of rows
@@ -184,18 +203,22 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     t = native._scalar_type(hl, dtype)
     lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
-    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(5)]
+    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(PARAMS)]
     c, m = hl.Var("c"), hl.Var("m")
     zero = hl.cast(t, 0)
     out = hl.Func("out")
     if kind == "relu_grad":
         out[c, m] = hl.select(y[c, m] > zero, a[c, m], a[c, m] * p[0][c])
     elif kind == "normalize":
-        value = _normalised(a[c, m], p[0], p[1], c) * p[2][c] + p[3][c]
+        value = _affine(hl, a[c, m], p[0], p[1], p[2], p[3], c)
         value = value + h[c, m] if add else value
         out[c, m] = hl.max(value, zero) if relu else value
     else:
-        g = hl.select(y[c, m] > zero, a[c, m], zero) if relu else a[c, m]
+        if remask:  # the mask again from the input rows, by gamma p5 and beta p6
+            on = _affine(hl, h[c, m], p[0], p[1], p[5], p[6], c) > zero
+            g = hl.select(on, a[c, m], zero)
+        else:
+            g = hl.select(y[c, m] > zero, a[c, m], zero) if relu else a[c, m]
         out[c, m] = g * p[2][c] - (_normalised(h[c, m], p[0], p[1], c) * p[4][c] + p[3][c])
     mo, mi, co, ci = hl.Var("mo"), hl.Var("mi"), hl.Var("co"), hl.Var("ci")
     out.split(m, mo, mi, block, hl.TailStrategy.GuardWithIf)
@@ -204,9 +227,11 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
 
 
 def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: Any = None,
-                inv_std: Any = None, y: np.ndarray | None = None) -> np.ndarray:
+                inv_std: Any = None, y: np.ndarray | None = None,
+                affine: tuple | None = None) -> np.ndarray:
     """float64 sums over the row blocks of the ``_sums_pipeline`` parts: (C,), or (2, C) with
-    the products of ``rows`` and ``xhat`` of ``x`` (by ``mean`` and ``inv_std``)."""
+    the products of ``rows`` and ``xhat`` of ``x`` (by ``mean`` and ``inv_std``); ``affine``
+    ``(gamma, beta)``: masked where BatchNorm's output of ``x`` before its ReLU is positive."""
     dtype = rows.dtype
     product = x is not None
     m, c = rows.shape
@@ -216,8 +241,13 @@ def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: An
               "y": native.operand(y) if y is not None else rows,
               "mean": zeros if mean is None else native.operand(mean, dtype),
               "inv_std": zeros if inv_std is None else native.operand(inv_std, dtype)}
+    gamma, beta = (zeros, zeros) if affine is None else (native.operand(v, dtype) for v in affine)
+    arrays.update(gamma=gamma, beta=beta)
     outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
-    _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS).run(arrays, {}, outs)
+    if affine is not None:
+        _sums_pipeline(dtype, squares, product, True, BLOCK_ROWS, True).run(arrays, {}, outs)
+    else:
+        _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS).run(arrays, {}, outs)
     total = [o.astype(np.float64).sum(axis=0) for o in outs]
     return np.stack(total) if product else total[0]
 
@@ -254,10 +284,13 @@ def moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def grad_sums(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any,
-              inv_std: Any) -> tuple[Any, Any]:
+              inv_std: Any, affine: tuple | None = None) -> tuple[Any, Any]:
     """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``y > 0``,
-    and ``xhat = (x - mean) * inv_std``."""
-    total = _block_sums(dy, mean=mean, x=x, inv_std=inv_std, y=y).astype(dy.dtype)
+    and ``xhat = (x - mean) * inv_std``; with ``affine`` ``(gamma, beta)`` (those the forward
+    normalised by), ``y`` is not read: its sign is taken again from ``xhat * gamma + beta``,
+    the same bits as the forward's (:func:`_affine`)."""
+    total = _block_sums(dy, mean=mean, x=x, inv_std=inv_std, y=y,
+                        affine=affine).astype(dy.dtype)
     return total[0], total[1]
 
 
@@ -268,16 +301,20 @@ def relu_sums(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray | None,
-                 params: list[Any], relu: bool, add: bool = False) -> np.ndarray:
+                 params: list[Any], relu: bool, add: bool = False,
+                 remask: bool = False) -> np.ndarray:
     """The ``_elementwise_pipeline`` of ``kind`` over rows ``a``: a new array shaped as it."""
     a = native.operand(a)  # each held until the run ends (native.operand)
     params = [native.operand(v, a.dtype) for v in params]
-    params += [params[0]] * (5 - len(params))
+    params += [params[0]] * (PARAMS - len(params))
     arrays = {"a": a, "h": native.operand(h) if h is not None else a,
               "y": native.operand(y) if y is not None else a,
               **{f"p{i}": v for i, v in enumerate(params)}}
     out = np.empty_like(a)
-    _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add).run(arrays, {}, [out])
+    if remask:
+        _elementwise_pipeline(a.dtype, kind, True, BLOCK_ROWS, add, True).run(arrays, {}, [out])
+    else:
+        _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add).run(arrays, {}, [out])
     return out
 
 
@@ -290,9 +327,12 @@ def normalize(rows: np.ndarray, mean: Any, inv_std: Any, gamma: Any, beta: Any,
 
 
 def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, inv_std: Any,
-               k1: Any, k2: Any, k3: Any) -> np.ndarray:
+               k1: Any, k2: Any, k3: Any, affine: tuple | None = None) -> np.ndarray:
     """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``y > 0``, and
-    ``xhat = (x - mean) * inv_std``."""
+    ``xhat = (x - mean) * inv_std``; ``affine`` as for :func:`grad_sums` (``y`` not read)."""
+    if affine is not None:
+        return _elementwise("input_grad", dy, x, None, [mean, inv_std, k1, k2, k3, *affine],
+                            True, remask=True)
     return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)
 
 
@@ -352,11 +392,11 @@ def _normalize(rows: Any, mean: Any, inv_std: Any, gamma: Any, beta: Any, relu: 
 
 
 @implements("grad_sums_from_rows")
-def _grad_sums(dy: Any, y: Any, x: Any, mean: Any, inv_std: Any) -> Any:
-    return grad_sums(dy, y, x, mean, inv_std) if applies(dy) else DECLINE
+def _grad_sums(dy: Any, y: Any, x: Any, mean: Any, inv_std: Any, affine: Any = None) -> Any:
+    return grad_sums(dy, y, x, mean, inv_std, affine) if applies(dy) else DECLINE
 
 
 @implements("input_grad_from_rows")
 def _input_grad(dy: Any, y: Any, x: Any, mean: Any, inv_std: Any, k1: Any, k2: Any,
-                k3: Any) -> Any:
-    return input_grad(dy, y, x, mean, inv_std, k1, k2, k3) if applies(dy) else DECLINE
+                k3: Any, affine: Any = None) -> Any:
+    return input_grad(dy, y, x, mean, inv_std, k1, k2, k3, affine) if applies(dy) else DECLINE
