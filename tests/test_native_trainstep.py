@@ -175,7 +175,7 @@ def test_batch_norm_relu_backward_takes_the_mask_from_the_input(monkeypatch, rng
     gamma, beta = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
     dy = rng.normal(size=shape).astype(np.float32)
     rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
-    y, ctx, _, _ = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5, relu=True)
+    _, ctx, _, _ = F.batch_norm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5, relu=True)
     want = F.batch_norm_backward(dy, ctx, gamma)
     saved = gamma.copy()
     beta += 5.0  # in place, after the forward: the mask is the forward's
