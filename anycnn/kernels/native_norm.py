@@ -52,6 +52,28 @@ def _row_params(hl, t) -> tuple:
     return hl.ImageParam(t, 2, "a"), hl.ImageParam(t, 2, "h"), hl.ImageParam(t, 2, "y")
 
 
+class _Column:
+    """Row ``k`` of a pass's (K, C) per-channel parameters (one buffer for all of them, not
+    one each: a kernel call packs a descriptor per buffer): ``column[c]`` is ``p[c, k]``."""
+
+    def __init__(self, params, k: int) -> None:
+        self.params, self.k = params, k
+
+    def __getitem__(self, c):
+        return self.params[c, self.k]
+
+
+def _columns(hl, t, count: int) -> tuple:
+    """The ImageParam ``p`` of ``count`` per-channel parameters (K, C) and its columns."""
+    p = hl.ImageParam(t, 2, "p")
+    return p, [_Column(p, k) for k in range(count)]
+
+
+def _used(images: dict, *names: str) -> dict:
+    """``images`` less those not named: a pipeline takes only the buffers it reads."""
+    return {name: images[name] for name in names}
+
+
 def _normalised(value, mean, inv_std, c):
     """``xhat = (value - mean[c]) * inv_std[c]``: one expression for every pass."""
     return (value - mean[c]) * inv_std[c]
@@ -128,8 +150,7 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     t = native._scalar_type(hl, dtype)
     lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
-    mean, inv_std = hl.ImageParam(t, 1, "mean"), hl.ImageParam(t, 1, "inv_std")
-    gamma, beta = hl.ImageParam(t, 1, "gamma"), hl.ImageParam(t, 1, "beta")
+    p, (mean, inv_std, gamma, beta) = _columns(hl, t, 4)
     zero = hl.cast(t, 0)
 
     def value(c, row, b):
@@ -152,8 +173,9 @@ def _sums_pipeline(dtype: np.dtype, squares: bool, product: bool, relu: bool, bl
     co, ci = hl.Var("co"), hl.Var("ci")
     part.split(c, co, ci, lanes).reorder(ci, co, b).vectorize(ci).parallel(b)
     _schedule_reduction(acc, partials, part, co, lanes)
-    return part, {"a": a, "h": h, "y": y, "mean": mean, "inv_std": inv_std, "gamma": gamma,
-                  "beta": beta}, {}
+    names = ["a"] + ["h"] * (product or remask) + ["y"] * (relu and not remask)
+    names += ["p"] * (squares or product or remask)
+    return part, _used({"a": a, "h": h, "y": y, "p": p}, *names), {}
 
 
 @kernel_cache.pipeline
@@ -203,7 +225,7 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     t = native._scalar_type(hl, dtype)
     lanes = native.vector_lanes(dtype)
     a, h, y = _row_params(hl, t)
-    p = [hl.ImageParam(t, 1, f"p{i}") for i in range(PARAMS)]
+    params, p = _columns(hl, t, PARAMS)
     c, m = hl.Var("c"), hl.Var("m")
     zero = hl.cast(t, 0)
     out = hl.Func("out")
@@ -223,7 +245,9 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     mo, mi, co, ci = hl.Var("mo"), hl.Var("mi"), hl.Var("co"), hl.Var("ci")
     out.split(m, mo, mi, block, hl.TailStrategy.GuardWithIf)
     out.split(c, co, ci, lanes).reorder(ci, co, mi, mo).vectorize(ci).parallel(mo)
-    return out, {"a": a, "h": h, "y": y, **{f"p{i}": v for i, v in enumerate(p)}}, {}
+    names = {"relu_grad": ["a", "y"], "normalize": ["a"] + ["h"] * add}.get(
+        kind, ["a", "h"] + ["y"] * (relu and not remask))
+    return out, _used({"a": a, "h": h, "y": y, "p": params}, *names, "p"), {}
 
 
 def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: Any = None,
@@ -237,12 +261,10 @@ def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: An
     m, c = rows.shape
     rows = native.operand(rows)
     zeros = np.zeros(c, dtype=dtype)
-    arrays = {"a": rows, "h": native.operand(x) if product else rows,
+    columns = [mean, inv_std, *(affine or (None, None))]
+    arrays = {"a": rows, "h": native.operand(x) if x is not None else rows,
               "y": native.operand(y) if y is not None else rows,
-              "mean": zeros if mean is None else native.operand(mean, dtype),
-              "inv_std": zeros if inv_std is None else native.operand(inv_std, dtype)}
-    gamma, beta = (zeros, zeros) if affine is None else (native.operand(v, dtype) for v in affine)
-    arrays.update(gamma=gamma, beta=beta)
+              "p": np.stack([zeros if v is None else np.asarray(v, dtype) for v in columns])}
     outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
     if affine is not None:
         _sums_pipeline(dtype, squares, product, True, BLOCK_ROWS, True).run(arrays, {}, outs)
@@ -305,11 +327,10 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
                  remask: bool = False) -> np.ndarray:
     """The ``_elementwise_pipeline`` of ``kind`` over rows ``a``: a new array shaped as it."""
     a = native.operand(a)  # each held until the run ends (native.operand)
-    params = [native.operand(v, a.dtype) for v in params]
-    params += [params[0]] * (PARAMS - len(params))
+    columns = [np.asarray(v, a.dtype) for v in params]
+    columns += [columns[0]] * (PARAMS - len(columns))
     arrays = {"a": a, "h": native.operand(h) if h is not None else a,
-              "y": native.operand(y) if y is not None else a,
-              **{f"p{i}": v for i, v in enumerate(params)}}
+              "y": native.operand(y) if y is not None else a, "p": np.stack(columns)}
     out = np.empty_like(a)
     if remask:
         _elementwise_pipeline(a.dtype, kind, True, BLOCK_ROWS, add, True).run(arrays, {}, [out])
