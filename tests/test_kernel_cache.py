@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -81,6 +82,50 @@ def test_a_corrupt_or_partial_entry_is_compiled_again(tmp_path):
         record = json.loads(library.with_suffix(".json").read_text())
         assert record["sha256"] == kernel_cache._sha256(library)
     assert not _step(tmp_path)[1]
+
+
+def test_a_copied_cache_is_hashed_once_then_trusted(tmp_path):
+    """A copied library (new inode and change time) is checked against its recorded SHA-256
+    once and its record refreshed; later processes load it without reading it."""
+    import shutil
+
+    first, _ = _step(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copies = _entries(tmp_path / "b")
+    stale = [json.loads(p.with_suffix(".json").read_text())["file"] for p in copies]
+    assert all(record != kernel_cache._identity(p) for record, p in zip(stale, copies))
+    again, recompiled = _step(tmp_path / "b")
+    assert again == first and not recompiled
+    for library in copies:
+        record = json.loads(library.with_suffix(".json").read_text())
+        assert record["file"] == kernel_cache._identity(library)
+        assert record["sha256"] == kernel_cache._sha256(library)
+
+
+def test_a_library_is_loaded_without_hashing_only_while_its_file_is_untouched(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
+    scale = kernel_cache.pipeline(_scale_builder)
+    scale(4)
+    directory = kernel_cache.cache_dir()
+    (library,) = directory.glob("scale_builder-*.so")
+    record = library.with_suffix(".json")
+    stem, key = library.stem, f"{__name__}._scale_builder(4,)"
+    meta = json.loads(record.read_bytes())
+    hashed = []
+    monkeypatch.setattr(kernel_cache, "_sha256", lambda path: hashed.append(path) or "x")
+    assert kernel_cache._load(directory, stem, key) is not None and not hashed
+    assert kernel_cache._library_matches(library, dict(meta))
+    # the same bytes rewritten in place, its modification time set back: the change time moved
+    stat, data = library.stat(), library.read_bytes()
+    for _ in range(200):  # file times are coarse (a clock tick): rewrite until ctime moves
+        library.write_bytes(data)
+        os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        if library.stat().st_ctime_ns != stat.st_ctime_ns:
+            break
+        time.sleep(0.005)
+    assert kernel_cache._identity(library)[:3] == meta["file"][:3]
+    assert kernel_cache._load(directory, stem, key) is None and hashed  # hash "x" differs
 
 
 def test_entries_are_keyed_by_arguments_source_cpu_and_halide(monkeypatch, tmp_path):
