@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from anycnn.kernels import kernel_cache
+from anycnn.kernels import kernel_bundle, kernel_cache
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("halide") is None or
                                 kernel_cache._compiler() is None,
@@ -55,7 +55,13 @@ def _step(cache, **env) -> tuple[str, bool]:
 
 
 def _entries(cache) -> list:
-    return sorted(p for p in cache.glob("*/*.so") if p.name != "runtime.so")
+    return sorted(p for p in cache.glob("*/*.so")
+                  if p.name != "runtime.so" and not p.name.startswith("bundle-"))
+
+
+def _bundle(cache) -> dict:
+    (record,) = cache.glob(f"*/{kernel_bundle.RECORD}")
+    return json.loads(record.read_text())
 
 
 def test_a_second_process_loads_the_kernels_without_halide(tmp_path):
@@ -76,11 +82,15 @@ def test_a_corrupt_or_partial_entry_is_compiled_again(tmp_path):
     libraries[1].with_suffix(".json").write_text("{\"key\": ")   # a torn record
     libraries[2].with_suffix(".json").unlink()                   # never finished
     (libraries[3].parent / "runtime.so").write_bytes(b"\0" * 64)
+    bundle = libraries[0].parent / _bundle(tmp_path)["library"]
+    bundle.write_bytes(bundle.read_bytes()[:1000])                # a torn bundle
     again, recompiled = _step(tmp_path)
     assert recompiled and again == first
     for library in libraries[:3]:
         record = json.loads(library.with_suffix(".json").read_text())
         assert record["sha256"] == kernel_cache._sha256(library)
+    record = _bundle(tmp_path)  # linked again at the exit of the process that loaded one by one
+    assert record["sha256"] == kernel_cache._sha256(libraries[0].parent / record["library"])
     assert not _step(tmp_path)[1]
 
 
@@ -94,6 +104,11 @@ def test_a_copied_cache_is_hashed_once_then_trusted(tmp_path):
     copies = _entries(tmp_path / "b")
     stale = [json.loads(p.with_suffix(".json").read_text())["file"] for p in copies]
     assert all(record != kernel_cache._identity(p) for record, p in zip(stale, copies))
+    again, recompiled = _step(tmp_path / "b")  # its kernels come from the copied bundle
+    assert again == first and not recompiled
+    record = _bundle(tmp_path / "b")
+    assert record["file"] == kernel_cache._identity(copies[0].parent / record["library"])
+    (copies[0].parent / kernel_bundle.RECORD).unlink()  # now from the entries, one by one
     again, recompiled = _step(tmp_path / "b")
     assert again == first and not recompiled
     for library in copies:
@@ -126,6 +141,59 @@ def test_a_library_is_loaded_without_hashing_only_while_its_file_is_untouched(
         time.sleep(0.005)
     assert kernel_cache._identity(library)[:3] == meta["file"][:3]
     assert kernel_cache._load(directory, stem, key) is None and hashed  # hash "x" differs
+
+
+MAPPED = STEP + r"""
+from pathlib import Path
+mapped = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")}
+names = [Path(m).name for m in mapped if "kernels" in m or "tmp" in m]
+print(sum(n.startswith("bundle-") for n in names),
+      sum("pipeline-" in n or "builder-" in n for n in names), file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_second_process_opens_one_bundle_of_its_kernels(tmp_path):
+    _step(tmp_path)
+    record = _bundle(tmp_path)
+    entries = _entries(tmp_path)
+    assert len(record["entries"]) == len(entries) >= kernel_bundle.BUNDLE_AFTER
+    assert {e["stem"] for e in record["entries"].values()} == {p.stem for p in entries}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("ANYCNN_NATIVE", "ANYCNN_FASTPATH", "ANYCNN_BACKEND")}
+    environ.update({"ANYCNN_KERNEL_CACHE": str(tmp_path), "ANYCNN_BACKEND": "numpy"})
+    out = subprocess.run([sys.executable, "-c", MAPPED], capture_output=True, text=True,
+                         env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr
+    bundles, single = map(int, out.stderr.split()[-2:])
+    assert (bundles, single) == (1, 0), "one library for all the kernels"
+    assert _bundle(tmp_path) == record, "a process served by the bundle leaves it alone"
+
+
+def test_a_bundle_links_only_checked_objects_of_its_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
+    scale = kernel_cache.pipeline(_scale_builder)
+    for width in (2, 4, 8):
+        scale(width)
+    directory = kernel_cache.cache_dir()
+    state = kernel_bundle._state(directory)
+    assert len(state.used) == 3 and state.outside == 3
+    objects = sorted(directory.glob("scale_builder-*.o"))
+    objects[0].write_bytes(objects[0].read_bytes()[:100])  # a torn object file
+    library = kernel_bundle.build(state)
+    record = _bundle(tmp_path)
+    assert library.name == record["library"] and len(record["entries"]) == 2
+    assert objects[0].stem not in {e["stem"] for e in record["entries"].values()}
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty_like(x)
+    fresh = kernel_bundle._Directory(directory)  # as a later process reads it
+    key = next(iter(record["entries"]))
+    monkeypatch.setitem(kernel_bundle._directories, directory, fresh)
+    kernel_bundle.lookup(directory, key).run({"a": x}, {"k": 3}, [out])
+    np.testing.assert_array_equal(out, x * 3)
+    assert fresh.library is not None
+    monkeypatch.setattr(kernel_cache, "_source_digest", lambda: "edited")
+    assert kernel_bundle._Directory(directory).record is None  # kernels of other source
 
 
 def test_entries_are_keyed_by_arguments_source_cpu_and_halide(monkeypatch, tmp_path):

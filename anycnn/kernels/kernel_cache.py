@@ -528,8 +528,10 @@ def _compile(directory: Path, stem: str, key: str, built: tuple) -> Pipeline:
         obj = Path(tmp) / f"{stem}.o"
         func.compile_to_object(str(obj), arguments, function, target)
         _link([obj], library)
+        object_sha256 = _sha256(obj)
+        os.replace(obj, directory / obj.name)  # kept for bundles (kernel_bundle)
     meta = {"key": key, "function": function, "images": list(images),
-            "params": list(params), **_record_library(library)}
+            "params": list(params), **_record_library(library), "object": object_sha256}
     _write_atomic(directory / f"{stem}.json", json.dumps(meta, indent=1).encode())
     return Pipeline(function, list(images), list(params), library=_Library(library))
 
@@ -543,13 +545,19 @@ def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
     directory = cache_dir()
     if directory is not None and _compiler() is not None and _not_kept is None:  # ahead_of_time
         key = f"{name}{args!r}"
+        found = kernel_bundle.lookup(directory, key)
+        if found is not None:
+            return found
         stem = _stem(name, key)
         found = _load(directory, stem, key)
         if found is not None:
+            kernel_bundle.note(directory, key, stem, found)
             return found
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            return _compile(directory, stem, key, builder(*args))
+            found = _compile(directory, stem, key, builder(*args))
+            kernel_bundle.note(directory, key, stem, found)
+            return found
         except (OSError, RuntimeError) as exc:
             _not_kept = f"the kernel cache {directory} is unusable: {exc}"
             warnings.warn(f"anycnn: compiled kernels are not kept on disk: {_not_kept}; "
@@ -579,3 +587,6 @@ def pipeline(builder: Callable[..., tuple]) -> Callable[..., Pipeline]:
 
     get.cache_clear = held.clear  # type: ignore[attr-defined]
     return get
+
+
+from . import kernel_bundle  # noqa: E402 - it uses this module's loading functions
