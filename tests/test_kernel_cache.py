@@ -196,6 +196,19 @@ def test_a_bundle_links_only_checked_objects_of_its_source(monkeypatch, tmp_path
     assert kernel_bundle._Directory(directory).record is None  # kernels of other source
 
 
+def test_loading_the_cache_module_spares_what_only_compiling_needs():
+    """A script's first kernel imports the cache module inside its first step:
+    importlib.metadata (about 10 ms) and subprocess are imported only to compile or link."""
+    code = ("import sys, anycnn; before = set(sys.modules); "
+            "import anycnn.kernels.kernel_cache; print(*sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    added = set(out.stdout.split())
+    assert "anycnn.kernels.kernel_cache" in added
+    assert not added & {"importlib.metadata", "subprocess"}
+
+
 def test_entries_are_keyed_by_arguments_source_cpu_and_halide(monkeypatch, tmp_path):
     monkeypatch.setenv("ANYCNN_KERNEL_CACHE", str(tmp_path))
     name = "anycnn.kernels.native._forward_pipeline"

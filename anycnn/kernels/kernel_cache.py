@@ -40,14 +40,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,7 +87,12 @@ def cache_root() -> Path | None:
 def _cpu_fingerprint() -> str:
     """The CPU's model and feature flags (Linux: /proc/cpuinfo; elsewhere what the platform
     module says): machines that differ here get separate entries."""
-    facts = [platform.machine(), platform.system()]
+    if hasattr(os, "uname"):  # what platform.machine() and system() read, without importing it
+        facts = [os.uname().machine, os.uname().sysname]
+    else:  # pragma: no cover - Windows
+        import platform
+
+        facts = [platform.machine(), platform.system()]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -98,6 +100,8 @@ def _cpu_fingerprint() -> str:
                 if key in ("model name", "flags", "Features", "CPU part") and line not in facts:
                     facts.append(line.strip())
     except OSError:
+        import platform
+
         facts.append(platform.processor())
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
@@ -116,9 +120,11 @@ def _halide_version() -> str:
         found = _dist_info_versions(Path(location).parent, "halide")
         if len(found) == 1:
             return found[0]
+    from importlib import metadata  # about 10 ms to import: only where the folder is ambiguous
+
     try:
-        return importlib.metadata.version("halide")
-    except importlib.metadata.PackageNotFoundError:
+        return metadata.version("halide")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -276,6 +282,8 @@ def host_target() -> str:
 
 def _link(objects: list[Path], out: Path) -> None:
     """Link ``objects`` into the shared library ``out`` (through a temporary file)."""
+    import subprocess  # only where kernels are compiled or bundled: not in a cached first step
+
     flags = ["-shared"]
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]
