@@ -192,6 +192,11 @@ def test_a_bundle_links_only_checked_objects_of_its_source(monkeypatch, tmp_path
     kernel_bundle.lookup(directory, key).run({"a": x}, {"k": 3}, [out])
     np.testing.assert_array_equal(out, x * 3)
     assert fresh.library is not None
+    scale(16)  # a kernel the bundle lacks: noted in `fresh`, as in a later process
+    assert fresh.outside == 1 and fresh.previous == library.name
+    again = kernel_bundle.build(fresh)
+    assert len(_bundle(tmp_path)["entries"]) == 3 and again.exists()
+    assert not library.exists(), "the bundle it replaced is removed"
     monkeypatch.setattr(kernel_cache, "_source_digest", lambda: "edited")
     assert kernel_bundle._Directory(directory).record is None  # kernels of other source
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -52,12 +53,16 @@ class _Directory:
         self.failed = False  # the bundle's library could not be checked or opened
         self.used: dict[str, dict] = {}  # key -> {stem, function, images, params}
         self.outside = 0  # kernels used that the bundle did not hold
+        self.previous: str | None = None  # the library bundle.json named, whatever its source
         try:
             record = json.loads((directory / RECORD).read_bytes())
+            library = record.get("library")
+            if isinstance(library, str) and _BUNDLE_NAME.fullmatch(library):
+                self.previous = library
             if record["source"] == kernel_cache._source_digest() and isinstance(
                     record["entries"], dict):
                 self.record = record
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
 
     def open(self) -> kernel_cache._Library | None:
@@ -152,7 +157,9 @@ def build(state: _Directory) -> Path | None:
     record = {"library": library.name, "source": kernel_cache._source_digest(),
               **kernel_cache._record_library(library), "entries": kept}
     kernel_cache._write_atomic(directory / RECORD, json.dumps(record).encode())
-    previous = state.record.get("library") if state.record is not None else None
-    if previous and previous != library.name and "/" not in previous:
-        (directory / previous).unlink(missing_ok=True)
+    if state.previous is not None and state.previous != library.name:
+        (directory / state.previous).unlink(missing_ok=True)  # one bundle per directory
     return library
+
+
+_BUNDLE_NAME = re.compile(r"bundle-[0-9a-f]{20}\.so")
