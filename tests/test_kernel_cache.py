@@ -187,11 +187,17 @@ def test_a_bundle_links_only_checked_objects_of_its_source(monkeypatch, tmp_path
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     out = np.empty_like(x)
     fresh = kernel_bundle._Directory(directory)  # as a later process reads it
-    key = next(iter(record["entries"]))
+    key, entry = next(iter(record["entries"].items()))
+    builder = key.split("(", 1)[0]
     monkeypatch.setitem(kernel_bundle._directories, directory, fresh)
-    kernel_bundle.lookup(directory, key).run({"a": x}, {"k": 3}, [out])
+    kernel_bundle.lookup(directory, builder, key).run({"a": x}, {"k": 3}, [out])
     np.testing.assert_array_equal(out, x * 3)
     assert fresh.library is not None
+    # a record naming another key's function for this key is not believed
+    other = next(e for k, e in record["entries"].items() if k != key)
+    monkeypatch.setitem(fresh.record["entries"], key, other)
+    assert kernel_bundle.lookup(directory, builder, key) is None
+    monkeypatch.setitem(fresh.record["entries"], key, entry)
     scale(16)  # a kernel the bundle lacks: noted in `fresh`, as in a later process
     assert fresh.outside == 1 and fresh.previous == library.name
     again = kernel_bundle.build(fresh)

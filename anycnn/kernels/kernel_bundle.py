@@ -18,8 +18,10 @@ library holding them all opens in about 0.2 ms. So:
 ``bundle.json`` records the bundle library's SHA-256 and file identity (checked as an entry's
 are: a bundle whose library was changed or replaced is not used), the kernel modules' source
 digest (a bundle of kernels of other source is not used), and for each kernel key its entry's
-stem, function name and argument names. Object files are checked against the SHA-256 their
-entry's record holds before they are linked, so a torn object file never reaches a bundle.
+stem, function name and argument names (the stem and function name are derived from the key
+again before use, so a record cannot hand one key another key's kernel). Object files are
+checked against the SHA-256 their entry's record holds before they are linked, so a torn
+object file never reaches a bundle.
 Nothing here ever fails a process: a bundle that cannot be read, opened or built is skipped.
 """
 
@@ -88,17 +90,22 @@ def _state(directory: Path) -> _Directory:
     return state
 
 
-def lookup(directory: Path, key: str) -> kernel_cache.Pipeline | None:
-    """The pipeline of ``key`` from ``directory``'s bundle, or None where the bundle does not
-    hold it (or cannot be used)."""
+def lookup(directory: Path, builder: str, key: str) -> kernel_cache.Pipeline | None:
+    """The pipeline of ``key`` (of the builder named ``builder``) from ``directory``'s bundle,
+    or None where the bundle does not hold it (or cannot be used). The entry's stem and
+    function name are derived from the key again, as for an entry of its own, not taken from
+    the record."""
     state = _state(directory)
     entry = state.record["entries"].get(key) if state.record is not None else None
     if entry is None:
         return None
-    library = state.open()
-    if library is None:
-        return None
     try:
+        stem = kernel_cache._stem(builder, key)
+        if entry["stem"] != stem or entry["function"] != stem.replace("-", "_"):
+            return None
+        library = state.open()
+        if library is None:
+            return None
         found = kernel_cache.Pipeline(entry["function"], entry["images"], entry["params"],
                                       library=library)
     except (AttributeError, KeyError, TypeError):

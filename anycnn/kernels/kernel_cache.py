@@ -553,7 +553,7 @@ def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
     directory = cache_dir()
     if directory is not None and _compiler() is not None and _not_kept is None:  # ahead_of_time
         key = f"{name}{args!r}"
-        found = kernel_bundle.lookup(directory, key)
+        found = kernel_bundle.lookup(directory, name, key)
         if found is not None:
             return found
         stem = _stem(name, key)
