@@ -1,14 +1,15 @@
 """Bundles of cached kernels: the kernels one process used, linked into one shared library.
 
 A cached process's first step loads each compiled kernel it needs from the cache
-(:mod:`~anycnn.kernels.kernel_cache`). Opened one by one, resnet20's 38 libraries cost about
-3 ms of ``dlopen`` inside its first step, plus a record read and a file check each; one
-library holding them all opens in about 0.2 ms. So:
+(:mod:`~anycnn.kernels.kernel_cache`). Opened one by one, resnet20's 38 libraries cost
+8-10 ms of its first step (``dlopen`` about 3 ms, more in a process with NumPy and its BLAS
+loaded than alone; a record read, a file check and a ctypes function each); from one bundle,
+about 2 ms. So:
 
 - When a process exits having used at least :data:`BUNDLE_AFTER` cached kernels that no
   bundle held (loaded one by one, or compiled), and at most :data:`MAX_ENTRIES` in all, it
   links the object files of every kernel it used (and of the bundle it found, up to
-  :data:`MAX_ENTRIES` kernels) into ``bundle-<digest>.so`` (about 20 ms for 40 kernels) and
+  :data:`MAX_ENTRIES` kernels) into ``bundle-<digest>.so`` (50-75 ms for 38 kernels) and
   points ``bundle.json`` at it. (A process using more, such as a test suite, leaves the
   bundle as it was: its successor is unlikely to need the same kernels.)
 - A later process reads ``bundle.json`` once, at its first kernel; each kernel the bundle holds
