@@ -113,12 +113,12 @@ def test_plans_are_per_thread(affine):
     a = [_values((64, 64), s) for s in range(threads)]
     b = [_values((64, 64), 10 + s) for s in range(threads)]
     start = threading.Barrier(threads)
-    blocks, right = [None] * threads, [False] * threads
+    plans, right = [None] * threads, [False] * threads
 
     def work(i: int):
         start.wait()
         outs = [_run(affine, a[i], b[i], 2) for _ in range(50)]
-        blocks[i] = [id(p.block) for p in affine._calls.plans().values()]
+        plans[i] = list(affine._calls.plans().values())  # held: no id reused
         right[i] = all(np.array_equal(o, a[i] * 2 + b[i]) for o in outs)
 
     before = dict(affine._calls.plans())
@@ -128,8 +128,8 @@ def test_plans_are_per_thread(affine):
     for w in workers:
         w.join()
     assert all(right)
-    assert all(len(ids) == 1 for ids in blocks)  # one plan each
-    assert len({ids[0] for ids in blocks}) == threads  # not shared
+    assert all(len(mine) == 1 for mine in plans)  # one plan each
+    assert len({id(mine[0].block) for mine in plans}) == threads  # not shared
     assert affine._calls.plans() == before  # and not this thread's
 
 
