@@ -115,6 +115,16 @@ def test_rows_of_tiling_windows_are_read_in_place(rng, dtype, cin, cout, k, pads
     assert_rounding_close(result, C.conv_input_grad.portable(d, wt, win))
 
 
+def test_rows_per_task():
+    """8 rows per task where tasks spread over threads or the image's padded gradient is
+    large; on one thread a small image's height, rounded up to a multiple of 8."""
+    assert native_narrow._task_rows(True, (28, 28), (5, 5), 6, 4) == 8
+    assert native_narrow._task_rows(False, (28, 28), (5, 5), 6, 4) == 32  # 24 KiB
+    assert native_narrow._task_rows(False, (14, 14), (5, 5), 16, 4) == 16  # 20 KiB
+    assert native_narrow._task_rows(False, (28, 28), (3, 3), 32, 4) == 8  # 112 KiB
+    assert native_narrow._task_rows(False, (28, 28), (5, 5), 6, 8) == 8  # float64: 48 KiB
+
+
 @pytest.mark.parametrize("case", [
     (2, 28, 28, 1, 6, 5, (2, 2, 2, 2), None),       # lenet5's first layer: 32-row tasks
     (1, 9, 7, 2, 5, 3, (0, 0, 0, 0), None),         # 16-row tasks over 9 rows
