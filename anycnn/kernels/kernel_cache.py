@@ -44,7 +44,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import threading
@@ -55,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from . import threads
+from . import halide_call, threads
 
 __all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
 
@@ -341,47 +340,6 @@ def _load_runtime(directory: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Buffers
-
-#: Halide's ``halide_buffer_t`` (device, device_interface, host, flags, type code, bits,
-#: lanes, dimensions, dim, padding: 56 bytes) and ``halide_dimension_t`` (min, extent,
-#: stride, flags: 16 bytes), packed with :mod:`struct` (10x cheaper than ctypes Structures,
-#: measured: about 1 us a buffer against 11; a training step passes about a thousand)
-_BUFFER = struct.Struct("=QQQQBBHiQQ")
-_DIMENSION = struct.Struct("=iiiI")
-_TYPE_CODES = {"i": 0, "u": 1, "f": 2}
-
-
-@functools.cache
-def _dimensions(nd: int) -> struct.Struct:
-    """``nd`` packed ``halide_dimension_t``."""
-    return struct.Struct("=" + "iiiI" * nd)
-
-
-def _buffers(arrays: list[np.ndarray]) -> tuple[Any, list[ctypes.c_void_p]]:
-    """``halide_buffer_t`` descriptors of ``arrays``' memory (Halide's axes are NumPy's
-    reversed), in one ctypes block the caller keeps alive while they are used, and their
-    addresses."""
-    dims = sum(a.ndim for a in arrays)
-    block = (ctypes.c_char * (_BUFFER.size * len(arrays) + _DIMENSION.size * dims))()
-    base = ctypes.addressof(block)
-    at = _BUFFER.size * len(arrays)
-    pointers = []
-    for k, a in enumerate(arrays):
-        nd, size = a.ndim, a.itemsize
-        strides = [s // size for s in a.strides]
-        if a.size == 0:  # NumPy gives an empty array zero strides; Halide wants them dense
-            strides = [int(np.prod(a.shape[i + 1:])) for i in range(nd)]
-        _BUFFER.pack_into(block, _BUFFER.size * k, 0, 0, a.ctypes.data, 0,
-                          _TYPE_CODES[a.dtype.kind], 8 * size, 1, nd, base + at, 0)
-        _dimensions(nd).pack_into(block, at, *(v for i in range(nd - 1, -1, -1)
-                                                for v in (0, a.shape[i], strides[i], 0)))
-        at += _DIMENSION.size * nd
-        pointers.append(ctypes.c_void_p(base + _BUFFER.size * k))
-    return block, pointers
-
-
-# --------------------------------------------------------------------------------------------
 # Pipelines
 
 
@@ -392,8 +350,10 @@ class Pipeline:
                  library: ctypes.CDLL | None = None, jit: tuple | None = None) -> None:
         self.name, self.images, self.params = name, images, params
         self._function = getattr(library, name) if library is not None else None
+        self._calls = None
         if self._function is not None:
             self._function.restype = ctypes.c_int
+            self._calls = halide_call.Calls(self._function, len(images))
         self._jit = jit  # (func, ImageParams, Params) compiled in memory
 
     def run(self, arrays: dict[str, np.ndarray], scalars: dict[str, int],
@@ -401,16 +361,13 @@ class Pipeline:
         """Compute ``outputs`` (C-contiguous innermost, of the pipeline's types; several for a
         Tuple-valued pipeline) from ``arrays`` (each ImageParam by name, as
         :func:`~anycnn.kernels.native.operand` made it, held by the caller) and ``scalars``."""
-        if self._function is None:
+        if self._calls is None:
             self._run_jit(arrays, scalars, outputs)
             return
-        block, pointers = _buffers([arrays[name] for name in self.images] + outputs)
-        images = len(self.images)
+        operands = [arrays[name] for name in self.images]
+        operands += outputs
         _errors.message = None
-        code = self._function(*pointers[:images],
-                              *(ctypes.c_int32(int(scalars[name])) for name in self.params),
-                              *pointers[images:])
-        del block  # the descriptors were read during the call
+        code = self._calls(operands, tuple([scalars[name] for name in self.params]))
         if code != 0:
             raise RuntimeError(f"compiled kernel {self.name} failed: "
                                f"{_errors.message or f'Halide error {code}'}")
