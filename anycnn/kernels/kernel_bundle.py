@@ -71,6 +71,8 @@ class _Directory:
     def open(self) -> kernel_cache._Library | None:
         if self.library is None and not self.failed:
             try:
+                if not _BUNDLE_NAME.fullmatch(self.record["library"]):
+                    raise OSError("a bundle library is named bundle-<20 hex digits>.so")
                 path = self.directory / self.record["library"]
                 if kernel_cache._checked(self.directory / RECORD, path, self.record) is None:
                     raise OSError("the bundle's library is not the one its record describes")
