@@ -347,7 +347,7 @@ class Pipeline:
     """A compiled pipeline: :meth:`run` computes its outputs from NumPy arrays and ints."""
 
     def __init__(self, name: str, images: list[str], params: list[str],
-                 library: ctypes.CDLL | None = None, jit: tuple | None = None) -> None:
+                 library: _Library | None = None, jit: tuple | None = None) -> None:
         self.name, self.images, self.params = name, images, params
         self._function = getattr(library, name) if library is not None else None
         self._calls = None
