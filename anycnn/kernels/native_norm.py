@@ -250,6 +250,11 @@ def _elementwise_pipeline(dtype: np.dtype, kind: str, relu: bool, block: int, ad
     return out, _used({"a": a, "h": h, "y": y, "p": params}, *names, "p"), {}
 
 
+def _run(pipeline: kernel_cache.Pipeline, arrays: dict, outputs: list) -> None:
+    """Run ``pipeline`` on those of ``arrays`` it takes (:func:`_used`)."""
+    pipeline.run({name: arrays[name] for name in pipeline.images}, {}, outputs)
+
+
 def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: Any = None,
                 inv_std: Any = None, y: np.ndarray | None = None,
                 affine: tuple | None = None) -> np.ndarray:
@@ -267,9 +272,9 @@ def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: An
               "p": np.stack([zeros if v is None else np.asarray(v, dtype) for v in columns])}
     outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
     if affine is not None:
-        _sums_pipeline(dtype, squares, product, True, BLOCK_ROWS, True).run(arrays, {}, outs)
+        _run(_sums_pipeline(dtype, squares, product, True, BLOCK_ROWS, True), arrays, outs)
     else:
-        _sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS).run(arrays, {}, outs)
+        _run(_sums_pipeline(dtype, squares, product, y is not None, BLOCK_ROWS), arrays, outs)
     total = [o.astype(np.float64).sum(axis=0) for o in outs]
     return np.stack(total) if product else total[0]
 
@@ -333,9 +338,9 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
               "y": native.operand(y) if y is not None else a, "p": np.stack(columns)}
     out = np.empty_like(a)
     if remask:
-        _elementwise_pipeline(a.dtype, kind, True, BLOCK_ROWS, add, True).run(arrays, {}, [out])
+        _run(_elementwise_pipeline(a.dtype, kind, True, BLOCK_ROWS, add, True), arrays, [out])
     else:
-        _elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add).run(arrays, {}, [out])
+        _run(_elementwise_pipeline(a.dtype, kind, relu, BLOCK_ROWS, add), arrays, [out])
     return out
 
 
