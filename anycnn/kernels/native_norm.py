@@ -269,7 +269,7 @@ def _block_sums(rows: np.ndarray, squares: bool = False, mean: Any = None, x: An
     columns = [mean, inv_std, *(affine or (None, None))]
     arrays = {"a": rows, "h": native.operand(x) if x is not None else rows,
               "y": native.operand(y) if y is not None else rows,
-              "p": np.stack([zeros if v is None else np.asarray(v, dtype) for v in columns])}
+              "p": np.array([zeros if v is None else v for v in columns], dtype=dtype)}
     outs = [np.empty((-(-m // BLOCK_ROWS), c), dtype=dtype) for _ in range(2 if product else 1)]
     if affine is not None:
         _run(_sums_pipeline(dtype, squares, product, True, BLOCK_ROWS, True), arrays, outs)
@@ -332,10 +332,10 @@ def _elementwise(kind: str, a: np.ndarray, h: np.ndarray | None, y: np.ndarray |
                  remask: bool = False) -> np.ndarray:
     """The ``_elementwise_pipeline`` of ``kind`` over rows ``a``: a new array shaped as it."""
     a = native.operand(a)  # each held until the run ends (native.operand)
-    columns = [np.asarray(v, a.dtype) for v in params]
-    columns += [columns[0]] * (PARAMS - len(columns))
+    columns = list(params) + [params[0]] * (PARAMS - len(params))
     arrays = {"a": a, "h": native.operand(h) if h is not None else a,
-              "y": native.operand(y) if y is not None else a, "p": np.stack(columns)}
+              "y": native.operand(y) if y is not None else a,
+              "p": np.array(columns, dtype=a.dtype)}  # (PARAMS, C), one buffer
     out = np.empty_like(a)
     if remask:
         _run(_elementwise_pipeline(a.dtype, kind, True, BLOCK_ROWS, add, True), arrays, [out])
