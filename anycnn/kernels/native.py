@@ -299,7 +299,7 @@ ROWS_PER_TASK = 8
 @kernel_cache.pipeline
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-                      addend: bool, relu: bool = False):
+                      addend: bool, relu: bool = False, codes: bool = True):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
     kernel reading a pooled gradient), plus ``bias`` (with ``addend``, plus the array
@@ -307,7 +307,8 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     image, which pads its own input rows. With ``relu`` (and no ``pool``), ``max(., 0)`` of
     that in the same tile, a NaN kept (:func:`conv2d_epilogue`). With ``pool`` (ph, pw), the
     output is the pair (relu(max over each ph x pw window + bias), code): see
-    :func:`conv2d_relu_maxpool`."""
+    :func:`conv2d_relu_maxpool`; without ``codes``, the pooled output alone (an inference's
+    block, which no backward follows)."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
@@ -338,7 +339,7 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
         out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
         out.reorder(coi, xi, coo, xo, yi, yo, n)
     else:
-        out = _pooled(hl, t, conv, bias, pool, loop)
+        out = _pooled(hl, t, conv, bias, pool, loop, codes)
         out.split(y, yo, yi, max(1, ROWS_PER_TASK // pool[0]), hl.TailStrategy.GuardWithIf)
         out.reorder(co, x, yi, yo, n).vectorize(co, tiling[1], hl.TailStrategy.GuardWithIf)
         coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling,
@@ -364,10 +365,11 @@ def _relu(hl, t, conv, loop):
 DEAD = 255
 
 
-def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop):
+def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop, codes: bool = True):
     """(relu(max + bias), code) over the ``pool`` (ph, pw) windows of ``conv``: ``code`` is the
     window's first tap (row-major) holding the maximum, or :data:`DEAD` where the ReLU is off.
-    A NaN in a window is its maximum (the first NaN), as in NumPy."""
+    A NaN in a window is its maximum (the first NaN), as in NumPy. Without ``codes``, the
+    first item alone."""
     co, x, y, n = loop
     ph, pw = pool
     best = hl.Expr(conv[co, x * pw, y * ph, n])
@@ -380,8 +382,11 @@ def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop):
     z = best + bias[co]
     zero = hl.cast(t, 0)
     out = hl.Func("pooled")
-    out[co, x, y, n] = hl.Tuple([hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero)),
-                                 hl.select(z > zero, code, hl.cast(hl.UInt(8), DEAD))])
+    value = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
+    if not codes:
+        out[co, x, y, n] = value
+        return out
+    out[co, x, y, n] = hl.Tuple([value, hl.select(z > zero, code, hl.cast(hl.UInt(8), DEAD))])
     return out
 
 
@@ -489,15 +494,17 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
              relu: bool = False) -> None:
     """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
     ``"addend"``: its sums start from that array plus the bias) into ``outputs``; with
-    ``relu``, the ReLU of the result."""
+    ``relu``, the ReLU of the result; with ``pool`` and one output, the pooled output
+    without codes."""
     cout, dtype = weight.shape[3], outputs[0].dtype
     tile, lanes, guard = _tiles(dtype, cout)
     width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
     ptile = _pixel_tile(width, tile // lanes)
     kh, kw, cin = weight.shape[:3]
+    extra = () if pool is None or len(outputs) == 2 else (False,)  # codes=False
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
                                  (cin, cout, kh, kw, stride), spread, unpool, pool,
-                                 "addend" in arrays, relu)
+                                 "addend" in arrays, relu, *extra)
     weight = operand(weight)
     bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},
@@ -530,6 +537,18 @@ def conv2d_relu_maxpool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | No
     _forward({"inp": operand(x)}, weight, bias, stride, pads, out_hw, [out, code],
              pool=tuple(window))
     return out, code
+
+
+def conv2d_relu_maxpool_eval(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                             stride: int, pads: tuple[int, int, int, int],
+                             out_hw: tuple[int, int], window: tuple[int, int]) -> np.ndarray:
+    """The output of :func:`conv2d_relu_maxpool` without its codes: for an inference, which
+    no backward follows (no code computed or written)."""
+    ph, pw = window
+    shape = (x.shape[0], out_hw[0] // ph, out_hw[1] // pw, weight.shape[3])
+    out = np.empty(shape, dtype=x.dtype)
+    _forward({"inp": operand(x)}, weight, bias, stride, pads, out_hw, [out], pool=tuple(window))
+    return out
 
 
 def input_grad_applies(weight: np.ndarray) -> bool:
@@ -717,6 +736,18 @@ def conv2d_relu_maxpool_kernel(x: Any, weight: Any, bias: Any, win: Any,
         return DECLINE
     return conv2d_relu_maxpool(x, weight, bias, win.stride[0], win.pads, win.out, window)
 
+
+
+@implements("conv2d_relu_maxpool_eval")
+def conv2d_relu_maxpool_eval_kernel(x: Any, weight: Any, bias: Any, win: Any,
+                                    window: tuple[int, int]) -> Any:
+    """The output of :func:`conv2d_relu_maxpool_kernel` without its codes
+    (:func:`conv2d_relu_maxpool_eval`: an inference's block), where that kernel applies; else
+    :data:`~anycnn.kernels.dispatch.DECLINE`."""
+    if window[0] * window[1] >= DEAD or not applies(x, weight, win.stride, win.pads,
+                                                     win.dilation, 1):
+        return DECLINE
+    return conv2d_relu_maxpool_eval(x, weight, bias, win.stride[0], win.pads, win.out, window)
 
 
 @implements("pooled_gradient")

@@ -53,7 +53,7 @@ from typing import Any
 
 from ..backend import namespace_of
 from . import functional as F
-from .layers import BatchNorm2D, Conv2D, ReLU
+from .layers import BatchNorm2D, Conv2D, Dense, ReLU
 from .modes import fusion_suspended
 from .module import Module, Parameter
 
@@ -230,6 +230,18 @@ class ConvReLU(ReLUInside):
     applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``)."""
 
     pattern = (Conv2D, ReLU)
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        """Eval mode only (training runs the layers as before)."""
+        return not (run[0].training or run[1].training)
+
+
+class DenseReLU(ReLUInside):
+    """An eval-mode ``Dense → ReLU`` run: the bias and the ReLU in one pass after the Dense's
+    product (``Dense.forward(x, relu=True)``), as onnxruntime's fused Gemm does."""
+
+    pattern = (Dense, ReLU)
 
     @staticmethod
     def accepts(run: list[Module]) -> bool:
