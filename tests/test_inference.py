@@ -449,8 +449,9 @@ def _pooled_cnn(dtype="float32"):
 def test_inference_block_writes_no_codes_and_backward_still_works(backend, kernels, rng,
                                                                    monkeypatch):
     """Under no_grad in eval mode (predict, evaluate) a compiled Conv-ReLU-MaxPool block
-    writes its output alone (no pooling codes); its output equals the layer-by-layer one,
-    and a backward called all the same gets the gradients of a forward with gradients on."""
+    writes its output alone (no pooling codes) and no layer keeps backward state; the output
+    equals the layer-by-layer one, and a backward called all the same (it runs the forward
+    again) gets the gradients of a forward with gradients on."""
     model = _pooled_cnn("float64")
     model.eval()
     x = anycnn.asarray(rng.normal(size=(3, 8, 8, 2)))
@@ -470,8 +471,10 @@ def test_inference_block_writes_no_codes_and_backward_still_works(backend, kerne
     _close(y, expected)
     if kernels == "compiled" and anycnn.get_backend().name == "numpy":
         assert len(eval_calls) == 2, "the inference kernel (no codes) was not used"
-        steps = model._plan[0]._saved
-        assert all(step.code is None for step in steps)
+    kept = [m for m in model.modules() if getattr(m, "_ctx", None) is not None
+            or getattr(m, "_x", None) is not None]
+    assert not kept and model._plan[0]._saved is None, "an inference kept backward state"
+    assert model._replay is not None  # the input, for a backward called all the same
     model.backward(dy)
     for p, expected_grad in zip(model.parameters(), want):
         np.testing.assert_allclose(_host(p.grad), expected_grad, rtol=1e-9, atol=1e-12)
@@ -515,4 +518,26 @@ def test_dense_relu_runs_fused_in_eval_only(backend, kernels, rng):
                 model.forward(x)
         grads.append([_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()])
     for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_of_a_folded_resnet_keeps_nothing(backend, kernels, rng):
+    """resnet-mini under no_grad in eval mode: the same logits, no layer or fused step keeps
+    backward state (residual bodies included), and a backward called all the same equals the
+    one after a forward with gradients on."""
+    model, x = _model("resnet-mini", rng)
+    dy = anycnn.asarray(rng.normal(size=(3, 10)))
+    with anycnn.no_grad():  # the first forward: nothing kept from before
+        y = model.forward(x)
+    kept = [m for m in model.modules()
+            if any(getattr(m, a, None) is not None for a in ("_ctx", "_x", "_out", "_saved"))]
+    kept += [s for m in model.modules() if isinstance(m, Sequential) and m is not model
+             for s in [m._replay] if s is not None]
+    assert not kept, f"an inference kept backward state in {kept[:3]}"
+    model.zero_grad()
+    got = [_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()]
+    model.zero_grad()
+    _close(y, _host(model.forward(x)))
+    want = [_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()]
+    for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

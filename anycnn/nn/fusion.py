@@ -31,13 +31,12 @@ from typing import Any
 
 from array_api_compat import device
 
-from ..autograd.mode import STATE
 from ..backend import namespace_of
 from ..kernels.dispatch import DECLINE, attempt
 from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
-from .inference import ConvReLU, DenseReLU, ReLUInside, tree_in_eval
+from .inference import ConvReLU, DenseReLU, ReLUInside, inferring
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 from .modes import fusion_suspended, suspended  # noqa: F401 - re-exported
 from .module import Module
@@ -169,18 +168,11 @@ _TWICE = ("fused Conv2D/ReLU/MaxPool2D backward called before forward, or called
           "forward")
 
 
-def inferring() -> bool:
-    """Whether the forward running now is an inference: gradients off (``no_grad``) and the
-    whole model in eval mode (:func:`~anycnn.nn.inference.tree_in_eval`), as ``predict``,
-    ``evaluate`` and validation run it. A fused block then skips what only its backward
-    reads (the pooling codes); a backward called all the same computes them again."""
-    return not STATE.grad and bool(tree_in_eval())
-
-
 @dataclass
 class _CompiledStep:
     """A block computed by the compiled kernel: its input, windows, output and codes (None
-    after an inference's forward: :meth:`backward` then computes them again)."""
+    after an inference's forward, which no backward follows: see
+    :func:`~anycnn.nn.inference.inferring`)."""
 
     block: ConvReluMaxPool
     x: Any
@@ -191,10 +183,6 @@ class _CompiledStep:
     def backward(self, dy: Any, input_grad: bool) -> Any:
         """Accumulates the block's parameter gradients; returns the input gradient (or None)."""
         conv = self.block.conv
-        if self.code is None:  # an inference's forward: the codes, from the same input
-            _, self.code = attempt("conv2d_relu_maxpool", self.x, conv.weight.data,
-                                   None if conv.bias is None else conv.bias.data, self.win,
-                                   self.block.pool.kernel_size)
         xp = namespace_of(dy)
         dy = xp.reshape(dy, self.code.shape)
         if conv.bias is not None:
