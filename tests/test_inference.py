@@ -484,10 +484,10 @@ def test_inference_pool_kernel_equals_the_training_one(rng):
     """The inference block kernel's output is the training kernel's, bit for bit (NaN too)."""
     if anycnn.get_backend().name != "numpy" or not native.available(np):
         pytest.skip("the compiled kernels are off here")
-    for dtype in (np.float32, np.float64):
-        x = rng.normal(size=(3, 9, 8, 3)).astype(dtype)
+    for dtype, cin in ((np.float32, 3), (np.float64, 3), (np.float32, 1)):
+        x = rng.normal(size=(3, 9, 8, cin)).astype(dtype)  # cin 1: pixels as the grid's vectors
         x[1, 2, 3, :] = np.nan
-        w = rng.normal(size=(3, 3, 3, 32)).astype(dtype)
+        w = rng.normal(size=(3, 3, cin, 32)).astype(dtype)
         b = rng.normal(size=32).astype(dtype)
         for pads, window in (((1, 1, 1, 1), (2, 2)), ((0, 0, 0, 0), (3, 2))):
             out_hw = (9 + pads[0] + pads[1] - 2, 8 + pads[2] + pads[3] - 2)
