@@ -541,3 +541,47 @@ def test_inference_of_a_folded_resnet_keeps_nothing(backend, kernels, rng):
     want = [_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()]
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_kernel_equals_numpy(rng):
+    """The compiled Dense (product, bias, ReLU in one kernel) equals NumPy's up to rounding,
+    for row counts that leave partial tiles and blocks, both dtypes, with and without the
+    ReLU (a NaN kept by the ReLU, as NumPy's maximum)."""
+    if anycnn.get_backend().name != "numpy" or not native.available(np):
+        pytest.skip("the compiled kernels are off here")
+    for m, k, n, dtype in ((64, 3136, 128, np.float32), (70, 333, 128, np.float32),
+                           (130, 64, 64, np.float64), (3, 1000, 64, np.float64)):
+        x = rng.normal(size=(m, k)).astype(dtype)
+        x[1, 5] = np.nan
+        w = (rng.normal(size=(k, n)) / np.sqrt(k)).astype(dtype)
+        b = rng.normal(size=n).astype(dtype)
+        assert native.dense_applies(x, w, b), (m, k, n, dtype)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for bias in (b, None):
+            want = x @ w + (0 if bias is None else bias)
+            for relu in (False, True):
+                got = native.dense(x, w, bias, relu)
+                expected = np.where(np.isnan(want), want, np.maximum(want, 0)) if relu else want
+                np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+                assert np.isnan(got[1]).all()
+    x = np.ones((64, 3136), np.float32)
+    assert not native.dense_applies(x, np.ones((3136, 10), np.float32), None)  # 10 features
+    assert not native.dense_applies(x[:2, :8], np.ones((8, 64), np.float32), None)  # small
+
+
+def test_eval_dense_relu_uses_the_dense_kernel(backend, kernels, rng, monkeypatch):
+    """An eval-mode Dense → ReLU large enough for the compiled Dense runs in it (under
+    no_grad and with gradients on), equal to the layers one by one."""
+    model = Sequential(Flatten(), Dense(96, 64, dtype="float64"), ReLU(),
+                       Dense(64, 5, dtype="float64"))
+    model[1].bias.data = anycnn.asarray(rng.normal(size=64))  # not the zeros it starts with
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(20, 4, 4, 6)))
+    compiled = kernels == "compiled" and anycnn.get_backend().name == "numpy"
+    calls = _watch(monkeypatch, native, "dense") if compiled else []
+    expected = _reference(model, x)
+    _close(model.forward(x), expected)
+    with anycnn.no_grad():
+        _close(model.forward(x), expected)
+    if compiled:
+        assert len(calls) == 2 and calls[0][0][3] is True, "the compiled Dense was not used"
