@@ -109,6 +109,14 @@ def anycnn_profile(model, images, steps: int) -> tuple[list[float], dict, dict]:
     st.wrap(native, "conv2d_epilogue", kernel_label("epilogue"))
     st.wrap(native, "conv2d_relu_maxpool", kernel_label("relu-maxpool"))
     st.wrap(native, "conv2d", kernel_label("conv"))
+    st.wrap(native, "conv2d_relu_maxpool_eval", kernel_label("relu-maxpool"))
+
+    def dense_label(x, weight, bias, relu=False):
+        current["kernel"] = f"dense {x.shape[0]}x{x.shape[1]} @ {weight.shape[1]}" + (
+            " relu" if relu else "")
+        return f"py {current['kernel']}"
+
+    st.wrap(native, "dense", dense_label)
     # the pipeline's own call: labelled by the kernel function that runs it
     st.wrap(kernel_cache.Pipeline, "run", lambda *a, **k: "halide " + current["kernel"])
     from anycnn.kernels import dispatch
