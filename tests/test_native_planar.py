@@ -45,6 +45,7 @@ CASES = [
     (3, (28, 28), 6, 5, (2, 2, 2, 2), (2, 2)),    # LeNet's first layer
     (2, (32, 32), 6, 5, (2, 2, 2, 2), (2, 2)),    # LeNet at 32x32
     (2, (32, 32), 6, 5, (0, 0, 0, 0), (2, 2)),    # 'valid': the output narrower than the input
+    (2, (32, 32), 6, 5, (2, 2, 4, 4), (2, 2)),    # the output wider than the input
     (2, (25, 28), 4, 5, (4, 1, 3, 1), (2, 2)),    # odd height, uneven padding
     (1, (9, 24), 5, 3, (1, 0, 2, 2), (2, 2)),     # few rows, padding past the kernel's middle
     (2, (12, 36), 3, 3, (2, 0, 1, 1), (3, 3)),    # a 3x3 pool

@@ -80,7 +80,16 @@ def _planar_pipeline(dtype: np.dtype, cout: int, kernel: tuple[int, int],
 
     mm, co, tx, yy, n = (hl.Var(v) for v in ("mm", "co", "tx", "yy", "n"))
     plane = hl.Func("plane")  # [mm, co, tx, yy, n]: column mm - pad of tap column tx
-    plane[mm, co, tx, yy, n] = zero
+    # every column a vector of acc reads is written (garbage there could be subnormal: slow);
+    # only the columns left and right of the copied ones are zeroed first (zeroing every
+    # column cost 4% more, measured)
+    columns = max(-(-(width // pw) // lanes) * lanes + max(offsets), wq) + pad
+    plane[mm, co, tx, yy, n] = hl.undef(t)
+    borders = []
+    for lo, hi in ((0, pad), (pad + wq, columns)):
+        if hi > lo:
+            borders.append(hl.RDom([hl.Range(lo, hi - lo)]))
+            plane[borders[-1], co, tx, yy, n] = zero
     ys = yy - top
     inside = (ys >= 0) & (ys < hq * ph)
     ysc = hl.clamp(ys, 0, hq * ph - 1)
@@ -114,12 +123,12 @@ def _planar_pipeline(dtype: np.dtype, cout: int, kernel: tuple[int, int],
     out.vectorize(xm, width // pw).unroll(yi)
     if parallel:
         out.parallel(n)
-    # every column a vector of acc reads is written (garbage there could be subnormal: slow)
-    columns = -(-(width // pw) // lanes) * lanes + max(offsets) + pad
-    plane.bound(mm, 0, columns)
-    plane.compute_at(out, n).vectorize(mm, lanes, hl.TailStrategy.ShiftInwards)
+    plane.bound(mm, 0, columns).compute_at(out, n)
+    for k, rb in enumerate(borders):
+        plane.update(k).reorder(rb, co, tx, yy, n).unroll(rb).unroll(co).unroll(tx)
     for k in range(len(starts)):
-        plane.update(k).reorder(rx, co, tx, yy, n).vectorize(rx).unroll(co).unroll(tx)
+        plane.update(len(borders) + k).reorder(rx, co, tx, yy, n).vectorize(rx).unroll(
+            co).unroll(tx)
     acc.compute_at(out, yo).reorder(m, s, y, n).vectorize(m, lanes, hl.TailStrategy.RoundUp)
     acc.unroll(s).unroll(y)
     acc.update().reorder(m, s, y, r.x, r.y, r.z, n).vectorize(m, lanes, hl.TailStrategy.RoundUp)
