@@ -4,6 +4,7 @@ sizes; no timing is asserted)."""
 from __future__ import annotations
 
 import json
+import sys
 
 from anycnn.cli.commands import main
 
@@ -34,3 +35,9 @@ def test_first_step_runs_a_cold_and_a_warm_cache_process(tmp_path, capsys):
         # the first step maps its working memory; later steps reuse what the allocator kept
         assert row[kind]["first_faults"] > row[kind]["warm_faults"] >= 0
     assert row["warm_first_over_step"] == row["warm"]["first_ms"] / row["warm"]["warm_ms"]
+    assert "kernel libraries empty / cached" in out
+    if sys.platform.startswith("linux"):  # counted from /proc/self/maps
+        assert 0 <= row["warm"]["libraries"] <= row["cold"]["libraries"]
+    if row["cold"]["libraries"] is not None and row["cold"]["libraries"] > 2:
+        # compiled kernels are on: the cached process opens Halide's runtime and one bundle
+        assert row["warm"]["libraries"] == 2

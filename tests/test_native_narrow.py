@@ -115,6 +115,42 @@ def test_rows_of_tiling_windows_are_read_in_place(rng, dtype, cin, cout, k, pads
     assert_rounding_close(result, C.conv_input_grad.portable(d, wt, win))
 
 
+def test_rows_per_task():
+    """8 rows per task where tasks spread over threads or the image's padded gradient is
+    large; on one thread a small image's height, rounded up to a multiple of 8."""
+    assert native_narrow._task_rows(True, (28, 28), (5, 5), 6, 4) == 8
+    assert native_narrow._task_rows(False, (28, 28), (5, 5), 6, 4) == 32  # 24 KiB
+    assert native_narrow._task_rows(False, (14, 14), (5, 5), 16, 4) == 16  # 20 KiB
+    assert native_narrow._task_rows(False, (28, 28), (3, 3), 32, 4) == 8  # 112 KiB
+    assert native_narrow._task_rows(False, (28, 28), (5, 5), 6, 8) == 8  # float64: 48 KiB
+
+
+@pytest.mark.parametrize("case", [
+    (2, 28, 28, 1, 6, 5, (2, 2, 2, 2), None),       # lenet5's first layer: 32-row tasks
+    (1, 9, 7, 2, 5, 3, (0, 0, 0, 0), None),         # 16-row tasks over 9 rows
+    (3, 11, 13, 3, 6, 4, (3, 0, 1, 2), None),       # uneven padding
+    (2, 20, 9, 1, 32, 3, (2, 0, 1, 2), (3, 3)),     # a pooled gradient, 24-row tasks
+], ids=["lenet-1-6", "odd", "uneven-pads", "pooled"])
+def test_one_thread_takes_whole_images(monkeypatch, rng, case):
+    """Inside a batch-parallel region (one thread) a task is a whole small image: the same
+    result as the portable path, across heights that are no multiple of the task's rows."""
+    from anycnn.kernels import threads
+
+    n, h, w, cin, cout, k, pads, window = case
+    monkeypatch.setattr(native_narrow, "SERIAL_TASK_BYTES", 1 << 20)
+    assert native_narrow._task_rows(False, (h, w), (k, k), cout, 4) > h
+    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+    wt = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+    win = C.conv_windows((h, w), (k, k), (1, 1), pads, (1, 1))
+    if window is not None:
+        dy, dense, win = _pooled_gradient(rng, x, wt, pads, window, np.float32)
+    else:
+        dy = dense = rng.normal(size=(n, *win.out, cout)).astype(np.float32)
+    expected = C.conv_input_grad.portable(np.reshape(dense, (n, -1, cout)), wt, win)
+    monkeypatch.setattr(threads._region, "active", True, raising=False)
+    assert_rounding_close(native_narrow.input_grad(dy, wt, pads, (h, w)), expected)
+
+
 def test_an_empty_batch(rng):
     wt = rng.normal(size=(3, 3, 1, 6))
     dx = native_narrow.input_grad(np.zeros((0, 5, 5, 6)), wt, (1, 1, 1, 1), (5, 5))

@@ -8,16 +8,21 @@ median of its later steps. The table gives the medians over the rounds and the r
 warm-cache first step to a warm step, which the compiled-kernel cache keeps near 1, and the
 minor page faults of the cached process's first step against a warm step's: the first step
 is where the operating system maps (and zeroes) the step's working memory, page by page, for
-the first time; later steps reuse the memory the allocator kept.
+the first time; later steps reuse the memory the allocator kept. It also counts the
+compiled-kernel libraries each process had mapped after its first step: the cached process
+opens Halide's runtime and the bundle the first process linked as it exited
+(:mod:`~anycnn.kernels.kernel_bundle`), not one library per kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from .bench import TrainingStep, _report, _run_worker, rss_mib, time_steps
@@ -32,10 +37,27 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def kernel_libraries() -> int | None:
+    """How many shared libraries of the compiled-kernel cache this process has mapped (Halide's
+    runtime, kernels, bundles); None where ``/proc/self/maps`` cannot be read."""
+    from ..kernels import kernel_cache
+
+    root = kernel_cache.cache_root()
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    if root is None:
+        return 0
+    prefix = os.path.join(os.path.realpath(root), "")
+    return len({line.split(maxsplit=5)[-1] for line in maps.splitlines()
+                if line.endswith(".so") and line.split(maxsplit=5)[-1].startswith(prefix)})
+
+
 def first_step_worker(cfg: dict) -> dict:
     """Worker side: the first step's and the later steps' milliseconds and minor page faults
-    (the later steps': medians), whether Halide was imported, and the peak resident set
-    (MiB)."""
+    (the later steps': medians), the kernel libraries mapped by then, whether Halide was
+    imported, and the peak resident set (MiB)."""
     bench = TrainingStep(cfg)
     faults = minor_faults()
     start = time.perf_counter()
@@ -43,6 +65,7 @@ def first_step_worker(cfg: dict) -> dict:
     bench.sync()
     first = (time.perf_counter() - start) * 1e3
     first_faults = minor_faults() - faults
+    libraries = kernel_libraries()
     later, later_faults = [], []
     for _ in range(cfg["steps"]):
         faults = minor_faults()
@@ -50,7 +73,8 @@ def first_step_worker(cfg: dict) -> dict:
         later_faults.append(minor_faults() - faults)
     return {"first_ms": first, "warm_ms": statistics.median(later),
             "first_faults": first_faults, "warm_faults": statistics.median(later_faults),
-            "halide_imported": "halide" in sys.modules, "peak_mib": rss_mib("VmHWM")}
+            "libraries": libraries, "halide_imported": "halide" in sys.modules,
+            "peak_mib": rss_mib("VmHWM")}
 
 
 def run_first_step(args: argparse.Namespace) -> int:
@@ -78,6 +102,7 @@ def run_first_step(args: argparse.Namespace) -> int:
                          for key in ("first_ms", "warm_ms", "peak_mib", "first_faults",
                                      "warm_faults")}
             row[kind]["halide_imported"] = any(o["halide_imported"] for o in outs)
+            row[kind]["libraries"] = outs[-1]["libraries"]
         row["warm_first_over_step"] = row["warm"]["first_ms"] / row["warm"]["warm_ms"]
         results["rows"].append(row)
     return _report(format_first_step_table(results), results, args.json)
@@ -87,7 +112,8 @@ def format_first_step_table(results: dict) -> str:
     """A Markdown table of :func:`run_first_step`'s results."""
     head = ["batch", "first step, empty cache ms", "first step, cached ms", "warm step ms",
             "cached first / warm", "page faults cached first / warm",
-            "peak MiB empty / cached", "Halide imported when cached"]
+            "peak MiB empty / cached", "kernel libraries empty / cached",
+            "Halide imported when cached"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["rows"]:
         cold, warm = row["cold"], row["warm"]
@@ -96,5 +122,10 @@ def format_first_step_table(results: dict) -> str:
             f"{warm['warm_ms']:.1f}", f"{row['warm_first_over_step']:.2f}x",
             f"{warm['first_faults']:.0f} / {warm['warm_faults']:.0f}",
             f"{cold['peak_mib']:.0f} / {warm['peak_mib']:.0f}",
+            f"{_count(cold['libraries'])} / {_count(warm['libraries'])}",
             "yes" if warm["halide_imported"] else "no"]) + " |")
     return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)

@@ -19,10 +19,14 @@ first step costs about a warm step, and the compiler's memory (100-200 MB) is no
   every process then compiles its kernels in memory (Halide's JIT), as without a C compiler.
 - Entry: ``<builder>-<digest>.so`` and ``.json``. The digest covers the builder's name, its
   arguments and the source of the kernel modules (a changed schedule is a new entry, never a
-  stale one); the ``.json`` is written last and records the library's SHA-256, checked before
-  the library is loaded: a missing, partial or corrupt entry is compiled again, never loaded.
-- Writes go to temporary files renamed into place: processes compiling the same kernel at once
-  (test workers, ranks of a data-parallel run) each leave a whole entry.
+  stale one); the ``.json`` is written last and records the library's SHA-256 and its file's
+  identity (size, inode, modification and change times): a missing or partial entry, or a
+  library whose identity differs from its record and whose SHA-256 then differs too, is
+  compiled again, never loaded. A library whose identity matches its record is loaded
+  without reading it (hashing every library cost a cached process about 1.5 ms).
+- Writes go to temporary files, flushed to disk, renamed into place: processes compiling the
+  same kernel at once (test workers, ranks of a data-parallel run) each leave a whole entry,
+  and a record is written only once its library is on disk.
 - ``host.json`` records Halide's host target (its vector features shape the kernels' tiles),
   so a cached run learns it without Halide.
 
@@ -36,14 +40,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shutil
-import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,13 +54,14 @@ from typing import Any
 
 import numpy as np
 
-from . import threads
+from . import halide_call, threads
 
 __all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
 
 #: the modules whose source shapes the compiled code (their digest is part of every key)
 SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
-                  "anycnn.kernels.native_narrow", "anycnn.kernels.kernel_cache")
+                  "anycnn.kernels.native_narrow", "anycnn.kernels.native_planar",
+                  "anycnn.kernels.kernel_cache")
 
 _build_lock = threading.Lock()  # one pipeline compiled at a time
 _jit_lock = threading.Lock()  # an in-memory pipeline's parameters are set, then it runs
@@ -86,7 +87,12 @@ def cache_root() -> Path | None:
 def _cpu_fingerprint() -> str:
     """The CPU's model and feature flags (Linux: /proc/cpuinfo; elsewhere what the platform
     module says): machines that differ here get separate entries."""
-    facts = [platform.machine(), platform.system()]
+    if hasattr(os, "uname"):  # what platform.machine() and system() read, without importing it
+        facts = [os.uname().machine, os.uname().sysname]
+    else:  # pragma: no cover - Windows
+        import platform
+
+        facts = [platform.machine(), platform.system()]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -94,6 +100,8 @@ def _cpu_fingerprint() -> str:
                 if key in ("model name", "flags", "Features", "CPU part") and line not in facts:
                     facts.append(line.strip())
     except OSError:
+        import platform
+
         facts.append(platform.processor())
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
@@ -112,9 +120,11 @@ def _halide_version() -> str:
         found = _dist_info_versions(Path(location).parent, "halide")
         if len(found) == 1:
             return found[0]
+    from importlib import metadata  # about 10 ms to import: only where the folder is ambiguous
+
     try:
-        return importlib.metadata.version("halide")
-    except importlib.metadata.PackageNotFoundError:
+        return metadata.version("halide")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -189,7 +199,13 @@ def _source_digest() -> str:
 
 def entry_name(builder: str, args: tuple) -> str:
     """The file stem of the entry of ``builder`` over ``args``."""
-    digest = hashlib.sha256(f"{builder}{args!r}{_source_digest()}".encode()).hexdigest()
+    return _stem(builder, f"{builder}{args!r}")
+
+
+def _stem(builder: str, key: str) -> str:
+    """:func:`entry_name` from the entry's ``key`` (the builder's name and its arguments'
+    repr, which is worth computing once: a dtype's repr costs about 10 us)."""
+    digest = hashlib.sha256(f"{key}{_source_digest()}".encode()).hexdigest()
     return f"{builder.rsplit('.', 1)[-1].strip('_')}-{digest[:20]}"
 
 
@@ -206,6 +222,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _identity(path: Path | str) -> list[int]:
+    """The file's size, inode, modification and change times (ns): any write to it, or its
+    replacement, changes at least one (the change time cannot be set back by ``touch``)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _record_library(path: Path) -> dict:
+    """The record fields of the library ``path``, just renamed into place: its SHA-256 and
+    its identity."""
+    return {"sha256": _sha256(path), "file": _identity(path)}
+
+
+def _library_matches(path: Path, meta: dict) -> bool:
+    """Whether ``path`` is the library ``meta`` (a record) describes: its identity as
+    recorded, else (the file was copied, or touched) its SHA-256 as recorded, in which case
+    ``meta``'s identity is updated, for the caller to write back."""
+    if meta.get("file") == _identity(path):
+        return True
+    if meta["sha256"] != _sha256(path):
+        return False
+    meta["file"] = _identity(path)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +282,8 @@ def host_target() -> str:
 
 def _link(objects: list[Path], out: Path) -> None:
     """Link ``objects`` into the shared library ``out`` (through a temporary file)."""
+    import subprocess  # only where kernels are compiled or bundled: not in a cached first step
+
     flags = ["-shared"]
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]
@@ -248,6 +291,11 @@ def _link(objects: list[Path], out: Path) -> None:
     try:
         subprocess.run([_compiler(), *flags, "-o", str(tmp), *map(str, objects)], check=True,
                        capture_output=True, text=True)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # on disk before its record is written: a crash cannot leave a record of garbage
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, out)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"linking a compiled kernel failed: {e.stderr.strip()}") from e
@@ -276,8 +324,8 @@ def _load_runtime(directory: Path) -> None:
     path = directory / "runtime.so"
     record = directory / "runtime.json"
     try:
-        ok = json.loads(record.read_text())["sha256"] == _sha256(path)
-    except (OSError, ValueError, KeyError):
+        ok = _checked(record, path, json.loads(record.read_bytes())) is not None
+    except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
         hl = _halide()
@@ -285,52 +333,11 @@ def _load_runtime(directory: Path) -> None:
             obj = Path(tmp) / "runtime.o"
             hl.compile_standalone_runtime(str(obj), hl.Target(host_target()))
             _link([obj], path)
-        _write_atomic(record, json.dumps({"sha256": _sha256(path)}).encode())
+        _write_atomic(record, json.dumps(_record_library(path)).encode())
     _runtime = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     _runtime.halide_set_error_handler(_on_error)
     if "HL_NUM_THREADS" not in os.environ:
         _runtime.halide_set_num_threads(ctypes.c_int(threads.num_threads()))
-
-
-# --------------------------------------------------------------------------------------------
-# Buffers
-
-#: Halide's ``halide_buffer_t`` (device, device_interface, host, flags, type code, bits,
-#: lanes, dimensions, dim, padding: 56 bytes) and ``halide_dimension_t`` (min, extent,
-#: stride, flags: 16 bytes), packed with :mod:`struct` (10x cheaper than ctypes Structures,
-#: measured: about 1 us a buffer against 11; a training step passes about a thousand)
-_BUFFER = struct.Struct("=QQQQBBHiQQ")
-_DIMENSION = struct.Struct("=iiiI")
-_TYPE_CODES = {"i": 0, "u": 1, "f": 2}
-
-
-@functools.cache
-def _dimensions(nd: int) -> struct.Struct:
-    """``nd`` packed ``halide_dimension_t``."""
-    return struct.Struct("=" + "iiiI" * nd)
-
-
-def _buffers(arrays: list[np.ndarray]) -> tuple[Any, list[ctypes.c_void_p]]:
-    """``halide_buffer_t`` descriptors of ``arrays``' memory (Halide's axes are NumPy's
-    reversed), in one ctypes block the caller keeps alive while they are used, and their
-    addresses."""
-    dims = sum(a.ndim for a in arrays)
-    block = (ctypes.c_char * (_BUFFER.size * len(arrays) + _DIMENSION.size * dims))()
-    base = ctypes.addressof(block)
-    at = _BUFFER.size * len(arrays)
-    pointers = []
-    for k, a in enumerate(arrays):
-        nd, size = a.ndim, a.itemsize
-        strides = [s // size for s in a.strides]
-        if a.size == 0:  # NumPy gives an empty array zero strides; Halide wants them dense
-            strides = [int(np.prod(a.shape[i + 1:])) for i in range(nd)]
-        _BUFFER.pack_into(block, _BUFFER.size * k, 0, 0, a.ctypes.data, 0,
-                          _TYPE_CODES[a.dtype.kind], 8 * size, 1, nd, base + at, 0)
-        _dimensions(nd).pack_into(block, at, *(v for i in range(nd - 1, -1, -1)
-                                                for v in (0, a.shape[i], strides[i], 0)))
-        at += _DIMENSION.size * nd
-        pointers.append(ctypes.c_void_p(base + _BUFFER.size * k))
-    return block, pointers
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,11 +348,13 @@ class Pipeline:
     """A compiled pipeline: :meth:`run` computes its outputs from NumPy arrays and ints."""
 
     def __init__(self, name: str, images: list[str], params: list[str],
-                 library: ctypes.CDLL | None = None, jit: tuple | None = None) -> None:
+                 library: _Library | None = None, jit: tuple | None = None) -> None:
         self.name, self.images, self.params = name, images, params
         self._function = getattr(library, name) if library is not None else None
+        self._calls = None
         if self._function is not None:
             self._function.restype = ctypes.c_int
+            self._calls = halide_call.Calls(self._function, len(images))
         self._jit = jit  # (func, ImageParams, Params) compiled in memory
 
     def run(self, arrays: dict[str, np.ndarray], scalars: dict[str, int],
@@ -353,16 +362,13 @@ class Pipeline:
         """Compute ``outputs`` (C-contiguous innermost, of the pipeline's types; several for a
         Tuple-valued pipeline) from ``arrays`` (each ImageParam by name, as
         :func:`~anycnn.kernels.native.operand` made it, held by the caller) and ``scalars``."""
-        if self._function is None:
+        if self._calls is None:
             self._run_jit(arrays, scalars, outputs)
             return
-        block, pointers = _buffers([arrays[name] for name in self.images] + outputs)
-        images = len(self.images)
+        operands = [arrays[name] for name in self.images]
+        operands += outputs
         _errors.message = None
-        code = self._function(*pointers[:images],
-                              *(ctypes.c_int32(int(scalars[name])) for name in self.params),
-                              *pointers[images:])
-        del block  # the descriptors were read during the call
+        code = self._calls(operands, tuple([scalars[name] for name in self.params]))
         if code != 0:
             raise RuntimeError(f"compiled kernel {self.name} failed: "
                                f"{_errors.message or f'Halide error {code}'}")
@@ -402,18 +408,77 @@ def _realize(func, buffer) -> None:
         _pool_started = True
 
 
+def _checked(record: Path, library: Path, meta: dict) -> dict | None:
+    """``meta`` (the record ``record`` read) when ``library`` is the library it describes
+    (:func:`_library_matches`; a refreshed identity is written back), else None."""
+    known = meta.get("file")
+    if not _library_matches(library, meta):
+        return None
+    if meta["file"] != known:
+        try:
+            _write_atomic(record, json.dumps(meta, indent=1).encode())
+        except OSError:
+            pass  # a read-only cache: the next process hashes the library again
+    return meta
+
+
 def _load(directory: Path, stem: str, key: str) -> Pipeline | None:
     """The entry ``stem`` when it is whole and its record names ``key``, else None."""
-    record, library = directory / f"{stem}.json", directory / f"{stem}.so"
+    record, library = Path(f"{directory}/{stem}.json"), Path(f"{directory}/{stem}.so")
     try:
         meta = json.loads(record.read_bytes())
-        if meta["key"] != key or meta["sha256"] != _sha256(library):
+        if meta["key"] != key or _checked(record, library, meta) is None:
             return None
         _load_runtime(directory)
         return Pipeline(meta["function"], meta["images"], meta["params"],
-                        library=ctypes.CDLL(str(library)))
+                        library=_Library(library))
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
+
+
+class _Library:
+    """A shared library opened with ``dlopen`` (never closed): its functions, by attribute,
+    are ctypes functions returning ``int``. Lighter than :class:`ctypes.CDLL`, which builds a
+    class per library (about 40 us each, and a cached first step opens dozens)."""
+
+    def __init__(self, path: Path) -> None:
+        dl = _dl()
+        self._handle = dl.dlopen(os.fsencode(path), _DLOPEN_MODE)
+        if not self._handle:
+            raise OSError(f"cannot load {path}: {_dlerror(dl)}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        dl = _dl()
+        address = dl.dlsym(self._handle, name.encode())
+        if not address:
+            raise AttributeError(f"{name}: {_dlerror(dl)}")
+        return _FUNCTION(address)
+
+
+#: the kernels' libraries resolve Halide's runtime (loaded globally) when they are opened
+_DLOPEN_MODE = os.RTLD_NOW | os.RTLD_LOCAL if hasattr(os, "RTLD_NOW") else 0
+_FUNCTION = ctypes.CFUNCTYPE(ctypes.c_int)  # cdecl: any number of arguments
+
+
+@functools.cache
+def _dl() -> ctypes.CDLL:
+    """``dlopen``, ``dlsym`` and ``dlerror`` of this process (glibc 2.34+ and macOS have them
+    in the C library, older glibc in libdl)."""
+    dl = ctypes.CDLL(None)
+    if not hasattr(dl, "dlopen"):
+        dl = ctypes.CDLL("libdl.so.2")
+    dl.dlopen.restype = dl.dlsym.restype = ctypes.c_void_p
+    dl.dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    dl.dlsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    dl.dlerror.restype = ctypes.c_char_p
+    return dl
+
+
+def _dlerror(dl: ctypes.CDLL) -> str:
+    message = dl.dlerror()
+    return message.decode(errors="replace") if message else "unknown error"
 
 
 def _compile(directory: Path, stem: str, key: str, built: tuple) -> Pipeline:
@@ -429,10 +494,12 @@ def _compile(directory: Path, stem: str, key: str, built: tuple) -> Pipeline:
         obj = Path(tmp) / f"{stem}.o"
         func.compile_to_object(str(obj), arguments, function, target)
         _link([obj], library)
+        object_sha256 = _sha256(obj)
+        os.replace(obj, directory / obj.name)  # kept for bundles (kernel_bundle)
     meta = {"key": key, "function": function, "images": list(images),
-            "params": list(params), "sha256": _sha256(library)}
+            "params": list(params), **_record_library(library), "object": object_sha256}
     _write_atomic(directory / f"{stem}.json", json.dumps(meta, indent=1).encode())
-    return Pipeline(function, list(images), list(params), library=ctypes.CDLL(str(library)))
+    return Pipeline(function, list(images), list(params), library=_Library(library))
 
 
 def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
@@ -442,15 +509,21 @@ def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
     global _not_kept
     name = f"{builder.__module__}.{builder.__qualname__}"
     directory = cache_dir()
-    if directory is not None and ahead_of_time():
-        stem = entry_name(name, args)
+    if directory is not None and _compiler() is not None and _not_kept is None:  # ahead_of_time
         key = f"{name}{args!r}"
+        found = kernel_bundle.lookup(directory, name, key)
+        if found is not None:
+            return found
+        stem = _stem(name, key)
         found = _load(directory, stem, key)
         if found is not None:
+            kernel_bundle.note(directory, key, stem, found)
             return found
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            return _compile(directory, stem, key, builder(*args))
+            found = _compile(directory, stem, key, builder(*args))
+            kernel_bundle.note(directory, key, stem, found)
+            return found
         except (OSError, RuntimeError) as exc:
             _not_kept = f"the kernel cache {directory} is unusable: {exc}"
             warnings.warn(f"anycnn: compiled kernels are not kept on disk: {_not_kept}; "
@@ -480,3 +553,6 @@ def pipeline(builder: Callable[..., tuple]) -> Callable[..., Pipeline]:
 
     get.cache_clear = held.clear  # type: ignore[attr-defined]
     return get
+
+
+from . import kernel_bundle  # noqa: E402 - it uses this module's loading functions

@@ -21,8 +21,9 @@ contiguous run of ``kw * C_out`` gradient entries (row ``y + pt - ky``, pixels
 ``x + pl - kw + 1 .. x + pl``, all channels) times that kernel row flipped: vectors of those
 runs are multiplied into one vector accumulator per pixel, summed across its lanes once at the
 end (``kh*kw*C_out / lanes`` multiply-adds and one horizontal sum per output value). A task is
-:data:`ROWS_PER_TASK` rows of one image, which first copies the rows of the gradient it reads,
-padded, into its cache: the dense gradient, or under a fused ``Conv2D → ReLU → MaxPool2D``
+:data:`ROWS_PER_TASK` rows of one image (on one thread, a whole small image: see
+:data:`SERIAL_TASK_BYTES`), which first copies the rows of the gradient it reads, padded, into
+its cache: the dense gradient, or under a fused ``Conv2D → ReLU → MaxPool2D``
 block (:class:`~anycnn.kernels.native.Pooled`) the pooled gradient unpooled by its codes there,
 so the unpooled gradient never reaches memory; a portable fused block's row gradient in
 pool-plane order (pooling windows that tile the output) is put in raster order there too, one
@@ -50,12 +51,19 @@ from typing import Any
 
 import numpy as np
 
-from . import kernel_cache, native
+from . import kernel_cache, native, native_planar
 from .dispatch import DECLINE, implements
 from .threads import _region
 
 #: output rows of one image per task
 ROWS_PER_TASK = 8
+
+#: a kernel run on one thread (inside a batch-parallel region) takes a whole image per task
+#: when the task's padded gradient rows fit this many bytes (about an L1 data cache): fewer
+#: rows copied twice at the tasks' edges. Measured on one thread, a 32-image chunk of LeNet's
+#: training step, AVX-512: its 1 -> 6 5x5 (24 KiB) 0.144 ms against 0.156 with 8-row tasks;
+#: its 6 -> 16 5x5 (20 KiB) 0.54 against 0.69
+SERIAL_TASK_BYTES = 32 << 10
 
 #: the most input channels this kernel takes (one accumulator per channel and pixel of a tile,
 #: the channel loop unrolled); with more, they fill AVX-512's float32 vectors, or the layer is
@@ -80,14 +88,15 @@ def _tile(cin: int) -> int:
 @kernel_cache.pipeline
 def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int, int],
                          lanes: int, source: str, window: tuple[int, int] | None,
-                         pixel_tile: int, parallel: bool = True):
+                         pixel_tile: int, parallel: bool = True,
+                         task_rows: int = ROWS_PER_TASK):
     """dx[ci, x, y, n] = sum over ky < kh and k < spans*lanes of
     grid[x*C + k, y + ky, n] * wf[k, ci, ky] (Halide's axes are NumPy's reversed): ``grid`` is
     the output gradient padded by (``top``, ``left``) = (kh - 1 - pad_top, kw - 1 - pad_left),
     flattened over (pixel, channel) (``dy``, NumPy (N, Ho, Wo*C_out)), or with ``window`` the
     gradient unpooled from ``dpool`` and ``code`` (4-D, read as [co, x + k // C, ...]: C_out
     is then a multiple of ``lanes``); ``wf`` is :func:`flipped_weight`. ``lanes`` entries of
-    ``k`` are one vector; a task is :data:`ROWS_PER_TASK` rows of one image."""
+    ``k`` are one vector; a task is ``task_rows`` rows of one image (:func:`_task_rows`)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     kh, kw = kernel
@@ -148,7 +157,7 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
     yo, yi, xo, xi, task = (hl.Var(v) for v in ("yo", "yi", "xo", "xi", "task"))
     guard = hl.TailStrategy.GuardWithIf
     out.bound(ci, 0, cin)
-    out.split(y, yo, yi, ROWS_PER_TASK, guard).split(x, xo, xi, pixel_tile, guard)
+    out.split(y, yo, yi, task_rows, guard).split(x, xo, xi, pixel_tile, guard)
     out.reorder(ci, xi, xo, yi, yo, n).unroll(ci).unroll(xi).fuse(yo, n, task)
     if parallel:
         out.parallel(task)
@@ -165,6 +174,17 @@ def _input_grad_pipeline(dtype: np.dtype, cin: int, cout: int, kernel: tuple[int
     total.compute_at(out, xo).unroll(ci).unroll(x)
     total.update().reorder(rl, ci, x).atomic().vectorize(rl).unroll(ci).unroll(x)
     return out, {**images, "wf": wf}, params
+
+
+def _task_rows(parallel: bool, in_hw: tuple[int, int], kernel: tuple[int, int], cout: int,
+               itemsize: int) -> int:
+    """Output rows per task: :data:`ROWS_PER_TASK`, or on one thread (not ``parallel``) the
+    whole image (rounded up to a multiple of :data:`ROWS_PER_TASK`, so few variants compile)
+    where its padded gradient fits :data:`SERIAL_TASK_BYTES`."""
+    (h, w), (kh, kw) = in_hw, kernel
+    if parallel or (h + kh - 1) * (w + kw - 1) * cout * itemsize > SERIAL_TASK_BYTES:
+        return ROWS_PER_TASK
+    return -(-h // ROWS_PER_TASK) * ROWS_PER_TASK
 
 
 def flipped_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
@@ -223,8 +243,10 @@ def input_grad(dy: np.ndarray | native.Pooled, weight: np.ndarray,
     else:
         source, window = "dense", None
         arrays = {"dy": native.operand(np.reshape(dy, (n, dy.shape[1], -1)))}
+    parallel = not getattr(_region, "active", False)
     pipeline = _input_grad_pipeline(dtype, cin, cout, (kh, kw), lanes, source, window,
-                                    _tile(cin), not getattr(_region, "active", False))
+                                    _tile(cin), parallel,
+                                    _task_rows(parallel, in_hw, (kh, kw), cout, dtype.itemsize))
     wf = flipped_weight(native.operand(weight), lanes)
     pipeline.run({**arrays, "wf": wf}, scalars, [dx])
     return dx
@@ -275,6 +297,8 @@ def conv_input_grad_kernel(d: Any, weight: Any, win: Any, groups: int = 1) -> An
     when :func:`applies`; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
     if not applies(d, weight, win, groups) or d.ndim != 3:
         return DECLINE
+    if native_planar.applies(d, weight, win, groups):  # one input channel: over pixels
+        return native_planar.input_grad(d, weight, win, not getattr(_region, "active", False))
     if _tiles(win):  # read in place (copied into each task's padded rows)
         return input_grad(d, weight, win.pads, win.in_hw, win.pool_order, win.pooled_out)
     return input_grad(_dense(d, win), weight, win.pads, win.in_hw)
