@@ -15,8 +15,8 @@ from anycnn.io.checkpoint import load_checkpoint, save_checkpoint
 from anycnn.kernels import native
 from anycnn.kernels import threads as kthreads
 from anycnn.models import build_model, model_spec
-from anycnn.nn import BatchNorm2D, Conv2D, ReLU, Residual, Sequential
-from anycnn.nn.inference import ConvReLU, fold_batch_norm, unfolded
+from anycnn.nn import BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Residual, Sequential
+from anycnn.nn.inference import ConvReLU, DenseReLU, fold_batch_norm, unfolded
 from anycnn.nn.modes import suspended
 from anycnn.optim.optimizers import SGD
 from anycnn.train.inference import predict
@@ -39,6 +39,13 @@ def kernels(request, monkeypatch):
     monkeypatch.setattr(native, "ENABLED", request.param == "compiled")
     monkeypatch.setattr(kthreads, "ENABLED", request.param != "portable")
     return request.param
+
+
+def _watch(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name``: the returned list gets each call's arguments."""
+    calls, kernel = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append((a, kw)) or kernel(*a, **kw))
+    return calls
 
 
 def _host(a):
@@ -428,3 +435,153 @@ def _in_sequential(model, bn):
     """Whether ``bn`` is a direct layer of a Sequential in ``model`` (folded there anyway)."""
     return any(isinstance(m, Sequential) and any(layer is bn for layer in m.layers)
                for m in model.modules())
+
+
+def _pooled_cnn(dtype="float32"):
+    """simple-cnn's shape, small: two Conv2D → ReLU → MaxPool2D blocks (channels filling
+    whole vectors, so the compiled block kernel takes them), Flatten, Dense → ReLU, Dense."""
+    return Sequential(Conv2D(2, 16, 3, padding=1, dtype=dtype), ReLU(), MaxPool2D(2),
+                      Conv2D(16, 32, 3, padding=1, dtype=dtype), ReLU(), MaxPool2D(2),
+                      Flatten(), Dense(32 * 2 * 2, 64, dtype=dtype), ReLU(),
+                      Dense(64, 3, dtype=dtype))
+
+
+def test_inference_block_writes_no_codes_and_backward_still_works(backend, kernels, rng,
+                                                                   monkeypatch):
+    """Under no_grad in eval mode (predict, evaluate) a compiled Conv-ReLU-MaxPool block
+    writes its output alone (no pooling codes) and no layer keeps backward state; the output
+    equals the layer-by-layer one, and a backward called all the same (it runs the forward
+    again) gets the gradients of a forward with gradients on."""
+    model = _pooled_cnn("float64")
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(3, 8, 8, 2)))
+    dy = anycnn.asarray(rng.normal(size=(3, 3)))
+    expected = _reference(model, x)
+    model.zero_grad()
+    model.forward(x)  # gradients on: codes kept
+    model.backward(dy)
+    want = [_host(p.grad) for p in model.parameters()]
+    eval_calls = []
+    if kernels == "compiled" and anycnn.get_backend().name == "numpy":
+        monkeypatch.setattr(native, "channels_fill_vectors", lambda channels, dtype: True)
+        eval_calls = _watch(monkeypatch, native, "conv2d_relu_maxpool_eval")
+    model.zero_grad()
+    with anycnn.no_grad():
+        y = model.forward(x)
+    _close(y, expected)
+    if kernels == "compiled" and anycnn.get_backend().name == "numpy":
+        assert len(eval_calls) == 2, "the inference kernel (no codes) was not used"
+    kept = [m for m in model.modules() if getattr(m, "_ctx", None) is not None
+            or getattr(m, "_x", None) is not None]
+    assert not kept and model._plan[0]._saved is None, "an inference kept backward state"
+    assert model._replay is not None  # the input, for a backward called all the same
+    model.backward(dy)
+    for p, expected_grad in zip(model.parameters(), want):
+        np.testing.assert_allclose(_host(p.grad), expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_pool_kernel_equals_the_training_one(rng):
+    """The inference block kernel's output is the training kernel's, bit for bit (NaN too)."""
+    if anycnn.get_backend().name != "numpy" or not native.available(np):
+        pytest.skip("the compiled kernels are off here")
+    for dtype, cin in ((np.float32, 3), (np.float64, 3), (np.float32, 1)):
+        x = rng.normal(size=(3, 9, 8, cin)).astype(dtype)  # cin 1: pixels as the grid's vectors
+        x[1, 2, 3, :] = np.nan
+        w = rng.normal(size=(3, 3, cin, 32)).astype(dtype)
+        b = rng.normal(size=32).astype(dtype)
+        for pads, window in (((1, 1, 1, 1), (2, 2)), ((0, 0, 0, 0), (3, 2))):
+            out_hw = (9 + pads[0] + pads[1] - 2, 8 + pads[2] + pads[3] - 2)
+            want, _ = native.conv2d_relu_maxpool(x, w, b, 1, pads, out_hw, window)
+            got = native.conv2d_relu_maxpool_eval(x, w, b, 1, pads, out_hw, window)
+            np.testing.assert_array_equal(got, want)
+            assert np.isnan(got).any()
+
+
+def test_dense_relu_runs_fused_in_eval_only(backend, kernels, rng):
+    """Dense → ReLU is one step in eval mode (the bias and the ReLU in one pass), equal to the
+    layers one by one, with the same gradients; training runs the layers as written."""
+    model = _pooled_cnn("float64")
+    x = anycnn.asarray(rng.normal(size=(3, 8, 8, 2)))
+    dy = anycnn.asarray(rng.normal(size=(3, 3)))
+    model.forward(x)
+    assert not any(isinstance(step, DenseReLU) for step in model._plan)
+    model.eval()
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            y = model.forward(x)
+            assert isinstance(model._plan[-2], DenseReLU)
+            _close(y, _reference(model, x))
+        else:
+            with suspended():
+                model.forward(x)
+        grads.append([_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_of_a_folded_resnet_keeps_nothing(backend, kernels, rng):
+    """resnet-mini under no_grad in eval mode: the same logits, no layer or fused step keeps
+    backward state (residual bodies included), and a backward called all the same equals the
+    one after a forward with gradients on."""
+    model, x = _model("resnet-mini", rng)
+    dy = anycnn.asarray(rng.normal(size=(3, 10)))
+    with anycnn.no_grad():  # the first forward: nothing kept from before
+        y = model.forward(x)
+    kept = [m for m in model.modules()
+            if any(getattr(m, a, None) is not None for a in ("_ctx", "_x", "_out", "_saved"))]
+    kept += [s for m in model.modules() if isinstance(m, Sequential) and m is not model
+             for s in [m._replay] if s is not None]
+    assert not kept, f"an inference kept backward state in {kept[:3]}"
+    model.zero_grad()
+    got = [_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()]
+    model.zero_grad()
+    _close(y, _host(model.forward(x)))
+    want = [_host(model.backward(dy))] + [_host(p.grad) for p in model.parameters()]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_kernel_equals_numpy(rng):
+    """The compiled Dense (product, bias, ReLU in one kernel) equals NumPy's up to rounding,
+    for row counts that leave partial tiles and blocks, both dtypes, with and without the
+    ReLU (a NaN kept by the ReLU, as NumPy's maximum)."""
+    if anycnn.get_backend().name != "numpy" or not native.available(np):
+        pytest.skip("the compiled kernels are off here")
+    for m, k, n, dtype in ((64, 3136, 128, np.float32), (70, 333, 128, np.float32),
+                           (130, 64, 64, np.float64), (3, 1000, 64, np.float64)):
+        x = rng.normal(size=(m, k)).astype(dtype)
+        x[1, 5] = np.nan
+        w = (rng.normal(size=(k, n)) / np.sqrt(k)).astype(dtype)
+        b = rng.normal(size=n).astype(dtype)
+        assert native.dense_applies(x, w, b), (m, k, n, dtype)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for bias in (b, None):
+            want = x @ w + (0 if bias is None else bias)
+            for relu in (False, True):
+                got = native.dense(x, w, bias, relu)
+                expected = np.where(np.isnan(want), want, np.maximum(want, 0)) if relu else want
+                np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+                assert np.isnan(got[1]).all()
+    x = np.ones((64, 3136), np.float32)
+    assert not native.dense_applies(x, np.ones((3136, 10), np.float32), None)  # 10 features
+    assert not native.dense_applies(x[:2, :8], np.ones((8, 64), np.float32), None)  # small
+
+
+def test_eval_dense_relu_uses_the_dense_kernel(backend, kernels, rng, monkeypatch):
+    """An eval-mode Dense → ReLU large enough for the compiled Dense runs in it (under
+    no_grad and with gradients on), equal to the layers one by one."""
+    model = Sequential(Flatten(), Dense(96, 64, dtype="float64"), ReLU(),
+                       Dense(64, 5, dtype="float64"))
+    model[1].bias.data = anycnn.asarray(rng.normal(size=64))  # not the zeros it starts with
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(20, 4, 4, 6)))
+    compiled = kernels == "compiled" and anycnn.get_backend().name == "numpy"
+    calls = _watch(monkeypatch, native, "dense") if compiled else []
+    expected = _reference(model, x)
+    _close(model.forward(x), expected)
+    with anycnn.no_grad():
+        _close(model.forward(x), expected)
+    if compiled:
+        assert len(calls) == 2 and calls[0][0][3] is True, "the compiled Dense was not used"

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernel_cache, native
+from . import kernel_cache, native, native_planar
 from .dispatch import DECLINE, implements
 from .threads import _region
 
@@ -297,6 +297,8 @@ def conv_input_grad_kernel(d: Any, weight: Any, win: Any, groups: int = 1) -> An
     when :func:`applies`; else :data:`~anycnn.kernels.dispatch.DECLINE`."""
     if not applies(d, weight, win, groups) or d.ndim != 3:
         return DECLINE
+    if native_planar.applies(d, weight, win, groups):  # one input channel: over pixels
+        return native_planar.input_grad(d, weight, win, not getattr(_region, "active", False))
     if _tiles(win):  # read in place (copied into each task's padded rows)
         return input_grad(d, weight, win.pads, win.in_hw, win.pool_order, win.pooled_out)
     return input_grad(_dense(d, win), weight, win.pads, win.in_hw)

@@ -36,7 +36,7 @@ from ..kernels.dispatch import DECLINE, attempt
 from ..kernels.threads import map_batch
 from . import functional as F
 from .containers import Residual
-from .inference import ConvReLU, ReLUInside
+from .inference import ConvReLU, DenseReLU, ReLUInside, inferring
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU
 from .modes import fusion_suspended, suspended  # noqa: F401 - re-exported
 from .module import Module
@@ -92,8 +92,14 @@ class ConvReluMaxPool:
             return None
         win = F.conv_windows(tuple(x.shape[1:3]), conv.kernel_size, conv.stride, conv.pads,
                              conv.dilation)
-        result = attempt("conv2d_relu_maxpool", x, conv.weight.data,
-                         None if conv.bias is None else conv.bias.data, win, pool.kernel_size)
+        bias = None if conv.bias is None else conv.bias.data
+        if inferring():  # no backward expected: the output alone, no codes written
+            out = attempt("conv2d_relu_maxpool_eval", x, conv.weight.data, bias, win,
+                          pool.kernel_size)
+            if out is not DECLINE:
+                return _CompiledStep(self, x, win, out, None)
+        result = attempt("conv2d_relu_maxpool", x, conv.weight.data, bias, win,
+                         pool.kernel_size)
         if result is DECLINE:
             return None
         out, code = result
@@ -164,7 +170,9 @@ _TWICE = ("fused Conv2D/ReLU/MaxPool2D backward called before forward, or called
 
 @dataclass
 class _CompiledStep:
-    """A block computed by the compiled kernel: its input, windows, output and codes."""
+    """A block computed by the compiled kernel: its input, windows, output and codes (None
+    after an inference's forward, which no backward follows: see
+    :func:`~anycnn.nn.inference.inferring`)."""
 
     block: ConvReluMaxPool
     x: Any
@@ -360,8 +368,9 @@ class ResidualReLU(ReLUInside):
 
 
 #: tried in order at each position: Conv2D → ReLU → MaxPool2D before an eval-mode Conv2D →
-#: ReLU (:class:`~anycnn.nn.inference.ConvReLU`)
-FUSIONS = (ConvReluMaxPool, ConvReLU, BatchNormReLU, ResidualReLU)
+#: ReLU (:class:`~anycnn.nn.inference.ConvReLU`); an eval-mode Dense → ReLU
+#: (:class:`~anycnn.nn.inference.DenseReLU`)
+FUSIONS = (ConvReluMaxPool, ConvReLU, BatchNormReLU, ResidualReLU, DenseReLU)
 
 
 

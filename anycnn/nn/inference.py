@@ -51,9 +51,10 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+from ..autograd.mode import STATE
 from ..backend import namespace_of
 from . import functional as F
-from .layers import BatchNorm2D, Conv2D, ReLU
+from .layers import BatchNorm2D, Conv2D, Dense, ReLU
 from .modes import fusion_suspended
 from .module import Module, Parameter
 
@@ -114,6 +115,29 @@ def enter_tree(module: Module) -> contextvars.Token:
         evaluating = not m.training
         stack += [v for v in vars(m).values() if isinstance(v, Module)]
     return _tree_in_eval.set(evaluating)
+
+
+def inferring() -> bool:
+    """Whether the forward running now is an inference: gradients off (``no_grad``) and the
+    whole model in eval mode (:func:`tree_in_eval`), as ``predict``, ``evaluate`` and
+    validation run it. Its steps then keep nothing for a backward (:func:`release`; a fused
+    block writes no pooling codes): each activation is freed as soon as the next step has read
+    it, so the next one's output reuses memory still in the cache. A backward called all the
+    same runs the forward again, with gradients on, from the outermost ``Sequential``'s input."""
+    return not STATE.grad and bool(_tree_in_eval.get())
+
+
+#: the attributes in which layers and fused executors keep what their backward reads
+_KEPT_FOR_BACKWARD = ("_ctx", "_x", "_out", "_saved")
+
+
+def release(step: Any) -> None:
+    """Drop what ``step`` (a layer, or a fused executor and its layers) kept for its backward,
+    after an inference's forward (:func:`inferring`)."""
+    for holder in (step,) if isinstance(step, Module) else (step, *step.layers()):
+        for name in _KEPT_FOR_BACKWARD:
+            if getattr(holder, name, None) is not None:
+                setattr(holder, name, None)
 
 
 def leave_tree(token: contextvars.Token) -> None:
@@ -230,6 +254,18 @@ class ConvReLU(ReLUInside):
     applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``)."""
 
     pattern = (Conv2D, ReLU)
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        """Eval mode only (training runs the layers as before)."""
+        return not (run[0].training or run[1].training)
+
+
+class DenseReLU(ReLUInside):
+    """An eval-mode ``Dense → ReLU`` run: the bias and the ReLU in one pass after the Dense's
+    product (``Dense.forward(x, relu=True)``), as onnxruntime's fused Gemm does."""
+
+    pattern = (Dense, ReLU)
 
     @staticmethod
     def accepts(run: list[Module]) -> bool:

@@ -331,7 +331,10 @@ class Dense(Module):
         self._x = None
         self._lead: tuple[int, ...] = ()
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """``x @ weight + bias``; with ``relu``, ``max(., 0)`` of it in the same pass (a fused
+        Dense → ReLU step of eval mode, :mod:`anycnn.nn.inference`; the backward is then the
+        Dense's of the ReLU's gradient)."""
         xp = namespace_of(x)  # an array, first
         if x.ndim < 1:
             raise ShapeError(f"Dense expects an input with a features axis, got shape "
@@ -342,7 +345,8 @@ class Dense(Module):
         lead = tuple(x.shape[:-1])
         if len(lead) != 1:  # any rank: rows of features, then the leading axes back
             x = xp.reshape(x, (-1, self.in_features))
-        y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
+        y, self._x = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None,
+                                      relu)
         self._lead = lead
         return y if len(lead) == 1 else xp.reshape(y, (*lead, self.out_features))
 

