@@ -671,14 +671,12 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
                                      _tap_axes(in_tile, cin, kernel, tile // lanes))
     per = _images_per_part(n, grad.shape[1] * grad.shape[2])
     full = n // per * per
-    parts = []
-    for a, b, size in ((0, full, per), (full, n, n - full)):
-        if b > a:
-            out = np.empty(((b - a) // size, *kernel, cin, cout), dtype=x.dtype)
+    parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
+    for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
+        if b > a:  # the parts of whole groups, then one of the images left: one array
             pipeline.run({"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
-                 {"images": size, "top": pads[0], "left": pads[2]}, [out])
-            parts.append(out)
-    return np.concatenate(parts).sum(axis=0)
+                         {"images": size, "top": pads[0], "left": pads[2]}, [out])
+    return parts.sum(axis=0)
 
 
 def adjoint_kernel(weight: np.ndarray) -> np.ndarray:

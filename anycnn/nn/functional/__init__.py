@@ -79,6 +79,7 @@ from .norm import (
     batch_norm_backward,
     batch_norm_forward,
     centre_rows,
+    channel_moments,
     channel_sums,
     grad_sums_from_rows,
     group_norm_forward,

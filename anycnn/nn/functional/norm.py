@@ -46,6 +46,15 @@ def squared_deviations(rows: Any, mean: Any) -> Any:
 
 
 @overridable
+def channel_moments(rows: Any) -> tuple[Any, Any]:
+    """``(sums, squares)``: ``sum(rows, axis=0)`` and ``sum((rows - mean)**2, axis=0)`` for
+    ``mean = sums / M``, each (C,), for ``rows`` (M, C) (a kernel may take both in one
+    sweep)."""
+    sums = channel_sums(rows)
+    return sums, squared_deviations(rows, sums / rows.shape[0])
+
+
+@overridable
 def normalize_rows(centred: Any, inv_std: Any, gamma: Any, beta: Any,
                    relu: bool) -> tuple[Any, Any]:
     """``(xhat, y)``: ``xhat = centred * inv_std``, ``y = xhat * gamma + beta``, then
@@ -77,9 +86,12 @@ def norm_grad_sums(dy: Any, xhat: Any, out: Any = None) -> tuple[Any, Any, Any]:
 
 
 @overridable
-def grad_sums_from_rows(dy: Any, out: Any, x: Any, mean: Any, inv_std: Any) -> tuple[Any, Any]:
+def grad_sums_from_rows(dy: Any, out: Any, x: Any, mean: Any, inv_std: Any,
+                        affine: Any = None) -> tuple[Any, Any]:
     """``(sum(g, axis=0), sum(g * xhat, axis=0))`` for ``g = dy``, or ``dy`` where ``out`` (a
-    fused ReLU's output, or None) is positive, and ``xhat = (x - mean) * inv_std``."""
+    fused ReLU's output, or None) is positive, and ``xhat = (x - mean) * inv_std``.
+    ``affine``: the forward's ``(gamma, beta)``, with which a kernel may take the sign of
+    ``out`` again from ``xhat * gamma + beta`` (the same bits) instead of reading ``out``."""
     _, dbeta, dgamma = norm_grad_sums.portable(dy, (x - mean) * inv_std, out)
     return dbeta, dgamma
 
@@ -95,9 +107,10 @@ def norm_input_grad(g: Any, xhat: Any, scale: Any, dsum: Any, gsum: Any, count: 
 
 @overridable
 def input_grad_from_rows(dy: Any, out: Any, x: Any, mean: Any, inv_std: Any, k1: Any, k2: Any,
-                         k3: Any) -> Any:
+                         k3: Any, affine: Any = None) -> Any:
     """``g * k1 - (xhat * k3 + k2)`` for ``g = dy``, or ``dy`` where ``out`` (a fused ReLU's
-    output, or None) is positive, and ``xhat = (x - mean) * inv_std``."""
+    output, or None) is positive, and ``xhat = (x - mean) * inv_std`` (``affine`` as for
+    :func:`grad_sums_from_rows`)."""
     g = dy if out is None else relu_grad(out, dy)
     return g * k1 - (((x - mean) * inv_std) * k3 + k2)
 
@@ -112,6 +125,8 @@ class BatchNormCtx:
     share: float = 1.0  # this rank's part of ``count`` (synchronised statistics)
     out: Any = None  # the output (M, C) when a ReLU was applied to it (``relu=True``)
     mean: Any = None  # the mean ``xhat`` holds the input rows around (compiled kernels)
+    affine: Any = None  # with ``out`` and ``mean``: the forward's (gamma, beta), copies, from
+    # which the compiled backward takes the ReLU's mask again instead of reading ``out``
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
@@ -150,7 +165,10 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     compiled = prefers("batch_norm_from_rows", rows)
     count = rows.shape[0]
     share = 1.0
-    if training:
+    if training and compiled and reduce is None:  # both statistics in one sweep
+        sums, squares = channel_moments(rows)
+        mean, centred = sums / count, rows
+    elif training:
         sums = channel_sums(rows)
         if reduce is not None:
             local = count
@@ -166,6 +184,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
             centred, squares = centre_rows(rows, mean)
         if reduce is not None:
             squares = reduce(squares)
+    if training:
         var = squares / count
         unbiased = var * (count / max(count - 1, 1))
         running_mean = (1.0 - momentum) * running_mean + momentum * mean
@@ -179,7 +198,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     masked = relu and plus is None  # the ReLU's mask belongs to this layer's backward
     if compiled:  # xhat is not stored: the backward kernels compute it again from the rows
         y = normalize_from_rows(rows, mean, inv_std, gamma, beta, relu, plus)
-        ctx = BatchNormCtx(rows, inv_std, count, training, share, y if masked else None, mean)
+        affine = (xp.asarray(gamma, copy=True), xp.asarray(beta, copy=True)) if masked else None
+        ctx = BatchNormCtx(rows, inv_std, count, training, share, y if masked else None, mean,
+                           affine)
     else:
         xhat, y = normalize_rows(centred, inv_std, gamma, beta, masked)
         if plus is not None:
@@ -211,7 +232,8 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
         ctx = replace(ctx, xhat=(ctx.xhat - ctx.mean) * ctx.inv_std, mean=None)
     if compiled:  # the ReLU's gradient is applied inside both passes, never stored
         g = None
-        dbeta, dgamma = grad_sums_from_rows(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std)
+        dbeta, dgamma = grad_sums_from_rows(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std,
+                                            ctx.affine)
     else:
         g, dbeta, dgamma = norm_grad_sums(rows, ctx.xhat, ctx.out)
     scale = gamma * ctx.inv_std
@@ -219,7 +241,7 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
         if compiled:
             zero = xp.zeros_like(scale)
             dx = input_grad_from_rows(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, scale,
-                                      zero, zero)
+                                      zero, zero, ctx.affine)
             return xp.reshape(dx, dy.shape), dgamma, dbeta
         return xp.reshape(g * scale, dy.shape), dgamma, dbeta
     dsum, gsum = dbeta, dgamma
@@ -229,7 +251,8 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
         dsum, gsum = total[:c] / w, total[c:] / w
     if compiled:
         dx = input_grad_from_rows(rows, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, scale,
-                                  scale * dsum / ctx.count, scale * gsum / ctx.count)
+                                  scale * dsum / ctx.count, scale * gsum / ctx.count,
+                                  ctx.affine)
     else:
         dx = norm_input_grad(g, ctx.xhat, scale, dsum, gsum, ctx.count, owned=ctx.out is not None)
     return xp.reshape(dx, dy.shape), dgamma, dbeta
