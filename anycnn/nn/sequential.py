@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 from ..autograd.mode import STATE, enable_grad
@@ -21,7 +20,6 @@ from .inference import (
     unfolded,
 )
 from .layers import explain_flatten_mismatch
-from .modes import fusion_suspended
 from .module import Module, add_gradients, residual_sum, spatial_size
 
 
@@ -54,7 +52,6 @@ class Sequential(Module):
         self._plan: list[Any] | None = None
         self._states: list[Any] | None = None  # per-position state when a layer repeats
         self._replay: tuple | None = None  # a folded forward's arguments, for its backward
-        self._plan_cache: tuple | None = None  # (modes, steps, plan) of the last fused forward
 
     @property
     def layers(self) -> list[Module]:
@@ -116,7 +113,7 @@ class Sequential(Module):
             steps = inference_layers(layers) if evaluating else layers
             if steps is not layers:
                 self._replay = (x, addend, relu)
-            plan = self._fused_plan(steps)
+            plan = execution_plan(steps)
         else:
             plan = layers
         self._plan = plan
@@ -148,21 +145,6 @@ class Sequential(Module):
         if forget:
             self._replay = None  # the outermost Sequential's input is kept instead
         return x if addend is None else residual_sum(x, addend, relu)
-
-    def _fused_plan(self, steps: list[Any]) -> list[Any]:
-        """:func:`execution_plan` of ``steps``, kept from the last forward while it depends on
-        the same things: the same step objects (a layer replaced, or other folded eval-mode
-        steps, build it again), their training modes (eval-only fusions) and whether fusion
-        is suspended. Its fused executors are the last forward's, whose state the new forward
-        overwrites (as it would the layers')."""
-        modes = (fusion_suspended(), *[getattr(step, "training", None) for step in steps])
-        cached = getattr(self, "_plan_cache", None)
-        if (cached is not None and cached[0] == modes and len(cached[1]) == len(steps)
-                and all(map(operator.is_, cached[1], steps))):
-            return cached[2]
-        plan = execution_plan(steps)
-        self._plan_cache = (modes, tuple(steps), plan)
-        return plan
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return spatial_size(self.layers, hw)
