@@ -477,3 +477,46 @@ def test_load_state_dict_strict_false_reports_missing_and_unexpected(backend, rn
         target.load_state_dict(bad, strict=False)  # shapes must still agree
     assert target.load_state_dict({k: host(v) for k, v in target.state_dict().items()}) == (
         [], [])
+
+
+class _SharedEncoder(Module):
+    """One Sequential of fusable blocks (Conv → ReLU → MaxPool, BatchNorm → ReLU) applied to
+    two inputs before one backward, as a siamese network does."""
+
+    def __init__(self):
+        self.encoder = Sequential(L.Conv2D(1, 8, 3), L.ReLU(), L.MaxPool2D(2),
+                                  L.Conv2D(8, 8, 3, padding=1), L.BatchNorm2D(8), L.ReLU(),
+                                  L.GlobalAvgPool2D(), L.Dense(8, 4))
+
+    def forward(self, a, b):
+        xp = anycnn.namespace_of(a)
+        ea, eb = self.encoder(a), self.encoder(b)
+        return xp.sum((ea - eb) ** 2) + 0.1 * xp.sum(ea ** 2)
+
+
+def test_a_sequential_of_fused_blocks_called_twice_keeps_each_calls_state():
+    """Each call's fused steps keep their own state until its backward: the gradients equal
+    those with fusion suspended (every layer's own forward and backward, per-call state
+    captured). A Sequential that reused one call's fused steps for the next fails this."""
+    from anycnn.nn.modes import suspended
+
+    rng = np.random.default_rng(0)
+    a = anycnn.asarray(rng.standard_normal((4, 16, 16, 1)).astype(np.float32))
+    b = anycnn.asarray(3 * rng.standard_normal((4, 16, 16, 1)).astype(np.float32))
+    grads = []
+    for fuse in (True, False):
+        anycnn.manual_seed(0)
+        net = _SharedEncoder()
+        for _ in range(2):  # a second step: anything kept from the first must not leak
+            for p in net.parameters():
+                p.grad = None
+            if fuse:
+                net(a, b).backward()
+            else:
+                with suspended():
+                    net(a, b).backward()
+        grads.append({n: host(p.grad) for n, p in net.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        np.testing.assert_allclose(grads[0][name], grads[1][name], rtol=2e-4, atol=2e-5,
+                                   err_msg=name)

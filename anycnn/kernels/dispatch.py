@@ -113,7 +113,11 @@ def _load() -> None:
 
 def _arrived() -> bool:
     """Whether a library that kernel modules wait for has been imported."""
-    return any(library in sys.modules for library in _waiting)
+    modules = sys.modules
+    for library in _waiting:  # a loop, not any(): this runs on every dispatch
+        if library in modules:
+            return True
+    return False
 
 
 def kernels_for(name: str) -> tuple[Callable[..., Any], ...]:

@@ -78,9 +78,18 @@ def registers() -> Registers:
     return Registers(128, 16)
 
 
+#: :func:`vector_lanes` by (registers, dtype as given): a dict look-up, not a dtype
+#: conversion, on every kernel's checks
+_LANES: dict[tuple, int] = {}
+
+
 def vector_lanes(dtype: Any) -> int:
     """Elements of ``dtype`` in one vector register (call once the kernels are available)."""
-    return registers().bits // (8 * np.dtype(dtype).itemsize)
+    key = (registers(), dtype)
+    lanes = _LANES.get(key)
+    if lanes is None:
+        lanes = _LANES[key] = key[0].bits // (8 * np.dtype(dtype).itemsize)
+    return lanes
 
 
 def _most_tile_rows() -> int:
@@ -116,9 +125,9 @@ def available(xp: Any, dtype: Any = None) -> bool:
     global ENABLED
     if ENABLED is None:
         ENABLED = _off_reason() is None
-    if not (ENABLED and threads.enabled(xp)):
+    if not (ENABLED and (threads.switched_on() if xp is np else threads.enabled(xp))):
         return False
-    return dtype is None or np.dtype(dtype) in DTYPES
+    return dtype is None or dtype in DTYPES or np.dtype(dtype) in DTYPES
 
 
 def describe() -> str:

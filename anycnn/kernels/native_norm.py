@@ -305,11 +305,30 @@ def moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outs = [np.empty((blocks, c), dtype=dtype) for _ in range(3)]
     _moments_pipeline(dtype, MOMENT_ROWS).run({"a": a}, {}, outs)
     s, q, centre = (o.astype(np.float64) for o in outs)
-    n = np.minimum(m - MOMENT_ROWS * np.arange(blocks), MOMENT_ROWS).astype(np.float64)[:, None]
+    n = _block_counts(m)
     total = s.sum(axis=0)
     shift = centre - total / m
     squares = (q + shift * (2.0 * (s - n * centre) + n * shift)).sum(axis=0)
     return total.astype(dtype), squares.astype(dtype)
+
+
+#: :func:`_block_counts` by (rows, block rows) (read-only arrays; a model has a few row counts)
+_COUNTS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _block_counts(m: int) -> np.ndarray:
+    """The rows of each :data:`MOMENT_ROWS` block of ``m`` rows, float64 (blocks, 1)."""
+    key = (m, MOMENT_ROWS)
+    counts = _COUNTS.get(key)
+    if counts is None:
+        blocks = -(-m // MOMENT_ROWS)
+        counts = np.minimum(m - MOMENT_ROWS * np.arange(blocks), MOMENT_ROWS)
+        counts = counts.astype(np.float64)[:, None]
+        counts.flags.writeable = False
+        if len(_COUNTS) >= 64:
+            _COUNTS.clear()
+        _COUNTS[key] = counts
+    return counts
 
 
 def grad_sums(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any,

@@ -185,7 +185,12 @@ def guard_forward(cls: type[Module]) -> None:
 
     @functools.wraps(layer_forward)
     def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
-        if STATE.recording is not None or any(isinstance(a, Variable) for a in args):
+        recorded = STATE.recording is not None
+        for a in args:  # a loop, not any() over a generator: every layer call passes here
+            if recorded:
+                break
+            recorded = isinstance(a, Variable)
+        if recorded:
             return recorded_call(self, args, kwargs,
                                  functools.partial(layer_forward, self))
         return layer_forward(self, *args, **kwargs)

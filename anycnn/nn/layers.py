@@ -36,14 +36,23 @@ from .module import Module, Parameter, check_addend, make_array, spatial_size
 # Input checks shared by the layers
 
 
+#: the (namespace, dtype) pairs found real floating: ``isdtype`` is asked once per pair, not
+#: on every layer's every call
+_FLOATING: set[tuple[Any, Any]] = set()
+
+
 def check_float_input(layer: Module, x: Any, ndim: int, what: str) -> Any:
     """Check rank and floating dtype of ``x``; return its namespace."""
     xp = namespace_of(x)
-    name = type(layer).__name__
     if x.ndim != ndim:
-        raise ShapeError(f"{name} expects a {ndim}-D {what} input, got shape {tuple(x.shape)}")
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise ShapeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+        raise ShapeError(f"{type(layer).__name__} expects a {ndim}-D {what} input, got shape "
+                         f"{tuple(x.shape)}")
+    key = (xp, x.dtype)
+    if key not in _FLOATING:
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise ShapeError(f"{type(layer).__name__} expects a floating-point input, got "
+                             f"dtype {x.dtype}")
+        _FLOATING.add(key)
     return xp
 
 

@@ -219,7 +219,12 @@ class Module:
             yield from child.named_parameters(f"{prefix}{name}.")
 
     def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+        """The Parameters of :meth:`named_parameters`, in its order (collected without its
+        generators and names where no module of the tree overrides it: ``zero_grad`` asks on
+        every step)."""
+        found: list[Parameter] = []
+        _collect_parameters(self, found)
+        return found
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
         for name in self.buffer_names:
@@ -446,3 +451,21 @@ def _cast(array: Any, dtype: str) -> Any:
     if not xp.isdtype(array.dtype, "real floating"):
         return array
     return xp.astype(array, getattr(xp, dtype))
+
+
+def _collect_parameters(module: Module, found: list[Parameter]) -> None:
+    """Append ``module.parameters()`` to ``found``: own ones first, then each child's, as
+    :meth:`Module.named_parameters` yields them (which a module overriding it is asked)."""
+    kind = type(module)
+    if (kind.named_parameters is not Module.named_parameters
+            or kind.named_children is not Module.named_children):
+        found.extend(p for _, p in module.named_parameters())
+        return
+    children = []
+    for value in vars(module).values():
+        if isinstance(value, Parameter):
+            found.append(value)
+        elif isinstance(value, Module):
+            children.append(value)
+    for child in children:
+        _collect_parameters(child, found)

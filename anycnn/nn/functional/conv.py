@@ -47,11 +47,25 @@ def window_columns(x: Any, win: Windows) -> Any:
     return namespace_of(x).reshape(gather_windows(x, win), (x.shape[0], win.positions, -1))
 
 
+#: :func:`conv_windows` by its arguments: a model has a few geometries, and one Windows
+#: (immutable) per geometry keeps its hash and the caches keyed on it warm
+_WINDOWS: dict[tuple, Windows] = {}
+
+
 def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
     """The :class:`Windows` of a convolution (entries ordered position-major)."""
-    out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
-           conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3], dilation[1]))
-    return Windows(in_hw, kernel, stride, dilation, tuple(pads), out, kernel_first=False)
+    key = (tuple(in_hw), tuple(kernel), tuple(stride), tuple(pads), tuple(dilation))
+    win = _WINDOWS.get(key)
+    if win is None:
+        out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1],
+                                dilation[0]),
+               conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3],
+                                dilation[1]))
+        win = Windows(*key[:3], key[4], key[3], out, kernel_first=False)
+        if len(_WINDOWS) >= 256:
+            _WINDOWS.clear()
+        _WINDOWS[key] = win
+    return win
 
 
 def is_depthwise(weight: Any, groups: int) -> bool:
