@@ -509,7 +509,7 @@ def _build(builder: Callable[..., tuple], args: tuple) -> Pipeline:
     global _not_kept
     name = f"{builder.__module__}.{builder.__qualname__}"
     directory = cache_dir()
-    if directory is not None and _compiler() is not None and _not_kept is None:  # ahead_of_time
+    if directory is not None and ahead_of_time():
         key = f"{name}{args!r}"
         found = kernel_bundle.lookup(directory, name, key)
         if found is not None:

@@ -342,17 +342,17 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start, geometry)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
+    taps = geometry[2] * geometry[3]
     if pool is None:
         out = _relu(hl, t, conv, loop) if relu else conv
-        coo, coi, xo, xi = _register_tiles(hl, out, acc, r, loop, tiling, geometry[2] * geometry[3])
+        coo, coi, xo, xi = _register_tiles(hl, out, acc, r, loop, tiling, taps)
         out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
         out.reorder(coi, xi, coo, xo, yi, yo, n)
     else:
         out = _pooled(hl, t, conv, bias, pool, loop, codes)
         out.split(y, yo, yi, max(1, ROWS_PER_TASK // pool[0]), hl.TailStrategy.GuardWithIf)
         out.reorder(co, x, yi, yo, n).vectorize(co, tiling[1], hl.TailStrategy.GuardWithIf)
-        coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling,
-                                                 geometry[2] * geometry[3])
+        coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling, taps)
         conv.reorder(coi, xi, coo, xo, y, n).compute_at(out, task)
     out.fuse(yo, n, task).parallel(task)
     # the padded input rows of a task, vectors of channels; with one input channel (a first
@@ -514,10 +514,10 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
     ptile = _pixel_tile(width, tile // lanes)
     kh, kw, cin = weight.shape[:3]
-    extra = () if pool is None or len(outputs) == 2 else (False,)  # codes=False
+    codes = pool is None or len(outputs) == 2
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
                                  (cin, cout, kh, kw, stride), spread, unpool, pool,
-                                 "addend" in arrays, relu, *extra)
+                                 "addend" in arrays, relu, codes)
     weight = operand(weight)
     bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},

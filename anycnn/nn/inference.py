@@ -249,25 +249,25 @@ class ReLUInside:
         return self.layer.backward(F.relu_grad(out, dy), input_grad)
 
 
-class ConvReLU(ReLUInside):
+class EvalReLUInside(ReLUInside):
+    """A :class:`ReLUInside` run fused in eval mode only (training runs the layers as
+    before)."""
+
+    @staticmethod
+    def accepts(run: list[Module]) -> bool:
+        """Eval mode only."""
+        return not (run[0].training or run[1].training)
+
+
+class ConvReLU(EvalReLUInside):
     """An eval-mode ``Conv2D → ReLU`` run (a folded convolution's usual successor): the ReLU
     applied inside the convolution's pass (``Conv2D.forward(x, relu=True)``)."""
 
     pattern = (Conv2D, ReLU)
 
-    @staticmethod
-    def accepts(run: list[Module]) -> bool:
-        """Eval mode only (training runs the layers as before)."""
-        return not (run[0].training or run[1].training)
 
-
-class DenseReLU(ReLUInside):
+class DenseReLU(EvalReLUInside):
     """An eval-mode ``Dense → ReLU`` run: the bias and the ReLU in one pass after the Dense's
     product (``Dense.forward(x, relu=True)``), as onnxruntime's fused Gemm does."""
 
     pattern = (Dense, ReLU)
-
-    @staticmethod
-    def accepts(run: list[Module]) -> bool:
-        """Eval mode only (training runs the layers as before)."""
-        return not (run[0].training or run[1].training)
