@@ -679,11 +679,10 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
-    chunking = native_wgrad.tiling(stride, window is not None, cin, kernel, tile // lanes,
-                                   x.shape[1:3], per, n - full)
+    chunking = native_wgrad.tiling(stride, window is not None, cin, kernel, x.shape[1:3], per,
+                                   n - full)
     if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
-        pipeline = native_wgrad.weight_grad(x.dtype, (tile, lanes, guard),
-                                            (cin, cout, *kernel), chunking)
+        pipeline = native_wgrad.weight_grad(x.dtype, lanes, (cin, cout, *kernel), chunking)
     else:
         pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
                                          (cin, cout, *kernel, stride),

@@ -12,19 +12,22 @@ where the output channels fill one vector (16 -> 16 channels).
   the gradient at output pixel ``p + pad - tap``, and a zero-padded copy of the gradient, made
   for each chunk (a few KiB), gives the zeros at the borders; gradient rows that are padding
   for a tap row are skipped;
-- a register tile spans a row of kernel taps: ``in_tile`` input channels by ``kw`` taps by
-  one or two vectors of output channels (24 accumulators with 32 registers). Going along a row
-  of input pixels, each input value is broadcast once and meets ``kw`` gradient vectors, and
-  each gradient vector is loaded once and serves ``kw`` consecutive input pixels: about a load
-  per 3 multiply-adds, where the general kernel has one per 1-1.6;
+- a register tile spans a row of kernel taps: ``in_tile`` input channels by ``kw`` taps by one
+  vector of output channels (24 accumulators with 32 registers; the gradient vectors of ``kw``
+  pixels take 3 more, where two vectors of channels would take 6 and spill: 10-20% slower,
+  measured). Going along a row of input pixels, each input value is broadcast once and meets
+  ``kw`` gradient vectors, and each gradient vector is loaded once and serves ``kw``
+  consecutive input pixels: about a load per 3 multiply-adds, where the general kernel has
+  one per 1-1.6;
 - the pixels are taken a chunk at a time (:data:`CHUNK_PIXELS`: rows of one image, or whole
   images when an image is smaller): the chunk's input and gradient stay in the L1 cache while
   every tile and every tap row sums over it; each tile's sums over the chunk are then added
   to the part's weight gradient in memory.
 
 Measured on one core of a Xeon with AVX-512 (CPU time, float32, batch 128, resnet20's 3x3
-layers): 16 -> 16 channels at 32x32 4.4 ms against 5.5 for the general kernel, 32 -> 32 at
-16x16 4.2 against 4.6, 64 -> 64 at 8x8 4.0 against 5.1.
+layers, minima of 15 alternating runs): 16 -> 16 channels at 32x32 3.7-3.8 ms against
+4.5-4.9 for the general kernel, 32 -> 32 at 16x16 3.5 against 4.5, 64 -> 64 at 8x8 3.3-3.4
+against 4.8 (PyTorch's channels_last weight gradient there: 4.0, 3.6, 3.7).
 
 Same parts, operands and layout as the general kernel (``part[g]`` sums the images of group
 ``g``; the caller sums the parts in order); only the order of the sums within a part differs
@@ -40,7 +43,7 @@ from . import kernel_cache
 from .native import _halide, _scalar_type, registers
 
 #: pixels per chunk, at most (whole rows of one image; or whole images, when one has fewer)
-CHUNK_PIXELS = 256
+CHUNK_PIXELS = 512
 #: accumulators in a register tile, at most (of 32 vector registers: the others hold the
 #: gradient vectors of ``kw`` pixels and the broadcast input value)
 MOST_ACCUMULATORS = 24
@@ -48,18 +51,19 @@ MOST_ACCUMULATORS = 24
 UNROLL = 4
 
 
-def tiling(stride: int, pooled: bool, cin: int, kernel: tuple[int, int], vectors: int,
+def tiling(stride: int, pooled: bool, cin: int, kernel: tuple[int, int],
            in_hw: tuple[int, int], per: int, rest: int) -> tuple[int, int, int] | None:
     """``(in_tile, rows, images)`` for :func:`weight_grad` (input channels per tile, input rows
     and images per chunk), or None where it does not apply: a stride above 1, a ``pooled``
     gradient, fewer than 32 vector registers, or no tile of ``vectors`` vectors of output
-    channels by ``kw`` taps by a divisor of ``cin`` within :data:`MOST_ACCUMULATORS`.
+    channels by ``kw`` taps by a divisor of ``cin`` within :data:`MOST_ACCUMULATORS` (one
+    vector of output channels: the caller's channels fill whole vectors).
     ``per`` and ``rest``: the images of a whole part and of the last one (0: none), which
     ``images`` divides."""
     if stride != 1 or pooled or registers().count < 32:
         return None
     kw = kernel[1]
-    room = MOST_ACCUMULATORS // (kw * vectors)
+    room = MOST_ACCUMULATORS // kw
     in_tile = next((t for t in range(min(room, cin), 0, -1) if cin % t == 0), 0)
     if in_tile == 0:
         return None
@@ -75,15 +79,15 @@ def tiling(stride: int, pooled: bool, cin: int, kernel: tuple[int, int], vectors
 
 
 @kernel_cache.pipeline
-def _pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
-              geometry: tuple[int, int, int, int], chunking: tuple[int, int, int]):
+def _pipeline(dtype: np.dtype, lanes: int, geometry: tuple[int, int, int, int],
+              chunking: tuple[int, int, int]):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter)
     and input pixels (x, y) of inp[ci, x, y, n] * dyp[co, x + left - j, y + top - i, n]
     (``dyp``: the gradient ``dy``, zero outside it), for ``geometry`` (C_in, C_out, kh, kw)
     and ``chunking`` (``in_tile``, rows, images) of :func:`tiling`: chunks of that many input
     rows of that many images, each summed into every register tile of ``in_tile`` input
-    channels by ``kw`` taps by ``channel_tile`` output channels, for each tap row. The input
-    height must be a multiple of the rows, and G of the images."""
+    channels by ``kw`` taps by one vector of ``lanes`` output channels, for each tap row. The
+    input height must be a multiple of the rows, G of the images, C_out of the lanes."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     cin, cout, kh, kw = geometry
@@ -94,7 +98,7 @@ def _pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
     c, x, y, n = (hl.Var(v) for v in ("c", "x", "y", "n"))
     dyp = hl.Func("dyp")
-    dyp[c, x, y, n] = hl.select((x >= 0) & (x < width) & (y >= 0) & (y < height),
+    dyp[c, x, y, n] = hl.select(hl.likely((x >= 0) & (x < width) & (y >= 0) & (y < height)),
                                 dy[c, hl.clamp(x, 0, width - 1), hl.clamp(y, 0, height - 1), n],
                                 hl.cast(t, 0))
     co, ci, j, i, yc, nc, g = (hl.Var(v) for v in ("co", "ci", "j", "i", "yc", "nc", "g"))
@@ -118,25 +122,22 @@ def _pipeline(dtype: np.dtype, channel_tile: int, lanes: int, guard: bool,
     inp.dim(0).set_bounds(0, cin)
     dy.dim(0).set_bounds(0, cout)
 
-    tail = hl.TailStrategy.GuardWithIf if guard else hl.TailStrategy.Auto
-    part.vectorize(co, lanes, tail).parallel(g)
-    coo, coi, cio, cii, cu, cv = (hl.Var(v) for v in ("coo", "coi", "cio", "cii", "cu", "cv"))
+    part.vectorize(co, lanes).parallel(g)
+    coo, coi, cio, cii = (hl.Var(v) for v in ("coo", "coi", "cio", "cii"))
     update = part.update()  # chunks, then tap rows, then tiles
-    update.split(co, coo, coi, channel_tile, tail).split(ci, cio, cii, in_tile)
+    update.split(co, coo, coi, lanes).split(ci, cio, cii, in_tile)
     update.reorder(coi, cii, j, coo, cio, i, rc.x, rc.y, g)
-    update.vectorize(coi, lanes).unroll(cii).unroll(j).parallel(g)
-    chunk.compute_at(part, coo).split(co, cu, cv, lanes, tail).reorder(cv, cu, ci, j)
-    chunk.vectorize(cv).unroll(cu).unroll(ci).unroll(j)
+    update.vectorize(coi).unroll(cii).unroll(j).parallel(g)
+    chunk.compute_at(part, coo).reorder(co, ci, j).vectorize(co).unroll(ci).unroll(j)
     step = chunk.update()  # along a row: each input value meets kw gradient vectors
-    step.split(co, cu, cv, lanes, tail).reorder(cv, cu, j, ci, rp.x, rp.y, rp.z)
-    step.vectorize(cv).unroll(cu).unroll(j).unroll(ci).unroll(rp.x, UNROLL)
+    step.reorder(co, j, ci, rp.x, rp.y, rp.z)
+    step.vectorize(co).unroll(j).unroll(ci).unroll(rp.x, UNROLL)
     dyp.compute_at(part, rc.x).vectorize(c, lanes, hl.TailStrategy.GuardWithIf)
     return part, {"inp": inp, "dy": dy}, {"images": images, "top": top, "left": left}
 
 
-def weight_grad(dtype: np.dtype, tiles: tuple[int, int, bool], geometry: tuple,
-                chunking: tuple[int, int, int]):
-    """The compiled pipeline of :func:`_pipeline` for ``tiles`` (output channels per tile,
-    lanes, guard), ``geometry`` (C_in, C_out, kh, kw) and ``chunking`` (:func:`tiling`): run
-    it as the general weight-gradient pipeline (same operands, scalars and parts)."""
-    return _pipeline(dtype, *tiles, tuple(geometry), tuple(chunking))
+def weight_grad(dtype: np.dtype, lanes: int, geometry: tuple, chunking: tuple[int, int, int]):
+    """The compiled pipeline of :func:`_pipeline` for vectors of ``lanes``, ``geometry``
+    (C_in, C_out, kh, kw; C_out a multiple of the lanes) and ``chunking`` (:func:`tiling`):
+    run it as the general weight-gradient pipeline (same operands, scalars and parts)."""
+    return _pipeline(dtype, lanes, tuple(geometry), tuple(chunking))
