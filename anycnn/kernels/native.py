@@ -679,8 +679,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
-    chunking = native_wgrad.tiling(stride, window is not None, cin, kernel, x.shape[1:3], per,
-                                   n - full)
+    chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
+                                   x.shape[1:3], per, n - full)
     if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
         pipeline = native_wgrad.weight_grad(x.dtype, lanes, (cin, cout, *kernel), chunking)
     else:

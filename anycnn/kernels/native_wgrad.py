@@ -51,16 +51,18 @@ MOST_ACCUMULATORS = 24
 UNROLL = 4
 
 
-def tiling(stride: int, pooled: bool, cin: int, kernel: tuple[int, int],
-           in_hw: tuple[int, int], per: int, rest: int) -> tuple[int, int, int] | None:
+def tiling(stride: int, pooled: bool, channels: tuple[int, int], lanes: int,
+           kernel: tuple[int, int], in_hw: tuple[int, int], per: int,
+           rest: int) -> tuple[int, int, int] | None:
     """``(in_tile, rows, images)`` for :func:`weight_grad` (input channels per tile, input rows
     and images per chunk), or None where it does not apply: a stride above 1, a ``pooled``
-    gradient, fewer than 32 vector registers, or no tile of ``vectors`` vectors of output
-    channels by ``kw`` taps by a divisor of ``cin`` within :data:`MOST_ACCUMULATORS` (one
-    vector of output channels: the caller's channels fill whole vectors).
+    gradient, fewer than 32 vector registers, output channels (of ``channels``, (C_in, C_out))
+    that do not fill vectors of ``lanes``, or no tile of one vector of output channels by
+    ``kw`` taps by a divisor of C_in within :data:`MOST_ACCUMULATORS`.
     ``per`` and ``rest``: the images of a whole part and of the last one (0: none), which
     ``images`` divides."""
-    if stride != 1 or pooled or registers().count < 32:
+    cin, cout = channels
+    if stride != 1 or pooled or registers().count < 32 or cout % lanes:
         return None
     kw = kernel[1]
     room = MOST_ACCUMULATORS // kw
