@@ -25,9 +25,10 @@ where the output channels fill one vector (16 -> 16 channels).
   to the part's weight gradient in memory.
 
 Measured on one core of a Xeon with AVX-512 (CPU time, float32, batch 128, resnet20's 3x3
-layers, minima of 15 alternating runs): 16 -> 16 channels at 32x32 3.7-3.8 ms against
-4.5-4.9 for the general kernel, 32 -> 32 at 16x16 3.5 against 4.5, 64 -> 64 at 8x8 3.3-3.4
-against 4.8 (PyTorch's channels_last weight gradient there: 4.0, 3.6, 3.7).
+layers, minima of 15 alternating runs): 16 -> 16 channels at 32x32 4.0 ms against 4.6 for
+the general kernel, 32 -> 32 at 16x16 3.6 against 4.4, 64 -> 64 at 8x8 3.5 against 5.0
+(PyTorch's channels_last weight gradient there: 4.0, 3.6, 3.7); 3 -> 16 (a first layer)
+level with the general kernel's tiles over all 9 taps.
 
 Same parts, operands and layout as the general kernel (``part[g]`` sums the images of group
 ``g``; the caller sums the parts in order); only the order of the sums within a part differs
