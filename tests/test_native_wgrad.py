@@ -26,8 +26,8 @@ def _reference(x, dy, kernel, pads):
 
 @pytest.fixture
 def wide_registers(monkeypatch):
-    """The kernel on, as with 32 vector registers (its tiles assume them; on a CPU with 16
-    they spill but stay correct)."""
+    """The kernel's tiles for 32 vector registers, whatever the CPU's (on a CPU with 16 they
+    spill but stay correct): the same tiles on every machine."""
     monkeypatch.setattr(native_wgrad, "registers", lambda: native.Registers(512, 32))
 
 
@@ -84,4 +84,21 @@ def test_declines_what_it_does_not_compute(monkeypatch):
     assert native_wgrad.tiling(1, False, (16, 24), *args[1:]) is None  # C_out not in vectors
     assert native_wgrad.tiling(1, False, (16, 16), 16, (3, 25), (8, 30), 4, 0) is None
     monkeypatch.setattr(native_wgrad, "registers", lambda: native.Registers(256, 16))
-    assert native_wgrad.tiling(1, False, *args) is None           # 16 registers
+    assert native_wgrad.tiling(1, False, *args) == (4, 8, 4)     # 16 registers: 12 sums
+    assert native_wgrad.tiling(1, False, (3, 16), *args[1:]) is None  # 9: not faster there
+
+
+@pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("cin", [16, 24])
+def test_tiles_for_sixteen_registers_match_reference(monkeypatch, rng, cin):
+    """With 16 vector registers (AVX2): tiles of 4 input channels by 3 taps."""
+    monkeypatch.setattr(native_wgrad, "registers", lambda: native.Registers(256, 16))
+    x = rng.normal(size=(6, 9, 12, cin)).astype(np.float32)
+    dy = rng.normal(size=(6, 9, 12, 2 * native.vector_lanes(np.float32))).astype(np.float32)
+    chosen = []
+    tiling = native_wgrad.tiling
+    monkeypatch.setattr(native_wgrad, "tiling",
+                        lambda *a: chosen.append(tiling(*a)) or chosen[-1])
+    got = native.conv2d_weight_grad(x, dy, (3, 3), 1, (1, 1, 1, 1))
+    assert chosen and chosen[0] is not None and chosen[0][0] == 4
+    assert_rounding_close(got, _reference(x, dy, (3, 3), (1, 1, 1, 1)).astype(np.float32))

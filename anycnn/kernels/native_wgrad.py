@@ -13,12 +13,12 @@ where the output channels fill one vector (16 -> 16 channels).
   for each chunk (a few KiB), gives the zeros at the borders; gradient rows that are padding
   for a tap row are skipped;
 - a register tile spans a row of kernel taps: ``in_tile`` input channels by ``kw`` taps by one
-  vector of output channels (24 accumulators with 32 registers; the gradient vectors of ``kw``
-  pixels take 3 more, where two vectors of channels would take 6 and spill: 10-20% slower,
-  measured). Going along a row of input pixels, each input value is broadcast once and meets
-  ``kw`` gradient vectors, and each gradient vector is loaded once and serves ``kw``
-  consecutive input pixels: about a load per 3 multiply-adds, where the general kernel has
-  one per 1-1.6;
+  vector of output channels (24 accumulators with 32 registers, 12 with 16; the gradient
+  vectors of ``kw`` pixels take 3 more, where two vectors of channels would take 6 and spill:
+  10-20% slower, measured). Going along a row of input pixels, each input value is broadcast
+  once and meets ``kw`` gradient vectors, and each gradient vector is loaded once and serves
+  ``kw`` consecutive input pixels: about a load per 3 multiply-adds, where the general kernel
+  has one per 1-1.6;
 - the pixels are taken a chunk at a time (:data:`CHUNK_PIXELS`: rows of one image, or whole
   images when an image is smaller): the chunk's input and gradient stay in the L1 cache while
   every tile and every tap row sums over it; each tile's sums over the chunk are then added
@@ -32,8 +32,8 @@ level with the general kernel's tiles over all 9 taps.
 
 Same parts, operands and layout as the general kernel (``part[g]`` sums the images of group
 ``g``; the caller sums the parts in order); only the order of the sums within a part differs
-(rounding). Used where :func:`tiling` finds a tile (stride 1, 32 vector registers, a gradient
-given as an array, not pooled); elsewhere the general kernel runs.
+(rounding). Used where :func:`tiling` finds a tile (stride 1, a gradient given as an array,
+not pooled); elsewhere the general kernel runs.
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ from .native import _halide, _scalar_type, registers
 
 #: pixels per chunk, at most (whole rows of one image; or whole images, when one has fewer)
 CHUNK_PIXELS = 512
-#: accumulators in a register tile, at most (of 32 vector registers: the others hold the
-#: gradient vectors of ``kw`` pixels and the broadcast input value)
-MOST_ACCUMULATORS = 24
+#: accumulators in a register tile, at most, by the CPU's vector registers (32: AVX-512 and
+#: NEON; 16: AVX2): the others hold the gradient vectors of ``kw`` pixels and the broadcast
+#: input value. Measured with AVX2 code on the Xeon (one core, batch 128): 12 (4 input
+#: channels by 3 taps) 7.3 / 7.4 / 6.2 ms for 16-16 / 32-32 / 64-64 against 8.8 / 9.5 / 10.1
+#: for the general kernel's AVX2 tiles; 9 or 6 no faster than the general kernel
+MOST_ACCUMULATORS = {32: 24, 16: 12}
 #: input pixels of a row unrolled in the innermost loop
 UNROLL = 4
 
@@ -57,18 +60,19 @@ def tiling(stride: int, pooled: bool, channels: tuple[int, int], lanes: int,
            rest: int) -> tuple[int, int, int] | None:
     """``(in_tile, rows, images)`` for :func:`weight_grad` (input channels per tile, input rows
     and images per chunk), or None where it does not apply: a stride above 1, a ``pooled``
-    gradient, fewer than 32 vector registers, output channels (of ``channels``, (C_in, C_out))
-    that do not fill vectors of ``lanes``, or no tile of one vector of output channels by
-    ``kw`` taps by a divisor of C_in within :data:`MOST_ACCUMULATORS`.
+    gradient, output channels (of ``channels``, (C_in, C_out)) that do not fill vectors of
+    ``lanes``, or no tile of one vector of output channels by ``kw`` taps by a divisor of C_in
+    within :data:`MOST_ACCUMULATORS` (with 16 registers: none that fills them; smaller tiles
+    were no faster than the general kernel's there).
     ``per`` and ``rest``: the images of a whole part and of the last one (0: none), which
     ``images`` divides."""
     cin, cout = channels
-    if stride != 1 or pooled or registers().count < 32 or cout % lanes:
+    if stride != 1 or pooled or cout % lanes:
         return None
-    kw = kernel[1]
-    room = MOST_ACCUMULATORS // kw
-    in_tile = next((t for t in range(min(room, cin), 0, -1) if cin % t == 0), 0)
-    if in_tile == 0:
+    kw, wide = kernel[1], registers().count >= 32
+    most = MOST_ACCUMULATORS[32 if wide else 16]
+    in_tile = next((t for t in range(min(most // kw, cin), 0, -1) if cin % t == 0), 0)
+    if in_tile == 0 or not (wide or in_tile * kw == most):
         return None
     height, width = in_hw
     most = max(1, CHUNK_PIXELS // max(width, 1))
