@@ -86,7 +86,7 @@ def tiling(stride: int, pooled: bool, channels: tuple[int, int], lanes: int,
 
 
 @kernel_cache.pipeline
-def _pipeline(dtype: np.dtype, lanes: int, geometry: tuple[int, int, int, int],
+def _chunked_pipeline(dtype: np.dtype, lanes: int, geometry: tuple[int, int, int, int],
               chunking: tuple[int, int, int]):
     """part[co, ci, j, i, g] = sum over images g*G .. g*G+G-1 (G = the ``images`` parameter)
     and input pixels (x, y) of inp[ci, x, y, n] * dyp[co, x + left - j, y + top - i, n]
@@ -144,7 +144,7 @@ def _pipeline(dtype: np.dtype, lanes: int, geometry: tuple[int, int, int, int],
 
 
 def weight_grad(dtype: np.dtype, lanes: int, geometry: tuple, chunking: tuple[int, int, int]):
-    """The compiled pipeline of :func:`_pipeline` for vectors of ``lanes``, ``geometry``
+    """The compiled pipeline of :func:`_chunked_pipeline` for vectors of ``lanes``, ``geometry``
     (C_in, C_out, kh, kw; C_out a multiple of the lanes) and ``chunking`` (:func:`tiling`):
     run it as the general weight-gradient pipeline (same operands, scalars and parts)."""
-    return _pipeline(dtype, lanes, tuple(geometry), tuple(chunking))
+    return _chunked_pipeline(dtype, lanes, tuple(geometry), tuple(chunking))
