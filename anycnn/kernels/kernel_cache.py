@@ -61,7 +61,7 @@ __all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
 #: the modules whose source shapes the compiled code (their digest is part of every key)
 SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
                   "anycnn.kernels.native_narrow", "anycnn.kernels.native_planar",
-                  "anycnn.kernels.kernel_cache")
+                  "anycnn.kernels.native_wgrad", "anycnn.kernels.kernel_cache")
 
 _build_lock = threading.Lock()  # one pipeline compiled at a time
 _jit_lock = threading.Lock()  # an in-memory pipeline's parameters are set, then it runs

@@ -675,11 +675,18 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
     if tile == lanes and registers().count >= 32:
         rows *= 2  # one vector of channels: 16 accumulators (16 -> 16 channels 20% faster)
     in_tile = _divisor_tile(cin, rows)
-    pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
-                                     (cin, cout, *kernel, stride),
-                                     _tap_axes(in_tile, cin, kernel, tile // lanes))
     per = _images_per_part(n, grad.shape[1] * grad.shape[2])
     full = n // per * per
+    from . import native_wgrad  # (it builds on this module)
+
+    chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
+                                   x.shape[1:3], per, n - full)
+    if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
+        pipeline = native_wgrad.weight_grad(x.dtype, lanes, (cin, cout, *kernel), chunking)
+    else:
+        pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
+                                         (cin, cout, *kernel, stride),
+                                         _tap_axes(in_tile, cin, kernel, tile // lanes))
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
     for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
         if b > a:  # the parts of whole groups, then one of the images left: one array
