@@ -51,11 +51,11 @@ K1, K2, K3, AFFINE_GAMMA, AFFINE_BETA, DBETA, DGAMMA = 2, 3, 4, 5, 6, PARAMS, PA
 
 def _merged(hl, f64, parts, value, name: str):
     """``f[c]``: the float64 sum of ``value(b)`` over the blocks ``b`` of ``parts`` (c, b),
-    added in block order from block 0 (as NumPy's ``sum(axis=0)`` of a (B, C) array)."""
-    r = hl.RDom([hl.Range(1, parts.dim(1).extent() - 1)], f"r{name}")
+    added to zero in block order (as NumPy's ``sum(axis=0)`` of a (B, C) array adds them)."""
+    r = hl.RDom([hl.Range(0, parts.dim(1).extent())], f"r{name}")
     c = hl.Var("c")
     f = hl.Func(name)
-    f[c] = hl.strict_float(value(c, 0))
+    f[c] = hl.f64(0.0)
     f[c] = hl.strict_float(f[c] + value(c, r.x))
     return f
 
