@@ -30,7 +30,7 @@ import numpy as np
 
 from . import kernel_cache, native, native_norm
 from .dispatch import DECLINE, implements
-from .native_norm import PARAMS, _elementwise_pipeline, _moments_pipeline, _sums_pipeline, applies
+from .native_norm import PARAMS, _elementwise_pipeline, applies
 
 #: whether the dispatch kernels below take BatchNorm's passes (tests of the paths they replace
 #: switch them off)
@@ -49,10 +49,10 @@ MEAN, INV_STD, GAMMA, BETA, RUNNING_MEAN, RUNNING_VAR = 0, 1, 2, 3, PARAMS, PARA
 K1, K2, K3, AFFINE_GAMMA, AFFINE_BETA, DBETA, DGAMMA = 2, 3, 4, 5, 6, PARAMS, PARAMS + 1
 
 
-def _merged(hl, f64, parts, value, name: str):
-    """``f[c]``: the float64 sum of ``value(b)`` over the blocks ``b`` of ``parts`` (c, b),
-    added to zero in block order (as NumPy's ``sum(axis=0)`` of a (B, C) array adds them)."""
-    r = hl.RDom([hl.Range(0, parts.dim(1).extent())], f"r{name}")
+def _merged(hl, blocks, value, name: str):
+    """``f[c]``: the float64 sum of ``value(c, b)`` over the ``blocks`` blocks ``b``, added to
+    zero in block order (as NumPy's ``sum(axis=0)`` of a (B, C) array adds them)."""
+    r = hl.RDom([hl.Range(0, blocks)], f"r{name}")
     c = hl.Var("c")
     f = hl.Func(name)
     f[c] = hl.f64(0.0)
@@ -60,8 +60,10 @@ def _merged(hl, f64, parts, value, name: str):
     return f
 
 
-def _schedule(hl, out, merged: list, lanes: int) -> None:
-    """Vectors of channels; the merges computed once, before the rows."""
+def _schedule(hl, out, part, merged: list, lanes: int) -> None:
+    """The sweep's ``part`` (its own schedule: row blocks on the threads) first, then the
+    merges, then ``out``, each a vector of channels at a time."""
+    part.compute_root()
     c, k = out.args()
     out.reorder(c, k).vectorize(c, lanes)
     for f in merged:
@@ -79,30 +81,35 @@ def _rows(hl, out, c, k, values: list) -> None:
 
 @kernel_cache.pipeline
 def _statistics_pipeline(dtype: np.dtype, block: int):
-    """The forward block (:data:`ROWS`, C) from the moments sweep's parts ``s``, ``q``,
-    ``centre`` (B, C) of ``block`` rows each (the last one the rest) over ``rows`` rows, the
-    running statistics, gamma, beta and ``consts`` (float64: 1 - momentum, momentum, eps,
-    rows / (rows - 1)): what ``native_norm.moments`` and ``batch_norm_forward`` computed
-    with NumPy, op for op."""
+    """The forward block (:data:`ROWS`, C) of rows ``a`` (M, C): ``native_norm``'s moments
+    sweep (blocks of ``block`` rows on the threads: each block's sum ``s``, squared deviations
+    ``q`` and ``centre``), then from them, the running statistics, gamma, beta and ``consts``
+    (float64: 1 - momentum, momentum, eps, M / (M - 1)) what ``native_norm.moments`` and
+    ``batch_norm_forward`` computed with NumPy, op for op."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     f64 = hl.Float(64)
     lanes = native.vector_lanes(dtype)
-    s, q, centre = (hl.ImageParam(t, 2, name) for name in ("s", "q", "centre"))
+    part, images, _ = native_norm._moments_pipeline.__wrapped__(dtype, block)
+    m = images["a"].dim(1).extent()
+    blocks = (m + block - 1) // block
     running_mean, running_var, gamma, beta = (
         hl.ImageParam(t, 1, name) for name in ("running_mean", "running_var", "gamma", "beta"))
     consts = hl.ImageParam(f64, 1, "consts")
-    m = hl.Param(hl.Int(32), "rows")
-    total = _merged(hl, f64, s, lambda c, b: hl.cast(f64, s[c, b]), "total")
+
+    def s(c, b):
+        return hl.cast(f64, part[c, b][0])
+
+    total = _merged(hl, blocks, s, "total")
 
     def term(c, b):  # q + shift * (2 (s - n centre) + n shift), shift = centre - total / m
         n = hl.cast(f64, hl.min(m - b * block, block))
-        ctr = hl.cast(f64, centre[c, b])
+        ctr = hl.cast(f64, part[c, b][2])
         shift = ctr - total[c] / hl.cast(f64, m)
-        return hl.cast(f64, q[c, b]) + shift * (hl.f64(2.0) * (hl.cast(f64, s[c, b]) - n * ctr)
-                                                + n * shift)
+        return hl.cast(f64, part[c, b][1]) + shift * (hl.f64(2.0) * (s(c, b) - n * ctr)
+                                                      + n * shift)
 
-    squares = _merged(hl, f64, s, term, "squares")
+    squares = _merged(hl, blocks, term, "squares")
     c, k = hl.Var("c"), hl.Var("k")
     count = hl.cast(t, m)
     mean = hl.cast(t, total[c]) / count
@@ -114,42 +121,46 @@ def _statistics_pipeline(dtype: np.dtype, block: int):
     values = [mean, inv_std, gamma[c], beta[c]] + [mean] * (PARAMS - 4) + [new_mean, new_var]
     out = hl.Func("statistics")
     _rows(hl, out, c, k, [hl.strict_float(v) for v in values])
-    _schedule(hl, out, [total, squares], lanes)
-    images = {"s": s, "q": q, "centre": centre, "running_mean": running_mean,
-              "running_var": running_var, "gamma": gamma, "beta": beta, "consts": consts}
-    return out, images, {"rows": m}
+    _schedule(hl, out, part, [total, squares], lanes)
+    images.update({"running_mean": running_mean, "running_var": running_var,
+                   "gamma": gamma, "beta": beta, "consts": consts})
+    return out, images, {}
 
 
 @kernel_cache.pipeline
-def _coefficients_pipeline(dtype: np.dtype, affine: bool):
-    """The backward block (:data:`ROWS`, C) from the gradient sums sweep's parts ``g0``
-    (sums of g) and ``g1`` (of g * xhat), (B, C), the forward's ``fwd`` block (mean, inv_std,
-    gamma, beta rows), the current ``gamma`` and ``count``: what ``grad_sums`` and
-    ``batch_norm_backward`` computed with NumPy, op for op. With ``affine``, rows 5 and 6 are
-    the forward's gamma and beta (the input gradient takes the ReLU's mask again from them),
-    else the mean."""
+def _coefficients_pipeline(dtype: np.dtype, block: int, relu: bool, remask: bool):
+    """The backward block (:data:`ROWS`, C): ``native_norm``'s gradient sums sweep over rows
+    ``a`` (dy) and ``h`` (the input) by ``p`` (mean, inv_std, the forward's gamma and beta)
+    (``relu``, ``remask``: its ReLU's mask read from ``y`` or taken again; blocks of ``block``
+    rows on the threads), then from its parts, the current ``gamma`` and ``count`` what
+    ``grad_sums`` and ``batch_norm_backward`` computed with NumPy, op for op. Rows 5 and 6
+    are ``p``'s gamma and beta with ``remask`` (the input gradient takes the mask again from
+    them), else the mean."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     f64 = hl.Float(64)
     lanes = native.vector_lanes(dtype)
-    g0, g1 = hl.ImageParam(t, 2, "g0"), hl.ImageParam(t, 2, "g1")
-    fwd = hl.ImageParam(t, 2, "fwd")
+    part, images, _ = native_norm._sums_pipeline.__wrapped__(dtype, False, True, relu, block,
+                                                             remask)
+    p = images["p"]
+    blocks = (images["a"].dim(1).extent() + block - 1) // block
     gamma = hl.ImageParam(t, 1, "gamma")
     count = hl.Param(hl.Int(32), "count")
-    d0 = _merged(hl, f64, g0, lambda c, b: hl.cast(f64, g0[c, b]), "dbeta")
-    d1 = _merged(hl, f64, g1, lambda c, b: hl.cast(f64, g1[c, b]), "dgamma")
+    d0 = _merged(hl, blocks, lambda c, b: hl.cast(f64, part[c, b][0]), "dbeta")
+    d1 = _merged(hl, blocks, lambda c, b: hl.cast(f64, part[c, b][1]), "dgamma")
     c, k = hl.Var("c"), hl.Var("k")
     dbeta, dgamma = hl.cast(t, d0[c]), hl.cast(t, d1[c])
-    mean, inv_std = fwd[c, MEAN], fwd[c, INV_STD]
+    mean, inv_std = p[c, 0], p[c, 1]
     scale = gamma[c] * inv_std
     n = hl.cast(t, count)
-    tail = [fwd[c, GAMMA], fwd[c, BETA]] if affine else [mean, mean]
+    tail = [p[c, 2], p[c, 3]] if remask else [mean, mean]
     values = [mean, inv_std, scale, scale * dbeta / n, scale * dgamma / n, *tail,
               dbeta, dgamma]
     out = hl.Func("coefficients")
     _rows(hl, out, c, k, [hl.strict_float(v) for v in values])
-    _schedule(hl, out, [d0, d1], lanes)
-    return out, {"g0": g0, "g1": g1, "fwd": fwd, "gamma": gamma}, {"count": count}
+    _schedule(hl, out, part, [d0, d1], lanes)
+    images["gamma"] = gamma
+    return out, images, {"count": count}
 
 
 #: the statistics kernel's float64 constants by (momentum, eps, rows), never written (left
@@ -188,14 +199,11 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, running_mean: np
     dtype, c = x.dtype, x.shape[-1]
     rows = native.operand(x.reshape(-1, c))
     m, size, sweep = rows.shape[0], native_norm.MOMENT_ROWS, native_norm.BLOCK_ROWS
-    parts = np.empty((3, -(-m // size), c), dtype=dtype)
-    _moments_pipeline(dtype, size).run({"a": rows}, {}, [parts[0], parts[1], parts[2]])
     block = np.empty((ROWS, c), dtype=dtype)
     _statistics_pipeline(dtype, size).run(
-        {"s": parts[0], "q": parts[1], "centre": parts[2],
-         "running_mean": native.operand(running_mean), "running_var": native.operand(running_var),
-         "gamma": native.operand(gamma), "beta": native.operand(beta),
-         "consts": _consts(momentum, eps, m)}, {"rows": m}, [block])
+        {"a": rows, "running_mean": native.operand(running_mean),
+         "running_var": native.operand(running_var), "gamma": native.operand(gamma),
+         "beta": native.operand(beta), "consts": _consts(momentum, eps, m)}, {}, [block])
     arrays = {"a": rows, "p": block[:PARAMS]}
     if addend is not None:
         arrays["h"] = native.operand(addend.reshape(rows.shape))
@@ -216,22 +224,16 @@ def backward(dy: np.ndarray, out: np.ndarray | None, x: np.ndarray, mean: np.nda
     dtype, c = dy.dtype, dy.shape[-1]
     rows = native.operand(dy.reshape(-1, c))
     h = native.operand(x.reshape(rows.shape))
-    m, size = rows.shape[0], native_norm.BLOCK_ROWS
-    arrays = {"a": rows, "h": h}
+    size = native_norm.BLOCK_ROWS
+    arrays = {"a": rows, "h": h, "gamma": native.operand(gamma)}
     relu = out is not None or affine is not None
     if out is not None and affine is None:
         arrays["y"] = native.operand(out.reshape(rows.shape))
     tail = affine if affine is not None else (mean, mean)
-    fwd = np.array([mean, inv_std, *tail], dtype=dtype)
-    parts = np.empty((2, -(-m // size), c), dtype=dtype)
-    sweep = (_sums_pipeline(dtype, False, True, True, size, True) if affine is not None
-             else _sums_pipeline(dtype, False, True, relu, size))  # native_norm's keys
-    sweep.run({name: fwd if name == "p" else arrays[name] for name in sweep.images}, {},
-              [parts[0], parts[1]])
+    arrays["p"] = np.array([mean, inv_std, *tail], dtype=dtype)
     block = np.empty((ROWS, c), dtype=dtype)
-    _coefficients_pipeline(dtype, affine is not None).run(
-        {"g0": parts[0], "g1": parts[1], "fwd": fwd, "gamma": native.operand(gamma)},
-        {"count": count}, [block])
+    pipeline = _coefficients_pipeline(dtype, size, relu, affine is not None)
+    pipeline.run({name: arrays[name] for name in pipeline.images}, {"count": count}, [block])
     arrays["p"] = block[:PARAMS]
     dx = np.empty_like(rows)
     pipeline = (_elementwise_pipeline(dtype, "input_grad", True, size, False, True)
