@@ -8,12 +8,16 @@ packing the next pass's parameters; in the backward the gradient sums' merge and
 gradient's coefficients. About 50 small NumPy calls per layer and step, each costing more in
 Python than its arithmetic (and run with the caches cold from the sweep before).
 
-Here each of those stretches is one more compiled call on (C,) vectors
-(:func:`_statistics_pipeline`, :func:`_coefficients_pipeline`) writing one block of per-channel
-rows that the next sweep reads as its parameters as it is:
+Here each sweep that ends in such a stretch computes it too, in the same compiled call: the
+sweep's per-block parts stay inside the pipeline, and a second stage on (C,) vectors
+(:func:`_statistics_pipeline`, :func:`_coefficients_pipeline`) writes one block of
+per-channel rows that the next sweep reads as its parameters as it is:
 
-- forward (``batch_norm``): moments sweep → statistics → normalising sweep;
-- backward (``batch_norm_backward``): gradient sums sweep → coefficients → input gradient sweep.
+- forward (``batch_norm``): moments sweep and statistics → normalising sweep;
+- backward (``batch_norm_backward``): gradient sums sweep and coefficients → input gradient
+  sweep.
+
+Two compiled calls each way, as before, and no NumPy arithmetic between them.
 
 The same operations in the same order, in IEEE arithmetic (``strict_float``: no fused
 multiply-add, nothing reordered; float64 merges summed block after block as NumPy's sum over
