@@ -245,12 +245,7 @@ def namespace_of(*arrays: Any) -> Any:
         ShapeError: one of them is not an array at all (a list, a string, ...).
     """
     numpy_seen = False  # the common case first, without the generic checks (~10x faster)
-    variables = [a for a in arrays if getattr(type(a), "__anycnn_variable__", False)]
-    if variables:  # autograd Variables (maybe with plain arrays): their recording namespace
-        namespace_of(*(a.data if getattr(type(a), "__anycnn_variable__", False) else a
-                       for a in arrays))
-        return variables[0].__array_namespace__()
-    for a in arrays:
+    for a in arrays:  # NumPy arrays and None only (no Variable among them)
         if type(a) is np.ndarray:
             numpy_seen = True
         elif a is not None:
@@ -258,6 +253,11 @@ def namespace_of(*arrays: Any) -> Any:
     else:
         if numpy_seen:
             return _numpy_namespace()
+    variables = [a for a in arrays if getattr(type(a), "__anycnn_variable__", False)]
+    if variables:  # autograd Variables (maybe with plain arrays): their recording namespace
+        namespace_of(*(a.data if getattr(type(a), "__anycnn_variable__", False) else a
+                       for a in arrays))
+        return variables[0].__array_namespace__()
     present = [a for a in arrays if a is not None]
     try:
         xp = array_api_compat.array_namespace(*present)

@@ -212,16 +212,21 @@ def test_strided_views_in_and_out(rng):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(3, 9, 7, 16), (2, 5, 5, 32)])
+@pytest.mark.parametrize("whole", [True, False])
 def test_native_batch_norm_matches_numpy_and_portable(monkeypatch, rng, dtype, relu, training,
-                                                      shape):
+                                                      shape, whole):
     """The compiled BatchNorm passes (``anycnn.native_norm``, blocks of 50 rows: several
-    blocks and a remainder) against the NumPy fast path and the portable expressions."""
-    from anycnn.kernels import native_norm
+    blocks and a remainder; in training ``whole``, as one pass with its per-channel arithmetic
+    compiled too, ``anycnn.native_bn``) against the NumPy fast path and the portable
+    expressions."""
+    from anycnn.kernels import native_bn, native_norm
 
     monkeypatch.setattr(native_norm, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(native_bn, "ENABLED", whole)
     run = batch_norm_run(rng, shape, dtype, training, relu)
     assert native_norm.applies(np.zeros((1, shape[-1]), dtype))
-    calls = _watch(monkeypatch, native_norm, "_block_sums")
+    calls = (_watch(monkeypatch, native_bn, "backward") if whole and training
+             else _watch(monkeypatch, native_norm, "_block_sums"))
     compiled = run()
     assert calls, "the compiled BatchNorm passes were not used"
     monkeypatch.setattr(native, "ENABLED", False)

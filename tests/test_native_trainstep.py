@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anycnn.kernels import native_norm
+from anycnn.kernels import native_bn, native_norm
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
 from tests.test_resnet_fastpaths import batch_norm_run
@@ -59,7 +59,9 @@ def test_channel_moments_kernel_and_portable_agree(rng):
 @pytest.mark.parametrize("relu", [False, True])
 def test_training_batch_norm_takes_its_statistics_in_one_sweep(monkeypatch, rng, relu):
     """A compiled training BatchNorm calls the one-sweep statistics (and not the two-pass
-    ones), and its outputs, running statistics and gradients equal the portable path's."""
+    ones), and its outputs, running statistics and gradients equal the portable path's
+    (its per-channel arithmetic in NumPy: :mod:`~anycnn.kernels.native_bn` off)."""
+    monkeypatch.setattr(native_bn, "ENABLED", False)
     monkeypatch.setattr(native_norm, "MOMENT_ROWS", 50)
     calls = []
     kernel = native_norm.moments
@@ -164,7 +166,9 @@ def test_relu_mask_taken_again_from_the_input_matches_the_output(monkeypatch, rn
 def test_batch_norm_relu_backward_takes_the_mask_from_the_input(monkeypatch, rng, training):
     """A compiled BatchNorm → ReLU backward passes the forward's (gamma, beta) to both
     passes (the mask from the input rows), copies taken at the forward: a beta changed in
-    place between forward and backward does not move the mask."""
+    place between forward and backward does not move the mask (the passes called one by one:
+    :mod:`~anycnn.kernels.native_bn` off; ``test_native_bn`` tests its own)."""
+    monkeypatch.setattr(native_bn, "ENABLED", False)
     seen = []
     for name in ("grad_sums", "input_grad"):
         kernel = getattr(native_norm, name)

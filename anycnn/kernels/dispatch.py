@@ -58,7 +58,8 @@ DECLINE = _Declined()
 #: preference (a kernel that declines passes the call on): torch's own operators first (they
 #: take only torch tensors, and the state their forward kept), then the compiled kernels
 KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
-                  "anycnn.kernels.native_norm", "anycnn.kernels.native_narrow",
+                  "anycnn.kernels.native_norm", "anycnn.kernels.native_bn",
+                  "anycnn.kernels.native_narrow",
                   "anycnn.kernels.fastpath", "anycnn.kernels.special")
 
 #: kernel modules that take one array library's arrays only → that library's module: such a

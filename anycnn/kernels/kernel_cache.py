@@ -60,6 +60,7 @@ __all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
 
 #: the modules whose source shapes the compiled code (their digest is part of every key)
 SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
+                  "anycnn.kernels.native_bn", "anycnn.kernels.native_sum",
                   "anycnn.kernels.native_narrow", "anycnn.kernels.native_planar",
                   "anycnn.kernels.native_wgrad", "anycnn.kernels.kernel_cache")
 

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import fastpath, kernel_cache, threads
+from . import fastpath, kernel_cache, native_sum, threads
 from .dispatch import DECLINE, implements
 
 #: the dtypes the kernels compile for
@@ -692,7 +692,7 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
         if b > a:  # the parts of whole groups, then one of the images left: one array
             pipeline.run({"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
                          {"images": size, "top": pads[0], "left": pads[2]}, [out])
-    return parts.sum(axis=0)
+    return native_sum.sum_parts(parts)  # parts.sum(axis=0), on the kernels' threads
 
 
 def adjoint_kernel(weight: np.ndarray) -> np.ndarray:

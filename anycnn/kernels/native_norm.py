@@ -383,9 +383,24 @@ def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, i
     return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)
 
 
+#: :func:`relu_grad`'s parameters (all zero, (PARAMS, C)) by (dtype, C): only ever read (left
+#: writeable: a Halide ``Buffer``, the in-memory kernels' operand, refuses read-only arrays)
+_ZEROS: dict[tuple, np.ndarray] = {}
+
+
 def relu_grad(y: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """``(y > 0) * dy`` for rows ``y`` and ``dy`` (M, C) of one dtype: a new array (M, C)."""
-    return _elementwise("relu_grad", dy, None, y, [np.zeros(dy.shape[1], dy.dtype)], False)
+    key = (dy.dtype, dy.shape[1])
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        if len(_ZEROS) >= 64:
+            _ZEROS.clear()
+        zeros = _ZEROS[key] = np.zeros((PARAMS, dy.shape[1]), dy.dtype)
+    a = native.operand(dy)
+    out = np.empty_like(a)
+    pipeline = _elementwise_pipeline(a.dtype, "relu_grad", False, BLOCK_ROWS, False)
+    pipeline.run({"a": a, "y": native.operand(y), "p": zeros}, {}, [out])
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -393,11 +393,13 @@ def batch_norm(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: An
 
 @implements("batch_norm_backward")
 def batch_norm_backward(dy: Any, out: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
-                        training: bool) -> Any:
+                        training: bool, affine: Any = None) -> Any:
     """Kernel of :func:`anycnn.nn.functional.norm.batch_norm_backward` without synchronised
     statistics: ``(dx, dgamma, dbeta)`` for ``dy`` (NHWC or (N, C)), the input ``x`` and, when
     a ReLU was fused, its output ``out`` (both any shape of ``dy``'s size), and the ``mean`` and
-    ``inv_std`` the forward normalised with. In eval mode ``dx = g * gamma * inv_std``."""
+    ``inv_std`` the forward normalised with. In eval mode ``dx = g * gamma * inv_std``.
+    ``affine`` (the forward's gamma and beta, another kernel's way to the ReLU's mask) is not
+    needed: ``out`` is read."""
     if (not takes(dy, out, x, mean, inv_std, gamma) or dy.ndim not in (2, 4)
             or not _same_float(dy, out, x, mean, inv_std, gamma)):
         return DECLINE

@@ -382,15 +382,20 @@ def execution_plan(layers: list[Module]) -> list[Any]:
     if fusion_suspended():
         return list(layers)
     plan: list[Any] = []
-    i = 0
-    while i < len(layers):
+    i, n = 0, len(layers)
+    while i < n:
+        first = type(layers[i])
         for fusion in FUSIONS:
-            run = layers[i:i + len(fusion.pattern)]
-            if len(run) == len(fusion.pattern) and all(
-                    type(layer) is kind for layer, kind in zip(run, fusion.pattern)
+            pattern = fusion.pattern
+            if pattern[0] is not first:  # most positions: no fusion starts with this layer
+                continue
+            end = i + len(pattern)
+            run = layers[i:end]
+            if end <= n and all(
+                    type(layer) is kind for layer, kind in zip(run, pattern)
             ) and fusion.accepts(run):
                 plan.append(fusion(*run))
-                i += len(run)
+                i = end
                 break
         else:
             plan.append(layers[i])

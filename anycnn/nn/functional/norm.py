@@ -155,11 +155,14 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training, mome
     if reduce is None:
         got = attempt("batch_norm", x, gamma, beta, running_mean, running_var, training,
                       momentum, eps, relu, addend)
-        if got is not DECLINE:  # the context keeps the input rows and the mean
-            y, mean, inv_std, running_mean, running_var = got
+        if got is not DECLINE:  # the context keeps the input rows and the mean (and, when
+            # the kernel gives them, copies of the gamma and beta it normalised with)
+            y, mean, inv_std, running_mean, running_var, *affine = got
             rows = xp.reshape(x, (-1, c))
-            out = xp.reshape(y, (-1, c)) if relu and addend is None else None
-            ctx = BatchNormCtx(rows, inv_std, rows.shape[0], training, 1.0, out, mean)
+            masked = relu and addend is None
+            out = xp.reshape(y, (-1, c)) if masked else None
+            ctx = BatchNormCtx(rows, inv_std, rows.shape[0], training, 1.0, out, mean,
+                               affine[0] if affine and masked else None)
             return y, ctx, running_mean, running_var
     rows = xp.reshape(x, (-1, c))
     compiled = prefers("batch_norm_from_rows", rows)
@@ -222,7 +225,7 @@ def batch_norm_backward(dy, ctx: BatchNormCtx, gamma, reduce=None):
     xp = namespace_of(dy, gamma)
     if ctx.mean is not None and reduce is None:
         got = attempt("batch_norm_backward", dy, ctx.out, ctx.xhat, ctx.mean, ctx.inv_std, gamma,
-                      ctx.training)
+                      ctx.training, ctx.affine)
         if got is not DECLINE:
             return got
     c = dy.shape[-1]
