@@ -59,13 +59,15 @@ def test_matches_the_portable_input_gradient(monkeypatch, rng, case, dtype, one_
     n, hw, cout, k, pads, window = case
     pooled, wt, win, dense = _pooled(rng, n, hw, cout, k, pads, window, dtype)
     assert (pooled.code == native.DEAD).any() and (pooled.code != native.DEAD).any()
-    assert native_stamp.applies(pooled, wt, win, 1)
+    assert native_stamp.applies(pooled, wt, win, 1) is (window in native_stamp.WINDOWS)
     expected = C.conv_input_grad.portable(np.reshape(dense, (n, -1, cout)), wt, win)
     if one_thread:  # inside a batch-parallel region: the images on the calling thread
         monkeypatch.setattr(threads._region, "active", True, raising=False)
-    result = native_stamp.conv2d_input_grad_kernel(pooled, wt, win, 1)
+    result = native_stamp.input_grad(pooled, wt, pads, hw)  # any pool the kernel computes
     assert result.dtype == dtype and result.shape == (n, *hw, 1)
     assert_rounding_close(result, expected)
+    if window in native_stamp.WINDOWS:  # the dispatch kernel
+        assert_rounding_close(native_stamp.conv2d_input_grad_kernel(pooled, wt, win, 1), result)
 
 
 def test_the_table():
@@ -116,6 +118,7 @@ def test_declines_what_it_does_not_take(monkeypatch, rng):
     assert not native_stamp.applies(pooled, wt.astype(np.float64), windows(), 1)  # mixed dtypes
     three = np.repeat(wt, 3, axis=2)  # three input channels: native_narrow's
     assert not native_stamp.applies(pooled, three, windows(), 1)
+    assert not native_stamp.applies(pooled._replace(window=(2, 1)), wt, windows(), 1)
     big = rng.normal(size=(9, 9, 1, 16)).astype(np.float32)  # 10x10 patches: too many entries
     assert not native_stamp.applies(pooled, big, C.conv_windows((8, 8), (9, 9), (1, 1),
                                                                 (4, 4, 4, 4), (1, 1)), 1)

@@ -150,11 +150,11 @@ def stamp_table(weight: np.ndarray, window: tuple[int, int], entries: int) -> np
 def applies(dy: Any, weight: Any, win: Any, groups: int) -> bool:
     """Whether :func:`input_grad` computes this input gradient: a
     :class:`~anycnn.kernels.native.Pooled` gradient of NumPy float32 or float64 arrays the
-    kernels compile for, its windows tiling the convolution's output; one input channel; an
-    ungrouped stride-1 convolution without dilation, top and left padding below the kernel
-    size; patches of at most :data:`MAX_ENTRIES` entries."""
+    kernels compile for, over one of :data:`WINDOWS`; one input channel; an ungrouped stride-1
+    convolution without dilation, top and left padding below the kernel size; patches of at
+    most :data:`MAX_ENTRIES` entries."""
     if not (isinstance(dy, native.Pooled) and isinstance(dy.grad, np.ndarray)
-            and isinstance(weight, np.ndarray)):
+            and isinstance(weight, np.ndarray)) or tuple(dy.window) not in WINDOWS:
         return False
     kh, kw, cin, _ = weight.shape
     _, _, hp, wp = _patch((kh, kw), tuple(dy.window))
@@ -165,8 +165,17 @@ def applies(dy: Any, weight: Any, win: Any, groups: int) -> bool:
             and native.available(np, weight.dtype))
 
 
-#: the most patch entries (``Hp * Wp``) it takes
+#: the most patch entries (``Hp * Wp``) it takes (7x7 kernels under a 2x2 pool: 8x8)
 MAX_ENTRIES = 64
+
+#: the pooling windows it takes: where it was measured faster than
+#: :mod:`~anycnn.kernels.native_narrow` (batch 64, one thread, AVX-512, ms, this kernel
+#: against that one): under a 2x2 pool at 28x28, float32, 1 -> 32 3x3 0.31/0.64, 1 -> 16
+#: 0.26/0.38, 1 -> 64 0.88/1.24, 1 -> 32 5x5 1.22/1.54, 1 -> 16 5x5 0.56/0.71, 1 -> 32 7x7
+#: 1.63/2.84; at 32x32 0.63/0.83; float64 1 -> 32 0.96/1.26, 1 -> 16 0.55/0.68; 8 images 0.065/
+#: 0.084; 8x8 images 0.065/0.080. Under a 3x3 pool (6x6 patches for a 3x3 kernel, whose rows
+#: of 6 entries are odd vectors) 0.90 against 0.63 at 27x27
+WINDOWS = frozenset({(2, 2)})
 
 
 def input_grad(dy: native.Pooled, weight: np.ndarray, pads: tuple[int, int, int, int],
