@@ -70,17 +70,6 @@ def test_matches_the_portable_input_gradient(monkeypatch, rng, case, dtype, one_
         assert_rounding_close(native_stamp.conv2d_input_grad_kernel(pooled, wt, win, 1), result)
 
 
-def test_the_table():
-    """Row ``a`` (the window's tap ``(ay, ax)``) holds the kernel placed at ``(ay, ax)`` in the
-    patch; the dead code's row is zero."""
-    wt = np.arange(1, 10, dtype=np.float64).reshape(3, 3, 1, 1)
-    tab = native_stamp.stamp_table(wt, (2, 2), 16)
-    assert tab.shape == (1, 5, 16)
-    patch = tab[0, 3].reshape(4, 4)  # tap (1, 1): the kernel in the patch's lower right
-    assert (patch[1:, 1:] == wt[:, :, 0, 0]).all() and not patch[0].any() and not patch[:, 0].any()
-    assert not tab[0, 4].any()
-
-
 def test_an_empty_batch(rng):
     pooled, wt, _, _ = _pooled(rng, 1, (8, 8), 16, 3, (1, 1, 1, 1), (2, 2), np.float32)
     empty = native.Pooled(pooled.grad[:0], pooled.code[:0], (2, 2))

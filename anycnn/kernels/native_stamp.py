@@ -63,7 +63,10 @@ def _stamp_pipeline(dtype: np.dtype, cout: int, kernel: tuple[int, int],
     """dx[0, x, y, n] (Halide's axes are NumPy's reversed) = sum over the patches ``(xq, yq)``
     covering pixel (x + left, y + top) of patch[e, xq, yq, n], ``e = i*Wp + j`` with
     ``i = y + top - ph*yq``, ``j = x + left - pw*xq``; patch[e, xq, yq, n] = sum over co of
-    dpool[co, xq, yq, n] * tab[e + entries*(min(code[co, xq, yq, n], taps) + (taps+1)*co)]."""
+    dpool[co, xq, yq, n] * tab[e + entries*(min(code[co, xq, yq, n], taps) + (taps+1)*co)],
+    the table computed once per call from ``wt`` (NumPy (kh, kw, 1, C_out)):
+    ``tab[co, ay*pw + ax, i*Wp + j] = wt[i - ay, j - ax, 0, co]`` inside the kernel, zero
+    elsewhere and in row ``taps`` (the dead code, clamped to it)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     ph, pw = window
@@ -72,11 +75,24 @@ def _stamp_pipeline(dtype: np.dtype, cout: int, kernel: tuple[int, int],
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
     dpool = hl.ImageParam(t, 4, "dpool")
     code = hl.ImageParam(hl.UInt(8), 4, "code")
-    tab = hl.ImageParam(t, 1, "tab")  # NumPy (C_out, taps + 1, entries), flattened
+    wt = hl.ImageParam(t, 4, "wt")  # NumPy (kh, kw, 1, C_out)
     for image in (dpool, code):
         image.dim(0).set_bounds(0, cout).set_stride(1)
-    tab.dim(0).set_bounds(0, cout * (taps + 1) * entries)
+    kh, kw = kernel
+    step = 1
+    for d, extent in enumerate((cout, 1, kw, kh)):
+        wt.dim(d).set_bounds(0, extent).set_stride(step)
+        step *= extent
     wq, hq = dpool.dim(1).extent(), dpool.dim(2).extent()
+
+    # the table (stamp_table), flattened: k = e + entries*(a + (taps + 1)*co)
+    flat = hl.Var("flat")
+    ei, ai, co = flat % entries, (flat / entries) % (taps + 1), flat / (entries * (taps + 1))
+    ky, kx = ei / wp - ai / pw, ei % wp - ai % pw
+    tab = hl.Func("tab")
+    tab[flat] = hl.select((ai < taps) & (ky >= 0) & (ky < kh) & (kx >= 0) & (kx < kw),
+                       wt[co, 0, hl.clamp(kx, 0, kw - 1), hl.clamp(ky, 0, kh - 1)],
+                       hl.cast(t, 0))
 
     e, c, xq, yq, n = (hl.Var(v) for v in ("e", "c", "xq", "yq", "n"))
     offset = hl.Func("offset")  # [c, xq, yq, n]: the table row of each pooled value
@@ -128,23 +144,10 @@ def _stamp_pipeline(dtype: np.dtype, cout: int, kernel: tuple[int, int],
     patch.reorder(e, qi, qo, yq, n).vectorize(e, lanes).unroll(qi)
     acc.compute_at(patch, qo).vectorize(e, lanes).unroll(xq)
     acc.update().reorder(e, xq, r, yq, n).vectorize(e, lanes).unroll(xq).unroll(r)
-    return out, {"dpool": dpool, "code": code, "tab": tab}, {"top": top, "left": left}
-
-
-def stamp_table(weight: np.ndarray, window: tuple[int, int], entries: int) -> np.ndarray:
-    """The kernel's table ``(C_out, taps + 1, entries)`` of ``weight`` ``(kh, kw, 1, C_out)``:
-    ``tab[co, ay*pw + ax, i*Wp + j] = weight[i - ay, j - ax, 0, co]`` inside the kernel, zero
-    elsewhere, and row ``taps`` (the dead code, clamped) zero."""
-    kh, kw, _, cout = weight.shape
-    ph, pw = window
-    _, _, hp, wp = _patch((kh, kw), window)
-    tab = np.zeros((cout, ph * pw + 1, entries), dtype=weight.dtype)
-    planes = tab[:, :ph * pw, :hp * wp].reshape(cout, ph, pw, hp, wp)
-    w = np.moveaxis(weight[:, :, 0, :], -1, 0)  # (C_out, kh, kw)
-    for ay in range(ph):
-        for ax in range(pw):
-            planes[:, ay, ax, ay:ay + kh, ax:ax + kw] = w
-    return tab
+    fo, fi = hl.Var("fo"), hl.Var("fi")
+    tab.compute_root().bound(flat, 0, cout * (taps + 1) * entries).split(
+        flat, fo, fi, entries).vectorize(fi, lanes)
+    return out, {"dpool": dpool, "code": code, "wt": wt}, {"top": top, "left": left}
 
 
 def applies(dy: Any, weight: Any, win: Any, groups: int) -> bool:
@@ -197,8 +200,8 @@ def input_grad(dy: native.Pooled, weight: np.ndarray, pads: tuple[int, int, int,
     tile = min(POSITION_TILE, wq)
     parallel = not getattr(_region, "active", False)
     pipeline = _stamp_pipeline(dtype, cout, (kh, kw), window, entries, lanes, tile, parallel)
-    tab = stamp_table(native.operand(weight), window, entries).reshape(-1)
-    pipeline.run({**dy.arrays(), "tab": tab}, {"top": pads[0], "left": pads[2]}, [dx])
+    pipeline.run({**dy.arrays(), "wt": native.operand(weight)}, {"top": pads[0], "left": pads[2]},
+                 [dx])
     return dx
 
 
