@@ -20,10 +20,15 @@ so the patch is a sum over the channels of one scalar times one row of a table
 ``tab[co, a, i*Wp + j]`` chosen by the code (the dead code's row is zero): ``C_out``
 multiply-adds of vectors holding the patch's entries (16 of them for 3x3 under 2x2: one
 AVX-512 vector, two AVX2 ones), a quarter of the dense multiply-adds and no horizontal sum.
-The patches of neighbouring windows overlap; each input pixel then sums the entries of the
-patches that cover it (4 for 3x3 under 2x2), read with gathers.
-
-A task is one image: its patches (12.5 KB for simple-cnn) stay in the L1 cache.
+Each multiply-add loads its table row's offset (the code clamped, computed for the image
+first in vectors), the pooled value (broadcast) and the row: bound by the loads, about 1.5
+cycles each (measured). The patches of neighbouring windows overlap: they are added up in
+``ny * nx`` passes (4 for 3x3 under 2x2), each over the windows of one class
+(``xq mod nx``, ``yq mod ny``) whose patches do not overlap, a patch row of ``Wp`` entries
+one vector (a first version summing the 4 entries that reach each input pixel with gathers
+spent a third of its time there). A task is one image: its patches (12.5 KB for simple-cnn)
+stay in the L1 cache. simple-cnn's block at batch 64, one thread, AVX-512: 0.31-0.40 ms
+against native_narrow's 0.57-0.68 (see :data:`WINDOWS`).
 
 - :func:`input_grad` — the kernel;
 - :func:`applies` — the layers it takes;
@@ -44,7 +49,9 @@ from . import kernel_cache, native
 from .dispatch import DECLINE, implements
 from .threads import _region
 
-#: pooled positions of one row per register tile (independent chains of multiply-adds)
+#: pooled positions of one row per register tile (independent chains of multiply-adds; the
+#: multiply-adds wait on their loads, not on each other: 4, 7 and 14 measured alike with
+#: AVX-512, 7 fastest of 3, 4 and 7 compiled for AVX2, 14 of its 16 registers accumulators)
 POSITION_TILE = 7
 
 
@@ -176,8 +183,9 @@ MAX_ENTRIES = 64
 #: against that one): under a 2x2 pool at 28x28, float32, 1 -> 32 3x3 0.31/0.64, 1 -> 16
 #: 0.26/0.38, 1 -> 64 0.88/1.24, 1 -> 32 5x5 1.22/1.54, 1 -> 16 5x5 0.56/0.71, 1 -> 32 7x7
 #: 1.63/2.84; at 32x32 0.63/0.83; float64 1 -> 32 0.96/1.26, 1 -> 16 0.55/0.68; 8 images 0.065/
-#: 0.084; 8x8 images 0.065/0.080. Under a 3x3 pool (6x6 patches for a 3x3 kernel, whose rows
-#: of 6 entries are odd vectors) 0.90 against 0.63 at 27x27
+#: 0.084; 8x8 images 0.065/0.080; both compiled for AVX2 (8 lanes, 16 registers; run on the same
+#: Xeon), 1 -> 32 3x3 0.61/1.01. Under a 3x3 pool (6x6 patches for a 3x3 kernel, whose rows of
+#: 6 entries are odd vectors) 0.90 against 0.63 at 27x27
 WINDOWS = frozenset({(2, 2)})
 
 
