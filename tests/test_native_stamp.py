@@ -114,3 +114,30 @@ def test_declines_what_it_does_not_take(monkeypatch, rng):
     assert native_stamp.conv2d_input_grad_kernel(pooled, wt, windows(stride=(2, 2)), 1) is DECLINE
     monkeypatch.setattr(native, "ENABLED", False)  # the compiled kernels' switches
     assert not native_stamp.applies(pooled, wt, windows(), 1)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["simple-cnn", "valid-odd"])
+def test_the_avx2_build_matches(rng, case):
+    """Compiled for AVX2 (8 float32 lanes, 16 registers: two vectors per patch, the tile's 14
+    accumulators), on a host that runs AVX2 code: the same result as the portable path."""
+    from anycnn.kernels import kernel_cache
+
+    if not {"x86", "64", "linux", "avx2"} <= set(kernel_cache.host_target().split("-")):
+        pytest.skip("the host is no x86-64 Linux running AVX2 code")
+    import halide as hl
+
+    n, hw, cout, k, pads, window = case
+    pooled, wt, win, dense = _pooled(rng, n, hw, cout, k, pads, window, np.float32)
+    func, images, params = native_stamp._stamp_pipeline.__wrapped__(
+        np.dtype(np.float32), cout, (k, k), window, 16, 8,
+        min(native_stamp.POSITION_TILE, pooled.grad.shape[2]), True)
+    func.compile_jit(hl.Target("x86-64-linux-avx-avx2-f16c-fma-sse41"))
+    arrays = {**pooled.arrays(), "wt": native.operand(wt)}
+    for name, a in arrays.items():
+        images[name].set(hl.Buffer(a))
+    params["top"].set(pads[0])
+    params["left"].set(pads[2])
+    dx = np.empty((n, *hw, 1), np.float32)
+    func.realize(hl.Buffer(dx))
+    expected = C.conv_input_grad.portable(np.reshape(dense, (n, -1, cout)), wt, win)
+    assert_rounding_close(dx, expected)
