@@ -185,8 +185,9 @@ MAX_ENTRIES = 64
 #: 1.63/2.84; at 32x32 0.63/0.83; float64 1 -> 32 0.96/1.26, 1 -> 16 0.55/0.68; 8 images 0.065/
 #: 0.084; 8x8 images 0.065/0.080; larger images (a task's patches then leave the L1 cache)
 #: 64x64 0.26/0.52 (8 images), 128x128 0.52/0.92 (4), 224x224 0.75/1.31 (2); both compiled
-#: for AVX2 (8 lanes, 16 registers; run on the same Xeon), 1 -> 32 3x3 0.61/1.01. Under a 3x3 pool (6x6 patches for a 3x3 kernel, whose rows of
-#: 6 entries are odd vectors) 0.90 against 0.63 at 27x27
+#: for AVX2 (8 lanes, 16 registers; run on the same Xeon), 1 -> 32 3x3 0.61/1.01. Under a
+#: 3x3 pool (6x6 patches for a 3x3 kernel, whose rows of 6 entries are odd vectors) 0.90
+#: against 0.63 at 27x27
 WINDOWS = frozenset({(2, 2)})
 
 
