@@ -157,11 +157,12 @@ def test_an_empty_batch(rng):
     assert dx.shape == (0, 5, 5, 1)
 
 
-@pytest.mark.parametrize("model, in_channels", [("simple-cnn", 1), ("lenet5", 1),
+@pytest.mark.parametrize("model, in_channels", [("simple-cnn", 3), ("lenet5", 1),
                                                 ("bn-cnn", 3), ("resnet-mini", 1)])
 def test_models_use_it_and_agree_with_the_portable_path(monkeypatch, rng, model, in_channels):
     """The presets' first layers' input gradients go through the kernel (fused block, portable
-    segment, plain convolution) and equal those with the compiled kernels off."""
+    segment, plain convolution) and equal those with the compiled kernels off (simple-cnn on
+    3-channel images: its 1-channel first block is native_stamp's, tests/test_native_stamp.py)."""
     x = rng.random((3, 28, 28, in_channels)).astype(np.float32)
     grads = []
     for enabled in (True, False):

@@ -59,6 +59,7 @@ DECLINE = _Declined()
 #: take only torch tensors, and the state their forward kept), then the compiled kernels
 KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
                   "anycnn.kernels.native_norm", "anycnn.kernels.native_bn",
+                  "anycnn.kernels.native_stamp",
                   "anycnn.kernels.native_narrow",
                   "anycnn.kernels.fastpath", "anycnn.kernels.special")
 

@@ -62,7 +62,8 @@ __all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
 SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
                   "anycnn.kernels.native_bn", "anycnn.kernels.native_sum",
                   "anycnn.kernels.native_narrow", "anycnn.kernels.native_planar",
-                  "anycnn.kernels.native_wgrad", "anycnn.kernels.kernel_cache")
+                  "anycnn.kernels.native_wgrad", "anycnn.kernels.native_stamp",
+                  "anycnn.kernels.kernel_cache")
 
 _build_lock = threading.Lock()  # one pipeline compiled at a time
 _jit_lock = threading.Lock()  # an in-memory pipeline's parameters are set, then it runs

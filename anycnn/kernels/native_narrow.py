@@ -36,7 +36,8 @@ vector of a pixel's channels at a time (a NumPy copy first, in runs of ``C_out``
   dilation, top and left padding below the kernel size, at most :data:`MAX_INPUT_CHANNELS`
   input channels that do not fill a vector (those that do have
   :func:`~anycnn.kernels.native.conv2d_input_grad`);
-- the dispatch kernels ``conv2d_input_grad`` (a whole batch's gradient, dense or pooled) and
+- the dispatch kernels ``conv2d_input_grad`` (a whole batch's gradient, dense or pooled: a
+  one-channel block's under a 2x2 pool is :mod:`~anycnn.kernels.native_stamp`'s, tried first) and
   ``conv_input_grad`` (a chunk's row gradient, in the windows' order, pool-ordered included) of
   :mod:`anycnn.nn.functional.conv`.
 
