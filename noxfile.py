@@ -19,8 +19,10 @@ the sample still imports and runs each file on each backend). The selection is d
 `nox -s "tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run
 their tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
 that time themselves), and so does the numpy session for its tests not marked `slow`; its
-end-to-end runs (`-m slow`: subprocess trainings with time budgets, signals, the documentation's
-code blocks, the examples) run after those, one at a time. torch stays installed in every session:
+end-to-end runs (`-m slow`: subprocess trainings, the documentation's code blocks, the examples)
+run after those, in processes of their own, also two at a time (mostly process start-up and
+imports: 186 s one at a time, about half in two); only the tests marked `serial` (one that
+compares two timings) run after that, one at a time. torch stays installed in every session:
 test_vs_torch, test_new_layers and test_containers compare each layer computed on *the backend
 under test* with PyTorch autograd, which no other backend's run replaces, and torchvision's model
 definitions are the reference for the pretrained architectures. Sessions are created with uv when
@@ -97,9 +99,12 @@ def tests(session: nox.Session, backend: str) -> None:
     # the other sessions run the core files in full and a fixed sample of the rest (see above)
     if session.posargs:
         session.run("python", "-m", "pytest", *session.posargs, env=env)
-    elif backend == "numpy":  # every test: the quick ones in parallel, then the end-to-end runs
+    elif backend == "numpy":  # every test: the quick ones, then the end-to-end runs, in
+        # parallel (each group in processes of its own); then the one timing comparison, alone
         session.run("python", "-m", "pytest", "-q", "-m", "not slow", "-n", "auto", env=env)
-        session.run("python", "-m", "pytest", "-q", "-m", "slow", env=env)
+        session.run("python", "-m", "pytest", "-q", "-m", "slow and not serial", "-n", "auto",
+                    env=env)
+        session.run("python", "-m", "pytest", "-q", "-m", "serial", env=env)
     else:
         session.run("python", "-m", "pytest", "-q", "-m", "not slow", "--backend-sample",
                     str(SAMPLE), "-n", "auto", env=env)
