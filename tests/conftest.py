@@ -10,8 +10,9 @@ with its first parametrisation and every one whose node id hashes to 0 modulo M
 (``--core-sample M``, default 2: further kernel sizes, strides and paddings run the same array
 operations again; on JAX each new shape is a new compile of every operation), and, of the other
 files, the first test of each file and every test whose node id hashes to 0 modulo N; it leaves
-out the tests that run on NumPy whatever the session's backend (``NUMPY_ONLY_FILES`` and the
-tests using the ``native_on`` fixture: each session would run the same code again). The hash
+out the tests that run on NumPy whatever the session's backend (``NUMPY_ONLY_FILES``, the tests
+using the ``native_on`` fixture and those marked ``numpy_only``: each session would run the same
+code again). The hash
 is CRC-32: the same selection on every machine and every run, independent of collection order.
 Those tests get the ``backend_core`` and ``backend_sample`` markers, so ``-m`` can pick them too.
 The numpy session passes no option and runs everything.
@@ -98,7 +99,8 @@ def pytest_collection_modifyitems(config, items):
         name = Path(str(item.fspath)).name
         function = (name, getattr(item, "originalname", item.name))
         hashed = zlib.crc32(item.nodeid.encode())
-        if name in NUMPY_ONLY_FILES or "native_on" in getattr(item, "fixturenames", ()):
+        if (name in NUMPY_ONLY_FILES or "native_on" in getattr(item, "fixturenames", ())
+                or item.get_closest_marker("numpy_only")):
             drop.append(item)  # the same NumPy code in every session: the numpy session's
         elif name in FULL_FILES or (name in CORE_FILES and (function not in seen
                                                           or hashed % m == 0)):

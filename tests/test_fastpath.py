@@ -346,6 +346,7 @@ print(f"{blas:.3f} {mine:.3f}")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.numpy_only  # ANYCNN_BACKEND=numpy, in a subprocess: the same run in every session
 @pytest.mark.parametrize("grad", ["input-grad", "no-input-grad"])
 @pytest.mark.parametrize("model", ["simple-cnn", "resnet20", "zoo"])
 def test_training_steps_never_wake_the_blas_threads(tmp_path, model, grad):
