@@ -15,14 +15,18 @@ gradient-check files, since those are what a backend's arrays go through and whe
 run the same array operations, and on JAX every new shape is a new compile), and of every other
 file its first test plus a fixed quarter picked by a hash of the test id (CLI, data readers,
 checkpoints, callbacks ... mostly exercise host-side plumbing that numpy already covers in full;
-the sample still imports and runs each file on each backend). The selection is deterministic, and
+the sample still imports and runs each file on each backend); tests that run on NumPy whatever
+the session's backend (the compiled kernels' own tests, `numpy_only` runs) are left to the numpy
+session, which runs them once. The selection is deterministic, and
 `nox -s "tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run
 their tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
 that time themselves), and so does the numpy session for its tests not marked `slow`; its
 end-to-end runs (`-m slow`: subprocess trainings, the documentation's code blocks, the examples)
-run after those, in processes of their own, also two at a time (mostly process start-up and
-imports: 186 s one at a time, about half in two); only the tests marked `serial` (one that
-compares two timings) run after that, one at a time. torch stays installed in every session:
+run after those, in processes of their own, also two at a time (mostly process start-up,
+imports and single-threaded Python); only the tests marked `serial` (one that compares two
+timings) run after that, alone. The tests share one compiled-kernel cache (tests/conftest.py
+pins `ANYCNN_KERNEL_CACHE`): a clean CI machine compiles each kernel once, not once more in every
+test that points `XDG_CACHE_HOME` at a scratch folder. torch stays installed in every session:
 test_vs_torch, test_new_layers and test_containers compare each layer computed on *the backend
 under test* with PyTorch autograd, which no other backend's run replaces, and torchvision's model
 definitions are the reference for the pretrained architectures. Sessions are created with uv when
