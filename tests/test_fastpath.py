@@ -156,6 +156,7 @@ def _simple_cnn_grads(x, y):
     return [anycnn.to_numpy(dx)] + [anycnn.to_numpy(p.grad) for p in model.parameters()]
 
 
+@pytest.mark.numpy_only  # the whole step under use_backend("numpy"): the same in every session
 def test_training_step_fast_paths_match_portable_and_are_deterministic(rng, monkeypatch):
     """A whole simple-cnn step on NumPy: the fast paths (threads, cache-sized chunks) agree
     with the portable code to float32 rounding (the weight-gradient sums are split
