@@ -15,12 +15,18 @@ gradient-check files, since those are what a backend's arrays go through and whe
 run the same array operations, and on JAX every new shape is a new compile), and of every other
 file its first test plus a fixed quarter picked by a hash of the test id (CLI, data readers,
 checkpoints, callbacks ... mostly exercise host-side plumbing that numpy already covers in full;
-the sample still imports and runs each file on each backend). The selection is deterministic, and
+the sample still imports and runs each file on each backend); tests that run on NumPy whatever
+the session's backend (the compiled kernels' own tests, `numpy_only` runs) are left to the numpy
+session, which runs them once. The selection is deterministic, and
 `nox -s "tests(backend='jax')" -- -q -m "not slow"` runs a backend in full. These sessions run
 their tests in one process per core (pytest-xdist `-n auto`, 2 on CI: they hold no end-to-end runs
 that time themselves), and so does the numpy session for its tests not marked `slow`; its
-end-to-end runs (`-m slow`: subprocess trainings with time budgets, signals, the documentation's
-code blocks, the examples) run after those, one at a time. torch stays installed in every session:
+end-to-end runs (`-m slow`: subprocess trainings, the documentation's code blocks, the examples)
+run after those, in processes of their own, also two at a time (mostly process start-up,
+imports and single-threaded Python); only the tests marked `serial` (one that compares two
+timings) run after that, alone. The tests share one compiled-kernel cache (tests/conftest.py
+pins `ANYCNN_KERNEL_CACHE`): a clean CI machine compiles each kernel once, not once more in every
+test that points `XDG_CACHE_HOME` at a scratch folder. torch stays installed in every session:
 test_vs_torch, test_new_layers and test_containers compare each layer computed on *the backend
 under test* with PyTorch autograd, which no other backend's run replaces, and torchvision's model
 definitions are the reference for the pretrained architectures. Sessions are created with uv when
@@ -97,9 +103,13 @@ def tests(session: nox.Session, backend: str) -> None:
     # the other sessions run the core files in full and a fixed sample of the rest (see above)
     if session.posargs:
         session.run("python", "-m", "pytest", *session.posargs, env=env)
-    elif backend == "numpy":  # every test: the quick ones in parallel, then the end-to-end runs
+    elif backend == "numpy":  # every test: the quick ones, then the end-to-end runs, in
+        # parallel (each group in processes of its own); then the one timing comparison, alone
         session.run("python", "-m", "pytest", "-q", "-m", "not slow", "-n", "auto", env=env)
-        session.run("python", "-m", "pytest", "-q", "-m", "slow", env=env)
+        session.run("python", "-m", "pytest", "-q", "-m", "slow and not serial", "-n", "auto",
+                    env=env)
+        session.run("python", "-m", "pytest", "-q", "-m", "serial", env=env,
+                    success_codes=[0, 5])  # 5: none collected (no test marked serial)
     else:
         session.run("python", "-m", "pytest", "-q", "-m", "not slow", "--backend-sample",
                     str(SAMPLE), "-n", "auto", env=env)

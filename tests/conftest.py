@@ -9,7 +9,10 @@ immutable namespaces, the backend shim, gradient checks: the code a backend's ar
 with its first parametrisation and every one whose node id hashes to 0 modulo M
 (``--core-sample M``, default 2: further kernel sizes, strides and paddings run the same array
 operations again; on JAX each new shape is a new compile of every operation), and, of the other
-files, the first test of each file and every test whose node id hashes to 0 modulo N. The hash
+files, the first test of each file and every test whose node id hashes to 0 modulo N; it leaves
+out the tests that run on NumPy whatever the session's backend (``NUMPY_ONLY_FILES``, the tests
+using the ``native_on`` fixture and those marked ``numpy_only``: each session would run the same
+code again). The hash
 is CRC-32: the same selection on every machine and every run, independent of collection order.
 Those tests get the ``backend_core`` and ``backend_sample`` markers, so ``-m`` can pick them too.
 The numpy session passes no option and runs everything.
@@ -53,6 +56,12 @@ CORE_FILES = frozenset({
 #: that forward-only models match torch autograd on every backend is checked case by case.
 FULL_FILES = frozenset({"test_autograd.py", "test_torchvision_models.py"})
 
+#: Test files that never touch the backend under test (the compiled kernels' cache and calls, on
+#: NumPy arrays, in this process or in subprocesses with ``ANYCNN_BACKEND=numpy``): under
+#: ``--backend-sample`` they are left to the numpy session, as is every test that asks for the
+#: ``native_on`` fixture (it runs the whole test on the NumPy backend, whichever the session's).
+NUMPY_ONLY_FILES = frozenset({"test_halide_call.py", "test_kernel_cache.py"})
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -65,6 +74,21 @@ def pytest_addoption(parser):
              "and about 1 in M of the others")
 
 
+def pytest_configure(config):
+    """One kernel cache for the whole run: the compiled-kernel cache directory is fixed through
+    ``ANYCNN_KERNEL_CACHE`` (to where it would be now) unless the caller set it, so that tests
+    which point ``XDG_CACHE_HOME`` at a scratch folder (for image caches and downloads), and the
+    CLI subprocesses they start, load the kernels earlier tests compiled instead of compiling
+    every kernel again in an empty cache (on a clean CI machine: 0.4-1.5 s a kernel). Tests of
+    the cache itself set ``ANYCNN_KERNEL_CACHE`` to folders of their own, as before."""
+    if "ANYCNN_KERNEL_CACHE" not in os.environ:
+        from anycnn.kernels import kernel_cache
+
+        root = kernel_cache.cache_root()
+        if root is not None:
+            os.environ["ANYCNN_KERNEL_CACHE"] = str(root)
+
+
 def pytest_collection_modifyitems(config, items):
     n = config.getoption("--backend-sample")
     m = max(1, config.getoption("--core-sample"))
@@ -75,7 +99,10 @@ def pytest_collection_modifyitems(config, items):
         name = Path(str(item.fspath)).name
         function = (name, getattr(item, "originalname", item.name))
         hashed = zlib.crc32(item.nodeid.encode())
-        if name in FULL_FILES or (name in CORE_FILES and (function not in seen
+        if (name in NUMPY_ONLY_FILES or "native_on" in getattr(item, "fixturenames", ())
+                or item.get_closest_marker("numpy_only")):
+            drop.append(item)  # the same NumPy code in every session: the numpy session's
+        elif name in FULL_FILES or (name in CORE_FILES and (function not in seen
                                                           or hashed % m == 0)):
             item.add_marker(pytest.mark.backend_core)
             keep.append(item)

@@ -23,6 +23,7 @@ def _installed(*names: str) -> bool:
     return all(importlib.util.find_spec(n) is not None for n in names)
 
 
+@pytest.mark.numpy_only  # --backend numpy, in a subprocess: the same run in every session
 def test_real_run_reports_every_installed_baseline(tmp_path):
     out = tmp_path / "infer.json"
     env = dict(os.environ)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from anycnn.cli.commands import main
 from anycnn.kernels import kernel_bundle
+
+#: every run here is ``--backend numpy``: the same in every session (left to the numpy one)
+pytestmark = pytest.mark.numpy_only
 
 
 def _bench(tmp_path, capsys, *argv: str) -> tuple[str, dict]:

@@ -156,6 +156,7 @@ def _simple_cnn_grads(x, y):
     return [anycnn.to_numpy(dx)] + [anycnn.to_numpy(p.grad) for p in model.parameters()]
 
 
+@pytest.mark.numpy_only  # the whole step under use_backend("numpy"): the same in every session
 def test_training_step_fast_paths_match_portable_and_are_deterministic(rng, monkeypatch):
     """A whole simple-cnn step on NumPy: the fast paths (threads, cache-sized chunks) agree
     with the portable code to float32 rounding (the weight-gradient sums are split
@@ -346,6 +347,7 @@ print(f"{blas:.3f} {mine:.3f}")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.numpy_only  # ANYCNN_BACKEND=numpy, in a subprocess: the same run in every session
 @pytest.mark.parametrize("grad", ["input-grad", "no-input-grad"])
 @pytest.mark.parametrize("model", ["simple-cnn", "resnet20", "zoo"])
 def test_training_steps_never_wake_the_blas_threads(tmp_path, model, grad):

@@ -225,6 +225,7 @@ FLOP_SHARE_BOUND = 2.0
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a timing comparison: run alone, not beside other test processes
 @pytest.mark.parametrize("case", [(1, 32, 3, (2, 2)), (1, 6, 5, None), (3, 32, 3, (2, 2)),
                                   (3, 16, 3, None)],
                          ids=["simple-cnn", "lenet5", "cifar-3to32-pool", "resnet20"])

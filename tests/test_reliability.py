@@ -435,9 +435,11 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture
 def isolated_env(tmp_path, monkeypatch):
-    """No ANYCNN_* settings from outside, an empty cache, and downloads that fail at once."""
+    """No ANYCNN_* settings from outside, an empty cache, and downloads that fail at once
+    (the compiled kernels' cache is kept: where kernels are kept changes no result, and the
+    run's one cache spares compiling them again, see tests/conftest.py)."""
     for key in list(os.environ):
-        if key.startswith("ANYCNN_"):
+        if key.startswith("ANYCNN_") and key != "ANYCNN_KERNEL_CACHE":
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("ANYCNN_DATA_URL", "http://127.0.0.1:9/")  # closed port: refused
@@ -508,7 +510,8 @@ def test_cli_unusable_backends(isolated_env, capsys, monkeypatch):
 
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANYCNN_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ANYCNN_") or k == "ANYCNN_KERNEL_CACHE"}  # as isolated_env
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     env["ANYCNN_DATA_URL"] = "http://127.0.0.1:9/"

@@ -144,6 +144,7 @@ def test_fused_resnet_runs_match_unfused_layers(backend, rng, dtype):
         assert_rounding_close(a, b)
 
 
+@pytest.mark.numpy_only  # the whole step under use_backend("numpy"): the same in every session
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_resnet_step_fast_path_matches_portable(monkeypatch, rng, threads):
     """NumPy: a whole fused resnet step with the fast paths (threads, many chunks) against the
