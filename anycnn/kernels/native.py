@@ -250,28 +250,43 @@ def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
                                                    grad.dim(2).extent() * ph)
 
 
-def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int]):
+def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int],
+                 adjoint: bool = False):
     """``(out, acc, rdom, (co, x, y, n), ImageParams, Params)`` of the convolution
     out[co, x, y, n] = start(co, x, y, n) + sum over (ci, j, i) of
     grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
     reversed), for ``geometry`` (C_in, C_out, kh, kw, stride) known when it compiles: the
     weights' layout, the reduction's extents and the stride are constants, so every operand of
     a register tile is a fixed offset from a few pointers (with them as run-time values the
-    tile loops spilled their pointers to the stack at every tap)."""
+    tile loops spilled their pointers to the stack at every tap).
+
+    With ``adjoint``, the ImageParam ``wt`` is the weight (kh, kw, C_out, C_in) in NumPy's
+    order of the convolution whose input gradient this is (C_in and C_out as ``geometry``
+    names them here), and ``wt`` above is it flipped in space with its channel axes swapped,
+    computed once per call into a buffer of constant shape: no copy of the weight in Python
+    (a NumPy copy per backward cost 20-70 us per layer in resnet20's step, measured)."""
     cin, cout, kh, kw, stride = geometry
-    wt = hl.ImageParam(t, 4, "wt")
+    param = hl.ImageParam(t, 4, "wt")
     step = 1
-    for d, extent in enumerate((cout, cin, kw, kh)):
-        wt.dim(d).set_bounds(0, extent).set_stride(step)
+    for d, extent in enumerate((cin, cout, kw, kh) if adjoint else (cout, cin, kw, kh)):
+        param.dim(d).set_bounds(0, extent).set_stride(step)
         step *= extent
     co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
+    if adjoint:
+        ci, j, i = hl.Var("ci"), hl.Var("j"), hl.Var("i")
+        wt = hl.Func("adjoint")
+        wt[co, ci, j, i] = param[ci, co, kw - 1 - j, kh - 1 - i]
+        wt.bound(co, 0, cout).bound(ci, 0, cin).bound(j, 0, kw).bound(i, 0, kh)
+        wt.compute_root()
+    else:
+        wt = param
     r = hl.RDom([hl.Range(0, cin), hl.Range(0, kw), hl.Range(0, kh)])
     acc = hl.Func("acc")
     acc[co, x, y, n] = start(co, x, y, n)
     acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
     out = hl.Func("conv")
     out[co, x, y, n] = acc[co, x, y, n]
-    return out, acc, r, (co, x, y, n), {"wt": wt}, {}
+    return out, acc, r, (co, x, y, n), {"wt": param}, {}
 
 
 #: the most kernel taps a register tile's step unrolls (a larger kernel's rows are a loop)
@@ -308,7 +323,8 @@ ROWS_PER_TASK = 8
 @kernel_cache.pipeline
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-                      addend: bool, relu: bool = False, codes: bool = True):
+                      addend: bool, relu: bool = False, codes: bool = True,
+                      adjoint: bool = False):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
     kernel reading a pooled gradient), plus ``bias`` (with ``addend``, plus the array
@@ -317,7 +333,8 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     that in the same tile, a NaN kept (:func:`conv2d_epilogue`). With ``pool`` (ph, pw), the
     output is the pair (relu(max over each ph x pw window + bias), code): see
     :func:`conv2d_relu_maxpool`; without ``codes``, the pooled output alone (an inference's
-    block, which no backward follows)."""
+    block, which no backward follows). With ``adjoint``, the weight is that of the convolution
+    whose input gradient this is (see :func:`_convolution`)."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
@@ -339,7 +356,7 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
             return plus[co, x, y, n] + bias[co]
         return hl.cast(t, 0) if pool else bias[co]
 
-    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start, geometry)
+    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start, geometry, adjoint)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
     taps = geometry[2] * geometry[3]
@@ -501,25 +518,48 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
     return dy.arrays(a, b) if isinstance(dy, Pooled) else {"dy": operand(dy[a:b])}
 
 
+#: :func:`_forward`'s plan per geometry: ``(pipeline, zero bias)``, keyed by everything the
+#: tiling and the pipeline depend on (registers, dtype, weight shape, stride, output width,
+#: spread, unpool, pool, addend, relu, codes); both are immutable (the zero bias is only read)
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(dtype: np.dtype, wshape: tuple, stride: int, width: int, spread: int,
+          unpool: tuple[int, int] | None, pool: tuple[int, int] | None, addend: bool,
+          relu: bool, codes: bool, adjoint: bool) -> tuple:
+    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once."""
+    kh, kw, cin, cout = wshape
+    if adjoint:
+        cin, cout = cout, cin
+    tile, lanes, guard = _tiles(dtype, cout)
+    if pool is not None:
+        width = width // pool[1] * pool[1]
+    ptile = _pixel_tile(width, tile // lanes)
+    pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
+                                 (cin, cout, kh, kw, stride), spread, unpool, pool,
+                                 addend, relu, codes, *((True,) if adjoint else ()))
+    return pipeline, np.zeros(cout, dtype=dtype)
+
+
 def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: int,
              pads: tuple, out_hw: tuple[int, int], outputs: list[np.ndarray], spread: int = 1,
              unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None,
-             relu: bool = False) -> None:
+             relu: bool = False, adjoint: bool = False) -> None:
     """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
     ``"addend"``: its sums start from that array plus the bias) into ``outputs``; with
     ``relu``, the ReLU of the result; with ``pool`` and one output, the pooled output
-    without codes."""
-    cout, dtype = weight.shape[3], outputs[0].dtype
-    tile, lanes, guard = _tiles(dtype, cout)
-    width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
-    ptile = _pixel_tile(width, tile // lanes)
-    kh, kw, cin = weight.shape[:3]
-    codes = pool is None or len(outputs) == 2
-    pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
-                                 (cin, cout, kh, kw, stride), spread, unpool, pool,
-                                 "addend" in arrays, relu, codes)
+    without codes; with ``adjoint``, the input gradient of a convolution by ``weight``
+    (:func:`_convolution`). The pipeline and tiling are derived once per geometry
+    (:func:`_plan`)."""
+    dtype = outputs[0].dtype
+    key = (registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool, pool,
+           "addend" in arrays, relu, pool is None or len(outputs) == 2, adjoint)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(*key[1:])
+    pipeline, zero = plan
     weight = operand(weight)
-    bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
+    bias = zero if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},
                  outputs)
 
@@ -598,8 +638,8 @@ def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
     dx = np.empty((lead.shape[0], *in_hw, weight.shape[2]), dtype=lead.dtype)
     if addend is not None:
         arrays["addend"] = operand(addend, lead.dtype)
-    _forward(arrays, adjoint_kernel(weight), None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0),
-             in_hw, [dx], spread=stride, unpool=window)
+    _forward(arrays, weight, None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw, [dx],
+             spread=stride, unpool=window, adjoint=True)
     return dx
 
 
