@@ -700,46 +700,63 @@ def _images_per_part(n: int, pixels: int) -> int:
     return max(WEIGHT_GRAD_IMAGES, min(enough, n // 8))
 
 
-def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int, int],
-                       stride: int, pads: tuple[int, int, int, int]) -> np.ndarray:
-    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its input ``x``
-    ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or :class:`Pooled`):
-    a part per group of images (:func:`_images_per_part`), summed in order."""
-    grad = dy.grad if isinstance(dy, Pooled) else dy
-    n, cin, cout = x.shape[0], x.shape[3], grad.shape[3]
-    if n == 0:
-        return np.zeros((*kernel, cin, cout), dtype=x.dtype)
-    tile, lanes, guard = _tiles(x.dtype, cout)
-    window = dy.window if isinstance(dy, Pooled) else None
+#: :func:`conv2d_weight_grad`'s plan per geometry: ``(pipeline, images per part, images in
+#: whole parts)``, keyed by everything they depend on (the registers both modules see, dtype,
+#: shapes, pool window, kernel, stride)
+_WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}
+
+
+def _weight_grad_plan(dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
+                      window: tuple[int, int] | None, kernel: tuple[int, int],
+                      stride: int) -> tuple:
+    """``(pipeline, per, full)`` of :func:`conv2d_weight_grad` for this geometry."""
+    n, cin, cout = x_shape[0], x_shape[3], grad_shape[3]
+    tile, lanes, guard = _tiles(dtype, cout)
     rows = _most_tile_rows()
     if tile == lanes and registers().count >= 32:
         rows *= 2  # one vector of channels: 16 accumulators (16 -> 16 channels 20% faster)
     in_tile = _divisor_tile(cin, rows)
-    per = _images_per_part(n, grad.shape[1] * grad.shape[2])
+    per = _images_per_part(n, grad_shape[1] * grad_shape[2])
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
-                                   x.shape[1:3], per, n - full)
+                                   x_shape[1:3], per, n - full)
     if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
-        pipeline = native_wgrad.weight_grad(x.dtype, lanes, (cin, cout, *kernel), chunking)
+        pipeline = native_wgrad.weight_grad(dtype, lanes, (cin, cout, *kernel), chunking)
     else:
-        pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
+        pipeline = _weight_grad_pipeline(dtype, tile, lanes, guard, in_tile, window,
                                          (cin, cout, *kernel, stride),
                                          _tap_axes(in_tile, cin, kernel, tile // lanes))
+    return pipeline, per, full
+
+
+def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int, int],
+                       stride: int, pads: tuple[int, int, int, int]) -> np.ndarray:
+    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its input ``x``
+    ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or :class:`Pooled`):
+    a part per group of images (:func:`_images_per_part`), summed in order. The pipeline and
+    parts are chosen once per geometry (:func:`_weight_grad_plan`)."""
+    pooled = isinstance(dy, Pooled)
+    grad = dy.grad if pooled else dy
+    n, cin, cout = x.shape[0], x.shape[3], grad.shape[3]
+    if n == 0:
+        return np.zeros((*kernel, cin, cout), dtype=x.dtype)
+    from . import native_wgrad  # (it builds on this module)
+
+    window = dy.window if pooled else None
+    key = (registers(), native_wgrad.registers(), x.dtype, x.shape, grad.shape, window,
+           tuple(kernel), stride)
+    plan = _WEIGHT_GRAD_PLANS.get(key)
+    if plan is None:
+        plan = _WEIGHT_GRAD_PLANS[key] = _weight_grad_plan(*key[2:])
+    pipeline, per, full = plan
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
     for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
         if b > a:  # the parts of whole groups, then one of the images left: one array
             pipeline.run({"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
                          {"images": size, "top": pads[0], "left": pads[2]}, [out])
     return native_sum.sum_parts(parts)  # parts.sum(axis=0), on the kernels' threads
-
-
-def adjoint_kernel(weight: np.ndarray) -> np.ndarray:
-    """The NumPy weight ``(kh, kw, C_out, C_in)`` of the stride-1 convolution that carries a
-    convolution's output gradient back to its input: ``weight`` ``(kh, kw, C_in, C_out)``
-    flipped in space, its channel axes swapped (C-contiguous)."""
-    return np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
 
 
 def _column_sums(d: np.ndarray) -> np.ndarray:
