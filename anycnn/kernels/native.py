@@ -251,7 +251,7 @@ def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
 
 
 def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int],
-                 adjoint: bool = False):
+                 adjoint: tuple[int, int, int, int, int] | None = None):
     """``(out, acc, rdom, (co, x, y, n), ImageParams, Params)`` of the convolution
     out[co, x, y, n] = start(co, x, y, n) + sum over (ci, j, i) of
     grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
@@ -260,22 +260,25 @@ def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int],
     a register tile is a fixed offset from a few pointers (with them as run-time values the
     tile loops spilled their pointers to the stack at every tap).
 
-    With ``adjoint``, the ImageParam ``wt`` is the weight (kh, kw, C_out, C_in) in NumPy's
-    order of the convolution whose input gradient this is (C_in and C_out as ``geometry``
-    names them here), and ``wt`` above is it flipped in space with its channel axes swapped,
-    computed once per call into a buffer of constant shape: no copy of the weight in Python
-    (a NumPy copy per backward cost 20-70 us per layer in resnet20's step, measured)."""
+    With ``adjoint`` (KH, KW, last row, last column, step), the ImageParam ``wt`` is the
+    weight (KH, KW, C_out, C_in) in NumPy's order of the convolution whose input gradient this
+    is (C_in and C_out as ``geometry`` names them here), and ``wt`` above is its taps
+    ``(last row - step*i, last column - step*j)`` (flipped in space: all of them for
+    ``(kh, kw, kh - 1, kw - 1, 1)``) with its channel axes swapped, computed once per call into
+    a buffer of constant shape: no copy of the weight in Python (a NumPy copy per backward
+    cost 20-70 us per layer in resnet20's step, measured)."""
     cin, cout, kh, kw, stride = geometry
     param = hl.ImageParam(t, 4, "wt")
     step = 1
-    for d, extent in enumerate((cin, cout, kw, kh) if adjoint else (cout, cin, kw, kh)):
+    for d, extent in enumerate((cin, cout, *adjoint[1::-1]) if adjoint else (cout, cin, kw, kh)):
         param.dim(d).set_bounds(0, extent).set_stride(step)
         step *= extent
     co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
     if adjoint:
         ci, j, i = hl.Var("ci"), hl.Var("j"), hl.Var("i")
+        last_row, last_column, spacing = adjoint[2:]
         wt = hl.Func("adjoint")
-        wt[co, ci, j, i] = param[ci, co, kw - 1 - j, kh - 1 - i]
+        wt[co, ci, j, i] = param[ci, co, last_column - spacing * j, last_row - spacing * i]
         wt.bound(co, 0, cout).bound(ci, 0, cin).bound(j, 0, kw).bound(i, 0, kh)
         wt.compute_root()
     else:
@@ -324,7 +327,7 @@ ROWS_PER_TASK = 8
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
                       addend: bool, relu: bool = False, codes: bool = True,
-                      adjoint: bool = False):
+                      adjoint: tuple[int, int, int, int, int] | None = None):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
     kernel reading a pooled gradient), plus ``bias`` (with ``addend``, plus the array
@@ -526,34 +529,37 @@ _PLANS: dict[tuple, tuple] = {}
 
 def _plan(dtype: np.dtype, wshape: tuple, stride: int, width: int, spread: int,
           unpool: tuple[int, int] | None, pool: tuple[int, int] | None, addend: bool,
-          relu: bool, codes: bool, adjoint: bool) -> tuple:
-    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once."""
+          relu: bool, codes: bool, taps: tuple | None) -> tuple:
+    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once; with
+    ``taps`` (rows, columns, last row, last column, step), of an input gradient's convolution
+    by those taps of the weight, flipped, its channel axes swapped (:func:`_convolution`)."""
     kh, kw, cin, cout = wshape
-    if adjoint:
-        cin, cout = cout, cin
+    adjoint = None
+    if taps is not None:
+        adjoint, (kh, kw), cin, cout = (kh, kw, *taps[2:]), taps[:2], cout, cin
     tile, lanes, guard = _tiles(dtype, cout)
     if pool is not None:
         width = width // pool[1] * pool[1]
     ptile = _pixel_tile(width, tile // lanes)
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
                                  (cin, cout, kh, kw, stride), spread, unpool, pool,
-                                 addend, relu, codes, *((True,) if adjoint else ()))
+                                 addend, relu, codes, *((adjoint,) if adjoint else ()))
     return pipeline, np.zeros(cout, dtype=dtype)
 
 
 def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: int,
              pads: tuple, out_hw: tuple[int, int], outputs: list[np.ndarray], spread: int = 1,
              unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None,
-             relu: bool = False, adjoint: bool = False) -> None:
+             relu: bool = False, taps: tuple | None = None) -> None:
     """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
     ``"addend"``: its sums start from that array plus the bias) into ``outputs``; with
     ``relu``, the ReLU of the result; with ``pool`` and one output, the pooled output
-    without codes; with ``adjoint``, the input gradient of a convolution by ``weight``
-    (:func:`_convolution`). The pipeline and tiling are derived once per geometry
-    (:func:`_plan`)."""
+    without codes; with ``taps`` (rows, columns, last row, last column, step), the input
+    gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
+    pipeline and tiling are derived once per geometry (:func:`_plan`)."""
     dtype = outputs[0].dtype
     key = (registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool, pool,
-           "addend" in arrays, relu, pool is None or len(outputs) == 2, adjoint)
+           "addend" in arrays, relu, pool is None or len(outputs) == 2, taps)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _plan(*key[1:])
@@ -639,7 +645,7 @@ def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
     if addend is not None:
         arrays["addend"] = operand(addend, lead.dtype)
     _forward(arrays, weight, None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw, [dx],
-             spread=stride, unpool=window, adjoint=True)
+             spread=stride, unpool=window, taps=(kh, kw, kh - 1, kw - 1, 1))
     return dx
 
 
@@ -662,7 +668,6 @@ def _input_grad_phases(dy: np.ndarray, weight: np.ndarray, stride: int,
     pixels ``dx[:, ry::s, rx::s]`` are a stride-1 convolution of ``dy`` with the taps that
     reach them (:func:`_phase`), written in place (Halide writes strided outputs): every
     multiply-add is with a real gradient, a quarter of the spread-out kernel's at stride 2."""
-    swapped = np.swapaxes(weight, 2, 3)  # (kh, kw, C_out, C_in): dy's channels are its input
     dx = np.empty((dy.shape[0], *in_hw, weight.shape[2]), dtype=dy.dtype)
     source = {"inp": operand(dy)}
     for ry in range(stride):
@@ -676,8 +681,10 @@ def _input_grad_phases(dy: np.ndarray, weight: np.ndarray, stride: int,
             arrays = dict(source)
             if plus is not None:
                 arrays["addend"] = plus if plus.flags.writeable else plus.copy()
-            _forward(arrays, swapped[rows, cols], None, 1, (top, 0, left, 0), part.shape[1:3],
-                     [part])
+            taps = (len(range(weight.shape[0])[rows]), len(range(weight.shape[1])[cols]),
+                    rows.start, cols.start, stride)  # weight[rows, cols], channels swapped
+            _forward(arrays, weight, None, 1, (top, 0, left, 0), part.shape[1:3], [part],
+                     taps=taps)
     return dx
 
 
