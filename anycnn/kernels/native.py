@@ -525,6 +525,8 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
 #: tiling and the pipeline depend on (registers, dtype, weight shape, stride, output width,
 #: spread, unpool, pool, addend, relu, codes); both are immutable (the zero bias is only read)
 _PLANS: dict[tuple, tuple] = {}
+#: plans held per table at most (a table past it starts again: varying batch sizes)
+MOST_PLANS = 256
 
 
 def _plan(dtype: np.dtype, wshape: tuple, stride: int, width: int, spread: int,
@@ -562,6 +564,8 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
            "addend" in arrays, relu, pool is None or len(outputs) == 2, taps)
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= MOST_PLANS:
+            _PLANS.clear()
         plan = _PLANS[key] = _plan(*key[1:])
     pipeline, zero = plan
     weight = operand(weight)
@@ -711,6 +715,8 @@ def _images_per_part(n: int, pixels: int) -> int:
 #: whole parts)``, keyed by everything they depend on (the registers both modules see, dtype,
 #: shapes, pool window, kernel, stride)
 _WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}
+#: plans held per table at most (a table past it starts again: varying batch sizes)
+MOST_PLANS = 256
 
 
 def _weight_grad_plan(dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
@@ -756,6 +762,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
            tuple(kernel), stride)
     plan = _WEIGHT_GRAD_PLANS.get(key)
     if plan is None:
+        if len(_WEIGHT_GRAD_PLANS) >= MOST_PLANS:
+            _WEIGHT_GRAD_PLANS.clear()
         plan = _WEIGHT_GRAD_PLANS[key] = _weight_grad_plan(*key[2:])
     pipeline, per, full = plan
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
