@@ -250,28 +250,46 @@ def _gradient_source(hl, t, window: tuple[int, int] | None) -> tuple:
                                                    grad.dim(2).extent() * ph)
 
 
-def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int]):
+def _convolution(hl, t, grid, start, geometry: tuple[int, int, int, int, int],
+                 adjoint: tuple[int, int, int, int, int] | None = None):
     """``(out, acc, rdom, (co, x, y, n), ImageParams, Params)`` of the convolution
     out[co, x, y, n] = start(co, x, y, n) + sum over (ci, j, i) of
     grid[ci, x*stride + j, y*stride + i, n] * wt[co, ci, j, i] (Halide's axes are NumPy's
     reversed), for ``geometry`` (C_in, C_out, kh, kw, stride) known when it compiles: the
     weights' layout, the reduction's extents and the stride are constants, so every operand of
     a register tile is a fixed offset from a few pointers (with them as run-time values the
-    tile loops spilled their pointers to the stack at every tap)."""
+    tile loops spilled their pointers to the stack at every tap).
+
+    With ``adjoint`` (KH, KW, last row, last column, step), the ImageParam ``wt`` is the
+    weight (KH, KW, C_out, C_in) in NumPy's order of the convolution whose input gradient this
+    is (C_in and C_out as ``geometry`` names them here), and ``wt`` above is its taps
+    ``(last row - step*i, last column - step*j)`` (flipped in space: all of them for
+    ``(kh, kw, kh - 1, kw - 1, 1)``) with its channel axes swapped, computed once per call into
+    a buffer of constant shape: no copy of the weight in Python (a NumPy copy per backward
+    cost 20-70 us per layer in resnet20's step, measured)."""
     cin, cout, kh, kw, stride = geometry
-    wt = hl.ImageParam(t, 4, "wt")
+    param = hl.ImageParam(t, 4, "wt")
     step = 1
-    for d, extent in enumerate((cout, cin, kw, kh)):
-        wt.dim(d).set_bounds(0, extent).set_stride(step)
+    for d, extent in enumerate((cin, cout, *adjoint[1::-1]) if adjoint else (cout, cin, kw, kh)):
+        param.dim(d).set_bounds(0, extent).set_stride(step)
         step *= extent
     co, x, y, n = hl.Var("co"), hl.Var("x"), hl.Var("y"), hl.Var("n")
+    if adjoint:
+        ci, j, i = hl.Var("ci"), hl.Var("j"), hl.Var("i")
+        last_row, last_column, spacing = adjoint[2:]
+        wt = hl.Func("adjoint")
+        wt[co, ci, j, i] = param[ci, co, last_column - spacing * j, last_row - spacing * i]
+        wt.bound(co, 0, cout).bound(ci, 0, cin).bound(j, 0, kw).bound(i, 0, kh)
+        wt.compute_root()
+    else:
+        wt = param
     r = hl.RDom([hl.Range(0, cin), hl.Range(0, kw), hl.Range(0, kh)])
     acc = hl.Func("acc")
     acc[co, x, y, n] = start(co, x, y, n)
     acc[co, x, y, n] += grid[r.x, x * stride + r.y, y * stride + r.z, n] * wt[co, r.x, r.y, r.z]
     out = hl.Func("conv")
     out[co, x, y, n] = acc[co, x, y, n]
-    return out, acc, r, (co, x, y, n), {"wt": wt}, {}
+    return out, acc, r, (co, x, y, n), {"wt": param}, {}
 
 
 #: the most kernel taps a register tile's step unrolls (a larger kernel's rows are a loop)
@@ -308,7 +326,8 @@ ROWS_PER_TASK = 8
 @kernel_cache.pipeline
 def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: int,
                       unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-                      addend: bool, relu: bool = False, codes: bool = True):
+                      addend: bool, relu: bool = False, codes: bool = True,
+                      adjoint: tuple[int, int, int, int, int] | None = None):
     """The convolution of :func:`_convolution` over ``grid`` = :func:`_spread_padded` of the
     input ``inp`` (or, with ``unpool``, of :func:`_gradient_source`: an input gradient's
     kernel reading a pooled gradient), plus ``bias`` (with ``addend``, plus the array
@@ -317,7 +336,8 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     that in the same tile, a NaN kept (:func:`conv2d_epilogue`). With ``pool`` (ph, pw), the
     output is the pair (relu(max over each ph x pw window + bias), code): see
     :func:`conv2d_relu_maxpool`; without ``codes``, the pooled output alone (an inference's
-    block, which no backward follows)."""
+    block, which no backward follows). With ``adjoint``, the weight is that of the convolution
+    whose input gradient this is (see :func:`_convolution`)."""
     hl = _halide()
     t = _scalar_type(hl, dtype)
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
@@ -339,7 +359,7 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
             return plus[co, x, y, n] + bias[co]
         return hl.cast(t, 0) if pool else bias[co]
 
-    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start, geometry)
+    conv, acc, r, loop, weights, scalars = _convolution(hl, t, grid, start, geometry, adjoint)
     co, x, y, n = loop
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
     taps = geometry[2] * geometry[3]
@@ -501,25 +521,55 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
     return dy.arrays(a, b) if isinstance(dy, Pooled) else {"dy": operand(dy[a:b])}
 
 
+#: :func:`_forward`'s plan per geometry: ``(pipeline, zero bias)``, keyed by everything the
+#: tiling and the pipeline depend on (registers, dtype, weight shape, stride, output width,
+#: spread, unpool, pool, addend, relu, codes); both are immutable (the zero bias is only read)
+_PLANS: dict[tuple, tuple] = {}
+#: plans held per table at most (a table past it starts again: varying batch sizes)
+MOST_PLANS = 256
+
+
+def _plan(dtype: np.dtype, wshape: tuple, stride: int, width: int, spread: int,
+          unpool: tuple[int, int] | None, pool: tuple[int, int] | None, addend: bool,
+          relu: bool, codes: bool, taps: tuple | None) -> tuple:
+    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once; with
+    ``taps`` (rows, columns, last row, last column, step), of an input gradient's convolution
+    by those taps of the weight, flipped, its channel axes swapped (:func:`_convolution`)."""
+    kh, kw, cin, cout = wshape
+    adjoint = None
+    if taps is not None:
+        adjoint, (kh, kw), cin, cout = (kh, kw, *taps[2:]), taps[:2], cout, cin
+    tile, lanes, guard = _tiles(dtype, cout)
+    if pool is not None:
+        width = width // pool[1] * pool[1]
+    ptile = _pixel_tile(width, tile // lanes)
+    pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
+                                 (cin, cout, kh, kw, stride), spread, unpool, pool,
+                                 addend, relu, codes, *((adjoint,) if adjoint else ()))
+    return pipeline, np.zeros(cout, dtype=dtype)
+
+
 def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: int,
              pads: tuple, out_hw: tuple[int, int], outputs: list[np.ndarray], spread: int = 1,
              unpool: tuple[int, int] | None = None, pool: tuple[int, int] | None = None,
-             relu: bool = False) -> None:
+             relu: bool = False, taps: tuple | None = None) -> None:
     """Run :func:`_forward_pipeline` for input (or gradient) operands ``arrays`` (with an
     ``"addend"``: its sums start from that array plus the bias) into ``outputs``; with
     ``relu``, the ReLU of the result; with ``pool`` and one output, the pooled output
-    without codes."""
-    cout, dtype = weight.shape[3], outputs[0].dtype
-    tile, lanes, guard = _tiles(dtype, cout)
-    width = out_hw[1] if pool is None else out_hw[1] // pool[1] * pool[1]
-    ptile = _pixel_tile(width, tile // lanes)
-    kh, kw, cin = weight.shape[:3]
-    codes = pool is None or len(outputs) == 2
-    pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
-                                 (cin, cout, kh, kw, stride), spread, unpool, pool,
-                                 "addend" in arrays, relu, codes)
+    without codes; with ``taps`` (rows, columns, last row, last column, step), the input
+    gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
+    pipeline and tiling are derived once per geometry (:func:`_plan`)."""
+    dtype = outputs[0].dtype
+    key = (registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool, pool,
+           "addend" in arrays, relu, pool is None or len(outputs) == 2, taps)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MOST_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(*key[1:])
+    pipeline, zero = plan
     weight = operand(weight)
-    bias = np.zeros(cout, dtype=dtype) if bias is None else operand(bias, dtype)
+    bias = zero if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},
                  outputs)
 
@@ -598,8 +648,8 @@ def conv2d_input_grad(dy: np.ndarray | Pooled, weight: np.ndarray, stride: int,
     dx = np.empty((lead.shape[0], *in_hw, weight.shape[2]), dtype=lead.dtype)
     if addend is not None:
         arrays["addend"] = operand(addend, lead.dtype)
-    _forward(arrays, adjoint_kernel(weight), None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0),
-             in_hw, [dx], spread=stride, unpool=window)
+    _forward(arrays, weight, None, 1, (kh - 1 - pads[0], 0, kw - 1 - pads[2], 0), in_hw, [dx],
+             spread=stride, unpool=window, taps=(kh, kw, kh - 1, kw - 1, 1))
     return dx
 
 
@@ -622,7 +672,6 @@ def _input_grad_phases(dy: np.ndarray, weight: np.ndarray, stride: int,
     pixels ``dx[:, ry::s, rx::s]`` are a stride-1 convolution of ``dy`` with the taps that
     reach them (:func:`_phase`), written in place (Halide writes strided outputs): every
     multiply-add is with a real gradient, a quarter of the spread-out kernel's at stride 2."""
-    swapped = np.swapaxes(weight, 2, 3)  # (kh, kw, C_out, C_in): dy's channels are its input
     dx = np.empty((dy.shape[0], *in_hw, weight.shape[2]), dtype=dy.dtype)
     source = {"inp": operand(dy)}
     for ry in range(stride):
@@ -636,8 +685,10 @@ def _input_grad_phases(dy: np.ndarray, weight: np.ndarray, stride: int,
             arrays = dict(source)
             if plus is not None:
                 arrays["addend"] = plus if plus.flags.writeable else plus.copy()
-            _forward(arrays, swapped[rows, cols], None, 1, (top, 0, left, 0), part.shape[1:3],
-                     [part])
+            taps = (len(range(weight.shape[0])[rows]), len(range(weight.shape[1])[cols]),
+                    rows.start, cols.start, stride)  # weight[rows, cols], channels swapped
+            _forward(arrays, weight, None, 1, (top, 0, left, 0), part.shape[1:3], [part],
+                     taps=taps)
     return dx
 
 
@@ -660,46 +711,67 @@ def _images_per_part(n: int, pixels: int) -> int:
     return max(WEIGHT_GRAD_IMAGES, min(enough, n // 8))
 
 
-def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int, int],
-                       stride: int, pads: tuple[int, int, int, int]) -> np.ndarray:
-    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its input ``x``
-    ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or :class:`Pooled`):
-    a part per group of images (:func:`_images_per_part`), summed in order."""
-    grad = dy.grad if isinstance(dy, Pooled) else dy
-    n, cin, cout = x.shape[0], x.shape[3], grad.shape[3]
-    if n == 0:
-        return np.zeros((*kernel, cin, cout), dtype=x.dtype)
-    tile, lanes, guard = _tiles(x.dtype, cout)
-    window = dy.window if isinstance(dy, Pooled) else None
+#: :func:`conv2d_weight_grad`'s plan per geometry: ``(pipeline, images per part, images in
+#: whole parts)``, keyed by everything they depend on (the registers both modules see, dtype,
+#: shapes, pool window, kernel, stride)
+_WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}
+#: plans held per table at most (a table past it starts again: varying batch sizes)
+MOST_PLANS = 256
+
+
+def _weight_grad_plan(dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
+                      window: tuple[int, int] | None, kernel: tuple[int, int],
+                      stride: int) -> tuple:
+    """``(pipeline, per, full)`` of :func:`conv2d_weight_grad` for this geometry."""
+    n, cin, cout = x_shape[0], x_shape[3], grad_shape[3]
+    tile, lanes, guard = _tiles(dtype, cout)
     rows = _most_tile_rows()
     if tile == lanes and registers().count >= 32:
         rows *= 2  # one vector of channels: 16 accumulators (16 -> 16 channels 20% faster)
     in_tile = _divisor_tile(cin, rows)
-    per = _images_per_part(n, grad.shape[1] * grad.shape[2])
+    per = _images_per_part(n, grad_shape[1] * grad_shape[2])
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
-                                   x.shape[1:3], per, n - full)
+                                   x_shape[1:3], per, n - full)
     if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
-        pipeline = native_wgrad.weight_grad(x.dtype, lanes, (cin, cout, *kernel), chunking)
+        pipeline = native_wgrad.weight_grad(dtype, lanes, (cin, cout, *kernel), chunking)
     else:
-        pipeline = _weight_grad_pipeline(x.dtype, tile, lanes, guard, in_tile, window,
+        pipeline = _weight_grad_pipeline(dtype, tile, lanes, guard, in_tile, window,
                                          (cin, cout, *kernel, stride),
                                          _tap_axes(in_tile, cin, kernel, tile // lanes))
+    return pipeline, per, full
+
+
+def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int, int],
+                       stride: int, pads: tuple[int, int, int, int]) -> np.ndarray:
+    """Weight gradient ``(kh, kw, C_in, C_out)`` of :func:`conv2d` for its input ``x``
+    ``(N, H, W, C_in)`` and output gradient ``dy`` ``(N, Ho, Wo, C_out)`` (or :class:`Pooled`):
+    a part per group of images (:func:`_images_per_part`), summed in order. The pipeline and
+    parts are chosen once per geometry (:func:`_weight_grad_plan`)."""
+    pooled = isinstance(dy, Pooled)
+    grad = dy.grad if pooled else dy
+    n, cin, cout = x.shape[0], x.shape[3], grad.shape[3]
+    if n == 0:
+        return np.zeros((*kernel, cin, cout), dtype=x.dtype)
+    from . import native_wgrad  # (it builds on this module)
+
+    window = dy.window if pooled else None
+    key = (registers(), native_wgrad.registers(), x.dtype, x.shape, grad.shape, window,
+           tuple(kernel), stride)
+    plan = _WEIGHT_GRAD_PLANS.get(key)
+    if plan is None:
+        if len(_WEIGHT_GRAD_PLANS) >= MOST_PLANS:
+            _WEIGHT_GRAD_PLANS.clear()
+        plan = _WEIGHT_GRAD_PLANS[key] = _weight_grad_plan(*key[2:])
+    pipeline, per, full = plan
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
     for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
         if b > a:  # the parts of whole groups, then one of the images left: one array
             pipeline.run({"inp": operand(x[a:b]), **_gradient_arrays(dy, a, b)},
                          {"images": size, "top": pads[0], "left": pads[2]}, [out])
     return native_sum.sum_parts(parts)  # parts.sum(axis=0), on the kernels' threads
-
-
-def adjoint_kernel(weight: np.ndarray) -> np.ndarray:
-    """The NumPy weight ``(kh, kw, C_out, C_in)`` of the stride-1 convolution that carries a
-    convolution's output gradient back to its input: ``weight`` ``(kh, kw, C_in, C_out)``
-    flipped in space, its channel axes swapped (C-contiguous)."""
-    return np.ascontiguousarray(weight[::-1, ::-1].transpose(0, 1, 3, 2))
 
 
 def _column_sums(d: np.ndarray) -> np.ndarray:
