@@ -714,9 +714,7 @@ def _images_per_part(n: int, pixels: int) -> int:
 #: :func:`conv2d_weight_grad`'s plan per geometry: ``(pipeline, images per part, images in
 #: whole parts)``, keyed by everything they depend on (the registers both modules see, dtype,
 #: shapes, pool window, kernel, stride)
-_WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}
-#: plans held per table at most (a table past it starts again: varying batch sizes)
-MOST_PLANS = 256
+_WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}  # (at most MOST_PLANS, as _PLANS)
 
 
 def _weight_grad_plan(dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
