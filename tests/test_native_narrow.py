@@ -17,17 +17,15 @@ from anycnn.kernels import native, native_narrow
 from anycnn.kernels.dispatch import DECLINE
 from anycnn.models import build_model
 from anycnn.nn.functional import conv as C
+from tests.kernel_watch import watch
 from tests.rounding import assert_rounding_close
 
 pytestmark = pytest.mark.usefixtures("native_on")
 
 
 def _watch(monkeypatch) -> list:
-    """Count the kernel's calls (wrapping native_narrow.input_grad)."""
-    calls, kernel = [], native_narrow.input_grad
-    monkeypatch.setattr(native_narrow, "input_grad",
-                        lambda *a, **kw: calls.append(a[1].shape) or kernel(*a, **kw))
-    return calls
+    """Count the kernel's calls (of native_narrow.input_grad)."""
+    return watch(monkeypatch, native_narrow)
 
 
 def _pooled_gradient(rng, x, wt, pads, window, dtype):

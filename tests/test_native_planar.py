@@ -16,6 +16,7 @@ from anycnn.kernels import native, native_narrow, native_planar, threads
 from anycnn.kernels.dispatch import DECLINE
 from anycnn.models import build_model
 from anycnn.nn.functional import conv as C
+from tests.kernel_watch import watch
 from tests.rounding import assert_rounding_close
 
 pytestmark = pytest.mark.usefixtures("native_on")
@@ -29,11 +30,8 @@ def sixteen_lanes():
 
 
 def _watch(monkeypatch) -> list:
-    """Count the kernel's calls (wrapping native_planar.input_grad)."""
-    calls, kernel = [], native_planar.input_grad
-    monkeypatch.setattr(native_planar, "input_grad",
-                        lambda *a, **kw: calls.append(a[1].shape) or kernel(*a, **kw))
-    return calls
+    """Count the kernel's calls (of native_planar.input_grad)."""
+    return watch(monkeypatch, native_planar)
 
 
 def _window(hw, k, pads, pool):

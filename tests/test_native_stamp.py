@@ -14,17 +14,15 @@ from anycnn.kernels import native, native_stamp, threads
 from anycnn.kernels.dispatch import DECLINE
 from anycnn.models import build_model
 from anycnn.nn.functional import conv as C
+from tests.kernel_watch import watch
 from tests.rounding import assert_rounding_close
 
 pytestmark = pytest.mark.usefixtures("native_on")
 
 
 def _watch(monkeypatch) -> list:
-    """Count the kernel's calls (wrapping native_stamp.input_grad)."""
-    calls, kernel = [], native_stamp.input_grad
-    monkeypatch.setattr(native_stamp, "input_grad",
-                        lambda *a, **kw: calls.append(a[1].shape) or kernel(*a, **kw))
-    return calls
+    """Count the kernel's calls (of native_stamp.input_grad)."""
+    return watch(monkeypatch, native_stamp)
 
 
 def _pooled(rng, n, hw, cout, k, pads, window, dtype):
