@@ -521,20 +521,19 @@ def _gradient_arrays(dy: np.ndarray | Pooled, a: int, b: int) -> dict[str, np.nd
     return dy.arrays(a, b) if isinstance(dy, Pooled) else {"dy": operand(dy[a:b])}
 
 
-#: :func:`_forward`'s plan per geometry: ``(pipeline, zero bias)``, keyed by everything the
-#: tiling and the pipeline depend on (registers, dtype, weight shape, stride, output width,
-#: spread, unpool, pool, addend, relu, codes); both are immutable (the zero bias is only read)
-_PLANS: dict[tuple, tuple] = {}
-#: plans held per table at most (a table past it starts again: varying batch sizes)
+#: plans held per geometry table at most (the least recently used goes: varying batch sizes)
 MOST_PLANS = 256
 
 
-def _plan(dtype: np.dtype, wshape: tuple, stride: int, width: int, spread: int,
-          unpool: tuple[int, int] | None, pool: tuple[int, int] | None, addend: bool,
-          relu: bool, codes: bool, taps: tuple | None) -> tuple:
-    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once; with
-    ``taps`` (rows, columns, last row, last column, step), of an input gradient's convolution
-    by those taps of the weight, flipped, its channel axes swapped (:func:`_convolution`)."""
+@functools.lru_cache(maxsize=MOST_PLANS)
+def _plan(cpu: Registers, dtype: np.dtype, wshape: tuple, stride: int, width: int,
+          spread: int, unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
+          addend: bool, relu: bool, codes: bool, taps: tuple | None) -> tuple:
+    """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once per
+    geometry and ``cpu`` (:func:`registers`, which the tiling reads: part of the key); both
+    are immutable (the zero bias is only read). With ``taps`` (rows, columns, last row, last
+    column, step), of an input gradient's convolution by those taps of the weight, flipped,
+    its channel axes swapped (:func:`_convolution`)."""
     kh, kw, cin, cout = wshape
     adjoint = None
     if taps is not None:
@@ -560,14 +559,9 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
     pipeline and tiling are derived once per geometry (:func:`_plan`)."""
     dtype = outputs[0].dtype
-    key = (registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool, pool,
-           "addend" in arrays, relu, pool is None or len(outputs) == 2, taps)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= MOST_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _plan(*key[1:])
-    pipeline, zero = plan
+    pipeline, zero = _plan(registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool,
+                           pool, "addend" in arrays, relu, pool is None or len(outputs) == 2,
+                           taps)
     weight = operand(weight)
     bias = zero if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},
@@ -711,16 +705,13 @@ def _images_per_part(n: int, pixels: int) -> int:
     return max(WEIGHT_GRAD_IMAGES, min(enough, n // 8))
 
 
-#: :func:`conv2d_weight_grad`'s plan per geometry: ``(pipeline, images per part, images in
-#: whole parts)``, keyed by everything they depend on (the registers both modules see, dtype,
-#: shapes, pool window, kernel, stride)
-_WEIGHT_GRAD_PLANS: dict[tuple, tuple] = {}  # (at most MOST_PLANS, as _PLANS)
-
-
-def _weight_grad_plan(dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
+@functools.lru_cache(maxsize=MOST_PLANS)
+def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
                       window: tuple[int, int] | None, kernel: tuple[int, int],
                       stride: int) -> tuple:
-    """``(pipeline, per, full)`` of :func:`conv2d_weight_grad` for this geometry."""
+    """``(pipeline, images per part, images in whole parts)`` of :func:`conv2d_weight_grad`
+    for this geometry, derived once per geometry and ``cpus`` (the :func:`registers` this
+    module and :mod:`native_wgrad` see, which the tilings read: part of the key)."""
     n, cin, cout = x_shape[0], x_shape[3], grad_shape[3]
     tile, lanes, guard = _tiles(dtype, cout)
     rows = _most_tile_rows()
@@ -756,14 +747,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
     from . import native_wgrad  # (it builds on this module)
 
     window = dy.window if pooled else None
-    key = (registers(), native_wgrad.registers(), x.dtype, x.shape, grad.shape, window,
-           tuple(kernel), stride)
-    plan = _WEIGHT_GRAD_PLANS.get(key)
-    if plan is None:
-        if len(_WEIGHT_GRAD_PLANS) >= MOST_PLANS:
-            _WEIGHT_GRAD_PLANS.clear()
-        plan = _WEIGHT_GRAD_PLANS[key] = _weight_grad_plan(*key[2:])
-    pipeline, per, full = plan
+    pipeline, per, full = _weight_grad_plan((registers(), native_wgrad.registers()), x.dtype,
+                                            x.shape, grad.shape, window, tuple(kernel), stride)
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
     for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
         if b > a:  # the parts of whole groups, then one of the images left: one array

@@ -28,6 +28,7 @@ statistics, where :func:`~anycnn.kernels.native_norm.applies` (else the caller's
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -167,22 +168,13 @@ def _coefficients_pipeline(dtype: np.dtype, block: int, relu: bool, remask: bool
     return out, images, {"count": count}
 
 
-#: the statistics kernel's float64 constants by (momentum, eps, rows), never written (left
-#: writeable: a Halide ``Buffer``, the in-memory kernels' operand, refuses read-only arrays)
-_CONSTS: dict[tuple, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _consts(momentum: float, eps: float, m: int) -> np.ndarray:
     """``[1 - momentum, momentum, eps, m / (m - 1)]`` (float64), as the NumPy path computes
-    them in Python floats."""
-    key = (momentum, eps, m)
-    found = _CONSTS.get(key)
-    if found is None:
-        found = np.array([1.0 - momentum, momentum, eps, m / max(m - 1, 1)], dtype=np.float64)
-        if len(_CONSTS) >= 64:
-            _CONSTS.clear()
-        _CONSTS[key] = found
-    return found
+    them in Python floats: the statistics kernel's constants, kept per (momentum, eps, rows)
+    and never written (left writeable: a Halide ``Buffer``, the in-memory kernels' operand,
+    refuses read-only arrays)."""
+    return np.array([1.0 - momentum, momentum, eps, m / max(m - 1, 1)], dtype=np.float64)
 
 
 def _vectors(dtype: np.dtype, c: int, *arrays: Any) -> bool:

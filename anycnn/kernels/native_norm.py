@@ -27,6 +27,7 @@ lanes), under the switches of :mod:`anycnn.native`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -305,29 +306,20 @@ def moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outs = [np.empty((blocks, c), dtype=dtype) for _ in range(3)]
     _moments_pipeline(dtype, MOMENT_ROWS).run({"a": a}, {}, outs)
     s, q, centre = (o.astype(np.float64) for o in outs)
-    n = _block_counts(m)
+    n = _block_counts(m, MOMENT_ROWS)
     total = s.sum(axis=0)
     shift = centre - total / m
     squares = (q + shift * (2.0 * (s - n * centre) + n * shift)).sum(axis=0)
     return total.astype(dtype), squares.astype(dtype)
 
 
-#: :func:`_block_counts` by (rows, block rows) (read-only arrays; a model has a few row counts)
-_COUNTS: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _block_counts(m: int) -> np.ndarray:
-    """The rows of each :data:`MOMENT_ROWS` block of ``m`` rows, float64 (blocks, 1)."""
-    key = (m, MOMENT_ROWS)
-    counts = _COUNTS.get(key)
-    if counts is None:
-        blocks = -(-m // MOMENT_ROWS)
-        counts = np.minimum(m - MOMENT_ROWS * np.arange(blocks), MOMENT_ROWS)
-        counts = counts.astype(np.float64)[:, None]
-        counts.flags.writeable = False
-        if len(_COUNTS) >= 64:
-            _COUNTS.clear()
-        _COUNTS[key] = counts
+@functools.lru_cache(maxsize=64)
+def _block_counts(m: int, block: int) -> np.ndarray:
+    """The rows of each ``block``-row block of ``m`` rows, float64 (blocks, 1), read-only
+    (kept per (m, block): a model has a few row counts)."""
+    counts = np.minimum(m - block * np.arange(-(-m // block)), block)
+    counts = counts.astype(np.float64)[:, None]
+    counts.flags.writeable = False
     return counts
 
 
@@ -383,19 +375,17 @@ def input_grad(dy: np.ndarray, y: np.ndarray | None, x: np.ndarray, mean: Any, i
     return _elementwise("input_grad", dy, x, y, [mean, inv_std, k1, k2, k3], y is not None)
 
 
-#: :func:`relu_grad`'s parameters (all zero, (PARAMS, C)) by (dtype, C): only ever read (left
-#: writeable: a Halide ``Buffer``, the in-memory kernels' operand, refuses read-only arrays)
-_ZEROS: dict[tuple, np.ndarray] = {}
+@functools.lru_cache(maxsize=64)
+def _zero_params(dtype: np.dtype, c: int) -> np.ndarray:
+    """:func:`relu_grad`'s parameters, all zero (PARAMS, C), kept per (dtype, C): only ever
+    read (left writeable: a Halide ``Buffer``, the in-memory kernels' operand, refuses
+    read-only arrays)."""
+    return np.zeros((PARAMS, c), dtype)
 
 
 def relu_grad(y: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """``(y > 0) * dy`` for rows ``y`` and ``dy`` (M, C) of one dtype: a new array (M, C)."""
-    key = (dy.dtype, dy.shape[1])
-    zeros = _ZEROS.get(key)
-    if zeros is None:
-        if len(_ZEROS) >= 64:
-            _ZEROS.clear()
-        zeros = _ZEROS[key] = np.zeros((PARAMS, dy.shape[1]), dy.dtype)
+    zeros = _zero_params(dy.dtype, dy.shape[1])
     a = native.operand(dy)
     out = np.empty_like(a)
     pipeline = _elementwise_pipeline(a.dtype, "relu_grad", False, BLOCK_ROWS, False)
