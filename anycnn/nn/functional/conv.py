@@ -12,6 +12,7 @@ namespace (:func:`~anycnn.kernels.dispatch.prefers`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import array_api_extra as xpx
@@ -47,25 +48,19 @@ def window_columns(x: Any, win: Windows) -> Any:
     return namespace_of(x).reshape(gather_windows(x, win), (x.shape[0], win.positions, -1))
 
 
-#: :func:`conv_windows` by its arguments: a model has a few geometries, and one Windows
-#: (immutable) per geometry keeps its hash and the caches keyed on it warm
-_WINDOWS: dict[tuple, Windows] = {}
-
-
 def conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads, dilation: Pair) -> Windows:
     """The :class:`Windows` of a convolution (entries ordered position-major)."""
-    key = (tuple(in_hw), tuple(kernel), tuple(stride), tuple(pads), tuple(dilation))
-    win = _WINDOWS.get(key)
-    if win is None:
-        out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1],
-                                dilation[0]),
-               conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3],
-                                dilation[1]))
-        win = Windows(*key[:3], key[4], key[3], out, kernel_first=False)
-        if len(_WINDOWS) >= 256:
-            _WINDOWS.clear()
-        _WINDOWS[key] = win
-    return win
+    return _conv_windows(tuple(in_hw), tuple(kernel), tuple(stride), tuple(pads),
+                         tuple(dilation))
+
+
+@lru_cache(maxsize=256)
+def _conv_windows(in_hw: Pair, kernel: Pair, stride: Pair, pads: tuple, dilation: Pair) -> Windows:
+    """:func:`conv_windows` of tuples, kept per geometry: a model has a few, and one Windows
+    (immutable) per geometry keeps its hash and the caches keyed on it warm."""
+    out = (conv_output_size(in_hw[0], kernel[0], stride[0], pads[0] + pads[1], dilation[0]),
+           conv_output_size(in_hw[1], kernel[1], stride[1], pads[2] + pads[3], dilation[1]))
+    return Windows(in_hw, kernel, stride, dilation, pads, out, kernel_first=False)
 
 
 def is_depthwise(weight: Any, groups: int) -> bool:
