@@ -186,10 +186,11 @@ def guard_forward(cls: type[Module]) -> None:
     @functools.wraps(layer_forward)
     def forward(self: Module, *args: Any, **kwargs: Any) -> Any:
         recorded = STATE.recording is not None
-        for a in args:  # a loop, not any() over a generator: every layer call passes here
-            if recorded:
-                break
-            recorded = isinstance(a, Variable)
+        if not recorded:  # a loop, not any() over a generator: every layer call passes here
+            for a in args:
+                if isinstance(a, Variable):
+                    recorded = True
+                    break
         if recorded:
             return recorded_call(self, args, kwargs,
                                  functools.partial(layer_forward, self))
