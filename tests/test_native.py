@@ -130,6 +130,42 @@ def test_register_tiles_follow_the_cpu_and_stay_exact(monkeypatch, rng, regs):
 
 
 @pytest.mark.usefixtures("native_on")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [32, 12, 7])
+def test_halved_vector_tiles_match_portable(monkeypatch, rng, dtype, width):
+    """The forward tiles of a CPU that runs 512-bit operations as two 256-bit halves (AMD Zen
+    4, :func:`native.halved_vectors`), forced on here whatever the CPU: one vector of channels
+    by 8 pixels at most (16 elsewhere), in the forward only (the input gradient keeps its
+    tiles), equal to the portable path forward, backward and with eval mode's addend and
+    ReLU in the kernel."""
+    monkeypatch.setattr(native, "registers", lambda: native.Registers(512, 32))
+    monkeypatch.setattr(native, "halved_vectors", lambda: True)
+    native._plan.cache_clear()
+    assert native._pixel_tile(32, 1, True) == 8 and native._pixel_tile(32, 1) == 16
+    built = _watch(monkeypatch, native, "_forward_pipeline")
+    cout = native.vector_lanes(dtype)  # one vector of channels
+    x = rng.normal(size=(2, 5, width, 16)).astype(dtype)
+    wt = rng.normal(size=(3, 3, 16, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    plus = rng.normal(size=(2, 5, width, cout)).astype(dtype)
+    dy = rng.normal(size=(2, 5, width, cout)).astype(dtype)
+    pads = (1, 1, 1, 1)
+    fast = _conv(x, wt, b, (1, 1), pads, dy)
+    eval_mode = native.conv2d_epilogue(x, wt, b, 1, pads, (5, width), plus, True)
+    tiles = {a[1][3] for a, _ in built if len(a) < 10}  # forward pipelines (no adjoint)
+    assert tiles == {native._pixel_tile(width, 1, True)}, tiles
+    tile, lanes, _ = native._tiles(np.dtype(dtype), 16)  # the input gradient's C_out: 16
+    assert max(tiles) <= 8 and {a[1][3] for a, _ in built if len(a) == 10} == {
+        native._pixel_tile(width, tile // lanes)}
+    monkeypatch.setattr(native, "ENABLED", False)
+    slow = _conv(x, wt, b, (1, 1), pads, dy)
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, slow):
+        assert_rounding_close(a, e, err_msg=f"{name}")
+    assert_rounding_close(eval_mode, np.maximum(slow[0] + plus, 0), err_msg="epilogue")
+    native._plan.cache_clear()
+
+
+@pytest.mark.usefixtures("native_on")
 def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
     """Batches that are, and are not, a multiple of the images per weight-gradient part."""
     monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)

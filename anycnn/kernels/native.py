@@ -78,6 +78,16 @@ def registers() -> Registers:
     return Registers(128, 16)
 
 
+@functools.cache
+def halved_vectors() -> bool:
+    """Whether the CPU runs each 512-bit vector operation as two 256-bit halves (AMD Zen 4:
+    Halide's target feature ``avx512_zen4`` without ``avx512_zen5``), which changes the best
+    forward tile of one vector of channels (:func:`_pixel_tile`). Keyed off the target's
+    features, never a CPU name; no other tile depends on it."""
+    features = kernel_cache.host_target().split("-")[1:]
+    return "avx512_zen4" in features and "avx512_zen5" not in features
+
+
 #: :func:`vector_lanes` by (registers, dtype as given): a dict look-up, not a dtype
 #: conversion, on every kernel's checks
 _LANES: dict[tuple, int] = {}
@@ -193,15 +203,18 @@ def _tiles(dtype: np.dtype, cout: int) -> tuple[int, int, bool]:
     return tile, vector, cout % tile != 0
 
 
-def _pixel_tile(width: int, vectors: int = 2) -> int:
+def _pixel_tile(width: int, vectors: int = 2, halved: bool = False) -> int:
     """Output pixels per register tile for output rows of ``width`` and tiles of ``vectors``
     vectors of channels: with 32 registers 8 for two vectors (the best of 4-16, measured for
     16, 32 and 64 channels) and 16 for one (16 accumulators in flight: 16 channels 3x3 at
-    32x32 10-20% faster than 8, measured), or the largest tile down to 3/4 of that which
-    divides the row (no overlapping last tile: 10-14% faster at widths 14 and 28, measured);
-    with 16 registers 6 (see :func:`_most_tile_rows`)."""
+    32x32 10-20% faster than 8, measured on an Intel Xeon), or the largest tile down to 3/4
+    of that which divides the row (no overlapping last tile: 10-14% faster at widths 14 and
+    28, measured); with 16 registers 6 (see :func:`_most_tile_rows`). With ``halved`` (a
+    forward kernel on a CPU of :func:`halved_vectors`), 8 for one vector too: on an AMD Zen 4,
+    resnet20's 16 channels 3x3 at 32x32 (batch 64, one thread) took 3.5 against 4.0 ms with a
+    residual addend and 3.3 against 3.4 without (medians of interleaved runs)."""
     most = _most_tile_rows()
-    if vectors == 1 and registers().count >= 32:
+    if vectors == 1 and registers().count >= 32 and not halved:
         most *= 2
     if width <= most:
         return width
@@ -346,7 +359,12 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
         source, images, extent = inp, {"inp": inp}, (inp.dim(1).extent(), inp.dim(2).extent())
     else:
         source, images, extent = _gradient_source(hl, t, unpool)
-    grid, gc = _spread_padded(hl, source, extent, spread, top, left)
+    # a forward 1x1 kernel has no padding (see :func:`applies`): its tiles read the input in
+    # place, no padded copy of its rows (at stride 2 that copy was 4x the pixels read: 35%
+    # of resnet20's 16->32 shortcut kernel, measured)
+    direct = geometry[2:4] == (1, 1) and spread == 1 and unpool is None and adjoint is None
+    grid, gc = (source, None) if direct else _spread_padded(hl, source, extent, spread, top,
+                                                              left)
     bias, plus = hl.ImageParam(t, 1, "bias"), hl.ImageParam(t, 4, "addend")
     if addend:
         images["addend"] = plus
@@ -375,6 +393,8 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
         coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling, taps)
         conv.reorder(coi, xi, coo, xo, y, n).compute_at(out, task)
     out.fuse(yo, n, task).parallel(task)
+    if direct:
+        return out, {**images, **weights, "bias": bias}, {**scalars, "top": top, "left": left}
     # the padded input rows of a task, vectors of channels; with one input channel (a first
     # layer) vectors of pixels instead (channels would leave a scalar loop: 20% of simple-cnn's
     # first Conv-ReLU-MaxPool kernel, measured)
@@ -526,11 +546,13 @@ MOST_PLANS = 256
 
 
 @functools.lru_cache(maxsize=MOST_PLANS)
-def _plan(cpu: Registers, dtype: np.dtype, wshape: tuple, stride: int, width: int,
-          spread: int, unpool: tuple[int, int] | None, pool: tuple[int, int] | None,
-          addend: bool, relu: bool, codes: bool, taps: tuple | None) -> tuple:
+def _plan(cpu: Registers, halved: bool, dtype: np.dtype, wshape: tuple, stride: int,
+          width: int, spread: int, unpool: tuple[int, int] | None,
+          pool: tuple[int, int] | None, addend: bool, relu: bool, codes: bool,
+          taps: tuple | None) -> tuple:
     """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once per
-    geometry and ``cpu`` (:func:`registers`, which the tiling reads: part of the key); both
+    geometry and ``cpu`` (:func:`registers`) and ``halved`` (:func:`halved_vectors`), which
+    the tiling reads (part of the key: a forward's pixel tile, see :func:`_pixel_tile`); both
     are immutable (the zero bias is only read). With ``taps`` (rows, columns, last row, last
     column, step), of an input gradient's convolution by those taps of the weight, flipped,
     its channel axes swapped (:func:`_convolution`)."""
@@ -541,7 +563,7 @@ def _plan(cpu: Registers, dtype: np.dtype, wshape: tuple, stride: int, width: in
     tile, lanes, guard = _tiles(dtype, cout)
     if pool is not None:
         width = width // pool[1] * pool[1]
-    ptile = _pixel_tile(width, tile // lanes)
+    ptile = _pixel_tile(width, tile // lanes, halved and taps is None)
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
                                  (cin, cout, kh, kw, stride), spread, unpool, pool,
                                  addend, relu, codes, *((adjoint,) if adjoint else ()))
@@ -559,9 +581,9 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
     pipeline and tiling are derived once per geometry (:func:`_plan`)."""
     dtype = outputs[0].dtype
-    pipeline, zero = _plan(registers(), dtype, weight.shape, stride, out_hw[1], spread, unpool,
-                           pool, "addend" in arrays, relu, pool is None or len(outputs) == 2,
-                           taps)
+    pipeline, zero = _plan(registers(), halved_vectors(), dtype, weight.shape, stride,
+                           out_hw[1], spread, unpool, pool, "addend" in arrays, relu,
+                           pool is None or len(outputs) == 2, taps)
     weight = operand(weight)
     bias = zero if bias is None else operand(bias, dtype)
     pipeline.run({**arrays, "wt": weight, "bias": bias}, {"top": pads[0], "left": pads[2]},
