@@ -166,6 +166,18 @@ def test_halved_vector_tiles_match_portable(monkeypatch, rng, dtype, width):
 
 
 @pytest.mark.usefixtures("native_on")
+def test_one_by_one_forward_reads_in_place_and_takes_no_padding(rng):
+    """A forward 1x1 kernel reads its input in place (no padded copy): it equals the sums
+    it computes, and refuses padding (which :func:`native.applies` never hands it)."""
+    x = rng.normal(size=(2, 5, 7, 16)).astype(np.float32)
+    w = rng.normal(size=(1, 1, 16, 32)).astype(np.float32)
+    y = native.conv2d(x, w, None, 2, (0, 0, 0, 0), (3, 4))
+    assert_rounding_close(y, np.einsum("nhwc,cd->nhwd", x[:, ::2, ::2], w[0, 0]))
+    with pytest.raises(ValueError, match="no padding"):
+        native.conv2d(x, w, None, 1, (1, 1, 1, 1), (7, 9))
+
+
+@pytest.mark.usefixtures("native_on")
 def test_weight_gradient_sums_image_groups_and_the_remainder(rng, monkeypatch):
     """Batches that are, and are not, a multiple of the images per weight-gradient part."""
     monkeypatch.setattr(native, "WEIGHT_GRAD_IMAGES", 3)

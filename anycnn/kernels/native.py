@@ -581,6 +581,8 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
     pipeline and tiling are derived once per geometry (:func:`_plan`)."""
     dtype = outputs[0].dtype
+    if taps is None and weight.shape[:2] == (1, 1) and (pads[0] or pads[2]):
+        raise ValueError("a 1x1 kernel takes no padding: it reads its input in place")
     pipeline, zero = _plan(registers(), halved_vectors(), dtype, weight.shape, stride,
                            out_hw[1], spread, unpool, pool, "addend" in arrays, relu,
                            pool is None or len(outputs) == 2, taps)
