@@ -135,9 +135,8 @@ def test_register_tiles_follow_the_cpu_and_stay_exact(monkeypatch, rng, regs):
 def test_halved_vector_tiles_match_portable(monkeypatch, rng, dtype, width):
     """The forward tiles of a CPU that runs 512-bit operations as two 256-bit halves (AMD Zen
     4, :func:`native.halved_vectors`), forced on here whatever the CPU: one vector of channels
-    by 8 pixels at most (16 elsewhere), in the forward only (the input gradient keeps its
-    tiles), equal to the portable path forward, backward and with eval mode's addend and
-    ReLU in the kernel."""
+    by 8 pixels at most (16 elsewhere), forward and input gradient, equal to the portable path
+    forward, backward and with eval mode's addend and ReLU in the kernel."""
     monkeypatch.setattr(native, "registers", lambda: native.Registers(512, 32))
     monkeypatch.setattr(native, "halved_vectors", lambda: True)
     native._plan.cache_clear()
@@ -153,10 +152,10 @@ def test_halved_vector_tiles_match_portable(monkeypatch, rng, dtype, width):
     fast = _conv(x, wt, b, (1, 1), pads, dy)
     eval_mode = native.conv2d_epilogue(x, wt, b, 1, pads, (5, width), plus, True)
     tiles = {a[1][3] for a, _ in built if len(a) < 10}  # forward pipelines (no adjoint)
-    assert tiles == {native._pixel_tile(width, 1, True)}, tiles
+    assert tiles == {native._pixel_tile(width, 1, True)} and max(tiles) <= 8, tiles
     tile, lanes, _ = native._tiles(np.dtype(dtype), 16)  # the input gradient's C_out: 16
-    assert max(tiles) <= 8 and {a[1][3] for a, _ in built if len(a) == 10} == {
-        native._pixel_tile(width, tile // lanes)}
+    assert {a[1][3] for a, _ in built if len(a) == 10} == {
+        native._pixel_tile(width, tile // lanes, True)}
     monkeypatch.setattr(native, "ENABLED", False)
     slow = _conv(x, wt, b, (1, 1), pads, dy)
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), fast, slow):

@@ -82,8 +82,9 @@ def registers() -> Registers:
 def halved_vectors() -> bool:
     """Whether the CPU runs each 512-bit vector operation as two 256-bit halves (AMD Zen 4:
     Halide's target feature ``avx512_zen4`` without ``avx512_zen5``), which changes the best
-    forward tile of one vector of channels (:func:`_pixel_tile`). Keyed off the target's
-    features, never a CPU name; no other tile depends on it."""
+    tile of one vector of channels of the forward and input-gradient kernels
+    (:func:`_pixel_tile`). Keyed off the target's features, never a CPU name; no other tile
+    depends on it."""
     features = kernel_cache.host_target().split("-")[1:]
     return "avx512_zen4" in features and "avx512_zen5" not in features
 
@@ -209,10 +210,11 @@ def _pixel_tile(width: int, vectors: int = 2, halved: bool = False) -> int:
     16, 32 and 64 channels) and 16 for one (16 accumulators in flight: 16 channels 3x3 at
     32x32 10-20% faster than 8, measured on an Intel Xeon), or the largest tile down to 3/4
     of that which divides the row (no overlapping last tile: 10-14% faster at widths 14 and
-    28, measured); with 16 registers 6 (see :func:`_most_tile_rows`). With ``halved`` (a
-    forward kernel on a CPU of :func:`halved_vectors`), 8 for one vector too: on an AMD Zen 4,
-    resnet20's 16 channels 3x3 at 32x32 (batch 64, one thread) took 3.5 against 4.0 ms with a
-    residual addend and 3.3 against 3.4 without (medians of interleaved runs)."""
+    28, measured); with 16 registers 6 (see :func:`_most_tile_rows`). With ``halved`` (a CPU
+    of :func:`halved_vectors`), 8 for one vector too: on an AMD Zen 4, resnet20's 16 channels
+    3x3 at 32x32 (batch 64, one thread) took 3.5 against 4.0 ms forward with a residual addend
+    and 3.3 against 3.4 without; its input gradient 3.5 against 4.1 ms with the residual
+    gradient as addend, 3.3 against 3.5 without (medians of interleaved runs)."""
     most = _most_tile_rows()
     if vectors == 1 and registers().count >= 32 and not halved:
         most *= 2
@@ -552,7 +554,7 @@ def _plan(cpu: Registers, halved: bool, dtype: np.dtype, wshape: tuple, stride: 
           taps: tuple | None) -> tuple:
     """``(pipeline, zero bias)`` of :func:`_forward` for this geometry, derived once per
     geometry and ``cpu`` (:func:`registers`) and ``halved`` (:func:`halved_vectors`), which
-    the tiling reads (part of the key: a forward's pixel tile, see :func:`_pixel_tile`); both
+    the tiling reads (part of the key: see :func:`_pixel_tile`); both
     are immutable (the zero bias is only read). With ``taps`` (rows, columns, last row, last
     column, step), of an input gradient's convolution by those taps of the weight, flipped,
     its channel axes swapped (:func:`_convolution`)."""
@@ -563,7 +565,7 @@ def _plan(cpu: Registers, halved: bool, dtype: np.dtype, wshape: tuple, stride: 
     tile, lanes, guard = _tiles(dtype, cout)
     if pool is not None:
         width = width // pool[1] * pool[1]
-    ptile = _pixel_tile(width, tile // lanes, halved and taps is None)
+    ptile = _pixel_tile(width, tile // lanes, halved)
     pipeline = _forward_pipeline(dtype, (tile, lanes, guard, ptile),
                                  (cin, cout, kh, kw, stride), spread, unpool, pool,
                                  addend, relu, codes, *((adjoint,) if adjoint else ()))
