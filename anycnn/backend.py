@@ -26,6 +26,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,6 +238,33 @@ def _numpy_namespace() -> Any:
     return array_api_compat.numpy
 
 
+@functools.cache
+def _torch_namespace() -> Any:
+    import array_api_compat.torch
+
+    return array_api_compat.torch
+
+
+def _torch_tensors_namespace(arrays: tuple) -> Any:
+    """array-api-compat's torch namespace when every array given (None entries aside) is a
+    plain ``torch.Tensor`` and all sit on one device; else None (the generic checks decide:
+    ~5 us a call for tensors, hundreds of calls a resnet20 step). torch is never imported."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    tensor, device = torch.Tensor, None
+    for a in arrays:
+        if a is None:
+            continue
+        if type(a) is not tensor:
+            return None
+        if device is None:
+            device = a.device
+        elif a.device != device:
+            return None
+    return None if device is None else _torch_namespace()
+
+
 def namespace_of(*arrays: Any) -> Any:
     """The Array API namespace shared by ``arrays`` (``None`` entries are ignored).
 
@@ -253,6 +281,9 @@ def namespace_of(*arrays: Any) -> Any:
     else:
         if numpy_seen:
             return _numpy_namespace()
+    xp = _torch_tensors_namespace(arrays)
+    if xp is not None:
+        return xp
     variables = [a for a in arrays if getattr(type(a), "__anycnn_variable__", False)]
     if variables:  # autograd Variables (maybe with plain arrays): their recording namespace
         namespace_of(*(a.data if getattr(type(a), "__anycnn_variable__", False) else a

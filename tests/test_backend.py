@@ -129,6 +129,22 @@ def test_mixing_devices_is_an_error():
         layer.forward(x)
 
 
+def test_torch_tensors_namespace_as_the_generic_checks_give_it():
+    """The shortcut for plain torch tensors answers as array-api-compat does, and mixed
+    libraries, mixed devices and tensor subclasses still get the generic checks."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat
+
+    a, b = torch.zeros(2), torch.ones(3)
+    xp = array_api_compat.array_namespace(a)
+    assert B.namespace_of(a, None, b) is xp and B.namespace_of(None, a) is xp
+    assert B.namespace_of(torch.nn.Parameter(a)) is xp  # a subclass: the generic path
+    with pytest.raises(BackendMismatchError, match="different backends"):
+        B.namespace_of(a, np.zeros(2))
+    with pytest.raises(BackendMismatchError, match="different devices"):
+        B.namespace_of(a, torch.zeros(2, device="meta"))
+
+
 def test_same_seed_gives_bit_identical_weights_on_every_backend():
     weights = {}
     for name in ("numpy", "array_api_strict", "torch"):

@@ -850,10 +850,13 @@ def conv2d_relu_maxpool_eval_kernel(x: Any, weight: Any, bias: Any, win: Any,
 
 
 @implements("pooled_gradient")
-def pooled_gradient(grad: Any, code: Any, window: tuple[int, int]) -> Pooled:
-    """The :class:`Pooled` gradient of a block computed by :func:`conv2d_relu_maxpool_kernel`
-    (its ``code``), for the pooled output's gradient ``grad``."""
-    return Pooled(grad, code, tuple(window))
+def pooled_gradient(grad: Any, code: Any, window: tuple[int, int],
+                    bias_grad: bool = False) -> tuple[Pooled, None]:
+    """``(pooled, None)``: the :class:`Pooled` gradient of a block computed by
+    :func:`conv2d_relu_maxpool_kernel` (its ``code``), for the pooled output's gradient
+    ``grad``; the bias gradient is left to the caller (``relu_column_sums``' kernel sums it
+    in one pass, and the convolution's backward kernel applies the ReLU's mask itself)."""
+    return Pooled(grad, code, tuple(window)), None
 
 
 # --------------------------------------------------------------------------------------------

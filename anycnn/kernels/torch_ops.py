@@ -15,15 +15,17 @@ each backward kernel computes its gradients from what its forward kept):
   sum and ReLU in place on its output.
 - ``conv2d_relu_maxpool`` / ``pooled_gradient``: a fused ``Conv2D → ReLU → MaxPool2D`` block
   (:mod:`anycnn.nn.fusion`) as the convolution, ``aten.max_pool2d_with_indices`` and the bias
-  and ReLU on the pooled map; its gradient through ``aten.threshold_backward`` and
-  ``aten.max_pool2d_with_indices_backward``.
+  and ReLU on the pooled map; its gradient through ``aten.threshold_backward`` (whose
+  result also gives the bias gradient) and ``aten.max_pool2d_with_indices_backward``.
 - ``max_pool2d`` / ``max_pool2d_backward``, ``avg_pool2d`` / ``avg_pool2d_backward``: pooling
   windows that torch's padding and ceil mode express (the layers' always are).
 - ``batch_norm`` / ``batch_norm_backward``: ``aten.native_batch_norm`` and
   ``aten.native_batch_norm_backward`` (statistics not synchronised across ranks; a fused ReLU
   and a residual addend applied in place).
-- ``relu_grad`` and ``add_relu``: one pass each (``aten.threshold_backward``; an add and an
-  in-place ReLU) instead of the portable expressions' casts and temporaries.
+- ``relu_grad`` and ``add_relu``: one pass each (``aten.threshold_backward``; on a CPU
+  ``aten._add_relu``, elsewhere an add and an in-place ReLU) instead of the portable
+  expressions' casts and temporaries. Every sum followed by a ReLU here (a bias, a residual
+  addend) is one such pass on a CPU (:func:`add_relu_`).
 
 Layouts: anycnn's NHWC tensors permuted to NCHW are torch's ``channels_last`` views (no copy);
 torch's channels-last kernels then write ``channels_last`` outputs, which permuted back are
@@ -85,6 +87,19 @@ def _same_float(*arrays: Any) -> bool:
 def nchw(x: Any) -> Any:
     """An NHWC tensor as torch's NCHW (a ``channels_last`` view, no copy)."""
     return x.permute(0, 3, 1, 2)
+
+
+def add_relu_(y: Any, addend: Any | None, relu: bool) -> Any:
+    """``y + addend`` (None: ``y``), then the ReLU when ``relu``, in place in ``y`` (``addend``
+    broadcastable to it). On a CPU the sum and the ReLU are one pass (``aten._add_relu_``, which
+    torch has for CPU tensors only: measured 0.30 -> 0.17 ms on 64x32x32x16); the same values
+    as the add and the ReLU apart."""
+    if addend is None:
+        return y.relu_() if relu else y
+    if relu and y.is_cpu:
+        return _aten()._add_relu_(y, addend)
+    y = y.add_(addend)
+    return y.relu_() if relu else y
 
 
 def nhwc(y: Any) -> Any:
@@ -160,8 +175,8 @@ def conv2d_epilogue(x: Any, weight: Any, bias: Any, win: Any, groups: int, adden
     if addend is not None:
         if tuple(addend.shape) != (y.shape[0], y.shape[2], y.shape[3], y.shape[1]):
             return DECLINE
-        y = y.add_(nchw(addend))
-    return nhwc(y.relu_() if relu else y)
+        addend = nchw(addend)
+    return nhwc(add_relu_(y, addend, relu))
 
 
 @implements("conv2d_backward")
@@ -225,24 +240,27 @@ def conv2d_relu_maxpool(x: Any, weight: Any, bias: Any, win: Any, window: tuple[
     window = [int(window[0]), int(window[1])]
     pooled, indices = _aten().max_pool2d_with_indices(conv_out, window, window, [0, 0], [1, 1],
                                                       False)
-    if bias is not None:
-        pooled = pooled.add_(bias.reshape(1, -1, 1, 1))
-    out = nhwc(pooled.relu_())
+    out = nhwc(add_relu_(pooled, None if bias is None else bias.reshape(1, -1, 1, 1), True))
     return out, PooledBlock(conv_out, indices, out, tuple(window))
 
 
 @implements("pooled_gradient")
-def pooled_gradient(grad: Any, code: Any, window: tuple[int, int]) -> Any:
-    """The gradient ``(N, Ho, Wo, C_out)`` of a fused block's convolution output, for the
-    gradient ``grad`` of the block's output, when ``code`` is a :class:`PooledBlock` (through
-    the ReLU, then to each window's maximum)."""
+def pooled_gradient(grad: Any, code: Any, window: tuple[int, int],
+                    bias_grad: bool = False) -> Any:
+    """``(dconv, dbias)`` when ``code`` is a :class:`PooledBlock`: the gradient ``dconv``
+    ``(N, H, W, C_out)`` of a fused block's convolution output, for the gradient ``grad`` of
+    the block's output (through the ReLU, then to each window's maximum), and with
+    ``bias_grad`` the bias gradient ``dbias`` (C_out,) summed from the gradient masked
+    through the ReLU (one mask for both: measured 0.3 ms less per simple-cnn block than the
+    ReLU's column sums on their own), else None."""
     if not isinstance(code, PooledBlock):
         return DECLINE
     aten = _aten()
     through_relu = aten.threshold_backward(grad, code.out, 0)
+    dbias = through_relu.reshape(-1, through_relu.shape[-1]).sum(0) if bias_grad else None
     w = list(code.window)
     return nhwc(aten.max_pool2d_with_indices_backward(
-        nchw(through_relu), code.conv_out, w, w, [0, 0], [1, 1], False, code.indices))
+        nchw(through_relu), code.conv_out, w, w, [0, 0], [1, 1], False, code.indices)), dbias
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,11 +401,7 @@ def batch_norm(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: An
         y, _, _ = aten.native_batch_norm(_channels_second(x), gamma, beta, running_mean,
                                          running_var, False, float(momentum), float(eps))
         mean, inv_std = running_mean, 1.0 / _torch().sqrt(running_var + eps)
-    y = _channels_last(y)
-    if addend is not None:
-        y = y.add_(addend)
-    if relu:
-        y = y.relu_()
+    y = add_relu_(_channels_last(y), addend, relu)
     return y, mean, inv_std, running_mean, running_var
 
 
@@ -428,8 +442,10 @@ def relu_grad(y: Any, dy: Any) -> Any:
 @implements("add_relu")
 def add_relu(x: Any, y: Any, relu: bool = True) -> Any:
     """Kernel of :func:`anycnn.nn.functional.primitives.add_relu` for same-shaped tensors: the
-    sum, then the ReLU in place."""
+    sum and the ReLU (one pass on a CPU, :func:`add_relu_`)."""
     if not takes(x, y) or x.shape != y.shape or not _same_float(x, y):
         return DECLINE
+    if relu and x.is_cpu:
+        return _aten()._add_relu(x, y)  # one pass (see add_relu_)
     out = _torch().add(x, y)
     return out.relu_() if relu else out

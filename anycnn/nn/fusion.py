@@ -185,11 +185,16 @@ class _CompiledStep:
         conv = self.block.conv
         xp = namespace_of(dy)
         dy = xp.reshape(dy, self.code.shape)
+        # the kernel that kept the code routes the gradient (and may sum the bias gradient
+        # from the one it masked through the ReLU on the way: None leaves it to us)
+        grad, dbias = attempt("pooled_gradient", dy, self.code, self.block.pool.kernel_size,
+                              conv.bias is not None)
         if conv.bias is not None:
-            cout = self.code.shape[-1]
-            conv.bias.accumulate(F.relu_column_sums(xp.reshape(dy, (-1, cout)),
-                                                    xp.reshape(self.out, (-1, cout))))
-        grad = attempt("pooled_gradient", dy, self.code, self.block.pool.kernel_size)
+            if dbias is None:
+                cout = self.code.shape[-1]
+                dbias = F.relu_column_sums(xp.reshape(dy, (-1, cout)),
+                                           xp.reshape(self.out, (-1, cout)))
+            conv.bias.accumulate(dbias)
         dx, dw, _ = F.conv2d_grads(grad, self.x, conv.weight.data, self.win, 1, input_grad,
                                    bias_grad=False)
         conv.weight.accumulate(dw)
