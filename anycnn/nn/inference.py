@@ -49,6 +49,8 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Iterator
+from itertools import chain
+from operator import attrgetter, is_
 from typing import Any
 
 from ..autograd.mode import STATE
@@ -108,13 +110,20 @@ def enter_tree(module: Module) -> contextvars.Token:
     :func:`tree_in_eval` (the nested ``Sequential`` calls read the answer). A tree with a
     module in training mode (a frozen, eval-mode backbone in a model that trains) is not
     folded: its backward would pay one more forward, and a random layer would draw again."""
-    evaluating = not module.training
+    return _tree_in_eval.set(_all_eval(module))
+
+
+def _all_eval(module: Module) -> bool:
+    """Whether ``module`` and every module reachable through its attributes are in eval
+    mode (the attributes filtered in C: no Python frame or step per attribute)."""
     stack = [module]
-    while evaluating and stack:
-        m = stack.pop()
-        evaluating = not m.training
-        stack += [v for v in vars(m).values() if isinstance(v, Module)]
-    return _tree_in_eval.set(evaluating)
+    pop, extend, is_module = stack.pop, stack.extend, Module.__instancecheck__
+    while stack:
+        m = pop()
+        if m.training:
+            return False
+        extend(filter(is_module, m.__dict__.values()))
+    return True
 
 
 def inferring() -> bool:
@@ -134,7 +143,13 @@ _KEPT_FOR_BACKWARD = ("_ctx", "_x", "_out", "_saved")
 def release(step: Any) -> None:
     """Drop what ``step`` (a layer, or a fused executor and its layers) kept for its backward,
     after an inference's forward (:func:`inferring`)."""
-    for holder in (step,) if isinstance(step, Module) else (step, *step.layers()):
+    release_all((step,) if isinstance(step, Module) else (step, *step.layers()))
+
+
+def release_all(holders: tuple) -> None:
+    """:func:`release` of a step given the objects that keep its state (the step and its
+    layers)."""
+    for holder in holders:
         for name in _KEPT_FOR_BACKWARD:
             if getattr(holder, name, None) is not None:
                 setattr(holder, name, None)
@@ -202,6 +217,80 @@ def folded(conv: Conv2D, bn: BatchNorm2D) -> Conv2D:
     twin.training, twin._ctx, twin._derived = False, None, None
     bn._derived = _Fold(conv, arrays, versions, settings, twin)
     return twin
+
+
+#: what a kept :class:`EvalPlan` was made from, read off each watched layer by one
+#: ``attrgetter``: the arrays, the parameters' versions (in-place updates) and the settings,
+#: compared by identity (an unchanged read gives the same objects; ``bias`` itself: added or
+#: removed). The same as :meth:`_Fold.fresh` reads, plus the channel counts and the groups
+#: (:func:`foldable`, the fusions' ``accepts``).
+_CONV_WATCH = ("weight._data", "weight._version", "bias", "stride", "pads", "dilation",
+               "groups", "out_channels")
+_BIAS_WATCH = ("bias._data", "bias._version")
+_BN_WATCH = ("weight._data", "weight._version", "bias._data", "bias._version",
+             "running_mean", "running_var", "eps", "num_features")
+
+
+def _watches(layers: list[Module]) -> tuple[list[Any], list[Module]]:
+    """``(getters, watched)``: each ``Conv2D`` and ``BatchNorm2D`` (exact types) of ``layers``
+    and the getter of everything :func:`inference_layers` and
+    :func:`~anycnn.nn.fusion.execution_plan` read of it besides its type and mode."""
+    getters, watched = [], []
+    for layer in layers:
+        if type(layer) is Conv2D:
+            names = _CONV_WATCH if layer.bias is None else _CONV_WATCH + _BIAS_WATCH
+        elif type(layer) is BatchNorm2D:
+            names = _BN_WATCH
+        else:
+            continue
+        getters.append(attrgetter(*names))
+        watched.append(layer)
+    return getters, watched
+
+
+#: ``_apply(getter, layer)`` is ``getter(layer)``, callable from ``map`` with no Python frame
+_apply = attrgetter.__call__
+
+
+def _read(getters: list[Any], watched: list[Module]) -> Iterator[Any]:
+    """The watched attributes' values, one flat iterator (read as it is consumed)."""
+    return chain.from_iterable(map(_apply, getters, watched))
+
+
+class EvalPlan:
+    """A ``Sequential``'s eval-mode execution plan (folded, fused), kept on it
+    (:attr:`Module._derived <anycnn.nn.module.Module>`, so ``train()`` and ``eval()`` drop
+    it) and used again while :meth:`valid`: the same layers, and every array, parameter,
+    version and setting that the folds and fusions read the same object as when it was made.
+    Anything else (an optimizer step, ``load_state_dict``, ``to``, a new ``eps``) makes it
+    again, folding anew the pairs whose own arrays changed (:func:`folded`).
+
+    Attributes:
+        layers: the ``Sequential``'s layers it was made for (a list, by identity).
+        plan: the steps to run (layers, folded stand-ins, fused executors).
+        folded: whether a pair was folded (its backward then runs the forward again).
+        releases: per step of ``plan``, the objects whose kept backward state an inference
+            drops (:func:`release`).
+    """
+
+    __slots__ = ("folded", "getters", "layers", "plan", "releases", "snapshot", "watched")
+
+    def __init__(self, layers: list[Module], plan: list[Any], folded: bool) -> None:
+        self.layers, self.plan, self.folded = layers, plan, folded
+        self.getters, self.watched = _watches(layers)
+        self.snapshot = list(_read(self.getters, self.watched))  # keeps the objects alive
+        self.releases = [(step,) if isinstance(step, Module) else (step, *step.layers())
+                         for step in plan]
+
+    def valid(self, layers: list[Module]) -> bool:
+        """Whether the plan still runs ``layers`` (the ``Sequential``'s, read now) as made:
+        one identity comparison per watched value, in C."""
+        if layers != self.layers:
+            return False
+        try:
+            return all(map(is_, _read(self.getters, self.watched), self.snapshot))
+        except AttributeError:  # a bias removed
+            return False
 
 
 def inference_layers(layers: list[Module]) -> list[Module]:
