@@ -487,6 +487,33 @@ def test_models_as_code_fold_with_gradients_off(backend, kernels, rng, name):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("change", ["running_var", "eps", "weight in place"])
+def test_models_as_code_fold_follows_new_values(backend, kernels, rng, change):
+    """bn(conv(x)) of a model written as code, folded under no_grad, is folded again after
+    its layers change (kept on the BatchNorm, checked at every forward)."""
+    model = build_model("resnet20-code")
+    model.to("float64")
+    _scramble_norms(model, rng)
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(2, 8, 8, 3)))
+    with anycnn.no_grad():
+        model.forward(x)
+    conv, bn = model.conv1, model.bn1
+    assert bn._derived is not None
+    if change == "running_var":
+        bn.running_var = anycnn.asarray(rng.random(bn.num_features) + 2.0)
+    elif change == "eps":
+        bn.eps = 0.5
+    elif change == "weight in place":
+        if not writes_in_place(anycnn.get_backend().xp):
+            pytest.skip("this backend's arrays are immutable")
+        conv.weight.data[...] = 2.0 * conv.weight.data
+        conv.weight.data = conv.weight.data  # as an optimizer step does
+    expected = _reference(model, x)
+    with anycnn.no_grad():
+        _close(model.forward(x), expected)
+
+
 def _in_sequential(model, bn):
     """Whether ``bn`` is a direct layer of a Sequential in ``model`` (folded there anyway)."""
     return any(isinstance(m, Sequential) and any(layer is bn for layer in m.layers)

@@ -20,12 +20,14 @@ ResNet block is then two kernels and no pass of its own. ``predict``, ``evaluate
 Trainer's validation run in eval mode, so they use it.
 
 **Freshness.** The folded arrays are computed at the first eval-mode forward and kept on the
-``BatchNorm2D`` (:attr:`Module._derived <anycnn.nn.module.Module>`). Every forward checks that
-they were made from the arrays the layers hold now (the same array objects and the same
-:attr:`Parameter.version <anycnn.nn.module.Parameter.version>`: optimizer steps, also in place,
-``load_state_dict`` and ``to`` change one or the other) and folds again otherwise; ``train()``
-and ``eval()`` drop them. The layers' own parameters and buffers are never changed:
-``state_dict``, checkpoints and training see the model as written.
+``BatchNorm2D`` (:attr:`Module._derived <anycnn.nn.module.Module>`), and each ``Sequential``
+keeps its eval plan (:class:`EvalPlan`: the folded stand-ins, the fused steps). Every forward
+checks that they were made from what the layers hold now (the same layers, array objects,
+settings and :attr:`Parameter.version <anycnn.nn.module.Parameter.version>`: optimizer steps,
+also in place, ``load_state_dict`` and ``to`` change one or the other; one identity
+comparison per value, in C) and folds again otherwise; ``train()`` and ``eval()`` drop them.
+The layers' own parameters and buffers are never changed: ``state_dict``, checkpoints and
+training see the model as written.
 
 **Gradients in eval mode** (saliency maps, adversarial inputs): a ``Sequential`` whose forward
 was folded runs that forward again unfolded, from the same input, when its backward is called
@@ -143,16 +145,16 @@ _KEPT_FOR_BACKWARD = ("_ctx", "_x", "_out", "_saved")
 def release(step: Any) -> None:
     """Drop what ``step`` (a layer, or a fused executor and its layers) kept for its backward,
     after an inference's forward (:func:`inferring`)."""
-    release_all((step,) if isinstance(step, Module) else (step, *step.layers()))
-
-
-def release_all(holders: tuple) -> None:
-    """:func:`release` of a step given the objects that keep its state (the step and its
-    layers)."""
-    for holder in holders:
+    for holder in _holders(step):
         for name in _KEPT_FOR_BACKWARD:
             if getattr(holder, name, None) is not None:
                 setattr(holder, name, None)
+
+
+def _holders(step: Any) -> tuple:
+    """The objects that keep what ``step`` (a layer, or a fused executor and its layers)
+    keeps for its backward."""
+    return (step,) if isinstance(step, Module) else (step, *step.layers())
 
 
 def leave_tree(token: contextvars.Token) -> None:
@@ -167,22 +169,24 @@ def folding_off() -> bool:
 
 class _Fold:
     """A ``BatchNorm2D`` folded into ``conv``: the stand-in ``twin`` and what it was made from
-    (``arrays`` by identity, ``versions`` of the parameters, ``settings``)."""
+    (the values of :func:`_watches` on the two layers, kept: compared by identity)."""
 
-    __slots__ = ("arrays", "conv", "settings", "twin", "versions")
+    __slots__ = ("conv", "getters", "snapshot", "twin")
 
-    def __init__(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple,
-                 twin: Conv2D) -> None:
-        self.conv, self.arrays, self.versions, self.settings = conv, arrays, versions, settings
-        self.twin = twin
+    def __init__(self, conv: Conv2D, bn: BatchNorm2D, twin: Conv2D) -> None:
+        self.conv, self.twin = conv, twin
+        self.getters, _ = _watches([conv, bn])
+        self.snapshot = list(_read(self.getters, (conv, bn)))
 
-    def fresh(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple) -> bool:
-        return (conv is self.conv and versions == self.versions and settings == self.settings
-                and all(a is b for a, b in zip(arrays, self.arrays)))
-
-
-def _params(conv: Conv2D, bn: BatchNorm2D) -> tuple[Parameter | None, ...]:
-    return conv.weight, conv.bias, bn.weight, bn.bias
+    def fresh(self, conv: Conv2D, bn: BatchNorm2D) -> bool:
+        """Whether ``conv`` and ``bn`` (the layers it is kept on) still hold what it was made
+        from: one identity comparison per value, in C."""
+        if conv is not self.conv:
+            return False
+        try:
+            return all(map(is_, _read(self.getters, (conv, bn)), self.snapshot))
+        except AttributeError:  # a bias removed
+            return False
 
 
 def foldable(conv: Module, bn: Module) -> bool:
@@ -202,28 +206,25 @@ def folded(conv: Conv2D, bn: BatchNorm2D) -> Conv2D:
     """The stand-in ``Conv2D`` for eval-mode ``conv`` followed by ``bn``: ``conv``'s geometry
     with the folded weight and bias (frozen parameters of its own), kept on ``bn`` and made
     again when any array it came from has changed."""
-    params = _params(conv, bn)
-    arrays = (*(None if p is None else p._data for p in params), bn.running_mean,
-              bn.running_var)
-    versions = tuple(None if p is None else p._version for p in params)
-    settings = (bn.eps, conv.stride, conv.pads, conv.dilation, conv.groups)
     cached = bn._derived
-    if isinstance(cached, _Fold) and cached.fresh(conv, arrays, versions, settings):
+    if isinstance(cached, _Fold) and cached.fresh(conv, bn):
         return cached.twin
-    weight, bias = fold_batch_norm(arrays[0], arrays[1], *arrays[2:], bn.eps)
+    bias = None if conv.bias is None else conv.bias._data
+    weight, bias = fold_batch_norm(conv.weight._data, bias, bn.weight._data, bn.bias._data,
+                                   bn.running_mean, bn.running_var, bn.eps)
     twin = copy.copy(conv)  # shallow: the same geometry, its own parameters and state
     twin.weight = Parameter(weight, requires_grad=False)
     twin.bias = Parameter(bias, requires_grad=False)
     twin.training, twin._ctx, twin._derived = False, None, None
-    bn._derived = _Fold(conv, arrays, versions, settings, twin)
+    bn._derived = _Fold(conv, bn, twin)
     return twin
 
 
-#: what a kept :class:`EvalPlan` was made from, read off each watched layer by one
-#: ``attrgetter``: the arrays, the parameters' versions (in-place updates) and the settings,
-#: compared by identity (an unchanged read gives the same objects; ``bias`` itself: added or
-#: removed). The same as :meth:`_Fold.fresh` reads, plus the channel counts and the groups
-#: (:func:`foldable`, the fusions' ``accepts``).
+#: what a fold (:class:`_Fold`) or a kept :class:`EvalPlan` was made from, read off each
+#: watched layer by one ``attrgetter``: the arrays, the parameters' versions (in-place
+#: updates), the settings, the channel counts and groups (:func:`foldable`, the fusions'
+#: ``accepts``), compared by identity (an unchanged read gives the same objects; ``bias``
+#: itself: added or removed).
 _CONV_WATCH = ("weight._data", "weight._version", "bias", "stride", "pads", "dilation",
                "groups", "out_channels")
 _BIAS_WATCH = ("bias._data", "bias._version")
@@ -269,8 +270,8 @@ class EvalPlan:
         layers: the ``Sequential``'s layers it was made for (a list, by identity).
         plan: the steps to run (layers, folded stand-ins, fused executors).
         folded: whether a pair was folded (its backward then runs the forward again).
-        releases: per step of ``plan``, the objects whose kept backward state an inference
-            drops (:func:`release`).
+        releases: per step of ``plan``, the ``(object, attribute)`` pairs in which it keeps
+            state for its backward, read after its first forward (:meth:`release`).
     """
 
     __slots__ = ("folded", "getters", "layers", "plan", "releases", "snapshot", "watched")
@@ -279,8 +280,7 @@ class EvalPlan:
         self.layers, self.plan, self.folded = layers, plan, folded
         self.getters, self.watched = _watches(layers)
         self.snapshot = list(_read(self.getters, self.watched))  # keeps the objects alive
-        self.releases = [(step,) if isinstance(step, Module) else (step, *step.layers())
-                         for step in plan]
+        self.releases: list[list | None] = [None] * len(plan)
 
     def valid(self, layers: list[Module]) -> bool:
         """Whether the plan still runs ``layers`` (the ``Sequential``'s, read now) as made:
@@ -291,6 +291,17 @@ class EvalPlan:
             return all(map(is_, _read(self.getters, self.watched), self.snapshot))
         except AttributeError:  # a bias removed
             return False
+
+    def release(self, i: int) -> None:
+        """:func:`release` of step ``i`` after its forward: the attributes it keeps state in
+        found once, then set to None."""
+        pairs = self.releases[i]
+        if pairs is None:
+            pairs = self.releases[i] = [(holder, name) for holder in _holders(self.plan[i])
+                                        for name in _KEPT_FOR_BACKWARD
+                                        if hasattr(holder, name)]
+        for holder, name in pairs:
+            setattr(holder, name, None)
 
 
 def inference_layers(layers: list[Module]) -> list[Module]:

@@ -18,7 +18,6 @@ from .inference import (
     inferring,
     leave_tree,
     release,
-    release_all,
     tree_in_eval,
     unfolded,
 )
@@ -120,11 +119,11 @@ class Sequential(Module):
         kept = self._derived if evaluating else None
         if (kept is not None and kept.valid(layers) and not folding_off()
                 and not fusion_suspended()):  # the eval plan of the last forward
-            plan, releases, states = kept.plan, kept.releases, None
+            plan, states = kept.plan, None
             if kept.folded:
                 self._replay = (x, addend, relu)
         else:
-            plan, releases, states = self._new_plan(x, addend, relu, layers, evaluating)
+            plan, kept, states = self._new_plan(x, addend, relu, layers, evaluating)
         self._plan = plan
         self._states = states
         if self.training and STATE.grad:
@@ -145,7 +144,10 @@ class Sequential(Module):
                 if states is not None:
                     states.append(capture(step))
                 elif forget:
-                    release_all(releases[i]) if releases else release(step)
+                    if kept is None:
+                        release(step)
+                    else:
+                        kept.release(i)
         except ShapeError as exc:  # costs nothing until raised
             note = explain_flatten_mismatch(layers, step, images)
             if note:
@@ -156,11 +158,10 @@ class Sequential(Module):
         return x if addend is None else residual_sum(x, addend, relu)
 
     def _new_plan(self, x: Any, addend: Any, relu: bool, layers: list[Module],
-                  evaluating: bool) -> tuple[list[Any], list | None, list | None]:
-        """The steps of a forward of ``layers`` (folded when ``evaluating``, fused),
-        ``(plan, releases, states)`` as :class:`~anycnn.nn.inference.EvalPlan` has them
-        (``releases`` None when not kept) and ``states`` a list when a layer repeats. An
-        eval plan is kept (``_derived``) for the next forward."""
+                  evaluating: bool) -> tuple[list[Any], EvalPlan | None, list | None]:
+        """The steps of a forward of ``layers`` (folded when ``evaluating``, fused):
+        ``(plan, the EvalPlan kept for the next forward (in _derived) or None, states: a list
+        when a layer repeats)``."""
         repeats = len({id(m) for m in layers}) < len(layers)
         if repeats:
             return layers, None, []
@@ -172,7 +173,7 @@ class Sequential(Module):
         plan = execution_plan(steps)
         if evaluating and not folding_off() and not fusion_suspended():
             kept = self._derived = EvalPlan(list(layers), plan, steps is not layers)
-            return plan, kept.releases, None
+            return plan, kept, None
         return plan, None, None
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
