@@ -159,6 +159,11 @@ def test_eval_plan_is_kept_while_nothing_changes(backend, rng):
     model.train()
     model.forward(x)  # training keeps none
     assert all(s._derived is None for s in _sequentials(model))
+    model.eval()
+    model.forward(x)
+    model.fuse = False  # then the layers run as they are, the kept plan unused
+    model.forward(x)
+    assert model._plan == model.layers
 
 
 @pytest.mark.parametrize("change", ["weight", "gamma", "beta", "running_mean", "running_var",

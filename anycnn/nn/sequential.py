@@ -116,7 +116,7 @@ class Sequential(Module):
         outermost Sequential of this forward and everything in it are in eval mode)."""
         layers = self.layers
         self._replay = None
-        kept = self._derived if evaluating else None
+        kept = self._derived if evaluating and self.fuse else None
         if (kept is not None and kept.valid(layers) and not folding_off()
                 and not fusion_suspended()):  # the eval plan of the last forward
             plan, states = kept.plan, None
