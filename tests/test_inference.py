@@ -16,7 +16,7 @@ from anycnn.kernels import native
 from anycnn.kernels import threads as kthreads
 from anycnn.models import build_model, model_spec
 from anycnn.nn import BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Residual, Sequential
-from anycnn.nn.inference import ConvReLU, DenseReLU, fold_batch_norm, unfolded
+from anycnn.nn.inference import ConvReLU, DenseReLU, EvalPlan, fold_batch_norm, unfolded
 from anycnn.nn.modes import suspended
 from anycnn.optim.optimizers import SGD
 from anycnn.train.inference import predict
@@ -138,15 +138,61 @@ def _first_pair(model):
     return conv, bn
 
 
+def _sequentials(model):
+    return [m for m in model.modules() if isinstance(m, Sequential)]
+
+
+def test_eval_plan_is_kept_while_nothing_changes(backend, rng):
+    """Each Sequential keeps its eval plan (folds and fusions) between forwards; train() and
+    eval() drop it."""
+    model, x = _model("resnet-mini", rng)
+    model.forward(x)
+    kept = [s._derived for s in _sequentials(model)]
+    plans = [s._plan for s in _sequentials(model)]
+    assert all(isinstance(k, EvalPlan) for k in kept)
+    model.forward(x)
+    assert all(s._derived is k for s, k in zip(_sequentials(model), kept))
+    assert all(s._plan is p for s, p in zip(_sequentials(model), plans))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        assert all(s._derived is None for s in _sequentials(model))
+    model.train()
+    model.forward(x)  # training keeps none
+    assert all(s._derived is None for s in _sequentials(model))
+    model.eval()
+    model.forward(x)
+    model.fuse = False  # then the layers run as they are, the kept plan unused
+    model.forward(x)
+    assert model._plan == model.layers
+
+
 @pytest.mark.parametrize("change", ["weight", "gamma", "beta", "running_mean", "running_var",
-                                    "eps", "load_state_dict"])
+                                    "eps", "load_state_dict", "to", "stride", "bias",
+                                    "no bias", "layer", "layer attribute"])
 def test_fold_follows_new_values(backend, kernels, rng, change):
-    """Whatever is replaced after a folded forward, the next forward uses it."""
+    """Whatever is replaced after a folded forward, the next forward uses it (the kept
+    eval plans and folds are made again)."""
     model, x = _model("resnet-mini", rng)
     model.forward(x)
     conv, bn = _first_pair(model)
     c = bn.num_features
-    if change == "weight":
+    if change == "to":
+        model.to("float32")
+        model.to("float64")
+    elif change == "stride":
+        conv.stride = (2, 2)
+    elif change in ("bias", "no bias"):
+        conv.bias = anycnn.nn.Parameter(anycnn.asarray(rng.normal(size=c)))
+        if change == "no bias":
+            model.forward(x)
+            conv.bias = None
+    elif change in ("layer", "layer attribute"):
+        new = Conv2D(conv.in_channels, c, 3, padding=1, bias=False, dtype="float64").eval()
+        if change == "layer":
+            model[0] = new
+        else:
+            setattr(model, "0", new)
+    elif change == "weight":
         conv.weight.data = anycnn.asarray(rng.normal(size=conv.weight.shape))
     elif change == "gamma":
         bn.weight.data = anycnn.asarray(rng.normal(size=c))
@@ -295,6 +341,21 @@ def test_frozen_eval_backbone_is_not_folded_while_training(backend, rng):
     assert all(bn._derived is not None for bn in _norms(model))
 
 
+def test_a_module_in_training_mode_deep_in_the_tree_stops_the_fold(backend, rng):
+    """One module in training mode anywhere in an eval-mode model (here a residual body's
+    last layer): nothing is folded, also after forwards that folded."""
+    model, x = _model("resnet-mini", rng)
+    model.forward(x)
+    body = next(m for m in model.modules() if isinstance(m, Residual)).body
+    body[-1].train()
+    model.forward(x)
+    own = {id(m) for m in model.modules()}
+    for seq in _sequentials(model):
+        steps = [m for step in seq._plan
+                 for m in ([step] if isinstance(step, anycnn.nn.Module) else step.layers())]
+        assert all(id(m) in own for m in steps)  # no folded stand-in
+
+
 def test_predict_uses_the_fold(backend, rng):
     model, x = _model("bn-cnn", rng)
     model.train()
@@ -429,6 +490,33 @@ def test_models_as_code_fold_with_gradients_off(backend, kernels, rng, name):
         (model(x) * dy).sum().backward()
     for got, want in zip(grads, (_host(p.grad) for p in model.parameters())):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("change", ["running_var", "eps", "weight in place"])
+def test_models_as_code_fold_follows_new_values(backend, kernels, rng, change):
+    """bn(conv(x)) of a model written as code, folded under no_grad, is folded again after
+    its layers change (kept on the BatchNorm, checked at every forward)."""
+    model = build_model("resnet20-code")
+    model.to("float64")
+    _scramble_norms(model, rng)
+    model.eval()
+    x = anycnn.asarray(rng.normal(size=(2, 8, 8, 3)))
+    with anycnn.no_grad():
+        model.forward(x)
+    conv, bn = model.conv1, model.bn1
+    assert bn._derived is not None
+    if change == "running_var":
+        bn.running_var = anycnn.asarray(rng.random(bn.num_features) + 2.0)
+    elif change == "eps":
+        bn.eps = 0.5
+    elif change == "weight in place":
+        if not writes_in_place(anycnn.get_backend().xp):
+            pytest.skip("this backend's arrays are immutable")
+        conv.weight.data[...] = 2.0 * conv.weight.data
+        conv.weight.data = conv.weight.data  # as an optimizer step does
+    expected = _reference(model, x)
+    with anycnn.no_grad():
+        _close(model.forward(x), expected)
 
 
 def _in_sequential(model, bn):

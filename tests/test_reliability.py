@@ -231,6 +231,32 @@ def test_float_input_of_another_precision_than_the_parameters(backend, layer):
         make().forward(anycnn.asarray(host(shape, np.float64)))
 
 
+@pytest.mark.parametrize("change", ["channels", "size", "int input", "float64 input",
+                                    "float64 model", "dilation"])
+def test_a_convolution_checks_each_new_input_after_a_good_one(backend, change):
+    """Conv2D skips its input checks for an input like the last good one (Conv2D._checked):
+    every change of input or layer is checked again."""
+    conv = L.Conv2D(2, 4, 3)
+    good = to_backend(host((2, 6, 6, 2)))
+    conv.forward(good)
+    x, match = good, "too small for kernel"
+    if change == "channels":
+        x, match = to_backend(host((2, 6, 6, 3))), "expects 2 channels"
+    elif change == "size":
+        x = to_backend(host((2, 2, 6, 2)))
+    elif change == "int input":
+        x, match = anycnn.asarray(np.zeros((2, 6, 6, 2), np.int32)), "floating-point"
+    elif change == "float64 input":
+        x, match = anycnn.asarray(host((2, 6, 6, 2), np.float64)), "parameters but got"
+    elif change == "float64 model":
+        conv.to("float64")
+        match = "parameters but got"
+    else:
+        conv.dilation = (3, 3)
+    with pytest.raises(ShapeError, match=match):
+        conv.forward(x)
+
+
 @pytest.mark.parametrize("value", [[[1.0, 2.0]], 3.0, "x", None.__class__])
 def test_things_that_are_not_arrays(backend, value):
     with pytest.raises(ShapeError, match="expected an array"):

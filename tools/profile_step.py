@@ -8,6 +8,8 @@ main thread's CPU time less that spent inside kernel calls is the Python (and sm
 work) between them. Thread CPU time, unlike wall time, hardly moves when other processes
 share the machine, so two checkouts can be compared on a busy one (run them alternately).
 ``--calls`` also counts Python function calls per step (cProfile; deterministic).
+``--eval`` profiles an inference instead: the model in eval mode, ``forward`` under
+``no_grad`` (as ``predict`` runs it), one phase.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--calls", action="store_true", help="count Python calls per step too")
+    p.add_argument("--eval", action="store_true", help="an eval-mode forward under no_grad")
     args = p.parse_args()
     for var in _THREAD_VARS:
         os.environ[var] = str(args.threads)
@@ -70,6 +73,15 @@ def main() -> int:
         dy = phase("loss backward", bench.loss.backward)
         phase("backward", lambda: m.backward(dy, input_grad=False))
         phase("optimizer", bench.opt.step)
+
+    if args.eval:
+        import anycnn
+
+        bench.model.eval()
+
+        def step():
+            with anycnn.no_grad():
+                phase("eval forward", lambda: bench.model.forward(bench.x))
 
     for _ in range(3):
         step()

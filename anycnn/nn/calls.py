@@ -112,7 +112,8 @@ def record_module_call(module: Module, inputs: tuple, outs: tuple, backward_of: 
     its per-call state is captured, and the node's vector-Jacobian product restores it,
     releases the copy and runs ``backward_of(output_grads, needs, addend)``. Constants
     otherwise."""
-    marker = trainable_marker(module)
+    # the marker only makes a node (and a traced entry's input): none with gradients off
+    marker = (None if not STATE.grad and STATE.trace is None else trainable_marker(module))
     vjp = None
     if STATE.grad and (marker is not None or any(needs_grad(a) for a in inputs)):
         state = capture(module)

@@ -20,12 +20,14 @@ ResNet block is then two kernels and no pass of its own. ``predict``, ``evaluate
 Trainer's validation run in eval mode, so they use it.
 
 **Freshness.** The folded arrays are computed at the first eval-mode forward and kept on the
-``BatchNorm2D`` (:attr:`Module._derived <anycnn.nn.module.Module>`). Every forward checks that
-they were made from the arrays the layers hold now (the same array objects and the same
-:attr:`Parameter.version <anycnn.nn.module.Parameter.version>`: optimizer steps, also in place,
-``load_state_dict`` and ``to`` change one or the other) and folds again otherwise; ``train()``
-and ``eval()`` drop them. The layers' own parameters and buffers are never changed:
-``state_dict``, checkpoints and training see the model as written.
+``BatchNorm2D`` (:attr:`Module._derived <anycnn.nn.module.Module>`), and each ``Sequential``
+keeps its eval plan (:class:`EvalPlan`: the folded stand-ins, the fused steps). Every forward
+checks that they were made from what the layers hold now (the same layers, array objects,
+settings and :attr:`Parameter.version <anycnn.nn.module.Parameter.version>`: optimizer steps,
+also in place, ``load_state_dict`` and ``to`` change one or the other; one identity
+comparison per value, in C) and folds again otherwise; ``train()`` and ``eval()`` drop them.
+The layers' own parameters and buffers are never changed: ``state_dict``, checkpoints and
+training see the model as written.
 
 **Gradients in eval mode** (saliency maps, adversarial inputs): a ``Sequential`` whose forward
 was folded runs that forward again unfolded, from the same input, when its backward is called
@@ -49,6 +51,8 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Iterator
+from itertools import chain
+from operator import attrgetter, is_
 from typing import Any
 
 from ..autograd.mode import STATE
@@ -108,13 +112,20 @@ def enter_tree(module: Module) -> contextvars.Token:
     :func:`tree_in_eval` (the nested ``Sequential`` calls read the answer). A tree with a
     module in training mode (a frozen, eval-mode backbone in a model that trains) is not
     folded: its backward would pay one more forward, and a random layer would draw again."""
-    evaluating = not module.training
+    return _tree_in_eval.set(_all_eval(module))
+
+
+def _all_eval(module: Module) -> bool:
+    """Whether ``module`` and every module reachable through its attributes are in eval
+    mode (the attributes filtered in C: no Python frame or step per attribute)."""
     stack = [module]
-    while evaluating and stack:
-        m = stack.pop()
-        evaluating = not m.training
-        stack += [v for v in vars(m).values() if isinstance(v, Module)]
-    return _tree_in_eval.set(evaluating)
+    pop, extend, is_module = stack.pop, stack.extend, Module.__instancecheck__
+    while stack:
+        m = pop()
+        if m.training:
+            return False
+        extend(filter(is_module, m.__dict__.values()))
+    return True
 
 
 def inferring() -> bool:
@@ -134,10 +145,16 @@ _KEPT_FOR_BACKWARD = ("_ctx", "_x", "_out", "_saved")
 def release(step: Any) -> None:
     """Drop what ``step`` (a layer, or a fused executor and its layers) kept for its backward,
     after an inference's forward (:func:`inferring`)."""
-    for holder in (step,) if isinstance(step, Module) else (step, *step.layers()):
+    for holder in _holders(step):
         for name in _KEPT_FOR_BACKWARD:
             if getattr(holder, name, None) is not None:
                 setattr(holder, name, None)
+
+
+def _holders(step: Any) -> tuple:
+    """The objects that keep what ``step`` (a layer, or a fused executor and its layers)
+    keeps for its backward."""
+    return (step,) if isinstance(step, Module) else (step, *step.layers())
 
 
 def leave_tree(token: contextvars.Token) -> None:
@@ -152,22 +169,24 @@ def folding_off() -> bool:
 
 class _Fold:
     """A ``BatchNorm2D`` folded into ``conv``: the stand-in ``twin`` and what it was made from
-    (``arrays`` by identity, ``versions`` of the parameters, ``settings``)."""
+    (the values of :func:`_watches` on the two layers, kept: compared by identity)."""
 
-    __slots__ = ("arrays", "conv", "settings", "twin", "versions")
+    __slots__ = ("conv", "getters", "snapshot", "twin")
 
-    def __init__(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple,
-                 twin: Conv2D) -> None:
-        self.conv, self.arrays, self.versions, self.settings = conv, arrays, versions, settings
-        self.twin = twin
+    def __init__(self, conv: Conv2D, bn: BatchNorm2D, twin: Conv2D) -> None:
+        self.conv, self.twin = conv, twin
+        self.getters, _ = _watches([conv, bn])
+        self.snapshot = list(_read(self.getters, (conv, bn)))
 
-    def fresh(self, conv: Conv2D, arrays: tuple, versions: tuple, settings: tuple) -> bool:
-        return (conv is self.conv and versions == self.versions and settings == self.settings
-                and all(a is b for a, b in zip(arrays, self.arrays)))
-
-
-def _params(conv: Conv2D, bn: BatchNorm2D) -> tuple[Parameter | None, ...]:
-    return conv.weight, conv.bias, bn.weight, bn.bias
+    def fresh(self, conv: Conv2D, bn: BatchNorm2D) -> bool:
+        """Whether ``conv`` and ``bn`` (the layers it is kept on) still hold what it was made
+        from: one identity comparison per value, in C."""
+        if conv is not self.conv:
+            return False
+        try:
+            return all(map(is_, _read(self.getters, (conv, bn)), self.snapshot))
+        except AttributeError:  # a bias removed
+            return False
 
 
 def foldable(conv: Module, bn: Module) -> bool:
@@ -187,21 +206,102 @@ def folded(conv: Conv2D, bn: BatchNorm2D) -> Conv2D:
     """The stand-in ``Conv2D`` for eval-mode ``conv`` followed by ``bn``: ``conv``'s geometry
     with the folded weight and bias (frozen parameters of its own), kept on ``bn`` and made
     again when any array it came from has changed."""
-    params = _params(conv, bn)
-    arrays = (*(None if p is None else p._data for p in params), bn.running_mean,
-              bn.running_var)
-    versions = tuple(None if p is None else p._version for p in params)
-    settings = (bn.eps, conv.stride, conv.pads, conv.dilation, conv.groups)
     cached = bn._derived
-    if isinstance(cached, _Fold) and cached.fresh(conv, arrays, versions, settings):
+    if isinstance(cached, _Fold) and cached.fresh(conv, bn):
         return cached.twin
-    weight, bias = fold_batch_norm(arrays[0], arrays[1], *arrays[2:], bn.eps)
+    bias = None if conv.bias is None else conv.bias._data
+    weight, bias = fold_batch_norm(conv.weight._data, bias, bn.weight._data, bn.bias._data,
+                                   bn.running_mean, bn.running_var, bn.eps)
     twin = copy.copy(conv)  # shallow: the same geometry, its own parameters and state
     twin.weight = Parameter(weight, requires_grad=False)
     twin.bias = Parameter(bias, requires_grad=False)
     twin.training, twin._ctx, twin._derived = False, None, None
-    bn._derived = _Fold(conv, arrays, versions, settings, twin)
+    bn._derived = _Fold(conv, bn, twin)
     return twin
+
+
+#: what a fold (:class:`_Fold`) or a kept :class:`EvalPlan` was made from, read off each
+#: watched layer by one ``attrgetter``: the arrays, the parameters' versions (in-place
+#: updates), the settings, the channel counts and groups (:func:`foldable`, the fusions'
+#: ``accepts``), compared by identity (an unchanged read gives the same objects; ``bias``
+#: itself: added or removed).
+_CONV_WATCH = ("weight._data", "weight._version", "bias", "stride", "pads", "dilation",
+               "groups", "out_channels")
+_BIAS_WATCH = ("bias._data", "bias._version")
+_BN_WATCH = ("weight._data", "weight._version", "bias._data", "bias._version",
+             "running_mean", "running_var", "eps", "num_features")
+
+
+def _watches(layers: list[Module]) -> tuple[list[Any], list[Module]]:
+    """``(getters, watched)``: each ``Conv2D`` and ``BatchNorm2D`` (exact types) of ``layers``
+    and the getter of everything :func:`inference_layers` and
+    :func:`~anycnn.nn.fusion.execution_plan` read of it besides its type and mode."""
+    getters, watched = [], []
+    for layer in layers:
+        if type(layer) is Conv2D:
+            names = _CONV_WATCH if layer.bias is None else _CONV_WATCH + _BIAS_WATCH
+        elif type(layer) is BatchNorm2D:
+            names = _BN_WATCH
+        else:
+            continue
+        getters.append(attrgetter(*names))
+        watched.append(layer)
+    return getters, watched
+
+
+#: ``_apply(getter, layer)`` is ``getter(layer)``, callable from ``map`` with no Python frame
+_apply = attrgetter.__call__
+
+
+def _read(getters: list[Any], watched: list[Module]) -> Iterator[Any]:
+    """The watched attributes' values, one flat iterator (read as it is consumed)."""
+    return chain.from_iterable(map(_apply, getters, watched))
+
+
+class EvalPlan:
+    """A ``Sequential``'s eval-mode execution plan (folded, fused), kept on it
+    (:attr:`Module._derived <anycnn.nn.module.Module>`, so ``train()`` and ``eval()`` drop
+    it) and used again while :meth:`valid`: the same layers, and every array, parameter,
+    version and setting that the folds and fusions read the same object as when it was made.
+    Anything else (an optimizer step, ``load_state_dict``, ``to``, a new ``eps``) makes it
+    again, folding anew the pairs whose own arrays changed (:func:`folded`).
+
+    Attributes:
+        layers: the ``Sequential``'s layers it was made for (a list, by identity).
+        plan: the steps to run (layers, folded stand-ins, fused executors).
+        folded: whether a pair was folded (its backward then runs the forward again).
+        releases: per step of ``plan``, the ``(object, attribute)`` pairs in which it keeps
+            state for its backward, read after its first forward (:meth:`release`).
+    """
+
+    __slots__ = ("folded", "getters", "layers", "plan", "releases", "snapshot", "watched")
+
+    def __init__(self, layers: list[Module], plan: list[Any], folded: bool) -> None:
+        self.layers, self.plan, self.folded = layers, plan, folded
+        self.getters, self.watched = _watches(layers)
+        self.snapshot = list(_read(self.getters, self.watched))  # keeps the objects alive
+        self.releases: list[list | None] = [None] * len(plan)
+
+    def valid(self, layers: list[Module]) -> bool:
+        """Whether the plan still runs ``layers`` (the ``Sequential``'s, read now) as made:
+        one identity comparison per watched value, in C."""
+        if layers != self.layers:
+            return False
+        try:
+            return all(map(is_, _read(self.getters, self.watched), self.snapshot))
+        except AttributeError:  # a bias removed
+            return False
+
+    def release(self, i: int) -> None:
+        """:func:`release` of step ``i`` after its forward: the attributes it keeps state in
+        found once, then set to None."""
+        pairs = self.releases[i]
+        if pairs is None:
+            pairs = self.releases[i] = [(holder, name) for holder in _holders(self.plan[i])
+                                        for name in _KEPT_FOR_BACKWARD
+                                        if hasattr(holder, name)]
+        for holder, name in pairs:
+            setattr(holder, name, None)
 
 
 def inference_layers(layers: list[Module]) -> list[Module]:

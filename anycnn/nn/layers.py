@@ -174,6 +174,20 @@ class Conv2D(Module):
                              self.dilation)
         check_windows(self, x, win)
 
+    #: what the last input that passed :meth:`check_input` was (:meth:`_checked_input`)
+    _checked: tuple | None = None
+
+    def _checked_input(self, x) -> None:
+        """:meth:`check_input`, skipped when ``x`` is of the array type, shape and dtype of the
+        last input that passed it and the parameters' type, dtype and the geometry have not
+        changed since (every input of a forward loop, every step of training)."""
+        w = self.weight.data
+        seen = (type(x), x.shape, x.dtype, type(w), w.dtype, self.in_channels,
+                self.kernel_size, self.stride, self.pads, self.dilation)
+        if seen != self._checked:  # compared in order: dtypes only of one array type
+            self.check_input(x)
+            self._checked = seen
+
     def forward(self, x, relu: bool = False):
         """The convolution of ``x``; with ``relu``, ``max(., 0)`` of it in the same pass (a
         fused Conv2D → ReLU step of eval mode, :mod:`anycnn.nn.inference`; the backward is
@@ -187,7 +201,7 @@ class Conv2D(Module):
         return self._forward(x, addend, relu)
 
     def _forward(self, x, addend, relu: bool):
-        self.check_input(x)
+        self._checked_input(x)
         if addend is not None:
             check_addend((x.shape[0], *self.output_hw(tuple(x.shape[1:3])),
                           self.out_channels), addend)

@@ -11,7 +11,9 @@ from .calls import capture, check_single_call, restore
 from .containers import as_module
 from .fusion import execution_plan
 from .inference import (
+    EvalPlan,
     enter_tree,
+    folding_off,
     inference_layers,
     inferring,
     leave_tree,
@@ -20,7 +22,11 @@ from .inference import (
     unfolded,
 )
 from .layers import explain_flatten_mismatch
+from .modes import fusion_suspended
 from .module import Module, add_gradients, residual_sum, spatial_size
+
+#: ``isinstance(value, Module)`` as a C callable (for ``filter``)
+_is_module = Module.__instancecheck__
 
 
 class Sequential(Module):
@@ -55,6 +61,8 @@ class Sequential(Module):
 
     @property
     def layers(self) -> list[Module]:
+        if type(self).named_children is Module.named_children:  # read on every forward
+            return list(filter(_is_module, vars(self).values()))
         return [m for _, m in self.named_children()]
 
     def __getitem__(self, i: int | slice) -> Module:
@@ -107,17 +115,17 @@ class Sequential(Module):
         """:meth:`_run`, BatchNorm folded into the convolutions when ``evaluating`` (the
         outermost Sequential of this forward and everything in it are in eval mode)."""
         layers = self.layers
-        repeats = len({id(m) for m in layers}) < len(layers)
         self._replay = None
-        if self.fuse and not repeats:
-            steps = inference_layers(layers) if evaluating else layers
-            if steps is not layers:
+        kept = self._derived if evaluating and self.fuse else None
+        if (kept is not None and kept.valid(layers) and not folding_off()
+                and not fusion_suspended()):  # the eval plan of the last forward
+            plan, states = kept.plan, None
+            if kept.folded:
                 self._replay = (x, addend, relu)
-            plan = execution_plan(steps)
         else:
-            plan = layers
+            plan, kept, states = self._new_plan(x, addend, relu, layers, evaluating)
         self._plan = plan
-        self._states = states = [] if repeats else None
+        self._states = states
         if self.training and STATE.grad:
             self._calls += 1
         # an inference (no_grad, eval mode) keeps no backward state: each activation is freed
@@ -136,7 +144,10 @@ class Sequential(Module):
                 if states is not None:
                     states.append(capture(step))
                 elif forget:
-                    release(step)
+                    if kept is None:
+                        release(step)
+                    else:
+                        kept.release(i)
         except ShapeError as exc:  # costs nothing until raised
             note = explain_flatten_mismatch(layers, step, images)
             if note:
@@ -145,6 +156,25 @@ class Sequential(Module):
         if forget:
             self._replay = None  # the outermost Sequential's input is kept instead
         return x if addend is None else residual_sum(x, addend, relu)
+
+    def _new_plan(self, x: Any, addend: Any, relu: bool, layers: list[Module],
+                  evaluating: bool) -> tuple[list[Any], EvalPlan | None, list | None]:
+        """The steps of a forward of ``layers`` (folded when ``evaluating``, fused):
+        ``(plan, the EvalPlan kept for the next forward (in _derived) or None, states: a list
+        when a layer repeats)``."""
+        repeats = len({id(m) for m in layers}) < len(layers)
+        if repeats:
+            return layers, None, []
+        if not self.fuse:
+            return layers, None, None
+        steps = inference_layers(layers) if evaluating else layers
+        if steps is not layers:
+            self._replay = (x, addend, relu)
+        plan = execution_plan(steps)
+        if evaluating and not folding_off() and not fusion_suspended():
+            kept = self._derived = EvalPlan(list(layers), plan, steps is not layers)
+            return plan, kept, None
+        return plan, None, None
 
     def output_hw(self, hw: tuple[int, int]) -> tuple[int, int] | None:
         return spatial_size(self.layers, hw)
