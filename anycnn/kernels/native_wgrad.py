@@ -49,7 +49,11 @@ CHUNK_PIXELS = 512
 #: NEON; 16: AVX2): the others hold the gradient vectors of ``kw`` pixels and the broadcast
 #: input value. Measured with AVX2 code on the Xeon (one core, batch 128): 12 (4 input
 #: channels by 3 taps) 7.3 / 7.4 / 6.2 ms for 16-16 / 32-32 / 64-64 against 8.8 / 9.5 / 10.1
-#: for the general kernel's AVX2 tiles; 9 or 6 no faster than the general kernel
+#: for the general kernel's AVX2 tiles; 9 or 6 no faster than the general kernel. On an AMD
+#: Zen 4 (AVX-512 as two 256-bit halves; one core, batch 32, medians of 3 x 41 interleaved
+#: runs): 24 (8 x 3) 1.47 / 1.38 / 1.33 ms for 16-16 / 32-32 / 64-64, 12 (4 x 3) 1.44 / 1.37 /
+#: 1.30, 48 (16 x 3) 2.2-3.6, chunks of 256 pixels 1.43 / 1.36 / 1.32, PyTorch channels_last
+#: 1.62 / 1.55 / 1.53: no change there beats 24 by 3%, nor moves a training step
 MOST_ACCUMULATORS = {32: 24, 16: 12}
 #: input pixels of a row unrolled in the innermost loop
 UNROLL = 4
