@@ -21,8 +21,7 @@ import statistics
 import sys
 import time
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "ANYCNN_NUM_THREADS", "HL_NUM_THREADS")
+from anycnn.cli.bench import THREAD_VARS  # loads no NumPy: set them first
 
 
 def main() -> int:
@@ -34,7 +33,7 @@ def main() -> int:
     p.add_argument("--calls", action="store_true", help="count Python calls per step too")
     p.add_argument("--eval", action="store_true", help="an eval-mode forward under no_grad")
     args = p.parse_args()
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         os.environ[var] = str(args.threads)
     import numpy  # noqa: F401 - as a user's script: NumPy first
 

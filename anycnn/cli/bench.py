@@ -346,7 +346,7 @@ def flops_per_image(name: str) -> dict[str, float]:
 
 
 #: the thread counts a worker process is given (BLAS libraries, anycnn's threads, Halide's pool)
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "ANYCNN_NUM_THREADS", "HL_NUM_THREADS")
 
 
@@ -354,7 +354,7 @@ def _run_worker(cfg: dict, threads: int, **env_vars: str) -> dict:
     """Run the worker of ``cfg["kind"]`` in a new process with ``threads`` BLAS/OpenMP threads
     (and ``env_vars`` set); its JSON result."""
     env = {**os.environ, **env_vars}
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         env[var] = str(threads)
     start = ["-m", "anycnn.cli.bench"]
     if cfg["kind"] == "anycnn-script":
@@ -538,7 +538,7 @@ _LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "HYDRA_", "MPIR_", "SLUR
 def _run_dp_worker(cfg: dict, k: int, threads: int) -> dict:
     env = {key: v for key, v in os.environ.items()
            if not key.startswith(_LAUNCHER_PREFIXES) and key != "ANYCNN_DIST"}
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         env[var] = str(max(1, threads // k))
     proc = subprocess.run(_dp_command(k, cfg), capture_output=True, text=True, env=env)
     if proc.returncode != 0:

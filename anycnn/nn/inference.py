@@ -181,12 +181,7 @@ class _Fold:
     def fresh(self, conv: Conv2D, bn: BatchNorm2D) -> bool:
         """Whether ``conv`` and ``bn`` (the layers it is kept on) still hold what it was made
         from: one identity comparison per value, in C."""
-        if conv is not self.conv:
-            return False
-        try:
-            return all(map(is_, _read(self.getters, (conv, bn)), self.snapshot))
-        except AttributeError:  # a bias removed
-            return False
+        return conv is self.conv and _unchanged(self.getters, (conv, bn), self.snapshot)
 
 
 def foldable(conv: Module, bn: Module) -> bool:
@@ -258,6 +253,16 @@ def _read(getters: list[Any], watched: list[Module]) -> Iterator[Any]:
     return chain.from_iterable(map(_apply, getters, watched))
 
 
+def _unchanged(getters: list[Any], watched: Any, snapshot: list[Any]) -> bool:
+    """Whether :func:`_read` of ``watched`` gives the objects of ``snapshot`` (an earlier read),
+    one identity comparison per value, in C; False where an attribute is gone (a bias
+    removed)."""
+    try:
+        return all(map(is_, _read(getters, watched), snapshot))
+    except AttributeError:
+        return False
+
+
 class EvalPlan:
     """A ``Sequential``'s eval-mode execution plan (folded, fused), kept on it
     (:attr:`Module._derived <anycnn.nn.module.Module>`, so ``train()`` and ``eval()`` drop
@@ -285,12 +290,7 @@ class EvalPlan:
     def valid(self, layers: list[Module]) -> bool:
         """Whether the plan still runs ``layers`` (the ``Sequential``'s, read now) as made:
         one identity comparison per watched value, in C."""
-        if layers != self.layers:
-            return False
-        try:
-            return all(map(is_, _read(self.getters, self.watched), self.snapshot))
-        except AttributeError:  # a bias removed
-            return False
+        return layers == self.layers and _unchanged(self.getters, self.watched, self.snapshot)
 
     def release(self, i: int) -> None:
         """:func:`release` of step ``i`` after its forward: the attributes it keeps state in

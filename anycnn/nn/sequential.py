@@ -116,14 +116,15 @@ class Sequential(Module):
         outermost Sequential of this forward and everything in it are in eval mode)."""
         layers = self.layers
         self._replay = None
-        kept = self._derived if evaluating and self.fuse else None
-        if (kept is not None and kept.valid(layers) and not folding_off()
-                and not fusion_suspended()):  # the eval plan of the last forward
+        # an eval plan is kept (and reused) only where folds and fusions run as usual
+        keeps = evaluating and self.fuse and not folding_off() and not fusion_suspended()
+        kept = self._derived if keeps else None
+        if kept is not None and kept.valid(layers):  # the eval plan of the last forward
             plan, states = kept.plan, None
             if kept.folded:
                 self._replay = (x, addend, relu)
         else:
-            plan, kept, states = self._new_plan(x, addend, relu, layers, evaluating)
+            plan, kept, states = self._new_plan(x, addend, relu, layers, evaluating, keeps)
         self._plan = plan
         self._states = states
         if self.training and STATE.grad:
@@ -158,10 +159,11 @@ class Sequential(Module):
         return x if addend is None else residual_sum(x, addend, relu)
 
     def _new_plan(self, x: Any, addend: Any, relu: bool, layers: list[Module],
-                  evaluating: bool) -> tuple[list[Any], EvalPlan | None, list | None]:
+                  evaluating: bool, keeps: bool) -> tuple[list[Any], EvalPlan | None,
+                                                          list | None]:
         """The steps of a forward of ``layers`` (folded when ``evaluating``, fused):
-        ``(plan, the EvalPlan kept for the next forward (in _derived) or None, states: a list
-        when a layer repeats)``."""
+        ``(plan, the EvalPlan kept for the next forward (in _derived) when ``keeps``, else
+        None, states: a list when a layer repeats)``."""
         repeats = len({id(m) for m in layers}) < len(layers)
         if repeats:
             return layers, None, []
@@ -171,7 +173,7 @@ class Sequential(Module):
         if steps is not layers:
             self._replay = (x, addend, relu)
         plan = execution_plan(steps)
-        if evaluating and not folding_off() and not fusion_suspended():
+        if keeps:
             kept = self._derived = EvalPlan(list(layers), plan, steps is not layers)
             return plan, kept, None
         return plan, None, None
