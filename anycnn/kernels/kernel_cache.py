@@ -63,6 +63,7 @@ SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
                   "anycnn.kernels.native_bn", "anycnn.kernels.native_sum",
                   "anycnn.kernels.native_narrow", "anycnn.kernels.native_planar",
                   "anycnn.kernels.native_wgrad", "anycnn.kernels.native_stamp",
+                  "anycnn.kernels.native_winograd",
                   "anycnn.kernels.kernel_cache")
 
 _build_lock = threading.Lock()  # one pipeline compiled at a time

@@ -585,6 +585,11 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     dtype = outputs[0].dtype
     if taps is None and weight.shape[:2] == (1, 1) and (pads[0] or pads[2]):
         raise ValueError("a 1x1 kernel takes no padding: it reads its input in place")
+    if native_winograd.suits(weight.shape, stride, spread, unpool, pool, out_hw, taps) and (
+            pool is not None or outputs[0].flags.c_contiguous):
+        native_winograd.forward(arrays, weight, bias, pads, out_hw, outputs, pool is not None,
+                                relu, taps is not None)
+        return
     pipeline, zero = _plan(registers(), halved_vectors(), dtype, weight.shape, stride,
                            out_hw[1], spread, unpool, pool, "addend" in arrays, relu,
                            pool is None or len(outputs) == 2, taps)
@@ -979,3 +984,6 @@ def linear_epilogue_kernel(x: Any, weight: Any, bias: Any, relu: bool) -> Any:
     if not dense_applies(x, weight, bias):
         return DECLINE
     return dense(x, weight, bias, relu)
+
+
+from . import native_winograd  # noqa: E402 - it builds on this module

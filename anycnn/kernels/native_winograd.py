@@ -1,0 +1,274 @@
+"""Winograd F(2x2, 3x3) convolutions: the compiled kernels' 3x3 stride-1 layers with 4 in
+place of 9 multiply-adds per output (NumPy, Halide).
+
+A 3x3 correlation computes each 2x2 block of outputs from a 4x4 patch ``d`` of its (padded)
+input; Winograd's minimal filtering writes it as
+
+    Y = A^T [ sum over input channels of (G g G^T) * (B^T d B) ] A
+
+with ``g`` the 3x3 kernel of one (output, input) channel pair, ``*`` elementwise on 4x4
+matrices, and constant matrices whose entries are 0, 1, -1 and 1/2 (:data:`G`, :data:`BT`,
+:data:`AT`; rows of ``d``, ``g`` and ``Y`` are image rows, columns image columns). The sum over
+input channels of the 16 products is 16 independent matrix products ``U[a, b] V[a, b]``:
+16 multiply-adds per 4 outputs and channel pair, against 36 for the direct kernel; the
+transforms of ``d`` (adds only, once per input channel and block, shared by every output
+channel) and of the sums (once per output channel and block) are the extra work.
+
+The kernel (:func:`_pipeline`), for an NHWC input and one image's rows of blocks per task:
+
+- ``U`` (C_out, C_in, 4, 4): the weights' transform, once per call (a few microseconds: the
+  weights are small), or for an input gradient that of the flipped kernel with its channel axes
+  swapped (``adjoint``: the input gradient of a stride-1 3x3 layer is such a convolution of its
+  output gradient, see :func:`anycnn.kernels.native.conv2d_input_grad`);
+- per block of :func:`tiling`'s ``blocks`` 2x2 output blocks along a row: the input's transform
+  ``V`` (all input channels, vectors of channels), then for each tile of output channels the
+  16 products accumulated in registers (``blocks`` x one or two vectors of channels, the input
+  channels the reduction), then the output transform plus the bias (and an ``addend``, a ReLU,
+  or a 2x2 max pool with the fused block's codes: :func:`anycnn.kernels.native._pooled`'s
+  rules).
+
+The output is written through a view (N, Ho/2, 2, Wo/2, 2, C) of the NHWC array: Halide's
+axes (c, p, bx, q, by, n), ``x = 2 bx + p``, ``y = 2 by + q``; a pooled output is
+(N, Ho//2, Wo//2, C) itself.
+
+Measured (AMD EPYC Zen 4, one thread, batch 64, float32, resnet20's layers with a residual
+addend and ReLU, medians of 15): 16 channels at 32x32 2.4 against the direct kernel's 3.4 ms,
+32 at 16x16 2.0 against 3.2, 64 at 8x8 1.5 against 3.2. Results equal the direct kernel's up
+to rounding (relative 1e-6 of the largest output in float32: the transforms' entries are
+exact in binary); ``tests/test_native_winograd.py`` compares them with the portable path.
+``ANYCNN_WINOGRAD=0`` keeps the direct kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+from . import kernel_cache, native
+
+#: the kernel's transform, (4, 3): rows are the 4 points a 3-tap filter is evaluated at
+G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+#: the input's transform, B^T (4, 4)
+BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+#: the output's transform, A^T (2, 4)
+AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+#: 2x2 output blocks of one row per task step at most (the register tile's rows: with one
+#: vector of output channels, 4 measured fastest of 2, 4, 8 and 16 for 16 channels at 32x32 on
+#: an AMD Zen 4; 8 accumulators in flight where one vector operation is whole, below)
+MOST_BLOCKS = 4
+#: rows of 2x2 blocks per task (8 output rows, as the direct kernel's tasks)
+BLOCK_ROWS = 4
+
+
+def enabled() -> bool:
+    """Whether these kernels replace the direct ones where they apply (``ANYCNN_WINOGRAD``,
+    default on; read at each call: a test or a benchmark may switch it)."""
+    return os.environ.get("ANYCNN_WINOGRAD", "1") != "0"
+
+
+def suits(wshape: tuple, stride: int, spread: int, unpool: Any, pool: Any, out_hw: tuple,
+          taps: tuple | None) -> bool:
+    """Whether the forward (or input-gradient) convolution :func:`anycnn.kernels.native._forward`
+    was given is one of these kernels': a 3x3 kernel at stride 1 over an unspread, unpooled
+    input, all taps (an input gradient's: flipped), and whole 2x2 output blocks (an even output,
+    or a 2x2 pool over it)."""
+    if wshape[:2] != (3, 3) or stride != 1 or spread != 1 or unpool is not None:
+        return False
+    if not enabled() or min(out_hw) < 2:
+        return False
+    if taps is not None and taps != (3, 3, 2, 2, 1):
+        return False
+    if pool is not None:
+        return tuple(pool) == (2, 2)
+    return out_hw[0] % 2 == 0 and out_hw[1] % 2 == 0
+
+
+def _sum(hl, terms: list) -> Any:
+    """The sum of ``(coefficient, expression)`` terms, coefficients 1 and -1 as adds and
+    subtracts, zero terms left out."""
+    total = None
+    for c, e in terms:
+        if c == 0:
+            continue
+        e = e if isinstance(e, hl.Expr) else hl.Expr(e)  # a Func's FuncRef
+        if c not in (1, -1):
+            c, e = 1, e * hl.cast(e.type(), c)
+        if total is None:
+            total = e if c == 1 else -e
+        else:
+            total = total + e if c == 1 else total - e
+    return total
+
+
+def _by_index(hl, values: dict, a, b) -> Any:
+    """One expression of Vars ``a``, ``b`` choosing ``values[(ia, ib)]`` (a chain of selects:
+    the loops over ``a`` and ``b`` are unrolled, so each copy keeps its own expression)."""
+    chosen = None
+    for (ia, ib), e in values.items():
+        chosen = e if chosen is None else hl.select((a == ia) & (b == ib), e, chosen)
+    return chosen
+
+
+@kernel_cache.pipeline
+def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int],
+              addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool):
+    """The Winograd convolution (module docstring) for ``channels`` (C_in, C_out) known when
+    it compiles, ``tiling`` (vectors of output channels per tile, blocks per tile, lanes);
+    ``wt`` the weight (3, 3, C_in, C_out) in NumPy's order, or with ``adjoint`` the weight
+    (3, 3, C_out, C_in) of the layer whose input gradient this is. With ``pool``, a 2x2 max pool
+    of the ReLU'd sums (and with ``codes`` the fused block's codes); else the output's view
+    (c, p, bx, q, by, n), plus ``addend`` (the same view) with ``addend``, then a ReLU with
+    ``relu``."""
+    hl = native._halide()
+    t = native._scalar_type(hl, dtype)
+    cin, cout = channels
+    vectors, blocks, lanes = tiling
+    inp = hl.ImageParam(t, 4, "inp")
+    top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
+    grid, gc = native._spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1,
+                                     top, left)
+    wt = hl.ImageParam(t, 4, "wt")
+    step = 1
+    for d, extent in enumerate((cin, cout, 3, 3) if adjoint else (cout, cin, 3, 3)):
+        wt.dim(d).set_bounds(0, extent).set_stride(step)
+        step *= extent
+    bias, plus = hl.ImageParam(t, 1, "bias"), hl.ImageParam(t, 6, "addend")
+    co, ci, a, b = hl.Var("co"), hl.Var("ci"), hl.Var("a"), hl.Var("b")
+    bx, by, n, p, q = (hl.Var(v) for v in ("bx", "by", "n", "p", "q"))
+
+    def tap(i: int, j: int):
+        """The weight of output channel ``co``, input channel ``ci`` at kernel row i, column j."""
+        return wt[ci, co, 2 - j, 2 - i] if adjoint else wt[co, ci, j, i]
+
+    u = hl.Func("U")  # U[co, ci, b, a] = (G g G^T)[a, b]
+    u[co, ci, b, a] = _by_index(hl, {
+        (ia, ib): _sum(hl, [(G[ia][i] * G[ib][j], tap(i, j))
+                        for i in range(3) for j in range(3)])
+        for ia in range(4) for ib in range(4)}, a, b)
+    v = hl.Func("V")  # V[ci, b, a, bx, by, n] = (B^T d B)[a, b]
+    v[ci, b, a, bx, by, n] = _by_index(hl, {
+        (ia, ib): _sum(hl, [(BT[ia][r] * BT[ib][s], grid[ci, 2 * bx + s, 2 * by + r, n])
+                        for r in range(4) for s in range(4)])
+        for ia in range(4) for ib in range(4)}, a, b)
+    rc = hl.RDom([hl.Range(0, cin)])
+    acc = hl.Func("acc")
+    acc[co, b, a, bx, by, n] = hl.cast(t, 0)
+    acc[co, b, a, bx, by, n] += u[co, rc.x, b, a] * v[rc.x, b, a, bx, by, n]
+    m = hl.Func("M")
+    m[co, b, a, bx, by, n] = acc[co, b, a, bx, by, n]
+
+    def block(ip: int, iq: int):
+        """The output at (2 bx + ip, 2 by + iq): A^T M A, without the bias."""
+        return _sum(hl, [(AT[iq][ia] * AT[ip][ib], m[co, ib, ia, bx, by, n])
+                     for ia in range(4) for ib in range(4)])
+
+    zero = hl.cast(t, 0)
+    out = hl.Func("winograd")
+    if pool:
+        best, code = block(0, 0), hl.cast(hl.UInt(8), 0)
+        for k in range(1, 4):
+            value = block(k % 2, k // 2)
+            take = (value > best) | (hl.is_nan(value) & ~hl.is_nan(best))
+            best, code = hl.select(take, value, best), hl.select(take, hl.cast(hl.UInt(8), k),
+                                                                 code)
+        z = best + bias[co]
+        value = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
+        if codes:
+            out[co, bx, by, n] = hl.Tuple([value, hl.select(
+                z > zero, code, hl.cast(hl.UInt(8), native.DEAD))])
+        else:
+            out[co, bx, by, n] = value
+    else:
+        z = _by_index(hl, {(ip, iq): block(ip, iq) for ip in range(2) for iq in range(2)},
+                      p, q) + bias[co]
+        if addend:
+            z = z + plus[co, p, bx, q, by, n]
+        if relu:
+            z = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
+        out[co, p, bx, q, by, n] = z
+        for d in (1, 3):
+            out.output_buffer().dim(d).set_bounds(0, 2)
+            plus.dim(d).set_bounds(0, 2)
+    out.output_buffers()[0].dim(0).set_bounds(0, cout)
+    inp.dim(0).set_bounds(0, cin)
+
+    cuo, cui, bxo, bxi, byo, byi, task = (hl.Var(v) for v in ("cuo", "cui", "bxo", "bxi",
+                                                                "byo", "byi", "task"))
+    ctile = vectors * lanes
+    out.split(co, cuo, cui, ctile).split(bx, bxo, bxi, blocks)
+    out.split(by, byo, byi, BLOCK_ROWS, hl.TailStrategy.GuardWithIf)
+    if pool:
+        out.reorder(cui, bxi, cuo, bxo, byi, byo, n)
+    else:
+        out.reorder(cui, p, q, bxi, cuo, bxo, byi, byo, n).unroll(p).unroll(q)
+        out.bound(p, 0, 2).bound(q, 0, 2)
+    out.vectorize(cui, lanes).fuse(byo, n, task).parallel(task)
+    m.compute_at(out, cuo).reorder(co, bx, b, a).vectorize(co, lanes).unroll(bx)
+    m.unroll(b).unroll(a)
+    cu, cv = hl.Var("cu"), hl.Var("cv")
+    acc.compute_at(m, b).split(co, cu, cv, lanes).reorder(cv, cu, bx, b, a)
+    acc.vectorize(cv).unroll(cu).unroll(bx)
+    acc.update().split(co, cu, cv, lanes).reorder(cv, cu, bx, rc.x, b, a)
+    acc.update().vectorize(cv).unroll(cu).unroll(bx)
+    v.compute_at(out, bxo).reorder(ci, b, a, bx).vectorize(ci, lanes).unroll(b).unroll(a)
+    v.bound(a, 0, 4).bound(b, 0, 4)
+    u.compute_root().reorder(co, ci, b, a).vectorize(co, lanes).unroll(b).unroll(a)
+    u.bound(a, 0, 4).bound(b, 0, 4).bound(co, 0, cout).bound(ci, 0, cin)
+    grid.compute_at(out, task).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
+    images = {"inp": inp, "wt": wt, "bias": bias}
+    if addend:
+        images["addend"] = plus
+    return out, images, {"top": top, "left": left}
+
+
+def tiling(dtype: Any, cout: int, blocks_per_row: int) -> tuple[int, int, int]:
+    """``(vectors, blocks, lanes)`` of a register tile: two vectors of output channels where
+    they divide C_out (32 channels at 16x16, Zen 4: 2.0 against 2.4 ms with one), by
+    :data:`MOST_BLOCKS` blocks (fewer where a row has fewer; twice as many with one vector
+    where a vector operation is whole, so 8 accumulators are in flight: an Intel AVX-512 CPU
+    retires two a cycle, each waits 4 cycles)."""
+    lanes = native.vector_lanes(dtype)
+    vectors = 2 if cout % (2 * lanes) == 0 else 1
+    most = MOST_BLOCKS
+    if vectors == 1 and not native.halved_vectors() and native.registers().count >= 32:
+        most *= 2
+    return vectors, min(most, blocks_per_row), lanes
+
+
+@functools.lru_cache(maxsize=native.MOST_PLANS)
+def _plan(cpu: Any, halved: bool, dtype: np.dtype, channels: tuple[int, int], width: int,
+          addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool) -> tuple:
+    """``(pipeline, zero bias)`` for one geometry, derived once (``cpu`` and ``halved`` are
+    :func:`~anycnn.kernels.native.registers` and
+    :func:`~anycnn.kernels.native.halved_vectors`, which the tiling reads)."""
+    blocks_per_row = width // 2
+    pipeline = _pipeline(dtype, channels, tiling(dtype, channels[1], blocks_per_row), addend,
+                         relu, pool, codes, adjoint)
+    return pipeline, np.zeros(channels[1], dtype=dtype)
+
+
+def forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, pads: tuple,
+            out_hw: tuple[int, int], outputs: list[np.ndarray], pool: bool, relu: bool,
+            adjoint: bool) -> None:
+    """:func:`anycnn.kernels.native._forward` for a geometry :func:`suits` accepts: ``arrays``
+    the NHWC input ``"inp"`` (and ``"addend"``, shaped as the output), ``outputs`` the NHWC
+    output (N, Ho, Wo, C) (or with ``pool`` the pooled output and, for two, its codes), the
+    weight as :func:`_pipeline` takes it (``adjoint``: an input gradient's)."""
+    dtype = outputs[0].dtype
+    c_in, c_out = weight.shape[2:]
+    channels = (c_out, c_in) if adjoint else (c_in, c_out)
+    pipeline, zero = _plan(native.registers(), native.halved_vectors(), dtype, channels,
+                           out_hw[1], "addend" in arrays, relu, pool,
+                           pool and len(outputs) == 2, adjoint)
+    if not pool:
+        n, (ho, wo), c = outputs[0].shape[0], out_hw, channels[1]
+        outputs = [outputs[0].reshape(n, ho // 2, 2, wo // 2, 2, c)]
+        if "addend" in arrays:
+            arrays = {**arrays, "addend": arrays["addend"].reshape(n, ho // 2, 2, wo // 2, 2, c)}
+    bias = zero if bias is None else native.operand(bias, dtype)
+    pipeline.run({**arrays, "wt": native.operand(weight), "bias": bias},
+                 {"top": pads[0], "left": pads[2]}, outputs)
