@@ -27,6 +27,10 @@ by output channels in vector registers, reading the NHWC input and the weights i
 - :func:`conv2d_epilogue` — :func:`conv2d` with a residual ``addend`` its sums start from and
   a ReLU applied to its tiles (eval mode's fused steps, :mod:`anycnn.nn.inference`).
 
+A 3x3 stride-1 geometry whose input channels fill whole vectors and whose output is whole 2x2
+blocks (or 2x2 pools) runs as a Winograd convolution instead, forward and input gradient
+(:mod:`~anycnn.kernels.native_winograd`; ``ANYCNN_WINOGRAD=0`` keeps these direct kernels).
+
 They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
 (a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
 unless ``ANYCNN_FASTPATH=0`` (every NumPy fast path off) or ``ANYCNN_NATIVE=0`` (only these
@@ -581,12 +585,13 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     ``relu``, the ReLU of the result; with ``pool`` and one output, the pooled output
     without codes; with ``taps`` (rows, columns, last row, last column, step), the input
     gradient's convolution by those taps of ``weight``, flipped, channels swapped. The
-    pipeline and tiling are derived once per geometry (:func:`_plan`)."""
+    pipeline and tiling are derived once per geometry (:func:`_plan`); a geometry
+    :func:`~anycnn.kernels.native_winograd.suits` goes to its Winograd kernel."""
     dtype = outputs[0].dtype
     if taps is None and weight.shape[:2] == (1, 1) and (pads[0] or pads[2]):
         raise ValueError("a 1x1 kernel takes no padding: it reads its input in place")
-    if native_winograd.suits(weight.shape, stride, spread, unpool, pool, out_hw, taps) and (
-            pool is not None or outputs[0].flags.c_contiguous):
+    if (pool is not None or outputs[0].flags.c_contiguous) and native_winograd.suits(
+            weight.shape, dtype, stride, spread, unpool, pool, out_hw, taps):
         native_winograd.forward(arrays, weight, bias, pads, out_hw, outputs, pool is not None,
                                 relu, taps is not None)
         return

@@ -70,13 +70,18 @@ def enabled() -> bool:
     return os.environ.get("ANYCNN_WINOGRAD", "1") != "0"
 
 
-def suits(wshape: tuple, stride: int, spread: int, unpool: Any, pool: Any, out_hw: tuple,
-          taps: tuple | None) -> bool:
+def suits(wshape: tuple, dtype: np.dtype, stride: int, spread: int, unpool: Any, pool: Any,
+          out_hw: tuple, taps: tuple | None) -> bool:
     """Whether the forward (or input-gradient) convolution :func:`anycnn.kernels.native._forward`
     was given is one of these kernels': a 3x3 kernel at stride 1 over an unspread, unpooled
-    input, all taps (an input gradient's: flipped), and whole 2x2 output blocks (an even output,
-    or a 2x2 pool over it)."""
+    input, input and output channels filling whole vectors (the transforms run on vectors of
+    them, with no guarded tail; a first layer's 1-3 channels stay with the direct kernels), all
+    taps (an input gradient's:
+    flipped), and whole 2x2 output blocks (an even output, or a 2x2 pool over it)."""
     if wshape[:2] != (3, 3) or stride != 1 or spread != 1 or unpool is not None:
+        return False
+    lanes = native.vector_lanes(dtype)
+    if wshape[2] % lanes or wshape[3] % lanes:
         return False
     if not enabled() or min(out_hw) < 2:
         return False

@@ -1,0 +1,186 @@
+"""The Winograd F(2x2, 3x3) kernels (``anycnn.kernels.native_winograd``) agree with the
+portable im2col path within rounding: the forward, the eval epilogue (residual addend, ReLU),
+the fused ReLU and 2x2 max pool with its codes, and the stride-1 input gradient (with an
+addend), over both float dtypes, 'same' and 'valid' and uneven padding, one and two vectors of
+output channels, rows of blocks that a register tile does not divide; they are the kernels
+resnet20 and simple-cnn use; they decline what they do not take; ``ANYCNN_WINOGRAD=0`` keeps
+the direct kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import anycnn
+from anycnn.kernels import native, native_winograd
+from anycnn.models import build_model
+from anycnn.nn import functional as F
+from tests.rounding import assert_rounding_close
+
+pytestmark = pytest.mark.usefixtures("native_on")
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """Each Winograd kernel call's (input channels, output channels, adjoint, pool)."""
+    seen, kernel = [], native_winograd.forward
+
+    def counted(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint):
+        seen.append((*weight.shape[2:], adjoint, pool))
+        return kernel(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint)
+
+    monkeypatch.setattr(native_winograd, "forward", counted)
+    return seen
+
+
+def _reference_conv(x, wt, b, pads):
+    """The 3x3 stride-1 correlation in float64, by shifted products (no kernel involved)."""
+    top, bottom, left, right = pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    ho, wo = xp.shape[1] - 2, xp.shape[2] - 2
+    y = np.zeros((x.shape[0], ho, wo, wt.shape[3])) + b
+    for i in range(3):
+        for j in range(3):
+            y += xp[:, i:i + ho, j:j + wo] @ wt[i, j].astype(np.float64)
+    return y
+
+
+CASES = [
+    # (n, h, w, c_in, c_out, pads)
+    (3, 8, 8, 16, 16, (1, 1, 1, 1)),      # resnet20's stage 3 shape, one vector of channels
+    (2, 6, 10, 32, 64, (1, 1, 1, 1)),     # two vectors per tile, non-square
+    (2, 10, 10, 16, 32, (0, 0, 0, 0)),    # 'valid': 8x8 outputs
+    (1, 14, 14, 32, 64, (1, 1, 1, 1)),    # 7 blocks a row: tiles of 4 overlap at the end
+    (2, 9, 7, 16, 16, (1, 0, 2, 1)),      # uneven padding, odd input, even output (8 x 8)
+    (2, 32, 32, 16, 16, (1, 1, 1, 1)),    # resnet20's first stage
+]
+IDS = [f"{c[1]}x{c[2]}-{c[3]}to{c[4]}-p{''.join(map(str, c[5]))}" for c in CASES]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_and_input_gradient_match_portable(monkeypatch, rng, calls, dtype, case):
+    n, h, w, cin, cout, pads = case
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    y, ctx = F.conv2d_forward(x, wt, b, (1, 1), pads, (1, 1))
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dx, dw, db = F.conv2d_backward(dy, ctx, wt, True)
+    used = [c[2] for c in calls]
+    assert used.count(False) == 1, calls  # the forward
+    even = h % 2 == 0 and w % 2 == 0
+    assert used.count(True) == (1 if even else 0), calls  # an even input's gradient
+    assert_rounding_close(y, _reference_conv(x, wt, b, pads).astype(dtype), err_msg="y")
+    monkeypatch.setattr(native, "ENABLED", False)
+    ry, rctx = F.conv2d_forward(x, wt, b, (1, 1), pads, (1, 1))
+    rdx, rdw, rdb = F.conv2d_backward(dy, rctx, wt, True)
+    for name, got, want in (("y", y, ry), ("dx", dx, rdx), ("dw", dw, rdw), ("db", db, rdb)):
+        assert_rounding_close(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
+def test_epilogue_and_input_gradient_addend(rng, calls, dtype, case):
+    n, h, w, cin, cout, pads = case
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    ref = _reference_conv(x, wt, b, pads)
+    addend = rng.normal(size=ref.shape).astype(dtype)
+    got = native.conv2d_epilogue(x, wt, b, 1, pads, ref.shape[1:3], addend, relu=True)
+    assert_rounding_close(got, np.maximum(ref + addend, 0).astype(dtype))
+    if pads == (1, 1, 1, 1):  # the input gradient's sums start from an addend too
+        dy = rng.normal(size=ref.shape).astype(dtype)
+        plus = rng.normal(size=x.shape).astype(dtype)
+        dx = native.conv2d_input_grad(dy, wt, 1, pads, (h, w), plus)
+        flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
+        want = _reference_conv(dy, flipped, 0.0, pads) + plus
+        assert_rounding_close(dx, want.astype(dtype))
+    assert len(calls) == (2 if pads == (1, 1, 1, 1) else 1)
+
+
+POOL_CASES = [
+    (2, 14, 14, 32, 64, (1, 1, 1, 1)),    # simple-cnn's second block: 7x7 pooled
+    (2, 9, 11, 16, 16, (1, 1, 1, 1)),     # odd outputs: the last row and column not pooled
+    (3, 8, 8, 16, 32, (0, 0, 0, 0)),      # 'valid'
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[f"{c[1]}x{c[2]}-{c[4]}" for c in POOL_CASES])
+def test_fused_relu_maxpool_and_codes(rng, calls, dtype, case):
+    n, h, w, cin, cout, pads = case
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    conv = _reference_conv(x, wt, b, pads)
+    ho, wo = conv.shape[1:3]
+    out, code = native.conv2d_relu_maxpool(x, wt, b, 1, pads, (ho, wo), (2, 2))
+    alone = native.conv2d_relu_maxpool_eval(x, wt, b, 1, pads, (ho, wo), (2, 2))
+    assert [c[3] for c in calls] == [True, True]
+    windows = conv[:, :ho // 2 * 2, :wo // 2 * 2].reshape(n, ho // 2, 2, wo // 2, 2, cout)
+    windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, ho // 2, wo // 2, cout, 4)
+    best = windows.max(axis=-1)
+    assert_rounding_close(out, np.maximum(best, 0).astype(dtype))
+    np.testing.assert_array_equal(alone, out)
+    live = best > 0
+    assert live.any() and (~live).any()
+    np.testing.assert_array_equal(code[~live], native.DEAD)
+    # a live window's code names a tap holding its maximum (up to rounding: a near tie may
+    # name the other tap)
+    taken = np.take_along_axis(windows, code[..., None].astype(np.intp) % 4, axis=-1)[..., 0]
+    scale = np.abs(conv).max() * 256 * np.finfo(dtype).eps
+    assert np.all(np.abs(taken - best)[live] <= scale)
+
+
+def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
+    x = rng.normal(size=(2, 9, 9, 16)).astype(np.float32)
+    wt = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    native.conv2d(x, wt, None, 1, (1, 1, 1, 1), (9, 9))           # odd output
+    native.conv2d(x, wt, None, 2, (1, 1, 1, 1), (5, 5))           # stride 2
+    native.conv2d_input_grad(rng.normal(size=(2, 5, 5, 16)).astype(np.float32), wt, 2,
+                             (1, 1, 1, 1), (9, 9))                # its phases
+    five = rng.normal(size=(5, 5, 16, 16)).astype(np.float32)
+    native.conv2d(x, five, None, 1, (2, 2, 2, 2), (9, 9))         # 5x5
+    native.conv2d(x[..., :8], wt[:, :, :8], None, 1, (1, 1, 1, 1), (8, 8))  # 8 < 16 channels
+    assert calls == []
+    native.conv2d(x[:, :8, :8].copy(), wt, None, 1, (1, 1, 1, 1), (8, 8))
+    assert len(calls) == 1
+    monkeypatch.setenv("ANYCNN_WINOGRAD", "0")
+    native.conv2d(x[:, :8, :8].copy(), wt, None, 1, (1, 1, 1, 1), (8, 8))
+    assert len(calls) == 1
+
+
+def test_a_changed_kernel_is_caught(rng, monkeypatch):
+    """The comparison above can fail: a wrong output transform entry is caught."""
+    monkeypatch.setattr(native_winograd, "AT", ((1, 1, 1, 0), (0, 1, -1, 1)))
+    native_winograd._plan.cache_clear()
+    try:
+        x = rng.normal(size=(1, 4, 4, 16)).astype(np.float32)
+        wt = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+        got = native.conv2d(x, wt, None, 1, (1, 1, 1, 1), (4, 4))
+        want = _reference_conv(x, wt, 0.0, (1, 1, 1, 1)).astype(np.float32)
+        with pytest.raises(AssertionError):
+            assert_rounding_close(got, want)
+    finally:
+        native_winograd._plan.cache_clear()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnet20", {(16, 16, False, False): 6, (32, 32, False, False): 5,
+                  (64, 64, False, False): 5}),
+    ("simple-cnn", {(32, 64, False, True): 1}),
+])
+def test_the_models_use_it(rng, calls, name, expected):
+    """resnet20: every 3x3 stride-1 layer but the 3-channel stem; simple-cnn: the second
+    block (its first has one input channel)."""
+    model = build_model(name)
+    model.eval()
+    shape = (4, 32, 32, 3) if name == "resnet20" else (4, 28, 28, 1)
+    with anycnn.no_grad():
+        model.forward(anycnn.asarray(rng.random(shape, dtype=np.float32)))
+    counts = {}
+    for c in calls:
+        counts[c] = counts.get(c, 0) + 1
+    assert counts == expected
