@@ -153,9 +153,12 @@ def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
 
 
 def test_a_changed_kernel_is_caught(rng, monkeypatch):
-    """The comparison above can fail: a wrong output transform entry is caught."""
+    """The comparison above can fail: a wrong output transform entry is caught. (The wrong
+    kernel is compiled in memory, never kept: its key would be the right kernel's.)"""
+    monkeypatch.setenv("ANYCNN_KERNEL_CACHE", "0")
     monkeypatch.setattr(native_winograd, "AT", ((1, 1, 1, 0), (0, 1, -1, 1)))
     native_winograd._plan.cache_clear()
+    native_winograd._pipeline.cache_clear()
     try:
         x = rng.normal(size=(1, 4, 4, 16)).astype(np.float32)
         wt = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
@@ -165,6 +168,7 @@ def test_a_changed_kernel_is_caught(rng, monkeypatch):
             assert_rounding_close(got, want)
     finally:
         native_winograd._plan.cache_clear()
+        native_winograd._pipeline.cache_clear()
 
 
 @pytest.mark.parametrize("name, expected", [
