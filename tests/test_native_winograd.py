@@ -1,10 +1,10 @@
 """The Winograd F(2x2, 3x3) kernels (``anycnn.kernels.native_winograd``) agree with the
 portable im2col path within rounding: the forward, the eval epilogue (residual addend, ReLU),
-the fused ReLU and 2x2 max pool with its codes, and the stride-1 input gradient (with an
-addend), over both float dtypes, 'same' and 'valid' and uneven padding, one and two vectors of
-output channels, rows of blocks that a register tile does not divide; they are the kernels
-resnet20 and simple-cnn use; they decline what they do not take; ``ANYCNN_WINOGRAD=0`` keeps
-the direct kernels."""
+the fused ReLU and 2x2 max pool with its codes, the stride-1 input gradient (with an addend)
+and the weight gradient (parts and chunks), over both float dtypes, 'same' and 'valid' and
+uneven padding, one and two vectors of output channels, rows of blocks that a register tile
+does not divide; they are the kernels resnet20 and simple-cnn use; they decline what they do
+not take; ``ANYCNN_WINOGRAD=0`` keeps the direct kernels."""
 
 from __future__ import annotations
 
@@ -77,6 +77,45 @@ def test_forward_and_input_gradient_match_portable(monkeypatch, rng, calls, dtyp
     rdx, rdw, rdb = F.conv2d_backward(dy, rctx, wt, True)
     for name, got, want in (("y", y, ry), ("dx", dx, rdx), ("dw", dw, rdw), ("db", db, rdb)):
         assert_rounding_close(got, want, err_msg=name)
+
+
+WGRAD_CASES = [
+    # (n, h, w, c_in, c_out, pads): parts of 4 images and one of the rest; chunks of block
+    # rows (32x32) and of whole images (8x8)
+    (9, 8, 8, 64, 64, (1, 1, 1, 1)),
+    (6, 32, 32, 16, 16, (1, 1, 1, 1)),
+    (5, 10, 10, 16, 32, (0, 0, 0, 0)),
+    (3, 9, 7, 32, 16, (1, 0, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=[f"n{c[0]}-{c[1]}x{c[2]}-{c[3]}to{c[4]}"
+                                                   for c in WGRAD_CASES])
+def test_weight_gradient_matches_portable(monkeypatch, rng, dtype, case):
+    n, h, w, cin, cout, pads = case
+    planned, kernel = [], native_winograd.weight_grad
+    monkeypatch.setattr(native_winograd, "weight_grad",
+                        lambda *a: planned.append(a[1]) or kernel(*a))
+    native._weight_grad_plan.cache_clear()
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    y, ctx = F.conv2d_forward(x, wt, None, (1, 1), pads, (1, 1))
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dw = F.conv2d_backward(dy, ctx, wt, False)[1]
+    assert planned == [(cin, cout)]
+    want = np.zeros((3, 3, cin, cout))
+    xp = np.pad(x.astype(np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
+    ho, wo = y.shape[1:3]
+    for i in range(3):
+        for j in range(3):
+            want[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], dy)
+    assert_rounding_close(dw, want.astype(dtype))
+    monkeypatch.setattr(native, "ENABLED", False)
+    rdw = F.conv2d_backward(dy, F.conv2d_forward(x, wt, None, (1, 1), pads, (1, 1))[1], wt,
+                            False)[1]
+    assert_rounding_close(dw, rdw)
+    native._weight_grad_plan.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

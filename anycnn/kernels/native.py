@@ -744,10 +744,12 @@ def _images_per_part(n: int, pixels: int) -> int:
 @functools.lru_cache(maxsize=MOST_PLANS)
 def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: tuple,
                       window: tuple[int, int] | None, kernel: tuple[int, int],
-                      stride: int) -> tuple:
+                      stride: int, winograd: bool) -> tuple:
     """``(pipeline, images per part, images in whole parts)`` of :func:`conv2d_weight_grad`
     for this geometry, derived once per geometry and ``cpus`` (the :func:`registers` this
-    module and :mod:`native_wgrad` see, which the tilings read: part of the key)."""
+    module and :mod:`native_wgrad` see, which the tilings read: part of the key); with
+    ``winograd`` (:func:`native_winograd.enabled`), a 3x3 stride-1 layer's Winograd kernel
+    where it applies."""
     n, cin, cout = x_shape[0], x_shape[3], grad_shape[3]
     tile, lanes, guard = _tiles(dtype, cout)
     rows = _most_tile_rows()
@@ -758,9 +760,15 @@ def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: 
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
+    blocks = None
+    if winograd and kernel == (3, 3) and stride == 1 and window is None:  # 16 products, not 36
+        blocks = native_winograd.weight_grad_tiling(dtype, (cin, cout), grad_shape[1:3], per,
+                                                    n - full)
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
                                    x_shape[1:3], per, n - full)
-    if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
+    if blocks is not None:
+        pipeline = native_winograd.weight_grad(dtype, (cin, cout), blocks)
+    elif chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
         pipeline = native_wgrad.weight_grad(dtype, lanes, (cin, cout, *kernel), chunking)
     else:
         pipeline = _weight_grad_pipeline(dtype, tile, lanes, guard, in_tile, window,
@@ -784,7 +792,8 @@ def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray | Pooled, kernel: tuple[int
 
     window = dy.window if pooled else None
     pipeline, per, full = _weight_grad_plan((registers(), native_wgrad.registers()), x.dtype,
-                                            x.shape, grad.shape, window, tuple(kernel), stride)
+                                            x.shape, grad.shape, window, tuple(kernel), stride,
+                                            native_winograd.enabled())
     parts = np.empty((full // per + (full < n), *kernel, cin, cout), dtype=x.dtype)
     for a, b, size, out in ((0, full, per, parts[:full // per]), (full, n, n - full, parts[-1:])):
         if b > a:  # the parts of whole groups, then one of the images left: one array
