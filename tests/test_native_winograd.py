@@ -17,7 +17,16 @@ from anycnn.models import build_model
 from anycnn.nn import functional as F
 from tests.rounding import assert_rounding_close
 
-pytestmark = pytest.mark.usefixtures("native_on")
+pytestmark = pytest.mark.usefixtures("native_on", "any_size")
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """Small test shapes take the kernels too (see test_small_calls_keep_the_direct_kernels)."""
+    monkeypatch.setattr(native_winograd, "MIN_PIXELS", 0)
+    native._weight_grad_plan.cache_clear()
+    yield
+    native._weight_grad_plan.cache_clear()
 
 
 @pytest.fixture
@@ -189,6 +198,25 @@ def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
     monkeypatch.setenv("ANYCNN_WINOGRAD", "0")
     native.conv2d(x[:, :8, :8].copy(), wt, None, 1, (1, 1, 1, 1), (8, 8))
     assert len(calls) == 1
+
+
+def test_small_calls_keep_the_direct_kernels(rng, calls, monkeypatch):
+    """Below MIN_PIXELS outputs per channel (a batch of one small image) the kernel's
+    transform and the threads' start outweigh the saved multiply-adds: the direct kernels run,
+    forward and weight gradient."""
+    monkeypatch.setattr(native_winograd, "MIN_PIXELS", 256)
+    planned, kernel = [], native_winograd.weight_grad
+    monkeypatch.setattr(native_winograd, "weight_grad",
+                        lambda *a: planned.append(a[1]) or kernel(*a))
+    wt = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    for n, side, taken in ((3, 8, False), (4, 8, True), (1, 16, True)):  # 192, 256, 256 pixels
+        native._weight_grad_plan.cache_clear()
+        calls.clear()
+        planned.clear()
+        x = rng.normal(size=(n, side, side, 16)).astype(np.float32)
+        y = native.conv2d(x, wt, None, 1, (1, 1, 1, 1), (side, side))
+        native.conv2d_weight_grad(x, y, (3, 3), 1, (1, 1, 1, 1))
+        assert (len(calls), len(planned)) == ((1, 1) if taken else (0, 0)), (n, side)
 
 
 def test_a_changed_kernel_is_caught(rng, monkeypatch):

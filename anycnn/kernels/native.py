@@ -591,7 +591,8 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
     if taps is None and weight.shape[:2] == (1, 1) and (pads[0] or pads[2]):
         raise ValueError("a 1x1 kernel takes no padding: it reads its input in place")
     if (pool is not None or outputs[0].flags.c_contiguous) and native_winograd.suits(
-            weight.shape, dtype, stride, spread, unpool, pool, out_hw, taps):
+            weight.shape, dtype, stride, spread, unpool, pool, out_hw, taps,
+            outputs[0].shape[0]):
         native_winograd.forward(arrays, weight, bias, pads, out_hw, outputs, pool is not None,
                                 relu, taps is not None)
         return
@@ -761,7 +762,8 @@ def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: 
     from . import native_wgrad  # (it builds on this module)
 
     blocks = None
-    if winograd and kernel == (3, 3) and stride == 1 and window is None:  # 16 products, not 36
+    if (winograd and kernel == (3, 3) and stride == 1 and window is None  # 16 products, not 36
+            and n * grad_shape[1] * grad_shape[2] >= native_winograd.MIN_PIXELS):
         blocks = native_winograd.weight_grad_tiling(dtype, (cin, cout), grad_shape[1:3], per,
                                                     n - full)
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,

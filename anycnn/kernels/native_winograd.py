@@ -70,6 +70,16 @@ AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 #: vector of output channels, 4 measured fastest of 2, 4, 8 and 16 for 16 channels at 32x32 on
 #: an AMD Zen 4; 8 accumulators in flight where one vector operation is whole, below)
 MOST_BLOCKS = 4
+#: output pixels (images x rows x columns) a call needs for these kernels, at least: below,
+#: the kernel's transform and the threads' start outweigh the saved multiply-adds. resnet20's
+#: eval forward (Zen 4, 2 threads, the kernels alternated in one process) at batch 1 took
+#: 1.06-1.08x the direct kernels' time with every 3x3 layer on them, 1.07-1.10x from 1024
+#: pixels (its 16-channel layers), 1.00-1.02x from 2048 (none; the A/B's own bias is 1.02x);
+#: from 2048, batch 2 / 4 / 8: 0.95x / 0.93x / 0.84x
+MIN_PIXELS = 2048
+#: the kernel's transform runs on the kernels' threads from this many channel pairs (C_in *
+#: C_out) up; on one thread below (the threads' start cost more than 64 x 64 pairs' transform)
+PARALLEL_TRANSFORM = 128 * 128
 #: rows of 2x2 blocks per task (8 output rows, as the direct kernel's tasks)
 BLOCK_ROWS = 4
 
@@ -81,19 +91,20 @@ def enabled() -> bool:
 
 
 def suits(wshape: tuple, dtype: np.dtype, stride: int, spread: int, unpool: Any, pool: Any,
-          out_hw: tuple, taps: tuple | None) -> bool:
+          out_hw: tuple, taps: tuple | None, images: int) -> bool:
     """Whether the forward (or input-gradient) convolution :func:`anycnn.kernels.native._forward`
     was given is one of these kernels': a 3x3 kernel at stride 1 over an unspread, unpooled
     input, input and output channels filling whole vectors (the transforms run on vectors of
     them, with no guarded tail; a first layer's 1-3 channels stay with the direct kernels), all
     taps (an input gradient's:
-    flipped), and whole 2x2 output blocks (an even output, or a 2x2 pool over it)."""
+    flipped), whole 2x2 output blocks (an even output, or a 2x2 pool over it) and at least
+    :data:`MIN_PIXELS` outputs per channel over the ``images``."""
     if wshape[:2] != (3, 3) or stride != 1 or spread != 1 or unpool is not None:
         return False
     lanes = native.vector_lanes(dtype)
     if wshape[2] % lanes or wshape[3] % lanes:
         return False
-    if not enabled() or min(out_hw) < 2:
+    if not enabled() or min(out_hw) < 2 or images * out_hw[0] * out_hw[1] < MIN_PIXELS:
         return False
     if taps is not None and taps != (3, 3, 2, 2, 1):
         return False
@@ -231,7 +242,9 @@ def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int
     acc.update().vectorize(cv).unroll(cu).unroll(bx)
     v.compute_at(out, bxo).reorder(ci, b, a, bx).vectorize(ci, lanes).unroll(b).unroll(a)
     v.bound(a, 0, 4).bound(b, 0, 4)
-    u.compute_root().reorder(co, ci, b, a).vectorize(co, lanes).unroll(b).unroll(a)
+    u.compute_root().reorder(co, b, a, ci).vectorize(co, lanes).unroll(b).unroll(a)
+    if cin * cout >= PARALLEL_TRANSFORM:
+        u.parallel(ci)
     u.bound(a, 0, 4).bound(b, 0, 4).bound(co, 0, cout).bound(ci, 0, cin)
     grid.compute_at(out, task).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
     images = {"inp": inp, "wt": wt, "bias": bias}
