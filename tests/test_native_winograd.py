@@ -200,6 +200,37 @@ def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("registers, halved", [((256, 16), False), ((512, 32), True),
+                                               ((512, 32), False)],
+                         ids=["avx2", "zen4", "avx512"])
+def test_each_cpus_tiles_match(rng, calls, monkeypatch, registers, halved):
+    """The tiles chosen for AVX2 (8 float32 lanes, 16 registers), for a CPU that halves its
+    512-bit vectors, and for AVX-512: the same results (compiled for this host, which runs
+    them all), forward with addend, input gradient and weight gradient."""
+    monkeypatch.setattr(native, "registers", lambda: native.Registers(*registers))
+    monkeypatch.setattr(native, "halved_vectors", lambda: halved)
+    native._weight_grad_plan.cache_clear()
+    n, h, w, cin, cout = 5, 8, 12, 16, 32
+    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
+    b = rng.normal(size=cout).astype(np.float32)
+    ref = _reference_conv(x, wt, b, (1, 1, 1, 1))
+    addend = rng.normal(size=ref.shape).astype(np.float32)
+    got = native.conv2d_epilogue(x, wt, b, 1, (1, 1, 1, 1), (h, w), addend, relu=False)
+    assert_rounding_close(got, (ref + addend).astype(np.float32))
+    dy = rng.normal(size=ref.shape).astype(np.float32)
+    dx = native.conv2d_input_grad(dy, wt, 1, (1, 1, 1, 1), (h, w))
+    flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
+    assert_rounding_close(dx, _reference_conv(dy, flipped, 0.0, (1, 1, 1, 1)).astype(np.float32))
+    dw = native.conv2d_weight_grad(x, dy, (3, 3), 1, (1, 1, 1, 1))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], dy)
+                               for j in range(3)]) for i in range(3)])
+    assert_rounding_close(dw, want.astype(np.float32))
+    assert len(calls) == 2
+    native._weight_grad_plan.cache_clear()
+
+
 def test_small_calls_keep_the_direct_kernels(rng, calls, monkeypatch):
     """Below MIN_PIXELS outputs per channel (a batch of one small image) the kernel's
     transform and the threads' start outweigh the saved multiply-adds: the direct kernels run,
