@@ -1,10 +1,11 @@
 """The Winograd F(2x2, 3x3) kernels (``anycnn.kernels.native_winograd``) agree with the
 portable im2col path within rounding: the forward, the eval epilogue (residual addend, ReLU),
 the fused ReLU and 2x2 max pool with its codes, the stride-1 input gradient (with an addend)
-and the weight gradient (parts and chunks), over both float dtypes, 'same' and 'valid' and
-uneven padding, one and two vectors of output channels, rows of blocks that a register tile
-does not divide; they are the kernels resnet20 and simple-cnn use; they decline what they do
-not take; ``ANYCNN_WINOGRAD=0`` keeps the direct kernels."""
+and the weight gradient (parts and chunks), both also from a fused block's pooled gradient,
+over both float dtypes, 'same' and 'valid' and uneven padding, one and two vectors of output
+channels, rows of blocks that a register tile does not divide, each CPU's tiles; they are the
+kernels resnet20 and simple-cnn use; they decline what they do not take (small calls
+included); ``ANYCNN_WINOGRAD=0`` keeps the direct kernels."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def calls(monkeypatch) -> list:
     """Each Winograd kernel call's (input channels, output channels, adjoint, pool)."""
     seen, kernel = [], native_winograd.forward
 
-    def counted(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint):
+    def counted(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint, *unpool):
         seen.append((*weight.shape[2:], adjoint, pool))
-        return kernel(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint)
+        return kernel(arrays, weight, bias, pads, out_hw, outputs, pool, relu, adjoint, *unpool)
 
     monkeypatch.setattr(native_winograd, "forward", counted)
     return seen
@@ -198,6 +199,39 @@ def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
     monkeypatch.setenv("ANYCNN_WINOGRAD", "0")
     native.conv2d(x[:, :8, :8].copy(), wt, None, 1, (1, 1, 1, 1), (8, 8))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[f"{c[1]}x{c[2]}-{c[4]}" for c in POOL_CASES])
+def test_pooled_gradients(monkeypatch, rng, calls, dtype, case):
+    """A fused block's gradients from its pooled gradient and codes (unpooled inside the
+    kernels): the weight gradient always, the input gradient where the input is whole 2x2
+    blocks; both equal float64 references computed from the unpooled gradient."""
+    n, h, w, cin, cout, pads = case
+    planned, kernel = [], native_winograd.weight_grad
+    monkeypatch.setattr(native_winograd, "weight_grad",
+                        lambda *a: planned.append(a[3:]) or kernel(*a))
+    native._weight_grad_plan.cache_clear()
+    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
+    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype)
+    ho, wo = h + pads[0] + pads[1] - 2, w + pads[2] + pads[3] - 2
+    out, code = native.conv2d_relu_maxpool(x, wt, b, 1, pads, (ho, wo), (2, 2))
+    pooled = native.Pooled(rng.normal(size=out.shape).astype(dtype), code, (2, 2))
+    dense = pooled.unpooled((ho, wo)).astype(np.float64)
+    calls.clear()
+    dw = native.conv2d_weight_grad(x, pooled, (3, 3), 1, pads)
+    assert planned == [(True,)]
+    xp = np.pad(x.astype(np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
+    want = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], dense)
+                               for j in range(3)]) for i in range(3)])
+    assert_rounding_close(dw, want.astype(dtype))
+    if pads == (1, 1, 1, 1) and h % 2 == 0 and w % 2 == 0:
+        dx = native.conv2d_input_grad(pooled, wt, 1, pads, (h, w))
+        assert calls == [(cin, cout, True, False)]  # the layer's weight, used adjoint
+        flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
+        assert_rounding_close(dx, _reference_conv(dense, flipped, 0.0, pads).astype(dtype))
+    native._weight_grad_plan.cache_clear()
 
 
 @pytest.mark.parametrize("registers, halved", [((256, 16), False), ((512, 32), True),

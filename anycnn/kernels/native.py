@@ -594,7 +594,7 @@ def _forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, stride: 
             weight.shape, dtype, stride, spread, unpool, pool, out_hw, taps,
             outputs[0].shape[0]):
         native_winograd.forward(arrays, weight, bias, pads, out_hw, outputs, pool is not None,
-                                relu, taps is not None)
+                                relu, taps is not None, unpool is not None)
         return
     pipeline, zero = _plan(registers(), halved_vectors(), dtype, weight.shape, stride,
                            out_hw[1], spread, unpool, pool, "addend" in arrays, relu,
@@ -762,14 +762,15 @@ def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: 
     from . import native_wgrad  # (it builds on this module)
 
     blocks = None
-    if (winograd and kernel == (3, 3) and stride == 1 and window is None  # 16 products, not 36
-            and n * grad_shape[1] * grad_shape[2] >= native_winograd.MIN_PIXELS):
-        blocks = native_winograd.weight_grad_tiling(dtype, (cin, cout), grad_shape[1:3], per,
-                                                    n - full)
+    # Winograd (16 products, not 36): an output gradient as an array, or under 2x2 pools
+    out_hw = grad_shape[1:3] if window is None else (2 * grad_shape[1], 2 * grad_shape[2])
+    if (winograd and kernel == (3, 3) and stride == 1 and window in (None, (2, 2))
+            and n * out_hw[0] * out_hw[1] >= native_winograd.MIN_PIXELS):
+        blocks = native_winograd.weight_grad_tiling(dtype, (cin, cout), out_hw, per, n - full)
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
                                    x_shape[1:3], per, n - full)
     if blocks is not None:
-        pipeline = native_winograd.weight_grad(dtype, (cin, cout), blocks)
+        pipeline = native_winograd.weight_grad(dtype, (cin, cout), blocks, window is not None)
     elif chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
         pipeline = native_wgrad.weight_grad(dtype, lanes, (cin, cout, *kernel), chunking)
     else:

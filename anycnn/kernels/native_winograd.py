@@ -32,7 +32,10 @@ output gradient ``dY`` and the 4x4 input patch ``d`` its outputs were computed f
 ``M += (A dY A^T) * (B^T d B)`` per channel pair (16 products against 36 multiply-adds), summed
 over a part's images a chunk of blocks at a time in register tiles of input by output
 channels, then ``G^T M G`` is the part's 3x3 gradient. Same parts and operands as
-:func:`anycnn.kernels.native.conv2d_weight_grad`'s other kernels.
+:func:`anycnn.kernels.native.conv2d_weight_grad`'s other kernels. A fused Conv-ReLU-MaxPool
+block's 2x2 pooling windows are these blocks: its gradients are computed from the pooled
+gradient and the codes (the window's gradient is the pooled value at the coded tap), the
+input gradient's input unpooled as it is read.
 
 The output is written through a view (N, Ho/2, 2, Wo/2, 2, C) of the NHWC array: Halide's
 axes (c, p, bx, q, by, n), ``x = 2 bx + p``, ``y = 2 by + q``; a pooled output is
@@ -93,13 +96,15 @@ def enabled() -> bool:
 def suits(wshape: tuple, dtype: np.dtype, stride: int, spread: int, unpool: Any, pool: Any,
           out_hw: tuple, taps: tuple | None, images: int) -> bool:
     """Whether the forward (or input-gradient) convolution :func:`anycnn.kernels.native._forward`
-    was given is one of these kernels': a 3x3 kernel at stride 1 over an unspread, unpooled
-    input, input and output channels filling whole vectors (the transforms run on vectors of
-    them, with no guarded tail; a first layer's 1-3 channels stay with the direct kernels), all
-    taps (an input gradient's:
+    was given is one of these kernels': a 3x3 kernel at stride 1 over an unspread input (an
+    input gradient's may be a pooled gradient under 2x2 pools), input and output channels
+    filling whole vectors (the transforms run on vectors of them, with no guarded tail; a first
+    layer's 1-3 channels stay with the direct kernels), all taps (an input gradient's:
     flipped), whole 2x2 output blocks (an even output, or a 2x2 pool over it) and at least
     :data:`MIN_PIXELS` outputs per channel over the ``images``."""
-    if wshape[:2] != (3, 3) or stride != 1 or spread != 1 or unpool is not None:
+    if wshape[:2] != (3, 3) or stride != 1 or spread != 1:
+        return False
+    if unpool is not None and (taps is None or tuple(unpool) != (2, 2)):
         return False
     lanes = native.vector_lanes(dtype)
     if wshape[2] % lanes or wshape[3] % lanes:
@@ -141,22 +146,30 @@ def _by_index(hl, values: dict, a, b) -> Any:
 
 @kernel_cache.pipeline
 def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int],
-              addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool):
+              addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool,
+              unpool: bool = False):
     """The Winograd convolution (module docstring) for ``channels`` (C_in, C_out) known when
     it compiles, ``tiling`` (vectors of output channels per tile, blocks per tile, lanes);
     ``wt`` the weight (3, 3, C_in, C_out) in NumPy's order, or with ``adjoint`` the weight
     (3, 3, C_out, C_in) of the layer whose input gradient this is. With ``pool``, a 2x2 max pool
     of the ReLU'd sums (and with ``codes`` the fused block's codes); else the output's view
     (c, p, bx, q, by, n), plus ``addend`` (the same view) with ``addend``, then a ReLU with
-    ``relu``."""
+    ``relu``. With ``unpool`` (an input gradient), the input is the pooled gradient ``dpool``
+    and its ``code`` of a fused block under 2x2 pools, unpooled as it is read
+    (:func:`anycnn.kernels.native._gradient_source`)."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     cin, cout = channels
     vectors, blocks, lanes = tiling
-    inp = hl.ImageParam(t, 4, "inp")
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
-    grid, gc = native._spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1,
-                                     top, left)
+    if unpool:
+        source, images, extent = native._gradient_source(hl, t, (2, 2))
+        images["dpool"].dim(0).set_bounds(0, cin)
+    else:
+        inp = hl.ImageParam(t, 4, "inp")
+        source, images, extent = inp, {"inp": inp}, (inp.dim(1).extent(), inp.dim(2).extent())
+        inp.dim(0).set_bounds(0, cin)
+    grid, gc = native._spread_padded(hl, source, extent, 1, top, left)
     wt = hl.ImageParam(t, 4, "wt")
     step = 1
     for d, extent in enumerate((cin, cout, 3, 3) if adjoint else (cout, cin, 3, 3)):
@@ -220,7 +233,6 @@ def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int
             out.output_buffer().dim(d).set_bounds(0, 2)
             plus.dim(d).set_bounds(0, 2)
     out.output_buffers()[0].dim(0).set_bounds(0, cout)
-    inp.dim(0).set_bounds(0, cin)
 
     cuo, cui, bxo, bxi, byo, byi, task = (hl.Var(v) for v in ("cuo", "cui", "bxo", "bxi",
                                                                 "byo", "byi", "task"))
@@ -247,7 +259,7 @@ def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int
         u.parallel(ci)
     u.bound(a, 0, 4).bound(b, 0, 4).bound(co, 0, cout).bound(ci, 0, cin)
     grid.compute_at(out, task).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
-    images = {"inp": inp, "wt": wt, "bias": bias}
+    images = {**images, "wt": wt, "bias": bias}
     if addend:
         images["addend"] = plus
     return out, images, {"top": top, "left": left}
@@ -269,29 +281,31 @@ def tiling(dtype: Any, cout: int, blocks_per_row: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=native.MOST_PLANS)
 def _plan(cpu: Any, halved: bool, dtype: np.dtype, channels: tuple[int, int], width: int,
-          addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool) -> tuple:
+          addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool,
+          unpool: bool) -> tuple:
     """``(pipeline, zero bias)`` for one geometry, derived once (``cpu`` and ``halved`` are
     :func:`~anycnn.kernels.native.registers` and
     :func:`~anycnn.kernels.native.halved_vectors`, which the tiling reads)."""
     blocks_per_row = width // 2
     pipeline = _pipeline(dtype, channels, tiling(dtype, channels[1], blocks_per_row), addend,
-                         relu, pool, codes, adjoint)
+                         relu, pool, codes, adjoint, *((True,) if unpool else ()))
     return pipeline, np.zeros(channels[1], dtype=dtype)
 
 
 def forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, pads: tuple,
             out_hw: tuple[int, int], outputs: list[np.ndarray], pool: bool, relu: bool,
-            adjoint: bool) -> None:
+            adjoint: bool, unpool: bool = False) -> None:
     """:func:`anycnn.kernels.native._forward` for a geometry :func:`suits` accepts: ``arrays``
-    the NHWC input ``"inp"`` (and ``"addend"``, shaped as the output), ``outputs`` the NHWC
-    output (N, Ho, Wo, C) (or with ``pool`` the pooled output and, for two, its codes), the
-    weight as :func:`_pipeline` takes it (``adjoint``: an input gradient's)."""
+    the NHWC input ``"inp"`` (or with ``unpool`` the pooled gradient's ``"dpool"`` and
+    ``"code"``; and ``"addend"``, shaped as the output), ``outputs`` the NHWC output
+    (N, Ho, Wo, C) (or with ``pool`` the pooled output and, for two, its codes), the weight as
+    :func:`_pipeline` takes it (``adjoint``: an input gradient's)."""
     dtype = outputs[0].dtype
     c_in, c_out = weight.shape[2:]
     channels = (c_out, c_in) if adjoint else (c_in, c_out)
     pipeline, zero = _plan(native.registers(), native.halved_vectors(), dtype, channels,
                            out_hw[1], "addend" in arrays, relu, pool,
-                           pool and len(outputs) == 2, adjoint)
+                           pool and len(outputs) == 2, adjoint, unpool)
     if not pool:
         n, (ho, wo), c = outputs[0].shape[0], out_hw, channels[1]
         outputs = [outputs[0].reshape(n, ho // 2, 2, wo // 2, 2, c)]
@@ -345,7 +359,7 @@ def weight_grad_tiling(dtype: Any, channels: tuple[int, int], out_hw: tuple[int,
 
 @kernel_cache.pipeline
 def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
-                          tiling: tuple[int, int, int, int]):
+                          tiling: tuple[int, int, int, int], pooled: bool = False):
     """part[co, ci, j, i, g] = the 3x3 stride-1 weight gradient summed over images g*G ..
     g*G+G-1 (G the ``images`` parameter), as the general weight-gradient pipeline's
     (:func:`anycnn.kernels.native._weight_grad_pipeline`: same operands, scalars and parts),
@@ -355,13 +369,25 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
     multiply-adds for 4 outputs), and the part is ``G^T M G``. The sums over blocks run a
     chunk at a time (``tiling``: :func:`weight_grad_tiling`): the chunk's transforms are
     computed once, then every register tile of ``in_tile`` input channels by ``vectors``
-    vectors of output channels sums over the chunk's blocks for each (a, b)."""
+    vectors of output channels sums over the chunk's blocks for each (a, b). With ``pooled``,
+    the gradient is a fused block's pooled gradient ``dpool`` and ``code`` under 2x2 pools:
+    a block is a pooling window, whose gradient is the pooled value at the tap its code names
+    (none where the ReLU was off), so ``A dY A^T`` is that value times one of 4 sign patterns;
+    past the last whole window the gradient is zero and has no block."""
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     cin, cout = channels
     in_tile, vectors, rows, per_chunk = tiling
     lanes = native.vector_lanes(dtype)
-    inp, dy = hl.ImageParam(t, 4, "inp"), hl.ImageParam(t, 4, "dy")
+    inp = hl.ImageParam(t, 4, "inp")
+    if pooled:
+        dy, code = hl.ImageParam(t, 4, "dpool"), hl.ImageParam(hl.UInt(8), 4, "code")
+        gradients, blocks_x, blocks_y = {"dpool": dy, "code": code}, dy.dim(1).extent(), \
+            dy.dim(2).extent()
+    else:
+        dy = hl.ImageParam(t, 4, "dy")
+        gradients, blocks_x, blocks_y = {"dy": dy}, dy.dim(1).extent() / 2, \
+            dy.dim(2).extent() / 2
     images = hl.Param(hl.Int(32), "images")
     top, left = hl.Param(hl.Int(32), "top"), hl.Param(hl.Int(32), "left")
     grid, gc = native._spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1,
@@ -373,19 +399,34 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
                             for r in range(4) for s in range(4)])
         for ia in range(4) for ib in range(4)}, a, b)
     w = hl.Func("W")  # W[c, b, a, bx, by, n] = (A dY A^T)[a, b]
-    w[c, b, a, bx, by, n] = _by_index(hl, {
-        (ia, ib): _sum(hl, [(AT[q][ia] * AT[p][ib], dy[c, 2 * bx + p, 2 * by + q, n])
-                            for q in range(2) for p in range(2)])
-        for ia in range(4) for ib in range(4)}, a, b)
+    if pooled:
+        g, k = dy[c, bx, by, n], code[c, bx, by, n]
+        zero = hl.cast(t, 0)
+
+        def window(ia: int, ib: int):
+            """(A dY A^T)[ia, ib] of a window holding ``g`` at the tap ``k`` names."""
+            value = zero
+            for tap in range(4):
+                sign = AT[tap // 2][ia] * AT[tap % 2][ib]
+                if sign:
+                    value = hl.select(k == tap, g if sign == 1 else -g, value)
+            return value
+
+        w[c, b, a, bx, by, n] = _by_index(hl, {(ia, ib): window(ia, ib) for ia in range(4)
+                                               for ib in range(4)}, a, b)
+    else:
+        w[c, b, a, bx, by, n] = _by_index(hl, {
+            (ia, ib): _sum(hl, [(AT[q][ia] * AT[p][ib], dy[c, 2 * bx + p, 2 * by + q, n])
+                                for q in range(2) for p in range(2)])
+            for ia in range(4) for ib in range(4)}, a, b)
     co, ci, j, i, g, yc, nc = (hl.Var(v) for v in ("co", "ci", "j", "i", "g", "yc", "nc"))
-    blocks_x = dy.dim(1).extent() / 2
     rp = hl.RDom([hl.Range(0, blocks_x), hl.Range(0, rows), hl.Range(0, per_chunk)])
     chunk = hl.Func("chunk")
     chunk[co, ci, b, a, yc, nc] = hl.cast(t, 0)
     row, image = yc * rows + rp.y, nc * per_chunk + rp.z
     chunk[co, ci, b, a, yc, nc] += (w[co, b, a, rp.x, row, image]
                                     * v[ci, b, a, rp.x, row, image])
-    rc = hl.RDom([hl.Range(0, dy.dim(2).extent() / (2 * rows)),
+    rc = hl.RDom([hl.Range(0, blocks_y / rows),
                   hl.Range(0, images / per_chunk)])
     m = hl.Func("M")
     m[co, ci, b, a, g] = hl.cast(t, 0)
@@ -419,11 +460,14 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
         f.compute_at(m, rc.x).reorder(c, b, a, bx, by, n).vectorize(c, lanes)
         f.unroll(b).unroll(a).bound(a, 0, 4).bound(b, 0, 4)
     grid.compute_at(m, rc.x).vectorize(gc, lanes, hl.TailStrategy.GuardWithIf)
-    return part, {"inp": inp, "dy": dy}, {"images": images, "top": top, "left": left}
+    return part, {"inp": inp, **gradients}, {"images": images, "top": top, "left": left}
 
 
-def weight_grad(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int, int]):
+def weight_grad(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int, int],
+                pooled: bool = False):
     """The compiled pipeline of :func:`_weight_grad_pipeline` (``channels`` (C_in, C_out),
-    ``tiling`` of :func:`weight_grad_tiling`): run it as the general weight-gradient pipeline
-    (same operands, scalars and parts)."""
-    return _weight_grad_pipeline(dtype, tuple(channels), tuple(tiling))
+    ``tiling`` of :func:`weight_grad_tiling`; ``pooled``: the gradient a fused block's 2x2
+    pools give): run it as the general weight-gradient pipeline (same operands, scalars and
+    parts)."""
+    return _weight_grad_pipeline(dtype, tuple(channels), tuple(tiling),
+                                 *((True,) if pooled else ()))
