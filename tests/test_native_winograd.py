@@ -55,6 +55,27 @@ def _reference_conv(x, wt, b, pads):
     return y
 
 
+def _reference_input_grad(dy, wt, pads):
+    """The input gradient of a 'same' 3x3 layer in float64: the flipped kernel, channel axes
+    swapped, over the output gradient."""
+    return _reference_conv(dy, np.transpose(wt[::-1, ::-1], (0, 1, 3, 2)), 0.0, pads)
+
+
+def _reference_weight_grad(x, dy, pads):
+    """The 3x3 stride-1 weight gradient (3, 3, C_in, C_out) in float64."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
+    ho, wo = dy.shape[1:3]
+    return np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], dy)
+                               for j in range(3)]) for i in range(3)])
+
+
+def _operands(rng, case, dtype):
+    """``(x, weight, bias)`` of a case (n, h, w, c_in, c_out, ...)."""
+    n, h, w, cin, cout = case[:5]
+    return (rng.normal(size=(n, h, w, cin)).astype(dtype),
+            rng.normal(size=(3, 3, cin, cout)).astype(dtype), rng.normal(size=cout).astype(dtype))
+
+
 CASES = [
     # (n, h, w, c_in, c_out, pads)
     (3, 8, 8, 16, 16, (1, 1, 1, 1)),      # resnet20's stage 3 shape, one vector of channels
@@ -70,10 +91,8 @@ IDS = [f"{c[1]}x{c[2]}-{c[3]}to{c[4]}-p{''.join(map(str, c[5]))}" for c in CASES
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_and_input_gradient_match_portable(monkeypatch, rng, calls, dtype, case):
-    n, h, w, cin, cout, pads = case
-    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
-    b = rng.normal(size=cout).astype(dtype)
+    _n, h, w, _cin, _cout, pads = case
+    x, wt, b = _operands(rng, case, dtype)
     y, ctx = F.conv2d_forward(x, wt, b, (1, 1), pads, (1, 1))
     dy = rng.normal(size=y.shape).astype(dtype)
     dx, dw, db = F.conv2d_backward(dy, ctx, wt, True)
@@ -103,24 +122,17 @@ WGRAD_CASES = [
 @pytest.mark.parametrize("case", WGRAD_CASES, ids=[f"n{c[0]}-{c[1]}x{c[2]}-{c[3]}to{c[4]}"
                                                    for c in WGRAD_CASES])
 def test_weight_gradient_matches_portable(monkeypatch, rng, dtype, case):
-    n, h, w, cin, cout, pads = case
+    _n, _h, _w, cin, cout, pads = case
     planned, kernel = [], native_winograd.weight_grad
     monkeypatch.setattr(native_winograd, "weight_grad",
                         lambda *a: planned.append(a[1]) or kernel(*a))
     native._weight_grad_plan.cache_clear()
-    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
+    x, wt, _ = _operands(rng, case, dtype)
     y, ctx = F.conv2d_forward(x, wt, None, (1, 1), pads, (1, 1))
     dy = rng.normal(size=y.shape).astype(dtype)
     dw = F.conv2d_backward(dy, ctx, wt, False)[1]
     assert planned == [(cin, cout)]
-    want = np.zeros((3, 3, cin, cout))
-    xp = np.pad(x.astype(np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
-    ho, wo = y.shape[1:3]
-    for i in range(3):
-        for j in range(3):
-            want[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], dy)
-    assert_rounding_close(dw, want.astype(dtype))
+    assert_rounding_close(dw, _reference_weight_grad(x, dy, pads).astype(dtype))
     monkeypatch.setattr(native, "ENABLED", False)
     rdw = F.conv2d_backward(dy, F.conv2d_forward(x, wt, None, (1, 1), pads, (1, 1))[1], wt,
                             False)[1]
@@ -131,10 +143,8 @@ def test_weight_gradient_matches_portable(monkeypatch, rng, dtype, case):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
 def test_epilogue_and_input_gradient_addend(rng, calls, dtype, case):
-    n, h, w, cin, cout, pads = case
-    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
-    b = rng.normal(size=cout).astype(dtype)
+    _n, h, w, _cin, _cout, pads = case
+    x, wt, b = _operands(rng, case, dtype)
     ref = _reference_conv(x, wt, b, pads)
     addend = rng.normal(size=ref.shape).astype(dtype)
     got = native.conv2d_epilogue(x, wt, b, 1, pads, ref.shape[1:3], addend, relu=True)
@@ -143,9 +153,7 @@ def test_epilogue_and_input_gradient_addend(rng, calls, dtype, case):
         dy = rng.normal(size=ref.shape).astype(dtype)
         plus = rng.normal(size=x.shape).astype(dtype)
         dx = native.conv2d_input_grad(dy, wt, 1, pads, (h, w), plus)
-        flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
-        want = _reference_conv(dy, flipped, 0.0, pads) + plus
-        assert_rounding_close(dx, want.astype(dtype))
+        assert_rounding_close(dx, (_reference_input_grad(dy, wt, pads) + plus).astype(dtype))
     assert len(calls) == (2 if pads == (1, 1, 1, 1) else 1)
 
 
@@ -159,10 +167,8 @@ POOL_CASES = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", POOL_CASES, ids=[f"{c[1]}x{c[2]}-{c[4]}" for c in POOL_CASES])
 def test_fused_relu_maxpool_and_codes(rng, calls, dtype, case):
-    n, h, w, cin, cout, pads = case
-    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
-    b = rng.normal(size=cout).astype(dtype)
+    n, _h, _w, _cin, cout, pads = case
+    x, wt, b = _operands(rng, case, dtype)
     conv = _reference_conv(x, wt, b, pads)
     ho, wo = conv.shape[1:3]
     out, code = native.conv2d_relu_maxpool(x, wt, b, 1, pads, (ho, wo), (2, 2))
@@ -207,14 +213,12 @@ def test_pooled_gradients(monkeypatch, rng, calls, dtype, case):
     """A fused block's gradients from its pooled gradient and codes (unpooled inside the
     kernels): the weight gradient always, the input gradient where the input is whole 2x2
     blocks; both equal float64 references computed from the unpooled gradient."""
-    n, h, w, cin, cout, pads = case
+    _n, h, w, cin, cout, pads = case
     planned, kernel = [], native_winograd.weight_grad
     monkeypatch.setattr(native_winograd, "weight_grad",
                         lambda *a: planned.append(a[3:]) or kernel(*a))
     native._weight_grad_plan.cache_clear()
-    x = rng.normal(size=(n, h, w, cin)).astype(dtype)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(dtype)
-    b = rng.normal(size=cout).astype(dtype)
+    x, wt, b = _operands(rng, case, dtype)
     ho, wo = h + pads[0] + pads[1] - 2, w + pads[2] + pads[3] - 2
     out, code = native.conv2d_relu_maxpool(x, wt, b, 1, pads, (ho, wo), (2, 2))
     pooled = native.Pooled(rng.normal(size=out.shape).astype(dtype), code, (2, 2))
@@ -222,15 +226,11 @@ def test_pooled_gradients(monkeypatch, rng, calls, dtype, case):
     calls.clear()
     dw = native.conv2d_weight_grad(x, pooled, (3, 3), 1, pads)
     assert planned == [(True,)]
-    xp = np.pad(x.astype(np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
-    want = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], dense)
-                               for j in range(3)]) for i in range(3)])
-    assert_rounding_close(dw, want.astype(dtype))
+    assert_rounding_close(dw, _reference_weight_grad(x, dense, pads).astype(dtype))
     if pads == (1, 1, 1, 1) and h % 2 == 0 and w % 2 == 0:
         dx = native.conv2d_input_grad(pooled, wt, 1, pads, (h, w))
         assert calls == [(cin, cout, True, False)]  # the layer's weight, used adjoint
-        flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
-        assert_rounding_close(dx, _reference_conv(dense, flipped, 0.0, pads).astype(dtype))
+        assert_rounding_close(dx, _reference_input_grad(dense, wt, pads).astype(dtype))
     native._weight_grad_plan.cache_clear()
 
 
@@ -245,22 +245,17 @@ def test_each_cpus_tiles_match(rng, calls, monkeypatch, registers, halved):
     monkeypatch.setattr(native, "halved_vectors", lambda: halved)
     native._weight_grad_plan.cache_clear()
     n, h, w, cin, cout = 5, 8, 12, 16, 32
-    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
-    wt = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
-    b = rng.normal(size=cout).astype(np.float32)
+    x, wt, b = _operands(rng, (n, h, w, cin, cout), np.float32)
     ref = _reference_conv(x, wt, b, (1, 1, 1, 1))
     addend = rng.normal(size=ref.shape).astype(np.float32)
     got = native.conv2d_epilogue(x, wt, b, 1, (1, 1, 1, 1), (h, w), addend, relu=False)
     assert_rounding_close(got, (ref + addend).astype(np.float32))
     dy = rng.normal(size=ref.shape).astype(np.float32)
     dx = native.conv2d_input_grad(dy, wt, 1, (1, 1, 1, 1), (h, w))
-    flipped = np.transpose(wt[::-1, ::-1], (0, 1, 3, 2))
-    assert_rounding_close(dx, _reference_conv(dy, flipped, 0.0, (1, 1, 1, 1)).astype(np.float32))
-    dw = native.conv2d_weight_grad(x, dy, (3, 3), 1, (1, 1, 1, 1))
-    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], dy)
-                               for j in range(3)]) for i in range(3)])
-    assert_rounding_close(dw, want.astype(np.float32))
+    same = (1, 1, 1, 1)
+    assert_rounding_close(dx, _reference_input_grad(dy, wt, same).astype(np.float32))
+    dw = native.conv2d_weight_grad(x, dy, (3, 3), 1, same)
+    assert_rounding_close(dw, _reference_weight_grad(x, dy, same).astype(np.float32))
     assert len(calls) == 2
     native._weight_grad_plan.cache_clear()
 
