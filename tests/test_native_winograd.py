@@ -196,6 +196,9 @@ def test_declines_what_it_does_not_take(rng, calls, monkeypatch):
     native.conv2d(x, wt, None, 2, (1, 1, 1, 1), (5, 5))           # stride 2
     native.conv2d_input_grad(rng.normal(size=(2, 5, 5, 16)).astype(np.float32), wt, 2,
                              (1, 1, 1, 1), (9, 9))                # its phases
+    wide = rng.normal(size=(3, 3, 16, native_winograd.MOST_CHANNEL_PAIRS // 16 + 16))
+    native.conv2d(x[:, :8, :8].copy(), wide.astype(np.float32), None, 1, (1, 1, 1, 1),
+                  (8, 8))                                         # too many channel pairs
     five = rng.normal(size=(5, 5, 16, 16)).astype(np.float32)
     native.conv2d(x, five, None, 1, (2, 2, 2, 2), (9, 9))         # 5x5
     native.conv2d(x[..., :8], wt[:, :, :8], None, 1, (1, 1, 1, 1), (8, 8))  # 8 < 16 channels

@@ -80,6 +80,11 @@ MOST_BLOCKS = 4
 #: pixels (its 16-channel layers), 1.00-1.02x from 2048 (none; the A/B's own bias is 1.02x);
 #: from 2048, batch 2 / 4 / 8: 0.95x / 0.93x / 0.84x
 MIN_PIXELS = 2048
+#: channel pairs (C_in * C_out) these kernels take at most: the kernel's transform (16 values
+#: a pair) is read again for every block of output blocks, and past this it no longer stays in
+#: the cache (2 threads, Zen 4: 256 -> 256 channels at 14x14 0.63-0.79x the direct
+#: kernels' time; 512 -> 512 at 14x14 0.95-1.05x, 1024 -> 1024 at 8x8 1.05x)
+MOST_CHANNEL_PAIRS = 256 * 256
 #: the kernel's transform runs on the kernels' threads from this many channel pairs (C_in *
 #: C_out) up; on one thread below (the threads' start cost more than 64 x 64 pairs' transform)
 PARALLEL_TRANSFORM = 128 * 128
@@ -100,14 +105,15 @@ def suits(wshape: tuple, dtype: np.dtype, stride: int, spread: int, unpool: Any,
     input gradient's may be a pooled gradient under 2x2 pools), input and output channels
     filling whole vectors (the transforms run on vectors of them, with no guarded tail; a first
     layer's 1-3 channels stay with the direct kernels), all taps (an input gradient's:
-    flipped), whole 2x2 output blocks (an even output, or a 2x2 pool over it) and at least
-    :data:`MIN_PIXELS` outputs per channel over the ``images``."""
+    flipped), at most :data:`MOST_CHANNEL_PAIRS` channel pairs, whole 2x2 output blocks (an
+    even output, or a 2x2 pool over it) and at least :data:`MIN_PIXELS` outputs per channel
+    over the ``images``."""
     if wshape[:2] != (3, 3) or stride != 1 or spread != 1:
         return False
     if unpool is not None and (taps is None or tuple(unpool) != (2, 2)):
         return False
     lanes = native.vector_lanes(dtype)
-    if wshape[2] % lanes or wshape[3] % lanes:
+    if wshape[2] % lanes or wshape[3] % lanes or wshape[2] * wshape[3] > MOST_CHANNEL_PAIRS:
         return False
     if not enabled() or min(out_hw) < 2 or images * out_hw[0] * out_hw[1] < MIN_PIXELS:
         return False
@@ -336,13 +342,15 @@ def weight_grad_tiling(dtype: Any, channels: tuple[int, int], out_hw: tuple[int,
                        per: int, rest: int) -> tuple[int, int, int, int] | None:
     """``(in_tile, vectors, rows, images)`` of :func:`_weight_grad_pipeline` (input channels
     by vectors of output channels per register tile; rows of 2x2 blocks and images per chunk),
-    or None where it does not apply: channels that do not fill whole vectors, or an output
-    that is not whole 2x2 blocks. ``per`` and ``rest``: the images of a whole part and of the
-    last one (0: none), which ``images`` divides."""
+    or None where it does not apply: channels that do not fill whole vectors or more than
+    :data:`MOST_CHANNEL_PAIRS` pairs of them, or an output that is not whole 2x2 blocks.
+    ``per`` and ``rest``: the images of a whole part and of the last one (0: none), which
+    ``images`` divides."""
     lanes = native.vector_lanes(dtype)
     cin, cout = channels
     ho, wo = out_hw
-    if cin % lanes or cout % lanes or ho % 2 or wo % 2 or min(ho, wo) < 2:
+    if (cin % lanes or cout % lanes or ho % 2 or wo % 2 or min(ho, wo) < 2
+            or cin * cout > MOST_CHANNEL_PAIRS):
         return None
     in_tile = native._divisor_tile(cin, WEIGHT_GRAD_ACCUMULATORS[native.registers().count >= 32])
     vectors = 1
