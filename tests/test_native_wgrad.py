@@ -24,6 +24,13 @@ def _reference(x, dy, kernel, pads):
                      for i in range(kh)])
 
 
+@pytest.fixture(autouse=True)
+def direct_kernels(monkeypatch):
+    """The direct kernels: these tests are about the chunked kernel, and a 3x3 stride-1 layer
+    of 2048 outputs or more would otherwise take the Winograd one (native_winograd)."""
+    monkeypatch.setenv("ANYCNN_WINOGRAD", "0")
+
+
 @pytest.fixture
 def wide_registers(monkeypatch):
     """The kernel's tiles for 32 vector registers, whatever the CPU's (on a CPU with 16 they

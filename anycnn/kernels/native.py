@@ -27,9 +27,9 @@ by output channels in vector registers, reading the NHWC input and the weights i
 - :func:`conv2d_epilogue` — :func:`conv2d` with a residual ``addend`` its sums start from and
   a ReLU applied to its tiles (eval mode's fused steps, :mod:`anycnn.nn.inference`).
 
-A 3x3 stride-1 geometry whose input channels fill whole vectors and whose output is whole 2x2
-blocks (or 2x2 pools) runs as a Winograd convolution instead, forward and input gradient
-(:mod:`~anycnn.kernels.native_winograd`; ``ANYCNN_WINOGRAD=0`` keeps these direct kernels).
+Most 3x3 stride-1 layers run as Winograd convolutions instead, forward and both gradients
+(:mod:`~anycnn.kernels.native_winograd`: its ``suits`` and ``weight_grad_tiling`` say where;
+``ANYCNN_WINOGRAD=0`` keeps these direct kernels).
 
 They are used for float32 and float64 NumPy arrays when the ``halide`` package is installed
 (a dependency on the platforms it has wheels for; ``anycnn info`` says whether they are on),
@@ -388,12 +388,12 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     yo, yi, task = hl.Var("yo"), hl.Var("yi"), hl.Var("task")
     taps = geometry[2] * geometry[3]
     if pool is None:
-        out = _relu(hl, t, conv, loop) if relu else conv
+        out = _relu(hl, conv, loop) if relu else conv
         coo, coi, xo, xi = _register_tiles(hl, out, acc, r, loop, tiling, taps)
         out.split(y, yo, yi, ROWS_PER_TASK, hl.TailStrategy.GuardWithIf)
         out.reorder(coi, xi, coo, xo, yi, yo, n)
     else:
-        out = _pooled(hl, t, conv, bias, pool, loop, codes)
+        out = _pooled(hl, conv, bias, pool, loop, codes)
         out.split(y, yo, yi, max(1, ROWS_PER_TASK // pool[0]), hl.TailStrategy.GuardWithIf)
         out.reorder(co, x, yi, yo, n).vectorize(co, tiling[1], hl.TailStrategy.GuardWithIf)
         coo, coi, xo, xi = _register_tiles(hl, conv, acc, r, loop, tiling, taps)
@@ -409,14 +409,18 @@ def _forward_pipeline(dtype: np.dtype, tiling: tuple, geometry: tuple, spread: i
     return out, {**images, **weights, "bias": bias}, {**scalars, "top": top, "left": left}
 
 
-def _relu(hl, t, conv, loop):
-    """``max(conv, 0)`` as a Func over ``loop`` (a NaN stays NaN, as NumPy's ``maximum``);
-    ``conv`` is inlined into it, so the ReLU is applied to each register tile."""
+def _relu_of(hl, z):
+    """``max(z, 0)`` of an Expr, a NaN kept (as NumPy's ``maximum``)."""
+    zero = hl.cast(z.type(), 0)
+    return hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
+
+
+def _relu(hl, conv, loop):
+    """``max(conv, 0)`` as a Func over ``loop`` (:func:`_relu_of`); ``conv`` is inlined into it,
+    so the ReLU is applied to each register tile."""
     co, x, y, n = loop
-    z = hl.Expr(conv[co, x, y, n])
     out = hl.Func("relu")
-    out[co, x, y, n] = hl.select(z > hl.cast(t, 0), z, hl.select(hl.is_nan(z), z,
-                                                               hl.cast(t, 0)))
+    out[co, x, y, n] = _relu_of(hl, hl.Expr(conv[co, x, y, n]))
     return out
 
 
@@ -424,28 +428,29 @@ def _relu(hl, t, conv, loop):
 DEAD = 255
 
 
-def _pooled(hl, t, conv, bias, pool: tuple[int, int], loop, codes: bool = True):
-    """(relu(max + bias), code) over the ``pool`` (ph, pw) windows of ``conv``: ``code`` is the
-    window's first tap (row-major) holding the maximum, or :data:`DEAD` where the ReLU is off.
-    A NaN in a window is its maximum (the first NaN), as in NumPy. Without ``codes``, the
-    first item alone."""
-    co, x, y, n = loop
-    ph, pw = pool
-    best = hl.Expr(conv[co, x * pw, y * ph, n])
-    code = hl.cast(hl.UInt(8), 0)
-    for k in range(1, ph * pw):
-        value = hl.Expr(conv[co, x * pw + k % pw, y * ph + k // pw, n])
+def _pool_window(hl, taps: list, bias) -> tuple:
+    """``(relu(max + bias), code)`` of one pooling window from its ``taps``' values (Exprs,
+    row-major): ``code`` is the first tap holding the maximum, or :data:`DEAD` where the ReLU
+    is off. A NaN in a window is its maximum (the first NaN), as in NumPy."""
+    best, code = taps[0], hl.cast(hl.UInt(8), 0)
+    for k, value in enumerate(taps[1:], 1):
         take = (value > best) | (hl.is_nan(value) & ~hl.is_nan(best))
         best = hl.select(take, value, best)
         code = hl.select(take, hl.cast(hl.UInt(8), k), code)
-    z = best + bias[co]
-    zero = hl.cast(t, 0)
+    z = best + bias
+    return _relu_of(hl, z), hl.select(z > hl.cast(z.type(), 0), code,
+                                      hl.cast(hl.UInt(8), DEAD))
+
+
+def _pooled(hl, conv, bias, pool: tuple[int, int], loop, codes: bool = True):
+    """(relu(max + bias), code) over the ``pool`` (ph, pw) windows of ``conv``
+    (:func:`_pool_window`). Without ``codes``, the first item alone."""
+    co, x, y, n = loop
+    ph, pw = pool
+    taps = [hl.Expr(conv[co, x * pw + k % pw, y * ph + k // pw, n]) for k in range(ph * pw)]
+    value, code = _pool_window(hl, taps, bias[co])
     out = hl.Func("pooled")
-    value = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
-    if not codes:
-        out[co, x, y, n] = value
-        return out
-    out[co, x, y, n] = hl.Tuple([value, hl.select(z > zero, code, hl.cast(hl.UInt(8), DEAD))])
+    out[co, x, y, n] = hl.Tuple([value, code]) if codes else value
     return out
 
 
@@ -761,17 +766,14 @@ def _weight_grad_plan(cpus: tuple, dtype: np.dtype, x_shape: tuple, grad_shape: 
     full = n // per * per
     from . import native_wgrad  # (it builds on this module)
 
-    blocks = None
-    # Winograd (16 products, not 36): an output gradient as an array, or under 2x2 pools
-    out_hw = grad_shape[1:3] if window is None else (2 * grad_shape[1], 2 * grad_shape[2])
-    if (winograd and kernel == (3, 3) and stride == 1 and window in (None, (2, 2))
-            and n * out_hw[0] * out_hw[1] >= native_winograd.MIN_PIXELS):
-        blocks = native_winograd.weight_grad_tiling(dtype, (cin, cout), out_hw, per, n - full)
+    blocks = winograd and native_winograd.weight_grad_tiling(
+        dtype, (cin, cout), kernel, stride, window, n, grad_shape[1:3], per, n - full)
+    if blocks:  # 3x3 stride 1: Winograd's 16 products, not 36
+        return native_winograd.weight_grad(dtype, (cin, cout), blocks, window is not None), \
+            per, full
     chunking = native_wgrad.tiling(stride, window is not None, (cin, cout), lanes, kernel,
                                    x_shape[1:3], per, n - full)
-    if blocks is not None:
-        pipeline = native_winograd.weight_grad(dtype, (cin, cout), blocks, window is not None)
-    elif chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
+    if chunking is not None:  # stride 1: chunks of the input, tiles over a row of taps
         pipeline = native_wgrad.weight_grad(dtype, lanes, (cin, cout, *kernel), chunking)
     else:
         pipeline = _weight_grad_pipeline(dtype, tile, lanes, guard, in_tile, window,
@@ -947,8 +949,7 @@ def _dense_pipeline(dtype: np.dtype, features: tuple[int, int], lanes: int, relu
     acc[j, i] += x[r.x, i] * wt[j, r.x]
     out = hl.Func("dense")
     z = hl.Expr(acc[j, i])
-    zero = hl.cast(t, 0)
-    out[j, i] = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero)) if relu else z
+    out[j, i] = _relu_of(hl, z) if relu else z
     jo, ji, ib, ii, task = (hl.Var(v) for v in ("jo", "ji", "ib", "ii", "task"))
     out.split(j, jo, ji, DENSE_VECTORS * lanes)
     out.split(i, ib, ii, DENSE_ROW_BLOCK, hl.TailStrategy.GuardWithIf)

@@ -150,10 +150,21 @@ def _by_index(hl, values: dict, a, b) -> Any:
     return chosen
 
 
+def _input_transform(hl, grid, c, b, a, bx, by, n):
+    """``V[c, b, a, bx, by, n] = (B^T d B)[a, b]``, ``d`` the 4x4 patch of ``grid`` (the padded
+    input, (c, x, y, n)) at (2 bx, 2 by): adds only, for the forward and the weight gradient."""
+    v = hl.Func("V")
+    v[c, b, a, bx, by, n] = _by_index(hl, {
+        (ia, ib): _sum(hl, [(BT[ia][r] * BT[ib][s], grid[c, 2 * bx + s, 2 * by + r, n])
+                            for r in range(4) for s in range(4)])
+        for ia in range(4) for ib in range(4)}, a, b)
+    return v
+
+
 @kernel_cache.pipeline
 def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int],
               addend: bool, relu: bool, pool: bool, codes: bool, adjoint: bool,
-              unpool: bool = False):
+              unpool: bool):
     """The Winograd convolution (module docstring) for ``channels`` (C_in, C_out) known when
     it compiles, ``tiling`` (vectors of output channels per tile, blocks per tile, lanes);
     ``wt`` the weight (3, 3, C_in, C_out) in NumPy's order, or with ``adjoint`` the weight
@@ -194,11 +205,7 @@ def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int
         (ia, ib): _sum(hl, [(G[ia][i] * G[ib][j], tap(i, j))
                         for i in range(3) for j in range(3)])
         for ia in range(4) for ib in range(4)}, a, b)
-    v = hl.Func("V")  # V[ci, b, a, bx, by, n] = (B^T d B)[a, b]
-    v[ci, b, a, bx, by, n] = _by_index(hl, {
-        (ia, ib): _sum(hl, [(BT[ia][r] * BT[ib][s], grid[ci, 2 * bx + s, 2 * by + r, n])
-                        for r in range(4) for s in range(4)])
-        for ia in range(4) for ib in range(4)}, a, b)
+    v = _input_transform(hl, grid, ci, b, a, bx, by, n)
     rc = hl.RDom([hl.Range(0, cin)])
     acc = hl.Func("acc")
     acc[co, b, a, bx, by, n] = hl.cast(t, 0)
@@ -211,30 +218,17 @@ def _pipeline(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int
         return _sum(hl, [(AT[iq][ia] * AT[ip][ib], m[co, ib, ia, bx, by, n])
                      for ia in range(4) for ib in range(4)])
 
-    zero = hl.cast(t, 0)
     out = hl.Func("winograd")
-    if pool:
-        best, code = block(0, 0), hl.cast(hl.UInt(8), 0)
-        for k in range(1, 4):
-            value = block(k % 2, k // 2)
-            take = (value > best) | (hl.is_nan(value) & ~hl.is_nan(best))
-            best, code = hl.select(take, value, best), hl.select(take, hl.cast(hl.UInt(8), k),
-                                                                 code)
-        z = best + bias[co]
-        value = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
-        if codes:
-            out[co, bx, by, n] = hl.Tuple([value, hl.select(
-                z > zero, code, hl.cast(hl.UInt(8), native.DEAD))])
-        else:
-            out[co, bx, by, n] = value
+    if pool:  # the window's taps row-major, as the direct kernels' pools
+        value, code = native._pool_window(hl, [block(k % 2, k // 2) for k in range(4)],
+                                          bias[co])
+        out[co, bx, by, n] = hl.Tuple([value, code]) if codes else value
     else:
         z = _by_index(hl, {(ip, iq): block(ip, iq) for ip in range(2) for iq in range(2)},
                       p, q) + bias[co]
         if addend:
             z = z + plus[co, p, bx, q, by, n]
-        if relu:
-            z = hl.select(z > zero, z, hl.select(hl.is_nan(z), z, zero))
-        out[co, p, bx, q, by, n] = z
+        out[co, p, bx, q, by, n] = native._relu_of(hl, z) if relu else z
         for d in (1, 3):
             out.output_buffer().dim(d).set_bounds(0, 2)
             plus.dim(d).set_bounds(0, 2)
@@ -294,13 +288,13 @@ def _plan(cpu: Any, halved: bool, dtype: np.dtype, channels: tuple[int, int], wi
     :func:`~anycnn.kernels.native.halved_vectors`, which the tiling reads)."""
     blocks_per_row = width // 2
     pipeline = _pipeline(dtype, channels, tiling(dtype, channels[1], blocks_per_row), addend,
-                         relu, pool, codes, adjoint, *((True,) if unpool else ()))
+                         relu, pool, codes, adjoint, unpool)
     return pipeline, np.zeros(channels[1], dtype=dtype)
 
 
 def forward(arrays: dict, weight: np.ndarray, bias: np.ndarray | None, pads: tuple,
             out_hw: tuple[int, int], outputs: list[np.ndarray], pool: bool, relu: bool,
-            adjoint: bool, unpool: bool = False) -> None:
+            adjoint: bool, unpool: bool) -> None:
     """:func:`anycnn.kernels.native._forward` for a geometry :func:`suits` accepts: ``arrays``
     the NHWC input ``"inp"`` (or with ``unpool`` the pooled gradient's ``"dpool"`` and
     ``"code"``; and ``"addend"``, shaped as the output), ``outputs`` the NHWC output
@@ -338,22 +332,27 @@ CHUNK_BYTES = 1 << 19
 WEIGHT_GRAD_ACCUMULATORS = {False: 8, True: 16}
 
 
-def weight_grad_tiling(dtype: Any, channels: tuple[int, int], out_hw: tuple[int, int],
-                       per: int, rest: int) -> tuple[int, int, int, int] | None:
-    """``(in_tile, vectors, rows, images)`` of :func:`_weight_grad_pipeline` (input channels
-    by vectors of output channels per register tile; rows of 2x2 blocks and images per chunk),
-    or None where it does not apply: channels that do not fill whole vectors or more than
-    :data:`MOST_CHANNEL_PAIRS` pairs of them, or an output that is not whole 2x2 blocks.
-    ``per`` and ``rest``: the images of a whole part and of the last one (0: none), which
-    ``images`` divides."""
+def weight_grad_tiling(dtype: Any, channels: tuple[int, int], kernel: tuple[int, int],
+                       stride: int, window: tuple[int, int] | None, n: int,
+                       grad_hw: tuple[int, int], per: int, rest: int) -> tuple[int, int, int]:
+    """``(in_tile, rows, images)`` of :func:`_weight_grad_pipeline` (input channels per register
+    tile, by one vector of output channels; rows of 2x2 blocks and images per chunk), or () where
+    it does not apply: not a 3x3 kernel at stride 1, an output gradient (``grad_hw``, pooled by
+    ``window`` if given) that is not whole 2x2 blocks or 2x2 pools, fewer than
+    :data:`MIN_PIXELS` outputs over the ``n`` images, channels that do not fill whole vectors or
+    more than :data:`MOST_CHANNEL_PAIRS` pairs of them. ``per`` and ``rest``: the images of a
+    whole part and of the last one (0: none), which ``images`` divides."""
     lanes = native.vector_lanes(dtype)
     cin, cout = channels
-    ho, wo = out_hw
-    if (cin % lanes or cout % lanes or ho % 2 or wo % 2 or min(ho, wo) < 2
+    if window is None:
+        ho, wo = grad_hw
+    else:
+        ho, wo = 2 * grad_hw[0], 2 * grad_hw[1]  # the pooled windows: the blocks
+    if (kernel != (3, 3) or stride != 1 or window not in (None, (2, 2)) or ho % 2 or wo % 2
+            or min(ho, wo) < 2 or n * ho * wo < MIN_PIXELS or cin % lanes or cout % lanes
             or cin * cout > MOST_CHANNEL_PAIRS):
-        return None
+        return ()
     in_tile = native._divisor_tile(cin, WEIGHT_GRAD_ACCUMULATORS[native.registers().count >= 32])
-    vectors = 1
     bytes_per_block = 16 * (cin + cout) * np.dtype(dtype).itemsize
     most = max(1, CHUNK_BYTES // bytes_per_block)
     by, bx = ho // 2, wo // 2
@@ -362,12 +361,12 @@ def weight_grad_tiling(dtype: Any, channels: tuple[int, int], out_hw: tuple[int,
     if rows == by:  # whole images: as many as fit, dividing both parts' image counts
         fit = max(1, most // (bx * by))
         images = next(m for m in range(min(fit, per), 0, -1) if per % m == 0 and rest % m == 0)
-    return in_tile, vectors, rows, images
+    return in_tile, rows, images
 
 
 @kernel_cache.pipeline
 def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
-                          tiling: tuple[int, int, int, int], pooled: bool = False):
+                          tiling: tuple[int, int, int], pooled: bool):
     """part[co, ci, j, i, g] = the 3x3 stride-1 weight gradient summed over images g*G ..
     g*G+G-1 (G the ``images`` parameter), as the general weight-gradient pipeline's
     (:func:`anycnn.kernels.native._weight_grad_pipeline`: same operands, scalars and parts),
@@ -376,8 +375,8 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
     (B^T d B)`` (16 products per channel pair, against the direct kernel's 36
     multiply-adds for 4 outputs), and the part is ``G^T M G``. The sums over blocks run a
     chunk at a time (``tiling``: :func:`weight_grad_tiling`): the chunk's transforms are
-    computed once, then every register tile of ``in_tile`` input channels by ``vectors``
-    vectors of output channels sums over the chunk's blocks for each (a, b). With ``pooled``,
+    computed once, then every register tile of ``in_tile`` input channels by one vector of
+    output channels sums over the chunk's blocks for each (a, b). With ``pooled``,
     the gradient is a fused block's pooled gradient ``dpool`` and ``code`` under 2x2 pools:
     a block is a pooling window, whose gradient is the pooled value at the tap its code names
     (none where the ReLU was off), so ``A dY A^T`` is that value times one of 4 sign patterns;
@@ -385,7 +384,7 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
     hl = native._halide()
     t = native._scalar_type(hl, dtype)
     cin, cout = channels
-    in_tile, vectors, rows, per_chunk = tiling
+    in_tile, rows, per_chunk = tiling
     lanes = native.vector_lanes(dtype)
     inp = hl.ImageParam(t, 4, "inp")
     if pooled:
@@ -401,11 +400,7 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
     grid, gc = native._spread_padded(hl, inp, (inp.dim(1).extent(), inp.dim(2).extent()), 1,
                                      top, left)
     c, a, b, bx, by, n = (hl.Var(v) for v in ("c", "a", "b", "bx", "by", "n"))
-    v = hl.Func("V")  # V[c, b, a, bx, by, n] = (B^T d B)[a, b]
-    v[c, b, a, bx, by, n] = _by_index(hl, {
-        (ia, ib): _sum(hl, [(BT[ia][r] * BT[ib][s], grid[c, 2 * bx + s, 2 * by + r, n])
-                            for r in range(4) for s in range(4)])
-        for ia in range(4) for ib in range(4)}, a, b)
+    v = _input_transform(hl, grid, c, b, a, bx, by, n)
     w = hl.Func("W")  # W[c, b, a, bx, by, n] = (A dY A^T)[a, b]
     if pooled:
         g, k = dy[c, bx, by, n], code[c, bx, by, n]
@@ -454,16 +449,13 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
 
     part.reorder(co, ci, j, i, g).vectorize(co, lanes).unroll(j).unroll(i).parallel(g)
     m.compute_at(part, g).vectorize(co, lanes)
-    coo, coi, cio, cii, cu, cv = (hl.Var(v) for v in ("coo", "coi", "cio", "cii", "cu", "cv"))
+    coo, coi, cio, cii = (hl.Var(v) for v in ("coo", "coi", "cio", "cii"))
     update = m.update()  # chunks, then (a, b), then tiles
-    update.split(co, coo, coi, vectors * lanes).split(ci, cio, cii, in_tile)
+    update.split(co, coo, coi, lanes).split(ci, cio, cii, in_tile)
     update.reorder(coi, cii, coo, cio, b, a, rc.x, rc.y, g)
-    update.vectorize(coi, lanes).unroll(cii)
-    chunk.compute_at(m, coo).split(co, cu, cv, lanes).reorder(cv, cu, ci)
-    chunk.vectorize(cv).unroll(cu).unroll(ci)
-    step = chunk.update()
-    step.split(co, cu, cv, lanes).reorder(cv, cu, ci, rp.x, rp.y, rp.z)
-    step.vectorize(cv).unroll(cu).unroll(ci)
+    update.vectorize(coi).unroll(cii)
+    chunk.compute_at(m, coo).reorder(co, ci).vectorize(co, lanes).unroll(ci)
+    chunk.update().reorder(co, ci, rp.x, rp.y, rp.z).vectorize(co, lanes).unroll(ci)
     for f in (v, w):
         f.compute_at(m, rc.x).reorder(c, b, a, bx, by, n).vectorize(c, lanes)
         f.unroll(b).unroll(a).bound(a, 0, 4).bound(b, 0, 4)
@@ -471,11 +463,10 @@ def _weight_grad_pipeline(dtype: np.dtype, channels: tuple[int, int],
     return part, {"inp": inp, **gradients}, {"images": images, "top": top, "left": left}
 
 
-def weight_grad(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int, int],
-                pooled: bool = False):
+def weight_grad(dtype: np.dtype, channels: tuple[int, int], tiling: tuple[int, int, int],
+                pooled: bool):
     """The compiled pipeline of :func:`_weight_grad_pipeline` (``channels`` (C_in, C_out),
     ``tiling`` of :func:`weight_grad_tiling`; ``pooled``: the gradient a fused block's 2x2
     pools give): run it as the general weight-gradient pipeline (same operands, scalars and
     parts)."""
-    return _weight_grad_pipeline(dtype, tuple(channels), tuple(tiling),
-                                 *((True,) if pooled else ()))
+    return _weight_grad_pipeline(dtype, tuple(channels), tuple(tiling), pooled)
