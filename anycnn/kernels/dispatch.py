@@ -2,8 +2,9 @@
 
 The portable ops are written once against the Array API. Where a kernel may compute an op
 faster on some namespace (the NumPy fast paths of :mod:`~anycnn.kernels.fastpath`, the compiled
-Halide kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`, torch's
-own operators in :mod:`~anycnn.kernels.torch_ops`), the op
+Halide kernels of :mod:`~anycnn.kernels.native` and :mod:`~anycnn.kernels.native_norm`, also
+for torch CPU tensors through :mod:`~anycnn.kernels.torch_native`, torch's own operators in
+:mod:`~anycnn.kernels.torch_ops`), the op
 asks this module first, by name, with its own arguments:
 
 - :func:`overridable` wraps a portable function: each kernel registered under its name is
@@ -55,9 +56,11 @@ class _Declined:
 DECLINE = _Declined()
 
 #: the modules whose kernels register themselves, imported at the first dispatch, in order of
-#: preference (a kernel that declines passes the call on): torch's own operators first (they
-#: take only torch tensors, and the state their forward kept), then the compiled kernels
-KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
+#: preference (a kernel that declines passes the call on): torch CPU tensors to the compiled
+#: kernels, then torch's own operators (they take only torch tensors, and the state their
+#: forward kept), then the compiled kernels
+KERNEL_MODULES = ("anycnn.kernels.torch_native", "anycnn.kernels.torch_ops",
+                  "anycnn.kernels.native",
                   "anycnn.kernels.native_norm", "anycnn.kernels.native_bn",
                   "anycnn.kernels.native_stamp",
                   "anycnn.kernels.native_narrow",
@@ -67,7 +70,7 @@ KERNEL_MODULES = ("anycnn.kernels.torch_ops", "anycnn.kernels.native",
 #: module is imported at the first dispatch after the library is (its arrays cannot exist
 #: before), so a NumPy-only process never imports torch's kernels (1.6 ms of its first step;
 #: about 4 ms where Python compiles the source, without ``.pyc`` files)
-ONLY_FOR = {"anycnn.kernels.torch_ops": "torch"}
+ONLY_FOR = {"anycnn.kernels.torch_native": "torch", "anycnn.kernels.torch_ops": "torch"}
 
 _kernels: dict[str, tuple[Callable[..., Any], ...]] = {}
 _loaded = False

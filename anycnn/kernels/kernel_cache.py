@@ -56,7 +56,8 @@ import numpy as np
 
 from . import halide_call, threads
 
-__all__ = ["Pipeline", "cache_dir", "describe", "host_target", "pipeline"]
+__all__ = ["Pipeline", "cache_dir", "describe", "host_target", "kept_library", "pipeline",
+           "runtime"]
 
 #: the modules whose source shapes the compiled code (their digest is part of every key)
 SOURCE_MODULES = ("anycnn.kernels.native", "anycnn.kernels.native_norm",
@@ -317,6 +318,24 @@ def _on_error(user_context: Any, message: bytes) -> None:
     _errors.message = message.decode(errors="replace").strip()
 
 
+def kept_library(directory: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """The shared library ``name`` of the cache ``directory`` (Halide's runtime, the OpenMP
+    bridge of :mod:`~anycnn.kernels.openmp_tasks`): kept as the kernels are (a record written
+    last, checked before loading), else made again: ``make(folder)`` writes the object files
+    to link into ``folder`` (a temporary folder in ``directory``)."""
+    path, record = directory / f"{name}.so", directory / f"{name}.json"
+    try:
+        if _checked(record, path, json.loads(record.read_bytes())) is not None:
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        make(Path(tmp))
+        _link(sorted(Path(tmp).glob("*.o")), path)
+    _write_atomic(record, json.dumps(_record_library(path)).encode())
+    return path
+
+
 def _load_runtime(directory: Path) -> None:
     """Load (building it first if needed) the shared Halide runtime, into the global symbol
     scope the kernels' libraries resolve against, and size its thread pool to
@@ -324,23 +343,30 @@ def _load_runtime(directory: Path) -> None:
     global _runtime
     if _runtime is not None:
         return
-    path = directory / "runtime.so"
-    record = directory / "runtime.json"
-    try:
-        ok = _checked(record, path, json.loads(record.read_bytes())) is not None
-    except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
+
+    def make(folder: Path) -> None:
         hl = _halide()
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            obj = Path(tmp) / "runtime.o"
-            hl.compile_standalone_runtime(str(obj), hl.Target(host_target()))
-            _link([obj], path)
-        _write_atomic(record, json.dumps(_record_library(path)).encode())
+        hl.compile_standalone_runtime(str(folder / "runtime.o"), hl.Target(host_target()))
+
+    path = kept_library(directory, "runtime", make)
     _runtime = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     _runtime.halide_set_error_handler(_on_error)
     if "HL_NUM_THREADS" not in os.environ:
         _runtime.halide_set_num_threads(ctypes.c_int(threads.num_threads()))
+
+
+def runtime() -> ctypes.CDLL | None:
+    """Halide's runtime library the kept kernels run on (loaded, built first if needed), or
+    None where kernels are compiled in memory (no cache directory, no C compiler)."""
+    directory = cache_dir()
+    if directory is None or not ahead_of_time():
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _load_runtime(directory)
+    except (OSError, RuntimeError):
+        return None
+    return _runtime
 
 
 # --------------------------------------------------------------------------------------------

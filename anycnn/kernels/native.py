@@ -879,7 +879,10 @@ def pooled_gradient(grad: Any, code: Any, window: tuple[int, int],
     """``(pooled, None)``: the :class:`Pooled` gradient of a block computed by
     :func:`conv2d_relu_maxpool_kernel` (its ``code``), for the pooled output's gradient
     ``grad``; the bias gradient is left to the caller (``relu_column_sums``' kernel sums it
-    in one pass, and the convolution's backward kernel applies the ReLU's mask itself)."""
+    in one pass, and the convolution's backward kernel applies the ReLU's mask itself).
+    Declines codes that are not NumPy arrays (another kernel's forward kept them)."""
+    if not (isinstance(code, np.ndarray) and isinstance(grad, np.ndarray)):
+        return DECLINE
     return Pooled(grad, code, tuple(window)), None
 
 
