@@ -84,6 +84,7 @@ void anycnn_use(void *parallel) { gomp_parallel = (gomp_parallel_fn)parallel; }
 
 _lock = threading.Lock()
 _shared: str | None = None  # the OpenMP library handed Halide's loops, once handed
+_bridge: list[ctypes.CDLL] = []  # the bridge's library, once loaded (kept while Halide calls it)
 
 
 def shared() -> str | None:
@@ -130,9 +131,7 @@ def share_threads(library: str = "torch") -> bool:
         runtime.halide_set_custom_do_par_for.restype = ctypes.c_void_p
         runtime.halide_set_custom_do_par_for(ctypes.cast(bridge.anycnn_do_par_for,
                                                          ctypes.c_void_p))
-        _keep.append(bridge)
+        _bridge.append(bridge)
         _shared = f"{library}'s OpenMP threads"
         return True
 
-
-_keep: list[ctypes.CDLL] = []  # the bridge stays loaded while Halide may call it

@@ -6,12 +6,13 @@ the layers they cover: resnet20's training step on the NumPy backend took 0.73-0
 channels_last's, and the torch backend, on torch's operators (:mod:`~anycnn.kernels.torch_ops`),
 ran at PyTorch's speed. The kernels here register under the same names as the compiled ones,
 ahead of torch's operators: a call whose tensors are all torch CPU tensors is offered to the
-compiled kernels on zero-copy NumPy views of those tensors (``Tensor.numpy()``; in-place
-updates, such as BatchNorm's running statistics, land in the tensors), and their NumPy results
-come back as tensors sharing that memory (``torch.from_numpy``). What the compiled kernels
-decline (a shape they do not take, a dtype without kernels) goes on to torch's operators, then
-to the portable code, as before. A forward and its backward go the same way: the backward's
-operands are what its forward returned.
+compiled kernels on zero-copy NumPy views of those tensors (``Tensor.numpy()``), and their
+NumPy results come back as tensors on the same memory (``torch.from_numpy``). What the
+compiled kernels decline (a shape they do not take, a dtype without kernels) goes on to torch's
+operators, then to the portable code, as before. The backward kernels take what the portable
+ops' contracts name (inputs, outputs, statistics: any kernel's forward gives the same), except
+a fused block's pooling codes, which differ between kernels: each ``pooled_gradient`` kernel
+declines the other's, so a block's backward goes the way its forward went.
 
 Two pools of threads on the same cores fight (Halide's and torch's OpenMP team, measured in
 :mod:`~anycnn.kernels.openmp_tasks`), so these kernels take calls only once the compiled
