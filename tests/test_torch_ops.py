@@ -29,9 +29,14 @@ TOL = dict(rtol=1e-11, atol=1e-12)
 
 @pytest.fixture
 def on(monkeypatch):
-    """The kernels on (these tests are about them, also under ``ANYCNN_FASTPATH=0``), the torch
-    backend current; ``on(fn)`` runs ``fn()`` with every kernel off (the portable path)."""
+    """The kernels on (these tests are about them, also under ``ANYCNN_FASTPATH=0``), torch's
+    own operators taking torch tensors (not the compiled kernels: tests/test_torch_native.py),
+    the torch backend current; ``on(fn)`` runs ``fn()`` with every kernel off (the portable
+    path)."""
+    from anycnn.kernels import torch_native
+
     monkeypatch.setattr(kthreads, "ENABLED", True)
+    monkeypatch.setattr(torch_native, "_active", False)
 
     def portable(fn):
         monkeypatch.setattr(kthreads, "ENABLED", False)
