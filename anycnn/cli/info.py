@@ -39,5 +39,6 @@ def run(args) -> int:
         print(f"  {mark} {row['name']:<17} {detail}")
     from ..kernels import native
 
-    print(f"compiled NumPy kernels (convolution, BatchNorm): {native.describe()}")
+    print(f"compiled kernels (convolution, BatchNorm; NumPy arrays, torch CPU tensors): "
+          f"{native.describe()}")
     return 0 if chosen is not None else EXIT_USAGE

@@ -1,5 +1,10 @@
 """torch's own operators for torch tensors (oneDNN on a CPU, cuDNN on CUDA), behind the shim.
 
+On a CPU the compiled kernels are offered torch tensors first
+(:mod:`~anycnn.kernels.torch_native`): these operators take CUDA tensors, and on a CPU what the
+compiled kernels decline (shapes they do not cover, float64 where they have no kernel, the
+kernels off or compiled in memory).
+
 The portable ops of :mod:`anycnn.nn.functional` run on torch tensors as array-API calls: every
 convolution an im2col gather and a GEMM, every pooling a gather of its windows. torch brings
 its own convolution, pooling and BatchNorm operators; the kernels here register with
