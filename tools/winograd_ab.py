@@ -27,13 +27,17 @@ import time
 from anycnn.cli.bench import THREAD_VARS  # loads no NumPy: set them first
 
 
-def _alternate(calls: dict, rounds: int, per_round: int = 8) -> dict:
-    """Median seconds of each of ``calls`` ({"1": fn, "0": fn}: ANYCNN_WINOGRAD values),
-    alternated round by round."""
+def _winograd(key: str) -> None:
+    os.environ["ANYCNN_WINOGRAD"] = key
+
+
+def alternate(calls: dict, rounds: int, per_round: int = 8, switch=_winograd) -> dict:
+    """Median seconds of each of ``calls`` ({"1": fn, "0": fn}: ANYCNN_WINOGRAD values, or
+    whatever ``switch(key)`` sets before a key's round), alternated round by round."""
     times = {key: [] for key in calls}
     for r in range(rounds):
         for key in sorted(calls, reverse=r % 2 == 0):
-            os.environ["ANYCNN_WINOGRAD"] = key
+            switch(key)
             for _ in range(2):
                 calls[key]()
             for _ in range(per_round):
@@ -48,26 +52,34 @@ def _report(label: str, medians: dict) -> None:
     print(f"{label}: winograd {w:.3f} ms, direct {d:.3f} ms, ratio {w / d:.3f}")
 
 
-def _model(args) -> None:
+def model_call(name: str, batch: int, mode: str):
+    """A function running one training step (``mode="train"``, the bench's ``TrainingStep``)
+    or one eval-mode forward under ``no_grad`` of preset ``name`` on the current backend."""
     import anycnn
     from anycnn.cli.bench import TrainingStep, _model_and_batch
 
-    cfg = {"model": args.name, "batch": args.batch, "dtype": "float32", "seed": 0}
-    if args.mode == "train":
+    cfg = {"model": name, "batch": batch, "dtype": "float32", "seed": 0}
+    if mode == "train":
         bench = TrainingStep(cfg)
 
         def call():
             bench.step(False)
-    else:
-        model, images, _ = _model_and_batch(cfg)
-        model.eval()
-        x = anycnn.asarray(images)
+            bench.sync()
+        return call
+    model, images, _ = _model_and_batch(cfg)
+    model.eval()
+    x = anycnn.asarray(images)
 
-        def call():
-            with anycnn.no_grad():
-                model.forward(x)
+    def call():
+        with anycnn.no_grad():
+            model.forward(x)
+    return call
+
+
+def _model(args) -> None:
+    call = model_call(args.name, args.batch, args.mode)
     _report(f"{args.name} batch {args.batch} {args.mode}",
-            _alternate({"1": call, "0": call}, args.rounds))
+            alternate({"1": call, "0": call}, args.rounds))
 
 
 def _layers(args) -> None:
@@ -91,9 +103,9 @@ def _layers(args) -> None:
 
         label = f"{c} -> {c} channels at {hw}x{hw}, batch {args.batch}"
         _report(f"{label}, forward + addend + ReLU",
-                _alternate({"1": forward, "0": forward}, args.rounds))
+                alternate({"1": forward, "0": forward}, args.rounds))
         _report(f"{label}, weight gradient",
-                _alternate({"1": weight_grad, "0": weight_grad}, args.rounds))
+                alternate({"1": weight_grad, "0": weight_grad}, args.rounds))
 
 
 def main() -> int:
