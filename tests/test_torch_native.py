@@ -216,3 +216,43 @@ def test_a_failing_loop_reports_its_code():
     assert lib.anycnn_do_par_for(None, task, 10, 1, None) == 0
     assert lib.anycnn_do_par_for(None, task, 0, 4, None) == -7
     assert sorted(ran)[:5] == [0, 1, 2, 3, 10]
+
+
+_FORKED = """
+import multiprocessing as mp, numpy as np, torch, anycnn
+from anycnn.kernels import torch_native, openmp_tasks
+from anycnn.nn import functional as F
+anycnn.use_backend("torch")
+g = np.random.default_rng(0)
+x = torch.from_numpy(g.standard_normal((8, 32, 32, 16)).astype(np.float32))
+w = torch.from_numpy(g.standard_normal((3, 3, 16, 16)).astype(np.float32))
+def conv():
+    return F.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1))[0].numpy()
+want = conv()
+assert torch_native.active() and openmp_tasks.shared()
+def child(q):
+    q.put((conv(), openmp_tasks.shared(), openmp_tasks.share_threads()))
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+try:
+    got, shared, again = q.get(timeout=60)  # read before joining: the result fills the pipe
+except Exception:
+    p.kill()
+    raise SystemExit("the forked child hung")
+p.join(60)
+assert p.exitcode == 0 and shared is None and not again
+assert np.allclose(got, want, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="no fork here")
+def test_a_forked_child_runs_its_kernels_on_halides_pool():
+    """A child forked after the hand-over gets Halide's own pool back (GNU OpenMP's threads do
+    not survive a fork: its next parallel region would wait forever) and computes the same
+    convolution; it never hands its loops over again."""
+    out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

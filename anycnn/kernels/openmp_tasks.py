@@ -18,13 +18,15 @@ OpenMP library: the address of the process's ``GOMP_parallel`` is handed to it a
 it joins whichever team the process has (libgomp's, or LLVM's and Intel's runtimes, which export
 the same entry). The team is the OpenMP runtime's current one (``torch.set_num_threads``
 sizes it). Where kernels are compiled in memory (no C compiler, ``ANYCNN_KERNEL_CACHE=0``)
-nothing is handed over and :func:`share_threads` says so.
+nothing is handed over and :func:`share_threads` says so. A child forked after the hand-over
+runs its kernels on Halide's own pool again (GNU OpenMP's threads do not survive a fork).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -84,6 +86,7 @@ void anycnn_use(void *parallel) { gomp_parallel = (gomp_parallel_fn)parallel; }
 
 _lock = threading.Lock()
 _shared: str | None = None  # the OpenMP library handed Halide's loops, once handed
+_forked = False  # this process is a fork of one that handed them over
 _bridge: list[ctypes.CDLL] = []  # the bridge's library, once loaded (kept while Halide calls it)
 
 
@@ -113,6 +116,8 @@ def share_threads(library: str = "torch") -> bool:
     with _lock:
         if _shared is not None:
             return True
+        if _forked:
+            return False
         runtime = kernel_cache.runtime()
         if runtime is None:
             return False
@@ -133,5 +138,20 @@ def share_threads(library: str = "torch") -> bool:
                                                          ctypes.c_void_p))
         _bridge.append(bridge)
         _shared = f"{library}'s OpenMP threads"
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_halides_pool_in_child)
         return True
+
+
+def _halides_pool_in_child() -> None:
+    """In a forked child, give the loops back to Halide's own pool: GNU OpenMP's team does not
+    survive a fork (a child's next parallel region waits forever, as torch's own operators do
+    there), Halide's pool starts afresh. The child never hands them over again."""
+    global _shared, _forked
+    runtime = kernel_cache.runtime()
+    if runtime is not None:
+        runtime.halide_set_custom_do_par_for.restype = ctypes.c_void_p
+        runtime.halide_set_custom_do_par_for(
+            ctypes.cast(runtime.halide_default_do_par_for, ctypes.c_void_p))
+    _shared, _forked = None, True
 
