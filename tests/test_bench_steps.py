@@ -32,6 +32,19 @@ def test_input_grad_times_the_default_backward_beside_the_trainers(tmp_path, cap
     assert row["input_grad_ratio"] == row["anycnn"]["train_input_grad"] / row["anycnn"]["train"]
 
 
+def test_alternated_steps_take_turns_first():
+    """``--input-grad``'s two steps are timed alternately, the order reversed every other
+    round, each ended by the sync: the same number of times each, after the warmup rounds."""
+    from anycnn.cli.bench import time_alternating
+
+    calls = []
+    times = time_alternating([lambda: calls.append("a"), lambda: calls.append("b")],
+                             lambda: calls.append("sync"), 1, 3)
+    assert calls == ["a", "b", "sync", "a", "sync", "b", "sync", "b", "sync", "a", "sync",
+                     "a", "sync", "b", "sync"]
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
 def test_first_step_runs_a_cold_and_a_warm_cache_process(tmp_path, capsys):
     out, results = _bench(tmp_path, capsys, "--first-step")
     assert "first step, empty cache ms" in out and "page faults cached first / warm" in out

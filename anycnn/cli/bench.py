@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OPENBLAS_THREAD_TIMEOUT) beside the command's")
     p.add_argument("--input-grad", action="store_true",
                    help="also time the step with the first layer's input gradient (the default "
-                   "model.backward(dy) of a hand-written loop; on with --script)")
+                   "model.backward(dy) of a hand-written loop; on with --script), alternated "
+                   "step by step with the step without it")
     p.add_argument("--first-step", action="store_true",
                    help="time a new process's first training step instead: with an empty "
                    "compiled-kernel cache, then with the cache the first process left")
@@ -124,6 +125,26 @@ def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def time_alternating(steps_of: list, sync, warmup: int, steps: int) -> list[list[float]]:
+    """Milliseconds of each function of ``steps_of`` over ``steps`` rounds (each call ended by
+    ``sync``), one call of each per round, in reversed order every other round, after
+    ``warmup`` untimed rounds: a shared machine's slow spells fall on all of them alike, so
+    their ratio compares like with like."""
+    for _ in range(warmup):
+        for step in steps_of:
+            step()
+    sync()
+    times: list[list[float]] = [[] for _ in steps_of]
+    for r in range(steps):
+        order = range(len(steps_of)) if r % 2 == 0 else reversed(range(len(steps_of)))
+        for k in order:
+            t0 = time.perf_counter()
+            steps_of[k]()
+            sync()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _model_and_batch(cfg: dict) -> tuple:
     """The seeded model of ``cfg`` (in its dtype) and one random host batch: ``(model, images
     (B, H, W, C) of cfg["dtype"], int64 labels (B,))``, the same in every worker."""
@@ -172,11 +193,12 @@ class TrainingStep:
 def _anycnn_worker(cfg: dict) -> dict:
     bench = TrainingStep(cfg)
     base = rss_mib("VmRSS")
-    train = time_steps(bench.step, bench.sync, cfg["warmup"], cfg["steps"])
-    out = {"train_ms": train}
-    if cfg.get("input_grad"):
-        out["train_input_grad_ms"] = time_steps(lambda: bench.step(True), bench.sync, 1,
-                                                cfg["steps"])
+    if cfg.get("input_grad"):  # the two steps alternated: their ratio side by side
+        train, with_grad = time_alternating([bench.step, lambda: bench.step(True)], bench.sync,
+                                            cfg["warmup"], cfg["steps"])
+        out = {"train_ms": train, "train_input_grad_ms": with_grad}
+    else:
+        out = {"train_ms": time_steps(bench.step, bench.sync, cfg["warmup"], cfg["steps"])}
     bench.model.eval()
     inference = time_steps(lambda: bench.model.forward(bench.x), bench.sync, 1, cfg["steps"])
     return {**out, "infer_ms": inference, "base_mib": base,
