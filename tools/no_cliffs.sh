@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 25's target rows ("no cliffs"), one after another, as BENCHMARKS.md's "No cliffs" sections
 # report them: run from the repository root with nothing else on the machine; OUT=folder for the
-# outputs (default runs/no-cliffs). Takes about 10 minutes on a 2-core machine.
+# outputs (default runs/no-cliffs). Takes about 12 minutes on a 2-core machine.
 set -u
 OUT=${OUT:-runs/no-cliffs}
 mkdir -p "$OUT"
@@ -23,6 +23,9 @@ done
 cd "$repo"
 anycnn bench --model resnet20 --batch-sizes 32 --first-step --rounds 3 --steps 10 > "$OUT/firststep.txt" 2>&1
 anycnn bench --model simple-cnn --batch-sizes 64 256 --input-grad --rounds 3 --steps 10 > "$OUT/inputgrad.txt" 2>&1
+for m in lenet5 bn-cnn resnet-mini resnet20 resnet20-code; do  # every preset, batch 64
+  anycnn bench --model $m --batch-sizes 64 --input-grad --rounds 3 --steps 10 >> "$OUT/inputgrad-presets.txt" 2>&1
+done
 for m in simple-cnn resnet20; do
   anycnn bench --infer --model $m --batch-sizes 64 128 --rounds 3 > "$OUT/infer-$m.txt" 2>&1
 done
