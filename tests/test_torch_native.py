@@ -256,3 +256,27 @@ def test_a_forked_child_runs_its_kernels_on_halides_pool():
     out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+_ONE_THREAD = """
+import ctypes, threading, torch
+from anycnn.kernels import openmp_tasks
+assert openmp_tasks.share_threads()
+lib = openmp_tasks._bridge[0]
+task_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+seen = set()
+task = task_type(lambda _c, i, _d: seen.add(threading.get_native_id()) or 0)
+lib.anycnn_do_par_for.argtypes = [ctypes.c_void_p, task_type, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_void_p]
+assert lib.anycnn_do_par_for(None, task, 0, 64, None) == 0
+assert seen == {threading.get_native_id()}, seen
+print("ok")
+"""
+
+
+def test_anycnn_num_threads_sizes_the_team():
+    """``ANYCNN_NUM_THREADS=1`` keeps the handed-over loops on the calling thread (else the
+    team is torch's own)."""
+    out = subprocess.run([sys.executable, "-c", _ONE_THREAD], capture_output=True, text=True,
+                         env={**os.environ, "ANYCNN_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -17,7 +17,7 @@ into the kernel cache (:func:`~anycnn.kernels.kernel_cache.kept_library`), not l
 OpenMP library: the address of the process's ``GOMP_parallel`` is handed to it at run time, so
 it joins whichever team the process has (libgomp's, or LLVM's and Intel's runtimes, which export
 the same entry). The team is the OpenMP runtime's current one (``torch.set_num_threads``
-sizes it). Where kernels are compiled in memory (no C compiler, ``ANYCNN_KERNEL_CACHE=0``)
+sizes it), or ``ANYCNN_NUM_THREADS`` threads where that is set. Where kernels are compiled in memory (no C compiler, ``ANYCNN_KERNEL_CACHE=0``)
 nothing is handed over and :func:`share_threads` says so. A child forked after the hand-over
 runs its kernels on Halide's own pool again (GNU OpenMP's threads do not survive a fork).
 """
@@ -35,7 +35,8 @@ from . import kernel_cache
 
 __all__ = ["SOURCE", "share_threads", "shared"]
 
-#: Halide's ``halide_do_par_for`` on ``GOMP_parallel`` (C; the address is set by ``anycnn_use``)
+#: Halide's ``halide_do_par_for`` on ``GOMP_parallel`` (C; ``anycnn_use`` sets its address and
+#: the threads a loop asks for)
 SOURCE = r"""
 #include <stdint.h>
 
@@ -44,6 +45,7 @@ typedef void (*gomp_parallel_fn)(void (*body)(void *), void *data, unsigned thre
                                  unsigned flags);
 
 static gomp_parallel_fn gomp_parallel;
+static unsigned team; /* threads a loop asks for; 0: the OpenMP runtime's current team */
 
 struct loop {
     void *user_context;
@@ -74,14 +76,17 @@ int anycnn_do_par_for(void *user_context, halide_task task, int min, int extent,
                       uint8_t *closure) {
     struct loop loop = {user_context, task, min, extent, closure, 0, 0};
     if (extent > 1) {
-        gomp_parallel(take_iterations, &loop, 0, 0); /* 0: the runtime's current team */
+        gomp_parallel(take_iterations, &loop, team, 0);
     } else {
         take_iterations(&loop);
     }
     return loop.failed;
 }
 
-void anycnn_use(void *parallel) { gomp_parallel = (gomp_parallel_fn)parallel; }
+void anycnn_use(void *parallel, int threads) {
+    gomp_parallel = (gomp_parallel_fn)parallel;
+    team = threads > 0 ? (unsigned)threads : 0;
+}
 """
 
 _lock = threading.Lock()
@@ -132,7 +137,8 @@ def share_threads(library: str = "torch") -> bool:
             bridge = ctypes.CDLL(str(path))
         except (OSError, RuntimeError):
             return False
-        bridge.anycnn_use(parallel)
+        threads = int(os.environ.get("ANYCNN_NUM_THREADS") or 0)  # else torch's own count
+        bridge.anycnn_use(parallel, ctypes.c_int(max(0, threads)))
         runtime.halide_set_custom_do_par_for.restype = ctypes.c_void_p
         runtime.halide_set_custom_do_par_for(ctypes.cast(bridge.anycnn_do_par_for,
                                                          ctypes.c_void_p))
