@@ -8,7 +8,7 @@ on an AMD EPYC (2 cores), a 3x3 convolution kernel called right after torch's op
 1.1-1.9 ms against 0.45 ms alone; torch's operators slowed as well. Handing Halide's loops to
 the OpenMP runtime torch already runs (:func:`share_threads`) puts both on one team of threads:
 the kernel then took 0.55-1.0 ms there, and resnet20's torch-backend training step through the
-compiled kernels 45 ms against 44 ms on NumPy (`docs/guides/performance.md`).
+compiled kernels 0.77x its time on torch's own operators (`tools/torch_native_ab.py`).
 
 :data:`SOURCE` is the loop body handed to ``GOMP_parallel``: each of the team's threads takes
 the loop's iterations one at a time from a shared counter (Halide's own pool hands them out the
@@ -17,9 +17,10 @@ into the kernel cache (:func:`~anycnn.kernels.kernel_cache.kept_library`), not l
 OpenMP library: the address of the process's ``GOMP_parallel`` is handed to it at run time, so
 it joins whichever team the process has (libgomp's, or LLVM's and Intel's runtimes, which export
 the same entry). The team is the OpenMP runtime's current one (``torch.set_num_threads``
-sizes it), or ``ANYCNN_NUM_THREADS`` threads where that is set. Where kernels are compiled in memory (no C compiler, ``ANYCNN_KERNEL_CACHE=0``)
-nothing is handed over and :func:`share_threads` says so. A child forked after the hand-over
-runs its kernels on Halide's own pool again (GNU OpenMP's threads do not survive a fork).
+sizes it), or ``ANYCNN_NUM_THREADS`` threads where that is set. Where kernels are compiled in
+memory (no C compiler, ``ANYCNN_KERNEL_CACHE=0``) nothing is handed over and
+:func:`share_threads` says so. A child forked after the hand-over runs its kernels on Halide's
+own pool again (GNU OpenMP's threads do not survive a fork).
 """
 
 from __future__ import annotations
