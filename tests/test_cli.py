@@ -352,6 +352,17 @@ def test_info_lists_every_backend(capsys):
     assert re.search(r"^  yes numpy ", out, re.MULTILINE)
 
 
+def test_info_says_which_arrays_the_compiled_kernels_take(capsys, monkeypatch):
+    """Kept kernels serve torch CPU tensors too; kernels compiled in memory only NumPy's."""
+    from anycnn.kernels import kernel_cache
+
+    for kept, says in ((True, "NumPy arrays, torch CPU tensors"),
+                       (False, "NumPy arrays; torch tensors on torch's operators")):
+        monkeypatch.setattr(kernel_cache, "ahead_of_time", lambda kept=kept: kept)
+        code, out, _ = cli(capsys, "info", "--backend", "numpy")
+        assert code == 0 and f"compiled kernels (convolution, BatchNorm; {says})" in out
+
+
 def test_plot_writes_png(capsys, trained, tmp_path):
     pytest.importorskip("matplotlib")
     code, out, err = cli(capsys, "plot", trained / "history.json", "-o", tmp_path / "x.png")

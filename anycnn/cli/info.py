@@ -37,8 +37,11 @@ def run(args) -> int:
         mark = "yes" if row["ok"] else "no "
         detail = f"{row['version']} on {row['device']}" if row["ok"] else row["detail"]
         print(f"  {mark} {row['name']:<17} {detail}")
-    from ..kernels import native
+    from ..kernels import kernel_cache, native
 
-    print(f"compiled kernels (convolution, BatchNorm; NumPy arrays, torch CPU tensors): "
-          f"{native.describe()}")
+    # torch CPU tensors take them only where their loops can go to torch's OpenMP threads,
+    # which needs the kernels kept as libraries (anycnn.kernels.torch_native)
+    served = ("NumPy arrays, torch CPU tensors" if kernel_cache.ahead_of_time()
+              else "NumPy arrays; torch tensors on torch's operators")
+    print(f"compiled kernels (convolution, BatchNorm; {served}): {native.describe()}")
     return 0 if chosen is not None else EXIT_USAGE
