@@ -37,7 +37,12 @@ def main() -> int:
     anycnn.use_backend("torch")
     if not args.halide_pool and not torch_native.active():
         p.error("the compiled kernels do not take torch tensors here (see anycnn info)")
-    call = model_call(args.name, args.batch, args.mode)
+    from anycnn.errors import AnycnnError
+
+    try:
+        call = model_call(args.name, args.batch, args.mode)
+    except AnycnnError as e:  # an unknown preset, a bad batch: one line
+        p.error(str(e))
 
     def switch(key: str) -> None:
         torch_native._active = key == "1"

@@ -27,8 +27,7 @@ def run(args) -> int:
     print(f"anycnn {__version__}, Python {sys.version.split()[0]}")
     try:
         chosen = resolve(requested)
-        print(f"backend: {chosen.name} on {chosen.device} — {chosen.reason} "
-              f"(requested {requested!r})")
+        print(f"backend: {chosen.name} on {chosen.device} — {chosen.reason}")
     except AnycnnError as exc:
         print(f"backend: unusable — {exc}")
         chosen = None
