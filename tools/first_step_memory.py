@@ -22,9 +22,7 @@ import statistics
 import sys
 import time
 
-
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+from anycnn.cli.bench_first_step import minor_faults as _faults
 
 
 def main() -> int:

@@ -113,16 +113,7 @@ def rss_mib(field: str) -> float:
 def time_steps(step, sync, warmup: int, steps: int) -> list[float]:
     """Milliseconds of each of ``steps`` calls of ``step`` (each ended by ``sync``), after
     ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_alternating([step], sync, warmup, steps)[0]
 
 
 def time_alternating(steps_of: list, sync, warmup: int, steps: int) -> list[list[float]]:

@@ -140,9 +140,7 @@ def share_threads(library: str = "torch") -> bool:
             return False
         threads = int(os.environ.get("ANYCNN_NUM_THREADS") or 0)  # else torch's own count
         bridge.anycnn_use(parallel, ctypes.c_int(max(0, threads)))
-        runtime.halide_set_custom_do_par_for.restype = ctypes.c_void_p
-        runtime.halide_set_custom_do_par_for(ctypes.cast(bridge.anycnn_do_par_for,
-                                                         ctypes.c_void_p))
+        _run_loops_with(runtime, bridge.anycnn_do_par_for)
         _bridge.append(bridge)
         _shared = f"{library}'s OpenMP threads"
         if hasattr(os, "register_at_fork"):
@@ -157,8 +155,12 @@ def _halides_pool_in_child() -> None:
     global _shared, _forked
     runtime = kernel_cache.runtime()
     if runtime is not None:
-        runtime.halide_set_custom_do_par_for.restype = ctypes.c_void_p
-        runtime.halide_set_custom_do_par_for(
-            ctypes.cast(runtime.halide_default_do_par_for, ctypes.c_void_p))
+        _run_loops_with(runtime, runtime.halide_default_do_par_for)
     _shared, _forked = None, True
+
+
+def _run_loops_with(runtime: ctypes.CDLL, do_par_for: ctypes._CFuncPtr) -> None:
+    """Make ``do_par_for`` (a C function of the bridge or of Halide's runtime) the function
+    Halide's ``runtime`` runs every kernel's parallel loops with."""
+    runtime.halide_set_custom_do_par_for(ctypes.cast(do_par_for, ctypes.c_void_p))
 
